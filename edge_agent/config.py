@@ -1,0 +1,274 @@
+"""Typed, validated agent configuration (DESIGN.md section 9).
+
+`load_config(path)` returns an `AgentConfig` or raises `ConfigError`, whose
+`problems` name each bad key, the value found and what would be valid.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+DEFAULT_CONFIG_PATH = Path("/etc/edge-agent/agent.toml")
+CONFIG_ENV = "EDGE_AGENT_CONFIG"
+
+# R11: monitoring devices may never be placed in these kinds of places.
+FORBIDDEN_LOCATION_KINDS = frozenset(
+    {"hotel_room", "dormitory", "bathroom", "changing_room", "toilet", "nursing_room"}
+)
+ALLOWED_LOCATION_KINDS = frozenset(
+    {"street", "intersection", "road", "square", "market", "office", "entrance", "parking",
+     "station", "vehicle", "indoor_public", "other"}
+)
+
+# An id becomes an MQTT client id and a topic segment: no wildcards, no slashes.
+ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+TOPIC_ROOT_PATTERN = r"^[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*$"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class AgentSection(_Section):
+    id: Annotated[str, Field(pattern=ID_PATTERN)]
+    site: Annotated[str, Field(min_length=1, max_length=128)]
+    unit: Annotated[str, Field(min_length=1, max_length=256)]
+    data_dir: Path = Path("/var/lib/edge-agent")
+    max_disk_gb: Annotated[float, Field(gt=0)] = 500
+    recorders_file: Path | None = None
+    ingest_workers: Annotated[int, Field(ge=1, le=32)] = 4
+    verify_readback: bool = True
+    min_free_mb: Annotated[int, Field(ge=0)] = 512
+    timezone: str = "Asia/Shanghai"
+
+
+class MqttSection(_Section):
+    host: str = "127.0.0.1"
+    port: Annotated[int, Field(ge=1, le=65535)] = 1883
+    root: Annotated[str, Field(pattern=TOPIC_ROOT_PATTERN)] = "evidence/v1"
+    tls_ca: Path | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    username: str | None = None
+    password_file: Path | None = None
+    chunk_kib: Annotated[int, Field(ge=4, le=8192)] = 256
+    window: Annotated[int, Field(ge=1, le=1024)] = 32
+    keepalive_s: Annotated[int, Field(ge=5, le=3600)] = 30
+    ack_timeout_s: Annotated[float, Field(gt=0, le=600)] = 15
+    session_expiry_s: Annotated[int, Field(ge=0)] = 7 * 24 * 3600
+    bandwidth_kbps: Annotated[int, Field(gt=0)] | None = None
+    reconnect_min_s: Annotated[float, Field(gt=0)] = 1
+    reconnect_max_s: Annotated[float, Field(gt=0)] = 120
+    command_keys: Path | None = None
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> MqttSection:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together: set both for client certificates, or neither")
+        if self.tls_cert is not None and self.tls_ca is None:
+            raise ValueError("tls_cert needs tls_ca, the CA that signed the broker's certificate")
+        return self
+
+
+class _DockBase(_Section):
+    name: Annotated[str, Field(pattern=ID_PATTERN)]
+    clear_after_sync: bool = False
+    slots: Annotated[int, Field(ge=1, le=256)] = 20
+
+
+class UsbDock(_DockBase):
+    kind: Literal["usb"]
+    mount_root: Path = Path("/media/edge-dock")
+
+
+class DirectoryDock(_DockBase):
+    kind: Literal["directory"]
+    root: Path
+
+
+Dock = Annotated[UsbDock | DirectoryDock, Field(discriminator="kind")]
+
+
+class Camera(_Section):
+    name: Annotated[str, Field(pattern=ID_PATTERN)]
+    onvif: str | None = None
+    rtsp: str | None = None
+    profile: str | None = None
+    username: str | None = None
+    password_file: Path | None = None
+    segment_s: Annotated[int, Field(ge=2, le=3600)] = 60
+    stall_timeout_s: Annotated[float, Field(gt=0, le=600)] = 10
+    image_check_s: Annotated[float, Field(gt=0)] = 5
+    location: Annotated[str, Field(min_length=1)]
+    location_kind: str
+
+    @field_validator("location_kind")
+    @classmethod
+    def _privacy(cls, value: str) -> str:
+        if value in FORBIDDEN_LOCATION_KINDS:
+            raise ValueError(
+                f"monitoring devices may not be placed in a {value} (R11: hotel rooms, dormitories, "
+                "bathrooms, changing rooms, toilets and nursing rooms are refused); remove this camera"
+            )
+        if value not in ALLOWED_LOCATION_KINDS:
+            raise ValueError(f"unknown location kind; valid: {', '.join(sorted(ALLOWED_LOCATION_KINDS))}")
+        return value
+
+    @model_validator(mode="after")
+    def _one_source(self) -> Camera:
+        if (self.onvif is None) == (self.rtsp is None):
+            raise ValueError("set exactly one of onvif (device service URL) or rtsp (stream URL)")
+        url = self.onvif or self.rtsp or ""
+        scheme = "http" if self.onvif else "rtsp"
+        if not url.startswith((f"{scheme}://", f"{scheme}s://")):
+            raise ValueError(f"{'onvif' if self.onvif else 'rtsp'} must be a {scheme}:// URL, got {url!r}")
+        return self
+
+
+class RetentionSection(_Section):
+    routine_days: Annotated[int, Field(ge=180)] = 180
+    disk_purge_percent: Annotated[float, Field(gt=0, le=100)] = 85
+
+
+class HealthSection(_Section):
+    interval_s: Annotated[float, Field(gt=0)] = 30
+    unsynced_alarm_h: Annotated[float, Field(gt=0)] = 24
+    clock_offset_alarm_ms: Annotated[int, Field(gt=0)] = 2000
+    disk_alarm_percent: Annotated[float, Field(gt=0, le=100)] = 90
+    scrub_mb_s: Annotated[float, Field(gt=0)] = 20
+
+
+class ReceiverSection(_Section):
+    store_dir: Path = Path("/var/lib/edge-receiver")
+    keys_dir: Path = Path("/etc/edge-receiver/agents")
+    shared_subscription: bool = False
+    client_id: Annotated[str, Field(pattern=ID_PATTERN)] = "receiver-1"
+    max_file_gb: Annotated[float, Field(gt=0)] = 64
+
+
+class AgentConfig(_Section):
+    agent: AgentSection
+    mqtt: MqttSection = MqttSection()
+    docks: list[Dock] = []
+    cameras: list[Camera] = []
+    retention: RetentionSection = RetentionSection()
+    health: HealthSection = HealthSection()
+    receiver: ReceiverSection | None = None
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> AgentConfig:
+        for what, items in (("docks", self.docks), ("cameras", self.cameras)):
+            seen: set[str] = set()
+            for item in items:
+                if item.name in seen:
+                    raise ValueError(f"{what}: name {item.name!r} is used twice; each needs its own name")
+                seen.add(item.name)
+        return self
+
+    @property
+    def catalog_path(self) -> Path:
+        return self.agent.data_dir / "catalog.sqlite"
+
+
+@dataclass(frozen=True)
+class Problem:
+    key: str
+    value: Any
+    message: str
+
+    def __str__(self) -> str:
+        shown = "" if self.value is _MISSING else f" = {self.value!r}"
+        return f"{self.key}{shown}: {self.message}"
+
+
+_MISSING = object()
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; `problems` lists every reason."""
+
+    def __init__(self, path: Path | str, problems: list[Problem]):
+        self.path = str(path)
+        self.problems = problems
+        lines = "\n".join(f"  {p}" for p in problems)
+        super().__init__(f"invalid configuration {self.path}:\n{lines}")
+
+
+def _key_of(loc: tuple[Any, ...], data: Any) -> tuple[str, Any]:
+    parts: list[str] = []
+    value: Any = data
+    for item in loc:
+        if isinstance(item, int):
+            parts.append(f"[{item}]")
+        elif item in ("usb", "directory") and parts and parts[-1].startswith("["):
+            continue  # the discriminator's branch name is not a key the user wrote
+        elif isinstance(item, str) and item.startswith(("function-", "model-")):
+            continue
+        else:
+            parts.append(("." if parts else "") + str(item))
+        if isinstance(item, int) and isinstance(value, list) and item < len(value):
+            value = value[item]
+        elif isinstance(value, dict) and isinstance(item, str) and item in value:
+            value = value[item]
+        elif not (isinstance(item, str) and item in ("usb", "directory")):
+            value = _MISSING
+    return "".join(parts) or "(top level)", value
+
+
+def _message(err: dict[str, Any]) -> str:
+    msg = err["msg"]
+    if msg.startswith("Value error, "):
+        msg = msg[len("Value error, "):]
+    if err["type"] == "missing":
+        msg = "required key is missing"
+    elif err["type"] == "extra_forbidden":
+        msg = "unknown key (misspelt?); remove it or check DESIGN.md section 9"
+    elif err["type"] == "union_tag_invalid":
+        msg = "kind must be one of: usb, directory"
+    elif err["type"] == "string_pattern_mismatch" and err.get("ctx", {}).get("pattern") == ID_PATTERN:
+        msg = ("must be 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit "
+               "(it becomes an MQTT client id and topic segment)")
+    elif err["type"] == "string_pattern_mismatch" and err.get("ctx", {}).get("pattern") == TOPIC_ROOT_PATTERN:
+        msg = "must be topic levels of letters, digits, '.', '_' or '-' separated by '/', no wildcards"
+    elif err["type"] == "union_tag_not_found":
+        msg = "kind is required: usb or directory"
+    return msg
+
+
+def parse_config(data: dict[str, Any], source: Path | str = "<config>") -> AgentConfig:
+    try:
+        return AgentConfig.model_validate(data)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            key, value = _key_of(err["loc"], data)
+            problems.append(Problem(key, value, _message(err)))
+        raise ConfigError(source, problems) from None
+
+
+def resolve_config_path(path: Path | str | None) -> Path:
+    if path is not None:
+        return Path(path)
+    env = os.environ.get(CONFIG_ENV)
+    return Path(env) if env else DEFAULT_CONFIG_PATH
+
+
+def load_config(path: Path | str | None = None) -> AgentConfig:
+    cfg_path = resolve_config_path(path)
+    try:
+        raw = cfg_path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(cfg_path, [Problem("(file)", _MISSING, f"cannot read: {exc.strerror}")]) from None
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(cfg_path, [Problem("(file)", _MISSING, f"not UTF-8 at byte {exc.start}")]) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(cfg_path, [Problem("(syntax)", _MISSING, str(exc))]) from None
+    return parse_config(data, cfg_path)

@@ -1,0 +1,155 @@
+"""Signed documents: per-file manifests, docking-session manifests, annotations.
+
+Canonical form is RFC 8785 (JCS) restricted to documents without floats, which
+is exactly `json.dumps(sort_keys=True, separators=(",", ":"),
+ensure_ascii=False)` in UTF-8 (DESIGN.md section 4). Every document is signed
+with the agent's Ed25519 key over its canonical form without `sig`, and linked
+to the agent's previous document by `prev` (SHA-256 of that document's
+canonical bytes, signature included).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from edge_agent.durable import atomic_write, fsync_dir
+
+MANIFEST_VERSION = 1
+GENESIS_PREV = "0" * 64
+
+
+class ManifestError(Exception):
+    """A signed document is malformed, has a bad signature, or breaks its chain."""
+
+
+def canonical_json(doc: dict[str, Any]) -> bytes:
+    _reject_floats(doc)
+    return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+def _reject_floats(value: Any, path: str = "$") -> None:
+    if isinstance(value, float):
+        raise ManifestError(f"{path}: signed documents hold no floats (got {value!r}); use integer ms")
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _reject_floats(item, f"{path}.{key}")
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            _reject_floats(item, f"{path}[{i}]")
+
+
+def document_hash(doc: dict[str, Any]) -> str:
+    """SHA-256 of the canonical bytes of a whole signed document (this is what `prev` holds)."""
+    return hashlib.sha256(canonical_json(doc)).hexdigest()
+
+
+def key_id_of(public_key: Ed25519PublicKey) -> str:
+    raw = public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return "ed25519:" + hashlib.sha256(raw).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class AgentKey:
+    """The agent's Ed25519 signing key, kept 0600 in data_dir/keys."""
+
+    private: Ed25519PrivateKey
+
+    @property
+    def public(self) -> Ed25519PublicKey:
+        return self.private.public_key()
+
+    @property
+    def key_id(self) -> str:
+        return key_id_of(self.public)
+
+    def public_pem(self) -> str:
+        return self.public.public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        ).decode("ascii")
+
+    def public_raw_b64(self) -> str:
+        raw = self.public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+        return base64.b64encode(raw).decode("ascii")
+
+    def sign(self, doc: dict[str, Any]) -> dict[str, Any]:
+        """Return a copy of `doc` with `key_id` and `sig` set."""
+        body = {k: v for k, v in doc.items() if k != "sig"}
+        body["key_id"] = self.key_id
+        sig = self.private.sign(canonical_json(body))
+        return {**body, "sig": base64.b64encode(sig).decode("ascii")}
+
+    @classmethod
+    def load_or_create(cls, keys_dir: Path) -> AgentKey:
+        """Load the agent key, creating it (mode 0600) on first start."""
+        path = keys_dir / "agent_ed25519.pem"
+        if path.exists():
+            mode = path.stat().st_mode & 0o777
+            if mode & 0o077:
+                raise PermissionError(
+                    f"{path} is readable by others (mode {mode:o}); run: chmod 600 {path}"
+                )
+            loaded = serialization.load_pem_private_key(path.read_bytes(), password=None)
+            if not isinstance(loaded, Ed25519PrivateKey):
+                raise ManifestError(f"{path} is not an Ed25519 private key")
+            return cls(loaded)
+        keys_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(keys_dir, 0o700)
+        key = cls(Ed25519PrivateKey.generate())
+        pem = key.private.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+        atomic_write(path, pem, mode=0o600)
+        atomic_write(keys_dir / "agent_ed25519.pub", key.public_pem().encode("ascii"), mode=0o644)
+        fsync_dir(keys_dir)
+        return key
+
+
+def load_public_key(pem_or_raw: bytes | str) -> Ed25519PublicKey:
+    data = pem_or_raw.encode("ascii") if isinstance(pem_or_raw, str) else pem_or_raw
+    if data.lstrip().startswith(b"-----BEGIN"):
+        key = serialization.load_pem_public_key(data)
+        if not isinstance(key, Ed25519PublicKey):
+            raise ManifestError("public key is not Ed25519")
+        return key
+    return Ed25519PublicKey.from_public_bytes(base64.b64decode(data))
+
+
+def verify_signature(doc: dict[str, Any], public_key: Ed25519PublicKey) -> None:
+    """Raise ManifestError unless `doc` carries a valid signature by `public_key`."""
+    sig = doc.get("sig")
+    if not isinstance(sig, str):
+        raise ManifestError("document has no signature")
+    if doc.get("key_id") != key_id_of(public_key):
+        raise ManifestError(f"document signed by {doc.get('key_id')!r}, expected {key_id_of(public_key)}")
+    body = {k: v for k, v in doc.items() if k != "sig"}
+    try:
+        public_key.verify(base64.b64decode(sig, validate=True), canonical_json(body))
+    except (InvalidSignature, ValueError) as exc:
+        raise ManifestError("signature does not match the document (altered or forged)") from exc
+
+
+def write_document(path: Path, doc: dict[str, Any]) -> bytes:
+    """Durably write a signed document in canonical form; return the bytes written."""
+    data = canonical_json(doc)
+    atomic_write(path, data, mode=0o444)
+    return data
+
+
+def read_document(path: Path) -> dict[str, Any]:
+    try:
+        doc = json.loads(path.read_bytes())
+    except (OSError, ValueError) as exc:
+        raise ManifestError(f"{path}: unreadable document: {exc}") from exc
+    if not isinstance(doc, dict):
+        raise ManifestError(f"{path}: not a JSON object")
+    return doc
