@@ -79,7 +79,10 @@ class MqttSection(_Section):
 class _DockBase(_Section):
     name: Annotated[str, Field(pattern=ID_PATTERN)]
     clear_after_sync: bool = False
+    verify_before_clear: bool = True   # re-hash the recorder's file before deleting it
     slots: Annotated[int, Field(ge=1, le=256)] = 20
+    settle_s: Annotated[float, Field(ge=0, le=3600)] = 2.0  # files younger than this may still be written
+    rescan_s: Annotated[float, Field(gt=0, le=3600)] = 5.0
 
 
 class UsbDock(_DockBase):

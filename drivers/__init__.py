@@ -1,0 +1,1 @@
+"""Hardware and stream sources. Each module implements one interface from `drivers.base`."""

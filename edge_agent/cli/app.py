@@ -1,0 +1,103 @@
+"""The custodian's command line (DESIGN.md section 7): the shared app and its helpers.
+
+Commands live in the modules beside this one; each registers itself on `app`.
+Human output by default (rich tables, progress bars), `--json` for scripts.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from edge_agent.config import AgentConfig, ConfigError, load_config, resolve_config_path
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+                  help="edge-agent: collect, seal and sync enforcement footage.")
+console = Console()
+err_console = Console(stderr=True)
+
+
+@dataclass
+class Options:
+    config_path: Path
+    json: bool
+
+
+@app.callback()
+def _global(
+    ctx: typer.Context,
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="agent.toml (default: $EDGE_AGENT_CONFIG "
+                                                "or /etc/edge-agent/agent.toml)")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="log at debug level")] = False,
+) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    ctx.obj = Options(config_path=resolve_config_path(config), json=as_json)
+
+
+def options(ctx: typer.Context) -> Options:
+    obj = ctx.find_root().obj
+    assert isinstance(obj, Options)
+    return obj
+
+
+def load(ctx: typer.Context) -> AgentConfig:
+    """The validated config, or exit 2 listing every problem."""
+    try:
+        return load_config(options(ctx).config_path)
+    except ConfigError as exc:
+        fail(str(exc), code=2)
+        raise AssertionError("unreachable") from exc
+
+
+def fail(message: str, code: int = 1) -> None:
+    err_console.print(f"[red]error:[/red] {message}", highlight=False, markup=True, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def emit(ctx: typer.Context, data: Any, human: Any = None) -> None:
+    """Print `data` as JSON with --json, else `human` (a rich renderable or text)."""
+    if options(ctx).json:
+        sys.stdout.write(json.dumps(data, ensure_ascii=False, indent=2, default=str) + "\n")
+    else:
+        console.print(human if human is not None else data)
+
+
+def table(title: str | None, columns: list[str], rows: list[list[Any]]) -> Table:
+    out = Table(title=title, title_justify="left", header_style="bold")
+    for column in columns:
+        out.add_column(column)
+    for row in rows:
+        out.add_row(*["" if v is None else str(v) for v in row])
+    return out
+
+
+def fmt_ms(ms: int | None) -> str:
+    if ms is None:
+        return ""
+    return datetime.fromtimestamp(ms / 1000).astimezone().strftime("%Y-%m-%d %H:%M:%S")
+
+
+def fmt_bytes(n: int | float | None) -> str:
+    if n is None:
+        return ""
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(value) < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} TiB"
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,125 @@
+"""`edge-agent run`: one daemon per workstation or gateway (DESIGN.md section 1).
+
+`Agent` builds every part from the config and owns their threads. Parts talk
+through the catalog and small queues, never through each other's internals.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Protocol
+
+from drivers.base import DockDriver
+from edge_agent import __version__
+from edge_agent.catalog import Catalog
+from edge_agent.config import AgentConfig
+from edge_agent.docks import DockService
+from edge_agent.ingest import Ingestor, Sealer
+from edge_agent.manifest import AgentKey
+from edge_agent.recorders import load_models
+from edge_agent.store import StoreLayout
+
+log = logging.getLogger(__name__)
+
+
+class Component(Protocol):
+    def start(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+
+def check_data_permissions(data_dir: Path) -> None:
+    """Refuse to run with evidence or keys readable by everyone (R8)."""
+    data_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
+    mode = data_dir.stat().st_mode & 0o777
+    if mode & 0o007:
+        raise PermissionError(f"{data_dir} is open to all users (mode {mode:o}); run: chmod o-rwx {data_dir}")
+
+
+class Agent:
+    """Everything `edge-agent run` starts, built from one config."""
+
+    def __init__(self, config: AgentConfig, *, dock_drivers: list[DockDriver] | None = None):
+        self.config = config
+        self.started_monotonic = time.monotonic()
+        self.version = __version__
+        self.layout = StoreLayout(config.agent.data_dir)
+        check_data_permissions(config.agent.data_dir)
+        self.layout.create()
+        self.catalog = Catalog(config.catalog_path)
+        self.key = AgentKey.load_or_create(self.layout.keys)
+        self.sealer = Sealer(self.catalog, self.key, self.layout, config)
+        self.ingestor = Ingestor(self.catalog, self.layout, self.sealer, config)
+        self.models = load_models(config.agent.recorders_file)
+        self.docks = DockService(self.catalog, self.ingestor, self.sealer, config, self.models)
+        self.dock_drivers = dock_drivers if dock_drivers is not None else build_dock_drivers(config, self.models)
+        self.components: list[Component] = []
+        self._stop = threading.Event()
+        self._on_stop: list[Callable[[], None]] = []
+
+    def start(self) -> None:
+        recovered = self.ingestor.recover()
+        self.catalog.audit("agent.started", actor="edge-agent",
+                           detail={"version": self.version, "key_id": self.key.key_id, **recovered})
+        for component in self.components:
+            component.start()
+        for driver in self.dock_drivers:
+            driver.start(self.docks)
+        log.info("started agent=%s version=%s docks=%d", self.config.agent.id, self.version, len(self.dock_drivers))
+
+    def stop(self) -> None:
+        for driver in self.dock_drivers:
+            driver.stop()
+        self.docks.stop()
+        for component in reversed(self.components):
+            component.stop()
+        self.catalog.audit("agent.stopped", actor="edge-agent")
+        self.catalog.close()
+
+    def run_forever(self) -> None:
+        """Run until SIGTERM or SIGINT; systemd's stop is a clean stop."""
+        def _signal(signum: int, _frame: object) -> None:
+            log.info("signal=%s stopping", signal.Signals(signum).name)
+            self._stop.set()
+
+        signal.signal(signal.SIGTERM, _signal)
+        signal.signal(signal.SIGINT, _signal)
+        self.start()
+        try:
+            while not self._stop.wait(1.0):
+                pass
+        finally:
+            self.stop()
+
+    @property
+    def uptime_s(self) -> float:
+        return time.monotonic() - self.started_monotonic
+
+    @property
+    def pid(self) -> int:
+        return os.getpid()
+
+
+def build_dock_drivers(config: AgentConfig, models: list) -> list[DockDriver]:
+    drivers: list[DockDriver] = []
+    for dock in config.docks:
+        if dock.kind == "directory":
+            from drivers.dock_directory import DirectoryDock
+
+            drivers.append(DirectoryDock(dock.name, dock.root, dock.slots))
+        elif dock.kind == "usb":
+            from drivers.usb_dock import UsbDock
+
+            drivers.append(UsbDock(dock.name, dock.mount_root, models))
+    return drivers
+
+
+def build_agent(config: AgentConfig) -> Agent:
+    """The daemon with every part the config asks for."""
+    return Agent(config)

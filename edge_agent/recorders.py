@@ -1,0 +1,261 @@
+"""Recorder models, volume identification and safe enumeration of a volume's files.
+
+A volume is identified (DESIGN.md section 9) by the USB serial of its device,
+then by an identity file at its root, then by its model's file-name pattern;
+failing all, its files are still ingested as `unknown:<label>` and an alarm is
+raised. A volume's tree is never trusted: symlinks, `..`, absolute paths and
+control characters are refused and never followed out of the volume.
+"""
+
+from __future__ import annotations
+
+import configparser
+import fnmatch
+import json
+import os
+import re
+import stat
+import tomllib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import datetime
+from importlib import resources
+from pathlib import Path, PurePosixPath
+from zoneinfo import ZoneInfo
+
+from edge_agent.config import ConfigError, Problem
+
+MAX_NAME_BYTES = 255
+MAX_DEPTH = 16
+
+
+@dataclass(frozen=True)
+class RecorderModel:
+    name: str
+    vendor_id: int
+    product_id: int
+    file_pattern: re.Pattern[str] | None = None
+    identity_file: str | None = None
+    identity_format: str = "ini"
+    identity_keys: dict[str, str] = field(default_factory=dict)
+    media_globs: tuple[str, ...] = ("**/*",)
+
+
+def load_models(path: Path | None = None) -> list[RecorderModel]:
+    """Read the recorder model table; a bad entry is a ConfigError naming the key."""
+    if path is None:
+        raw = resources.files("edge_agent").joinpath("data/recorders.toml").read_bytes()
+        source = "edge_agent/data/recorders.toml"
+    else:
+        raw, source = Path(path).read_bytes(), str(path)
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(source, [Problem("(syntax)", None, str(exc))]) from None
+    models, problems = [], []
+    for i, entry in enumerate(data.get("models", [])):
+        try:
+            pattern = re.compile(entry["file_pattern"]) if entry.get("file_pattern") else None
+            if pattern is not None and "start" not in pattern.groupindex:
+                problems.append(Problem(f"models[{i}].file_pattern", entry["file_pattern"],
+                                        "needs a named group 'start'"))
+            models.append(RecorderModel(
+                name=str(entry["name"]), vendor_id=int(entry["vendor_id"]), product_id=int(entry["product_id"]),
+                file_pattern=pattern, identity_file=entry.get("identity_file"),
+                identity_format=entry.get("identity_format", "ini"),
+                identity_keys=dict(entry.get("identity_keys", {})),
+                media_globs=tuple(entry.get("media_globs", ["**/*"])),
+            ))
+        except KeyError as exc:
+            problems.append(Problem(f"models[{i}].{exc.args[0]}", None, "required key is missing"))
+        except re.error as exc:
+            problems.append(Problem(f"models[{i}].file_pattern", entry.get("file_pattern"), f"bad regex: {exc}"))
+    if problems:
+        raise ConfigError(source, problems)
+    return models
+
+
+@dataclass(frozen=True)
+class VolumeIdentity:
+    device_id: str
+    method: str  # usb_serial | identity_file | file_pattern | unknown
+    model: str | None = None
+    serial: str | None = None
+    officer_id: str | None = None
+
+    @property
+    def identified(self) -> bool:
+        return self.method != "unknown"
+
+
+@dataclass(frozen=True)
+class FileName:
+    """What a recorder's file name tells, per its model's pattern."""
+
+    device: str | None = None
+    officer: str | None = None
+    start_ms: int | None = None
+
+
+@dataclass(frozen=True)
+class SourceFile:
+    path: Path          # absolute, inside the volume
+    relative: str       # posix path relative to the volume root
+    size: int
+    mtime_ns: int
+
+
+@dataclass(frozen=True)
+class RefusedEntry:
+    relative: str
+    reason: str
+
+
+def _read_identity(volume: Path, model: RecorderModel) -> dict[str, str]:
+    if not model.identity_file:
+        return {}
+    path = volume / model.identity_file
+    try:
+        st = os.lstat(path)
+        if not stat.S_ISREG(st.st_mode) or st.st_size > 64 * 1024:
+            return {}
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return {}
+    values: dict[str, str] = {}
+    if model.identity_format == "json":
+        try:
+            loaded = json.loads(text)
+        except ValueError:
+            return {}
+        if isinstance(loaded, dict):
+            values = {str(k): str(v) for k, v in loaded.items() if isinstance(v, str | int)}
+    else:
+        parser = configparser.ConfigParser(interpolation=None)
+        parser.optionxform = str  # keep key case
+        try:
+            parser.read_string("[id]\n" + text if not text.lstrip().startswith("[") else text)
+        except configparser.Error:
+            return {}
+        for section in parser.sections():
+            values.update(dict(parser[section]))
+    out = {}
+    for ours, theirs in model.identity_keys.items():
+        if values.get(theirs, "").strip():
+            out[ours] = values[theirs].strip()
+    return out
+
+
+def parse_name(name: str, model: RecorderModel | None, tz: ZoneInfo) -> FileName:
+    if model is None or model.file_pattern is None:
+        return FileName()
+    match = model.file_pattern.match(name)
+    if not match:
+        return FileName()
+    groups = match.groupdict()
+    start_ms = None
+    digits = re.sub(r"\D", "", groups.get("start") or "")
+    if len(digits) == 14:
+        try:
+            start = datetime.strptime(digits, "%Y%m%d%H%M%S").replace(tzinfo=tz)
+            start_ms = int(start.timestamp() * 1000)
+        except ValueError:
+            start_ms = None
+    return FileName(device=groups.get("device"), officer=groups.get("officer"), start_ms=start_ms)
+
+
+def identify_volume(volume: Path, label: str, models: list[RecorderModel], *, serial: str | None = None,
+                    model_name: str | None = None, sample_names: list[str] | None = None,
+                    tz: ZoneInfo | None = None) -> tuple[VolumeIdentity, RecorderModel | None]:
+    """Identify a docked volume. `serial` and `model_name` come from USB when known."""
+    tz = tz or ZoneInfo("Asia/Shanghai")
+    by_name = {m.name: m for m in models}
+    candidates = [by_name[model_name]] if model_name in by_name else list(models)
+    if serial:
+        model = by_name.get(model_name) if model_name else None
+        ident = _read_identity(volume, model) if model else {}
+        return VolumeIdentity(device_id=serial, method="usb_serial", model=model_name, serial=serial,
+                              officer_id=ident.get("officer")), model
+    for model in candidates:
+        ident = _read_identity(volume, model)
+        if ident.get("device") or ident.get("serial"):
+            device = ident.get("device") or ident["serial"]
+            return VolumeIdentity(device_id=device, method="identity_file", model=model.name,
+                                  serial=ident.get("serial"), officer_id=ident.get("officer")), model
+    for model in candidates:
+        for name in sample_names or []:
+            parsed = parse_name(name, model, tz)
+            if parsed.device:
+                return VolumeIdentity(device_id=parsed.device, method="file_pattern", model=model.name), model
+    return VolumeIdentity(device_id=f"unknown:{label}", method="unknown"), None
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def check_relative(relative: str) -> str | None:
+    """Why a path found on a volume cannot be taken, or None if it is safe."""
+    if not relative or relative.startswith("/") or PurePosixPath(relative).is_absolute():
+        return "absolute path"
+    parts = PurePosixPath(relative).parts
+    if any(part in ("..", ".") for part in parts):
+        return "path climbs out of the volume ('..')"
+    if _CONTROL.search(relative):
+        return "control character in file name"
+    if any(len(part.encode("utf-8", "surrogateescape")) > MAX_NAME_BYTES for part in parts):
+        return "file name longer than 255 bytes"
+    try:
+        relative.encode("utf-8")
+    except UnicodeEncodeError:
+        return "file name is not valid UTF-8"
+    return None
+
+
+def walk_volume(volume: Path, globs: tuple[str, ...] = ("**/*",),
+                skip: tuple[str, ...] = ()) -> Iterator[SourceFile | RefusedEntry]:
+    """Every regular file under `volume` matching `globs`, without following any symlink.
+
+    Entries that cannot be taken (symlinks, devices, unsafe names) come out as RefusedEntry.
+    """
+    root = Path(volume)
+    stack: list[tuple[Path, int]] = [(root, 0)]
+    while stack:
+        directory, depth = stack.pop()
+        try:
+            entries = sorted(os.scandir(directory), key=lambda e: e.name)
+        except OSError as exc:
+            rel = directory.relative_to(root).as_posix()
+            yield RefusedEntry(rel or ".", f"cannot list directory: {exc.strerror}")
+            continue
+        for entry in entries:
+            rel = (directory / entry.name).relative_to(root).as_posix()
+            if rel in skip:
+                continue
+            problem = check_relative(rel)
+            if problem:
+                yield RefusedEntry(rel, problem)
+                continue
+            try:
+                st = entry.stat(follow_symlinks=False)
+            except OSError as exc:
+                yield RefusedEntry(rel, f"cannot stat: {exc.strerror}")
+                continue
+            if stat.S_ISLNK(st.st_mode):
+                yield RefusedEntry(rel, "symbolic link (never followed off a recorder volume)")
+            elif stat.S_ISDIR(st.st_mode):
+                if depth + 1 > MAX_DEPTH:
+                    yield RefusedEntry(rel, f"directory nested deeper than {MAX_DEPTH} levels")
+                else:
+                    stack.append((directory / entry.name, depth + 1))
+            elif not stat.S_ISREG(st.st_mode):
+                yield RefusedEntry(rel, "not a regular file (device, FIFO or socket)")
+            elif entry.name.startswith(".") or not _matches(rel, globs):
+                continue
+            else:
+                yield SourceFile(path=directory / entry.name, relative=rel, size=st.st_size,
+                                 mtime_ns=st.st_mtime_ns)
+
+
+def _matches(relative: str, globs: tuple[str, ...]) -> bool:
+    # fnmatch's '*' also crosses '/', so "DCIM/**/*" takes every file below DCIM at any depth.
+    return any(fnmatch.fnmatchcase(relative, pattern) for pattern in globs)

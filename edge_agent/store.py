@@ -1,0 +1,60 @@
+"""Where bytes live under data_dir: staging/ (partial copies), store/ (sealed
+media, read-only), manifests/ and sessions/ (signed documents)."""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class StoreLayout:
+    data_dir: Path
+
+    @property
+    def staging(self) -> Path:
+        return self.data_dir / "staging"
+
+    @property
+    def media(self) -> Path:
+        return self.data_dir / "store"
+
+    @property
+    def manifests(self) -> Path:
+        return self.data_dir / "manifests"
+
+    @property
+    def sessions(self) -> Path:
+        return self.data_dir / "sessions"
+
+    @property
+    def annotations(self) -> Path:
+        return self.data_dir / "annotations"
+
+    @property
+    def keys(self) -> Path:
+        return self.data_dir / "keys"
+
+    def create(self) -> None:
+        for path in (self.staging, self.media, self.manifests, self.sessions, self.annotations):
+            path.mkdir(parents=True, exist_ok=True)
+
+    def staging_path(self, file_id: str) -> Path:
+        return self.staging / f"{file_id}.part"
+
+    def media_path(self, file_id: str, suffix: str) -> Path:
+        # Two levels of fan-out by the ULID's random tail keep directories small.
+        return self.media / file_id[-2:] / f"{file_id}{suffix.lower()}"
+
+    def manifest_path(self, file_id: str) -> Path:
+        return self.manifests / file_id[-2:] / f"{file_id}.json"
+
+    def session_manifest_path(self, session_id: str) -> Path:
+        return self.sessions / f"{session_id}.json"
+
+    def annotation_path(self, annotation_id: str) -> Path:
+        return self.annotations / f"{annotation_id}.json"
+
+    def disk_usage(self) -> shutil._ntuple_diskusage:
+        return shutil.disk_usage(self.data_dir)

@@ -1,0 +1,122 @@
+"""Tamper detection (G4): re-hash stored files, check every signed document and
+both chains (documents and audit). Used by `edge-agent verify` and the scrub."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from edge_agent import audit
+from edge_agent.catalog import Catalog, FileRecord
+from edge_agent.ingest import hash_file
+from edge_agent.manifest import GENESIS_PREV, AgentKey, ManifestError, read_document, verify_signature
+from edge_agent.store import StoreLayout
+
+SEALED_STATES = ("sealed", "sending", "synced", "source_cleared", "purged", "rejected")
+
+
+@dataclass(frozen=True)
+class Finding:
+    subject: str      # file id, document id or "audit"
+    what: str         # media | manifest | chain | audit
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.subject} [{self.what}]: {self.message}"
+
+
+def verify_file(record: FileRecord, layout: StoreLayout, key: AgentKey,
+                rehash: bool = True) -> list[Finding]:
+    findings: list[Finding] = []
+    manifest_path = layout.manifest_path(record.file_id)
+    try:
+        raw = manifest_path.read_bytes()
+    except OSError as exc:
+        return [Finding(record.file_id, "manifest", f"manifest missing: {exc.strerror}")]
+    if hashlib.sha256(raw).hexdigest() != record.manifest_sha256:
+        findings.append(Finding(record.file_id, "manifest", "manifest bytes differ from the hash recorded at sealing"))
+    try:
+        doc = read_document(manifest_path)
+        verify_signature(doc, key.public)
+    except ManifestError as exc:
+        return [*findings, Finding(record.file_id, "manifest", str(exc))]
+    if doc.get("sha256") != record.sha256 or doc.get("size") != record.size:
+        findings.append(Finding(record.file_id, "manifest", "manifest hash/size differ from the catalog"))
+    if record.state == "purged" or not rehash:
+        return findings
+    stored = layout.data_dir / (record.store_path or "")
+    try:
+        digest, size = hash_file(stored)
+    except OSError as exc:
+        return [*findings, Finding(record.file_id, "media", f"stored copy unreadable: {exc.strerror}")]
+    if digest != doc.get("sha256") or size != doc.get("size"):
+        findings.append(Finding(record.file_id, "media",
+                                f"stored copy {stored} does not match its manifest (sha256 {digest[:16]}…, "
+                                f"{size} bytes): altered after sealing"))
+    return findings
+
+
+def verify_chain(catalog: Catalog, layout: StoreLayout, key: AgentKey) -> list[Finding]:
+    """Walk the signed-document chain: every link, every document's bytes and signature."""
+    findings: list[Finding] = []
+    prev, expected = GENESIS_PREV, 1
+    for row in catalog.query("SELECT seq, kind, doc_id, sha256, prev, path FROM documents ORDER BY seq"):
+        if row["seq"] != expected:
+            findings.append(Finding(row["doc_id"], "chain", f"document seq {expected} is missing"))
+        if row["prev"] != prev:
+            findings.append(Finding(row["doc_id"], "chain", "link to the previous document is broken"))
+        path = layout.data_dir / row["path"]
+        try:
+            raw = path.read_bytes()
+        except OSError as exc:
+            findings.append(Finding(row["doc_id"], "chain", f"{row['kind']} document missing: {exc.strerror}"))
+        else:
+            if hashlib.sha256(raw).hexdigest() != row["sha256"]:
+                findings.append(Finding(row["doc_id"], "chain", f"{row['kind']} document was altered"))
+            else:
+                try:
+                    doc = read_document(path)
+                    verify_signature(doc, key.public)
+                    if doc.get("prev") != row["prev"]:
+                        findings.append(Finding(row["doc_id"], "chain", "document's prev differs from the chain"))
+                except ManifestError as exc:
+                    findings.append(Finding(row["doc_id"], "chain", str(exc)))
+        prev, expected = row["sha256"], row["seq"] + 1
+    head = catalog.meta_get("chain_head")
+    if head is not None and head != f"{expected - 1}:{prev}":
+        findings.append(Finding("chain", "chain", "the chain ends before its recorded head (documents removed)"))
+    return findings
+
+
+def verify_audit(catalog: Catalog) -> list[Finding]:
+    _count, problems = audit.verify(catalog.conn)
+    return [Finding("audit", "audit", str(p)) for p in problems]
+
+
+def iter_files(catalog: Catalog, file_ids: list[str] | None = None) -> Iterator[FileRecord]:
+    if file_ids:
+        for file_id in file_ids:
+            yield catalog.get(file_id)
+        return
+    last = ""
+    while True:
+        batch = catalog.files(states=list(SEALED_STATES), where="file_id > ?", params=(last,),
+                              order="file_id", limit=500)
+        if not batch:
+            return
+        yield from batch
+        last = batch[-1].file_id
+
+
+def verify_all(catalog: Catalog, layout: StoreLayout, key: AgentKey, file_ids: list[str] | None = None,
+               progress: Callable[[FileRecord], None] | None = None) -> list[Finding]:
+    findings: list[Finding] = []
+    for record in iter_files(catalog, file_ids):
+        findings.extend(verify_file(record, layout, key))
+        if progress is not None:
+            progress(record)
+    if not file_ids:
+        findings.extend(verify_chain(catalog, layout, key))
+        findings.extend(verify_audit(catalog))
+    return findings

@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# The test command: install what is missing, lint, then run the whole suite against real peers.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup.sh
+.venv/bin/ruff check .
+exec .venv/bin/python -m pytest -p no:cacheprovider "$@"

@@ -1,0 +1,87 @@
+"""Small builders shared by the tests: configs, recorder volumes, waiting on conditions."""
+
+from __future__ import annotations
+
+import os
+import time
+import tomllib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from edge_agent.config import AgentConfig, parse_config
+
+
+def write_toml(path: Path, data: dict[str, Any]) -> Path:
+    """A tiny TOML writer for test configs (tables, arrays of tables, scalars)."""
+
+    def scalar(value: Any) -> str:
+        if isinstance(value, bool):
+            return "true" if value else "false"
+        if isinstance(value, int | float):
+            return repr(value)
+        if isinstance(value, list):
+            return "[" + ", ".join(scalar(v) for v in value) + "]"
+        return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+    lines: list[str] = []
+    for key, value in data.items():
+        if isinstance(value, dict):
+            lines.append(f"[{key}]")
+            lines += [f"{k} = {scalar(v)}" for k, v in value.items()]
+        elif isinstance(value, list) and value and isinstance(value[0], dict):
+            for item in value:
+                lines.append(f"[[{key}]]")
+                lines += [f"{k} = {scalar(v)}" for k, v in item.items()]
+        else:
+            lines.insert(0, f"{key} = {scalar(value)}")
+        lines.append("")
+    path.write_text("\n".join(lines), encoding="utf-8")
+    tomllib.loads(path.read_text(encoding="utf-8"))  # the writer's own check
+    return path
+
+
+def agent_config(tmp_path: Path, *, agent: dict[str, Any] | None = None, **sections: Any) -> tuple[Path, AgentConfig]:
+    """Write agent.toml under tmp_path with a data dir of its own; returns (path, parsed config)."""
+    data: dict[str, Any] = {
+        "agent": {"id": "ws-test-01", "site": "nj-gulou", "unit": "鼓楼区城管大队",
+                  "data_dir": str(tmp_path / "data"), "max_disk_gb": 50, "min_free_mb": 0, **(agent or {})},
+        **sections,
+    }
+    path = write_toml(tmp_path / "agent.toml", data)
+    return path, parse_config(tomllib.loads(path.read_text(encoding="utf-8")), path)
+
+
+def make_recorder_volume(root: Path, label: str, files: dict[str, bytes | int], *,
+                         identity: dict[str, str] | None = None, age_s: float = 60) -> Path:
+    """A recorder volume as a directory tree. An int value makes a file of that many random bytes."""
+    volume = root / label
+    volume.mkdir(parents=True, exist_ok=True)
+    if identity is not None:
+        (volume / "DEVICE.INI").write_text("".join(f"{k}={v}\n" for k, v in identity.items()))
+    past = time.time() - age_s
+    for relative, content in files.items():
+        path = volume / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(content, int):
+            with open(path, "wb") as out:
+                left = content
+                while left:
+                    block = os.urandom(min(left, 1 << 20))
+                    out.write(block)
+                    left -= len(block)
+        else:
+            path.write_bytes(content)
+        os.utime(path, (past, past))
+    return volume
+
+
+def wait_for(condition: Callable[[], Any], timeout: float = 30.0, interval: float = 0.05, what: str = "") -> Any:
+    """Poll `condition` until it returns something truthy; fail with `what` after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(interval)
+    raise TimeoutError(f"timed out after {timeout}s waiting for {what or condition}")

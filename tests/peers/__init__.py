@@ -1,0 +1,1 @@
+"""Real peers the tests start: mosquitto, an RTSP server, an ONVIF service, emulated USB recorders."""
