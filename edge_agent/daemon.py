@@ -120,6 +120,14 @@ def build_dock_drivers(config: AgentConfig, models: list) -> list[DockDriver]:
     return drivers
 
 
-def build_agent(config: AgentConfig) -> Agent:
-    """The daemon with every part the config asks for."""
-    return Agent(config)
+def build_agent(config: AgentConfig, *, dock_drivers: list[DockDriver] | None = None) -> Agent:
+    """The daemon with every part the config asks for. Each block adds one stage's components;
+    `Agent.start` starts them in this order and `Agent.stop` stops them in reverse."""
+    agent = Agent(config, dock_drivers=dock_drivers)
+    # -- sync: uplink to the platform (edge_agent/sync) --
+
+    # -- cameras: ONVIF + RTSP recording (edge_agent/cameras.py) --
+
+    # -- operations: health, alarms, retention, scheduler (edge_agent/health.py, scheduler.py) --
+
+    return agent

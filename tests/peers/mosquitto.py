@@ -49,9 +49,10 @@ class Mosquitto:
                                      stderr=subprocess.PIPE)
         try:
             wait_port(self.port)
-        except TimeoutError:
+        except TimeoutError as exc:
             self.stop()
-            raise RuntimeError(f"mosquitto did not start: {self.log.read_text() if self.log.exists() else ''}")
+            log = self.log.read_text() if self.log.exists() else ""
+            raise RuntimeError(f"mosquitto did not start: {log}") from exc
         return self
 
     def stop(self) -> None:
