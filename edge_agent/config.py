@@ -137,6 +137,7 @@ class Camera(_Section):
 class RetentionSection(_Section):
     routine_days: Annotated[int, Field(ge=180)] = 180
     disk_purge_percent: Annotated[float, Field(gt=0, le=100)] = 85
+    check_s: Annotated[float, Field(gt=0)] = 600          # how often retention and disk pressure are checked
 
 
 class HealthSection(_Section):
@@ -145,6 +146,9 @@ class HealthSection(_Section):
     clock_offset_alarm_ms: Annotated[int, Field(gt=0)] = 2000
     disk_alarm_percent: Annotated[float, Field(gt=0, le=100)] = 90
     scrub_mb_s: Annotated[float, Field(gt=0)] = 20
+    scrub_interval_h: Annotated[float, Field(gt=0)] = 24   # pause between full scrub passes
+    change_check_s: Annotated[float, Field(gt=0)] = 2      # how often health looks for a change worth publishing
+    summary_hour: Annotated[int, Field(ge=0, le=23)] = 23  # local hour of the daily summary event
 
 
 class ReceiverSection(_Section):
