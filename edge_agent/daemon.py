@@ -129,5 +129,9 @@ def build_agent(config: AgentConfig, *, dock_drivers: list[DockDriver] | None = 
     # -- cameras: ONVIF + RTSP recording (edge_agent/cameras.py) --
 
     # -- operations: health, alarms, retention, scheduler (edge_agent/health.py, scheduler.py) --
+    from edge_agent.scheduler import OperationsScheduler
+
+    agent.operations = OperationsScheduler(agent)
+    agent.components.append(agent.operations)
 
     return agent

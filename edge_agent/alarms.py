@@ -1,0 +1,152 @@
+"""Alarms (R1, R10, R12 "亮灯提醒"): conditions checked on every health tick.
+
+An alarm is raised once (`Catalog.raise_alarm`: one row, one event on the
+`events` topic, one audit entry) and stays in the health snapshot until its
+condition is gone, when it is cleared the same way. Alarms whose condition a
+machine cannot see ending (tamper found by a scrub, an unidentified recorder)
+are cleared by a custodian (`edge-agent alarms clear`, or `assign` for an
+unknown recorder), with a reason in the audit log.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from edge_agent import audit
+from edge_agent.catalog import Catalog, now_ms
+from edge_agent.config import AgentConfig
+
+log = logging.getLogger(__name__)
+
+DISK_HIGH = "disk_high"
+UNSYNCED_OVERDUE = "unsynced_overdue"
+CAMERA_DOWN = "camera_down"
+IMAGE_CHECK_FAILED = "image_check_failed"
+CLOCK_OFFSET = "clock_offset"
+RECORDER_UNIDENTIFIED = "recorder_unidentified"
+TAMPER = "tamper"
+
+# Files not on the platform yet: an alarm once one waits longer than unsynced_alarm_h (R1).
+UNSYNCED_STATES = ("discovered", "staged", "sealed", "sending", "rejected")
+
+
+class AlarmEvaluator:
+    """Raises and clears the alarms whose conditions the health snapshot and the catalog show."""
+
+    def __init__(self, catalog: Catalog, config: AgentConfig):
+        self.catalog = catalog
+        self.config = config
+
+    def evaluate(self, snapshot: Mapping[str, Any], now: int | None = None) -> None:
+        now = now_ms() if now is None else now
+        agent = snapshot.get("agent", {})
+        self._disk(agent.get("disk", {}))
+        self._unsynced(now)
+        self._clock("clock_offset", self.config.agent.id, "agent clock", agent.get("clock", {}).get("offset_ms"))
+        self._cameras(snapshot.get("cameras") or [])
+        self._rejections()
+
+    def _set(self, active: bool, key: str, kind: str, subject: str, message: str) -> None:
+        if active:
+            if self.catalog.raise_alarm(key, kind, subject, message):
+                log.warning("alarm raised key=%s kind=%s subject=%s: %s", key, kind, subject, message)
+        elif self.catalog.clear_alarm(key):
+            log.info("alarm cleared key=%s kind=%s subject=%s", key, kind, subject)
+
+    def _disk(self, disk: Mapping[str, Any]) -> None:
+        percent = disk.get("used_percent")
+        if percent is None:
+            return
+        limit = self.config.health.disk_alarm_percent
+        self._set(percent >= limit, DISK_HIGH, DISK_HIGH, self.config.agent.id,
+                  f"disk {percent:.1f}% used (alarm at {limit}%): confirmed routine files are purged first; "
+                  "if it stays high, check the uplink (unsynced files cannot be purged) or add storage")
+
+    def _unsynced(self, now: int) -> None:
+        hours = self.config.health.unsynced_alarm_h
+        cutoff = now - int(hours * 3600 * 1000)
+        row = self.catalog.query(
+            f"SELECT COUNT(*), MIN(COALESCE(ingested_at_ms, created_ms)) FROM files WHERE state IN "
+            f"({','.join('?' * len(UNSYNCED_STATES))}) AND COALESCE(ingested_at_ms, created_ms) <= ?",
+            (*UNSYNCED_STATES, cutoff))[0]
+        count, oldest = int(row[0]), row[1]
+        age_h = (now - oldest) / 3_600_000 if oldest is not None else 0
+        self._set(count > 0, UNSYNCED_OVERDUE, UNSYNCED_OVERDUE, self.config.agent.id,
+                  f"{count} file(s) not on the platform {hours:g} h after reaching the agent (R1), oldest "
+                  f"{age_h:.1f} h: check the uplink (edge-agent status) and the broker")
+
+    def _clock(self, key: str, subject: str, what: str, offset_ms: Any) -> None:
+        if offset_ms is None:
+            return
+        limit = self.config.health.clock_offset_alarm_ms
+        self._set(abs(offset_ms) > limit, key, CLOCK_OFFSET, subject,
+                  f"{what} is off by {offset_ms} ms (alarm above {limit} ms, R9): fix time synchronisation "
+                  "(chrony/NTP) so recorded times stay true")
+
+    def _cameras(self, cameras: Iterable[Mapping[str, Any]]) -> None:
+        for camera in cameras:
+            name = str(camera.get("name"))
+            connected = camera.get("connected")
+            if connected is not None:
+                self._set(not connected, f"camera_down:{name}", CAMERA_DOWN, name,
+                          f"camera {name} is not delivering video since {camera.get('last_packet') or 'start'}"
+                          f" ({camera.get('last_error') or 'no stream'}): recording has a gap; check power, "
+                          "network and credentials")
+            self._clock(f"clock_offset:{name}", name, f"camera {name}'s clock", camera.get("clock_offset_ms"))
+            for check, failed in image_check_results(camera.get("image_checks")):
+                self._set(failed, f"image_check:{name}:{check}", IMAGE_CHECK_FAILED, name,
+                          f"camera {name}: image check '{check}' failed (lens covered, turned away, dark or "
+                          "frozen picture): inspect the camera")
+
+    def _rejections(self) -> None:
+        """A receiver's rejection clears once the file was sent again and confirmed (sync now --retry-rejected)."""
+        for alarm in self.catalog.active_alarms():
+            if alarm["kind"] not in REJECTION_KINDS:
+                continue
+            rows = self.catalog.query("SELECT state FROM files WHERE file_id = ?", (alarm["subject"],))
+            if rows and rows[0][0] in ("synced", "source_cleared", "purged"):
+                self._set(False, alarm["key"], alarm["kind"], alarm["subject"], "")
+
+
+# The kinds the uplink raises when the receiver rejects a file; their subject is the file id.
+REJECTION_KINDS = frozenset({"rejected", "receiver_rejected"})
+
+
+def image_check_results(checks: Any) -> list[tuple[str, bool]]:
+    """(check, failed) pairs from a camera's image_checks: {name: bool} or {name: {"ok"|"failed": bool, ...}}."""
+    if not isinstance(checks, Mapping):
+        return []
+    out: list[tuple[str, bool]] = []
+    for name, value in checks.items():
+        if isinstance(value, bool):
+            out.append((str(name), value))
+        elif isinstance(value, Mapping):
+            if "failed" in value:
+                out.append((str(name), bool(value["failed"])))
+            elif "ok" in value:
+                out.append((str(name), not value["ok"]))
+    return out
+
+
+def clear_by_custodian(catalog: Catalog, key: str, reason: str, actor: str | None = None) -> bool:
+    """A custodian clears an alarm after dealing with it; the reason is audited. False if not active."""
+    rows = catalog.query("SELECT kind, subject FROM alarms WHERE key = ? AND cleared_ms IS NULL", (key,))
+    if not rows:
+        return False
+    with catalog.transaction() as conn:
+        catalog.clear_alarm(key)
+        audit.append(conn, "alarm.cleared_by_custodian", subject=rows[0]["subject"], reason=reason,
+                     actor=actor or audit.os_user(), detail={"key": key, "kind": rows[0]["kind"]})
+    return True
+
+
+def clear_unidentified(catalog: Catalog, device_id: str, reason: str, actor: str | None = None) -> int:
+    """Once a custodian assigns an unknown recorder, its 'unidentified' alarms are dealt with."""
+    keys = [r["key"] for r in catalog.query(
+        "SELECT key FROM alarms WHERE kind = ? AND subject = ? AND cleared_ms IS NULL",
+        (RECORDER_UNIDENTIFIED, device_id))]
+    for key in keys:
+        clear_by_custodian(catalog, key, reason, actor)
+    return len(keys)

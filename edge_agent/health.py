@@ -1,0 +1,237 @@
+"""The health snapshot (DESIGN.md section 6), published retained on `{root}/{agent}/health`.
+
+`HealthMonitor.snapshot()` gathers the agent's view: version, uptime, clock,
+CPU, memory, disk and store, the sync queue, per dock slot and per camera,
+the active alarms. `tick()` evaluates the alarms, then publishes the snapshot
+through the uplink (retained) and writes it atomically to
+`data_dir/health.json`, which `edge-agent status` shows as the daemon's live
+view. `check_change()` publishes early when something a watcher cares about
+changed (an alarm, a slot, a camera, the queue's shape). The shape is
+`edge_agent/schemas/health.json`, versioned by `schema_version`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import subprocess
+import threading
+import time
+from dataclasses import asdict
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import psutil
+
+from edge_agent.alarms import AlarmEvaluator
+from edge_agent.catalog import now_ms
+from edge_agent.durable import atomic_write
+from edge_agent.retention import Retention, filesystem_percent
+
+if TYPE_CHECKING:
+    from edge_agent.daemon import Agent
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+HEALTH_FILE = "health.json"
+SCHEMA_PATH = Path(__file__).parent / "schemas" / "health.json"
+CLOCK_CACHE_S = 60.0
+_UNSYNCED = "('discovered', 'staged', 'sealed', 'sending', 'rejected')"
+
+
+def parse_chrony_tracking(csv_line: str) -> dict[str, Any]:
+    """`chronyc -c tracking`: field 5 is the system clock's offset from NTP time in seconds, field 14 the
+    leap status ("Normal" when synchronised)."""
+    fields = csv_line.strip().split(",")
+    if len(fields) < 14:
+        raise ValueError(f"unexpected chronyc tracking output: {csv_line!r}")
+    return {"source": "chrony", "synchronized": fields[13] == "Normal",
+            "offset_ms": round(float(fields[4]) * 1000), "reference": fields[1] or fields[0]}
+
+
+def read_clock() -> dict[str, Any]:
+    """Clock sync state and offset from chrony, else systemd-timesyncd's view, else unknown."""
+    if shutil.which("chronyc"):
+        try:
+            out = subprocess.run(["chronyc", "-c", "tracking"], capture_output=True, text=True, timeout=5,
+                                 check=True).stdout
+            return parse_chrony_tracking(out)
+        except (OSError, subprocess.SubprocessError, ValueError) as exc:
+            log.debug("chronyc tracking unavailable: %s", exc)
+    if shutil.which("timedatectl"):
+        try:
+            out = subprocess.run(["timedatectl", "show", "-p", "NTPSynchronized", "--value"], capture_output=True,
+                                 text=True, timeout=5, check=True).stdout.strip()
+            if out in ("yes", "no"):
+                return {"source": "timedatectl", "synchronized": out == "yes", "offset_ms": None}
+        except (OSError, subprocess.SubprocessError) as exc:
+            log.debug("timedatectl unavailable: %s", exc)
+    return {"source": "unknown", "synchronized": None, "offset_ms": None}
+
+
+def iso(ms: int | None) -> str | None:
+    if ms is None:
+        return None
+    return datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="milliseconds")
+
+
+class HealthMonitor:
+    """Builds, evaluates and publishes the health snapshot of one running agent."""
+
+    def __init__(self, agent: Agent, retention: Retention):
+        self.agent = agent
+        self.catalog = agent.catalog
+        self.config = agent.config
+        self.retention = retention
+        self.alarms = AlarmEvaluator(agent.catalog, agent.config)
+        self.path = agent.layout.data_dir / HEALTH_FILE
+        self._process = psutil.Process()
+        self._process.cpu_percent(None)  # the first reading only sets the baseline
+        self._clock: dict[str, Any] = {}
+        self._clock_read = 0.0
+        self._last_signature: str | None = None
+        self._lock = threading.Lock()
+        self.scrub: dict[str, Any] = {}
+
+    # -- gathering ---------------------------------------------------------------------------------
+
+    def clock(self) -> dict[str, Any]:
+        if time.monotonic() - self._clock_read > CLOCK_CACHE_S or not self._clock:
+            self._clock = read_clock()
+            self._clock_read = time.monotonic()
+        return self._clock
+
+    def _uplink_stats(self) -> dict[str, Any]:
+        uplink = getattr(self.agent, "uplink", None)
+        if uplink is None:
+            return {"connected": False, "configured": False}
+        stats = dict(uplink.stats())
+        stats.setdefault("configured", True)
+        return stats
+
+    def _cameras(self) -> list[dict[str, Any]]:
+        cameras = getattr(self.agent, "cameras", None)
+        if cameras is None or not hasattr(cameras, "camera_status"):
+            return []
+        out = []
+        for status in cameras.camera_status():
+            out.append(dict(status) if isinstance(status, dict) else asdict(status))
+        return out
+
+    def _docks(self) -> list[dict[str, Any]]:
+        slots = []
+        for s in self.agent.docks.slots():
+            slots.append({
+                "dock": s.dock, "slot": s.slot, "label": s.label, "state": s.state, "device_id": s.device_id,
+                "model": s.model, "serial": s.serial, "officer_id": s.officer_id, "session_id": s.session_id,
+                "docked_ms": s.docked_ms, "files_total": s.files_total, "files_pending": s.files_pending,
+                "bytes_total": s.bytes_total, "bytes_copied": s.bytes_copied, "rate_bps": round(s.rate_bps, 1),
+                "last_error": s.last_error,
+            })
+        return slots
+
+    def _queue(self, now: int) -> dict[str, Any]:
+        row = self.catalog.query(
+            "SELECT COUNT(*), COALESCE(SUM(COALESCE(size, source_size)), 0), MIN(COALESCE(ingested_at_ms,"
+            f" created_ms)) FROM files WHERE state IN {_UNSYNCED}")[0]
+        return {"files": int(row[0]), "bytes": int(row[1]),
+                "oldest_unsynced_age_s": None if row[2] is None else max(0, (now - row[2]) // 1000),
+                "by_state": self.catalog.counts_by_state()}
+
+    def _disk(self) -> dict[str, Any]:
+        usage = self.agent.layout.disk_usage()
+        store = self.retention.store_bytes()
+        store_percent = 100.0 * store / self.retention.max_store_bytes
+        fs_percent = filesystem_percent(self.agent.layout)
+        return {"total_bytes": usage.total, "free_bytes": usage.free, "store_bytes": store,
+                "max_store_bytes": self.retention.max_store_bytes, "store_percent": round(store_percent, 2),
+                "filesystem_percent": round(fs_percent, 2), "used_percent": round(max(store_percent, fs_percent), 2),
+                "days_until_full": self.retention.forecast_days_until_full()}
+
+    def alarm_list(self) -> list[dict[str, Any]]:
+        return [{"key": a["key"], "kind": a["kind"], "subject": a["subject"], "message": a["message"],
+                 "raised_ms": a["raised_ms"]} for a in self.catalog.active_alarms()]
+
+    def snapshot(self) -> dict[str, Any]:
+        now = now_ms()
+        memory = psutil.virtual_memory()
+        sync = self._uplink_stats()
+        agent = self.agent
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "agent_id": self.config.agent.id, "site_id": self.config.agent.site, "unit": self.config.agent.unit,
+            "ts_ms": now, "ts": iso(now),
+            "agent": {
+                "version": agent.version, "pid": agent.pid, "uptime_s": int(agent.uptime_s),
+                "key_id": agent.key.key_id,
+                "clock": self.clock(),
+                "cpu_percent": self._process.cpu_percent(None),
+                "system_cpu_percent": psutil.cpu_percent(None),
+                "memory": {"rss_bytes": self._process.memory_info().rss, "system_percent": memory.percent},
+                "disk": self._disk(),
+                "queue": self._queue(now),
+                "sync": {"connected": bool(sync.get("connected")), "rate_bps": sync.get("rate_bps"),
+                         "last_ack_ms": sync.get("last_ack_ms"), "last_ack": iso(sync.get("last_ack_ms")),
+                         "bytes_sent": sync.get("bytes_sent"), "in_flight": sync.get("in_flight"),
+                         "configured": bool(sync.get("configured"))},
+                "audit_head": self.catalog.meta_get("audit_head"),
+                "chain_head": self.catalog.meta_get("chain_head"),
+                "scrub": self.scrub,
+            },
+            "docks": self._docks(),
+            "cameras": self._cameras(),
+            "alarms": self.alarm_list(),
+        }
+
+    # -- publishing --------------------------------------------------------------------------------
+
+    def signature(self) -> str:
+        """What a watcher wants to hear about at once: alarms, slots, cameras up/down, queue shape."""
+        counts = self.catalog.counts_by_state()
+        alarms = [r["key"] for r in self.catalog.active_alarms()]
+        slots = [(s.dock, s.label, s.state, s.files_done, s.last_error) for s in self.agent.docks.slots()]
+        cameras = [(c.get("name"), c.get("connected")) for c in self._cameras()]
+        return json.dumps([sorted(counts.items()), alarms, slots, cameras], default=str)
+
+    def tick(self) -> dict[str, Any]:
+        """Evaluate the alarms, then publish and write the snapshot."""
+        with self._lock:
+            snapshot = self.snapshot()
+            self.alarms.evaluate(snapshot, snapshot["ts_ms"])
+            snapshot["alarms"] = self.alarm_list()
+            self._last_signature = self.signature()
+            self.publish(snapshot)
+            return snapshot
+
+    def check_change(self) -> bool:
+        """Publish now if something a watcher cares about changed since the last snapshot."""
+        if self.signature() == self._last_signature:
+            return False
+        self.tick()
+        return True
+
+    def publish(self, snapshot: dict[str, Any]) -> None:
+        data = json.dumps(snapshot, ensure_ascii=False, sort_keys=True).encode("utf-8")
+        atomic_write(self.path, data, mode=0o640)
+        uplink = getattr(self.agent, "uplink", None)
+        if uplink is not None:
+            uplink.publish("health", snapshot, retain=True)
+
+
+def read_health_file(data_dir: Path, max_age_s: float) -> dict[str, Any] | None:
+    """The daemon's last snapshot if it is younger than `max_age_s`, else None (daemon stopped or stuck)."""
+    path = data_dir / HEALTH_FILE
+    try:
+        snapshot = json.loads(path.read_bytes())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(snapshot, dict) or time.time() * 1000 - snapshot.get("ts_ms", 0) > max_age_s * 1000:
+        return None
+    return snapshot
+
+
+def load_schema() -> dict[str, Any]:
+    return json.loads(SCHEMA_PATH.read_text(encoding="utf-8"))

@@ -1,0 +1,239 @@
+"""Retention and holds (R6): what may leave the local store, and when.
+
+Classes: `routine` files are purged `retention.routine_days` after the
+platform confirmed them; `evidence` files (tagged with a case) stay until
+their case is released; `long_term` files are never purged here (they go to
+separate media by export). A hold (`edge-agent hold`) on a file or a case
+stops any purge until released.
+
+Purge removes the local media bytes only: the catalog row, the manifest and
+the audit trail stay, and the file moves to `purged`. Nothing that is not
+`synced`/`source_cleared` is ever purged, and disk pressure changes only the
+order (oldest confirmed routine files first), never that rule.
+
+The purge check and the state change happen in one write transaction around
+the unlink, so a hold placed by the CLI in another process either lands
+before (and the file stays) or after (and the file was already purged).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from edge_agent import audit
+from edge_agent.catalog import Catalog, FileRecord, State, now_ms
+from edge_agent.config import AgentConfig
+from edge_agent.durable import fsync_dir
+from edge_agent.store import StoreLayout
+
+log = logging.getLogger(__name__)
+
+ROUTINE, EVIDENCE, LONG_TERM = "routine", "evidence", "long_term"
+RETENTION_CLASSES = (ROUTINE, EVIDENCE, LONG_TERM)
+DAY_MS = 24 * 3600 * 1000
+FORECAST_WINDOW_MS = 7 * DAY_MS
+
+# A file is purgeable only if every one of these holds; the same text guards the final check.
+_PURGEABLE = (
+    "f.state IN ('synced', 'source_cleared') AND f.retention = 'routine' AND f.store_path IS NOT NULL"
+    " AND NOT EXISTS (SELECT 1 FROM holds h WHERE h.released_ms IS NULL AND (h.file_id = f.file_id"
+    " OR (h.case_id IS NOT NULL AND h.case_id = f.case_id)))"
+)
+
+
+class HoldError(ValueError):
+    """A hold or release cannot be done as asked; the message says what to give instead."""
+
+
+@dataclass
+class PurgeReport:
+    aged: list[str] = field(default_factory=list)       # routine files past routine_days
+    pressure: list[str] = field(default_factory=list)   # purged early because the disk was over the limit
+    freed_bytes: int = 0
+    disk_percent_before: float = 0.0
+    disk_percent_after: float = 0.0
+
+    @property
+    def purged(self) -> list[str]:
+        return self.aged + self.pressure
+
+
+class Retention:
+    """Applies the retention classes and disk pressure to the local store."""
+
+    def __init__(self, catalog: Catalog, layout: StoreLayout, config: AgentConfig):
+        self.catalog = catalog
+        self.layout = layout
+        self.config = config
+
+    # -- measures -------------------------------------------------------------------------------
+
+    @property
+    def max_store_bytes(self) -> int:
+        return int(self.config.agent.max_disk_gb * 1024**3)
+
+    def store_bytes(self) -> int:
+        rows = self.catalog.query(
+            "SELECT COALESCE(SUM(size), 0) FROM files WHERE store_path IS NOT NULL AND state NOT IN"
+            " ('discovered', 'purged')")
+        return int(rows[0][0])
+
+    def disk_percent(self) -> float:
+        """The worse of: the store against max_disk_gb, and the whole filesystem's use."""
+        fs_percent = filesystem_percent(self.layout)
+        store_percent = 100.0 * self.store_bytes() / self.max_store_bytes
+        return max(fs_percent, store_percent)
+
+    def forecast_days_until_full(self, now: int | None = None) -> float | None:
+        """Days until the store reaches its limit at the last week's intake rate; None with no intake."""
+        now = now_ms() if now is None else now
+        since = now - FORECAST_WINDOW_MS
+        row = self.catalog.query(
+            "SELECT COALESCE(SUM(size), 0), MIN(ingested_at_ms) FROM files WHERE ingested_at_ms >= ?", (since,))[0]
+        ingested, first = int(row[0]), row[1]
+        if not ingested or first is None:
+            return None
+        span_days = max(now - first, 3600 * 1000) / DAY_MS
+        rate = ingested / span_days
+        room = min(self.layout.disk_usage().free, max(self.max_store_bytes - self.store_bytes(), 0))
+        return round(room / rate, 2)
+
+    # -- which files may go ---------------------------------------------------------------------
+
+    def purgeable(self, *, synced_before_ms: int | None = None, limit: int = 500) -> list[FileRecord]:
+        """Routine, confirmed, unheld files still on disk, the longest-confirmed first."""
+        sql = f"SELECT f.* FROM files f WHERE {_PURGEABLE}"
+        params: tuple[int, ...] = ()
+        if synced_before_ms is not None:
+            sql += " AND f.synced_ms IS NOT NULL AND f.synced_ms <= ?"
+            params = (synced_before_ms,)
+        sql += " ORDER BY COALESCE(f.synced_ms, f.updated_ms), f.file_id LIMIT ?"
+        return [FileRecord.from_row(r) for r in self.catalog.query(sql, (*params, limit))]
+
+    def purge(self, file_id: str, reason: str, *, actor: str = "edge-agent") -> int | None:
+        """Remove one file's local bytes if it is still purgeable. Returns the bytes freed, None if it was not."""
+        with self.catalog.transaction() as conn:
+            row = conn.execute(f"SELECT f.* FROM files f WHERE f.file_id = ? AND {_PURGEABLE}", (file_id,)).fetchone()
+            if row is None:
+                return None
+            record = FileRecord.from_row(row)
+            stored = self.layout.data_dir / (record.store_path or "")
+            try:
+                os.unlink(stored)
+            except FileNotFoundError:
+                log.warning("purge file=%s stored copy already gone path=%s", file_id, stored)
+            else:
+                fsync_dir(stored.parent)
+            self.catalog.transition(file_id, State.PURGED, expect=State(record.state), actor=actor, reason=reason,
+                                    purged_ms=now_ms(), audit_detail={"size": record.size,
+                                                                      "path": record.store_path})
+        log.info("purged file=%s bytes=%s reason=%r", file_id, record.size, reason)
+        return record.size or 0
+
+    def run(self, now: int | None = None) -> PurgeReport:
+        """One retention pass: routine files past their time, then the oldest confirmed ones while over the limit."""
+        now = now_ms() if now is None else now
+        report = PurgeReport(disk_percent_before=self.disk_percent())
+        days = self.config.retention.routine_days
+        cutoff = now - days * DAY_MS
+        while batch := self.purgeable(synced_before_ms=cutoff):
+            for record in batch:
+                freed = self.purge(record.file_id, f"routine retention: confirmed more than {days} days ago")
+                if freed is not None:
+                    report.aged.append(record.file_id)
+                    report.freed_bytes += freed
+        limit = self.config.retention.disk_purge_percent
+        percent = self.disk_percent()
+        while percent >= limit:
+            batch = self.purgeable(limit=50)
+            if not batch:
+                log.warning("disk at %.1f%% (limit %s%%) and nothing purgeable: unsynced, held, evidence and "
+                            "long-term files are kept", percent, limit)
+                break
+            for record in batch:
+                freed = self.purge(record.file_id,
+                                   f"disk pressure: {percent:.1f}% used, limit {limit}%; oldest confirmed first")
+                if freed is not None:
+                    report.pressure.append(record.file_id)
+                    report.freed_bytes += freed
+                percent = self.disk_percent()
+                if percent < limit:
+                    break
+        report.disk_percent_after = percent
+        if report.purged:
+            log.info("retention purged=%d aged=%d pressure=%d freed=%d disk=%.1f%%", len(report.purged),
+                     len(report.aged), len(report.pressure), report.freed_bytes, percent)
+        return report
+
+
+def filesystem_percent(layout: StoreLayout) -> float:
+    """Used space as `df` shows it: used / (used + available to us), root's reserve left out."""
+    usage = layout.disk_usage()
+    room = usage.used + usage.free
+    return 100.0 * usage.used / room if room else 0.0
+
+
+# -- holds and retention classes -------------------------------------------------------------------
+
+
+def place_hold(catalog: Catalog, *, reason: str, file_id: str | None = None, case_id: str | None = None,
+               actor: str | None = None) -> int:
+    """Hold one file or every file of a case (also files tagged with it later). Returns the hold id."""
+    if (file_id is None) == (case_id is None):
+        raise HoldError("give either a file id or --case, not both and not neither")
+    if not reason.strip():
+        raise HoldError("a hold needs --reason (why the footage must be kept); it goes into the audit log")
+    who = actor or audit.os_user()
+    with catalog.transaction() as conn:
+        if file_id is not None:
+            catalog.get(file_id)
+        cur = conn.execute("INSERT INTO holds (file_id, case_id, reason, actor, set_ms) VALUES (?,?,?,?,?)",
+                           (file_id, case_id, reason, who, now_ms()))
+        hold_id = int(cur.lastrowid or 0)
+        audit.append(conn, "hold.placed", subject=file_id or f"case:{case_id}", reason=reason, actor=who,
+                     detail={"hold_id": hold_id, "file_id": file_id, "case_id": case_id})
+    return hold_id
+
+
+def release_hold(catalog: Catalog, *, reason: str, file_id: str | None = None, case_id: str | None = None,
+                 actor: str | None = None) -> tuple[int, int]:
+    """Release the active holds on a file or a case. Releasing a case also ends its files' `evidence` class
+    (they become routine and count from their sync). Returns (holds released, files reclassified)."""
+    if (file_id is None) == (case_id is None):
+        raise HoldError("give either a file id or --case, not both and not neither")
+    if not reason.strip():
+        raise HoldError("a release needs --reason (e.g. the case is closed); it goes into the audit log")
+    who = actor or audit.os_user()
+    ts = now_ms()
+    with catalog.transaction() as conn:
+        if file_id is not None:
+            catalog.get(file_id)
+            cur = conn.execute("UPDATE holds SET released_ms = ?, released_by = ? WHERE file_id = ?"
+                               " AND released_ms IS NULL", (ts, who, file_id))
+            released, reclassified = cur.rowcount, 0
+        else:
+            cur = conn.execute("UPDATE holds SET released_ms = ?, released_by = ? WHERE case_id = ?"
+                               " AND released_ms IS NULL", (ts, who, case_id))
+            released = cur.rowcount
+            cur = conn.execute("UPDATE files SET retention = ?, updated_ms = ? WHERE case_id = ? AND retention = ?",
+                               (ROUTINE, ts, case_id, EVIDENCE))
+            reclassified = cur.rowcount
+        if not released and not reclassified:
+            raise HoldError(f"nothing to release: no active hold on {file_id or 'case ' + str(case_id)}")
+        audit.append(conn, "hold.released", subject=file_id or f"case:{case_id}", reason=reason, actor=who,
+                     detail={"holds": released, "reclassified": reclassified, "case_id": case_id})
+    return released, reclassified
+
+
+def active_holds(catalog: Catalog) -> list[dict[str, object]]:
+    return [dict(r) for r in catalog.query("SELECT * FROM holds WHERE released_ms IS NULL ORDER BY set_ms")]
+
+
+def stored_path(layout: StoreLayout, record: FileRecord) -> Path | None:
+    """Where a file's local bytes are, or None once purged."""
+    if record.state == State.PURGED or not record.store_path:
+        return None
+    return layout.data_dir / record.store_path
