@@ -257,5 +257,7 @@ def walk_volume(volume: Path, globs: tuple[str, ...] = ("**/*",),
 
 
 def _matches(relative: str, globs: tuple[str, ...]) -> bool:
-    # fnmatch's '*' also crosses '/', so "DCIM/**/*" takes every file below DCIM at any depth.
-    return any(fnmatch.fnmatchcase(relative, pattern) for pattern in globs)
+    # fnmatch's '*' also crosses '/', so "DCIM/**/*" takes every file below DCIM at any depth; a leading
+    # "**/" also matches no folder at all, so "**/*" takes the files at the volume's root too.
+    return any(fnmatch.fnmatchcase(relative, pattern)
+               or (pattern.startswith("**/") and fnmatch.fnmatchcase(relative, pattern[3:])) for pattern in globs)
