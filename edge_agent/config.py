@@ -255,6 +255,8 @@ def parse_config(data: dict[str, Any], source: Path | str = "<config>") -> Agent
         problems = []
         for err in exc.errors():
             key, value = _key_of(err["loc"], data)
+            if err["type"].startswith("union_tag_") and isinstance(value, dict):  # name the bad `kind` itself
+                key, value = f"{key}.kind", value.get("kind", _MISSING)
             problems.append(Problem(key, value, _message(err)))
         raise ConfigError(source, problems) from None
 
