@@ -1,0 +1,100 @@
+"""Image health of a camera, sampled cheaply (opencv-python-headless).
+
+`KeyframeSampler` decodes one keyframe every `every_s` seconds (never every frame: the recorder only
+remuxes) and `assess` judges the picture: black, frozen (identical to the previous sample), blurred
+(variance of the Laplacian), covered (a uniform picture: lens blocked, camera turned to a wall or
+sprayed). Thresholds are on a 160-pixel-wide grey thumbnail, so they do not depend on resolution.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import av
+import cv2
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+THUMB_WIDTH = 160
+BLACK_MEAN = 20.0          # mean luma (0-255) below this: black
+FROZEN_DIFF = 0.5          # mean absolute difference to the previous sample below this: frozen
+BLURRED_LAPLACIAN = 40.0   # variance of the Laplacian below this (and not uniform): blurred
+COVERED_STDDEV = 6.0       # luma standard deviation below this (and not black): covered
+
+CHECKS = ("black", "frozen", "blurred", "covered")
+
+
+@dataclass(frozen=True)
+class ImageHealth:
+    black: bool
+    frozen: bool
+    blurred: bool
+    covered: bool
+    mean: float
+    stddev: float
+    sharpness: float
+    checked_ms: int
+
+    def flags(self) -> dict[str, bool]:
+        return {name: getattr(self, name) for name in CHECKS}
+
+    def as_dict(self) -> dict[str, object]:
+        return {**self.flags(), "mean": round(self.mean, 1), "stddev": round(self.stddev, 1),
+                "sharpness": round(self.sharpness, 1), "checked_ms": self.checked_ms}
+
+
+def thumbnail(frame: av.VideoFrame) -> np.ndarray:
+    """A small grey picture of a decoded frame."""
+    grey = frame.to_ndarray(format="gray")
+    height = max(1, round(grey.shape[0] * THUMB_WIDTH / max(1, grey.shape[1])))
+    return cv2.resize(grey, (THUMB_WIDTH, height), interpolation=cv2.INTER_AREA)
+
+
+def assess(thumb: np.ndarray, previous: np.ndarray | None) -> ImageHealth:
+    mean, stddev = (float(v[0]) for v in cv2.meanStdDev(thumb))
+    sharpness = float(cv2.Laplacian(thumb, cv2.CV_64F).var())
+    black = mean < BLACK_MEAN
+    covered = not black and stddev < COVERED_STDDEV
+    frozen = (previous is not None and previous.shape == thumb.shape
+              and float(cv2.absdiff(thumb, previous).mean()) < FROZEN_DIFF)
+    blurred = not black and not covered and sharpness < BLURRED_LAPLACIAN
+    return ImageHealth(black, frozen, blurred, covered, mean, stddev, sharpness, int(time.time() * 1000))
+
+
+class KeyframeSampler:
+    """Decodes at most one keyframe per `every_s` of one camera's stream and judges it."""
+
+    def __init__(self, every_s: float):
+        self.every_s = every_s
+        self._next = 0.0
+        self._decoder: av.CodecContext | None = None
+        self._decoder_for: object = None
+        self._previous: np.ndarray | None = None
+
+    def due(self) -> bool:
+        return time.monotonic() >= self._next
+
+    def sample(self, packet: av.Packet, stream: av.video.stream.VideoStream) -> ImageHealth | None:
+        """Judge this keyframe if a sample is due; None when it is not, or the frame did not decode."""
+        if not self.due():
+            return None
+        if self._decoder is None or self._decoder_for is not stream:
+            self._decoder = av.CodecContext.create(stream.codec_context.name, "r")
+            self._decoder.extradata = stream.codec_context.extradata
+            self._decoder.thread_count = 1   # no frame threading: the frame comes out of this very packet
+            self._decoder_for = stream
+        try:
+            frames = self._decoder.decode(packet)
+        except (av.FFmpegError, ValueError) as exc:
+            log.debug("keyframe_undecodable error=%s", exc)
+            return None
+        if not frames:
+            return None   # parameter sets only, or the decoder wants more: try the next keyframe
+        self._next = time.monotonic() + self.every_s
+        thumb = thumbnail(frames[-1])
+        health = assess(thumb, self._previous)
+        self._previous = thumb
+        return health

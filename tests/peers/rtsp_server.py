@@ -1,0 +1,98 @@
+"""A real RTSP camera for tests: GStreamer's RTSP server with a generated H.264 stream.
+
+`RtspServer(pattern=..., port=...)` runs this same file with Debian's `/usr/bin/python3` (a venv's Python
+cannot see the GStreamer bindings). Patterns: `normal` (moving, sharp colour bars), `black`, `frozen`
+(the same bars, still). Tests stop and start it to make outages.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+GST_PYTHON = "/usr/bin/python3"
+MOUNT = "/cam"
+
+# videotestsrc settings per pattern; horizontal-speed scrolls the picture so frames differ.
+PATTERNS = {
+    "normal": "pattern=smpte horizontal-speed=3",
+    "black": "pattern=black",
+    "frozen": "pattern=smpte horizontal-speed=0",
+}
+
+
+def launch_line(pattern: str, width: int, height: int, fps: int, keyint: int, bitrate_kbps: int) -> str:
+    return (f"( videotestsrc is-live=true {PATTERNS[pattern]} ! video/x-raw,width={width},height={height},"
+            f"framerate={fps}/1 ! x264enc tune=zerolatency speed-preset=ultrafast key-int-max={keyint} "
+            f"bitrate={bitrate_kbps} ! rtph264pay name=pay0 pt=96 config-interval=-1 )")
+
+
+class RtspServer:
+    """The server as a child process; `url` is where a camera's stream is pulled."""
+
+    def __init__(self, port: int, pattern: str = "normal", *, width: int = 320, height: int = 180, fps: int = 25,
+                 keyint: int = 25, bitrate_kbps: int = 400, log: Path | None = None):
+        if pattern not in PATTERNS:
+            raise ValueError(f"pattern must be one of {sorted(PATTERNS)}")
+        self.port = port
+        self.pattern = pattern
+        self.args = [str(port), pattern, str(width), str(height), str(fps), str(keyint), str(bitrate_kbps)]
+        self.log = log
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"rtsp://127.0.0.1:{self.port}{MOUNT}"
+
+    def start(self, timeout: float = 20.0) -> RtspServer:
+        stderr = open(self.log, "ab") if self.log else subprocess.DEVNULL  # noqa: SIM115 - the child owns it
+        self.proc = subprocess.Popen([GST_PYTHON, str(Path(__file__).resolve()), *self.args],
+                                     stdout=subprocess.PIPE, stderr=stderr)
+        assert self.proc.stdout is not None
+        deadline = time.monotonic() + timeout
+        line = self.proc.stdout.readline()
+        if b"READY" not in line or time.monotonic() > deadline:
+            self.stop()
+            raise RuntimeError(f"RTSP server did not start (got {line!r}); is GStreamer installed? "
+                               "run scripts/setup.sh")
+        return self
+
+    def stop(self) -> None:
+        """kill -9: a camera that loses power says goodbye to nobody."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self.proc = None
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+
+def _serve(port: str, pattern: str, width: str, height: str, fps: str, keyint: str, bitrate: str) -> None:
+    import gi
+
+    gi.require_version("Gst", "1.0")
+    gi.require_version("GstRtspServer", "1.0")
+    from gi.repository import GLib, Gst, GstRtspServer
+
+    Gst.init(None)
+    server = GstRtspServer.RTSPServer()
+    server.set_address("127.0.0.1")
+    server.set_service(port)
+    factory = GstRtspServer.RTSPMediaFactory()
+    factory.set_launch(launch_line(pattern, int(width), int(height), int(fps), int(keyint), int(bitrate)))
+    factory.set_shared(True)
+    server.get_mount_points().add_factory(MOUNT, factory)
+    if server.attach(None) == 0:
+        sys.stderr.write(f"cannot listen on 127.0.0.1:{port}\n")
+        sys.exit(1)
+    sys.stdout.write("READY\n")
+    sys.stdout.flush()
+    GLib.MainLoop().run()
+
+
+if __name__ == "__main__":
+    _serve(*sys.argv[1:8])
