@@ -1,6 +1,9 @@
 """`edge-agent` console script. Importing a command module registers its commands."""
 
-from edge_agent.cli import evidence  # noqa: F401
+from edge_agent.cli import (
+    evidence,  # noqa: F401
+    operations,  # noqa: F401
+)
 from edge_agent.cli.app import app, main
 
 __all__ = ["app", "main"]

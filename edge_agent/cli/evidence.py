@@ -69,12 +69,16 @@ def status(ctx: typer.Context) -> None:
                     "raised": fmt_ms(a["raised_ms"])} for a in alarms],
         "last_sync_ms": catalog.query("SELECT MAX(synced_ms) FROM files")[0][0],
     }
+    from edge_agent.cli.operations import daemon_view, render_daemon  # the running daemon's live view
+
+    data["daemon"] = daemon_view(load(ctx))
     rows = [[state, n] for state, n in sorted(counts.items())]
     console_out = table("Files by state", ["state", "files"], rows)
     if options(ctx).json:
         emit(ctx, data)
         return
     console.print(console_out)
+    console.print(render_daemon(data["daemon"]))
     age = data["unsynced"]["oldest_age_s"]
     console.print(f"Waiting for the platform: {oldest[1]} files, {fmt_bytes(oldest[2])}"
                   + (f", oldest {age // 3600} h {age % 3600 // 60} min" if age is not None else ""))

@@ -1,0 +1,122 @@
+"""Custody (R5): who had which recorder when, and which case a file belongs to.
+
+The checkout register (`assign` / `return`) gives the officer of a file
+recorded in a checkout's time window (`Catalog.officer_at`, used when a dock
+discovers files). `tag` links files to a case and party with a signed
+annotation: a new document in the agent's chain that references the file's
+hash and manifest, never a rewrite of the manifest. A tagged file joins the
+evidence lane (sent first) and, by default, the `evidence` retention class.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from edge_agent import audit
+from edge_agent.alarms import clear_unidentified
+from edge_agent.catalog import LANE_EVIDENCE, Catalog, new_id, now_ms
+from edge_agent.ingest import Sealer
+from edge_agent.retention import EVIDENCE, RETENTION_CLASSES
+from edge_agent.store import StoreLayout
+
+
+class CustodyError(ValueError):
+    """A custody action cannot be done as asked; the message says what to do instead."""
+
+
+@dataclass(frozen=True)
+class Checkout:
+    id: int
+    device_id: str
+    officer_id: str
+    from_ms: int
+    to_ms: int | None
+    actor: str
+
+
+def assign(catalog: Catalog, device_id: str, officer_id: str, *, at_ms: int | None = None,
+           reason: str | None = None, actor: str | None = None) -> Checkout:
+    """Check `device_id` out to `officer_id` from `at_ms` (default now), ending any open checkout of it."""
+    device_id, officer_id = device_id.strip(), officer_id.strip()
+    if not device_id or not officer_id:
+        raise CustodyError("give a device id and --officer (the officer's police number)")
+    who = actor or audit.os_user()
+    start = now_ms() if at_ms is None else at_ms
+    with catalog.transaction() as conn:
+        open_rows = conn.execute("SELECT id, officer_id, from_ms FROM checkouts WHERE device_id = ? AND to_ms IS NULL",
+                                 (device_id,)).fetchall()
+        for row in open_rows:
+            if row["from_ms"] > start:
+                raise CustodyError(f"{device_id} has a checkout to {row['officer_id']} starting after the time "
+                                   "given; return it first or give a later time")
+            conn.execute("UPDATE checkouts SET to_ms = ? WHERE id = ?", (start, row["id"]))
+        cur = conn.execute("INSERT INTO checkouts (device_id, officer_id, from_ms, to_ms, actor) VALUES (?,?,?,?,?)",
+                           (device_id, officer_id, start, None, who))
+        catalog.touch_device(conn, device_id, kind=_device_kind(conn, device_id))
+        audit.append(conn, "custody.assigned", subject=device_id, reason=reason, actor=who,
+                     detail={"officer_id": officer_id, "from_ms": start,
+                             "ended": [r["officer_id"] for r in open_rows]})
+        checkout = Checkout(int(cur.lastrowid or 0), device_id, officer_id, start, None, who)
+    clear_unidentified(catalog, device_id, f"assigned to officer {officer_id} by {who}", who)
+    return checkout
+
+
+def return_device(catalog: Catalog, device_id: str, *, at_ms: int | None = None, reason: str | None = None,
+                  actor: str | None = None) -> Checkout:
+    """End the open checkout of `device_id` (the recorder came back to the custodian)."""
+    who = actor or audit.os_user()
+    end = now_ms() if at_ms is None else at_ms
+    with catalog.transaction() as conn:
+        row = conn.execute("SELECT * FROM checkouts WHERE device_id = ? AND to_ms IS NULL ORDER BY from_ms DESC"
+                           " LIMIT 1", (device_id,)).fetchone()
+        if row is None:
+            raise CustodyError(f"{device_id} is not checked out (see: edge-agent devices)")
+        if end < row["from_ms"]:
+            raise CustodyError(f"{device_id} was checked out after the return time given")
+        conn.execute("UPDATE checkouts SET to_ms = ? WHERE id = ?", (end, row["id"]))
+        audit.append(conn, "custody.returned", subject=device_id, reason=reason, actor=who,
+                     detail={"officer_id": row["officer_id"], "from_ms": row["from_ms"], "to_ms": end})
+    return Checkout(row["id"], device_id, row["officer_id"], row["from_ms"], end, row["actor"])
+
+
+def checkouts(catalog: Catalog, device_id: str | None = None) -> list[Checkout]:
+    sql = "SELECT * FROM checkouts" + (" WHERE device_id = ?" if device_id else "") + " ORDER BY from_ms"
+    rows = catalog.query(sql, (device_id,) if device_id else ())
+    return [Checkout(r["id"], r["device_id"], r["officer_id"], r["from_ms"], r["to_ms"], r["actor"]) for r in rows]
+
+
+def _device_kind(conn: Any, device_id: str) -> str:
+    row = conn.execute("SELECT kind FROM devices WHERE device_id = ?", (device_id,)).fetchone()
+    return row[0] if row else "recorder"
+
+
+def tag(catalog: Catalog, sealer: Sealer, layout: StoreLayout, file_id: str, *, case_id: str | None,
+        party: str | None = None, retention: str | None = None, reason: str | None = None,
+        actor: str | None = None) -> dict[str, Any]:
+    """Sign an annotation linking `file_id` to a case/party; update the catalog row. Returns the annotation."""
+    if case_id is None and party is None and retention is None:
+        raise CustodyError("give --case, --party or --retention to tag a file with")
+    retention = retention or (EVIDENCE if case_id else None)
+    if retention is not None and retention not in RETENTION_CLASSES:
+        raise CustodyError(f"--retention must be one of {', '.join(RETENTION_CLASSES)}, got {retention!r}")
+    record = catalog.get(file_id)
+    who = actor or audit.os_user()
+    annotation_id = new_id()
+    body = {
+        "annotation_id": annotation_id, "file_id": file_id, "file_sha256": record.sha256,
+        "manifest_sha256": record.manifest_sha256, "case_id": case_id or record.case_id,
+        "party": party if party is not None else record.party,
+        "retention": retention or record.retention, "reason": reason, "by": who, "ts_ms": now_ms(),
+    }
+
+    def record_tag(conn: Any, digest: str) -> None:
+        conn.execute("UPDATE files SET case_id = ?, party = ?, retention = ?, lane = ?, updated_ms = ?"
+                     " WHERE file_id = ?", (body["case_id"], body["party"], body["retention"], LANE_EVIDENCE,
+                                            now_ms(), file_id))
+        audit.append(conn, "file.tagged", subject=file_id, reason=reason, actor=who,
+                     detail={"annotation_id": annotation_id, "annotation_sha256": digest,
+                             "case_id": body["case_id"], "party": body["party"], "retention": body["retention"]})
+
+    return sealer.sign_document("annotation", annotation_id, body, layout.annotation_path(annotation_id),
+                                after=record_tag)

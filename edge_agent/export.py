@@ -1,0 +1,197 @@
+"""Export of a case for court or long-term keeping (R6, R7), as a BagIt bag (RFC 8493).
+
+The bag's payload holds, for every file tagged with the case: the media
+copy, its signed manifest, the session manifests of the dockings that brought
+it, its signed annotations, the agent's public key, a verification report
+and a short note on how to check it all. Bag-level SHA-256 manifests let a
+third party validate the bag with any BagIt tool (`bagit.py --validate`);
+the signatures and the manifests' `sha256` prove the media are the originals.
+
+An export needs a reason and an approver, both written into the bag's
+bag-info.txt and, with the requester, into the audit log.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import platform
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import bagit
+
+from edge_agent import audit
+from edge_agent.catalog import Catalog, FileRecord, now_ms
+from edge_agent.config import AgentConfig
+from edge_agent.durable import BLOCK
+from edge_agent.manifest import AgentKey, read_document
+from edge_agent.store import StoreLayout
+from edge_agent.verify import verify_file
+
+log = logging.getLogger(__name__)
+
+HOW_TO_CHECK = """\
+Evidence export of case {case} from agent {agent} ({unit}), made {made} by {requested_by}, approved by {approved_by}.
+Reason: {reason}
+
+How to check this bag:
+1. BagIt: `bagit.py --validate {bag}` (or any RFC 8493 tool) proves no payload file changed since export.
+2. Each media/<file_id>.* has SHA-256 equal to "sha256" in manifests/<file_id>.json.
+3. Each manifest, session manifest and annotation is signed: "sig" is an Ed25519 signature (base64) by
+   keys/agent_ed25519.pub over the document's canonical JSON without "sig" (RFC 8785: UTF-8, sorted keys, no
+   whitespace); "key_id" names the key. "prev" links each document to the agent's previous one.
+4. verification.json is the agent's own check at export time.
+Files whose media are not in this bag were purged locally after the platform confirmed them; their
+manifests are here and the platform holds the confirmed copy.
+"""
+
+
+class ExportError(Exception):
+    """The export cannot be made as asked; nothing was written to the audit log as exported."""
+
+
+@dataclass
+class ExportResult:
+    bag_dir: Path
+    case_id: str
+    files: int = 0
+    media_bytes: int = 0
+    not_local: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def _copy_hashing(src: Path, dst: Path) -> tuple[str, int]:
+    """Copy in 1 MiB blocks, hashing what was read; fsync the copy."""
+    digest, size = hashlib.sha256(), 0
+    buf = bytearray(BLOCK)
+    view = memoryview(buf)
+    with open(src, "rb", buffering=0) as fin, open(dst, "wb", buffering=0) as fout:
+        while n := fin.readinto(buf):
+            digest.update(view[:n])
+            fout.write(view[:n])
+            size += n
+        os.fsync(fout.fileno())
+    return digest.hexdigest(), size
+
+
+def _annotations_by_file(catalog: Catalog, layout: StoreLayout, file_ids: set[str]) -> dict[str, list[Path]]:
+    found: dict[str, list[Path]] = {}
+    for row in catalog.query("SELECT path FROM documents WHERE kind = 'annotation' ORDER BY seq"):
+        path = layout.data_dir / row["path"]
+        doc = read_document(path)
+        if doc.get("file_id") in file_ids:
+            found.setdefault(doc["file_id"], []).append(path)
+    return found
+
+
+def export_case(catalog: Catalog, layout: StoreLayout, key: AgentKey, config: AgentConfig, *, case_id: str,
+                dest: Path, reason: str, approved_by: str, requested_by: str | None = None) -> ExportResult:
+    """Write the bag for `case_id` at `dest` (new or empty directory) and audit the export."""
+    requester = requested_by or audit.os_user()
+    if not reason.strip() or not approved_by.strip():
+        raise ExportError("an export needs --reason and --approved-by (R7: copying footage is approved and logged)")
+    records = catalog.files(where="case_id = ?", params=(case_id,), order="recorded_start_ms, file_id")
+    if not records:
+        raise ExportError(f"no files are tagged with case {case_id!r} (tag them: edge-agent tag FILE --case …)")
+    unsealed = [r.file_id for r in records if r.manifest_sha256 is None]
+    if unsealed:
+        raise ExportError(f"{len(unsealed)} file(s) of case {case_id} are not sealed yet (first {unsealed[0]}); "
+                          "wait for ingest to finish, then export")
+    if dest.exists() and any(dest.iterdir()):
+        raise ExportError(f"{dest} is not empty: give a new or empty directory for the bag")
+    dest.mkdir(parents=True, exist_ok=True)
+    result = ExportResult(bag_dir=dest, case_id=case_id)
+    try:
+        _write_payload(catalog, layout, key, config, records, dest, result)
+        made = now_ms()
+        info = {
+            "Source-Organization": config.agent.unit,
+            "External-Identifier": f"{config.agent.id}/case/{case_id}",
+            "External-Description": f"Enforcement audio/video of case {case_id}, exported with signed manifests",
+            "Bag-Group-Identifier": case_id,
+            "Contact-Name": requester,
+            "Export-Requested-By": requester,
+            "Export-Approved-By": approved_by,
+            "Export-Reason": reason,
+            "Agent-Id": config.agent.id,
+            "Agent-Key-Id": key.key_id,
+            "Export-Verification": "passed" if result.ok else f"{len(result.problems)} problem(s), see "
+                                                                 "verification.json",
+        }
+        (dest / "README.txt").write_text(HOW_TO_CHECK.format(
+            case=case_id, agent=config.agent.id, unit=config.agent.unit,
+            made=datetime.fromtimestamp(made / 1000, UTC).isoformat(timespec="seconds"),
+            requested_by=requester, approved_by=approved_by, reason=reason, bag=dest), encoding="utf-8")
+        bag = bagit.make_bag(str(dest), bag_info=info, checksums=["sha256"], processes=1)
+        oxum = bag.info.get("Payload-Oxum")
+    except (OSError, bagit.BagError) as exc:
+        catalog.audit("export.failed", subject=f"case:{case_id}", reason=reason, actor=requester,
+                      detail={"approved_by": approved_by, "dest": str(dest), "error": str(exc)})
+        raise ExportError(f"export to {dest} failed: {exc}; the partial bag there is not valid, remove it") from exc
+    with catalog.transaction() as conn:
+        audit.append(conn, "export", subject=f"case:{case_id}", reason=reason, actor=requester,
+                     detail={"approved_by": approved_by, "requested_by": requester, "dest": str(dest),
+                             "files": result.files, "media_bytes": result.media_bytes, "payload_oxum": oxum,
+                             "not_local": result.not_local, "problems": len(result.problems), "made_ms": made})
+        for record in records:  # each file's own history shows who copied it, why and on whose approval
+            audit.append(conn, "file.exported", subject=record.file_id, reason=reason, actor=requester,
+                         detail={"approved_by": approved_by, "case_id": case_id, "dest": str(dest)})
+    log.info("exported case=%s files=%d bytes=%d dest=%s problems=%d", case_id, result.files, result.media_bytes,
+             dest, len(result.problems))
+    return result
+
+
+def _write_payload(catalog: Catalog, layout: StoreLayout, key: AgentKey, config: AgentConfig,
+                   records: list[FileRecord], dest: Path, result: ExportResult) -> None:
+    for sub in ("media", "manifests", "sessions", "annotations", "keys"):
+        (dest / sub).mkdir()
+    (dest / "keys" / "agent_ed25519.pub").write_text(key.public_pem(), encoding="ascii")
+    annotations = _annotations_by_file(catalog, layout, {r.file_id for r in records})
+    sessions: set[str] = set()
+    entries: list[dict[str, Any]] = []
+    for record in records:
+        findings = [str(f) for f in verify_file(record, layout, key, rehash=False)]
+        (dest / "manifests" / f"{record.file_id}.json").write_bytes(layout.manifest_path(record.file_id).read_bytes())
+        entry: dict[str, Any] = {"file_id": record.file_id, "state": record.state, "sha256": record.sha256,
+                                 "size": record.size, "device_id": record.device_id, "officer_id": record.officer_id,
+                                 "party": record.party, "original_path": record.original_path}
+        if record.state == "purged" or not record.store_path:
+            entry["media"] = None
+            entry["note"] = "media purged locally after the platform confirmed it; the platform holds the copy"
+            result.not_local.append(record.file_id)
+        else:
+            src = layout.data_dir / record.store_path
+            name = f"{record.file_id}{Path(record.store_path).suffix}"
+            digest, size = _copy_hashing(src, dest / "media" / name)
+            entry["media"] = f"media/{name}"
+            if (digest, size) != (record.sha256, record.size):
+                findings.append(f"{record.file_id} [media]: stored copy does not match its manifest "
+                                f"(sha256 {digest[:16]}…): altered after sealing")
+            result.media_bytes += size
+        if record.session_id and layout.session_manifest_path(record.session_id).exists():
+            sessions.add(record.session_id)
+        entry["annotations"] = []
+        for path in annotations.get(record.file_id, []):
+            (dest / "annotations" / path.name).write_bytes(path.read_bytes())
+            entry["annotations"].append(f"annotations/{path.name}")
+        entry["findings"] = findings
+        result.problems.extend(findings)
+        result.files += 1
+        entries.append(entry)
+    for session_id in sorted(sessions):
+        (dest / "sessions" / f"{session_id}.json").write_bytes(
+            layout.session_manifest_path(session_id).read_bytes())
+    report = {"case_id": result.case_id, "agent_id": config.agent.id, "key_id": key.key_id,
+              "exported_at_ms": now_ms(), "host": platform.node(), "ok": result.ok, "files": entries,
+              "sessions": sorted(sessions)}
+    (dest / "verification.json").write_text(json.dumps(report, ensure_ascii=False, indent=2, sort_keys=True),
+                                            encoding="utf-8")
