@@ -33,7 +33,7 @@ class DirectoryDock(FileSystemEventHandler):
         self._observer.schedule(self, str(self.root), recursive=False)
         self._observer.start()
         for child in sorted(self.root.iterdir()):
-            if child.is_dir() and not child.is_symlink() and not child.name.startswith("."):
+            if child.is_dir() and not child.is_symlink():
                 self._dock(child.name)
 
     def stop(self) -> None:
@@ -47,8 +47,8 @@ class DirectoryDock(FileSystemEventHandler):
 
     def _dock(self, label: str) -> None:
         with self._lock:
-            if label in self._present:
-                return
+            if label in self._present or label.startswith("."):
+                return  # hidden folders are volumes still being prepared (a rename docks them)
             path = self.root / label
             if not path.is_dir() or path.is_symlink():
                 return
