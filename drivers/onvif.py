@@ -66,7 +66,7 @@ class CameraIdentity:
 def _service(name: str, xaddr: str, username: str | None, password: str | None, dt_diff: dt.timedelta | None,
              timeout: float) -> ONVIFService:
     definition = SERVICES[name]
-    binding = "{%s}%s" % (definition["ns"], definition["binding"])
+    binding = f"{{{definition['ns']}}}{definition['binding']}"
     transport = Transport(timeout=timeout, operation_timeout=timeout)
     return ONVIFService(xaddr, username or "", password or "", str(WSDL_DIR / definition["wsdl"]),
                         encrypt=True, no_cache=True, dt_diff=dt_diff, binding_name=binding, transport=transport)
@@ -147,11 +147,13 @@ _PROBE = """<?xml version="1.0" encoding="UTF-8"?>
  xmlns:w="http://schemas.xmlsoap.org/ws/2004/08/addressing"
  xmlns:d="http://schemas.xmlsoap.org/ws/2005/04/discovery"
  xmlns:dn="http://www.onvif.org/ver10/network/wsdl">
-<e:Header><w:MessageID>uuid:{id}</w:MessageID><w:To e:mustUnderstand="true">urn:schemas-xmlsoap-org:ws:2005:04:discovery</w:To>
+<e:Header><w:MessageID>uuid:{id}</w:MessageID>
+<w:To e:mustUnderstand="true">urn:schemas-xmlsoap-org:ws:2005:04:discovery</w:To>
 <w:Action e:mustUnderstand="true">http://schemas.xmlsoap.org/ws/2005/04/discovery/Probe</w:Action></e:Header>
 <e:Body><d:Probe><d:Types>dn:NetworkVideoTransmitter</d:Types></d:Probe></e:Body></e:Envelope>"""
 
 _D = "{http://schemas.xmlsoap.org/ws/2005/04/discovery}"
+_A = "{http://schemas.xmlsoap.org/ws/2004/08/addressing}"
 
 
 def discover(timeout: float = 3.0, target: tuple[str, int] = DISCOVERY_ADDRESS) -> list[dict[str, Any]]:
@@ -181,8 +183,7 @@ def _matches(data: bytes) -> list[dict[str, Any]]:
         return []
     out = []
     for match in root.iter(f"{_D}ProbeMatch"):
-        endpoint = match.find("{http://schemas.xmlsoap.org/ws/2004/08/addressing}EndpointReference")
-        address = endpoint.findtext("{http://schemas.xmlsoap.org/ws/2004/08/addressing}Address") if endpoint is not None else None
+        address = match.findtext(f"{_A}EndpointReference/{_A}Address")
         xaddrs = (match.findtext(f"{_D}XAddrs") or "").split()
         scopes = (match.findtext(f"{_D}Scopes") or "").split()
         out.append({"endpoint": address, "xaddrs": xaddrs, "scopes": scopes,

@@ -101,7 +101,8 @@ class RecorderListener(Protocol):
         """The first keyframe after an interruption (or after start) arrived at wall time `at_ms`."""
 
     def interrupted(self, camera: str, cause: str, since_ms: int, detail: str) -> None:
-        """Recording stopped at `since_ms` (end of the last written packet) for `cause`."""
+        """Recording is not happening since `since_ms` (end of the last written packet) for `cause`;
+        repeated on every failed reconnect with the same `since_ms`."""
 
     def clock_stepped(self, camera: str, at_ms: int, step_ms: int) -> None: ...
 
@@ -217,10 +218,9 @@ class RtspRecorder:
             if self._stop.is_set():
                 break
             self.stats.last_error = detail
-            if not self._interrupted:
-                self._interrupted = True
-                since = self._last_end_ms if self._last_end_ms is not None else int(self._clock.now_ms())
-                self.listener.interrupted(self.camera, cause, since, detail)
+            self._interrupted = True
+            since = self._last_end_ms if self._last_end_ms is not None else int(self._clock.now_ms())
+            self.listener.interrupted(self.camera, cause, since, detail)
             log.warning("camera_interrupted camera=%s cause=%s detail=%s", self.camera, cause, detail)
             if time.monotonic() - started > 2 * self.reconnect_max_s:
                 backoff = BACKOFF_MIN_S   # it ran for a while: this is a fresh fault, retry quickly

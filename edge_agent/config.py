@@ -108,6 +108,7 @@ class Camera(_Section):
     segment_s: Annotated[int, Field(ge=2, le=3600)] = 60
     stall_timeout_s: Annotated[float, Field(gt=0, le=600)] = 10
     image_check_s: Annotated[float, Field(gt=0)] = 5
+    reconnect_max_s: Annotated[float, Field(gt=0, le=3600)] = 30   # backoff ceiling between reconnects
     location: Annotated[str, Field(min_length=1)]
     location_kind: str
 
