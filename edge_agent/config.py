@@ -10,7 +10,7 @@ import os
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -59,6 +59,7 @@ class MqttSection(_Section):
     password_file: Path | None = None
     chunk_kib: Annotated[int, Field(ge=4, le=8192)] = 256
     window: Annotated[int, Field(ge=1, le=1024)] = 32
+    files_in_flight: Annotated[int, Field(ge=1, le=64)] = 8   # files sent at once, so small ones don't queue
     keepalive_s: Annotated[int, Field(ge=5, le=3600)] = 30
     ack_timeout_s: Annotated[float, Field(gt=0, le=600)] = 15
     session_expiry_s: Annotated[int, Field(ge=0)] = 7 * 24 * 3600
@@ -153,11 +154,15 @@ class HealthSection(_Section):
 
 
 class ReceiverSection(_Section):
-    store_dir: Path = Path("/var/lib/edge-receiver")
-    keys_dir: Path = Path("/etc/edge-receiver/agents")
-    shared_subscription: bool = False
+    store_dir: Path = Path("/var/lib/edge-receiver")   # objects/, index/, incoming/ (shared by receivers)
+    keys_dir: Path = Path("/etc/edge-receiver/agents")  # <agent_id>.pem: each enrolled agent's public key
+    shared_subscription: bool = False                   # $share/receivers/...: several receivers, one load
     client_id: Annotated[str, Field(pattern=ID_PATTERN)] = "receiver-1"
     max_file_gb: Annotated[float, Field(gt=0)] = 64
+    max_chunk_kib: Annotated[int, Field(ge=4, le=65536)] = 8192
+    ack_every_chunks: Annotated[int, Field(ge=1, le=16)] = 16
+    ack_interval_ms: Annotated[int, Field(ge=10, le=500)] = 500
+    session_expiry_s: Annotated[int, Field(ge=0)] = 24 * 3600
 
 
 class AgentConfig(_Section):
@@ -167,7 +172,6 @@ class AgentConfig(_Section):
     cameras: list[Camera] = []
     retention: RetentionSection = RetentionSection()
     health: HealthSection = HealthSection()
-    receiver: ReceiverSection | None = None
 
     @model_validator(mode="after")
     def _unique_names(self) -> AgentConfig:
@@ -182,6 +186,13 @@ class AgentConfig(_Section):
     @property
     def catalog_path(self) -> Path:
         return self.agent.data_dir / "catalog.sqlite"
+
+
+class ReceiverConfig(_Section):
+    """The reference receiver's config (`edge-agent receiver run --config receiver.toml`)."""
+
+    mqtt: MqttSection = MqttSection()
+    receiver: ReceiverSection = ReceiverSection()
 
 
 @dataclass(frozen=True)
@@ -249,9 +260,12 @@ def _message(err: dict[str, Any]) -> str:
     return msg
 
 
-def parse_config(data: dict[str, Any], source: Path | str = "<config>") -> AgentConfig:
+Model = TypeVar("Model", bound=BaseModel)
+
+
+def _validated(model: type[Model], data: dict[str, Any], source: Path | str) -> Model:
     try:
-        return AgentConfig.model_validate(data)
+        return model.model_validate(data)
     except ValidationError as exc:
         problems = []
         for err in exc.errors():
@@ -260,6 +274,14 @@ def parse_config(data: dict[str, Any], source: Path | str = "<config>") -> Agent
                 key, value = f"{key}.kind", value.get("kind", _MISSING)
             problems.append(Problem(key, value, _message(err)))
         raise ConfigError(source, problems) from None
+
+
+def parse_config(data: dict[str, Any], source: Path | str = "<config>") -> AgentConfig:
+    return _validated(AgentConfig, data, source)
+
+
+def parse_receiver_config(data: dict[str, Any], source: Path | str = "<config>") -> ReceiverConfig:
+    return _validated(ReceiverConfig, data, source)
 
 
 def resolve_config_path(path: Path | str | None) -> Path:
@@ -271,6 +293,14 @@ def resolve_config_path(path: Path | str | None) -> Path:
 
 def load_config(path: Path | str | None = None) -> AgentConfig:
     cfg_path = resolve_config_path(path)
+    return parse_config(_read_toml(cfg_path), cfg_path)
+
+
+def load_receiver_config(path: Path | str) -> ReceiverConfig:
+    return parse_receiver_config(_read_toml(Path(path)), path)
+
+
+def _read_toml(cfg_path: Path) -> dict[str, Any]:
     try:
         raw = cfg_path.read_bytes()
     except OSError as exc:
@@ -281,4 +311,4 @@ def load_config(path: Path | str | None = None) -> AgentConfig:
         raise ConfigError(cfg_path, [Problem("(file)", _MISSING, f"not UTF-8 at byte {exc.start}")]) from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(cfg_path, [Problem("(syntax)", _MISSING, str(exc))]) from None
-    return parse_config(data, cfg_path)
+    return data
