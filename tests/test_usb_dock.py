@@ -155,7 +155,7 @@ def test_recorder_unplugged_mid_copy_discards_partial_and_resumes_when_back(tmp_
     bus = EmulatedUsbBus()
     dock = UsbDock("dock-a", mount_root, load_models(), backend=bus, poll_s=0.02)
     volume = mount_root / "ZFY0100"
-    big = large_file(volume / "DCIM/100/A765432_320102123_20261122100000.MP4", 1536 << 20)
+    big = large_file(volume / "DCIM/100/A765432_320102123_20261122100000.MP4", 1 << 30)
     make_recorder_volume(mount_root, "ZFY0100", {"DCIM/100/A765432_320102123_20261122090000.MP4": 1000})
     with running_agent(cfg, [dock]) as agent:
         bus.plug(ZFY_VENDOR, ZFY_PRODUCT, "ZFY0100")
