@@ -127,6 +127,11 @@ def build_agent(config: AgentConfig, *, dock_drivers: list[DockDriver] | None = 
     # -- sync: uplink to the platform (edge_agent/sync) --
 
     # -- cameras: ONVIF + RTSP recording (edge_agent/cameras.py) --
+    if config.cameras:
+        from edge_agent.cameras import CameraService
+
+        agent.cameras = CameraService(agent.catalog, agent.ingestor, agent.sealer, config)
+        agent.components.append(agent.cameras)
 
     # -- operations: health, alarms, retention, scheduler (edge_agent/health.py, scheduler.py) --
     from edge_agent.scheduler import OperationsScheduler

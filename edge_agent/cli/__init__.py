@@ -1,6 +1,7 @@
 """`edge-agent` console script. Importing a command module registers its commands."""
 
 from edge_agent.cli import (
+    cameras,  # noqa: F401
     evidence,  # noqa: F401
     operations,  # noqa: F401
 )

@@ -89,8 +89,19 @@ def status(ctx: typer.Context) -> None:
         console.print("[green]No active alarms.[/green]")
 
 
-@app.command()
+devices_app = typer.Typer(help="Recorders and cameras: list (default), gaps, locations, discover.")
+app.add_typer(devices_app, name="devices")
+
+
+@devices_app.callback(invoke_without_command=True)
 def devices(ctx: typer.Context) -> None:
+    """Recorders and cameras this agent has seen, with their custody."""
+    if ctx.invoked_subcommand is None:
+        devices_list(ctx)
+
+
+@devices_app.command("list")
+def devices_list(ctx: typer.Context) -> None:
     """Recorders and cameras this agent has seen, with their custody."""
     catalog, _ = open_catalog(ctx)
     rows = catalog.query(

@@ -1,0 +1,137 @@
+"""Camera commands: `devices gaps` (was this camera recording at 14:03?), `devices locations` (the public
+list of camera locations, R11) and `devices discover` (ONVIF WS-Discovery, only when asked)."""
+
+from __future__ import annotations
+
+import csv
+import re
+import sys
+from datetime import datetime, timedelta
+from typing import Annotated
+from zoneinfo import ZoneInfo
+
+import typer
+
+from edge_agent.cameras import gaps, was_recording
+from edge_agent.catalog import now_ms
+from edge_agent.cli.app import console, emit, fail, load, options, table
+from edge_agent.cli.evidence import Reason, devices_app, open_catalog
+
+_DURATION = re.compile(r"^(\d+)([smhd])$")
+_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
+
+
+def parse_time(text: str, tz: ZoneInfo, now: datetime | None = None) -> int:
+    """Epoch ms from "14:03", "14:03:20" (today), "2026-11-25 14:03", ISO 8601, or "2h"/"30m"/"7d" ago."""
+    now = now or datetime.now(tz)
+    text = text.strip()
+    if match := _DURATION.match(text):
+        return int((now - timedelta(**{_UNITS[match[2]]: int(match[1])})).timestamp() * 1000)
+    for fmt in ("%H:%M", "%H:%M:%S"):
+        try:
+            clock = datetime.strptime(text, fmt)
+        except ValueError:
+            continue
+        return int(now.replace(hour=clock.hour, minute=clock.minute, second=clock.second,
+                               microsecond=0).timestamp() * 1000)
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise typer.BadParameter(f"{text!r}: use 14:03, 2026-11-25 14:03, an ISO 8601 time, or 2h / 30m / 7d "
+                                 "(that long ago)") from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=tz)
+    return int(moment.timestamp() * 1000)
+
+
+def _fmt(ms: int | None, tz: ZoneInfo) -> str:
+    if ms is None:
+        return "now (still open)"
+    return datetime.fromtimestamp(ms / 1000, tz).strftime("%Y-%m-%d %H:%M:%S")
+
+
+@devices_app.command("gaps")
+def devices_gaps(
+    ctx: typer.Context,
+    camera: Annotated[str, typer.Argument(help="camera name from the config")],
+    since: Annotated[str | None, typer.Option("--since", help="from (default: midnight today); 14:03, "
+                                                            "2026-11-25 14:03, ISO 8601, or 2h/7d ago")] = None,
+    at: Annotated[str | None, typer.Option("--at", help="answer: was the camera recording at this time?")] = None,
+    reason: Reason = None,
+) -> None:
+    """The camera's gaps in recording, with their causes; with --at, yes or the gap and its reason."""
+    cfg = load(ctx)
+    tz = ZoneInfo(cfg.agent.timezone)
+    if camera not in {c.name for c in cfg.cameras}:
+        known = ", ".join(c.name for c in cfg.cameras) or "none configured"
+        fail(f"no camera {camera!r} in {options(ctx).config_path} (cameras: {known})")
+    catalog, _ = open_catalog(ctx)
+    if at is not None:
+        at_ms = parse_time(at, tz)
+        catalog.audit("devices.gaps", subject=camera, reason=reason, detail={"at_ms": at_ms})
+        recording, gap, file_id = was_recording(catalog, camera, at_ms)
+        data = {"camera": camera, "at_ms": at_ms, "recording": recording, "file_id": file_id,
+                "gap": gap.as_dict() if gap else None}
+        if recording:
+            human = f"yes: {camera} was recording at {_fmt(at_ms, tz)} (segment {file_id})"
+        elif gap is not None:
+            human = (f"no: {camera} was not recording at {_fmt(at_ms, tz)}: gap from {_fmt(gap.start_ms, tz)} "
+                     f"to {_fmt(gap.end_ms, tz)}, cause {gap.cause}" + (f" ({gap.detail})" if gap.detail else ""))
+        else:
+            human = (f"unknown: no segment and no gap of {camera} covers {_fmt(at_ms, tz)} (before the camera "
+                     "was first recorded, or a segment not yet taken in from the spool)")
+        emit(ctx, data, human)
+        if not recording:
+            raise typer.Exit(1)
+        return
+    since_ms = parse_time(since, tz) if since else parse_time("00:00", tz)
+    catalog.audit("devices.gaps", subject=camera, reason=reason, detail={"since_ms": since_ms})
+    found = gaps(catalog, camera, since_ms, now_ms())
+    emit(ctx, [g.as_dict() for g in found],
+         table(f"Gaps of {camera} since {_fmt(since_ms, tz)} ({len(found)})", ["from", "to", "seconds", "cause",
+                                                                                 "detail"],
+               [[_fmt(g.start_ms, tz), _fmt(g.end_ms, tz),
+                 f"{((g.end_ms or now_ms()) - g.start_ms) / 1000:.1f}", g.cause, g.detail] for g in found]))
+
+
+@devices_app.command("locations")
+def devices_locations(
+    ctx: typer.Context,
+    fmt: Annotated[str, typer.Option("--format", "-f", help="csv or table")] = "table",
+) -> None:
+    """Camera names and locations, for public announcement before use (R11)."""
+    cfg = load(ctx)
+    rows = [{"name": c.name, "location": c.location, "location_kind": c.location_kind} for c in cfg.cameras]
+    if fmt == "csv":
+        writer = csv.DictWriter(sys.stdout, fieldnames=["name", "location", "location_kind"], lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+        return
+    if fmt != "table":
+        fail(f"--format {fmt!r}: use csv or table", code=2)
+    emit(ctx, rows, table(f"Camera locations ({len(rows)})", ["camera", "location", "kind"],
+                          [[r["name"], r["location"], r["location_kind"]] for r in rows]))
+
+
+@devices_app.command("discover")
+def devices_discover(
+    ctx: typer.Context,
+    timeout: Annotated[float, typer.Option("--timeout", help="seconds to wait for answers")] = 3.0,
+    target: Annotated[str | None, typer.Option("--target", help="host:port to probe instead of the WS-Discovery "
+                                                                "multicast group (a known camera)")] = None,
+) -> None:
+    """Find ONVIF cameras on the local network (one WS-Discovery probe; sent only when you ask)."""
+    from drivers import onvif
+
+    address = onvif.DISCOVERY_ADDRESS
+    if target is not None:
+        host, _, port = target.rpartition(":")
+        if not host or not port.isdigit():
+            fail(f"--target {target!r}: use host:port", code=2)
+        address = (host, int(port))
+    found = onvif.discover(timeout, address)
+    if not found and not options(ctx).json:
+        console.print("No ONVIF camera answered.")
+        return
+    emit(ctx, found, table(f"ONVIF cameras ({len(found)})", ["name", "address", "device service", "endpoint"],
+                           [[f["name"], f["from"], " ".join(f["xaddrs"]), f["endpoint"]] for f in found]))
