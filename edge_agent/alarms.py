@@ -28,6 +28,8 @@ CLOCK_OFFSET = "clock_offset"
 RECORDER_UNIDENTIFIED = "recorder_unidentified"
 TAMPER = "tamper"
 
+# The kinds the uplink raises when the receiver rejects a file or it cannot be sent; the subject is the file id.
+REJECTION_KINDS = frozenset({"sync_rejected", "sync_blocked"})
 # Files not on the platform yet: an alarm once one waits longer than unsynced_alarm_h (R1).
 UNSYNCED_STATES = ("discovered", "staged", "sealed", "sending", "rejected")
 
@@ -108,10 +110,6 @@ class AlarmEvaluator:
             rows = self.catalog.query("SELECT state FROM files WHERE file_id = ?", (alarm["subject"],))
             if rows and rows[0][0] in ("synced", "source_cleared", "purged"):
                 self._set(False, alarm["key"], alarm["kind"], alarm["subject"], "")
-
-
-# The kinds the uplink raises when the receiver rejects a file; their subject is the file id.
-REJECTION_KINDS = frozenset({"rejected", "receiver_rejected"})
 
 
 def image_check_results(checks: Any) -> list[tuple[str, bool]]:
