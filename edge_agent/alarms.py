@@ -1,11 +1,14 @@
-"""Alarms (R1, R10, R12 "亮灯提醒"): conditions checked on every health tick.
+"""Alarms (R1, R9, R10, R12 "亮灯提醒"): conditions checked on every health tick.
 
 An alarm is raised once (`Catalog.raise_alarm`: one row, one event on the
 `events` topic, one audit entry) and stays in the health snapshot until its
 condition is gone, when it is cleared the same way. Alarms whose condition a
 machine cannot see ending (tamper found by a scrub, an unidentified recorder)
 are cleared by a custodian (`edge-agent alarms clear`, or `assign` for an
-unknown recorder), with a reason in the audit log.
+unknown recorder), with a reason in the audit log. Other parts raise the
+alarms they see first: docks (unidentified recorder, disk full), cameras
+(camera offline, image checks), the uplink (rejection); this module clears
+a rejection once the file was sent again and confirmed.
 """
 
 from __future__ import annotations
@@ -22,8 +25,6 @@ log = logging.getLogger(__name__)
 
 DISK_HIGH = "disk_high"
 UNSYNCED_OVERDUE = "unsynced_overdue"
-CAMERA_DOWN = "camera_down"
-IMAGE_CHECK_FAILED = "image_check_failed"
 CLOCK_OFFSET = "clock_offset"
 RECORDER_UNIDENTIFIED = "recorder_unidentified"
 TAMPER = "tamper"
@@ -88,19 +89,11 @@ class AlarmEvaluator:
                   "(chrony/NTP) so recorded times stay true")
 
     def _cameras(self, cameras: Iterable[Mapping[str, Any]]) -> None:
+        # Camera down and image checks are raised and cleared by each camera's worker (edge_agent/cameras.py),
+        # which sees them first; here only each camera's clock, read by ONVIF, is judged.
         for camera in cameras:
             name = str(camera.get("name"))
-            connected = camera.get("connected")
-            if connected is not None:
-                self._set(not connected, f"camera_down:{name}", CAMERA_DOWN, name,
-                          f"camera {name} is not delivering video since {camera.get('last_packet') or 'start'}"
-                          f" ({camera.get('last_error') or 'no stream'}): recording has a gap; check power, "
-                          "network and credentials")
             self._clock(f"clock_offset:{name}", name, f"camera {name}'s clock", camera.get("clock_offset_ms"))
-            for check, failed in image_check_results(camera.get("image_checks")):
-                self._set(failed, f"image_check:{name}:{check}", IMAGE_CHECK_FAILED, name,
-                          f"camera {name}: image check '{check}' failed (lens covered, turned away, dark or "
-                          "frozen picture): inspect the camera")
 
     def _rejections(self) -> None:
         """A receiver's rejection clears once the file was sent again and confirmed (sync now --retry-rejected)."""
@@ -110,22 +103,6 @@ class AlarmEvaluator:
             rows = self.catalog.query("SELECT state FROM files WHERE file_id = ?", (alarm["subject"],))
             if rows and rows[0][0] in ("synced", "source_cleared", "purged"):
                 self._set(False, alarm["key"], alarm["kind"], alarm["subject"], "")
-
-
-def image_check_results(checks: Any) -> list[tuple[str, bool]]:
-    """(check, failed) pairs from a camera's image_checks: {name: bool} or {name: {"ok"|"failed": bool, ...}}."""
-    if not isinstance(checks, Mapping):
-        return []
-    out: list[tuple[str, bool]] = []
-    for name, value in checks.items():
-        if isinstance(value, bool):
-            out.append((str(name), value))
-        elif isinstance(value, Mapping):
-            if "failed" in value:
-                out.append((str(name), bool(value["failed"])))
-            elif "ok" in value:
-                out.append((str(name), not value["ok"]))
-    return out
 
 
 def clear_by_custodian(catalog: Catalog, key: str, reason: str, actor: str | None = None) -> bool:

@@ -17,6 +17,7 @@ import threading
 import time
 from dataclasses import dataclass
 
+from edge_agent.alarms import TAMPER
 from edge_agent.catalog import Catalog, FileRecord, now_ms
 from edge_agent.config import AgentConfig
 from edge_agent.durable import BLOCK
@@ -137,7 +138,7 @@ class Scrubber:
     def _report(self, findings: list[Finding]) -> None:
         for finding in findings:
             raised = self.catalog.raise_alarm(
-                f"tamper:{finding.subject}:{finding.what}", "tamper", finding.subject,
+                f"tamper:{finding.subject}:{finding.what}", TAMPER, finding.subject,
                 f"scrub: {finding}. The original is not repaired: compare with the platform's copy, "
                 "then clear this alarm with edge-agent alarms clear KEY --reason …")
             if raised:

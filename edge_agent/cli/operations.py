@@ -285,7 +285,7 @@ def render_daemon(snapshot: dict[str, Any] | None) -> Any:
                              fmt_bytes(s["bytes_copied"]), fmt_bytes(s["rate_bps"]) + "/s", s["last_error"]]
                             for s in snapshot["docks"]]))
     if snapshot["cameras"]:
-        parts.append(table("Cameras", ["camera", "connected", "fps", "last packet"],
-                           [[c.get("name"), c.get("connected"), c.get("fps"), c.get("last_packet")]
-                            for c in snapshot["cameras"]]))
+        parts.append(table("Cameras", ["camera", "connected", "fps", "kbit/s", "last packet", "gaps today"],
+                           [[c.get("name"), c.get("connected"), c.get("fps"), c.get("bitrate_kbps"),
+                             fmt_ms(c.get("last_packet_ms")), c.get("gaps_today")] for c in snapshot["cameras"]]))
     return Group(*parts)
