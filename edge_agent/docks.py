@@ -136,6 +136,7 @@ class VolumeWorker(threading.Thread):
         self.status = SlotStatus(dock=volume.dock, slot=volume.slot, label=volume.label, docked_ms=now_ms())
         self._gone = threading.Event()
         self._wake = threading.Event()
+        self._paused = False
 
     def undock(self, stopping: bool = False) -> None:
         self._gone.set()
@@ -285,6 +286,7 @@ class VolumeWorker(threading.Thread):
                     self.service.ingestor.ingest(record, path, abort=self._gone.is_set)
                 except IntakePaused as exc:
                     self.status.state, self.status.last_error = "paused", str(exc)
+                    self._paused = True
                     catalog.raise_alarm("disk_full", "disk_full", self.service.config.agent.id, str(exc))
                     return
                 except SourceGone as exc:
@@ -303,8 +305,9 @@ class VolumeWorker(threading.Thread):
                     catalog.update(record.file_id, last_error=str(exc), attempts=record.attempts + 1)
                     log.error("ingest failed file=%s: %s", record.file_id, exc)
                     continue
-            if self.status.state == "paused":
+            if self._paused:  # status.state was already set back to "ingesting" by the next pass
                 catalog.clear_alarm("disk_full")
+                self._paused = False
             self.status.state = "ingesting"
             self.status.files_done += 1
             self.status.bytes_copied += record.source_size or 0
