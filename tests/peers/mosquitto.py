@@ -72,3 +72,33 @@ class Mosquitto:
     @property
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
+
+
+def tls_listener(port: int, ca: Path, cert: Path, key: Path, acl_file: Path | None = None) -> str:
+    """A mutual-TLS listener: clients need a certificate from `ca`; its CN is their username (for the ACL)."""
+    # Run as root, mosquitto drops to user "mosquitto", which cannot read keys in a test's 0700 tmp dir.
+    lines = ["user root", f"listener {port} 127.0.0.1", f"cafile {ca}", f"certfile {cert}", f"keyfile {key}",
+             "require_certificate true", "use_identity_as_username true", "allow_anonymous false"]
+    if acl_file is not None:
+        lines.append(f"acl_file {acl_file}")
+    return "\n".join(lines) + "\n"
+
+
+def evidence_acl(path: Path, root: str = "evidence/v1", *, receivers: tuple[str, ...] = (),
+                 platforms: tuple[str, ...] = ()) -> Path:
+    """The wire protocol's ACL (DESIGN.md section 5): an agent (username = its id) publishes only its own
+    status, health, events and files, and reads only its own acks and commands; receivers read every
+    agent's uplink and write acks; the platform writes commands and reads status, health and events."""
+    lines: list[str] = []
+    for user in receivers:
+        lines += [f"user {user}", f"topic read {root}/+/files/#", f"topic write {root}/+/acks",
+                  f"topic read {root}/+/status", f"topic read {root}/+/health", f"topic read {root}/+/events", ""]
+    for user in platforms:
+        lines += [f"user {user}", f"topic write {root}/+/commands", f"topic read {root}/+/status",
+                  f"topic read {root}/+/health", f"topic read {root}/+/events", ""]
+    # Patterns apply to every user; %u is the certificate's CN, i.e. the agent id.
+    lines += [f"pattern write {root}/%u/status", f"pattern write {root}/%u/health",
+              f"pattern write {root}/%u/events", f"pattern write {root}/%u/files/#",
+              f"pattern read {root}/%u/acks", f"pattern read {root}/%u/commands", ""]
+    path.write_text("\n".join(lines))
+    return path
