@@ -1,0 +1,115 @@
+"""Export for court or long-term keeping (R6, R7): a BagIt bag a third party validates with standard tools,
+with signed manifests that prove the media are the originals; every export is audited with requester,
+approver and reason."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import bagit
+from typer.testing import CliRunner
+
+from edge_agent.cli import app
+from edge_agent.custody import tag
+from edge_agent.daemon import Agent
+from edge_agent.manifest import load_public_key, read_document, verify_signature
+from edge_agent.retention import Retention
+from tests.helpers import agent_config
+from tests.opsdata import confirm, ingest_file
+
+CASE = "鼓城管罚〔2026〕17号"
+
+
+def exported_case(tmp_path: Path) -> tuple[Path, Agent, list[str], str]:
+    """Three files of a case (one already purged locally after sync) and one unrelated file."""
+    cfg_path, cfg = agent_config(tmp_path)
+    agent = Agent(cfg, dock_drivers=[])
+    src = tmp_path / "src"
+    files = [ingest_file(agent, src, f"clip{i}.MP4", 50_000 + i) for i in range(3)]
+    ingest_file(agent, src, "other.MP4", 1000)
+    purged = confirm(agent, files[2].file_id)
+    Retention(agent.catalog, agent.layout, cfg).purge(purged.file_id, "test: confirmed and purged")
+    for record in files:
+        tag(agent.catalog, agent.sealer, agent.layout, record.file_id, case_id=CASE, party="张三", actor="test")
+    return cfg_path, agent, [f.file_id for f in files], purged.file_id
+
+
+def test_export_writes_a_bag_that_bagit_validates_and_signatures_prove(tmp_path: Path) -> None:
+    cfg_path, agent, file_ids, purged_id = exported_case(tmp_path)
+    bag_dir = tmp_path / "court" / "case17"
+
+    result = CliRunner().invoke(app, ["--config", str(cfg_path), "--json", "export", "--case", CASE, "--to",
+                                      str(bag_dir), "--reason", "court hearing 2026-12-03",
+                                      "--approved-by", "李科长", "--requested-by", "wang.fa"])
+
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["files"] == 3 and summary["not_local"] == [purged_id] and summary["ok"]
+    bag = bagit.Bag(str(bag_dir))
+    bag.validate()
+    third_party = subprocess.run([str(Path(sys.executable).parent / "bagit.py"), "--validate", str(bag_dir)],
+                                 capture_output=True, text=True)
+    assert third_party.returncode == 0, third_party.stderr
+    assert bag.info["Export-Approved-By"] == "李科长"
+    assert bag.info["Export-Requested-By"] == "wang.fa"
+    assert bag.info["Export-Reason"] == "court hearing 2026-12-03"
+    assert bag.info["Export-Verification"] == "passed"
+
+    data = bag_dir / "data"
+    public = load_public_key((data / "keys" / "agent_ed25519.pub").read_bytes())
+    report = json.loads((data / "verification.json").read_text())
+    assert report["ok"] and {f["file_id"] for f in report["files"]} == set(file_ids)
+    for file_id in file_ids:
+        manifest = read_document(data / "manifests" / f"{file_id}.json")
+        verify_signature(manifest, public)
+        entry = next(f for f in report["files"] if f["file_id"] == file_id)
+        assert len(entry["annotations"]) == 1
+        verify_signature(read_document(data / entry["annotations"][0]), public)
+        if file_id == purged_id:
+            assert entry["media"] is None
+            continue
+        media = (data / entry["media"]).read_bytes()
+        assert hashlib.sha256(media).hexdigest() == manifest["sha256"]
+    assert "other.MP4" not in json.dumps(report)
+
+    export_entry = agent.catalog.query("SELECT * FROM audit WHERE action = 'export'")[0]
+    detail = json.loads(export_entry["detail"])
+    assert export_entry["actor"] == "wang.fa" and export_entry["reason"] == "court hearing 2026-12-03"
+    assert detail["approved_by"] == "李科长" and detail["files"] == 3
+    per_file = agent.catalog.query("SELECT subject FROM audit WHERE action = 'file.exported'")
+    assert sorted(r["subject"] for r in per_file) == sorted(file_ids)
+
+
+def test_a_changed_byte_in_an_exported_bag_fails_validation(tmp_path: Path) -> None:
+    cfg_path, _agent, file_ids, _ = exported_case(tmp_path)
+    bag_dir = tmp_path / "bag"
+    result = CliRunner().invoke(app, ["--config", str(cfg_path), "export", "--case", CASE, "--to", str(bag_dir),
+                                      "--reason", "archive", "--approved-by", "李科长"])
+    assert result.exit_code == 0, result.output
+    media = next((bag_dir / "data" / "media").iterdir())
+    raw = bytearray(media.read_bytes())
+    raw[100] ^= 0xFF
+    media.write_bytes(bytes(raw))
+
+    third_party = subprocess.run([str(Path(sys.executable).parent / "bagit.py"), "--validate", str(bag_dir)],
+                                 capture_output=True, text=True)
+    assert third_party.returncode != 0
+
+
+def test_export_refuses_unknown_case_and_non_empty_target_and_logs_no_export(tmp_path: Path) -> None:
+    cfg_path, agent, _, _ = exported_case(tmp_path)
+    runner = CliRunner()
+    base = ["--config", str(cfg_path), "export", "--reason", "r", "--approved-by", "a"]
+    unknown = runner.invoke(app, [*base, "--case", "NO-SUCH", "--to", str(tmp_path / "x")])
+    assert unknown.exit_code == 1 and "no files are tagged" in unknown.output
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "something").write_text("keep me")
+    occupied = runner.invoke(app, [*base, "--case", CASE, "--to", str(busy)])
+    assert occupied.exit_code == 1 and "not empty" in occupied.output
+    assert (busy / "something").read_text() == "keep me"
+    assert agent.catalog.query("SELECT COUNT(*) FROM audit WHERE action = 'export'")[0][0] == 0
