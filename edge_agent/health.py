@@ -189,12 +189,14 @@ class HealthMonitor:
     # -- publishing --------------------------------------------------------------------------------
 
     def signature(self) -> str:
-        """What a watcher wants to hear about at once: alarms, slots, cameras up/down, queue shape."""
+        """What a watcher wants to hear about at once: alarms, slots, cameras up/down, queue shape, and the
+        uplink coming back (so the platform gets a fresh snapshot right after a reconnect)."""
         counts = self.catalog.counts_by_state()
         alarms = [r["key"] for r in self.catalog.active_alarms()]
         slots = [(s.dock, s.label, s.state, s.files_done, s.last_error) for s in self.agent.docks.slots()]
         cameras = [(c.get("name"), c.get("connected")) for c in self._cameras()]
-        return json.dumps([sorted(counts.items()), alarms, slots, cameras], default=str)
+        connected = bool(self._uplink_stats().get("connected"))
+        return json.dumps([sorted(counts.items()), alarms, slots, cameras, connected], default=str)
 
     def tick(self) -> dict[str, Any]:
         """Evaluate the alarms, then publish and write the snapshot."""

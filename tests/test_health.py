@@ -1,0 +1,135 @@
+"""Health (DESIGN.md section 6): the snapshot follows its schema, is published retained on a real broker, is
+written for `edge-agent status`, and is sent again as soon as something changes."""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import paho.mqtt.client as mqtt
+from typer.testing import CliRunner
+
+from edge_agent.cli import app
+from edge_agent.daemon import Agent, build_agent
+from edge_agent.health import load_schema, parse_chrony_tracking
+from edge_agent.scheduler import daily_summary
+from tests.helpers import agent_config, make_recorder_volume, wait_for
+from tests.opsdata import confirm, ingest_file
+from tests.peers.mosquitto import Mosquitto
+
+
+def read_health(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_bytes())
+    except FileNotFoundError:
+        return None
+
+
+def test_health_is_written_on_start_and_again_when_a_recorder_docks(tmp_path: Path) -> None:
+    dock = tmp_path / "dock"
+    dock.mkdir()
+    cfg_path, cfg = agent_config(tmp_path, docks=[{"name": "bench", "kind": "directory", "root": str(dock),
+                                                   "settle_s": 0, "rescan_s": 0.2}],
+                                 health={"interval_s": 3600, "change_check_s": 0.2})
+    agent = build_agent(cfg)
+    agent.start()
+    try:
+        health_file = cfg.agent.data_dir / "health.json"
+        first = wait_for(lambda: read_health(health_file), 10, what="the first snapshot")
+        jsonschema.validate(first, load_schema())
+        assert first["docks"] == [] and first["agent_id"] == "ws-test-01"
+
+        make_recorder_volume(dock, "VOL1", {"DCIM/a.mp4": 3000, "DCIM/b.mp4": 5000})
+        docked = wait_for(lambda: (h := read_health(health_file)) and h["agent"]["queue"]["files"] == 2 and h,
+                          15, what="a snapshot showing the docked recorder's files")
+        jsonschema.validate(docked, load_schema())
+        slot = docked["docks"][0]
+        assert slot["dock"] == "bench" and slot["label"] == "VOL1" and slot["device_id"] == "unknown:VOL1"
+        assert docked["agent"]["queue"]["bytes"] == 8000
+        assert docked["agent"]["disk"]["store_bytes"] == 8000
+        assert any(a["kind"] == "recorder_unidentified" for a in docked["alarms"])
+
+        status = CliRunner().invoke(app, ["--config", str(cfg_path), "--json", "status"])
+        assert status.exit_code == 0, status.output
+        live = json.loads(status.stdout)["daemon"]
+        assert live["agent"]["pid"] == agent.pid and live["docks"][0]["label"] == "VOL1"
+    finally:
+        agent.stop()
+
+
+def test_status_says_when_the_daemon_is_not_running(tmp_path: Path) -> None:
+    cfg_path, cfg = agent_config(tmp_path)
+    card = make_recorder_volume(tmp_path / "cards", "c1", {"a.mp4": 100})
+    CliRunner().invoke(app, ["--config", str(cfg_path), "import", str(card), "--device", "DSJ-1"])
+    stale = {"ts_ms": 1, "agent": {}}
+    (cfg.agent.data_dir / "health.json").write_text(json.dumps(stale))
+
+    as_json = CliRunner().invoke(app, ["--config", str(cfg_path), "--json", "status"])
+    human = CliRunner().invoke(app, ["--config", str(cfg_path), "status"])
+
+    assert json.loads(as_json.stdout)["daemon"] is None
+    assert "daemon is not running" in human.output
+
+
+def test_health_is_published_retained_and_matches_its_schema(tmp_path: Path, mosquitto: Mosquitto) -> None:
+    _, cfg = agent_config(tmp_path, mqtt={"host": "127.0.0.1", "port": mosquitto.port},
+                          health={"interval_s": 3600, "change_check_s": 0.2})
+    agent = build_agent(cfg)
+    agent.start()
+    try:
+        wait_for(lambda: agent.uplink.stats()["connected"], 15, what="the uplink to connect")
+        # A change after connecting is published at once (the first tick may have run before the connection).
+        ingest_file(agent, tmp_path / "src", "a.mp4", 1234)
+        wait_for(lambda: (h := read_health(cfg.agent.data_dir / "health.json")) and h["agent"]["queue"]["files"],
+                 15, what="a snapshot with the new file")
+    finally:
+        agent.stop()
+
+    # A late subscriber (the platform after a restart) still gets the last snapshot: it is retained.
+    received: list[mqtt.MQTTMessage] = []
+    got = threading.Event()
+
+    def on_message(_client: mqtt.Client, _userdata: object, message: mqtt.MQTTMessage) -> None:
+        received.append(message)
+        got.set()
+
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="platform-watch", protocol=mqtt.MQTTv5)
+    client.on_message = on_message
+    client.connect("127.0.0.1", mosquitto.port)
+    client.subscribe(f"{cfg.mqtt.root}/{cfg.agent.id}/health", qos=1)
+    client.loop_start()
+    try:
+        assert got.wait(10), "no retained health snapshot on the broker"
+    finally:
+        client.loop_stop()
+        client.disconnect()
+    message = received[0]
+    assert message.retain
+    snapshot = json.loads(message.payload)
+    jsonschema.validate(snapshot, load_schema())
+    assert snapshot["schema_version"] == 1 and snapshot["agent"]["queue"]["files"] >= 1
+
+
+def test_daily_summary_counts_the_last_24_hours(tmp_path: Path) -> None:
+    _, cfg = agent_config(tmp_path)
+    agent = Agent(cfg, dock_drivers=[])
+    first = ingest_file(agent, tmp_path / "src", "a.mp4", 1000)
+    ingest_file(agent, tmp_path / "src", "b.mp4", 2000)
+    confirm(agent, first.file_id)
+
+    summary = daily_summary(agent.catalog, cfg.agent.id)
+
+    assert summary["type"] == "summary"
+    assert summary["ingested"] == {"files": 2, "bytes": 3000}
+    assert summary["synced"] == {"files": 1, "bytes": 1000}
+    assert summary["files_by_state"] == {"sealed": 1, "synced": 1}
+
+
+def test_chrony_tracking_is_read_as_offset_and_sync_state() -> None:
+    line = "A29FC87B,162.159.200.123,3,1700000000.123,-0.004512,0.000010,0.000050,-12.345,0.001,0.020,0.010,0.001," \
+           "64.5,Normal"
+    clock = parse_chrony_tracking(line)
+    assert clock == {"source": "chrony", "synchronized": True, "offset_ms": -5, "reference": "162.159.200.123"}
