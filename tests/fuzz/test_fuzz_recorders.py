@@ -1,0 +1,131 @@
+"""Fuzzing what a docked recorder can put in front of the agent: file names, directory trees and identity
+files. Whatever the volume holds, the walk never raises, never yields anything outside the volume or behind
+a symlink, and every refusal carries a reason (G6)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+import tempfile
+from pathlib import Path, PurePosixPath
+from zoneinfo import ZoneInfo
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from edge_agent.recorders import (
+    MAX_NAME_BYTES,
+    RefusedEntry,
+    SourceFile,
+    check_relative,
+    identify_volume,
+    load_models,
+    parse_name,
+    walk_volume,
+)
+
+MODELS = load_models()
+TZ = ZoneInfo("Asia/Shanghai")
+
+# Names as a FAT/exFAT recorder or a hostile stick can hold them: any byte but NUL and '/', as str with
+# surrogateescape (what os.listdir returns for bytes that are not UTF-8).
+raw_names = st.binary(min_size=1, max_size=300).filter(lambda b: b"\x00" not in b and b"/" not in b) \
+    .map(os.fsdecode).filter(lambda n: n not in (".", ".."))
+nice_names = st.from_regex(r"[A-Za-z0-9_\-.]{1,20}", fullmatch=True).filter(lambda n: n not in (".", ".."))
+names = st.one_of(raw_names, nice_names, st.sampled_from(["..", ".", "DCIM", "A123456_320102123_20261122080000.MP4",
+                                                          "20261122_080000_DHA1B2C3D4_320102123.mp4"]))
+
+
+@given(st.text(max_size=400) | st.binary(max_size=400).map(os.fsdecode))
+@settings(max_examples=400, deadline=None)
+def test_check_relative_accepts_only_paths_that_stay_inside_the_volume(relative: str) -> None:
+    problem = check_relative(relative)
+    if problem is None:
+        parts = PurePosixPath(relative).parts
+        assert parts and not PurePosixPath(relative).is_absolute()
+        assert ".." not in parts and "." not in parts
+        assert all(ord(c) >= 0x20 and ord(c) != 0x7F for c in relative)
+        assert all(len(p.encode("utf-8")) <= MAX_NAME_BYTES for p in parts)
+        root = Path("/vol")
+        assert (root / relative).resolve(strict=False).is_relative_to(root)
+    else:
+        assert isinstance(problem, str) and problem
+
+
+@given(st.text(max_size=200) | st.binary(max_size=200).map(os.fsdecode), st.sampled_from(MODELS + [None]))
+@settings(max_examples=300, deadline=None)
+def test_recorder_file_names_never_break_name_parsing(name: str, model: object) -> None:
+    parsed = parse_name(name, model, TZ)  # type: ignore[arg-type]
+    assert parsed.start_ms is None or isinstance(parsed.start_ms, int)
+
+
+# A tree: a list of entries, each a path of 1-4 names and a kind.
+entry_kinds = st.sampled_from(["file", "dir", "symlink_out", "symlink_up", "symlink_file", "fifo", "deep"])
+trees = st.lists(st.tuples(st.lists(names, min_size=1, max_size=4), entry_kinds), min_size=1, max_size=12)
+
+
+def _build(volume: Path, outside: Path, tree: list[tuple[list[str], str]]) -> None:
+    for parts, kind in tree:
+        path = volume.joinpath(*parts)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if kind == "file":
+                path.write_bytes(os.urandom(16))
+            elif kind == "dir":
+                path.mkdir(exist_ok=True)
+            elif kind == "symlink_out":
+                path.symlink_to(outside)
+            elif kind == "symlink_up":
+                path.symlink_to("../" * 8)
+            elif kind == "symlink_file":
+                path.symlink_to(outside / "secret.key")
+            elif kind == "fifo":
+                os.mkfifo(path)
+            elif kind == "deep":
+                path.joinpath(*["d"] * 20).mkdir(parents=True, exist_ok=True)
+                path.joinpath(*["d"] * 20, "x.mp4").write_bytes(b"deep")
+        except OSError:
+            continue  # the tree cannot hold this entry (a name already used as a file, too long): skip it
+
+
+@given(trees)
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def test_walk_of_any_tree_yields_only_regular_files_inside_the_volume(tree: list[tuple[list[str], str]]) -> None:
+    base = Path(tempfile.mkdtemp(prefix="fuzz-vol-"))
+    try:
+        volume, outside = base / "vol", base / "outside"
+        volume.mkdir()
+        outside.mkdir()
+        (outside / "secret.key").write_bytes(b"not evidence")
+        _build(volume, outside, tree)
+        entries = list(walk_volume(volume))
+        real_root = volume.resolve()
+        for entry in entries:
+            if isinstance(entry, SourceFile):
+                assert check_relative(entry.relative) is None
+                st_ = os.lstat(entry.path)
+                assert stat.S_ISREG(st_.st_mode)
+                assert entry.path.resolve().is_relative_to(real_root)
+                assert all(not p.is_symlink() for p in [entry.path, *entry.path.parents] if p != base
+                           and p.is_relative_to(volume))
+            else:
+                assert isinstance(entry, RefusedEntry) and entry.reason
+        taken = {e.relative for e in entries if isinstance(e, SourceFile)}
+        assert len(taken) == len([e for e in entries if isinstance(e, SourceFile)])  # no file twice
+        # Identification of the same volume never raises either.
+        identify_volume(volume, "FUZZ", MODELS, sample_names=[Path(t).name for t in taken])
+    finally:
+        shutil.rmtree(base)
+
+
+@given(st.binary(max_size=2048), st.sampled_from([m for m in MODELS if m.identity_file]))
+@settings(max_examples=200, deadline=None)
+def test_any_identity_file_content_identifies_or_falls_back_without_raising(content: bytes, model: object) -> None:
+    base = Path(tempfile.mkdtemp(prefix="fuzz-id-"))
+    try:
+        (base / model.identity_file).write_bytes(content)  # type: ignore[attr-defined]
+        ident, _ = identify_volume(base, "LABEL", [model], model_name=model.name)  # type: ignore[list-item]
+        assert ident.device_id and ident.method in ("identity_file", "unknown")
+    finally:
+        shutil.rmtree(base)
