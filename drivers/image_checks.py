@@ -54,7 +54,8 @@ def thumbnail(frame: av.VideoFrame) -> np.ndarray:
 
 
 def assess(thumb: np.ndarray, previous: np.ndarray | None) -> ImageHealth:
-    mean, stddev = (float(v[0]) for v in cv2.meanStdDev(thumb))
+    mean_arr, stddev_arr = cv2.meanStdDev(thumb)
+    mean, stddev = float(mean_arr[0][0]), float(stddev_arr[0][0])
     sharpness = float(cv2.Laplacian(thumb, cv2.CV_64F).var())
     black = mean < BLACK_MEAN
     covered = not black and stddev < COVERED_STDDEV

@@ -212,6 +212,9 @@ class RtspRecorder:
                 cause, detail = exc.cause, str(exc)
             except (av.FFmpegError, OSError) as exc:
                 cause, detail = _classify(exc)
+            except Exception as exc:   # a bug must not end this camera's recording for good: log, reconnect
+                log.exception("camera_recorder_fault camera=%s", self.camera)
+                cause, detail = "stream_lost", f"internal error: {exc!r}"
             finally:
                 self.stats.connected = False
                 self.active_path = None
@@ -308,7 +311,8 @@ class RtspRecorder:
     def _finish(self, out: _SegmentWriter, end_ms: int) -> None:
         segment = out.close(self.camera, max(end_ms, out.start_ms))
         self.active_path = None
-        self.listener.segment_done(segment)
+        if segment is not None:
+            self.listener.segment_done(segment)
 
 
 class _SegmentWriter:
@@ -344,16 +348,18 @@ class _SegmentWriter:
             fsync_dir(self.path.parent)
         self.packets += 1
 
-    def close(self, camera: str, end_ms: int) -> Segment:
+    def close(self, camera: str, end_ms: int) -> Segment | None:
+        """Finish the file; None when no packet was written (the muxer never created it)."""
+        if self._fd is None:
+            self.container.close()
+            return None
         try:
             self.container.close()
-            if self._fd is not None:
-                os.fsync(self._fd)
+            os.fsync(self._fd)
         except (av.FFmpegError, OSError) as exc:
             raise _disk_error(exc, self.path) from exc
         finally:
-            if self._fd is not None:
-                os.close(self._fd)
+            os.close(self._fd)
         return Segment(camera, self.path, self.start_ms, end_ms, self.packets, self.path.stat().st_size)
 
 

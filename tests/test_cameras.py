@@ -1,0 +1,201 @@
+"""Cameras against a real GStreamer RTSP server and a real ONVIF SOAP service: segments of the configured
+length that play, contiguous in time; an outage of N seconds is exactly one gap of about N seconds with
+its cause, named in the next segment's manifest and sent as events; the gap ledger answers "was it
+recording at ...?"; a kill -9 mid-segment leaves a playable segment and an agent_stopped gap."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import av
+import pytest
+from typer.testing import CliRunner
+
+from edge_agent.cameras import spool_dir
+from edge_agent.catalog import Catalog
+from edge_agent.cli import app
+from edge_agent.daemon import build_agent
+from tests.helpers import agent_config, wait_for
+from tests.peers.mosquitto import free_port
+from tests.peers.onvif_service import OnvifCamera
+from tests.peers.rtsp_server import RtspServer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def rtsp(tmp_path: Path) -> Iterator[RtspServer]:
+    server = RtspServer(free_port(), log=tmp_path / "rtsp.log").start()
+    yield server
+    server.stop()
+
+
+def camera(name: str, *, segment_s: int = 2, **keys: object) -> dict[str, object]:
+    return {"name": name, "segment_s": segment_s, "stall_timeout_s": 3, "reconnect_max_s": 1,
+            "image_check_s": 1, "location": "鼓楼区中山路口", "location_kind": "intersection", **keys}
+
+
+def sealed_segments(catalog: Catalog, name: str) -> list:
+    return catalog.files(states=["sealed"], where="kind = 'camera' AND original_path LIKE ?", params=(f"{name}/%",),
+                         order="recorded_start_ms")
+
+
+def manifest(data_dir: Path, file_id: str) -> dict:
+    return json.loads((data_dir / "manifests" / file_id[-2:] / f"{file_id}.json").read_text())
+
+
+def decoded_frames(path: Path) -> int:
+    with av.open(str(path)) as container:
+        return sum(1 for _ in container.decode(video=0))
+
+
+def test_onvif_camera_records_playable_contiguous_segments_of_the_configured_length(
+        tmp_path: Path, rtsp: RtspServer) -> None:
+    pw = tmp_path / "cam.pass"
+    pw.write_text("secret-1\n")
+    pw.chmod(0o600)
+    onvif_cam = OnvifCamera(free_port(), rtsp.url, password="secret-1", clock_offset_s=-3).start()
+    try:
+        _, cfg = agent_config(tmp_path, cameras=[camera("gate-east", onvif=onvif_cam.url, username="admin",
+                                                        password_file=str(pw))])
+        agent = build_agent(cfg)
+        agent.start()
+        try:
+            segments = wait_for(lambda: (s := sealed_segments(agent.catalog, "gate-east")) and len(s) >= 4 and s,
+                                timeout=40, what="four sealed segments")
+            status = agent.cameras.camera_status()[0]
+        finally:
+            agent.stop()
+    finally:
+        onvif_cam.stop()
+
+    data_dir = cfg.agent.data_dir
+    serial = "DS-2CD2T47G2-L20231105AACH123456789"
+    assert {s.device_id for s in segments} == {serial}
+    for s in segments:
+        assert s.lane == 2 and s.kind == "camera"
+        assert decoded_frames(data_dir / s.store_path) > 0
+        doc = manifest(data_dir, s.file_id)
+        assert doc["source"]["kind"] == "camera" and doc["source"]["serial"] == serial
+        assert doc["camera"]["location"] == "鼓楼区中山路口"
+        assert -4500 <= doc["clock_offset_ms"] <= -1500      # the camera's clock runs 3 s behind
+        assert json.loads(s.media)["container"] == "mkv"
+    # Segments after the first are cut on the first keyframe (one per second) past segment_s: 2 s each.
+    for s in segments[1:-1]:
+        assert 1900 <= s.recorded_end_ms - s.recorded_start_ms <= 2100
+        assert json.loads(s.media)["duration_ms"] == pytest.approx(2000, abs=100)
+    # One connection: each segment starts where the one before ended, never before it.
+    for before, after in zip(segments, segments[1:], strict=False):
+        assert after.recorded_start_ms == before.recorded_end_ms
+    assert not list(spool_dir(data_dir, "gate-east").glob("*.mkv"))   # taken in, spool emptied
+    assert status["connected"] and status["fps"] > 0 and status["device_id"] == serial
+    assert status["segments_today"] >= 4 and -4500 <= status["clock_offset_ms"] <= -1500
+
+
+def test_server_outage_is_exactly_one_gap_of_its_length_with_its_cause(tmp_path: Path, rtsp: RtspServer) -> None:
+    config_path, cfg = agent_config(tmp_path, cameras=[camera("gate-west", rtsp=rtsp.url)])
+    agent = build_agent(cfg)
+    agent.start()
+    outage_s = 4.0
+    try:
+        wait_for(lambda: sealed_segments(agent.catalog, "gate-west"), timeout=30, what="a first segment")
+        rtsp.stop()
+        down_ms = int(time.time() * 1000)
+        time.sleep(outage_s)   # the outage itself: the camera is off for this long
+        rtsp.start()
+        up_ms = int(time.time() * 1000)
+        gap = wait_for(lambda: agent.catalog.query("SELECT * FROM gaps WHERE camera = 'gate-west' AND end_ms "
+                                                   "IS NOT NULL"), timeout=30, what="the gap to close")[0]
+        after = wait_for(lambda: [s for s in sealed_segments(agent.catalog, "gate-west")
+                                  if s.recorded_start_ms == gap["end_ms"]], timeout=30, what="segment after gap")[0]
+    finally:
+        agent.stop()
+
+    catalog = Catalog(cfg.catalog_path)
+    rows = catalog.query("SELECT * FROM gaps WHERE camera = 'gate-west'")
+    assert len(rows) == 1, [dict(r) for r in rows]
+    assert gap["cause"] == "stream_lost"
+    assert gap["start_ms"] <= down_ms + 500 and gap["end_ms"] >= up_ms - 500
+    assert outage_s - 0.5 <= (gap["end_ms"] - gap["start_ms"]) / 1000 <= outage_s + 4
+    doc = manifest(cfg.agent.data_dir, after.file_id)
+    assert [g["id"] for g in doc["gaps_before"]] == [gap["id"]] and doc["gaps_before"][0]["cause"] == "stream_lost"
+    events = [json.loads(r["payload"]) for r in catalog.query("SELECT payload FROM outbox")]
+    gap_events = [e for e in events if e["type"] == "gap"]
+    assert [(e["state"], e["kind"], e["gap_id"]) for e in gap_events] == [
+        ("open", "stream_lost", gap["id"]), ("closed", "stream_lost", gap["id"])]
+    assert gap_events[1]["end_ms"] == gap["end_ms"]
+
+    # The ledger answers the custodian's question both ways.
+    runner = CliRunner()
+    middle = (gap["start_ms"] + gap["end_ms"]) // 2
+    answer = runner.invoke(app, ["--config", str(config_path), "--json", "devices", "gaps", "gate-west", "--at",
+                                 _iso(middle)])
+    assert answer.exit_code == 1, answer.output
+    assert json.loads(answer.output)["gap"]["cause"] == "stream_lost"
+    answer = runner.invoke(app, ["--config", str(config_path), "devices", "gaps", "gate-west", "--at",
+                                 _iso(after.recorded_start_ms + 500)])
+    assert answer.exit_code == 0 and answer.output.startswith("yes"), answer.output
+    listing = runner.invoke(app, ["--config", str(config_path), "--json", "devices", "gaps", "gate-west",
+                                  "--since", "1h"])
+    assert [g["id"] for g in json.loads(listing.output)] == [gap["id"]]
+
+
+def _iso(ms: int) -> str:
+    from datetime import UTC, datetime
+
+    return datetime.fromtimestamp(ms / 1000, UTC).isoformat()
+
+
+def test_kill9_mid_segment_leaves_a_playable_segment_and_an_agent_stopped_gap(
+        tmp_path: Path, rtsp: RtspServer) -> None:
+    config_path, cfg = agent_config(tmp_path, cameras=[camera("yard", rtsp=rtsp.url, segment_s=30)])
+    spool = spool_dir(cfg.agent.data_dir, "yard")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "edge_agent.cli", "--config", str(config_path), "run"],
+                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=open(tmp_path / "agent.log", "wb"))
+    try:
+        # Three keyframes (three clusters) are in the file: it is well into a 30 s segment.
+        cut = wait_for(lambda: next((p for p in spool.glob("*.mkv") if p.stat().st_size > 60_000), None),
+                       timeout=40, what="a segment being written")
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert decoded_frames(cut) >= 25   # the cut file plays on its own, before the agent touches it again
+
+    agent = build_agent(cfg)
+    agent.start()
+    try:
+        taken = wait_for(lambda: agent.catalog.files(states=["sealed"], where="original_path = ?",
+                                                     params=(f"yard/{cut.name}",)), timeout=30,
+                         what="the cut segment sealed")[0]
+        gap = wait_for(lambda: agent.catalog.query("SELECT * FROM gaps WHERE camera = 'yard' AND end_ms IS NOT NULL"),
+                       timeout=30, what="the downtime gap closed")[0]
+    finally:
+        agent.stop()
+    assert decoded_frames(cfg.agent.data_dir / taken.store_path) >= 25
+    assert taken.recorded_end_ms > taken.recorded_start_ms + 900
+    assert gap["cause"] == "agent_stopped" and gap["start_ms"] == taken.recorded_end_ms
+    assert gap["end_ms"] > gap["start_ms"]
+
+
+def test_forbidden_location_is_refused_and_locations_are_listed_for_announcement(tmp_path: Path) -> None:
+    from edge_agent.config import ConfigError
+
+    with pytest.raises(ConfigError) as refused:
+        agent_config(tmp_path, cameras=[camera("hall", rtsp="rtsp://127.0.0.1/x", location_kind="changing_room")])
+    assert refused.value.problems[0].key == "cameras[0].location_kind"
+    assert "R11" in refused.value.problems[0].message
+
+    market = camera("market", rtsp="rtsp://127.0.0.1/b", location="农贸市场北门", location_kind="market")
+    config_path, _ = agent_config(tmp_path, cameras=[camera("gate-east", rtsp="rtsp://127.0.0.1/a"), market])
+    result = CliRunner().invoke(app, ["--config", str(config_path), "devices", "locations", "--format", "csv"])
+    assert result.exit_code == 0, result.output
+    assert result.output.splitlines() == ["name,location,location_kind", "gate-east,鼓楼区中山路口,intersection",
+                                          "market,农贸市场北门,market"]
