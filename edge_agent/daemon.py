@@ -125,6 +125,10 @@ def build_agent(config: AgentConfig, *, dock_drivers: list[DockDriver] | None = 
     `Agent.start` starts them in this order and `Agent.stop` stops them in reverse."""
     agent = Agent(config, dock_drivers=dock_drivers)
     # -- sync: uplink to the platform (edge_agent/sync) --
+    from edge_agent.sync import Uplink
+
+    agent.uplink = Uplink(agent.catalog, agent.layout, config, version=agent.version)
+    agent.components.append(agent.uplink)
 
     # -- cameras: ONVIF + RTSP recording (edge_agent/cameras.py) --
     if config.cameras:

@@ -4,6 +4,8 @@ from edge_agent.cli import (
     cameras,  # noqa: F401
     evidence,  # noqa: F401
     operations,  # noqa: F401
+    receiver,  # noqa: F401
+    sync,  # noqa: F401
 )
 from edge_agent.cli.app import app, main
 

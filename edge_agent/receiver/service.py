@@ -1,0 +1,315 @@
+"""The reference receiver: the central side of wire protocol v1 (DESIGN.md section 5).
+
+It takes every agent's `files/#` messages (optionally as one of several
+receivers behind an MQTT 5 shared subscription), checks each against its JSON
+Schema, the manifest's Ed25519 signature against the agent's enrolled key,
+each chunk's SHA-256 and finally the whole file's, stores files
+content-addressed (`ChunkStore`), and acks: `receiving` with what it holds, at
+least every `ack_every_chunks` chunks or `ack_interval_ms`; `complete` once
+stored; `rejected` with a reason. A malformed message is logged with its
+reason and answered, never allowed to stop the receiver. Messages are PUBACKed
+only after they were handled, so a receiver killed mid-message gets it again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import queue
+import signal
+import threading
+import time
+from collections import OrderedDict
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from edge_agent.config import ReceiverConfig
+from edge_agent.manifest import ManifestError, canonical_json, load_public_key, verify_signature
+from edge_agent.receiver.store import ChunkStore
+from edge_agent.sync.connection import Connection, build_client
+from edge_agent.sync.wire import (
+    ACK_RECEIVING,
+    ACK_REJECTED,
+    HEADER_LENGTH,
+    MAX_HEADER_BYTES,
+    Ack,
+    FileTopic,
+    WireError,
+    chunk_count,
+    chunk_span,
+    decode_chunk,
+    decode_json,
+    parse_file_topic,
+)
+
+log = logging.getLogger(__name__)
+
+NO_MANIFEST = "no manifest for this file: send the manifest first"
+Key = tuple[str, str]   # (agent id, file id)
+
+
+class KeyRing:
+    """Enrolled agents' public keys: `<keys_dir>/<agent_id>.pem` (PEM or raw base64), reread when changed."""
+
+    def __init__(self, keys_dir: Path):
+        self.keys_dir = Path(keys_dir)
+        self._cache: dict[str, tuple[int, Ed25519PublicKey]] = {}
+
+    def get(self, agent_id: str) -> Ed25519PublicKey | None:
+        path = self.keys_dir / f"{agent_id}.pem"
+        try:
+            mtime = path.stat().st_mtime_ns
+        except FileNotFoundError:
+            return None
+        cached = self._cache.get(agent_id)
+        if cached is not None and cached[0] == mtime:
+            return cached[1]
+        try:
+            key = load_public_key(path.read_bytes())
+        except (OSError, ValueError, ManifestError) as exc:
+            log.error("enrolled key unusable path=%s error=%s", path, exc)
+            return None
+        self._cache[agent_id] = (mtime, key)
+        return key
+
+
+class Receiver:
+    def __init__(self, config: ReceiverConfig):
+        rc = config.receiver
+        self.config = config
+        self.root = config.mqtt.root
+        self.store = ChunkStore(rc.store_dir)
+        self.keys = KeyRing(rc.keys_dir)
+        self.max_chunk = rc.max_chunk_kib * 1024
+        self.max_file = int(rc.max_file_gb * 1024**3)
+        self.max_message = HEADER_LENGTH.size + MAX_HEADER_BYTES + self.max_chunk
+        self.ack_every = rc.ack_every_chunks
+        self.ack_interval_s = rc.ack_interval_ms / 1000
+        self.shared = rc.shared_subscription
+        self.topic_filter = (f"$share/receivers/{self.root}/+/files/#" if self.shared
+                             else f"{self.root}/+/files/#")
+        self.client = build_client(config.mqtt, rc.client_id, manual_ack=True)
+        self.client.on_message = self._on_message
+        self.connection = Connection(self.client, config.mqtt, session_expiry_s=rc.session_expiry_s,
+                                     on_up=lambda client: client.subscribe(self.topic_filter, qos=1))
+        self._queue: queue.Queue[tuple[int, mqtt.MQTTMessage]] = queue.Queue(maxsize=64)
+        self._manifests: OrderedDict[Key, dict] = OrderedDict()
+        self._unacked: dict[Key, list[float]] = {}      # chunks written since the last ack, and since when
+        self._repeats: dict[Key, tuple[str, float]] = {}
+        self._stop = threading.Event()
+        self._worker = threading.Thread(target=self._work, name="receiver-worker", daemon=True)
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._worker.start()
+        self.connection.start("receiver-connection")
+        log.info("receiver started client_id=%s subscription=%s store=%s", self.config.receiver.client_id,
+                 self.topic_filter, self.store.root)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._worker.join(timeout=30)
+        self.connection.stop()
+        self.store.close()
+
+    def run_forever(self) -> None:
+        stop = threading.Event()
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        signal.signal(signal.SIGINT, lambda *_: stop.set())
+        self.start()
+        try:
+            while not stop.wait(1.0):
+                pass
+        finally:
+            self.stop()
+
+    # -- the message pipeline ------------------------------------------------------------------
+
+    def _on_message(self, _client: mqtt.Client, _userdata: object, message: mqtt.MQTTMessage) -> None:
+        self._queue.put((self.connection.generation, message))   # blocks when full: backpressure
+
+    def _work(self) -> None:
+        while not self._stop.is_set():
+            try:
+                generation, message = self._queue.get(timeout=0.05)
+            except queue.Empty:
+                self._flush_due()
+                continue
+            try:
+                self.handle(message.topic, message.payload)
+            except Exception:
+                log.exception("message not handled topic=%s bytes=%d", message.topic, len(message.payload))
+            finally:
+                # A PUBACK of an earlier connection could name another message of the new one.
+                if message.qos > 0 and generation == self.connection.generation:
+                    self.client.ack(message.mid, message.qos)
+            self._flush_due()
+
+    def handle(self, topic: str, payload: bytes) -> None:
+        """Handle one message from `files/#`. Never raises for bad input: it is logged and answered."""
+        try:
+            ft = parse_file_topic(self.root, topic)
+        except WireError as exc:
+            log.warning("dropped message topic=%r reason=%s", topic, exc)
+            return
+        if len(payload) > self.max_message:
+            self._refuse(ft, f"{ft.kind} message of {len(payload)} bytes is larger than this receiver takes "
+                             f"({self.max_message} bytes; receiver.max_chunk_kib)", in_store=ft.kind == "chunk")
+            return
+        if ft.kind == "manifest":
+            self._on_manifest(ft, payload)
+        elif ft.kind == "chunk":
+            self._on_chunk(ft, payload)
+        else:
+            self._on_query(ft, payload)
+
+    def _on_manifest(self, ft: FileTopic, payload: bytes) -> None:
+        try:
+            doc = decode_json(payload, "manifest")
+            if (doc["agent_id"], doc["file_id"]) != (ft.agent_id, ft.file_id):
+                raise WireError(f"manifest of {doc['agent_id']}/{doc['file_id']} was published on the topic of "
+                                f"{ft.agent_id}/{ft.file_id}")
+            key = self.keys.get(ft.agent_id)
+            if key is None:
+                raise WireError(f"agent {ft.agent_id} is not enrolled: no public key "
+                                f"{self.keys.keys_dir / (ft.agent_id + '.pem')}")
+            verify_signature(doc, key)
+            if doc["size"] > self.max_file:
+                raise WireError(f"file of {doc['size']} bytes is larger than this receiver takes "
+                                f"(receiver.max_file_gb)")
+            if doc["chunk_size"] > self.max_chunk:
+                raise WireError(f"chunk size {doc['chunk_size']} is larger than this receiver takes "
+                                f"(receiver.max_chunk_kib)")
+        except (WireError, ManifestError) as exc:
+            # The store is not touched: a forged manifest cannot disturb a genuine transfer's chunks.
+            self._refuse(ft, f"manifest: {exc}", in_store=False)
+            return
+        ack = self.store.accept_manifest(ft.agent_id, ft.file_id, canonical_json(doc), doc)
+        key = (ft.agent_id, ft.file_id)
+        if ack.state == ACK_RECEIVING:
+            self._remember(key, doc)
+        else:
+            self._send(ft.agent_id, ack)
+
+    def _on_chunk(self, ft: FileTopic, payload: bytes) -> None:
+        key = (ft.agent_id, ft.file_id)
+        doc = self._manifest(key, wait=self.shared)
+        if doc is None:
+            settled = self.store.settled(*key)
+            if settled is None:
+                log.warning("chunk dropped agent=%s file=%s reason=%s", ft.agent_id, ft.file_id, NO_MANIFEST)
+            self._send(ft.agent_id, settled or Ack(ft.file_id, ACK_RECEIVING, [], None, NO_MANIFEST), repeat=True)
+            return
+        total = chunk_count(doc["size"], doc["chunk_size"])
+        try:
+            header, data = decode_chunk(payload)
+            if header.seq >= total:
+                raise WireError(f"chunk {header.seq} is beyond the file: it has {total} chunk(s)")
+            offset, length = chunk_span(header.seq, doc["size"], doc["chunk_size"])
+            if (header.offset, header.size) != (offset, length):
+                raise WireError(f"chunk {header.seq}: offset {header.offset} and size {header.size} do not match "
+                                f"the manifest (offset {offset}, size {length})")
+            if hashlib.sha256(data).hexdigest() != header.sha256:
+                raise WireError(f"chunk {header.seq}: its bytes do not hash to the SHA-256 in its header "
+                                "(altered in transit or forged)")
+        except WireError as exc:
+            self._refuse(ft, f"chunk: {exc}", in_store=True)
+            return
+        if not self.store.put_chunk(ft.agent_id, ft.file_id, header.seq, data):
+            self._forget(key)   # settled meanwhile (another receiver committed or rejected it)
+            self._send(ft.agent_id, self.store.settled(*key) or Ack(ft.file_id, ACK_RECEIVING, [], None, NO_MANIFEST),
+                       repeat=True)
+            return
+        pending = self._unacked.setdefault(key, [0, time.monotonic()])
+        pending[0] += 1
+        if pending[0] >= self.ack_every or header.seq == total - 1:
+            self._ack_progress(key, doc)
+
+    def _on_query(self, ft: FileTopic, payload: bytes) -> None:
+        try:
+            decode_json(payload, "query")
+        except WireError as exc:
+            log.warning("query with a malformed body answered anyway agent=%s file=%s reason=%s",
+                        ft.agent_id, ft.file_id, exc)
+        key = (ft.agent_id, ft.file_id)
+        doc = self._manifest(key, wait=False)
+        if doc is not None:
+            self._ack_progress(key, doc)
+            return
+        self._send(ft.agent_id, self.store.settled(*key) or Ack(ft.file_id, ACK_RECEIVING, [], None, NO_MANIFEST))
+
+    # -- acks ----------------------------------------------------------------------------------
+
+    def _ack_progress(self, key: Key, doc: dict) -> None:
+        self._unacked.pop(key, None)
+        self.store.sync()   # what an ack names is on disk
+        ack = self.store.progress(key[0], key[1], doc)
+        if ack.state != ACK_RECEIVING:
+            self._forget(key)
+        self._send(key[0], ack)
+
+    def _flush_due(self) -> None:
+        now = time.monotonic()
+        for key, (_count, since) in list(self._unacked.items()):
+            if now - since >= self.ack_interval_s:
+                doc = self._manifest(key, wait=False)
+                if doc is None:
+                    self._unacked.pop(key, None)
+                else:
+                    self._ack_progress(key, doc)
+
+    def _refuse(self, ft: FileTopic, reason: str, *, in_store: bool) -> None:
+        """Answer a malformed or unacceptable message with `rejected`. With `in_store`, a transfer in progress
+        is dropped and the rejection recorded, so every receiver gives the same answer until a new manifest."""
+        key = (ft.agent_id, ft.file_id)
+        log.warning("rejected message agent=%s file=%s kind=%s reason=%s", ft.agent_id, ft.file_id, ft.kind, reason)
+        if in_store and self.store.manifest(*key) is not None:
+            ack = self.store.reject(ft.agent_id, ft.file_id, reason)
+            self._forget(key)
+        else:
+            stored = self.store.settled(*key) if self.store.stored(*key) is not None else None
+            ack = stored or Ack(ft.file_id, ACK_REJECTED, [], None, reason)
+        self._send(ft.agent_id, ack, repeat=True)
+
+    def _send(self, agent_id: str, ack: Ack, repeat: bool = False) -> None:
+        """Publish an ack. With `repeat`, the same state for the same file goes out at most once a second
+        (a stream of late chunks for a settled file gets one answer, not one each)."""
+        if repeat:
+            key, now = (agent_id, ack.file_id), time.monotonic()
+            last = self._repeats.get(key)
+            if last is not None and last[0] == ack.state and now - last[1] < 1.0:
+                return
+            if len(self._repeats) > 10_000:
+                self._repeats.clear()
+            self._repeats[key] = (ack.state, now)
+        self.client.publish(f"{self.root}/{agent_id}/acks", ack.encode(), qos=1)
+
+    # -- the manifest cache --------------------------------------------------------------------
+
+    def _manifest(self, key: Key, *, wait: bool) -> dict | None:
+        doc = self._manifests.get(key)
+        if doc is not None:
+            return doc
+        # Behind a shared subscription the manifest may be with another receiver still: wait briefly.
+        deadline = time.monotonic() + (1.0 if wait else 0.0)
+        while True:
+            doc = self.store.manifest(*key)
+            if doc is not None:
+                self._remember(key, doc)
+                return doc
+            if time.monotonic() >= deadline or self.store.settled(*key) is not None:
+                return None
+            time.sleep(0.02)
+
+    def _remember(self, key: Key, doc: dict) -> None:
+        self._manifests[key] = doc
+        self._manifests.move_to_end(key)
+        while len(self._manifests) > 4096:
+            self._manifests.popitem(last=False)
+
+    def _forget(self, key: Key) -> None:
+        self._manifests.pop(key, None)
+        self._unacked.pop(key, None)

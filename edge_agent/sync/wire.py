@@ -1,0 +1,235 @@
+"""Wire protocol v1 (DESIGN.md section 5): topics, the chunk frame, acks and `have` ranges.
+
+Both ends import this module, so the agent and the reference receiver cannot
+disagree on a byte. Everything here is pure: no I/O, no MQTT client.
+
+Chunk frame: 4-byte big-endian header length N, then N bytes of UTF-8 JSON
+`{"seq","offset","size","sha256"}`, then exactly `size` bytes of the file
+starting at `offset`. Chunk `seq` of a file with chunk size C covers bytes
+`[seq*C, min((seq+1)*C, size))`; a 0-byte file has no chunks.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import struct
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from functools import cache
+from importlib import resources
+from typing import Any
+
+import jsonschema
+
+PROTOCOL_VERSION = 1
+HEADER_LENGTH = struct.Struct(">I")
+MAX_HEADER_BYTES = 4096
+FILE_ID_PATTERN = re.compile(r"^[0-9A-HJKMNP-TV-Z]{26}$")   # a ULID, Crockford base32
+AGENT_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+ACK_RECEIVING, ACK_COMPLETE, ACK_REJECTED = "receiving", "complete", "rejected"
+
+
+class WireError(ValueError):
+    """A message that does not follow the protocol; the text says what is wrong with it."""
+
+
+# -- topics ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Topics:
+    """Every topic of one agent under `root`."""
+
+    root: str
+    agent_id: str
+
+    def agent(self, suffix: str) -> str:
+        return f"{self.root}/{self.agent_id}/{suffix}"
+
+    @property
+    def status(self) -> str:
+        return self.agent("status")
+
+    @property
+    def acks(self) -> str:
+        return self.agent("acks")
+
+    @property
+    def commands(self) -> str:
+        return self.agent("commands")
+
+    def file(self, file_id: str, kind: str) -> str:
+        return self.agent(f"files/{file_id}/{kind}")
+
+
+@dataclass(frozen=True)
+class FileTopic:
+    agent_id: str
+    file_id: str
+    kind: str   # manifest | chunk | query
+
+
+def parse_file_topic(root: str, topic: str) -> FileTopic:
+    """Split `{root}/{agent}/files/{file_id}/{kind}`; raise WireError for anything else."""
+    prefix = root + "/"
+    if not topic.startswith(prefix):
+        raise WireError(f"topic {topic!r} is not under {root!r}")
+    parts = topic[len(prefix):].split("/")
+    if len(parts) != 4 or parts[1] != "files":
+        raise WireError(f"topic {topic!r} is not {root}/<agent>/files/<file_id>/<kind>")
+    agent_id, _, file_id, kind = parts
+    if not AGENT_ID_PATTERN.match(agent_id):
+        raise WireError(f"agent id {agent_id!r} in topic is not a valid agent id")
+    if not FILE_ID_PATTERN.match(file_id):
+        raise WireError(f"file id {file_id!r} in topic is not a ULID")
+    if kind not in ("manifest", "chunk", "query"):
+        raise WireError(f"unknown message kind {kind!r} (manifest, chunk or query)")
+    return FileTopic(agent_id, file_id, kind)
+
+
+# -- schemas -----------------------------------------------------------------------------------
+
+
+@cache
+def schema(name: str) -> dict[str, Any]:
+    """A JSON Schema from edge_agent/schemas (also published in docs/asyncapi.yaml)."""
+    text = resources.files("edge_agent.schemas").joinpath(f"{name}.json").read_text(encoding="utf-8")
+    return json.loads(text)
+
+
+@cache
+def _validator(name: str) -> jsonschema.protocols.Validator:
+    doc = schema(name)
+    cls = jsonschema.validators.validator_for(doc)
+    cls.check_schema(doc)
+    return cls(doc, format_checker=cls.FORMAT_CHECKER)
+
+
+def validate(name: str, value: Any) -> None:
+    """Raise WireError naming the first place where `value` breaks schema `name`."""
+    error = jsonschema.exceptions.best_match(_validator(name).iter_errors(value))
+    if error is not None:
+        where = "/".join(str(p) for p in error.absolute_path) or "(top level)"
+        raise WireError(f"{name}: {where}: {error.message[:200]}")
+
+
+def decode_json(payload: bytes, name: str) -> dict[str, Any]:
+    """Parse a JSON message and check it against schema `name`."""
+    try:
+        value = json.loads(payload)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise WireError(f"{name}: not valid UTF-8 JSON ({str(exc)[:120]})") from None
+    validate(name, value)
+    return value
+
+
+def encode_json(value: dict[str, Any]) -> bytes:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"), sort_keys=True).encode("utf-8")
+
+
+# -- chunks ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ChunkHeader:
+    seq: int
+    offset: int
+    size: int
+    sha256: str
+
+
+def encode_chunk(header: ChunkHeader, data: bytes | memoryview) -> bytes:
+    head = encode_json({"seq": header.seq, "offset": header.offset, "size": header.size, "sha256": header.sha256})
+    return b"".join((HEADER_LENGTH.pack(len(head)), head, data))
+
+
+def decode_chunk(payload: bytes) -> tuple[ChunkHeader, memoryview]:
+    """Split a chunk frame into its checked header and its bytes (a view, not a copy)."""
+    if len(payload) < HEADER_LENGTH.size:
+        raise WireError(f"chunk: {len(payload)} bytes is shorter than the 4-byte header length")
+    (length,) = HEADER_LENGTH.unpack_from(payload)
+    if length > MAX_HEADER_BYTES or HEADER_LENGTH.size + length > len(payload):
+        raise WireError(f"chunk: header length {length} is larger than the message or {MAX_HEADER_BYTES} bytes")
+    head = decode_json(payload[HEADER_LENGTH.size:HEADER_LENGTH.size + length], "chunk-header")
+    data = memoryview(payload)[HEADER_LENGTH.size + length:]
+    if len(data) != head["size"]:
+        raise WireError(f"chunk {head['seq']}: header says {head['size']} bytes, message carries {len(data)}")
+    return ChunkHeader(head["seq"], head["offset"], head["size"], head["sha256"]), data
+
+
+def chunk_count(size: int, chunk_size: int) -> int:
+    return -(-size // chunk_size)
+
+
+def chunk_span(seq: int, size: int, chunk_size: int) -> tuple[int, int]:
+    """(offset, length) of chunk `seq` in a file of `size` bytes."""
+    offset = seq * chunk_size
+    return offset, max(0, min(chunk_size, size - offset))
+
+
+# -- have ranges -------------------------------------------------------------------------------
+
+
+def to_ranges(seqs: Iterable[int]) -> list[list[int]]:
+    """Sorted, merged [[first, last], ...] (inclusive) of a set of sequence numbers."""
+    out: list[list[int]] = []
+    for seq in sorted(set(seqs)):
+        if out and seq == out[-1][1] + 1:
+            out[-1][1] = seq
+        else:
+            out.append([seq, seq])
+    return out
+
+
+def iter_ranges(ranges: Iterable[Iterable[int]]) -> Iterator[int]:
+    for first, last in ranges:
+        yield from range(first, last + 1)
+
+
+class RangeSet:
+    """Sequence numbers held as merged inclusive ranges: small however large the file."""
+
+    def __init__(self, ranges: Iterable[Iterable[int]] = ()):
+        merged: list[list[int]] = []
+        for first, last in sorted((int(a), int(b)) for a, b in ranges):
+            if merged and first <= merged[-1][1] + 1:
+                merged[-1][1] = max(merged[-1][1], last)
+            elif first <= last:
+                merged.append([first, last])
+        self._ranges = merged
+
+    def __contains__(self, seq: int) -> bool:
+        lo, hi = 0, len(self._ranges)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            first, last = self._ranges[mid]
+            if seq < first:
+                hi = mid
+            elif seq > last:
+                lo = mid + 1
+            else:
+                return True
+        return False
+
+    def __len__(self) -> int:
+        return sum(last - first + 1 for first, last in self._ranges)
+
+    def ranges(self) -> list[list[int]]:
+        return [list(r) for r in self._ranges]
+
+
+@dataclass(frozen=True)
+class Ack:
+    """What a receiver tells an agent about one file (schema `ack`)."""
+
+    file_id: str
+    state: str
+    have: list[list[int]]
+    sha256: str | None = None
+    reason: str | None = None
+
+    def encode(self) -> bytes:
+        return encode_json({"file_id": self.file_id, "state": self.state, "have": self.have,
+                            "sha256": self.sha256, "reason": self.reason})
