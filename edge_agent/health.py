@@ -188,23 +188,28 @@ class HealthMonitor:
 
     # -- publishing --------------------------------------------------------------------------------
 
-    def signature(self) -> str:
-        """What a watcher wants to hear about at once: alarms, slots, cameras up/down, queue shape, and the
-        uplink coming back (so the platform gets a fresh snapshot right after a reconnect)."""
+    def _state_signature(self) -> list[Any]:
+        """What a watcher wants to hear about at once, besides alarms: queue shape, slots, cameras up/down, and
+        the uplink coming back (so the platform gets a fresh snapshot right after a reconnect)."""
         counts = self.catalog.counts_by_state()
-        alarms = [r["key"] for r in self.catalog.active_alarms()]
         slots = [(s.dock, s.label, s.state, s.files_done, s.last_error) for s in self.agent.docks.slots()]
         cameras = [(c.get("name"), c.get("connected")) for c in self._cameras()]
         connected = bool(self._uplink_stats().get("connected"))
-        return json.dumps([sorted(counts.items()), alarms, slots, cameras, connected], default=str)
+        return [sorted(counts.items()), slots, cameras, connected]
+
+    def signature(self) -> str:
+        return json.dumps([self._state_signature(), [a["key"] for a in self.catalog.active_alarms()]], default=str)
 
     def tick(self) -> dict[str, Any]:
         """Evaluate the alarms, then publish and write the snapshot."""
         with self._lock:
+            # Each part of the signature is read before what the snapshot shows of it, so a change racing
+            # this tick is seen by the next check_change.
+            state = self._state_signature()
             snapshot = self.snapshot()
             self.alarms.evaluate(snapshot, snapshot["ts_ms"])
             snapshot["alarms"] = self.alarm_list()
-            self._last_signature = self.signature()
+            self._last_signature = json.dumps([state, [a["key"] for a in snapshot["alarms"]]], default=str)
             self.publish(snapshot)
             return snapshot
 

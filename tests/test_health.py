@@ -43,8 +43,8 @@ def test_health_is_written_on_start_and_again_when_a_recorder_docks(tmp_path: Pa
         assert first["docks"] == [] and first["agent_id"] == "ws-test-01"
 
         make_recorder_volume(dock, "VOL1", {"DCIM/a.mp4": 3000, "DCIM/b.mp4": 5000})
-        docked = wait_for(lambda: (h := read_health(health_file)) and h["agent"]["queue"]["files"] == 2 and h,
-                          15, what="a snapshot showing the docked recorder's files")
+        docked = wait_for(lambda: (h := read_health(health_file)) and h["agent"]["queue"]["by_state"] == {"sealed": 2}
+                          and h, 15, what="a snapshot showing the docked recorder's files sealed")
         jsonschema.validate(docked, load_schema())
         slot = docked["docks"][0]
         assert slot["dock"] == "bench" and slot["label"] == "VOL1" and slot["device_id"] == "unknown:VOL1"
