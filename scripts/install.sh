@@ -1,0 +1,105 @@
+#!/usr/bin/env bash
+# Install edge-agent on a Debian machine as a hardened systemd service (run as root, from a checkout):
+#   sudo scripts/install.sh [--with-receiver] [--start] [--no-apt]
+# What it does, idempotently:
+#   - apt: python3-venv, libusb-1.0-0 (pyusb), ca-certificates
+#   - users: edge-agent (and edge-receiver with --with-receiver), system accounts without a shell or login
+#   - the package into /opt/edge-agent/venv, the command at /usr/local/bin/edge-agent
+#   - units into /etc/systemd/system, tmpfiles into /usr/lib/tmpfiles.d, the dock udev rule into /etc/udev/rules.d
+#   - /etc/edge-agent/agent.toml from config/agent.example.toml (an existing config is never overwritten)
+# It does not start anything unless --start is given: edit the config first (agent id, broker, docks).
+set -euo pipefail
+
+SRC="$(cd "$(dirname "$0")/.." && pwd)"
+PREFIX=/opt/edge-agent
+WITH_RECEIVER=0
+START=0
+APT=1
+for arg in "$@"; do
+  case "$arg" in
+    --with-receiver) WITH_RECEIVER=1 ;;
+    --start) START=1 ;;
+    --no-apt) APT=0 ;;
+    -h|--help) sed -n '2,11p' "$0"; exit 0 ;;
+    *) echo "install: unknown option $arg (see --help)" >&2; exit 2 ;;
+  esac
+done
+
+if [ "$(id -u)" -ne 0 ]; then
+  echo "install: run as root (sudo $0 $*)" >&2
+  exit 1
+fi
+
+say() { printf 'install: %s\n' "$*"; }
+
+if [ "$APT" -eq 1 ]; then
+  say "apt-get install python3-venv libusb-1.0-0 ca-certificates"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends python3 python3-venv libusb-1.0-0 ca-certificates >/dev/null
+fi
+
+add_user() {  # a system account that owns its state dir and cannot log in
+  local user="$1" home="$2"
+  if ! getent group "$user" >/dev/null; then groupadd --system "$user"; fi
+  if ! id -u "$user" >/dev/null 2>&1; then
+    useradd --system --gid "$user" --home-dir "$home" --no-create-home --shell /usr/sbin/nologin \
+      --comment "edge-agent service" "$user"
+    say "created system user $user"
+  fi
+}
+add_user edge-agent /var/lib/edge-agent
+getent group plugdev >/dev/null || groupadd --system plugdev
+usermod --append --groups plugdev edge-agent
+if [ "$WITH_RECEIVER" -eq 1 ]; then add_user edge-receiver /var/lib/edge-receiver; fi
+
+say "package into $PREFIX/venv"
+mkdir -p "$PREFIX"
+[ -x "$PREFIX/venv/bin/python" ] || python3 -m venv "$PREFIX/venv"
+"$PREFIX/venv/bin/python" -m pip install -q --upgrade pip
+"$PREFIX/venv/bin/python" -m pip install -q --upgrade "$SRC"
+install -m 0644 "$SRC/README.md" "$PREFIX/README.md" 2>/dev/null || true
+ln -sf "$PREFIX/venv/bin/edge-agent" /usr/local/bin/edge-agent
+
+say "systemd units, tmpfiles and udev rule"
+install -m 0644 "$SRC/systemd/edge-agent.service" /etc/systemd/system/edge-agent.service
+install -D -m 0644 "$SRC/systemd/edge-agent.tmpfiles" /usr/lib/tmpfiles.d/edge-agent.conf
+if [ -f "$SRC/systemd/99-edge-agent-dock.rules" ]; then
+  install -D -m 0644 "$SRC/systemd/99-edge-agent-dock.rules" /etc/udev/rules.d/99-edge-agent-dock.rules
+fi
+if [ "$WITH_RECEIVER" -eq 1 ]; then
+  install -m 0644 "$SRC/systemd/edge-agent-receiver.service" /etc/systemd/system/edge-agent-receiver.service
+  install -d -m 0750 -o root -g edge-receiver /etc/edge-receiver /etc/edge-receiver/agents
+  if [ ! -e /etc/edge-receiver/receiver.toml ] && [ -f "$SRC/config/receiver.example.toml" ]; then
+    install -m 0640 -o root -g edge-receiver "$SRC/config/receiver.example.toml" /etc/edge-receiver/receiver.toml
+  fi
+fi
+
+install -d -m 0750 -o root -g edge-agent /etc/edge-agent
+if [ ! -e /etc/edge-agent/agent.toml ]; then
+  install -m 0640 -o root -g edge-agent "$SRC/config/agent.example.toml" /etc/edge-agent/agent.toml
+  say "wrote /etc/edge-agent/agent.toml from the example: set agent.id, the broker and the docks"
+fi
+if command -v systemd-tmpfiles >/dev/null; then
+  systemd-tmpfiles --create /usr/lib/tmpfiles.d/edge-agent.conf
+fi
+/usr/local/bin/edge-agent config check /etc/edge-agent/agent.toml
+
+if [ -d /run/systemd/system ]; then
+  systemctl daemon-reload
+  command -v udevadm >/dev/null && udevadm control --reload || true
+  if [ "$START" -eq 1 ]; then
+    systemctl enable --now edge-agent.service
+    [ "$WITH_RECEIVER" -eq 1 ] && systemctl enable --now edge-agent-receiver.service
+    systemctl --no-pager status edge-agent.service || true
+  fi
+else
+  say "systemd is not running here (container?): units installed, not started"
+fi
+
+cat <<EOF
+install: done. Next:
+  1. edit /etc/edge-agent/agent.toml, then: edge-agent config check
+  2. enrol the agent's key on the platform: sudo -u edge-agent edge-agent keys show
+  3. systemctl enable --now edge-agent   (status: edge-agent status; journalctl -u edge-agent)
+EOF
