@@ -1,7 +1,8 @@
 """Image health of a camera, sampled cheaply (opencv-python-headless).
 
 `KeyframeSampler` decodes one keyframe every `every_s` seconds (never every frame: the recorder only
-remuxes) and `assess` judges the picture: black, frozen (identical to the previous sample), blurred
+remuxes) and `assess` judges the picture: black, frozen (no part of the picture changed since the
+previous sample, beyond compression noise), blurred
 (variance of the Laplacian), covered (a uniform picture: lens blocked, camera turned to a wall or
 sprayed). Thresholds are on a 160-pixel-wide grey thumbnail, so they do not depend on resolution.
 """
@@ -20,7 +21,8 @@ log = logging.getLogger(__name__)
 
 THUMB_WIDTH = 160
 BLACK_MEAN = 20.0          # mean luma (0-255) below this: black
-FROZEN_DIFF = 0.5          # mean absolute difference to the previous sample below this: frozen
+FROZEN_LEVELS = 40         # a pixel "moved" when it differs from the previous sample by more than this...
+FROZEN_FRACTION = 0.005    # ...and the picture is frozen when fewer than this share of pixels moved
 BLURRED_LAPLACIAN = 40.0   # variance of the Laplacian below this (and not uniform): blurred
 COVERED_STDDEV = 6.0       # luma standard deviation below this (and not black): covered
 
@@ -50,7 +52,8 @@ def thumbnail(frame: av.VideoFrame) -> np.ndarray:
     """A small grey picture of a decoded frame."""
     grey = frame.to_ndarray(format="gray")
     height = max(1, round(grey.shape[0] * THUMB_WIDTH / max(1, grey.shape[1])))
-    return cv2.resize(grey, (THUMB_WIDTH, height), interpolation=cv2.INTER_AREA)
+    small = cv2.resize(grey, (THUMB_WIDTH, height), interpolation=cv2.INTER_AREA)
+    return cv2.GaussianBlur(small, (3, 3), 0)   # compression noise between two encodings of a still scene
 
 
 def assess(thumb: np.ndarray, previous: np.ndarray | None) -> ImageHealth:
@@ -60,13 +63,16 @@ def assess(thumb: np.ndarray, previous: np.ndarray | None) -> ImageHealth:
     black = mean < BLACK_MEAN
     covered = not black and stddev < COVERED_STDDEV
     frozen = (previous is not None and previous.shape == thumb.shape
-              and float(cv2.absdiff(thumb, previous).mean()) < FROZEN_DIFF)
+              and float((cv2.absdiff(thumb, previous) > FROZEN_LEVELS).mean()) < FROZEN_FRACTION)
     blurred = not black and not covered and sharpness < BLURRED_LAPLACIAN
     return ImageHealth(black, frozen, blurred, covered, mean, stddev, sharpness, int(time.time() * 1000))
 
 
 class KeyframeSampler:
-    """Decodes at most one keyframe per `every_s` of one camera's stream and judges it."""
+    """Decodes one keyframe per `every_s` of one camera's stream and judges it.
+
+    A camera may send one picture as several packets (slices) with the same timestamp; the sampler
+    joins them into one before decoding, and decodes nothing else until the next sample is due."""
 
     def __init__(self, every_s: float):
         self.every_s = every_s
@@ -74,26 +80,40 @@ class KeyframeSampler:
         self._decoder: av.CodecContext | None = None
         self._decoder_for: object = None
         self._previous: np.ndarray | None = None
+        self._target: int | None = None   # pts of the keyframe being gathered
+        self._chunks: list[bytes] = []
 
-    def due(self) -> bool:
-        return time.monotonic() >= self._next
-
-    def sample(self, packet: av.Packet, stream: av.video.stream.VideoStream) -> ImageHealth | None:
-        """Judge this keyframe if a sample is due; None when it is not, or the frame did not decode."""
-        if not self.due():
+    def offer(self, packet: av.Packet, stream: av.video.stream.VideoStream, key: bool) -> ImageHealth | None:
+        """Look at one packet; returns a judgement once a sampled keyframe is whole and decoded."""
+        if self._target is not None and packet.pts == self._target:
+            self._chunks.append(bytes(packet))
             return None
+        health = self._judge() if self._target is not None else None
+        if key and health is None and time.monotonic() >= self._next:
+            self._start(packet, stream)
+        return health
+
+    def _start(self, packet: av.Packet, stream: av.video.stream.VideoStream) -> None:
         if self._decoder is None or self._decoder_for is not stream:
             self._decoder = av.CodecContext.create(stream.codec_context.name, "r")
             self._decoder.extradata = stream.codec_context.extradata
-            self._decoder.thread_count = 1   # no frame threading: the frame comes out of this very packet
+            self._decoder.thread_count = 1   # no frame threading: the picture comes out of its own packet
             self._decoder_for = stream
+        self._target = packet.pts
+        self._chunks = [bytes(packet)]
+
+    def _judge(self) -> ImageHealth | None:
+        assert self._decoder is not None
+        whole = av.Packet(b"".join(self._chunks))
+        whole.pts = whole.dts = self._target
+        self._target, self._chunks = None, []
         try:
-            frames = self._decoder.decode(packet)
+            frames = self._decoder.decode(whole)
         except (av.FFmpegError, ValueError) as exc:
             log.debug("keyframe_undecodable error=%s", exc)
             return None
         if not frames:
-            return None   # parameter sets only, or the decoder wants more: try the next keyframe
+            return None   # the next keyframe is tried
         self._next = time.monotonic() + self.every_s
         thumb = thumbnail(frames[-1])
         health = assess(thumb, self._previous)

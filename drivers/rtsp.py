@@ -108,8 +108,8 @@ class RecorderListener(Protocol):
 
     def segment_done(self, segment: Segment) -> None: ...
 
-    def keyframe(self, camera: str, packet: av.Packet, stream: av.video.stream.VideoStream) -> None:
-        """Every keyframe, for cheap image sampling; must return quickly."""
+    def packet(self, camera: str, packet: av.Packet, stream: av.video.stream.VideoStream, key: bool) -> None:
+        """Every packet before it is written, for cheap image sampling; must return quickly."""
 
 
 def with_credentials(url: str, username: str | None, password: str | None) -> str:
@@ -279,8 +279,7 @@ class RtspRecorder:
                     if self._interrupted:
                         self._interrupted = False
                         self.listener.resumed(self.camera, out.start_ms)
-                if key:
-                    self.listener.keyframe(self.camera, packet, stream)
+                self.listener.packet(self.camera, packet, stream, key)
                 self._last_end_ms = at + int(float((packet.duration or 0) * packet.time_base) * 1000)
                 self.stats.packets += 1
                 self.stats.bytes += packet.size

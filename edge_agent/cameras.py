@@ -207,6 +207,7 @@ class CameraHealth:
     clock_offset_ms: int | None = None
     identity: dict[str, Any] | None = None
     image: ImageHealth | None = None
+    image_samples: int = 0
     open_gap: Gap | None = None
     segments: int = 0
     last_segment_end_ms: int | None = None
@@ -301,14 +302,13 @@ class CameraWorker:
         self.health.last_segment_end_ms = segment.end_ms
         self.service.intake.put(_Queued(segment, self.health.device_id, self.health.clock_offset_ms))
 
-    def keyframe(self, camera: str, packet: av.Packet, stream: av.video.stream.VideoStream) -> None:
-        if not self.sampler.due():
-            return
-        result = self.sampler.sample(packet, stream)
+    def packet(self, camera: str, packet: av.Packet, stream: av.video.stream.VideoStream, key: bool) -> None:
+        result = self.sampler.offer(packet, stream, key)
         if result is None:
             return
         previous = self.health.image
         self.health.image = result
+        self.health.image_samples += 1
         for check, flagged in result.flags().items():
             if previous is not None and getattr(previous, check) == flagged:
                 continue
