@@ -6,7 +6,7 @@ the active alarms. `tick()` evaluates the alarms, then publishes the snapshot
 through the uplink (retained) and writes it atomically to
 `data_dir/health.json`, which `edge-agent status` shows as the daemon's live
 view. `check_change()` publishes early when something a watcher cares about
-changed (an alarm, a slot, a camera, the queue's shape). The shape is
+changed (an alarm, a dock slot's state, a camera or the uplink going up or down). The shape is
 `edge_agent/schemas/health.json`, versioned by `schema_version`.
 """
 
@@ -189,13 +189,13 @@ class HealthMonitor:
     # -- publishing --------------------------------------------------------------------------------
 
     def _state_signature(self) -> list[Any]:
-        """What a watcher wants to hear about at once, besides alarms: queue shape, slots, cameras up/down, and
-        the uplink coming back (so the platform gets a fresh snapshot right after a reconnect)."""
-        counts = self.catalog.counts_by_state()
-        slots = [(s.dock, s.label, s.state, s.files_done, s.last_error) for s in self.agent.docks.slots()]
+        """What a watcher wants to hear about at once, besides alarms: a recorder docked, done, failing or
+        gone; a camera up or down; the uplink coming back (a fresh snapshot right after a reconnect). Counts
+        and rates wait for the next interval: a busy dock must not turn health into a stream. All cheap reads."""
+        slots = [(s.dock, s.label, s.state, s.last_error) for s in self.agent.docks.slots()]
         cameras = [(c.get("name"), c.get("connected")) for c in self._cameras()]
         connected = bool(self._uplink_stats().get("connected"))
-        return [sorted(counts.items()), slots, cameras, connected]
+        return [slots, cameras, connected]
 
     def signature(self) -> str:
         return json.dumps([self._state_signature(), [a["key"] for a in self.catalog.active_alarms()]], default=str)

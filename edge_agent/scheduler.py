@@ -46,13 +46,13 @@ def daily_summary(catalog: Catalog, agent_id: str, until: int | None = None) -> 
         row = catalog.query(sql, (since, until))[0]
         return int(row[0]), int(row[1] or 0)
 
-    ingested = one("SELECT COUNT(*), SUM(size) FROM files WHERE ingested_at_ms >= ? AND ingested_at_ms < ?")
-    synced = one("SELECT COUNT(*), SUM(size) FROM files WHERE synced_ms >= ? AND synced_ms < ?")
-    purged = one("SELECT COUNT(*), SUM(size) FROM files WHERE purged_ms >= ? AND purged_ms < ?")
-    gaps = one("SELECT COUNT(*), SUM(COALESCE(end_ms, ?2) - start_ms) FROM gaps WHERE start_ms >= ?1"
-               " AND start_ms < ?2")
-    alarms = one("SELECT COUNT(*), 0 FROM alarms WHERE raised_ms >= ? AND raised_ms < ?")
-    sessions = one("SELECT COUNT(*), COUNT(DISTINCT device_id) FROM sessions WHERE docked_ms >= ? AND docked_ms < ?")
+    ingested = one("SELECT COUNT(*), SUM(size) FROM files WHERE ingested_at_ms > ? AND ingested_at_ms <= ?")
+    synced = one("SELECT COUNT(*), SUM(size) FROM files WHERE synced_ms > ? AND synced_ms <= ?")
+    purged = one("SELECT COUNT(*), SUM(size) FROM files WHERE purged_ms > ? AND purged_ms <= ?")
+    gaps = one("SELECT COUNT(*), SUM(COALESCE(end_ms, ?2) - start_ms) FROM gaps WHERE start_ms > ?1"
+               " AND start_ms <= ?2")
+    alarms = one("SELECT COUNT(*), 0 FROM alarms WHERE raised_ms > ? AND raised_ms <= ?")
+    sessions = one("SELECT COUNT(*), COUNT(DISTINCT device_id) FROM sessions WHERE docked_ms > ? AND docked_ms <= ?")
     return {
         "type": "summary", "agent_id": agent_id, "from_ms": since, "to_ms": until, "ts": until,
         "ingested": {"files": ingested[0], "bytes": ingested[1]},

@@ -80,11 +80,10 @@ def test_health_is_published_retained_and_matches_its_schema(tmp_path: Path, mos
     agent = build_agent(cfg)
     agent.start()
     try:
-        wait_for(lambda: agent.uplink.stats()["connected"], 15, what="the uplink to connect")
-        # A change after connecting is published at once (the first tick may have run before the connection).
         ingest_file(agent, tmp_path / "src", "a.mp4", 1234)
-        wait_for(lambda: (h := read_health(cfg.agent.data_dir / "health.json")) and h["agent"]["queue"]["files"],
-                 15, what="a snapshot with the new file")
+        # The first tick may run before the uplink connects; connecting is a change, published at once.
+        wait_for(lambda: (h := read_health(cfg.agent.data_dir / "health.json")) and h["agent"]["sync"]["connected"],
+                 15, what="a snapshot taken once the uplink was connected")
     finally:
         agent.stop()
 
@@ -110,7 +109,8 @@ def test_health_is_published_retained_and_matches_its_schema(tmp_path: Path, mos
     assert message.retain
     snapshot = json.loads(message.payload)
     jsonschema.validate(snapshot, load_schema())
-    assert snapshot["schema_version"] == 1 and snapshot["agent"]["queue"]["files"] >= 1
+    assert snapshot["schema_version"] == 1 and snapshot["agent"]["sync"]["connected"]
+    assert snapshot["agent"]["queue"]["by_state"]
 
 
 def test_daily_summary_counts_the_last_24_hours(tmp_path: Path) -> None:
