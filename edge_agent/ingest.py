@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from edge_agent.catalog import Catalog, FileRecord, State, now_ms
+from edge_agent.catalog import STORED_FILES, Catalog, FileRecord, State, now_ms
 from edge_agent.config import AgentConfig
 from edge_agent.durable import BLOCK, drop_cache, fsync_dir
 from edge_agent.manifest import GENESIS_PREV, MANIFEST_VERSION, AgentKey, write_document
@@ -241,8 +241,7 @@ class Ingestor:
 
     def store_bytes(self) -> int:
         rows = self.catalog.query(
-            "SELECT COALESCE(SUM(size), 0) FROM files WHERE state IN ('staged','sealed','sending','synced',"
-            "'source_cleared','rejected') AND store_path IS NOT NULL")
+            f"SELECT COALESCE(SUM(size), 0) FROM files INDEXED BY files_stored_size WHERE {STORED_FILES}")
         return int(rows[0][0])
 
     def _reserve(self, size: int) -> None:
