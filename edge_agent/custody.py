@@ -80,12 +80,6 @@ def return_device(catalog: Catalog, device_id: str, *, at_ms: int | None = None,
     return Checkout(row["id"], device_id, row["officer_id"], row["from_ms"], end, row["actor"])
 
 
-def checkouts(catalog: Catalog, device_id: str | None = None) -> list[Checkout]:
-    sql = "SELECT * FROM checkouts" + (" WHERE device_id = ?" if device_id else "") + " ORDER BY from_ms"
-    rows = catalog.query(sql, (device_id,) if device_id else ())
-    return [Checkout(r["id"], r["device_id"], r["officer_id"], r["from_ms"], r["to_ms"], r["actor"]) for r in rows]
-
-
 def _device_kind(conn: Any, device_id: str) -> str:
     row = conn.execute("SELECT kind FROM devices WHERE device_id = ?", (device_id,)).fetchone()
     return row[0] if row else "recorder"

@@ -21,10 +21,9 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from edge_agent import audit
-from edge_agent.catalog import Catalog, FileRecord, State, now_ms
+from edge_agent.catalog import STORED_FILES, Catalog, FileRecord, State, now_ms
 from edge_agent.config import AgentConfig
 from edge_agent.durable import fsync_dir
 from edge_agent.store import StoreLayout
@@ -76,10 +75,8 @@ class Retention:
         return int(self.config.agent.max_disk_gb * 1024**3)
 
     def store_bytes(self) -> int:
-        rows = self.catalog.query(
-            "SELECT COALESCE(SUM(size), 0) FROM files WHERE store_path IS NOT NULL AND state NOT IN"
-            " ('discovered', 'purged')")
-        return int(rows[0][0])
+        """Bytes held locally: what counts against max_disk_gb (the same measure intake uses)."""
+        return int(self.catalog.query(f"SELECT COALESCE(SUM(size), 0) FROM files WHERE {STORED_FILES}")[0][0])
 
     def disk_percent(self) -> float:
         """The worse of: the store against max_disk_gb, and the whole filesystem's use."""
@@ -231,9 +228,3 @@ def release_hold(catalog: Catalog, *, reason: str, file_id: str | None = None, c
 def active_holds(catalog: Catalog) -> list[dict[str, object]]:
     return [dict(r) for r in catalog.query("SELECT * FROM holds WHERE released_ms IS NULL ORDER BY set_ms")]
 
-
-def stored_path(layout: StoreLayout, record: FileRecord) -> Path | None:
-    """Where a file's local bytes are, or None once purged."""
-    if record.state == State.PURGED or not record.store_path:
-        return None
-    return layout.data_dir / record.store_path
