@@ -33,6 +33,7 @@ import paho.mqtt.client as mqtt
 from edge_agent.catalog import Catalog, FileRecord, State, TransitionError, UnknownFile, now_ms
 from edge_agent.config import AgentConfig
 from edge_agent.store import StoreLayout
+from edge_agent.sync.commands import CommandGate
 from edge_agent.sync.connection import Connection, build_client
 from edge_agent.sync.pacing import TokenBucket
 from edge_agent.sync.wire import (
@@ -119,6 +120,7 @@ class Uplink:
         self._outbox_lock = threading.Lock()
         self._outbox_out: set[int] = set()
         self._callbacks: list[CommandCallback] = [self._resync_command]
+        self.command_gate = CommandGate(catalog, config.agent.id, config.mqtt.command_keys)
         self._resync = threading.Event()
         self._fill_due = True
         self.bytes_sent = 0
@@ -205,6 +207,8 @@ class Uplink:
             command = decode_json(payload, "command")
         except WireError as exc:
             log.warning("command ignored: %s", exc)
+            return
+        if not self.command_gate.admit(command):
             return
         log.info("command cmd=%s id=%s", command["cmd"], command["id"])
         for callback in list(self._callbacks):

@@ -1,0 +1,113 @@
+"""Authenticated platform commands (`{root}/{agent}/commands`, DESIGN.md section 5).
+
+The broker's ACL already lets only the platform write an agent's commands; this
+is the agent's own check, so a broker misconfiguration or a stolen broker
+credential cannot drive the agent. A command is obeyed only if:
+
+- it is signed: `key_id` and `sig` (base64 Ed25519 over the canonical JSON of
+  the command without `sig`, as for manifests) by one of the platform keys in
+  `mqtt.command_keys` (a PEM file holding one or more public keys, or a
+  directory of `*.pem`);
+- it names this agent in `agent` (a command signed for one agent cannot be
+  replayed to another);
+- its `ts` (ms since the epoch) is within `COMMAND_WINDOW_MS` of the agent's
+  clock;
+- its `id` was never obeyed before: ids are kept in the catalog for the window,
+  so a replay is refused across restarts too.
+
+Everything else is refused, logged with the reason and written to the audit
+log; nothing about the key material is ever logged. With no `command_keys`
+configured every command is refused.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from edge_agent.catalog import Catalog, now_ms
+from edge_agent.config import ConfigError, Problem
+from edge_agent.manifest import ManifestError, key_id_of, load_public_key, verify_signature
+
+log = logging.getLogger(__name__)
+
+COMMAND_WINDOW_MS = 5 * 60 * 1000
+_PEM_BLOCK = re.compile(rb"-----BEGIN PUBLIC KEY-----.+?-----END PUBLIC KEY-----", re.S)
+
+
+def load_command_keys(path: Path) -> dict[str, Ed25519PublicKey]:
+    """The platform's public keys by key id; ConfigError naming `mqtt.command_keys` if unusable."""
+    files = sorted(path.glob("*.pem")) if path.is_dir() else [path]
+    keys: dict[str, Ed25519PublicKey] = {}
+    try:
+        for file in files:
+            for block in _PEM_BLOCK.findall(file.read_bytes()):
+                key = load_public_key(block)
+                keys[key_id_of(key)] = key
+    except (OSError, ValueError, ManifestError) as exc:
+        raise ConfigError("mqtt.command_keys", [Problem("mqtt.command_keys", str(path),
+                          f"cannot load the platform's command keys: {exc}")]) from None
+    if not keys:
+        raise ConfigError("mqtt.command_keys", [Problem("mqtt.command_keys", str(path),
+                          "holds no Ed25519 public key (PEM 'BEGIN PUBLIC KEY'); give the platform's key file "
+                          "or a directory of *.pem")])
+    return keys
+
+
+class CommandRefused(Exception):
+    """Why a command was not obeyed."""
+
+
+class CommandGate:
+    """Admits a decoded command (schema-checked) only when it is authentic, fresh and not a replay."""
+
+    def __init__(self, catalog: Catalog, agent_id: str, keys_path: Path | None,
+                 window_ms: int = COMMAND_WINDOW_MS):
+        self.catalog = catalog
+        self.agent_id = agent_id
+        self.window_ms = window_ms
+        self.keys = load_command_keys(keys_path) if keys_path is not None else {}
+        with catalog.transaction() as conn:
+            conn.execute("CREATE TABLE IF NOT EXISTS command_ids (id TEXT PRIMARY KEY, ts_ms INTEGER NOT NULL,"
+                         " seen_ms INTEGER NOT NULL)")
+
+    def admit(self, command: dict[str, Any]) -> bool:
+        """True if `command` may be obeyed; else it is logged and audited as refused."""
+        cmd_id = str(command.get("id"))[:128]
+        try:
+            self._check(command)
+        except CommandRefused as exc:
+            log.warning("command refused cmd=%r id=%r reason=%s", str(command.get("cmd"))[:64], cmd_id, exc)
+            self.catalog.audit("command.refused", subject=cmd_id, reason=str(exc), actor="platform",
+                               detail={"cmd": str(command.get("cmd"))[:64], "key_id": str(command.get("key_id"))[:80]})
+            return False
+        return True
+
+    def _check(self, command: dict[str, Any]) -> None:
+        if not self.keys:
+            raise CommandRefused("no platform command key is configured (mqtt.command_keys); commands are refused")
+        key = self.keys.get(command.get("key_id"))  # type: ignore[arg-type]
+        if key is None:
+            raise CommandRefused("not signed by a platform key this agent knows (key_id missing or unknown)")
+        try:
+            verify_signature(command, key)
+        except ManifestError as exc:
+            raise CommandRefused(f"bad signature: {exc}") from None
+        if command.get("agent") != self.agent_id:
+            raise CommandRefused(f"addressed to agent {str(command.get('agent'))[:64]!r}, not to this one")
+        now = now_ms()
+        ts = command["ts"]
+        if abs(now - ts) > self.window_ms:
+            raise CommandRefused(f"ts {ts} is {abs(now - ts) // 1000} s away from this agent's clock "
+                                 f"(window {self.window_ms // 1000} s): stale or replayed")
+        with self.catalog.transaction() as conn:
+            conn.execute("DELETE FROM command_ids WHERE ts_ms < ?", (now - 2 * self.window_ms,))
+            if conn.execute("SELECT 1 FROM command_ids WHERE id = ?", (command["id"],)).fetchone():
+                raise CommandRefused("this command id was already obeyed: replay")
+            conn.execute("INSERT INTO command_ids (id, ts_ms, seen_ms) VALUES (?,?,?)", (command["id"], ts, now))
+            self.catalog.audit("command.accepted", subject=str(command["id"]), actor="platform",
+                               detail={"cmd": command["cmd"], "key_id": command["key_id"]})
