@@ -12,6 +12,8 @@ set -euo pipefail
 
 SRC="$(cd "$(dirname "$0")/.." && pwd)"
 PREFIX=/opt/edge-agent
+# Debian's own Python: the service user must be able to run it (a pyenv under /root is not reachable).
+PYTHON="${PYTHON:-/usr/bin/python3}"
 WITH_RECEIVER=0
 START=0
 APT=1
@@ -55,7 +57,7 @@ if [ "$WITH_RECEIVER" -eq 1 ]; then add_user edge-receiver /var/lib/edge-receive
 
 say "package into $PREFIX/venv"
 mkdir -p "$PREFIX"
-[ -x "$PREFIX/venv/bin/python" ] || python3 -m venv "$PREFIX/venv"
+[ -x "$PREFIX/venv/bin/python" ] || "$PYTHON" -m venv "$PREFIX/venv"
 "$PREFIX/venv/bin/python" -m pip install -q --upgrade pip
 "$PREFIX/venv/bin/python" -m pip install -q --upgrade "$SRC"
 install -m 0644 "$SRC/README.md" "$PREFIX/README.md" 2>/dev/null || true
