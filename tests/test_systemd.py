@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from edge_agent.config import load_receiver_config
 from tests.helpers import agent_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -71,10 +72,16 @@ def test_tmpfiles_make_the_data_dir_and_keys_private(tmp_path: Path) -> None:
     assert (root / "etc/edge-agent").stat().st_gid == 990
 
 
-def test_example_config_passes_config_check() -> None:
+def test_example_configs_that_install_sh_installs_are_valid() -> None:
     result = subprocess.run([EDGE_AGENT, "config", "check", str(ROOT / "config" / "agent.example.toml")],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
+    receiver = load_receiver_config(ROOT / "config" / "receiver.example.toml")
+    assert receiver.receiver.keys_dir == Path("/etc/edge-receiver/agents")
+    install = (ROOT / "scripts" / "install.sh").read_text()
+    for installed in ("config/agent.example.toml", "config/receiver.example.toml", "systemd/edge-agent.service",
+                      "systemd/edge-agent-receiver.service", "systemd/edge-agent.tmpfiles"):
+        assert installed in install and (ROOT / installed).exists(), installed
 
 
 def test_daemon_notifies_ready_pings_the_watchdog_and_says_stopping(tmp_path: Path) -> None:
