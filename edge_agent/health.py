@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import subprocess
 import threading
@@ -52,19 +53,23 @@ def parse_chrony_tracking(csv_line: str) -> dict[str, Any]:
             "offset_ms": round(float(fields[4]) * 1000), "reference": fields[1] or fields[0]}
 
 
+def _tool(args: list[str]) -> str:
+    # Without the daemon's systemd variables: a systemd tool that fails would report its ERRNO on our socket.
+    env = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")}
+    return subprocess.run(args, capture_output=True, text=True, timeout=5, check=True, env=env).stdout
+
+
 def read_clock() -> dict[str, Any]:
     """Clock sync state and offset from chrony, else systemd-timesyncd's view, else unknown."""
     if shutil.which("chronyc"):
         try:
-            out = subprocess.run(["chronyc", "-c", "tracking"], capture_output=True, text=True, timeout=5,
-                                 check=True).stdout
+            out = _tool(["chronyc", "-c", "tracking"])
             return parse_chrony_tracking(out)
         except (OSError, subprocess.SubprocessError, ValueError) as exc:
             log.debug("chronyc tracking unavailable: %s", exc)
     if shutil.which("timedatectl"):
         try:
-            out = subprocess.run(["timedatectl", "show", "-p", "NTPSynchronized", "--value"], capture_output=True,
-                                 text=True, timeout=5, check=True).stdout.strip()
+            out = _tool(["timedatectl", "show", "-p", "NTPSynchronized", "--value"]).strip()
             if out in ("yes", "no"):
                 return {"source": "timedatectl", "synchronized": out == "yes", "offset_ms": None}
         except (OSError, subprocess.SubprocessError) as exc:

@@ -107,8 +107,7 @@ class OperationsScheduler:
         add(self._job("summary", self._summary), "cron", hour=health.summary_hour, minute=0, id="summary")
         watchdog = sdnotify.watchdog_interval_s()
         if watchdog:
-            add(self._job("watchdog", self._watchdog), "interval", seconds=watchdog, next_run_time=now,
-                id="watchdog")
+            add(self._job("watchdog", self._watchdog), "interval", seconds=watchdog, id="watchdog")
         self.scheduler.start()
         sdnotify.notify(f"READY=1\nSTATUS=collecting; agent {self.config.agent.id}")
         log.info("scheduler started health_s=%s retention_s=%s watchdog_s=%s", health.interval_s,

@@ -103,6 +103,7 @@ def test_daemon_notifies_ready_pings_the_watchdog_and_says_stopping(tmp_path: Pa
         while "STOPPING=1" not in messages:
             messages.append(sock.recv(4096).decode())
         assert proc.wait(30) == 0
+        assert not [m for m in messages if m.startswith("ERRNO=")], messages  # tools we run do not speak for us
     finally:
         if proc.poll() is None:
             proc.kill()
