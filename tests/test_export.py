@@ -113,3 +113,25 @@ def test_export_refuses_unknown_case_and_non_empty_target_and_logs_no_export(tmp
     assert occupied.exit_code == 1 and "not empty" in occupied.output
     assert (busy / "something").read_text() == "keep me"
     assert agent.catalog.query("SELECT COUNT(*) FROM audit WHERE action = 'export'")[0][0] == 0
+
+
+def test_viewing_a_file_needs_an_approver_and_is_audited(tmp_path: Path) -> None:
+    cfg_path, agent, file_ids, purged_id = exported_case(tmp_path)
+    runner = CliRunner()
+    base = ["--config", str(cfg_path), "--json", "view"]
+
+    refused = runner.invoke(app, [*base, file_ids[0], "--reason", "complaint review"])
+    assert refused.exit_code != 0
+    viewed = runner.invoke(app, [*base, file_ids[0], "--reason", "complaint review", "--approved-by", "李科长",
+                                 "--to", str(tmp_path / "playback")])
+    assert viewed.exit_code == 0, viewed.output
+    copy = Path(json.loads(viewed.stdout)["path"])
+    assert hashlib.sha256(copy.read_bytes()).hexdigest() == agent.catalog.get(file_ids[0]).sha256
+    gone = runner.invoke(app, [*base, purged_id, "--reason", "r", "--approved-by", "a"])
+    assert gone.exit_code == 1 and "view it on the platform" in gone.output
+
+    entries = agent.catalog.query("SELECT * FROM audit WHERE action = 'file.viewed'")
+    assert [e["subject"] for e in entries] == [file_ids[0]]
+    detail = json.loads(entries[0]["detail"])
+    assert entries[0]["reason"] == "complaint review" and detail["approved_by"] == "李科长"
+    assert detail["requested_by"]
