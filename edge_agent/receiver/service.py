@@ -9,6 +9,11 @@ least every `ack_every_chunks` chunks or `ack_interval_ms`; `complete` once
 stored; `rejected` with a reason. A malformed message is logged with its
 reason and answered, never allowed to stop the receiver. Messages are PUBACKed
 only after they were handled, so a receiver killed mid-message gets it again.
+
+Two threads do the work: the worker checks and writes chunks; the syncer makes
+them durable (syncfs) and sends the acks. An ack names only chunks that were
+on disk before the sync that preceded it began, and chunk writes go on while
+the disk flushes, so the ack cadence costs no throughput.
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ from edge_agent.sync.wire import (
     decode_chunk,
     decode_json,
     parse_file_topic,
+    to_ranges,
 )
 
 log = logging.getLogger(__name__)
@@ -98,13 +104,18 @@ class Receiver:
         self._manifests: OrderedDict[Key, dict] = OrderedDict()
         self._unacked: dict[Key, list[float]] = {}      # chunks written since the last ack, and since when
         self._repeats: dict[Key, tuple[str, float]] = {}
+        self._repeats_lock = threading.Lock()
         self._stop = threading.Event()
         self._worker = threading.Thread(target=self._work, name="receiver-worker", daemon=True)
+        self._due: dict[Key, dict] = {}                 # files to ack after the next sync
+        self._due_cond = threading.Condition()
+        self._syncer = threading.Thread(target=self._sync_loop, name="receiver-syncer", daemon=True)
 
     # -- lifecycle -----------------------------------------------------------------------------
 
     def start(self) -> None:
         self._worker.start()
+        self._syncer.start()
         self.connection.start("receiver-connection")
         log.info("receiver started client_id=%s subscription=%s store=%s", self.config.receiver.client_id,
                  self.topic_filter, self.store.root)
@@ -112,6 +123,9 @@ class Receiver:
     def stop(self) -> None:
         self._stop.set()
         self._worker.join(timeout=30)
+        with self._due_cond:
+            self._due_cond.notify_all()
+        self._syncer.join(timeout=30)
         self.connection.stop()
         self.store.close()
 
@@ -218,7 +232,7 @@ class Receiver:
         except WireError as exc:
             self._refuse(ft, f"chunk: {exc}", in_store=True)
             return
-        if not self.store.put_chunk(ft.agent_id, ft.file_id, header.seq, data):
+        if not self.store.put_chunk(ft.agent_id, ft.file_id, header.seq, header.offset, data, header.sha256):
             self._forget(key)   # settled meanwhile (another receiver committed or rejected it)
             self._send(ft.agent_id, self.store.settled(*key) or Ack(ft.file_id, ACK_RECEIVING, [], None, NO_MANIFEST),
                        repeat=True)
@@ -244,12 +258,32 @@ class Receiver:
     # -- acks ----------------------------------------------------------------------------------
 
     def _ack_progress(self, key: Key, doc: dict) -> None:
+        """Ack this file after the next sync (the syncer thread sends it)."""
         self._unacked.pop(key, None)
-        self.store.sync()   # what an ack names is on disk
-        ack = self.store.progress(key[0], key[1], doc)
-        if ack.state != ACK_RECEIVING:
-            self._forget(key)
-        self._send(key[0], ack)
+        with self._due_cond:
+            self._due[key] = doc
+            self._due_cond.notify()
+
+    def _sync_loop(self) -> None:
+        while True:
+            with self._due_cond:
+                while not self._due and not self._stop.is_set():
+                    self._due_cond.wait(0.5)
+                if not self._due and self._stop.is_set():
+                    return
+                due, self._due = self._due, {}
+            try:
+                held = {key: self.store.have(*key) for key in due}   # before the sync: all of it durable after
+                self.store.sync()
+                for key, doc in due.items():
+                    have = held[key]
+                    if len(have) >= chunk_count(doc["size"], doc["chunk_size"]):
+                        ack = self.store.progress(key[0], key[1], doc)   # every chunk is here: commit
+                    else:
+                        ack = self.store.settled(*key) or Ack(key[1], ACK_RECEIVING, to_ranges(have))
+                    self._send(key[0], ack)
+            except Exception:
+                log.exception("acks not sent for %d file(s); they are asked again by the agents", len(due))
 
     def _flush_due(self) -> None:
         now = time.monotonic()
@@ -279,12 +313,13 @@ class Receiver:
         (a stream of late chunks for a settled file gets one answer, not one each)."""
         if repeat:
             key, now = (agent_id, ack.file_id), time.monotonic()
-            last = self._repeats.get(key)
-            if last is not None and last[0] == ack.state and now - last[1] < 1.0:
-                return
-            if len(self._repeats) > 10_000:
-                self._repeats.clear()
-            self._repeats[key] = (ack.state, now)
+            with self._repeats_lock:
+                last = self._repeats.get(key)
+                if last is not None and last[0] == ack.state and now - last[1] < 1.0:
+                    return
+                if len(self._repeats) > 10_000:
+                    self._repeats.clear()
+                self._repeats[key] = (ack.state, now)
         self.client.publish(f"{self.root}/{agent_id}/acks", ack.encode(), qos=1)
 
     # -- the manifest cache --------------------------------------------------------------------

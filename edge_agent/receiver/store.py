@@ -6,13 +6,20 @@ Layout under `store_dir`:
     objects/<aa>/<sha256>.<agent>.<file_id>.manifest.json  each signed manifest, beside its bytes
     index/<agent>/<file_id>.json                        a stored file: the commit point of `complete`
     rejected/<agent>/<file_id>.json                     a rejected file and why (until a new manifest)
-    incoming/<agent>/<file_id>/manifest.json            a transfer in progress: its verified manifest
-    incoming/<agent>/<file_id>/<seq:08d>                and each chunk, written whole (tmp + rename)
+    incoming/<agent>/<file_id>/manifest.json            a transfer in progress: its verified manifest,
+    incoming/<agent>/<file_id>/data                     its bytes, each chunk written at its offset,
+    incoming/<agent>/<file_id>/<seq:08d>                and one record per chunk held (its SHA-256),
+                                                        created after its bytes are written
     locks/<agent>/<file_id>.lock                        flock: shared to add a chunk, exclusive to
-                                                        accept a manifest, assemble, commit or reject
+                                                        accept a manifest, commit or reject
 
 Any receiver can continue another's transfer: all state is here, none in
-memory. Chunk writes are made durable (syncfs) before an ack names them.
+memory. Chunk writes are made durable (one syncfs) before an ack names them.
+The bytes are written once: the commit hashes `data` in place and renames it
+into objects/. It checks every chunk against its record as it goes, so a chunk
+whose bytes did not reach the disk (a power cut before the sync) is asked for
+again rather than failing the file; only a whole-file SHA-256 that differs
+from the manifest's with every chunk intact is a rejection.
 """
 
 from __future__ import annotations
@@ -31,7 +38,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from edge_agent.durable import BLOCK, atomic_write, fsync_dir
+from edge_agent.durable import atomic_write, fsync_dir
 from edge_agent.sync.wire import ACK_COMPLETE, ACK_RECEIVING, ACK_REJECTED, Ack, chunk_count, to_ranges
 
 log = logging.getLogger(__name__)
@@ -139,28 +146,44 @@ class ChunkStore:
             if not same:
                 shutil.rmtree(incoming, ignore_errors=True)   # chunks of another manifest are not this file's
                 incoming.mkdir(parents=True)
+                fd = os.open(incoming / "data", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+                try:
+                    os.ftruncate(fd, doc["size"])   # sparse: chunks fill it in any order
+                finally:
+                    os.close(fd)
                 atomic_write(current, canonical)
             return self._progress_locked(agent, file_id, doc)
 
-    def put_chunk(self, agent: str, file_id: str, seq: int, data: bytes | memoryview) -> bool:
-        """Write chunk `seq` whole. False if the transfer is not in progress (settled or unknown)."""
+    def put_chunk(self, agent: str, file_id: str, seq: int, offset: int, data: bytes | memoryview,
+                  sha256: str) -> bool:
+        """Write chunk `seq` (verified by the caller) and its record. False if the transfer is not in
+        progress (settled meanwhile, or never started)."""
         with self._lock(agent, file_id, exclusive=False):
             incoming = self.incoming(agent, file_id)
-            final = incoming / f"{seq:08d}"
-            if final.exists():
+            record = incoming / f"{seq:08d}"
+            if record.exists():
                 return True   # a duplicate: same seq, same verified bytes
-            tmp = incoming / f".{seq:08d}.{os.getpid()}.tmp"
             try:
-                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+                fd = os.open(incoming / "data", os.O_WRONLY)
             except FileNotFoundError:
                 return False
             try:
-                view = memoryview(data)
+                view, at = memoryview(data), offset
                 while view:
-                    view = view[os.write(fd, view):]
+                    n = os.pwrite(fd, view, at)
+                    view, at = view[n:], at + n
             finally:
                 os.close(fd)
-            os.replace(tmp, final)
+            # No tmp + rename: a record cut short by a crash cannot pass as valid, the commit checks each
+            # record against the bytes it names and asks again for any that differ.
+            try:
+                fd = os.open(record, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                return True
+            try:
+                os.write(fd, sha256.encode("ascii"))
+            finally:
+                os.close(fd)
             return True
 
     def sync(self) -> None:
@@ -200,51 +223,45 @@ class ChunkStore:
         return self._commit(agent, file_id, doc, total)
 
     def _commit(self, agent: str, file_id: str, doc: dict[str, Any], total: int) -> Ack:
-        """Assemble the chunks, check the whole file's SHA-256, store it content-addressed (held lock)."""
+        """Check every chunk and the whole file's SHA-256, then store it content-addressed (lock held)."""
         incoming = self.incoming(agent, file_id)
-        sha256 = doc["sha256"]
+        sha256, chunk_size = doc["sha256"], doc["chunk_size"]
+        digest, lost = hashlib.sha256(), []
+        fd = os.open(incoming / "data", os.O_RDONLY)
+        try:
+            for seq in range(total):
+                data = os.pread(fd, chunk_size, seq * chunk_size)
+                digest.update(data)
+                if hashlib.sha256(data).hexdigest().encode("ascii") != (incoming / f"{seq:08d}").read_bytes():
+                    lost.append(seq)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        if lost:
+            for seq in lost:
+                self._unlink(incoming / f"{seq:08d}")
+            log.warning("chunks lost agent=%s file=%s seqs=%s: their bytes did not reach the disk; asking again",
+                        agent, file_id, to_ranges(lost))
+            return Ack(file_id, ACK_RECEIVING, to_ranges(self.have(agent, file_id)))
+        if digest.hexdigest() != sha256:
+            return self._reject_locked(agent, file_id, (
+                f"the assembled file has SHA-256 {digest.hexdigest()}, the manifest says {sha256}: "
+                "its bytes were altered after sealing or in transit"))
         target = self.object_path(sha256)
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.parent / f".{sha256}.{os.getpid()}.tmp"
-        digest, size = hashlib.sha256(), 0
-        out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        try:
-            buf = bytearray(BLOCK)
-            for seq in range(total):
-                src = os.open(incoming / f"{seq:08d}", os.O_RDONLY)
-                try:
-                    while n := os.readv(src, [buf]):
-                        view = memoryview(buf)[:n]
-                        digest.update(view)
-                        size += n
-                        while view:
-                            view = view[os.write(out, view):]
-                finally:
-                    os.close(src)
-            os.fsync(out)
-        except BaseException:
-            os.close(out)
-            self._unlink(tmp)
-            raise
-        os.close(out)
-        if (digest.hexdigest(), size) != (sha256, doc["size"]):
-            self._unlink(tmp)
-            reason = (f"the assembled file has SHA-256 {digest.hexdigest()} and {size} bytes, the manifest says "
-                      f"{sha256} and {doc['size']} bytes: its bytes were altered after sealing or in transit")
-            return self._reject_locked(agent, file_id, reason)
         if target.exists():
-            self._unlink(tmp)   # the same bytes are stored already (G3: one copy)
+            self._unlink(incoming / "data")   # the same bytes are stored already (G3: one copy)
         else:
-            os.chmod(tmp, 0o444)
-            os.replace(tmp, target)
+            os.chmod(incoming / "data", 0o444)
+            os.replace(incoming / "data", target)
         fsync_dir(target.parent)
         manifest = (incoming / "manifest.json").read_bytes()
         atomic_write(self.manifest_path(sha256, agent, file_id), manifest, mode=0o444)
         atomic_write(self._index(agent, file_id), json.dumps(
-            {"agent_id": agent, "file_id": file_id, "sha256": sha256, "size": size, "stored_ms": now_ms(),
+            {"agent_id": agent, "file_id": file_id, "sha256": sha256, "size": doc["size"], "stored_ms": now_ms(),
              "object": str(target.relative_to(self.root))}).encode(), mode=0o444)
         shutil.rmtree(incoming, ignore_errors=True)
-        log.info("stored agent=%s file=%s size=%d sha256=%s", agent, file_id, size, sha256)
+        log.info("stored agent=%s file=%s size=%d sha256=%s", agent, file_id, doc["size"], sha256)
         return Ack(file_id, ACK_COMPLETE, [], sha256)
 
     @staticmethod
