@@ -1,7 +1,8 @@
 """The operations scheduler: one APScheduler background thread running the agent's periodic work.
 
-Jobs: the health snapshot every `health.interval_s` and whenever something a
-watcher cares about changes (checked every `health.change_check_s`);
+Jobs: the health snapshot every `health.interval_s`, whenever something a
+watcher cares about changes (checked every `health.change_check_s`) and when
+the platform sends the `health` command;
 retention every `retention.check_s`; the scrub in bounded slices; the daily
 summary event at `health.summary_hour`; and, under systemd, the watchdog
 ping. Every job runs one at a time (no overlap), a slow run is coalesced, and
@@ -109,6 +110,9 @@ class OperationsScheduler:
         if watchdog:
             add(self._job("watchdog", self._watchdog), "interval", seconds=watchdog, id="watchdog")
         self.scheduler.start()
+        uplink = getattr(self.agent, "uplink", None)
+        if uplink is not None:
+            uplink.on_command(self._command)
         sdnotify.notify(f"READY=1\nSTATUS=collecting; agent {self.config.agent.id}")
         log.info("scheduler started health_s=%s retention_s=%s watchdog_s=%s", health.interval_s,
                  self.config.retention.check_s, watchdog)
@@ -117,6 +121,12 @@ class OperationsScheduler:
         sdnotify.notify("STOPPING=1")
         self.stopping.set()
         self.scheduler.shutdown(wait=True)
+
+    def _command(self, command: dict[str, Any]) -> None:
+        """`{"cmd": "health"}` from the platform (already authenticated by the uplink): a snapshot now.
+        Runs on the MQTT network thread, so it only moves the job's next run."""
+        if command.get("cmd") == "health":
+            self.scheduler.modify_job("health", next_run_time=datetime.now(ZoneInfo(self.config.agent.timezone)))
 
     def _scrub(self) -> None:
         self.scrubber.run_once(SCRUB_BUDGET_S)

@@ -10,11 +10,14 @@ from typing import Any
 
 import jsonschema
 import paho.mqtt.client as mqtt
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from typer.testing import CliRunner
 
+from edge_agent.catalog import now_ms
 from edge_agent.cli import app
 from edge_agent.daemon import Agent, build_agent
 from edge_agent.health import load_schema, parse_chrony_tracking
+from edge_agent.manifest import AgentKey
 from edge_agent.scheduler import daily_summary
 from tests.helpers import agent_config, make_recorder_volume, wait_for
 from tests.opsdata import confirm, ingest_file
@@ -111,6 +114,31 @@ def test_health_is_published_retained_and_matches_its_schema(tmp_path: Path, mos
     jsonschema.validate(snapshot, load_schema())
     assert snapshot["schema_version"] == 1 and snapshot["agent"]["sync"]["connected"]
     assert snapshot["agent"]["queue"]["by_state"]
+
+
+def test_platform_health_command_gets_a_snapshot_at_once(tmp_path: Path, mosquitto: Mosquitto) -> None:
+    platform_key = AgentKey(Ed25519PrivateKey.generate())
+    (tmp_path / "platform.pem").write_text(platform_key.public_pem())
+    _, cfg = agent_config(tmp_path, mqtt={"host": "127.0.0.1", "port": mosquitto.port,
+                                          "command_keys": str(tmp_path / "platform.pem")},
+                          health={"interval_s": 3600, "change_check_s": 0.2})
+    health_file = cfg.agent.data_dir / "health.json"
+    agent = build_agent(cfg)
+    agent.start()
+    platform = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="platform", protocol=mqtt.MQTTv5)
+    platform.connect("127.0.0.1", mosquitto.port)
+    platform.loop_start()
+    try:
+        connected = wait_for(lambda: (h := read_health(health_file)) and h["agent"]["sync"]["connected"] and h,
+                             15, what="a snapshot once connected")
+        command = platform_key.sign({"cmd": "health", "id": "h-1", "ts": now_ms(), "agent": cfg.agent.id})
+        platform.publish(f"{cfg.mqtt.root}/{cfg.agent.id}/commands", json.dumps(command), qos=1).wait_for_publish(5)
+        wait_for(lambda: read_health(health_file)["ts_ms"] > connected["ts_ms"], 10,
+                 what="a fresh snapshot after the health command")
+    finally:
+        platform.loop_stop()
+        platform.disconnect()
+        agent.stop()
 
 
 def test_daily_summary_counts_the_last_24_hours(tmp_path: Path) -> None:
