@@ -102,13 +102,11 @@ class Retention:
 
     def purgeable(self, *, synced_before_ms: int | None = None, limit: int = 500) -> list[FileRecord]:
         """Routine, confirmed, unheld files still on disk, the longest-confirmed first."""
-        sql = f"SELECT f.* FROM files f WHERE {_PURGEABLE}"
-        params: tuple[int, ...] = ()
-        if synced_before_ms is not None:
-            sql += " AND f.synced_ms IS NOT NULL AND f.synced_ms <= ?"
-            params = (synced_before_ms,)
-        sql += " ORDER BY COALESCE(f.synced_ms, f.updated_ms), f.file_id LIMIT ?"
-        return [FileRecord.from_row(r) for r in self.catalog.query(sql, (*params, limit))]
+        # In synced_ms order through its index: a pass stays quick on a catalog of millions of files.
+        sql = (f"SELECT f.* FROM files f INDEXED BY idx_files_synced_ms WHERE {_PURGEABLE} AND f.synced_ms <= ?"
+               " ORDER BY f.synced_ms, f.file_id LIMIT ?")
+        before = now_ms() if synced_before_ms is None else synced_before_ms
+        return [FileRecord.from_row(r) for r in self.catalog.query(sql, (before, limit))]
 
     def purge(self, file_id: str, reason: str, *, actor: str = "edge-agent") -> int | None:
         """Remove one file's local bytes if it is still purgeable. Returns the bytes freed, None if it was not."""
@@ -145,7 +143,7 @@ class Retention:
         limit = self.config.retention.disk_purge_percent
         percent = self.disk_percent()
         while percent >= limit:
-            batch = self.purgeable(limit=50)
+            batch = self.purgeable(synced_before_ms=now, limit=50)
             if not batch:
                 log.warning("disk at %.1f%% (limit %s%%) and nothing purgeable: unsynced, held, evidence and "
                             "long-term files are kept", percent, limit)
