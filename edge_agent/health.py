@@ -19,7 +19,6 @@ import shutil
 import subprocess
 import threading
 import time
-from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -118,13 +117,8 @@ class HealthMonitor:
         return stats
 
     def _cameras(self) -> list[dict[str, Any]]:
-        cameras = getattr(self.agent, "cameras", None)
-        if cameras is None or not hasattr(cameras, "camera_status"):
-            return []
-        out = []
-        for status in cameras.camera_status():
-            out.append(dict(status) if isinstance(status, dict) else asdict(status))
-        return out
+        cameras = getattr(self.agent, "cameras", None)  # only when the config has cameras
+        return [] if cameras is None else list(cameras.camera_status())
 
     def _docks(self) -> list[dict[str, Any]]:
         slots = []

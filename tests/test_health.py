@@ -141,6 +141,19 @@ def test_platform_health_command_gets_a_snapshot_at_once(tmp_path: Path, mosquit
         agent.stop()
 
 
+def test_cameras_appear_in_the_snapshot_as_their_service_reports_them(tmp_path: Path) -> None:
+    _, cfg = agent_config(tmp_path, cameras=[{"name": "gate-east", "rtsp": "rtsp://127.0.0.1:9/none",
+                                              "location": "鼓楼区中山路口", "location_kind": "street"}])
+    agent = build_agent(cfg)
+
+    snapshot = agent.operations.health.snapshot()
+
+    jsonschema.validate(snapshot, load_schema())
+    assert [(c["name"], c["connected"], c["location"]) for c in snapshot["cameras"]] == [
+        ("gate-east", False, "鼓楼区中山路口")]
+    agent.catalog.close()
+
+
 def test_daily_summary_counts_the_last_24_hours(tmp_path: Path) -> None:
     _, cfg = agent_config(tmp_path)
     agent = Agent(cfg, dock_drivers=[])
