@@ -1,0 +1,266 @@
+"""Fuzzing every inbound MQTT message against the real parsers (G6): acks and commands into the agent's
+uplink, manifests, chunks (header and frame) and queries into the receiver. Nothing raises, nothing that
+is not a valid protocol step changes any state, and each refusal is logged with its reason."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from edge_agent.catalog import Catalog, State, new_id
+from edge_agent.config import parse_receiver_config
+from edge_agent.manifest import AgentKey, canonical_json
+from edge_agent.receiver import Receiver
+from edge_agent.store import StoreLayout
+from edge_agent.sync import Uplink
+from edge_agent.sync.wire import ChunkHeader, encode_chunk
+from tests.helpers import agent_config
+
+AGENT = "ws-fuzz-01"
+ROOT = "evidence/v1"
+CHUNK = 4096
+SHA = "ab" * 32
+FUZZ = settings(max_examples=250, deadline=None,
+                suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(min_value=-(2**66), max_value=2**66) | st.floats() | st.text(max_size=30),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=5),
+    max_leaves=15)
+ulids = st.from_regex(r"[0-9A-HJKMNP-TV-Z]{26}", fullmatch=True)
+hexes = st.from_regex(r"[0-9a-f]{64}", fullmatch=True)
+
+
+def _files_snapshot(catalog: Catalog) -> list[tuple[Any, ...]]:
+    return [tuple(r) for r in catalog.query("SELECT file_id, state, sha256, last_error FROM files ORDER BY file_id")]
+
+
+# -- the agent's side: acks and commands -------------------------------------------------------------
+
+
+class UplinkBench:
+    """A real Uplink (not connected) over a catalog holding one file in `sending`."""
+
+    def __init__(self, tmp: Path):
+        _, cfg = agent_config(tmp, agent={"id": AGENT})
+        self.layout = StoreLayout(cfg.agent.data_dir)
+        self.layout.create()
+        self.catalog = Catalog(cfg.catalog_path)
+        self.uplink = Uplink(self.catalog, self.layout, cfg, version="fuzz")
+        self.obeyed: list[dict[str, Any]] = []
+        self.uplink.on_command(self.obeyed.append)
+
+    def sending_file(self) -> str:
+        record, _ = self.catalog.discover(kind="recorder", device_id="A123456", original_path=f"DCIM/{new_id()}.MP4",
+                                          source_path=None, source_size=10, source_mtime_ns=1)
+        for state, columns in ((State.STAGED, {"sha256": SHA, "size": 10, "store_path": "store/x"}),
+                               (State.SEALED, {"manifest_sha256": SHA}), (State.SENDING, {})):
+            self.catalog.transition(record.file_id, state, **columns)
+        return record.file_id
+
+    def deliver(self, suffix: str, payload: bytes) -> None:
+        message = mqtt.MQTTMessage(topic=f"{ROOT}/{AGENT}/{suffix}".encode())
+        message.payload = payload
+        self.uplink._on_message(self.uplink.client, None, message)
+        self.uplink._drain_inbox()
+
+
+@pytest.fixture(scope="module")
+def uplink_bench(tmp_path_factory: pytest.TempPathFactory) -> Iterator[UplinkBench]:
+    bench = UplinkBench(tmp_path_factory.mktemp("uplink"))
+    yield bench
+    bench.catalog.close()
+
+
+def _acks(file_id: str) -> st.SearchStrategy[bytes]:
+    shaped = st.fixed_dictionaries(
+        {"file_id": st.sampled_from([file_id]) | ulids, "state": st.sampled_from(["receiving", "complete", "rejected"])
+         | st.text(max_size=10),
+         "have": st.lists(st.lists(st.integers(min_value=-5, max_value=2**63), min_size=0, max_size=3), max_size=4),
+         "sha256": st.none() | hexes | st.just(SHA) | st.text(max_size=70),
+         "reason": st.none() | st.text(max_size=50)},
+        optional={"extra": json_values}).map(lambda d: json.dumps(d).encode())
+    return st.one_of(shaped, st.binary(max_size=300), json_values.map(lambda v: json.dumps(v).encode()))
+
+
+@given(data=st.data())
+@FUZZ
+def test_any_ack_is_handled_and_only_a_valid_verdict_moves_a_file(uplink_bench: UplinkBench, data: st.DataObject,
+                                                                  caplog: pytest.LogCaptureFixture) -> None:
+    file_id = uplink_bench.sending_file()
+    payload = data.draw(_acks(file_id))
+    before = _files_snapshot(uplink_bench.catalog)
+    caplog.clear()
+    uplink_bench.deliver("acks", payload)
+    after = _files_snapshot(uplink_bench.catalog)
+    if after == before:
+        return
+    # The only changes the protocol allows: our file settled by a well-formed complete or rejected ack.
+    ack = json.loads(payload)
+    state = uplink_bench.catalog.get(file_id).state
+    assert ack["file_id"] == file_id and ack["state"] in ("complete", "rejected")
+    if state == State.SYNCED:
+        assert ack["state"] == "complete" and ack["sha256"] == SHA
+    else:
+        assert state == State.REJECTED
+    changed = {row[0] for row in set(after) ^ set(before)}
+    assert changed == {file_id}
+
+
+COMMANDS = (st.binary(max_size=300) | json_values.map(lambda v: json.dumps(v).encode())
+            | st.fixed_dictionaries({"cmd": st.text(max_size=70), "id": st.text(max_size=130),
+                                     "ts": st.integers(min_value=-(2**64), max_value=2**64)},
+                                    optional={"sig": st.text(max_size=90), "key_id": st.text(max_size=30),
+                                              "agent": st.sampled_from([AGENT, "other"])})
+            .map(lambda d: json.dumps(d).encode()))
+
+
+@given(payload=COMMANDS)
+@FUZZ
+def test_any_command_payload_is_refused_without_a_platform_signature(uplink_bench: UplinkBench, payload: bytes,
+                                                                     caplog: pytest.LogCaptureFixture) -> None:
+    before = _files_snapshot(uplink_bench.catalog)
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        uplink_bench.deliver("commands", payload)
+    assert uplink_bench.obeyed == []
+    assert _files_snapshot(uplink_bench.catalog) == before
+    assert any(r.levelno >= logging.WARNING and ("command ignored" in r.getMessage()
+                                                 or "command refused" in r.getMessage()) for r in caplog.records)
+
+
+# -- the receiver's side: manifests, chunks, queries ----------------------------------------------------
+
+
+class ReceiverBench:
+    """A real Receiver (not connected) with one genuine transfer half done: manifest and chunk 0 held."""
+
+    def __init__(self, tmp: Path):
+        self.key = AgentKey(Ed25519PrivateKey.generate())
+        keys = tmp / "keys"
+        keys.mkdir()
+        (keys / f"{AGENT}.pem").write_text(self.key.public_pem())
+        self.store_dir = tmp / "store"
+        cfg = parse_receiver_config({"receiver": {"store_dir": str(self.store_dir), "keys_dir": str(keys),
+                                                  "max_chunk_kib": 64}})
+        self.receiver = Receiver(cfg)
+        self.begin()
+
+    def begin(self) -> None:
+        """Start a fresh genuine transfer: its manifest and chunk 0 are held."""
+        self.file_id = new_id()
+        self.content = os.urandom(3 * CHUNK + 100)
+        self.manifest = self.key.sign({
+            "v": 1, "type": "file", "file_id": self.file_id, "agent_id": AGENT, "size": len(self.content),
+            "sha256": hashlib.sha256(self.content).hexdigest(), "chunk_size": CHUNK, "prev": "0" * 64})
+        self.manifest_bytes = canonical_json(self.manifest)
+        self.chunks = [self.chunk(seq) for seq in range(4)]
+        self.receiver.handle(self.topic("manifest"), self.manifest_bytes)
+        self.receiver.handle(self.topic("chunk"), self.chunks[0])
+
+    def topic(self, kind: str, file_id: str | None = None) -> str:
+        return f"{ROOT}/{AGENT}/files/{file_id or self.file_id}/{kind}"
+
+    def chunk(self, seq: int) -> bytes:
+        data = self.content[seq * CHUNK:(seq + 1) * CHUNK]
+        return encode_chunk(ChunkHeader(seq, seq * CHUNK, len(data), hashlib.sha256(data).hexdigest()), data)
+
+    def snapshot(self) -> dict[str, bytes]:
+        return {str(p.relative_to(self.store_dir)): p.read_bytes()
+                for p in sorted(self.store_dir.rglob("*")) if p.is_file() and "locks" not in p.parts}
+
+
+@pytest.fixture(scope="module")
+def receiver_bench(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ReceiverBench]:
+    bench = ReceiverBench(tmp_path_factory.mktemp("receiver"))
+    yield bench
+    bench.receiver.store.close()
+
+
+def _mutated(genuine: bytes, data: st.DataObject) -> bytes:
+    """A genuine message with bytes flipped, cut or extended."""
+    how = data.draw(st.sampled_from(["flip", "cut", "extend"]))
+    if how == "flip" and genuine:
+        i = data.draw(st.integers(0, len(genuine) - 1))
+        return genuine[:i] + bytes([genuine[i] ^ data.draw(st.integers(1, 255))]) + genuine[i + 1:]
+    if how == "cut":
+        return genuine[:data.draw(st.integers(0, max(len(genuine) - 1, 0)))]
+    return genuine + data.draw(st.binary(min_size=1, max_size=50))
+
+
+def _frames(data: st.DataObject) -> bytes:
+    """A chunk frame around an arbitrary header: any JSON, any declared length."""
+    header = data.draw(st.fixed_dictionaries(
+        {"seq": st.integers(-1, 2**64), "offset": st.integers(-1, 2**64), "size": st.integers(-1, 2**27),
+         "sha256": hexes | st.text(max_size=70)}) | json_values)
+    head = json.dumps(header).encode()
+    body = data.draw(st.binary(max_size=200))
+    length = data.draw(st.sampled_from([len(head), 0, 2**32 - 1, len(head) + 1, max(len(head) - 1, 0)]))
+    return struct.pack(">I", length) + head + body
+
+
+@given(data=st.data())
+@FUZZ
+def test_no_malformed_or_forged_message_disturbs_a_transfer_in_progress(receiver_bench: ReceiverBench,
+                                                                        data: st.DataObject,
+                                                                        caplog: pytest.LogCaptureFixture) -> None:
+    bench = receiver_bench
+    kind = data.draw(st.sampled_from(["manifest", "chunk", "query", "topic"]))
+    topic = bench.topic(kind if kind != "topic" else "chunk")
+    if kind == "manifest":
+        forged = {**bench.manifest, data.draw(st.sampled_from(["size", "sha256", "chunk_size", "agent_id"])):
+                  data.draw(json_values)}
+        stranger = AgentKey(Ed25519PrivateKey.generate())
+        payload = data.draw(st.sampled_from([json.dumps(forged, sort_keys=True).encode(),
+                                             _mutated(bench.manifest_bytes, data),
+                                             canonical_json(stranger.sign(bench.manifest))]))
+    elif kind == "chunk":
+        payload = data.draw(st.sampled_from([_mutated(bench.chunks[1], data), _frames(data)]))
+    elif kind == "query":
+        payload = data.draw(st.binary(max_size=100))
+    else:
+        topic = data.draw(st.sampled_from([f"{ROOT}/{AGENT}/files/{bench.file_id}/junk",
+                                           f"{ROOT}/{AGENT}/files/x/chunk", f"{ROOT}/{AGENT}/files",
+                                           f"{ROOT}/../files/{bench.file_id}/chunk"]))
+        payload = data.draw(st.binary(max_size=100))
+    if payload in (bench.chunks[1], bench.manifest_bytes):
+        return   # a mutation that changed nothing is the genuine message
+    before = bench.snapshot()
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        bench.receiver.handle(topic, payload)
+    after = bench.snapshot()
+    if after != before:
+        # The one change the receiver's contract allows: a bad chunk of a transfer settles it as `rejected`
+        # with its reason (every receiver then gives the same answer). Nothing is stored, nothing else moves.
+        assert kind == "chunk", f"{kind} message changed the receiver's store: {payload[:80]!r}"
+        added, removed = set(after) - set(before), set(before) - set(after)
+        assert added == {f"rejected/{AGENT}/{bench.file_id}.json"}, added
+        assert json.loads(after[f"rejected/{AGENT}/{bench.file_id}.json"])["reason"]
+        assert all(path.startswith(f"incoming/{AGENT}/{bench.file_id}/") for path in removed), removed
+        assert not [p for p in added if p.startswith(("objects/", "index/"))]
+        bench.begin()
+    if kind != "query":
+        assert any(r.levelno >= logging.WARNING for r in caplog.records), f"not logged: {kind} {topic} {payload[:60]!r}"
+
+
+def test_the_genuine_transfer_still_completes_after_the_fuzzing(receiver_bench: ReceiverBench) -> None:
+    bench = receiver_bench
+    for chunk in bench.chunks[1:]:
+        bench.receiver.handle(bench.topic("chunk"), chunk)
+    key = (AGENT, bench.file_id)
+    ack = bench.receiver.store.progress(AGENT, bench.file_id, bench.manifest)
+    assert ack.state == "complete", ack
+    assert bench.receiver.store.stored(*key)["sha256"] == hashlib.sha256(bench.content).hexdigest()
