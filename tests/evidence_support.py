@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import hashlib
 import os
+import socket
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from drivers.base import DockDriver
 from edge_agent.catalog import Catalog, FileRecord
 from edge_agent.config import AgentConfig
 from edge_agent.daemon import Agent, build_agent
-from tests.helpers import wait_for
+from tests.helpers import agent_config, wait_for
 
 # Recorder file names as each model in edge_agent/data/recorders.toml writes them.
 ZFY_VENDOR, ZFY_PRODUCT = 0x2717, 0x0101
@@ -75,3 +77,15 @@ def growing_partial(staging: Path, timeout: float = 60) -> Path:
         return None
 
     return wait_for(grown, timeout=timeout, interval=0.005, what="a staging/*.part that grows")
+
+
+def closed_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def offline_agent_config(tmp_path: Path, **sections: Any) -> tuple[Path, AgentConfig]:
+    """`agent_config` with the platform unreachable (nothing listens on its MQTT port): sealed files stay
+    `sealed`, so ingest tests see ingest alone, whatever broker this machine runs on 1883."""
+    return agent_config(tmp_path, mqtt={"host": "127.0.0.1", "port": closed_port()}, **sections)

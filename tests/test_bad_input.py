@@ -14,13 +14,13 @@ import pytest
 
 from edge_agent.catalog import State
 from edge_agent.recorders import check_relative
-from tests.evidence_support import running_agent, sha256_of, wait_states
-from tests.helpers import agent_config, make_recorder_volume, wait_for
+from tests.evidence_support import offline_agent_config, running_agent, sha256_of, wait_states
+from tests.helpers import make_recorder_volume, wait_for
 
 
 def directory_dock(tmp_path: Path, **dock: object):
     root = tmp_path / "dock-sim"
-    _, cfg = agent_config(tmp_path, docks=[{"name": "bench", "kind": "directory", "root": str(root),
+    _, cfg = offline_agent_config(tmp_path, docks=[{"name": "bench", "kind": "directory", "root": str(root),
                                            "rescan_s": 0.2, **dock}])
     return cfg, root
 

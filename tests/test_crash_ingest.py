@@ -14,8 +14,15 @@ from edge_agent.catalog import Catalog, State
 from edge_agent.manifest import AgentKey
 from edge_agent.store import StoreLayout
 from edge_agent.verify import verify_all
-from tests.evidence_support import growing_partial, large_file, running_agent, sha256_of, wait_states
-from tests.helpers import agent_config, make_recorder_volume, wait_for
+from tests.evidence_support import (
+    growing_partial,
+    large_file,
+    offline_agent_config,
+    running_agent,
+    sha256_of,
+    wait_states,
+)
+from tests.helpers import make_recorder_volume, wait_for
 
 EDGE_AGENT = str(Path(sys.executable).parent / "edge-agent")
 SMALL = {f"DCIM/100/A123456_320102123_2026112208{m:02d}00.MP4": 50_000 + m for m in range(6)}
@@ -46,7 +53,7 @@ def sealed_count(catalog_path: Path) -> int:
 
 def test_kill_9_during_a_copy_then_restart_loses_nothing_and_duplicates_nothing(tmp_path: Path) -> None:
     root = tmp_path / "dock-sim"
-    config_path, cfg = agent_config(tmp_path, docks=[{"name": "bench", "kind": "directory", "root": str(root)}])
+    config_path, cfg = offline_agent_config(tmp_path, docks=[{"name": "bench", "kind": "directory", "root": str(root)}])
     volume = make_recorder_volume(root, "A123456", SMALL,
                                   identity={"DeviceID": "A123456", "PoliceID": "320102123"})
     large_file(volume / BIG, 1 << 30)
@@ -81,7 +88,7 @@ def test_kill_9_during_a_copy_then_restart_loses_nothing_and_duplicates_nothing(
 
 def test_volume_pulled_mid_copy_discards_the_partial_and_resumes_when_back(tmp_path: Path) -> None:
     root = tmp_path / "dock-sim"
-    _, cfg = agent_config(tmp_path, docks=[{"name": "bench", "kind": "directory", "root": str(root)}])
+    _, cfg = offline_agent_config(tmp_path, docks=[{"name": "bench", "kind": "directory", "root": str(root)}])
     with running_agent(cfg) as agent:
         parked = tmp_path / "pulled"
         volume = make_recorder_volume(parked, "A123456", {}, identity={"DeviceID": "A123456"})

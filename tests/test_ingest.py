@@ -10,8 +10,8 @@ from edge_agent.catalog import State
 from edge_agent.daemon import Agent
 from edge_agent.manifest import GENESIS_PREV, read_document, verify_signature
 from edge_agent.verify import verify_all
-from tests.evidence_support import running_agent, sha256_of, wait_states
-from tests.helpers import agent_config, make_recorder_volume, wait_for
+from tests.evidence_support import offline_agent_config, running_agent, sha256_of, wait_states
+from tests.helpers import make_recorder_volume, wait_for
 
 DH_FILES = {
     "2026/1122/320105001-20261122101500-DHA1B2C3D4.mp4": 250_000,
@@ -22,9 +22,10 @@ DH_FILES = {
 
 def test_directory_dock_volume_is_sealed_hashed_signed_chained_and_tagged(tmp_path: Path) -> None:
     root = tmp_path / "dock-sim"
-    _, cfg = agent_config(tmp_path, docks=[{"name": "bench", "kind": "directory", "root": str(root)}])
+    _, cfg = offline_agent_config(tmp_path, docks=[{"name": "bench", "kind": "directory", "root": str(root)}])
     with running_agent(cfg) as agent:
-        volume = make_recorder_volume(root, "DH-card-7", DH_FILES)
+        volume = root / "DH-card-7"
+        os.rename(make_recorder_volume(tmp_path / "parked", "DH-card-7", DH_FILES), volume)  # docks complete
         sealed = wait_states(agent.catalog, len(DH_FILES))
         wait_for(lambda: agent.catalog.query("SELECT 1 FROM sessions WHERE manifest_sha256 IS NOT NULL"),
                  what="session manifest")
@@ -62,7 +63,7 @@ def source_untouched(path: Path, size: int | None, mtime_ns: int | None) -> bool
 
 
 def test_recovery_discards_partials_and_orphans_and_reseals_staged_files(tmp_path: Path) -> None:
-    _, cfg = agent_config(tmp_path)
+    _, cfg = offline_agent_config(tmp_path)
     volume = make_recorder_volume(tmp_path / "card", "c", {"a.mp4": 10_000, "b.mp4": 20_000, "c.mp4": 30_000,
                                                            "d.mp4": 40_000})
     agent = Agent(cfg, dock_drivers=[])

@@ -20,13 +20,14 @@ from tests.evidence_support import (
     ZFY_VENDOR,
     growing_partial,
     large_file,
+    offline_agent_config,
     records,
     running_agent,
     sha256_of,
     wait_states,
 )
 from tests.fakes.usb_backend import EmulatedUsbBus
-from tests.helpers import agent_config, make_recorder_volume, wait_for
+from tests.helpers import make_recorder_volume, wait_for
 
 SHANGHAI = ZoneInfo("Asia/Shanghai")
 
@@ -49,7 +50,7 @@ class DockLog:
 
 def usb_config(tmp_path: Path, **agent: object):
     mount_root = tmp_path / "media"
-    _, cfg = agent_config(tmp_path, agent=agent or None,
+    _, cfg = offline_agent_config(tmp_path, agent=agent or None,
                           docks=[{"name": "dock-a", "kind": "usb", "mount_root": str(mount_root)}])
     return cfg, mount_root
 

@@ -1,0 +1,221 @@
+#!/usr/bin/env python3
+"""Ingest throughput of the real daemon against `cp`+`sync` and `cp`+`sha256sum`, in one run.
+
+A simulated dock of N recorders (directory dock; each recorder a volume of
+several files) is written once. Then, with the page cache of the sources
+dropped before each run:
+
+  ours          `edge-agent run` ingests every volume: copy + SHA-256 in one pass,
+                fsync, read-back with the cache dropped, rename, signed manifest,
+                catalog row (timed from docking until the last file is sealed)
+  cp+sync      `cp -r` of the same volumes, then `sync`
+  cp+sha256sum `cp -r`, then `sha256sum` of every copy
+
+Prints MB/s of each and our ratio to each baseline, and the daemon's peak RSS
+(psutil, sampled every 20 ms). Goal: >= 0.5x cp+sync, >= 1.5x cp+sha256sum,
+peak RSS < 200 MB.
+
+    .venv/bin/python scripts/bench_ingest.py [--gib 2] [--recorders 8] [--files 4] [--dir /var/tmp]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import psutil
+
+ROOT = Path(__file__).resolve().parents[1]
+EDGE_AGENT = Path(sys.executable).parent / "edge-agent"
+MIB = 1 << 20
+
+
+def drop_caches(files: list[Path]) -> str:
+    """Make the next read of the sources come from disk. Returns how it was done."""
+    subprocess.run(["sync"], check=True)
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        return "drop_caches"
+    except OSError:
+        for path in files:
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+        return "fadvise"
+
+
+def make_dock(parked: Path, recorders: int, files: int, total: int) -> list[Path]:
+    """N recorder volumes of ZFY-GA-2016 recorders; incompressible content, written once."""
+    size = total // (recorders * files)
+    pattern = os.urandom(64 * MIB)
+    out: list[Path] = []
+    for r in range(recorders):
+        device = f"A{100000 + r}"
+        volume = parked / device
+        (volume / "DCIM/100").mkdir(parents=True)
+        (volume / "DEVICE.INI").write_text(f"DeviceID={device}\nPoliceID=32010200{r}\nSerialNo=SN{r:04d}\n")
+        for f in range(files):
+            path = volume / f"DCIM/100/{device}_32010200{r}_2026112208{f:02d}00.MP4"
+            with open(path, "wb") as fh:
+                left, offset = size, (r * files + f) * 4096
+                while left:
+                    block = memoryview(pattern)[offset % (32 * MIB):][: min(left, 32 * MIB)]
+                    fh.write(block)
+                    left -= len(block)
+                    offset += 7919
+            past = time.time() - 3600
+            os.utime(path, (past, past))
+            out.append(path)
+    return out
+
+
+def write_config(work: Path, dock_root: Path) -> Path:
+    data = work / "data"
+    data.mkdir(mode=0o750)
+    config = work / "agent.toml"
+    config.write_text(
+        '[agent]\nid = "bench-01"\nsite = "bench"\nunit = "bench"\n'
+        f'data_dir = "{data}"\nmax_disk_gb = 1000\nmin_free_mb = 0\n\n'
+        f'[[docks]]\nname = "bench"\nkind = "directory"\nroot = "{dock_root}"\nsettle_s = 0\nrescan_s = 0.2\n',
+        encoding="utf-8")
+    return config
+
+
+def sealed(catalog: Path) -> int:
+    if not catalog.exists():
+        return 0
+    conn = sqlite3.connect(f"file:{catalog}?mode=ro", uri=True, timeout=30)
+    try:
+        return conn.execute("SELECT COUNT(*) FROM files WHERE state = 'sealed'").fetchone()[0]
+    except sqlite3.OperationalError:
+        return 0
+    finally:
+        conn.close()
+
+
+def started(catalog: Path) -> bool:
+    if not catalog.exists():
+        return False
+    conn = sqlite3.connect(f"file:{catalog}?mode=ro", uri=True, timeout=30)
+    try:
+        return conn.execute("SELECT 1 FROM audit WHERE action = 'agent.started'").fetchone() is not None
+    except sqlite3.OperationalError:
+        return False
+    finally:
+        conn.close()
+
+
+def run_ours(work: Path, parked: Path, sources: list[Path]) -> tuple[float, int, str]:
+    dock_root = work / "dock"
+    dock_root.mkdir()
+    config = write_config(work, dock_root)
+    catalog = work / "data" / "catalog.sqlite"
+    log = open(work / "daemon.log", "wb")
+    proc = subprocess.Popen([str(EDGE_AGENT), "--config", str(config), "run"], stdout=log, stderr=log)
+    peak, stop = [0], threading.Event()
+
+    def sample() -> None:
+        watched = psutil.Process(proc.pid)
+        while not stop.is_set():
+            try:
+                peak[0] = max(peak[0], watched.memory_info().rss)
+            except psutil.NoSuchProcess:
+                return
+            stop.wait(0.02)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        while not started(catalog):
+            if proc.poll() is not None:
+                raise SystemExit(f"edge-agent exited: see {work / 'daemon.log'}")
+            time.sleep(0.05)
+        how = drop_caches(sources)
+        t0 = time.monotonic()
+        for volume in sorted(parked.iterdir()):
+            os.rename(volume, dock_root / volume.name)       # every recorder docks at once
+        while sealed(catalog) < len(sources):
+            if proc.poll() is not None:
+                raise SystemExit(f"edge-agent exited: see {work / 'daemon.log'}")
+            time.sleep(0.02)
+        elapsed = time.monotonic() - t0
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+        stop.set()
+        sampler.join()
+        log.close()
+    for volume in sorted(dock_root.iterdir()):
+        os.rename(volume, parked / volume.name)
+    return elapsed, peak[0], how
+
+
+def run_shell(parked: Path, dest: Path, sources: list[Path], then: list[str]) -> float:
+    drop_caches(sources)
+    t0 = time.monotonic()
+    subprocess.run(["cp", "-r", str(parked), str(dest)], check=True)
+    if then == ["sync"]:
+        subprocess.run(["sync"], check=True)
+    else:
+        copies = sorted(str(p) for p in dest.rglob("*.MP4"))
+        subprocess.run([*then, *copies], check=True, stdout=subprocess.DEVNULL)
+    elapsed = time.monotonic() - t0
+    shutil.rmtree(dest)
+    subprocess.run(["sync"], check=True)
+    return elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--gib", type=float, default=2.0, help="total size of the recorders' files (GiB)")
+    parser.add_argument("--recorders", type=int, default=8)
+    parser.add_argument("--files", type=int, default=4, help="files per recorder")
+    parser.add_argument("--dir", default="/var/tmp", help="where to work (a real disk, not tmpfs)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    args = parser.parse_args()
+    total = int(args.gib * (1 << 30))
+    work = Path(tempfile.mkdtemp(prefix="bench-ingest-", dir=args.dir))
+    try:
+        parked = work / "recorders"
+        sources = make_dock(parked, args.recorders, args.files, total)
+        nbytes = sum(p.stat().st_size for p in sources)
+        cp_sync = run_shell(parked, work / "cp-sync", sources, ["sync"])
+        cp_sha = run_shell(parked, work / "cp-sha", sources, ["sha256sum"])
+        ours, peak_rss, how = run_ours(work, parked, sources)
+        mbs = {name: nbytes / 1e6 / t for name, t in (("ours", ours), ("cp_sync", cp_sync), ("cp_sha256sum", cp_sha))}
+        result = {
+            "bytes": nbytes, "files": len(sources), "recorders": args.recorders, "cache_drop": how,
+            "mb_s": {k: round(v, 1) for k, v in mbs.items()},
+            "ratio_vs_cp_sync": round(mbs["ours"] / mbs["cp_sync"], 2),
+            "ratio_vs_cp_sha256sum": round(mbs["ours"] / mbs["cp_sha256sum"], 2),
+            "peak_rss_mb": round(peak_rss / 1e6, 1),
+        }
+        if args.json:
+            print(json.dumps(result))
+        else:
+            print(f"ingest benchmark: {nbytes / (1 << 30):.2f} GiB in {len(sources)} files from "
+                  f"{args.recorders} recorders (page cache: {how})")
+            print(f"  ours (copy+sha256+fsync+read-back+seal) {mbs['ours']:8.1f} MB/s")
+            print(f"  cp + sync                               {mbs['cp_sync']:8.1f} MB/s   "
+                  f"ratio {result['ratio_vs_cp_sync']:.2f}x (goal >= 0.5x)")
+            print(f"  cp + sha256sum                          {mbs['cp_sha256sum']:8.1f} MB/s   "
+                  f"ratio {result['ratio_vs_cp_sha256sum']:.2f}x (goal >= 1.5x)")
+            print(f"  peak RSS of edge-agent                  {result['peak_rss_mb']:8.1f} MB (goal < 200 MB)")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
