@@ -136,6 +136,7 @@ class VolumeWorker(threading.Thread):
         self.status = SlotStatus(dock=volume.dock, slot=volume.slot, label=volume.label, docked_ms=now_ms())
         self._gone = threading.Event()
         self._wake = threading.Event()
+        self._seen: dict[str, tuple[tuple[int, int], float]] = {}
         self._paused = False
 
     def undock(self, stopping: bool = False) -> None:
@@ -216,7 +217,7 @@ class VolumeWorker(threading.Thread):
             if isinstance(entry, RefusedEntry):
                 refused.append(f"{entry.relative}: {entry.reason}")
                 continue
-            if settle_s and now_ns - entry.mtime_ns < settle_s * 1e9:
+            if settle_s and not self._settled(entry, settle_s, now_ns):
                 young = True
                 continue
             record = catalog.find_source(ident.device_id, entry.relative, entry.size, entry.mtime_ns)
@@ -232,6 +233,18 @@ class VolumeWorker(threading.Thread):
         self.status.files_done = int(done[0])
         self.status.bytes_total = int(done[1]) + sum(r.source_size or 0 for r, _ in pending)
         return pending, young
+
+    def _settled(self, entry: SourceFile, settle_s: float, now_ns: int) -> bool:
+        """Is the file finished? Old enough by its mtime, or unchanged for settle_s by our own clock.
+
+        The second rule matters when a recorder's clock runs ahead: its mtimes lie in the future."""
+        if settle_s * 1e9 <= now_ns - entry.mtime_ns:
+            return True
+        signature, seen = (entry.size, entry.mtime_ns), self._seen.get(entry.relative)
+        if seen is None or seen[0] != signature:
+            self._seen[entry.relative] = (signature, time.monotonic())
+            return False
+        return time.monotonic() - seen[1] >= settle_s
 
     def _new_record(self, entry: SourceFile, ident: VolumeIdentity, model: RecorderModel | None,
                     session_id: str) -> FileRecord:

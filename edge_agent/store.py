@@ -3,6 +3,7 @@ media, read-only), manifests/ and sessions/ (signed documents)."""
 
 from __future__ import annotations
 
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +38,10 @@ class StoreLayout:
         return self.data_dir / "keys"
 
     def create(self) -> None:
+        """Make the layout; a new data_dir is 0750 whatever the umask (evidence is never world-readable)."""
+        if not self.data_dir.exists():
+            self.data_dir.mkdir(parents=True, mode=0o750)
+            os.chmod(self.data_dir, 0o750)
         for path in (self.staging, self.media, self.manifests, self.sessions, self.annotations):
             path.mkdir(parents=True, exist_ok=True)
 

@@ -46,7 +46,7 @@ def make_recorder(root: Path, *, device: str, officer: str, serial: str, clips: 
     """A ZFY-GA-2016 style volume: DEVICE.INI plus DCIM/100MEDIA/<device>_<officer>_<start>.MP4 clips.
 
     Built in a hidden folder and renamed into `root`, as a mount appears all at once."""
-    day = day or datetime.now(TZ).replace(hour=8, minute=0, second=0, microsecond=0)
+    day = day or (datetime.now(TZ) - timedelta(hours=3)).replace(second=0, microsecond=0)
     hidden = root / f".{device}.building"
     (hidden / "DCIM" / "100MEDIA").mkdir(parents=True, exist_ok=True)
     (hidden / "DEVICE.INI").write_text(f"DeviceID={device}\nPoliceID={officer}\nSerialNo={serial}\n")

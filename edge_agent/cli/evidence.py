@@ -269,7 +269,9 @@ def audit_verify(ctx: typer.Context) -> None:
 def keys_show(ctx: typer.Context) -> None:
     """The agent's key id and public key (enrol it on the platform)."""
     cfg = load(ctx)
-    key = AgentKey.load_or_create(StoreLayout(cfg.agent.data_dir).keys)
+    layout = StoreLayout(cfg.agent.data_dir)
+    layout.create()
+    key = AgentKey.load_or_create(layout.keys)
     data = {"agent_id": cfg.agent.id, "key_id": key.key_id, "public_key_pem": key.public_pem(),
             "public_key_b64": key.public_raw_b64()}
     emit(ctx, data, f"agent {cfg.agent.id}\nkey id {key.key_id}\n{key.public_pem()}")
