@@ -306,7 +306,7 @@ class Receiver:
         else:
             stored = self.store.settled(*key) if self.store.stored(*key) is not None else None
             ack = stored or Ack(ft.file_id, ACK_REJECTED, [], None, reason)
-        self._send(ft.agent_id, ack, repeat=True)
+        self._send(ft.agent_id, ack, repeat=ft.kind == "chunk")   # every manifest gets its answer
 
     def _send(self, agent_id: str, ack: Ack, repeat: bool = False) -> None:
         """Publish an ack. With `repeat`, the same state for the same file goes out at most once a second

@@ -1,0 +1,239 @@
+"""The reference receiver as a real process against a real mosquitto, driven by a scripted agent."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from edge_agent.manifest import AgentKey, canonical_json
+from edge_agent.sync.wire import ChunkHeader, encode_chunk
+from tests.helpers import wait_for
+from tests.peers.mosquitto import Mosquitto
+from tests.sync_support import (
+    AGENT_ID,
+    ROOT,
+    ScriptedAgent,
+    random_bytes,
+    receiver_logged,
+    receiver_proc,
+    receiver_setup,
+    stored_index,
+)
+
+
+@pytest.fixture
+def keyed(tmp_path: Path) -> tuple[AgentKey, Path]:
+    key = AgentKey.load_or_create(tmp_path / "agent-keys")
+    keys_dir = tmp_path / "enrolled"
+    keys_dir.mkdir()
+    (keys_dir / f"{AGENT_ID}.pem").write_text(key.public_pem())
+    return key, keys_dir
+
+
+@pytest.fixture
+def receiver(tmp_path: Path, mosquitto: Mosquitto, keyed: tuple[AgentKey, Path]) -> Iterator[Path]:
+    config = receiver_setup(tmp_path, mosquitto.port, tmp_path / "store", keyed[1], max_chunk_kib=256)
+    proc = receiver_proc(tmp_path, config).start()
+    wait_for(lambda: receiver_logged(tmp_path, "mqtt connected"), 20, what="receiver connected")
+    yield tmp_path / "store"
+    assert proc.alive, "the receiver died"
+    assert proc.stop() == 0
+
+
+def stored_bytes(store: Path, file_id: str) -> bytes:
+    entry = stored_index(store)[file_id]
+    return (store / entry["object"]).read_bytes()
+
+
+def test_file_is_stored_content_addressed_with_its_manifest(receiver: Path, mosquitto: Mosquitto,
+                                                            keyed: tuple[AgentKey, Path]) -> None:
+    agent = ScriptedAgent(mosquitto.port, keyed[0])
+    content = random_bytes(200_001)
+    doc = agent.send_file(content)
+    ack = agent.ack(doc["file_id"], "complete")
+    assert ack["sha256"] == hashlib.sha256(content).hexdigest()
+    assert stored_bytes(receiver, doc["file_id"]) == content
+    beside = receiver / "objects" / ack["sha256"][:2] / f"{ack['sha256']}.{AGENT_ID}.{doc['file_id']}.manifest.json"
+    assert json.loads(beside.read_bytes()) == doc
+    assert not (receiver / "incoming" / AGENT_ID / doc["file_id"]).exists()
+    agent.close()
+
+
+def test_empty_file_completes_on_its_manifest(receiver: Path, mosquitto: Mosquitto,
+                                               keyed: tuple[AgentKey, Path]) -> None:
+    agent = ScriptedAgent(mosquitto.port, keyed[0])
+    doc = agent.send_file(b"")
+    assert agent.ack(doc["file_id"], "complete")["sha256"] == hashlib.sha256(b"").hexdigest()
+    assert stored_bytes(receiver, doc["file_id"]) == b""
+    agent.close()
+
+
+def test_duplicates_and_replays_store_the_file_once(receiver: Path, mosquitto: Mosquitto,
+                                                     keyed: tuple[AgentKey, Path]) -> None:
+    agent = ScriptedAgent(mosquitto.port, keyed[0])
+    content = random_bytes(300_000)
+    doc = agent.manifest(content)
+    agent.send_manifest(doc)
+    agent.send_manifest(doc)                               # duplicate manifest mid-transfer
+    agent.send_chunks(doc, content, [0, 1, 1, 0])          # duplicate chunks
+    agent.send_chunks(doc, content)
+    agent.ack(doc["file_id"], "complete")
+    agent.send_manifest(doc)                               # a replay of the whole transfer
+    agent.send_chunks(doc, content)
+    assert agent.ack(doc["file_id"], "complete")["sha256"] == doc["sha256"]
+    agent.query(doc["file_id"])
+    assert agent.ack(doc["file_id"])["state"] == "complete"
+    assert list(stored_index(receiver)) == [doc["file_id"]]
+    objects = [p for p in (receiver / "objects").rglob("*") if p.is_file() and not p.name.endswith(".json")]
+    assert len(objects) == 1
+    agent.close()
+
+
+def test_query_answers_what_the_receiver_has(receiver: Path, mosquitto: Mosquitto,
+                                              keyed: tuple[AgentKey, Path]) -> None:
+    agent = ScriptedAgent(mosquitto.port, keyed[0])
+    content = random_bytes(10 * 65536)
+    doc = agent.manifest(content)
+    agent.send_manifest(doc)
+    agent.send_chunks(doc, content, [0, 1, 2, 5])
+    agent.query(doc["file_id"])
+    ack = wait_for(lambda: (a := agent.ack(doc["file_id"], "receiving")) and a["have"] == [[0, 2], [5, 5]] and a,
+                   20, interval=0, what="have [[0,2],[5,5]]")
+    assert ack["reason"] is None
+    agent.send_chunks(doc, content, [3, 4, 6, 7, 8, 9])
+    agent.ack(doc["file_id"], "complete")
+    agent.close()
+
+
+def test_malformed_messages_are_rejected_with_a_reason_and_never_stop_the_receiver(
+        tmp_path: Path, receiver: Path, mosquitto: Mosquitto, keyed: tuple[AgentKey, Path]) -> None:
+    agent = ScriptedAgent(mosquitto.port, keyed[0])
+    content = random_bytes(3 * 65536)
+
+    def rejected(file_id: str) -> str:
+        ack = agent.ack(file_id, "rejected")
+        assert ack["reason"], ack
+        return ack["reason"]
+
+    # Bad JSON, wrong types, a manifest for another file, a forged signature, an agent nobody enrolled.
+    doc = agent.manifest(content)
+    agent.publish(doc["file_id"], "manifest", b"{not json")
+    assert "not valid UTF-8 JSON" in rejected(doc["file_id"])
+    agent.publish(doc["file_id"], "manifest", json.dumps({**doc, "size": "big"}).encode())
+    assert "size" in rejected(doc["file_id"])
+    other = agent.manifest(content)
+    agent.publish(doc["file_id"], "manifest", canonical_json(other))
+    assert "published on the topic" in rejected(doc["file_id"])
+    forged = {**doc, "officer_id": "someone-else"}
+    agent.send_manifest(forged)
+    assert "signature" in rejected(doc["file_id"])
+    stranger = ScriptedAgent(mosquitto.port, AgentKey.load_or_create(tmp_path / "stranger"), agent_id="ws-unknown")
+    sdoc = stranger.manifest(content)
+    stranger.send_manifest(sdoc)
+    assert "not enrolled" in stranger.ack(sdoc["file_id"], "rejected")["reason"]
+    stranger.close()
+
+    # A chunk for a file the receiver never saw a manifest for: dropped, and the agent told to send it.
+    lost = agent.manifest(content)
+    agent.send_chunks(lost, content, [0])
+    assert "no manifest" in agent.ack(lost["file_id"], "receiving")["reason"]
+
+    # Chunks of a file in progress: beyond the file, garbage frames, oversized, bytes not matching the header.
+    def started() -> dict:
+        d = agent.manifest(content)
+        agent.send_manifest(d)
+        return d
+
+    d = started()
+    data = content[:65536]
+    agent.publish(d["file_id"], "chunk", encode_chunk(ChunkHeader(7, 7 * 65536, 65536,
+                                                                  hashlib.sha256(data).hexdigest()), data))
+    assert "beyond the file" in rejected(d["file_id"])
+    d = started()
+    agent.publish(d["file_id"], "chunk", struct.pack(">I", 10**6) + b"{}")
+    assert "header length" in rejected(d["file_id"])
+    d = started()
+    agent.publish(d["file_id"], "chunk", struct.pack(">I", 2) + b"[]" + data)
+    assert "chunk-header" in rejected(d["file_id"])
+    d = started()
+    agent.publish(d["file_id"], "chunk", b"\0" * (300 * 1024 + 8192))
+    assert "larger than this receiver takes" in rejected(d["file_id"])
+    d = started()
+    agent.publish(d["file_id"], "chunk", encode_chunk(ChunkHeader(0, 0, 65536, "0" * 64), data))
+    assert "do not hash" in rejected(d["file_id"])
+    # A rejection is remembered: late chunks get the same answer (at most one a second), nothing is stored.
+    time.sleep(1.1)
+    agent.send_chunks(d, content, [1])
+    assert "do not hash" in rejected(d["file_id"])
+
+    # Topics that are not the protocol's: logged and dropped.
+    agent.client.publish(f"{ROOT}/{AGENT_ID}/files/not-a-ulid/chunk", b"x", qos=1).wait_for_publish(5)
+    agent.client.publish(f"{ROOT}/{AGENT_ID}/files/{d['file_id']}/delete", b"{}", qos=1).wait_for_publish(5)
+
+    # Still serving: a good file goes through, and nothing of the bad ones was stored.
+    good = agent.send_file(content)
+    agent.ack(good["file_id"], "complete")
+    assert list(stored_index(receiver)) == [good["file_id"]]
+    wait_for(lambda: receiver_logged(tmp_path, "dropped message"), 10, what="malformed topic logged")
+    log = (tmp_path / "receiver-1.log").read_text()
+    assert "Traceback" not in log
+    agent.close()
+
+
+def test_whole_file_hash_mismatch_is_rejected(receiver: Path, mosquitto: Mosquitto,
+                                               keyed: tuple[AgentKey, Path]) -> None:
+    """Chunks that each match their header but not the sealed file: the manifest's SHA-256 decides."""
+    agent = ScriptedAgent(mosquitto.port, keyed[0])
+    content = random_bytes(2 * 65536)
+    doc = agent.manifest(content)
+    agent.send_manifest(doc)
+    altered = content[:100] + bytes([content[100] ^ 0xFF]) + content[101:]
+    agent.send_chunks(doc, altered)
+    assert "altered" in agent.ack(doc["file_id"], "rejected")["reason"]
+    assert stored_index(receiver) == {}
+    # A new manifest is a new attempt (a custodian's retry): the genuine bytes are then accepted.
+    agent.send_manifest(doc)
+    agent.send_chunks(doc, content)
+    agent.ack(doc["file_id"], "complete")
+    agent.close()
+
+
+def test_transfer_state_survives_a_receiver_kill_and_another_receiver_continues_it(
+        tmp_path: Path, mosquitto: Mosquitto, keyed: tuple[AgentKey, Path]) -> None:
+    """Two receivers behind one shared subscription and one store; one is killed mid-file and restarted."""
+    store = tmp_path / "store"
+    procs = []
+    for name in ("receiver-a", "receiver-b"):
+        config = receiver_setup(tmp_path, mosquitto.port, store, keyed[1], name=name, shared_subscription=True)
+        procs.append(receiver_proc(tmp_path, config, name).start())
+    for name in ("receiver-a", "receiver-b"):
+        wait_for(lambda n=name: receiver_logged(tmp_path, "mqtt connected", n), 20, what=f"{name} connected")
+    agent = ScriptedAgent(mosquitto.port, keyed[0])
+    content = random_bytes(40 * 65536)
+    doc = agent.manifest(content)
+    agent.send_manifest(doc)
+    agent.send_chunks(doc, content, list(range(20)))
+    agent.query(doc["file_id"])
+    wait_for(lambda: (a := agent.ack(doc["file_id"], "receiving")) and a["have"] == [[0, 19]], 20, interval=0,
+             what="first half held")
+    procs[0].kill9()
+    (tmp_path / "receiver-a.log").write_text("")
+    procs[0].start()
+    wait_for(lambda: receiver_logged(tmp_path, "mqtt connected", "receiver-a"), 20, what="receiver-a back")
+    agent.send_chunks(doc, content, list(range(20, 40)))
+    agent.ack(doc["file_id"], "complete", timeout=30)
+    replay = agent.send_file(content)   # the same bytes again under a new file id: still one copy of them
+    agent.ack(replay["file_id"], "complete")
+    assert stored_bytes(store, doc["file_id"]) == content
+    assert sorted(stored_index(store)) == sorted([doc["file_id"], replay["file_id"]])
+    objects = [p for p in (store / "objects").rglob("*") if p.is_file() and not p.name.endswith(".json")]
+    assert len(objects) == 1
+    agent.close()
+    for proc in procs:
+        assert proc.stop() == 0
