@@ -15,7 +15,7 @@ from typing import Any
 
 from edge_agent import audit
 from edge_agent.alarms import clear_unidentified
-from edge_agent.catalog import LANE_EVIDENCE, Catalog, new_id, now_ms
+from edge_agent.catalog import LANE_EVIDENCE, Catalog, FileRecord, new_id, now_ms
 from edge_agent.ingest import Sealer
 from edge_agent.retention import EVIDENCE, RETENTION_CLASSES
 from edge_agent.store import StoreLayout
@@ -95,22 +95,42 @@ def tag(catalog: Catalog, sealer: Sealer, layout: StoreLayout, file_id: str, *, 
     if retention is not None and retention not in RETENTION_CLASSES:
         raise CustodyError(f"--retention must be one of {', '.join(RETENTION_CLASSES)}, got {retention!r}")
     record = catalog.get(file_id)
+    fields = {"case_id": case_id or record.case_id, "party": party if party is not None else record.party,
+              "retention": retention or record.retention}
+    return _annotate(catalog, sealer, layout, record, fields, "file.tagged", reason, actor, lane=LANE_EVIDENCE)
+
+
+def _annotate(catalog: Catalog, sealer: Sealer, layout: StoreLayout, record: FileRecord, fields: dict[str, Any],
+              action: str, reason: str | None, actor: str | None, lane: int | None = None) -> dict[str, Any]:
+    """One signed annotation setting `fields` on a file, and the same fields on its catalog row."""
     who = actor or audit.os_user()
     annotation_id = new_id()
-    body = {
-        "annotation_id": annotation_id, "file_id": file_id, "file_sha256": record.sha256,
-        "manifest_sha256": record.manifest_sha256, "case_id": case_id or record.case_id,
-        "party": party if party is not None else record.party,
-        "retention": retention or record.retention, "reason": reason, "by": who, "ts_ms": now_ms(),
-    }
+    body = {"annotation_id": annotation_id, "file_id": record.file_id, "file_sha256": record.sha256,
+            "manifest_sha256": record.manifest_sha256, **fields, "reason": reason, "by": who, "ts_ms": now_ms()}
+    columns = {**fields, "updated_ms": now_ms(), **({"lane": lane} if lane is not None else {})}
 
-    def record_tag(conn: Any, digest: str) -> None:
-        conn.execute("UPDATE files SET case_id = ?, party = ?, retention = ?, lane = ?, updated_ms = ?"
-                     " WHERE file_id = ?", (body["case_id"], body["party"], body["retention"], LANE_EVIDENCE,
-                                            now_ms(), file_id))
-        audit.append(conn, "file.tagged", subject=file_id, reason=reason, actor=who,
-                     detail={"annotation_id": annotation_id, "annotation_sha256": digest,
-                             "case_id": body["case_id"], "party": body["party"], "retention": body["retention"]})
+    def record_annotation(conn: Any, digest: str) -> None:
+        conn.execute(f"UPDATE files SET {', '.join(f'{c} = ?' for c in columns)} WHERE file_id = ?",
+                     (*columns.values(), record.file_id))
+        audit.append(conn, action, subject=record.file_id, reason=reason, actor=who,
+                     detail={"annotation_id": annotation_id, "annotation_sha256": digest, **fields})
 
     return sealer.sign_document("annotation", annotation_id, body, layout.annotation_path(annotation_id),
-                                after=record_tag)
+                                after=record_annotation)
+
+
+def backfill_officer(catalog: Catalog, sealer: Sealer, layout: StoreLayout, checkout: Checkout,
+                     actor: str | None = None) -> list[str]:
+    """Files of the device recorded during `checkout` that reached the agent without an officer (the
+    custodian assigned it late) get the officer by a signed annotation. Returns their ids."""
+    rows = catalog.query(
+        "SELECT * FROM files WHERE device_id = ? AND officer_id IS NULL AND recorded_start_ms >= ?"
+        " AND (? IS NULL OR recorded_start_ms < ?) ORDER BY recorded_start_ms",
+        (checkout.device_id, checkout.from_ms, checkout.to_ms, checkout.to_ms))
+    done = []
+    for row in rows:
+        _annotate(catalog, sealer, layout, FileRecord.from_row(row), {"officer_id": checkout.officer_id},
+                  "file.officer_assigned", f"checkout {checkout.id} of {checkout.device_id} covers its recording",
+                  actor)
+        done.append(row["file_id"])
+    return done

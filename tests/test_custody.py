@@ -25,19 +25,26 @@ def cli(cfg_path: Path, *args: str) -> dict | list:
 def test_checkout_register_gives_imported_files_their_officer_until_return(tmp_path: Path) -> None:
     cfg_path, cfg = agent_config(tmp_path)
     before = make_recorder_volume(tmp_path / "cards", "before", {"DCIM/clip1.mp4": 1000}, age_s=3 * 3600)
-    cli(cfg_path, "import", str(before), "--device", "DSJ-7")   # creates the catalog; no checkout yet
-    cli(cfg_path, "assign", "DSJ-7", "--officer", "320102123", "--at", "2000-01-01T08:00:00+08:00",
-        "--reason", "shift A")
+    cli(cfg_path, "import", str(before), "--device", "DSJ-7")   # collected before the custodian assigned it
+    assigned = cli(cfg_path, "assign", "DSJ-7", "--officer", "320102123", "--at", "2000-01-01T08:00:00+08:00",
+                   "--reason", "shift A")
     during = make_recorder_volume(tmp_path / "cards", "during", {"DCIM/clip2.mp4": 1000}, age_s=60)
     cli(cfg_path, "import", str(during), "--device", "DSJ-7")
     cli(cfg_path, "return", "DSJ-7", "--reason", "end of shift")
     after = make_recorder_volume(tmp_path / "cards", "after", {"DCIM/clip3.mp4": 1000}, age_s=0)
     cli(cfg_path, "import", str(after), "--device", "DSJ-7")
 
-    files = {f["original_path"]: f["officer_id"] for f in cli(cfg_path, "files", "list", "--device", "DSJ-7")}
-    assert files["DCIM/clip2.mp4"] == "320102123"
-    assert files["DCIM/clip3.mp4"] is None
+    files = {f["original_path"]: f for f in cli(cfg_path, "files", "list", "--device", "DSJ-7")}
+    assert files["DCIM/clip2.mp4"]["officer_id"] == "320102123"
+    assert files["DCIM/clip3.mp4"]["officer_id"] is None
+    # The file collected before the late assignment got the officer by a signed annotation.
+    early = files["DCIM/clip1.mp4"]
+    assert early["officer_id"] == "320102123" and assigned["files_given_officer"] == [early["file_id"]]
     catalog = Catalog(cfg.catalog_path)
+    row = catalog.query("SELECT path FROM documents WHERE kind = 'annotation'")[0]
+    annotation = read_document(cfg.agent.data_dir / row["path"])
+    verify_signature(annotation, load_public_key((cfg.agent.data_dir / "keys" / "agent_ed25519.pub").read_bytes()))
+    assert (annotation["file_id"], annotation["officer_id"]) == (early["file_id"], "320102123")
     actions = [r["action"] for r in catalog.query("SELECT action FROM audit WHERE subject = 'DSJ-7' ORDER BY seq")]
     assert actions == ["custody.assigned", "custody.returned"]
     devices = {d["device_id"]: d for d in cli(cfg_path, "devices")}

@@ -16,7 +16,7 @@ from edge_agent.alarms import clear_by_custodian
 from edge_agent.catalog import Catalog, UnknownFile
 from edge_agent.cli.app import app, emit, fail, fmt_bytes, fmt_ms, load, table
 from edge_agent.config import AgentConfig
-from edge_agent.custody import CustodyError, assign, return_device, tag
+from edge_agent.custody import CustodyError, assign, backfill_officer, return_device, tag
 from edge_agent.export import ExportError, export_case
 from edge_agent.health import read_health_file
 from edge_agent.ingest import Sealer
@@ -113,14 +113,19 @@ def assign_cmd(
     at: Annotated[str | None, typer.Option("--at", help="checkout time if not now (ISO 8601)")] = None,
     reason: OptionalReason = None,
 ) -> None:
-    """Check a recorder out to an officer: files it records from then on carry the officer."""
-    _, catalog, _ = _catalog(ctx)
+    """Check a recorder out to an officer: files it recorded from then on carry the officer (files already
+    collected without one get it by a signed annotation)."""
+    cfg, catalog, layout = _catalog(ctx)
     try:
         checkout = assign(catalog, device, officer, at_ms=_when(at), reason=reason)
     except CustodyError as exc:
         fail(str(exc))
         raise
-    emit(ctx, checkout.__dict__, f"{device} checked out to officer {officer} from {fmt_ms(checkout.from_ms)}.")
+    sealer = Sealer(catalog, AgentKey.load_or_create(layout.keys), layout, cfg)
+    backfilled = backfill_officer(catalog, sealer, layout, checkout)
+    emit(ctx, {**checkout.__dict__, "files_given_officer": backfilled},
+         f"{device} checked out to officer {officer} from {fmt_ms(checkout.from_ms)}"
+         + (f"; {len(backfilled)} file(s) already collected now carry the officer." if backfilled else "."))
 
 
 @app.command("return")
