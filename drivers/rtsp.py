@@ -38,6 +38,7 @@ from edge_agent.durable import fsync_dir
 log = logging.getLogger(__name__)
 
 SEGMENT_SUFFIX = ".mkv"
+TS_JUMP_MS = 5000          # decode timestamps moving back, or ahead by more than this, are a jump
 CLOCK_STEP_MS = 1000        # a wall-clock jump larger than this against the monotonic clock is a clock step
 BACKOFF_MIN_S = 0.5
 
@@ -255,15 +256,24 @@ class RtspRecorder:
         # Wall ms minus stream ms. Stream time 0 is the first packet after PLAY, so the moment the
         # connection was opened bounds it from below; the least-delayed packet tightens it.
         offset_ms: float | None = opened_ms
+        previous_ms: float | None = None
         out: _SegmentWriter | None = None
+        tb_ms = float(stream.time_base or 0) * 1000   # once: Fraction arithmetic per packet is costly
         try:
             for packet in container.demux(stream):
                 if self._stop.is_set():
                     break
-                if packet.pts is None or packet.dts is None or packet.time_base is None:
+                if packet.pts is None or packet.dts is None:
                     continue
                 received = self._clock.now_ms()
-                pts_ms = float(packet.pts * packet.time_base) * 1000
+                pts_ms = packet.pts * tb_ms
+                dts_ms = packet.dts * tb_ms
+                if previous_ms is not None and not 0 <= dts_ms - previous_ms < TS_JUMP_MS:
+                    # The camera's timestamps jumped (RTCP resync, encoder restart): wall time goes on from
+                    # the last packet instead of following the jump.
+                    log.info("camera_timestamp_jump camera=%s jump_ms=%d", self.camera, dts_ms - previous_ms)
+                    offset_ms = (self._last_end_ms or received) - pts_ms
+                previous_ms = dts_ms
                 if offset_ms is None or received - pts_ms < offset_ms:
                     offset_ms = received - pts_ms
                 at = int(pts_ms + offset_ms)
@@ -280,7 +290,7 @@ class RtspRecorder:
                         self._interrupted = False
                         self.listener.resumed(self.camera, out.start_ms)
                 self.listener.packet(self.camera, packet, stream, key)
-                self._last_end_ms = at + int(float((packet.duration or 0) * packet.time_base) * 1000)
+                self._last_end_ms = at + int((packet.duration or 0) * tb_ms)
                 self.stats.packets += 1
                 self.stats.bytes += packet.size
                 self.stats.last_packet_ms = int(received)
@@ -322,6 +332,7 @@ class _SegmentWriter:
         self.start_ms = start_ms
         self.packets = 0
         self._base: int | None = None
+        self._last_dts: int | None = None
         try:
             self.container = av.open(str(path), "w", format="matroska",
                                      container_options={"flush_packets": "1"})
@@ -335,8 +346,15 @@ class _SegmentWriter:
             self._base = packet.dts
         if key and self._fd is not None:
             os.fsync(self._fd)   # the previous cluster is complete and written: make it durable
-        packet.dts -= self._base
+        dts = packet.dts - self._base
+        if self._last_dts is not None and dts < self._last_dts:
+            # The stream's clock jumped back (RTCP resync, encoder restart): continue the file's timeline.
+            jump = self._last_dts + (packet.duration or 1) - dts
+            self._base -= jump
+            dts += jump
+        packet.dts = dts
         packet.pts -= self._base
+        self._last_dts = dts
         packet.stream = self.stream
         try:
             self.container.mux(packet)

@@ -1,0 +1,194 @@
+#!/usr/bin/env python3
+"""Camera recording cost and load, against `ffmpeg -c copy -f segment` on the same stream, in one run.
+
+One GStreamer RTSP server (tests/peers/rtsp_server.py; one shared H.264 encoder, so every client gets
+the same stream and the server's cost does not grow with clients) feeds:
+
+  cpu       our recorder (drivers/rtsp.RtspRecorder: remux into Matroska segments, fsync at every
+            keyframe, one keyframe decoded for image checks every `--image-check-s`) for K streams
+            in one process, and K `ffmpeg -rtsp_transport tcp -i URL -c copy -f segment` processes,
+            side by side for `--cpu-s` seconds. CPU seconds per stream per second of each (psutil,
+            user+system, measured after a warm-up), and our ratio (goal <= 1.2x).
+  load      the whole camera stage of the daemon (build_agent with N cameras: recorder, image checks,
+            segment intake with copy + SHA-256 + read-back + signed manifest + catalog) for
+            `--duration` seconds. Gaps must be 0; prints segments sealed, CPU of the agent per stream.
+
+    .venv/bin/python scripts/bench_cameras.py [--streams 16] [--duration 300] [--cpu-streams 4] [--cpu-s 30]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from tests.peers.mosquitto import free_port  # noqa: E402
+from tests.peers.rtsp_server import RtspServer  # noqa: E402
+
+RECORDER_PROCESS = """
+import sys, threading, time
+sys.path.insert(0, {root!r})
+from pathlib import Path
+from drivers.image_checks import KeyframeSampler
+from drivers.rtsp import RtspRecorder
+
+class Listener:
+    def __init__(self, every):
+        self.sampler = KeyframeSampler(every)
+    def connected(self, *a): pass
+    def resumed(self, *a): pass
+    def interrupted(self, camera, cause, since, detail): print("GAP", camera, cause, detail, flush=True)
+    def clock_stepped(self, *a): pass
+    def segment_done(self, segment): pass
+    def packet(self, camera, packet, stream, key): self.sampler.offer(packet, stream, key)
+
+recorders = [RtspRecorder(f"cam{{i}}", lambda: {url!r}, Path({out!r}) / f"cam{{i}}", Listener({every}),
+                          segment_s={segment_s}, stall_timeout_s=10) for i in range({k})]
+threads = [threading.Thread(target=r.run) for r in recorders]
+for t in threads: t.start()
+print("READY", flush=True)
+sys.stdin.readline()
+for r in recorders: r.stop()
+for t in threads: t.join()
+"""
+
+
+def cpu_seconds(procs: list[psutil.Process]) -> float:
+    total = 0.0
+    for proc in procs:
+        times = proc.cpu_times()
+        total += times.user + times.system
+    return total
+
+
+def bench_cpu(url: str, k: int, seconds: float, segment_s: int, every: float, workdir: Path) -> dict[str, float]:
+    ours_dir, ff_dir = workdir / "ours", workdir / "ffmpeg"
+    ff_dir.mkdir(parents=True)
+    script = RECORDER_PROCESS.format(root=str(ROOT), url=url, out=str(ours_dir), every=every, segment_s=segment_s,
+                                     k=k)
+    ours = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert ours.stdout is not None and ours.stdin is not None
+    assert ours.stdout.readline().strip() == "READY"
+    ffmpeg = [subprocess.Popen(
+        ["ffmpeg", "-nostdin", "-loglevel", "error", "-rtsp_transport", "tcp", "-i", url, "-c", "copy", "-map", "0:v",
+         "-f", "segment", "-segment_time", str(segment_s), "-reset_timestamps", "1",
+         str(ff_dir / f"s{i}-%05d.mkv")]) for i in range(k)]
+    time.sleep(5)   # warm-up: connections, probing, imports
+    mine, theirs = [psutil.Process(ours.pid)], [psutil.Process(p.pid) for p in ffmpeg]
+    c0, f0, t0 = cpu_seconds(mine), cpu_seconds(theirs), time.monotonic()
+    time.sleep(seconds)
+    c1, f1, t1 = cpu_seconds(mine), cpu_seconds(theirs), time.monotonic()
+    ours.stdin.write("\n")
+    ours.stdin.flush()
+    ours.wait(30)
+    for proc in ffmpeg:
+        proc.terminate()
+        proc.wait(10)
+    elapsed = t1 - t0
+    ours_per = (c1 - c0) / elapsed / k
+    ff_per = (f1 - f0) / elapsed / k
+    return {"streams": k, "seconds": round(elapsed, 1), "ours_cpu_per_stream_pct": round(ours_per * 100, 3),
+            "ffmpeg_cpu_per_stream_pct": round(ff_per * 100, 3), "ratio": round(ours_per / ff_per, 2),
+            "ours_bytes": sum(f.stat().st_size for f in ours_dir.rglob("*.mkv")),
+            "ffmpeg_bytes": sum(f.stat().st_size for f in ff_dir.rglob("*.mkv"))}
+
+
+def bench_load(url: str, n: int, seconds: float, segment_s: int, workdir: Path) -> dict[str, object]:
+    from edge_agent.daemon import build_agent
+    from tests.helpers import agent_config
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    cameras = [{"name": f"cam{i:02d}", "rtsp": url, "segment_s": segment_s, "stall_timeout_s": 10,
+                "location": f"路口 {i}", "location_kind": "intersection"} for i in range(n)]
+    _, cfg = agent_config(workdir, cameras=cameras, agent={"min_free_mb": 512})
+    agent = build_agent(cfg)
+    me = psutil.Process()
+    agent.start()
+    time.sleep(5)
+    c0, t0 = cpu_seconds([me]), time.monotonic()
+    rss_peak = 0
+    deadline = t0 + seconds
+    while time.monotonic() < deadline:
+        time.sleep(min(5.0, max(0.0, deadline - time.monotonic())))
+        rss_peak = max(rss_peak, me.memory_info().rss)
+    c1, t1 = cpu_seconds([me]), time.monotonic()
+    status = agent.cameras.camera_status()
+    agent.stop()
+    gaps = agent_gaps(cfg.catalog_path)
+    sealed = sealed_count(cfg.catalog_path)
+    return {"streams": n, "seconds": round(t1 - t0, 1), "gaps": gaps, "segments_sealed": sealed,
+            "agent_cpu_pct": round((c1 - c0) / (t1 - t0) * 100, 1),
+            "agent_cpu_per_stream_pct": round((c1 - c0) / (t1 - t0) / n * 100, 3),
+            "connected_at_end": sum(1 for s in status if s["connected"]),
+            "fps_min": min(s["fps"] for s in status), "rss_peak_mb": round(rss_peak / 2**20, 1)}
+
+
+def agent_gaps(catalog: Path) -> list[dict[str, object]]:
+    import sqlite3
+
+    with sqlite3.connect(catalog) as conn:
+        conn.row_factory = sqlite3.Row
+        return [dict(r) for r in conn.execute("SELECT * FROM gaps")]
+
+
+def sealed_count(catalog: Path) -> int:
+    import sqlite3
+
+    with sqlite3.connect(catalog) as conn:
+        return conn.execute("SELECT COUNT(*) FROM files WHERE kind = 'camera' AND state = 'sealed'").fetchone()[0]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--streams", type=int, default=16, help="simultaneous cameras in the load run")
+    parser.add_argument("--duration", type=float, default=300, help="seconds of the load run")
+    parser.add_argument("--cpu-streams", type=int, default=4, help="streams per side in the CPU comparison")
+    parser.add_argument("--cpu-s", type=float, default=30, help="seconds of the CPU comparison")
+    parser.add_argument("--segment-s", type=int, default=10)
+    parser.add_argument("--image-check-s", type=float, default=5)
+    parser.add_argument("--width", type=int, default=640)
+    parser.add_argument("--height", type=int, default=360)
+    parser.add_argument("--bitrate-kbps", type=int, default=1000)
+    parser.add_argument("--dir", type=Path, default=Path("/var/tmp"))
+    parser.add_argument("--skip-load", action="store_true")
+    args = parser.parse_args()
+    if not shutil.which("ffmpeg"):
+        sys.exit("ffmpeg is needed for the baseline: run scripts/setup.sh")
+    workdir = Path(tempfile.mkdtemp(prefix="bench-cameras-", dir=args.dir))
+    os.chmod(workdir, 0o750)
+    server = RtspServer(free_port(), "normal", width=args.width, height=args.height,
+                        bitrate_kbps=args.bitrate_kbps).start()
+    try:
+        cpu = bench_cpu(server.url, args.cpu_streams, args.cpu_s, args.segment_s, args.image_check_s,
+                        workdir / "cpu")
+        print(f"cpu: {cpu['streams']} streams {args.width}x{args.height} {args.bitrate_kbps} kbit/s, "
+              f"{cpu['seconds']} s: ours {cpu['ours_cpu_per_stream_pct']}% of a core per stream, "
+              f"ffmpeg -c copy -f segment {cpu['ffmpeg_cpu_per_stream_pct']}%, ratio {cpu['ratio']}x (goal <= 1.2x)")
+        result: dict[str, object] = {"cpu": cpu}
+        if not args.skip_load:
+            load = bench_load(server.url, args.streams, args.duration, args.segment_s, workdir / "load")
+            print(f"load: {load['streams']} streams for {load['seconds']} s: gaps {len(load['gaps'])} (goal 0), "
+                  f"segments sealed {load['segments_sealed']}, agent CPU {load['agent_cpu_pct']}% of a core "
+                  f"({load['agent_cpu_per_stream_pct']}% per stream), connected at end "
+                  f"{load['connected_at_end']}/{load['streams']}, slowest {load['fps_min']} fps, "
+                  f"peak RSS {load['rss_peak_mb']} MB")
+            result["load"] = load
+        print(json.dumps(result, default=str))
+    finally:
+        server.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
