@@ -16,8 +16,9 @@ import hashlib
 import json
 import logging
 import os
+import queue
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,8 @@ from edge_agent.store import StoreLayout
 log = logging.getLogger(__name__)
 
 CHUNK_SIZE_DEFAULT = 256 * 1024
+# Blocks read ahead per copy: one being hashed and written, the next ones already coming off the disk.
+READ_AHEAD_DEPTH = 3
 # errno values that mean "the recorder went away" rather than "this file is bad".
 _GONE = {errno.ENOENT, errno.ENODEV, errno.ENXIO, errno.ESTALE, errno.ENOTCONN, errno.EIO}
 
@@ -62,18 +65,67 @@ def iso_ms(ms: int | None, tz: ZoneInfo) -> str | None:
     return datetime.fromtimestamp(ms / 1000, tz).isoformat(timespec="milliseconds")
 
 
+class ReadAhead:
+    """Reads a file descriptor ahead into a few reusable 1 MiB buffers on its own thread.
+
+    The disk read of the next block overlaps the hashing (and writing) of this one: os.readv,
+    hashlib and os.write all release the GIL. Memory is `depth` blocks whatever the file size.
+    Use as a context manager; the thread is joined before the caller closes `fd`.
+    """
+
+    def __init__(self, fd: int, depth: int = READ_AHEAD_DEPTH):
+        self._fd = fd
+        self._free: queue.SimpleQueue[bytearray | None] = queue.SimpleQueue()
+        self._full: queue.SimpleQueue[tuple[bytearray, int] | OSError] = queue.SimpleQueue()
+        for _ in range(depth):
+            self._free.put(bytearray(BLOCK))
+        self._stopping = False
+        self._thread = threading.Thread(target=self._read, name="read-ahead", daemon=True)
+
+    def __enter__(self) -> ReadAhead:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self._stopping = True
+        self._free.put(None)
+        self._thread.join()
+
+    def _read(self) -> None:
+        while (buf := self._free.get()) is not None and not self._stopping:
+            try:
+                n = os.readv(self._fd, [buf])
+            except OSError as exc:
+                self._full.put(exc)
+                return
+            self._full.put((buf, n))
+            if not n:
+                return
+
+    def blocks(self) -> Iterator[memoryview]:
+        """Each block read, in order; a read error is raised here, in the caller's thread."""
+        while True:
+            item = self._full.get()
+            if isinstance(item, OSError):
+                raise item
+            buf, n = item
+            if not n:
+                return
+            yield memoryview(buf)[:n]
+            self._free.put(buf)  # the caller is done with this block once it asks for the next
+
+
 def hash_file(path: Path, *, drop: bool = False) -> tuple[str, int]:
     """SHA-256 and size of a file, streamed in 1 MiB blocks."""
     digest, size = hashlib.sha256(), 0
-    buf = bytearray(BLOCK)
-    view = memoryview(buf)
     fd = os.open(path, os.O_RDONLY)
     try:
         if drop:
             drop_cache(fd)
-        while n := os.readv(fd, [buf]):
-            digest.update(view[:n])
-            size += n
+        with ReadAhead(fd) as reader:
+            for block in reader.blocks():
+                digest.update(block)
+                size += len(block)
     finally:
         os.close(fd)
     return digest.hexdigest(), size
@@ -329,29 +381,30 @@ class Ingestor:
 
     def _pump(self, src: int, dst: int, record: FileRecord, abort: Callable[[], bool] | None) -> tuple[str, int]:
         digest, size = hashlib.sha256(), 0
-        buf = bytearray(BLOCK)
-        view = memoryview(buf)
-        while True:
-            try:
-                n = os.readv(src, [buf])
-            except OSError as exc:
-                raise self._source_error(exc, record) from exc
-            if not n:
-                break
-            if abort is not None and abort():
-                raise SourceGone(f"{record.original_path}: recorder undocked during the copy; the partial copy "
-                                 "was discarded, it resumes when the recorder is back")
-            digest.update(view[:n])
-            try:
-                written = 0
-                while written < n:
-                    written += os.write(dst, view[written:n])
-            except OSError as exc:
-                if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                    raise IntakePaused(f"disk full while copying {record.original_path}; intake paused, "
-                                       "the partial copy was discarded and nothing else was touched") from exc
-                raise
-            size += n
+        with ReadAhead(src) as reader:
+            blocks = reader.blocks()
+            while True:
+                try:
+                    view = next(blocks, None)
+                except OSError as exc:
+                    raise self._source_error(exc, record) from exc
+                if view is None:
+                    break
+                if abort is not None and abort():
+                    raise SourceGone(f"{record.original_path}: recorder undocked during the copy; the partial "
+                                     "copy was discarded, it resumes when the recorder is back")
+                digest.update(view)
+                n = len(view)
+                try:
+                    written = 0
+                    while written < n:
+                        written += os.write(dst, view[written:])
+                except OSError as exc:
+                    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                        raise IntakePaused(f"disk full while copying {record.original_path}; intake paused, the "
+                                           "partial copy was discarded and nothing else was touched") from exc
+                    raise
+                size += n
         return digest.hexdigest(), size
 
     @staticmethod

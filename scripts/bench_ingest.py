@@ -25,7 +25,9 @@ import json
 import os
 import shutil
 import signal
+import socket
 import sqlite3
+import struct
 import subprocess
 import sys
 import tempfile
@@ -69,7 +71,11 @@ def make_dock(parked: Path, recorders: int, files: int, total: int) -> list[Path
         for f in range(files):
             path = volume / f"DCIM/100/{device}_32010200{r}_2026112208{f:02d}00.MP4"
             with open(path, "wb") as fh:
-                left, offset = size, (r * files + f) * 4096
+                # Framed as a recorder's MP4 (ftyp, then one large mdat), so probing reads box headers
+                # rather than scanning random bytes for a container; the payload is incompressible.
+                fh.write(struct.pack(">I4s4sI8s", 24, b"ftyp", b"isom", 0x200, b"isomavc1"))
+                fh.write(struct.pack(">I4sQ", 1, b"mdat", size - 24))
+                left, offset = size - 40, (r * files + f) * 4096
                 while left:
                     block = memoryview(pattern)[offset % (32 * MIB):][: min(left, 32 * MIB)]
                     fh.write(block)
@@ -88,9 +94,17 @@ def write_config(work: Path, dock_root: Path) -> Path:
     config.write_text(
         '[agent]\nid = "bench-01"\nsite = "bench"\nunit = "bench"\n'
         f'data_dir = "{data}"\nmax_disk_gb = 1000\nmin_free_mb = 0\n\n'
+        # Nothing listens on this port: the uplink stays offline, so the run measures ingest alone.
+        f'[mqtt]\nhost = "127.0.0.1"\nport = {closed_port()}\n\n'
         f'[[docks]]\nname = "bench"\nkind = "directory"\nroot = "{dock_root}"\nsettle_s = 0\nrescan_s = 0.2\n',
         encoding="utf-8")
     return config
+
+
+def closed_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def sealed(catalog: Path) -> int:
@@ -98,7 +112,7 @@ def sealed(catalog: Path) -> int:
         return 0
     conn = sqlite3.connect(f"file:{catalog}?mode=ro", uri=True, timeout=30)
     try:
-        return conn.execute("SELECT COUNT(*) FROM files WHERE state = 'sealed'").fetchone()[0]
+        return conn.execute("SELECT COUNT(*) FROM files WHERE state NOT IN ('discovered', 'staged')").fetchone()[0]
     except sqlite3.OperationalError:
         return 0
     finally:
