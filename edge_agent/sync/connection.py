@@ -38,6 +38,10 @@ def build_client(mqtt_cfg: MqttSection, client_id: str, **kwargs: Any) -> mqtt.C
     if mqtt_cfg.username is not None:
         password = None
         if mqtt_cfg.password_file is not None:
+            mode = mqtt_cfg.password_file.stat().st_mode & 0o777
+            if mode & 0o004:
+                raise PermissionError(f"mqtt.password_file {mqtt_cfg.password_file} is readable by everyone "
+                                      f"(mode {mode:o}); run: chmod o-r {mqtt_cfg.password_file}")
             password = mqtt_cfg.password_file.read_text(encoding="utf-8").strip()
         client.username_pw_set(mqtt_cfg.username, password)
     return client

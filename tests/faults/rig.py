@@ -70,6 +70,7 @@ class Rig:
         self.data_dir.mkdir(mode=0o750, exist_ok=True)
         (self.volume / "DEVICE.INI").write_text(f"DeviceID={DEVICE}\nPoliceID={OFFICER}\n")
         self.sources: dict[str, str] = {}   # original_path -> sha256 of every file put on the recorder
+        self.sources_lock = threading.Lock()  # the test adds files while ClearWatch reads them
         self.next_index = 0
         self.write_configs(self.broker_port)
         key = AgentKey.load_or_create(StoreLayout(self.data_dir).keys)    # enrol the agent's key centrally
@@ -112,13 +113,18 @@ class Rig:
             os.utime(aside, (past, past))
             target = self.volume / name
             target.parent.mkdir(parents=True, exist_ok=True)
-            os.rename(aside, target)
-            self.sources[name] = digest.hexdigest()
+            with self.sources_lock:
+                os.rename(aside, target)
+                self.sources[name] = digest.hexdigest()
             names.append(name)
         return names
 
-    def on_recorder(self) -> set[str]:
-        return {name for name in self.sources if (self.volume / name).exists()}
+    def known(self) -> dict[str, str]:
+        with self.sources_lock:
+            return dict(self.sources)
+
+    def on_recorder(self, known: dict[str, str] | None = None) -> set[str]:
+        return {name for name in (known if known is not None else self.known()) if (self.volume / name).exists()}
 
     # -- the receiver's store -------------------------------------------------------------------
 
@@ -199,26 +205,33 @@ class ClearWatch(threading.Thread):
         self.rig = rig
         self.violations: list[str] = []
         self.cleared: set[str] = set()
+        self.error: BaseException | None = None
         self._stop_event = threading.Event()
 
     def run(self) -> None:
-        while not self._stop_event.is_set():
-            self.sweep()
-            self._stop_event.wait(0.01)
+        try:
+            while not self._stop_event.is_set():
+                self.sweep()
+                self._stop_event.wait(0.01)
+        except BaseException as exc:  # handed to the test by stop(): a dead watch must fail the test
+            self.error = exc
 
     def sweep(self) -> None:
-        gone = set(self.rig.sources) - self.rig.on_recorder() - self.cleared
+        known = self.rig.known()
+        gone = set(known) - self.rig.on_recorder(known) - self.cleared
         if not gone:
             return
         stored = self.rig.stored_sha256s()
         for name in gone:
             self.cleared.add(name)
-            if self.rig.sources[name] not in stored:
+            if known[name] not in stored:
                 self.violations.append(name)
 
     def stop(self) -> None:
         self._stop_event.set()
         self.join(timeout=10)
+        if self.error is not None:
+            raise AssertionError(f"the G2 watch stopped early: {self.error!r}") from self.error
         self.sweep()
 
 
