@@ -49,16 +49,17 @@ def cli(*args: str, **kwargs) -> subprocess.CompletedProcess:
 
 def make_files(folder: Path, total: int, file_size: int) -> int:
     folder.mkdir(parents=True, exist_ok=True)
-    block = os.urandom(1 << 20)
+    block = bytearray(os.urandom(1 << 20))
     made, i = 0, 0
     while made < total:
         size = min(file_size, total - made)
         with open(folder / f"REC{i:05d}.MP4", "wb") as out:
-            left = size
+            left, n_block = size, 0
             while left:
+                block[:16] = i.to_bytes(8, "big") + n_block.to_bytes(8, "big")   # every file's bytes differ
                 n = min(left, len(block))
-                out.write(block[:n] if i % 2 else bytes(reversed(block[:n])))   # not all files equal
-                left -= n
+                out.write(block[:n])
+                left, n_block = left - n, n_block + 1
         made += size
         i += 1
     return i

@@ -155,11 +155,14 @@ class Receiver:
             try:
                 self.handle(message.topic, message.payload)
             except Exception:
+                # Never let one message stop the receiver; unanswered, the agent asks again (query).
                 log.exception("message not handled topic=%s bytes=%d", message.topic, len(message.payload))
-            finally:
-                # A PUBACK of an earlier connection could name another message of the new one.
-                if message.qos > 0 and generation == self.connection.generation:
+            # A PUBACK of an earlier connection could name another message of the new one.
+            if message.qos > 0 and generation == self.connection.generation:
+                try:
                     self.client.ack(message.mid, message.qos)
+                except OSError as exc:   # the connection went while we worked: the broker sends it again
+                    log.info("puback not sent mid=%s: %s", message.mid, exc)
             self._flush_due()
 
     def handle(self, topic: str, payload: bytes) -> None:
@@ -320,7 +323,10 @@ class Receiver:
                 if len(self._repeats) > 10_000:
                     self._repeats.clear()
                 self._repeats[key] = (ack.state, now)
-        self.client.publish(f"{self.root}/{agent_id}/acks", ack.encode(), qos=1)
+        try:
+            self.client.publish(f"{self.root}/{agent_id}/acks", ack.encode(), qos=1)
+        except OSError as exc:   # mid-reconnect: the agent's query after its ack timeout gets a new answer
+            log.info("ack not sent agent=%s file=%s: %s", agent_id, ack.file_id, exc)
 
     # -- the manifest cache --------------------------------------------------------------------
 

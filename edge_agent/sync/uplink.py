@@ -148,8 +148,16 @@ class Uplink:
         if not self._connected.is_set():
             return False
         data = payload if isinstance(payload, bytes | bytearray) else encode_json(payload)
-        info = self.client.publish(self.topics.agent(suffix), data, qos=1, retain=retain)
-        return info.rc == mqtt.MQTT_ERR_SUCCESS
+        return self._publish(self.topics.agent(suffix), data, retain=retain) is not None
+
+    def _publish(self, topic: str, payload: bytes, retain: bool = False) -> mqtt.MQTTMessageInfo | None:
+        """QoS 1 publish; None if the connection is down (or went down under us: paho's wake-up socket)."""
+        try:
+            info = self.client.publish(topic, payload, qos=1, retain=retain)
+        except OSError as exc:
+            log.info("publish failed topic=%s: %s", topic, exc)
+            return None
+        return info if info.rc == mqtt.MQTT_ERR_SUCCESS else None
 
     def on_command(self, callback: CommandCallback) -> None:
         """Call `callback(command)` for every valid command; it runs on the network thread: be quick."""
@@ -344,9 +352,10 @@ class Uplink:
         self._announce(transfer, query=True)
 
     def _publish_file(self, transfer: Transfer, kind: str, payload: bytes) -> bool:
-        info = self.client.publish(self.topics.file(transfer.file_id, kind), payload, qos=1)
+        if self._publish(self.topics.file(transfer.file_id, kind), payload) is None:
+            return False
         self.bytes_sent += len(payload)
-        return info.rc == mqtt.MQTT_ERR_SUCCESS
+        return True
 
     def _check_timeouts(self, now: float) -> None:
         for transfer in list(self._transfers.values()):
@@ -461,8 +470,8 @@ class Uplink:
             if row["id"] in self._outbox_out:
                 continue
             with self._outbox_lock:
-                info = self.client.publish(self.topics.agent(row["topic"]), row["payload"].encode("utf-8"), qos=1)
-                if info.rc != mqtt.MQTT_ERR_SUCCESS:
+                info = self._publish(self.topics.agent(row["topic"]), row["payload"].encode("utf-8"))
+                if info is None:
                     return
                 self._outbox_mids[info.mid] = row["id"]
             self._outbox_out.add(row["id"])

@@ -1,0 +1,207 @@
+"""End to end: docked recorder -> real agent process -> real mosquitto -> real receiver process -> ack.
+
+These prove G1 (nothing lost, byte-identical), G2 (never cleared early) and G3 (one copy centrally)
+across a broker restart and kill -9 of the agent and of the receiver.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import make_recorder_volume, wait_for
+from tests.peers.mosquitto import Mosquitto
+from tests.sync_support import (
+    CLI,
+    agent_proc,
+    agent_setup,
+    catalog_rows,
+    enrol,
+    receiver_logged,
+    receiver_proc,
+    receiver_setup,
+    sha256_file,
+    states,
+    stored_index,
+)
+
+SETTLED = ("synced", "source_cleared")
+
+
+def mixed_sizes(n: int, rng: random.Random) -> list[int]:
+    """0 B, 1 B, chunk edges, small, medium, and a few large files."""
+    fixed = [0, 1, 262143, 262144, 262145, 524288, 20_000_000, 40_000_000]
+    return fixed + [rng.choice([rng.randint(2, 4096), rng.randint(4096, 600_000), rng.randint(600_000, 4_000_000)])
+                    for _ in range(n - len(fixed))]
+
+
+class ClearWatch(threading.Thread):
+    """Watches a recorder volume: each file that disappears must already be stored by the receiver (G2)."""
+
+    def __init__(self, volume: Path, store: Path, expected: dict[str, str]):
+        super().__init__(daemon=True)
+        self.volume, self.store, self.expected = volume, store, expected
+        self.violations: list[str] = []
+        self.cleared: set[str] = set()
+        self._done = threading.Event()
+
+    def run(self) -> None:
+        while not self._done.wait(0.01):
+            for relative, sha in self.expected.items():
+                if relative in self.cleared or (self.volume / relative).exists():
+                    continue
+                self.cleared.add(relative)
+                if not (self.store / "objects" / sha[:2] / sha).exists():
+                    self.violations.append(f"{relative} deleted before the receiver stored it")
+
+    def stop(self) -> None:
+        self._done.set()
+        self.join(5)
+
+
+def start_pair(tmp_path: Path, port: int, dock: Path, **agent_mqtt) -> tuple:
+    agent_toml, data_dir = agent_setup(tmp_path, port, dock_root=dock, mqtt=agent_mqtt)
+    enrol(agent_toml, tmp_path / "enrolled")
+    store = tmp_path / "store"
+    receiver = receiver_proc(tmp_path, receiver_setup(tmp_path, port, store, tmp_path / "enrolled")).start()
+    wait_for(lambda: receiver_logged(tmp_path, "mqtt connected"), 20, what="receiver connected")
+    agent = agent_proc(tmp_path, agent_toml).start()
+    return agent_toml, data_dir, store, agent, receiver
+
+
+def assert_stored_once_and_identical(data_dir: Path, store: Path, originals: dict[str, str]) -> None:
+    rows = catalog_rows(data_dir)
+    index = stored_index(store)
+    assert sorted(index) == sorted(r[0] for r in rows)          # every file, each stored once
+    by_path = {r[2]: r for r in rows}
+    for relative, sha in originals.items():
+        file_id, _state, _path, catalog_sha = by_path[relative]
+        assert catalog_sha == sha
+        entry = index[file_id]
+        assert entry["sha256"] == sha
+        assert sha256_file(store / entry["object"]) == sha     # byte-identical
+    objects = [p for p in (store / "objects").rglob("*") if p.is_file() and not p.name.endswith(".json")]
+    assert len(objects) == len(set(originals.values()))          # identical contents share one object
+    synced_once = dict(catalog_rows(data_dir, "SELECT subject, COUNT(*) FROM audit WHERE action = 'file.synced'"
+                                              " GROUP BY subject"))
+    assert synced_once == {r[0]: 1 for r in rows}
+
+
+@pytest.mark.slow
+def test_fifty_files_arrive_byte_identical_across_a_broker_restart_and_are_cleared_only_after_their_ack(
+        tmp_path: Path, mosquitto: Mosquitto) -> None:
+    rng = random.Random(3)
+    dock = tmp_path / "dock"
+    files = {f"DCIM/100/REC{i:04d}.MP4": size for i, size in enumerate(mixed_sizes(50, rng))}
+    prepared = make_recorder_volume(dock / ".prep", "VOL1", files)   # hidden: not docked yet
+    originals = {rel: sha256_file(prepared / rel) for rel in files}
+    _toml, data_dir, store, agent, receiver = start_pair(tmp_path, mosquitto.port, dock)
+    volume = dock / "VOL1"
+    os.rename(prepared, volume)                          # docked whole, as a vendor drop folder is
+    watch = ClearWatch(volume, store, originals)
+    watch.start()
+    try:
+        wait_for(lambda: sum(states(data_dir).get(s, 0) for s in SETTLED) >= 10, 60, what="10 files synced")
+        mosquitto.restart()                               # mid-transfer: sessions and queues are gone
+        wait_for(lambda: states(data_dir).get("source_cleared", 0) == len(files), 120,
+                 what=f"all {len(files)} files synced and cleared, have {states(data_dir)}")
+    finally:
+        watch.stop()
+        assert agent.stop() == 0
+        assert receiver.stop() == 0
+    assert watch.violations == []
+    assert watch.cleared == set(files)
+    assert_stored_once_and_identical(data_dir, store, originals)
+
+
+@pytest.mark.slow
+def test_kill_9_of_agent_and_receiver_mid_transfer_still_syncs_every_file_exactly_once(
+        tmp_path: Path, mosquitto: Mosquitto) -> None:
+    rng = random.Random(9)
+    dock = tmp_path / "dock"
+    files = {f"DCIM/REC{i:04d}.MP4": size
+             for i, size in enumerate([0, 5, 300_000, *[rng.randint(1, 3_000_000) for _ in range(12)],
+                                       25_000_000, 25_000_000])}
+    make_recorder_volume(dock, "VOL1", files)
+    originals = {rel: sha256_file(dock / "VOL1" / rel) for rel in files}
+    _toml, data_dir, store, agent, receiver = start_pair(tmp_path, mosquitto.port, dock,
+                                                         bandwidth_kbps=100_000)   # 12.5 MB/s: kills land mid-file
+    try:
+        for round_ in range(6):
+            time.sleep(rng.uniform(0.3, 1.5))
+            victim = agent if round_ % 2 == 0 else receiver
+            victim.kill9()
+            time.sleep(rng.uniform(0.0, 0.5))
+            victim.start()
+        wait_for(lambda: sum(states(data_dir).get(s, 0) for s in SETTLED) == len(files), 120,
+                 what=f"all files synced, have {states(data_dir)}")
+    finally:
+        assert agent.stop() == 0
+        assert receiver.stop() == 0
+    assert_stored_once_and_identical(data_dir, store, originals)
+    assert not any((store / "incoming").rglob("data"))   # no transfer left half done
+
+
+def test_altered_file_and_forged_manifest_are_rejected_and_the_recorder_keeps_its_files(
+        tmp_path: Path) -> None:
+    """Tamper with the agent's sealed copy and manifest while the broker is down; the receiver must refuse
+    both, the agent must raise alarms and delete nothing; the untouched file goes through and is cleared."""
+    broker = Mosquitto(tmp_path / "broker")
+    dock = tmp_path / "dock"
+    files = {"DCIM/A.MP4": 700_000, "DCIM/B.MP4": 20_000, "DCIM/C.MP4": 50_000}
+    volume = make_recorder_volume(dock, "VOL1", files)
+    agent_toml, data_dir = agent_setup(tmp_path, broker.port, dock_root=dock)
+    enrol(agent_toml, tmp_path / "enrolled")
+    agent = agent_proc(tmp_path, agent_toml).start()
+    receiver = None
+    try:
+        wait_for(lambda: states(data_dir).get("sealed", 0) == 3, 60, what="3 files sealed")
+        rows = {r[2]: r for r in catalog_rows(data_dir, "SELECT file_id, store_path, original_path FROM files")}
+        stored = data_dir / rows["DCIM/A.MP4"][1]
+        os.chmod(stored, 0o644)
+        with open(stored, "r+b") as f:                    # one byte changed in the sealed copy
+            f.seek(123_456)
+            byte = f.read(1)
+            f.seek(123_456)
+            f.write(bytes([byte[0] ^ 0x01]))
+        b_id = rows["DCIM/B.MP4"][0]
+        manifest = data_dir / "manifests" / b_id[-2:] / f"{b_id}.json"
+        doc = json.loads(manifest.read_bytes())
+        doc["officer_id"] = "forged-officer"               # signature left as it was
+        os.chmod(manifest, 0o644)
+        manifest.write_text(json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False))
+        broker.start()
+        receiver = receiver_proc(tmp_path, receiver_setup(tmp_path, broker.port, tmp_path / "store",
+                                                          tmp_path / "enrolled")).start()
+        wait_for(lambda: states(data_dir).get("rejected", 0) == 2 and states(data_dir).get("source_cleared") == 1,
+                 60, what=f"2 rejected and 1 cleared, have {states(data_dir)}")
+        errors = dict(catalog_rows(data_dir, "SELECT original_path, last_error FROM files WHERE state = 'rejected'"))
+        assert "altered" in errors["DCIM/A.MP4"]
+        assert "signature" in errors["DCIM/B.MP4"]
+        alarms = catalog_rows(data_dir, "SELECT kind, subject FROM alarms WHERE cleared_ms IS NULL")
+        assert sorted(s for k, s in alarms if k == "sync_rejected") == sorted([rows["DCIM/A.MP4"][0], b_id])
+        assert (volume / "DCIM/A.MP4").exists() and (volume / "DCIM/B.MP4").exists()
+        assert not (volume / "DCIM/C.MP4").exists()
+        assert sorted(stored_index(tmp_path / "store")) == [rows["DCIM/C.MP4"][0]]
+        # A custodian retries the rejected files: audited, and they are sent again (and refused again).
+        out = subprocess.run([*CLI, "--config", str(agent_toml), "--json", "sync", "now", "--retry-rejected",
+                              "--reason", "checked the store"], capture_output=True, text=True, check=True)
+        assert sorted(json.loads(out.stdout)["retried"]) == sorted([rows["DCIM/A.MP4"][0], b_id])
+        audit = catalog_rows(data_dir, "SELECT action, reason FROM audit WHERE action = 'sync.now'")
+        assert audit == [("sync.now", "checked the store")]
+        wait_for(lambda: catalog_rows(
+            data_dir, "SELECT COUNT(*) FROM audit WHERE action = 'file.rejected'")[0][0] == 4, 60,
+            what="both rejected again")
+        assert (volume / "DCIM/A.MP4").exists() and (volume / "DCIM/B.MP4").exists()
+    finally:
+        assert agent.stop() == 0
+        if receiver is not None:
+            assert receiver.stop() == 0
+        broker.stop()
