@@ -23,10 +23,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import signal
 import socket
 import sqlite3
+import statistics
 import struct
 import subprocess
 import sys
@@ -131,7 +133,7 @@ def started(catalog: Path) -> bool:
         conn.close()
 
 
-def run_ours(work: Path, parked: Path, sources: list[Path]) -> tuple[float, int, str]:
+def run_ours(work: Path, parked: Path, sources: list[Path]) -> tuple[float, int, str, float]:
     dock_root = work / "dock"
     dock_root.mkdir()
     config = write_config(work, dock_root)
@@ -165,6 +167,8 @@ def run_ours(work: Path, parked: Path, sources: list[Path]) -> tuple[float, int,
                 raise SystemExit(f"edge-agent exited: see {work / 'daemon.log'}")
             time.sleep(0.02)
         elapsed = time.monotonic() - t0
+        cpu = psutil.Process(proc.pid).cpu_times()
+        cpu_s = cpu.user + cpu.system
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=60)
@@ -173,11 +177,12 @@ def run_ours(work: Path, parked: Path, sources: list[Path]) -> tuple[float, int,
         log.close()
     for volume in sorted(dock_root.iterdir()):
         os.rename(volume, parked / volume.name)
-    return elapsed, peak[0], how
+    return elapsed, peak[0], how, cpu_s
 
 
-def run_shell(parked: Path, dest: Path, sources: list[Path], then: list[str]) -> float:
+def run_shell(parked: Path, dest: Path, sources: list[Path], then: list[str]) -> tuple[float, float]:
     drop_caches(sources)
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.monotonic()
     subprocess.run(["cp", "-r", str(parked), str(dest)], check=True)
     if then == ["sync"]:
@@ -186,9 +191,31 @@ def run_shell(parked: Path, dest: Path, sources: list[Path], then: list[str]) ->
         copies = sorted(str(p) for p in dest.rglob("*.MP4"))
         subprocess.run([*then, *copies], check=True, stdout=subprocess.DEVNULL)
     elapsed = time.monotonic() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     shutil.rmtree(dest)
     subprocess.run(["sync"], check=True)
-    return elapsed
+    return elapsed, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+
+
+def one_round(work: Path, parked: Path, sources: list[Path], nbytes: int) -> dict:
+    """cp+sync, cp+sha256sum and ours on the same files, back to back; each with cold source caches."""
+    load = os.getloadavg()[0]
+    cp_sync, cp_sync_cpu = run_shell(parked, work / "cp-sync", sources, ["sync"])
+    cp_sha, cp_sha_cpu = run_shell(parked, work / "cp-sha", sources, ["sha256sum"])
+    ours_dir = work / "ours"
+    ours_dir.mkdir()
+    ours, peak_rss, how, ours_cpu = run_ours(ours_dir, parked, sources)
+    shutil.rmtree(ours_dir)
+    subprocess.run(["sync"], check=True)
+    mbs = {"ours": nbytes / 1e6 / ours, "cp_sync": nbytes / 1e6 / cp_sync, "cp_sha256sum": nbytes / 1e6 / cp_sha}
+    return {
+        "mb_s": {k: round(v, 1) for k, v in mbs.items()},
+        "ratio_vs_cp_sync": round(mbs["ours"] / mbs["cp_sync"], 2),
+        "ratio_vs_cp_sha256sum": round(mbs["ours"] / mbs["cp_sha256sum"], 2),
+        "peak_rss_mb": round(peak_rss / 1e6, 1), "cache_drop": how,
+        "cpu_s": {"ours": round(ours_cpu, 2), "cp_sync": round(cp_sync_cpu, 2), "cp_sha256sum": round(cp_sha_cpu, 2)},
+        "loadavg_1m_before": round(load, 2),
+    }
 
 
 def main() -> None:
@@ -196,6 +223,8 @@ def main() -> None:
     parser.add_argument("--gib", type=float, default=2.0, help="total size of the recorders' files (GiB)")
     parser.add_argument("--recorders", type=int, default=8)
     parser.add_argument("--files", type=int, default=4, help="files per recorder")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; ratios are per round, "
+                        "summarised by their median")
     parser.add_argument("--dir", default="/var/tmp", help="where to work (a real disk, not tmpfs)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args()
@@ -205,28 +234,30 @@ def main() -> None:
         parked = work / "recorders"
         sources = make_dock(parked, args.recorders, args.files, total)
         nbytes = sum(p.stat().st_size for p in sources)
-        cp_sync = run_shell(parked, work / "cp-sync", sources, ["sync"])
-        cp_sha = run_shell(parked, work / "cp-sha", sources, ["sha256sum"])
-        ours, peak_rss, how = run_ours(work, parked, sources)
-        mbs = {name: nbytes / 1e6 / t for name, t in (("ours", ours), ("cp_sync", cp_sync), ("cp_sha256sum", cp_sha))}
+        rounds = [one_round(work, parked, sources, nbytes) for _ in range(args.rounds)]
         result = {
-            "bytes": nbytes, "files": len(sources), "recorders": args.recorders, "cache_drop": how,
-            "mb_s": {k: round(v, 1) for k, v in mbs.items()},
-            "ratio_vs_cp_sync": round(mbs["ours"] / mbs["cp_sync"], 2),
-            "ratio_vs_cp_sha256sum": round(mbs["ours"] / mbs["cp_sha256sum"], 2),
-            "peak_rss_mb": round(peak_rss / 1e6, 1),
+            "bytes": nbytes, "files": len(sources), "recorders": args.recorders, "cores": os.cpu_count(),
+            "rounds": rounds,
+            "median_ratio_vs_cp_sync": statistics.median(r["ratio_vs_cp_sync"] for r in rounds),
+            "median_ratio_vs_cp_sha256sum": statistics.median(r["ratio_vs_cp_sha256sum"] for r in rounds),
+            "max_peak_rss_mb": max(r["peak_rss_mb"] for r in rounds),
         }
         if args.json:
             print(json.dumps(result))
-        else:
-            print(f"ingest benchmark: {nbytes / (1 << 30):.2f} GiB in {len(sources)} files from "
-                  f"{args.recorders} recorders (page cache: {how})")
-            print(f"  ours (copy+sha256+fsync+read-back+seal) {mbs['ours']:8.1f} MB/s")
-            print(f"  cp + sync                               {mbs['cp_sync']:8.1f} MB/s   "
-                  f"ratio {result['ratio_vs_cp_sync']:.2f}x (goal >= 0.5x)")
-            print(f"  cp + sha256sum                          {mbs['cp_sha256sum']:8.1f} MB/s   "
-                  f"ratio {result['ratio_vs_cp_sha256sum']:.2f}x (goal >= 1.5x)")
-            print(f"  peak RSS of edge-agent                  {result['peak_rss_mb']:8.1f} MB (goal < 200 MB)")
+            return
+        print(f"ingest benchmark: {nbytes / (1 << 30):.2f} GiB in {len(sources)} files from {args.recorders} "
+              f"recorders, {os.cpu_count()} cores, page cache of the sources dropped ({rounds[0]['cache_drop']}) "
+              "before each run")
+        print("round  load   ours MB/s  cp+sync MB/s  cp+sha256sum MB/s  vs cp+sync  vs cp+sha256sum  "
+              "peak RSS MB  CPU s ours/cp+sync/cp+sha256sum")
+        for i, r in enumerate(rounds, 1):
+            print(f"{i:5d}  {r['loadavg_1m_before']:4.1f}  {r['mb_s']['ours']:10.1f}  {r['mb_s']['cp_sync']:12.1f}  "
+                  f"{r['mb_s']['cp_sha256sum']:17.1f}  {r['ratio_vs_cp_sync']:8.2f}x  "
+                  f"{r['ratio_vs_cp_sha256sum']:14.2f}x  {r['peak_rss_mb']:11.1f}  "
+                  f"{r['cpu_s']['ours']:.1f}/{r['cpu_s']['cp_sync']:.1f}/{r['cpu_s']['cp_sha256sum']:.1f}")
+        print(f"median ratio vs cp+sync {result['median_ratio_vs_cp_sync']:.2f}x (goal >= 0.5x), "
+              f"vs cp+sha256sum {result['median_ratio_vs_cp_sha256sum']:.2f}x (goal >= 1.5x), "
+              f"peak RSS {result['max_peak_rss_mb']:.1f} MB (goal < 200 MB)")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
