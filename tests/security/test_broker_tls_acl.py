@@ -12,7 +12,12 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 import pytest
 
-from tests.helpers import wait_for
+from edge_agent.config import parse_receiver_config
+from edge_agent.manifest import AgentKey
+from edge_agent.receiver import Receiver
+from edge_agent.store import StoreLayout
+from tests.evidence_support import running_agent
+from tests.helpers import agent_config, make_recorder_volume, wait_for
 from tests.peers.mosquitto import Mosquitto, evidence_acl, free_port, tls_listener
 from tests.peers.pki import CertFiles, TestPKI
 
@@ -164,3 +169,32 @@ def test_client_without_certificate_or_from_another_ca_is_refused(secured: tuple
     rogue_ca = TestPKI(tmp_path / "rogue", ca_name="rogue CA")
     for cert in (None, rogue_ca.client("ws-a")):
         assert TlsClient(broker.port, pki.ca_path, cert).refused()
+
+
+def test_real_agent_and_receiver_sync_over_mutual_tls_under_the_acl(secured: tuple[Mosquitto, TestPKI],
+                                                                    tmp_path: Path) -> None:
+    """The ACL is not only strict but sufficient: the real agent and receiver, each with its own
+    certificate, carry a file end to end over mutual TLS."""
+    broker, pki = secured
+    agent_cert, receiver_cert = pki.client("ws-test-01"), pki.client("receiver-1")
+    tls = {"host": "127.0.0.1", "port": broker.port, "tls_ca": str(pki.ca_path), "reconnect_min_s": 0.1,
+           "reconnect_max_s": 1}
+    dock = tmp_path / "dock"
+    _, cfg = agent_config(tmp_path, mqtt={**tls, "tls_cert": str(agent_cert.cert), "tls_key": str(agent_cert.key)},
+                          docks=[{"name": "bench", "kind": "directory", "root": str(dock), "settle_s": 0}])
+    cfg.agent.data_dir.mkdir(mode=0o750)
+    key = AgentKey.load_or_create(StoreLayout(cfg.agent.data_dir).keys)
+    (tmp_path / "enrolled").mkdir()
+    (tmp_path / "enrolled" / "ws-test-01.pem").write_text(key.public_pem())
+    receiver = Receiver(parse_receiver_config({
+        "mqtt": {**tls, "tls_cert": str(receiver_cert.cert), "tls_key": str(receiver_cert.key)},
+        "receiver": {"store_dir": str(tmp_path / "central"), "keys_dir": str(tmp_path / "enrolled")}}))
+    receiver.start()
+    try:
+        with running_agent(cfg) as agent:
+            make_recorder_volume(dock, "A123456", {"DCIM/100/A123456_320102123_20261122080000.MP4": 700_000},
+                                 identity={"DeviceID": "A123456", "PoliceID": "320102123"})
+            (synced,) = wait_for(lambda: agent.catalog.files(states=["synced"]), 60, what="file synced over TLS")
+        assert receiver.store.stored("ws-test-01", synced.file_id)["sha256"] == synced.sha256
+    finally:
+        receiver.stop()
