@@ -1,0 +1,125 @@
+"""Wire protocol v1 pieces without a broker: chunk frames, ranges, topics, schemas, backoff, the bandwidth cap."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import struct
+import time
+
+import pytest
+
+from edge_agent.sync.pacing import Backoff, TokenBucket
+from edge_agent.sync.wire import (
+    Ack,
+    ChunkHeader,
+    RangeSet,
+    WireError,
+    chunk_count,
+    chunk_span,
+    decode_chunk,
+    decode_json,
+    encode_chunk,
+    parse_file_topic,
+    to_ranges,
+    validate,
+)
+
+FILE_ID = "01M8A4CX94HKS6DD50ABZSJKXQ"
+
+
+def test_chunk_frame_round_trips() -> None:
+    data = bytes(range(256)) * 10
+    header = ChunkHeader(3, 3 * 2560, len(data), hashlib.sha256(data).hexdigest())
+    payload = encode_chunk(header, data)
+    (length,) = struct.unpack(">I", payload[:4])
+    assert json.loads(payload[4:4 + length]) == {"seq": 3, "offset": 7680, "size": 2560, "sha256": header.sha256}
+    decoded, body = decode_chunk(payload)
+    assert decoded == header and bytes(body) == data
+
+
+@pytest.mark.parametrize("payload, message", [
+    (b"\0\0", "shorter than the 4-byte header length"),
+    (struct.pack(">I", 999_999) + b"{}", "header length"),
+    (struct.pack(">I", 5) + b"{oops", "not valid UTF-8 JSON"),
+    (struct.pack(">I", 2) + b"[]", "chunk-header"),
+    (encode_chunk(ChunkHeader(0, 0, 4, "0" * 64), b"abc"), "carries 3"),
+])
+def test_malformed_chunk_frames_are_refused_with_a_reason(payload: bytes, message: str) -> None:
+    with pytest.raises(WireError, match=message):
+        decode_chunk(payload)
+
+
+def test_wrong_types_in_a_chunk_header_are_refused() -> None:
+    head = json.dumps({"seq": "1", "offset": 0, "size": 1, "sha256": "0" * 64}).encode()
+    with pytest.raises(WireError, match="seq"):
+        decode_chunk(struct.pack(">I", len(head)) + head + b"x")
+
+
+def test_chunk_spans_cover_the_file_exactly() -> None:
+    for size, chunk in [(0, 4), (1, 4), (4, 4), (5, 4), (1_000_003, 262144)]:
+        spans = [chunk_span(s, size, chunk) for s in range(chunk_count(size, chunk))]
+        assert sum(length for _, length in spans) == size
+        assert all(offset == i * chunk for i, (offset, _) in enumerate(spans))
+
+
+def test_have_ranges_merge_and_answer_membership() -> None:
+    assert to_ranges([5, 1, 2, 3, 9, 10, 3]) == [[1, 3], [5, 5], [9, 10]]
+    have = RangeSet([[9, 10], [1, 3], [4, 4], [5, 5]])
+    assert have.ranges() == [[1, 5], [9, 10]]
+    assert [s for s in range(12) if s in have] == [1, 2, 3, 4, 5, 9, 10]
+    assert len(have) == 7
+
+
+@pytest.mark.parametrize("topic", [
+    "other/ws-1/files/01M8A4CX94HKS6DD50ABZSJKXQ/chunk",
+    "evidence/v1/ws-1/files/01M8A4CX94HKS6DD50ABZSJKXQ",
+    "evidence/v1/ws-1/files/not-a-ulid/chunk",
+    "evidence/v1/ws 1/files/01M8A4CX94HKS6DD50ABZSJKXQ/chunk",
+    "evidence/v1/ws-1/files/01M8A4CX94HKS6DD50ABZSJKXQ/delete",
+])
+def test_topics_outside_the_protocol_are_refused(topic: str) -> None:
+    with pytest.raises(WireError):
+        parse_file_topic("evidence/v1", topic)
+
+
+def test_messages_match_their_published_schemas() -> None:
+    assert parse_file_topic("evidence/v1", f"evidence/v1/ws-1/files/{FILE_ID}/query").kind == "query"
+    decode_json(Ack(FILE_ID, "receiving", [[0, 3]]).encode(), "ack")
+    decode_json(Ack(FILE_ID, "complete", [], "a" * 64).encode(), "ack")
+    decode_json(Ack(FILE_ID, "rejected", [], None, "why").encode(), "ack")
+    with pytest.raises(WireError):
+        decode_json(Ack(FILE_ID, "rejected", [], None, None).encode(), "ack")   # a rejection needs its reason
+    with pytest.raises(WireError):
+        decode_json(Ack(FILE_ID, "complete", [], None).encode(), "ack")          # complete names the hash
+    validate("status", {"state": "online", "ts": 1, "version": "0.1.0"})
+    validate("command", {"cmd": "resync", "id": "c-1", "ts": 1})
+    validate("event", {"type": "alarm", "ts": 1, "state": "raised", "key": "k", "kind": "sync_rejected",
+                       "subject": FILE_ID, "message": "m"})
+    decode_json(b"{}", "query")
+
+
+def test_backoff_is_exponential_with_full_jitter() -> None:
+    backoff = Backoff(1, 60, rng=random.Random(1))
+    delays = [backoff.next_delay() for _ in range(12)]
+    ceilings = [min(60, 2**i) for i in range(12)]
+    assert all(0 <= d <= c for d, c in zip(delays, ceilings, strict=True))
+    assert max(delays[8:]) > 8          # it does grow
+    many = [Backoff(1, 60, rng=random.Random(i)) for i in range(500)]
+    for b in many:
+        b.attempt = 10
+    spread = sorted(b.next_delay() for b in many)
+    assert spread[50] < 10 and spread[450] > 50   # 500 agents do not come back together
+    backoff.reset()
+    assert backoff.next_delay() <= 1
+
+
+def test_token_bucket_holds_the_average_rate() -> None:
+    bucket = TokenBucket(rate_bps=2_000_000, burst=100_000)
+    started = time.monotonic()
+    for _ in range(30):
+        bucket.consume(100_000)
+    elapsed = time.monotonic() - started
+    rate = 3_000_000 / elapsed
+    assert 1_800_000 < rate < 2_100_000 * 1.05
