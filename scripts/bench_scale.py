@@ -194,7 +194,7 @@ def _sim_agents(port: int, agents: list[tuple[str, bytes]], files: int, size: in
             digest = _hashlib.sha256(data).hexdigest()
             file_id = new_id()
             manifest = key.sign({"v": 1, "type": "file", "file_id": file_id, "agent_id": agent_id, "size": size,
-                                 "sha256": digest, "chunk_size": 256 * 1024, "prev": "0" * 64})
+                                 "sha256": digest, "chunk_size": max(size, 256 * 1024), "prev": "0" * 64})
             with lock:
                 pending[file_id] = time.monotonic()
             client.publish(f"{ROOT_TOPIC}/{agent_id}/files/{file_id}/manifest", canonical_json(manifest), qos=1)
