@@ -123,3 +123,17 @@ def test_token_bucket_holds_the_average_rate() -> None:
     elapsed = time.monotonic() - started
     rate = 3_000_000 / elapsed
     assert 1_800_000 < rate < 2_100_000 * 1.05
+
+
+def test_asyncapi_document_names_every_schema_and_they_exist() -> None:
+    from pathlib import Path
+
+    import yaml
+
+    docs = Path(__file__).resolve().parents[1] / "docs"
+    spec = yaml.safe_load((docs / "asyncapi.yaml").read_text(encoding="utf-8"))
+    assert spec["asyncapi"].startswith("3.")
+    refs = {m["payload"]["$ref"] for m in spec["components"]["messages"].values() if "$ref" in m["payload"]}
+    for ref in refs:
+        assert (docs / ref).resolve().is_file(), ref
+    assert {Path(r).stem for r in refs} == {"status", "health", "event", "manifest", "query", "ack", "command"}
