@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from dataclasses import dataclass, field
 
 from edge_agent import audit
@@ -128,27 +129,33 @@ class Retention:
         log.info("purged file=%s bytes=%s reason=%r", file_id, record.size, reason)
         return record.size or 0
 
-    def run(self, now: int | None = None) -> PurgeReport:
-        """One retention pass: routine files past their time, then the oldest confirmed ones while over the limit."""
+    def run(self, now: int | None = None, stop: threading.Event | None = None) -> PurgeReport:
+        """One retention pass: routine files past their time, then the oldest confirmed ones while over the limit.
+        `stop` ends the pass between two files (the daemon is stopping)."""
         now = now_ms() if now is None else now
+        halted = stop.is_set if stop is not None else (lambda: False)
         report = PurgeReport(disk_percent_before=self.disk_percent())
         days = self.config.retention.routine_days
         cutoff = now - days * DAY_MS
-        while batch := self.purgeable(synced_before_ms=cutoff):
+        while not halted() and (batch := self.purgeable(synced_before_ms=cutoff)):
             for record in batch:
+                if halted():
+                    break
                 freed = self.purge(record.file_id, f"routine retention: confirmed more than {days} days ago")
                 if freed is not None:
                     report.aged.append(record.file_id)
                     report.freed_bytes += freed
         limit = self.config.retention.disk_purge_percent
         percent = self.disk_percent()
-        while percent >= limit:
+        while percent >= limit and not halted():
             batch = self.purgeable(synced_before_ms=now, limit=50)
             if not batch:
                 log.warning("disk at %.1f%% (limit %s%%) and nothing purgeable: unsynced, held, evidence and "
                             "long-term files are kept", percent, limit)
                 break
             for record in batch:
+                if halted():
+                    break
                 freed = self.purge(record.file_id,
                                    f"disk pressure: {percent:.1f}% used, limit {limit}%; oldest confirmed first")
                 if freed is not None:

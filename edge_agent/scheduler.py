@@ -101,7 +101,8 @@ class OperationsScheduler:
             id="health")
         add(self._job("health_change", self.health.check_change), "interval", seconds=health.change_check_s,
             id="health_change")
-        add(self._job("retention", self.retention.run), "interval", seconds=self.config.retention.check_s,
+        add(self._job("retention", lambda: self.retention.run(stop=self.stopping)), "interval",
+            seconds=self.config.retention.check_s,
             next_run_time=now + timedelta(seconds=5), id="retention")
         add(self._job("scrub", self._scrub), "interval", seconds=SCRUB_EVERY_S,
             next_run_time=now + timedelta(seconds=30), id="scrub")
