@@ -14,7 +14,7 @@ import base64
 import hashlib
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -58,11 +58,26 @@ def key_id_of(public_key: Ed25519PublicKey) -> str:
     return "ed25519:" + hashlib.sha256(raw).hexdigest()[:16]
 
 
+KEY_FILE = "agent_ed25519.pem"
+PUB_FILE = "agent_ed25519.pub"
+NEXT_KEY_FILE = "agent_ed25519.next.pem"   # a rotation in progress (see rotate_key)
+RETIRED_DIR = "retired"                      # public keys of rotated-out keys: <key_id>.pub
+
+
 @dataclass(frozen=True)
 class AgentKey:
-    """The agent's Ed25519 signing key, kept 0600 in data_dir/keys."""
+    """The agent's Ed25519 signing key, kept 0600 in data_dir/keys, and the public halves of the keys it
+    replaced (keys/retired/), so documents signed before a rotation still verify."""
 
     private: Ed25519PrivateKey
+    retired: dict[str, Ed25519PublicKey] = field(default_factory=dict)
+
+    def public_for(self, key_id: object) -> Ed25519PublicKey:
+        """The public key a document names in `key_id`: this key or a retired one (else this key,
+        so that the signature check reports the mismatch)."""
+        if isinstance(key_id, str) and key_id in self.retired:
+            return self.retired[key_id]
+        return self.public
 
     @property
     def public(self) -> Ed25519PublicKey:
@@ -88,30 +103,67 @@ class AgentKey:
         sig = self.private.sign(canonical_json(body))
         return {**body, "sig": base64.b64encode(sig).decode("ascii")}
 
+    def private_pem(self) -> bytes:
+        return self.private.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+
     @classmethod
     def load_or_create(cls, keys_dir: Path) -> AgentKey:
         """Load the agent key, creating it (mode 0600) on first start."""
-        path = keys_dir / "agent_ed25519.pem"
+        path = keys_dir / KEY_FILE
+        if (keys_dir / NEXT_KEY_FILE).exists():
+            finish_rotation(keys_dir)
         if path.exists():
-            mode = path.stat().st_mode & 0o777
-            if mode & 0o077:
-                raise PermissionError(
-                    f"{path} is readable by others (mode {mode:o}); run: chmod 600 {path}"
-                )
-            loaded = serialization.load_pem_private_key(path.read_bytes(), password=None)
-            if not isinstance(loaded, Ed25519PrivateKey):
-                raise ManifestError(f"{path} is not an Ed25519 private key")
-            return cls(loaded)
+            return cls(_load_private(path), _load_retired(keys_dir))
         keys_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         os.chmod(keys_dir, 0o700)
         key = cls(Ed25519PrivateKey.generate())
-        pem = key.private.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
-        atomic_write(path, pem, mode=0o600)
-        atomic_write(keys_dir / "agent_ed25519.pub", key.public_pem().encode("ascii"), mode=0o644)
+        atomic_write(path, key.private_pem(), mode=0o600)
+        atomic_write(keys_dir / PUB_FILE, key.public_pem().encode("ascii"), mode=0o644)
         fsync_dir(keys_dir)
         return key
+
+
+def _load_private(path: Path) -> Ed25519PrivateKey:
+    mode = path.stat().st_mode & 0o777
+    if mode & 0o077:
+        raise PermissionError(f"{path} is readable by others (mode {mode:o}); run: chmod 600 {path}")
+    loaded = serialization.load_pem_private_key(path.read_bytes(), password=None)
+    if not isinstance(loaded, Ed25519PrivateKey):
+        raise ManifestError(f"{path} is not an Ed25519 private key")
+    return loaded
+
+
+def _load_retired(keys_dir: Path) -> dict[str, Ed25519PublicKey]:
+    retired = {}
+    for pub in sorted((keys_dir / RETIRED_DIR).glob("*.pub")):
+        key = load_public_key(pub.read_bytes())
+        retired[key_id_of(key)] = key
+    return retired
+
+
+def begin_rotation(keys_dir: Path) -> tuple[AgentKey, AgentKey]:
+    """Step 1 of a rotation: keep the old public key as retired and write the next key beside the current.
+
+    Returns (old, new). The caller signs a `key_rotation` document with the old key, then calls
+    `finish_rotation`; a crash in between is finished at the next `load_or_create`."""
+    old = AgentKey.load_or_create(keys_dir)
+    new = AgentKey(Ed25519PrivateKey.generate(), {**old.retired, old.key_id: old.public})
+    retired = keys_dir / RETIRED_DIR
+    retired.mkdir(mode=0o700, exist_ok=True)
+    atomic_write(retired / f"{old.key_id.split(':', 1)[1]}.pub", old.public_pem().encode("ascii"), mode=0o644)
+    atomic_write(keys_dir / NEXT_KEY_FILE, new.private_pem(), mode=0o600)
+    return old, new
+
+
+def finish_rotation(keys_dir: Path) -> None:
+    """Step 2: the next key becomes the key; the old private key is gone (only its public half stays)."""
+    nxt = keys_dir / NEXT_KEY_FILE
+    key = AgentKey(_load_private(nxt))
+    atomic_write(keys_dir / PUB_FILE, key.public_pem().encode("ascii"), mode=0o644)
+    os.replace(nxt, keys_dir / KEY_FILE)
+    fsync_dir(keys_dir)
 
 
 def load_public_key(pem_or_raw: bytes | str) -> Ed25519PublicKey:

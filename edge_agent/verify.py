@@ -38,7 +38,7 @@ def verify_file(record: FileRecord, layout: StoreLayout, key: AgentKey,
         findings.append(Finding(record.file_id, "manifest", "manifest bytes differ from the hash recorded at sealing"))
     try:
         doc = read_document(manifest_path)
-        verify_signature(doc, key.public)
+        verify_signature(doc, key.public_for(doc.get("key_id")))
     except ManifestError as exc:
         return [*findings, Finding(record.file_id, "manifest", str(exc))]
     if doc.get("sha256") != record.sha256 or doc.get("size") != record.size:
@@ -77,7 +77,7 @@ def verify_chain(catalog: Catalog, layout: StoreLayout, key: AgentKey) -> list[F
             else:
                 try:
                     doc = read_document(path)
-                    verify_signature(doc, key.public)
+                    verify_signature(doc, key.public_for(doc.get("key_id")))
                     if doc.get("prev") != row["prev"]:
                         findings.append(Finding(row["doc_id"], "chain", "document's prev differs from the chain"))
                 except ManifestError as exc:

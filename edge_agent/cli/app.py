@@ -101,4 +101,9 @@ def fmt_bytes(n: int | float | None) -> str:
 
 
 def main() -> None:
-    app()
+    # `--json` is global, but custodians write it after the command (`keys show --json`): accept both.
+    args = sys.argv[1:]
+    if "--json" in args[1:]:
+        args.remove("--json")
+        args.insert(0, "--json")
+    app(args=args, prog_name="edge-agent")

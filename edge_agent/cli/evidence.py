@@ -16,7 +16,7 @@ from edge_agent.catalog import Catalog, UnknownFile
 from edge_agent.cli.app import app, console, emit, fail, fmt_bytes, fmt_ms, load, options, table
 from edge_agent.config import ConfigError, load_config
 from edge_agent.docks import VolumeWorker
-from edge_agent.manifest import AgentKey
+from edge_agent.manifest import AgentKey, begin_rotation, finish_rotation
 from edge_agent.recorders import VolumeIdentity
 from edge_agent.store import StoreLayout
 from edge_agent.verify import verify_all
@@ -275,6 +275,29 @@ def keys_show(ctx: typer.Context) -> None:
     data = {"agent_id": cfg.agent.id, "key_id": key.key_id, "public_key_pem": key.public_pem(),
             "public_key_b64": key.public_raw_b64()}
     emit(ctx, data, f"agent {cfg.agent.id}\nkey id {key.key_id}\n{key.public_pem()}")
+
+
+@keys_app.command("rotate")
+def keys_rotate(ctx: typer.Context, reason: Reason = None) -> None:
+    """Replace the signing key. The old key signs a `key_rotation` document naming the new one, so the
+    chain of trust continues; its public half stays in keys/retired/ so earlier documents still verify.
+    Enrol the new public key on the platform, then restart the agent."""
+    from edge_agent.ingest import Sealer
+
+    cfg = load(ctx)
+    if not reason:
+        fail("say why the key is rotated: --reason (it goes into the signed rotation record and the audit log)")
+    catalog, layout = open_catalog(ctx)
+    old, new = begin_rotation(layout.keys)
+    body = {"old_key_id": old.key_id, "new_key_id": new.key_id, "new_public_key": new.public_pem(),
+            "reason": reason, "by": audit_log.os_user()}
+    path = layout.data_dir / "rotations" / f"{new.key_id.split(':', 1)[1]}.json"
+    Sealer(catalog, old, layout, cfg).sign_document("key_rotation", new.key_id, body, path)
+    finish_rotation(layout.keys)
+    catalog.audit("keys.rotated", subject=new.key_id, reason=reason, detail={"old_key_id": old.key_id})
+    emit(ctx, {"old_key_id": old.key_id, "key_id": new.key_id, "public_key_pem": new.public_pem()},
+         f"new key {new.key_id} (was {old.key_id}); enrol it on the platform, then restart the agent:\n"
+         f"{new.public_pem()}")
 
 
 @config_app.command("check")
