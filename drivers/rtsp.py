@@ -310,8 +310,8 @@ class RtspRecorder:
     def _open_segment(self, stream: av.video.stream.VideoStream, start_ms: int) -> _SegmentWriter:
         self.spool.mkdir(parents=True, exist_ok=True)
         if self.min_free_bytes and shutil.disk_usage(self.spool).free < self.min_free_bytes:
-            raise DiskFull(f"less than {self.min_free_bytes // 1024**2} MiB free under {self.spool}; "
-                           "recording pauses until space returns (check retention and sync)")
+            raise DiskFull(f"less than {self.min_free_bytes // 1024**2} MiB free under {self.spool} "
+                           "(agent.min_free_mb); recording pauses until space returns: check retention and sync")
         path = self.spool / f"{start_ms}{SEGMENT_SUFFIX}"
         writer = _SegmentWriter(path, stream, start_ms)
         self.active_path = path

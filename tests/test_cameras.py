@@ -42,6 +42,12 @@ def camera(name: str, *, segment_s: int = 2, **keys: object) -> dict[str, object
             "image_check_s": 1, "location": "鼓楼区中山路口", "location_kind": "intersection", **keys}
 
 
+def cameras_config(tmp_path: Path, cameras: list[dict[str, object]], **agent: object):
+    """agent.toml with these cameras; its uplink points at a port where no broker listens, so camera
+    tests never publish into a broker someone else runs on this machine."""
+    return agent_config(tmp_path, cameras=cameras, mqtt={"port": free_port()}, agent=agent or None)
+
+
 def sealed_segments(catalog: Catalog, name: str) -> list:
     return catalog.files(states=["sealed"], where="kind = 'camera' AND original_path LIKE ?", params=(f"{name}/%",),
                          order="recorded_start_ms")
@@ -63,8 +69,8 @@ def test_onvif_camera_records_playable_contiguous_segments_of_the_configured_len
     pw.chmod(0o600)
     onvif_cam = OnvifCamera(free_port(), rtsp.url, password="secret-1", clock_offset_s=-3).start()
     try:
-        _, cfg = agent_config(tmp_path, cameras=[camera("gate-east", onvif=onvif_cam.url, username="admin",
-                                                        password_file=str(pw))])
+        _, cfg = cameras_config(tmp_path, [camera("gate-east", onvif=onvif_cam.url, username="admin",
+                                                  password_file=str(pw))])
         agent = build_agent(cfg)
         agent.start()
         try:
@@ -100,7 +106,7 @@ def test_onvif_camera_records_playable_contiguous_segments_of_the_configured_len
 
 
 def test_server_outage_is_exactly_one_gap_of_its_length_with_its_cause(tmp_path: Path, rtsp: RtspServer) -> None:
-    config_path, cfg = agent_config(tmp_path, cameras=[camera("gate-west", rtsp=rtsp.url)])
+    config_path, cfg = cameras_config(tmp_path, [camera("gate-west", rtsp=rtsp.url)])
     agent = build_agent(cfg)
     agent.start()
     outage_s = 4.0
@@ -155,7 +161,7 @@ def _iso(ms: int) -> str:
 
 def test_kill9_mid_segment_leaves_a_playable_segment_and_an_agent_stopped_gap(
         tmp_path: Path, rtsp: RtspServer) -> None:
-    config_path, cfg = agent_config(tmp_path, cameras=[camera("yard", rtsp=rtsp.url, segment_s=30)])
+    config_path, cfg = cameras_config(tmp_path, [camera("yard", rtsp=rtsp.url, segment_s=30)])
     spool = spool_dir(cfg.agent.data_dir, "yard")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen([sys.executable, "-m", "edge_agent.cli", "--config", str(config_path), "run"],
@@ -199,3 +205,32 @@ def test_forbidden_location_is_refused_and_locations_are_listed_for_announcement
     assert result.exit_code == 0, result.output
     assert result.output.splitlines() == ["name,location,location_kind", "gate-east,鼓楼区中山路口,intersection",
                                           "market,农贸市场北门,market"]
+
+
+def test_one_dead_camera_does_not_disturb_another(tmp_path: Path, rtsp: RtspServer) -> None:
+    dead = f"rtsp://127.0.0.1:{free_port()}/cam"   # nothing listens there
+    _, cfg = cameras_config(tmp_path, [camera("dead", rtsp=dead), camera("alive", rtsp=rtsp.url)])
+    agent = build_agent(cfg)
+    agent.start()
+    try:
+        wait_for(lambda: len(sealed_segments(agent.catalog, "alive")) >= 2, timeout=30, what="two live segments")
+        status = {s["name"]: s for s in agent.cameras.camera_status()}
+    finally:
+        agent.stop()
+    gaps = Catalog(cfg.catalog_path).query("SELECT camera, cause, end_ms FROM gaps")
+    assert [(g["camera"], g["cause"], g["end_ms"]) for g in gaps] == [("dead", "stream_lost", None)]
+    assert status["alive"]["recording"] and not status["dead"]["connected"]
+    assert "refused" in status["dead"]["last_error"].lower()
+
+
+def test_no_room_on_disk_is_a_disk_full_gap(tmp_path: Path, rtsp: RtspServer) -> None:
+    _, cfg = cameras_config(tmp_path, [camera("gate-south", rtsp=rtsp.url)], min_free_mb=1 << 40)
+    agent = build_agent(cfg)
+    agent.start()
+    try:
+        gap = wait_for(lambda: agent.catalog.query("SELECT * FROM gaps WHERE camera = 'gate-south'"), timeout=30,
+                       what="a gap")[0]
+    finally:
+        agent.stop()
+    assert gap["cause"] == "disk_full" and "agent.min_free_mb" in gap["detail"]
+    assert not list(spool_dir(cfg.agent.data_dir, "gate-south").glob("*.mkv"))

@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 
 from edge_agent.daemon import build_agent
-from tests.helpers import agent_config, wait_for
+from tests.helpers import wait_for
 from tests.peers.mosquitto import free_port
 from tests.peers.rtsp_server import RtspServer
+from tests.test_cameras import cameras_config
 
 
 @pytest.fixture
@@ -29,7 +30,7 @@ def servers(tmp_path: Path) -> Iterator[dict[str, RtspServer]]:
 def test_image_checks_flag_black_and_frozen_streams(tmp_path: Path, servers: dict[str, RtspServer]) -> None:
     cameras = [{"name": f"cam-{pattern}", "rtsp": server.url, "segment_s": 10, "image_check_s": 0.5,
                 "location": "鼓楼广场", "location_kind": "square"} for pattern, server in servers.items()]
-    _, cfg = agent_config(tmp_path, cameras=cameras)
+    _, cfg = cameras_config(tmp_path, cameras)
     agent = build_agent(cfg)
     agent.start()
     try:

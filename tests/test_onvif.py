@@ -17,6 +17,7 @@ from edge_agent.daemon import build_agent
 from tests.helpers import agent_config, wait_for
 from tests.peers.mosquitto import free_port
 from tests.peers.onvif_service import OnvifCamera
+from tests.test_cameras import cameras_config
 
 STREAM = "rtsp://127.0.0.1:8554/Streaming/Channels/101"
 
@@ -50,7 +51,7 @@ def test_camera_with_wrong_password_is_an_auth_failed_gap(tmp_path: Path, camera
     pw = tmp_path / "cam.pass"
     pw.write_text("not-the-password\n")
     pw.chmod(0o600)
-    _, cfg = agent_config(tmp_path, cameras=[{
+    _, cfg = cameras_config(tmp_path, [{
         "name": "gate-north", "onvif": camera.url, "username": "admin", "password_file": str(pw),
         "stall_timeout_s": 2, "reconnect_max_s": 1, "location": "北门", "location_kind": "entrance"}])
     agent = build_agent(cfg)
@@ -72,7 +73,7 @@ def test_password_file_readable_by_everyone_is_refused(tmp_path: Path, camera: O
     pw = tmp_path / "cam.pass"
     pw.write_text("Gulou2026\n")
     pw.chmod(0o644)
-    _, cfg = agent_config(tmp_path, cameras=[{
+    _, cfg = cameras_config(tmp_path, [{
         "name": "gate-north", "onvif": camera.url, "username": "admin", "password_file": str(pw),
         "location": "北门", "location_kind": "entrance"}])
     with pytest.raises(PermissionError, match="chmod o-r"):
