@@ -10,7 +10,8 @@
 2. Baseline: raw paho QoS 1 publishes of the same number of bytes in the same
    chunk size, publisher process -> broker -> subscriber process, with as many
    messages in flight as the agent's window.
-3. The same backlog drain under a bandwidth cap: the achieved rate against the cap.
+3. A backlog drain under a bandwidth cap: the rate on the link (chunk bytes as
+   the broker delivers them, first to last chunk) against the cap.
 
 The issue asks for a 20 GB backlog and a 4 GB RSS run; the default here is
 scaled down (--backlog-gb 2, --capped-mb 256) to run in a few minutes on the
@@ -104,6 +105,26 @@ def watch_online(port: int) -> threading.Event:
     return online
 
 
+class WireMeter:
+    """Counts the agent's chunk bytes as the broker delivers them: the rate on the link, first to last chunk."""
+
+    def __init__(self, port: int):
+        import paho.mqtt.client as mqtt
+
+        self.samples: list[tuple[float, int]] = []
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="bench-meter", protocol=mqtt.MQTTv5)
+        self.client.on_message = lambda _c, _u, m: self.samples.append((time.monotonic(), len(m.payload)))
+        self.client.connect("127.0.0.1", port)
+        self.client.subscribe(f"evidence/v1/{AGENT_ID}/files/+/chunk", qos=0)
+        self.client.loop_start()
+
+    def rate(self) -> float:
+        self.client.disconnect()
+        self.client.loop_stop()
+        (first, _), (last, _) = self.samples[0], self.samples[-1]
+        return sum(n for _, n in self.samples[1:]) / (last - first)
+
+
 def peak_rss(pid: int, stop: threading.Event, out: list[int]) -> None:
     import psutil
 
@@ -147,6 +168,7 @@ def drain(work: Path, port: int, *, backlog: int, file_size: int, chunk_kib: int
                                 stderr=logs[1])
     wait_for_log(work / "receiver.log", "mqtt connected")
     online = watch_online(port)
+    meter = WireMeter(port)
     agent = subprocess.Popen([PY, "-m", "edge_agent.cli", "--config", str(agent_toml), "run"], stderr=logs[0])
     samples: list[int] = []
     stop = threading.Event()
@@ -182,7 +204,7 @@ def drain(work: Path, port: int, *, backlog: int, file_size: int, chunk_kib: int
     if stored != backlog:
         raise RuntimeError(f"receiver stored {stored} bytes, backlog was {backlog}")
     return {"files": files, "bytes": backlog, "seconds": elapsed, "mb_s": backlog / elapsed / 1e6,
-            "peak_rss_mb": max(samples, default=0) / 2**20}
+            "link_mb_s": meter.rate() / 1e6, "peak_rss_mb": max(samples, default=0) / 2**20}
 
 
 # -- raw paho baseline --------------------------------------------------------------------------------
@@ -251,7 +273,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backlog-gb", type=float, default=2.0, help="uncapped backlog (the issue: 20)")
     parser.add_argument("--file-mb", type=int, default=256, help="size of each backlog file")
-    parser.add_argument("--capped-mb", type=int, default=256, help="backlog drained under the cap")
+    parser.add_argument("--capped-mb", type=int, default=256, help="backlog drained under the cap (64 MiB files)")
     parser.add_argument("--cap-mbit", type=float, default=80.0, help="bandwidth cap, Mbit/s")
     parser.add_argument("--chunk-kib", type=int, default=256)
     parser.add_argument("--window", type=int, default=32)
@@ -279,7 +301,7 @@ def main() -> None:
         shutil.rmtree(work / "drain")
         baseline = raw(work, port, total=backlog, chunk=chunk, inflight=args.window)
         cap_kbps = int(args.cap_mbit * 1000)
-        capped = drain(work / "capped", port, backlog=args.capped_mb * 2**20, file_size=args.file_mb * 2**20,
+        capped = drain(work / "capped", port, backlog=args.capped_mb * 2**20, file_size=64 * 2**20,
                        chunk_kib=args.chunk_kib, window=args.window, cap_kbps=cap_kbps)
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -288,16 +310,16 @@ def main() -> None:
         "chunk_kib": args.chunk_kib, "window": args.window,
         "backlog": ours, "raw_paho_qos1": baseline, "ratio": ours["mb_s"] / baseline["mb_s"],
         "backlog_20gb_extrapolated_s": ours["seconds"] * 20 * 1024**3 / backlog,
-        "capped": capped, "cap_mb_s": cap_mb_s, "cap_ratio": capped["mb_s"] / cap_mb_s,
+        "capped": capped, "cap_mb_s": cap_mb_s, "cap_ratio": capped["link_mb_s"] / cap_mb_s,
     }
     print(json.dumps(result, indent=2))
     print(f"\nend-to-end verified: {ours['mb_s']:.0f} MB/s ({ours['bytes'] / 2**30:.1f} GiB in {ours['files']} files, "
           f"{ours['seconds']:.1f} s); raw paho QoS 1: {baseline['mb_s']:.0f} MB/s; ratio {result['ratio']:.2f}x")
     print(f"agent peak RSS during the {ours['bytes'] / 2**30:.1f} GiB drain: {ours['peak_rss_mb']:.0f} MiB")
     print(f"20 GB backlog at this rate: {result['backlog_20gb_extrapolated_s'] / 60:.1f} min (extrapolated)")
-    print(f"capped at {args.cap_mbit:.0f} Mbit/s ({cap_mb_s:.2f} MB/s): {capped['mb_s']:.2f} MB/s achieved "
-          f"({result['cap_ratio'] * 100:.1f} % of the cap), {capped['bytes'] / 2**20:.0f} MiB in "
-          f"{capped['seconds']:.1f} s")
+    print(f"capped at {args.cap_mbit:.0f} Mbit/s ({cap_mb_s:.2f} MB/s): {capped['link_mb_s']:.2f} MB/s on the link, "
+          f"first to last chunk ({result['cap_ratio'] * 100:.1f} % of the cap); {capped['bytes'] / 2**20:.0f} MiB "
+          f"drained in {capped['seconds']:.1f} s ({capped['mb_s']:.2f} MB/s with start-up and the final commit)")
 
 
 if __name__ == "__main__":
