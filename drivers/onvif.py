@@ -40,11 +40,9 @@ DISCOVERY_ADDRESS = ("239.255.255.250", 3702)
 class OnvifError(Exception):
     """The camera's ONVIF service could not be used; the message says what to check."""
 
-    cause = "stream_lost"
-
 
 class OnvifAuthFailed(OnvifError):
-    cause = "auth_failed"
+    """The camera refused the username or password (or the digest's time: its clock is far off)."""
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,15 @@ def camera() -> Iterator[OnvifCamera]:
     service.stop()
 
 
+def north_gate(tmp_path: Path, camera: OnvifCamera, password: str, mode: int) -> dict[str, object]:
+    """An ONVIF camera entry whose password file holds `password` with permissions `mode`."""
+    pw = tmp_path / "cam.pass"
+    pw.write_text(password + "\n")
+    pw.chmod(mode)
+    return {"name": "gate-north", "onvif": camera.url, "username": "admin", "password_file": str(pw),
+            "stall_timeout_s": 2, "reconnect_max_s": 1, "location": "北门", "location_kind": "entrance"}
+
+
 def test_onvif_yields_serial_stream_uri_and_clock_offset(camera: OnvifCamera) -> None:
     identity = onvif.probe(camera.url, "admin", "Gulou2026", profile="subStream")
     assert identity.serial == camera.serial and identity.model == camera.model
@@ -48,12 +57,7 @@ def test_wrong_password_fails_clearly_as_auth_failed(camera: OnvifCamera) -> Non
 
 
 def test_camera_with_wrong_password_is_an_auth_failed_gap(tmp_path: Path, camera: OnvifCamera) -> None:
-    pw = tmp_path / "cam.pass"
-    pw.write_text("not-the-password\n")
-    pw.chmod(0o600)
-    _, cfg = cameras_config(tmp_path, [{
-        "name": "gate-north", "onvif": camera.url, "username": "admin", "password_file": str(pw),
-        "stall_timeout_s": 2, "reconnect_max_s": 1, "location": "北门", "location_kind": "entrance"}])
+    _, cfg = cameras_config(tmp_path, [north_gate(tmp_path, camera, "not-the-password", 0o600)])
     agent = build_agent(cfg)
     agent.start()
     try:
@@ -70,12 +74,7 @@ def test_camera_with_wrong_password_is_an_auth_failed_gap(tmp_path: Path, camera
 
 
 def test_password_file_readable_by_everyone_is_refused(tmp_path: Path, camera: OnvifCamera) -> None:
-    pw = tmp_path / "cam.pass"
-    pw.write_text("Gulou2026\n")
-    pw.chmod(0o644)
-    _, cfg = cameras_config(tmp_path, [{
-        "name": "gate-north", "onvif": camera.url, "username": "admin", "password_file": str(pw),
-        "location": "北门", "location_kind": "entrance"}])
+    _, cfg = cameras_config(tmp_path, [north_gate(tmp_path, camera, "Gulou2026", 0o644)])
     with pytest.raises(PermissionError, match="chmod o-r"):
         build_agent(cfg)
 
