@@ -36,8 +36,8 @@ SETTLED = ("synced", "source_cleared")
 
 
 def mixed_sizes(n: int, rng: random.Random) -> list[int]:
-    """0 B, 1 B, chunk edges, small, medium, and a few large files."""
-    fixed = [0, 1, 262143, 262144, 262145, 524288, 20_000_000, 40_000_000]
+    """0 B, 1 B, chunk edges, small, medium, 20 MB and one 300 MB file."""
+    fixed = [0, 1, 262143, 262144, 262145, 524288, 20_000_000, 300_000_000]
     return fixed + [rng.choice([rng.randint(2, 4096), rng.randint(4096, 600_000), rng.randint(600_000, 4_000_000)])
                     for _ in range(n - len(fixed))]
 
