@@ -58,6 +58,14 @@ def rows(data: Path, sql: str) -> list[sqlite3.Row]:
         conn.close()
 
 
+def edit_catalog(data: Path, sql: str) -> None:
+    """What someone with write access to the database file could do behind the agent's back."""
+    conn = sqlite3.connect(data / "catalog.sqlite")
+    with conn:
+        conn.execute(sql)
+    conn.close()
+
+
 def test_untouched_store_verifies(store: tuple[Path, Path]) -> None:
     config_path, _ = store
     code, report = cli(config_path, "verify", "--all")
@@ -100,10 +108,7 @@ def test_flipped_byte_in_a_session_manifest_is_named_by_verify(store: tuple[Path
 
 def test_edited_audit_row_is_named_by_audit_verify_and_verify(store: tuple[Path, Path]) -> None:
     config_path, data = store
-    conn = sqlite3.connect(data / "catalog.sqlite")
-    with conn:
-        conn.execute("UPDATE audit SET actor = 'someone-else' WHERE seq = 5")
-    conn.close()
+    edit_catalog(data, "UPDATE audit SET actor = 'someone-else' WHERE seq = 5")
     code, report = cli(config_path, "audit", "verify")
     assert code == 1 and report["problems"] == ["audit entry 5: content does not match its hash (edited)"]
     code, full = cli(config_path, "verify", "--all")
@@ -112,9 +117,6 @@ def test_edited_audit_row_is_named_by_audit_verify_and_verify(store: tuple[Path,
 
 def test_deleted_audit_row_is_named_by_audit_verify(store: tuple[Path, Path]) -> None:
     config_path, data = store
-    conn = sqlite3.connect(data / "catalog.sqlite")
-    with conn:
-        conn.execute("DELETE FROM audit WHERE seq = 7")
-    conn.close()
+    edit_catalog(data, "DELETE FROM audit WHERE seq = 7")
     code, report = cli(config_path, "audit", "verify")
     assert code == 1 and any(p.startswith("audit entry 8:") and "missing" in p for p in report["problems"])
