@@ -112,6 +112,7 @@ class Uplink:
                                      on_up=self._on_up, on_down=self._wake, before_connect=self._set_will)
         self._connected = self.connection.connected
         self._stop = threading.Event()
+        self._sender: threading.Thread | None = None
         self._cond = threading.Condition()      # the sender sleeps on it; acks and connects notify
         self._inbox: deque[tuple[str, Any]] = deque()
         self._transfers: dict[str, Transfer] = {}
@@ -137,7 +138,8 @@ class Uplink:
     def stop(self) -> None:
         self._stop.set()
         self._wake()
-        self._sender.join(timeout=10)
+        if self._sender is not None:
+            self._sender.join(timeout=10)
         self.connection.stop(last_will=(self.topics.status, self._status("offline")))
         for transfer in self._transfers.values():
             os.close(transfer.fd)
