@@ -23,7 +23,7 @@ import logging
 import os
 import queue
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -209,9 +209,10 @@ class CameraHealth:
     image: ImageHealth | None = None
     image_samples: int = 0
     open_gap: Gap | None = None
-    segments: int = 0
-    last_segment_end_ms: int | None = None
-    errors: list[str] = field(default_factory=list)
+    # Counted in memory, read from the catalog once a day: the health check reads them every few seconds.
+    day_ms: int | None = None
+    segments_today: int = 0
+    gaps_today: int = 0
 
 
 class CameraWorker:
@@ -280,6 +281,7 @@ class CameraWorker:
         gap = self.health.open_gap
         if gap is None:
             self.health.open_gap = self.service.open_gap(camera, since_ms, cause, detail)
+            self.health.gaps_today += 1
             self.catalog.raise_alarm(f"camera.{camera}.offline", "camera_offline", camera,
                                      f"camera {camera} is not recording: {cause}: {detail}")
         elif gap.detail != detail:
@@ -295,11 +297,11 @@ class CameraWorker:
 
     def clock_stepped(self, camera: str, at_ms: int, step_ms: int) -> None:
         gap = self.service.open_gap(camera, at_ms, "clock_step", f"wall clock stepped by {step_ms:+d} ms")
+        self.health.gaps_today += 1
         self.service.close_gap(gap, at_ms + max(step_ms, 0))
 
     def segment_done(self, segment: Segment) -> None:
-        self.health.segments += 1
-        self.health.last_segment_end_ms = segment.end_ms
+        self.health.segments_today += 1
         self.service.intake.put(_Queued(segment, self.health.device_id, self.health.clock_offset_ms))
 
     def packet(self, camera: str, packet: av.Packet, stream: av.video.stream.VideoStream, key: bool) -> None:
@@ -325,18 +327,22 @@ class CameraWorker:
         stats = self.recorder.stats
         fps, kbps = stats.rates()
         image = self.health.image
-        segments_today = self.catalog.query(
-            "SELECT COUNT(*) FROM files WHERE device_id = ? AND kind = 'camera' AND recorded_start_ms >= ?",
-            (self.health.device_id, midnight_ms))[0][0]
-        gaps_today = len(gaps(self.catalog, self.camera.name, midnight_ms))
+        health = self.health
+        if health.day_ms != midnight_ms:
+            health.day_ms = midnight_ms
+            health.segments_today = self.catalog.query(
+                "SELECT COUNT(*) FROM files WHERE kind = 'camera' AND original_path LIKE ? AND recorded_start_ms >= ?",
+                (f"{self.camera.name}/%", midnight_ms))[0][0]
+            health.gaps_today = len(gaps(self.catalog, self.camera.name, midnight_ms))
         return {
             "name": self.camera.name, "device_id": self.health.device_id, "location": self.camera.location,
             "connected": stats.connected, "fps": round(fps, 1), "bitrate_kbps": round(kbps, 1),
             "last_packet_ms": stats.last_packet_ms, "codec": stats.codec, "width": stats.width,
-            "height": stats.height, "segments_today": segments_today, "gaps_today": gaps_today,
+            "height": stats.height, "segments_today": health.segments_today, "gaps_today": health.gaps_today,
             "recording": stats.connected and self.health.open_gap is None,
             "open_gap": self.health.open_gap.as_dict() if self.health.open_gap else None,
             "clock_offset_ms": self.health.clock_offset_ms, "last_error": stats.last_error,
+            "model": (health.identity or {}).get("model"), "profile": (health.identity or {}).get("profile_token"),
             "image_checks": image.as_dict() if image else {name: None for name in CHECKS},
         }
 

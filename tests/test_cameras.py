@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import av
+import jsonschema
 import pytest
 from typer.testing import CliRunner
 
@@ -22,6 +23,7 @@ from edge_agent.cameras import spool_dir
 from edge_agent.catalog import Catalog
 from edge_agent.cli import app
 from edge_agent.daemon import build_agent
+from edge_agent.health import load_schema
 from tests.helpers import agent_config, wait_for
 from tests.peers.mosquitto import free_port
 from tests.peers.onvif_service import OnvifCamera
@@ -214,12 +216,15 @@ def test_one_dead_camera_does_not_disturb_another(tmp_path: Path, rtsp: RtspServ
     agent.start()
     try:
         wait_for(lambda: len(sealed_segments(agent.catalog, "alive")) >= 2, timeout=30, what="two live segments")
-        status = {s["name"]: s for s in agent.cameras.camera_status()}
+        snapshot = agent.operations.health.snapshot()
     finally:
         agent.stop()
+    jsonschema.validate(snapshot, load_schema())   # the health snapshot carries camera_status() as is
+    status = {s["name"]: s for s in snapshot["cameras"]}
     gaps = Catalog(cfg.catalog_path).query("SELECT camera, cause, end_ms FROM gaps")
     assert [(g["camera"], g["cause"], g["end_ms"]) for g in gaps] == [("dead", "stream_lost", None)]
-    assert status["alive"]["recording"] and not status["dead"]["connected"]
+    assert status["alive"]["recording"] and status["alive"]["segments_today"] >= 2
+    assert not status["dead"]["connected"] and status["dead"]["gaps_today"] == 1
     assert "refused" in status["dead"]["last_error"].lower()
 
 
