@@ -237,3 +237,21 @@ def test_transfer_state_survives_a_receiver_kill_and_another_receiver_continues_
     agent.close()
     for proc in procs:
         assert proc.stop() == 0
+
+
+def test_an_agent_that_rotated_its_key_is_checked_against_the_key_each_manifest_names(
+        receiver: Path, mosquitto: Mosquitto, keyed: tuple[AgentKey, Path], tmp_path: Path) -> None:
+    old_key, keys_dir = keyed
+    new_key = AgentKey.load_or_create(tmp_path / "rotated-keys")
+    stranger = AgentKey.load_or_create(tmp_path / "stranger-keys")
+    # Enrolment after `edge-agent keys rotate`: the new key beside the old one, in one file.
+    (keys_dir / f"{AGENT_ID}.pem").write_text(old_key.public_pem() + new_key.public_pem())
+    for key in (old_key, new_key):
+        agent = ScriptedAgent(mosquitto.port, key)
+        doc = agent.send_file(random_bytes(70_000))
+        assert agent.ack(doc["file_id"], "complete")["sha256"] == doc["sha256"]
+        agent.close()
+    forger = ScriptedAgent(mosquitto.port, stranger)
+    doc = forger.send_file(random_bytes(1_000))
+    assert "signed by" in forger.ack(doc["file_id"], "rejected")["reason"]
+    forger.close()

@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import queue
+import re
 import signal
 import threading
 import time
@@ -31,7 +32,7 @@ import paho.mqtt.client as mqtt
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from edge_agent.config import ReceiverConfig
-from edge_agent.manifest import ManifestError, canonical_json, load_public_key, verify_signature
+from edge_agent.manifest import ManifestError, canonical_json, key_id_of, load_public_key, verify_signature
 from edge_agent.receiver.store import ChunkStore
 from edge_agent.sync.connection import Connection, build_client
 from edge_agent.sync.wire import (
@@ -57,28 +58,45 @@ Key = tuple[str, str]   # (agent id, file id)
 
 
 class KeyRing:
-    """Enrolled agents' public keys: `<keys_dir>/<agent_id>.pem` (PEM or raw base64), reread when changed."""
+    """Enrolled agents' public keys: `<keys_dir>/<agent_id>.pem` (PEM or raw base64), reread when changed.
+
+    The file may hold several PEM blocks: an agent that rotated its key (`edge-agent keys rotate`) is
+    enrolled with its new key beside the old, and each manifest is checked against the key its `key_id`
+    names."""
 
     def __init__(self, keys_dir: Path):
         self.keys_dir = Path(keys_dir)
-        self._cache: dict[str, tuple[int, Ed25519PublicKey]] = {}
+        self._cache: dict[str, tuple[int, dict[str, Ed25519PublicKey]]] = {}
 
-    def get(self, agent_id: str) -> Ed25519PublicKey | None:
+    def get(self, agent_id: str, key_id: object = None) -> Ed25519PublicKey | None:
+        keys = self._keys(agent_id)
+        if not keys:
+            return None
+        if isinstance(key_id, str) and key_id in keys:
+            return keys[key_id]
+        return next(iter(keys.values()))  # the signature check then names the mismatch
+
+    def _keys(self, agent_id: str) -> dict[str, Ed25519PublicKey]:
         path = self.keys_dir / f"{agent_id}.pem"
         try:
             mtime = path.stat().st_mtime_ns
         except FileNotFoundError:
-            return None
+            return {}
         cached = self._cache.get(agent_id)
         if cached is not None and cached[0] == mtime:
             return cached[1]
+        keys: dict[str, Ed25519PublicKey] = {}
         try:
-            key = load_public_key(path.read_bytes())
+            text = path.read_text(encoding="ascii")
+            blocks = re.findall(r"-----BEGIN PUBLIC KEY-----.*?-----END PUBLIC KEY-----", text, re.S) or [text]
+            for block in blocks:
+                key = load_public_key(block)
+                keys[key_id_of(key)] = key
         except (OSError, ValueError, ManifestError) as exc:
             log.error("enrolled key unusable path=%s error=%s", path, exc)
-            return None
-        self._cache[agent_id] = (mtime, key)
-        return key
+            return {}
+        self._cache[agent_id] = (mtime, keys)
+        return keys
 
 
 class Receiver:
@@ -189,7 +207,7 @@ class Receiver:
             if (doc["agent_id"], doc["file_id"]) != (ft.agent_id, ft.file_id):
                 raise WireError(f"manifest of {doc['agent_id']}/{doc['file_id']} was published on the topic of "
                                 f"{ft.agent_id}/{ft.file_id}")
-            key = self.keys.get(ft.agent_id)
+            key = self.keys.get(ft.agent_id, doc.get("key_id"))
             if key is None:
                 raise WireError(f"agent {ft.agent_id} is not enrolled: no public key "
                                 f"{self.keys.keys_dir / (ft.agent_id + '.pem')}")
