@@ -48,6 +48,13 @@ def udev_serial(serial: str) -> str:
     return _UDEV_UNSAFE.sub("_", re.sub(r"\s", "_", serial.strip()))
 
 
+def _is_volume(path: Path) -> bool:
+    try:
+        return os.path.ismount(path) or any(os.scandir(path))
+    except OSError:
+        return False
+
+
 @dataclass(frozen=True)
 class Recorder:
     """One recorder seen on the bus."""
@@ -163,21 +170,18 @@ class UsbDock(FileSystemEventHandler):
         return serial
 
     def volumes(self) -> set[str]:
-        """Folder names under mount_root that are recorder volumes (no symlinks, no hidden entries)."""
+        """Folder names under mount_root that are recorder volumes: mounted, or holding files.
+
+        No symlinks, no hidden entries, and no empty folder: systemd-mount leaves the mount point
+        behind after an unmount, and an unmount sends no watchdog event, so the poll catches it here.
+        """
         try:
             entries = list(os.scandir(self.mount_root))
         except OSError as exc:
             log.error("mount root unreadable dock=%s path=%s error=%s", self.name, self.mount_root, exc.strerror)
             return set()
-        return {e.name for e in entries if not e.name.startswith(".") and e.is_dir(follow_symlinks=False)}
-
-    def _has_files(self, label: str) -> bool:
-        # systemd-mount leaves an empty mount point behind after unmounting; that is no volume.
-        path = self.mount_root / label
-        try:
-            return os.path.ismount(path) or any(os.scandir(path))
-        except OSError:
-            return False
+        return {e.name for e in entries
+                if not e.name.startswith(".") and e.is_dir(follow_symlinks=False) and _is_volume(Path(e.path))}
 
     def reconcile(self) -> None:
         """Dock what has both device and volume, undock what lost either."""
@@ -189,7 +193,7 @@ class UsbDock(FileSystemEventHandler):
         wanted: dict[str, Recorder | None] = {label: recorders[label] for label in volumes & recorders.keys()}
         for label in volumes - recorders.keys():
             since = self._unmatched_since.setdefault(label, now)
-            if now - since >= self.unknown_after_s and self._has_files(label):
+            if now - since >= self.unknown_after_s:
                 wanted[label] = None
         for label in list(self._unmatched_since):
             if label not in volumes or label in recorders:

@@ -76,7 +76,8 @@ def test_recorder_is_docked_only_while_both_device_and_volume_are_present(tmp_pa
         wait_for(lambda: listener.kinds() == ["docked", "undocked"], what="undocked on unplug")
         bus.plug(ZFY_VENDOR, ZFY_PRODUCT, "ZFY 0042")
         wait_for(lambda: listener.kinds() == ["docked", "undocked", "docked"], what="docked again")
-        shutil.rmtree(mount_root / "ZFY_0042")               # volume unmounted, device still on the bus
+        shutil.rmtree(mount_root / "ZFY_0042")               # volume unmounted, device still on the bus,
+        (mount_root / "ZFY_0042").mkdir()                    # its empty mount point left behind
         wait_for(lambda: listener.kinds()[-1] == "undocked", what="undocked on unmount")
         assert listener.kinds() == ["docked", "undocked", "docked", "undocked"]
         assert not any(v.serial == "NOT-A-RECORDER" for _, v in listener.events)
