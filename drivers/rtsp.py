@@ -22,6 +22,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import re
 import shutil
 import threading
 import time
@@ -125,12 +126,12 @@ def with_credentials(url: str, username: str | None, password: str | None) -> st
     return urlunsplit((parts.scheme, f"{userinfo}@{host}", parts.path, parts.query, parts.fragment))
 
 
-def redact(url: str) -> str:
-    parts = urlsplit(url)
-    if "@" not in parts.netloc:
-        return url
-    return urlunsplit((parts.scheme, "***@" + parts.netloc.rsplit("@", 1)[1], parts.path, parts.query,
-                       parts.fragment))
+_USERINFO = re.compile(r"([a-z][a-z0-9+.-]*://)[^/@\s']+@", re.IGNORECASE)
+
+
+def redact(text: str) -> str:
+    """`text` with the userinfo (user and password) of every URL in it masked."""
+    return _USERINFO.sub(r"\1***@", text)
 
 
 def segment_span(path: Path) -> tuple[int, int] | None:
@@ -221,6 +222,7 @@ class RtspRecorder:
                 self.active_path = None
             if self._stop.is_set():
                 break
+            detail = redact(detail)   # FFmpeg's errors quote the URL, password included
             self.stats.last_error = detail
             self._interrupted = True
             since = self._last_end_ms if self._last_end_ms is not None else int(self._clock.now_ms())
@@ -388,7 +390,7 @@ def _disk_error(exc: Exception, path: Path) -> Exception:
 
 def _classify(exc: Exception) -> tuple[str, str]:
     text = str(exc)
-    if "401" in text or "Unauthorized" in text or isinstance(exc, PermissionError):
+    if isinstance(exc, av.HTTPUnauthorizedError | av.HTTPForbiddenError | PermissionError):
         return "auth_failed", f"camera refused the credentials ({text}); check username and password_file"
     if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return "disk_full", f"disk full ({text})"

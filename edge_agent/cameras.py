@@ -209,10 +209,9 @@ class CameraHealth:
     image: ImageHealth | None = None
     image_samples: int = 0
     open_gap: Gap | None = None
-    # Counted in memory, read from the catalog once a day: the health check reads them every few seconds.
+    # Counted in memory, read from the catalog once a day: the health check reads it every few seconds.
     day_ms: int | None = None
     segments_today: int = 0
-    gaps_today: int = 0
 
 
 class CameraWorker:
@@ -281,7 +280,6 @@ class CameraWorker:
         gap = self.health.open_gap
         if gap is None:
             self.health.open_gap = self.service.open_gap(camera, since_ms, cause, detail)
-            self.health.gaps_today += 1
             self.catalog.raise_alarm(f"camera.{camera}.offline", "camera_offline", camera,
                                      f"camera {camera} is not recording: {cause}: {detail}")
         elif gap.detail != detail:
@@ -297,7 +295,6 @@ class CameraWorker:
 
     def clock_stepped(self, camera: str, at_ms: int, step_ms: int) -> None:
         gap = self.service.open_gap(camera, at_ms, "clock_step", f"wall clock stepped by {step_ms:+d} ms")
-        self.health.gaps_today += 1
         self.service.close_gap(gap, at_ms + max(step_ms, 0))
 
     def segment_done(self, segment: Segment) -> None:
@@ -333,12 +330,12 @@ class CameraWorker:
             health.segments_today = self.catalog.query(
                 "SELECT COUNT(*) FROM files WHERE kind = 'camera' AND original_path LIKE ? AND recorded_start_ms >= ?",
                 (f"{self.camera.name}/%", midnight_ms))[0][0]
-            health.gaps_today = len(gaps(self.catalog, self.camera.name, midnight_ms))
         return {
             "name": self.camera.name, "device_id": self.health.device_id, "location": self.camera.location,
             "connected": stats.connected, "fps": round(fps, 1), "bitrate_kbps": round(kbps, 1),
             "last_packet_ms": stats.last_packet_ms, "codec": stats.codec, "width": stats.width,
-            "height": stats.height, "segments_today": health.segments_today, "gaps_today": health.gaps_today,
+            "height": stats.height, "segments_today": health.segments_today,
+            "gaps_today": len(gaps(self.catalog, self.camera.name, midnight_ms)),   # indexed by camera: cheap
             "recording": stats.connected and self.health.open_gap is None,
             "open_gap": self.health.open_gap.as_dict() if self.health.open_gap else None,
             "clock_offset_ms": self.health.clock_offset_ms, "last_error": stats.last_error,

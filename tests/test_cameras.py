@@ -239,3 +239,27 @@ def test_no_room_on_disk_is_a_disk_full_gap(tmp_path: Path, rtsp: RtspServer) ->
         agent.stop()
     assert gap["cause"] == "disk_full" and "agent.min_free_mb" in gap["detail"]
     assert not list(spool_dir(cfg.agent.data_dir, "gate-south").glob("*.mkv"))
+
+
+def test_rtsp_login_refused_is_an_auth_failed_gap_and_the_right_password_records(tmp_path: Path) -> None:
+    server = RtspServer(free_port(), credentials=("viewer", "Zs-2026"), log=tmp_path / "rtsp.log").start()
+    try:
+        for name, secret in (("east-wrong", "wrong"), ("east-right", "Zs-2026")):
+            pw = tmp_path / f"{name}.pass"
+            pw.write_text(secret + "\n")
+            pw.chmod(0o600)
+        _, cfg = cameras_config(tmp_path, [
+            camera(name, rtsp=server.url, username="viewer", password_file=str(tmp_path / f"{name}.pass"))
+            for name in ("east-wrong", "east-right")])
+        agent = build_agent(cfg)
+        agent.start()
+        try:
+            wait_for(lambda: sealed_segments(agent.catalog, "east-right"), timeout=30, what="a segment with login")
+            gap = wait_for(lambda: agent.catalog.query("SELECT * FROM gaps WHERE camera = 'east-wrong'"),
+                           timeout=30, what="the refused camera's gap")[0]
+        finally:
+            agent.stop()
+    finally:
+        server.stop()
+    assert gap["cause"] == "auth_failed" and "password_file" in gap["detail"] and "viewer:wrong" not in gap["detail"]
+    assert not Catalog(cfg.catalog_path).query("SELECT * FROM gaps WHERE camera = 'east-right'")

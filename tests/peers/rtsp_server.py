@@ -2,7 +2,8 @@
 
 `RtspServer(pattern=..., port=...)` runs this same file with Debian's `/usr/bin/python3` (a venv's Python
 cannot see the GStreamer bindings). Patterns: `normal` (moving, sharp colour bars), `black`, `frozen`
-(the same bars, still). Tests stop and start it to make outages.
+(the same bars, still). `credentials=(user, password)` makes it ask for an RTSP login. Tests stop and
+start it to make outages.
 """
 
 from __future__ import annotations
@@ -33,12 +34,14 @@ class RtspServer:
     """The server as a child process; `url` is where a camera's stream is pulled."""
 
     def __init__(self, port: int, pattern: str = "normal", *, width: int = 320, height: int = 180, fps: int = 25,
-                 keyint: int = 25, bitrate_kbps: int = 400, log: Path | None = None):
+                 keyint: int = 25, bitrate_kbps: int = 400, log: Path | None = None,
+                 credentials: tuple[str, str] | None = None):
         if pattern not in PATTERNS:
             raise ValueError(f"pattern must be one of {sorted(PATTERNS)}")
         self.port = port
         self.pattern = pattern
-        self.args = [str(port), pattern, str(width), str(height), str(fps), str(keyint), str(bitrate_kbps)]
+        self.args = [str(port), pattern, str(width), str(height), str(fps), str(keyint), str(bitrate_kbps),
+                     *(credentials or ())]
         self.log = log
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -71,7 +74,8 @@ class RtspServer:
         return self.proc is not None and self.proc.poll() is None
 
 
-def _serve(port: str, pattern: str, width: str, height: str, fps: str, keyint: str, bitrate: str) -> None:
+def _serve(port: str, pattern: str, width: str, height: str, fps: str, keyint: str, bitrate: str,
+           username: str | None = None, password: str | None = None) -> None:
     import gi
 
     gi.require_version("Gst", "1.0")
@@ -85,6 +89,16 @@ def _serve(port: str, pattern: str, width: str, height: str, fps: str, keyint: s
     factory = GstRtspServer.RTSPMediaFactory()
     factory.set_launch(launch_line(pattern, int(width), int(height), int(fps), int(keyint), int(bitrate)))
     factory.set_shared(True)
+    if username is not None:   # RTSP Basic login, as cameras ask for it
+        token = GstRtspServer.RTSPToken()
+        token.set_string("media.factory.role", "viewer")
+        auth = GstRtspServer.RTSPAuth()
+        auth.add_basic(GstRtspServer.RTSPAuth.make_basic(username, password or ""), token)
+        server.set_auth(auth)
+        permissions = GstRtspServer.RTSPPermissions()
+        permissions.add_permission_for_role("viewer", "media.factory.access", True)
+        permissions.add_permission_for_role("viewer", "media.factory.construct", True)
+        factory.set_permissions(permissions)
     server.get_mount_points().add_factory(MOUNT, factory)
     if server.attach(None) == 0:
         sys.stderr.write(f"cannot listen on 127.0.0.1:{port}\n")
@@ -95,4 +109,4 @@ def _serve(port: str, pattern: str, width: str, height: str, fps: str, keyint: s
 
 
 if __name__ == "__main__":
-    _serve(*sys.argv[1:8])
+    _serve(*sys.argv[1:10])
