@@ -263,3 +263,24 @@ def test_rtsp_login_refused_is_an_auth_failed_gap_and_the_right_password_records
         server.stop()
     assert gap["cause"] == "auth_failed" and "password_file" in gap["detail"] and "viewer:wrong" not in gap["detail"]
     assert not Catalog(cfg.catalog_path).query("SELECT * FROM gaps WHERE camera = 'east-right'")
+
+
+def test_stalled_stream_is_detected_and_recording_resumes(tmp_path: Path, rtsp: RtspServer) -> None:
+    _, cfg = cameras_config(tmp_path, [camera("bridge", rtsp=rtsp.url)])   # stall_timeout_s = 3
+    agent = build_agent(cfg)
+    agent.start()
+    try:
+        wait_for(lambda: sealed_segments(agent.catalog, "bridge"), timeout=30, what="a first segment")
+        rtsp.freeze()
+        try:
+            gap = wait_for(lambda: agent.catalog.query("SELECT * FROM gaps WHERE camera = 'bridge'"), timeout=20,
+                           what="the stall noticed")[0]
+            assert not agent.cameras.camera_status()[0]["recording"]
+        finally:
+            rtsp.thaw()
+        closed = wait_for(lambda: agent.catalog.query("SELECT * FROM gaps WHERE camera = 'bridge' AND end_ms IS NOT "
+                                                      "NULL"), timeout=30, what="recording resumed")[0]
+    finally:
+        agent.stop()
+    assert gap["cause"] == "stream_lost" and closed["id"] == gap["id"]
+    assert "stalled" in closed["detail"], closed["detail"]

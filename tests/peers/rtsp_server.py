@@ -8,6 +8,7 @@ start it to make outages.
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 import time
@@ -68,6 +69,15 @@ class RtspServer:
             self.proc.kill()
             self.proc.wait()
         self.proc = None
+
+    def freeze(self) -> None:
+        """SIGSTOP: the connection stays open but no packet comes (a hung camera)."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGCONT)
 
     @property
     def running(self) -> bool:
