@@ -29,6 +29,7 @@ from edge_agent.alarms import AlarmEvaluator
 from edge_agent.catalog import now_ms
 from edge_agent.durable import atomic_write
 from edge_agent.retention import Retention, filesystem_percent
+from edge_agent.sync.wire import schema
 
 if TYPE_CHECKING:
     from edge_agent.daemon import Agent
@@ -37,7 +38,6 @@ log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 HEALTH_FILE = "health.json"
-SCHEMA_PATH = Path(__file__).parent / "schemas" / "health.json"
 CLOCK_CACHE_S = 60.0
 _UNSYNCED = "('discovered', 'staged', 'sealed', 'sending', 'rejected')"
 
@@ -240,4 +240,5 @@ def read_health_file(data_dir: Path, max_age_s: float) -> dict[str, Any] | None:
 
 
 def load_schema() -> dict[str, Any]:
-    return json.loads(SCHEMA_PATH.read_text(encoding="utf-8"))
+    """The snapshot's JSON Schema (edge_agent/schemas/health.json)."""
+    return schema("health")

@@ -15,6 +15,7 @@ from edge_agent.daemon import Agent, build_agent
 from edge_agent.health import HealthMonitor
 from edge_agent.retention import Retention
 from edge_agent.scrub import Scrubber
+from edge_agent.sync.wire import validate
 from tests.helpers import agent_config, make_recorder_volume, wait_for
 from tests.opsdata import confirm, ingest_file
 
@@ -26,6 +27,7 @@ def alarm_events(agent: Agent, key: str) -> list[str]:
     out = []
     for row in agent.catalog.query("SELECT payload FROM outbox WHERE topic = 'events' ORDER BY id"):
         event = json.loads(row["payload"])
+        validate("event", event)
         if event.get("type") == "alarm" and event["key"] == key:
             out.append(event["state"])
     return out

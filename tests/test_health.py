@@ -8,7 +8,6 @@ import threading
 from pathlib import Path
 from typing import Any
 
-import jsonschema
 import paho.mqtt.client as mqtt
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from typer.testing import CliRunner
@@ -16,9 +15,10 @@ from typer.testing import CliRunner
 from edge_agent.catalog import now_ms
 from edge_agent.cli import app
 from edge_agent.daemon import Agent, build_agent
-from edge_agent.health import load_schema, parse_chrony_tracking
+from edge_agent.health import parse_chrony_tracking
 from edge_agent.manifest import AgentKey
 from edge_agent.scheduler import daily_summary
+from edge_agent.sync.wire import validate
 from tests.helpers import agent_config, make_recorder_volume, wait_for
 from tests.opsdata import confirm, ingest_file
 from tests.peers.mosquitto import Mosquitto
@@ -42,13 +42,13 @@ def test_health_is_written_on_start_and_again_when_a_recorder_docks(tmp_path: Pa
     try:
         health_file = cfg.agent.data_dir / "health.json"
         first = wait_for(lambda: read_health(health_file), 10, what="the first snapshot")
-        jsonschema.validate(first, load_schema())
+        validate("health", first)
         assert first["docks"] == [] and first["agent_id"] == "ws-test-01"
 
         make_recorder_volume(dock, "VOL1", {"DCIM/a.mp4": 3000, "DCIM/b.mp4": 5000})
         docked = wait_for(lambda: (h := read_health(health_file)) and h["agent"]["queue"]["by_state"] == {"sealed": 2}
                           and h, 15, what="a snapshot showing the docked recorder's files sealed")
-        jsonschema.validate(docked, load_schema())
+        validate("health", docked)
         slot = docked["docks"][0]
         assert slot["dock"] == "bench" and slot["label"] == "VOL1" and slot["device_id"] == "unknown:VOL1"
         assert docked["agent"]["queue"]["bytes"] == 8000
@@ -111,7 +111,7 @@ def test_health_is_published_retained_and_matches_its_schema(tmp_path: Path, mos
     message = received[0]
     assert message.retain
     snapshot = json.loads(message.payload)
-    jsonschema.validate(snapshot, load_schema())
+    validate("health", snapshot)
     assert snapshot["schema_version"] == 1 and snapshot["agent"]["sync"]["connected"]
     assert snapshot["agent"]["queue"]["by_state"]
 
@@ -148,7 +148,7 @@ def test_cameras_appear_in_the_snapshot_as_their_service_reports_them(tmp_path: 
 
     snapshot = agent.operations.health.snapshot()
 
-    jsonschema.validate(snapshot, load_schema())
+    validate("health", snapshot)
     assert [(c["name"], c["connected"], c["location"]) for c in snapshot["cameras"]] == [
         ("gate-east", False, "鼓楼区中山路口")]
     agent.catalog.close()
@@ -164,6 +164,7 @@ def test_daily_summary_counts_the_last_24_hours(tmp_path: Path) -> None:
     summary = daily_summary(agent.catalog, cfg.agent.id)
 
     assert summary["type"] == "summary"
+    validate("event", summary)
     assert summary["ingested"] == {"files": 2, "bytes": 3000}
     assert summary["synced"] == {"files": 1, "bytes": 1000}
     assert summary["files_by_state"] == {"sealed": 1, "synced": 1}
