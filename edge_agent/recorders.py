@@ -257,7 +257,8 @@ def walk_volume(volume: Path, globs: tuple[str, ...] = ("**/*",),
 
 
 def _matches(relative: str, globs: tuple[str, ...]) -> bool:
-    # fnmatch's '*' also crosses '/', so "DCIM/**/*" takes every file below DCIM at any depth; a leading
-    # "**/" also matches no folder at all, so "**/*" takes the files at the volume's root too.
+    # fnmatch's '*' also crosses '/', so "DCIM/**/*" takes every file below DCIM at any depth; "**/" also
+    # matches no folder at all, so "DCIM/**/*" takes DCIM's own files and "**/*" those at the volume's root.
     return any(fnmatch.fnmatchcase(relative, pattern)
-               or (pattern.startswith("**/") and fnmatch.fnmatchcase(relative, pattern[3:])) for pattern in globs)
+               or ("**/" in pattern and fnmatch.fnmatchcase(relative, pattern.replace("**/", "")))
+               for pattern in globs)

@@ -12,6 +12,9 @@ command -v ffmpeg >/dev/null 2>&1 || need_apt+=(ffmpeg)
   gstreamer1.0-plugins-good gstreamer1.0-plugins-ugly)
 /usr/bin/python3 -c 'import gi; gi.require_version("GstRtspServer", "1.0"); from gi.repository import Gst; Gst.init(None); assert Gst.ElementFactory.find("x264enc")' >/dev/null 2>&1 || need_apt+=(gstreamer1.0-plugins-ugly)
 command -v systemd-analyze >/dev/null 2>&1 || need_apt+=(systemd)
+# FAT recorder volumes in the USB dock tests: mtools writes the image, fusefat mounts it (no vfat module here).
+command -v mcopy >/dev/null 2>&1 || need_apt+=(mtools)
+command -v fusefat >/dev/null 2>&1 || need_apt+=(fusefat)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "setup: apt-get install ${need_apt[*]}"
   export DEBIAN_FRONTEND=noninteractive

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import shutil
 from datetime import datetime
 from pathlib import Path
@@ -26,7 +28,7 @@ from tests.evidence_support import (
     sha256_of,
     wait_states,
 )
-from tests.fakes.usb_backend import EmulatedUsbBus
+from tests.fakes.usb_backend import EmulatedUsbBus, fat_volume, unmount
 from tests.helpers import make_recorder_volume, wait_for
 
 SHANGHAI = ZoneInfo("Asia/Shanghai")
@@ -48,10 +50,10 @@ class DockLog:
         return [kind for kind, _ in self.events]
 
 
-def usb_config(tmp_path: Path, **agent: object):
+def usb_config(tmp_path: Path, **dock: object):
     mount_root = tmp_path / "media"
-    _, cfg = offline_agent_config(tmp_path, agent=agent or None,
-                          docks=[{"name": "dock-a", "kind": "usb", "mount_root": str(mount_root)}])
+    _, cfg = offline_agent_config(tmp_path, docks=[{"name": "dock-a", "kind": "usb", "mount_root": str(mount_root),
+                                                    **dock}])
     return cfg, mount_root
 
 
@@ -179,3 +181,23 @@ def test_recorder_unplugged_mid_copy_discards_partial_and_resumes_when_back(tmp_
                                                                   (pending.file_id,))]
         assert history == ["file.discovered", "file.staged", "file.sealed"]
     assert json.loads((agent.layout.manifest_path(pending.file_id)).read_bytes())["sha256"] == resumed.sha256
+
+
+def test_fat_recorder_volume_is_ingested_and_undocked_when_unmounted(tmp_path: Path) -> None:
+    cfg, mount_root = usb_config(tmp_path, settle_s=0.2)
+    bus = EmulatedUsbBus()
+    dock = UsbDock("dock-a", mount_root, load_models(), backend=bus, poll_s=0.05)
+    files = {"DCIM/100/A123456_320102123_20261122080102.MP4": os.urandom(2_000_000),
+             "DCIM/100/A123456_320102123_20261122081000.MP4": os.urandom(300_000),
+             "RECORD/A123456_320102123_20261122082000.WAV": b""}
+    with fat_volume(tmp_path / "card.img", mount_root / "ZFY0300", "ZFY0300", files) as volume, \
+            running_agent(cfg, [dock]) as agent:
+        bus.plug(ZFY_VENDOR, ZFY_PRODUCT, "ZFY0300")
+        sealed = wait_states(agent.catalog, len(files))
+        for record in sealed:
+            assert record.sha256 == hashlib.sha256(files[record.original_path]).hexdigest()
+            assert (record.device_id, record.officer_id) == ("ZFY0300", "320102123")
+        unmount(volume)                          # the custodian unmounts it; the device stays on the bus
+        wait_for(lambda: agent.catalog.query("SELECT 1 FROM sessions WHERE state = 'undocked'"),
+                 what="undocked once the volume is unmounted")
+        assert volume.is_dir() and not any(volume.iterdir())

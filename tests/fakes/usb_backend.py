@@ -6,7 +6,8 @@ recorder is a USB mass-storage device with one configuration, one bulk-only
 interface and two bulk endpoints; it answers GET_DESCRIPTOR for the device
 descriptor and for string descriptors (language ids, manufacturer, product,
 serial number). Its storage is a directory tree the test creates under the
-dock's mount_root, named by the serial, as the udev rule would mount it.
+dock's mount_root, named by the serial, as the udev rule would mount it, or a
+real FAT32 image mounted there (`fat_volume`).
 """
 
 from __future__ import annotations
@@ -14,9 +15,15 @@ from __future__ import annotations
 import array
 import errno
 import itertools
+import os
+import shutil
 import struct
+import subprocess
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
 
 import usb.backend
 import usb.core
@@ -169,3 +176,39 @@ class EmulatedUsbBus(usb.backend.IBackend):
     def _only(condition: bool, message: str) -> None:
         if not condition:
             raise usb.core.USBError(message, -5, errno.ENOENT)
+
+
+@contextmanager
+def fat_volume(image: Path, mount_point: Path, label: str, files: dict[str, bytes]) -> Iterator[Path]:
+    """A recorder's storage as a real FAT32 filesystem: an image written with mtools, mounted with fusefat
+    at `mount_point` (the kernel here has no vfat module). Unmounted on exit, leaving the empty mount
+    point behind as systemd-mount does."""
+    subprocess.run(["truncate", "-s", "48M", str(image)], check=True)
+    subprocess.run(["mformat", "-i", str(image), "-F", "-v", label[:11], "::"], check=True, capture_output=True)
+    folders = sorted({str(PurePosixPath(name).parent) for name in files} - {"."}, key=len)
+    made: set[str] = set()
+    for folder in folders:
+        parts = PurePosixPath(folder).parts
+        for depth in range(1, len(parts) + 1):
+            sub = "/".join(parts[:depth])
+            if sub not in made:
+                subprocess.run(["mmd", "-i", str(image), f"::/{sub}"], check=True, capture_output=True)
+                made.add(sub)
+    staging = image.with_suffix(".src")
+    staging.mkdir()
+    for name, content in files.items():
+        local = staging / name.replace("/", "_")
+        local.write_bytes(content)
+        subprocess.run(["mcopy", "-i", str(image), "-m", str(local), f"::/{name}"], check=True, capture_output=True)
+    shutil.rmtree(staging)
+    mount_point.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["fusefat", "-o", "rw+", str(image), str(mount_point)], check=True, capture_output=True)
+    try:
+        yield mount_point
+    finally:
+        unmount(mount_point)
+
+
+def unmount(mount_point: Path) -> None:
+    if os.path.ismount(mount_point):
+        subprocess.run(["fusermount", "-u", "-z", str(mount_point)], check=True)
