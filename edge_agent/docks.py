@@ -281,9 +281,11 @@ class VolumeWorker(threading.Thread):
             "on the recorder for inspection")
 
     def _outstanding(self, device_id: str) -> int:
+        """Files still to take in this pass. One that failed with an error (unreadable, copy mismatch) is
+        retried on every rescan but does not hold back the session manifest, which lists it as not sealed."""
         rows = self.service.catalog.query(
-            "SELECT COUNT(*) FROM files WHERE device_id = ? AND volume_label = ? AND state IN ('discovered','staged')",
-            (device_id, self.volume.label))
+            "SELECT COUNT(*) FROM files WHERE device_id = ? AND volume_label = ? AND state IN ('discovered','staged')"
+            " AND last_error IS NULL", (device_id, self.volume.label))
         return int(rows[0][0])
 
     # -- ingest -------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from edge_agent.catalog import State
+from edge_agent.manifest import read_document
 from edge_agent.recorders import check_relative
 from tests.evidence_support import offline_agent_config, running_agent, sha256_of, wait_states
 from tests.helpers import make_recorder_volume, wait_for
@@ -138,6 +139,11 @@ def test_unreadable_file_raises_an_alarm_and_is_kept_for_retry(tmp_path: Path, u
         assert kept.original_path.endswith("101500-DHA1B2C3D4.mp4") and "Permission denied" in kept.last_error
         wait_for(lambda: agent.catalog.get(kept.file_id).attempts >= 2, what="retried")
         assert list(agent.layout.staging.iterdir()) == []
+        (session,) = wait_for(lambda: agent.catalog.query("SELECT * FROM sessions WHERE manifest_sha256 IS NOT NULL"),
+                              what="session manifest signed despite the unreadable file")
+        doc = read_document(agent.layout.session_manifest_path(session["session_id"]))
+        assert [f["original_path"] for f in doc["files"]] == ["320105001-20261122102000-DHA1B2C3D4.mp4"]
+        assert doc["files_not_sealed"] == [kept.original_path]
 
 
 @pytest.fixture
