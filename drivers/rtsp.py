@@ -321,9 +321,9 @@ class RtspRecorder:
 
     def _finish(self, out: _SegmentWriter, end_ms: int) -> None:
         segment = out.close(self.camera, max(end_ms, out.start_ms))
-        self.active_path = None
         if segment is not None:
             self.listener.segment_done(segment)
+        self.active_path = None   # only now: the intake's spool scan must not take it in as a leftover
 
 
 class _SegmentWriter:

@@ -170,6 +170,9 @@ class SegmentIntake:
             except (IngestError, OSError, av.FFmpegError) as exc:
                 log.error("segment_not_taken_in camera=%s path=%s error=%s action=retried_in_%ss",
                           item.segment.camera, item.segment.path, exc, RESCAN_S)
+            except Exception:   # one bad segment must not stop every camera's intake: log it, go on
+                log.exception("segment_intake_fault camera=%s path=%s action=left_in_spool",
+                              item.segment.camera, item.segment.path)
             finally:
                 with self._lock:
                     self._queued.discard(item.segment.path)
