@@ -201,3 +201,18 @@ def test_fat_recorder_volume_is_ingested_and_undocked_when_unmounted(tmp_path: P
         wait_for(lambda: agent.catalog.query("SELECT 1 FROM sessions WHERE state = 'undocked'"),
                  what="undocked once the volume is unmounted")
         assert volume.is_dir() and not any(volume.iterdir())
+
+
+def test_recorders_in_different_slots_are_copied_at_the_same_time(tmp_path: Path) -> None:
+    cfg, mount_root = usb_config(tmp_path)
+    bus = EmulatedUsbBus()
+    dock = UsbDock("dock-a", mount_root, load_models(), backend=bus, poll_s=0.05)
+    for serial in ("ZFY0401", "ZFY0402"):
+        large_file(mount_root / serial / "DCIM/100/A123456_320102123_20261122080102.MP4", 256 << 20)
+    with running_agent(cfg, [dock]) as agent:
+        bus.plug(ZFY_VENDOR, ZFY_PRODUCT, "ZFY0401")
+        bus.plug(ZFY_VENDOR, ZFY_PRODUCT, "ZFY0402")
+        wait_for(lambda: len(list(agent.layout.staging.glob("*.part"))) == 2, interval=0.005,
+                 what="both recorders' copies in staging/ at once")
+        sealed = wait_states(agent.catalog, 2, timeout=120)
+        assert {r.slot for r in sealed} == {1, 2} and {r.device_id for r in sealed} == {"ZFY0401", "ZFY0402"}
