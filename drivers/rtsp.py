@@ -198,15 +198,10 @@ class RtspRecorder:
     def stop(self) -> None:
         self._stop.set()
 
-    @property
-    def stopping(self) -> bool:
-        return self._stop.is_set()
-
     def run(self) -> None:
         """Record until `stop()`; never raises for a camera's faults, only reports them."""
         backoff = BACKOFF_MIN_S
         while not self._stop.is_set():
-            started = time.monotonic()
             try:
                 self._session()
                 cause, detail = "stream_lost", "stream ended (camera or server closed it)"
@@ -224,12 +219,12 @@ class RtspRecorder:
                 break
             detail = redact(detail)   # FFmpeg's errors quote the URL, password included
             self.stats.last_error = detail
+            if not self._interrupted:
+                backoff = BACKOFF_MIN_S   # it was recording: a fresh fault, retry quickly
             self._interrupted = True
             since = self._last_end_ms if self._last_end_ms is not None else int(self._clock.now_ms())
             self.listener.interrupted(self.camera, cause, since, detail)
             log.warning("camera_interrupted camera=%s cause=%s detail=%s", self.camera, cause, detail)
-            if time.monotonic() - started > 2 * self.reconnect_max_s:
-                backoff = BACKOFF_MIN_S   # it ran for a while: this is a fresh fault, retry quickly
             self._stop.wait(backoff)
             backoff = min(backoff * 2, self.reconnect_max_s)
 
