@@ -42,7 +42,7 @@ from drivers.rtsp import (
     segment_span,
     with_credentials,
 )
-from edge_agent.catalog import LANE_CAMERA, Catalog, State, now_ms
+from edge_agent.catalog import LANE_CAMERA, Catalog, FileRecord, State, now_ms
 from edge_agent.config import AgentConfig, Camera
 from edge_agent.durable import fsync_dir
 from edge_agent.ingest import IngestError, Ingestor, Sealer
@@ -179,7 +179,7 @@ class SegmentIntake:
 
     def take_in(self, item: _Queued) -> None:
         """discover -> staged -> sealed, then delete the spool file. Safe to repeat after a crash."""
-        seg, camera = item.segment, self.cameras.get(item.segment.camera)
+        seg = item.segment
         try:
             st = seg.path.stat()
         except FileNotFoundError:
@@ -192,16 +192,21 @@ class SegmentIntake:
         if record.state == State.DISCOVERED:
             record = self.ingestor.stage(record, seg.path)
         if record.state == State.STAGED:
-            before = [g.as_dict() for g in gaps(self.catalog, seg.camera, seg.start_ms, seg.start_ms)
-                      if g.end_ms == seg.start_ms]
-            extra: dict[str, Any] = {"gaps_before": before}
-            if camera is not None:
-                extra["camera"] = {"name": camera.name, "location": camera.location,
-                                   "location_kind": camera.location_kind}
-            self.sealer.seal(record, extra=extra)
+            self.sealer.seal(record)   # manifest_keys adds the camera and its gaps
             self.sealed += 1
         os.unlink(seg.path)
         fsync_dir(seg.path.parent)
+
+    def manifest_keys(self, record: FileRecord) -> dict[str, Any]:
+        """A segment's manifest names its camera and the gaps that ended where it begins."""
+        name = record.original_path.split("/", 1)[0]
+        start = record.recorded_start_ms or 0
+        keys: dict[str, Any] = {"gaps_before": [g.as_dict() for g in gaps(self.catalog, name, start, start)
+                                                if g.end_ms == start]}
+        camera = self.cameras.get(name)
+        if camera is not None:
+            keys["camera"] = {"name": camera.name, "location": camera.location, "location_kind": camera.location_kind}
+        return keys
 
 
 @dataclass
@@ -357,6 +362,7 @@ class CameraService:
         self.workers = {cam.name: CameraWorker(cam, self) for cam in config.cameras}
         self.intake = SegmentIntake(catalog, ingestor, sealer, config, {c.name: c for c in config.cameras},
                                     self._active_paths)
+        sealer.extra_keys["camera"] = self.intake.manifest_keys   # also for segments resealed after a crash
         self._gap_lock = threading.Lock()
 
     def _active_paths(self) -> list[Path]:

@@ -178,6 +178,9 @@ class Sealer:
         self.config = config
         self.tz = ZoneInfo(config.agent.timezone)
         self._lock = threading.Lock()
+        # Per file kind, more manifest keys (a camera segment's location and the gaps before it), so that
+        # a file sealed by crash recovery carries them too.
+        self.extra_keys: dict[str, Callable[[FileRecord], dict[str, Any]]] = {}
 
     def _head(self) -> tuple[int, str]:
         head = self.catalog.meta_get("chain_head")
@@ -229,6 +232,8 @@ class Sealer:
         """staged -> sealed: sign the manifest, write it durably, then record it. Returns the manifest."""
         media = _loads(record.media) if record.media else {}
         body = self.manifest_body(record, media)
+        if record.kind in self.extra_keys:
+            body.update(self.extra_keys[record.kind](record))
         if extra:
             body.update(extra)
         path = self.layout.manifest_path(record.file_id)

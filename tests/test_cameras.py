@@ -188,6 +188,7 @@ def test_kill9_mid_segment_leaves_a_playable_segment_and_an_agent_stopped_gap(
     finally:
         agent.stop()
     assert decoded_frames(cfg.agent.data_dir / taken.store_path) >= 25
+    assert manifest(cfg.agent.data_dir, taken.file_id)["camera"]["name"] == "yard"
     assert taken.recorded_end_ms > taken.recorded_start_ms + 900
     assert gap["cause"] == "agent_stopped" and gap["start_ms"] == taken.recorded_end_ms
     assert gap["end_ms"] > gap["start_ms"]
