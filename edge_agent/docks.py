@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sqlite3
 import threading
 import time
 from collections.abc import Callable
@@ -302,7 +303,11 @@ class VolumeWorker(threading.Thread):
                 except IntakePaused as exc:
                     self.status.state, self.status.last_error = "paused", str(exc)
                     self._paused = True
-                    catalog.raise_alarm("disk_full", "disk_full", self.service.config.agent.id, str(exc))
+                    log.warning("intake paused dock=%s file=%s: %s", self.volume.dock, record.file_id, exc)
+                    try:
+                        catalog.raise_alarm("disk_full", "disk_full", self.service.config.agent.id, str(exc))
+                    except sqlite3.OperationalError as alarm_exc:  # so full that not even the alarm fits
+                        log.error("disk_full alarm not recorded dock=%s: %s", self.volume.dock, alarm_exc)
                     return
                 except SourceGone as exc:
                     self.status.last_error = str(exc)

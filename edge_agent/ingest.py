@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import queue
+import sqlite3
 import threading
 from collections.abc import Callable, Iterator
 from datetime import datetime
@@ -437,11 +438,19 @@ class Ingestor:
 
     def ingest(self, record: FileRecord, source: Path, abort: Callable[[], bool] | None = None) -> FileRecord:
         """Stage and seal one discovered file. Raises an IngestError subclass when it cannot."""
-        if record.state == State.DISCOVERED:
-            record = self.stage(record, source, abort)
-        if record.state == State.STAGED:
-            self.sealer.seal(record)
-            record = self.catalog.get(record.file_id)
+        try:
+            if record.state == State.DISCOVERED:
+                record = self.stage(record, source, abort)
+            if record.state == State.STAGED:
+                self.sealer.seal(record)
+                record = self.catalog.get(record.file_id)
+        except (OSError, sqlite3.OperationalError) as exc:
+            # The disk filled after the copy (manifest or catalog write): nothing was recorded, so the next
+            # pass redoes this file from where the catalog says it is.
+            if not _disk_full(exc):
+                raise
+            raise IntakePaused(f"disk full while recording {record.original_path} ({exc}); intake paused, "
+                               "nothing half-done was kept; it resumes when space returns") from exc
         return record
 
     # -- crash recovery ---------------------------------------------------------------------------
@@ -473,6 +482,12 @@ class Ingestor:
         if any(done.values()):
             log.info("recovered %s", " ".join(f"{k}={v}" for k, v in done.items()))
         return done
+
+
+def _disk_full(exc: BaseException) -> bool:
+    if isinstance(exc, sqlite3.OperationalError):
+        return getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
 def _unlink_quietly(path: Path) -> None:

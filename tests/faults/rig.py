@@ -56,6 +56,7 @@ class Rig:
     chunk_kib: int = 64
     agent_extra: dict[str, Any] = field(default_factory=dict)
     mqtt_extra: dict[str, Any] = field(default_factory=dict)
+    sections: dict[str, Any] = field(default_factory=dict)   # more agent.toml sections (retention, health)
 
     def __post_init__(self) -> None:
         self.dock_root = self.base / "dock"
@@ -86,6 +87,7 @@ class Rig:
             "mqtt": mqtt,
             "docks": [{"name": "bench", "kind": "directory", "root": str(self.dock_root), "clear_after_sync": True,
                        "settle_s": 0.5, "rescan_s": 0.2}],
+            **self.sections,
         })
         self.receiver_config = write_toml(self.base / "receiver.toml", {
             "mqtt": {"host": "127.0.0.1", "port": port, "reconnect_min_s": 0.1, "reconnect_max_s": 1},
@@ -161,8 +163,14 @@ class Rig:
         rows = self.catalog_rows(f"SELECT COUNT(*) FROM files WHERE state IN ({marks})", states)
         return int(rows[0][0]) if rows else 0
 
+    def agent_log(self) -> str:
+        path = self.logs / "agent.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
     def all_cleared(self) -> bool:
-        return not self.on_recorder() and self.count(("source_cleared",)) == len(self.sources)
+        """Every recorder file confirmed and deleted from the recorder (the row may be purged locally since)."""
+        rows = self.catalog_rows("SELECT COUNT(*) FROM files WHERE cleared_ms IS NOT NULL AND synced_ms IS NOT NULL")
+        return not self.on_recorder() and bool(rows) and rows[0][0] == len(self.sources)
 
     # -- the end checks (G1, G2 is watched live by ClearWatch, G3, G4 on the chains) ----------------
 
@@ -184,10 +192,11 @@ class Rig:
                 while block := f.read(1 << 20):
                     digest.update(block)
             assert digest.hexdigest() == path.name, f"object {path} does not hash to its name"
-        rows = self.catalog_rows("SELECT original_path, sha256, state FROM files")
+        rows = self.catalog_rows("SELECT original_path, sha256, state, cleared_ms FROM files")
         assert len(rows) == len(self.sources), f"G3: the catalog has {len(rows)} rows for {len(self.sources)} files"
         for row in rows:
-            assert row["sha256"] == self.sources[row["original_path"]] and row["state"] == "source_cleared", dict(row)
+            assert row["sha256"] == self.sources[row["original_path"]], dict(row)
+            assert row["state"] in ("source_cleared", "purged") and row["cleared_ms"], dict(row)
 
     def check_chains(self) -> None:
         for args in (["verify"], ["audit", "verify"]):

@@ -52,7 +52,7 @@ def _synced_not_cleared(rig: Rig, _before: int) -> bool:
 
 def _receiving(rig: Rig, _before: int) -> bool:
     incoming = rig.store_dir / "incoming"
-    return incoming.exists() and any(incoming.rglob("0000*"))
+    return incoming.exists() and any(incoming.rglob("chunks"))   # a chunk record (receiver store)
 
 
 PHASES: list[Phase] = [
