@@ -36,6 +36,9 @@ from edge_agent.recorders import (
 
 log = logging.getLogger(__name__)
 
+# How long a read error waits for the dock driver to report an undock before it counts as the file's own fault.
+UNDOCK_GRACE_S = 2.0
+
 
 @dataclass
 class SlotStatus:
@@ -314,11 +317,17 @@ class VolumeWorker(threading.Thread):
                     log.warning("source gone dock=%s file=%s: %s", self.volume.dock, record.file_id, exc)
                     if self._gone.is_set():
                         return
+                    if self._read_fault(record, path):
+                        cause = exc.__cause__.strerror if isinstance(exc.__cause__, OSError) else str(exc)
+                        self._unreadable(record, f"{record.original_path} on {record.device_id}: read failed "
+                                                 f"({cause}) while the recorder stayed docked: a storage fault on "
+                                                 "the recorder (bad sector?); the file is kept there and retried "
+                                                 "at every rescan; check or replace the recorder's card")
+                    elif self._gone.is_set():
+                        return
                     continue
                 except SourceUnreadable as exc:
-                    self.status.last_error = str(exc)
-                    catalog.update(record.file_id, last_error=str(exc), attempts=record.attempts + 1)
-                    catalog.raise_alarm(f"unreadable:{record.file_id}", "file_unreadable", record.device_id, str(exc))
+                    self._unreadable(record, str(exc))
                     continue
                 except IngestError as exc:
                     self.status.last_error = str(exc)
@@ -336,6 +345,24 @@ class VolumeWorker(threading.Thread):
             elapsed = time.monotonic() - started
             if elapsed > 0:
                 self.status.rate_bps = (self.status.bytes_copied - copied_before) / elapsed
+
+    def _read_fault(self, record: FileRecord, path: Path) -> bool:
+        """After a read error: is the recorder still docked and the file unchanged? Then the error is the
+        file's, not a recorder pulled out (whose driver reports the undock within a poll or two)."""
+        def unchanged() -> bool:
+            try:
+                st = os.lstat(path)
+            except OSError:
+                return False
+            return (st.st_size, st.st_mtime_ns) == (record.source_size, record.source_mtime_ns)
+
+        return unchanged() and not self._gone.wait(UNDOCK_GRACE_S) and unchanged()
+
+    def _unreadable(self, record: FileRecord, message: str) -> None:
+        self.status.last_error = message
+        self.service.catalog.update(record.file_id, last_error=message, attempts=record.attempts + 1)
+        self.service.catalog.raise_alarm(f"unreadable:{record.file_id}", "file_unreadable", record.device_id,
+                                         message)
 
     # -- verify-then-clear --------------------------------------------------------------------------
 

@@ -147,6 +147,46 @@ def test_unreadable_file_raises_an_alarm_and_is_kept_for_retry(tmp_path: Path, u
 
 
 @pytest.fixture
+def failing_file(tmp_path: Path) -> Iterator[Path]:
+    """A file whose reads fail with EIO while its volume stays present, as a bad sector's would.
+
+    /proc/<pid>/mem of a live process opens fine (for root) and fails with EIO when read at offset 0;
+    bind-mounted over a file on the volume it is that file.
+    """
+    path = make_recorder_volume(tmp_path / "dock-sim", "DHA1B2C3D4",
+                                {"320105001-20261122101500-DHA1B2C3D4.mp4": b"placeholder",
+                                 "320105001-20261122102000-DHA1B2C3D4.mp4": b"readable"})
+    target = path / "320105001-20261122101500-DHA1B2C3D4.mp4"
+    holder = subprocess.Popen(["sleep", "600"])
+    subprocess.run(["mount", "--bind", f"/proc/{holder.pid}/mem", str(target)], check=True)
+    try:
+        fd = os.open(target, os.O_RDONLY)
+        with pytest.raises(OSError, match="Input/output error"):
+            os.read(fd, 4096)
+        os.close(fd)
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(target)], check=True)
+        holder.kill()
+        holder.wait()
+
+
+def test_read_error_on_a_docked_recorder_is_an_alarm_not_a_silent_retry(tmp_path: Path, failing_file: Path) -> None:
+    cfg, root = directory_dock(tmp_path)
+    with running_agent(cfg) as agent:
+        alarm = wait_for(lambda: [a for a in agent.catalog.active_alarms() if a["kind"] == "file_unreadable"],
+                         what="unreadable alarm")[0]
+        assert "Input/output error" in alarm["message"] and "stayed docked" in alarm["message"]
+        (kept,) = agent.catalog.files(states=[State.DISCOVERED])
+        assert kept.original_path.endswith("101500-DHA1B2C3D4.mp4") and kept.attempts >= 1
+        (session,) = wait_for(lambda: agent.catalog.query("SELECT * FROM sessions WHERE manifest_sha256 IS NOT NULL"),
+                              what="session manifest signed")
+        doc = read_document(agent.layout.session_manifest_path(session["session_id"]))
+        assert doc["files_not_sealed"] == [kept.original_path] and len(doc["files"]) == 1
+        assert list(agent.layout.staging.iterdir()) == []
+
+
+@pytest.fixture
 def tiny_data_dir(tmp_path: Path) -> Iterator[Path]:
     """data_dir on an 8 MiB tmpfs, so the disk really fills."""
     data = tmp_path / "data"
