@@ -11,7 +11,6 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 GST_PYTHON = "/usr/bin/python3"
@@ -50,14 +49,17 @@ class RtspServer:
     def url(self) -> str:
         return f"rtsp://127.0.0.1:{self.port}{MOUNT}"
 
-    def start(self, timeout: float = 20.0) -> RtspServer:
-        stderr = open(self.log, "ab") if self.log else subprocess.DEVNULL  # noqa: SIM115 - the child owns it
-        self.proc = subprocess.Popen([GST_PYTHON, str(Path(__file__).resolve()), *self.args],
-                                     stdout=subprocess.PIPE, stderr=stderr)
+    def start(self) -> RtspServer:
+        if self.log is None:
+            self.proc = subprocess.Popen([GST_PYTHON, str(Path(__file__).resolve()), *self.args],
+                                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        else:
+            with open(self.log, "ab") as stderr:   # the child keeps its own copy of the descriptor
+                self.proc = subprocess.Popen([GST_PYTHON, str(Path(__file__).resolve()), *self.args],
+                                             stdout=subprocess.PIPE, stderr=stderr)
         assert self.proc.stdout is not None
-        deadline = time.monotonic() + timeout
-        line = self.proc.stdout.readline()
-        if b"READY" not in line or time.monotonic() > deadline:
+        line = self.proc.stdout.readline()   # READY, or nothing when the child dies
+        if b"READY" not in line:
             self.stop()
             raise RuntimeError(f"RTSP server did not start (got {line!r}); is GStreamer installed? "
                                "run scripts/setup.sh")
@@ -68,6 +70,8 @@ class RtspServer:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
+        if self.proc is not None and self.proc.stdout is not None:
+            self.proc.stdout.close()
         self.proc = None
 
     def freeze(self) -> None:
