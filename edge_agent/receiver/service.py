@@ -11,9 +11,10 @@ reason and answered, never allowed to stop the receiver. Messages are PUBACKed
 only after they were handled, so a receiver killed mid-message gets it again.
 
 Two threads do the work: the worker checks and writes chunks; the syncer makes
-them durable (syncfs) and sends the acks. An ack names only chunks that were
-on disk before the sync that preceded it began, and chunk writes go on while
-the disk flushes, so the ack cadence costs no throughput.
+them durable (an fdatasync of each transfer's data file) and sends the acks.
+An ack names only chunks that were written before the sync that preceded it
+began, and chunk writes go on while the disk flushes, so the ack cadence
+costs no throughput.
 """
 
 from __future__ import annotations
@@ -104,7 +105,7 @@ class Receiver:
         rc = config.receiver
         self.config = config
         self.root = config.mqtt.root
-        self.store = ChunkStore(rc.store_dir)
+        self.store = ChunkStore(rc.store_dir, sole_writer=not rc.shared_subscription)
         self.keys = KeyRing(rc.keys_dir)
         self.max_chunk = rc.max_chunk_kib * 1024
         self.max_file = int(rc.max_file_gb * 1024**3)
@@ -295,7 +296,7 @@ class Receiver:
                 due, self._due = self._due, {}
             try:
                 held = {key: self.store.have(*key) for key in due}   # before the sync: all of it durable after
-                self.store.sync()
+                self.store.sync(due)
                 for key, doc in due.items():
                     have = held[key]
                     if len(have) >= chunk_count(doc["size"], doc["chunk_size"]):

@@ -8,33 +8,41 @@ Layout under `store_dir`:
     rejected/<agent>/<file_id>.json                     a rejected file and why (until a new manifest)
     incoming/<agent>/<file_id>/manifest.json            a transfer in progress: its verified manifest,
     incoming/<agent>/<file_id>/data                     its bytes, each chunk written at its offset,
-    incoming/<agent>/<file_id>/<seq:08d>                and one record per chunk held (its SHA-256),
-                                                        created after its bytes are written
+    incoming/<agent>/<file_id>/chunks                   and one record line per chunk held,
+                                                        `<seq:08d> <sha256>\n`, appended after its
+                                                        bytes are written
     locks/<agent>/<file_id>.lock                        flock: shared to add a chunk, exclusive to
                                                         accept a manifest, commit or reject
 
-Any receiver can continue another's transfer: all state is here, none in
-memory. Chunk writes are made durable (one syncfs) before an ack names them.
-The bytes are written once: the commit hashes `data` in place and renames it
-into objects/. It checks every chunk against its record as it goes, so a chunk
-whose bytes did not reach the disk (a power cut before the sync) is asked for
-again rather than failing the file; only a whole-file SHA-256 that differs
-from the manifest's with every chunk intact is a rejection.
+Any receiver can continue another's transfer: all state that matters is here.
+A transfer's data file is made durable (fdatasync) before an ack names its
+chunks; a record lost in a crash only means its chunk is asked for again.
+The bytes are written once and renamed into objects/ at commit. The
+whole-file SHA-256 is computed as chunks arrive in order when this receiver is
+the only writer (no shared subscription), so the commit reads back only the
+chunks that came out of order or were written by an earlier process; it checks
+each of those against its record, so a chunk whose bytes did not reach the
+disk (a power cut before the sync) is asked for again rather than failing the
+file. Only a whole-file SHA-256 that differs from the manifest's is a
+rejection.
 """
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import fcntl
 import hashlib
 import json
 import logging
 import os
+import re
 import shutil
+import threading
 import time
-from collections.abc import Iterator
+from collections import OrderedDict
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +50,34 @@ from edge_agent.durable import atomic_write, fsync_dir
 from edge_agent.sync.wire import ACK_COMPLETE, ACK_RECEIVING, ACK_REJECTED, Ack, chunk_count, to_ranges
 
 log = logging.getLogger(__name__)
-_libc = ctypes.CDLL(None, use_errno=True)
+RECORD = re.compile(rb"^(\d{8}) ([0-9a-f]{64})$", re.M)
+MAX_TRANSFERS_KNOWN = 4096
+
+
+@dataclass
+class _Known:
+    """What this process knows of one transfer in progress: the records read so far from its log (a bitmap of
+    the chunks held), and the whole-file SHA-256 of chunks 0..hashed-1 if it wrote each of them, in order."""
+
+    log_inode: int = -1
+    log_read: int = 0
+    held: bytearray = field(default_factory=bytearray)
+    count: int = 0
+    digest: Any = None
+    hashed: int = 0
+
+    def holds(self, seq: int) -> bool:
+        return seq // 8 < len(self.held) and bool(self.held[seq // 8] >> (seq % 8) & 1)
+
+    def add(self, seq: int) -> None:
+        if seq // 8 >= len(self.held):
+            self.held.extend(bytes(seq // 8 + 1 - len(self.held)))
+        if not self.holds(seq):
+            self.held[seq // 8] |= 1 << (seq % 8)
+            self.count += 1
+
+    def seqs(self) -> list[int]:
+        return [i * 8 + bit for i, byte in enumerate(self.held) if byte for bit in range(8) if byte >> bit & 1]
 
 
 def now_ms() -> int:
@@ -50,14 +85,20 @@ def now_ms() -> int:
 
 
 class ChunkStore:
-    def __init__(self, root: Path):
+    """`sole_writer`: no other receiver writes this store's transfers (no shared subscription), so the
+    whole-file hash of chunks this process wrote in order can be trusted at commit without reading them back."""
+
+    def __init__(self, root: Path, *, sole_writer: bool = False):
         self.root = Path(root)
+        self.sole_writer = sole_writer
         for sub in ("objects", "index", "rejected", "incoming", "locks"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
-        self._root_fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
+        self._known: OrderedDict[tuple[str, str], _Known] = OrderedDict()
+        self._known_lock = threading.Lock()
 
     def close(self) -> None:
-        os.close(self._root_fd)
+        with self._known_lock:
+            self._known.clear()
 
     # -- paths -------------------------------------------------------------------------------------
 
@@ -109,11 +150,52 @@ class ChunkStore:
             return None
 
     def have(self, agent: str, file_id: str) -> list[int]:
+        """The chunks recorded as held, in order."""
+        with self._known_lock:
+            return self._refresh(agent, file_id).seqs()
+
+    def _refresh(self, agent: str, file_id: str) -> _Known:
+        """This process's view of a transfer, brought up to date with the records appended to its log since
+        (by any receiver). Caller holds `_known_lock`."""
+        key = (agent, file_id)
+        known = self._known.get(key)
+        if known is None:
+            known = self._known[key] = _Known(digest=hashlib.sha256() if self.sole_writer else None)
+            while len(self._known) > MAX_TRANSFERS_KNOWN:
+                self._known.popitem(last=False)
+        self._known.move_to_end(key)
         try:
-            names = os.listdir(self.incoming(agent, file_id))
+            fd = os.open(self.incoming(agent, file_id) / "chunks", os.O_RDONLY)
         except FileNotFoundError:
-            return []
-        return sorted(int(n) for n in names if n.isdigit())
+            known.log_inode, known.log_read, known.held, known.count = -1, 0, bytearray(), 0
+            return known
+        try:
+            inode = os.fstat(fd).st_ino
+            if inode != known.log_inode:   # a new log (a lost chunk dropped at commit): read it from the start
+                known.log_inode, known.log_read, known.held, known.count = inode, 0, bytearray(), 0
+            blocks = []
+            while block := os.pread(fd, 1 << 20, known.log_read + sum(map(len, blocks))):
+                blocks.append(block)
+        finally:
+            os.close(fd)
+        new = b"".join(blocks)
+        end = new.rfind(b"\n") + 1   # a line cut short by a crash, or being appended, waits
+        for match in RECORD.finditer(new, 0, end):
+            known.add(int(match[1]))
+        known.log_read += end
+        return known
+
+    def _forget(self, agent: str, file_id: str) -> None:
+        with self._known_lock:
+            self._known.pop((agent, file_id), None)
+
+    def _records(self, agent: str, file_id: str) -> dict[int, bytes]:
+        """Every chunk's recorded SHA-256 (hex, ASCII), read in full (commit, lock held)."""
+        try:
+            log_bytes = (self.incoming(agent, file_id) / "chunks").read_bytes()
+        except FileNotFoundError:
+            return {}
+        return {int(m[1]): m[2] for m in RECORD.finditer(log_bytes, 0, log_bytes.rfind(b"\n") + 1)}
 
     def settled(self, agent: str, file_id: str) -> Ack | None:
         """`complete` or `rejected` if the file is past transfer, else None."""
@@ -145,13 +227,16 @@ class ChunkStore:
                 same = False
             if not same:
                 shutil.rmtree(incoming, ignore_errors=True)   # chunks of another manifest are not this file's
+                self._forget(agent, file_id)
                 incoming.mkdir(parents=True)
                 fd = os.open(incoming / "data", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
                 try:
                     os.ftruncate(fd, doc["size"])   # sparse: chunks fill it in any order
                 finally:
                     os.close(fd)
-                atomic_write(current, canonical)
+                atomic_write(current, canonical)   # makes `data` and `manifest.json` durable in `incoming`
+                fsync_dir(incoming.parent)         # and `incoming` itself: acks rely on fdatasync of `data` only
+                fsync_dir(incoming.parent.parent)
             return self._progress_locked(agent, file_id, doc)
 
     def put_chunk(self, agent: str, file_id: str, seq: int, offset: int, data: bytes | memoryview,
@@ -160,9 +245,10 @@ class ChunkStore:
         progress (settled meanwhile, or never started)."""
         with self._lock(agent, file_id, exclusive=False):
             incoming = self.incoming(agent, file_id)
-            record = incoming / f"{seq:08d}"
-            if record.exists():
-                return True   # a duplicate: same seq, same verified bytes
+            with self._known_lock:
+                known = self._refresh(agent, file_id)
+                if known.holds(seq):
+                    return True   # a duplicate: same seq, same verified bytes
             try:
                 fd = os.open(incoming / "data", os.O_WRONLY)
             except FileNotFoundError:
@@ -174,23 +260,30 @@ class ChunkStore:
                     view, at = view[n:], at + n
             finally:
                 os.close(fd)
-            # No tmp + rename: a record cut short by a crash cannot pass as valid, the commit checks each
-            # record against the bytes it names and asks again for any that differ.
+            if known.digest is not None and seq == known.hashed:   # in order: the commit need not read it back
+                known.digest.update(data)
+                known.hashed += 1
+            # One line appended (atomic for so small a write): a line cut short by a crash is not a record, and
+            # the commit checks each record it reads back against the bytes it names.
+            fd = os.open(incoming / "chunks", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
             try:
-                fd = os.open(record, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            except FileExistsError:
-                return True
-            try:
-                os.write(fd, sha256.encode("ascii"))
+                os.write(fd, b"%08d %s\n" % (seq, sha256.encode("ascii")))
             finally:
                 os.close(fd)
             return True
 
-    def sync(self) -> None:
-        """Make every chunk written so far durable before an ack names it (one syncfs, not one fsync each)."""
-        if _libc.syncfs(self._root_fd) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, os.strerror(err), str(self.root))
+    def sync(self, transfers: Iterable[tuple[str, str]]) -> None:
+        """Make every chunk written so far to these transfers durable before an ack names it: one fdatasync of
+        each one's data file (a transfer settled meanwhile was made durable by its commit)."""
+        for agent, file_id in transfers:
+            try:
+                fd = os.open(self.incoming(agent, file_id) / "data", os.O_RDONLY)
+            except FileNotFoundError:
+                continue
+            try:
+                os.fdatasync(fd)
+            finally:
+                os.close(fd)
 
     def progress(self, agent: str, file_id: str, doc: dict[str, Any]) -> Ack:
         """What the receivers hold of this file; assembles and commits it when every chunk is there."""
@@ -209,6 +302,7 @@ class ChunkStore:
         atomic_write(self._rejected(agent, file_id),
                      json.dumps({"reason": reason, "ts_ms": now_ms()}, ensure_ascii=False).encode("utf-8"))
         shutil.rmtree(self.incoming(agent, file_id), ignore_errors=True)
+        self._forget(agent, file_id)
         log.warning("rejected agent=%s file=%s reason=%s", agent, file_id, reason)
         return Ack(file_id, ACK_REJECTED, [], None, reason)
 
@@ -226,20 +320,27 @@ class ChunkStore:
         """Check every chunk and the whole file's SHA-256, then store it content-addressed (lock held)."""
         incoming = self.incoming(agent, file_id)
         sha256, chunk_size = doc["sha256"], doc["chunk_size"]
-        digest, lost = hashlib.sha256(), []
+        with self._known_lock:
+            known = self._known.get((agent, file_id))
+            if known is not None and known.digest is not None:
+                digest, first = known.digest.copy(), known.hashed   # chunks this process wrote in order
+            else:
+                digest, first = hashlib.sha256(), 0
+        records = self._records(agent, file_id) if first < total else {}
+        lost = []
         fd = os.open(incoming / "data", os.O_RDONLY)
         try:
-            for seq in range(total):
+            for seq in range(first, total):
                 data = os.pread(fd, chunk_size, seq * chunk_size)
                 digest.update(data)
-                if hashlib.sha256(data).hexdigest().encode("ascii") != (incoming / f"{seq:08d}").read_bytes():
+                if hashlib.sha256(data).hexdigest().encode("ascii") != records.get(seq):
                     lost.append(seq)
             os.fsync(fd)
         finally:
             os.close(fd)
         if lost:
-            for seq in lost:
-                self._unlink(incoming / f"{seq:08d}")
+            kept = set(records) - set(lost)
+            atomic_write(incoming / "chunks", b"".join(b"%08d %s\n" % (seq, records[seq]) for seq in sorted(kept)))
             log.warning("chunks lost agent=%s file=%s seqs=%s: their bytes did not reach the disk; asking again",
                         agent, file_id, to_ranges(lost))
             return Ack(file_id, ACK_RECEIVING, to_ranges(self.have(agent, file_id)))
@@ -261,6 +362,7 @@ class ChunkStore:
             {"agent_id": agent, "file_id": file_id, "sha256": sha256, "size": doc["size"], "stored_ms": now_ms(),
              "object": str(target.relative_to(self.root))}).encode(), mode=0o444)
         shutil.rmtree(incoming, ignore_errors=True)
+        self._forget(agent, file_id)
         log.info("stored agent=%s file=%s size=%d sha256=%s", agent, file_id, doc["size"], sha256)
         return Ack(file_id, ACK_COMPLETE, [], sha256)
 
