@@ -87,6 +87,8 @@ class Scrubber:
                 if time.monotonic() >= deadline or self.stop.is_set():
                     break
                 findings = self.check(record)
+                if self.stop.is_set():
+                    break  # perhaps stopped midway: this file is checked again next time
                 self._report(findings)
                 run.files += 1
                 if record.state != "purged":
@@ -111,7 +113,7 @@ class Scrubber:
         except OSError as exc:
             return [Finding(record.file_id, "media", f"stored copy unreadable: {exc.strerror}")]
         if digest is None:
-            return []  # stopped midway: the file is checked again next time
+            return []  # stopped midway; run_once does not count it as checked
         if digest != record.sha256 or size != record.size:
             return [Finding(record.file_id, "media", f"stored copy {stored} does not match its manifest (sha256 "
                                                      f"{digest[:16]}…, {size} bytes): altered after sealing")]
@@ -129,7 +131,9 @@ class Scrubber:
                 size += n
                 self._paced_bytes += n
                 ahead = self._paced_bytes / self.rate_bps - (time.monotonic() - self._paced_from)
-                if ahead > 0 and self.stop.wait(ahead):
+                # Checked every block, not only when ahead of the pace: on a slow disk a big file must not
+                # hold up the daemon's stop.
+                if self.stop.wait(ahead) if ahead > 0 else self.stop.is_set():
                     return None, size
         finally:
             os.close(fd)

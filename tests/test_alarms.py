@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -176,3 +177,19 @@ def test_unidentified_recorder_alarm_clears_when_a_custodian_assigns_it(tmp_path
         assert alarm_events(agent, key) == ["raised", "cleared"]
     finally:
         agent.stop()
+
+
+def test_scrub_stops_mid_file_when_the_daemon_stops_and_checks_that_file_again(tmp_path: Path) -> None:
+    _, agent, _ = monitor(tmp_path, health={"scrub_mb_s": 1})
+    record = ingest_file(agent, tmp_path / "src", "big.MP4", 8 * 1024 * KIB)   # 8 s of scrubbing at 1 MB/s
+    stop = threading.Event()
+    scrubber = Scrubber(agent.catalog, agent.layout, agent.key, agent.config, stop=stop)
+    runs: list[Any] = []
+    worker = threading.Thread(target=lambda: runs.append(scrubber.run_once(force=True)))
+    worker.start()
+    wait_for(lambda: scrubber._paced_bytes > 0, 10, what="the scrub to start hashing")
+    stop.set()
+    worker.join(5)
+    assert not worker.is_alive(), "the scrub did not stop"
+    assert runs[0].findings == 0 and not runs[0].pass_completed
+    assert agent.catalog.meta_get("scrub_cursor") < record.file_id   # not counted as checked
