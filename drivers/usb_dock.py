@@ -68,6 +68,8 @@ class Recorder:
 
 
 class UsbDock(FileSystemEventHandler):
+    """A `DockDriver` for the recorders on the USB bus of one dock, their volumes under `mount_root`."""
+
     def __init__(self, name: str, mount_root: Path, models: list[RecorderModel], *,
                  backend: usb.backend.IBackend | None = None, poll_s: float = 1.0, unknown_after_s: float = 5.0):
         self.name = name
