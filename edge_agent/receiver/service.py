@@ -10,7 +10,9 @@ stored; `rejected` with a reason. A malformed message is logged with its
 reason and answered, never allowed to stop the receiver. Messages are PUBACKed
 only after they were handled, so a receiver killed mid-message gets it again.
 
-Two threads do the work: the worker checks and writes chunks; the syncer makes
+paho's network thread hashes each chunk's bytes as it queues the message (it
+would otherwise wait for room in the queue), so hashing and writing overlap.
+Two threads do the rest: the worker checks and writes chunks; the syncer makes
 them durable (an fdatasync of each transfer's data file) and sends the acks.
 An ack names only chunks that were written before the sync that preceded it
 began, and chunk writes go on while the disk flushes, so the ack cadence
@@ -45,6 +47,7 @@ from edge_agent.sync.wire import (
     FileTopic,
     WireError,
     chunk_count,
+    chunk_data_sha256,
     chunk_span,
     decode_chunk,
     decode_json,
@@ -119,7 +122,7 @@ class Receiver:
         self.client.on_message = self._on_message
         self.connection = Connection(self.client, config.mqtt, session_expiry_s=rc.session_expiry_s,
                                      on_up=lambda client: client.subscribe(self.topic_filter, qos=1))
-        self._queue: queue.Queue[tuple[int, mqtt.MQTTMessage]] = queue.Queue(maxsize=64)
+        self._queue: queue.Queue[tuple[int, mqtt.MQTTMessage, str | None]] = queue.Queue(maxsize=64)
         self._manifests: OrderedDict[Key, dict] = OrderedDict()
         self._unacked: dict[Key, list[float]] = {}      # chunks written since the last ack, and since when
         self._repeats: dict[Key, tuple[str, float]] = {}
@@ -162,17 +165,20 @@ class Receiver:
     # -- the message pipeline ------------------------------------------------------------------
 
     def _on_message(self, _client: mqtt.Client, _userdata: object, message: mqtt.MQTTMessage) -> None:
-        self._queue.put((self.connection.generation, message))   # blocks when full: backpressure
+        data_sha256 = None
+        if message.topic.endswith("/chunk") and len(message.payload) <= self.max_message:
+            data_sha256 = chunk_data_sha256(message.payload)
+        self._queue.put((self.connection.generation, message, data_sha256))   # blocks when full: backpressure
 
     def _work(self) -> None:
         while not self._stop.is_set():
             try:
-                generation, message = self._queue.get(timeout=0.05)
+                generation, message, data_sha256 = self._queue.get(timeout=0.05)
             except queue.Empty:
                 self._flush_due()
                 continue
             try:
-                self.handle(message.topic, message.payload)
+                self.handle(message.topic, message.payload, data_sha256=data_sha256)
             except Exception:
                 # Never let one message stop the receiver; unanswered, the agent asks again (query).
                 log.exception("message not handled topic=%s bytes=%d", message.topic, len(message.payload))
@@ -184,8 +190,9 @@ class Receiver:
                     log.info("puback not sent mid=%s: %s", message.mid, exc)
             self._flush_due()
 
-    def handle(self, topic: str, payload: bytes) -> None:
-        """Handle one message from `files/#`. Never raises for bad input: it is logged and answered."""
+    def handle(self, topic: str, payload: bytes, *, data_sha256: str | None = None) -> None:
+        """Handle one message from `files/#`. Never raises for bad input: it is logged and answered.
+        `data_sha256`: the chunk's bytes already hashed (`chunk_data_sha256`), else they are hashed here."""
         try:
             ft = parse_file_topic(self.root, topic)
         except WireError as exc:
@@ -198,7 +205,7 @@ class Receiver:
         if ft.kind == "manifest":
             self._on_manifest(ft, payload)
         elif ft.kind == "chunk":
-            self._on_chunk(ft, payload)
+            self._on_chunk(ft, payload, data_sha256)
         else:
             self._on_query(ft, payload)
 
@@ -230,7 +237,7 @@ class Receiver:
         else:
             self._send(ft.agent_id, ack)
 
-    def _on_chunk(self, ft: FileTopic, payload: bytes) -> None:
+    def _on_chunk(self, ft: FileTopic, payload: bytes, data_sha256: str | None) -> None:
         key = (ft.agent_id, ft.file_id)
         doc = self._manifest(key, wait=self.shared)
         if doc is None:
@@ -248,7 +255,7 @@ class Receiver:
             if (header.offset, header.size) != (offset, length):
                 raise WireError(f"chunk {header.seq}: offset {header.offset} and size {header.size} do not match "
                                 f"the manifest (offset {offset}, size {length})")
-            if hashlib.sha256(data).hexdigest() != header.sha256:
+            if (data_sha256 or hashlib.sha256(data).hexdigest()) != header.sha256:
                 raise WireError(f"chunk {header.seq}: its bytes do not hash to the SHA-256 in its header "
                                 "(altered in transit or forged)")
         except WireError as exc:

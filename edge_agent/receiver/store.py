@@ -35,6 +35,7 @@ import hashlib
 import json
 import logging
 import os
+import queue
 import re
 import shutil
 import threading
@@ -57,7 +58,8 @@ MAX_TRANSFERS_KNOWN = 4096
 @dataclass
 class _Known:
     """What this process knows of one transfer in progress: the records read so far from its log (a bitmap of
-    the chunks held), and the whole-file SHA-256 of chunks 0..hashed-1 if it wrote each of them, in order."""
+    the chunks held), and the whole-file SHA-256 of chunks 0..hashed-1 if it wrote each of them, in order
+    (`pending` of those still queued for the hasher thread)."""
 
     log_inode: int = -1
     log_read: int = 0
@@ -65,6 +67,7 @@ class _Known:
     count: int = 0
     digest: Any = None
     hashed: int = 0
+    pending: int = 0
 
     def holds(self, seq: int) -> bool:
         return seq // 8 < len(self.held) and bool(self.held[seq // 8] >> (seq % 8) & 1)
@@ -95,10 +98,34 @@ class ChunkStore:
             (self.root / sub).mkdir(parents=True, exist_ok=True)
         self._known: OrderedDict[tuple[str, str], _Known] = OrderedDict()
         self._known_lock = threading.Lock()
+        # The running hash is the hasher thread's work, so writing a chunk does not wait for it (bounded: 32 chunks).
+        self._to_hash: queue.Queue[tuple[_Known, bytes | memoryview] | None] = queue.Queue(maxsize=32)
+        self._hashed = threading.Condition()
+        self._hasher = threading.Thread(target=self._hash_loop, name="receiver-hasher", daemon=True)
+        if sole_writer:
+            self._hasher.start()
 
     def close(self) -> None:
+        if self._hasher.is_alive():
+            self._to_hash.put(None)
+            self._hasher.join(timeout=30)
         with self._known_lock:
             self._known.clear()
+
+    def _hash_loop(self) -> None:
+        while (item := self._to_hash.get()) is not None:
+            known, data = item
+            known.digest.update(data)
+            with self._hashed:
+                known.pending -= 1
+                self._hashed.notify_all()
+
+    def _digest_of(self, known: _Known) -> Any:
+        """A copy of the running hash once the hasher has taken every chunk queued for it."""
+        with self._hashed:
+            while known.pending:
+                self._hashed.wait()
+        return known.digest.copy()
 
     # -- paths -------------------------------------------------------------------------------------
 
@@ -120,8 +147,11 @@ class ChunkStore:
     @contextmanager
     def _lock(self, agent: str, file_id: str, exclusive: bool) -> Iterator[None]:
         path = self.root / "locks" / agent / f"{file_id}.lock"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except FileNotFoundError:   # the agent's first file
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
             yield
@@ -261,8 +291,10 @@ class ChunkStore:
             finally:
                 os.close(fd)
             if known.digest is not None and seq == known.hashed:   # in order: the commit need not read it back
-                known.digest.update(data)
                 known.hashed += 1
+                with self._hashed:
+                    known.pending += 1
+                self._to_hash.put((known, data))
             # One line appended (atomic for so small a write): a line cut short by a crash is not a record, and
             # the commit checks each record it reads back against the bytes it names.
             fd = os.open(incoming / "chunks", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
@@ -322,10 +354,10 @@ class ChunkStore:
         sha256, chunk_size = doc["sha256"], doc["chunk_size"]
         with self._known_lock:
             known = self._known.get((agent, file_id))
-            if known is not None and known.digest is not None:
-                digest, first = known.digest.copy(), known.hashed   # chunks this process wrote in order
-            else:
-                digest, first = hashlib.sha256(), 0
+        if known is not None and known.digest is not None:
+            digest, first = self._digest_of(known), known.hashed   # chunks this process wrote in order
+        else:
+            digest, first = hashlib.sha256(), 0
         records = self._records(agent, file_id) if first < total else {}
         lost = []
         fd = os.open(incoming / "data", os.O_RDONLY)

@@ -11,6 +11,7 @@ starting at `offset`. Chunk `seq` of a file with chunk size C covers bytes
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import struct
@@ -157,6 +158,17 @@ def decode_chunk(payload: bytes) -> tuple[ChunkHeader, memoryview]:
     if len(data) != head["size"]:
         raise WireError(f"chunk {head['seq']}: header says {head['size']} bytes, message carries {len(data)}")
     return ChunkHeader(head["seq"], head["offset"], head["size"], head["sha256"]), data
+
+
+def chunk_data_sha256(payload: bytes) -> str | None:
+    """The SHA-256 of a chunk frame's bytes, or None when the frame is too broken to find them (`decode_chunk`
+    then says why). Lets a receiver hash on one thread and check the header on another."""
+    if len(payload) < HEADER_LENGTH.size:
+        return None
+    (length,) = HEADER_LENGTH.unpack_from(payload)
+    if length > MAX_HEADER_BYTES or HEADER_LENGTH.size + length > len(payload):
+        return None
+    return hashlib.sha256(memoryview(payload)[HEADER_LENGTH.size + length:]).hexdigest()
 
 
 def chunk_count(size: int, chunk_size: int) -> int:
