@@ -55,6 +55,18 @@ log = logging.getLogger(__name__)
 
 CommandCallback = Callable[[dict[str, Any]], None]
 SYNC_NOW_META = "sync_now_ms"   # set by `edge-agent sync now`; the running daemon polls it
+# Chunks handed to paho and not yet PUBACKed by the broker: paho keeps each in memory until then, so this (not
+# the window, which counts chunks the receiver has not acked) is what bounds the agent's memory.
+CHUNKS_IN_CLIENT = 32
+READ_AHEAD_CHUNKS = 8   # the kernel reads this far ahead of the chunk being sent (posix_fadvise WILLNEED)
+
+
+def _settled(info: mqtt.MQTTMessageInfo) -> bool:
+    """True once paho is done with a published message: PUBACKed, or failed for good (the query finds it missing)."""
+    try:
+        return info.is_published()
+    except (RuntimeError, ValueError):
+        return True
 
 
 @dataclass
@@ -105,7 +117,7 @@ class Uplink:
         self.ack_timeout_s = config.mqtt.ack_timeout_s + (
             self.window * chunk_bytes / (kbps * 1000 / 8) if kbps else 0.0)
         self.client = build_client(config.mqtt, config.agent.id)
-        self.client.max_inflight_messages_set(self.window + 32)
+        self.client.max_inflight_messages_set(CHUNKS_IN_CLIENT + 32)
         self.client.on_message = self._on_message
         self.client.on_publish = self._on_publish
         self.connection = Connection(self.client, config.mqtt, session_expiry_s=config.mqtt.session_expiry_s,
@@ -120,6 +132,7 @@ class Uplink:
         self._outbox_mids: dict[int, int] = {}  # paho mid -> outbox row id
         self._outbox_lock = threading.Lock()
         self._outbox_out: set[int] = set()
+        self._in_client: deque[mqtt.MQTTMessageInfo] = deque()   # chunks paho holds (not yet PUBACKed)
         self._callbacks: list[CommandCallback] = [self._resync_command]
         self.command_gate = CommandGate(catalog, config.agent.id, config.mqtt.command_keys)
         self._resync = threading.Event()
@@ -234,10 +247,10 @@ class Uplink:
     def _on_publish(self, _client: mqtt.Client, _userdata: Any, mid: int, _reason: Any, _props: Any) -> None:
         with self._outbox_lock:
             row_id = self._outbox_mids.pop(mid, None)
-        if row_id is not None:
-            with self._cond:
+        with self._cond:
+            if row_id is not None:
                 self._inbox.append(("sent", row_id))
-                self._cond.notify_all()
+            self._cond.notify_all()   # a chunk PUBACKed may let the sender hand paho the next one
 
     # -- the sender ----------------------------------------------------------------------------
 
@@ -263,6 +276,7 @@ class Uplink:
                 if self.connection.generation != seen_session:
                     seen_session = self.connection.generation
                     self._outbox_out.clear()
+                    self._in_client.clear()   # what the old connection did not deliver, the query finds missing
                     for transfer in self._transfers.values():
                         self._resume(transfer)
                 if self._resync.is_set():
@@ -322,6 +336,7 @@ class Uplink:
             return None
         try:
             fd = os.open(self.layout.data_dir / (record.store_path or ""), os.O_RDONLY)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
         except OSError as exc:
             self._cannot_send(record, f"its stored copy cannot be opened ({exc.strerror}); "
                                       f"run: edge-agent verify {record.file_id}")
@@ -374,6 +389,10 @@ class Uplink:
         while sent < budget and self._connected.is_set() and not self._stop.is_set():
             if sum(len(t.outstanding) for t in self._transfers.values()) >= self.window:
                 break
+            while self._in_client and _settled(self._in_client[0]):
+                self._in_client.popleft()
+            if len(self._in_client) >= CHUNKS_IN_CLIENT:
+                break
             transfer = next((t for t in self._transfers.values()
                              if not t.querying and t.next_seq() is not None), None)
             if transfer is None:
@@ -385,6 +404,9 @@ class Uplink:
 
     def _send_chunk(self, transfer: Transfer, seq: int) -> bool:
         offset, length = chunk_span(seq, transfer.size, transfer.chunk_size)
+        ahead = offset + READ_AHEAD_CHUNKS * transfer.chunk_size
+        if ahead < transfer.size:
+            os.posix_fadvise(transfer.fd, ahead, transfer.chunk_size, os.POSIX_FADV_WILLNEED)
         data = os.pread(transfer.fd, length, offset)
         if len(data) != length:
             self._cannot_send(transfer.record, f"its stored copy is shorter than its manifest says ({transfer.size} "
@@ -396,8 +418,11 @@ class Uplink:
             return False
         if not transfer.outstanding:
             transfer.last_heard = time.monotonic()   # the ack clock starts with the first chunk out
-        if not self._publish_file(transfer, "chunk", payload):
+        info = self._publish(self.topics.file(transfer.file_id, "chunk"), payload)
+        if info is None:
             return False
+        self.bytes_sent += len(payload)
+        self._in_client.append(info)
         transfer.outstanding[seq] = time.monotonic()
         return True
 
