@@ -5,8 +5,11 @@ Without systemd (no NOTIFY_SOCKET) every call is a no-op, so the daemon runs the
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
+
+log = logging.getLogger(__name__)
 
 
 def notify(state: str) -> bool:
@@ -16,9 +19,13 @@ def notify(state: str) -> bool:
         return False
     if address.startswith("@"):  # abstract namespace
         address = "\0" + address[1:]
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
-        sock.connect(address)
-        sock.sendall(state.encode("utf-8"))
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            sock.connect(address)
+            sock.sendall(state.encode("utf-8"))
+    except OSError as exc:  # a stale NOTIFY_SOCKET (inherited by a manual run) must not stop the daemon
+        log.warning("sd_notify to %s failed: %s", os.environ.get("NOTIFY_SOCKET"), exc.strerror)
+        return False
     return True
 
 
