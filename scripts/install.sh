@@ -103,5 +103,6 @@ cat <<EOF
 install: done. Next:
   1. edit /etc/edge-agent/agent.toml, then: edge-agent config check
   2. enrol the agent's key on the platform: sudo -u edge-agent edge-agent keys show
-  3. systemctl enable --now edge-agent   (status: edge-agent status; journalctl -u edge-agent)
+  3. systemctl enable --now edge-agent   (status: sudo edge-agent status; journalctl -u edge-agent)
+  Custodians run edge-agent commands with sudo: the audit log records who (SUDO_USER).
 EOF

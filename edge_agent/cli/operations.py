@@ -268,8 +268,8 @@ def daemon_view(cfg: AgentConfig) -> dict[str, Any] | None:
 
 def render_daemon(snapshot: dict[str, Any] | None) -> Any:
     if snapshot is None:
-        return Text("The daemon is not running (no fresh health snapshot): start it with systemctl start "
-                    "edge-agent", style="yellow")
+        return Text("The daemon is not running (no fresh health snapshot in the data dir; or you may not read "
+                    "it: use sudo): start it with systemctl start edge-agent", style="yellow")
     agent = snapshot["agent"]
     disk, sync = agent["disk"], agent["sync"]
     days = disk.get("days_until_full")
