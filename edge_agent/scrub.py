@@ -111,6 +111,8 @@ class Scrubber:
         try:
             digest, size = self._throttled_hash(stored)
         except OSError as exc:
+            if self.catalog.get(record.file_id).state == "purged":
+                return []  # retention purged it since this batch was read: no longer ours to check
             return [Finding(record.file_id, "media", f"stored copy unreadable: {exc.strerror}")]
         if digest is None:
             return []  # stopped midway; run_once does not count it as checked

@@ -193,3 +193,15 @@ def test_scrub_stops_mid_file_when_the_daemon_stops_and_checks_that_file_again(t
     assert not worker.is_alive(), "the scrub did not stop"
     assert runs[0].findings == 0 and not runs[0].pass_completed
     assert agent.catalog.meta_get("scrub_cursor") < record.file_id   # not counted as checked
+
+
+def test_scrub_does_not_call_a_file_purged_under_it_tamper_but_does_a_missing_one(tmp_path: Path) -> None:
+    _, agent, _ = monitor(tmp_path)
+    purged = confirm(agent, ingest_file(agent, tmp_path / "src", "purged.MP4").file_id)
+    vanished = ingest_file(agent, tmp_path / "src", "vanished.MP4")
+    scrubber = Scrubber(agent.catalog, agent.layout, agent.key, agent.config)
+    Retention(agent.catalog, agent.layout, agent.config).purge(purged.file_id, "test")   # after the batch was read
+    os.unlink(agent.layout.data_dir / str(vanished.store_path))
+
+    assert scrubber.check(purged) == []
+    assert [f.what for f in scrubber.check(vanished)] == ["media"]
