@@ -58,7 +58,7 @@ class MqttSection(_Section):
     username: str | None = None
     password_file: Path | None = None
     chunk_kib: Annotated[int, Field(ge=4, le=8192)] = 256
-    window: Annotated[int, Field(ge=1, le=1024)] = 32
+    window: Annotated[int, Field(ge=1, le=1024)] = 128   # chunks unacked by the receiver (docs/DESIGN-CHANGES.md)
     files_in_flight: Annotated[int, Field(ge=1, le=64)] = 8   # files sent at once, so small ones don't queue
     keepalive_s: Annotated[int, Field(ge=5, le=3600)] = 30
     ack_timeout_s: Annotated[float, Field(gt=0, le=600)] = 15

@@ -276,7 +276,7 @@ def main() -> None:
     parser.add_argument("--capped-mb", type=int, default=256, help="backlog drained under the cap (64 MiB files)")
     parser.add_argument("--cap-mbit", type=float, default=80.0, help="bandwidth cap, Mbit/s")
     parser.add_argument("--chunk-kib", type=int, default=256)
-    parser.add_argument("--window", type=int, default=32)
+    parser.add_argument("--window", type=int, default=128, help="the agent's mqtt.window (its default)")
     parser.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temp dir)")
     parser.add_argument("--raw-role", choices=["pub", "sub"], help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
