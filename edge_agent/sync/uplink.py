@@ -245,11 +245,10 @@ class Uplink:
             self.sync_now()
 
     def _on_publish(self, _client: mqtt.Client, _userdata: Any, mid: int, _reason: Any, _props: Any) -> None:
-        with self._outbox_lock:
-            row_id = self._outbox_mids.pop(mid, None)
+        # paho calls this holding its message lock, which publish() takes too: taking _outbox_lock here (held by
+        # the sender around publish) deadlocked the two threads. The sender maps the mid to its outbox row.
         with self._cond:
-            if row_id is not None:
-                self._inbox.append(("sent", row_id))
+            self._inbox.append(("puback", mid))
             self._cond.notify_all()   # a chunk PUBACKed may let the sender hand paho the next one
 
     # -- the sender ----------------------------------------------------------------------------
@@ -437,7 +436,10 @@ class Uplink:
             if kind == "ack":
                 self._handle_ack(item)
             else:
-                self._outbox_sent(item)
+                with self._outbox_lock:
+                    row_id = self._outbox_mids.pop(item, None)
+                if row_id is not None:
+                    self._outbox_sent(row_id)
 
     def _handle_ack(self, ack: dict[str, Any]) -> None:
         self.last_ack_ms = now_ms()

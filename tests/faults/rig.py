@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import random
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -287,5 +288,17 @@ def receiver_process(rig: Rig) -> Process:
 
 
 def wait_drained(rig: Rig, timeout: float) -> None:
-    wait_for(rig.all_cleared, timeout=timeout, interval=0.1,
-             what=f"all {len(rig.sources)} files synced and cleared from the recorder")
+    try:
+        wait_for(rig.all_cleared, timeout=timeout, interval=0.1,
+                 what=f"all {len(rig.sources)} files synced and cleared from the recorder")
+    except TimeoutError as exc:
+        rows = rig.catalog_rows("SELECT state, COUNT(*) AS n, SUM(cleared_ms IS NULL) AS on_recorder FROM files"
+                                " GROUP BY state")
+        alarms = rig.catalog_rows("SELECT kind, message FROM alarms WHERE cleared_ms IS NULL")
+        usage = shutil.disk_usage(rig.data_dir)
+        stored = {p.relative_to(rig.data_dir).as_posix(): p.stat().st_size
+                  for p in rig.data_dir.rglob("*") if p.is_file()}
+        raise AssertionError(
+            f"{exc}; states: {[dict(r) for r in rows]}; alarms: {[dict(a) for a in alarms]}; "
+            f"on the recorder: {len(rig.on_recorder())}; data_dir free {usage.free} of {usage.total}; "
+            f"files: {sorted(stored.items(), key=lambda kv: -kv[1])[:8]}") from exc

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import random
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,19 +15,14 @@ import pytest
 
 from tests.evidence_support import growing_partial, sha256_of
 from tests.faults.rig import ClearWatch, Rig, agent_process, receiver_process, seed, wait_drained
-from tests.helpers import wait_for
+from tests.helpers import tmpfs, wait_for
 from tests.peers.mosquitto import Mosquitto
 
 
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[Path]:
-    data = tmp_path / "agent-data"
-    data.mkdir(mode=0o750)
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m,mode=0750", "tmpfs", str(data)], check=True)
-    try:
+    with tmpfs(tmp_path / "agent-data", "24m") as data:
         yield data
-    finally:
-        subprocess.run(["umount", "-l", str(data)], check=True)
 
 
 def _fill(path: Path) -> None:
