@@ -22,9 +22,11 @@ LARGE = int(os.environ.get("FAULTS_LARGE_MB", "48")) << 20
 
 
 def _sealed_while_offline(rig: Rig, names: list[str]) -> bool:
+    """All of `names` sealed into the local store ('sending' too: the uplink may take a file before it finds
+    out that its link is dead)."""
     marks = ",".join("?" * len(names))
-    rows = rig.catalog_rows(f"SELECT COUNT(*) FROM files WHERE original_path IN ({marks}) AND state = 'sealed'",
-                            tuple(names))
+    rows = rig.catalog_rows(f"SELECT COUNT(*) FROM files WHERE original_path IN ({marks})"
+                            " AND state IN ('sealed', 'sending')", tuple(names))
     return bool(rows) and rows[0][0] == len(names)
 
 
