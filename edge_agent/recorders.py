@@ -198,6 +198,8 @@ def check_relative(relative: str) -> str | None:
     if not relative or relative.startswith("/") or PurePosixPath(relative).is_absolute():
         return "absolute path"
     parts = PurePosixPath(relative).parts
+    if not parts:
+        return "not a file path ('.' is the volume itself)"
     if any(part in ("..", ".") for part in parts):
         return "path climbs out of the volume ('..')"
     if _CONTROL.search(relative):
