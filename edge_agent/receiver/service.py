@@ -10,13 +10,13 @@ stored; `rejected` with a reason. A malformed message is logged with its
 reason and answered, never allowed to stop the receiver. Messages are PUBACKed
 only after they were handled, so a receiver killed mid-message gets it again.
 
-paho's network thread hashes each chunk's bytes as it queues the message (it
-would otherwise wait for room in the queue), so hashing and writing overlap.
-Two threads do the rest: the worker checks and writes chunks; the syncer makes
-them durable (an fdatasync of each transfer's data file) and sends the acks.
-An ack names only chunks that were written before the sync that preceded it
-began, and chunk writes go on while the disk flushes, so the ack cadence
-costs no throughput.
+Four threads do the work, so hashing, writing and syncing overlap: the
+checker hashes each chunk's bytes as paho hands it over; the worker checks
+and writes chunks (the store's hasher thread adds them to the whole-file
+hash); the syncer makes them durable (an fdatasync of each transfer's data
+file) and sends the acks. An ack names only chunks that were written before
+the sync that preceded it began, and chunk writes go on while the disk
+flushes, so the ack cadence costs no throughput.
 """
 
 from __future__ import annotations
@@ -122,12 +122,14 @@ class Receiver:
         self.client.on_message = self._on_message
         self.connection = Connection(self.client, config.mqtt, session_expiry_s=rc.session_expiry_s,
                                      on_up=lambda client: client.subscribe(self.topic_filter, qos=1))
-        self._queue: queue.Queue[tuple[int, mqtt.MQTTMessage, str | None]] = queue.Queue(maxsize=64)
+        self._inbound: queue.Queue[tuple[int, mqtt.MQTTMessage]] = queue.Queue(maxsize=16)
+        self._queue: queue.Queue[tuple[int, mqtt.MQTTMessage, str | None]] = queue.Queue(maxsize=48)
         self._manifests: OrderedDict[Key, dict] = OrderedDict()
         self._unacked: dict[Key, list[float]] = {}      # chunks written since the last ack, and since when
         self._repeats: dict[Key, tuple[str, float]] = {}
         self._repeats_lock = threading.Lock()
         self._stop = threading.Event()
+        self._checker = threading.Thread(target=self._check, name="receiver-checker", daemon=True)
         self._worker = threading.Thread(target=self._work, name="receiver-worker", daemon=True)
         self._due: dict[Key, dict] = {}                 # files to ack after the next sync
         self._due_cond = threading.Condition()
@@ -136,6 +138,7 @@ class Receiver:
     # -- lifecycle -----------------------------------------------------------------------------
 
     def start(self) -> None:
+        self._checker.start()
         self._worker.start()
         self._syncer.start()
         self.connection.start("receiver-connection")
@@ -144,6 +147,7 @@ class Receiver:
 
     def stop(self) -> None:
         self._stop.set()
+        self._checker.join(timeout=30)
         self._worker.join(timeout=30)
         with self._due_cond:
             self._due_cond.notify_all()
@@ -165,10 +169,28 @@ class Receiver:
     # -- the message pipeline ------------------------------------------------------------------
 
     def _on_message(self, _client: mqtt.Client, _userdata: object, message: mqtt.MQTTMessage) -> None:
-        data_sha256 = None
-        if message.topic.endswith("/chunk") and len(message.payload) <= self.max_message:
-            data_sha256 = chunk_data_sha256(message.payload)
-        self._queue.put((self.connection.generation, message, data_sha256))   # blocks when full: backpressure
+        self._put(self._inbound, (self.connection.generation, message))
+
+    def _put(self, into: queue.Queue, item: tuple) -> None:
+        """Queue for the next thread; blocks while it is full (backpressure up to the broker). A message dropped
+        because the receiver stops was not PUBACKed: the broker sends it again."""
+        while not self._stop.is_set():
+            try:
+                into.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def _check(self) -> None:
+        while not self._stop.is_set():
+            try:
+                generation, message = self._inbound.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            data_sha256 = None
+            if message.topic.endswith("/chunk") and len(message.payload) <= self.max_message:
+                data_sha256 = chunk_data_sha256(message.payload)
+            self._put(self._queue, (generation, message, data_sha256))
 
     def _work(self) -> None:
         while not self._stop.is_set():

@@ -10,9 +10,10 @@ Public surface:
 Durability rests on the catalog and the receiver's acks, never on MQTT queues:
 a file becomes `synced` only on a `complete` ack whose SHA-256 equals the
 catalog's; everything else is resent after a `query` tells what the receiver
-lacks. Two threads: the connection supervisor (connect, paho's network loop,
-backoff with full jitter) and the sender (reads chunks from the store on demand,
-so memory stays flat whatever the file size or the queue length).
+lacks. Three threads: the connection supervisor (connect, paho's network loop,
+backoff with full jitter), the sender, and a reader that reads, hashes and
+frames the next few chunks the sender will want (from the store on demand, so
+memory stays flat whatever the file size or the queue length).
 """
 
 from __future__ import annotations
@@ -25,7 +26,9 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -59,6 +62,21 @@ SYNC_NOW_META = "sync_now_ms"   # set by `edge-agent sync now`; the running daem
 # the window, which counts chunks the receiver has not acked) is what bounds the agent's memory.
 CHUNKS_IN_CLIENT = 32
 READ_AHEAD_CHUNKS = 8   # the kernel reads this far ahead of the chunk being sent (posix_fadvise WILLNEED)
+PREPARE_AHEAD = 16      # chunks the reader thread reads, hashes and frames before the sender asks for them
+
+
+def prepare_chunk(path: Path, seq: int, size: int, chunk_size: int) -> bytes | None:
+    """Chunk `seq` of the stored file at `path` as a frame, or None if the file is shorter than its manifest says.
+    Opens the file itself, so a chunk prepared for a transfer that ended meanwhile reads nothing else."""
+    offset, length = chunk_span(seq, size, chunk_size)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        data = os.pread(fd, length, offset)
+    finally:
+        os.close(fd)
+    if len(data) != length:
+        return None
+    return encode_chunk(ChunkHeader(seq, offset, length, hashlib.sha256(data).hexdigest()), data)
 
 
 def _settled(info: mqtt.MQTTMessageInfo) -> bool:
@@ -86,6 +104,7 @@ class Transfer:
     querying: bool = False       # waiting for the answer to a query before sending more
     last_heard: float = 0.0      # last ack, or when we last (re)started talking
     last_resync: float = 0.0
+    path: Path = Path()          # the stored copy
 
     @property
     def file_id(self) -> str:
@@ -133,6 +152,8 @@ class Uplink:
         self._outbox_lock = threading.Lock()
         self._outbox_out: set[int] = set()
         self._in_client: deque[mqtt.MQTTMessageInfo] = deque()   # chunks paho holds (not yet PUBACKed)
+        self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sync-reader")
+        self._prepared: dict[tuple[str, int], Future] = {}       # (file id, seq) -> its frame, being read
         self._callbacks: list[CommandCallback] = [self._resync_command]
         self.command_gate = CommandGate(catalog, config.agent.id, config.mqtt.command_keys)
         self._resync = threading.Event()
@@ -153,6 +174,8 @@ class Uplink:
         self._wake()
         if self._sender is not None:
             self._sender.join(timeout=10)
+        self._prepared.clear()
+        self._reader.shutdown(wait=True, cancel_futures=True)
         self.connection.stop(last_will=(self.topics.status, self._status("offline")))
         for transfer in self._transfers.values():
             os.close(transfer.fd)
@@ -333,15 +356,16 @@ class Uplink:
             self._cannot_send(record, "its manifest does not match the catalog (size or SHA-256); "
                                       f"run: edge-agent verify {record.file_id}")
             return None
+        path = self.layout.data_dir / (record.store_path or "")
         try:
-            fd = os.open(self.layout.data_dir / (record.store_path or ""), os.O_RDONLY)
+            fd = os.open(path, os.O_RDONLY)
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
         except OSError as exc:
             self._cannot_send(record, f"its stored copy cannot be opened ({exc.strerror}); "
                                       f"run: edge-agent verify {record.file_id}")
             return None
         return Transfer(record, manifest, size, sha256, chunk_size, fd, chunk_count(size, chunk_size),
-                        last_heard=time.monotonic())
+                        last_heard=time.monotonic(), path=path)
 
     def _cannot_send(self, record: FileRecord, why: str) -> None:
         self._skipped.add(record.file_id)
@@ -351,6 +375,8 @@ class Uplink:
 
     def _drop(self, transfer: Transfer) -> None:
         self._transfers.pop(transfer.file_id, None)
+        for key in [key for key in self._prepared if key[0] == transfer.file_id]:
+            self._prepared.pop(key).cancel()
         os.close(transfer.fd)
         self._fill_due = True   # a slot is free: take the next file now, not at the next poll
 
@@ -401,18 +427,41 @@ class Uplink:
             sent += 1
         return sent > 0
 
+    def _prepare(self, transfer: Transfer, seq: int) -> Future:
+        return self._reader.submit(prepare_chunk, transfer.path, seq, transfer.size, transfer.chunk_size)
+
+    def _prepare_ahead(self, transfer: Transfer, after: int) -> None:
+        """Have the reader work on the chunks this transfer will send after `after` (as things stand now)."""
+        wanted, seq = [], after + 1
+        while seq < transfer.total and len(wanted) < PREPARE_AHEAD:
+            if seq not in transfer.have and seq not in transfer.outstanding:
+                wanted.append(seq)
+            seq += 1
+        for key in [key for key in self._prepared if key[0] == transfer.file_id and key[1] not in wanted]:
+            self._prepared.pop(key).cancel()   # plans changed (an ack, a resend): not needed after all
+        for seq in wanted:
+            if (transfer.file_id, seq) not in self._prepared:
+                self._prepared[(transfer.file_id, seq)] = self._prepare(transfer, seq)
+
     def _send_chunk(self, transfer: Transfer, seq: int) -> bool:
-        offset, length = chunk_span(seq, transfer.size, transfer.chunk_size)
+        offset = seq * transfer.chunk_size
         ahead = offset + READ_AHEAD_CHUNKS * transfer.chunk_size
         if ahead < transfer.size:
             os.posix_fadvise(transfer.fd, ahead, transfer.chunk_size, os.POSIX_FADV_WILLNEED)
-        data = os.pread(transfer.fd, length, offset)
-        if len(data) != length:
+        frame = self._prepared.pop((transfer.file_id, seq), None) or self._prepare(transfer, seq)
+        self._prepare_ahead(transfer, seq)
+        try:
+            payload = frame.result()
+        except OSError as exc:
+            self._cannot_send(transfer.record, f"its stored copy cannot be read ({exc.strerror}); "
+                                               f"run: edge-agent verify {transfer.file_id}")
+            self._drop(transfer)
+            return False
+        if payload is None:
             self._cannot_send(transfer.record, f"its stored copy is shorter than its manifest says ({transfer.size} "
                                                f"bytes): the store is damaged; run: edge-agent verify")
             self._drop(transfer)
             return False
-        payload = encode_chunk(ChunkHeader(seq, offset, length, hashlib.sha256(data).hexdigest()), data)
         if self.bucket is not None and not self.bucket.consume(len(payload), self._stop):
             return False
         if not transfer.outstanding:
