@@ -79,11 +79,18 @@ def gaps(catalog: Catalog, camera: str, since_ms: int = 0, until_ms: int | None 
     return [Gap(r["id"], r["camera"], r["start_ms"], r["end_ms"], r["cause"], r["detail"]) for r in rows]
 
 
+def _prefix_range(camera: str) -> tuple[str, str]:
+    """Bounds of the original paths of one camera's segments (`<camera>/<name>`), as an index range:
+    '0' is the character after '/'."""
+    return f"{camera}/", f"{camera}0"
+
+
 def was_recording(catalog: Catalog, camera: str, at_ms: int) -> tuple[bool, Gap | None, str | None]:
     """(True, None, file_id) when a segment covers `at_ms`; else (False, the gap if one covers it, None)."""
     rows = catalog.query(
-        "SELECT file_id FROM files WHERE kind = 'camera' AND original_path LIKE ? AND recorded_start_ms <= ?"
-        " AND recorded_end_ms > ? ORDER BY recorded_start_ms DESC LIMIT 1", (f"{camera}/%", at_ms, at_ms))
+        "SELECT file_id FROM files WHERE kind = 'camera' AND original_path >= ? AND original_path < ?"
+        " AND recorded_start_ms <= ? AND recorded_end_ms > ? ORDER BY recorded_start_ms DESC LIMIT 1",
+        (*_prefix_range(camera), at_ms, at_ms))
     if rows:
         return True, None, rows[0][0]
     for gap in gaps(catalog, camera, at_ms, at_ms):
@@ -336,8 +343,9 @@ class CameraWorker:
         if health.day_ms != midnight_ms:
             health.day_ms = midnight_ms
             health.segments_today = self.catalog.query(
-                "SELECT COUNT(*) FROM files WHERE kind = 'camera' AND original_path LIKE ? AND recorded_start_ms >= ?",
-                (f"{self.camera.name}/%", midnight_ms))[0][0]
+                "SELECT COUNT(*) FROM files WHERE kind = 'camera' AND original_path >= ? AND original_path < ?"
+                " AND recorded_start_ms >= ?",
+                (*_prefix_range(self.camera.name), midnight_ms))[0][0]
         return {
             "name": self.camera.name, "device_id": self.health.device_id, "location": self.camera.location,
             "connected": stats.connected, "fps": round(fps, 1), "bitrate_kbps": round(kbps, 1),
@@ -395,8 +403,8 @@ class CameraService:
             r = open_rows[0]
             return Gap(r["id"], camera, r["start_ms"], None, r["cause"], r["detail"])
         ends = [r[0] for r in self.catalog.query(
-            "SELECT MAX(recorded_end_ms) FROM files WHERE kind = 'camera' AND original_path LIKE ?",
-            (f"{camera}/%",)) if r[0] is not None] + leftover_ends
+            "SELECT MAX(recorded_end_ms) FROM files WHERE kind = 'camera' AND original_path >= ? AND original_path < ?",
+            _prefix_range(camera)) if r[0] is not None] + leftover_ends
         if not ends:
             return None
         return self.open_gap(camera, max(ends), "agent_stopped", "the agent was not running")

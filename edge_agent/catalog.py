@@ -147,6 +147,7 @@ def _schema(db: sqlite_utils.Database) -> None:
     files.create_index(["session_id"], if_not_exists=True)
     files.create_index(["case_id"], if_not_exists=True)
     files.create_index(["synced_ms"], if_not_exists=True)
+    files.create_index(["kind", "original_path"], if_not_exists=True)  # a camera's segments: "<camera>/..."
     # Partial indexes for the two queries asked per file sent / per file copied, so that they stay flat on a
     # catalog of a million rows (scripts/bench_scale.py catalog): the send order, and the bytes held locally.
     db.execute("CREATE INDEX IF NOT EXISTS files_send_order ON files (lane, COALESCE(recorded_start_ms, created_ms),"
