@@ -304,9 +304,10 @@ class VolumeWorker(threading.Thread):
                 try:
                     self.service.ingestor.ingest(record, path, abort=self._gone.is_set)
                 except IntakePaused as exc:
+                    if not self._paused:   # once per pause, not at every rescan
+                        log.warning("intake paused dock=%s file=%s: %s", self.volume.dock, record.file_id, exc)
                     self.status.state, self.status.last_error = "paused", str(exc)
                     self._paused = True
-                    log.warning("intake paused dock=%s file=%s: %s", self.volume.dock, record.file_id, exc)
                     try:
                         catalog.raise_alarm("disk_full", "disk_full", self.service.config.agent.id, str(exc))
                     except sqlite3.OperationalError as alarm_exc:  # so full that not even the alarm fits
