@@ -26,14 +26,6 @@ AGENT_ID = "ws-test-01"
 CLI = [sys.executable, "-m", "edge_agent.cli"]
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as src:
-        while block := src.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 class Proc:
     """One `edge-agent` process with its log; `kill9` and `restart` for crash tests."""
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.evidence_support import sha256_of
 from tests.helpers import make_recorder_volume, wait_for
 from tests.peers.mosquitto import Mosquitto
 from tests.sync_support import (
@@ -27,7 +28,6 @@ from tests.sync_support import (
     receiver_logged,
     receiver_proc,
     receiver_setup,
-    sha256_file,
     states,
     stored_index,
 )
@@ -86,7 +86,7 @@ def assert_stored_once_and_identical(data_dir: Path, store: Path, originals: dic
         assert catalog_sha == sha
         entry = index[file_id]
         assert entry["sha256"] == sha
-        assert sha256_file(store / entry["object"]) == sha     # byte-identical
+        assert sha256_of(store / entry["object"]) == sha     # byte-identical
     objects = [p for p in (store / "objects").rglob("*") if p.is_file() and not p.name.endswith(".json")]
     assert len(objects) == len(set(originals.values()))          # identical contents share one object
     synced_once = dict(catalog_rows(data_dir, "SELECT subject, COUNT(*) FROM audit WHERE action = 'file.synced'"
@@ -101,7 +101,7 @@ def test_fifty_files_arrive_byte_identical_across_a_broker_restart_and_are_clear
     dock = tmp_path / "dock"
     files = {f"DCIM/100/REC{i:04d}.MP4": size for i, size in enumerate(mixed_sizes(50, rng))}
     prepared = make_recorder_volume(dock / ".prep", "VOL1", files)   # hidden: not docked yet
-    originals = {rel: sha256_file(prepared / rel) for rel in files}
+    originals = {rel: sha256_of(prepared / rel) for rel in files}
     _toml, data_dir, store, agent, receiver = start_pair(tmp_path, mosquitto.port, dock)
     volume = dock / "VOL1"
     os.rename(prepared, volume)                          # docked whole, as a vendor drop folder is
@@ -130,7 +130,7 @@ def test_kill_9_of_agent_and_receiver_mid_transfer_still_syncs_every_file_exactl
              for i, size in enumerate([0, 5, 300_000, *[rng.randint(1, 3_000_000) for _ in range(12)],
                                        25_000_000, 25_000_000])}
     make_recorder_volume(dock, "VOL1", files)
-    originals = {rel: sha256_file(dock / "VOL1" / rel) for rel in files}
+    originals = {rel: sha256_of(dock / "VOL1" / rel) for rel in files}
     _toml, data_dir, store, agent, receiver = start_pair(tmp_path, mosquitto.port, dock,
                                                          bandwidth_kbps=100_000)   # 12.5 MB/s: kills land mid-file
     try:
