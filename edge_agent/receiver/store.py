@@ -184,9 +184,8 @@ class ChunkStore:
         with self._known_lock:
             return self._refresh(agent, file_id).seqs()
 
-    def _refresh(self, agent: str, file_id: str) -> _Known:
-        """This process's view of a transfer, brought up to date with the records appended to its log since
-        (by any receiver). Caller holds `_known_lock`."""
+    def _known_for(self, agent: str, file_id: str) -> _Known:
+        """This process's view of a transfer (caller holds `_known_lock`)."""
         key = (agent, file_id)
         known = self._known.get(key)
         if known is None:
@@ -194,6 +193,12 @@ class ChunkStore:
             while len(self._known) > MAX_TRANSFERS_KNOWN:
                 self._known.popitem(last=False)
         self._known.move_to_end(key)
+        return known
+
+    def _refresh(self, agent: str, file_id: str) -> _Known:
+        """This process's view of a transfer, brought up to date with the records appended to its log since
+        (by any receiver). Caller holds `_known_lock`."""
+        known = self._known_for(agent, file_id)
         try:
             fd = os.open(self.incoming(agent, file_id) / "chunks", os.O_RDONLY)
         except FileNotFoundError:
@@ -276,7 +281,9 @@ class ChunkStore:
         with self._lock(agent, file_id, exclusive=False):
             incoming = self.incoming(agent, file_id)
             with self._known_lock:
-                known = self._refresh(agent, file_id)
+                known = self._known_for(agent, file_id)
+                if not (self.sole_writer and known.log_inode != -1):   # sole writer: every later record is ours
+                    self._refresh(agent, file_id)
                 if known.holds(seq):
                     return True   # a duplicate: same seq, same verified bytes
             try:
@@ -297,11 +304,18 @@ class ChunkStore:
                 self._to_hash.put((known, data))
             # One line appended (atomic for so small a write): a line cut short by a crash is not a record, and
             # the commit checks each record it reads back against the bytes it names.
-            fd = os.open(incoming / "chunks", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-            try:
-                os.write(fd, b"%08d %s\n" % (seq, sha256.encode("ascii")))
-            finally:
-                os.close(fd)
+            record = b"%08d %s\n" % (seq, sha256.encode("ascii"))
+            with self._known_lock:
+                fd = os.open(incoming / "chunks", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+                try:
+                    os.write(fd, record)
+                    if self.sole_writer:   # what this process appends it need not read back
+                        if known.log_inode == -1:
+                            known.log_inode = os.fstat(fd).st_ino
+                        known.log_read += len(record)
+                        known.add(seq)
+                finally:
+                    os.close(fd)
             return True
 
     def sync(self, transfers: Iterable[tuple[str, str]]) -> None:
@@ -373,6 +387,9 @@ class ChunkStore:
         if lost:
             kept = set(records) - set(lost)
             atomic_write(incoming / "chunks", b"".join(b"%08d %s\n" % (seq, records[seq]) for seq in sorted(kept)))
+            if known is not None:
+                with self._known_lock:
+                    known.log_inode = -1   # read the new log from the start
             log.warning("chunks lost agent=%s file=%s seqs=%s: their bytes did not reach the disk; asking again",
                         agent, file_id, to_ranges(lost))
             return Ack(file_id, ACK_RECEIVING, to_ranges(self.have(agent, file_id)))
