@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import sqlite3
 import threading
 import time
 from collections.abc import Callable
@@ -79,7 +80,10 @@ class Agent:
         self.docks.stop()
         for component in reversed(self.components):
             component.stop()
-        self.catalog.audit("agent.stopped", actor="edge-agent")
+        try:
+            self.catalog.audit("agent.stopped", actor="edge-agent")
+        except sqlite3.OperationalError as exc:  # a full disk: stop cleanly all the same, unrecorded
+            log.error("agent.stopped not written to the audit log: %s", exc)
         self.catalog.close()
 
     def run_forever(self) -> None:

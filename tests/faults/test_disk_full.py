@@ -26,14 +26,16 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
 
 
 def _fill(path: Path) -> None:
-    """Write zeros into `path` until the filesystem is full."""
-    with open(path, "wb") as ballast:
-        try:
-            while True:
-                ballast.write(b"\0" * (256 * 1024))
-                ballast.flush()
-        except OSError:
-            pass
+    """Write zeros into `path` until the filesystem is full (unbuffered: nothing is left to flush at close)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    block = b"\0" * (256 * 1024)
+    try:
+        while True:
+            os.write(fd, block)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def test_disk_filling_mid_copy_pauses_intake_keeps_nothing_half_done_then_drains(
