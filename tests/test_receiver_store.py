@@ -21,23 +21,34 @@ def manifest(content: bytes, sha256: str | None = None) -> tuple[bytes, dict]:
     return repr(sorted(doc.items())).encode(), doc
 
 
+def started(root: Path, size: int, *, sole_writer: bool = True, sha256: str | None = None
+            ) -> tuple[ChunkStore, bytes, dict]:
+    """A store with a transfer of `size` random bytes begun (its manifest accepted)."""
+    store = ChunkStore(root, sole_writer=sole_writer)
+    content = os.urandom(size)
+    canonical, doc = manifest(content, sha256)
+    assert store.accept_manifest(AGENT, FILE_ID, canonical, doc).state == ACK_RECEIVING
+    return store, content, doc
+
+
 def put(store: ChunkStore, content: bytes, seq: int) -> None:
     offset, length = chunk_span(seq, len(content), CHUNK)
     data = content[offset:offset + length]
     assert store.put_chunk(AGENT, FILE_ID, seq, offset, data, hashlib.sha256(data).hexdigest())
 
 
-def stored(store: ChunkStore, sha256: str) -> bytes:
-    return store.object_path(sha256).read_bytes()
+def assert_completes(store: ChunkStore, content: bytes, doc: dict) -> None:
+    """Every chunk is in: the commit says `complete` and stores exactly `content`."""
+    ack = store.progress(AGENT, FILE_ID, doc)
+    assert (ack.state, ack.sha256) == (ACK_COMPLETE, doc["sha256"])
+    assert store.object_path(doc["sha256"]).read_bytes() == content
+    assert not store.incoming(AGENT, FILE_ID).exists()
 
 
 @pytest.mark.parametrize("sole_writer", [True, False])
 @pytest.mark.parametrize("order", ["in order", "reversed", "shuffled"])
 def test_every_order_stores_the_exact_file(tmp_path: Path, sole_writer: bool, order: str) -> None:
-    store = ChunkStore(tmp_path, sole_writer=sole_writer)
-    content = os.urandom(CHUNK * 9 + 123)
-    canonical, doc = manifest(content)
-    assert store.accept_manifest(AGENT, FILE_ID, canonical, doc).state == ACK_RECEIVING
+    store, content, doc = started(tmp_path, CHUNK * 9 + 123, sole_writer=sole_writer)
     seqs = list(range(chunk_count(len(content), CHUNK)))
     if order == "reversed":
         seqs.reverse()
@@ -47,17 +58,11 @@ def test_every_order_stores_the_exact_file(tmp_path: Path, sole_writer: bool, or
         put(store, content, seq)
         put(store, content, seq)   # a duplicate changes nothing
     assert store.have(AGENT, FILE_ID) == sorted(seqs)
-    ack = store.progress(AGENT, FILE_ID, doc)
-    assert (ack.state, ack.sha256) == (ACK_COMPLETE, doc["sha256"])
-    assert stored(store, doc["sha256"]) == content
-    assert not store.incoming(AGENT, FILE_ID).exists()
+    assert_completes(store, content, doc)
 
 
 def test_whole_file_mismatch_is_rejected_with_the_running_hash(tmp_path: Path) -> None:
-    store = ChunkStore(tmp_path, sole_writer=True)
-    content = os.urandom(CHUNK * 4)
-    canonical, doc = manifest(content, sha256=hashlib.sha256(b"another file").hexdigest())
-    store.accept_manifest(AGENT, FILE_ID, canonical, doc)
+    store, content, doc = started(tmp_path, CHUNK * 4, sha256=hashlib.sha256(b"another file").hexdigest())
     for seq in range(4):
         put(store, content, seq)
     ack = store.progress(AGENT, FILE_ID, doc)
@@ -67,10 +72,7 @@ def test_whole_file_mismatch_is_rejected_with_the_running_hash(tmp_path: Path) -
 
 def test_a_chunk_whose_bytes_did_not_reach_the_disk_is_asked_for_again(tmp_path: Path) -> None:
     """Chunks that came out of order are read back at commit and checked against their records."""
-    store = ChunkStore(tmp_path, sole_writer=True)
-    content = os.urandom(CHUNK * 6)
-    canonical, doc = manifest(content)
-    store.accept_manifest(AGENT, FILE_ID, canonical, doc)
+    store, content, doc = started(tmp_path, CHUNK * 6)
     for seq in (0, 1, 3, 4, 5, 2):
         put(store, content, seq)
     with open(store.incoming(AGENT, FILE_ID) / "data", "r+b") as data:   # as after a power cut before the sync
@@ -80,16 +82,11 @@ def test_a_chunk_whose_bytes_did_not_reach_the_disk_is_asked_for_again(tmp_path:
     assert (ack.state, ack.have) == (ACK_RECEIVING, [[0, 3], [5, 5]])
     assert store.have(AGENT, FILE_ID) == [0, 1, 2, 3, 5]
     put(store, content, 4)
-    ack = store.progress(AGENT, FILE_ID, doc)
-    assert ack.state == ACK_COMPLETE
-    assert stored(store, doc["sha256"]) == content
+    assert_completes(store, content, doc)
 
 
 def test_another_receiver_continues_the_transfer_from_the_records(tmp_path: Path) -> None:
-    first = ChunkStore(tmp_path, sole_writer=True)
-    content = os.urandom(CHUNK * 5)
-    canonical, doc = manifest(content)
-    first.accept_manifest(AGENT, FILE_ID, canonical, doc)
+    first, content, doc = started(tmp_path, CHUNK * 5)
     for seq in range(3):
         put(first, content, seq)
     second = ChunkStore(tmp_path, sole_writer=True)   # a restarted receiver: nothing in memory
@@ -97,16 +94,11 @@ def test_another_receiver_continues_the_transfer_from_the_records(tmp_path: Path
     put(second, content, 3)
     assert first.have(AGENT, FILE_ID) == [0, 1, 2, 3]   # records appended by another process are seen
     put(second, content, 4)
-    ack = second.progress(AGENT, FILE_ID, doc)
-    assert ack.state == ACK_COMPLETE
-    assert stored(second, doc["sha256"]) == content
+    assert_completes(second, content, doc)
 
 
 def test_a_record_cut_short_by_a_crash_is_not_a_chunk_held(tmp_path: Path) -> None:
-    store = ChunkStore(tmp_path, sole_writer=True)
-    content = os.urandom(CHUNK * 3)
-    canonical, doc = manifest(content)
-    store.accept_manifest(AGENT, FILE_ID, canonical, doc)
+    store, content, _doc = started(tmp_path, CHUNK * 3)
     put(store, content, 0)
     with open(store.incoming(AGENT, FILE_ID) / "chunks", "ab") as log:
         log.write(b"00000001 " + hashlib.sha256(b"x").hexdigest()[:20].encode())
