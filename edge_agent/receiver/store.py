@@ -53,6 +53,7 @@ from edge_agent.sync.wire import ACK_COMPLETE, ACK_RECEIVING, ACK_REJECTED, Ack,
 log = logging.getLogger(__name__)
 RECORD = re.compile(rb"^(\d{8}) ([0-9a-f]{64})$", re.M)
 MAX_TRANSFERS_KNOWN = 4096
+MAX_TRANSFERS_OPEN = 32   # transfers whose files a sole writer keeps open between chunks
 
 
 @dataclass
@@ -87,6 +88,22 @@ def now_ms() -> int:
     return int(time.time() * 1000)
 
 
+@dataclass
+class _Files:
+    """A transfer's lock, data and record log, open for adding chunks. A sole writer keeps them open between
+    chunks; `stale` is set when the transfer is committed, rejected or restarted, and they are opened again."""
+
+    lock: int
+    data: int = -1
+    log: int = -1
+    stale: bool = False
+
+    def close(self) -> None:
+        for fd in (self.data, self.log, self.lock):
+            if fd != -1:
+                os.close(fd)
+
+
 class ChunkStore:
     """`sole_writer`: no other receiver writes this store's transfers (no shared subscription), so the
     whole-file hash of chunks this process wrote in order can be trusted at commit without reading them back."""
@@ -98,6 +115,7 @@ class ChunkStore:
             (self.root / sub).mkdir(parents=True, exist_ok=True)
         self._known: OrderedDict[tuple[str, str], _Known] = OrderedDict()
         self._known_lock = threading.Lock()
+        self._open: OrderedDict[tuple[str, str], _Files] = OrderedDict()   # used by the thread adding chunks
         # The running hash is the hasher thread's work, so writing a chunk does not wait for it (bounded: 32 chunks).
         self._to_hash: queue.Queue[tuple[_Known, bytes | memoryview] | None] = queue.Queue(maxsize=32)
         self._hashed = threading.Condition()
@@ -111,6 +129,9 @@ class ChunkStore:
             self._hasher.join(timeout=30)
         with self._known_lock:
             self._known.clear()
+            opened, self._open = list(self._open.values()), OrderedDict()
+        for files in opened:
+            files.close()
 
     def _hash_loop(self) -> None:
         while (item := self._to_hash.get()) is not None:
@@ -144,14 +165,17 @@ class ChunkStore:
     def manifest_path(self, sha256: str, agent: str, file_id: str) -> Path:
         return self.root / "objects" / sha256[:2] / f"{sha256}.{agent}.{file_id}.manifest.json"
 
-    @contextmanager
-    def _lock(self, agent: str, file_id: str, exclusive: bool) -> Iterator[None]:
+    def _open_lock(self, agent: str, file_id: str) -> int:
         path = self.root / "locks" / agent / f"{file_id}.lock"
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            return os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         except FileNotFoundError:   # the agent's first file
             path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            return os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+
+    @contextmanager
+    def _lock(self, agent: str, file_id: str, exclusive: bool) -> Iterator[None]:
+        fd = self._open_lock(agent, file_id)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
             yield
@@ -221,8 +245,30 @@ class ChunkStore:
         return known
 
     def _forget(self, agent: str, file_id: str) -> None:
+        """The transfer was committed, rejected or restarted (exclusive lock held)."""
         with self._known_lock:
             self._known.pop((agent, file_id), None)
+            if (files := self._open.get((agent, file_id))) is not None:
+                files.stale = True
+
+    def _files(self, agent: str, file_id: str) -> _Files:
+        """A sole writer's open files of a transfer (opened on first use; only the thread adding chunks calls)."""
+        key = (agent, file_id)
+        with self._known_lock:
+            files = self._open.get(key)
+            if files is not None and not files.stale:
+                self._open.move_to_end(key)
+                return files
+            self._open.pop(key, None)
+        if files is not None:
+            files.close()
+        files = _Files(self._open_lock(agent, file_id))
+        with self._known_lock:
+            self._open[key] = files
+            evicted = [self._open.popitem(last=False)[1] for _ in range(len(self._open) - MAX_TRANSFERS_OPEN)]
+        for old in evicted:
+            old.close()
+        return files
 
     def _records(self, agent: str, file_id: str) -> dict[int, bytes]:
         """Every chunk's recorded SHA-256 (hex, ASCII), read in full (commit, lock held)."""
@@ -277,46 +323,61 @@ class ChunkStore:
     def put_chunk(self, agent: str, file_id: str, seq: int, offset: int, data: bytes | memoryview,
                   sha256: str) -> bool:
         """Write chunk `seq` (verified by the caller) and its record. False if the transfer is not in
-        progress (settled meanwhile, or never started)."""
-        with self._lock(agent, file_id, exclusive=False):
-            incoming = self.incoming(agent, file_id)
-            with self._known_lock:
-                known = self._known_for(agent, file_id)
-                if not (self.sole_writer and known.log_inode != -1):   # sole writer: every later record is ours
-                    self._refresh(agent, file_id)
-                if known.holds(seq):
-                    return True   # a duplicate: same seq, same verified bytes
+        progress (settled meanwhile, or never started). One thread adds chunks (the receiver's worker): a
+        sole writer keeps each transfer's files open between its chunks."""
+        if not self.sole_writer:
+            with self._lock(agent, file_id, exclusive=False):
+                files = _Files(-1)
+                try:
+                    return self._add_chunk(agent, file_id, files, seq, offset, data, sha256)
+                finally:
+                    files.close()
+        while True:
+            files = self._files(agent, file_id)
+            fcntl.flock(files.lock, fcntl.LOCK_SH)
             try:
-                fd = os.open(incoming / "data", os.O_WRONLY)
+                if not files.stale:   # else committed, rejected or restarted since it was opened: open again
+                    return self._add_chunk(agent, file_id, files, seq, offset, data, sha256)
+            finally:
+                fcntl.flock(files.lock, fcntl.LOCK_UN)
+
+    def _add_chunk(self, agent: str, file_id: str, files: _Files, seq: int, offset: int, data: bytes | memoryview,
+                   sha256: str) -> bool:
+        """put_chunk with the transfer's lock held shared."""
+        incoming = self.incoming(agent, file_id)
+        with self._known_lock:
+            known = self._known_for(agent, file_id)
+            if not (self.sole_writer and known.log_inode != -1):   # sole writer: every later record is ours
+                self._refresh(agent, file_id)
+            if known.holds(seq):
+                return True   # a duplicate: same seq, same verified bytes
+        if files.data == -1:
+            try:
+                files.data = os.open(incoming / "data", os.O_WRONLY)
             except FileNotFoundError:
                 return False
-            try:
-                view, at = memoryview(data), offset
-                while view:
-                    n = os.pwrite(fd, view, at)
-                    view, at = view[n:], at + n
-            finally:
-                os.close(fd)
-            if known.digest is not None and seq == known.hashed:   # in order: the commit need not read it back
-                known.hashed += 1
-                with self._hashed:
-                    known.pending += 1
-                self._to_hash.put((known, data))
-            # One line appended (atomic for so small a write): a line cut short by a crash is not a record, and
-            # the commit checks each record it reads back against the bytes it names.
-            record = b"%08d %s\n" % (seq, sha256.encode("ascii"))
-            with self._known_lock:
-                fd = os.open(incoming / "chunks", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-                try:
-                    os.write(fd, record)
-                    if self.sole_writer:   # what this process appends it need not read back
-                        if known.log_inode == -1:
-                            known.log_inode = os.fstat(fd).st_ino
-                        known.log_read += len(record)
-                        known.add(seq)
-                finally:
-                    os.close(fd)
-            return True
+        view, at = memoryview(data), offset
+        while view:
+            n = os.pwrite(files.data, view, at)
+            view, at = view[n:], at + n
+        if known.digest is not None and seq == known.hashed:   # in order: the commit need not read it back
+            known.hashed += 1
+            with self._hashed:
+                known.pending += 1
+            self._to_hash.put((known, data))
+        # One line appended (atomic for so small a write): a line cut short by a crash is not a record, and
+        # the commit checks each record it reads back against the bytes it names.
+        record = b"%08d %s\n" % (seq, sha256.encode("ascii"))
+        with self._known_lock:
+            if files.log == -1:
+                files.log = os.open(incoming / "chunks", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            os.write(files.log, record)
+            if self.sole_writer:   # what this process appends it need not read back
+                if known.log_inode == -1:
+                    known.log_inode = os.fstat(files.log).st_ino
+                known.log_read += len(record)
+                known.add(seq)
+        return True
 
     def sync(self, transfers: Iterable[tuple[str, str]]) -> None:
         """Make every chunk written so far to these transfers durable before an ack names it: one fdatasync of
@@ -387,9 +448,11 @@ class ChunkStore:
         if lost:
             kept = set(records) - set(lost)
             atomic_write(incoming / "chunks", b"".join(b"%08d %s\n" % (seq, records[seq]) for seq in sorted(kept)))
-            if known is not None:
-                with self._known_lock:
+            with self._known_lock:
+                if known is not None:
                     known.log_inode = -1   # read the new log from the start
+                if (files := self._open.get((agent, file_id))) is not None:
+                    files.stale = True     # and append to it, not to the old one
             log.warning("chunks lost agent=%s file=%s seqs=%s: their bytes did not reach the disk; asking again",
                         agent, file_id, to_ranges(lost))
             return Ack(file_id, ACK_RECEIVING, to_ranges(self.have(agent, file_id)))
