@@ -158,12 +158,13 @@ def probe_media(path: Path) -> dict[str, Any]:
                 media["duration_ms"] = int(probe.duration // 1000)
             video = next(iter(probe.streams.video), None)
             audio = next(iter(probe.streams.audio), None)
-            if video is not None:
-                media["codec"] = video.codec_context.name
-                if video.codec_context.width:
-                    media["width"], media["height"] = video.codec_context.width, video.codec_context.height
-            elif audio is not None:
-                media["codec"] = audio.codec_context.name
+            stream = video if video is not None else audio
+            # A stream FFmpeg has no decoder for (found by the crash suite in random bytes) has no codec context.
+            context = stream.codec_context if stream is not None else None
+            if context is not None:
+                media["codec"] = context.name
+                if stream is video and context.width:
+                    media["width"], media["height"] = context.width, context.height
     except (av.FFmpegError, OSError, ValueError) as exc:
         media["probe_error"] = str(exc)[:200]
     return media

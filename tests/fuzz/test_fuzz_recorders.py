@@ -5,6 +5,7 @@ a symlink, and every refusal carries a reason (G6)."""
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import stat
 import tempfile
@@ -14,6 +15,7 @@ from zoneinfo import ZoneInfo
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from edge_agent.ingest import probe_media
 from edge_agent.recorders import (
     MAX_NAME_BYTES,
     RefusedEntry,
@@ -129,3 +131,29 @@ def test_any_identity_file_content_identifies_or_falls_back_without_raising(cont
         assert ident.device_id and ident.method in ("identity_file", "unknown")
     finally:
         shutil.rmtree(base)
+
+
+# Container signatures FFmpeg recognises, so that random bodies reach the demuxers and their stream parsers.
+MAGIC = [b"", b"\xac\x40", b"\x00\x00\x00\x18ftypmp42", b"ID3\x03\x00", b"RIFF\x00\x00\x00\x00AVI ",
+         b"\x00\x00\x01\xba", b"\x1a\x45\xdf\xa3", b"\xff\xf1", b"OggS\x00", b"fLaC", b"\x47\x40\x00\x10"]
+
+
+@given(st.sampled_from(MAGIC), st.binary(max_size=40_000), st.sampled_from([".mp4", ".mov", ".wav", ".avi"]))
+@settings(max_examples=80, deadline=None)
+def test_any_recorder_file_content_is_probed_without_raising(magic: bytes, body: bytes, suffix: str) -> None:
+    """probe_media runs on every copy before it is recorded: if it raised, the dock worker would die (an AC-4
+    sync word at the start of random bytes did, in the crash suite)."""
+    base = Path(tempfile.mkdtemp(prefix="fuzz-media-"))
+    try:
+        path = base / f"REC{suffix}"
+        path.write_bytes(magic + body)
+        media = probe_media(path)
+        assert media["container"] == suffix[1:]
+    finally:
+        shutil.rmtree(base)
+
+
+def test_ac4_sync_word_then_random_bytes_is_probed_without_raising(tmp_path: Path) -> None:
+    path = tmp_path / "REC.MP4"
+    path.write_bytes(b"\xac\x40" + random.Random(6).randbytes(65534))
+    assert probe_media(path)["container"] == "mp4"
