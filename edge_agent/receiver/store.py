@@ -105,8 +105,9 @@ class _Files:
 
 
 class ChunkStore:
-    """`sole_writer`: no other receiver writes this store's transfers (no shared subscription), so the
-    whole-file hash of chunks this process wrote in order can be trusted at commit without reading them back."""
+    """`sole_writer`: no other live receiver writes this store's transfers (no shared subscription; a restarted
+    receiver continues from the store), so the whole-file hash of chunks this process wrote in order can be
+    trusted at commit without reading them back, and a transfer's files can stay open between its chunks."""
 
     def __init__(self, root: Path, *, sole_writer: bool = False):
         self.root = Path(root)
