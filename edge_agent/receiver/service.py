@@ -221,8 +221,12 @@ class Receiver:
             log.warning("dropped message topic=%r reason=%s", topic, exc)
             return
         if len(payload) > self.max_message:
-            self._refuse(ft, f"{ft.kind} message of {len(payload)} bytes is larger than this receiver takes "
-                             f"({self.max_message} bytes; receiver.max_chunk_kib)", in_store=ft.kind == "chunk")
+            reason = (f"{ft.kind} message of {len(payload)} bytes is larger than this receiver takes "
+                      f"({self.max_message} bytes; receiver.max_chunk_kib)")
+            if ft.kind == "chunk":
+                self._refuse_chunk(ft, reason)
+            else:
+                self._refuse(ft, reason)
             return
         if ft.kind == "manifest":
             self._on_manifest(ft, payload)
@@ -250,7 +254,7 @@ class Receiver:
                                 f"(receiver.max_chunk_kib)")
         except (WireError, ManifestError) as exc:
             # The store is not touched: a forged manifest cannot disturb a genuine transfer's chunks.
-            self._refuse(ft, f"manifest: {exc}", in_store=False)
+            self._refuse(ft, f"manifest: {exc}")
             return
         ack = self.store.accept_manifest(ft.agent_id, ft.file_id, canonical_json(doc), doc)
         key = (ft.agent_id, ft.file_id)
@@ -281,7 +285,7 @@ class Receiver:
                 raise WireError(f"chunk {header.seq}: its bytes do not hash to the SHA-256 in its header "
                                 "(altered in transit or forged)")
         except WireError as exc:
-            self._refuse(ft, f"chunk: {exc}", in_store=True)
+            self._refuse_chunk(ft, f"chunk: {exc}", doc)
             return
         if not self.store.put_chunk(ft.agent_id, ft.file_id, header.seq, header.offset, data, header.sha256):
             self._forget(key)   # settled meanwhile (another receiver committed or rejected it)
@@ -346,18 +350,27 @@ class Receiver:
                 else:
                     self._ack_progress(key, doc)
 
-    def _refuse(self, ft: FileTopic, reason: str, *, in_store: bool) -> None:
-        """Answer a malformed or unacceptable message with `rejected`. With `in_store`, a transfer in progress
-        is dropped and the rejection recorded, so every receiver gives the same answer until a new manifest."""
+    def _refuse_chunk(self, ft: FileTopic, reason: str, doc: dict | None = None) -> None:
+        """A malformed chunk changes nothing (G6): it is dropped and logged, the transfer keeps what it has,
+        and the answer is `receiving` with the chunks held and the reason, so an honest agent resends the
+        chunk. Only the whole file's SHA-256 against the signed manifest can reject a transfer."""
+        key = (ft.agent_id, ft.file_id)
+        log.warning("chunk refused agent=%s file=%s reason=%s", ft.agent_id, ft.file_id, reason)
+        doc = doc if doc is not None else self._manifest(key, wait=False)
+        settled = self.store.settled(*key)
+        if settled is not None or doc is None:
+            self._send(ft.agent_id, settled or Ack(ft.file_id, ACK_RECEIVING, [], None, NO_MANIFEST), repeat=True)
+            return
+        held = self.store.progress(ft.agent_id, ft.file_id, doc)
+        self._send(ft.agent_id, Ack(ft.file_id, held.state, held.have, held.sha256, held.reason or reason),
+                   repeat=True)
+
+    def _refuse(self, ft: FileTopic, reason: str) -> None:
+        """Answer a malformed or unacceptable manifest with `rejected` (a stored file keeps its `complete`)."""
         key = (ft.agent_id, ft.file_id)
         log.warning("rejected message agent=%s file=%s kind=%s reason=%s", ft.agent_id, ft.file_id, ft.kind, reason)
-        if in_store and self.store.manifest(*key) is not None:
-            ack = self.store.reject(ft.agent_id, ft.file_id, reason)
-            self._forget(key)
-        else:
-            stored = self.store.settled(*key) if self.store.stored(*key) is not None else None
-            ack = stored or Ack(ft.file_id, ACK_REJECTED, [], None, reason)
-        self._send(ft.agent_id, ack, repeat=ft.kind == "chunk")   # every manifest gets its answer
+        stored = self.store.settled(*key) if self.store.stored(*key) is not None else None
+        self._send(ft.agent_id, stored or Ack(ft.file_id, ACK_REJECTED, [], None, reason))
 
     def _send(self, agent_id: str, ack: Ack, repeat: bool = False) -> None:
         """Publish an ack. With `repeat`, the same state for the same file goes out at most once a second

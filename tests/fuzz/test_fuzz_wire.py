@@ -242,16 +242,8 @@ def test_no_malformed_or_forged_message_disturbs_a_transfer_in_progress(receiver
     with caplog.at_level(logging.INFO):
         bench.receiver.handle(topic, payload)
     after = bench.snapshot()
-    if after != before:
-        # The one change the receiver's contract allows: a bad chunk of a transfer settles it as `rejected`
-        # with its reason (every receiver then gives the same answer). Nothing is stored, nothing else moves.
-        assert kind == "chunk", f"{kind} message changed the receiver's store: {payload[:80]!r}"
-        added, removed = set(after) - set(before), set(before) - set(after)
-        assert added == {f"rejected/{AGENT}/{bench.file_id}.json"}, added
-        assert json.loads(after[f"rejected/{AGENT}/{bench.file_id}.json"])["reason"]
-        assert all(path.startswith(f"incoming/{AGENT}/{bench.file_id}/") for path in removed), removed
-        assert not [p for p in added if p.startswith(("objects/", "index/"))]
-        bench.begin()
+    # Bad input changes nothing (G6): not the transfer in progress, not the store.
+    assert after == before, f"{kind} message changed the receiver's store: {payload[:80]!r}"
     if kind != "query":
         assert any(r.levelno >= logging.WARNING for r in caplog.records), f"not logged: {kind} {topic} {payload[:60]!r}"
 
