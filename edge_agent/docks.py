@@ -150,6 +150,21 @@ class VolumeWorker(threading.Thread):
             self.status.state = "undocked"
 
     def run(self) -> None:
+        try:
+            self._run()
+        except Exception as exc:  # the fault barrier of one dock slot: it never fails silently
+            log.exception("dock worker failed dock=%s label=%s", self.volume.dock, self.volume.label)
+            self.status.state, self.status.last_error = "error", f"{type(exc).__name__}: {exc}"
+            try:
+                self.service.catalog.raise_alarm(
+                    f"dock_fault:{self.volume.dock}:{self.volume.label}", "dock_fault", self.volume.label,
+                    f"ingest of volume {self.volume.label!r} on dock {self.volume.dock} stopped on an internal "
+                    f"error ({type(exc).__name__}: {exc}); nothing was deleted from the recorder. Undock and "
+                    "re-dock it to retry, and report the error from the agent's log")
+            except sqlite3.Error:
+                log.exception("dock fault alarm not recorded dock=%s label=%s", self.volume.dock, self.volume.label)
+
+    def _run(self) -> None:
         catalog = self.service.catalog
         try:
             ident, model = self._identify() if self.identity is None else (self.identity, None)
