@@ -1,0 +1,22 @@
+"""The README's first command: the demo runs end to end and checks its own result."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_demo_runs_end_to_end_and_passes_its_own_checks(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "demo.py"), "--recorders", "2", "--clips", "2",
+         "--clip-seconds", "4", "--workdir", str(tmp_path / "demo"), "--timeout", "180"],
+        capture_output=True, text=True, timeout=240, cwd=ROOT)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "demo passed" in result.stdout
+    assert "byte-identical at the receiver" in result.stdout
+    # The recorders were cleared only after the receiver confirmed them, and the receiver holds every file.
+    assert not list((tmp_path / "demo" / "dock").rglob("*.MP4"))
+    assert len(list((tmp_path / "demo" / "receiver-store" / "index").rglob("*.json"))) >= 4
