@@ -57,8 +57,8 @@ class MqttSection(_Section):
     tls_key: Path | None = None
     username: str | None = None
     password_file: Path | None = None
-    chunk_kib: Annotated[int, Field(ge=4, le=8192)] = 256
-    window: Annotated[int, Field(ge=1, le=1024)] = 128   # chunks unacked by the receiver (docs/DESIGN-CHANGES.md)
+    chunk_kib: Annotated[int, Field(ge=4, le=8192)] = 512   # fits a 1 MB broker packet limit (DESIGN-CHANGES)
+    window: Annotated[int, Field(ge=1, le=1024)] = 64   # chunks unacked by the receiver (docs/DESIGN-CHANGES.md)
     files_in_flight: Annotated[int, Field(ge=1, le=64)] = 8   # files sent at once, so small ones don't queue
     keepalive_s: Annotated[int, Field(ge=5, le=3600)] = 30
     ack_timeout_s: Annotated[float, Field(gt=0, le=600)] = 15

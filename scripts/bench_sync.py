@@ -37,6 +37,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from edge_agent.config import MqttSection  # noqa: E402
 from tests.helpers import write_toml  # noqa: E402
 from tests.peers.mosquitto import Mosquitto, free_port  # noqa: E402
 
@@ -275,8 +276,8 @@ def main() -> None:
     parser.add_argument("--file-mb", type=int, default=256, help="size of each backlog file")
     parser.add_argument("--capped-mb", type=int, default=256, help="backlog drained under the cap (64 MiB files)")
     parser.add_argument("--cap-mbit", type=float, default=80.0, help="bandwidth cap, Mbit/s")
-    parser.add_argument("--chunk-kib", type=int, default=256)
-    parser.add_argument("--window", type=int, default=128, help="the agent's mqtt.window (its default)")
+    parser.add_argument("--chunk-kib", type=int, default=MqttSection().chunk_kib, help="the agent's default")
+    parser.add_argument("--window", type=int, default=MqttSection().window, help="the agent's default")
     parser.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temp dir)")
     parser.add_argument("--raw-role", choices=["pub", "sub"], help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
