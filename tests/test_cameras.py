@@ -285,3 +285,29 @@ def test_stalled_stream_is_detected_and_recording_resumes(tmp_path: Path, rtsp: 
         agent.stop()
     assert gap["cause"] == "stream_lost" and closed["id"] == gap["id"]
     assert "stalled" in closed["detail"], closed["detail"]
+
+
+def test_a_wall_clock_step_is_a_clock_step_gap_and_segments_stay_monotonic(tmp_path: Path, rtsp: RtspServer) -> None:
+    """NTP stepping the system clock forward: segments are timed from the monotonic clock anchored to the wall
+    clock, so the step shows as a difference between the two; it must become a `clock_step` gap, not silence."""
+    _, cfg = cameras_config(tmp_path, [camera("gate-north", rtsp=rtsp.url)])
+    agent = build_agent(cfg)
+    agent.start()
+    step_s = 5.0
+    try:
+        wait_for(lambda: sealed_segments(agent.catalog, "gate-north"), timeout=30, what="a first segment")
+        # The system clock jumps ahead by step_s: the recorder's anchor now lags the wall clock by that much.
+        agent.cameras.workers["gate-north"].recorder._clock.wall0 -= step_s
+        gap = wait_for(lambda: agent.catalog.query("SELECT * FROM gaps WHERE camera = 'gate-north'"),
+                       timeout=30, what="the clock_step gap")[0]
+        after = wait_for(lambda: [s for s in sealed_segments(agent.catalog, "gate-north")
+                                  if s.recorded_start_ms >= gap["end_ms"]], timeout=30, what="segment after step")[0]
+    finally:
+        agent.stop()
+    assert gap["cause"] == "clock_step"
+    stepped_ms = int(gap["detail"].rsplit("by ", 1)[1].split(" ms")[0])
+    assert abs(stepped_ms - step_s * 1000) <= 500, gap["detail"]
+    assert step_s - 0.5 <= (gap["end_ms"] - gap["start_ms"]) / 1000 <= step_s + 0.5
+    starts = [s.recorded_start_ms for s in sealed_segments(Catalog(cfg.catalog_path), "gate-north")]
+    assert starts == sorted(starts) and len(set(starts)) == len(starts)
+    assert [g["cause"] for g in manifest(cfg.agent.data_dir, after.file_id)["gaps_before"]] == ["clock_step"]
