@@ -200,14 +200,15 @@ class Sealer:
 
     def manifest_body(self, record: FileRecord, media: dict[str, Any]) -> dict[str, Any]:
         agent = self.config.agent
+        model, serial = self._device(record.device_id)
         return {
             "v": MANIFEST_VERSION,
             "type": "file",
             "file_id": record.file_id,
             "agent_id": agent.id, "site_id": agent.site, "unit": agent.unit,
             "source": {
-                "kind": record.kind, "device_id": record.device_id, "model": self._device_model(record),
-                "serial": self._device_serial(record), "slot": record.slot, "dock": record.dock,
+                "kind": record.kind, "device_id": record.device_id, "model": model,
+                "serial": serial, "slot": record.slot, "dock": record.dock,
                 "original_path": record.original_path, "volume_label": record.volume_label,
             },
             "officer_id": record.officer_id, "case_id": record.case_id, "party": record.party,
@@ -222,13 +223,10 @@ class Sealer:
             "retention": record.retention,
         }
 
-    def _device_model(self, record: FileRecord) -> str | None:
-        rows = self.catalog.query("SELECT model FROM devices WHERE device_id = ?", (record.device_id,))
-        return rows[0][0] if rows else None
-
-    def _device_serial(self, record: FileRecord) -> str | None:
-        rows = self.catalog.query("SELECT serial FROM devices WHERE device_id = ?", (record.device_id,))
-        return rows[0][0] if rows else None
+    def _device(self, device_id: str) -> tuple[str | None, str | None]:
+        """The device's model and serial as the catalog knows them."""
+        rows = self.catalog.query("SELECT model, serial FROM devices WHERE device_id = ?", (device_id,))
+        return (rows[0][0], rows[0][1]) if rows else (None, None)
 
     def seal(self, record: FileRecord, extra: dict[str, Any] | None = None) -> dict[str, Any]:
         """staged -> sealed: sign the manifest, write it durably, then record it. Returns the manifest."""

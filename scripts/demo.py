@@ -14,7 +14,6 @@ import argparse
 import hashlib
 import json
 import os
-import shutil
 import signal
 import sqlite3
 import subprocess
@@ -229,6 +228,4 @@ def summarize(work: Path, agent_cfg: Path, data_dir: Path, store: Path, dock_roo
 
 
 if __name__ == "__main__":
-    code = main()
-    shutil.rmtree(Path(tempfile.gettempdir()) / "edge-agent-demo-none", ignore_errors=True)
-    sys.exit(code)
+    sys.exit(main())

@@ -72,12 +72,10 @@ def status(ctx: typer.Context) -> None:
     from edge_agent.cli.operations import daemon_view, render_daemon  # the running daemon's live view
 
     data["daemon"] = daemon_view(load(ctx))
-    rows = [[state, n] for state, n in sorted(counts.items())]
-    console_out = table("Files by state", ["state", "files"], rows)
     if options(ctx).json:
         emit(ctx, data)
         return
-    console.print(console_out)
+    console.print(table("Files by state", ["state", "files"], [[state, n] for state, n in sorted(counts.items())]))
     console.print(render_daemon(data["daemon"]))
     age = data["unsynced"]["oldest_age_s"]
     console.print(f"Waiting for the platform: {oldest[1]} files, {fmt_bytes(oldest[2])}"
