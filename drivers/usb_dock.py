@@ -35,7 +35,7 @@ from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
 from drivers.base import DockedVolume, DockListener
-from edge_agent.recorders import RecorderModel
+from edge_agent.sources.recorders import RecorderModel
 
 log = logging.getLogger(__name__)
 

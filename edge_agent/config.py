@@ -11,6 +11,7 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -46,6 +47,20 @@ class AgentSection(_Section):
     verify_readback: bool = True
     min_free_mb: Annotated[int, Field(ge=0)] = 512
     timezone: str = "Asia/Shanghai"
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_zone(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown time zone {value!r}; use an IANA name such as 'Asia/Shanghai'") from None
+        return value
+
+    @property
+    def zone(self) -> ZoneInfo:
+        """The agent's time zone: file-name times, ISO strings in manifests, schedules and the CLI's times."""
+        return ZoneInfo(self.timezone)
 
 
 class MqttSection(_Section):

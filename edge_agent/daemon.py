@@ -20,11 +20,11 @@ from drivers.base import DockDriver
 from edge_agent import __version__
 from edge_agent.catalog import Catalog
 from edge_agent.config import AgentConfig
-from edge_agent.docks import DockService
+from edge_agent.evidence.manifest import AgentKey
 from edge_agent.ingest import Ingestor, Sealer
-from edge_agent.manifest import AgentKey
-from edge_agent.recorders import load_models
-from edge_agent.store import StoreLayout
+from edge_agent.layout import StoreLayout
+from edge_agent.sources.docks import DockService
+from edge_agent.sources.recorders import load_models
 
 log = logging.getLogger(__name__)
 
@@ -134,15 +134,15 @@ def build_agent(config: AgentConfig, *, dock_drivers: list[DockDriver] | None = 
     agent.uplink = Uplink(agent.catalog, agent.layout, config, version=agent.version)
     agent.components.append(agent.uplink)
 
-    # -- cameras: ONVIF + RTSP recording (edge_agent/cameras.py) --
+    # -- cameras: ONVIF + RTSP recording (edge_agent/sources/cameras.py) --
     if config.cameras:
-        from edge_agent.cameras import CameraService
+        from edge_agent.sources.cameras import CameraService
 
         agent.cameras = CameraService(agent.catalog, agent.ingestor, agent.sealer, config)
         agent.components.append(agent.cameras)
 
-    # -- operations: health, alarms, retention, scheduler (edge_agent/health.py, scheduler.py) --
-    from edge_agent.scheduler import OperationsScheduler
+    # -- operations: health, alarms, retention, scheduler (edge_agent/ops/health.py, scheduler.py) --
+    from edge_agent.ops.scheduler import OperationsScheduler
 
     agent.operations = OperationsScheduler(agent)
     agent.components.append(agent.operations)

@@ -36,9 +36,9 @@ sys.path.insert(0, str(ROOT))
 
 from edge_agent.catalog import LANE_CAMERA, LANE_RECORDER, Catalog, new_id, now_ms  # noqa: E402
 from edge_agent.config import parse_config  # noqa: E402
+from edge_agent.evidence.manifest import AgentKey  # noqa: E402
 from edge_agent.ingest import Ingestor, Sealer  # noqa: E402
-from edge_agent.manifest import AgentKey  # noqa: E402
-from edge_agent.store import StoreLayout  # noqa: E402
+from edge_agent.layout import StoreLayout  # noqa: E402
 
 EDGE_AGENT = str(Path(sys.executable).parent / "edge-agent")
 
@@ -150,8 +150,8 @@ def _sim_agents(port: int, agents: list[tuple[str, bytes]], files: int, size: in
     import paho.mqtt.client as mqtt
     from cryptography.hazmat.primitives import serialization
 
-    from edge_agent.manifest import AgentKey, canonical_json
-    from edge_agent.sync.wire import ChunkHeader, encode_chunk
+    from edge_agent.evidence.manifest import AgentKey, canonical_json
+    from edge_agent.protocol.wire import ChunkHeader, encode_chunk
 
     latencies: list[float] = []
     pending: dict[str, float] = {}

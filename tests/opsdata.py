@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from edge_agent.catalog import FileRecord, State, now_ms
+from edge_agent.catalog import FileRecord, State
+from edge_agent.clock import now_ms
 from edge_agent.daemon import Agent
 
 

@@ -17,8 +17,8 @@ from typing import Any
 import paho.mqtt.client as mqtt
 from ulid import ULID
 
-from edge_agent.manifest import AgentKey, canonical_json
-from edge_agent.sync.wire import ChunkHeader, chunk_count, chunk_span, encode_chunk
+from edge_agent.evidence.manifest import AgentKey, canonical_json
+from edge_agent.protocol.wire import ChunkHeader, chunk_count, chunk_span, encode_chunk
 from tests.helpers import wait_for, write_toml
 
 ROOT = "evidence/v1"

@@ -10,13 +10,14 @@ from typing import Any
 
 from typer.testing import CliRunner
 
-from edge_agent.catalog import State, now_ms
+from edge_agent.catalog import State
 from edge_agent.cli import app
+from edge_agent.clock import now_ms
 from edge_agent.daemon import Agent, build_agent
-from edge_agent.health import HealthMonitor
-from edge_agent.retention import Retention
-from edge_agent.scrub import Scrubber
-from edge_agent.sync.wire import validate
+from edge_agent.evidence.scrub import Scrubber
+from edge_agent.ops.health import HealthMonitor
+from edge_agent.ops.retention import Retention
+from edge_agent.protocol.wire import validate
 from tests.helpers import agent_config, make_recorder_volume, wait_for
 from tests.opsdata import confirm, ingest_file
 

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from edge_agent.catalog import State
-from edge_agent.manifest import read_document
-from edge_agent.recorders import check_relative
+from edge_agent.evidence.manifest import read_document
+from edge_agent.sources.recorders import check_relative
 from tests.evidence_support import offline_agent_config, running_agent, sha256_of, wait_states
 from tests.helpers import make_recorder_volume, wait_for
 

@@ -19,11 +19,11 @@ import jsonschema
 import pytest
 from typer.testing import CliRunner
 
-from edge_agent.cameras import spool_dir
 from edge_agent.catalog import Catalog
 from edge_agent.cli import app
 from edge_agent.daemon import build_agent
-from edge_agent.health import load_schema
+from edge_agent.ops.health import load_schema
+from edge_agent.sources.cameras import spool_dir
 from tests.helpers import agent_config, wait_for
 from tests.peers.mosquitto import free_port
 from tests.peers.onvif_service import OnvifCamera

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from edge_agent.audit import os_user
+from edge_agent.catalog.audit import os_user
 from edge_agent.cli import app
-from edge_agent.manifest import load_public_key, read_document, verify_signature
+from edge_agent.evidence.manifest import load_public_key, read_document, verify_signature
 from tests.evidence_support import sha256_of
 from tests.helpers import agent_config, make_recorder_volume
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from edge_agent.config import ConfigError, load_config
-from edge_agent.recorders import load_models
+from edge_agent.sources.recorders import load_models
 from tests.helpers import agent_config
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -11,9 +11,9 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from edge_agent.catalog import Catalog, State
-from edge_agent.manifest import AgentKey
-from edge_agent.store import StoreLayout
-from edge_agent.verify import verify_all
+from edge_agent.evidence.manifest import AgentKey
+from edge_agent.evidence.verify import verify_all
+from edge_agent.layout import StoreLayout
 from tests.evidence_support import (
     growing_partial,
     large_file,

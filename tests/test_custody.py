@@ -10,9 +10,9 @@ from typer.testing import CliRunner
 
 from edge_agent.catalog import LANE_EVIDENCE, Catalog
 from edge_agent.cli import app
-from edge_agent.manifest import AgentKey, load_public_key, read_document, verify_signature
-from edge_agent.store import StoreLayout
-from edge_agent.verify import verify_all
+from edge_agent.evidence.manifest import AgentKey, load_public_key, read_document, verify_signature
+from edge_agent.evidence.verify import verify_all
+from edge_agent.layout import StoreLayout
 from tests.helpers import agent_config, make_recorder_volume
 
 

@@ -14,10 +14,10 @@ import bagit
 from typer.testing import CliRunner
 
 from edge_agent.cli import app
-from edge_agent.custody import tag
 from edge_agent.daemon import Agent
-from edge_agent.manifest import load_public_key, read_document, verify_signature
-from edge_agent.retention import Retention
+from edge_agent.evidence.custody import tag
+from edge_agent.evidence.manifest import load_public_key, read_document, verify_signature
+from edge_agent.ops.retention import Retention
 from tests.helpers import agent_config
 from tests.opsdata import confirm, ingest_file
 

@@ -12,13 +12,13 @@ import paho.mqtt.client as mqtt
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from typer.testing import CliRunner
 
-from edge_agent.catalog import now_ms
 from edge_agent.cli import app
+from edge_agent.clock import now_ms
 from edge_agent.daemon import Agent, build_agent
-from edge_agent.health import parse_chrony_tracking
-from edge_agent.manifest import AgentKey
-from edge_agent.scheduler import daily_summary
-from edge_agent.sync.wire import validate
+from edge_agent.evidence.manifest import AgentKey
+from edge_agent.ops.health import parse_chrony_tracking
+from edge_agent.ops.scheduler import daily_summary
+from edge_agent.protocol.wire import validate
 from tests.helpers import agent_config, make_recorder_volume, wait_for
 from tests.opsdata import confirm, ingest_file
 from tests.peers.mosquitto import Mosquitto

@@ -8,8 +8,8 @@ from pathlib import Path
 
 from edge_agent.catalog import State
 from edge_agent.daemon import Agent
-from edge_agent.manifest import GENESIS_PREV, read_document, verify_signature
-from edge_agent.verify import verify_all
+from edge_agent.evidence.manifest import GENESIS_PREV, read_document, verify_signature
+from edge_agent.evidence.verify import verify_all
 from tests.evidence_support import offline_agent_config, running_agent, sha256_of, wait_states
 from tests.helpers import make_recorder_volume, wait_for
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from typer.testing import CliRunner
 
 from edge_agent.cli import app
-from edge_agent.manifest import load_public_key, read_document, verify_signature
+from edge_agent.evidence.manifest import load_public_key, read_document, verify_signature
 from tests.helpers import agent_config, make_recorder_volume
 
 runner = CliRunner()

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from edge_agent.manifest import AgentKey, canonical_json
-from edge_agent.sync.wire import ChunkHeader, encode_chunk
+from edge_agent.evidence.manifest import AgentKey, canonical_json
+from edge_agent.protocol.wire import ChunkHeader, encode_chunk
 from tests.helpers import wait_for
 from tests.peers.mosquitto import Mosquitto
 from tests.sync_support import (

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from edge_agent.receiver.store import ChunkStore
-from edge_agent.sync.wire import ACK_COMPLETE, ACK_RECEIVING, ACK_REJECTED, chunk_count, chunk_span
+from edge_agent.platform.receiver.store import ChunkStore
+from edge_agent.protocol.wire import ACK_COMPLETE, ACK_RECEIVING, ACK_REJECTED, chunk_count, chunk_span
 
 AGENT = "ws-store-01"
 FILE_ID = "01JD5Q7M6X2V9TNEXRVZ3KXW4A"

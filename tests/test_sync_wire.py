@@ -10,8 +10,8 @@ import time
 
 import pytest
 
-from edge_agent.sync.pacing import Backoff, TokenBucket
-from edge_agent.sync.wire import (
+from edge_agent.protocol.pacing import Backoff, TokenBucket
+from edge_agent.protocol.wire import (
     Ack,
     ChunkHeader,
     RangeSet,

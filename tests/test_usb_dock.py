@@ -13,8 +13,8 @@ from zoneinfo import ZoneInfo
 from drivers.base import DockedVolume
 from drivers.usb_dock import UsbDock, udev_serial
 from edge_agent.catalog import State
-from edge_agent.manifest import read_document, verify_signature
-from edge_agent.recorders import load_models
+from edge_agent.evidence.manifest import read_document, verify_signature
+from edge_agent.sources.recorders import load_models
 from tests.evidence_support import (
     HK_PRODUCT,
     HK_VENDOR,

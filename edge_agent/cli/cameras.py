@@ -12,10 +12,10 @@ from zoneinfo import ZoneInfo
 
 import typer
 
-from edge_agent.cameras import gaps, was_recording
-from edge_agent.catalog import now_ms
 from edge_agent.cli.app import console, emit, fail, load, options, table
 from edge_agent.cli.evidence import Reason, devices_app, open_catalog
+from edge_agent.clock import now_ms
+from edge_agent.sources.cameras import gaps, was_recording
 
 _DURATION = re.compile(r"^(\d+)([smhd])$")
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
@@ -61,7 +61,7 @@ def devices_gaps(
 ) -> None:
     """The camera's gaps in recording, with their causes; with --at, yes or the gap and its reason."""
     cfg = load(ctx)
-    tz = ZoneInfo(cfg.agent.timezone)
+    tz = cfg.agent.zone
     if camera not in {c.name for c in cfg.cameras}:
         known = ", ".join(c.name for c in cfg.cameras) or "none configured"
         fail(f"no camera {camera!r} in {options(ctx).config_path} (cameras: {known})")

@@ -11,15 +11,15 @@ import typer
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
 from drivers.base import DockedVolume
-from edge_agent import audit as audit_log
 from edge_agent.catalog import Catalog, UnknownFile
+from edge_agent.catalog import audit as audit_log
 from edge_agent.cli.app import app, console, emit, fail, fmt_bytes, fmt_ms, load, options, table
 from edge_agent.config import ConfigError, load_config
-from edge_agent.docks import VolumeWorker
-from edge_agent.manifest import AgentKey, begin_rotation, finish_rotation
-from edge_agent.recorders import VolumeIdentity
-from edge_agent.store import StoreLayout
-from edge_agent.verify import verify_all
+from edge_agent.evidence.manifest import AgentKey, begin_rotation, finish_rotation
+from edge_agent.evidence.verify import verify_all
+from edge_agent.layout import StoreLayout
+from edge_agent.sources.docks import VolumeWorker
+from edge_agent.sources.recorders import VolumeIdentity
 
 files_app = typer.Typer(no_args_is_help=True, help="List and inspect collected files.")
 audit_app = typer.Typer(no_args_is_help=True, help="Read and check the tamper-evident audit log.")

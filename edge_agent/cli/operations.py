@@ -11,18 +11,17 @@ import typer
 from rich.console import Group
 from rich.text import Text
 
-from edge_agent import audit
-from edge_agent.alarms import clear_by_custodian
-from edge_agent.catalog import Catalog, UnknownFile
+from edge_agent.catalog import Catalog, UnknownFile, audit
 from edge_agent.cli.app import app, emit, fail, fmt_bytes, fmt_ms, load, table
 from edge_agent.config import AgentConfig
-from edge_agent.custody import CustodyError, assign, backfill_officer, return_device, tag
-from edge_agent.export import ExportError, export_case
-from edge_agent.health import read_health_file
+from edge_agent.evidence.custody import CustodyError, assign, backfill_officer, return_device, tag
+from edge_agent.evidence.export import ExportError, export_case
+from edge_agent.evidence.manifest import AgentKey
 from edge_agent.ingest import Sealer
-from edge_agent.manifest import AgentKey
-from edge_agent.retention import RETENTION_CLASSES, HoldError, active_holds, place_hold, release_hold
-from edge_agent.store import StoreLayout
+from edge_agent.layout import StoreLayout
+from edge_agent.ops.alarms import clear_by_custodian
+from edge_agent.ops.health import read_health_file
+from edge_agent.ops.retention import RETENTION_CLASSES, HoldError, active_holds, place_hold, release_hold
 
 alarms_app = typer.Typer(no_args_is_help=True, help="Active alarms: list them, clear one you dealt with.")
 app.add_typer(alarms_app, name="alarms")

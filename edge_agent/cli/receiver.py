@@ -21,7 +21,7 @@ def receiver_run(
     = None,
 ) -> None:
     """Run a receiver until SIGTERM. Several may share one store and a shared subscription."""
-    from edge_agent.receiver import Receiver
+    from edge_agent.platform.receiver import Receiver
 
     path = config or options(ctx).config_path
     try:

@@ -7,10 +7,10 @@ from typing import Annotated
 
 import typer
 
-from edge_agent import audit
-from edge_agent.catalog import State, now_ms
+from edge_agent.catalog import State, audit
 from edge_agent.cli.app import app, emit, fmt_bytes
 from edge_agent.cli.evidence import Reason, open_catalog
+from edge_agent.clock import now_ms
 from edge_agent.sync import SYNC_NOW_META
 
 sync_app = typer.Typer(no_args_is_help=True, help="The uplink to the platform.")

@@ -29,9 +29,10 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from edge_agent.catalog import Catalog, now_ms
+from edge_agent.catalog import Catalog
+from edge_agent.clock import now_ms
 from edge_agent.config import ConfigError, Problem
-from edge_agent.manifest import ManifestError, key_id_of, load_public_key, verify_signature
+from edge_agent.evidence.manifest import ManifestError, key_id_of, load_public_key, verify_signature
 
 log = logging.getLogger(__name__)
 

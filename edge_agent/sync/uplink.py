@@ -33,13 +33,14 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 
-from edge_agent.catalog import Catalog, FileRecord, State, TransitionError, UnknownFile, now_ms
+from edge_agent.catalog import Catalog, FileRecord, State, TransitionError, UnknownFile
+from edge_agent.clock import now_ms
 from edge_agent.config import AgentConfig
-from edge_agent.store import StoreLayout
-from edge_agent.sync.commands import CommandGate
-from edge_agent.sync.connection import Connection, build_client
-from edge_agent.sync.pacing import TokenBucket
-from edge_agent.sync.wire import (
+from edge_agent.layout import StoreLayout
+from edge_agent.protocol.canonical import canonical_json
+from edge_agent.protocol.connection import Connection, build_client
+from edge_agent.protocol.pacing import TokenBucket
+from edge_agent.protocol.wire import (
     ACK_COMPLETE,
     ACK_RECEIVING,
     ACK_REJECTED,
@@ -51,8 +52,8 @@ from edge_agent.sync.wire import (
     chunk_span,
     decode_json,
     encode_chunk,
-    encode_json,
 )
+from edge_agent.sync.commands import CommandGate
 
 log = logging.getLogger(__name__)
 
@@ -185,7 +186,7 @@ class Uplink:
         """Publish at QoS 1 on `{root}/{agent}/{suffix}`. False when not connected (nothing queued)."""
         if not self._connected.is_set():
             return False
-        data = payload if isinstance(payload, bytes | bytearray) else encode_json(payload)
+        data = payload if isinstance(payload, bytes | bytearray) else canonical_json(payload)
         return self._publish(self.topics.agent(suffix), data, retain=retain) is not None
 
     def _publish(self, topic: str, payload: bytes, retain: bool = False) -> mqtt.MQTTMessageInfo | None:
@@ -221,7 +222,7 @@ class Uplink:
     # -- connection ----------------------------------------------------------------------------
 
     def _status(self, state: str) -> bytes:
-        return encode_json({"state": state, "ts": now_ms(), "version": self.version})
+        return canonical_json({"state": state, "ts": now_ms(), "version": self.version})
 
     def _set_will(self) -> None:
         self.client.will_set(self.topics.status, self._status("offline"), qos=1, retain=True)

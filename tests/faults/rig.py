@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from edge_agent.catalog import Catalog
-from edge_agent.manifest import AgentKey
-from edge_agent.store import StoreLayout
+from edge_agent.evidence.manifest import AgentKey
+from edge_agent.layout import StoreLayout
 from tests.helpers import wait_for, write_toml
 
 EDGE_AGENT = str(Path(sys.executable).parent / "edge-agent")

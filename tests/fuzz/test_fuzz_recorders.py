@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from edge_agent.ingest import probe_media
-from edge_agent.recorders import (
+from edge_agent.sources.recorders import (
     MAX_NAME_BYTES,
     RefusedEntry,
     SourceFile,
@@ -116,7 +116,7 @@ def test_walk_of_any_tree_yields_only_regular_files_inside_the_volume(tree: list
         taken = {e.relative for e in entries if isinstance(e, SourceFile)}
         assert len(taken) == len([e for e in entries if isinstance(e, SourceFile)])  # no file twice
         # Identification of the same volume never raises either.
-        identify_volume(volume, "FUZZ", MODELS, sample_names=[Path(t).name for t in taken])
+        identify_volume(volume, "FUZZ", MODELS, sample_names=[Path(t).name for t in taken], tz=TZ)
     finally:
         shutil.rmtree(base)
 
@@ -127,7 +127,7 @@ def test_any_identity_file_content_identifies_or_falls_back_without_raising(cont
     base = Path(tempfile.mkdtemp(prefix="fuzz-id-"))
     try:
         (base / model.identity_file).write_bytes(content)  # type: ignore[attr-defined]
-        ident, _ = identify_volume(base, "LABEL", [model], model_name=model.name)  # type: ignore[list-item]
+        ident, _ = identify_volume(base, "LABEL", [model], model_name=model.name, tz=TZ)  # type: ignore[list-item]
         assert ident.device_id and ident.method in ("identity_file", "unknown")
     finally:
         shutil.rmtree(base)

@@ -21,11 +21,11 @@ from hypothesis import strategies as st
 
 from edge_agent.catalog import Catalog, State, new_id
 from edge_agent.config import parse_receiver_config
-from edge_agent.manifest import AgentKey, canonical_json
-from edge_agent.receiver import Receiver
-from edge_agent.store import StoreLayout
+from edge_agent.evidence.manifest import AgentKey, canonical_json
+from edge_agent.layout import StoreLayout
+from edge_agent.platform.receiver import Receiver
+from edge_agent.protocol.wire import ChunkHeader, encode_chunk
 from edge_agent.sync import Uplink
-from edge_agent.sync.wire import ChunkHeader, encode_chunk
 from tests.helpers import agent_config
 
 AGENT = "ws-fuzz-01"

@@ -13,9 +13,9 @@ import paho.mqtt.client as mqtt
 import pytest
 
 from edge_agent.config import parse_receiver_config
-from edge_agent.manifest import AgentKey
-from edge_agent.receiver import Receiver
-from edge_agent.store import StoreLayout
+from edge_agent.evidence.manifest import AgentKey
+from edge_agent.layout import StoreLayout
+from edge_agent.platform.receiver import Receiver
 from tests.evidence_support import running_agent
 from tests.helpers import agent_config, make_recorder_volume, wait_for
 from tests.peers.mosquitto import Mosquitto, evidence_acl, free_port, tls_listener

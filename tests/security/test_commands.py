@@ -14,10 +14,10 @@ import paho.mqtt.client as mqtt
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from edge_agent.catalog import now_ms
+from edge_agent.clock import now_ms
 from edge_agent.config import ConfigError
 from edge_agent.daemon import Agent
-from edge_agent.manifest import AgentKey
+from edge_agent.evidence.manifest import AgentKey
 from edge_agent.sync.commands import load_command_keys
 from tests.evidence_support import running_agent
 from tests.helpers import agent_config, wait_for

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
 
-from edge_agent.store import StoreLayout
+from edge_agent.layout import StoreLayout
 from tests.faults.rig import EDGE_AGENT, Process, Rig, receiver_process, wait_drained
 from tests.peers.mosquitto import Mosquitto
 

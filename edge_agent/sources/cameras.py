@@ -27,7 +27,6 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
-from zoneinfo import ZoneInfo
 
 import av
 
@@ -42,7 +41,8 @@ from drivers.rtsp import (
     segment_span,
     with_credentials,
 )
-from edge_agent.catalog import LANE_CAMERA, Catalog, FileRecord, State, now_ms
+from edge_agent.catalog import LANE_CAMERA, Catalog, FileRecord, State
+from edge_agent.clock import now_ms
 from edge_agent.config import AgentConfig, Camera
 from edge_agent.durable import fsync_dir
 from edge_agent.ingest import IngestError, Ingestor, Sealer
@@ -366,7 +366,7 @@ class CameraService:
     def __init__(self, catalog: Catalog, ingestor: Ingestor, sealer: Sealer, config: AgentConfig):
         self.catalog = catalog
         self.config = config
-        self.tz = ZoneInfo(config.agent.timezone)
+        self.tz = config.agent.zone
         self.workers = {cam.name: CameraWorker(cam, self) for cam in config.cameras}
         self.intake = SegmentIntake(catalog, ingestor, sealer, config, {c.name: c for c in config.cameras},
                                     self._active_paths)

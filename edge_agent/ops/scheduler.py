@@ -16,15 +16,15 @@ import threading
 from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
-from zoneinfo import ZoneInfo
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
-from edge_agent import sdnotify
-from edge_agent.catalog import Catalog, now_ms
-from edge_agent.health import HealthMonitor
-from edge_agent.retention import Retention
-from edge_agent.scrub import Scrubber
+from edge_agent.catalog import Catalog
+from edge_agent.clock import now_ms
+from edge_agent.evidence.scrub import Scrubber
+from edge_agent.ops import sdnotify
+from edge_agent.ops.health import HealthMonitor
+from edge_agent.ops.retention import Retention
 
 if TYPE_CHECKING:
     from edge_agent.daemon import Agent
@@ -78,7 +78,7 @@ class OperationsScheduler:
         self.health = HealthMonitor(agent, self.retention)
         self.scrubber = Scrubber(agent.catalog, agent.layout, agent.key, agent.config, stop=self.stopping)
         self.scheduler = BackgroundScheduler(
-            timezone=ZoneInfo(agent.config.agent.timezone),
+            timezone=agent.config.agent.zone,
             job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": 60})
 
     def _job(self, name: str, work: Callable[[], Any]) -> Callable[[], None]:
@@ -90,7 +90,7 @@ class OperationsScheduler:
         return run
 
     def start(self) -> None:
-        tz = ZoneInfo(self.config.agent.timezone)
+        tz = self.config.agent.zone
         now = datetime.now(tz)
         health = self.config.health
 
@@ -127,7 +127,7 @@ class OperationsScheduler:
         """`{"cmd": "health"}` from the platform (already authenticated by the uplink): a snapshot now.
         Runs on the MQTT network thread, so it only moves the job's next run."""
         if command.get("cmd") == "health":
-            self.scheduler.modify_job("health", next_run_time=datetime.now(ZoneInfo(self.config.agent.timezone)))
+            self.scheduler.modify_job("health", next_run_time=datetime.now(self.config.agent.zone))
 
     def _scrub(self) -> None:
         self.scrubber.run_once(SCRUB_BUDGET_S)

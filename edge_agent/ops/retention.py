@@ -23,11 +23,11 @@ import os
 import threading
 from dataclasses import dataclass, field
 
-from edge_agent import audit
-from edge_agent.catalog import STORED_FILES, Catalog, FileRecord, State, now_ms
+from edge_agent.catalog import STORED_FILES, Catalog, FileRecord, State, audit
+from edge_agent.clock import now_ms
 from edge_agent.config import AgentConfig
 from edge_agent.durable import fsync_dir
-from edge_agent.store import StoreLayout
+from edge_agent.layout import StoreLayout
 
 log = logging.getLogger(__name__)
 

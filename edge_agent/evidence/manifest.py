@@ -23,6 +23,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from edge_agent.durable import atomic_write, fsync_dir
+from edge_agent.protocol.canonical import canonical_json as encode_canonical
 
 MANIFEST_VERSION = 1
 GENESIS_PREV = "0" * 64
@@ -33,8 +34,9 @@ class ManifestError(Exception):
 
 
 def canonical_json(doc: dict[str, Any]) -> bytes:
+    """The canonical bytes of a signed document: the one encoder, refusing floats first."""
     _reject_floats(doc)
-    return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    return encode_canonical(doc)
 
 
 def _reject_floats(value: Any, path: str = "$") -> None:

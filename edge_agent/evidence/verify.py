@@ -7,11 +7,10 @@ import hashlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from edge_agent import audit
-from edge_agent.catalog import Catalog, FileRecord
-from edge_agent.ingest import hash_file
-from edge_agent.manifest import GENESIS_PREV, AgentKey, ManifestError, read_document, verify_signature
-from edge_agent.store import StoreLayout
+from edge_agent.catalog import Catalog, FileRecord, audit
+from edge_agent.digest import hash_file
+from edge_agent.evidence.manifest import GENESIS_PREV, AgentKey, ManifestError, read_document, verify_signature
+from edge_agent.layout import StoreLayout
 
 SEALED_STATES = ("sealed", "sending", "synced", "source_cleared", "purged", "rejected")
 

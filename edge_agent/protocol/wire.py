@@ -23,6 +23,8 @@ from typing import Any
 
 import jsonschema
 
+from edge_agent.protocol.canonical import canonical_json
+
 PROTOCOL_VERSION = 1
 HEADER_LENGTH = struct.Struct(">I")
 MAX_HEADER_BYTES = 4096
@@ -96,7 +98,7 @@ def parse_file_topic(root: str, topic: str) -> FileTopic:
 @cache
 def schema(name: str) -> dict[str, Any]:
     """A JSON Schema from edge_agent/schemas (also published in docs/asyncapi.yaml)."""
-    text = resources.files("edge_agent.schemas").joinpath(f"{name}.json").read_text(encoding="utf-8")
+    text = resources.files("edge_agent.protocol.schemas").joinpath(f"{name}.json").read_text(encoding="utf-8")
     return json.loads(text)
 
 
@@ -126,10 +128,6 @@ def decode_json(payload: bytes, name: str) -> dict[str, Any]:
     return value
 
 
-def encode_json(value: dict[str, Any]) -> bytes:
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"), sort_keys=True).encode("utf-8")
-
-
 # -- chunks ------------------------------------------------------------------------------------
 
 
@@ -142,7 +140,7 @@ class ChunkHeader:
 
 
 def encode_chunk(header: ChunkHeader, data: bytes | memoryview) -> bytes:
-    head = encode_json({"seq": header.seq, "offset": header.offset, "size": header.size, "sha256": header.sha256})
+    head = canonical_json({"seq": header.seq, "offset": header.offset, "size": header.size, "sha256": header.sha256})
     return b"".join((HEADER_LENGTH.pack(len(head)), head, data))
 
 
@@ -243,5 +241,5 @@ class Ack:
     reason: str | None = None
 
     def encode(self) -> bytes:
-        return encode_json({"file_id": self.file_id, "state": self.state, "have": self.have,
+        return canonical_json({"file_id": self.file_id, "state": self.state, "have": self.have,
                             "sha256": self.sha256, "reason": self.reason})

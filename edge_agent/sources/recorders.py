@@ -166,9 +166,8 @@ def parse_name(name: str, model: RecorderModel | None, tz: ZoneInfo) -> FileName
 
 def identify_volume(volume: Path, label: str, models: list[RecorderModel], *, serial: str | None = None,
                     model_name: str | None = None, sample_names: list[str] | None = None,
-                    tz: ZoneInfo | None = None) -> tuple[VolumeIdentity, RecorderModel | None]:
+                    tz: ZoneInfo) -> tuple[VolumeIdentity, RecorderModel | None]:
     """Identify a docked volume. `serial` and `model_name` come from USB when known."""
-    tz = tz or ZoneInfo("Asia/Shanghai")
     by_name = {m.name: m for m in models}
     candidates = [by_name[model_name]] if model_name in by_name else list(models)
     if serial:

@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import getpass
 import hashlib
-import json
 import os
 import sqlite3
 import time
 from dataclasses import dataclass
 from typing import Any
+
+from edge_agent.protocol.canonical import canonical_json
 
 GENESIS = "0" * 64
 
@@ -31,8 +32,7 @@ def entry_hash(seq: int, ts_ms: int, actor: str, action: str, subject: str | Non
                reason: str | None, detail: str, prev: str) -> str:
     body = {"seq": seq, "ts_ms": ts_ms, "actor": actor, "action": action, "subject": subject,
             "reason": reason, "detail": detail, "prev": prev}
-    data = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-    return hashlib.sha256(data).hexdigest()
+    return hashlib.sha256(canonical_json(body)).hexdigest()
 
 
 def append(conn: sqlite3.Connection, action: str, *, subject: str | None = None, reason: str | None = None,
@@ -42,7 +42,7 @@ def append(conn: sqlite3.Connection, action: str, *, subject: str | None = None,
     seq, prev = (row[0] + 1, row[1]) if row else (1, GENESIS)
     ts_ms = int(time.time() * 1000)
     who = actor or os_user()
-    detail_json = json.dumps(detail or {}, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    detail_json = canonical_json(detail or {}).decode("utf-8")
     digest = entry_hash(seq, ts_ms, who, action, subject, reason, detail_json, prev)
     conn.execute(
         "INSERT INTO audit (seq, ts_ms, actor, action, subject, reason, detail, prev, hash)"

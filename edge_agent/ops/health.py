@@ -7,7 +7,7 @@ through the uplink (retained) and writes it atomically to
 `data_dir/health.json`, which `edge-agent status` shows as the daemon's live
 view. `check_change()` publishes early when something a watcher cares about
 changed (an alarm, a dock slot's state, a camera or the uplink going up or down). The shape is
-`edge_agent/schemas/health.json`, versioned by `schema_version`.
+`edge_agent/protocol/schemas/health.json`, versioned by `schema_version`.
 """
 
 from __future__ import annotations
@@ -25,11 +25,11 @@ from typing import TYPE_CHECKING, Any
 
 import psutil
 
-from edge_agent.alarms import AlarmEvaluator
-from edge_agent.catalog import now_ms
+from edge_agent.clock import now_ms
 from edge_agent.durable import atomic_write
-from edge_agent.retention import Retention, filesystem_percent
-from edge_agent.sync.wire import schema
+from edge_agent.ops.alarms import AlarmEvaluator
+from edge_agent.ops.retention import Retention, filesystem_percent
+from edge_agent.protocol.wire import schema
 
 if TYPE_CHECKING:
     from edge_agent.daemon import Agent
@@ -240,5 +240,5 @@ def read_health_file(data_dir: Path, max_age_s: float) -> dict[str, Any] | None:
 
 
 def load_schema() -> dict[str, Any]:
-    """The snapshot's JSON Schema (edge_agent/schemas/health.json)."""
+    """The snapshot's JSON Schema (edge_agent/protocol/schemas/health.json)."""
     return schema("health")

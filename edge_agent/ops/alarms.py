@@ -17,8 +17,8 @@ import logging
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from edge_agent import audit
-from edge_agent.catalog import Catalog, now_ms
+from edge_agent.catalog import Catalog, audit
+from edge_agent.clock import now_ms
 from edge_agent.config import AgentConfig
 
 log = logging.getLogger(__name__)
@@ -89,7 +89,7 @@ class AlarmEvaluator:
                   "(chrony/NTP) so recorded times stay true")
 
     def _cameras(self, cameras: Iterable[Mapping[str, Any]]) -> None:
-        # Camera down and image checks are raised and cleared by each camera's worker (edge_agent/cameras.py),
+        # Camera down and image checks are raised and cleared by each camera's worker (edge_agent/sources/cameras.py),
         # which sees them first; here only each camera's clock, read by ONVIF, is judged.
         for camera in cameras:
             name = str(camera.get("name"))

@@ -25,13 +25,13 @@ from typing import Any
 
 import bagit
 
-from edge_agent import audit
-from edge_agent.catalog import Catalog, FileRecord, now_ms
+from edge_agent.catalog import Catalog, FileRecord, audit
+from edge_agent.clock import now_ms
 from edge_agent.config import AgentConfig
 from edge_agent.durable import BLOCK
-from edge_agent.manifest import AgentKey, read_document
-from edge_agent.store import StoreLayout
-from edge_agent.verify import verify_file
+from edge_agent.evidence.manifest import AgentKey, read_document
+from edge_agent.evidence.verify import verify_file
+from edge_agent.layout import StoreLayout
 
 log = logging.getLogger(__name__)
 

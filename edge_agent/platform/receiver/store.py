@@ -39,7 +39,6 @@ import queue
 import re
 import shutil
 import threading
-import time
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -47,8 +46,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from edge_agent.clock import now_ms
 from edge_agent.durable import atomic_write, fsync_dir
-from edge_agent.sync.wire import ACK_COMPLETE, ACK_RECEIVING, ACK_REJECTED, Ack, chunk_count, to_ranges
+from edge_agent.protocol.wire import ACK_COMPLETE, ACK_RECEIVING, ACK_REJECTED, Ack, chunk_count, to_ranges
 
 log = logging.getLogger(__name__)
 RECORD = re.compile(rb"^(\d{8}) ([0-9a-f]{64})$", re.M)
@@ -82,10 +82,6 @@ class _Known:
 
     def seqs(self) -> list[int]:
         return [i * 8 + bit for i, byte in enumerate(self.held) if byte for bit in range(8) if byte >> bit & 1]
-
-
-def now_ms() -> int:
-    return int(time.time() * 1000)
 
 
 @dataclass

@@ -17,14 +17,15 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from zoneinfo import ZoneInfo
 
 from drivers.base import DockedVolume
-from edge_agent.catalog import Catalog, FileRecord, State, now_ms
+from edge_agent.catalog import Catalog, FileRecord, State
+from edge_agent.clock import now_ms
 from edge_agent.config import AgentConfig, DirectoryDock, UsbDock
+from edge_agent.digest import hash_file
 from edge_agent.durable import fsync_dir
-from edge_agent.ingest import IngestError, Ingestor, IntakePaused, Sealer, SourceGone, SourceUnreadable, hash_file
-from edge_agent.recorders import (
+from edge_agent.ingest import IngestError, Ingestor, IntakePaused, Sealer, SourceGone, SourceUnreadable
+from edge_agent.sources.recorders import (
     RecorderModel,
     RefusedEntry,
     SourceFile,
@@ -77,7 +78,7 @@ class DockService:
         self.sealer = sealer
         self.config = config
         self.models = models
-        self.tz = ZoneInfo(config.agent.timezone)
+        self.tz = config.agent.zone
         self.docks: dict[str, UsbDock | DirectoryDock] = {d.name: d for d in config.docks}
         self.permits = threading.BoundedSemaphore(config.agent.ingest_workers)
         self._workers: dict[tuple[str, str], VolumeWorker] = {}

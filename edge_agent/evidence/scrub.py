@@ -17,13 +17,14 @@ import threading
 import time
 from dataclasses import dataclass
 
-from edge_agent.alarms import TAMPER
-from edge_agent.catalog import Catalog, FileRecord, now_ms
+from edge_agent.catalog import Catalog, FileRecord
+from edge_agent.clock import now_ms
 from edge_agent.config import AgentConfig
 from edge_agent.durable import BLOCK
-from edge_agent.manifest import AgentKey
-from edge_agent.store import StoreLayout
-from edge_agent.verify import SEALED_STATES, Finding, verify_audit, verify_chain, verify_file
+from edge_agent.evidence.manifest import AgentKey
+from edge_agent.evidence.verify import SEALED_STATES, Finding, verify_audit, verify_chain, verify_file
+from edge_agent.layout import StoreLayout
+from edge_agent.ops.alarms import TAMPER
 
 log = logging.getLogger(__name__)
 

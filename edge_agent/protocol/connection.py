@@ -21,7 +21,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from edge_agent.config import MqttSection
-from edge_agent.sync.pacing import Backoff
+from edge_agent.protocol.pacing import Backoff
 
 log = logging.getLogger(__name__)
 

@@ -17,26 +17,25 @@ import hashlib
 import json
 import logging
 import os
-import queue
 import sqlite3
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from edge_agent.catalog import STORED_FILES, Catalog, FileRecord, State, now_ms
+from edge_agent.catalog import STORED_FILES, Catalog, FileRecord, State
+from edge_agent.clock import now_ms
 from edge_agent.config import AgentConfig
-from edge_agent.durable import BLOCK, drop_cache, fsync_dir
-from edge_agent.manifest import GENESIS_PREV, MANIFEST_VERSION, AgentKey, write_document
-from edge_agent.store import StoreLayout
+from edge_agent.digest import hash_file, hash_stream
+from edge_agent.durable import fsync_dir
+from edge_agent.evidence.manifest import GENESIS_PREV, MANIFEST_VERSION, AgentKey, write_document
+from edge_agent.layout import StoreLayout
 
 log = logging.getLogger(__name__)
 
 CHUNK_SIZE_DEFAULT = 256 * 1024
-# Blocks read ahead per copy: one being hashed and written, the next ones already coming off the disk.
-READ_AHEAD_DEPTH = 3
 # Dirty pages of a copy are sent to disk every this many bytes, not all at the closing fsync.
 WRITEBACK_STEP = 8 * 1024 * 1024
 _SYNC_FILE_RANGE_WRITE = 2
@@ -78,70 +77,16 @@ def start_writeback(fd: int, offset: int, nbytes: int) -> None:
         _libc.sync_file_range(fd, ctypes.c_int64(offset), ctypes.c_int64(nbytes), _SYNC_FILE_RANGE_WRITE)
 
 
-class ReadAhead:
-    """Reads a file descriptor ahead into a few reusable 1 MiB buffers on its own thread.
-
-    The disk read of the next block overlaps the hashing (and writing) of this one: os.readv,
-    hashlib and os.write all release the GIL. Memory is `depth` blocks whatever the file size.
-    Use as a context manager; the thread is joined before the caller closes `fd`.
-    """
-
-    def __init__(self, fd: int, depth: int = READ_AHEAD_DEPTH):
-        self._fd = fd
-        self._free: queue.SimpleQueue[bytearray | None] = queue.SimpleQueue()
-        self._full: queue.SimpleQueue[tuple[bytearray, int] | OSError] = queue.SimpleQueue()
-        for _ in range(depth):
-            self._free.put(bytearray(BLOCK))
-        self._stopping = False
-        self._thread = threading.Thread(target=self._read, name="read-ahead", daemon=True)
-
-    def __enter__(self) -> ReadAhead:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *_exc: object) -> None:
-        self._stopping = True
-        self._free.put(None)
-        self._thread.join()
-
-    def _read(self) -> None:
-        while (buf := self._free.get()) is not None and not self._stopping:
-            try:
-                n = os.readv(self._fd, [buf])
-            except OSError as exc:
-                self._full.put(exc)
-                return
-            self._full.put((buf, n))
-            if not n:
-                return
-
-    def blocks(self) -> Iterator[memoryview]:
-        """Each block read, in order; a read error is raised here, in the caller's thread."""
-        while True:
-            item = self._full.get()
-            if isinstance(item, OSError):
-                raise item
-            buf, n = item
-            if not n:
-                return
-            yield memoryview(buf)[:n]
-            self._free.put(buf)  # the caller is done with this block once it asks for the next
-
-
-def hash_file(path: Path, *, drop: bool = False) -> tuple[str, int]:
-    """SHA-256 and size of a file, streamed in 1 MiB blocks."""
-    digest, size = hashlib.sha256(), 0
-    fd = os.open(path, os.O_RDONLY)
+def _write_all(fd: int, view: memoryview, record: FileRecord) -> None:
+    written, n = 0, len(view)
     try:
-        if drop:
-            drop_cache(fd)
-        with ReadAhead(fd) as reader:
-            for block in reader.blocks():
-                digest.update(block)
-                size += len(block)
-    finally:
-        os.close(fd)
-    return digest.hexdigest(), size
+        while written < n:
+            written += os.write(fd, view[written:])
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise IntakePaused(f"disk full while copying {record.original_path}; intake paused, the "
+                               "partial copy was discarded and nothing else was touched") from exc
+        raise
 
 
 def probe_media(path: Path) -> dict[str, Any]:
@@ -178,7 +123,7 @@ class Sealer:
         self.key = key
         self.layout = layout
         self.config = config
-        self.tz = ZoneInfo(config.agent.timezone)
+        self.tz = config.agent.zone
         self._lock = threading.Lock()
         # Per file kind, more manifest keys (a camera segment's location and the gaps before it), so that
         # a file sealed by crash recovery carries them too.
@@ -397,35 +342,22 @@ class Ingestor:
         return digest, size
 
     def _pump(self, src: int, dst: int, record: FileRecord, abort: Callable[[], bool] | None) -> tuple[str, int]:
-        digest, size, flushed = hashlib.sha256(), 0, 0
-        with ReadAhead(src) as reader:
-            blocks = reader.blocks()
-            while True:
-                try:
-                    view = next(blocks, None)
-                except OSError as exc:
-                    raise self._source_error(exc, record) from exc
-                if view is None:
-                    break
-                if abort is not None and abort():
-                    raise SourceGone(f"{record.original_path}: recorder undocked during the copy; the partial "
-                                     "copy was discarded, it resumes when the recorder is back")
-                digest.update(view)
-                n = len(view)
-                try:
-                    written = 0
-                    while written < n:
-                        written += os.write(dst, view[written:])
-                except OSError as exc:
-                    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                        raise IntakePaused(f"disk full while copying {record.original_path}; intake paused, the "
-                                           "partial copy was discarded and nothing else was touched") from exc
-                    raise
-                size += n
-                if size - flushed >= WRITEBACK_STEP:
-                    start_writeback(dst, flushed, size - flushed)
-                    flushed = size
-        return digest.hexdigest(), size
+        flushed = written = 0
+
+        def write(view: memoryview) -> None:
+            nonlocal flushed, written
+            if abort is not None and abort():
+                raise SourceGone(f"{record.original_path}: recorder undocked during the copy; the partial "
+                                 "copy was discarded, it resumes when the recorder is back")
+            _write_all(dst, view, record)
+            written += len(view)
+            if written - flushed >= WRITEBACK_STEP:
+                start_writeback(dst, flushed, written - flushed)
+                flushed = written
+
+        digest, size = hash_stream(src, write, read_error=lambda exc: self._source_error(exc, record))
+        assert digest is not None  # `write` never stops the stream, it raises
+        return digest, size
 
     @staticmethod
     def _source_error(exc: OSError, record: FileRecord) -> IngestError:

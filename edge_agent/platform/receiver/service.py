@@ -35,10 +35,10 @@ import paho.mqtt.client as mqtt
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from edge_agent.config import ReceiverConfig
-from edge_agent.manifest import ManifestError, canonical_json, key_id_of, load_public_key, verify_signature
-from edge_agent.receiver.store import ChunkStore
-from edge_agent.sync.connection import Connection, build_client
-from edge_agent.sync.wire import (
+from edge_agent.evidence.manifest import ManifestError, canonical_json, key_id_of, load_public_key, verify_signature
+from edge_agent.platform.receiver.store import ChunkStore
+from edge_agent.protocol.connection import Connection, build_client
+from edge_agent.protocol.wire import (
     ACK_RECEIVING,
     ACK_REJECTED,
     HEADER_LENGTH,

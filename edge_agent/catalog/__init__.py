@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
@@ -27,7 +26,8 @@ from typing import Any
 import sqlite_utils
 from ulid import ULID
 
-from edge_agent import audit
+from edge_agent.catalog import audit
+from edge_agent.clock import now_ms
 
 
 class State(StrEnum):
@@ -113,10 +113,6 @@ class FileRecord:
 
     def as_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
-
-
-def now_ms() -> int:
-    return int(time.time() * 1000)
 
 
 def new_id() -> str:

@@ -13,12 +13,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from edge_agent import audit
-from edge_agent.alarms import clear_unidentified
-from edge_agent.catalog import LANE_EVIDENCE, Catalog, FileRecord, new_id, now_ms
+from edge_agent.catalog import LANE_EVIDENCE, Catalog, FileRecord, audit, new_id
+from edge_agent.clock import now_ms
 from edge_agent.ingest import Sealer
-from edge_agent.retention import EVIDENCE, RETENTION_CLASSES
-from edge_agent.store import StoreLayout
+from edge_agent.layout import StoreLayout
+from edge_agent.ops.alarms import clear_unidentified
+from edge_agent.ops.retention import EVIDENCE, RETENTION_CLASSES
 
 
 class CustodyError(ValueError):

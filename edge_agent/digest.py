@@ -1,0 +1,106 @@
+"""The one streaming SHA-256: every hash of evidence bytes (copy, read-back, verify, scrub, export) goes
+through `hash_stream`, so memory stays a few 1 MiB blocks whatever the file size."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import queue
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from edge_agent.durable import BLOCK, drop_cache
+
+# Blocks read ahead per stream: one being hashed (and written), the next ones already coming off the disk.
+READ_AHEAD_DEPTH = 3
+
+
+class ReadAhead:
+    """Reads a file descriptor ahead into a few reusable 1 MiB buffers on its own thread.
+
+    The disk read of the next block overlaps the hashing (and writing) of this one: os.readv,
+    hashlib and os.write all release the GIL. Memory is `depth` blocks whatever the file size.
+    Use as a context manager; the thread is joined before the caller closes `fd`.
+    """
+
+    def __init__(self, fd: int, depth: int = READ_AHEAD_DEPTH):
+        self._fd = fd
+        self._free: queue.SimpleQueue[bytearray | None] = queue.SimpleQueue()
+        self._full: queue.SimpleQueue[tuple[bytearray, int] | OSError] = queue.SimpleQueue()
+        for _ in range(depth):
+            self._free.put(bytearray(BLOCK))
+        self._stopping = False
+        self._thread = threading.Thread(target=self._read, name="read-ahead", daemon=True)
+
+    def __enter__(self) -> ReadAhead:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self._stopping = True
+        self._free.put(None)
+        self._thread.join()
+
+    def _read(self) -> None:
+        while (buf := self._free.get()) is not None and not self._stopping:
+            try:
+                n = os.readv(self._fd, [buf])
+            except OSError as exc:
+                self._full.put(exc)
+                return
+            self._full.put((buf, n))
+            if not n:
+                return
+
+    def blocks(self) -> Iterator[memoryview]:
+        """Each block read, in order; a read error is raised here, in the caller's thread."""
+        while True:
+            item = self._full.get()
+            if isinstance(item, OSError):
+                raise item
+            buf, n = item
+            if not n:
+                return
+            yield memoryview(buf)[:n]
+            self._free.put(buf)  # the caller is done with this block once it asks for the next
+
+
+def hash_stream(fd: int, each: Callable[[memoryview], bool | None] | None = None, *,
+                read_error: Callable[[OSError], Exception] | None = None) -> tuple[str | None, int]:
+    """SHA-256 (hex) and size of what `fd` holds from its offset on, read ahead in 1 MiB blocks.
+
+    `each` sees every block once it is hashed (to write a copy, pace a scrub, check an abort); when it
+    returns False the stream stops and the digest is None. A read error is raised as `read_error(exc)`
+    when given (what an exception raised by `each` never is), else as the OSError it was.
+    """
+    digest, size = hashlib.sha256(), 0
+    with ReadAhead(fd) as reader:
+        blocks = reader.blocks()
+        while True:
+            try:
+                block = next(blocks, None)
+            except OSError as exc:
+                if read_error is None:
+                    raise
+                raise read_error(exc) from exc
+            if block is None:
+                break
+            digest.update(block)
+            size += len(block)
+            if each is not None and each(block) is False:
+                return None, size
+    return digest.hexdigest(), size
+
+
+def hash_file(path: Path | os.PathLike[str], *, drop: bool = False) -> tuple[str, int]:
+    """SHA-256 and size of a file; with `drop`, its cached pages are dropped first so the bytes come off the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        if drop:
+            drop_cache(fd)
+        digest, size = hash_stream(fd)
+    finally:
+        os.close(fd)
+    assert digest is not None
+    return digest, size

@@ -1,0 +1,1 @@
+"""Documents and their proof: signed manifests, the chain, keys and rotation, verify, scrub, export, custody."""

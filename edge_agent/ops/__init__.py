@@ -1,0 +1,1 @@
+"""Operations: health snapshots, alarms, retention and the scheduler that runs them."""

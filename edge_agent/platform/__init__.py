@@ -1,0 +1,1 @@
+"""The central side: the reference receiver (and room for the fleet monitor)."""

@@ -1,0 +1,1 @@
+"""Where evidence comes from: docked recorders (docks, recorder models and identity) and cameras."""
