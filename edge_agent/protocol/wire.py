@@ -240,6 +240,13 @@ class Ack:
     sha256: str | None = None
     reason: str | None = None
 
+    @classmethod
+    def from_json(cls, doc: dict[str, Any]) -> Ack:
+        """An ack from its decoded JSON (`decode_json(payload, "ack")`). Only `file_id` and `state` are relied on:
+        `have`, `sha256` and `reason` may be absent (read as [], None, None), so a strict reader survives a
+        receiver that leaves out what does not apply to the state."""
+        return cls(doc["file_id"], doc["state"], doc.get("have") or [], doc.get("sha256"), doc.get("reason"))
+
     def encode(self) -> bytes:
         return canonical_json({"file_id": self.file_id, "state": self.state, "have": self.have,
                             "sha256": self.sha256, "reason": self.reason})

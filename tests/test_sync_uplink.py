@@ -1,0 +1,59 @@
+"""The uplink's composition without a broker: its health section, the sync queue it reports."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from edge_agent.catalog import Catalog, State
+from edge_agent.layout import StoreLayout
+from edge_agent.ops.health import iso
+from edge_agent.sync import SYNC_NOW_META, Uplink
+from tests.helpers import agent_config
+
+SHA = "ab" * 32
+
+
+@pytest.fixture
+def uplink(tmp_path: Path) -> Iterator[Uplink]:
+    _, cfg = agent_config(tmp_path)
+    layout = StoreLayout(cfg.agent.data_dir)
+    layout.create()
+    catalog = Catalog(cfg.catalog_path)
+    yield Uplink(catalog, layout, cfg, version="test")
+    catalog.close()
+
+
+def _seal(catalog: Catalog, name: str, size: int) -> str:
+    record, _ = catalog.discover(kind="recorder", device_id="A123456", original_path=f"DCIM/{name}.MP4",
+                                 source_path=None, source_size=size, source_mtime_ns=1)
+    catalog.transition(record.file_id, State.STAGED, sha256=SHA, size=size, store_path=f"store/{name}")
+    catalog.transition(record.file_id, State.SEALED, manifest_sha256=SHA)
+    return record.file_id
+
+
+def test_health_is_the_sync_section_the_snapshot_built_from_stats(uplink: Uplink) -> None:
+    uplink.last_ack_ms = 1_700_000_000_123
+    sync = uplink.stats()
+    # What ops/health.py built from `agent.uplink.stats()` before Uplink had a health() of its own.
+    expected = {"connected": bool(sync.get("connected")), "rate_bps": sync.get("rate_bps"),
+                "last_ack_ms": sync.get("last_ack_ms"), "last_ack": iso(sync.get("last_ack_ms")),
+                "bytes_sent": sync.get("bytes_sent"), "in_flight": sync.get("in_flight"), "configured": True}
+    assert uplink.health() == expected
+    uplink.last_ack_ms = None
+    assert uplink.health()["last_ack"] is None and uplink.health()["connected"] is False
+
+
+def test_stats_count_the_files_waiting_for_upload(uplink: Uplink) -> None:
+    first = _seal(uplink.catalog, "a", 10)
+    _seal(uplink.catalog, "b", 32)
+    uplink.catalog.transition(first, State.SENDING)
+    stats = uplink.stats()
+    assert (stats["queue_files"], stats["queue_bytes"]) == (2, 42)
+    assert stats["in_flight"] == 0 and stats["bytes_sent"] == 0
+
+
+def test_sync_now_meta_is_exported_for_the_cli() -> None:
+    assert SYNC_NOW_META == "sync_now_ms"
