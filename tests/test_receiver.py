@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import json
 import struct
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -252,3 +254,12 @@ def test_an_agent_that_rotated_its_key_is_checked_against_the_key_each_manifest_
     doc = forger.send_file(random_bytes(1_000))
     assert "signed by" in forger.ack(doc["file_id"], "rejected")["reason"]
     forger.close()
+
+
+def test_the_receiver_loads_nothing_of_the_agents_pipeline() -> None:
+    """The platform side shares only the protocol (and the manifest's checks) with the agent."""
+    forbidden = tuple(f"edge_agent.{name}" for name in ("sync", "sources", "ingest", "catalog", "daemon"))
+    probe = ("import sys, edge_agent.platform.receiver; "
+             f"print(sorted(m for m in sys.modules if m.startswith({forbidden!r})))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
