@@ -11,12 +11,15 @@ from pathlib import Path
 from watchdog.events import DirCreatedEvent, DirDeletedEvent, DirMovedEvent, FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
-from drivers.base import DockedVolume, DockListener
+from drivers.base import DockedVolume, DockListener, free_slot
 
 log = logging.getLogger(__name__)
 
 
 class DirectoryDock(FileSystemEventHandler):
+    """A `DockDriver` for the folders under `root`. `slots` is the dock's size as configured; a volume beyond
+    it still docks (it gets the next free slot number), as a recorder is never refused for want of a slot."""
+
     def __init__(self, name: str, root: Path, slots: int = 20):
         self.name = name
         self.root = Path(root)
@@ -41,10 +44,6 @@ class DirectoryDock(FileSystemEventHandler):
             self._observer.stop()
             self._observer.join(timeout=5)
 
-    def _free_slot(self) -> int:
-        used = {v.slot for v in self._present.values()}
-        return next(i for i in range(1, self.slots + len(used) + 2) if i not in used)
-
     def _dock(self, label: str) -> None:
         with self._lock:
             if label in self._present or label.startswith("."):
@@ -52,7 +51,7 @@ class DirectoryDock(FileSystemEventHandler):
             path = self.root / label
             if not path.is_dir() or path.is_symlink():
                 return
-            volume = DockedVolume(dock=self.name, path=path, label=label, slot=self._free_slot())
+            volume = DockedVolume(dock=self.name, path=path, label=label, slot=free_slot(self._present.values()))
             self._present[label] = volume
         log.info("docked dock=%s label=%s slot=%s", self.name, label, volume.slot)
         assert self._listener is not None

@@ -19,12 +19,12 @@ the `libusb-package` wheel.
 
 from __future__ import annotations
 
-import itertools
 import logging
 import os
 import re
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,8 +34,7 @@ import usb.util
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
-from drivers.base import DockedVolume, DockListener
-from edge_agent.sources.recorders import RecorderModel
+from drivers.base import DockedVolume, DockListener, UsbRecorderModel, free_slot
 
 log = logging.getLogger(__name__)
 
@@ -68,9 +67,11 @@ class Recorder:
 
 
 class UsbDock(FileSystemEventHandler):
-    """A `DockDriver` for the recorders on the USB bus of one dock, their volumes under `mount_root`."""
+    """A `DockDriver` for the recorders on the USB bus of one dock, their volumes under `mount_root`.
 
-    def __init__(self, name: str, mount_root: Path, models: list[RecorderModel], *,
+    `models` is the recorder model table (`UsbRecorderModel`: name and USB ids), passed in by the daemon."""
+
+    def __init__(self, name: str, mount_root: Path, models: Iterable[UsbRecorderModel], *,
                  backend: usb.backend.IBackend | None = None, poll_s: float = 1.0, unknown_after_s: float = 5.0):
         self.name = name
         self.mount_root = Path(mount_root)
@@ -208,8 +209,7 @@ class UsbDock(FileSystemEventHandler):
                 self._dock(label, recorder)
 
     def _dock(self, label: str, recorder: Recorder | None) -> None:
-        used = {v.slot for v in self._present.values()}
-        slot = next(i for i in itertools.count(1) if i not in used)
+        slot = free_slot(self._present.values())
         if recorder is None:
             volume = DockedVolume(dock=self.name, path=self.mount_root / label, label=label, slot=slot)
             log.warning("docked without usb match dock=%s label=%s slot=%s: no known recorder on the bus has "

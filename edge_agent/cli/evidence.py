@@ -10,7 +10,6 @@ from typing import Annotated
 import typer
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
-from drivers.base import DockedVolume
 from edge_agent.catalog import Catalog, UnknownFile
 from edge_agent.catalog import audit as audit_log
 from edge_agent.cli.app import app, console, emit, fail, fmt_bytes, fmt_ms, load, options, table
@@ -18,8 +17,7 @@ from edge_agent.config import ConfigError, load_config
 from edge_agent.evidence.manifest import AgentKey, begin_rotation, finish_rotation
 from edge_agent.evidence.verify import verify_all
 from edge_agent.layout import StoreLayout
-from edge_agent.sources.docks import VolumeWorker
-from edge_agent.sources.recorders import VolumeIdentity
+from edge_agent.services.intake import IntakeRefused, import_folder
 
 files_app = typer.Typer(no_args_is_help=True, help="List and inspect collected files.")
 audit_app = typer.Typer(no_args_is_help=True, help="Read and check the tamper-evident audit log.")
@@ -170,34 +168,26 @@ def import_path(
     reason: Reason = None,
 ) -> None:
     """Bring in files from a card or folder, tagged, hashed and sealed as a dock would."""
-    from edge_agent.daemon import Agent
-
     cfg = load(ctx)
-    if not path.is_dir():
-        fail(f"{path} is not a folder: give the card's mount point or a folder of recordings")
-    agent = Agent(cfg, dock_drivers=[])
-    agent.ingestor.recover()
-    agent.catalog.audit("import.started", subject=str(path), reason=reason,
-                        detail={"device_id": device, "officer_id": officer})
-    volume = DockedVolume(dock="import", path=path.resolve(), label=path.name)
-    ident = VolumeIdentity(device_id=device, method="custodian", officer_id=officer)
-    with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-                  TimeRemainingColumn(), console=console, disable=options(ctx).json) as progress:
-        task = progress.add_task(f"import {path.name}", total=None)
-        worker = VolumeWorker(agent.docks, volume, identity=ident, once=True,
-                              on_file=lambda r: progress.update(task, advance=r.source_size or 0))
-        worker.start()
-        while worker.is_alive():
-            progress.update(task, total=worker.status.bytes_total or None)
-            worker.join(0.2)
-    st = worker.status
-    data = {"session_id": st.session_id, "device_id": device, "files": st.files_total, "sealed": st.files_done,
-            "bytes": st.bytes_copied, "error": st.last_error}
-    emit(ctx, data, f"Imported {st.files_done}/{st.files_total} files ({fmt_bytes(st.bytes_copied)}) "
-                    f"from {path} as {device}; session {st.session_id}")
-    agent.catalog.close()
-    if st.files_done < st.files_total:
-        fail(f"{st.files_total - st.files_done} file(s) not imported: {st.last_error}")
+    try:
+        with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                      TimeRemainingColumn(), console=console, disable=options(ctx).json) as progress:
+            task = progress.add_task(f"import {path.name}", total=None)
+            result = import_folder(cfg, path, device_id=device, officer_id=officer, reason=reason,
+                                   on_progress=lambda done, total: progress.update(task, completed=done,
+                                                                                   total=total or None))
+    except IntakeRefused as exc:
+        fail(str(exc))
+        raise
+    except PermissionError as exc:
+        fail(str(exc), code=2)
+        raise
+    data = {"session_id": result.session_id, "device_id": device, "files": result.files_total,
+            "sealed": result.files_done, "bytes": result.bytes_copied, "error": result.error}
+    emit(ctx, data, f"Imported {result.files_done}/{result.files_total} files ({fmt_bytes(result.bytes_copied)}) "
+                    f"from {path} as {device}; session {result.session_id}")
+    if result.files_missing:
+        fail(f"{result.files_missing} file(s) not imported: {result.error}")
 
 
 @app.command()

@@ -1,0 +1,95 @@
+"""`DockService`: the dock drivers' listener, one `VolumeWorker` per docked volume, and the docks' health.
+
+The driver's thread calls `docked`/`undocked`; each docked volume gets its own worker thread (slot numbers
+come with the volume: the drivers hand them out, `drivers.base.free_slot`). Health and tests read the
+slots through `slots()`/`health()`, which copy them under each slot's lock.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+from drivers.base import DockedVolume
+from edge_agent.catalog import Catalog
+from edge_agent.catalog.docking import DockingRecords
+from edge_agent.config import AgentConfig, DirectoryDock, UsbDock
+from edge_agent.ingest import Ingestor, Sealer
+from edge_agent.sources.docks.slots import SETTLED, SlotState, SlotStatus
+from edge_agent.sources.docks.worker import DockContext, Progress, VolumeWorker
+from edge_agent.sources.recorders import RecorderModel, VolumeIdentity
+
+
+class DockService:
+    """Listens to dock drivers (`drivers.base.DockListener`) and runs one worker per docked volume."""
+
+    def __init__(self, catalog: Catalog, ingestor: Ingestor, sealer: Sealer, config: AgentConfig,
+                 models: list[RecorderModel]):
+        self.context = DockContext(
+            catalog=catalog, records=DockingRecords(catalog), ingestor=ingestor, sealer=sealer, models=models,
+            zone=config.agent.zone, agent_id=config.agent.id,
+            permits=threading.BoundedSemaphore(config.agent.ingest_workers))
+        self.docks: dict[str, UsbDock | DirectoryDock] = {d.name: d for d in config.docks}
+        self._workers: dict[tuple[str, str], VolumeWorker] = {}
+        self._lock = threading.Lock()
+
+    # -- DockListener -------------------------------------------------------------------------------
+
+    def docked(self, volume: DockedVolume) -> None:
+        with self._lock:
+            key = (volume.dock, volume.label)
+            old = self._workers.get(key)
+            if old is not None and old.is_alive():
+                return
+            worker = VolumeWorker(self.context, volume, self.docks.get(volume.dock))
+            self._workers[key] = worker
+        worker.start()
+
+    def undocked(self, volume: DockedVolume) -> None:
+        with self._lock:
+            worker = self._workers.get((volume.dock, volume.label))
+        if worker is not None:
+            worker.undock()
+
+    # -- lifecycle ----------------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """End every slot's passes (the recorders stay docked) and wait for the workers."""
+        with self._lock:
+            workers = list(self._workers.values())
+        for worker in workers:
+            worker.undock(stopping=True)
+        for worker in workers:
+            worker.join(timeout=30)
+
+    def import_volume(self, volume: DockedVolume, identity: VolumeIdentity, *,
+                      on_progress: Progress | None = None) -> SlotStatus:
+        """One pass over a folder that is not on any dock, in the caller's thread; the session is sealed
+        and closed as `imported`. Returns the slot's final status."""
+        worker = VolumeWorker(self.context, volume, self.docks.get(volume.dock), identity=identity, once=True,
+                              on_progress=on_progress)
+        worker.run()
+        return worker.status.snapshot()
+
+    # -- what a custodian sees ----------------------------------------------------------------------
+
+    def slots(self) -> list[SlotStatus]:
+        """Every docked slot (an undocked one is gone from here), copied."""
+        with self._lock:
+            snapshots = [w.status.snapshot() for w in self._workers.values()]
+        return [s for s in snapshots if s.state is not SlotState.UNDOCKED]
+
+    def health(self) -> dict[str, Any]:
+        """The health snapshot's dock section: `{"docks": [one entry per docked slot]}`."""
+        return {"docks": [s.health() for s in self.slots()]}
+
+    def wait_idle(self, timeout: float) -> bool:
+        """True once every docked volume has been fully ingested (for tests and the demo)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            states = [s.state for s in self.slots()]
+            if states and all(s in SETTLED for s in states):
+                return True
+            time.sleep(0.05)
+        return False

@@ -1,0 +1,187 @@
+"""The thread of one dock slot: it sequences a docked volume's steps, and owns no step itself.
+
+Identify the recorder, open the dock session, then pass after pass: discover (`discovery`), copy what
+was found, one file after another (the recorder's own storage is the bottleneck; the copy itself is
+`Ingestor.ingest`, its failures judged by `policy.IngestFaults`), seal the session once nothing is left
+to take, clear confirmed originals (`clearing`), wait for the next rescan. Undocking ends the passes and
+closes the session. Parallel across slots, bounded by `agent.ingest_workers` (the shared permits).
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from zoneinfo import ZoneInfo
+
+from drivers.base import DockedVolume
+from edge_agent.catalog import Catalog, FileRecord
+from edge_agent.catalog.docking import DockingRecords
+from edge_agent.clock import now_ms
+from edge_agent.config import DirectoryDock, UsbDock
+from edge_agent.ingest import IngestError, Ingestor, Sealer
+from edge_agent.sources.docks import policy
+from edge_agent.sources.docks.clearing import Clearing
+from edge_agent.sources.docks.discovery import Discovery, Found, identify
+from edge_agent.sources.docks.policy import IngestFaults, Step
+from edge_agent.sources.docks.slots import SlotState, SlotStatus
+from edge_agent.sources.recorders import RecorderModel, VolumeIdentity
+
+log = logging.getLogger(__name__)
+
+# Rescan interval of a volume whose dock is not configured (the `import` command's one pass never waits).
+DEFAULT_RESCAN_S = 5.0
+
+Progress = Callable[[int, int], None]   # (bytes copied, bytes to copy in all) of one volume
+
+
+@dataclass(frozen=True)
+class DockContext:
+    """What every slot's worker shares; built once by `DockService`."""
+
+    catalog: Catalog
+    records: DockingRecords
+    ingestor: Ingestor
+    sealer: Sealer
+    models: list[RecorderModel]
+    zone: ZoneInfo
+    agent_id: str
+    permits: threading.BoundedSemaphore
+
+
+class VolumeWorker(threading.Thread):
+    """Ingests one docked volume until it is undocked. With `once`, one pass then return (the `import`
+    command, which also calls `run()` in its own thread); `identity` then says who the recorder is.
+    `on_progress(bytes_copied, bytes_total)` is called after each pass's discovery and each file."""
+
+    def __init__(self, context: DockContext, volume: DockedVolume, dock: UsbDock | DirectoryDock | None, *,
+                 identity: VolumeIdentity | None = None, once: bool = False, on_progress: Progress | None = None):
+        super().__init__(name=f"dock-{volume.dock}-{volume.slot or volume.label}", daemon=True)
+        self.context = context
+        self.volume = volume
+        self.dock = dock
+        self.identity = identity
+        self.once = once
+        self.on_progress = on_progress
+        self.status = SlotStatus(dock=volume.dock, slot=volume.slot, label=volume.label, docked_ms=now_ms())
+        self._gone = threading.Event()
+        self._wake = threading.Event()
+
+    def undock(self, stopping: bool = False) -> None:
+        """End the passes (from the driver's thread). `stopping`: the agent stops, the recorder stays docked."""
+        if not stopping:
+            self.status.set_state(SlotState.UNDOCKED)
+        self._gone.set()
+        self._wake.set()
+
+    def run(self) -> None:
+        try:
+            self._run()
+        except Exception as exc:  # the fault barrier of one dock slot: it never fails silently
+            log.exception("dock worker failed dock=%s label=%s", self.volume.dock, self.volume.label)
+            self.status.set_state(SlotState.ERROR, error=f"{type(exc).__name__}: {exc}")
+            try:
+                policy.dock_fault(self.volume, exc).raise_on(self.context.catalog)
+            except sqlite3.Error:
+                log.exception("dock fault alarm not recorded dock=%s label=%s", self.volume.dock, self.volume.label)
+
+    def _run(self) -> None:
+        ctx = self.context
+        try:
+            ident, model = identify(self.volume, ctx.models, ctx.zone) if self.identity is None else (
+                self.identity, None)
+        except OSError as exc:
+            self.status.set_state(SlotState.ERROR, error=f"cannot read volume: {exc.strerror}")
+            return
+        st = self.status
+        st.device_id, st.model, st.serial, st.officer_id = ident.device_id, ident.model, ident.serial, ident.officer_id
+        session_id = ctx.catalog.open_session(
+            dock=self.volume.dock, slot=self.volume.slot, device_id=ident.device_id, serial=ident.serial,
+            model=ident.model, volume_label=self.volume.label, volume_path=str(self.volume.path),
+            officer_id=ident.officer_id)
+        st.session_id = session_id
+        if not ident.identified:
+            policy.unidentified(self.volume, ident).raise_on(ctx.catalog)
+        settle_s = self.dock.settle_s if self.dock and not self.once else 0.0
+        self._passes(ident, Discovery(ctx.catalog, self.volume, ident, model, session_id, ctx.zone, settle_s))
+        ctx.catalog.close_session(session_id, "imported" if self.once else "undocked", files_total=st.files_total,
+                                  last_error=st.last_error)
+
+    def _passes(self, ident: VolumeIdentity, discovery: Discovery) -> None:
+        ctx, session_id = self.context, discovery.session_id
+        clearing = Clearing(ctx.catalog, ctx.records, self.volume, self.dock)
+        faults = IngestFaults(ctx.catalog, ctx.records, self.status, self.volume, ctx.agent_id, self._gone)
+        rescan_s = self.dock.rescan_s if self.dock else DEFAULT_RESCAN_S
+        sealed = False
+        while not self._gone.is_set():
+            found = discovery.scan()
+            self._account(found, session_id)
+            if found.pending:
+                self.status.set_state(SlotState.INGESTING)
+            self._copy_all(found.pending, faults)
+            if self._gone.is_set():
+                break
+            if (not found.young and self.status.state is not SlotState.PAUSED
+                    and not ctx.records.outstanding(ident.device_id, self.volume.label)):
+                sealed = self._seal_once(session_id, sealed)
+                self.status.set_state(SlotState.DONE)
+            if self.once:
+                self._seal_once(session_id, sealed)
+                break
+            clearing.clear_synced(ident.device_id, self._gone.is_set)
+            self._wake.wait(rescan_s if not found.young else min(rescan_s, max(discovery.settle_s / 2, 0.05)))
+            self._wake.clear()
+
+    def _seal_once(self, session_id: str, sealed: bool) -> bool:
+        """Seal the session's manifest unless it was sealed already; True from then on."""
+        if not sealed:
+            self.context.sealer.seal_session(session_id)
+        return True
+
+    def _account(self, found: Found, session_id: str) -> None:
+        """The slot's counts after a discovery pass: what the session took so far plus what is pending."""
+        self._report_refused(found.refused)
+        done_files, done_bytes = self.context.records.session_taken(session_id)
+        self.status.files_total = done_files + len(found.pending)
+        self.status.files_done = done_files
+        self.status.bytes_total = done_bytes + sum(r.source_size or 0 for r, _ in found.pending)
+        self._progress()
+
+    def _report_refused(self, refused: list[str]) -> None:
+        new = [r for r in refused if r not in self.status.refused]
+        if not new:
+            return
+        self.status.refused.extend(new)
+        for line in new:
+            log.warning("refused dock=%s label=%s entry=%r", self.volume.dock, self.volume.label, line)
+        policy.refused_entries(self.volume, self.status.refused).raise_on(self.context.catalog)
+
+    def _copy_all(self, pending: list[tuple[FileRecord, Path]], faults: IngestFaults) -> None:
+        ctx, st = self.context, self.status
+        started, copied_before = time.monotonic(), st.bytes_copied
+        for record, path in pending:
+            if self._gone.is_set():
+                return
+            with ctx.permits:
+                try:
+                    ctx.ingestor.ingest(record, path, abort=self._gone.is_set)
+                except IngestError as exc:
+                    if faults.failed(record, path, exc) is Step.STOP:
+                        return
+                    continue
+            faults.succeeded()
+            st.set_state(SlotState.INGESTING)
+            st.files_done += 1
+            st.bytes_copied += record.source_size or 0
+            self._progress()
+            elapsed = time.monotonic() - started
+            if elapsed > 0:
+                st.rate_bps = (st.bytes_copied - copied_before) / elapsed
+
+    def _progress(self) -> None:
+        if self.on_progress is not None:
+            self.on_progress(self.status.bytes_copied, self.status.bytes_total)
