@@ -4,6 +4,7 @@ snapshot is assembled from named providers; the scheduler runs plain callables."
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -41,19 +42,21 @@ def test_build_agent_declares_its_parts_in_start_order(tmp_path: Path) -> None:
         agent.catalog.close()
 
 
-def test_core_agent_has_no_optional_parts(tmp_path: Path) -> None:
+@pytest.fixture
+def core(tmp_path: Path) -> Iterator[Agent]:
     _, cfg = agent_config(tmp_path)
     agent = Agent(cfg, dock_drivers=[])
-    try:
-        assert (agent.uplink, agent.cameras, agent.operations, agent.components) == (None, None, None, [])
-        assert set(agent.health()) == {"version", "pid", "uptime_s", "key_id"}
-    finally:
-        agent.catalog.close()
+    yield agent
+    agent.catalog.close()
 
 
-def test_snapshot_places_each_providers_fragment_and_sees_a_slot_change(tmp_path: Path) -> None:
-    _, cfg = agent_config(tmp_path)
-    agent = Agent(cfg, dock_drivers=[])
+def test_core_agent_has_no_optional_parts(core: Agent) -> None:
+    assert (core.uplink, core.cameras, core.operations, core.components) == (None, None, None, [])
+    assert set(core.health()) == {"version", "pid", "uptime_s", "key_id"}
+
+
+def test_snapshot_places_each_providers_fragment_and_sees_a_slot_change(core: Agent) -> None:
+    agent, cfg = core, core.config
     slot = {"dock": "bench", "slot": 1, "label": "VOL1", "state": "ingesting", "device_id": "DSJ-1", "model": None,
             "serial": None, "officer_id": None, "session_id": None, "docked_ms": 1, "files_total": 0,
             "files_pending": 0, "bytes_total": 0, "bytes_copied": 0, "rate_bps": 0.0, "last_error": None}
@@ -63,30 +66,22 @@ def test_snapshot_places_each_providers_fragment_and_sees_a_slot_change(tmp_path
     monitor = HealthMonitor(cfg, agent.catalog, agent.layout, Retention(agent.catalog, agent.layout, cfg),
                             process=agent, docks=docks, uplink=Fragment(sync=sync),
                             scrub=Fragment(scrub={"last_run_ms": 7}))
-    try:
-        snapshot = monitor.tick()
-        validate("health", snapshot)
-        assert snapshot["docks"] == [slot] and snapshot["cameras"] == []
-        assert snapshot["agent"]["sync"] == sync and snapshot["agent"]["scrub"] == {"last_run_ms": 7}
-        assert snapshot["agent"]["key_id"] == agent.key.key_id
-        assert not monitor.check_change()
+    snapshot = monitor.tick()
+    validate("health", snapshot)
+    assert snapshot["docks"] == [slot] and snapshot["cameras"] == []
+    assert snapshot["agent"]["sync"] == sync and snapshot["agent"]["scrub"] == {"last_run_ms": 7}
+    assert snapshot["agent"]["key_id"] == agent.key.key_id
+    assert not monitor.check_change()
 
-        docks.fragment = {"docks": [{**slot, "state": "done"}]}
-        assert monitor.check_change()
-        assert not monitor.check_change()
-    finally:
-        agent.catalog.close()
+    docks.fragment = {"docks": [{**slot, "state": "done"}]}
+    assert monitor.check_change()
+    assert not monitor.check_change()
 
 
-def test_a_part_left_out_shows_as_not_there(tmp_path: Path) -> None:
-    _, cfg = agent_config(tmp_path)
-    agent = Agent(cfg, dock_drivers=[])
-    try:
-        snapshot = agent.health_monitor(Retention(agent.catalog, agent.layout, cfg)).snapshot()
-        assert snapshot["agent"]["sync"] == NO_UPLINK["sync"]
-        assert snapshot["agent"]["sync"]["configured"] is False and snapshot["agent"]["scrub"] == {}
-    finally:
-        agent.catalog.close()
+def test_a_part_left_out_shows_as_not_there(core: Agent) -> None:
+    snapshot = core.health_monitor(Retention(core.catalog, core.layout, core.config)).snapshot()
+    assert snapshot["agent"]["sync"] == NO_UPLINK["sync"]
+    assert snapshot["agent"]["sync"]["configured"] is False and snapshot["agent"]["scrub"] == {}
 
 
 def test_scheduler_runs_plain_callables_and_a_failing_job_does_not_stop_the_others(tmp_path: Path) -> None:
