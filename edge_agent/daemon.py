@@ -1,7 +1,11 @@
-"""`edge-agent run`: one daemon per workstation or gateway (DESIGN.md section 1).
+"""`edge-agent run`: one daemon per workstation or gateway (DESIGN.md section 1). The composition root.
 
-`Agent` builds every part from the config and owns their threads. Parts talk
-through the catalog and small queues, never through each other's internals.
+`Agent(config)` builds the core every use needs (store, catalog, key, ingest, the dock service and its
+drivers); `build_agent` adds the long-running parts the config asks for, in start order: the uplink, the
+cameras, the operations scheduler. Each part is a declared attribute (None when not built) and a
+`Component` in `components`; `Agent.start` starts them in that order and `Agent.stop` stops them in reverse.
+Parts talk through the catalog, small queues and callables handed over here, never through each other's
+internals; nothing but `edge_agent.cli` imports this module.
 """
 
 from __future__ import annotations
@@ -13,20 +17,34 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from drivers.base import DockDriver
 from edge_agent import __version__
 from edge_agent.catalog import Catalog
+from edge_agent.catalog.health_reads import HealthReads
 from edge_agent.config import AgentConfig
 from edge_agent.evidence.manifest import AgentKey
+from edge_agent.evidence.scrub import Scrubber
 from edge_agent.ingest import Ingestor, Sealer
 from edge_agent.layout import StoreLayout
+from edge_agent.ops import sdnotify
+from edge_agent.ops.health import CameraHealth, DockHealth, HealthMonitor, ScrubHealth, UplinkHealth
+from edge_agent.ops.retention import Retention
+from edge_agent.ops.scheduler import Job, Scheduler, daily_summary
 from edge_agent.sources.docks import DockService
-from edge_agent.sources.recorders import load_models
+from edge_agent.sources.recorders import RecorderModel, load_models
+
+if TYPE_CHECKING:  # imported when built: paho, av and OpenCV load only when the config needs them
+    from edge_agent.sources.cameras import CameraService
+    from edge_agent.sync import Uplink
 
 log = logging.getLogger(__name__)
+
+SCRUB_EVERY_S = 60
+SCRUB_BUDGET_S = 50
 
 
 class Component(Protocol):
@@ -43,8 +61,45 @@ def check_data_permissions(data_dir: Path) -> None:
         raise PermissionError(f"{data_dir} is open to all users (mode {mode:o}); run: chmod o-rwx {data_dir}")
 
 
+@dataclass
+class Operations:
+    """Health and alarms, retention, the scrub, the daily summary and the systemd watchdog: jobs on one
+    scheduler thread (the component `build_agent` adds last)."""
+
+    retention: Retention
+    scrubber: Scrubber
+    health: HealthMonitor
+    scheduler: Scheduler
+
+    def start(self) -> None:
+        self.scheduler.start()
+
+    def stop(self) -> None:
+        self.scheduler.stop()
+
+    def on_command(self, command: dict[str, Any]) -> None:
+        """`{"cmd": "health"}` from the platform (already authenticated by the uplink): a snapshot now.
+        Runs on the MQTT network thread, so it only moves the job's next run."""
+        if command.get("cmd") == "health":
+            self.scheduler.run_now("health")
+
+
 class Agent:
     """Everything `edge-agent run` starts, built from one config."""
+
+    config: AgentConfig
+    layout: StoreLayout
+    catalog: Catalog
+    key: AgentKey
+    sealer: Sealer
+    ingestor: Ingestor
+    models: list[RecorderModel]
+    docks: DockService
+    dock_drivers: list[DockDriver]
+    uplink: Uplink | None
+    cameras: CameraService | None
+    operations: Operations | None
+    components: list[Component]
 
     def __init__(self, config: AgentConfig, *, dock_drivers: list[DockDriver] | None = None):
         self.config = config
@@ -60,9 +115,69 @@ class Agent:
         self.models = load_models(config.agent.recorders_file)
         self.docks = DockService(self.catalog, self.ingestor, self.sealer, config, self.models)
         self.dock_drivers = dock_drivers if dock_drivers is not None else build_dock_drivers(config, self.models)
-        self.components: list[Component] = []
+        self.uplink = None
+        self.cameras = None
+        self.operations = None
+        self.components = []
         self._stop = threading.Event()
-        self._on_stop: list[Callable[[], None]] = []
+
+    # -- building: each adds one declared part and its component, in start order -------------------
+
+    def add_uplink(self) -> Uplink:
+        """The uplink to the platform (edge_agent/sync)."""
+        from edge_agent.sync import Uplink
+
+        self._refuse_twice(self.uplink, "an uplink")
+        self.uplink = Uplink(self.catalog, self.layout, self.config, version=self.version)
+        self.components.append(self.uplink)
+        return self.uplink
+
+    def add_cameras(self) -> CameraService:
+        """ONVIF + RTSP recording of every configured camera (edge_agent/sources/cameras.py)."""
+        from edge_agent.sources.cameras import CameraService
+
+        self._refuse_twice(self.cameras, "a camera service")
+        self.cameras = CameraService(self.catalog, self.ingestor, self.sealer, self.config)
+        self.components.append(self.cameras)
+        return self.cameras
+
+    def add_operations(self) -> Operations:
+        """Health, alarms, retention, scrub, summary and watchdog (edge_agent/ops); add it after the parts
+        it reports on, so it stops first and its last snapshot still sees them."""
+        self._refuse_twice(self.operations, "an operations scheduler")
+        scheduler = Scheduler(self.config.agent.zone)
+        retention = Retention(self.catalog, self.layout, self.config)
+        scrubber = Scrubber(self.catalog, self.layout, self.key, self.config, stop=scheduler.stopping)
+        health = self.health_monitor(retention, scrubber)
+        for job in operations_jobs(self.config, self.catalog, retention, scrubber, health, scheduler.stopping):
+            scheduler.add(job)
+        self.operations = Operations(retention, scrubber, health, scheduler)
+        self.components.append(self.operations)
+        if self.uplink is not None:
+            self.uplink.on_command(self.operations.on_command)
+        return self.operations
+
+    @staticmethod
+    def _refuse_twice(current: object, what: str) -> None:
+        if current is not None:
+            raise RuntimeError(f"this agent already has {what}; build each part once")
+
+    def health_monitor(self, retention: Retention, scrubber: Scrubber | None = None) -> HealthMonitor:
+        """The health monitor over the parts built so far, each as a named provider; publishes through the
+        uplink when there is one."""
+        # integrator: hand the components themselves once they have `health()` (contract 2).
+        return HealthMonitor(
+            self.config, self.catalog, self.layout, retention, process=self, docks=DockHealth(self.docks),
+            cameras=None if self.cameras is None else CameraHealth(self.cameras),
+            uplink=None if self.uplink is None else UplinkHealth(self.uplink),
+            scrub=None if scrubber is None else ScrubHealth(scrubber),
+            publisher=self.uplink)
+
+    def health(self) -> dict[str, Any]:
+        """The process's own keys of the snapshot's `agent` section (HealthProvider)."""
+        return {"version": self.version, "pid": self.pid, "uptime_s": int(self.uptime_s), "key_id": self.key.key_id}
+
+    # -- running -----------------------------------------------------------------------------------
 
     def start(self) -> None:
         recovered = self.ingestor.recover()
@@ -70,11 +185,15 @@ class Agent:
                            detail={"version": self.version, "key_id": self.key.key_id, **recovered})
         for component in self.components:
             component.start()
+        if self.operations is not None:  # the daemon proper: systemd may now count it as started
+            sdnotify.notify(f"READY=1\nSTATUS=collecting; agent {self.config.agent.id}")
         for driver in self.dock_drivers:
             driver.start(self.docks)
         log.info("started agent=%s version=%s docks=%d", self.config.agent.id, self.version, len(self.dock_drivers))
 
     def stop(self) -> None:
+        if self.operations is not None:
+            sdnotify.notify("STOPPING=1")
         for driver in self.dock_drivers:
             driver.stop()
         self.docks.stop()
@@ -110,7 +229,42 @@ class Agent:
         return os.getpid()
 
 
-def build_dock_drivers(config: AgentConfig, models: list) -> list[DockDriver]:
+def operations_jobs(config: AgentConfig, catalog: Catalog, retention: Retention, scrubber: Scrubber,
+                    health: HealthMonitor, stopping: threading.Event) -> list[Job]:
+    """The operations schedule: the health snapshot every `health.interval_s` (and at once), a check for a
+    change a watcher cares about every `health.change_check_s`, retention every `retention.check_s`, the
+    scrub in bounded slices, the daily summary event at `health.summary_hour`, and under systemd the
+    watchdog ping."""
+    def summary() -> None:
+        catalog.emit_event(daily_summary(catalog, config.agent.id))
+
+    jobs = [
+        Job("health", health.tick, "interval", first_after_s=0, schedule={"seconds": config.health.interval_s}),
+        Job("health_change", health.check_change, "interval", schedule={"seconds": config.health.change_check_s}),
+        Job("retention", lambda: retention.run(stop=stopping), "interval", first_after_s=5,
+            schedule={"seconds": config.retention.check_s}),
+        Job("scrub", lambda: scrubber.run_once(SCRUB_BUDGET_S), "interval", first_after_s=30,
+            schedule={"seconds": SCRUB_EVERY_S}),
+        Job("summary", summary, "cron", schedule={"hour": config.health.summary_hour, "minute": 0}),
+    ]
+    watchdog_s = sdnotify.watchdog_interval_s()
+    if watchdog_s:
+        jobs.append(Job("watchdog", watchdog_ping(catalog), "interval", schedule={"seconds": watchdog_s}))
+    return jobs
+
+
+def watchdog_ping(catalog: Catalog) -> Callable[[], None]:
+    """The systemd watchdog job: the ping proves the scheduler runs and the catalog answers (no thread holds
+    its lock forever)."""
+    reads = HealthReads(catalog)
+
+    def ping() -> None:
+        reads.ping()
+        sdnotify.notify("WATCHDOG=1")
+    return ping
+
+
+def build_dock_drivers(config: AgentConfig, models: list[RecorderModel]) -> list[DockDriver]:
     drivers: list[DockDriver] = []
     for dock in config.docks:
         if dock.kind == "directory":
@@ -125,26 +279,10 @@ def build_dock_drivers(config: AgentConfig, models: list) -> list[DockDriver]:
 
 
 def build_agent(config: AgentConfig, *, dock_drivers: list[DockDriver] | None = None) -> Agent:
-    """The daemon with every part the config asks for. Each block adds one stage's components;
-    `Agent.start` starts them in this order and `Agent.stop` stops them in reverse."""
+    """The daemon with every part the config asks for, in start order (stopped in reverse)."""
     agent = Agent(config, dock_drivers=dock_drivers)
-    # -- sync: uplink to the platform (edge_agent/sync) --
-    from edge_agent.sync import Uplink
-
-    agent.uplink = Uplink(agent.catalog, agent.layout, config, version=agent.version)
-    agent.components.append(agent.uplink)
-
-    # -- cameras: ONVIF + RTSP recording (edge_agent/sources/cameras.py) --
+    agent.add_uplink()
     if config.cameras:
-        from edge_agent.sources.cameras import CameraService
-
-        agent.cameras = CameraService(agent.catalog, agent.ingestor, agent.sealer, config)
-        agent.components.append(agent.cameras)
-
-    # -- operations: health, alarms, retention, scheduler (edge_agent/ops/health.py, scheduler.py) --
-    from edge_agent.ops.scheduler import OperationsScheduler
-
-    agent.operations = OperationsScheduler(agent)
-    agent.components.append(agent.operations)
-
+        agent.add_cameras()
+    agent.add_operations()
     return agent

@@ -28,7 +28,6 @@ from edge_agent.evidence.custody import tag  # noqa: E402
 from edge_agent.evidence.export import export_case  # noqa: E402
 from edge_agent.evidence.scrub import Scrubber  # noqa: E402
 from edge_agent.evidence.verify import verify_all  # noqa: E402
-from edge_agent.ops.health import HealthMonitor  # noqa: E402
 from edge_agent.ops.retention import Retention  # noqa: E402
 from tests.helpers import agent_config  # noqa: E402
 from tests.opsdata import ingest_file  # noqa: E402
@@ -104,7 +103,7 @@ def bench_health(work: Path, rows: int) -> None:
             ((f"F{i:012d}", states[i % 5], "recorder", f"DSJ-{i % 300}", f"DCIM/{i}.MP4", "routine", 1,
               now - i * 1000, now, 50 * MIB, "0" * 64, f"store/{i}.mp4", now - i * 1000,
               None if i % 5 == 0 else now - i * 500) for i in range(rows)))
-    health = HealthMonitor(agent, Retention(agent.catalog, agent.layout, cfg))
+    health = agent.health_monitor(Retention(agent.catalog, agent.layout, cfg))
     health.tick()
     t0 = time.monotonic()
     agent.catalog.query("SELECT COUNT(*), SUM(size) FROM files WHERE device_id != ''")

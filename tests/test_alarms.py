@@ -42,7 +42,7 @@ def active(agent: Agent) -> dict[str, Any]:
 def monitor(tmp_path: Path, **sections: Any) -> tuple[Path, Agent, HealthMonitor]:
     cfg_path, cfg = agent_config(tmp_path, **sections)
     agent = Agent(cfg, dock_drivers=[])
-    return cfg_path, agent, HealthMonitor(agent, Retention(agent.catalog, agent.layout, cfg))
+    return cfg_path, agent, agent.health_monitor(Retention(agent.catalog, agent.layout, cfg))
 
 
 def test_disk_above_threshold_fires_once_and_clears_after_purge(tmp_path: Path) -> None:

@@ -1,17 +1,18 @@
 """The health snapshot (DESIGN.md section 6), published retained on `{root}/{agent}/health`.
 
-`HealthMonitor.snapshot()` gathers the agent's view: version, uptime, clock,
-CPU, memory, disk and store, the sync queue, per dock slot and per camera,
-the active alarms. `tick()` evaluates the alarms, then publishes the snapshot
-through the uplink (retained) and writes it atomically to
-`data_dir/health.json`, which `edge-agent status` shows as the daemon's live
-view. `check_change()` publishes early when something a watcher cares about
-changed (an alarm, a dock slot's state, a camera or the uplink going up or down). The shape is
-`edge_agent/protocol/schemas/health.json`, versioned by `schema_version`.
+`HealthMonitor.snapshot()` assembles the agent's view: what the monitor reads itself (clock, CPU, memory,
+disk and store, the sync queue, the audit and chain heads, the active alarms) and what each part reports
+through its `HealthProvider` (the process, the uplink, the scrub, the dock slots, the cameras). `tick()`
+evaluates the alarms, then publishes the snapshot through the publisher (the uplink, retained) and writes it
+atomically to `data_dir/health.json`, which `edge-agent status` shows as the daemon's live view.
+`check_change()` publishes early when something a watcher cares about changed (an alarm, a dock slot's
+state, a camera or the uplink going up or down). The shape is `edge_agent/protocol/schemas/health.json`,
+versioned by `schema_version`.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -21,25 +22,25 @@ import threading
 import time
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import psutil
 
+from edge_agent.catalog import Catalog
+from edge_agent.catalog.health_reads import HealthReads
 from edge_agent.clock import now_ms
+from edge_agent.config import AgentConfig
 from edge_agent.durable import atomic_write
+from edge_agent.layout import StoreLayout
 from edge_agent.ops.alarms import AlarmEvaluator
 from edge_agent.ops.retention import Retention, filesystem_percent
 from edge_agent.protocol.wire import schema
-
-if TYPE_CHECKING:
-    from edge_agent.daemon import Agent
 
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 HEALTH_FILE = "health.json"
 CLOCK_CACHE_S = 60.0
-_UNSYNCED = "('discovered', 'staged', 'sealed', 'sending', 'rejected')"
 
 
 def parse_chrony_tracking(csv_line: str) -> dict[str, Any]:
@@ -82,23 +83,133 @@ def iso(ms: int | None) -> str | None:
     return datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="milliseconds")
 
 
-class HealthMonitor:
-    """Builds, evaluates and publishes the health snapshot of one running agent."""
+class HealthProvider(Protocol):
+    """A part of the agent that reports on itself in the health snapshot.
 
-    def __init__(self, agent: Agent, retention: Retention):
-        self.agent = agent
-        self.catalog = agent.catalog
-        self.config = agent.config
+    `health()` returns a fragment: the snapshot keys this part owns, with their values, e.g.
+    `{"docks": [...]}`, `{"cameras": [...]}`, `{"sync": {...}}`. The monitor merges each named provider's
+    fragment at its place (see `HealthMonitor`). It is called from the scheduler thread (every tick and every
+    change check): it must be a cheap read, safe against the component's own threads."""
+
+    def health(self) -> dict[str, Any]: ...
+
+
+class Publisher(Protocol):
+    """Where a snapshot goes besides the health file (the uplink: retained on `{root}/{agent}/health`)."""
+
+    def publish(self, suffix: str, payload: dict[str, Any], retain: bool = False) -> bool: ...
+
+
+# -- adapters: today's section builders, one per component ---------------------------------------------------
+# integrator: each is the body of its component's own `health()` (contract 2); swap the adapter for the
+# component itself in `edge_agent.daemon.Agent.health_monitor` and delete the adapter.
+
+
+class DockHealth:
+    """`DockService` -> `{"docks": [one dict per docked slot]}`."""
+
+    def __init__(self, docks: Any):
+        self.docks = docks
+
+    def health(self) -> dict[str, Any]:
+        slots = []
+        for s in self.docks.slots():
+            slots.append({
+                "dock": s.dock, "slot": s.slot, "label": s.label, "state": s.state, "device_id": s.device_id,
+                "model": s.model, "serial": s.serial, "officer_id": s.officer_id, "session_id": s.session_id,
+                "docked_ms": s.docked_ms, "files_total": s.files_total, "files_pending": s.files_pending,
+                "bytes_total": s.bytes_total, "bytes_copied": s.bytes_copied, "rate_bps": round(s.rate_bps, 1),
+                "last_error": s.last_error,
+            })
+        return {"docks": slots}
+
+
+class CameraHealth:
+    """`CameraService` -> `{"cameras": [one dict per camera]}`."""
+
+    def __init__(self, cameras: Any):
+        self.cameras = cameras
+
+    def health(self) -> dict[str, Any]:
+        return {"cameras": list(self.cameras.camera_status())}
+
+
+class UplinkHealth:
+    """`Uplink` -> `{"sync": {...}}`, the `agent.sync` section."""
+
+    def __init__(self, uplink: Any):
+        self.uplink = uplink
+
+    def health(self) -> dict[str, Any]:
+        stats = dict(self.uplink.stats())
+        stats.setdefault("configured", True)
+        return {"sync": sync_section(stats)}
+
+
+class ScrubHealth:
+    """`Scrubber` -> `{"scrub": its last run}`; empty until the first scrub slice has run."""
+
+    def __init__(self, scrubber: Any):
+        self.scrubber = scrubber
+
+    def health(self) -> dict[str, Any]:
+        return {"scrub": self.scrubber.status}
+
+
+def sync_section(stats: dict[str, Any]) -> dict[str, Any]:
+    """The `agent.sync` section from the uplink's counters (`Uplink.stats()` plus `configured`)."""
+    return {"connected": bool(stats.get("connected")), "rate_bps": stats.get("rate_bps"),
+            "last_ack_ms": stats.get("last_ack_ms"), "last_ack": iso(stats.get("last_ack_ms")),
+            "bytes_sent": stats.get("bytes_sent"), "in_flight": stats.get("in_flight"),
+            "configured": bool(stats.get("configured"))}
+
+
+NO_UPLINK: dict[str, Any] = {"sync": sync_section({"connected": False, "configured": False})}
+NO_CAMERAS: dict[str, Any] = {"cameras": []}
+NO_SCRUB: dict[str, Any] = {"scrub": {}}
+
+
+class _Fixed:
+    """A provider for a part the agent was built without: always the same fragment."""
+
+    def __init__(self, fragment: dict[str, Any]):
+        self.fragment = fragment
+
+    def health(self) -> dict[str, Any]:
+        return copy.deepcopy(self.fragment)
+
+
+class HealthMonitor:
+    """Builds, evaluates and publishes the health snapshot of one running agent.
+
+    The monitor reads the catalog, the store and this process itself; every other part reports through a
+    named provider: `process` (the `agent` keys version, pid, uptime_s, key_id), `uplink` (`agent.sync`),
+    `scrub` (`agent.scrub`), `docks` (top-level `docks`), `cameras` (top-level `cameras`). A part the agent
+    was built without (no uplink, no cameras) is left out and shows as not there."""
+
+    def __init__(self, config: AgentConfig, catalog: Catalog, layout: StoreLayout, retention: Retention, *,
+                 process: HealthProvider, docks: HealthProvider, cameras: HealthProvider | None = None,
+                 uplink: HealthProvider | None = None, scrub: HealthProvider | None = None,
+                 publisher: Publisher | None = None):
+        self.catalog = catalog
+        self.reads = HealthReads(catalog)
+        self.config = config
+        self.layout = layout
         self.retention = retention
-        self.alarms = AlarmEvaluator(agent.catalog, agent.config)
-        self.path = agent.layout.data_dir / HEALTH_FILE
+        self.process = process
+        self.docks = docks
+        self.cameras = cameras or _Fixed(NO_CAMERAS)
+        self.uplink = uplink or _Fixed(NO_UPLINK)
+        self.scrub = scrub or _Fixed(NO_SCRUB)
+        self.publisher = publisher
+        self.alarms = AlarmEvaluator(catalog, config)
+        self.path = layout.data_dir / HEALTH_FILE
         self._process = psutil.Process()
         self._process.cpu_percent(None)  # the first reading only sets the baseline
         self._clock: dict[str, Any] = {}
         self._clock_read = 0.0
         self._last_signature: str | None = None
         self._lock = threading.Lock()
-        self.scrub: dict[str, Any] = {}
 
     # -- gathering ---------------------------------------------------------------------------------
 
@@ -108,43 +219,17 @@ class HealthMonitor:
             self._clock_read = time.monotonic()
         return self._clock
 
-    def _uplink_stats(self) -> dict[str, Any]:
-        uplink = getattr(self.agent, "uplink", None)
-        if uplink is None:
-            return {"connected": False, "configured": False}
-        stats = dict(uplink.stats())
-        stats.setdefault("configured", True)
-        return stats
-
-    def _cameras(self) -> list[dict[str, Any]]:
-        cameras = getattr(self.agent, "cameras", None)  # only when the config has cameras
-        return [] if cameras is None else list(cameras.camera_status())
-
-    def _docks(self) -> list[dict[str, Any]]:
-        slots = []
-        for s in self.agent.docks.slots():
-            slots.append({
-                "dock": s.dock, "slot": s.slot, "label": s.label, "state": s.state, "device_id": s.device_id,
-                "model": s.model, "serial": s.serial, "officer_id": s.officer_id, "session_id": s.session_id,
-                "docked_ms": s.docked_ms, "files_total": s.files_total, "files_pending": s.files_pending,
-                "bytes_total": s.bytes_total, "bytes_copied": s.bytes_copied, "rate_bps": round(s.rate_bps, 1),
-                "last_error": s.last_error,
-            })
-        return slots
-
     def _queue(self, now: int) -> dict[str, Any]:
-        row = self.catalog.query(
-            "SELECT COUNT(*), COALESCE(SUM(COALESCE(size, source_size)), 0), MIN(COALESCE(ingested_at_ms,"
-            f" created_ms)) FROM files WHERE state IN {_UNSYNCED}")[0]
-        return {"files": int(row[0]), "bytes": int(row[1]),
-                "oldest_unsynced_age_s": None if row[2] is None else max(0, (now - row[2]) // 1000),
+        queue = self.reads.unsynced_queue()
+        return {"files": queue.files, "bytes": queue.bytes,
+                "oldest_unsynced_age_s": None if queue.oldest_ms is None else max(0, (now - queue.oldest_ms) // 1000),
                 "by_state": self.catalog.counts_by_state()}
 
     def _disk(self) -> dict[str, Any]:
-        usage = self.agent.layout.disk_usage()
+        usage = self.layout.disk_usage()
         store = self.retention.store_bytes()
         store_percent = 100.0 * store / self.retention.max_store_bytes
-        fs_percent = filesystem_percent(self.agent.layout)
+        fs_percent = filesystem_percent(self.layout)
         return {"total_bytes": usage.total, "free_bytes": usage.free, "store_bytes": store,
                 "max_store_bytes": self.retention.max_store_bytes, "store_percent": round(store_percent, 2),
                 "filesystem_percent": round(fs_percent, 2), "used_percent": round(max(store_percent, fs_percent), 2),
@@ -157,31 +242,26 @@ class HealthMonitor:
     def snapshot(self) -> dict[str, Any]:
         now = now_ms()
         memory = psutil.virtual_memory()
-        sync = self._uplink_stats()
-        agent = self.agent
+        agent = self.config.agent
         return {
             "schema_version": SCHEMA_VERSION,
-            "agent_id": self.config.agent.id, "site_id": self.config.agent.site, "unit": self.config.agent.unit,
+            "agent_id": agent.id, "site_id": agent.site, "unit": agent.unit,
             "ts_ms": now, "ts": iso(now),
             "agent": {
-                "version": agent.version, "pid": agent.pid, "uptime_s": int(agent.uptime_s),
-                "key_id": agent.key.key_id,
+                **self.process.health(),
                 "clock": self.clock(),
                 "cpu_percent": self._process.cpu_percent(None),
                 "system_cpu_percent": psutil.cpu_percent(None),
                 "memory": {"rss_bytes": self._process.memory_info().rss, "system_percent": memory.percent},
                 "disk": self._disk(),
                 "queue": self._queue(now),
-                "sync": {"connected": bool(sync.get("connected")), "rate_bps": sync.get("rate_bps"),
-                         "last_ack_ms": sync.get("last_ack_ms"), "last_ack": iso(sync.get("last_ack_ms")),
-                         "bytes_sent": sync.get("bytes_sent"), "in_flight": sync.get("in_flight"),
-                         "configured": bool(sync.get("configured"))},
+                **self.uplink.health(),
                 "audit_head": self.catalog.meta_get("audit_head"),
                 "chain_head": self.catalog.meta_get("chain_head"),
-                "scrub": self.scrub,
+                **self.scrub.health(),
             },
-            "docks": self._docks(),
-            "cameras": self._cameras(),
+            **self.docks.health(),
+            **self.cameras.health(),
             "alarms": self.alarm_list(),
         }
 
@@ -191,11 +271,10 @@ class HealthMonitor:
         """What a watcher wants to hear about at once, besides alarms: a recorder docked, done, failing or
         gone; a camera up or down; the uplink coming back (a fresh snapshot right after a reconnect). Counts
         and rates wait for the next interval: a busy dock must not turn health into a stream. All cheap reads."""
-        slots = [(s.dock, s.label, s.state, s.last_error) for s in self.agent.docks.slots()]
-        cameras = [(c.get("name"), c.get("connected")) for c in self._cameras()]
-        connected = bool(self._uplink_stats().get("connected"))
+        slots = [(s["dock"], s["label"], s["state"], s["last_error"]) for s in self.docks.health()["docks"]]
+        cameras = [(c.get("name"), c.get("connected")) for c in self.cameras.health()["cameras"]]
+        connected = bool(self.uplink.health()["sync"]["connected"])
         return [slots, cameras, connected]
-
     def signature(self) -> str:
         return json.dumps([self._state_signature(), [a["key"] for a in self.catalog.active_alarms()]], default=str)
 
@@ -222,9 +301,8 @@ class HealthMonitor:
     def publish(self, snapshot: dict[str, Any]) -> None:
         data = json.dumps(snapshot, ensure_ascii=False, sort_keys=True).encode("utf-8")
         atomic_write(self.path, data, mode=0o640)
-        uplink = getattr(self.agent, "uplink", None)
-        if uplink is not None:
-            uplink.publish("health", snapshot, retain=True)
+        if self.publisher is not None:
+            self.publisher.publish("health", snapshot, retain=True)
 
 
 def read_health_file(data_dir: Path, max_age_s: float) -> dict[str, Any] | None:
