@@ -12,6 +12,7 @@ import hashlib
 import json
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,16 +36,15 @@ def _loads(text: str | None) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
+@dataclass(eq=False)
 class Sealer:
     """Signs documents and links them into the agent's single hash chain, one at a time."""
 
-    def __init__(self, catalog: Catalog, key: AgentKey, layout: StoreLayout, config: AgentConfig):
-        self.catalog = catalog
-        self.key = key
-        self.layout = layout
-        self.config = config
-        self.tz = config.agent.zone
-        self._lock = threading.Lock()
+    catalog: Catalog
+    key: AgentKey
+    layout: StoreLayout
+    config: AgentConfig
+    _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 
     def _head(self) -> tuple[int, str]:
         head = self.catalog.meta_get("chain_head")
@@ -110,7 +110,7 @@ class Sealer:
         session = self.catalog.query("SELECT * FROM sessions WHERE session_id = ?", (session_id,))
         if not session:
             return None
-        body = session_manifest(session[0], rows, self.tz)
+        body = session_manifest(session[0], rows, self.config.agent.zone)
         path = self.layout.session_manifest_path(session_id)
 
         def record(conn: Any, digest: str) -> None:
