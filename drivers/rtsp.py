@@ -80,7 +80,6 @@ class StreamStats:
     codec: str | None = None
     width: int | None = None
     height: int | None = None
-    connected_since_ms: int | None = None
     _window: list[tuple[float, int, int]] = field(default_factory=list)
 
     def rates(self) -> tuple[float, float]:
@@ -240,7 +239,6 @@ class RtspRecorder:
             if stream is None:
                 raise StreamError(f"{redact(url)} carries no video stream")
             self.stats.connected = True
-            self.stats.connected_since_ms = int(time.time() * 1000)
             self.stats.codec = stream.codec_context.name
             self.stats.width, self.stats.height = stream.codec_context.width, stream.codec_context.height
             self.listener.connected(self.camera, redact(url))

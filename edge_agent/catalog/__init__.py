@@ -26,8 +26,9 @@ from typing import Any
 import sqlite_utils
 from ulid import ULID
 
-from edge_agent.catalog import audit
+from edge_agent.catalog import audit, gaps
 from edge_agent.clock import now_ms
+from edge_agent.protocol.canonical import canonical_json
 
 
 class State(StrEnum):
@@ -106,6 +107,7 @@ class FileRecord:
     purged_ms: int | None
     attempts: int
     last_error: str | None
+    extras: str | None = None   # canonical JSON object: what the source adds to the manifest (a camera, gaps)
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> FileRecord:
@@ -129,7 +131,7 @@ def _schema(db: sqlite_utils.Database) -> None:
             "recorded_start_ms": int, "recorded_end_ms": int, "ingested_at_ms": int, "size": int,
             "sha256": str, "store_path": str, "manifest_sha256": str, "media": str, "retention": str,
             "lane": int, "clock_offset_ms": int, "created_ms": int, "updated_ms": int, "synced_ms": int,
-            "cleared_ms": int, "purged_ms": int, "attempts": int, "last_error": str,
+            "cleared_ms": int, "purged_ms": int, "attempts": int, "last_error": str, "extras": str,
         },
         pk="file_id", not_null={"state", "kind", "device_id", "original_path", "retention", "lane",
                                 "created_ms", "updated_ms", "attempts"},
@@ -137,6 +139,8 @@ def _schema(db: sqlite_utils.Database) -> None:
         if_not_exists=True,
     )
     files = db["files"]
+    if "extras" not in files.columns_dict:   # catalogs made before source extras were kept on the row
+        files.add_column("extras", str)
     files.create_index(["state", "lane", "recorded_start_ms"], if_not_exists=True)
     files.create_index(["device_id", "original_path", "source_size", "source_mtime_ns"],
                        unique=True, if_not_exists=True, index_name="files_source_identity")
@@ -170,11 +174,7 @@ def _schema(db: sqlite_utils.Database) -> None:
          "released_ms": int, "released_by": str},
         pk="id", if_not_exists=True,
     )
-    db["gaps"].create(
-        {"id": int, "camera": str, "start_ms": int, "end_ms": int, "cause": str, "detail": str},
-        pk="id", if_not_exists=True,
-    )
-    db["gaps"].create_index(["camera", "start_ms"], if_not_exists=True)
+    gaps.create(db)
     db["alarms"].create(
         {"id": int, "key": str, "kind": str, "subject": str, "message": str, "raised_ms": int,
          "cleared_ms": int},
@@ -283,8 +283,10 @@ class Catalog:
                  session_id: str | None = None, volume_label: str | None = None,
                  officer_id: str | None = None, recorded_start_ms: int | None = None,
                  recorded_end_ms: int | None = None, clock_offset_ms: int | None = None,
-                 lane: int = LANE_RECORDER, actor: str | None = None) -> tuple[FileRecord, bool]:
-        """Record a source file. Returns (record, created); a file seen before is not added twice."""
+                 lane: int = LANE_RECORDER, actor: str | None = None,
+                 extras: dict[str, Any] | None = None) -> tuple[FileRecord, bool]:
+        """Record a source file. Returns (record, created); a file seen before is not added twice.
+        `extras` (stored as canonical JSON) are keys the source adds to the file's manifest."""
         with self.transaction() as conn:
             existing = self.find_source(device_id, original_path, source_size, source_mtime_ns)
             if existing is not None:
@@ -293,11 +295,12 @@ class Catalog:
             conn.execute(
                 "INSERT INTO files (file_id, state, kind, device_id, dock, slot, session_id, volume_label,"
                 " original_path, source_path, source_size, source_mtime_ns, officer_id, recorded_start_ms,"
-                " recorded_end_ms, clock_offset_ms, lane, retention, created_ms, updated_ms, attempts)"
-                " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,0)",
+                " recorded_end_ms, clock_offset_ms, lane, retention, created_ms, updated_ms, attempts, extras)"
+                " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,0,?)",
                 (file_id, State.DISCOVERED, kind, device_id, dock, slot, session_id, volume_label,
                  original_path, source_path, source_size, source_mtime_ns, officer_id, recorded_start_ms,
-                 recorded_end_ms, clock_offset_ms, lane, "routine", ts, ts),
+                 recorded_end_ms, clock_offset_ms, lane, "routine", ts, ts,
+                 None if extras is None else canonical_json(extras).decode("utf-8")),
             )
             audit.append(conn, "file.discovered", subject=file_id, actor=actor,
                          detail={"device_id": device_id, "path": original_path, "size": source_size})

@@ -1,5 +1,8 @@
 """Signed documents: per-file manifests, docking-session manifests, annotations.
 
+`file_manifest` and `session_manifest` build the bodies (the signed fields) of a file's and a docking
+session's manifest from what the catalog holds; `ingest.seal` signs and chains them.
+
 Canonical form is RFC 8785 (JCS) restricted to documents without floats, which
 is exactly `json.dumps(sort_keys=True, separators=(",", ":"),
 ensure_ascii=False)` in UTF-8 (DESIGN.md section 4). Every document is signed
@@ -14,9 +17,12 @@ import base64
 import hashlib
 import json
 import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+from zoneinfo import ZoneInfo
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
@@ -24,6 +30,10 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from edge_agent.durable import atomic_write, fsync_dir
 from edge_agent.protocol.canonical import canonical_json as encode_canonical
+
+if TYPE_CHECKING:
+    from edge_agent.catalog import FileRecord
+    from edge_agent.config import AgentSection
 
 MANIFEST_VERSION = 1
 GENESIS_PREV = "0" * 64
@@ -53,6 +63,59 @@ def _reject_floats(value: Any, path: str = "$") -> None:
 def document_hash(doc: dict[str, Any]) -> str:
     """SHA-256 of the canonical bytes of a whole signed document (this is what `prev` holds)."""
     return hashlib.sha256(canonical_json(doc)).hexdigest()
+
+
+def iso_ms(ms: int | None, tz: ZoneInfo) -> str | None:
+    """Epoch milliseconds as ISO 8601 in `tz`, to the millisecond (None stays None)."""
+    if ms is None:
+        return None
+    return datetime.fromtimestamp(ms / 1000, tz).isoformat(timespec="milliseconds")
+
+
+def file_manifest(record: FileRecord, media: dict[str, Any], extras: Mapping[str, Any], *, agent: AgentSection,
+                  model: str | None, serial: str | None, chunk_size: int) -> dict[str, Any]:
+    """The signed fields of one file's manifest (without `prev`, `key_id`, `sig`): the file as the catalog
+    holds it, its device's `model` and `serial`, its probed `media`, and the keys its source added at
+    discovery (`extras`: a camera segment's camera and the gaps before it), which come last and win."""
+    tz = agent.zone
+    body = {
+        "v": MANIFEST_VERSION,
+        "type": "file",
+        "file_id": record.file_id,
+        "agent_id": agent.id, "site_id": agent.site, "unit": agent.unit,
+        "source": {
+            "kind": record.kind, "device_id": record.device_id, "model": model,
+            "serial": serial, "slot": record.slot, "dock": record.dock,
+            "original_path": record.original_path, "volume_label": record.volume_label,
+        },
+        "officer_id": record.officer_id, "case_id": record.case_id, "party": record.party,
+        "recorded_start": iso_ms(record.recorded_start_ms, tz),
+        "recorded_end": iso_ms(record.recorded_end_ms, tz),
+        "recorded_start_ms": record.recorded_start_ms, "recorded_end_ms": record.recorded_end_ms,
+        "ingested_at": iso_ms(record.ingested_at_ms, tz),
+        "clock_offset_ms": record.clock_offset_ms,
+        "size": record.size, "sha256": record.sha256,
+        "chunk_size": chunk_size,
+        "media": media,
+        "retention": record.retention,
+    }
+    return {**body, **extras}
+
+
+def session_manifest(session: Mapping[str, Any], files: Sequence[Mapping[str, Any]], tz: ZoneInfo) -> dict[str, Any]:
+    """The signed fields of a docking session's manifest: every file it brought that has been sealed (hash
+    and size), and the original paths of the others. `files` are rows with file_id, original_path, sha256,
+    size and state."""
+    sealed = [r for r in files if r["sha256"] is not None and r["state"] not in ("discovered", "staged")]
+    return {
+        "session_id": session["session_id"], "dock": session["dock"], "slot": session["slot"],
+        "device_id": session["device_id"], "serial": session["serial"], "model": session["model"],
+        "officer_id": session["officer_id"],
+        "docked_at": iso_ms(session["docked_ms"], tz),
+        "files": [{"file_id": r["file_id"], "sha256": r["sha256"], "size": r["size"],
+                   "original_path": r["original_path"]} for r in sealed],
+        "files_not_sealed": [r["original_path"] for r in files if r not in sealed],
+    }
 
 
 def key_id_of(public_key: Ed25519PublicKey) -> str:

@@ -1,0 +1,120 @@
+"""Sealing: sign a staged file's manifest, write it durably, link it into the agent's document chain.
+
+The manifest is built from the catalog row alone (`evidence.manifest.file_manifest`): the keys a source
+adds (a camera segment's camera and the gaps before it) were stored on the row at discovery (`extras`),
+so a file sealed by crash recovery carries them too, and sealing never calls back into a source.
+Session manifests, annotations and key rotations are signed into the same chain by `sign_document`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edge_agent.catalog import Catalog, FileRecord, State
+from edge_agent.clock import now_ms
+from edge_agent.config import AgentConfig
+from edge_agent.evidence.manifest import (
+    GENESIS_PREV,
+    MANIFEST_VERSION,
+    AgentKey,
+    file_manifest,
+    session_manifest,
+    write_document,
+)
+from edge_agent.layout import StoreLayout
+
+
+def _loads(text: str | None) -> dict[str, Any]:
+    """A JSON object column (media, extras); anything else reads as no keys."""
+    value = json.loads(text) if text else None
+    return value if isinstance(value, dict) else {}
+
+
+@dataclass(eq=False)
+class Sealer:
+    """Signs documents and links them into the agent's single hash chain, one at a time."""
+
+    catalog: Catalog
+    key: AgentKey
+    layout: StoreLayout
+    config: AgentConfig
+    _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
+
+    def _head(self) -> tuple[int, str]:
+        head = self.catalog.meta_get("chain_head")
+        if head is None:
+            return 0, GENESIS_PREV
+        seq, _, digest = head.partition(":")
+        return int(seq), digest
+
+    def _chain(self, conn: Any, seq: int, kind: str, doc_id: str, digest: str, prev: str, path: Path) -> None:
+        conn.execute(
+            "INSERT INTO documents (seq, kind, doc_id, sha256, prev, path, created_ms) VALUES (?,?,?,?,?,?,?)",
+            (seq, kind, doc_id, digest, prev, str(path.relative_to(self.layout.data_dir)), now_ms()),
+        )
+        self.catalog.meta_set(conn, "chain_head", f"{seq}:{digest}")
+
+    def manifest_body(self, record: FileRecord) -> dict[str, Any]:
+        """The signed fields of `record`'s manifest, from its row and its device's row."""
+        model, serial = self._device(record.device_id)
+        return file_manifest(record, _loads(record.media), _loads(record.extras), agent=self.config.agent,
+                             model=model, serial=serial, chunk_size=self.config.mqtt.chunk_kib * 1024)
+
+    def _device(self, device_id: str) -> tuple[str | None, str | None]:
+        """The device's model and serial as the catalog knows them."""
+        rows = self.catalog.query("SELECT model, serial FROM devices WHERE device_id = ?", (device_id,))
+        return (rows[0][0], rows[0][1]) if rows else (None, None)
+
+    def _signed(self, conn: Any, kind: str, doc_id: str, body: dict[str, Any],
+                path: Path) -> tuple[dict[str, Any], str]:
+        """Sign `body` after the chain head, write it durably and chain it; inside the caller's transaction."""
+        seq, prev = self._head()
+        doc = self.key.sign({**body, "prev": prev})
+        digest = hashlib.sha256(write_document(path, doc)).hexdigest()
+        self._chain(conn, seq + 1, kind, doc_id, digest, prev, path)
+        return doc, digest
+
+    def seal(self, record: FileRecord) -> dict[str, Any]:
+        """staged -> sealed: sign the manifest, write it durably, then record it. Returns the manifest."""
+        body = self.manifest_body(record)
+        path = self.layout.manifest_path(record.file_id)
+        # The write transaction is held while the document is written, so the chain stays linear even
+        # when another process (a custodian's CLI) signs at the same time.
+        with self._lock, self.catalog.transaction() as conn:
+            doc, digest = self._signed(conn, "file", record.file_id, body, path)
+            self.catalog.transition(record.file_id, State.SEALED, expect=State.STAGED, actor="edge-agent",
+                                    manifest_sha256=digest, audit_detail={"manifest_sha256": digest})
+        return doc
+
+    def sign_document(self, kind: str, doc_id: str, body: dict[str, Any], path: Path,
+                      after: Callable[[Any, str], None] | None = None) -> dict[str, Any]:
+        """Sign and chain a session manifest or annotation. `after(conn, digest)` runs in the same transaction."""
+        with self._lock, self.catalog.transaction() as conn:
+            doc, digest = self._signed(conn, kind, doc_id, {"v": MANIFEST_VERSION, "type": kind,
+                                                            "agent_id": self.config.agent.id, **body}, path)
+            if after is not None:
+                after(conn, digest)
+        return doc
+
+    def seal_session(self, session_id: str) -> dict[str, Any] | None:
+        """Sign the batch manifest of one docking session: every file it brought, with hash and size."""
+        rows = self.catalog.query(
+            "SELECT file_id, original_path, sha256, size, state FROM files WHERE session_id = ? ORDER BY file_id",
+            (session_id,))
+        session = self.catalog.query("SELECT * FROM sessions WHERE session_id = ?", (session_id,))
+        if not session:
+            return None
+        body = session_manifest(session[0], rows, self.config.agent.zone)
+        path = self.layout.session_manifest_path(session_id)
+
+        def record(conn: Any, digest: str) -> None:
+            conn.execute("UPDATE sessions SET manifest_sha256 = ?, files_total = ? WHERE session_id = ?",
+                         (digest, len(rows), session_id))
+
+        return self.sign_document("session", session_id, body, path, after=record)

@@ -1,0 +1,171 @@
+"""One camera's worker: who the camera is (ONVIF), its recorder thread, its gaps and its image health.
+
+The worker is the `RecorderListener` of the camera's `RtspRecorder`: it turns the recorder's reports
+into gap ledger rows and alarms, hands finished segments to the intake and samples keyframes for the
+image checks. Workers share nothing but the catalog, the ledger and the intake queue.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+import av
+
+from drivers import onvif
+from drivers.image_checks import CHECKS, ImageHealth, KeyframeSampler
+from drivers.rtsp import AuthFailed, RtspRecorder, Segment, StreamError, with_credentials
+from edge_agent.catalog import Catalog
+from edge_agent.catalog.gaps import Gap
+from edge_agent.config import AgentConfig, Camera
+from edge_agent.sources.cameras.gaps import GapLedger
+from edge_agent.sources.cameras.intake import Queued, SegmentIntake, spool_dir
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class CameraHealth:
+    device_id: str
+    clock_offset_ms: int | None = None
+    identity: dict[str, Any] | None = None
+    image: ImageHealth | None = None
+    image_samples: int = 0
+    open_gap: Gap | None = None
+    # Counted in memory, read from the catalog once a day: the health check reads it every few seconds.
+    day_ms: int | None = None
+    segments_today: int = 0
+
+
+class CameraWorker:
+    """One camera: ONVIF identity, its recorder thread, its gaps and its image health."""
+
+    def __init__(self, camera: Camera, config: AgentConfig, catalog: Catalog, ledger: GapLedger,
+                 intake: SegmentIntake):
+        self.camera = camera
+        self.catalog = catalog
+        self.ledger = ledger
+        self.intake = intake
+        self.health = CameraHealth(device_id=camera.name)
+        self.sampler = KeyframeSampler(camera.image_check_s)
+        self.password = onvif.read_password(camera.password_file)
+        self.recorder = RtspRecorder(
+            camera.name, self.resolve, spool_dir(config.agent.data_dir, camera.name), self,
+            segment_s=camera.segment_s, stall_timeout_s=camera.stall_timeout_s,
+            reconnect_max_s=camera.reconnect_max_s, min_free_bytes=config.agent.min_free_mb * 1024**2)
+        self._thread = threading.Thread(target=self.recorder.run, name=f"camera-{camera.name}", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self.recorder.stop()
+
+    def join(self, timeout: float) -> None:
+        self._thread.join(timeout)
+
+    # -- where the stream is ---------------------------------------------------------------------
+
+    def resolve(self) -> str:
+        cam = self.camera
+        if cam.onvif is None:
+            assert cam.rtsp is not None
+            self._seen(None)
+            return with_credentials(cam.rtsp, cam.username, self.password)
+        try:
+            identity = onvif.probe(cam.onvif, cam.username, self.password, cam.profile,
+                                   timeout=max(cam.stall_timeout_s, 5.0))
+        except onvif.OnvifAuthFailed as exc:
+            raise AuthFailed(str(exc)) from exc
+        except onvif.OnvifError as exc:
+            raise StreamError(str(exc)) from exc
+        self.health.clock_offset_ms = identity.clock_offset_ms
+        self._seen(identity)
+        return with_credentials(identity.stream_uri, cam.username, self.password)
+
+    def _seen(self, identity: onvif.CameraIdentity | None) -> None:
+        cam = self.camera
+        device_id = (identity.serial if identity and identity.serial else None) or cam.name
+        self.health.device_id = device_id
+        self.health.identity = identity.as_dict() if identity else None
+        info = {"location": cam.location, "location_kind": cam.location_kind,
+                "source": cam.onvif or (cam.rtsp or "").split("@")[-1]}
+        with self.catalog.transaction() as conn:
+            self.catalog.touch_device(conn, device_id, kind="camera", name=cam.name,
+                                      model=identity.model if identity else None,
+                                      serial=identity.serial if identity else None,
+                                      info={**info, **(identity.as_dict() if identity else {})})
+
+    # -- RecorderListener --------------------------------------------------------------------------
+
+    def connected(self, camera: str, url: str) -> None:
+        log.info("camera_connected camera=%s url=%s device=%s", camera, url, self.health.device_id)
+
+    def interrupted(self, camera: str, cause: str, since_ms: int, detail: str) -> None:
+        gap = self.health.open_gap
+        if gap is None:
+            self.health.open_gap = self.ledger.open(camera, since_ms, cause, detail)
+            self.catalog.raise_alarm(f"camera.{camera}.offline", "camera_offline", camera,
+                                     f"camera {camera} is not recording: {cause}: {detail}")
+        elif gap.detail != detail:
+            self.health.open_gap = self.ledger.note(gap, detail)
+
+    def resumed(self, camera: str, at_ms: int) -> None:
+        gap = self.health.open_gap
+        if gap is not None:
+            self.ledger.close(gap, at_ms)
+            self.health.open_gap = None
+            self.catalog.clear_alarm(f"camera.{camera}.offline")
+        log.info("camera_recording camera=%s since_ms=%d", camera, at_ms)
+
+    def clock_stepped(self, camera: str, at_ms: int, step_ms: int) -> None:
+        gap = self.ledger.open(camera, at_ms, "clock_step", f"wall clock stepped by {step_ms:+d} ms")
+        self.ledger.close(gap, at_ms + max(step_ms, 0))
+
+    def segment_done(self, segment: Segment) -> None:
+        self.health.segments_today += 1
+        self.intake.put(Queued(segment, self.health.device_id, self.health.clock_offset_ms))
+
+    def packet(self, camera: str, packet: av.Packet, stream: av.video.stream.VideoStream, key: bool) -> None:
+        result = self.sampler.offer(packet, stream, key)
+        if result is None:
+            return
+        previous = self.health.image
+        self.health.image = result
+        self.health.image_samples += 1
+        for check, flagged in result.flags().items():
+            if previous is not None and getattr(previous, check) == flagged:
+                continue
+            alarm = f"camera.{camera}.{check}"
+            if flagged:
+                self.catalog.raise_alarm(alarm, f"camera_{check}", camera,
+                                         f"camera {camera} at {self.camera.location}: picture is {check}")
+            else:
+                self.catalog.clear_alarm(alarm)
+
+    # -- health ------------------------------------------------------------------------------------
+
+    def status(self, midnight_ms: int) -> dict[str, Any]:
+        """This camera's entry in the health snapshot's `cameras` list (DESIGN.md section 6)."""
+        stats = self.recorder.stats
+        fps, kbps = stats.rates()
+        image = self.health.image
+        health = self.health
+        if health.day_ms != midnight_ms:
+            health.day_ms = midnight_ms
+            health.segments_today = self.ledger.table.segments_since(self.camera.name, midnight_ms)
+        return {
+            "name": self.camera.name, "device_id": health.device_id, "location": self.camera.location,
+            "connected": stats.connected, "fps": round(fps, 1), "bitrate_kbps": round(kbps, 1),
+            "last_packet_ms": stats.last_packet_ms, "codec": stats.codec, "width": stats.width,
+            "height": stats.height, "segments_today": health.segments_today,
+            # indexed by camera: cheap
+            "gaps_today": len(self.ledger.table.overlapping(self.camera.name, midnight_ms)),
+            "recording": stats.connected and health.open_gap is None,
+            "open_gap": health.open_gap.as_dict() if health.open_gap else None,
+            "clock_offset_ms": health.clock_offset_ms, "last_error": stats.last_error,
+            "model": (health.identity or {}).get("model"), "profile": (health.identity or {}).get("profile_token"),
+            "image_checks": image.as_dict() if image else {name: None for name in CHECKS},
+        }
