@@ -31,7 +31,7 @@ from edge_agent.evidence.scrub import Scrubber
 from edge_agent.ingest import Ingestor, Sealer
 from edge_agent.layout import StoreLayout
 from edge_agent.ops import sdnotify
-from edge_agent.ops.health import CameraHealth, DockHealth, HealthMonitor, ScrubHealth, UplinkHealth
+from edge_agent.ops.health import HealthMonitor, ScrubHealth
 from edge_agent.ops.retention import Retention
 from edge_agent.ops.scheduler import Job, Scheduler, daily_summary
 from edge_agent.sources.docks import DockService
@@ -165,11 +165,10 @@ class Agent:
     def health_monitor(self, retention: Retention, scrubber: Scrubber | None = None) -> HealthMonitor:
         """The health monitor over the parts built so far, each as a named provider; publishes through the
         uplink when there is one."""
-        # integrator: hand the components themselves once they have `health()` (contract 2).
         return HealthMonitor(
-            self.config, self.catalog, self.layout, retention, process=self, docks=DockHealth(self.docks),
-            cameras=None if self.cameras is None else CameraHealth(self.cameras),
-            uplink=None if self.uplink is None else UplinkHealth(self.uplink),
+            self.config, self.catalog, self.layout, retention, process=self, docks=self.docks,
+            cameras=self.cameras,
+            uplink=self.uplink,
             scrub=None if scrubber is None else ScrubHealth(scrubber),
             publisher=self.uplink)
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from edge_agent.catalog import Catalog, State
+from edge_agent.clock import iso_ms as iso
 from edge_agent.layout import StoreLayout
-from edge_agent.ops.health import iso
 from edge_agent.sync import SYNC_NOW_META, Uplink
 from tests.helpers import agent_config
 
@@ -41,9 +41,9 @@ def test_health_is_the_sync_section_the_snapshot_built_from_stats(uplink: Uplink
     expected = {"connected": bool(sync.get("connected")), "rate_bps": sync.get("rate_bps"),
                 "last_ack_ms": sync.get("last_ack_ms"), "last_ack": iso(sync.get("last_ack_ms")),
                 "bytes_sent": sync.get("bytes_sent"), "in_flight": sync.get("in_flight"), "configured": True}
-    assert uplink.health() == expected
+    assert uplink.health() == {"sync": expected}
     uplink.last_ack_ms = None
-    assert uplink.health()["last_ack"] is None and uplink.health()["connected"] is False
+    assert uplink.health()["sync"]["last_ack"] is None and uplink.health()["sync"]["connected"] is False
 
 
 def test_stats_count_the_files_waiting_for_upload(uplink: Uplink) -> None:

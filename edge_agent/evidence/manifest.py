@@ -19,7 +19,6 @@ import json
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from zoneinfo import ZoneInfo
@@ -28,6 +27,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from edge_agent.clock import iso_ms
 from edge_agent.durable import atomic_write, fsync_dir
 from edge_agent.protocol.canonical import canonical_json as encode_canonical
 
@@ -63,13 +63,6 @@ def _reject_floats(value: Any, path: str = "$") -> None:
 def document_hash(doc: dict[str, Any]) -> str:
     """SHA-256 of the canonical bytes of a whole signed document (this is what `prev` holds)."""
     return hashlib.sha256(canonical_json(doc)).hexdigest()
-
-
-def iso_ms(ms: int | None, tz: ZoneInfo) -> str | None:
-    """Epoch milliseconds as ISO 8601 in `tz`, to the millisecond (None stays None)."""
-    if ms is None:
-        return None
-    return datetime.fromtimestamp(ms / 1000, tz).isoformat(timespec="milliseconds")
 
 
 def file_manifest(record: FileRecord, media: dict[str, Any], extras: Mapping[str, Any], *, agent: AgentSection,

@@ -20,7 +20,6 @@ import shutil
 import subprocess
 import threading
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -28,7 +27,7 @@ import psutil
 
 from edge_agent.catalog import Catalog
 from edge_agent.catalog.health_reads import HealthReads
-from edge_agent.clock import now_ms
+from edge_agent.clock import iso_ms, now_ms
 from edge_agent.config import AgentConfig
 from edge_agent.durable import atomic_write
 from edge_agent.layout import StoreLayout
@@ -77,12 +76,6 @@ def read_clock() -> dict[str, Any]:
     return {"source": "unknown", "synchronized": None, "offset_ms": None}
 
 
-def iso(ms: int | None) -> str | None:
-    if ms is None:
-        return None
-    return datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="milliseconds")
-
-
 class HealthProvider(Protocol):
     """A part of the agent that reports on itself in the health snapshot.
 
@@ -100,52 +93,6 @@ class Publisher(Protocol):
     def publish(self, suffix: str, payload: dict[str, Any], retain: bool = False) -> bool: ...
 
 
-# -- adapters: today's section builders, one per component ---------------------------------------------------
-# integrator: each is the body of its component's own `health()` (contract 2); swap the adapter for the
-# component itself in `edge_agent.daemon.Agent.health_monitor` and delete the adapter.
-
-
-class DockHealth:
-    """`DockService` -> `{"docks": [one dict per docked slot]}`."""
-
-    def __init__(self, docks: Any):
-        self.docks = docks
-
-    def health(self) -> dict[str, Any]:
-        slots = []
-        for s in self.docks.slots():
-            slots.append({
-                "dock": s.dock, "slot": s.slot, "label": s.label, "state": s.state, "device_id": s.device_id,
-                "model": s.model, "serial": s.serial, "officer_id": s.officer_id, "session_id": s.session_id,
-                "docked_ms": s.docked_ms, "files_total": s.files_total, "files_pending": s.files_pending,
-                "bytes_total": s.bytes_total, "bytes_copied": s.bytes_copied, "rate_bps": round(s.rate_bps, 1),
-                "last_error": s.last_error,
-            })
-        return {"docks": slots}
-
-
-class CameraHealth:
-    """`CameraService` -> `{"cameras": [one dict per camera]}`."""
-
-    def __init__(self, cameras: Any):
-        self.cameras = cameras
-
-    def health(self) -> dict[str, Any]:
-        return {"cameras": list(self.cameras.camera_status())}
-
-
-class UplinkHealth:
-    """`Uplink` -> `{"sync": {...}}`, the `agent.sync` section."""
-
-    def __init__(self, uplink: Any):
-        self.uplink = uplink
-
-    def health(self) -> dict[str, Any]:
-        stats = dict(self.uplink.stats())
-        stats.setdefault("configured", True)
-        return {"sync": sync_section(stats)}
-
-
 class ScrubHealth:
     """`Scrubber` -> `{"scrub": its last run}`; empty until the first scrub slice has run."""
 
@@ -156,15 +103,9 @@ class ScrubHealth:
         return {"scrub": self.scrubber.status}
 
 
-def sync_section(stats: dict[str, Any]) -> dict[str, Any]:
-    """The `agent.sync` section from the uplink's counters (`Uplink.stats()` plus `configured`)."""
-    return {"connected": bool(stats.get("connected")), "rate_bps": stats.get("rate_bps"),
-            "last_ack_ms": stats.get("last_ack_ms"), "last_ack": iso(stats.get("last_ack_ms")),
-            "bytes_sent": stats.get("bytes_sent"), "in_flight": stats.get("in_flight"),
-            "configured": bool(stats.get("configured"))}
-
-
-NO_UPLINK: dict[str, Any] = {"sync": sync_section({"connected": False, "configured": False})}
+# A part the agent was built without: its fragment says it is not there.
+NO_UPLINK: dict[str, Any] = {"sync": {"connected": False, "rate_bps": None, "last_ack_ms": None, "last_ack": None,
+                                      "bytes_sent": None, "in_flight": None, "configured": False}}
 NO_CAMERAS: dict[str, Any] = {"cameras": []}
 NO_SCRUB: dict[str, Any] = {"scrub": {}}
 
@@ -246,7 +187,7 @@ class HealthMonitor:
         return {
             "schema_version": SCHEMA_VERSION,
             "agent_id": agent.id, "site_id": agent.site, "unit": agent.unit,
-            "ts_ms": now, "ts": iso(now),
+            "ts_ms": now, "ts": iso_ms(now),
             "agent": {
                 **self.process.health(),
                 "clock": self.clock(),

@@ -25,14 +25,13 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from datetime import UTC, datetime
 from typing import Any
 
 import paho.mqtt.client as mqtt
 
 from edge_agent.catalog import Catalog, FileRecord, State
 from edge_agent.catalog.outbox_sync import OutboxSync
-from edge_agent.clock import now_ms
+from edge_agent.clock import iso_ms, now_ms
 from edge_agent.config import AgentConfig
 from edge_agent.layout import StoreLayout
 from edge_agent.protocol.canonical import canonical_json
@@ -126,13 +125,11 @@ class Uplink:
                 "in_flight": len(self.sender.files), "queue_files": files, "queue_bytes": size}
 
     def health(self) -> dict[str, Any]:
-        """The `agent.sync` section of the health snapshot (schema `health`)."""
+        """Its fragment of the health snapshot: `{"sync": the agent.sync section}` (schema `health`)."""
         stats = self.stats()
-        last_ack = stats["last_ack_ms"]
-        return {"connected": bool(stats["connected"]), "rate_bps": stats["rate_bps"], "last_ack_ms": last_ack,
-                "last_ack": None if last_ack is None else
-                datetime.fromtimestamp(last_ack / 1000, UTC).isoformat(timespec="milliseconds"),
-                "bytes_sent": stats["bytes_sent"], "in_flight": stats["in_flight"], "configured": True}
+        return {"sync": {"connected": bool(stats["connected"]), "rate_bps": stats["rate_bps"],
+                         "last_ack_ms": stats["last_ack_ms"], "last_ack": iso_ms(stats["last_ack_ms"]),
+                         "bytes_sent": stats["bytes_sent"], "in_flight": stats["in_flight"], "configured": True}}
 
     # -- the connection (paho's network thread: queue, never block) ----------------------------
 
