@@ -18,7 +18,6 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from drivers.base import DockDriver
@@ -51,14 +50,6 @@ class Component(Protocol):
     def start(self) -> None: ...
 
     def stop(self) -> None: ...
-
-
-def check_data_permissions(data_dir: Path) -> None:
-    """Refuse to run with evidence or keys readable by everyone (R8)."""
-    data_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
-    mode = data_dir.stat().st_mode & 0o777
-    if mode & 0o007:
-        raise PermissionError(f"{data_dir} is open to all users (mode {mode:o}); run: chmod o-rwx {data_dir}")
 
 
 @dataclass
@@ -105,9 +96,7 @@ class Agent:
         self.config = config
         self.started_monotonic = time.monotonic()
         self.version = __version__
-        self.layout = StoreLayout(config.agent.data_dir)
-        check_data_permissions(config.agent.data_dir)
-        self.layout.create()
+        self.layout = StoreLayout(config.agent.data_dir).open()
         self.catalog = Catalog(config.catalog_path)
         self.key = AgentKey.load_or_create(self.layout.keys)
         self.sealer = Sealer(self.catalog, self.key, self.layout, config)

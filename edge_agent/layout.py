@@ -37,6 +37,17 @@ class StoreLayout:
     def keys(self) -> Path:
         return self.data_dir / "keys"
 
+    def open(self) -> StoreLayout:
+        """Make the layout if new and refuse (PermissionError) a data_dir open to all users: evidence and keys
+        are never world-readable (R8). Every process that writes evidence (the daemon, `import`) opens it so."""
+        self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
+        mode = self.data_dir.stat().st_mode & 0o777
+        if mode & 0o007:
+            raise PermissionError(f"{self.data_dir} is open to all users (mode {mode:o}); "
+                                  f"run: chmod o-rwx {self.data_dir}")
+        self.create()
+        return self
+
     def create(self) -> None:
         """Make the layout; a new data_dir is 0750 whatever the umask (evidence is never world-readable)."""
         if not self.data_dir.exists():

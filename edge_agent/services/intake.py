@@ -43,18 +43,6 @@ class ImportResult:
         return max(self.files_total - self.files_done, 0)
 
 
-def _open_data_dir(config: AgentConfig) -> StoreLayout:
-    """The store layout, made if new; refuses (PermissionError) a data_dir open to all users (R8)."""
-    data_dir = config.agent.data_dir
-    data_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
-    mode = data_dir.stat().st_mode & 0o777
-    if mode & 0o007:
-        raise PermissionError(f"{data_dir} is open to all users (mode {mode:o}); run: chmod o-rwx {data_dir}")
-    layout = StoreLayout(data_dir)
-    layout.create()
-    return layout
-
-
 def import_folder(config: AgentConfig, path: Path, *, device_id: str, officer_id: str | None,
                   reason: str | None, on_progress: Callable[[int, int], None] | None = None) -> ImportResult:
     """Import every file under `path` as recorder `device_id` (officer `officer_id`, else from file names or
@@ -63,7 +51,7 @@ def import_folder(config: AgentConfig, path: Path, *, device_id: str, officer_id
     not a folder, PermissionError if the data directory is open to all users."""
     if not path.is_dir():
         raise IntakeRefused(f"{path} is not a folder: give the card's mount point or a folder of recordings")
-    layout = _open_data_dir(config)
+    layout = StoreLayout(config.agent.data_dir).open()
     catalog = Catalog(config.catalog_path)
     try:
         sealer = Sealer(catalog, AgentKey.load_or_create(layout.keys), layout, config)
