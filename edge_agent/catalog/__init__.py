@@ -40,8 +40,17 @@ from edge_agent.catalog.meta import Meta
 from edge_agent.catalog.schema import LANE_CAMERA, LANE_EVIDENCE, LANE_RECORDER
 from edge_agent.catalog.sessions import Sessions
 from edge_agent.catalog.states import (
-    CONFIRMED, PENDING_COPY, PURGEABLE_STATES, SEALED_STATES, STORED, STORED_FILES, SYNC_QUEUE, TRANSITIONS,
-    UNSYNCED, State, state_in,
+    CONFIRMED,
+    PENDING_COPY,
+    PURGEABLE_STATES,
+    SEALED_STATES,
+    STORED,
+    STORED_FILES,
+    SYNC_QUEUE,
+    TRANSITIONS,
+    UNSYNCED,
+    State,
+    state_in,
 )
 from edge_agent.clock import now_ms
 

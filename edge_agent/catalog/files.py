@@ -17,7 +17,14 @@ from ulid import ULID
 from edge_agent.catalog import audit
 from edge_agent.catalog.schema import FILES_SEND_ORDER, FILES_STORED_SIZE, FILES_SYNCED_MS, LANE_RECORDER
 from edge_agent.catalog.states import (
-    PURGEABLE_STATES, SEALED_STATES, STORED_FILES, SYNC_QUEUE, TRANSITIONS, UNSYNCED, State, state_in,
+    PURGEABLE_STATES,
+    SEALED_STATES,
+    STORED_FILES,
+    SYNC_QUEUE,
+    TRANSITIONS,
+    UNSYNCED,
+    State,
+    state_in,
 )
 from edge_agent.clock import now_ms
 from edge_agent.protocol.canonical import canonical_json

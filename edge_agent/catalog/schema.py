@@ -49,7 +49,8 @@ TABLES: dict[str, str] = {
                   " [to_ms] INTEGER, [actor] TEXT"),
     "holds": ("[id] INTEGER PRIMARY KEY, [file_id] TEXT, [case_id] TEXT, [reason] TEXT, [actor] TEXT,"
               " [set_ms] INTEGER, [released_ms] INTEGER, [released_by] TEXT"),
-    "gaps": "[id] INTEGER PRIMARY KEY, [camera] TEXT, [start_ms] INTEGER, [end_ms] INTEGER, [cause] TEXT, [detail] TEXT",
+    "gaps": ("[id] INTEGER PRIMARY KEY, [camera] TEXT, [start_ms] INTEGER, [end_ms] INTEGER, [cause] TEXT,"
+             " [detail] TEXT"),
     "alarms": ("[id] INTEGER PRIMARY KEY, [key] TEXT, [kind] TEXT, [subject] TEXT, [message] TEXT,"
                " [raised_ms] INTEGER, [cleared_ms] INTEGER"),
     "documents": ("[seq] INTEGER PRIMARY KEY, [kind] TEXT, [doc_id] TEXT, [sha256] TEXT, [prev] TEXT, [path] TEXT,"
