@@ -15,17 +15,9 @@ from typing import TYPE_CHECKING, Any
 from ulid import ULID
 
 from edge_agent.catalog import audit
+from edge_agent.catalog import states as state_sets
 from edge_agent.catalog.schema import FILES_SEND_ORDER, FILES_STORED_SIZE, FILES_SYNCED_MS, LANE_RECORDER
-from edge_agent.catalog.states import (
-    PURGEABLE_STATES,
-    SEALED_STATES,
-    STORED_FILES,
-    SYNC_QUEUE,
-    TRANSITIONS,
-    UNSYNCED,
-    State,
-    state_in,
-)
+from edge_agent.catalog.states import STORED_FILES, State, state_in
 from edge_agent.clock import now_ms
 from edge_agent.protocol.canonical import canonical_json
 
@@ -107,7 +99,7 @@ COLUMNS = frozenset(_FIELDS)
 
 # A file is purgeable only if every one of these holds; the same text guards the final check in `purge`.
 _PURGEABLE = (
-    f"{state_in(PURGEABLE_STATES, 'f.state')} AND f.retention = 'routine' AND f.store_path IS NOT NULL"
+    f"{state_in(state_sets.PURGEABLE_STATES, 'f.state')} AND f.retention = 'routine' AND f.store_path IS NOT NULL"
     " AND NOT EXISTS (SELECT 1 FROM holds h WHERE h.released_ms IS NULL AND (h.file_id = f.file_id"
     " OR (h.case_id IS NOT NULL AND h.case_id = f.case_id)))"
 )
@@ -185,7 +177,7 @@ class Files:
             current = State(row[0])
             if expect is not None and current != expect:
                 raise TransitionError(f"file {file_id} is {current}, expected {expect}")
-            if to not in TRANSITIONS[current]:
+            if to not in state_sets.TRANSITIONS[current]:
                 raise TransitionError(f"file {file_id}: {current} -> {to} is not an allowed transition")
             columns["state"] = str(to)
             self._set(conn, file_id, columns)
@@ -233,7 +225,7 @@ class Files:
 
     def sealed_after(self, file_id: str, limit: int) -> list[FileRecord]:
         """Files with a signed manifest (SEALED_STATES) whose id sorts after `file_id`, by id: a resumable walk."""
-        return self.select(states=SEALED_STATES, where="file_id > ?", params=(file_id,), order="file_id",
+        return self.select(states=state_sets.SEALED_STATES, where="file_id > ?", params=(file_id,), order="file_id",
                            limit=limit)
 
     def of_case(self, case_id: str) -> list[FileRecord]:
@@ -251,7 +243,7 @@ class Files:
     def next_to_send(self, limit: int = 1, exclude: set[str] | frozenset[str] = frozenset()) -> list[FileRecord]:
         """Sealed files in lane order: evidence and held first, recorder files oldest first, cameras."""
         rows = self._catalog.query(
-            f"SELECT * FROM files INDEXED BY {FILES_SEND_ORDER} WHERE {state_in(SYNC_QUEUE)}"
+            f"SELECT * FROM files INDEXED BY {FILES_SEND_ORDER} WHERE {state_in(state_sets.SYNC_QUEUE)}"
             " ORDER BY lane, COALESCE(recorded_start_ms, created_ms), file_id LIMIT ?",
             (limit + len(exclude),),
         )
@@ -278,10 +270,10 @@ class Files:
 
     def unsynced_since(self, cutoff_ms: int) -> tuple[int, int | None]:
         """(count, oldest arrival) of UNSYNCED files that reached the agent at or before `cutoff_ms`."""
-        states = list(UNSYNCED)
+        unsynced = list(state_sets.UNSYNCED)
         row = self._catalog.query(
             f"SELECT COUNT(*), MIN(COALESCE(ingested_at_ms, created_ms)) FROM files WHERE state IN "
-            f"({_placeholders(states)}) AND COALESCE(ingested_at_ms, created_ms) <= ?", (*states, cutoff_ms))[0]
+            f"({_placeholders(unsynced)}) AND COALESCE(ingested_at_ms, created_ms) <= ?", (*unsynced, cutoff_ms))[0]
         return int(row[0]), row[1]
 
     # -- retention ------------------------------------------------------------------------------
