@@ -59,6 +59,16 @@ def test_update_refuses_state(catalog: Catalog) -> None:
     assert (catalog.get(record.file_id).last_error, catalog.get(record.file_id).attempts) == ("disk hiccup", 2)
 
 
+def test_totals_and_unsynced(catalog: Catalog) -> None:
+    a, _ = _discover(catalog)
+    _discover(catalog, "b.mp4")
+    catalog.transition(a.file_id, State.STAGED, size=7, ingested_at_ms=5)
+    assert catalog.files.totals(states.UNSYNCED) == (2, 7)
+    assert catalog.files.totals(states.SYNC_QUEUE) == (0, 0)
+    assert catalog.files.unsynced_since(5) == (1, 5)
+    assert catalog.files.state_of(a.file_id) == State.STAGED and catalog.files.state_of("nope") is None
+
+
 def test_update_refuses_unknown_columns(catalog: Catalog) -> None:
     record, _ = _discover(catalog)
     with pytest.raises(ValueError, match="no column"):

@@ -255,6 +255,13 @@ class Files:
     def counts_by_state(self) -> dict[str, int]:
         return {r[0]: r[1] for r in self._catalog.query("SELECT state, COUNT(*) FROM files GROUP BY state")}
 
+    def totals(self, states: Iterable[str]) -> tuple[int, int]:
+        """(files, bytes) in `states`, e.g. SYNC_QUEUE: what waits for upload."""
+        wanted = list(states)
+        row = self._catalog.query(f"SELECT COUNT(*), COALESCE(SUM(size), 0) FROM files WHERE state IN"
+                                  f" ({_placeholders(wanted)})", tuple(wanted))[0]
+        return int(row[0]), int(row[1])
+
     def stored_bytes(self) -> int:
         """Bytes held in the local store (STORED_FILES): what counts against max_disk_gb."""
         rows = self._catalog.query(

@@ -1,8 +1,8 @@
 """The catalog's schema: every table and index, by name, and the migrations that bring an older catalog
 forward.
 
-`BASE` is the schema as the first released catalogs had it (created by sqlite-utils, whose automatic index
-names `idx_<table>_<columns>` are kept here as explicit names, so an existing catalog gains no duplicate
+`TABLES` and `INDEXES` are the base schema as released catalogs had it (made by sqlite-utils, whose automatic
+index names `idx_<table>_<columns>` are kept here as explicit names, so an existing catalog gains no duplicate
 index). `MIGRATIONS` are applied in order on top of it, each once; `PRAGMA user_version` records how many
 were applied. A new catalog is made the same way (base, then every migration), so there is one path to
 the current schema.
