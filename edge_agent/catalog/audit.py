@@ -14,11 +14,14 @@ import getpass
 import hashlib
 import os
 import sqlite3
-import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from edge_agent.clock import now_ms
 from edge_agent.protocol.canonical import canonical_json
+
+if TYPE_CHECKING:
+    from edge_agent.catalog import Catalog
 
 GENESIS = "0" * 64
 
@@ -40,7 +43,7 @@ def append(conn: sqlite3.Connection, action: str, *, subject: str | None = None,
     """Append one entry; the caller holds the write transaction. Returns its seq."""
     row = conn.execute("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1").fetchone()
     seq, prev = (row[0] + 1, row[1]) if row else (1, GENESIS)
-    ts_ms = int(time.time() * 1000)
+    ts_ms = now_ms()
     who = actor or os_user()
     detail_json = canonical_json(detail or {}).decode("utf-8")
     digest = entry_hash(seq, ts_ms, who, action, subject, reason, detail_json, prev)
@@ -91,3 +94,27 @@ def verify(conn: sqlite3.Connection) -> tuple[int, list[AuditProblem]]:
     elif count:
         problems.append(AuditProblem(0, "the recorded head is missing"))
     return count, problems
+
+
+class AuditLog:
+    """Repository view of the audit log (`catalog.audit_log`); entries are added by `Catalog.audit` or by
+    `append` inside the transaction of the change they describe."""
+
+    def __init__(self, catalog: Catalog):
+        self._catalog = catalog
+
+    def verify(self) -> tuple[int, list[AuditProblem]]:
+        """Walk the whole chain. Returns (entries checked, problems found)."""
+        with self._catalog.locked() as conn:
+            return verify(conn)
+
+    def entries(self, subject: str | None = None, *, limit: int | None = None,
+                newest_first: bool = False) -> list[sqlite3.Row]:
+        """Entries (all columns), of one `subject` if given, in seq order (or newest first), at most `limit`."""
+        sql = "SELECT * FROM audit" + (" WHERE subject = ?" if subject is not None else "")
+        sql += " ORDER BY seq" + (" DESC" if newest_first else "")
+        params: tuple[object, ...] = (subject,) if subject is not None else ()
+        if limit is not None:
+            sql += " LIMIT ?"
+            params += (limit,)
+        return self._catalog.query(sql, params)

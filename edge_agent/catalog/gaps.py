@@ -13,21 +13,10 @@ import sqlite3
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import sqlite_utils
-
 if TYPE_CHECKING:
     from edge_agent.catalog import Catalog
 
 _FOREVER_MS = 2**62
-
-
-def create(db: sqlite_utils.Database) -> None:
-    """The `gaps` table and its index (idempotent); part of the catalog's schema."""
-    db["gaps"].create(
-        {"id": int, "camera": str, "start_ms": int, "end_ms": int, "cause": str, "detail": str},
-        pk="id", if_not_exists=True,
-    )
-    db["gaps"].create_index(["camera", "start_ms"], if_not_exists=True)
 
 
 @dataclass(frozen=True)

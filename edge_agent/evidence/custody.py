@@ -1,7 +1,7 @@
 """Custody (R5): who had which recorder when, and which case a file belongs to.
 
 The checkout register (`assign` / `return`) gives the officer of a file
-recorded in a checkout's time window (`Catalog.officer_at`, used when a dock
+recorded in a checkout's time window (`catalog.checkouts.officer_at`, used when a dock
 discovers files). `tag` links files to a case and party with a signed
 annotation: a new document in the agent's chain that references the file's
 hash and manifest, never a rewrite of the manifest. A tagged file joins the
@@ -44,20 +44,18 @@ def assign(catalog: Catalog, device_id: str, officer_id: str, *, at_ms: int | No
     who = actor or audit.os_user()
     start = now_ms() if at_ms is None else at_ms
     with catalog.transaction() as conn:
-        open_rows = conn.execute("SELECT id, officer_id, from_ms FROM checkouts WHERE device_id = ? AND to_ms IS NULL",
-                                 (device_id,)).fetchall()
+        open_rows = catalog.checkouts.open_for(device_id)
         for row in open_rows:
             if row["from_ms"] > start:
                 raise CustodyError(f"{device_id} has a checkout to {row['officer_id']} starting after the time "
                                    "given; return it first or give a later time")
-            conn.execute("UPDATE checkouts SET to_ms = ? WHERE id = ?", (start, row["id"]))
-        cur = conn.execute("INSERT INTO checkouts (device_id, officer_id, from_ms, to_ms, actor) VALUES (?,?,?,?,?)",
-                           (device_id, officer_id, start, None, who))
-        catalog.touch_device(conn, device_id, kind=_device_kind(conn, device_id))
+            catalog.checkouts.end(row["id"], start)
+        checkout_id = catalog.checkouts.add(device_id, officer_id, start, who)
+        catalog.devices.touch(device_id, kind=catalog.devices.kind_of(device_id))
         audit.append(conn, "custody.assigned", subject=device_id, reason=reason, actor=who,
                      detail={"officer_id": officer_id, "from_ms": start,
                              "ended": [r["officer_id"] for r in open_rows]})
-        checkout = Checkout(int(cur.lastrowid or 0), device_id, officer_id, start, None, who)
+        checkout = Checkout(checkout_id, device_id, officer_id, start, None, who)
     clear_unidentified(catalog, device_id, f"assigned to officer {officer_id} by {who}", who)
     return checkout
 
@@ -68,21 +66,16 @@ def return_device(catalog: Catalog, device_id: str, *, at_ms: int | None = None,
     who = actor or audit.os_user()
     end = now_ms() if at_ms is None else at_ms
     with catalog.transaction() as conn:
-        row = conn.execute("SELECT * FROM checkouts WHERE device_id = ? AND to_ms IS NULL ORDER BY from_ms DESC"
-                           " LIMIT 1", (device_id,)).fetchone()
-        if row is None:
+        open_rows = catalog.checkouts.open_for(device_id)
+        if not open_rows:
             raise CustodyError(f"{device_id} is not checked out (see: edge-agent devices)")
+        row = open_rows[0]
         if end < row["from_ms"]:
             raise CustodyError(f"{device_id} was checked out after the return time given")
-        conn.execute("UPDATE checkouts SET to_ms = ? WHERE id = ?", (end, row["id"]))
+        catalog.checkouts.end(row["id"], end)
         audit.append(conn, "custody.returned", subject=device_id, reason=reason, actor=who,
                      detail={"officer_id": row["officer_id"], "from_ms": row["from_ms"], "to_ms": end})
     return Checkout(row["id"], device_id, row["officer_id"], row["from_ms"], end, row["actor"])
-
-
-def _device_kind(conn: Any, device_id: str) -> str:
-    row = conn.execute("SELECT kind FROM devices WHERE device_id = ?", (device_id,)).fetchone()
-    return row[0] if row else "recorder"
 
 
 def tag(catalog: Catalog, sealer: Sealer, layout: StoreLayout, file_id: str, *, case_id: str | None,
@@ -107,11 +100,10 @@ def _annotate(catalog: Catalog, sealer: Sealer, layout: StoreLayout, record: Fil
     annotation_id = new_id()
     body = {"annotation_id": annotation_id, "file_id": record.file_id, "file_sha256": record.sha256,
             "manifest_sha256": record.manifest_sha256, **fields, "reason": reason, "by": who, "ts_ms": now_ms()}
-    columns = {**fields, "updated_ms": now_ms(), **({"lane": lane} if lane is not None else {})}
+    columns = {**fields, **({"lane": lane} if lane is not None else {})}
 
     def record_annotation(conn: Any, digest: str) -> None:
-        conn.execute(f"UPDATE files SET {', '.join(f'{c} = ?' for c in columns)} WHERE file_id = ?",
-                     (*columns.values(), record.file_id))
+        catalog.update(record.file_id, **columns)  # joins the signing transaction
         audit.append(conn, action, subject=record.file_id, reason=reason, actor=who,
                      detail={"annotation_id": annotation_id, "annotation_sha256": digest, **fields})
 
@@ -123,14 +115,10 @@ def backfill_officer(catalog: Catalog, sealer: Sealer, layout: StoreLayout, chec
                      actor: str | None = None) -> list[str]:
     """Files of the device recorded during `checkout` that reached the agent without an officer (the
     custodian assigned it late) get the officer by a signed annotation. Returns their ids."""
-    rows = catalog.query(
-        "SELECT * FROM files WHERE device_id = ? AND officer_id IS NULL AND recorded_start_ms >= ?"
-        " AND (? IS NULL OR recorded_start_ms < ?) ORDER BY recorded_start_ms",
-        (checkout.device_id, checkout.from_ms, checkout.to_ms, checkout.to_ms))
     done = []
-    for row in rows:
-        _annotate(catalog, sealer, layout, FileRecord.from_row(row), {"officer_id": checkout.officer_id},
+    for record in catalog.files.without_officer(checkout.device_id, checkout.from_ms, checkout.to_ms):
+        _annotate(catalog, sealer, layout, record, {"officer_id": checkout.officer_id},
                   "file.officer_assigned", f"checkout {checkout.id} of {checkout.device_id} covers its recording",
                   actor)
-        done.append(row["file_id"])
+        done.append(record.file_id)
     return done

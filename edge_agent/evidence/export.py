@@ -13,7 +13,6 @@ bag-info.txt and, with the requester, into the audit log.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -28,7 +27,7 @@ import bagit
 from edge_agent.catalog import Catalog, FileRecord, audit
 from edge_agent.clock import now_ms
 from edge_agent.config import AgentConfig
-from edge_agent.durable import BLOCK
+from edge_agent.digest import hash_stream
 from edge_agent.evidence.manifest import AgentKey, read_document
 from edge_agent.evidence.verify import verify_file
 from edge_agent.layout import StoreLayout
@@ -69,24 +68,22 @@ class ExportResult:
         return not self.problems
 
 
-def _copy_hashing(src: Path, dst: Path) -> tuple[str, int]:
+def _copy_hashing(src: Path, dst: Path) -> tuple[str | None, int]:
     """Copy in 1 MiB blocks, hashing what was read; fsync the copy."""
-    digest, size = hashlib.sha256(), 0
-    buf = bytearray(BLOCK)
-    view = memoryview(buf)
-    with open(src, "rb", buffering=0) as fin, open(dst, "wb", buffering=0) as fout:
-        while n := fin.readinto(buf):
-            digest.update(view[:n])
-            fout.write(view[:n])
-            size += n
-        os.fsync(fout.fileno())
-    return digest.hexdigest(), size
+    fd = os.open(src, os.O_RDONLY)
+    try:
+        with open(dst, "wb", buffering=0) as fout:
+            digest, size = hash_stream(fd, fout.write)
+            os.fsync(fout.fileno())
+    finally:
+        os.close(fd)
+    return digest, size
 
 
 def _annotations_by_file(catalog: Catalog, layout: StoreLayout, file_ids: set[str]) -> dict[str, list[Path]]:
     found: dict[str, list[Path]] = {}
-    for row in catalog.query("SELECT path FROM documents WHERE kind = 'annotation' ORDER BY seq"):
-        path = layout.data_dir / row["path"]
+    for relative in catalog.documents.paths("annotation"):
+        path = layout.data_dir / relative
         doc = read_document(path)
         if doc.get("file_id") in file_ids:
             found.setdefault(doc["file_id"], []).append(path)
@@ -99,7 +96,7 @@ def export_case(catalog: Catalog, layout: StoreLayout, key: AgentKey, config: Ag
     requester = requested_by or audit.os_user()
     if not reason.strip() or not approved_by.strip():
         raise ExportError("an export needs --reason and --approved-by (R7: copying footage is approved and logged)")
-    records = catalog.files(where="case_id = ?", params=(case_id,), order="recorded_start_ms, file_id")
+    records = catalog.files.of_case(case_id)
     if not records:
         raise ExportError(f"no files are tagged with case {case_id!r} (tag them: edge-agent tag FILE --case …)")
     unsealed = [r.file_id for r in records if r.manifest_sha256 is None]

@@ -10,19 +10,18 @@ repair. Between passes it rests `health.scrub_interval_h`.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import threading
 import time
 from dataclasses import dataclass
 
-from edge_agent.catalog import Catalog, FileRecord
+from edge_agent.catalog import Catalog, FileRecord, State
 from edge_agent.clock import now_ms
 from edge_agent.config import AgentConfig
-from edge_agent.durable import BLOCK
+from edge_agent.digest import hash_stream
 from edge_agent.evidence.manifest import AgentKey
-from edge_agent.evidence.verify import SEALED_STATES, Finding, verify_audit, verify_chain, verify_file
+from edge_agent.evidence.verify import Finding, verify_audit, verify_chain, verify_file
 from edge_agent.layout import StoreLayout
 from edge_agent.ops.alarms import TAMPER
 
@@ -72,17 +71,16 @@ class Scrubber:
         self._paced_from, self._paced_bytes = time.monotonic(), 0
         cursor = self.catalog.meta_get(CURSOR_KEY) or ""
         while time.monotonic() < deadline and not self.stop.is_set():
-            batch = self.catalog.files(states=list(SEALED_STATES), where="file_id > ?", params=(cursor,),
-                                       order="file_id", limit=BATCH)
+            batch = self.catalog.files.sealed_after(cursor, BATCH)
             if not batch:
                 findings = verify_chain(self.catalog, self.layout, self.key) + verify_audit(self.catalog)
                 self._report(findings)
                 run.findings += len(findings)
                 run.pass_completed = True
                 cursor = ""
-                with self.catalog.transaction() as conn:
-                    self.catalog.meta_set(conn, CURSOR_KEY, "")
-                    self.catalog.meta_set(conn, PASS_DONE_KEY, str(now_ms()))
+                with self.catalog.transaction():
+                    self.catalog.meta.set(CURSOR_KEY, "")
+                    self.catalog.meta.set(PASS_DONE_KEY, str(now_ms()))
                 break
             for record in batch:
                 if time.monotonic() >= deadline or self.stop.is_set():
@@ -92,12 +90,11 @@ class Scrubber:
                     break  # perhaps stopped midway: this file is checked again next time
                 self._report(findings)
                 run.files += 1
-                if record.state != "purged":
+                if record.state != State.PURGED:
                     run.bytes += record.size or 0
                 run.findings += len(findings)
                 cursor = record.file_id
-            with self.catalog.transaction() as conn:
-                self.catalog.meta_set(conn, CURSOR_KEY, cursor)
+            self.catalog.meta.set(CURSOR_KEY, cursor)
         self.status = {"last_run_ms": now_ms(), "files": run.files, "bytes": run.bytes, "findings": run.findings,
                        "last_pass_ms": _int(self.catalog.meta_get(PASS_DONE_KEY)), "cursor": cursor or None}
         log.info("scrub files=%d bytes=%d findings=%d pass_completed=%s", run.files, run.bytes, run.findings,
@@ -106,13 +103,13 @@ class Scrubber:
 
     def check(self, record: FileRecord) -> list[Finding]:
         findings = verify_file(record, self.layout, self.key, rehash=False)
-        if record.state == "purged" or findings:
+        if record.state == State.PURGED or findings:
             return findings
         stored = self.layout.data_dir / (record.store_path or "")
         try:
             digest, size = self._throttled_hash(stored)
         except OSError as exc:
-            if self.catalog.get(record.file_id).state == "purged":
+            if self.catalog.get(record.file_id).state == State.PURGED:
                 return []  # retention purged it since this batch was read: no longer ours to check
             return [Finding(record.file_id, "media", f"stored copy unreadable: {exc.strerror}")]
         if digest is None:
@@ -123,24 +120,21 @@ class Scrubber:
         return []
 
     def _throttled_hash(self, path: os.PathLike[str]) -> tuple[str | None, int]:
-        """Hash at no more than scrub_mb_s, paced over the whole run (many small files too)."""
-        digest, size = hashlib.sha256(), 0
-        buf = bytearray(BLOCK)
-        view = memoryview(buf)
+        """Hash at no more than scrub_mb_s, paced over the whole run (many small files too); (None, size)
+        when stopped midway."""
+
+        def pace(block: memoryview) -> bool:
+            self._paced_bytes += len(block)
+            ahead = self._paced_bytes / self.rate_bps - (time.monotonic() - self._paced_from)
+            # Checked every block, not only when ahead of the pace: on a slow disk a big file must not
+            # hold up the daemon's stop.
+            return not (self.stop.wait(ahead) if ahead > 0 else self.stop.is_set())
+
         fd = os.open(path, os.O_RDONLY)
         try:
-            while n := os.readv(fd, [buf]):
-                digest.update(view[:n])
-                size += n
-                self._paced_bytes += n
-                ahead = self._paced_bytes / self.rate_bps - (time.monotonic() - self._paced_from)
-                # Checked every block, not only when ahead of the pace: on a slow disk a big file must not
-                # hold up the daemon's stop.
-                if self.stop.wait(ahead) if ahead > 0 else self.stop.is_set():
-                    return None, size
+            return hash_stream(fd, pace)
         finally:
             os.close(fd)
-        return digest.hexdigest(), size
 
     def _report(self, findings: list[Finding]) -> None:
         for finding in findings:

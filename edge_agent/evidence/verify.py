@@ -7,12 +7,10 @@ import hashlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from edge_agent.catalog import Catalog, FileRecord, audit
+from edge_agent.catalog import Catalog, FileRecord, State
 from edge_agent.digest import hash_file
 from edge_agent.evidence.manifest import GENESIS_PREV, AgentKey, ManifestError, read_document, verify_signature
 from edge_agent.layout import StoreLayout
-
-SEALED_STATES = ("sealed", "sending", "synced", "source_cleared", "purged", "rejected")
 
 
 @dataclass(frozen=True)
@@ -42,7 +40,7 @@ def verify_file(record: FileRecord, layout: StoreLayout, key: AgentKey,
         return [*findings, Finding(record.file_id, "manifest", str(exc))]
     if doc.get("sha256") != record.sha256 or doc.get("size") != record.size:
         findings.append(Finding(record.file_id, "manifest", "manifest hash/size differ from the catalog"))
-    if record.state == "purged" or not rehash:
+    if record.state == State.PURGED or not rehash:
         return findings
     stored = layout.data_dir / (record.store_path or "")
     try:
@@ -60,7 +58,7 @@ def verify_chain(catalog: Catalog, layout: StoreLayout, key: AgentKey) -> list[F
     """Walk the signed-document chain: every link, every document's bytes and signature."""
     findings: list[Finding] = []
     prev, expected = GENESIS_PREV, 1
-    for row in catalog.query("SELECT seq, kind, doc_id, sha256, prev, path FROM documents ORDER BY seq"):
+    for row in catalog.documents.chain():
         if row["seq"] != expected:
             findings.append(Finding(row["doc_id"], "chain", f"document seq {expected} is missing"))
         if row["prev"] != prev:
@@ -82,14 +80,14 @@ def verify_chain(catalog: Catalog, layout: StoreLayout, key: AgentKey) -> list[F
                 except ManifestError as exc:
                     findings.append(Finding(row["doc_id"], "chain", str(exc)))
         prev, expected = row["sha256"], row["seq"] + 1
-    head = catalog.meta_get("chain_head")
-    if head is not None and head != f"{expected - 1}:{prev}":
+    head = catalog.documents.head()
+    if head is not None and head != (expected - 1, prev):
         findings.append(Finding("chain", "chain", "the chain ends before its recorded head (documents removed)"))
     return findings
 
 
 def verify_audit(catalog: Catalog) -> list[Finding]:
-    _count, problems = audit.verify(catalog.conn)
+    _count, problems = catalog.audit_log.verify()
     return [Finding("audit", "audit", str(p)) for p in problems]
 
 
@@ -100,8 +98,7 @@ def iter_files(catalog: Catalog, file_ids: list[str] | None = None) -> Iterator[
         return
     last = ""
     while True:
-        batch = catalog.files(states=list(SEALED_STATES), where="file_id > ?", params=(last,),
-                              order="file_id", limit=500)
+        batch = catalog.files.sealed_after(last, 500)
         if not batch:
             return
         yield from batch

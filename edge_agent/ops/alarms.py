@@ -1,6 +1,6 @@
 """Alarms (R1, R9, R10, R12 "亮灯提醒"): conditions checked on every health tick.
 
-An alarm is raised once (`Catalog.raise_alarm`: one row, one event on the
+An alarm is raised once (`catalog.alarms.raise_`: one row, one event on the
 `events` topic, one audit entry) and stays in the health snapshot until its
 condition is gone, when it is cleared the same way. Alarms whose condition a
 machine cannot see ending (tamper found by a scrub, an unidentified recorder)
@@ -17,7 +17,7 @@ import logging
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from edge_agent.catalog import Catalog, audit
+from edge_agent.catalog import CONFIRMED, Catalog, audit
 from edge_agent.clock import now_ms
 from edge_agent.config import AgentConfig
 
@@ -31,8 +31,6 @@ TAMPER = "tamper"
 
 # The kinds the uplink raises when the receiver rejects a file or it cannot be sent; the subject is the file id.
 REJECTION_KINDS = frozenset({"sync_rejected", "sync_blocked"})
-# Files not on the platform yet: an alarm once one waits longer than unsynced_alarm_h (R1).
-UNSYNCED_STATES = ("discovered", "staged", "sealed", "sending", "rejected")
 
 
 class AlarmEvaluator:
@@ -70,11 +68,8 @@ class AlarmEvaluator:
     def _unsynced(self, now: int) -> None:
         hours = self.config.health.unsynced_alarm_h
         cutoff = now - int(hours * 3600 * 1000)
-        row = self.catalog.query(
-            f"SELECT COUNT(*), MIN(COALESCE(ingested_at_ms, created_ms)) FROM files WHERE state IN "
-            f"({','.join('?' * len(UNSYNCED_STATES))}) AND COALESCE(ingested_at_ms, created_ms) <= ?",
-            (*UNSYNCED_STATES, cutoff))[0]
-        count, oldest = int(row[0]), row[1]
+        # Files not on the platform yet (catalog.UNSYNCED): an alarm once one waits longer than unsynced_alarm_h.
+        count, oldest = self.catalog.files.unsynced_since(cutoff)
         age_h = (now - oldest) / 3_600_000 if oldest is not None else 0
         self._set(count > 0, UNSYNCED_OVERDUE, UNSYNCED_OVERDUE, self.config.agent.id,
                   f"{count} file(s) not on the platform {hours:g} h after reaching the agent (R1), oldest "
@@ -100,28 +95,25 @@ class AlarmEvaluator:
         for alarm in self.catalog.active_alarms():
             if alarm["kind"] not in REJECTION_KINDS:
                 continue
-            rows = self.catalog.query("SELECT state FROM files WHERE file_id = ?", (alarm["subject"],))
-            if rows and rows[0][0] in ("synced", "source_cleared", "purged"):
+            if self.catalog.files.state_of(alarm["subject"]) in CONFIRMED:
                 self._set(False, alarm["key"], alarm["kind"], alarm["subject"], "")
 
 
 def clear_by_custodian(catalog: Catalog, key: str, reason: str, actor: str | None = None) -> bool:
     """A custodian clears an alarm after dealing with it; the reason is audited. False if not active."""
-    rows = catalog.query("SELECT kind, subject FROM alarms WHERE key = ? AND cleared_ms IS NULL", (key,))
-    if not rows:
+    alarm = catalog.alarms.find_active(key)
+    if alarm is None:
         return False
     with catalog.transaction() as conn:
-        catalog.clear_alarm(key)
-        audit.append(conn, "alarm.cleared_by_custodian", subject=rows[0]["subject"], reason=reason,
-                     actor=actor or audit.os_user(), detail={"key": key, "kind": rows[0]["kind"]})
+        catalog.alarms.clear(key)
+        audit.append(conn, "alarm.cleared_by_custodian", subject=alarm["subject"], reason=reason,
+                     actor=actor or audit.os_user(), detail={"key": key, "kind": alarm["kind"]})
     return True
 
 
 def clear_unidentified(catalog: Catalog, device_id: str, reason: str, actor: str | None = None) -> int:
     """Once a custodian assigns an unknown recorder, its 'unidentified' alarms are dealt with."""
-    keys = [r["key"] for r in catalog.query(
-        "SELECT key FROM alarms WHERE kind = ? AND subject = ? AND cleared_ms IS NULL",
-        (RECORDER_UNIDENTIFIED, device_id))]
+    keys = catalog.alarms.active_keys(RECORDER_UNIDENTIFIED, device_id)
     for key in keys:
         clear_by_custodian(catalog, key, reason, actor)
     return len(keys)

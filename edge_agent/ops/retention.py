@@ -23,7 +23,7 @@ import os
 import threading
 from dataclasses import dataclass, field
 
-from edge_agent.catalog import STORED_FILES, Catalog, FileRecord, State, audit
+from edge_agent.catalog import Catalog, FileRecord, State, audit
 from edge_agent.clock import now_ms
 from edge_agent.config import AgentConfig
 from edge_agent.durable import fsync_dir
@@ -35,13 +35,6 @@ ROUTINE, EVIDENCE, LONG_TERM = "routine", "evidence", "long_term"
 RETENTION_CLASSES = (ROUTINE, EVIDENCE, LONG_TERM)
 DAY_MS = 24 * 3600 * 1000
 FORECAST_WINDOW_MS = 7 * DAY_MS
-
-# A file is purgeable only if every one of these holds; the same text guards the final check.
-_PURGEABLE = (
-    "f.state IN ('synced', 'source_cleared') AND f.retention = 'routine' AND f.store_path IS NOT NULL"
-    " AND NOT EXISTS (SELECT 1 FROM holds h WHERE h.released_ms IS NULL AND (h.file_id = f.file_id"
-    " OR (h.case_id IS NOT NULL AND h.case_id = f.case_id)))"
-)
 
 
 class HoldError(ValueError):
@@ -77,7 +70,7 @@ class Retention:
 
     def store_bytes(self) -> int:
         """Bytes held locally: what counts against max_disk_gb (the same measure intake uses)."""
-        return int(self.catalog.query(f"SELECT COALESCE(SUM(size), 0) FROM files WHERE {STORED_FILES}")[0][0])
+        return self.catalog.files.stored_bytes()
 
     def disk_percent(self) -> float:
         """The worse of: the store against max_disk_gb, and the whole filesystem's use."""
@@ -89,9 +82,7 @@ class Retention:
         """Days until the store reaches its limit at the last week's intake rate; None with no intake."""
         now = now_ms() if now is None else now
         since = now - FORECAST_WINDOW_MS
-        row = self.catalog.query(
-            "SELECT COALESCE(SUM(size), 0), MIN(ingested_at_ms) FROM files WHERE ingested_at_ms >= ?", (since,))[0]
-        ingested, first = int(row[0]), row[1]
+        ingested, first = self.catalog.files.ingested_since(since)
         if not ingested or first is None:
             return None
         span_days = max(now - first, 3600 * 1000) / DAY_MS
@@ -103,19 +94,15 @@ class Retention:
 
     def purgeable(self, *, synced_before_ms: int | None = None, limit: int = 500) -> list[FileRecord]:
         """Routine, confirmed, unheld files still on disk, the longest-confirmed first."""
-        # In synced_ms order through its index: a pass stays quick on a catalog of millions of files.
-        sql = (f"SELECT f.* FROM files f INDEXED BY idx_files_synced_ms WHERE {_PURGEABLE} AND f.synced_ms <= ?"
-               " ORDER BY f.synced_ms, f.file_id LIMIT ?")
         before = now_ms() if synced_before_ms is None else synced_before_ms
-        return [FileRecord.from_row(r) for r in self.catalog.query(sql, (before, limit))]
+        return self.catalog.files.purgeable(synced_before_ms=before, limit=limit)
 
     def purge(self, file_id: str, reason: str, *, actor: str = "edge-agent") -> int | None:
         """Remove one file's local bytes if it is still purgeable. Returns the bytes freed, None if it was not."""
-        with self.catalog.transaction() as conn:
-            row = conn.execute(f"SELECT f.* FROM files f WHERE f.file_id = ? AND {_PURGEABLE}", (file_id,)).fetchone()
-            if row is None:
+        with self.catalog.transaction():
+            record = self.catalog.files.if_purgeable(file_id)
+            if record is None:
                 return None
-            record = FileRecord.from_row(row)
             stored = self.layout.data_dir / (record.store_path or "")
             try:
                 os.unlink(stored)
@@ -192,9 +179,7 @@ def place_hold(catalog: Catalog, *, reason: str, file_id: str | None = None, cas
     with catalog.transaction() as conn:
         if file_id is not None:
             catalog.get(file_id)
-        cur = conn.execute("INSERT INTO holds (file_id, case_id, reason, actor, set_ms) VALUES (?,?,?,?,?)",
-                           (file_id, case_id, reason, who, now_ms()))
-        hold_id = int(cur.lastrowid or 0)
+        hold_id = catalog.holds.place(file_id=file_id, case_id=case_id, reason=reason, actor=who, set_ms=now_ms())
         audit.append(conn, "hold.placed", subject=file_id or f"case:{case_id}", reason=reason, actor=who,
                      detail={"hold_id": hold_id, "file_id": file_id, "case_id": case_id})
     return hold_id
@@ -213,16 +198,10 @@ def release_hold(catalog: Catalog, *, reason: str, file_id: str | None = None, c
     with catalog.transaction() as conn:
         if file_id is not None:
             catalog.get(file_id)
-            cur = conn.execute("UPDATE holds SET released_ms = ?, released_by = ? WHERE file_id = ?"
-                               " AND released_ms IS NULL", (ts, who, file_id))
-            released, reclassified = cur.rowcount, 0
+            released, reclassified = catalog.holds.release(file_id=file_id, by=who, at_ms=ts), 0
         else:
-            cur = conn.execute("UPDATE holds SET released_ms = ?, released_by = ? WHERE case_id = ?"
-                               " AND released_ms IS NULL", (ts, who, case_id))
-            released = cur.rowcount
-            cur = conn.execute("UPDATE files SET retention = ?, updated_ms = ? WHERE case_id = ? AND retention = ?",
-                               (ROUTINE, ts, case_id, EVIDENCE))
-            reclassified = cur.rowcount
+            released = catalog.holds.release(case_id=case_id, by=who, at_ms=ts)
+            reclassified = catalog.files.reclassify_case(str(case_id), from_class=EVIDENCE, to_class=ROUTINE)
         if not released and not reclassified:
             raise HoldError(f"nothing to release: no active hold on {file_id or 'case ' + str(case_id)}")
         audit.append(conn, "hold.released", subject=file_id or f"case:{case_id}", reason=reason, actor=who,
@@ -231,5 +210,5 @@ def release_hold(catalog: Catalog, *, reason: str, file_id: str | None = None, c
 
 
 def active_holds(catalog: Catalog) -> list[dict[str, object]]:
-    return [dict(r) for r in catalog.query("SELECT * FROM holds WHERE released_ms IS NULL ORDER BY set_ms")]
+    return catalog.holds.active()
 

@@ -72,9 +72,6 @@ class CommandGate:
         self.agent_id = agent_id
         self.window_ms = window_ms
         self.keys = load_command_keys(keys_path) if keys_path is not None else {}
-        with catalog.transaction() as conn:
-            conn.execute("CREATE TABLE IF NOT EXISTS command_ids (id TEXT PRIMARY KEY, ts_ms INTEGER NOT NULL,"
-                         " seen_ms INTEGER NOT NULL)")
 
     def admit(self, command: dict[str, Any]) -> bool:
         """True if `command` may be obeyed; else it is logged and audited as refused."""
@@ -105,10 +102,11 @@ class CommandGate:
         if abs(now - ts) > self.window_ms:
             raise CommandRefused(f"ts {ts} is {abs(now - ts) // 1000} s away from this agent's clock "
                                  f"(window {self.window_ms // 1000} s): stale or replayed")
-        with self.catalog.transaction() as conn:
-            conn.execute("DELETE FROM command_ids WHERE ts_ms < ?", (now - 2 * self.window_ms,))
-            if conn.execute("SELECT 1 FROM command_ids WHERE id = ?", (command["id"],)).fetchone():
+        ids = self.catalog.command_ids
+        with self.catalog.transaction():  # checked and remembered atomically; a refusal forgets nothing
+            ids.forget_before(now - 2 * self.window_ms)
+            if ids.seen(command["id"]):
                 raise CommandRefused("this command id was already obeyed: replay")
-            conn.execute("INSERT INTO command_ids (id, ts_ms, seen_ms) VALUES (?,?,?)", (command["id"], ts, now))
+            ids.remember(command["id"], ts, now)
             self.catalog.audit("command.accepted", subject=str(command["id"]), actor="platform",
                                detail={"cmd": command["cmd"], "key_id": command["key_id"]})
