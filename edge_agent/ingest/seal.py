@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 from edge_agent.catalog import Catalog, FileRecord, State
-from edge_agent.clock import now_ms
 from edge_agent.config import AgentConfig
 from edge_agent.evidence.manifest import (
     GENESIS_PREV,
@@ -47,29 +46,13 @@ class Sealer:
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 
     def _head(self) -> tuple[int, str]:
-        head = self.catalog.meta_get("chain_head")
-        if head is None:
-            return 0, GENESIS_PREV
-        seq, _, digest = head.partition(":")
-        return int(seq), digest
-
-    def _chain(self, conn: Any, seq: int, kind: str, doc_id: str, digest: str, prev: str, path: Path) -> None:
-        conn.execute(
-            "INSERT INTO documents (seq, kind, doc_id, sha256, prev, path, created_ms) VALUES (?,?,?,?,?,?,?)",
-            (seq, kind, doc_id, digest, prev, str(path.relative_to(self.layout.data_dir)), now_ms()),
-        )
-        self.catalog.meta_set(conn, "chain_head", f"{seq}:{digest}")
+        return self.catalog.documents.head() or (0, GENESIS_PREV)
 
     def manifest_body(self, record: FileRecord) -> dict[str, Any]:
         """The signed fields of `record`'s manifest, from its row and its device's row."""
-        model, serial = self._device(record.device_id)
+        model, serial = self.catalog.devices.model_serial(record.device_id)
         return file_manifest(record, _loads(record.media), _loads(record.extras), agent=self.config.agent,
                              model=model, serial=serial, chunk_size=self.config.mqtt.chunk_kib * 1024)
-
-    def _device(self, device_id: str) -> tuple[str | None, str | None]:
-        """The device's model and serial as the catalog knows them."""
-        rows = self.catalog.query("SELECT model, serial FROM devices WHERE device_id = ?", (device_id,))
-        return (rows[0][0], rows[0][1]) if rows else (None, None)
 
     def _signed(self, conn: Any, kind: str, doc_id: str, body: dict[str, Any],
                 path: Path) -> tuple[dict[str, Any], str]:
@@ -77,7 +60,7 @@ class Sealer:
         seq, prev = self._head()
         doc = self.key.sign({**body, "prev": prev})
         digest = hashlib.sha256(write_document(path, doc)).hexdigest()
-        self._chain(conn, seq + 1, kind, doc_id, digest, prev, path)
+        self.catalog.documents.append(seq + 1, kind, doc_id, digest, prev, str(path.relative_to(self.layout.data_dir)))
         return doc, digest
 
     def seal(self, record: FileRecord) -> dict[str, Any]:
@@ -104,17 +87,14 @@ class Sealer:
 
     def seal_session(self, session_id: str) -> dict[str, Any] | None:
         """Sign the batch manifest of one docking session: every file it brought, with hash and size."""
-        rows = self.catalog.query(
-            "SELECT file_id, original_path, sha256, size, state FROM files WHERE session_id = ? ORDER BY file_id",
-            (session_id,))
-        session = self.catalog.query("SELECT * FROM sessions WHERE session_id = ?", (session_id,))
-        if not session:
+        rows = self.catalog.sessions.files(session_id)
+        session = self.catalog.sessions.get(session_id)
+        if session is None:
             return None
-        body = session_manifest(session[0], rows, self.config.agent.zone)
+        body = session_manifest(session, rows, self.config.agent.zone)
         path = self.layout.session_manifest_path(session_id)
 
-        def record(conn: Any, digest: str) -> None:
-            conn.execute("UPDATE sessions SET manifest_sha256 = ?, files_total = ? WHERE session_id = ?",
-                         (digest, len(rows), session_id))
+        def record(_conn: Any, digest: str) -> None:
+            self.catalog.sessions.set_manifest(session_id, digest, len(rows))
 
         return self.sign_document("session", session_id, body, path, after=record)

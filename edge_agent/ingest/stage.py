@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from edge_agent.catalog import STORED_FILES, Catalog, FileRecord, State
+from edge_agent.catalog import Catalog, FileRecord, State
 from edge_agent.clock import now_ms
 from edge_agent.config import AgentConfig
 from edge_agent.digest import hash_file, hash_stream
@@ -165,9 +165,7 @@ class Ingestor:
     # -- space ----------------------------------------------------------------------------------
 
     def store_bytes(self) -> int:
-        rows = self.catalog.query(
-            f"SELECT COALESCE(SUM(size), 0) FROM files INDEXED BY files_stored_size WHERE {STORED_FILES}")
-        return int(rows[0][0])
+        return self.catalog.files.stored_bytes()
 
     def _reserve(self, size: int) -> None:
         limit = int(self.config.agent.max_disk_gb * 1024**3)
