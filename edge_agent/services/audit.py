@@ -2,27 +2,23 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
 
 from edge_agent.catalog import audit as audit_log
 from edge_agent.catalog.reports import AuditEntry
-from edge_agent.services.workspace import Workspace
+from edge_agent.services.workspace import Result, Workspace
 
 
 @dataclass(frozen=True)
-class ChainCheck:
+class ChainCheck(Result):
     """How many entries the walk checked, and every edit, deletion or reordering it found."""
 
     entries: int
+    ok: bool = field(init=False)  # no problems
     problems: tuple[str, ...]
 
-    @property
-    def ok(self) -> bool:
-        return not self.problems
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"entries": self.entries, "ok": self.ok, "problems": list(self.problems)}
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "ok", not self.problems)
 
 
 def entries(ws: Workspace, *, subject: str | None = None, limit: int = 50) -> tuple[AuditEntry, ...]:

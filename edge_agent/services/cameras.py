@@ -8,12 +8,12 @@ from typing import Any
 
 from edge_agent.clock import now_ms
 from edge_agent.config import AgentConfig, Camera
-from edge_agent.services.workspace import ServiceError, Workspace
+from edge_agent.services.workspace import Result, ServiceError, Workspace
 from edge_agent.sources.cameras import Gap, gaps, was_recording
 
 
 @dataclass(frozen=True)
-class RecordingAt:
+class RecordingAt(Result):
     """Whether `camera` was recording at `at_ms`: the segment that covers it, or the gap that does (neither
     when the time is before the camera's first segment or in one not yet taken in from the spool)."""
 
@@ -23,13 +23,9 @@ class RecordingAt:
     file_id: str | None
     gap: Gap | None
 
-    def as_dict(self) -> dict[str, Any]:
-        return {"camera": self.camera, "at_ms": self.at_ms, "recording": self.recording, "file_id": self.file_id,
-                "gap": self.gap.as_dict() if self.gap else None}
-
 
 @dataclass(frozen=True)
-class GapReport:
+class GapReport(Result):
     """The camera's gaps overlapping [since_ms, until_ms], oldest first; an open gap has end_ms None."""
 
     camera: str
@@ -37,23 +33,16 @@ class GapReport:
     until_ms: int
     gaps: tuple[Gap, ...]
 
-    def as_dict(self) -> dict[str, Any]:
-        return {"camera": self.camera, "since_ms": self.since_ms, "until_ms": self.until_ms,
-                "gaps": [g.as_dict() for g in self.gaps]}
-
 
 @dataclass(frozen=True)
-class Location:
+class Location(Result):
     name: str
     location: str
     location_kind: str
 
-    def as_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "location": self.location, "location_kind": self.location_kind}
-
 
 @dataclass(frozen=True)
-class Discovered:
+class Discovered(Result):
     """An ONVIF device that answered the WS-Discovery probe."""
 
     endpoint: str | None

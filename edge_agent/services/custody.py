@@ -10,13 +10,13 @@ from edge_agent.catalog import UnknownFile
 from edge_agent.evidence import custody
 from edge_agent.evidence.custody import Checkout, CustodyError
 from edge_agent.ops.retention import RETENTION_CLASSES
-from edge_agent.services.workspace import Workspace, refusals
+from edge_agent.services.workspace import Result, Workspace, refusals
 
 __all__ = ["RETENTION_CLASSES", "Annotation", "Assignment", "assign", "return_device", "tag"]
 
 
 @dataclass(frozen=True)
-class Assignment:
+class Assignment(Result):
     """A new checkout, and the files already collected that now carry its officer (signed annotations)."""
 
     checkout: Checkout
@@ -27,7 +27,7 @@ class Assignment:
 
 
 @dataclass(frozen=True)
-class Annotation:
+class Annotation(Result):
     """A signed annotation document (case, party, retention of one file), as written to annotations/."""
 
     document: Mapping[str, Any]

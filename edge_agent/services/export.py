@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from edge_agent.evidence.export import ExportError, export_case
-from edge_agent.services.workspace import Workspace, refusals
+from edge_agent.services.workspace import Result, Workspace, refusals
 
 
 @dataclass(frozen=True)
-class CaseExport:
+class CaseExport(Result):
     """The bag written; `not_local` are files purged here (their manifests only are in the bag); `problems`
     are verification failures of the bag (then it must not be handed over)."""
 
@@ -20,15 +19,11 @@ class CaseExport:
     files: int
     media_bytes: int
     not_local: tuple[str, ...]
+    ok: bool = field(init=False)  # no problems
     problems: tuple[str, ...]
 
-    @property
-    def ok(self) -> bool:
-        return not self.problems
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"bag": str(self.bag), "case_id": self.case_id, "files": self.files, "media_bytes": self.media_bytes,
-                "not_local": list(self.not_local), "ok": self.ok, "problems": list(self.problems)}
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "ok", not self.problems)
 
 
 def export(ws: Workspace, *, case_id: str, dest: Path, reason: str, approved_by: str,

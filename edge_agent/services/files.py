@@ -11,31 +11,24 @@ from typing import Any
 from edge_agent.catalog import FileRecord, State, UnknownFile
 from edge_agent.catalog import audit as audit_log
 from edge_agent.catalog.reports import AuditEntry
-from edge_agent.services.workspace import ServiceError, Workspace, refusals
+from edge_agent.services.workspace import Result, ServiceError, Workspace, refusals
 
 
 @dataclass(frozen=True)
-class FileDetail:
+class FileDetail(Result):
     """One file's catalog row, its signed manifest (None before sealing) and its audit history."""
 
     file: FileRecord
     manifest: dict[str, Any] | None
     history: tuple[AuditEntry, ...]
 
-    def as_dict(self) -> dict[str, Any]:
-        return {"file": self.file.as_dict(), "manifest": self.manifest,
-                "history": [h.as_dict() for h in self.history]}
-
 
 @dataclass(frozen=True)
-class Viewing:
+class Viewing(Result):
     """Where to play a file back: the stored file, or the copy made for it."""
 
     file_id: str
     path: Path
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"file_id": self.file_id, "path": str(self.path)}
 
 
 def list_files(ws: Workspace, *, states: list[str] | None = None, device_id: str | None = None,

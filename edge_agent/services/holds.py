@@ -3,37 +3,29 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 from edge_agent.catalog import UnknownFile
 from edge_agent.catalog.reports import Hold
 from edge_agent.ops.retention import HoldError, active_holds, place_hold, release_hold
-from edge_agent.services.workspace import Workspace, refusals
+from edge_agent.services.workspace import Result, Workspace, refusals
 
 
 @dataclass(frozen=True)
-class Placed:
+class Placed(Result):
     hold_id: int
     file_id: str | None
     case_id: str | None
     reason: str
 
-    def as_dict(self) -> dict[str, Any]:
-        return {"hold_id": self.hold_id, "file_id": self.file_id, "case_id": self.case_id, "reason": self.reason}
-
 
 @dataclass(frozen=True)
-class Released:
+class Released(Result):
     """Holds released, and (releasing a case) its evidence files that are routine again."""
 
     released_holds: int
     reclassified_routine: int
     file_id: str | None
     case_id: str | None
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"released_holds": self.released_holds, "reclassified_routine": self.reclassified_routine,
-                "file_id": self.file_id, "case_id": self.case_id}
 
 
 def place(ws: Workspace, *, reason: str, file_id: str | None = None, case_id: str | None = None) -> Placed:

@@ -3,34 +3,26 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 from edge_agent.catalog import audit as audit_log
 from edge_agent.evidence.manifest import begin_rotation, finish_rotation
 from edge_agent.ingest import Sealer
-from edge_agent.services.workspace import ServiceError, Workspace
+from edge_agent.services.workspace import Result, ServiceError, Workspace
 
 
 @dataclass(frozen=True)
-class KeyInfo:
+class KeyInfo(Result):
     agent_id: str
     key_id: str
     public_key_pem: str
     public_key_b64: str
 
-    def as_dict(self) -> dict[str, Any]:
-        return {"agent_id": self.agent_id, "key_id": self.key_id, "public_key_pem": self.public_key_pem,
-                "public_key_b64": self.public_key_b64}
-
 
 @dataclass(frozen=True)
-class Rotation:
+class Rotation(Result):
     old_key_id: str
     key_id: str
     public_key_pem: str
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"old_key_id": self.old_key_id, "key_id": self.key_id, "public_key_pem": self.public_key_pem}
 
 
 def show(ws: Workspace) -> KeyInfo:

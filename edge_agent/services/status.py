@@ -10,11 +10,11 @@ from edge_agent.catalog.reports import Alarm, Backlog
 from edge_agent.clock import now_ms
 from edge_agent.config import AgentConfig
 from edge_agent.ops.health import read_health_file
-from edge_agent.services.workspace import Workspace
+from edge_agent.services.workspace import Result, Workspace
 
 
 @dataclass(frozen=True)
-class Status:
+class Status(Result):
     """The catalog's counts and backlog, active alarms, and the daemon's last fresh snapshot (None if the
     daemon is not running, or its snapshot may not be read)."""
 

@@ -9,14 +9,14 @@ from typing import Any
 from edge_agent.catalog import State, audit
 from edge_agent.catalog.reports import Backlog
 from edge_agent.clock import now_ms
-from edge_agent.services.workspace import Workspace
+from edge_agent.services.workspace import Result, Workspace
 from edge_agent.sync import SYNC_NOW_META
 
 POLL_S = 0.5
 
 
 @dataclass(frozen=True)
-class SyncNow:
+class SyncNow(Result):
     """The files queued again, what still waits to be sent when the call returned, and how many stay rejected."""
 
     retried: tuple[str, ...]

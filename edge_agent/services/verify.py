@@ -2,27 +2,23 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from typing import Any
+from dataclasses import dataclass, field
 
 from edge_agent.catalog import UnknownFile
 from edge_agent.clock import now_ms
 from edge_agent.evidence.verify import Finding, verify_all
 from edge_agent.ops.alarms import TAMPER
-from edge_agent.services.workspace import Workspace, refusals
+from edge_agent.services.workspace import Result, Workspace, refusals
 
 
 @dataclass(frozen=True)
-class VerifyReport:
+class VerifyReport(Result):
     checked_files: int
+    ok: bool = field(init=False)  # no findings
     findings: tuple[Finding, ...]
 
-    @property
-    def ok(self) -> bool:
-        return not self.findings
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"checked_files": self.checked_files, "ok": self.ok, "findings": [asdict(f) for f in self.findings]}
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "ok", not self.findings)
 
 
 def verify(ws: Workspace, file_ids: list[str] | None = None, *, reason: str | None = None) -> VerifyReport:

@@ -1,13 +1,16 @@
-"""The `Workspace`: one agent's config with its catalog, store layout and signing key, and `ServiceError`,
-the one exception a service raises for a request it refuses (its message says what to do instead)."""
+"""The `Workspace`: one agent's config with its catalog, store layout and signing key; `ServiceError`, the
+one exception a service raises for a request it refuses (its message says what to do instead); and
+`Result`, what a service's dataclasses share."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import asdict, fields, is_dataclass
 from functools import cached_property
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 from edge_agent.catalog import Catalog
 from edge_agent.catalog.reports import CatalogReports
@@ -15,6 +18,27 @@ from edge_agent.config import AgentConfig
 from edge_agent.evidence.manifest import AgentKey
 from edge_agent.ingest import Sealer
 from edge_agent.layout import StoreLayout
+
+
+class Result:
+    """Base of a service's frozen dataclasses: `as_dict()` is the fields in order as JSON-ready values (nested
+    results by their `as_dict()`, tuples as lists, paths as strings), the `--json` form of the result."""
+
+    def as_dict(self) -> dict[str, Any]:
+        return {f.name: plain(getattr(self, f.name)) for f in fields(self)}
+
+
+def plain(value: Any) -> Any:
+    """`value` as JSON-ready data (see `Result`)."""
+    if hasattr(value, "as_dict"):
+        return value.as_dict()
+    if is_dataclass(value) and not isinstance(value, type):
+        return asdict(value)
+    if isinstance(value, tuple | list):
+        return [plain(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value
 
 
 class ServiceError(Exception):
