@@ -65,7 +65,8 @@ def refusals(*kinds: type[Exception]) -> Iterator[None]:
 class Workspace:
     """What a service works on. Each part is opened on first use and then kept, so a caller that only
     shows the key never opens the catalog, and one that never touched the catalog never fails for its
-    absence. `close()` (or `with`) closes the catalog if it was opened.
+    absence. `close()` (or `with`) closes the catalog if it was opened. One per command or request: the
+    lazy opening is not locked, so threads do not share a workspace.
 
     `source` names where the config came from, for messages (e.g. the config file's path)."""
 
