@@ -24,10 +24,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from edge_agent.catalog import now_ms  # noqa: E402
 from edge_agent.daemon import Agent  # noqa: E402
-from edge_agent.evidence.custody import tag  # noqa: E402
 from edge_agent.evidence.export import export_case  # noqa: E402
 from edge_agent.evidence.scrub import Scrubber  # noqa: E402
 from edge_agent.evidence.verify import verify_all  # noqa: E402
+from edge_agent.ops.custody import tag  # noqa: E402
 from edge_agent.ops.retention import Retention  # noqa: E402
 from tests.helpers import agent_config  # noqa: E402
 from tests.opsdata import ingest_file  # noqa: E402

@@ -15,8 +15,8 @@ from typer.testing import CliRunner
 
 from edge_agent.cli import app
 from edge_agent.daemon import Agent
-from edge_agent.evidence.custody import tag
 from edge_agent.evidence.manifest import load_public_key, read_document, verify_signature
+from edge_agent.ops.custody import tag
 from edge_agent.ops.retention import Retention
 from tests.helpers import agent_config
 from tests.opsdata import confirm, ingest_file

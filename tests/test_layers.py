@@ -26,7 +26,7 @@ SQL_KEYWORD_ARGS = frozenset({"where", "order"})
 
 # Files the catalog helper owns and cleaned: they must stay free of SQL from now on.
 CLEANED = (
-    "edge_agent/evidence/custody.py", "edge_agent/evidence/export.py", "edge_agent/evidence/scrub.py",
+    "edge_agent/ops/custody.py", "edge_agent/evidence/export.py", "edge_agent/evidence/scrub.py",
     "edge_agent/evidence/verify.py", "edge_agent/ops/alarms.py", "edge_agent/ops/retention.py",
     "edge_agent/sync/commands.py",
 )

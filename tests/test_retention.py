@@ -15,9 +15,9 @@ from edge_agent.catalog import State
 from edge_agent.cli import app
 from edge_agent.clock import now_ms
 from edge_agent.daemon import Agent
-from edge_agent.evidence.custody import tag
 from edge_agent.evidence.verify import verify_all
 from edge_agent.ingest import IntakePaused
+from edge_agent.ops.custody import tag
 from edge_agent.ops.retention import DAY_MS, Retention, place_hold, release_hold
 from tests.helpers import agent_config
 from tests.opsdata import confirm, ingest_file

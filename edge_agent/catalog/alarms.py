@@ -12,6 +12,16 @@ from edge_agent.clock import now_ms
 if TYPE_CHECKING:
     from edge_agent.catalog import Catalog
 
+# Alarm kinds raised by more than one part (the others are named where they are raised).
+DISK_HIGH = "disk_high"
+UNSYNCED_OVERDUE = "unsynced_overdue"
+CLOCK_OFFSET = "clock_offset"
+RECORDER_UNIDENTIFIED = "recorder_unidentified"
+TAMPER = "tamper"
+
+# The kinds the uplink raises when the receiver rejects a file or it cannot be sent; the subject is the file id.
+REJECTION_KINDS = frozenset({"sync_rejected", "sync_blocked"})
+
 
 class Alarms:
     """Repository of the `alarms` table; each change queues its event in the outbox, same transaction."""

@@ -27,6 +27,20 @@ if TYPE_CHECKING:
     from edge_agent.catalog import Catalog
 
 
+@dataclass(frozen=True)
+class Backlog:
+    """Files in a set of states (UNSYNCED: not on the platform yet; SYNC_QUEUE: waiting for upload): how many,
+    their bytes (the stored size, else the source's), and when the oldest reached the agent (its ingest, else its
+    discovery; None when there are none). The one definition health, alarms, status and sync all show."""
+
+    files: int
+    bytes: int
+    oldest_ms: int | None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"files": self.files, "bytes": self.bytes, "oldest_ms": self.oldest_ms}
+
+
 class TransitionError(Exception):
     """A file was asked to move along an edge the state machine does not have."""
 
@@ -255,12 +269,13 @@ class Files:
     def counts_by_state(self) -> dict[str, int]:
         return {r[0]: r[1] for r in self._catalog.query("SELECT state, COUNT(*) FROM files GROUP BY state")}
 
-    def totals(self, states: Iterable[str]) -> tuple[int, int]:
-        """(files, bytes) in `states`, e.g. SYNC_QUEUE: what waits for upload."""
+    def backlog(self, states: Iterable[str]) -> Backlog:
+        """The files in `states` (see `Backlog`)."""
         wanted = list(states)
-        row = self._catalog.query(f"SELECT COUNT(*), COALESCE(SUM(size), 0) FROM files WHERE state IN"
-                                  f" ({_placeholders(wanted)})", tuple(wanted))[0]
-        return int(row[0]), int(row[1])
+        row = self._catalog.query(
+            "SELECT COUNT(*), COALESCE(SUM(COALESCE(size, source_size)), 0), MIN(COALESCE(ingested_at_ms, created_ms))"
+            f" FROM files WHERE state IN ({_placeholders(wanted)})", tuple(wanted))[0]
+        return Backlog(int(row[0]), int(row[1]), row[2])
 
     def stored_bytes(self) -> int:
         """Bytes held in the local store (STORED_FILES): what counts against max_disk_gb."""

@@ -7,18 +7,6 @@ from dataclasses import dataclass
 
 from edge_agent.catalog import Catalog
 
-# integrator: use edge_agent.catalog.UNSYNCED
-UNSYNCED: frozenset[str] = frozenset({"discovered", "staged", "sealed", "sending", "rejected"})
-
-
-@dataclass(frozen=True)
-class UnsyncedQueue:
-    """Files not on the platform yet (`UNSYNCED`): how many, their bytes, and when the oldest entered."""
-
-    files: int
-    bytes: int
-    oldest_ms: int | None
-
 
 @dataclass(frozen=True)
 class Totals:
@@ -40,24 +28,11 @@ class DailyTotals:
     dockings: Totals     # sessions opened, and distinct devices docked
 
 
-def _in(states: frozenset[str]) -> tuple[str, tuple[str, ...]]:
-    ordered = tuple(sorted(states))
-    return ", ".join("?" * len(ordered)), ordered
-
-
 class HealthReads:
     """Read-only queries for `edge_agent.ops.health` and `edge_agent.ops.scheduler`."""
 
     def __init__(self, catalog: Catalog):
         self.catalog = catalog
-
-    def unsynced_queue(self) -> UnsyncedQueue:
-        """Size of what is waiting for the platform; a file's age counts from its ingest, else its discovery."""
-        marks, states = _in(UNSYNCED)
-        row = self.catalog.query(
-            "SELECT COUNT(*), COALESCE(SUM(COALESCE(size, source_size)), 0), MIN(COALESCE(ingested_at_ms,"
-            f" created_ms)) FROM files WHERE state IN ({marks})", states)[0]
-        return UnsyncedQueue(files=int(row[0]), bytes=int(row[1]), oldest_ms=row[2])
 
     def daily_totals(self, since: int, until: int) -> DailyTotals:
         """Counts of the window `since < t <= until` (ms since the epoch)."""

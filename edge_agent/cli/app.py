@@ -1,7 +1,9 @@
 """The custodian's command line (DESIGN.md section 7): the shared app and its helpers.
 
-Commands live in the modules beside this one; each registers itself on `app`.
-Human output by default (rich tables, progress bars), `--json` for scripts.
+Commands live in the modules beside this one; each registers itself on `app`. A command parses its
+arguments, calls `edge_agent.services` and renders what it returns: human output by default (rich tables,
+progress bars), the result's `as_dict()` with `--json` for scripts. A service's `ServiceError` ends any
+command with its message and exit code (`_Commands.invoke`).
 """
 
 from __future__ import annotations
@@ -14,13 +16,27 @@ from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any
 
+import click
 import typer
 from rich.console import Console
 from rich.table import Table
+from typer.core import TyperGroup
 
 from edge_agent.config import AgentConfig, ConfigError, load_config, resolve_config_path
+from edge_agent.services import ServiceError, Workspace
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+
+class _Commands(TyperGroup):
+    """The root command group: every command runs inside its `invoke`, so a refusal is handled once here."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except ServiceError as exc:
+            fail(str(exc), code=exc.code)
+
+
+app = typer.Typer(cls=_Commands, no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="edge-agent: collect, seal and sync enforcement footage.")
 console = Console()
 err_console = Console(stderr=True)
@@ -59,6 +75,13 @@ def load(ctx: typer.Context) -> AgentConfig:
     except ConfigError as exc:
         fail(str(exc), code=2)
         raise AssertionError("unreachable") from exc
+
+
+def workspace(ctx: typer.Context) -> Workspace:
+    """The validated config's workspace (catalog, layout, key opened on first use), closed when the command ends."""
+    ws = Workspace(load(ctx), source=options(ctx).config_path)
+    ctx.call_on_close(ws.close)
+    return ws
 
 
 def fail(message: str, code: int = 1) -> None:

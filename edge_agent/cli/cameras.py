@@ -12,10 +12,9 @@ from zoneinfo import ZoneInfo
 
 import typer
 
-from edge_agent.cli.app import console, emit, fail, load, options, table
-from edge_agent.cli.evidence import Reason, devices_app, open_catalog
-from edge_agent.clock import now_ms
-from edge_agent.sources.cameras import gaps, was_recording
+from edge_agent import services
+from edge_agent.cli.app import console, emit, fail, load, options, table, workspace
+from edge_agent.cli.evidence import Reason, devices_app
 
 _DURATION = re.compile(r"^(\d+)([smhd])$")
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
@@ -60,38 +59,32 @@ def devices_gaps(
     reason: Reason = None,
 ) -> None:
     """The camera's gaps in recording, with their causes; with --at, yes or the gap and its reason."""
-    cfg = load(ctx)
-    tz = cfg.agent.zone
-    if camera not in {c.name for c in cfg.cameras}:
-        known = ", ".join(c.name for c in cfg.cameras) or "none configured"
-        fail(f"no camera {camera!r} in {options(ctx).config_path} (cameras: {known})")
-    catalog, _ = open_catalog(ctx)
+    ws = workspace(ctx)
+    tz = ws.config.agent.zone
+    services.cameras.camera(ws, camera)
     if at is not None:
-        at_ms = parse_time(at, tz)
-        catalog.audit("devices.gaps", subject=camera, reason=reason, detail={"at_ms": at_ms})
-        recording, gap, file_id = was_recording(catalog, camera, at_ms)
-        data = {"camera": camera, "at_ms": at_ms, "recording": recording, "file_id": file_id,
-                "gap": gap.as_dict() if gap else None}
-        if recording:
-            human = f"yes: {camera} was recording at {_fmt(at_ms, tz)} (segment {file_id})"
+        answer = services.cameras.recording_at(ws, camera, parse_time(at, tz), reason=reason)
+        at_ms, gap = answer.at_ms, answer.gap
+        if answer.recording:
+            human = f"yes: {camera} was recording at {_fmt(at_ms, tz)} (segment {answer.file_id})"
         elif gap is not None:
             human = (f"no: {camera} was not recording at {_fmt(at_ms, tz)}: gap from {_fmt(gap.start_ms, tz)} "
                      f"to {_fmt(gap.end_ms, tz)}, cause {gap.cause}" + (f" ({gap.detail})" if gap.detail else ""))
         else:
             human = (f"unknown: no segment and no gap of {camera} covers {_fmt(at_ms, tz)} (before the camera "
                      "was first recorded, or a segment not yet taken in from the spool)")
-        emit(ctx, data, human)
-        if not recording:
+        emit(ctx, answer.as_dict(), human)
+        if not answer.recording:
             raise typer.Exit(1)
         return
     since_ms = parse_time(since, tz) if since else parse_time("00:00", tz)
-    catalog.audit("devices.gaps", subject=camera, reason=reason, detail={"since_ms": since_ms})
-    found = gaps(catalog, camera, since_ms, now_ms())
+    report = services.cameras.gap_report(ws, camera, since_ms, reason=reason)
+    found = report.gaps
     emit(ctx, [g.as_dict() for g in found],
          table(f"Gaps of {camera} since {_fmt(since_ms, tz)} ({len(found)})", ["from", "to", "seconds", "cause",
                                                                                  "detail"],
                [[_fmt(g.start_ms, tz), _fmt(g.end_ms, tz),
-                 f"{((g.end_ms or now_ms()) - g.start_ms) / 1000:.1f}", g.cause, g.detail] for g in found]))
+                 f"{((g.end_ms or report.until_ms) - g.start_ms) / 1000:.1f}", g.cause, g.detail] for g in found]))
 
 
 @devices_app.command("locations")
@@ -100,8 +93,7 @@ def devices_locations(
     fmt: Annotated[str, typer.Option("--format", "-f", help="csv or table")] = "table",
 ) -> None:
     """Camera names and locations, for public announcement before use (R11)."""
-    cfg = load(ctx)
-    rows = [{"name": c.name, "location": c.location, "location_kind": c.location_kind} for c in cfg.cameras]
+    rows = [loc.as_dict() for loc in services.cameras.locations(load(ctx))]
     if fmt == "csv":
         writer = csv.DictWriter(sys.stdout, fieldnames=["name", "location", "location_kind"], lineterminator="\n")
         writer.writeheader()
@@ -121,17 +113,16 @@ def devices_discover(
                                                                 "multicast group (a known camera)")] = None,
 ) -> None:
     """Find ONVIF cameras on the local network (one WS-Discovery probe; sent only when you ask)."""
-    from drivers import onvif
-
-    address = onvif.DISCOVERY_ADDRESS
+    address = None
     if target is not None:
         host, _, port = target.rpartition(":")
         if not host or not port.isdigit():
             fail(f"--target {target!r}: use host:port", code=2)
         address = (host, int(port))
-    found = onvif.discover(timeout, address)
+    found = services.cameras.discover(timeout, address)
     if not found and not options(ctx).json:
         console.print("No ONVIF camera answered.")
         return
-    emit(ctx, found, table(f"ONVIF cameras ({len(found)})", ["name", "address", "device service", "endpoint"],
-                           [[f["name"], f["from"], " ".join(f["xaddrs"]), f["endpoint"]] for f in found]))
+    emit(ctx, [f.as_dict() for f in found],
+         table(f"ONVIF cameras ({len(found)})", ["name", "address", "device service", "endpoint"],
+               [[f.name, f.address, " ".join(f.xaddrs), f.endpoint] for f in found]))

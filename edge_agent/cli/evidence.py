@@ -2,21 +2,16 @@
 
 from __future__ import annotations
 
-import json
-import time
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
-from edge_agent.catalog import Catalog, UnknownFile
-from edge_agent.catalog import audit as audit_log
-from edge_agent.cli.app import app, console, emit, fail, fmt_bytes, fmt_ms, load, options, table
+from edge_agent import services
+from edge_agent.cli.app import app, console, emit, fail, fmt_bytes, fmt_ms, load, options, table, workspace
+from edge_agent.cli.operations import render_daemon
 from edge_agent.config import ConfigError, load_config
-from edge_agent.evidence.manifest import AgentKey, begin_rotation, finish_rotation
-from edge_agent.evidence.verify import verify_all
-from edge_agent.layout import StoreLayout
 from edge_agent.services.intake import IntakeRefused, import_folder
 
 files_app = typer.Typer(no_args_is_help=True, help="List and inspect collected files.")
@@ -29,13 +24,6 @@ app.add_typer(keys_app, name="keys")
 app.add_typer(config_app, name="config")
 
 Reason = Annotated[str | None, typer.Option("--reason", "-r", help="why you are doing this (audit log)")]
-
-
-def open_catalog(ctx: typer.Context) -> tuple[Catalog, StoreLayout]:
-    cfg = load(ctx)
-    if not cfg.catalog_path.exists():
-        fail(f"no catalog at {cfg.catalog_path}: the agent has not run with this config yet (edge-agent run)")
-    return Catalog(cfg.catalog_path), StoreLayout(cfg.agent.data_dir)
 
 
 @app.command()
@@ -54,33 +42,22 @@ def run(ctx: typer.Context) -> None:
 @app.command()
 def status(ctx: typer.Context) -> None:
     """What is collected, what waits, what is wrong."""
-    catalog, _layout = open_catalog(ctx)
-    counts = catalog.counts_by_state()
-    oldest = catalog.query("SELECT MIN(created_ms), COUNT(*), COALESCE(SUM(COALESCE(size, source_size)),0)"
-                           " FROM files WHERE state IN ('discovered','staged','sealed','sending')")[0]
-    alarms = catalog.active_alarms()
-    data = {
-        "files_by_state": counts,
-        "unsynced": {"files": oldest[1], "bytes": oldest[2],
-                     "oldest_age_s": None if oldest[0] is None else int(time.time() - oldest[0] / 1000)},
-        "alarms": [{"kind": a["kind"], "subject": a["subject"], "message": a["message"],
-                    "raised": fmt_ms(a["raised_ms"])} for a in alarms],
-        "last_sync_ms": catalog.query("SELECT MAX(synced_ms) FROM files")[0][0],
-    }
-    from edge_agent.cli.operations import daemon_view, render_daemon  # the running daemon's live view
-
-    data["daemon"] = daemon_view(load(ctx))
+    report = services.status.status(workspace(ctx))
+    alarms = report.alarms
     if options(ctx).json:
-        emit(ctx, data)
+        # Alarm times in local time, as the table shows them.
+        emit(ctx, {**report.as_dict(), "alarms": [{"kind": a.kind, "subject": a.subject, "message": a.message,
+                                                   "raised": fmt_ms(a.raised_ms)} for a in alarms]})
         return
+    counts, unsynced = report.files_by_state, report.unsynced
     console.print(table("Files by state", ["state", "files"], [[state, n] for state, n in sorted(counts.items())]))
-    console.print(render_daemon(data["daemon"]))
-    age = data["unsynced"]["oldest_age_s"]
-    console.print(f"Waiting for the platform: {oldest[1]} files, {fmt_bytes(oldest[2])}"
+    console.print(render_daemon(report.daemon))
+    age = report.oldest_unsynced_age_s
+    console.print(f"Waiting for the platform: {unsynced.files} files, {fmt_bytes(unsynced.bytes)}"
                   + (f", oldest {age // 3600} h {age % 3600 // 60} min" if age is not None else ""))
     if alarms:
         console.print(table("Active alarms", ["kind", "subject", "since", "message"],
-                            [[a["kind"], a["subject"], fmt_ms(a["raised_ms"]), a["message"]] for a in alarms]))
+                            [[a.kind, a.subject, fmt_ms(a.raised_ms), a.message] for a in alarms]))
     else:
         console.print("[green]No active alarms.[/green]")
 
@@ -99,15 +76,10 @@ def devices(ctx: typer.Context) -> None:
 @devices_app.command("list")
 def devices_list(ctx: typer.Context) -> None:
     """Recorders and cameras this agent has seen, with their custody."""
-    catalog, _ = open_catalog(ctx)
-    rows = catalog.query(
-        "SELECT d.*, (SELECT officer_id FROM checkouts c WHERE c.device_id = d.device_id AND c.to_ms IS NULL"
-        " ORDER BY from_ms DESC LIMIT 1) AS officer, (SELECT COUNT(*) FROM files f WHERE f.device_id = d.device_id)"
-        " AS files FROM devices d ORDER BY d.kind, d.device_id")
-    data = [{k: r[k] for k in r.keys()} for r in rows]
-    emit(ctx, data, table("Devices", ["device", "kind", "model", "serial", "checked out to", "files", "last seen"],
-                          [[r["device_id"], r["kind"], r["model"], r["serial"], r["officer"], r["files"],
-                            fmt_ms(r["last_seen_ms"])] for r in rows]))
+    rows = services.devices.devices(workspace(ctx))
+    emit(ctx, [r.as_dict() for r in rows],
+         table("Devices", ["device", "kind", "model", "serial", "checked out to", "files", "last seen"],
+               [[r.device_id, r.kind, r.model, r.serial, r.officer, r.files, fmt_ms(r.last_seen_ms)] for r in rows]))
 
 
 @files_app.command("list")
@@ -119,16 +91,7 @@ def files_list(
     limit: Annotated[int, typer.Option("--limit", "-n")] = 100,
 ) -> None:
     """Collected files, newest first."""
-    catalog, _ = open_catalog(ctx)
-    where, params = [], []
-    if device:
-        where.append("device_id = ?")
-        params.append(device)
-    if case:
-        where.append("case_id = ?")
-        params.append(case)
-    records = catalog.files(states=state or None, where=" AND ".join(where), params=tuple(params),
-                            order="created_ms DESC, file_id DESC", limit=limit)
+    records = services.files.list_files(workspace(ctx), states=state, device_id=device, case_id=case, limit=limit)
     emit(ctx, [r.as_dict() for r in records],
          table(f"Files ({len(records)} shown)", ["file id", "state", "device", "officer", "recorded", "size", "path"],
                [[r.file_id, r.state, r.device_id, r.officer_id, fmt_ms(r.recorded_start_ms),
@@ -138,22 +101,13 @@ def files_list(
 @files_app.command("show")
 def files_show(ctx: typer.Context, file_id: str, reason: Reason = None) -> None:
     """One file: its catalog row, its manifest and its history."""
-    catalog, layout = open_catalog(ctx)
-    try:
-        record = catalog.get(file_id)
-    except UnknownFile as exc:
-        fail(str(exc))
-        raise
-    catalog.audit("files.show", subject=file_id, reason=reason)
-    manifest_path = layout.manifest_path(file_id)
-    manifest = json.loads(manifest_path.read_bytes()) if manifest_path.exists() else None
-    history = [{"ts": fmt_ms(h["ts_ms"]), "actor": h["actor"], "action": h["action"], "reason": h["reason"]}
-               for h in catalog.query("SELECT * FROM audit WHERE subject = ? ORDER BY seq", (file_id,))]
-    data = {"file": record.as_dict(), "manifest": manifest, "history": history}
+    detail = services.files.show(workspace(ctx), file_id, reason=reason)
+    history = [{"ts": fmt_ms(h.ts_ms), "actor": h.actor, "action": h.action, "reason": h.reason}
+               for h in detail.history]
     if options(ctx).json:
-        emit(ctx, data)
+        emit(ctx, {"file": detail.file.as_dict(), "manifest": detail.manifest, "history": history})
         return
-    console.print(table(f"File {file_id}", ["field", "value"], [[k, v] for k, v in record.as_dict().items()]))
+    console.print(table(f"File {file_id}", ["field", "value"], [[k, v] for k, v in detail.file.as_dict().items()]))
     console.print(table("History", ["time", "actor", "action", "reason"],
                         [[h["ts"], h["actor"], h["action"], h["reason"]] for h in history]))
 
@@ -199,29 +153,13 @@ def verify(
     reason: Reason = None,
 ) -> None:
     """Re-hash stored files, check every manifest signature and both chains. Exit 1 on any mismatch."""
-    catalog, layout = open_catalog(ctx)
-    key = AgentKey.load_or_create(layout.keys)
-    catalog.audit("verify", subject=",".join(file_ids) if file_ids else "all", reason=reason)
-    checked = 0
-
-    def tick(_record: object) -> None:
-        nonlocal checked
-        checked += 1
-
-    try:
-        findings = verify_all(catalog, layout, key, file_ids if file_ids and not all_ else None, progress=tick)
-    except UnknownFile as exc:
-        fail(str(exc))
-        raise
-    data = {"checked_files": checked, "ok": not findings, "findings": [f.__dict__ for f in findings]}
-    if findings:
-        catalog.raise_alarm(f"tamper:verify:{int(time.time())}", "tamper", "verify",
-                            f"verify found {len(findings)} problem(s); first: {findings[0]}")
+    report = services.verify.verify(workspace(ctx), None if all_ else file_ids, reason=reason)
+    checked, findings = report.checked_files, report.findings
     human = table(f"verify: {checked} files checked, {len(findings)} problem(s)", ["subject", "what", "problem"],
                   [[f.subject, f.what, f.message] for f in findings]) if findings else (
         f"[green]OK[/green]: {checked} files, their manifests, the document chain and the audit log verify.")
-    emit(ctx, data, human)
-    if findings:
+    emit(ctx, report.as_dict(), human)
+    if not report.ok:
         raise typer.Exit(1)
 
 
@@ -232,37 +170,27 @@ def audit_show(
     limit: Annotated[int, typer.Option("--limit", "-n")] = 50,
 ) -> None:
     """The newest audit entries."""
-    catalog, _ = open_catalog(ctx)
-    sql = "SELECT * FROM audit" + (" WHERE subject = ?" if subject else "") + " ORDER BY seq DESC LIMIT ?"
-    rows = catalog.query(sql, (subject, limit) if subject else (limit,))
-    data = [{k: r[k] for k in r.keys()} for r in rows]
-    emit(ctx, data, table("Audit log", ["seq", "time", "actor", "action", "subject", "reason"],
-                          [[r["seq"], fmt_ms(r["ts_ms"]), r["actor"], r["action"], r["subject"], r["reason"]]
-                           for r in rows]))
+    rows = services.audit.entries(workspace(ctx), subject=subject, limit=limit)
+    emit(ctx, [r.as_dict() for r in rows],
+         table("Audit log", ["seq", "time", "actor", "action", "subject", "reason"],
+               [[r.seq, fmt_ms(r.ts_ms), r.actor, r.action, r.subject, r.reason] for r in rows]))
 
 
 @audit_app.command("verify")
 def audit_verify(ctx: typer.Context) -> None:
     """Check the audit log's hash chain. Exit 1 if any entry was edited, deleted or reordered."""
-    catalog, _ = open_catalog(ctx)
-    count, problems = audit_log.verify(catalog.conn)
-    data = {"entries": count, "ok": not problems, "problems": [str(p) for p in problems]}
-    emit(ctx, data, "\n".join(f"[red]{p}[/red]" for p in problems) if problems
-         else f"[green]OK[/green]: {count} audit entries, chain intact.")
-    if problems:
+    check = services.audit.check_chain(workspace(ctx))
+    emit(ctx, check.as_dict(), "\n".join(f"[red]{p}[/red]" for p in check.problems) if check.problems
+         else f"[green]OK[/green]: {check.entries} audit entries, chain intact.")
+    if not check.ok:
         raise typer.Exit(1)
 
 
 @keys_app.command("show")
 def keys_show(ctx: typer.Context) -> None:
     """The agent's key id and public key (enrol it on the platform)."""
-    cfg = load(ctx)
-    layout = StoreLayout(cfg.agent.data_dir)
-    layout.create()
-    key = AgentKey.load_or_create(layout.keys)
-    data = {"agent_id": cfg.agent.id, "key_id": key.key_id, "public_key_pem": key.public_pem(),
-            "public_key_b64": key.public_raw_b64()}
-    emit(ctx, data, f"agent {cfg.agent.id}\nkey id {key.key_id}\n{key.public_pem()}")
+    key = services.keys.show(workspace(ctx))
+    emit(ctx, key.as_dict(), f"agent {key.agent_id}\nkey id {key.key_id}\n{key.public_key_pem}")
 
 
 @keys_app.command("rotate")
@@ -270,22 +198,10 @@ def keys_rotate(ctx: typer.Context, reason: Reason = None) -> None:
     """Replace the signing key. The old key signs a `key_rotation` document naming the new one, so the
     chain of trust continues; its public half stays in keys/retired/ so earlier documents still verify.
     Enrol the new public key on the platform, then restart the agent."""
-    from edge_agent.ingest import Sealer
-
-    cfg = load(ctx)
-    if not reason:
-        fail("say why the key is rotated: --reason (it goes into the signed rotation record and the audit log)")
-    catalog, layout = open_catalog(ctx)
-    old, new = begin_rotation(layout.keys)
-    body = {"old_key_id": old.key_id, "new_key_id": new.key_id, "new_public_key": new.public_pem(),
-            "reason": reason, "by": audit_log.os_user()}
-    path = layout.data_dir / "rotations" / f"{new.key_id.split(':', 1)[1]}.json"
-    Sealer(catalog, old, layout, cfg).sign_document("key_rotation", new.key_id, body, path)
-    finish_rotation(layout.keys)
-    catalog.audit("keys.rotated", subject=new.key_id, reason=reason, detail={"old_key_id": old.key_id})
-    emit(ctx, {"old_key_id": old.key_id, "key_id": new.key_id, "public_key_pem": new.public_pem()},
-         f"new key {new.key_id} (was {old.key_id}); enrol it on the platform, then restart the agent:\n"
-         f"{new.public_pem()}")
+    rotation = services.keys.rotate(workspace(ctx), reason=reason)
+    emit(ctx, rotation.as_dict(),
+         f"new key {rotation.key_id} (was {rotation.old_key_id}); enrol it on the platform, then restart the agent:"
+         f"\n{rotation.public_key_pem}")
 
 
 @config_app.command("check")

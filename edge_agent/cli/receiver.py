@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 
+from edge_agent import services
 from edge_agent.cli.app import app, fail, options
 from edge_agent.config import ConfigError, load_receiver_config
 
@@ -21,17 +22,10 @@ def receiver_run(
     = None,
 ) -> None:
     """Run a receiver until SIGTERM. Several may share one store and a shared subscription."""
-    from edge_agent.platform.receiver import Receiver
-
     path = config or options(ctx).config_path
     try:
         cfg = load_receiver_config(path)
     except ConfigError as exc:
         fail(str(exc), code=2)
         raise
-    try:
-        receiver = Receiver(cfg)
-    except OSError as exc:
-        fail(f"cannot open the receiver store {cfg.receiver.store_dir}: {exc.strerror}", code=2)
-        raise
-    receiver.run_forever()
+    services.receiver.serve(cfg)

@@ -17,13 +17,13 @@ import time
 from dataclasses import dataclass
 
 from edge_agent.catalog import Catalog, FileRecord, State
+from edge_agent.catalog.alarms import TAMPER
 from edge_agent.clock import now_ms
 from edge_agent.config import AgentConfig
 from edge_agent.digest import hash_stream
 from edge_agent.evidence.manifest import AgentKey
 from edge_agent.evidence.verify import Finding, verify_audit, verify_chain, verify_file
 from edge_agent.layout import StoreLayout
-from edge_agent.ops.alarms import TAMPER
 
 log = logging.getLogger(__name__)
 

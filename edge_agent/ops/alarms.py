@@ -18,19 +18,18 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from edge_agent.catalog import CONFIRMED, Catalog, audit
+from edge_agent.catalog.alarms import (  # noqa: F401  (the kinds, re-exported for the rest of ops)
+    CLOCK_OFFSET,
+    DISK_HIGH,
+    RECORDER_UNIDENTIFIED,
+    REJECTION_KINDS,
+    TAMPER,
+    UNSYNCED_OVERDUE,
+)
 from edge_agent.clock import now_ms
 from edge_agent.config import AgentConfig
 
 log = logging.getLogger(__name__)
-
-DISK_HIGH = "disk_high"
-UNSYNCED_OVERDUE = "unsynced_overdue"
-CLOCK_OFFSET = "clock_offset"
-RECORDER_UNIDENTIFIED = "recorder_unidentified"
-TAMPER = "tamper"
-
-# The kinds the uplink raises when the receiver rejects a file or it cannot be sent; the subject is the file id.
-REJECTION_KINDS = frozenset({"sync_rejected", "sync_blocked"})
 
 
 class AlarmEvaluator:

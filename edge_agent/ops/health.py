@@ -25,8 +25,7 @@ from typing import Any, Protocol
 
 import psutil
 
-from edge_agent.catalog import Catalog
-from edge_agent.catalog.health_reads import HealthReads
+from edge_agent.catalog import UNSYNCED, Catalog
 from edge_agent.clock import iso_ms, now_ms
 from edge_agent.config import AgentConfig
 from edge_agent.durable import atomic_write
@@ -133,7 +132,6 @@ class HealthMonitor:
                  uplink: HealthProvider | None = None, scrub: HealthProvider | None = None,
                  publisher: Publisher | None = None):
         self.catalog = catalog
-        self.reads = HealthReads(catalog)
         self.config = config
         self.layout = layout
         self.retention = retention
@@ -161,7 +159,7 @@ class HealthMonitor:
         return self._clock
 
     def _queue(self, now: int) -> dict[str, Any]:
-        queue = self.reads.unsynced_queue()
+        queue = self.catalog.files.backlog(UNSYNCED)
         return {"files": queue.files, "bytes": queue.bytes,
                 "oldest_unsynced_age_s": None if queue.oldest_ms is None else max(0, (now - queue.oldest_ms) // 1000),
                 "by_state": self.catalog.counts_by_state()}

@@ -7,7 +7,7 @@ uplink's sender thread only.
 
 from __future__ import annotations
 
-from edge_agent.catalog.outbox_sync import OutboxSync
+from edge_agent.catalog.events import Outbox
 from edge_agent.protocol.wire import Topics
 from edge_agent.sync.sender import Publish
 
@@ -17,7 +17,7 @@ BATCH = 100   # rows read per relay pass
 class OutboxRelay:
     """Publishes unsent outbox rows once per connection and marks them sent on their PUBACK."""
 
-    def __init__(self, repository: OutboxSync, topics: Topics, publish: Publish):
+    def __init__(self, repository: Outbox, topics: Topics, publish: Publish):
         self.repository = repository
         self.topics = topics
         self._publish = publish
@@ -30,7 +30,7 @@ class OutboxRelay:
 
     def relay(self) -> None:
         """Publish the next unsent rows, oldest first, until the connection refuses one."""
-        for row in self.repository.unsent(BATCH):
+        for row in self.repository.pending(BATCH):
             if row["id"] in self._out:
                 continue
             info = self._publish(self.topics.agent(row["topic"]), row["payload"].encode("utf-8"))

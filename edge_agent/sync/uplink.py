@@ -29,8 +29,7 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 
-from edge_agent.catalog import Catalog, FileRecord, State
-from edge_agent.catalog.outbox_sync import OutboxSync
+from edge_agent.catalog import SYNC_QUEUE, Catalog, FileRecord, State
 from edge_agent.clock import iso_ms, now_ms
 from edge_agent.config import AgentConfig
 from edge_agent.layout import StoreLayout
@@ -74,11 +73,10 @@ class Uplink:
         self._thread: threading.Thread | None = None
         self._cond = threading.Condition()      # the sender sleeps on it; acks and connects notify
         self._inbox: deque[tuple[str, Any]] = deque()
-        self.repository = OutboxSync(catalog)
         self.ledger = SyncLedger(catalog, layout)
         self.sender = Sender(config.mqtt, self.topics, self._publish, connected=self._connected, stop=self._stop,
                              on_blocked=self._blocked)
-        self.outbox = OutboxRelay(self.repository, self.topics, self._publish)
+        self.outbox = OutboxRelay(catalog.outbox, self.topics, self._publish)
         self.command_gate = CommandGate(catalog, config.agent.id, config.mqtt.command_keys)
         self._callbacks: list[CommandCallback] = [self._resync_command]
         self._resync = threading.Event()
@@ -119,10 +117,10 @@ class Uplink:
         self._wake()
 
     def stats(self) -> dict[str, Any]:
-        files, size = self.repository.queue_totals()
+        queue = self.catalog.files.backlog(SYNC_QUEUE)
         return {"connected": self._connected.is_set(), "last_ack_ms": self.last_ack_ms,
                 "bytes_sent": self.sender.bytes_sent, "rate_bps": round(self._rate.rate_bps(), 1),
-                "in_flight": len(self.sender.files), "queue_files": files, "queue_bytes": size}
+                "in_flight": len(self.sender.files), "queue_files": queue.files, "queue_bytes": queue.bytes}
 
     def health(self) -> dict[str, Any]:
         """Its fragment of the health snapshot: `{"sync": the agent.sync section}` (schema `health`)."""

@@ -1,0 +1,68 @@
+"""Collected files: list them, show one with its manifest and history, view one (R7: who, why, approved by)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from edge_agent.catalog import FileRecord, State, UnknownFile
+from edge_agent.catalog import audit as audit_log
+from edge_agent.catalog.reports import AuditEntry
+from edge_agent.services.workspace import Result, ServiceError, Workspace, refusals
+
+
+@dataclass(frozen=True)
+class FileDetail(Result):
+    """One file's catalog row, its signed manifest (None before sealing) and its audit history."""
+
+    file: FileRecord
+    manifest: dict[str, Any] | None
+    history: tuple[AuditEntry, ...]
+
+
+@dataclass(frozen=True)
+class Viewing(Result):
+    """Where to play a file back: the stored file, or the copy made for it."""
+
+    file_id: str
+    path: Path
+
+
+def list_files(ws: Workspace, *, states: list[str] | None = None, device_id: str | None = None,
+               case_id: str | None = None, limit: int = 100) -> tuple[FileRecord, ...]:
+    """Files, newest first, optionally only these states, this device, this case."""
+    return tuple(ws.reports.files(states=states, device_id=device_id, case_id=case_id, limit=limit))
+
+
+def show(ws: Workspace, file_id: str, *, reason: str | None = None) -> FileDetail:
+    """One file; the access is audited (and so is the last entry of the history returned)."""
+    with refusals(UnknownFile):
+        record = ws.catalog.get(file_id)
+    ws.catalog.audit("files.show", subject=file_id, reason=reason)
+    manifest_path = ws.layout.manifest_path(file_id)
+    manifest = json.loads(manifest_path.read_bytes()) if manifest_path.exists() else None
+    return FileDetail(record, manifest, tuple(ws.reports.history(file_id)))
+
+
+def view(ws: Workspace, file_id: str, *, reason: str, approved_by: str, to: Path | None = None) -> Viewing:
+    """Play back a stored file: audits who viewed it, why and on whose approval; copies it into `to` if given."""
+    catalog = ws.catalog
+    if not reason.strip() or not approved_by.strip():
+        raise ServiceError("viewing needs --reason and --approved-by (R7)")
+    with refusals(UnknownFile):
+        record = catalog.get(file_id)
+    if record.state == State.PURGED or not record.store_path:
+        raise ServiceError(f"{file_id} is not held locally (state {record.state}); view it on the platform")
+    stored = ws.layout.data_dir / str(record.store_path)
+    target = stored
+    if to is not None:
+        to.mkdir(parents=True, exist_ok=True)
+        target = to / stored.name
+        shutil.copyfile(stored, target)
+    catalog.audit("file.viewed", subject=file_id, reason=reason,
+                  detail={"approved_by": approved_by, "requested_by": audit_log.os_user(),
+                          "copy": str(to) if to else None})
+    return Viewing(file_id, target)

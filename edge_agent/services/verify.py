@@ -1,0 +1,40 @@
+"""`edge-agent verify`: re-hash stored files, check every manifest signature and both chains."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from edge_agent.catalog import UnknownFile
+from edge_agent.clock import now_ms
+from edge_agent.evidence.verify import Finding, verify_all
+from edge_agent.ops.alarms import TAMPER
+from edge_agent.services.workspace import Result, Workspace, refusals
+
+
+@dataclass(frozen=True)
+class VerifyReport(Result):
+    checked_files: int
+    ok: bool = field(init=False)  # no findings
+    findings: tuple[Finding, ...]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "ok", not self.findings)
+
+
+def verify(ws: Workspace, file_ids: list[str] | None = None, *, reason: str | None = None) -> VerifyReport:
+    """Check `file_ids`, or (None or empty) every stored file, the document chain and the audit log.
+    The request is audited; any finding raises a `tamper` alarm (a custodian clears it after investigating)."""
+    catalog, layout, key = ws.catalog, ws.layout, ws.key
+    catalog.audit("verify", subject=",".join(file_ids) if file_ids else "all", reason=reason)
+    checked = 0
+
+    def tick(_record: object) -> None:
+        nonlocal checked
+        checked += 1
+
+    with refusals(UnknownFile):
+        findings = verify_all(catalog, layout, key, file_ids or None, progress=tick)
+    if findings:
+        catalog.raise_alarm(f"tamper:verify:{now_ms() // 1000}", TAMPER, "verify",
+                            f"verify found {len(findings)} problem(s); first: {findings[0]}")
+    return VerifyReport(checked, tuple(findings))

@@ -1,0 +1,111 @@
+"""The `Workspace`: one agent's config with its catalog, store layout and signing key; `ServiceError`, the
+one exception a service raises for a request it refuses (its message says what to do instead); and
+`Result`, what a service's dataclasses share."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, fields, is_dataclass
+from functools import cached_property
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from edge_agent.catalog import Catalog
+from edge_agent.catalog.reports import CatalogReports
+from edge_agent.config import AgentConfig
+from edge_agent.evidence.manifest import AgentKey
+from edge_agent.ingest import Sealer
+from edge_agent.layout import StoreLayout
+
+
+class Result:
+    """Base of a service's frozen dataclasses: `as_dict()` is the fields in order as JSON-ready values (nested
+    results by their `as_dict()`, tuples as lists, paths as strings), the `--json` form of the result."""
+
+    def as_dict(self) -> dict[str, Any]:
+        return {f.name: plain(getattr(self, f.name)) for f in fields(self)}
+
+
+def plain(value: Any) -> Any:
+    """`value` as JSON-ready data (see `Result`)."""
+    if hasattr(value, "as_dict"):
+        return value.as_dict()
+    if is_dataclass(value) and not isinstance(value, type):
+        return asdict(value)
+    if isinstance(value, tuple | list):
+        return [plain(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+class ServiceError(Exception):
+    """A request the service refuses or cannot do; `str()` is for the user, `code` the exit status to use."""
+
+    def __init__(self, message: str, *, code: int = 1):
+        super().__init__(message)
+        self.code = code
+
+
+class NoCatalog(ServiceError):
+    """The config's data dir has no catalog: the agent never ran with it."""
+
+
+@contextmanager
+def refusals(*kinds: type[Exception]) -> Iterator[None]:
+    """Turn the domain's refusals (`UnknownFile`, `HoldError`, ...) into `ServiceError`, same message."""
+    try:
+        yield
+    except kinds as exc:
+        raise ServiceError(str(exc)) from exc
+
+
+class Workspace:
+    """What a service works on. Each part is opened on first use and then kept, so a caller that only
+    shows the key never opens the catalog, and one that never touched the catalog never fails for its
+    absence. `close()` (or `with`) closes the catalog if it was opened. One per command or request: the
+    lazy opening is not locked, so threads do not share a workspace.
+
+    `source` names where the config came from, for messages (e.g. the config file's path)."""
+
+    def __init__(self, config: AgentConfig, *, source: str | Path = "the config"):
+        self.config = config
+        self.source = source
+
+    @cached_property
+    def catalog(self) -> Catalog:
+        path = self.config.catalog_path
+        if not path.exists():
+            raise NoCatalog(f"no catalog at {path}: the agent has not run with this config yet (edge-agent run)")
+        return Catalog(path)
+
+    @cached_property
+    def layout(self) -> StoreLayout:
+        return StoreLayout(self.config.agent.data_dir)
+
+    @cached_property
+    def key(self) -> AgentKey:
+        """The agent's signing key (created on first use, as the daemon would)."""
+        return AgentKey.load_or_create(self.layout.keys)
+
+    @cached_property
+    def sealer(self) -> Sealer:
+        """Signs documents into the agent's chain with the current key."""
+        return Sealer(self.catalog, self.key, self.layout, self.config)
+
+    @cached_property
+    def reports(self) -> CatalogReports:
+        return CatalogReports(self.catalog)
+
+    def close(self) -> None:
+        if "catalog" in self.__dict__:
+            self.catalog.close()
+
+    def __enter__(self) -> Workspace:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
