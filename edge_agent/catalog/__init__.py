@@ -183,19 +183,19 @@ class Catalog:
         """The officer who had `device_id` checked out at `at_ms` (the checkout register)."""
         return self.checkouts.officer_at(device_id, at_ms)
 
-    def raise_alarm(self, key: str, kind: str, subject: str, message: str, topic: str | None = None) -> bool:
+    def raise_alarm(self, key: str, kind: str, subject: str, message: str) -> bool:
         """Raise an alarm once: returns False if `key` is already active. Queues its event durably."""
-        return self.alarms.raise_(key, kind, subject, message, topic)
+        return self.alarms.raise_(key, kind, subject, message)
 
-    def clear_alarm(self, key: str, topic: str | None = None) -> bool:
-        return self.alarms.clear(key, topic)
+    def clear_alarm(self, key: str) -> bool:
+        return self.alarms.clear(key)
 
     def active_alarms(self) -> list[sqlite3.Row]:
         return self.alarms.active()
 
-    def queue_event(self, conn: sqlite3.Connection, event: dict[str, Any], topic: str | None = None) -> None:
+    def queue_event(self, conn: sqlite3.Connection, event: dict[str, Any]) -> None:
         """Durably queue an event for the `events` topic, in the transaction `conn` belongs to."""
-        self.outbox.queue(event, topic)
+        self.outbox.queue(event)
 
-    def emit_event(self, event: dict[str, Any], topic: str | None = None) -> None:
-        self.outbox.queue(event, topic)
+    def emit_event(self, event: dict[str, Any]) -> None:
+        self.outbox.queue(event)

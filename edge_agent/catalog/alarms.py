@@ -29,7 +29,7 @@ class Alarms:
     def __init__(self, catalog: Catalog):
         self._catalog = catalog
 
-    def raise_(self, key: str, kind: str, subject: str, message: str, topic: str | None = None) -> bool:
+    def raise_(self, key: str, kind: str, subject: str, message: str) -> bool:
         """Raise an alarm once: returns False if `key` is already active. Queues its event durably."""
         with self._catalog.transaction() as conn:
             if conn.execute("SELECT 1 FROM alarms WHERE key = ? AND cleared_ms IS NULL", (key,)).fetchone():
@@ -38,12 +38,12 @@ class Alarms:
             conn.execute("INSERT INTO alarms (key, kind, subject, message, raised_ms) VALUES (?,?,?,?,?)",
                          (key, kind, subject, message, ts))
             self._catalog.outbox.queue({"type": "alarm", "state": "raised", "key": key, "kind": kind,
-                                        "subject": subject, "message": message, "ts": ts}, topic)
+                                        "subject": subject, "message": message, "ts": ts})
             audit.append(conn, "alarm.raised", subject=subject, reason=message, actor="edge-agent",
                          detail={"key": key, "kind": kind})
         return True
 
-    def clear(self, key: str, topic: str | None = None) -> bool:
+    def clear(self, key: str) -> bool:
         """Clear the active alarm `key`: returns False if none is active. Queues its event durably."""
         with self._catalog.transaction() as conn:
             row = self.find_active(key)
@@ -52,7 +52,7 @@ class Alarms:
             ts = now_ms()
             conn.execute("UPDATE alarms SET cleared_ms = ? WHERE id = ?", (ts, row["id"]))
             self._catalog.outbox.queue({"type": "alarm", "state": "cleared", "key": key, "kind": row["kind"],
-                                        "subject": row["subject"], "ts": ts}, topic)
+                                        "subject": row["subject"], "ts": ts})
             audit.append(conn, "alarm.cleared", subject=row["subject"], actor="edge-agent", detail={"key": key})
         return True
 

@@ -3,16 +3,16 @@ publishes them in order and marks each sent."""
 
 from __future__ import annotations
 
-import json
 import sqlite3
 from typing import TYPE_CHECKING, Any
 
 from edge_agent.clock import now_ms
+from edge_agent.protocol.canonical import canonical_json
 
 if TYPE_CHECKING:
     from edge_agent.catalog import Catalog
 
-DEFAULT_TOPIC = "events"
+EVENTS_TOPIC = "events"
 
 
 class Outbox:
@@ -21,11 +21,11 @@ class Outbox:
     def __init__(self, catalog: Catalog):
         self._catalog = catalog
 
-    def queue(self, event: dict[str, Any], topic: str | None = None) -> None:
-        """Queue `event` for `topic` (default `events`); joins the caller's transaction if there is one."""
+    def queue(self, event: dict[str, Any]) -> None:
+        """Queue `event` for the `events` topic, in canonical JSON; joins the caller's transaction if there is one."""
         with self._catalog.transaction() as conn:
             conn.execute("INSERT INTO outbox (topic, payload, created_ms) VALUES (?,?,?)",
-                         (topic or DEFAULT_TOPIC, json.dumps(event, ensure_ascii=False, sort_keys=True), now_ms()))
+                         (EVENTS_TOPIC, canonical_json(event).decode("utf-8"), now_ms()))
 
     def pending(self, limit: int = 100) -> list[sqlite3.Row]:
         """The oldest unsent events (columns: id, topic, payload)."""

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import json
 import os
 import sqlite3
 import threading
@@ -34,6 +33,7 @@ from edge_agent.ingest.errors import (
 from edge_agent.ingest.recover import recover, unlink_quietly
 from edge_agent.ingest.seal import Sealer
 from edge_agent.layout import StoreLayout
+from edge_agent.protocol.canonical import canonical_json
 
 # Dirty pages of a copy are sent to disk every this many bytes, not all at the closing fsync.
 WRITEBACK_STEP = 8 * 1024 * 1024
@@ -204,7 +204,7 @@ class Ingestor:
         return self.catalog.transition(
             record.file_id, State.STAGED, expect=State.DISCOVERED, actor="edge-agent",
             sha256=digest, size=size, store_path=str(final.relative_to(self.layout.data_dir)),
-            media=json.dumps(media, ensure_ascii=False, sort_keys=True), ingested_at_ms=now_ms(),
+            media=canonical_json(media).decode("utf-8"), ingested_at_ms=now_ms(),
             recorded_end_ms=end_ms, last_error=None, audit_detail={"sha256": digest, "size": size},
         )
 

@@ -32,6 +32,7 @@ from edge_agent.durable import atomic_write
 from edge_agent.layout import StoreLayout
 from edge_agent.ops.alarms import AlarmEvaluator
 from edge_agent.ops.retention import Retention, filesystem_percent
+from edge_agent.protocol.canonical import canonical_json
 from edge_agent.protocol.wire import schema
 
 log = logging.getLogger(__name__)
@@ -238,7 +239,7 @@ class HealthMonitor:
         return True
 
     def publish(self, snapshot: dict[str, Any]) -> None:
-        data = json.dumps(snapshot, ensure_ascii=False, sort_keys=True).encode("utf-8")
+        data = canonical_json(snapshot)
         atomic_write(self.path, data, mode=0o640)
         if self.publisher is not None:
             self.publisher.publish("health", snapshot, retain=True)

@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from edge_agent.catalog import UnknownFile
-from edge_agent.evidence import custody
+from edge_agent.ops import custody
 from edge_agent.ops.custody import Checkout, CustodyError
 from edge_agent.ops.retention import RETENTION_CLASSES
 from edge_agent.services.workspace import Result, Workspace, refusals
