@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 
 from edge_agent.catalog import Catalog, State, TransitionError, schema, states
+from edge_agent.catalog.docking import DockingRecords
+from edge_agent.catalog.files import Backlog
 
 
 def _discover(catalog: Catalog, name: str = "a.mp4", **kwargs: object):
@@ -59,12 +61,13 @@ def test_update_refuses_state(catalog: Catalog) -> None:
     assert (catalog.get(record.file_id).last_error, catalog.get(record.file_id).attempts) == ("disk hiccup", 2)
 
 
-def test_totals_and_unsynced(catalog: Catalog) -> None:
+def test_backlog_and_unsynced(catalog: Catalog) -> None:
     a, _ = _discover(catalog)
     _discover(catalog, "b.mp4")
     catalog.transition(a.file_id, State.STAGED, size=7, ingested_at_ms=5)
-    assert catalog.files.totals(states.UNSYNCED) == (2, 7)
-    assert catalog.files.totals(states.SYNC_QUEUE) == (0, 0)
+    # The stored size where there is one (a), else the source's (b); the oldest is the first to reach the agent.
+    assert catalog.files.backlog(states.UNSYNCED) == Backlog(files=2, bytes=7 + 10, oldest_ms=5)
+    assert catalog.files.backlog(states.SYNC_QUEUE) == Backlog(files=0, bytes=0, oldest_ms=None)
     assert catalog.files.unsynced_since(5) == (1, 5)
     assert catalog.files.state_of(a.file_id) == State.STAGED and catalog.files.state_of("nope") is None
 
@@ -131,3 +134,19 @@ def test_an_old_catalog_is_migrated(tmp_path: Path) -> None:
     assert catalog.query("PRAGMA user_version")[0][0] == len(schema.MIGRATIONS)
     catalog.close()
     Catalog(path).close()  # opening a current catalog again changes nothing
+
+
+def test_clearing_a_file_that_retention_purged_meanwhile_is_still_recorded(catalog: Catalog) -> None:
+    # The dock worker read the row as synced, re-hashed the original, deleted it; meanwhile retention purged
+    # the local copy. The deletion must be recorded (cleared_ms, audit), not crash the worker.
+    record, _ = _discover(catalog)
+    catalog.transition(record.file_id, State.STAGED, size=10, sha256="a" * 64, store_path="store/x")
+    catalog.transition(record.file_id, State.SEALED, manifest_sha256="b" * 64)
+    catalog.transition(record.file_id, State.SENDING)
+    catalog.transition(record.file_id, State.SYNCED, synced_ms=1)
+    seen = catalog.get(record.file_id)
+    catalog.transition(record.file_id, State.PURGED, purged_ms=2)
+    DockingRecords(catalog).cleared(seen, reason="confirmed", actor="edge-agent")
+    after = catalog.get(record.file_id)
+    assert after.state == State.PURGED and after.cleared_ms is not None
+    assert catalog.query("SELECT 1 FROM audit WHERE action = 'recorder.cleared' AND subject = ?", (record.file_id,))

@@ -52,12 +52,14 @@ class DockingRecords:
 
     def cleared(self, record: FileRecord, *, reason: str, actor: str) -> None:
         """The original was deleted from the recorder. A synced file moves to source_cleared; one already
-        purged locally keeps its state and the clearing is audited all the same."""
-        if record.state == State.SYNCED:
-            self.catalog.transition(record.file_id, State.SOURCE_CLEARED, expect=State.SYNCED, actor=actor,
-                                    reason=reason, cleared_ms=now_ms())
-            return
+        purged locally keeps its state and the clearing is audited all the same. The state is read in the
+        transaction that records the clearing: retention may purge the file while its original is being
+        re-hashed, and that race must not lose the record of the deletion."""
         with self.catalog.transaction():
+            if self.catalog.files.state_of(record.file_id) == State.SYNCED:
+                self.catalog.transition(record.file_id, State.SOURCE_CLEARED, expect=State.SYNCED, actor=actor,
+                                        reason=reason, cleared_ms=now_ms())
+                return
             self.catalog.update(record.file_id, cleared_ms=now_ms())
             self.catalog.audit("recorder.cleared", subject=record.file_id, reason=reason, actor=actor,
                                detail={"device_id": record.device_id, "path": record.original_path})
