@@ -101,17 +101,17 @@ class _DockBase(_Section):
     rescan_s: Annotated[float, Field(gt=0, le=3600)] = 5.0
 
 
-class UsbDock(_DockBase):
+class UsbDockSection(_DockBase):
     kind: Literal["usb"]
     mount_root: Path = Path("/media/edge-dock")
 
 
-class DirectoryDock(_DockBase):
+class DirectoryDockSection(_DockBase):
     kind: Literal["directory"]
     root: Path
 
 
-Dock = Annotated[UsbDock | DirectoryDock, Field(discriminator="kind")]
+Dock = Annotated[UsbDockSection | DirectoryDockSection, Field(discriminator="kind")]
 
 
 class Camera(_Section):

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from drivers.base import DockedVolume
 from edge_agent.catalog import Catalog, FileRecord
 from edge_agent.catalog.docking import DockingRecords
-from edge_agent.config import DirectoryDock, UsbDock
+from edge_agent.config import Dock
 from edge_agent.digest import hash_file
 from edge_agent.durable import fsync_dir
 from edge_agent.sources.docks import policy
@@ -26,7 +26,7 @@ class Clearing:
     """Clears the confirmed originals on one docked volume, per its dock's configuration."""
 
     def __init__(self, catalog: Catalog, records: DockingRecords, volume: DockedVolume,
-                 dock: UsbDock | DirectoryDock | None):
+                 dock: Dock | None):
         self.catalog = catalog
         self.records = records
         self.volume = volume

@@ -22,7 +22,7 @@ from drivers.base import DockedVolume
 from edge_agent.catalog import Catalog, FileRecord
 from edge_agent.catalog.docking import DockingRecords
 from edge_agent.clock import now_ms
-from edge_agent.config import DirectoryDock, UsbDock
+from edge_agent.config import Dock
 from edge_agent.ingest import IngestError, Ingestor, Sealer
 from edge_agent.sources.docks import policy
 from edge_agent.sources.docks.clearing import Clearing
@@ -58,7 +58,7 @@ class VolumeWorker(threading.Thread):
     command, which also calls `run()` in its own thread); `identity` then says who the recorder is.
     `on_progress(bytes_copied, bytes_total)` is called after each pass's discovery and each file."""
 
-    def __init__(self, context: DockContext, volume: DockedVolume, dock: UsbDock | DirectoryDock | None, *,
+    def __init__(self, context: DockContext, volume: DockedVolume, dock: Dock | None, *,
                  identity: VolumeIdentity | None = None, once: bool = False, on_progress: Progress | None = None):
         super().__init__(name=f"dock-{volume.dock}-{volume.slot or volume.label}", daemon=True)
         self.context = context
