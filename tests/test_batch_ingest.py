@@ -108,6 +108,14 @@ def _ingestor(tmp_path: Path) -> tuple[Ingestor, Catalog, StoreLayout]:
     return Ingestor(catalog, layout, sealer, config), catalog, layout
 
 
+def _card(tmp_path: Path, count: int, size: int) -> tuple[Ingestor, Catalog, StoreLayout, Path, list[str], list[Any]]:
+    """A card of `count` photos of `size` bytes, each with its discovered row."""
+    names = [f"DCIM/IMG_{i:04d}.JPG" for i in range(count)]
+    volume = make_recorder_volume(tmp_path / "card", "CARD", dict.fromkeys(names, size))
+    ingestor, catalog, layout = _ingestor(tmp_path)
+    return ingestor, catalog, layout, volume, names, _discover(catalog, volume, names)
+
+
 def _discover(catalog: Catalog, volume: Path, names: list[str]) -> list[Any]:
     items = []
     for name in names:
@@ -121,10 +129,7 @@ def _discover(catalog: Catalog, volume: Path, names: list[str]) -> list[Any]:
 
 def test_a_batch_is_one_staged_and_one_sealed_transaction_each_row_after_its_bytes_are_durable(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    names = [f"DCIM/IMG_{i:04d}.JPG" for i in range(40)]
-    volume = make_recorder_volume(tmp_path / "card", "CARD", dict.fromkeys(names, 20_000))
-    ingestor, catalog, layout = _ingestor(tmp_path)
-    items = _discover(catalog, volume, names)
+    ingestor, catalog, layout, volume, names, items = _card(tmp_path, 40, 20_000)
     commits = []
     genuine = catalog.conn
 
@@ -156,10 +161,7 @@ def test_a_batch_is_one_staged_and_one_sealed_transaction_each_row_after_its_byt
 
 def test_a_copy_that_does_not_read_back_stops_the_batch_there_and_the_rest_is_retried(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    names = [f"DCIM/IMG_{i:04d}.JPG" for i in range(6)]
-    volume = make_recorder_volume(tmp_path / "card", "CARD", dict.fromkeys(names, 5_000))
-    ingestor, catalog, layout = _ingestor(tmp_path)
-    items = _discover(catalog, volume, names)
+    ingestor, catalog, layout, _, names, items = _card(tmp_path, 6, 5_000)
     from edge_agent.ingest import stage
 
     genuine = stage.prove_copy
@@ -215,13 +217,12 @@ def test_kill_9_inside_a_batch_of_small_files_loses_nothing_and_stores_nothing_t
         last.send_signal(signal.SIGTERM)
         assert last.wait(timeout=60) == 0, log.read_text()[-3000:]
     catalog = Catalog(cfg.catalog_path)
-    rows = catalog.files()
-    assert sorted(r.original_path for r in rows) == sorted(files)                     # one row per source
-    assert all(r.state == State.SEALED for r in rows)
-    stored = sorted(p for p in layout.media.rglob("*") if p.is_file())
-    assert stored == sorted(layout.data_dir / r.store_path for r in rows)              # one store file each
-    assert list(layout.staging.glob("*.part")) == []
-    for record in rows:
-        assert record.sha256 == sha256_of(volume / record.original_path)
+    rows = {r.original_path: r for r in catalog.files()}
+    assert set(rows) == set(files) and len(catalog.files()) == len(files)       # one row per source
+    assert {r.state for r in rows.values()} == {State.SEALED}
+    assert {p for p in layout.media.rglob("*") if p.is_file()} == {
+        layout.data_dir / r.store_path for r in rows.values()}                  # one store file each, no orphan
+    assert not any(layout.staging.iterdir())
+    assert all(r.sha256 == sha256_of(volume / path) for path, r in rows.items())
     assert verify_all(catalog, layout, AgentKey.load_or_create(layout.keys)) == []    # chain + audit intact
     catalog.close()
