@@ -6,8 +6,10 @@ from __future__ import annotations
 import hashlib
 import os
 import queue
+import stat
 import threading
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
 from edge_agent.durable import BLOCK, drop_cache
@@ -66,6 +68,27 @@ class ReadAhead:
             self._free.put(buf)  # the caller is done with this block once it asks for the next
 
 
+class DirectRead:
+    """Reads a file descriptor block by block in the caller's thread: for a file of at most one block, where
+    there is nothing to overlap and ReadAhead's buffers and thread would cost more than the read itself."""
+
+    def __init__(self, fd: int):
+        self._fd = fd
+
+    def blocks(self) -> Iterator[memoryview]:
+        """Each block read, in order, until end of file (a file that grew is still read to its end)."""
+        while block := os.read(self._fd, BLOCK):
+            yield memoryview(block)
+
+
+def reader_for(fd: int) -> AbstractContextManager[ReadAhead | DirectRead]:
+    """ReadAhead, or DirectRead when `fd` is a regular file with at most one block left to read."""
+    st = os.fstat(fd)
+    if stat.S_ISREG(st.st_mode) and st.st_size - os.lseek(fd, 0, os.SEEK_CUR) <= BLOCK:
+        return nullcontext(DirectRead(fd))
+    return ReadAhead(fd)
+
+
 def hash_stream(fd: int, each: Callable[[memoryview], bool | None] | None = None, *,
                 read_error: Callable[[OSError], Exception] | None = None) -> tuple[str | None, int]:
     """SHA-256 (hex) and size of what `fd` holds from its offset on, read ahead in 1 MiB blocks.
@@ -75,7 +98,7 @@ def hash_stream(fd: int, each: Callable[[memoryview], bool | None] | None = None
     when given (what an exception raised by `each` never is), else as the OSError it was.
     """
     digest, size = hashlib.sha256(), 0
-    with ReadAhead(fd) as reader:
+    with reader_for(fd) as reader:
         blocks = reader.blocks()
         while True:
             try:

@@ -8,6 +8,8 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from edge_agent.durable import make_dirs
+
 
 @dataclass(frozen=True)
 class StoreLayout:
@@ -40,7 +42,7 @@ class StoreLayout:
     def open(self) -> StoreLayout:
         """Make the layout if new and refuse (PermissionError) a data_dir open to all users: evidence and keys
         are never world-readable (R8). Every process that writes evidence (the daemon, `import`) opens it so."""
-        self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
+        make_dirs(self.data_dir, mode=0o750)
         mode = self.data_dir.stat().st_mode & 0o777
         if mode & 0o007:
             raise PermissionError(f"{self.data_dir} is open to all users (mode {mode:o}); "
@@ -49,12 +51,12 @@ class StoreLayout:
         return self
 
     def create(self) -> None:
-        """Make the layout; a new data_dir is 0750 whatever the umask (evidence is never world-readable)."""
-        if not self.data_dir.exists():
-            self.data_dir.mkdir(parents=True, mode=0o750)
+        """Make the layout, every new directory durable in its parent (`durable.make_dirs`); a new data_dir
+        is 0750 whatever the umask (evidence is never world-readable)."""
+        if make_dirs(self.data_dir, mode=0o750):  # created (data_dir is the deepest of what was missing)
             os.chmod(self.data_dir, 0o750)
         for path in (self.staging, self.media, self.manifests, self.sessions, self.annotations):
-            path.mkdir(parents=True, exist_ok=True)
+            make_dirs(path)
 
     def staging_path(self, file_id: str) -> Path:
         return self.staging / f"{file_id}.part"

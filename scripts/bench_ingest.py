@@ -16,6 +16,11 @@ Prints MB/s of each and our ratio to each baseline, and the daemon's peak RSS
 peak RSS < 200 MB.
 
     .venv/bin/python scripts/bench_ingest.py [--gib 2] [--recorders 8] [--files 4] [--dir /var/tmp]
+
+With --small: a card of many small files (a day of photos: --count 2000 files of --kib 20 by default)
+through `edge-agent import` (copy, hash, read-back, manifest, catalog rows, in batches), against
+`cp -r` + `sync` of the same card in the same run; prints files/s of each and the ratio. Goal >= 500
+files/s for 20 KB files.
 """
 
 from __future__ import annotations
@@ -218,6 +223,66 @@ def one_round(work: Path, parked: Path, sources: list[Path], nbytes: int) -> dic
     }
 
 
+def make_card(card: Path, count: int, size: int) -> list[Path]:
+    """A card of `count` photos of `size` bytes (incompressible), an hour old."""
+    (card / "DCIM/100PHOTO").mkdir(parents=True)
+    past = time.time() - 3600
+    out = []
+    for i in range(count):
+        path = card / f"DCIM/100PHOTO/IMG_{i:05d}.JPG"
+        path.write_bytes(os.urandom(size))
+        os.utime(path, (past, past))
+        out.append(path)
+    return out
+
+
+def run_small(work: Path, count: int, size: int) -> dict:
+    """`edge-agent import` of a card of small files against cp -r + sync, each with cold source caches."""
+    card = work / "card"
+    sources = make_card(card, count, size)
+    drop_caches(sources)
+    t0 = time.monotonic()
+    subprocess.run(["cp", "-r", str(card), str(work / "cp-sync")], check=True)
+    subprocess.run(["sync"], check=True)
+    cp_sync = time.monotonic() - t0
+    shutil.rmtree(work / "cp-sync")
+    ours_dir = work / "ours"
+    ours_dir.mkdir()
+    config = write_config(ours_dir, ours_dir / "no-dock")
+    how = drop_caches(sources)
+    t0 = time.monotonic()
+    done = subprocess.run([str(EDGE_AGENT), "--config", str(config), "--json", "import", str(card),
+                           "--device", "CAM0001", "--reason", "benchmark"], capture_output=True, text=True)
+    ours = time.monotonic() - t0
+    if done.returncode != 0:
+        raise SystemExit(f"edge-agent import failed: {done.stderr[-2000:]}")
+    sealed_files = sealed(ours_dir / "data" / "catalog.sqlite")
+    if sealed_files != count:
+        raise SystemExit(f"only {sealed_files} of {count} files sealed")
+    return {"files": count, "file_bytes": size, "cache_drop": how, "cores": os.cpu_count(),
+            "loadavg_1m_before": round(os.getloadavg()[0], 2),
+            "files_s": {"ours": round(count / ours, 1), "cp_sync": round(count / cp_sync, 1)},
+            "seconds": {"ours": round(ours, 2), "cp_sync": round(cp_sync, 2)},
+            "ratio_vs_cp_sync": round(cp_sync / ours, 3)}
+
+
+def main_small(args: argparse.Namespace) -> None:
+    work = Path(tempfile.mkdtemp(prefix="bench-ingest-small-", dir=args.dir))
+    try:
+        result = run_small(work, args.count, args.kib * 1000)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    if args.json:
+        print(json.dumps(result))
+        return
+    print(f"small-file import: {result['files']} files of {args.kib} KB, {result['cores']} cores, "
+          f"load {result['loadavg_1m_before']}, source cache dropped ({result['cache_drop']})")
+    print(f"ours    {result['files_s']['ours']:8.1f} files/s  ({result['seconds']['ours']:.2f} s)")
+    print(f"cp+sync {result['files_s']['cp_sync']:8.1f} files/s  ({result['seconds']['cp_sync']:.2f} s)")
+    print(f"ratio vs cp+sync {result['ratio_vs_cp_sync']:.3f}x; goal >= 500 files/s: "
+          f"{'met' if result['files_s']['ours'] >= 500 else 'NOT met'}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--gib", type=float, default=2.0, help="total size of the recorders' files (GiB)")
@@ -227,7 +292,13 @@ def main() -> None:
                         "summarised by their median")
     parser.add_argument("--dir", default="/var/tmp", help="where to work (a real disk, not tmpfs)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--small", action="store_true", help="many small files through `edge-agent import`")
+    parser.add_argument("--count", type=int, default=2000, help="with --small: how many files")
+    parser.add_argument("--kib", type=int, default=20, help="with --small: size of each file (KB)")
     args = parser.parse_args()
+    if args.small:
+        main_small(args)
+        return
     total = int(args.gib * (1 << 30))
     work = Path(tempfile.mkdtemp(prefix="bench-ingest-", dir=args.dir))
     try:

@@ -19,14 +19,14 @@ def test_an_internal_error_in_one_slot_is_an_alarm_and_the_other_slots_go_on(
     dock.mkdir()
     _, config = offline_agent_config(tmp_path, docks=[{"name": "bench", "kind": "directory", "root": str(dock),
                                                         "settle_s": 0, "rescan_s": 0.2}])
-    genuine = Ingestor.ingest
+    genuine = Ingestor.ingest_batch
 
-    def faulty(self: Ingestor, record, source, abort=None):  # noqa: ANN001 - the real signature
-        if record.volume_label == "BROKEN":
+    def faulty(self: Ingestor, items, abort=None):  # noqa: ANN001 - the real signature
+        if any(record.volume_label == "BROKEN" for record, _ in items):
             raise RuntimeError("injected fault")
-        return genuine(self, record, source, abort)
+        return genuine(self, items, abort)
 
-    monkeypatch.setattr(Ingestor, "ingest", faulty)
+    monkeypatch.setattr(Ingestor, "ingest_batch", faulty)
     staged = tmp_path / "staged"
     make_recorder_volume(staged, "BROKEN", {"DCIM/A.MP4": 4_000})
     make_recorder_volume(staged, "FINE", {"DCIM/B.MP4": 4_000})
@@ -41,7 +41,7 @@ def test_an_internal_error_in_one_slot_is_an_alarm_and_the_other_slots_go_on(
         assert broken.state == "error" and "injected fault" in (broken.last_error or "")
     assert (dock / "BROKEN" / "DCIM" / "A.MP4").read_bytes()  # nothing deleted from the recorder
 
-    monkeypatch.setattr(Ingestor, "ingest", genuine)
+    monkeypatch.setattr(Ingestor, "ingest_batch", genuine)
     with running_agent(config) as agent:  # docked again (present at start): the retry seals it
         wait_for(lambda: agent.catalog.files(states=["sealed"], where="volume_label = 'BROKEN'"),
                  what="BROKEN sealed after re-dock")

@@ -28,6 +28,7 @@ from edge_agent.catalog import Catalog, FileRecord, audit
 from edge_agent.clock import now_ms
 from edge_agent.config import AgentConfig
 from edge_agent.digest import hash_stream
+from edge_agent.durable import make_dirs
 from edge_agent.evidence.manifest import AgentKey, read_document
 from edge_agent.evidence.verify import verify_file
 from edge_agent.layout import StoreLayout
@@ -105,7 +106,7 @@ def export_case(catalog: Catalog, layout: StoreLayout, key: AgentKey, config: Ag
                           "wait for ingest to finish, then export")
     if dest.exists() and any(dest.iterdir()):
         raise ExportError(f"{dest} is not empty: give a new or empty directory for the bag")
-    dest.mkdir(parents=True, exist_ok=True)
+    make_dirs(dest)
     result = ExportResult(bag_dir=dest, case_id=case_id)
     try:
         _write_payload(catalog, layout, key, config, records, dest, result)
@@ -150,7 +151,7 @@ def export_case(catalog: Catalog, layout: StoreLayout, key: AgentKey, config: Ag
 def _write_payload(catalog: Catalog, layout: StoreLayout, key: AgentKey, config: AgentConfig,
                    records: list[FileRecord], dest: Path, result: ExportResult) -> None:
     for sub in ("media", "manifests", "sessions", "annotations", "keys"):
-        (dest / sub).mkdir()
+        make_dirs(dest / sub)
     (dest / "keys" / "agent_ed25519.pub").write_text(key.public_pem(), encoding="ascii")
     annotations = _annotations_by_file(catalog, layout, {r.file_id for r in records})
     sessions: set[str] = set()

@@ -28,7 +28,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from edge_agent.clock import iso_ms
-from edge_agent.durable import atomic_write, fsync_dir
+from edge_agent.durable import atomic_write, fsync_dir, make_dirs
 from edge_agent.protocol.canonical import canonical_json as encode_canonical
 
 if TYPE_CHECKING:
@@ -174,7 +174,7 @@ class AgentKey:
             finish_rotation(keys_dir)
         if path.exists():
             return cls(_load_private(path), _load_retired(keys_dir))
-        keys_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        make_dirs(keys_dir, mode=0o700)
         os.chmod(keys_dir, 0o700)
         key = cls(Ed25519PrivateKey.generate())
         atomic_write(path, key.private_pem(), mode=0o600)
@@ -209,7 +209,7 @@ def begin_rotation(keys_dir: Path) -> tuple[AgentKey, AgentKey]:
     old = AgentKey.load_or_create(keys_dir)
     new = AgentKey(Ed25519PrivateKey.generate(), {**old.retired, old.key_id: old.public})
     retired = keys_dir / RETIRED_DIR
-    retired.mkdir(mode=0o700, exist_ok=True)
+    make_dirs(retired, mode=0o700)
     atomic_write(retired / f"{old.key_id.split(':', 1)[1]}.pub", old.public_pem().encode("ascii"), mode=0o644)
     atomic_write(keys_dir / NEXT_KEY_FILE, new.private_pem(), mode=0o600)
     return old, new

@@ -18,10 +18,12 @@ from typing import Any
 
 from edge_agent.catalog import Catalog, FileRecord, State
 from edge_agent.config import AgentConfig
+from edge_agent.durable import SyncGroup, atomic_write_many
 from edge_agent.evidence.manifest import (
     GENESIS_PREV,
     MANIFEST_VERSION,
     AgentKey,
+    canonical_json,
     file_manifest,
     session_manifest,
     write_document,
@@ -65,15 +67,35 @@ class Sealer:
 
     def seal(self, record: FileRecord) -> dict[str, Any]:
         """staged -> sealed: sign the manifest, write it durably, then record it. Returns the manifest."""
-        body = self.manifest_body(record)
-        path = self.layout.manifest_path(record.file_id)
-        # The write transaction is held while the document is written, so the chain stays linear even
+        return self.seal_batch([record])[0]
+
+    def seal_batch(self, records: list[FileRecord]) -> list[dict[str, Any]]:
+        """staged -> sealed for every row of `records`, chained in their order: each manifest is signed
+        (after the previous one), all are written and fsynced, their directories fsynced once, and only then
+        one transaction records every document and every `sealed`. Returns the manifests."""
+        if not records:
+            return []
+        bodies = [(record, self.manifest_body(record)) for record in records]
+        # The write transaction is held while the documents are written, so the chain stays linear even
         # when another process (a custodian's CLI) signs at the same time.
-        with self._lock, self.catalog.transaction() as conn:
-            doc, digest = self._signed(conn, "file", record.file_id, body, path)
-            self.catalog.transition(record.file_id, State.SEALED, expect=State.STAGED, actor="edge-agent",
-                                    manifest_sha256=digest, audit_detail={"manifest_sha256": digest})
-        return doc
+        with self._lock, self.catalog.transaction():
+            seq, prev = self._head()
+            signed = []
+            for record, body in bodies:
+                doc = self.key.sign({**body, "prev": prev})
+                data = canonical_json(doc)
+                signed.append((record, doc, data, prev, self.layout.manifest_path(record.file_id)))
+                prev = hashlib.sha256(data).hexdigest()
+            with SyncGroup(self.layout.manifests, grouped=len(signed) > 1) as group:
+                atomic_write_many([(path, data, 0o444) for _, _, data, _, path in signed], group)
+                group.sync()
+            for record, _, data, before, path in signed:
+                seq, digest = seq + 1, hashlib.sha256(data).hexdigest()
+                self.catalog.documents.append(seq, "file", record.file_id, digest, before,
+                                              str(path.relative_to(self.layout.data_dir)))
+                self.catalog.transition(record.file_id, State.SEALED, expect=State.STAGED, actor="edge-agent",
+                                        manifest_sha256=digest, audit_detail={"manifest_sha256": digest})
+        return [doc for _, doc, _, _, _ in signed]
 
     def sign_document(self, kind: str, doc_id: str, body: dict[str, Any], path: Path,
                       after: Callable[[Any, str], None] | None = None) -> dict[str, Any]:

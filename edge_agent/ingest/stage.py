@@ -8,20 +8,20 @@ blocks. `Ingestor.ingest` stages and seals one file; `Ingestor.recover` runs cra
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
 import sqlite3
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from edge_agent.catalog import Catalog, FileRecord, State
 from edge_agent.clock import now_ms
 from edge_agent.config import AgentConfig
-from edge_agent.digest import hash_file, hash_stream
-from edge_agent.durable import fsync_dir
+from edge_agent.digest import hash_stream
+from edge_agent.durable import SyncGroup, drop_cache, start_writeback
 from edge_agent.ingest.errors import (
     CopyMismatch,
     IngestError,
@@ -37,19 +37,11 @@ from edge_agent.protocol.canonical import canonical_json
 
 # Dirty pages of a copy are sent to disk every this many bytes, not all at the closing fsync.
 WRITEBACK_STEP = 8 * 1024 * 1024
-_SYNC_FILE_RANGE_WRITE = 2
-_libc = ctypes.CDLL(None, use_errno=True) if hasattr(ctypes.CDLL(None), "sync_file_range") else None
 # errno values that mean "the recorder went away" rather than "this file is bad".
 _GONE = {errno.ENOENT, errno.ENODEV, errno.ENXIO, errno.ESTALE, errno.ENOTCONN, errno.EIO}
 
 Abort = Callable[[], bool]
-
-
-def start_writeback(fd: int, offset: int, nbytes: int) -> None:
-    """Start writing a range of dirty pages to disk without waiting (Linux sync_file_range), so the disk
-    writes a copy while it is still being made and the closing fsync has little left to do."""
-    if _libc is not None:
-        _libc.sync_file_range(fd, ctypes.c_int64(offset), ctypes.c_int64(nbytes), _SYNC_FILE_RANGE_WRITE)
+Item = tuple[FileRecord, Path]   # a catalog row (discovered or staged) and its source file
 
 
 def _write_all(fd: int, view: memoryview, record: FileRecord) -> None:
@@ -126,8 +118,9 @@ def _pump(src: int, dst: int, record: FileRecord, abort: Abort | None) -> tuple[
 
 
 def copy_hashing(source: Path, staging: Path, record: FileRecord, abort: Abort | None) -> tuple[str, int]:
-    """Copy `source` to `staging` (fsynced) and return (sha256, size) of the bytes read; SourceGone if the
-    source is not, or stops being, the file the catalog listed."""
+    """Copy `source` to `staging` and return (sha256, size) of the bytes read; SourceGone if the source is
+    not, or stops being, the file the catalog listed. The copy is written and its writeback started, not
+    yet fsynced: the caller fsyncs it (`Ingestor` does so for a whole batch) before anything relies on it."""
     try:
         src = os.open(source, os.O_RDONLY | os.O_NOFOLLOW)
     except OSError as exc:
@@ -140,7 +133,7 @@ def copy_hashing(source: Path, staging: Path, record: FileRecord, abort: Abort |
         dst = os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
             digest, size = _pump(src, dst, record, abort)
-            os.fsync(dst)
+            start_writeback(dst)
         finally:
             os.close(dst)
         after = os.fstat(src)
@@ -151,8 +144,48 @@ def copy_hashing(source: Path, staging: Path, record: FileRecord, abort: Abort |
     return digest, size
 
 
+def prove_copy(staging: Path, digest: str, size: int, record: FileRecord) -> None:
+    """Drop a durable staged copy from the page cache and hash it from the disk: CopyMismatch if the bytes
+    there are not the bytes read from the source."""
+    fd = os.open(staging, os.O_RDONLY)
+    try:
+        drop_cache(fd)
+        if hash_stream(fd) != (digest, size):
+            raise CopyMismatch(
+                f"{record.original_path}: read-back of the staged copy differs from the source "
+                f"(disk or memory fault?); the copy was discarded and will be retried")
+    finally:
+        os.close(fd)
+
+
+@dataclass
+class _Copy:
+    index: int             # position in the batch
+    record: FileRecord
+    staging: Path
+    digest: str
+    size: int
+    final: Path | None = None
+
+
+@dataclass
+class Ingested:
+    """What one batch came to, in the batch's order: `sealed` rows (fresh), then at most one `failed` item
+    with the IngestError that stopped the batch, and the `rest` that was not tried (retry it)."""
+
+    sealed: list[FileRecord] = field(default_factory=list)
+    failed: tuple[FileRecord, Path, IngestError] | None = None
+    rest: list[Item] = field(default_factory=list)
+
+
 class Ingestor:
-    """Copies sources into the store and seals them; safe to call from several dock threads at once."""
+    """Copies sources into the store and seals them; safe to call from several dock threads at once.
+
+    A batch (`ingest_batch`) groups the durability work of many small files without ever recording a state
+    before its bytes are durable: every copy is written, then each fsynced and read back, then renamed into
+    the store; every directory touched is fsynced once; then one transaction records them all `staged`.
+    Sealing likewise writes and fsyncs every manifest, fsyncs their directories once and records them all
+    `sealed` in one transaction that chains them in order (`Sealer.seal_batch`)."""
 
     def __init__(self, catalog: Catalog, layout: StoreLayout, sealer: Sealer, config: AgentConfig):
         self.catalog = catalog
@@ -191,61 +224,137 @@ class Ingestor:
 
     def stage(self, record: FileRecord, source: Path, abort: Abort | None = None) -> FileRecord:
         """discovered -> staged: copy with SHA-256 in one pass, fsync, read back, move into the store."""
-        size_hint = record.source_size or 0
-        self._reserve(size_hint)
-        try:
-            final, digest, size = self._copy_into_store(record, source, abort)
-        finally:
-            self._release(size_hint)
-        media = probe_media(final)
-        end_ms = record.recorded_end_ms
-        if end_ms is None and record.recorded_start_ms is not None and "duration_ms" in media:
-            end_ms = record.recorded_start_ms + media["duration_ms"]
-        return self.catalog.transition(
-            record.file_id, State.STAGED, expect=State.DISCOVERED, actor="edge-agent",
-            sha256=digest, size=size, store_path=str(final.relative_to(self.layout.data_dir)),
-            media=canonical_json(media).decode("utf-8"), ingested_at_ms=now_ms(),
-            recorded_end_ms=end_ms, last_error=None, audit_detail={"sha256": digest, "size": size},
-        )
+        staged, failed, _ = self.stage_batch([(record, source)], abort)
+        if failed is not None:
+            raise failed[2]
+        return staged[0]
 
-    def _copy_into_store(self, record: FileRecord, source: Path, abort: Abort | None) -> tuple[Path, str, int]:
-        """Copy, read back, and rename into the store durably; the staging copy never outlives a failure."""
+    def stage_batch(self, items: list[Item], abort: Abort | None = None
+                    ) -> tuple[list[FileRecord], tuple[FileRecord, Path, IngestError] | None, list[Item]]:
+        """discovered -> staged for every discovered row of `items` (a staged one is passed through), in one
+        transaction once all their copies are durable in the store. Returns (staged rows, the item that
+        stopped the batch with its error or None, the items after it, not tried)."""
+        copies: list[_Copy] = []
+        ready = [record for record, _ in items if record.state == State.STAGED]
+        failed: tuple[FileRecord, Path, IngestError] | None = None
+        reserved = 0
+        group = SyncGroup(self.layout.data_dir, grouped=len(items) > 1)
+        try:
+            for index, (record, source) in enumerate(items):
+                if record.state != State.DISCOVERED:
+                    continue
+                try:
+                    self._reserve(record.source_size or 0)
+                    reserved += record.source_size or 0
+                    copies.append(self._copy(index, record, source, abort))
+                    group.file(copies[-1].staging)
+                except IngestError as exc:
+                    failed = (record, source, exc)
+                    break
+            failed = self._into_store(copies, items, failed, group)
+            return ready + self._record_staged(copies), failed, self._rest(items, failed)
+        except BaseException:
+            for copy in copies:
+                unlink_quietly(copy.staging)
+            raise
+        finally:
+            group.__exit__()
+            self._release(reserved)
+
+    def _copy(self, index: int, record: FileRecord, source: Path, abort: Abort | None) -> _Copy:
         staging = self.layout.staging_path(record.file_id)
         try:
             digest, size = copy_hashing(source, staging, record, abort)
-            if self.config.agent.verify_readback:
-                check, check_size = hash_file(staging, drop=True)
-                if (check, check_size) != (digest, size):
-                    raise CopyMismatch(
-                        f"{record.original_path}: read-back of the staged copy differs from the source "
-                        f"(disk or memory fault?); the copy was discarded and will be retried")
-            final = self.layout.media_path(record.file_id, Path(record.original_path).suffix)
-            final.parent.mkdir(parents=True, exist_ok=True)
-            os.chmod(staging, 0o444)
-            os.replace(staging, final)
-            fsync_dir(final.parent)
-            fsync_dir(self.layout.staging)
         except BaseException:
             unlink_quietly(staging)
             raise
-        return final, digest, size
+        return _Copy(index, record, staging, digest, size)
+
+    def _into_store(self, copies: list[_Copy], items: list[Item], failed: tuple[FileRecord, Path, IngestError] | None,
+                    group: SyncGroup) -> tuple[FileRecord, Path, IngestError] | None:
+        """Make the copies durable, read each back, rename it into the store, make the renames durable.
+        A copy that does not read back stops the batch there: it and the copies after it are discarded
+        (`copies` keeps the good ones) and it becomes the failure."""
+        if not copies:
+            return failed
+        group.sync()
+        for n, copy in enumerate(copies):
+            try:
+                if self.config.agent.verify_readback:
+                    prove_copy(copy.staging, copy.digest, copy.size, copy.record)
+            except CopyMismatch as exc:
+                for dropped in copies[n:]:
+                    unlink_quietly(dropped.staging)
+                del copies[n:]
+                failed = (copy.record, items[copy.index][1], exc)
+                break
+            copy.final = self.layout.media_path(copy.record.file_id, Path(copy.record.original_path).suffix)
+            group.ensure(copy.final.parent)
+            os.chmod(copy.staging, 0o444)
+            os.replace(copy.staging, copy.final)
+            group.touch(copy.final.parent)
+        group.touch(self.layout.staging)
+        group.sync()
+        return failed
+
+    @staticmethod
+    def _rest(items: list[Item], failed: tuple[FileRecord, Path, IngestError] | None) -> list[Item]:
+        if failed is None:
+            return []
+        at = next(i for i, (record, _) in enumerate(items) if record.file_id == failed[0].file_id)
+        return items[at + 1:]
+
+    def _record_staged(self, copies: list[_Copy]) -> list[FileRecord]:
+        """One transaction: every durable copy of the batch becomes `staged` with its hash and media facts."""
+        changes = [(copy, self._staged_columns(copy)) for copy in copies]
+        staged = []
+        with self.catalog.transaction():
+            for copy, columns in changes:
+                staged.append(self.catalog.transition(
+                    copy.record.file_id, State.STAGED, expect=State.DISCOVERED, actor="edge-agent", **columns,
+                    audit_detail={"sha256": copy.digest, "size": copy.size}))
+        return staged
+
+    def _staged_columns(self, copy: _Copy) -> dict[str, Any]:
+        assert copy.final is not None
+        record, media = copy.record, probe_media(copy.final)
+        end_ms = record.recorded_end_ms
+        if end_ms is None and record.recorded_start_ms is not None and "duration_ms" in media:
+            end_ms = record.recorded_start_ms + media["duration_ms"]
+        return {"sha256": copy.digest, "size": copy.size,
+                "store_path": str(copy.final.relative_to(self.layout.data_dir)),
+                "media": canonical_json(media).decode("utf-8"), "ingested_at_ms": now_ms(),
+                "recorded_end_ms": end_ms, "last_error": None}
+
+    # -- ingest ---------------------------------------------------------------------------------
 
     def ingest(self, record: FileRecord, source: Path, abort: Abort | None = None) -> FileRecord:
         """Stage and seal one discovered file. Raises an IngestError subclass when it cannot."""
+        done = self.ingest_batch([(record, source)], abort)
+        if done.failed is not None:
+            raise done.failed[2]
+        return done.sealed[0] if done.sealed else self.catalog.get(record.file_id)
+
+    def ingest_batch(self, items: list[Item], abort: Abort | None = None) -> Ingested:
+        """Stage and seal `items` (discovered or staged rows with their sources) as one batch; see `Ingested`.
+        Everything before the failed item is sealed; a full disk while recording stops the batch at its
+        first item not sealed (IntakePaused), nothing half-done kept."""
+        done = Ingested()
         try:
-            if record.state == State.DISCOVERED:
-                record = self.stage(record, source, abort)
-            if record.state == State.STAGED:
-                self.sealer.seal(record)
-                record = self.catalog.get(record.file_id)
+            staged, done.failed, done.rest = self.stage_batch(items, abort)
+            self.sealer.seal_batch(staged)
+            done.sealed = [self.catalog.get(record.file_id) for record in staged]
         except (OSError, sqlite3.OperationalError) as exc:
             # The disk filled after the copy (manifest or catalog write): nothing was recorded, so the next
-            # pass redoes this file from where the catalog says it is.
+            # pass redoes these files from where the catalog says they are.
             if not disk_full(exc):
                 raise
-            raise IntakePaused(f"disk full while recording {record.original_path} ({exc}); intake paused, "
-                               "nothing half-done was kept; it resumes when space returns") from exc
-        return record
+            first = items[0][0]
+            done.failed = (first, items[0][1], IntakePaused(
+                f"disk full while recording {first.original_path} ({exc}); intake paused, nothing half-done "
+                "was kept; it resumes when space returns"))
+            done.rest = items[1:]
+        return done
 
     # -- crash recovery ---------------------------------------------------------------------------
 

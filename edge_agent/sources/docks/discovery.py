@@ -9,6 +9,7 @@ time its name tells) the first time it is seen. It copies nothing; the worker ta
 from __future__ import annotations
 
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from zoneinfo import ZoneInfo
@@ -28,6 +29,23 @@ from edge_agent.sources.recorders import (
 
 # How many file names identification reads when neither USB nor an identity file names the recorder.
 SAMPLE_NAMES = 20
+# New rows are recorded this many to a transaction (one commit, not one per file, for a card of photos).
+DISCOVER_BATCH = 64
+
+
+class Chunked(ExitStack):
+    """Transactions of at most `size` steps: `step()` before each write joins the open one, or opens one;
+    the `size`-th step's transaction commits at the next step or at the end of the `with`."""
+
+    def __init__(self, catalog: Catalog, size: int):
+        super().__init__()
+        self.catalog, self.size, self.steps = catalog, size, 0
+
+    def step(self) -> None:
+        if self.steps % self.size == 0:
+            self.close()
+            self.enter_context(self.catalog.transaction())
+        self.steps += 1
 
 
 def identify(volume: DockedVolume, models: list[RecorderModel],
@@ -72,17 +90,20 @@ class Discovery:
         globs = model.media_globs if model else ("**/*",)
         skip = (model.identity_file,) if model and model.identity_file else ()
         found, now_ns = Found(), time.time_ns()
-        for entry in walk_volume(self.volume.path, globs, skip):
-            if isinstance(entry, RefusedEntry):
-                found.refused.append(f"{entry.relative}: {entry.reason}")
-            elif self.settle_s and not self._settled(entry, now_ns):
-                found.young = True
-            else:
-                record = self.catalog.find_source(self.ident.device_id, entry.relative, entry.size, entry.mtime_ns)
-                if record is None:
-                    record = self._new_record(entry)
-                if record.state in (State.DISCOVERED, State.STAGED):
-                    found.pending.append((record, entry.path))
+        with Chunked(self.catalog, DISCOVER_BATCH) as batch:
+            for entry in walk_volume(self.volume.path, globs, skip):
+                if isinstance(entry, RefusedEntry):
+                    found.refused.append(f"{entry.relative}: {entry.reason}")
+                elif self.settle_s and not self._settled(entry, now_ns):
+                    found.young = True
+                else:
+                    record = self.catalog.find_source(self.ident.device_id, entry.relative, entry.size,
+                                                      entry.mtime_ns)
+                    if record is None:
+                        batch.step()
+                        record = self._new_record(entry)
+                    if record.state in (State.DISCOVERED, State.STAGED):
+                        found.pending.append((record, entry.path))
         return found
 
     def _settled(self, entry: SourceFile, now_ns: int) -> bool:

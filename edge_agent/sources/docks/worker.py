@@ -1,10 +1,11 @@
 """The thread of one dock slot: it sequences a docked volume's steps, and owns no step itself.
 
 Identify the recorder, open the dock session, then pass after pass: discover (`discovery`), copy what
-was found, one file after another (the recorder's own storage is the bottleneck; the copy itself is
-`Ingestor.ingest`, its failures judged by `policy.IngestFaults`), seal the session once nothing is left
-to take, clear confirmed originals (`clearing`), wait for the next rescan. Undocking ends the passes and
-closes the session. Parallel across slots, bounded by `agent.ingest_workers` (the shared permits).
+was found, one file after another (the recorder's own storage is the bottleneck; small files in batches,
+`next_batch`; the copy itself is `Ingestor.ingest_batch`, its failures judged by `policy.IngestFaults`),
+seal the session once nothing is left to take, clear confirmed originals (`clearing`), wait for the next
+rescan. Undocking ends the passes and closes the session. Parallel across slots, bounded by
+`agent.ingest_workers` (the shared permits).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from edge_agent.catalog import Catalog, FileRecord
 from edge_agent.catalog.docking import DockingRecords
 from edge_agent.clock import now_ms
 from edge_agent.config import Dock
-from edge_agent.ingest import IngestError, Ingestor, Sealer
+from edge_agent.ingest import Ingestor, Sealer
 from edge_agent.sources.docks import policy
 from edge_agent.sources.docks.clearing import Clearing
 from edge_agent.sources.docks.discovery import Discovery, Found, identify
@@ -37,6 +38,23 @@ log = logging.getLogger(__name__)
 DEFAULT_RESCAN_S = 5.0
 
 Progress = Callable[[int, int], None]   # (bytes copied, bytes to copy in all) of one volume
+
+# Files up to BATCH_FILE_BYTES are taken in batches (one fsync round and two transactions for the batch, not
+# per file); a batch ends at BATCH_FILES files or BATCH_BYTES bytes. A larger file is taken on its own.
+BATCH_FILE_BYTES = 4 * 1024 * 1024
+BATCH_FILES = 64
+BATCH_BYTES = 32 * 1024 * 1024
+
+
+def next_batch(pending: list[tuple[FileRecord, Path]]) -> int:
+    """How many of the first `pending` files make the next batch: a run of small files, or one large one."""
+    taken = size = 0
+    for record, _ in pending[:BATCH_FILES]:
+        n = record.source_size or 0
+        if n > BATCH_FILE_BYTES or size + n > BATCH_BYTES:
+            break
+        taken, size = taken + 1, size + n
+    return max(taken, 1)
 
 
 @dataclass(frozen=True)
@@ -163,24 +181,26 @@ class VolumeWorker(threading.Thread):
     def _copy_all(self, pending: list[tuple[FileRecord, Path]], faults: IngestFaults) -> None:
         ctx, st = self.context, self.status
         started, copied_before = time.monotonic(), st.bytes_copied
-        for record, path in pending:
-            if self._gone.is_set():
-                return
+        while pending and not self._gone.is_set():
+            n = next_batch(pending)
+            batch, pending = pending[:n], pending[n:]
             with ctx.permits:
-                try:
-                    ctx.ingestor.ingest(record, path, abort=self._gone.is_set)
-                except IngestError as exc:
-                    if faults.failed(record, path, exc) is Step.STOP:
-                        return
-                    continue
-            faults.succeeded()
-            st.set_state(SlotState.INGESTING)
-            st.files_done += 1
-            st.bytes_copied += record.source_size or 0
-            self._progress()
-            elapsed = time.monotonic() - started
-            if elapsed > 0:
-                st.rate_bps = (st.bytes_copied - copied_before) / elapsed
+                done = ctx.ingestor.ingest_batch(batch, abort=self._gone.is_set)
+            for record in done.sealed:
+                faults.succeeded()
+                st.set_state(SlotState.INGESTING)
+                st.files_done += 1
+                st.bytes_copied += record.source_size or 0
+            if done.sealed:
+                self._progress()
+                elapsed = time.monotonic() - started
+                if elapsed > 0:
+                    st.rate_bps = (st.bytes_copied - copied_before) / elapsed
+            if done.failed is not None:
+                record, path, exc = done.failed
+                if faults.failed(record, path, exc) is Step.STOP:
+                    return
+                pending = done.rest + pending
 
     def _progress(self) -> None:
         if self.on_progress is not None:
