@@ -137,7 +137,7 @@ def test_any_command_payload_is_refused_without_a_platform_signature(uplink_benc
         uplink_bench.deliver("commands", payload)
     assert uplink_bench.obeyed == []
     assert _files_snapshot(uplink_bench.catalog) == before
-    assert any(r.levelno >= logging.WARNING and ("command ignored" in r.getMessage()
+    assert any(r.levelno >= logging.WARNING and ("command dropped" in r.getMessage()
                                                  or "command refused" in r.getMessage()) for r in caplog.records)
 
 
