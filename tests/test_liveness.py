@@ -22,22 +22,11 @@ from edge_agent.config import LivenessSection, load_config
 from edge_agent.daemon import build_agent, watchdog_ping
 from edge_agent.ops.liveness import Liveness
 from edge_agent.protocol.heartbeat import Heartbeat, Vital
-from tests.helpers import make_recorder_volume, wait_for, write_toml
+from tests import sync_support as rig
+from tests.helpers import agent_config, make_recorder_volume, wait_for, write_toml
 from tests.peers.minimal_receiver import MinimalReceiver
 from tests.peers.mosquitto import Mosquitto
-from tests.sync_support import (
-    AGENT_ID,
-    CLI,
-    ROOT,
-    agent_proc,
-    agent_setup,
-    catalog_rows,
-    enrol,
-    receiver_logged,
-    receiver_proc,
-    receiver_setup,
-    states,
-)
+from tests.sync_support import AGENT_ID, ROOT, catalog_rows, states
 from tests.test_sync_e2e import start_pair
 
 SETTLED = ("synced", "source_cleared")
@@ -67,26 +56,32 @@ def alarm_history(data_dir: Path, like: str) -> list[tuple[Any, ...]]:
 
 
 def agent_connected(tmp_path: Path) -> bool:
-    return receiver_logged(tmp_path, "mqtt connected", name="agent")
+    return rig.receiver_logged(tmp_path, "mqtt connected", name="agent")
 
 
 # -- callbacks cannot kill threads ---------------------------------------------------------------------
 
 
-def test_poison_on_acks_and_commands_does_not_stop_sync(tmp_path: Path, mosquitto: Mosquitto) -> None:
+def sync_after(tmp_path: Path, port: int, messages: list[bytes]) -> str:
+    """Start the agent and the reference receiver, publish each of `messages` on the agent's acks and
+    commands topics, then dock one file: it must sync through the same agent process. Returns its log."""
     dock = tmp_path / "dock"
     dock.mkdir()
-    _toml, data_dir, _store, agent, receiver = start_pair(tmp_path, mosquitto.port, dock)
+    _toml, data_dir, _store, agent, receiver = start_pair(tmp_path, port, dock)
     try:
         wait_for(lambda: agent_connected(tmp_path), 30, what="agent connected")
-        publish_all(mosquitto.port, [(suffix, p) for p in POISON for suffix in ("acks", "commands")])
-        make_recorder_volume(dock, "VOL1", {"DCIM/AFTER.MP4": 200_000})   # docked after the poison
-        wait_for(lambda: settled(data_dir) == 1, 60, what="the file docked after the poison synced")
+        publish_all(port, [(suffix, p) for p in messages for suffix in ("acks", "commands")])
+        make_recorder_volume(dock, "VOL1", {"DCIM/AFTER.MP4": 200_000})   # docked after the messages
+        wait_for(lambda: settled(data_dir) == 1, 60, what="the file docked afterwards synced")
         assert agent.alive
     finally:
         agent.stop()
         receiver.stop()
-    log = (tmp_path / "agent.log").read_text(errors="replace")
+    return (tmp_path / "agent.log").read_text(errors="replace")
+
+
+def test_poison_on_acks_and_commands_does_not_stop_sync(tmp_path: Path, mosquitto: Mosquitto) -> None:
+    log = sync_after(tmp_path, mosquitto.port, POISON)
     assert log.count("ack dropped") >= len(POISON) and log.count("command dropped") >= len(POISON)
     assert "nested too deep" in log and "larger than the" in log
     assert "mqtt callback failed" not in log   # the parser refused them; the fault barrier was not needed
@@ -101,13 +96,13 @@ def live_agent(tmp_path: Path, mosquitto: Mosquitto) -> Iterator[Any]:
     a directory dock, and the reference receiver as a process."""
     dock = tmp_path / "dock"
     dock.mkdir()
-    agent_toml, _data_dir = agent_setup(tmp_path, mosquitto.port, dock_root=dock)
+    agent_toml, _data_dir = rig.agent_setup(tmp_path, mosquitto.port, dock_root=dock)
     doc = tomllib.loads(agent_toml.read_text(encoding="utf-8"))
     write_toml(agent_toml, {**doc, "liveness": {"check_s": 0.2, "stall_s": 60}})
-    enrol(agent_toml, tmp_path / "enrolled")
-    receiver = receiver_proc(tmp_path, receiver_setup(tmp_path, mosquitto.port, tmp_path / "store",
+    rig.enrol(agent_toml, tmp_path / "enrolled")
+    receiver = rig.receiver_proc(tmp_path, rig.receiver_setup(tmp_path, mosquitto.port, tmp_path / "store",
                                                       tmp_path / "enrolled")).start()
-    wait_for(lambda: receiver_logged(tmp_path, "mqtt connected"), 20, what="receiver connected")
+    wait_for(lambda: rig.receiver_logged(tmp_path, "mqtt connected"), 20, what="receiver connected")
     agent = build_agent(load_config(agent_toml))
     agent.start()
     try:
@@ -159,8 +154,6 @@ def test_a_dead_network_thread_and_a_dead_dock_worker_come_back_and_their_alarms
 
 
 def test_the_watchdog_is_fed_only_while_every_component_is_live(tmp_path: Path) -> None:
-    from tests.helpers import agent_config
-
     _, cfg = agent_config(tmp_path)
     agent = build_agent(cfg)
     stuck = Heartbeat("stuck-loop")
@@ -205,9 +198,9 @@ def test_the_watchdog_is_fed_only_while_every_component_is_live(tmp_path: Path) 
 def minimal_pair(tmp_path: Path, port: int, **receiver: Any) -> tuple[Path, Path, Any, MinimalReceiver]:
     dock = tmp_path / "dock"
     dock.mkdir()
-    agent_toml, data_dir = agent_setup(tmp_path, port, dock_root=dock)
+    agent_toml, data_dir = rig.agent_setup(tmp_path, port, dock_root=dock)
     peer = MinimalReceiver(port, ROOT, **receiver)
-    agent = agent_proc(tmp_path, agent_toml).start()
+    agent = rig.agent_proc(tmp_path, agent_toml).start()
     make_recorder_volume(dock, "VOL1", {"DCIM/REC0001.MP4": 1_500_000, "DCIM/REC0002.MP4": 0,
                                         "DCIM/REC0003.MP4": 7})
     return agent_toml, data_dir, agent, peer
@@ -234,7 +227,7 @@ def test_a_receiver_that_answers_garbage_raises_sync_incompatible_in_health_stat
     try:
         rows = wait_for(lambda: alarm_history(data_dir, "sync_incompatible:%"), 90,
                         what="sync_incompatible raised")
-        status = json.loads(subprocess.run([*CLI, "--config", str(agent_toml), "--json", "status"],
+        status = json.loads(subprocess.run([*rig.CLI, "--config", str(agent_toml), "--json", "status"],
                                            check=True, capture_output=True, text=True).stdout)
     finally:
         agent.stop()

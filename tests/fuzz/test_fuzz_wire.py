@@ -26,10 +26,9 @@ from edge_agent.layout import StoreLayout
 from edge_agent.platform.receiver import Receiver
 from edge_agent.protocol.wire import ChunkHeader, encode_chunk
 from edge_agent.sync import Uplink
-from tests.helpers import agent_config, make_recorder_volume, wait_for
+from tests.helpers import agent_config
 from tests.peers.mosquitto import Mosquitto
-from tests.test_liveness import agent_connected, publish_all, settled
-from tests.test_sync_e2e import start_pair
+from tests.test_liveness import sync_after
 
 AGENT = "ws-fuzz-01"
 ROOT = "evidence/v1"
@@ -184,19 +183,7 @@ def test_after_a_hostile_barrage_on_acks_and_commands_the_agent_is_live_and_a_do
         tmp_path: Path, mosquitto: Mosquitto) -> None:
     """Liveness, not just no crash: every hostile message is dropped by the parser (the callback guard is
     never needed), and a file docked after the barrage syncs through the same process."""
-    dock = tmp_path / "dock"
-    dock.mkdir()
-    _toml, data_dir, _store, agent, receiver = start_pair(tmp_path, mosquitto.port, dock)
-    try:
-        wait_for(lambda: agent_connected(tmp_path), 30, what="agent connected")
-        publish_all(mosquitto.port, [(suffix, p) for p in BARRAGE for suffix in ("acks", "commands")])
-        make_recorder_volume(dock, "VOL1", {"DCIM/AFTER.MP4": 100_000})
-        wait_for(lambda: settled(data_dir) == 1, 60, what="the file docked after the barrage synced")
-        assert agent.alive
-    finally:
-        agent.stop()
-        receiver.stop()
-    log = (tmp_path / "agent.log").read_text(errors="replace")
+    log = sync_after(tmp_path, mosquitto.port, BARRAGE)
     assert log.count("ack dropped") >= len(BARRAGE) - 1    # one may be a valid no-op (receiving, no have)
     assert log.count("command dropped") + log.count("command refused") >= len(BARRAGE)
     assert "mqtt callback failed" not in log and "Traceback" not in log
