@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import socket
+import sqlite3
 import subprocess
 import threading
 import tomllib
@@ -22,6 +23,7 @@ from edge_agent.config import LivenessSection, load_config
 from edge_agent.daemon import build_agent, watchdog_ping
 from edge_agent.ops.liveness import Liveness
 from edge_agent.protocol.heartbeat import Heartbeat, Vital
+from edge_agent.protocol.wire import Ack
 from tests import sync_support as rig
 from tests.helpers import agent_config, make_recorder_volume, wait_for, write_toml
 from tests.peers.minimal_receiver import MinimalReceiver
@@ -239,3 +241,41 @@ def test_a_receiver_that_answers_garbage_raises_sync_incompatible_in_health_stat
     events = [json.loads(r[0]) for r in catalog_rows(data_dir, "SELECT payload FROM outbox")]
     assert any(e.get("kind") == "sync_incompatible" and e.get("state") == "raised" for e in events)
     assert states(data_dir).get("synced", 0) == 0 and "rejected" not in states(data_dir)   # nothing settled wrongly
+
+
+def test_a_database_error_in_the_command_check_is_caught_counted_and_the_loop_lives_on(
+        tmp_path: Path, mosquitto: Mosquitto, monkeypatch: pytest.MonkeyPatch) -> None:
+    _, cfg = agent_config(tmp_path, agent={"id": AGENT_ID}, mqtt={"port": mosquitto.port})
+    agent = build_agent(cfg)
+    uplink = agent.uplink
+
+    def full_disk(_command: dict[str, Any]) -> bool:
+        raise sqlite3.OperationalError("database or disk is full")
+    monkeypatch.setattr(uplink.command_gate, "admit", full_disk)
+    uplink.start()
+    try:
+        wait_for(uplink.connection.connected.is_set, 30, what="uplink connected")
+        command = json.dumps({"cmd": "resync", "id": "c-1", "ts": 1}).encode()
+        publish_all(mosquitto.port, [("commands", command), ("acks", b"not json")])
+        wait_for(lambda: uplink.incompatible.dropped == 1, 30, what="the ack after the fault handled")
+        assert uplink.connection.faults.counts == {"on_message": 1}
+        assert uplink.connection.alive() and uplink.stats()["callback_faults"] == 1
+    finally:
+        uplink.stop()
+        agent.catalog.close()
+
+
+def test_acks_that_name_no_file_raise_sync_incompatible_once_and_a_usable_ack_clears_it(tmp_path: Path) -> None:
+    _, cfg = agent_config(tmp_path, agent={"id": AGENT_ID}, mqtt={"incompatible_acks": 3})
+    agent = build_agent(cfg)
+    uplink = agent.uplink
+    try:
+        for _ in range(4):
+            uplink._on_ack(b"\x00garbage")
+        uplink.incompatible.raise_pending()
+        assert agent.catalog.alarms.find_active("sync_incompatible") is not None
+        assert len([a for a in agent.catalog.active_alarms() if a["kind"] == "sync_incompatible"]) == 1
+        uplink._handle_ack(Ack("01M8S59DRAPF60WNZD2ETQF4WQ", "receiving", []))
+        assert agent.catalog.alarms.find_active("sync_incompatible") is None
+    finally:
+        agent.catalog.close()
