@@ -82,6 +82,12 @@ class MqttSection(_Section):
     reconnect_min_s: Annotated[float, Field(gt=0)] = 1
     reconnect_max_s: Annotated[float, Field(gt=0)] = 120
     command_keys: Path | None = None
+    # Inbound payload caps, checked before parsing: an ack carries `have` ranges (a badly fragmented file's
+    # may be long), a command is a few hundred bytes. Larger messages are dropped and counted.
+    max_ack_kib: Annotated[int, Field(ge=1, le=65536)] = 1024
+    max_command_kib: Annotated[int, Field(ge=1, le=1024)] = 16
+    # The same file answered this many times with an ack the agent cannot use: alarm `sync_incompatible`.
+    incompatible_acks: Annotated[int, Field(ge=1, le=1000)] = 5
 
     @model_validator(mode="after")
     def _tls_pair(self) -> MqttSection:
@@ -168,6 +174,15 @@ class HealthSection(_Section):
     summary_hour: Annotated[int, Field(ge=0, le=23)] = 23  # local hour of the daily summary event
 
 
+class LivenessSection(_Section):
+    """The component supervisor (edge_agent/ops/liveness.py): how often it looks, and how long a loop that is
+    not idle may go without a heartbeat before it counts as stuck (longer than the longest scrub slice or
+    retention pass)."""
+
+    check_s: Annotated[float, Field(gt=0, le=600)] = 5
+    stall_s: Annotated[float, Field(gt=0, le=86400)] = 300
+
+
 class ReceiverSection(_Section):
     store_dir: Path = Path("/var/lib/edge-receiver")   # objects/, index/, incoming/ (shared by receivers)
     keys_dir: Path = Path("/etc/edge-receiver/agents")  # <agent_id>.pem: each enrolled agent's public key
@@ -187,6 +202,7 @@ class AgentConfig(_Section):
     cameras: list[Camera] = []
     retention: RetentionSection = RetentionSection()
     health: HealthSection = HealthSection()
+    liveness: LivenessSection = LivenessSection()
 
     @model_validator(mode="after")
     def _unique_names(self) -> AgentConfig:

@@ -31,6 +31,7 @@ from edge_agent.ingest import Ingestor, Sealer
 from edge_agent.layout import StoreLayout
 from edge_agent.ops import sdnotify
 from edge_agent.ops.health import HealthMonitor, ScrubHealth
+from edge_agent.ops.liveness import Liveness, VitalsProvider
 from edge_agent.ops.retention import Retention
 from edge_agent.ops.scheduler import Job, Scheduler, daily_summary
 from edge_agent.sources.docks import DockService
@@ -61,11 +62,14 @@ class Operations:
     scrubber: Scrubber
     health: HealthMonitor
     scheduler: Scheduler
+    liveness: Liveness
 
     def start(self) -> None:
         self.scheduler.start()
+        self.liveness.start()
 
     def stop(self) -> None:
+        self.liveness.stop()
         self.scheduler.stop()
 
     def on_command(self, command: dict[str, Any]) -> None:
@@ -134,17 +138,29 @@ class Agent:
         """Health, alarms, retention, scrub, summary and watchdog (edge_agent/ops); add it after the parts
         it reports on, so it stops first and its last snapshot still sees them."""
         self._refuse_twice(self.operations, "an operations scheduler")
-        scheduler = Scheduler(self.config.agent.zone)
+        scheduler = Scheduler(self.config.agent.zone, beat_s=self.config.liveness.check_s)
         retention = Retention(self.catalog, self.layout, self.config)
         scrubber = Scrubber(self.catalog, self.layout, self.key, self.config, stop=scheduler.stopping)
         health = self.health_monitor(retention, scrubber)
-        for job in operations_jobs(self.config, self.catalog, retention, scrubber, health, scheduler.stopping):
+        liveness = Liveness(self.catalog, self.config.liveness, self.vitals(scheduler))
+        for job in operations_jobs(self.config, self.catalog, retention, scrubber, health, scheduler.stopping,
+                                   liveness):
             scheduler.add(job)
-        self.operations = Operations(retention, scrubber, health, scheduler)
+        self.operations = Operations(retention, scrubber, health, scheduler, liveness)
         self.components.append(self.operations)
         if self.uplink is not None:
             self.uplink.on_command(self.operations.on_command)
         return self.operations
+
+    def vitals(self, scheduler: Scheduler) -> list[VitalsProvider]:
+        """What ops/liveness.py supervises: the uplink's connection and sender, every dock worker, every
+        camera's recorder, the scheduler."""
+        providers: list[VitalsProvider] = [self.docks.vitals, lambda: [scheduler.vital()]]
+        if self.uplink is not None:
+            providers.append(self.uplink.vitals)
+        if self.cameras is not None:
+            providers.append(self.cameras.vitals)
+        return providers
 
     @staticmethod
     def _refuse_twice(current: object, what: str) -> None:
@@ -218,11 +234,11 @@ class Agent:
 
 
 def operations_jobs(config: AgentConfig, catalog: Catalog, retention: Retention, scrubber: Scrubber,
-                    health: HealthMonitor, stopping: threading.Event) -> list[Job]:
+                    health: HealthMonitor, stopping: threading.Event, liveness: Liveness) -> list[Job]:
     """The operations schedule: the health snapshot every `health.interval_s` (and at once), a check for a
     change a watcher cares about every `health.change_check_s`, retention every `retention.check_s`, the
     scrub in bounded slices, the daily summary event at `health.summary_hour`, and under systemd the
-    watchdog ping."""
+    watchdog ping (only while every component is live)."""
     def summary() -> None:
         catalog.emit_event(daily_summary(catalog, config.agent.id))
 
@@ -237,18 +253,18 @@ def operations_jobs(config: AgentConfig, catalog: Catalog, retention: Retention,
     ]
     watchdog_s = sdnotify.watchdog_interval_s()
     if watchdog_s:
-        jobs.append(Job("watchdog", watchdog_ping(catalog), "interval", schedule={"seconds": watchdog_s}))
+        jobs.append(Job("watchdog", watchdog_ping(catalog, liveness), "interval", schedule={"seconds": watchdog_s}))
     return jobs
 
 
-def watchdog_ping(catalog: Catalog) -> Callable[[], None]:
-    """The systemd watchdog job: the ping proves the scheduler runs and the catalog answers (no thread holds
-    its lock forever)."""
+def watchdog_ping(catalog: Catalog, liveness: Liveness) -> Callable[[], None]:
+    """The systemd watchdog job: the ping proves the scheduler runs, the catalog answers (no thread holds
+    its lock forever) and every component is live (ops/liveness.py); otherwise it is withheld."""
     reads = HealthReads(catalog)
 
     def ping() -> None:
         reads.ping()
-        sdnotify.notify("WATCHDOG=1")
+        sdnotify.ping_watchdog(liveness.not_live())
     return ping
 
 

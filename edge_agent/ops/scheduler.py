@@ -3,7 +3,8 @@
 The daemon declares the jobs (edge_agent/daemon.py: health, change check, retention, scrub, daily summary,
 watchdog); this module only knows how to run them. Every job runs one at a time (no overlap), a slow run is
 coalesced, and a failing job is logged and tried again at its next time. `daily_summary` is the body of the
-summary job.
+summary job. The scheduler's own pulse (`heartbeat`, `vital()`) beats from a small job of its own every
+`beat_s`, so ops/liveness.py sees it when APScheduler stops dispatching.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from edge_agent.catalog import Catalog
 from edge_agent.catalog.health_reads import HealthReads, Totals
 from edge_agent.clock import now_ms
+from edge_agent.protocol.heartbeat import Heartbeat, Vital
 
 log = logging.getLogger(__name__)
 # APScheduler logs every run at INFO; with a change check every few seconds that would flood the journal.
@@ -45,10 +47,12 @@ class Scheduler:
     """Runs `Job`s on one background thread. `stopping` is set when `stop()` begins, so a long job (a
     retention pass, a scrub slice) can give up early; `stop()` waits for the running job to return."""
 
-    def __init__(self, zone: tzinfo, jobs: list[Job] | None = None):
+    def __init__(self, zone: tzinfo, jobs: list[Job] | None = None, *, beat_s: float = 5.0):
         self.zone = zone
         self.jobs: list[Job] = list(jobs or [])
         self.stopping = threading.Event()
+        self.beat_s = beat_s
+        self.heartbeat = Heartbeat("scheduler")
         self._scheduler = BackgroundScheduler(
             timezone=zone, job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": 60})
 
@@ -61,12 +65,20 @@ class Scheduler:
         for job in self.jobs:
             first = {} if job.first_after_s is None else {"next_run_time": now + timedelta(seconds=job.first_after_s)}
             self._scheduler.add_job(_logged(job), job.trigger, id=job.name, name=job.name, **first, **job.schedule)
+        self._scheduler.add_job(self.heartbeat.beat, "interval", id="heartbeat", name="heartbeat",
+                                seconds=self.beat_s, next_run_time=now)
+        self.heartbeat.beat()
         self._scheduler.start()
         log.info("scheduler started jobs=%s", ",".join(job.name for job in self.jobs))
 
     def stop(self) -> None:
         self.stopping.set()
         self._scheduler.shutdown(wait=True)
+
+    def vital(self) -> Vital:
+        """The scheduler as a supervised component: no in-process restart (a stuck APScheduler is the daemon's
+        restart by systemd)."""
+        return Vital("scheduler", self.heartbeat, lambda: self.stopping.is_set() or self._scheduler.running)
 
     def run_now(self, name: str) -> None:
         """Move job `name`'s next run to now. Cheap and safe from any thread (e.g. the MQTT network thread);

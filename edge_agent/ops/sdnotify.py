@@ -29,6 +29,17 @@ def notify(state: str) -> bool:
     return True
 
 
+def ping_watchdog(stalled: dict[str, str]) -> bool:
+    """The watchdog ping, withheld while any component is `stalled` (name -> why, from ops/liveness.py): then
+    systemd restarts the daemon after WatchdogSec, and STATUS= says which part stalled. True if pinged."""
+    if stalled:
+        names = ", ".join(f"{name} ({why})" for name, why in sorted(stalled.items()))
+        log.error("watchdog not fed: stalled components: %s", names)
+        notify(f"STATUS=stalled: {names[:400]}")
+        return False
+    return notify("WATCHDOG=1")
+
+
 def watchdog_interval_s() -> float | None:
     """How often to send WATCHDOG=1: half of WatchdogSec, if systemd asked this process for pings."""
     usec = os.environ.get("WATCHDOG_USEC")

@@ -5,6 +5,11 @@ Shared by the uplink and the reference receiver. paho's own reconnect is off
 storm of 500 agents after a broker restart is exactly what full jitter
 prevents. Sessions are persistent (clean_start false, session expiry set), so
 the broker keeps subscriptions and QoS 1 messages across short outages.
+
+No callback can kill paho's network thread: every callback set on the client (before the `Connection` is
+built, as the uplink and the receiver do) runs behind `guarded`, which logs and counts what it raised and
+drops the message. Should the thread die all the same (a fault inside paho), `vital()` says so and
+`restart()` drops the session and connects again (ops/liveness.py calls it).
 """
 
 from __future__ import annotations
@@ -21,9 +26,48 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from edge_agent.config import MqttSection
+from edge_agent.protocol.heartbeat import Heartbeat, Vital
 from edge_agent.protocol.pacing import Backoff
 
 log = logging.getLogger(__name__)
+
+GUARDED_CALLBACKS = ("on_message", "on_publish", "on_subscribe", "on_unsubscribe")
+
+
+class CallbackFaults:
+    """How many times each guarded callback raised (read by health and tests)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.counts: dict[str, int] = {}
+
+    def count(self, what: str) -> int:
+        with self._lock:
+            self.counts[what] = self.counts.get(what, 0) + 1
+            return self.counts[what]
+
+    @property
+    def total(self) -> int:
+        with self._lock:
+            return sum(self.counts.values())
+
+
+def guarded(what: str, callback: Callable[..., Any], faults: CallbackFaults) -> Callable[..., None]:
+    """`callback` as paho should call it: whatever it raises (RecursionError, MemoryError, a database error)
+    is logged with the topic, counted in `faults` and swallowed, so paho's network thread lives on. The
+    message it was handling is lost to this process (QoS 1 redelivery or the sender's query recovers it)."""
+    def call(*args: Any) -> None:
+        try:
+            callback(*args)
+        except Exception as exc:  # noqa: BLE001 (the fault barrier of paho's thread)
+            message = next((a for a in args if isinstance(a, mqtt.MQTTMessage)), None)
+            topic = message.topic if message is not None else None
+            size = len(message.payload) if message is not None else None
+            n = faults.count(what)
+            log.error("mqtt callback failed callback=%s topic=%s payload_bytes=%s faults=%d error=%s: %.200s; "
+                      "message dropped", what, topic, size, n, type(exc).__name__, exc,
+                      exc_info=not isinstance(exc, RecursionError | MemoryError))
+    return call
 
 
 def build_client(mqtt_cfg: MqttSection, client_id: str, **kwargs: Any) -> mqtt.Client:
@@ -65,13 +109,47 @@ class Connection:
         self._disconnected = threading.Event()
         self._stop = threading.Event()
         self._kick = threading.Event()
+        self._restart = threading.Event()
         self._thread: threading.Thread | None = None
-        client.on_connect = self._connected
-        client.on_disconnect = self._lost
+        self._name = "mqtt-connection"
+        self._network: threading.Thread | None = None   # paho's thread while a session runs, else None
+        self.faults = CallbackFaults()
+        self.heartbeat = Heartbeat(self._name)
+        for name in GUARDED_CALLBACKS:
+            callback = getattr(client, name)
+            if callback is not None:
+                setattr(client, name, guarded(name, callback, self.faults))
+        client.on_connect = guarded("on_connect", self._connected, self.faults)
+        client.on_disconnect = guarded("on_disconnect", self._lost, self.faults)
 
     def start(self, name: str) -> None:
+        self._name = self.heartbeat.name = name
         self._thread = threading.Thread(target=self._supervise, name=name, daemon=True)
         self._thread.start()
+
+    def alive(self) -> bool:
+        """False when the supervisor thread died, or paho's network thread died under a running session."""
+        if self._stop.is_set() or self._thread is None:
+            return True
+        network = self._network
+        return self._thread.is_alive() and (network is None or network.is_alive())
+
+    def restart(self) -> None:
+        """Bring a dead connection back: a new supervisor thread if it died, else end the session (paho's
+        thread is gone) and connect again at once."""
+        if self._stop.is_set():
+            return
+        if self._thread is None or not self._thread.is_alive():
+            log.error("mqtt supervisor thread %s had died; starting it again", self._name)
+            self.start(self._name)
+            return
+        self.backoff.reset()
+        self._restart.set()
+        self._kick.set()
+
+    def vital(self) -> Vital:
+        """This connection as a supervised component (the supervisor thread and paho's network loop)."""
+        return Vital(self._name, self.heartbeat, self.alive, self.restart)
 
     def stop(self, last_will: tuple[str, bytes] | None = None) -> None:
         """Disconnect cleanly, publishing `last_will` (topic, payload; retained) first if connected."""
@@ -99,9 +177,11 @@ class Connection:
         props = Properties(PacketTypes.CONNECT)
         props.SessionExpiryInterval = self.session_expiry_s
         while not self._stop.is_set():
+            self.heartbeat.beat()
             if self._before_connect is not None:
                 self._before_connect()
             self._disconnected.clear()
+            self._restart.clear()
             try:
                 self.client.connect(cfg.host, cfg.port, keepalive=cfg.keepalive_s, clean_start=False,
                                     properties=props)
@@ -112,12 +192,10 @@ class Connection:
                 self._wait(delay)
                 continue
             self.client.loop_start()
-            connack_by = time.monotonic() + max(10.0, cfg.keepalive_s * 1.5)
-            while not self._disconnected.wait(0.2) and not self._stop.is_set():
-                if not self.connected.is_set() and time.monotonic() > connack_by:
-                    log.warning("mqtt no CONNACK from host=%s port=%s; reconnecting", cfg.host, cfg.port)
-                    self.client.disconnect()
-                    break
+            # paho's own thread (no public accessor): watched so its death is seen, not waited out.
+            self._network = getattr(self.client, "_thread", None)
+            self._session(time.monotonic() + max(10.0, cfg.keepalive_s * 1.5))
+            self._network = None
             self.client.loop_stop()
             self.connected.clear()
             if self._stop.is_set():
@@ -126,7 +204,25 @@ class Connection:
             log.info("mqtt disconnected host=%s port=%s reconnect_in_s=%.1f", cfg.host, cfg.port, delay)
             self._wait(delay)
 
+    def _session(self, connack_by: float) -> None:
+        """Wait while the session runs, beating as long as paho's thread does; return to reconnect."""
+        cfg = self.cfg
+        while not self._disconnected.wait(0.2) and not self._stop.is_set():
+            if self._restart.is_set():
+                log.warning("mqtt session restarted host=%s port=%s (paho's network thread had died)",
+                            cfg.host, cfg.port)
+                self.client.disconnect()
+                return
+            if self._network is not None and not self._network.is_alive():
+                continue   # dead: no beat; the supervisor (ops/liveness.py) sees it and calls restart()
+            self.heartbeat.beat()
+            if not self.connected.is_set() and time.monotonic() > connack_by:
+                log.warning("mqtt no CONNACK from host=%s port=%s; reconnecting", cfg.host, cfg.port)
+                self.client.disconnect()
+                return
+
     def _wait(self, delay: float) -> None:
+        self.heartbeat.idle()
         self._kick.wait(delay)
         self._kick.clear()
 

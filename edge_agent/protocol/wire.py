@@ -118,13 +118,21 @@ def validate(name: str, value: Any) -> None:
         raise WireError(f"{name}: {where}: {error.message[:200]}")
 
 
-def decode_json(payload: bytes, name: str) -> dict[str, Any]:
-    """Parse a JSON message and check it against schema `name`."""
+def decode_json(payload: bytes, name: str, max_bytes: int | None = None) -> dict[str, Any]:
+    """Parse a JSON message and check it against schema `name`. Anything that is not such a message raises
+    WireError: larger than `max_bytes` (checked before parsing), not UTF-8, not JSON, nested too deep for
+    the parser or the validator (RecursionError), or against the schema."""
+    if max_bytes is not None and len(payload) > max_bytes:
+        raise WireError(f"{name}: {len(payload)} bytes is larger than the {max_bytes} allowed")
     try:
         value = json.loads(payload)
+        validate(name, value)
     except (UnicodeDecodeError, ValueError) as exc:
+        if isinstance(exc, WireError):
+            raise
         raise WireError(f"{name}: not valid UTF-8 JSON ({str(exc)[:120]})") from None
-    validate(name, value)
+    except RecursionError:
+        raise WireError(f"{name}: nested too deep to read") from None
     return value
 
 
@@ -242,9 +250,10 @@ class Ack:
 
     @classmethod
     def from_json(cls, doc: dict[str, Any]) -> Ack:
-        """An ack from its decoded JSON (`decode_json(payload, "ack")`). Only `file_id` and `state` are relied on:
-        `have`, `sha256` and `reason` may be absent (read as [], None, None), so a strict reader survives a
-        receiver that leaves out what does not apply to the state."""
+        """An ack from its decoded JSON (`decode_json(payload, "ack")`). Only `file_id` and `state` are required:
+        `have`, `sha256` and `reason` may be absent (read as [], None, None) and unknown fields are ignored
+        (docs/PROTOCOL.md, "Reading an ack"), so a receiver that leaves out what does not apply to the state,
+        or adds what a later version defines, is understood."""
         return cls(doc["file_id"], doc["state"], doc.get("have") or [], doc.get("sha256"), doc.get("reason"))
 
     def encode(self) -> bytes:

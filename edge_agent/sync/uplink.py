@@ -35,8 +35,10 @@ from edge_agent.config import AgentConfig
 from edge_agent.layout import StoreLayout
 from edge_agent.protocol.canonical import canonical_json
 from edge_agent.protocol.connection import Connection, build_client
+from edge_agent.protocol.heartbeat import Heartbeat, Vital
 from edge_agent.protocol.wire import ACK_RECEIVING, Ack, Topics, WireError, decode_json
 from edge_agent.sync.commands import CommandGate
+from edge_agent.sync.incompatible import IncompatibleAcks
 from edge_agent.sync.ledger import SyncLedger
 from edge_agent.sync.outbox import OutboxRelay
 from edge_agent.sync.sender import CHUNKS_IN_CLIENT, RateMeter, Sender
@@ -83,13 +85,32 @@ class Uplink:
         self._fill_due = True
         self._rate = RateMeter()
         self.last_ack_ms: int | None = None
+        self.max_ack_bytes = config.mqtt.max_ack_kib * 1024
+        self.max_command_bytes = config.mqtt.max_command_kib * 1024
+        self.incompatible = IncompatibleAcks(catalog, config.agent.id, config.mqtt.incompatible_acks)
+        self.commands_dropped = 0
+        self.heartbeat = Heartbeat("sync-sender")
 
     # -- public surface ------------------------------------------------------------------------
 
     def start(self) -> None:
         self.connection.start("sync-connection")
+        self._start_sender()
+
+    def _start_sender(self) -> None:
         self._thread = threading.Thread(target=self._send_loop, name="sync-sender", daemon=True)
         self._thread.start()
+
+    def vitals(self) -> list[Vital]:
+        """The uplink's supervised components: the MQTT connection (with paho's loop) and the sender."""
+        def sender_alive() -> bool:
+            return self._stop.is_set() or self._thread is None or self._thread.is_alive()
+
+        def restart_sender() -> None:
+            if not sender_alive():
+                log.error("sync sender thread had died; starting it again")
+                self._start_sender()
+        return [self.connection.vital(), Vital("sync-sender", self.heartbeat, sender_alive, restart_sender)]
 
     def stop(self) -> None:
         self._stop.set()
@@ -120,7 +141,9 @@ class Uplink:
         queue = self.catalog.files.backlog(SYNC_QUEUE)
         return {"connected": self._connected.is_set(), "last_ack_ms": self.last_ack_ms,
                 "bytes_sent": self.sender.bytes_sent, "rate_bps": round(self._rate.rate_bps(), 1),
-                "in_flight": len(self.sender.files), "queue_files": queue.files, "queue_bytes": queue.bytes}
+                "in_flight": len(self.sender.files), "queue_files": queue.files, "queue_bytes": queue.bytes,
+                "acks_dropped": self.incompatible.dropped, "commands_dropped": self.commands_dropped,
+                "callback_faults": self.connection.faults.total}
 
     def health(self) -> dict[str, Any]:
         """Its fragment of the health snapshot: `{"sync": the agent.sync section}` (schema `health`)."""
@@ -155,15 +178,21 @@ class Uplink:
             self._cond.notify_all()
 
     def _on_message(self, _client: mqtt.Client, _userdata: Any, message: mqtt.MQTTMessage) -> None:
+        """Route one inbound message. Whatever cannot be read is dropped and counted here; anything else
+        that goes wrong is caught by the connection's guard (`protocol.connection.guarded`)."""
         if message.topic == self.topics.acks:
-            try:
-                ack = Ack.from_json(decode_json(message.payload, "ack"))
-            except WireError as exc:
-                log.warning("ack ignored: %s", exc)
-                return
-            self._queue("ack", ack)
+            self._on_ack(message.payload)
         elif message.topic == self.topics.commands:
             self._dispatch_command(message.payload)
+
+    def _on_ack(self, payload: bytes) -> None:
+        try:
+            ack = Ack.from_json(decode_json(payload, "ack", self.max_ack_bytes))
+        except WireError as exc:
+            log.warning("ack dropped payload_bytes=%d: %s", len(payload), exc)
+            self.incompatible.unusable(payload, str(exc), readable=len(payload) <= self.max_ack_bytes)
+            return
+        self._queue("ack", ack)
 
     def _on_publish(self, _client: mqtt.Client, _userdata: Any, mid: int, _reason: Any, _props: Any) -> None:
         # paho calls this holding its message lock, which publish() takes too: the sender thread, not this
@@ -172,9 +201,10 @@ class Uplink:
 
     def _dispatch_command(self, payload: bytes) -> None:
         try:
-            command = decode_json(payload, "command")
+            command = decode_json(payload, "command", self.max_command_bytes)
         except WireError as exc:
-            log.warning("command ignored: %s", exc)
+            self.commands_dropped += 1
+            log.warning("command dropped payload_bytes=%d dropped=%d: %s", len(payload), self.commands_dropped, exc)
             return
         if not self.command_gate.admit(command):
             return
@@ -195,8 +225,10 @@ class Uplink:
         sync_now = SyncNowWatch(self.catalog)
         session, next_fill, next_outbox, next_meta = 0, 0.0, 0.0, 0.0
         while not self._stop.is_set():
+            self.heartbeat.beat()
             try:
                 self._drain_inbox()
+                self.incompatible.raise_pending()
                 now = time.monotonic()
                 if now >= next_meta:
                     next_meta = now + META_INTERVAL_S
@@ -268,6 +300,7 @@ class Uplink:
 
     def _handle_ack(self, ack: Ack) -> None:
         self.last_ack_ms = now_ms()
+        self.incompatible.usable(ack.file_id)
         if ack.state == ACK_RECEIVING:
             self.sender.receiving(ack)
             return

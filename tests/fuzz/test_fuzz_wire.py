@@ -27,6 +27,8 @@ from edge_agent.platform.receiver import Receiver
 from edge_agent.protocol.wire import ChunkHeader, encode_chunk
 from edge_agent.sync import Uplink
 from tests.helpers import agent_config
+from tests.peers.mosquitto import Mosquitto
+from tests.test_liveness import sync_after
 
 AGENT = "ws-fuzz-01"
 ROOT = "evidence/v1"
@@ -84,6 +86,28 @@ def uplink_bench(tmp_path_factory: pytest.TempPathFactory) -> Iterator[UplinkBen
     bench.catalog.close()
 
 
+def _hostile(file_id: str) -> st.SearchStrategy[bytes]:
+    """Hostile structure: nesting past the parser's recursion limit (open or closed), oversized, not UTF-8
+    or another encoding, JSON's non-standard literals, duplicate keys, lone surrogates, wrong types in
+    known fields."""
+    deep = st.tuples(st.integers(min_value=900, max_value=150_000), st.sampled_from([b"[", b'{"a":', b'[{"k":']))
+    closed = st.integers(min_value=1, max_value=5000).map(lambda n: b"[" * n + b"]" * n)
+    known = st.sampled_from(["file_id", "state", "have", "sha256", "reason"])
+    typed = st.tuples(known, json_values | st.integers(min_value=2**63, max_value=2**80)).map(
+        lambda kv: json.dumps({"file_id": file_id, "state": "receiving", kv[0]: kv[1]}).encode())
+    deep_field = st.tuples(known, st.integers(min_value=1, max_value=3000)).map(
+        lambda kv: b'{"file_id":"%s","state":"receiving","%s":' % (file_id.encode(), kv[0].encode())
+        + b"[" * kv[1] + b"]" * kv[1] + b"}")
+    return st.one_of(
+        deep.map(lambda t: t[1] * t[0]), closed, typed, deep_field,
+        st.binary(max_size=64).map(lambda b: b"\xff" + b),
+        st.text(max_size=40).map(lambda t: json.dumps({"file_id": file_id, "state": t}).encode("utf-16")),
+        st.sampled_from([b'{"file_id": NaN}', b"[Infinity, -Infinity]", b'{"state": "complete", "state": 1}',
+                         b'"\\ud800"', b"\x00", b"", b'{"file_id": "\\udfff", "state": "receiving"}']),
+        st.integers(min_value=1024 * 1024 + 1, max_value=1024 * 1024 + 64).map(lambda n: b" " * n),
+    )
+
+
 def _acks(file_id: str) -> st.SearchStrategy[bytes]:
     shaped = st.fixed_dictionaries(
         {"file_id": st.sampled_from([file_id]) | ulids, "state": st.sampled_from(["receiving", "complete", "rejected"])
@@ -92,7 +116,8 @@ def _acks(file_id: str) -> st.SearchStrategy[bytes]:
          "sha256": st.none() | hexes | st.just(SHA) | st.text(max_size=70),
          "reason": st.none() | st.text(max_size=50)},
         optional={"extra": json_values}).map(lambda d: json.dumps(d).encode())
-    return st.one_of(shaped, st.binary(max_size=300), json_values.map(lambda v: json.dumps(v).encode()))
+    return st.one_of(shaped, st.binary(max_size=300), json_values.map(lambda v: json.dumps(v).encode()),
+                     _hostile(file_id))
 
 
 @given(data=st.data())
@@ -124,7 +149,8 @@ COMMANDS = (st.binary(max_size=300) | json_values.map(lambda v: json.dumps(v).en
                                      "ts": st.integers(min_value=-(2**64), max_value=2**64)},
                                     optional={"sig": st.text(max_size=90), "key_id": st.text(max_size=30),
                                               "agent": st.sampled_from([AGENT, "other"])})
-            .map(lambda d: json.dumps(d).encode()))
+            .map(lambda d: json.dumps(d).encode())
+            | _hostile("01M8S59DRAPF60WNZD2ETQF4WQ"))
 
 
 @given(payload=COMMANDS)
@@ -137,8 +163,30 @@ def test_any_command_payload_is_refused_without_a_platform_signature(uplink_benc
         uplink_bench.deliver("commands", payload)
     assert uplink_bench.obeyed == []
     assert _files_snapshot(uplink_bench.catalog) == before
-    assert any(r.levelno >= logging.WARNING and ("command ignored" in r.getMessage()
+    assert any(r.levelno >= logging.WARNING and ("command dropped" in r.getMessage()
                                                  or "command refused" in r.getMessage()) for r in caplog.records)
+
+
+BARRAGE_FILE = "01M8S59DRAPF60WNZD2ETQF4WQ"
+BARRAGE = [
+    b"[" * 100_000, b'{"a":' * 60_000, b"[" * 3000 + b"]" * 3000, b"\xff\xfe\x00\x01",              # depth, encodings
+    json.dumps({"file_id": BARRAGE_FILE, "state": "receiving"}).encode("utf-16"), b"\x00" * 64, b"",
+    b" " * (2 * 1024 * 1024), b"[" + b"0," * 700_000 + b"0]",                                         # size
+    b'{"file_id": 1, "state": ["complete"]}', b'{"file_id": "%s", "state": "receiving", "have": [[0, 1e400]]}'
+    % BARRAGE_FILE.encode(), b'{"file_id": "%s", "state": "complete", "sha256": {"a": []}}' % BARRAGE_FILE.encode(),
+    b'{"cmd": "resync", "id": [], "ts": "now"}', b'{"cmd": "resync", "id": "x", "ts": 1, "sig": null}',  # types
+    b'{"file_id": NaN}', b'"\\ud800"', b'{"state": "complete", "state": 1}',                       # literals
+]
+
+
+def test_after_a_hostile_barrage_on_acks_and_commands_the_agent_is_live_and_a_docked_file_syncs(
+        tmp_path: Path, mosquitto: Mosquitto) -> None:
+    """Liveness, not just no crash: every hostile message is dropped by the parser (the callback guard is
+    never needed), and a file docked after the barrage syncs through the same process."""
+    log = sync_after(tmp_path, mosquitto.port, BARRAGE)
+    assert log.count("ack dropped") >= len(BARRAGE) - 1    # one may be a valid no-op (receiving, no have)
+    assert log.count("command dropped") + log.count("command refused") >= len(BARRAGE)
+    assert "mqtt callback failed" not in log and "Traceback" not in log
 
 
 # -- the receiver's side: manifests, chunks, queries ----------------------------------------------------

@@ -10,6 +10,7 @@ from typing import Any
 from edge_agent.catalog import Catalog
 from edge_agent.config import AgentConfig
 from edge_agent.ingest import Ingestor, Sealer
+from edge_agent.protocol.heartbeat import Vital
 from edge_agent.sources.cameras.gaps import GapLedger
 from edge_agent.sources.cameras.intake import SegmentIntake
 from edge_agent.sources.cameras.worker import CameraWorker
@@ -54,6 +55,10 @@ class CameraService:
         for worker in self.workers.values():
             worker.join(worker.camera.stall_timeout_s + 10)
         self.intake.stop()
+
+    def vitals(self) -> list[Vital]:
+        """Every camera's recorder thread, for ops/liveness.py."""
+        return [worker.vital() for worker in self.workers.values()]
 
     # -- health -------------------------------------------------------------------------------------
 

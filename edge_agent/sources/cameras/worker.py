@@ -20,6 +20,7 @@ from drivers.rtsp import AuthFailed, RtspRecorder, Segment, StreamError, with_cr
 from edge_agent.catalog import Catalog
 from edge_agent.catalog.gaps import Gap
 from edge_agent.config import AgentConfig, Camera
+from edge_agent.protocol.heartbeat import Heartbeat, Vital
 from edge_agent.sources.cameras.gaps import GapLedger
 from edge_agent.sources.cameras.intake import Queued, SegmentIntake, spool_dir
 
@@ -55,13 +56,32 @@ class CameraWorker:
             camera.name, self.resolve, spool_dir(config.agent.data_dir, camera.name), self,
             segment_s=camera.segment_s, stall_timeout_s=camera.stall_timeout_s,
             reconnect_max_s=camera.reconnect_max_s, min_free_bytes=config.agent.min_free_mb * 1024**2)
-        self._thread = threading.Thread(target=self.recorder.run, name=f"camera-{camera.name}", daemon=True)
+        self.heartbeat = Heartbeat(f"camera-{camera.name}")
+        self._stopped = False
+        self._thread = self._recorder_thread()
+
+    def _recorder_thread(self) -> threading.Thread:
+        return threading.Thread(target=self.recorder.run, name=f"camera-{self.camera.name}", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
 
     def stop(self) -> None:
+        self._stopped = True
         self.recorder.stop()
+
+    def vital(self) -> Vital:
+        """The recorder thread as a supervised component: beats per packet, idle while the camera is down
+        (its own alarm says so); restarted with a new thread if a listener fault ended it."""
+        def alive() -> bool:
+            return self._stopped or self._thread.ident is None or self._thread.is_alive()   # None: not started
+
+        def restart() -> None:
+            if not self._stopped and not self._thread.is_alive():
+                log.error("camera recorder thread had died camera=%s; starting it again", self.camera.name)
+                self._thread = self._recorder_thread()
+                self._thread.start()
+        return Vital(self.heartbeat.name, self.heartbeat, alive, restart)
 
     def join(self, timeout: float) -> None:
         self._thread.join(timeout)
@@ -101,9 +121,11 @@ class CameraWorker:
     # -- RecorderListener --------------------------------------------------------------------------
 
     def connected(self, camera: str, url: str) -> None:
+        self.heartbeat.beat()
         log.info("camera_connected camera=%s url=%s device=%s", camera, url, self.health.device_id)
 
     def interrupted(self, camera: str, cause: str, since_ms: int, detail: str) -> None:
+        self.heartbeat.idle()   # reconnecting with backoff for as long as the camera is down
         gap = self.health.open_gap
         if gap is None:
             self.health.open_gap = self.ledger.open(camera, since_ms, cause, detail)
@@ -129,6 +151,7 @@ class CameraWorker:
         self.intake.put(Queued(segment, self.health.device_id, self.health.clock_offset_ms))
 
     def packet(self, camera: str, packet: av.Packet, stream: av.video.stream.VideoStream, key: bool) -> None:
+        self.heartbeat.beat()
         result = self.sampler.offer(packet, stream, key)
         if result is None:
             return

@@ -16,6 +16,7 @@ from edge_agent.catalog import Catalog
 from edge_agent.catalog.docking import DockingRecords
 from edge_agent.config import AgentConfig, Dock
 from edge_agent.ingest import Ingestor, Sealer
+from edge_agent.protocol.heartbeat import Vital
 from edge_agent.sources.docks.slots import SETTLED, SlotState, SlotStatus
 from edge_agent.sources.docks.worker import DockContext, Progress, VolumeWorker
 from edge_agent.sources.recorders import RecorderModel, VolumeIdentity
@@ -47,10 +48,29 @@ class DockService:
         worker.start()
 
     def undocked(self, volume: DockedVolume) -> None:
-        with self._lock:
+        with self._lock:   # under the lock: a re-dock (`redock`) cannot slip a new worker in after this
             worker = self._workers.get((volume.dock, volume.label))
-        if worker is not None:
-            worker.undock()
+            if worker is not None:
+                worker.undock()
+
+    def redock(self, key: tuple[str, str]) -> None:
+        """Start the slot's worker again, as if its volume were docked anew, if it ended while still docked
+        (ops/liveness.py calls it for a dead worker). The new worker opens a new session; what the old one
+        copied is in the catalog and is not copied twice."""
+        with self._lock:
+            old = self._workers.get(key)
+            if old is None or not old.ended_early:
+                return
+            worker = VolumeWorker(self.context, old.volume, self.docks.get(old.volume.dock))
+            self._workers[key] = worker
+        worker.start()
+
+    def vitals(self) -> list[Vital]:
+        """Every docked slot's worker as a supervised component; a dead one is restarted by `redock`."""
+        with self._lock:
+            workers = [(key, w) for key, w in self._workers.items() if not w.undocking]
+        return [Vital(w.name, w.heartbeat, lambda w=w: not w.ended_early, lambda key=key: self.redock(key))
+                for key, w in workers]
 
     # -- lifecycle ----------------------------------------------------------------------------------
 

@@ -25,6 +25,7 @@ from edge_agent.catalog.docking import DockingRecords
 from edge_agent.clock import now_ms
 from edge_agent.config import Dock
 from edge_agent.ingest import Ingestor, Sealer
+from edge_agent.protocol.heartbeat import Heartbeat
 from edge_agent.sources.docks import policy
 from edge_agent.sources.docks.clearing import Clearing
 from edge_agent.sources.docks.discovery import Discovery, Found, identify
@@ -88,6 +89,7 @@ class VolumeWorker(threading.Thread):
         self.status = SlotStatus(dock=volume.dock, slot=volume.slot, label=volume.label, docked_ms=now_ms())
         self._gone = threading.Event()
         self._wake = threading.Event()
+        self.heartbeat = Heartbeat(self.name)   # beats per pass and per block copied; idle between rescans
 
     def undock(self, stopping: bool = False) -> None:
         """End the passes (from the driver's thread). `stopping`: the agent stops, the recorder stays docked."""
@@ -95,6 +97,21 @@ class VolumeWorker(threading.Thread):
             self.status.set_state(SlotState.UNDOCKED)
         self._gone.set()
         self._wake.set()
+
+    @property
+    def ended_early(self) -> bool:
+        """The thread ended while the volume is still docked and the agent runs (a fault, an unreadable volume)."""
+        return self.ident is not None and not self.is_alive() and not self._gone.is_set()
+
+    @property
+    def undocking(self) -> bool:
+        return self._gone.is_set()
+
+    def _should_stop(self) -> bool:
+        """The `abort` of long steps (a copy, a clearing): a beat, since the step makes progress, then whether
+        the passes end."""
+        self.heartbeat.beat()
+        return self._gone.is_set()
 
     def run(self) -> None:
         try:
@@ -136,6 +153,7 @@ class VolumeWorker(threading.Thread):
         rescan_s = self.dock.rescan_s if self.dock else DEFAULT_RESCAN_S
         sealed = False
         while not self._gone.is_set():
+            self.heartbeat.beat()
             found = discovery.scan()
             self._account(found, session_id)
             if found.pending:
@@ -150,7 +168,8 @@ class VolumeWorker(threading.Thread):
             if self.once:
                 self._seal_once(session_id, sealed)
                 break
-            clearing.clear_synced(ident.device_id, self._gone.is_set)
+            clearing.clear_synced(ident.device_id, self._should_stop)
+            self.heartbeat.idle()
             self._wake.wait(rescan_s if not found.young else min(rescan_s, max(discovery.settle_s / 2, 0.05)))
             self._wake.clear()
 
@@ -185,7 +204,7 @@ class VolumeWorker(threading.Thread):
             n = next_batch(pending)
             batch, pending = pending[:n], pending[n:]
             with ctx.permits:
-                done = ctx.ingestor.ingest_batch(batch, abort=self._gone.is_set)
+                done = ctx.ingestor.ingest_batch(batch, abort=self._should_stop)
             for record in done.sealed:
                 faults.succeeded()
                 st.set_state(SlotState.INGESTING)
