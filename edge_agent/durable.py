@@ -21,6 +21,24 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def make_dirs_durable(path: Path) -> None:
+    """Create `path` and any missing parents (like `mkdir(parents=True, exist_ok=True)`), and make each
+    directory it created durable in its parent: a crash cannot lose a directory a file was then written in."""
+    path = Path(path)
+    created: list[Path] = []
+    at = path
+    while not at.is_dir():
+        created.append(at)
+        at = at.parent
+    for directory in reversed(created):
+        try:
+            directory.mkdir()
+        except FileExistsError:   # another process made it meanwhile (synced here too: it may not live to)
+            if not directory.is_dir():
+                raise
+        fsync_dir(directory.parent)
+
+
 def atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
     """Write `data` to `path` so that a crash leaves either the old or the new content."""
     path.parent.mkdir(parents=True, exist_ok=True)
