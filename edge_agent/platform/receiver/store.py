@@ -340,6 +340,9 @@ class ChunkStore:
         with self._lock(agent, file_id, exclusive=True):
             stored = self.stored(agent, file_id)
             if stored is not None:
+                if self.incoming(agent, file_id).exists():   # a commit killed after its index: tidy up
+                    shutil.rmtree(self.incoming(agent, file_id), ignore_errors=True)
+                    fsync_dir(self.incoming(agent, file_id).parent)
                 if stored["sha256"] == doc["sha256"]:
                     return Ack(file_id, ACK_COMPLETE, [], stored["sha256"])
                 return Ack(file_id, ACK_REJECTED, [], None,
@@ -624,8 +627,8 @@ class ChunkStore:
         """Drop transfers nothing touched for `max_age_s` (their agent sends the file again if it still has it),
         and lock files of settled transfers as old. Returns (agent, file id, idle seconds) of each transfer."""
         expired = []
-        for agent_dir in _subdirs(self.root / "incoming"):
-            for transfer in _subdirs(agent_dir):
+        for agent_dir in subdirs(self.root / "incoming"):
+            for transfer in subdirs(agent_dir):
                 agent, file_id = agent_dir.name, transfer.name
                 with self._lock(agent, file_id, exclusive=True):
                     idle = _idle_s(transfer)
@@ -635,7 +638,7 @@ class ChunkStore:
                     fsync_dir(agent_dir)
                     self._forget(agent, file_id)
                 expired.append((agent, file_id, idle))
-        for agent_dir in _subdirs(self.root / "locks"):
+        for agent_dir in subdirs(self.root / "locks"):
             for lock in agent_dir.glob("*.lock"):
                 self._expire_lock(agent_dir.name, lock.name[:-len(".lock")], max_age_s)
         return expired
@@ -660,9 +663,10 @@ class ChunkStore:
 
 
 
-def _subdirs(path: Path) -> list[Path]:
+def subdirs(path: Path) -> list[Path]:
+    """The directories in `path` (none if it does not exist), sorted."""
     try:
-        return [Path(e.path) for e in os.scandir(path) if e.is_dir(follow_symlinks=False)]
+        return sorted(Path(e.path) for e in os.scandir(path) if e.is_dir(follow_symlinks=False))
     except FileNotFoundError:
         return []
 
