@@ -125,7 +125,12 @@ def decode_json(payload: bytes, name: str) -> dict[str, Any]:
         value = json.loads(payload)
     except (UnicodeDecodeError, ValueError) as exc:
         raise WireError(f"{name}: not valid UTF-8 JSON ({str(exc)[:120]})") from None
-    validate(name, value)
+    except RecursionError:
+        raise WireError(f"{name}: JSON nested too deeply") from None
+    try:
+        validate(name, value)
+    except RecursionError:
+        raise WireError(f"{name}: JSON nested too deeply") from None
     return value
 
 
