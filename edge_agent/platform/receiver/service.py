@@ -47,6 +47,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from edge_agent.config import ReceiverConfig
 from edge_agent.evidence.manifest import ManifestError, canonical_json, key_id_of, load_public_key, verify_signature
+from edge_agent.platform.receiver.fair import FairQueue
 from edge_agent.platform.receiver.store import ChunkStore, Limits
 from edge_agent.protocol.connection import Connection, build_client
 from edge_agent.protocol.wire import (
@@ -76,6 +77,9 @@ PARK_AGENT_BYTES = 32 * 1024**2    # orphan chunks' bytes kept per agent
 PARK_MAX_BYTES = 128 * 1024**2     # and in all
 PARK_POLL_S = 0.02                 # how often parked chunks look for their manifest
 SWEEP_INTERVAL_S = 3600.0
+INBOUND_AGENT_MESSAGES = 256        # messages queued per agent (fair queue, taken round-robin)
+INBOUND_AGENT_BYTES = 64 * 1024**2  # and their bytes
+INBOUND_TOTAL_BYTES = 256 * 1024**2  # in all: beyond, paho waits (backpressure to the broker)
 Parked = tuple[float, str, bytes, "str | None"]   # (deadline, topic, payload, data sha256)
 
 
@@ -144,8 +148,10 @@ class Receiver:
         self.client.on_message = self._on_message
         self.connection = Connection(self.client, config.mqtt, session_expiry_s=rc.session_expiry_s,
                                      on_up=lambda client: client.subscribe(self.topic_filter, qos=1))
-        self._inbound: queue.Queue[tuple[int, mqtt.MQTTMessage]] = queue.Queue(maxsize=16)
-        self._queue: queue.Queue[tuple[int, mqtt.MQTTMessage, str | None]] = queue.Queue(maxsize=48)
+        self._inbound = FairQueue(agent_messages=INBOUND_AGENT_MESSAGES, agent_bytes=INBOUND_AGENT_BYTES,
+                                  total_bytes=INBOUND_TOTAL_BYTES)
+        self._refused: dict[str, float] = {}   # agent -> when its refusal was last logged (the paho thread's)
+        self._queue: queue.Queue[tuple[int, mqtt.MQTTMessage, str | None]] = queue.Queue(maxsize=4)
         self._manifests: OrderedDict[Key, dict] = OrderedDict()
         self._unacked: dict[Key, list[float]] = {}      # chunks written since the last ack, and since when
         self._repeats: dict[Key, tuple[str, float]] = {}
@@ -197,7 +203,20 @@ class Receiver:
     # -- the message pipeline ------------------------------------------------------------------
 
     def _on_message(self, _client: mqtt.Client, _userdata: object, message: mqtt.MQTTMessage) -> None:
-        self._put(self._inbound, (self.connection.generation, message))
+        agent = message.topic[len(self.root) + 1:].split("/", 1)[0]
+        if self._inbound.put(agent, (self.connection.generation, message), len(message.payload), self._stop):
+            return
+        if self._stop.is_set():
+            return   # not PUBACKed: the broker sends it again
+        # Over its agent's share: dropped, PUBACKed (no ack named it: the agent sends it again when asked).
+        now = time.monotonic()
+        if now - self._refused.get(agent, -60.0) >= 10.0:
+            if len(self._refused) > 10_000:
+                self._refused.clear()
+            self._refused[agent] = now
+            log.warning("event=agent_flooding agent=%r: messages beyond its share of the receiver's queue are "
+                        "dropped (the agent sends them again); find out why it sends so much", agent[:64])
+        self._puback(self.connection.generation, message)
 
     def _put(self, into: queue.Queue, item: tuple) -> None:
         """Queue for the next thread; blocks while it is full (backpressure up to the broker). A message dropped
@@ -211,10 +230,10 @@ class Receiver:
 
     def _check(self) -> None:
         while not self._stop.is_set():
-            try:
-                generation, message = self._inbound.get(timeout=0.1)
-            except queue.Empty:
+            item = self._inbound.get(timeout=0.1)
+            if item is None:
                 continue
+            generation, message = item
             data_sha256 = None
             if message.topic.endswith("/chunk") and len(message.payload) <= self.max_message:
                 data_sha256 = chunk_data_sha256(message.payload)
