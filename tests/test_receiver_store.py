@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import pytest
 
 from edge_agent import durable
 from edge_agent.platform.receiver import check_store
+from edge_agent.platform.receiver.fair import FairQueue
 from edge_agent.platform.receiver.store import ChunkStore, Limits
 from edge_agent.protocol.wire import ACK_COMPLETE, ACK_RECEIVING, ACK_REJECTED, chunk_count, chunk_span
 
@@ -225,3 +227,14 @@ def test_fsck_finds_and_repairs_every_kind_of_damage(tmp_path: Path) -> None:
     assert check_store(tmp_path).findings == []
     assert ChunkStore(tmp_path).stored(AGENT, FILE_ID)["sha256"] == doc["sha256"]
     assert (tmp_path / "quarantine" / "objects" / bad.relative_to(tmp_path / "objects")).read_bytes() == b"altered"
+
+
+def test_the_inbound_queue_takes_agents_in_turn_and_refuses_beyond_an_agents_share() -> None:
+    stop = threading.Event()
+    inbound = FairQueue(agent_messages=3, agent_bytes=100, total_bytes=1000)
+    for n in range(4):
+        assert inbound.put("flooder", f"f{n}", 10, stop) == (n < 3)   # the fourth is beyond its share
+    assert not inbound.put("flooder", "big", 95, stop)
+    assert inbound.put("honest", "h0", 10, stop) and inbound.put("honest", "h1", 10, stop)
+    assert [inbound.get(0) for _ in range(5)] == ["f0", "h0", "f1", "h1", "f2"]
+    assert inbound.get(0) is None
