@@ -6,6 +6,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -238,3 +240,17 @@ def test_the_inbound_queue_takes_agents_in_turn_and_refuses_beyond_an_agents_sha
     assert inbound.put("honest", "h0", 10, stop) and inbound.put("honest", "h1", 10, stop)
     assert [inbound.get(0) for _ in range(5)] == ["f0", "h0", "f1", "h1", "f2"]
     assert inbound.get(0) is None
+
+
+def test_receiver_fsck_command_reports_then_repairs(tmp_path: Path) -> None:
+    store, content, _doc = started(tmp_path, CHUNK * 2)
+    all_chunks(store, content)   # every chunk held, the commit not run: half committed
+    store.close()
+    cli = [sys.executable, "-m", "edge_agent.cli", "--json", "receiver", "fsck", "--store", str(tmp_path)]
+    found = subprocess.run(cli, capture_output=True, text=True, timeout=60)
+    assert found.returncode == 1, found.stderr
+    assert [f["kind"] for f in json.loads(found.stdout)["findings"]] == ["half_committed"]
+    repaired = subprocess.run([*cli, "--repair"], capture_output=True, text=True, timeout=60)
+    assert repaired.returncode == 0 and json.loads(repaired.stdout)["clean"], repaired.stderr
+    assert subprocess.run(cli, capture_output=True, timeout=60).returncode == 0
+    assert subprocess.run([*cli[:-1], str(tmp_path / "nothing")], capture_output=True, timeout=60).returncode == 2
