@@ -193,6 +193,11 @@ class ReceiverSection(_Section):
     ack_every_chunks: Annotated[int, Field(ge=1, le=16)] = 16
     ack_interval_ms: Annotated[int, Field(ge=10, le=500)] = 500
     session_expiry_s: Annotated[int, Field(ge=0)] = 24 * 3600
+    # Limits (docs/OPERATIONS.md "Receiver limits"): beyond them a new transfer is answered `receiving`/`busy`.
+    max_open_transfers_per_agent: Annotated[int, Field(ge=1)] = 64
+    max_reserved_gb_per_agent: Annotated[float, Field(gt=0)] = 256   # sum of the sizes of its open transfers
+    min_free_gb: Annotated[float, Field(ge=0)] = 5                   # free space kept on the store's disk
+    incoming_expiry_days: Annotated[float, Field(gt=0)] = 7          # an untouched transfer is dropped after
 
 
 class AgentConfig(_Section):

@@ -263,3 +263,49 @@ def test_the_receiver_loads_nothing_of_the_agents_pipeline() -> None:
              f"print(sorted(m for m in sys.modules if m.startswith({forbidden!r})))")
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_orphan_chunks_flooding_from_one_agent_do_not_hold_up_another(
+        tmp_path: Path, mosquitto: Mosquitto, keyed: tuple[AgentKey, Path]) -> None:
+    """Behind a shared subscription a chunk may come before its manifest. 60 such chunks from one agent (today
+    each held the receiver's only worker for a second: a minute) while another agent sends three files: the
+    files complete within the usual ack wait, and the flooder is still answered (`receiving`, no manifest)."""
+    config = receiver_setup(tmp_path, mosquitto.port, tmp_path / "store", keyed[1], shared_subscription=True)
+    proc = receiver_proc(tmp_path, config).start()
+    wait_for(lambda: receiver_logged(tmp_path, "mqtt connected"), 20, what="receiver connected")
+    flooder = ScriptedAgent(mosquitto.port, AgentKey.load_or_create(tmp_path / "flood"), agent_id="ws-flood-01")
+    orphans = [flooder.manifest(b"x" * 10) for _ in range(60)]
+    for doc in orphans:
+        flooder.client.publish(f"{ROOT}/ws-flood-01/files/{doc['file_id']}/chunk", b"\0" * 64, qos=1)
+    agent = ScriptedAgent(mosquitto.port, keyed[0])
+    for _ in range(3):
+        content = random_bytes(3 * 65536)
+        doc = agent.send_file(content)
+        assert agent.ack(doc["file_id"], "complete", timeout=20)["sha256"] == hashlib.sha256(content).hexdigest()
+    assert "no manifest" in flooder.ack(orphans[0]["file_id"], "receiving", timeout=30)["reason"]
+    flooder.close()
+    agent.close()
+    assert proc.alive and proc.stop() == 0
+
+
+def test_a_new_transfer_beyond_an_agents_cap_is_answered_busy_and_taken_later(
+        tmp_path: Path, mosquitto: Mosquitto, keyed: tuple[AgentKey, Path]) -> None:
+    store = tmp_path / "store"
+    config = receiver_setup(tmp_path, mosquitto.port, store, keyed[1], max_open_transfers_per_agent=1)
+    proc = receiver_proc(tmp_path, config).start()
+    wait_for(lambda: receiver_logged(tmp_path, "mqtt connected"), 20, what="receiver connected")
+    agent = ScriptedAgent(mosquitto.port, keyed[0])
+    first, second = random_bytes(2 * 65536), random_bytes(65536)
+    doc1, doc2 = agent.manifest(first), agent.manifest(second)
+    agent.send_manifest(doc1)
+    agent.send_manifest(doc2)
+    busy = agent.ack(doc2["file_id"], "receiving")
+    assert (busy["reason"], busy["have"]) == ("busy", [])
+    assert not (store / "incoming" / AGENT_ID / doc2["file_id"]).exists()
+    agent.send_chunks(doc1, first)
+    agent.ack(doc1["file_id"], "complete")
+    agent.send_manifest(doc2)   # the agent asks again after its ack timeout: there is room now
+    agent.send_chunks(doc2, second)
+    agent.ack(doc2["file_id"], "complete")
+    agent.close()
+    assert proc.stop() == 0

@@ -104,6 +104,19 @@ def test_reasons_within_a_second_of_the_last_manifest_back_off() -> None:
     assert machine.receiving(receiving([], reason="no manifest for this file"), now=101.5) == [SendManifest()]
 
 
+def test_a_busy_receiver_is_left_alone_until_the_ack_timeout() -> None:
+    """`busy`: the receiver cannot take a new transfer now. Nothing is sent (no manifest, no chunks) until the
+    ack timeout asks again with manifest + query."""
+    machine = transfer()
+    send_all(machine)
+    assert machine.receiving(receiving(reason="busy"), 102.0) == []
+    assert machine.next_seq() is None and machine.phase == Phase.QUERYING
+    assert machine.receiving(receiving(reason="busy"), 110.0) == []
+    assert machine.timed_out(110.0 + TIMEOUT - 1, TIMEOUT) == []
+    assert machine.timed_out(110.0 + TIMEOUT, TIMEOUT) == [SendManifest(), SendQuery()]
+    assert machine.receiving(receiving(), 141.0) == [] and machine.next_seq() == 0
+
+
 def test_a_reason_while_querying_ends_the_query_too() -> None:
     machine = transfer(chunks=3, resumed=True, now=100.0)
     assert machine.receiving(receiving([[0, 0]], reason="chunk 1 dropped: bad sha256"), now=102.0) \

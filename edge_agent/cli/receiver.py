@@ -1,4 +1,4 @@
-"""`edge-agent receiver run`: the reference receiver (central side of the wire protocol)."""
+"""`edge-agent receiver run`: the reference receiver (central side of the wire protocol); `receiver fsck`."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from edge_agent import services
-from edge_agent.cli.app import app, fail, options
+from edge_agent.cli.app import app, emit, fail, options, table
 from edge_agent.config import ConfigError, load_receiver_config
 
 receiver_app = typer.Typer(no_args_is_help=True, help="The reference receiver: verify, store and ack agents' files.")
@@ -29,3 +29,21 @@ def receiver_run(
         fail(str(exc), code=2)
         raise
     services.receiver.serve(cfg)
+
+
+@receiver_app.command("fsck")
+def receiver_fsck(
+    ctx: typer.Context,
+    store: Annotated[Path, typer.Option("--store", help="the receiver's store_dir")],
+    repair: Annotated[bool, typer.Option("--repair", help="repair what is found (objects are quarantined)")]
+    = False,
+) -> None:
+    """Check a receiver store (stop its receivers first); exit 1 if anything is left to repair."""
+    result = services.receiver.fsck(store, repair=repair)
+    rows = [[f["kind"], f["path"], "yes" if f["repaired"] else "no", f["detail"]] for f in result.findings]
+    verdict = ("clean" if not rows else "repaired") if result.clean else "problems found: run with --repair"
+    human = table(f"receiver store {result.store}: {result.objects_checked} object(s) checked, {verdict}",
+                  ["finding", "path", "repaired", "detail"], rows)
+    emit(ctx, result.as_dict(), human)
+    if not result.clean:
+        raise typer.Exit(1)

@@ -32,6 +32,7 @@ FILE_ID_PATTERN = re.compile(r"^[0-9A-HJKMNP-TV-Z]{26}$")   # a ULID, Crockford 
 AGENT_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 ACK_RECEIVING, ACK_COMPLETE, ACK_REJECTED = "receiving", "complete", "rejected"
+REASON_BUSY = "busy"   # `receiving` with this reason: the receiver cannot take a new transfer now; ask again later
 
 
 class WireError(ValueError):

@@ -11,6 +11,7 @@ applies a verdict to the catalog. "live" below is STREAMING or QUERYING.
     any live    receiving with a reason, >1 s since     manifest; resend what       STREAMING
                 the last manifest or query              `have` lacks
     any live    receiving with a reason, within 1 s     none (back off)             unchanged
+    any live    receiving, reason `busy`                none until the ack timeout  QUERYING
     QUERYING    receiving (the answer)                  resend what `have` lacks    STREAMING
     any live    reconnected                             manifest, query             QUERYING
     any live    resync, if querying or nothing is out   manifest, query             QUERYING
@@ -29,7 +30,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-from edge_agent.protocol.wire import ACK_COMPLETE, ACK_REJECTED, Ack, RangeSet, chunk_count
+from edge_agent.protocol.wire import ACK_COMPLETE, ACK_REJECTED, REASON_BUSY, Ack, RangeSet, chunk_count
 
 RESYNC_INTERVAL_S = 1.0   # a receiver lacking the manifest gets it again at most this often
 
@@ -134,6 +135,9 @@ class Transfer:
         self.have = RangeSet(ack.have or ())
         self.outstanding = {s: t for s, t in self.outstanding.items() if s not in self.have}
         self.last_heard = now
+        if ack.reason == REASON_BUSY:   # no room for a new transfer now: ask again after the ack timeout
+            self.phase, self.outstanding = Phase.QUERYING, {}
+            return []
         if ack.reason:
             if now - self.last_resync <= RESYNC_INTERVAL_S:
                 return []   # backing off: the manifest just went

@@ -304,3 +304,39 @@ def test_the_genuine_transfer_still_completes_after_the_fuzzing(receiver_bench: 
     ack = bench.receiver.store.progress(AGENT, bench.file_id, bench.manifest)
     assert ack.state == "complete", ack
     assert bench.receiver.store.stored(*key)["sha256"] == hashlib.sha256(bench.content).hexdigest()
+
+
+def _hostile_payloads(kind: str) -> list[bytes]:
+    """Payloads of hostile structure rather than hostile values: depth, size, types, encodings."""
+    deep = [b"[" * 100_000, b'{"a":' * 50_000 + b"1" + b"}" * 50_000, b'{"sha256":' + b"[" * 20_000]
+    sized = [b'{"size": ' + b"9" * 100_000 + b"}", b'"' + b"x" * 300_000 + b'"', b"{}" * 100_000]
+    typed = [b"[]", b"null", b"1e999", b"NaN", b'{"size": {"size": []}, "chunk_size": "4096"}', b'"manifest"',
+             b'{"file_id": 1, "agent_id": null, "sha256": true}']
+    encoded = ["{}".encode("utf-16"), b"\xef\xbb\xbf{}", b'{"a": "\xff\xfe"}', b"\xc0\x80", b"\x00" * 64,
+               b'{"a": "\\ud800"}']
+    payloads = deep + sized + typed + encoded
+    if kind == "chunk":   # the same inside a chunk frame's header, and frames whose length lies
+        payloads = [struct.pack(">I", min(len(p), 4096)) + p[:4096] + b"data" for p in payloads]
+        payloads += [struct.pack(">I", 2**32 - 1), b"\x00\x00", struct.pack(">I", 3) + b"[1]"]
+    return payloads
+
+
+@pytest.mark.parametrize("kind", ["manifest", "chunk", "query"])
+def test_hostile_structure_on_each_receiver_topic_is_survived_and_a_good_file_then_completes(
+        tmp_path: Path, kind: str, caplog: pytest.LogCaptureFixture) -> None:
+    bench = ReceiverBench(tmp_path)
+    try:
+        before = bench.snapshot()
+        for payload in _hostile_payloads(kind):
+            for file_id in (bench.file_id, new_id()):   # the transfer in progress, and a file never seen
+                bench.receiver.handle(bench.topic(kind, file_id), payload)   # never raises
+        assert bench.snapshot() == before, f"hostile {kind} messages changed the store"
+        for chunk in bench.chunks[1:]:   # liveness: the genuine transfer completes, and so does a new file
+            bench.receiver.handle(bench.topic("chunk"), chunk)
+        assert bench.receiver.store.progress(AGENT, bench.file_id, bench.manifest).state == "complete"
+        bench.begin()
+        for chunk in bench.chunks[1:]:
+            bench.receiver.handle(bench.topic("chunk"), chunk)
+        assert bench.receiver.store.progress(AGENT, bench.file_id, bench.manifest).state == "complete"
+    finally:
+        bench.receiver.store.close()

@@ -17,6 +17,17 @@ hash); the syncer makes them durable (an fdatasync of each transfer's data
 file) and sends the acks. An ack names only chunks that were written before
 the sync that preceded it began, and chunk writes go on while the disk
 flushes, so the ack cadence costs no throughput.
+
+Nothing in the message path waits. Behind a shared subscription a chunk may
+come before its manifest reached the store (another receiver took it): such
+an orphan chunk is parked in memory and retried as the worker idles, for at
+most PARK_WAIT_S, within PARK_AGENT_BYTES per agent and PARK_MAX_BYTES in all,
+so one agent flooding orphan chunks cannot hold up another's. It is PUBACKed
+at once (the broker's in-flight window stays open): no ack has named it, so a
+parked chunk lost with its process is only sent again. Beyond the caps it is
+answered `receiving` with NO_MANIFEST at once. A sweeper thread drops transfers
+untouched for `incoming_expiry_days` (an `incoming_expired` event in the log),
+and the store answers `busy` to new transfers beyond the limits.
 """
 
 from __future__ import annotations
@@ -36,13 +47,15 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from edge_agent.config import ReceiverConfig
 from edge_agent.evidence.manifest import ManifestError, canonical_json, key_id_of, load_public_key, verify_signature
-from edge_agent.platform.receiver.store import ChunkStore
+from edge_agent.platform.receiver.fair import FairQueue
+from edge_agent.platform.receiver.store import ChunkStore, Limits
 from edge_agent.protocol.connection import Connection, build_client
 from edge_agent.protocol.wire import (
     ACK_RECEIVING,
     ACK_REJECTED,
     HEADER_LENGTH,
     MAX_HEADER_BYTES,
+    REASON_BUSY,
     Ack,
     FileTopic,
     WireError,
@@ -59,6 +72,15 @@ log = logging.getLogger(__name__)
 
 NO_MANIFEST = "no manifest for this file: send the manifest first"
 Key = tuple[str, str]   # (agent id, file id)
+PARK_WAIT_S = 1.0                  # how long an orphan chunk waits for its manifest (shared subscription only)
+PARK_AGENT_BYTES = 32 * 1024**2    # orphan chunks' bytes kept per agent
+PARK_MAX_BYTES = 128 * 1024**2     # and in all
+PARK_POLL_S = 0.02                 # how often parked chunks look for their manifest
+SWEEP_INTERVAL_S = 3600.0
+INBOUND_AGENT_MESSAGES = 256        # messages queued per agent (fair queue, taken round-robin)
+INBOUND_AGENT_BYTES = 64 * 1024**2  # and their bytes
+INBOUND_TOTAL_BYTES = 256 * 1024**2  # in all: beyond, paho waits (backpressure to the broker)
+Parked = tuple[float, str, bytes, "str | None"]   # (deadline, topic, payload, data sha256)
 
 
 class KeyRing:
@@ -108,7 +130,11 @@ class Receiver:
         rc = config.receiver
         self.config = config
         self.root = config.mqtt.root
-        self.store = ChunkStore(rc.store_dir, sole_writer=not rc.shared_subscription)
+        self.store = ChunkStore(rc.store_dir, sole_writer=not rc.shared_subscription, limits=Limits(
+            max_open_transfers=rc.max_open_transfers_per_agent,
+            max_reserved_bytes=int(rc.max_reserved_gb_per_agent * 1024**3),
+            min_free_bytes=int(rc.min_free_gb * 1024**3)))
+        self.expiry_s = rc.incoming_expiry_days * 86400
         self.keys = KeyRing(rc.keys_dir)
         self.max_chunk = rc.max_chunk_kib * 1024
         self.max_file = int(rc.max_file_gb * 1024**3)
@@ -122,8 +148,10 @@ class Receiver:
         self.client.on_message = self._on_message
         self.connection = Connection(self.client, config.mqtt, session_expiry_s=rc.session_expiry_s,
                                      on_up=lambda client: client.subscribe(self.topic_filter, qos=1))
-        self._inbound: queue.Queue[tuple[int, mqtt.MQTTMessage]] = queue.Queue(maxsize=16)
-        self._queue: queue.Queue[tuple[int, mqtt.MQTTMessage, str | None]] = queue.Queue(maxsize=48)
+        self._inbound = FairQueue(agent_messages=INBOUND_AGENT_MESSAGES, agent_bytes=INBOUND_AGENT_BYTES,
+                                  total_bytes=INBOUND_TOTAL_BYTES)
+        self._refused: dict[str, float] = {}   # agent -> when its refusal was last logged (the paho thread's)
+        self._queue: queue.Queue[tuple[int, mqtt.MQTTMessage, str | None]] = queue.Queue(maxsize=4)
         self._manifests: OrderedDict[Key, dict] = OrderedDict()
         self._unacked: dict[Key, list[float]] = {}      # chunks written since the last ack, and since when
         self._repeats: dict[Key, tuple[str, float]] = {}
@@ -134,6 +162,10 @@ class Receiver:
         self._due: dict[Key, dict] = {}                 # files to ack after the next sync
         self._due_cond = threading.Condition()
         self._syncer = threading.Thread(target=self._sync_loop, name="receiver-syncer", daemon=True)
+        self._sweeper = threading.Thread(target=self._sweep_loop, name="receiver-sweeper", daemon=True)
+        self._parked: OrderedDict[Key, list[Parked]] = OrderedDict()   # the worker's only
+        self._parked_poll = 0.0
+        self._parked_bytes: dict[str, int] = {}   # per agent
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -141,6 +173,7 @@ class Receiver:
         self._checker.start()
         self._worker.start()
         self._syncer.start()
+        self._sweeper.start()
         self.connection.start("receiver-connection")
         log.info("receiver started client_id=%s subscription=%s store=%s", self.config.receiver.client_id,
                  self.topic_filter, self.store.root)
@@ -152,6 +185,7 @@ class Receiver:
         with self._due_cond:
             self._due_cond.notify_all()
         self._syncer.join(timeout=30)
+        self._sweeper.join(timeout=30)
         self.connection.stop()
         self.store.close()
 
@@ -169,7 +203,20 @@ class Receiver:
     # -- the message pipeline ------------------------------------------------------------------
 
     def _on_message(self, _client: mqtt.Client, _userdata: object, message: mqtt.MQTTMessage) -> None:
-        self._put(self._inbound, (self.connection.generation, message))
+        agent = message.topic[len(self.root) + 1:].split("/", 1)[0]
+        if self._inbound.put(agent, (self.connection.generation, message), len(message.payload), self._stop):
+            return
+        if self._stop.is_set():
+            return   # not PUBACKed: the broker sends it again
+        # Over its agent's share: dropped, PUBACKed (no ack named it: the agent sends it again when asked).
+        now = time.monotonic()
+        if now - self._refused.get(agent, -60.0) >= 10.0:
+            if len(self._refused) > 10_000:
+                self._refused.clear()
+            self._refused[agent] = now
+            log.warning("event=agent_flooding agent=%r: messages beyond its share of the receiver's queue are "
+                        "dropped (the agent sends them again); find out why it sends so much", agent[:64])
+        self._puback(self.connection.generation, message)
 
     def _put(self, into: queue.Queue, item: tuple) -> None:
         """Queue for the next thread; blocks while it is full (backpressure up to the broker). A message dropped
@@ -183,10 +230,10 @@ class Receiver:
 
     def _check(self) -> None:
         while not self._stop.is_set():
-            try:
-                generation, message = self._inbound.get(timeout=0.1)
-            except queue.Empty:
+            item = self._inbound.get(timeout=0.1)
+            if item is None:
                 continue
+            generation, message = item
             data_sha256 = None
             if message.topic.endswith("/chunk") and len(message.payload) <= self.max_message:
                 data_sha256 = chunk_data_sha256(message.payload)
@@ -195,22 +242,68 @@ class Receiver:
     def _work(self) -> None:
         while not self._stop.is_set():
             try:
-                generation, message, data_sha256 = self._queue.get(timeout=0.05)
+                generation, message, data_sha256 = self._queue.get(timeout=PARK_POLL_S if self._parked else 0.05)
             except queue.Empty:
+                self._retry_parked()
                 self._flush_due()
                 continue
-            try:
-                self.handle(message.topic, message.payload, data_sha256=data_sha256)
-            except Exception:
-                # Never let one message stop the receiver; unanswered, the agent asks again (query).
-                log.exception("message not handled topic=%s bytes=%d", message.topic, len(message.payload))
-            # A PUBACK of an earlier connection could name another message of the new one.
-            if message.qos > 0 and generation == self.connection.generation:
-                try:
-                    self.client.ack(message.mid, message.qos)
-                except OSError as exc:   # the connection went while we worked: the broker sends it again
-                    log.info("puback not sent mid=%s: %s", message.mid, exc)
+            if not self._park(message, data_sha256):
+                self._handle(message.topic, message.payload, data_sha256)
+            self._puback(generation, message)
+            self._retry_parked()
             self._flush_due()
+
+    def _handle(self, topic: str, payload: bytes, data_sha256: str | None) -> None:
+        try:
+            self.handle(topic, payload, data_sha256=data_sha256)
+        except Exception:
+            # Never let one message stop the receiver; unanswered, the agent asks again (query).
+            log.exception("message not handled topic=%s bytes=%d", topic, len(payload))
+
+    def _puback(self, generation: int, message: mqtt.MQTTMessage) -> None:
+        # A PUBACK of an earlier connection could name another message of the new one.
+        if message.qos > 0 and generation == self.connection.generation:
+            try:
+                self.client.ack(message.mid, message.qos)
+            except OSError as exc:   # the connection went while we worked: the broker sends it again
+                log.info("puback not sent mid=%s: %s", message.mid, exc)
+
+    def _park(self, message: mqtt.MQTTMessage, data_sha256: str | None) -> bool:
+        """Behind a shared subscription, keep a chunk whose manifest is not in the store yet for the worker to
+        retry (True), within the caps; anything else is handled now (False)."""
+        if not self.shared or not message.topic.endswith("/chunk"):
+            return False
+        try:
+            ft = parse_file_topic(self.root, message.topic)
+        except WireError:
+            return False
+        key, size = (ft.agent_id, ft.file_id), len(message.payload)
+        if (self._parked_bytes.get(ft.agent_id, 0) + size > PARK_AGENT_BYTES
+                or sum(self._parked_bytes.values()) + size > PARK_MAX_BYTES):
+            return False
+        if key not in self._parked and (self._manifest(key) is not None or self.store.settled(*key) is not None):
+            return False
+        self._parked.setdefault(key, []).append((time.monotonic() + PARK_WAIT_S, message.topic, message.payload,
+                                                 data_sha256))
+        self._parked_bytes[ft.agent_id] = self._parked_bytes.get(ft.agent_id, 0) + size
+        return True
+
+    def _retry_parked(self) -> None:
+        """Handle the parked chunks whose manifest came (or whose wait is over: NO_MANIFEST), at most every
+        PARK_POLL_S: a read of each one's manifest file, never a wait."""
+        now = time.monotonic()
+        if not self._parked or now < self._parked_poll:
+            return
+        self._parked_poll = now + PARK_POLL_S
+        for key, items in list(self._parked.items()):
+            if items[0][0] > now and self._manifest(key) is None:
+                continue
+            del self._parked[key]
+            left = self._parked_bytes.pop(key[0], 0) - sum(len(item[2]) for item in items)
+            if left > 0:
+                self._parked_bytes[key[0]] = left
+            for _deadline, topic, payload, data_sha256 in items:
+                self._handle(topic, payload, data_sha256)
 
     def handle(self, topic: str, payload: bytes, *, data_sha256: str | None = None) -> None:
         """Handle one message from `files/#`. Never raises for bad input: it is logged and answered.
@@ -258,14 +351,14 @@ class Receiver:
             return
         ack = self.store.accept_manifest(ft.agent_id, ft.file_id, canonical_json(doc), doc)
         key = (ft.agent_id, ft.file_id)
-        if ack.state == ACK_RECEIVING:
+        if ack.state == ACK_RECEIVING and ack.reason != REASON_BUSY:
             self._remember(key, doc)
         else:
             self._send(ft.agent_id, ack)
 
     def _on_chunk(self, ft: FileTopic, payload: bytes, data_sha256: str | None) -> None:
         key = (ft.agent_id, ft.file_id)
-        doc = self._manifest(key, wait=self.shared)
+        doc = self._manifest(key)
         if doc is None:
             settled = self.store.settled(*key)
             if settled is None:
@@ -304,7 +397,7 @@ class Receiver:
             log.warning("query with a malformed body answered anyway agent=%s file=%s reason=%s",
                         ft.agent_id, ft.file_id, exc)
         key = (ft.agent_id, ft.file_id)
-        doc = self._manifest(key, wait=False)
+        doc = self._manifest(key)
         if doc is not None:
             self._ack_progress(key, doc)
             return
@@ -340,11 +433,26 @@ class Receiver:
             except Exception:
                 log.exception("acks not sent for %d file(s); they are asked again by the agents", len(due))
 
+    def _sweep_loop(self) -> None:
+        """Expire abandoned transfers at start and every SWEEP_INTERVAL_S (or a tenth of the expiry age)."""
+        interval = min(SWEEP_INTERVAL_S, self.expiry_s / 10)
+        while True:
+            try:
+                for agent, file_id, idle_s in self.store.expire(self.expiry_s):
+                    log.warning("event=incoming_expired agent=%s file=%s idle_days=%.1f: the transfer was "
+                                "dropped; the agent sends the file again if it still has it", agent, file_id,
+                                idle_s / 86400)
+            except OSError as exc:
+                log.error("expiry of abandoned transfers failed store=%s error=%s: check the store's disk",
+                          self.store.root, exc)
+            if self._stop.wait(interval):
+                return
+
     def _flush_due(self) -> None:
         now = time.monotonic()
         for key, (_count, since) in list(self._unacked.items()):
             if now - since >= self.ack_interval_s:
-                doc = self._manifest(key, wait=False)
+                doc = self._manifest(key)
                 if doc is None:
                     self._unacked.pop(key, None)
                 else:
@@ -356,7 +464,7 @@ class Receiver:
         chunk. Only the whole file's SHA-256 against the signed manifest can reject a transfer."""
         key = (ft.agent_id, ft.file_id)
         log.warning("chunk refused agent=%s file=%s reason=%s", ft.agent_id, ft.file_id, reason)
-        doc = doc if doc is not None else self._manifest(key, wait=False)
+        doc = doc if doc is not None else self._manifest(key)
         settled = self.store.settled(*key)
         if settled is not None or doc is None:
             self._send(ft.agent_id, settled or Ack(ft.file_id, ACK_RECEIVING, [], None, NO_MANIFEST), repeat=True)
@@ -391,20 +499,14 @@ class Receiver:
 
     # -- the manifest cache --------------------------------------------------------------------
 
-    def _manifest(self, key: Key, *, wait: bool) -> dict | None:
+    def _manifest(self, key: Key) -> dict | None:
+        """The verified manifest of a transfer in progress (cached), or None: never waits."""
         doc = self._manifests.get(key)
-        if doc is not None:
-            return doc
-        # Behind a shared subscription the manifest may be with another receiver still: wait briefly.
-        deadline = time.monotonic() + (1.0 if wait else 0.0)
-        while True:
+        if doc is None:
             doc = self.store.manifest(*key)
             if doc is not None:
                 self._remember(key, doc)
-                return doc
-            if time.monotonic() >= deadline or self.store.settled(*key) is not None:
-                return None
-            time.sleep(0.02)
+        return doc
 
     def _remember(self, key: Key, doc: dict) -> None:
         self._manifests[key] = doc

@@ -15,6 +15,12 @@ Layout under `store_dir`:
                                                         accept a manifest, commit or reject
 
 Any receiver can continue another's transfer: all state that matters is here.
+The commit is resumable at every step: the verified `data` is hard-linked
+into objects/ (it stays in incoming/ until the end), the manifest copy is
+written, then the index (the commit point), and only then is incoming/
+removed. A crash after any step leaves a state the next manifest, query or
+commit finishes; `COMMIT_STEPS` names them, and `EDGE_AGENT_RECEIVER_CRASH_AT`
+set to one makes the process kill itself there (fault-injection tests only).
 A transfer's data file is made durable (fdatasync) before an ack names its
 chunks; a record lost in a crash only means its chunk is asked for again.
 The bytes are written once and renamed into objects/ at commit. The
@@ -38,6 +44,7 @@ import os
 import queue
 import re
 import shutil
+import signal
 import threading
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator
@@ -47,13 +54,43 @@ from pathlib import Path
 from typing import Any
 
 from edge_agent.clock import now_ms
-from edge_agent.durable import atomic_write, fsync_dir
-from edge_agent.protocol.wire import ACK_COMPLETE, ACK_RECEIVING, ACK_REJECTED, Ack, chunk_count, to_ranges
+from edge_agent.digest import hash_file
+from edge_agent.durable import atomic_write, fsync_dir, make_dirs
+from edge_agent.protocol.wire import (
+    ACK_COMPLETE,
+    ACK_RECEIVING,
+    ACK_REJECTED,
+    REASON_BUSY,
+    Ack,
+    chunk_count,
+    to_ranges,
+)
 
 log = logging.getLogger(__name__)
 RECORD = re.compile(rb"^(\d{8}) ([0-9a-f]{64})$", re.M)
 MAX_TRANSFERS_KNOWN = 4096
 MAX_TRANSFERS_OPEN = 32   # transfers whose files a sole writer keeps open between chunks
+CRASH_AT_ENV = "EDGE_AGENT_RECEIVER_CRASH_AT"
+COMMIT_STEPS = ("data_synced", "object_linked", "object_dir_synced", "manifest_copied", "index_written",
+                "incoming_removed")
+
+
+def _crash_point(step: str) -> None:
+    """Fault injection: SIGKILL this process after commit step `step` if `EDGE_AGENT_RECEIVER_CRASH_AT` names
+    it (unset in production: a dict lookup per step of a commit)."""
+    if os.environ.get(CRASH_AT_ENV) == step:
+        log.critical("fault injection: killing the receiver at commit step=%s", step)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one agent may hold open in incoming/ and the free space kept: a new transfer beyond them is
+    answered `receiving` with reason `busy` (the agent backs off and asks again; nothing is deleted)."""
+
+    max_open_transfers: int = 64
+    max_reserved_bytes: int = 256 * 1024**3
+    min_free_bytes: int = 5 * 1024**3
 
 
 @dataclass
@@ -105,11 +142,12 @@ class ChunkStore:
     receiver continues from the store), so the whole-file hash of chunks this process wrote in order can be
     trusted at commit without reading them back, and a transfer's files can stay open between its chunks."""
 
-    def __init__(self, root: Path, *, sole_writer: bool = False):
+    def __init__(self, root: Path, *, sole_writer: bool = False, limits: Limits | None = None):
         self.root = Path(root)
         self.sole_writer = sole_writer
+        self.limits = limits
         for sub in ("objects", "index", "rejected", "incoming", "locks"):
-            (self.root / sub).mkdir(parents=True, exist_ok=True)
+            make_dirs(self.root / sub)
         self._known: OrderedDict[tuple[str, str], _Known] = OrderedDict()
         self._known_lock = threading.Lock()
         self._open: OrderedDict[tuple[str, str], _Files] = OrderedDict()   # used by the thread adding chunks
@@ -167,17 +205,27 @@ class ChunkStore:
         try:
             return os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         except FileNotFoundError:   # the agent's first file
-            path.parent.mkdir(parents=True, exist_ok=True)
+            make_dirs(path.parent)
             return os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
 
     @contextmanager
     def _lock(self, agent: str, file_id: str, exclusive: bool) -> Iterator[None]:
-        fd = self._open_lock(agent, file_id)
-        try:
+        while True:
+            fd = self._open_lock(agent, file_id)
             fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+            if self._lock_is_current(agent, file_id, fd):
+                break
+            os.close(fd)   # an expired lock file, unlinked while we waited for it: lock the new one
+        try:
             yield
         finally:
             os.close(fd)   # closing releases the lock
+
+    def _lock_is_current(self, agent: str, file_id: str, fd: int) -> bool:
+        try:
+            return os.stat(self.root / "locks" / agent / f"{file_id}.lock").st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            return False
 
     # -- reading state -----------------------------------------------------------------------------
 
@@ -292,6 +340,9 @@ class ChunkStore:
         with self._lock(agent, file_id, exclusive=True):
             stored = self.stored(agent, file_id)
             if stored is not None:
+                if self.incoming(agent, file_id).exists():   # a commit killed after its index: tidy up
+                    shutil.rmtree(self.incoming(agent, file_id), ignore_errors=True)
+                    fsync_dir(self.incoming(agent, file_id).parent)
                 if stored["sha256"] == doc["sha256"]:
                     return Ack(file_id, ACK_COMPLETE, [], stored["sha256"])
                 return Ack(file_id, ACK_REJECTED, [], None,
@@ -304,18 +355,67 @@ class ChunkStore:
             except FileNotFoundError:
                 same = False
             if not same:
+                busy = self._busy(agent, int(doc["size"]))
+                if busy is not None:
+                    log.warning("transfer deferred agent=%s file=%s reason=%s size=%d detail=%r", agent, file_id,
+                                REASON_BUSY, doc["size"], busy)
+                    return Ack(file_id, ACK_RECEIVING, [], None, REASON_BUSY)
                 shutil.rmtree(incoming, ignore_errors=True)   # chunks of another manifest are not this file's
                 self._forget(agent, file_id)
-                incoming.mkdir(parents=True)
-                fd = os.open(incoming / "data", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-                try:
-                    os.ftruncate(fd, doc["size"])   # sparse: chunks fill it in any order
-                finally:
-                    os.close(fd)
+                make_dirs(incoming)
+                self._fresh_data(incoming, doc["size"])
                 atomic_write(current, canonical)   # makes `data` and `manifest.json` durable in `incoming`
-                fsync_dir(incoming.parent)         # and `incoming` itself: acks rely on fdatasync of `data` only
-                fsync_dir(incoming.parent.parent)
             return self._progress_locked(agent, file_id, doc)
+
+    @staticmethod
+    def _fresh_data(incoming: Path, size: int) -> None:
+        """An empty, sparse data file of `size` bytes: chunks fill it in any order (synced with its directory
+        by the caller's next atomic_write, or here)."""
+        fd = os.open(incoming / "data", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            os.ftruncate(fd, size)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        fsync_dir(incoming)
+
+    def open_transfers(self, agent: str) -> tuple[int, int]:
+        """How many transfers `agent` has in incoming/ and the bytes their data files reserve."""
+        count = reserved = 0
+        try:
+            entries = list(os.scandir(self.root / "incoming" / agent))
+        except FileNotFoundError:
+            return 0, 0
+        for entry in entries:
+            if not entry.is_dir(follow_symlinks=False):
+                continue
+            count += 1
+            try:
+                reserved += os.stat(os.path.join(entry.path, "data")).st_size
+            except FileNotFoundError:
+                continue
+        return count, reserved
+
+    def free_bytes(self) -> int:
+        stat = os.statvfs(self.root)
+        return stat.f_bavail * stat.f_frsize
+
+    def _busy(self, agent: str, size: int) -> str | None:
+        """Why a new transfer of `size` bytes from `agent` must wait, or None (no limits: never)."""
+        limits = self.limits
+        if limits is None:
+            return None
+        count, reserved = self.open_transfers(agent)
+        if count >= limits.max_open_transfers:
+            return f"{count} transfers open, receiver.max_open_transfers_per_agent is {limits.max_open_transfers}"
+        if reserved + size > limits.max_reserved_bytes:
+            return (f"{reserved} bytes reserved by open transfers, this file needs {size} more: "
+                    f"receiver.max_reserved_gb_per_agent is {limits.max_reserved_bytes / 1024**3:g}")
+        free = self.free_bytes()
+        if free - size < limits.min_free_bytes:
+            return (f"{free} bytes free on the store, this file needs {size}: receiver.min_free_gb keeps "
+                    f"{limits.min_free_bytes / 1024**3:g} GiB free; free space on {self.root}")
+        return None
 
     def put_chunk(self, agent: str, file_id: str, seq: int, offset: int, data: bytes | memoryview,
                   sha256: str) -> bool:
@@ -423,6 +523,8 @@ class ChunkStore:
     def _commit(self, agent: str, file_id: str, doc: dict[str, Any], total: int) -> Ack:
         """Check every chunk and the whole file's SHA-256, then store it content-addressed (lock held)."""
         incoming = self.incoming(agent, file_id)
+        if not (incoming / "data").exists():
+            return self._commit_without_data(agent, file_id, doc)
         sha256, chunk_size = doc["sha256"], doc["chunk_size"]
         with self._known_lock:
             known = self._known.get((agent, file_id))
@@ -442,6 +544,7 @@ class ChunkStore:
             os.fsync(fd)
         finally:
             os.close(fd)
+        _crash_point("data_synced")
         if lost:
             kept = set(records) - set(lost)
             atomic_write(incoming / "chunks", b"".join(b"%08d %s\n" % (seq, records[seq]) for seq in sorted(kept)))
@@ -457,23 +560,98 @@ class ChunkStore:
             return self._reject_locked(agent, file_id, (
                 f"the assembled file has SHA-256 {digest.hexdigest()}, the manifest says {sha256}: "
                 "its bytes were altered after sealing or in transit"))
+        self._link_object(incoming / "data", sha256)
+        return self._record_stored(agent, file_id, doc)
+
+    def _link_object(self, data: Path, sha256: str) -> None:
+        """Hard-link verified bytes into objects/ (they stay in incoming/ until the index is written). The
+        same bytes stored already are kept (G3: one copy), unless they no longer hash to their name."""
         target = self.object_path(sha256)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if target.exists():
-            self._unlink(incoming / "data")   # the same bytes are stored already (G3: one copy)
-        else:
-            os.chmod(incoming / "data", 0o444)
-            os.replace(incoming / "data", target)
+        make_dirs(target.parent)
+        os.chmod(data, 0o444)
+        try:
+            os.link(data, target)
+        except FileExistsError:
+            if not os.path.samefile(data, target) and not self.object_intact(sha256):
+                log.error("object replaced sha256=%s reason=its bytes no longer hash to its name", sha256)
+                spare = target.with_name(f".{sha256}.tmp-{os.getpid()}")
+                self._unlink(spare)
+                os.link(data, spare)
+                os.replace(spare, target)
+        _crash_point("object_linked")
         fsync_dir(target.parent)
+        _crash_point("object_dir_synced")
+
+    def _record_stored(self, agent: str, file_id: str, doc: dict[str, Any]) -> Ack:
+        """The object is durable: the manifest copy beside it, the index (the commit point), then incoming/
+        goes. Each step may be redone after a crash."""
+        incoming, sha256 = self.incoming(agent, file_id), doc["sha256"]
         manifest = (incoming / "manifest.json").read_bytes()
         atomic_write(self.manifest_path(sha256, agent, file_id), manifest, mode=0o444)
-        atomic_write(self._index(agent, file_id), json.dumps(
+        _crash_point("manifest_copied")
+        index = self._index(agent, file_id)
+        make_dirs(index.parent)
+        atomic_write(index, json.dumps(
             {"agent_id": agent, "file_id": file_id, "sha256": sha256, "size": doc["size"], "stored_ms": now_ms(),
-             "object": str(target.relative_to(self.root))}).encode(), mode=0o444)
+             "object": str(self.object_path(sha256).relative_to(self.root))}).encode(), mode=0o444)
+        _crash_point("index_written")
         shutil.rmtree(incoming, ignore_errors=True)
+        fsync_dir(incoming.parent)
+        _crash_point("incoming_removed")
         self._forget(agent, file_id)
         log.info("stored agent=%s file=%s size=%d sha256=%s", agent, file_id, doc["size"], sha256)
         return Ack(file_id, ACK_COMPLETE, [], sha256)
+
+    def _commit_without_data(self, agent: str, file_id: str, doc: dict[str, Any]) -> Ack:
+        """Every chunk recorded but no `data`: a receiver before this one moved it into objects/ and died before
+        the index. The object, if it hashes right, is the file: finish the commit. Else start over."""
+        if self.object_intact(doc["sha256"]):
+            log.warning("commit resumed agent=%s file=%s: the object was stored, its index was not", agent, file_id)
+            return self._record_stored(agent, file_id, doc)
+        incoming = self.incoming(agent, file_id)
+        self._unlink(incoming / "chunks")
+        self._fresh_data(incoming, doc["size"])
+        self._forget(agent, file_id)
+        log.warning("transfer restarted agent=%s file=%s: its bytes were lost in a crash during its commit",
+                    agent, file_id)
+        return Ack(file_id, ACK_RECEIVING, [])
+
+    def object_intact(self, sha256: str) -> bool:
+        """The object named `sha256` exists and its bytes hash to that name (read in full)."""
+        try:
+            return hash_file(self.object_path(sha256))[0] == sha256
+        except FileNotFoundError:
+            return False
+
+    def expire(self, max_age_s: float) -> list[tuple[str, str, float]]:
+        """Drop transfers nothing touched for `max_age_s` (their agent sends the file again if it still has it),
+        and lock files of settled transfers as old. Returns (agent, file id, idle seconds) of each transfer."""
+        expired = []
+        for agent_dir in subdirs(self.root / "incoming"):
+            for transfer in subdirs(agent_dir):
+                agent, file_id = agent_dir.name, transfer.name
+                with self._lock(agent, file_id, exclusive=True):
+                    idle = _idle_s(transfer)
+                    if idle is None or idle < max_age_s:
+                        continue
+                    shutil.rmtree(transfer, ignore_errors=True)
+                    fsync_dir(agent_dir)
+                    self._forget(agent, file_id)
+                expired.append((agent, file_id, idle))
+        for agent_dir in subdirs(self.root / "locks"):
+            for lock in agent_dir.glob("*.lock"):
+                self._expire_lock(agent_dir.name, lock.name[:-len(".lock")], max_age_s)
+        return expired
+
+    def _expire_lock(self, agent: str, file_id: str, max_age_s: float) -> None:
+        """Unlink an old lock file of a transfer no longer in incoming/, holding it (`_lock` then sees the
+        inode is gone and locks the new file)."""
+        with self._lock(agent, file_id, exclusive=True):
+            path = self.root / "locks" / agent / f"{file_id}.lock"
+            idle = _idle_s(path)
+            if idle is not None and idle >= max_age_s and not self.incoming(agent, file_id).exists():
+                self._unlink(path)
+                self._forget(agent, file_id)
 
     @staticmethod
     def _unlink(path: Path) -> None:
@@ -482,3 +660,23 @@ class ChunkStore:
         except OSError as exc:
             if exc.errno != errno.ENOENT:
                 raise
+
+
+
+def subdirs(path: Path) -> list[Path]:
+    """The directories in `path` (none if it does not exist), sorted."""
+    try:
+        return sorted(Path(e.path) for e in os.scandir(path) if e.is_dir(follow_symlinks=False))
+    except FileNotFoundError:
+        return []
+
+
+def _idle_s(path: Path) -> float | None:
+    """Seconds since anything in `path` (a file, or a directory and the files in it) was last changed."""
+    try:
+        newest = path.stat().st_mtime
+        if path.is_dir():
+            newest = max([newest, *(p.stat().st_mtime for p in path.iterdir())])
+    except FileNotFoundError:
+        return None
+    return max(0.0, now_ms() / 1000 - newest)
