@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sqlite3
 import subprocess
 import time
 from collections.abc import Iterator
@@ -228,3 +229,22 @@ def test_a_file_that_cannot_be_collected_is_an_alarm_and_the_recorder_is_never_d
         wait_for(retried_twice, what="retried at the rescans")
         (slot,) = wait_for(lambda: [s for s in agent.docks.slots() if s.state is SlotState.ERROR], what="slot error")
         assert "not collected" in (slot.last_error or "") and SlotState.DONE not in seen
+
+
+def test_the_source_identity_holds_twins_by_fingerprint_and_stays_unique_without_one(tmp_path: Path) -> None:
+    catalog = Catalog(tmp_path / "catalog.sqlite")
+    same = {"kind": "recorder", "device_id": "dev1", "original_path": CLIP, "source_path": None,
+            "source_size": 10, "source_mtime_ns": 1}
+    a, created_a = catalog.discover(**same, source_fingerprint="10:aa")
+    b, created_b = catalog.discover(**same, source_fingerprint="10:bb")     # the twin: its own row
+    again, created_again = catalog.discover(**same, source_fingerprint="10:aa")
+    assert created_a and created_b and not created_again and again.file_id == a.file_id != b.file_id
+    plain, _ = catalog.discover(**same)                                     # without a fingerprint: unique as before
+    assert catalog.discover(**same) == (plain, False)
+    with pytest.raises(sqlite3.IntegrityError), catalog.transaction() as conn:
+        conn.execute("INSERT INTO files (file_id, state, kind, device_id, original_path, source_size,"
+                     " source_mtime_ns, created_ms, updated_ms) VALUES ('x', 'discovered', 'recorder', 'dev1', ?,"
+                     " 10, 1, 1, 1)", (CLIP,))
+    assert [r.file_id for r in catalog.files.with_fingerprint("dev1", "10:bb")] == [b.file_id]
+    assert {r.file_id for r in catalog.files.at_source("dev1", CLIP, 10, 1)} == {a.file_id, b.file_id, plain.file_id}
+    catalog.close()
