@@ -13,7 +13,6 @@ import hashlib
 import json
 import os
 import sqlite3
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,18 +22,9 @@ import pytest
 from edge_agent.catalog import Catalog
 from edge_agent.evidence.manifest import read_document, verify_signature
 from edge_agent.sources.docks import SlotState
+from tests import sync_support as sync
 from tests.evidence_support import offline_agent_config, running_agent, sha256_of, wait_states
-from tests.helpers import make_recorder_volume, wait_for
-from tests.sync_support import (
-    agent_proc,
-    agent_setup,
-    catalog_rows,
-    enrol,
-    receiver_logged,
-    receiver_proc,
-    receiver_setup,
-    states,
-)
+from tests.helpers import make_recorder_volume, unreadable, wait_for
 
 IDENTITY = {"DeviceID": "A123456", "PoliceID": "320102999", "SerialNo": "ZFY0500"}   # a ZFY-GA-2016's DEVICE.INI
 CLIP = "DCIM/100MEDIA/FILE0001.MP4"
@@ -118,35 +108,37 @@ def test_content_docked_again_before_its_ack_is_cleared_only_once_the_receiver_c
         tmp_path: Path, mosquitto) -> None:  # noqa: ANN001 - the broker fixture
     dock = tmp_path / "dock"
     dock.mkdir()
-    agent_toml, data_dir = agent_setup(tmp_path, mosquitto.port, dock_root=dock)
-    enrol(agent_toml, tmp_path / "enrolled")
+    agent_toml, data_dir = sync.agent_setup(tmp_path, mosquitto.port, dock_root=dock)
+    sync.enrol(agent_toml, tmp_path / "enrolled")
     volume = make_recorder_volume(dock / ".prep", "ZFY0502", {CLIP: 400_000}, identity=IDENTITY)
     original = sha256_of(volume / CLIP)
-    agent = agent_proc(tmp_path, agent_toml).start()              # no receiver yet: nothing is confirmed
+    agent = sync.agent_proc(tmp_path, agent_toml).start()              # no receiver yet: nothing is confirmed
     receiver = None
     try:
         os.rename(volume, dock / "ZFY0502")
-        wait_for(lambda: sum(states(data_dir).get(s, 0) for s in ("sealed", "sending")) == 1, 60,
+        wait_for(lambda: sum(sync.states(data_dir).get(s, 0) for s in ("sealed", "sending")) == 1, 60,
                  what="sealed, not synced")
         os.rename(dock / "ZFY0502", volume)                       # undocked unconfirmed, re-dated, docked again
-        wait_for(lambda: catalog_rows(data_dir, "SELECT 1 FROM sessions WHERE state = 'undocked'"), 30,
+        wait_for(lambda: sync.catalog_rows(data_dir, "SELECT 1 FROM sessions WHERE state = 'undocked'"), 30,
                  what="session undocked")
         later = time.time() - 5
         os.utime(volume / CLIP, (later, later))
         os.rename(volume, dock / "ZFY0502")
-        wait_for(lambda: len(catalog_rows(data_dir, "SELECT 1 FROM sessions WHERE manifest_sha256 IS NOT NULL"))
+        wait_for(lambda: len(sync.catalog_rows(data_dir, "SELECT 1 FROM sessions WHERE manifest_sha256 IS NOT NULL"))
                  == 2, 60, what="second session sealed")
-        assert (dock / "ZFY0502" / CLIP).exists() and len(catalog_rows(data_dir)) == 1   # not cleared, not twice
+        assert (dock / "ZFY0502" / CLIP).exists() and len(sync.catalog_rows(data_dir)) == 1   # not cleared, not twice
         store = tmp_path / "store"
-        receiver = receiver_proc(tmp_path, receiver_setup(tmp_path, mosquitto.port, store,
+        receiver = sync.receiver_proc(tmp_path, sync.receiver_setup(tmp_path, mosquitto.port, store,
                                                           tmp_path / "enrolled")).start()
-        wait_for(lambda: receiver_logged(tmp_path, "mqtt connected"), 20, what="receiver connected")
-        wait_for(lambda: states(data_dir).get("source_cleared") == 1, 120, what=f"cleared, have {states(data_dir)}")
+        wait_for(lambda: sync.receiver_logged(tmp_path, "mqtt connected"), 20, what="receiver connected")
+        wait_for(lambda: sync.states(data_dir).get("source_cleared") == 1, 120,
+                 what=f"cleared, have {sync.states(data_dir)}")
         assert not (dock / "ZFY0502" / CLIP).exists()
-        ((sha,),) = catalog_rows(data_dir, "SELECT sha256 FROM files")
+        ((sha,),) = sync.catalog_rows(data_dir, "SELECT sha256 FROM files")
         assert sha == original
-        assert catalog_rows(data_dir, "SELECT kind FROM alarms WHERE kind IN ('clear_refused', 'uncollected_files')"
-                                      " OR cleared_ms IS NULL AND kind != 'volume_refused_entries'") == []
+        assert sync.catalog_rows(data_dir, "SELECT kind FROM alarms WHERE kind IN ('clear_refused',"
+                                           " 'uncollected_files') OR cleared_ms IS NULL"
+                                           " AND kind != 'volume_refused_entries'") == []
     finally:
         assert agent.stop() == 0
         if receiver is not None:
@@ -189,19 +181,12 @@ def test_photo_audio_and_gps_are_collected_recordings_first_and_system_files_lis
 
 @pytest.fixture
 def unreadable_recorder(tmp_path: Path) -> Iterator[Path]:
-    """A recorder volume with one file whose open fails (EACCES, even for root): a write-only procfs file
-    bind-mounted over it."""
+    """A recorder volume with one file whose open fails (EACCES, even for root)."""
     volume = make_recorder_volume(tmp_path / "dock", "ZFY0504", {
         "DCIM/100MEDIA/A123456_320102123_20261122080102.MP4": 50_000,
         "PHOTO/A123456_320102123_20261122080500.JPG": b"placeholder"}, identity=IDENTITY)
-    target = volume / "PHOTO/A123456_320102123_20261122080500.JPG"
-    subprocess.run(["mount", "--bind", "/proc/sys/vm/drop_caches", str(target)], check=True)
-    try:
-        with pytest.raises(PermissionError):
-            open(target, "rb").close()
+    with unreadable(volume / "PHOTO/A123456_320102123_20261122080500.JPG"):
         yield volume
-    finally:
-        subprocess.run(["umount", "-l", str(target)], check=True)
 
 
 def test_a_file_that_cannot_be_collected_is_an_alarm_and_the_recorder_is_never_done(
