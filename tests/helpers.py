@@ -98,3 +98,23 @@ def tmpfs(path: Path, size: str) -> Iterator[Path]:
         yield path
     finally:
         subprocess.run(["umount", "-l", str(path)], check=True)
+
+
+@contextmanager
+def unreadable(target: Path) -> Iterator[Path]:
+    """`target` (a file) made unreadable even for root while the context lasts.
+
+    Tests run as root, so chmod 000 reads fine. /proc/sys/vm/drop_caches is a write-only kernel file
+    (open for reading fails with EACCES, also for root); bind-mounted over a file on the volume it is
+    an unreadable regular file, as a bad sector or a locked file would be.
+    """
+    subprocess.run(["mount", "--bind", "/proc/sys/vm/drop_caches", str(target)], check=True)
+    try:
+        try:
+            open(target, "rb").close()
+        except PermissionError:
+            yield target
+        else:
+            raise AssertionError(f"{target} is still readable after the bind mount")
+    finally:
+        subprocess.run(["umount", "-l", str(target)], check=True)

@@ -16,7 +16,7 @@ from edge_agent.catalog import State
 from edge_agent.evidence.manifest import read_document
 from edge_agent.sources.recorders import check_relative
 from tests.evidence_support import offline_agent_config, running_agent, sha256_of, wait_states
-from tests.helpers import make_recorder_volume, wait_for
+from tests.helpers import make_recorder_volume, unreadable, wait_for
 
 
 def directory_dock(tmp_path: Path, **dock: object):
@@ -108,23 +108,12 @@ def test_zero_byte_file_is_ingested_and_reported_as_a_fault(tmp_path: Path) -> N
 
 @pytest.fixture
 def unreadable_file(tmp_path: Path) -> Iterator[Path]:
-    """A regular file that even root cannot read.
-
-    Tests run as root, so chmod 000 reads fine. /proc/sys/vm/drop_caches is a write-only kernel file
-    (open for reading fails with EACCES, also for root); bind-mounted over a file on the volume it is
-    an unreadable regular file, as a bad sector or a locked file would be.
-    """
+    """A regular file that even root cannot read (`tests.helpers.unreadable`)."""
     path = make_recorder_volume(tmp_path / "dock-sim", "DHA1B2C3D4",
                                 {"320105001-20261122101500-DHA1B2C3D4.mp4": b"placeholder",
                                  "320105001-20261122102000-DHA1B2C3D4.mp4": b"readable"})
-    target = path / "320105001-20261122101500-DHA1B2C3D4.mp4"
-    subprocess.run(["mount", "--bind", "/proc/sys/vm/drop_caches", str(target)], check=True)
-    try:
-        with pytest.raises(PermissionError):
-            open(target, "rb").close()
+    with unreadable(path / "320105001-20261122101500-DHA1B2C3D4.mp4"):
         yield path
-    finally:
-        subprocess.run(["umount", "-l", str(target)], check=True)
 
 
 def test_unreadable_file_raises_an_alarm_and_is_kept_for_retry(tmp_path: Path, unreadable_file: Path) -> None:

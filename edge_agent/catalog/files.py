@@ -16,7 +16,14 @@ from ulid import ULID
 
 from edge_agent.catalog import audit
 from edge_agent.catalog import states as state_sets
-from edge_agent.catalog.schema import FILES_SEND_ORDER, FILES_STORED_SIZE, FILES_SYNCED_MS, LANE_RECORDER
+from edge_agent.catalog.schema import (
+    FILES_FINGERPRINT,
+    FILES_SEND_ORDER,
+    FILES_STORED_SIZE,
+    FILES_SYNCED_MS,
+    LANE_RECORDER,
+    SOURCE_FINGERPRINT_KEY,
+)
 from edge_agent.catalog.states import STORED_FILES, State, state_in
 from edge_agent.clock import now_ms
 from edge_agent.protocol.canonical import canonical_json
@@ -90,6 +97,7 @@ class FileRecord:
     attempts: int
     last_error: str | None
     extras: str | None = None  # the source's own manifest keys, canonical JSON (see `source_extras`)
+    source_fingerprint: str | None = None  # a recorder file's `digest.fingerprint` at discovery
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> FileRecord:
@@ -142,12 +150,31 @@ class Files:
         rows = self._catalog.query("SELECT state FROM files WHERE file_id = ?", (file_id,))
         return State(rows[0][0]) if rows else None
 
-    def find_source(self, device_id: str, original_path: str, source_size: int,
-                    source_mtime_ns: int) -> FileRecord | None:
+    def find_source(self, device_id: str, original_path: str, source_size: int, source_mtime_ns: int,
+                    fingerprint: str | None = None) -> FileRecord | None:
+        """The row of this source identity: device, path, size, mtime and content fingerprint (None: a row
+        recorded without one, as camera segments and files found before fingerprints are)."""
         rows = self._catalog.query(
             "SELECT * FROM files WHERE device_id = ? AND original_path = ? AND source_size = ?"
-            " AND source_mtime_ns = ?", (device_id, original_path, source_size, source_mtime_ns))
+            f" AND source_mtime_ns = ? AND {SOURCE_FINGERPRINT_KEY} = ?",
+            (device_id, original_path, source_size, source_mtime_ns, fingerprint or ""))
         return FileRecord.from_row(rows[0]) if rows else None
+
+    def at_source(self, device_id: str, original_path: str, source_size: int,
+                  source_mtime_ns: int) -> list[FileRecord]:
+        """Every row with this device, path, size and mtime whatever its content (twins), newest first."""
+        rows = self._catalog.query(
+            "SELECT * FROM files WHERE device_id = ? AND original_path = ? AND source_size = ?"
+            " AND source_mtime_ns = ? ORDER BY created_ms DESC, file_id DESC",
+            (device_id, original_path, source_size, source_mtime_ns))
+        return [FileRecord.from_row(r) for r in rows]
+
+    def with_fingerprint(self, device_id: str, fingerprint: str) -> list[FileRecord]:
+        """The device's files whose content has this fingerprint (any path), oldest first."""
+        rows = self._catalog.query(
+            f"SELECT * FROM files INDEXED BY {FILES_FINGERPRINT} WHERE device_id = ? AND source_fingerprint = ?"
+            " ORDER BY created_ms, file_id", (device_id, fingerprint))
+        return [FileRecord.from_row(r) for r in rows]
 
     def discover(self, *, kind: str, device_id: str, original_path: str, source_path: str | None,
                  source_size: int, source_mtime_ns: int, dock: str | None = None, slot: int | None = None,
@@ -155,28 +182,32 @@ class Files:
                  officer_id: str | None = None, recorded_start_ms: int | None = None,
                  recorded_end_ms: int | None = None, clock_offset_ms: int | None = None,
                  lane: int = LANE_RECORDER, actor: str | None = None,
-                 extras: dict[str, Any] | None = None) -> tuple[FileRecord, bool]:
-        """Record a source file. Returns (record, created); a file seen before is not added twice.
-        `extras` (a JSON object: the source's own manifest keys) is stored as canonical JSON."""
+                 extras: dict[str, Any] | None = None,
+                 source_fingerprint: str | None = None) -> tuple[FileRecord, bool]:
+        """Record a source file. Returns (record, created); a file seen before (the same device, path, size,
+        mtime and `source_fingerprint`) is not added twice. `extras` (a JSON object: the source's own
+        manifest keys) is stored as canonical JSON."""
         if extras is not None and not isinstance(extras, dict):
             raise TypeError(f"extras must be a dict of manifest keys, got {type(extras).__name__}")
         extras_json = canonical_json(extras).decode("utf-8") if extras is not None else None
         with self._catalog.transaction() as conn:
-            existing = self.find_source(device_id, original_path, source_size, source_mtime_ns)
+            existing = self.find_source(device_id, original_path, source_size, source_mtime_ns, source_fingerprint)
             if existing is not None:
                 return existing, False
             file_id, ts = new_id(), now_ms()
             conn.execute(
                 "INSERT INTO files (file_id, state, kind, device_id, dock, slot, session_id, volume_label,"
                 " original_path, source_path, source_size, source_mtime_ns, officer_id, recorded_start_ms,"
-                " recorded_end_ms, clock_offset_ms, lane, retention, created_ms, updated_ms, attempts, extras)"
-                " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,0,?)",
+                " recorded_end_ms, clock_offset_ms, lane, retention, created_ms, updated_ms, attempts, extras,"
+                " source_fingerprint) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,0,?,?)",
                 (file_id, State.DISCOVERED, kind, device_id, dock, slot, session_id, volume_label,
                  original_path, source_path, source_size, source_mtime_ns, officer_id, recorded_start_ms,
-                 recorded_end_ms, clock_offset_ms, lane, "routine", ts, ts, extras_json),
+                 recorded_end_ms, clock_offset_ms, lane, "routine", ts, ts, extras_json, source_fingerprint),
             )
-            audit.append(conn, "file.discovered", subject=file_id, actor=actor,
-                         detail={"device_id": device_id, "path": original_path, "size": source_size})
+            detail = {"device_id": device_id, "path": original_path, "size": source_size}
+            if source_fingerprint is not None:
+                detail["fingerprint"] = source_fingerprint
+            audit.append(conn, "file.discovered", subject=file_id, actor=actor, detail=detail)
         return self.get(file_id), True
 
     def transition(self, file_id: str, to: State, *, expect: State | None = None, actor: str | None = None,

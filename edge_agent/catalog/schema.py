@@ -22,6 +22,10 @@ LANE_EVIDENCE, LANE_RECORDER, LANE_CAMERA = 0, 1, 2
 FILES_SEND_ORDER = "files_send_order"
 FILES_STORED_SIZE = "files_stored_size"
 FILES_SYNCED_MS = "idx_files_synced_ms"
+FILES_SOURCE_IDENTITY = "files_source_identity"
+FILES_FINGERPRINT = "files_source_fingerprint"
+# The fingerprint as the unique source identity holds it (queries must say it the same way to use the index).
+SOURCE_FINGERPRINT_KEY = "COALESCE(source_fingerprint, '')"
 
 TABLES: dict[str, str] = {
     "meta": "[key] TEXT PRIMARY KEY, [value] TEXT",
@@ -63,7 +67,8 @@ TABLES: dict[str, str] = {
 # name -> "table (columns)[ WHERE ...]"
 INDEXES: dict[str, str] = {
     "idx_files_state_lane_recorded_start_ms": "files (state, lane, recorded_start_ms)",
-    "files_source_identity": "files (device_id, original_path, source_size, source_mtime_ns)",
+    # Replaced by `_add_source_fingerprint` with one that includes the content fingerprint.
+    FILES_SOURCE_IDENTITY: "files (device_id, original_path, source_size, source_mtime_ns)",
     "idx_files_session_id": "files (session_id)",
     "idx_files_case_id": "files (case_id)",
     FILES_SYNCED_MS: "files (synced_ms)",  # retention's purge order
@@ -78,7 +83,9 @@ INDEXES: dict[str, str] = {
     "idx_documents_doc_id": "documents (doc_id)",
     "idx_outbox_sent_ms_id": "outbox (sent_ms, id)",
 }
-UNIQUE_INDEXES = frozenset({"files_source_identity"})  # a source file is recorded once
+UNIQUE_INDEXES = frozenset({FILES_SOURCE_IDENTITY})  # a source file is recorded once
+# Indexes made by a migration only (on a column the base schema does not have).
+MIGRATION_INDEXES = frozenset({FILES_FINGERPRINT})
 
 
 def _add_extras(conn: sqlite3.Connection) -> None:
@@ -94,8 +101,24 @@ def _add_command_ids(conn: sqlite3.Connection) -> None:
                  " seen_ms INTEGER NOT NULL)")
 
 
+def _add_source_fingerprint(conn: sqlite3.Connection) -> None:
+    """files.source_fingerprint: `<size>:<SHA-256 of the first and last MiB>` of a recorder file, taken at
+    discovery (`digest.fingerprint`); a recorder file is a new file unless its content is in the catalog.
+    The unique source identity gains the fingerprint, so a twin (same device, path, size and mtime, other
+    bytes: a recorder whose clock was reset) gets its own row; rows without one (camera segments, files
+    found before this migration) stay unique on the four columns as before. It keeps its name, so the base
+    schema's CREATE ... IF NOT EXISTS never brings the old four-column index back."""
+    if "source_fingerprint" not in {row[1] for row in conn.execute("PRAGMA table_info(files)")}:
+        conn.execute("ALTER TABLE files ADD COLUMN source_fingerprint TEXT")
+    conn.execute(f"DROP INDEX IF EXISTS [{FILES_SOURCE_IDENTITY}]")
+    conn.execute(f"CREATE UNIQUE INDEX [{FILES_SOURCE_IDENTITY}] ON files (device_id, original_path, source_size,"
+                 f" source_mtime_ns, {SOURCE_FINGERPRINT_KEY})")
+    conn.execute(f"CREATE INDEX IF NOT EXISTS [{FILES_FINGERPRINT}] ON files (device_id, source_fingerprint)"
+                 " WHERE source_fingerprint IS NOT NULL")
+
+
 # Applied in order, each once; never edit or reorder a released one, append a new one.
-MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_add_extras, _add_command_ids]
+MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_add_extras, _add_command_ids, _add_source_fingerprint]
 
 
 def create(conn: sqlite3.Connection) -> None:

@@ -95,12 +95,17 @@ def file_manifest(record: FileRecord, media: dict[str, Any], extras: Mapping[str
     return {**body, **extras}
 
 
-def session_manifest(session: Mapping[str, Any], files: Sequence[Mapping[str, Any]], tz: ZoneInfo) -> dict[str, Any]:
+def session_manifest(session: Mapping[str, Any], files: Sequence[Mapping[str, Any]], tz: ZoneInfo,
+                     volume_files: Sequence[Mapping[str, Any]] | None = None) -> dict[str, Any]:
     """The signed fields of a docking session's manifest: every file it brought that has been sealed (hash
     and size), and the original paths of the others. `files` are rows with file_id, original_path, sha256,
-    size and state."""
+    size and state. `volume_files` (a docked volume's inventory) lists every entry found on the volume by
+    `path` with its `status`: `collected` (file_id, sha256, size: its content is sealed, in this session or
+    an earlier one), `uncollected` (file_id, reason), `pending`, `excluded` (the model's `rule`) or `refused`
+    (`reason`); it is left out for sessions without one."""
     sealed = [r for r in files if r["sha256"] is not None and r["state"] not in ("discovered", "staged")]
-    return {
+    extra = {} if volume_files is None else {"volume_files": [dict(entry) for entry in volume_files]}
+    return {**extra,
         "session_id": session["session_id"], "dock": session["dock"], "slot": session["slot"],
         "device_id": session["device_id"], "serial": session["serial"], "model": session["model"],
         "officer_id": session["officer_id"],

@@ -107,13 +107,15 @@ class Sealer:
                 after(conn, digest)
         return doc
 
-    def seal_session(self, session_id: str) -> dict[str, Any] | None:
-        """Sign the batch manifest of one docking session: every file it brought, with hash and size."""
+    def seal_session(self, session_id: str,
+                     volume_files: list[dict[str, Any]] | None = None) -> dict[str, Any] | None:
+        """Sign the batch manifest of one docking session: every file it brought, with hash and size, and
+        (`volume_files`, from the dock's last pass) every file found on the volume, collected or not and why."""
         rows = self.catalog.sessions.files(session_id)
         session = self.catalog.sessions.get(session_id)
         if session is None:
             return None
-        body = session_manifest(session, rows, self.config.agent.zone)
+        body = session_manifest(session, rows, self.config.agent.zone, volume_files)
         path = self.layout.session_manifest_path(session_id)
 
         def record(_conn: Any, digest: str) -> None:

@@ -5,6 +5,10 @@ then by an identity file at its root, then by its model's file-name pattern;
 failing all, its files are still ingested as `unknown:<label>` and an alarm is
 raised. A volume's tree is never trusted: symlinks, `..`, absolute paths and
 control characters are refused and never followed out of the volume.
+
+Every regular file on a volume is evidence except what its model's table names
+as a system file (`exclude`, with the identity file): a model's `media_globs`
+order the copies (recordings first), they never filter them.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ class RecorderModel:
     identity_format: str = "ini"
     identity_keys: dict[str, str] = field(default_factory=dict)
     media_globs: tuple[str, ...] = ("**/*",)
+    exclude: tuple[str, ...] = ()   # system files (firmware, logs, indexes): never collected, always listed
 
 
 def load_models(path: Path | None = None) -> list[RecorderModel]:
@@ -65,6 +70,7 @@ def load_models(path: Path | None = None) -> list[RecorderModel]:
                 identity_format=entry.get("identity_format", "ini"),
                 identity_keys=dict(entry.get("identity_keys", {})),
                 media_globs=tuple(entry.get("media_globs", ["**/*"])),
+                exclude=tuple(str(pattern) for pattern in entry.get("exclude", [])),
             ))
         except KeyError as exc:
             problems.append(Problem(f"models[{i}].{exc.args[0]}", None, "required key is missing"))
@@ -103,6 +109,7 @@ class SourceFile:
     relative: str       # posix path relative to the volume root
     size: int
     mtime_ns: int
+    ctime_ns: int = 0   # changes with any rewrite, even one that keeps size and mtime
 
 
 @dataclass(frozen=True)
@@ -212,9 +219,8 @@ def check_relative(relative: str) -> str | None:
     return None
 
 
-def walk_volume(volume: Path, globs: tuple[str, ...] = ("**/*",),
-                skip: tuple[str, ...] = ()) -> Iterator[SourceFile | RefusedEntry]:
-    """Every regular file under `volume` matching `globs`, without following any symlink.
+def walk_volume(volume: Path) -> Iterator[SourceFile | RefusedEntry]:
+    """Every regular file under `volume`, without following any symlink.
 
     Entries that cannot be taken (symlinks, devices, unsafe names) come out as RefusedEntry.
     """
@@ -230,8 +236,6 @@ def walk_volume(volume: Path, globs: tuple[str, ...] = ("**/*",),
             continue
         for entry in entries:
             rel = (directory / entry.name).relative_to(root).as_posix()
-            if rel in skip:
-                continue
             problem = check_relative(rel)
             if problem:
                 yield RefusedEntry(rel, problem)
@@ -250,11 +254,31 @@ def walk_volume(volume: Path, globs: tuple[str, ...] = ("**/*",),
                     stack.append((directory / entry.name, depth + 1))
             elif not stat.S_ISREG(st.st_mode):
                 yield RefusedEntry(rel, "not a regular file (device, FIFO or socket)")
-            elif entry.name.startswith(".") or not _matches(rel, globs):
-                continue
             else:
                 yield SourceFile(path=directory / entry.name, relative=rel, size=st.st_size,
-                                 mtime_ns=st.st_mtime_ns)
+                                 mtime_ns=st.st_mtime_ns, ctime_ns=st.st_ctime_ns)
+
+
+def excluded_by(relative: str, model: RecorderModel | None) -> str | None:
+    """The rule of `model`'s table that makes `relative` a system file (not collected), or None: evidence.
+
+    Exclude patterns match case-insensitively (recorder volumes are FAT: `FIRMWARE.BIN` is `firmware.bin`)."""
+    if model is None:
+        return None
+    if model.identity_file and relative == model.identity_file:
+        return f"identity file of model {model.name} ({model.identity_file})"
+    folded = relative.casefold()
+    for pattern in model.exclude:
+        if _matches(folded, (pattern.casefold(),)):
+            return f"system file of model {model.name} (exclude {pattern!r})"
+    return None
+
+
+def priority(relative: str, model: RecorderModel | None) -> int:
+    """Copy order of a file: the index of the first of its model's `media_globs` it matches (files matching
+    none come last). A file's priority never decides whether it is collected."""
+    globs = model.media_globs if model else ()
+    return next((i for i, pattern in enumerate(globs) if _matches(relative, (pattern,))), len(globs))
 
 
 def _matches(relative: str, globs: tuple[str, ...]) -> bool:

@@ -2,8 +2,9 @@
 
 A module of its own because it is the one place the agent deletes evidence from a recorder. A file is
 cleared only if its dock says `clear_after_sync`, the receiver confirmed it (synced, or since purged
-locally), and the original on the volume is still the file that was copied: same size and mtime and, with
-`verify_before_clear`, the same SHA-256. Anything else is an alarm and the original stays.
+locally), and the original on the volume is still the file that was copied: same size and content
+fingerprint (same mtime for a row recorded without one) and, with `verify_before_clear`, the same SHA-256.
+Anything else is an alarm and the original stays.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from drivers.base import DockedVolume
 from edge_agent.catalog import Catalog, FileRecord
 from edge_agent.catalog.docking import DockingRecords
 from edge_agent.config import Dock
-from edge_agent.digest import hash_file
+from edge_agent.digest import fingerprint, hash_file
 from edge_agent.durable import fsync_dir
 from edge_agent.sources.docks import policy
 
@@ -52,8 +53,15 @@ class Clearing:
         except FileNotFoundError:
             self.records.original_gone(record)
             return
-        if (st.st_size, st.st_mtime_ns) != (record.source_size, record.source_mtime_ns):
+        # With a content fingerprint, the content decides (the same bytes re-docked with another mtime are
+        # cleared); without one (a row from before fingerprints), size and mtime must still match.
+        if st.st_size != record.source_size or (
+                record.source_fingerprint is None and st.st_mtime_ns != record.source_mtime_ns):
             policy.clear_refused(record, "differs from the copy the platform confirmed").raise_on(self.catalog)
+            return
+        if record.source_fingerprint is not None and fingerprint(path) != record.source_fingerprint:
+            # Another recording has this name, size and mtime (a twin, its own row): this original is gone.
+            self.records.original_gone(record)
             return
         if self.dock is not None and self.dock.verify_before_clear:
             digest, _ = hash_file(path)

@@ -1,36 +1,54 @@
 """Finding a docked volume's files: who the recorder is, which files are finished, and their catalog rows.
 
 `identify` names the recorder from the volume (DESIGN.md section 9). `Discovery` walks the volume once per
-pass: entries that cannot be taken come back as refused, files still being written (not settled) are left
-for a later pass, and every other file gets its `files` row (tagged with device, officer, session and the
-time its name tells) the first time it is seen. It copies nothing; the worker takes what it returns.
+pass: entries that cannot be taken come back as refused, the model's system files as excluded (with the
+rule), files still being written (not settled) are left for a later pass, and every other file gets its
+`files` row (tagged with device, officer, session and the time its name tells) the first time its content
+is seen. It copies nothing; the worker takes what it returns, in the model's order of priority.
+
+Identity is by content: a file's row is found by its fingerprint (`digest.fingerprint`: size and SHA-256 of
+its first and last MiB). The same bytes docked again (another mtime, another session) are the row already
+there; a file with the name, size and mtime of a known one but other bytes (a recorder whose clock was reset,
+a card reformatted and reused) is a new file, and an `identity_collision` event names both rows. A row found
+before fingerprints existed is confirmed by the full SHA-256 of its copy before it takes the fingerprint.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 from zoneinfo import ZoneInfo
 
 from drivers.base import DockedVolume
 from edge_agent.catalog import Catalog, FileRecord, State
 from edge_agent.clock import now_ms
+from edge_agent.digest import fingerprint, hash_file
 from edge_agent.sources.recorders import (
     RecorderModel,
     RefusedEntry,
     SourceFile,
     VolumeIdentity,
+    excluded_by,
     identify_volume,
     parse_name,
+    priority,
     walk_volume,
 )
+
+log = logging.getLogger(__name__)
+
+_INTAKE = (State.DISCOVERED, State.STAGED)
 
 # How many file names identification reads when neither USB nor an identity file names the recorder.
 SAMPLE_NAMES = 20
 # New rows are recorded this many to a transaction (one commit, not one per file, for a card of photos).
 DISCOVER_BATCH = 64
+# Files up to this size are discovered in batches (their fingerprint is a read of the whole small file).
+BATCHED_DISCOVERY_BYTES = 256 * 1024
 
 
 class Chunked(ExitStack):
@@ -46,6 +64,11 @@ class Chunked(ExitStack):
             self.close()
             self.enter_context(self.catalog.transaction())
         self.steps += 1
+
+    def flush(self) -> None:
+        """Commit what is open now; the next `step` opens a new transaction."""
+        self.close()
+        self.steps = 0
 
 
 def identify(volume: DockedVolume, models: list[RecorderModel],
@@ -67,6 +90,8 @@ class Found:
 
     pending: list[tuple[FileRecord, Path]] = field(default_factory=list)  # rows still to take, with their source
     refused: list[str] = field(default_factory=list)                      # "path: reason", in walk order
+    excluded: list[tuple[str, str]] = field(default_factory=list)         # (path, rule) of the system files
+    taken: list[tuple[str, str]] = field(default_factory=list)            # (path, file_id) of every other file
     young: bool = False                                                   # some file is not settled yet
 
 
@@ -83,28 +108,64 @@ class Discovery:
         self.zone = zone
         self.settle_s = settle_s
         self._seen: dict[str, tuple[tuple[int, int], float]] = {}
+        # Fingerprints taken this session, by (path, size, mtime, ctime): a file is read once per docking.
+        self._fingerprints: dict[tuple[str, int, int, int], str | None] = {}
 
     def scan(self) -> Found:
-        """Walk the volume once: refused entries, unsettled files, and the rows of the files to take."""
-        model = self.model
-        globs = model.media_globs if model else ("**/*",)
-        skip = (model.identity_file,) if model and model.identity_file else ()
+        """Walk the volume once: refused entries, excluded system files, unsettled files, and the rows of the
+        files to take (highest priority first)."""
         found, now_ns = Found(), time.time_ns()
+        ranked: list[tuple[int, FileRecord, Path]] = []
         with Chunked(self.catalog, DISCOVER_BATCH) as batch:
-            for entry in walk_volume(self.volume.path, globs, skip):
+            for entry in walk_volume(self.volume.path):
                 if isinstance(entry, RefusedEntry):
                     found.refused.append(f"{entry.relative}: {entry.reason}")
+                elif (rule := excluded_by(entry.relative, self.model)) is not None:
+                    found.excluded.append((entry.relative, rule))
                 elif self.settle_s and not self._settled(entry, now_ns):
                     found.young = True
                 else:
-                    record = self.catalog.find_source(self.ident.device_id, entry.relative, entry.size,
-                                                      entry.mtime_ns)
-                    if record is None:
+                    # Rows of small files are written 64 to a transaction; a larger file's fingerprint reads up
+                    # to 2 MiB off the recorder, which must not happen while the catalog is held for writing.
+                    if entry.size <= BATCHED_DISCOVERY_BYTES:
                         batch.step()
-                        record = self._new_record(entry)
-                    if record.state in (State.DISCOVERED, State.STAGED):
-                        found.pending.append((record, entry.path))
+                    else:
+                        batch.flush()
+                    record = self._record_for(entry)
+                    found.taken.append((entry.relative, record.file_id))
+                    if record.state in _INTAKE and all(r.file_id != record.file_id for _, r, _ in ranked):
+                        ranked.append((priority(entry.relative, self.model), record, entry.path))
+        ranked.sort(key=lambda item: item[0])   # stable: walk order within one priority
+        found.pending = [(record, path) for _, record, path in ranked]
         return found
+
+    def inventory(self, found: Found) -> list[dict[str, Any]]:
+        """Every entry of a pass as the session manifest lists it: `collected` (its content is sealed in the
+        catalog: file_id, sha256, size), `uncollected` (with the error that kept it), `pending`, `excluded`
+        (with the rule) or `refused` (with the reason), by path."""
+        out: list[dict[str, Any]] = []
+        for path, file_id in found.taken:
+            record = self.catalog.get(file_id)
+            if record.state not in _INTAKE:
+                out.append({"path": path, "status": "collected", "file_id": file_id, "sha256": record.sha256,
+                            "size": record.size})
+            else:
+                status = "uncollected" if record.last_error else "pending"
+                out.append({"path": path, "status": status, "file_id": file_id, "reason": record.last_error})
+        out += [{"path": path, "status": "excluded", "rule": rule} for path, rule in found.excluded]
+        for line in found.refused:
+            path, _, reason = line.partition(": ")
+            out.append({"path": path, "status": "refused", "reason": reason})
+        return sorted(out, key=lambda item: item["path"])
+
+    def uncollected(self, found: Found) -> list[tuple[str, str]]:
+        """(path, error) of the files of a pass whose copy failed: still to take, with an error on the row."""
+        left = []
+        for record, path in found.pending:
+            now = self.catalog.get(record.file_id)
+            if now.state in _INTAKE and now.last_error:
+                left.append((path.relative_to(self.volume.path).as_posix(), now.last_error))
+        return left
 
     def _settled(self, entry: SourceFile, now_ns: int) -> bool:
         """Is the file finished? Old enough by its mtime, or unchanged for settle_s by our own clock.
@@ -118,7 +179,54 @@ class Discovery:
             return False
         return time.monotonic() - seen[1] >= self.settle_s
 
-    def _new_record(self, entry: SourceFile) -> FileRecord:
+    def _fingerprint(self, entry: SourceFile) -> str | None:
+        """The entry's fingerprint, None if it cannot be read (its copy then says why, and it is retried)."""
+        key = (entry.relative, entry.size, entry.mtime_ns, entry.ctime_ns)
+        if key not in self._fingerprints:
+            try:
+                self._fingerprints[key] = fingerprint(entry.path)
+            except OSError as exc:
+                log.warning("fingerprint failed device=%s path=%r: %s", self.ident.device_id, entry.relative, exc)
+                return None
+        return self._fingerprints[key]
+
+    def _record_for(self, entry: SourceFile) -> FileRecord:
+        """The row of `entry`'s content on this device, made if the catalog does not hold that content."""
+        files, device = self.catalog.files, self.ident.device_id
+        fp = self._fingerprint(entry)
+        here = files.at_source(device, entry.relative, entry.size, entry.mtime_ns)
+        if fp is None:
+            return here[0] if here else self._new_record(entry, None, [])
+        known = self._known_content(entry, fp)
+        if known is not None:
+            return known
+        for row in (r for r in here if r.source_fingerprint is None):   # found before fingerprints existed
+            if row.sha256 is None or self._full_hash(entry) == row.sha256:
+                files.update(row.file_id, source_fingerprint=fp)
+                return files.get(row.file_id)
+        return self._new_record(entry, fp, here)
+
+    def _known_content(self, entry: SourceFile, fp: str) -> FileRecord | None:
+        """The row holding this content: at the same path (its mtime brought up to date while it is still to
+        be copied), else a collected one anywhere on the device."""
+        rows = self.catalog.files.with_fingerprint(self.ident.device_id, fp)
+        same_path = [r for r in rows if r.original_path == entry.relative]
+        if same_path:
+            row = same_path[-1]
+            if row.state in _INTAKE and (row.source_mtime_ns, row.source_path) != (entry.mtime_ns, str(entry.path)):
+                self.catalog.files.update(row.file_id, source_mtime_ns=entry.mtime_ns, source_path=str(entry.path))
+                row = self.catalog.files.get(row.file_id)
+            return row
+        return next((r for r in rows if r.state not in _INTAKE), None)
+
+    @staticmethod
+    def _full_hash(entry: SourceFile) -> str | None:
+        try:
+            return hash_file(entry.path)[0]
+        except OSError:
+            return None
+
+    def _new_record(self, entry: SourceFile, fp: str | None, twins: list[FileRecord]) -> FileRecord:
         catalog, ident = self.catalog, self.ident
         name = parse_name(Path(entry.relative).name, self.model, self.zone)
         start_ms = name.start_ms
@@ -126,14 +234,35 @@ class Discovery:
         if start_ms is None:  # no time in the name: the file's mtime is when the recorder closed it
             start_ms = end_ms = entry.mtime_ns // 1_000_000
         officer = name.officer or ident.officer_id or catalog.officer_at(ident.device_id, start_ms)
-        record, created = catalog.discover(
-            kind="recorder", device_id=ident.device_id, original_path=entry.relative, source_path=str(entry.path),
-            source_size=entry.size, source_mtime_ns=entry.mtime_ns, dock=self.volume.dock, slot=self.volume.slot,
-            session_id=self.session_id, volume_label=self.volume.label, officer_id=officer,
-            recorded_start_ms=start_ms, recorded_end_ms=end_ms, actor="edge-agent")
+        with catalog.transaction():
+            record, created = catalog.discover(
+                kind="recorder", device_id=ident.device_id, original_path=entry.relative,
+                source_path=str(entry.path), source_size=entry.size, source_mtime_ns=entry.mtime_ns,
+                dock=self.volume.dock, slot=self.volume.slot, session_id=self.session_id,
+                volume_label=self.volume.label, officer_id=officer, recorded_start_ms=start_ms,
+                recorded_end_ms=end_ms, actor="edge-agent", source_fingerprint=fp)
+            if created and twins:
+                self._collision(record, twins)
         if created and entry.size == 0:
             catalog.emit_event({"type": "fault", "kind": "zero_byte_file", "device_id": ident.device_id,
                                 "file_id": record.file_id, "path": entry.relative, "ts": now_ms(),
                                 "message": f"{entry.relative} on {ident.device_id} is empty (0 bytes): ingested "
                                            "as found; check the recorder for a recording fault"})
         return record
+
+    def _collision(self, record: FileRecord, twins: list[FileRecord]) -> None:
+        """A new file has the name, size and mtime of known ones but other bytes: event and audit name both."""
+        others = [t.file_id for t in twins]
+        message = (f"{record.original_path} on {record.device_id} has the name, size and time of file(s) "
+                   f"{', '.join(others)} already in the catalog but other content (recorder clock reset or card "
+                   f"reused?): ingested as new file {record.file_id}; check the recorder's clock")
+        log.warning("identity collision device=%s path=%r file=%s twins=%s", record.device_id,
+                    record.original_path, record.file_id, ",".join(others))
+        self.catalog.emit_event({"type": "fault", "kind": "identity_collision", "device_id": record.device_id,
+                                 "file_id": record.file_id, "twin_file_ids": others, "path": record.original_path,
+                                 "fingerprint": record.source_fingerprint,
+                                 "twin_fingerprints": [t.source_fingerprint for t in twins],
+                                 "ts": now_ms(), "message": message})
+        self.catalog.audit("file.identity_collision", subject=record.file_id, actor="edge-agent",
+                           reason="same device, path, size and mtime as a known file, other content",
+                           detail={"twins": others, "path": record.original_path})

@@ -62,6 +62,21 @@ def refused_entries(volume: DockedVolume, refused: list[str]) -> Alarm:
                  f"unreadable), first: {refused[0]}; they are left untouched on the recorder for inspection")
 
 
+def uncollected_key(volume: DockedVolume) -> str:
+    return f"uncollected:{volume.dock}:{volume.label}"
+
+
+def uncollected_files(volume: DockedVolume, device_id: str, left: list[tuple[str, str]]) -> Alarm:
+    """Files found on the volume that could not be collected: the slot is not done and nothing is cleared."""
+    shown = "; ".join(f"{path} ({error})" for path, error in left[:3])
+    more = f" and {len(left) - 3} more" if len(left) > 3 else ""
+    return Alarm(uncollected_key(volume), "uncollected_files", device_id,
+                 f"{len(left)} file(s) on recorder {device_id} (volume {volume.label!r}, dock {volume.dock}) could "
+                 f"not be collected: {shown}{more}. Do NOT reuse or wipe the recorder: nothing on it is cleared "
+                 "and it is not done until they are; they are retried at every rescan. Check its card, or have "
+                 "them read out by a technician")
+
+
 def unreadable(record: FileRecord, message: str) -> Alarm:
     return Alarm(f"unreadable:{record.file_id}", "file_unreadable", record.device_id, message)
 

@@ -90,6 +90,7 @@ class VolumeWorker(threading.Thread):
         self._gone = threading.Event()
         self._wake = threading.Event()
         self.heartbeat = Heartbeat(self.name)   # beats per pass and per block copied; idle between rescans
+        self._left_behind: bool | None = None   # files left uncollected at the last pass (None: not known yet)
 
     def undock(self, stopping: bool = False) -> None:
         """End the passes (from the driver's thread). `stopping`: the agent stops, the recorder stays docked."""
@@ -161,23 +162,49 @@ class VolumeWorker(threading.Thread):
             self._copy_all(found.pending, faults)
             if self._gone.is_set():
                 break
+            left = self._uncollected(discovery, found, ident)
             if (not found.young and self.status.state is not SlotState.PAUSED
                     and not ctx.records.outstanding(ident.device_id, self.volume.label)):
-                sealed = self._seal_once(session_id, sealed)
-                self.status.set_state(SlotState.DONE)
+                sealed = self._seal_once(discovery, found, sealed)
+                self._finished(left)
             if self.once:
-                self._seal_once(session_id, sealed)
+                self._seal_once(discovery, found, sealed)
                 break
-            clearing.clear_synced(ident.device_id, self._should_stop)
+            if not left:  # a recorder with files left behind is not cleared at all, so it is not reused
+                clearing.clear_synced(ident.device_id, self._should_stop)
             self.heartbeat.idle()
             self._wake.wait(rescan_s if not found.young else min(rescan_s, max(discovery.settle_s / 2, 0.05)))
             self._wake.clear()
 
-    def _seal_once(self, session_id: str, sealed: bool) -> bool:
-        """Seal the session's manifest unless it was sealed already; True from then on."""
+    def _seal_once(self, discovery: Discovery, found: Found, sealed: bool) -> bool:
+        """Seal the session's manifest (with every file of the volume accounted for) unless it was sealed
+        already; True from then on."""
         if not sealed:
-            self.context.sealer.seal_session(session_id)
+            self.context.sealer.seal_session(discovery.session_id, volume_files=discovery.inventory(found))
         return True
+
+    def _uncollected(self, discovery: Discovery, found: Found, ident: VolumeIdentity) -> list[tuple[str, str]]:
+        """The files of this pass that could not be collected; raises `uncollected_files` while there are any
+        and clears it once there are none."""
+        left = discovery.uncollected(found)
+        if left:
+            if policy.uncollected_files(self.volume, ident.device_id, left).raise_on(self.context.catalog):
+                log.warning("uncollected files dock=%s label=%s count=%d first=%r", self.volume.dock,
+                            self.volume.label, len(left), left[0][0])
+        elif self._left_behind is not False:   # raised before (or by an earlier run): clear it
+            self.context.catalog.clear_alarm(policy.uncollected_key(self.volume))
+        self._left_behind = bool(left)
+        return left
+
+    def _finished(self, left: list[tuple[str, str]]) -> None:
+        """Everything that can be taken is taken: done, unless files are left behind (then an error: a
+        recorder is never reported done while one of its files is not collected)."""
+        if left:
+            first, error = left[0]
+            self.status.set_state(SlotState.ERROR, error=f"{len(left)} file(s) not collected, first: {first} "
+                                                         f"({error}); see the uncollected_files alarm")
+        else:
+            self.status.set_state(SlotState.DONE)
 
     def _account(self, found: Found, session_id: str) -> None:
         """The slot's counts after a discovery pass: what the session took so far plus what is pending."""
