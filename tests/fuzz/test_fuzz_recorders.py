@@ -70,6 +70,8 @@ trees = st.lists(st.tuples(st.lists(names, min_size=1, max_size=4), entry_kinds)
 def _build(volume: Path, outside: Path, tree: list[tuple[list[str], str]]) -> None:
     for parts, kind in tree:
         path = volume.joinpath(*parts)
+        if os.path.lexists(path):
+            continue  # the name is taken (writing to a FIFO made earlier would block forever)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             if kind == "file":
