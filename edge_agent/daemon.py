@@ -108,22 +108,26 @@ class Agent:
         self.layout = StoreLayout(config.agent.data_dir).open()
         self.owner = DataDirLock.acquire(self.layout, command="run")   # DataDirOwned: another agent runs here
         try:
-            self.catalog = Catalog(config.catalog_path)
-            self.key = AgentKey.load_or_create(self.layout.keys)
+            self._build_core(dock_drivers)
         except BaseException:
             self.owner.release()
             raise
-        self.sealer = Sealer(self.catalog, self.key, self.layout, config)
-        self.ingestor = Ingestor(self.catalog, self.layout, self.sealer, config)
-        self.models = load_models(config.agent.recorders_file)
-        self.docks = DockService(self.catalog, self.ingestor, self.sealer, config, self.models)
-        self.dock_drivers = dock_drivers if dock_drivers is not None else build_dock_drivers(config, self.models)
         self.uplink = None
         self.cameras = None
         self.operations = None
         self.components = []
         self.control = ControlServer(self.layout.control_socket, {"import": self._import})
         self._stop = threading.Event()
+
+    def _build_core(self, dock_drivers: list[DockDriver] | None) -> None:
+        config = self.config
+        self.catalog = Catalog(config.catalog_path)
+        self.key = AgentKey.load_or_create(self.layout.keys)
+        self.sealer = Sealer(self.catalog, self.key, self.layout, config)
+        self.ingestor = Ingestor(self.catalog, self.layout, self.sealer, config)
+        self.models = load_models(config.agent.recorders_file)
+        self.docks = DockService(self.catalog, self.ingestor, self.sealer, config, self.models)
+        self.dock_drivers = dock_drivers if dock_drivers is not None else build_dock_drivers(config, self.models)
 
     # -- building: each adds one declared part and its component, in start order -------------------
 
@@ -306,8 +310,13 @@ def build_dock_drivers(config: AgentConfig, models: list[RecorderModel]) -> list
 def build_agent(config: AgentConfig, *, dock_drivers: list[DockDriver] | None = None) -> Agent:
     """The daemon with every part the config asks for, in start order (stopped in reverse)."""
     agent = Agent(config, dock_drivers=dock_drivers)
-    agent.add_uplink()
-    if config.cameras:
-        agent.add_cameras()
-    agent.add_operations()
+    try:
+        agent.add_uplink()
+        if config.cameras:
+            agent.add_cameras()
+        agent.add_operations()
+    except BaseException:   # a part the config asks for cannot be built: give the data dir back at once
+        agent.catalog.close()
+        agent.owner.release()
+        raise
     return agent

@@ -132,8 +132,8 @@ def sealed(catalog_path: Path) -> list[str]:
 def raw(path: Path, payload: bytes, *, close_after_send: bool = False) -> dict[str, object] | None:
     """Send `payload` as is; the daemon's one reply line, parsed (None if it closed without one)."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.connect(str(path))   # blocking: a full backlog waits (with a timeout set it would be EAGAIN)
         sock.settimeout(30)
-        sock.connect(str(path))
         try:
             sock.sendall(payload)
         except BrokenPipeError:   # it stopped reading an oversized request: its answer is still there

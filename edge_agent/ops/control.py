@@ -176,7 +176,7 @@ class ControlServer:
         with _address(self.path) as address:
             sock.bind(address)
         self._restrict()
-        sock.listen(MAX_CONNECTIONS)
+        sock.listen(64)   # queued until accepted; then beyond MAX_CONNECTIONS told busy
         self._sock = sock
         self._thread = threading.Thread(target=self._accept, name="control", daemon=True)
         self._thread.start()
