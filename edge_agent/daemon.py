@@ -6,6 +6,11 @@ cameras, the operations scheduler. Each part is a declared attribute (None when 
 `Component` in `components`; `Agent.start` starts them in that order and `Agent.stop` stops them in reverse.
 Parts talk through the catalog, small queues and callables handed over here, never through each other's
 internals; nothing but `edge_agent.cli` imports this module.
+
+An `Agent` owns its data dir (`layout.DataDirLock`, taken first in `Agent(...)`, given up in `stop()`); a
+second one on the same data dir raises `DataDirOwned` naming the first's pid. While it runs, the control
+socket (`ops/control.py`) takes what only the owner may do from CLI commands: `import`, run on this
+agent's own `DockService` (so crash recovery never runs beside anyone's copy).
 """
 
 from __future__ import annotations
@@ -28,20 +33,23 @@ from edge_agent.config import AgentConfig
 from edge_agent.evidence.manifest import AgentKey
 from edge_agent.evidence.scrub import Scrubber
 from edge_agent.ingest import Ingestor, Sealer
-from edge_agent.layout import StoreLayout
+from edge_agent.layout import DataDirLock, DataDirOwned, StoreLayout
 from edge_agent.ops import sdnotify
+from edge_agent.ops.control import ControlError, ControlServer, ImportArgs, Request, Send, import_outcome
 from edge_agent.ops.health import HealthMonitor, ScrubHealth
 from edge_agent.ops.liveness import Liveness, VitalsProvider
 from edge_agent.ops.retention import Retention
 from edge_agent.ops.scheduler import Job, Scheduler, daily_summary
 from edge_agent.sources.docks import DockService
-from edge_agent.sources.recorders import RecorderModel, load_models
+from edge_agent.sources.recorders import RecorderModel, VolumeIdentity, load_models
 
 if TYPE_CHECKING:  # imported when built: paho, av and OpenCV load only when the config needs them
     from edge_agent.sources.cameras import CameraService
     from edge_agent.sync import Uplink
 
 log = logging.getLogger(__name__)
+
+__all__ = ["Agent", "DataDirOwned", "build_agent"]
 
 SCRUB_EVERY_S = 60
 SCRUB_BUDGET_S = 50
@@ -84,6 +92,7 @@ class Agent:
 
     config: AgentConfig
     layout: StoreLayout
+    owner: DataDirLock
     catalog: Catalog
     key: AgentKey
     sealer: Sealer
@@ -101,6 +110,21 @@ class Agent:
         self.started_monotonic = time.monotonic()
         self.version = __version__
         self.layout = StoreLayout(config.agent.data_dir).open()
+        self.owner = DataDirLock.acquire(self.layout, command="run")   # DataDirOwned: another agent runs here
+        try:
+            self._build_core(dock_drivers)
+        except BaseException:
+            self.owner.release()
+            raise
+        self.uplink = None
+        self.cameras = None
+        self.operations = None
+        self.components = []
+        self.control = ControlServer(self.layout.control_socket, {"import": self._import})
+        self._stop = threading.Event()
+
+    def _build_core(self, dock_drivers: list[DockDriver] | None) -> None:
+        config = self.config
         self.catalog = Catalog(config.catalog_path)
         self.key = AgentKey.load_or_create(self.layout.keys)
         self.sealer = Sealer(self.catalog, self.key, self.layout, config)
@@ -108,11 +132,6 @@ class Agent:
         self.models = load_models(config.agent.recorders_file)
         self.docks = DockService(self.catalog, self.ingestor, self.sealer, config, self.models)
         self.dock_drivers = dock_drivers if dock_drivers is not None else build_dock_drivers(config, self.models)
-        self.uplink = None
-        self.cameras = None
-        self.operations = None
-        self.components = []
-        self._stop = threading.Event()
 
     # -- building: each adds one declared part and its component, in start order -------------------
 
@@ -193,14 +212,18 @@ class Agent:
             sdnotify.notify(f"READY=1\nSTATUS=collecting; agent {self.config.agent.id}")
         for driver in self.dock_drivers:
             driver.start(self.docks)
+        self.control.start()   # after recovery: an import never runs beside it
         log.info("started agent=%s version=%s docks=%d", self.config.agent.id, self.version, len(self.dock_drivers))
 
     def stop(self) -> None:
         if self.operations is not None:
             sdnotify.notify("STOPPING=1")
+        self.control.stop()
         for driver in self.dock_drivers:
             driver.stop()
-        self.docks.stop()
+        self.docks.stop()   # also ends the imports in progress
+        if not self.control.wait(30):
+            log.warning("control requests still running at stop; their callers will see the connection end")
         for component in reversed(self.components):
             component.stop()
         try:
@@ -208,6 +231,24 @@ class Agent:
         except sqlite3.OperationalError as exc:  # a full disk: stop cleanly all the same, unrecorded
             log.error("agent.stopped not written to the audit log: %s", exc)
         self.catalog.close()
+        self.owner.release()
+
+    def _import(self, request: Request, send: Send) -> dict[str, Any]:
+        """The control socket's `import`: the folder as one docking session on this agent's DockService,
+        `import.started` audited as the calling OS user (from the kernel)."""
+        args = ImportArgs.from_wire(request.args)
+        if args.path.resolve().is_relative_to(self.layout.data_dir.resolve()):
+            raise ControlError(f"{args.path} is inside the data dir: import a card or a folder of recordings")
+        if not args.path.is_dir():
+            raise ControlError(f"the daemon (user {os.getuid()}) sees no folder at {args.path}: give a path it can "
+                               f"read (under systemd not /tmp or /home: the unit hides them)")
+        self.catalog.audit("import.started", subject=str(args.path), reason=args.reason,
+                           actor=request.caller.actor(args.user),
+                           detail={**args.audit_detail(), "via": "control socket", "caller_pid": request.caller.pid})
+        status = self.docks.import_volume(
+            args.volume(), VolumeIdentity(device_id=args.device_id, method="custodian", officer_id=args.officer_id),
+            on_progress=lambda done, total: send({"bytes_done": done, "bytes_total": total}))
+        return import_outcome(status)
 
     def run_forever(self) -> None:
         """Run until SIGTERM or SIGINT; systemd's stop is a clean stop."""
@@ -285,8 +326,13 @@ def build_dock_drivers(config: AgentConfig, models: list[RecorderModel]) -> list
 def build_agent(config: AgentConfig, *, dock_drivers: list[DockDriver] | None = None) -> Agent:
     """The daemon with every part the config asks for, in start order (stopped in reverse)."""
     agent = Agent(config, dock_drivers=dock_drivers)
-    agent.add_uplink()
-    if config.cameras:
-        agent.add_cameras()
-    agent.add_operations()
+    try:
+        agent.add_uplink()
+        if config.cameras:
+            agent.add_cameras()
+        agent.add_operations()
+    except BaseException:   # a part the config asks for cannot be built: give the data dir back at once
+        agent.catalog.close()
+        agent.owner.release()
+        raise
     return agent

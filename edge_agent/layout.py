@@ -1,12 +1,15 @@
 """Where bytes live under data_dir: staging/ (partial copies), store/ (sealed
-media, read-only), manifests/ and sessions/ (signed documents)."""
+media, read-only), manifests/ and sessions/ (signed documents); and who owns it
+(`DataDirLock`: one process at a time may recover, ingest and clean up there)."""
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from types import TracebackType
 
 from edge_agent.durable import make_dirs
 
@@ -38,6 +41,16 @@ class StoreLayout:
     @property
     def keys(self) -> Path:
         return self.data_dir / "keys"
+
+    @property
+    def lock_file(self) -> Path:
+        """Held (flock) by the data dir's owner for its whole life; records its pid and command."""
+        return self.data_dir / "agent.lock"
+
+    @property
+    def control_socket(self) -> Path:
+        """The running daemon's control socket (edge_agent/ops/control.py)."""
+        return self.data_dir / "control.sock"
 
     def open(self) -> StoreLayout:
         """Make the layout if new and refuse (PermissionError) a data_dir open to all users: evidence and keys
@@ -76,3 +89,76 @@ class StoreLayout:
 
     def disk_usage(self) -> shutil._ntuple_diskusage:
         return shutil.disk_usage(self.data_dir)
+
+
+class DataDirOwned(RuntimeError):
+    """Another process owns the data dir (`DataDirLock`). `pid` and `command` are what its lock file records
+    (None / "" while the owner is still writing them)."""
+
+    def __init__(self, data_dir: Path, pid: int | None, command: str):
+        self.pid = pid
+        self.command = command
+        owner = f"pid {pid}" if pid is not None else "another process"
+        what = f" (edge-agent {command})" if command else ""
+        super().__init__(f"data dir {data_dir} owned by {owner}{what}: only one edge-agent process may "
+                         f"own it; stop that one first, or use the commands that talk to it")
+
+
+class DataDirLock:
+    """The exclusive ownership of a data dir: `flock` on `agent.lock` in it, held for as long as this object
+    (normally the process's life). The kernel releases it when the process ends however it ends (kill -9,
+    power loss); the file, which outlives it, only says who held it last. The descriptor is close-on-exec,
+    so a child (ffmpeg, a tool) never keeps the lock past its parent.
+
+    The owner alone may run crash recovery (it removes partial copies and orphans that would otherwise be
+    another process's in-flight work) and run dock workers; other processes write through SQLite
+    transactions or through the owner's control socket (docs/OPERATIONS.md, "One owner of the data dir")."""
+
+    def __init__(self, layout: StoreLayout, fd: int):
+        self.layout = layout
+        self._fd: int | None = fd
+
+    @classmethod
+    def acquire(cls, layout: StoreLayout, *, command: str) -> DataDirLock:
+        """Take the lock without waiting and record this pid and `command` in the file; raises
+        `DataDirOwned` naming the holder when another process has it. The data dir must exist."""
+        fd = os.open(layout.lock_file, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o640)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise owned_error(layout) from None
+        except BaseException:
+            os.close(fd)
+            raise
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()} {command}\n".encode(), 0)
+        return cls(layout, fd)
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def release(self) -> None:
+        """Give the data dir up (idempotent). The lock file stays; its content is stale from here on."""
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            os.close(fd)
+
+    def __enter__(self) -> DataDirLock:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.release()
+
+
+def owned_error(layout: StoreLayout) -> DataDirOwned:
+    """`DataDirOwned` with what the lock file records about its holder."""
+    try:
+        text = layout.lock_file.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        text = ""
+    pid_text, _, command = text.strip().partition(" ")
+    pid = int(pid_text) if pid_text.isdigit() else None
+    return DataDirOwned(layout.data_dir, pid, command.strip()[:40])

@@ -29,12 +29,12 @@ Reason = Annotated[str | None, typer.Option("--reason", "-r", help="why you are 
 @app.command()
 def run(ctx: typer.Context) -> None:
     """Run the agent daemon (systemd starts this)."""
-    from edge_agent.daemon import build_agent
+    from edge_agent.daemon import DataDirOwned, build_agent
 
     cfg = load(ctx)
     try:
         agent = build_agent(cfg)
-    except (PermissionError, ConfigError) as exc:
+    except (PermissionError, ConfigError, DataDirOwned) as exc:
         fail(str(exc), code=2)
     agent.run_forever()
 

@@ -33,6 +33,7 @@ class DockService:
             permits=threading.BoundedSemaphore(config.agent.ingest_workers))
         self.docks: dict[str, Dock] = {d.name: d for d in config.docks}
         self._workers: dict[tuple[str, str], VolumeWorker] = {}
+        self._imports: set[VolumeWorker] = set()   # running in their callers' threads (import_volume)
         self._lock = threading.Lock()
 
     # -- DockListener -------------------------------------------------------------------------------
@@ -78,7 +79,8 @@ class DockService:
         """End every slot's passes (the recorders stay docked) and wait for the workers."""
         with self._lock:
             workers = list(self._workers.values())
-        for worker in workers:
+            imports = list(self._imports)
+        for worker in workers + imports:
             worker.undock(stopping=True)
         for worker in workers:
             worker.join(timeout=30)
@@ -86,10 +88,16 @@ class DockService:
     def import_volume(self, volume: DockedVolume, identity: VolumeIdentity, *,
                       on_progress: Progress | None = None) -> SlotStatus:
         """One pass over a folder that is not on any dock, in the caller's thread; the session is sealed
-        and closed as `imported`. Returns the slot's final status."""
+        and closed as `imported`; `stop()` ends it early. Returns the slot's final status."""
         worker = VolumeWorker(self.context, volume, self.docks.get(volume.dock), identity=identity, once=True,
                               on_progress=on_progress)
-        worker.run()
+        with self._lock:
+            self._imports.add(worker)
+        try:
+            worker.run()
+        finally:
+            with self._lock:
+                self._imports.discard(worker)
         return worker.status.snapshot()
 
     # -- what a custodian sees ----------------------------------------------------------------------
