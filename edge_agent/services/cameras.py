@@ -4,12 +4,17 @@ locations (R11), and ONVIF discovery on the local network (only when asked)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from edge_agent.clock import now_ms
 from edge_agent.config import AgentConfig, Camera
 from edge_agent.services.workspace import Result, ServiceError, Workspace
-from edge_agent.sources.cameras import Gap, gaps, was_recording
+
+if TYPE_CHECKING:
+    from edge_agent.sources.cameras import Gap
+
+# The camera stage (PyAV, OpenCV, ONVIF) is imported by the two questions that need it, not by every command:
+# it was a second of every `edge-agent` start.
 
 
 @dataclass(frozen=True)
@@ -69,6 +74,8 @@ def recording_at(ws: Workspace, name: str, at_ms: int, *, reason: str | None = N
     """Was camera `name` recording at `at_ms`? The question is audited."""
     camera(ws, name)
     ws.catalog.audit("devices.gaps", subject=name, reason=reason, detail={"at_ms": at_ms})
+    from edge_agent.sources.cameras import was_recording
+
     recording, gap, file_id = was_recording(ws.catalog, name, at_ms)
     return RecordingAt(name, at_ms, recording, file_id, gap)
 
@@ -78,6 +85,8 @@ def gap_report(ws: Workspace, name: str, since_ms: int, *, reason: str | None = 
     camera(ws, name)
     ws.catalog.audit("devices.gaps", subject=name, reason=reason, detail={"since_ms": since_ms})
     until = now_ms()
+    from edge_agent.sources.cameras import gaps
+
     return GapReport(name, since_ms, until, tuple(gaps(ws.catalog, name, since_ms, until)))
 
 

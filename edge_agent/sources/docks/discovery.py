@@ -116,6 +116,7 @@ class Discovery:
         files to take (highest priority first)."""
         found, now_ns = Found(), time.time_ns()
         ranked: list[tuple[int, FileRecord, Path]] = []
+        ranked_ids: set[str] = set()   # one content can sit at two paths: it is taken once
         with Chunked(self.catalog, DISCOVER_BATCH) as batch:
             for entry in walk_volume(self.volume.path):
                 if isinstance(entry, RefusedEntry):
@@ -133,7 +134,8 @@ class Discovery:
                         batch.flush()
                     record = self._record_for(entry)
                     found.taken.append((entry.relative, record.file_id))
-                    if record.state in _INTAKE and all(r.file_id != record.file_id for _, r, _ in ranked):
+                    if record.state in _INTAKE and record.file_id not in ranked_ids:
+                        ranked_ids.add(record.file_id)
                         ranked.append((priority(entry.relative, self.model), record, entry.path))
         ranked.sort(key=lambda item: item[0])   # stable: walk order within one priority
         found.pending = [(record, path) for _, record, path in ranked]
