@@ -82,6 +82,17 @@ class MqttSection(_Section):
     reconnect_min_s: Annotated[float, Field(gt=0)] = 1
     reconnect_max_s: Annotated[float, Field(gt=0)] = 120
     command_keys: Path | None = None
+    # The platform's receiver public keys (a PEM file or a directory of *.pem): a `complete` ack counts only
+    # with a receipt signed by one of them (docs/PROTOCOL.md, Receipts). Unset: nothing is ever synced.
+    receiver_keys: Path | None = None
+
+    @field_validator("receiver_keys")
+    @classmethod
+    def _pinned_keys_exist(cls, value: Path | None) -> Path | None:
+        if value is not None and not (value.is_file() or value.is_dir()):
+            raise ValueError("no such file or directory: give the platform's receiver public key (PEM) or a "
+                             "directory of *.pem (e.g. /etc/edge-agent/receiver-keys)")
+        return value
 
     @model_validator(mode="after")
     def _tls_pair(self) -> MqttSection:
@@ -178,6 +189,11 @@ class ReceiverSection(_Section):
     ack_every_chunks: Annotated[int, Field(ge=1, le=16)] = 16
     ack_interval_ms: Annotated[int, Field(ge=10, le=500)] = 500
     session_expiry_s: Annotated[int, Field(ge=0)] = 24 * 3600
+    signing_key_dir: Path | None = None   # the receiver's Ed25519 receipt key; default <store_dir>/keys
+
+    @property
+    def receipt_key_dir(self) -> Path:
+        return self.signing_key_dir or self.store_dir / "keys"
 
 
 class AgentConfig(_Section):

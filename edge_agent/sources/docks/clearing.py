@@ -2,8 +2,11 @@
 
 A module of its own because it is the one place the agent deletes evidence from a recorder. A file is
 cleared only if its dock says `clear_after_sync`, the receiver confirmed it (synced, or since purged
-locally), and the original on the volume is still the file that was copied: same size and mtime and, with
-`verify_before_clear`, the same SHA-256. Anything else is an alarm and the original stays.
+locally), the original on the volume is still the file that was copied: same size and mtime and, with
+`verify_before_clear`, the same SHA-256, and, checked again just before the deletion, the receiver's
+receipt kept in the catalog still verifies against the pinned receiver keys and binds this file (a key
+removed from `mqtt.receiver_keys` since, or a receipt altered in the catalog, stops the clearing). Anything
+else is an alarm and the original stays.
 """
 
 from __future__ import annotations
@@ -17,20 +20,39 @@ from edge_agent.catalog.docking import DockingRecords
 from edge_agent.config import DirectoryDock, UsbDock
 from edge_agent.digest import hash_file
 from edge_agent.durable import fsync_dir
+from edge_agent.evidence.receipts import Expected, PinnedKeys, ReceiptError, check_receipt
 from edge_agent.sources.docks import policy
 
-CLEAR_REASON = "receiver confirmed matching SHA-256; dock clear_after_sync"
+CLEAR_REASON = "receiver's verified receipt binds this SHA-256; dock clear_after_sync"
+
+
+class ReceiptCheck:
+    """Whether the platform's receipt of a file, as the catalog keeps it, proves the file is stored."""
+
+    def __init__(self, catalog: Catalog, agent_id: str, keys: PinnedKeys):
+        self.catalog = catalog
+        self.agent_id = agent_id
+        self.keys = keys
+
+    def problem(self, record: FileRecord) -> str | None:
+        """None if the stored receipt verifies now; else why not, for a person."""
+        try:
+            check_receipt(self.catalog.receipts.get(record.file_id), self.keys, Expected.of(record, self.agent_id))
+        except ReceiptError as exc:
+            return str(exc)
+        return None
 
 
 class Clearing:
     """Clears the confirmed originals on one docked volume, per its dock's configuration."""
 
     def __init__(self, catalog: Catalog, records: DockingRecords, volume: DockedVolume,
-                 dock: UsbDock | DirectoryDock | None):
+                 dock: UsbDock | DirectoryDock | None, *, receipts: ReceiptCheck):
         self.catalog = catalog
         self.records = records
         self.volume = volume
         self.dock = dock
+        self.receipts = receipts
 
     @property
     def enabled(self) -> bool:
@@ -60,6 +82,12 @@ class Clearing:
             if digest != record.sha256:
                 policy.clear_refused(record, "no longer hashes to the confirmed SHA-256").raise_on(self.catalog)
                 return
+        problem = self.receipts.problem(record)   # checked last, just before the deletion
+        if problem is not None:
+            policy.clear_refused(record, f"has no verified receipt from the platform ({problem}); check "
+                                         "mqtt.receiver_keys and run: edge-agent verify " + record.file_id
+                                 ).raise_on(self.catalog)
+            return
         os.unlink(path)
         fsync_dir(path.parent)
         self.records.cleared(record, reason=CLEAR_REASON, actor="edge-agent")
