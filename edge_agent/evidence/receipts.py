@@ -144,3 +144,19 @@ def check_receipt(receipt: object, keys: PinnedKeys, expected: Expected) -> dict
     if not isinstance(doc.get("stored_ms"), int):
         raise ReceiptError("the receipt has no stored_ms")
     return doc
+
+
+@dataclass(frozen=True)
+class ReceiptTrust:
+    """The agent's view of receipts: its own id and the receiver keys it pins."""
+
+    agent_id: str
+    keys: PinnedKeys
+
+    def problem(self, receipt: object, record: FileRecord) -> str | None:
+        """None if `receipt` proves the platform stores `record` as the catalog holds it; else why not."""
+        try:
+            check_receipt(receipt, self.keys, Expected.of(record, self.agent_id))
+        except ReceiptError as exc:
+            return str(exc)
+        return None

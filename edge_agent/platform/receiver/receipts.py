@@ -44,8 +44,8 @@ class ReceiverKey:
         """The receipt key in `keys_dir`, created (0600, directory 0700) on first start."""
         path = Path(keys_dir) / KEY_FILE
         if not path.exists():
-            return ReceiverKey._write(Path(keys_dir), Ed25519PrivateKey.generate())
-        return AgentKey(load_private_key(path))
+            ReceiverKey._write(Path(keys_dir), Ed25519PrivateKey.generate(), replace=False)
+        return AgentKey(load_private_key(path))   # receivers sharing a store that started together: one key
 
     @staticmethod
     def rotate(keys_dir: Path) -> tuple[AgentKey, AgentKey]:
@@ -55,14 +55,25 @@ class ReceiverKey:
         keys_dir = Path(keys_dir)
         old = ReceiverKey.load_or_create(keys_dir)
         atomic_write(keys_dir / "retired" / f"{old.key_id.split(':', 1)[1]}.pub", old.public_pem().encode("ascii"))
-        return old, ReceiverKey._write(keys_dir, Ed25519PrivateKey.generate())
+        return old, ReceiverKey._write(keys_dir, Ed25519PrivateKey.generate(), replace=True)
 
     @staticmethod
-    def _write(keys_dir: Path, private: Ed25519PrivateKey) -> AgentKey:
+    def _write(keys_dir: Path, private: Ed25519PrivateKey, *, replace: bool) -> AgentKey:
+        """Write the key (and its public half); without `replace`, a key another process wrote first wins."""
         key = AgentKey(private)
         keys_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         os.chmod(keys_dir, 0o700)
-        atomic_write(keys_dir / KEY_FILE, key.private_pem(), mode=0o600)
+        staged = keys_dir / f".{KEY_FILE}.new-{os.getpid()}"
+        atomic_write(staged, key.private_pem(), mode=0o600)
+        try:
+            if replace:
+                os.replace(staged, keys_dir / KEY_FILE)
+            else:
+                os.link(staged, keys_dir / KEY_FILE)   # fails if another receiver made one meanwhile
+        except FileExistsError:
+            return AgentKey(load_private_key(keys_dir / KEY_FILE))
+        finally:
+            staged.unlink(missing_ok=True)
         atomic_write(keys_dir / PUB_FILE, key.public_pem().encode("ascii"), mode=0o644)
         fsync_dir(keys_dir)
         return key

@@ -20,7 +20,7 @@ from edge_agent.catalog.docking import DockingRecords
 from edge_agent.config import DirectoryDock, UsbDock
 from edge_agent.digest import hash_file
 from edge_agent.durable import fsync_dir
-from edge_agent.evidence.receipts import Expected, PinnedKeys, ReceiptError, check_receipt
+from edge_agent.evidence.receipts import PinnedKeys, ReceiptTrust
 from edge_agent.sources.docks import policy
 
 CLEAR_REASON = "receiver's verified receipt binds this SHA-256; dock clear_after_sync"
@@ -31,16 +31,11 @@ class ReceiptCheck:
 
     def __init__(self, catalog: Catalog, agent_id: str, keys: PinnedKeys):
         self.catalog = catalog
-        self.agent_id = agent_id
-        self.keys = keys
+        self.trust = ReceiptTrust(agent_id, keys)
 
     def problem(self, record: FileRecord) -> str | None:
-        """None if the stored receipt verifies now; else why not, for a person."""
-        try:
-            check_receipt(self.catalog.receipts.get(record.file_id), self.keys, Expected.of(record, self.agent_id))
-        except ReceiptError as exc:
-            return str(exc)
-        return None
+        """None if the stored receipt verifies now (the pinned keys read afresh); else why not, for a person."""
+        return self.trust.problem(self.catalog.receipts.get(record.file_id), record)
 
 
 class Clearing:
