@@ -83,16 +83,9 @@ class MqttSection(_Section):
     reconnect_max_s: Annotated[float, Field(gt=0)] = 120
     command_keys: Path | None = None
     # The platform's receiver public keys (a PEM file or a directory of *.pem): a `complete` ack counts only
-    # with a receipt signed by one of them (docs/PROTOCOL.md, Receipts). Unset: nothing is ever synced.
+    # with a receipt signed by one of them (docs/PROTOCOL.md, Receipts). Unset: nothing is ever synced. Read
+    # afresh at every check; a path that does not exist stops the uplink at start (ConfigError).
     receiver_keys: Path | None = None
-
-    @field_validator("receiver_keys")
-    @classmethod
-    def _pinned_keys_exist(cls, value: Path | None) -> Path | None:
-        if value is not None and not (value.is_file() or value.is_dir()):
-            raise ValueError("no such file or directory: give the platform's receiver public key (PEM) or a "
-                             "directory of *.pem (e.g. /etc/edge-agent/receiver-keys)")
-        return value
 
     @model_validator(mode="after")
     def _tls_pair(self) -> MqttSection:

@@ -21,6 +21,7 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from edge_agent.catalog import Catalog, FileRecord
+from edge_agent.config import ConfigError, Problem
 from edge_agent.durable import atomic_write
 from edge_agent.evidence.manifest import canonical_json
 from edge_agent.evidence.receipts import Expected, PinnedKeys, ReceiptError, check_receipt, verify_receipt
@@ -64,8 +65,21 @@ class ReceiptGate:
         self.layout = layout
         self.agent_id = agent_id
         self.keys = PinnedKeys(receiver_keys)
+        self._check_pinned(receiver_keys)
         self.unverified = 0   # acks that proved nothing, since start (stats: acks_unverified)
         self._alarmed: set[str] = set()   # files alarmed by this process: a flood costs no catalog write
+
+    def _check_pinned(self, path: Path | None) -> None:
+        """At start: a configured path that does not exist is a ConfigError; no usable key, a warning (nothing
+        will sync until the platform's key is pinned, but the rest of the agent works)."""
+        if path is not None and not (path.is_file() or path.is_dir()):
+            raise ConfigError("mqtt.receiver_keys", [Problem("mqtt.receiver_keys", str(path),
+                              "no such file or directory: give the platform's receiver public key (PEM) or a "
+                              "directory of *.pem (e.g. /etc/edge-agent/receiver-keys)")])
+        try:
+            log.info("receiver keys pinned path=%s keys=%s", path, ",".join(sorted(self.keys.keys())))
+        except ReceiptError as exc:
+            log.warning("no receiver key usable: %s; no file will count as synced until one is pinned", exc)
 
     def judge(self, record: FileRecord, ack: Ack) -> Verdict | None:
         """The verdict `ack` proves for `record` (a `sending` file), or None: counted, and alarmed once per file."""

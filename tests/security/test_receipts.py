@@ -19,15 +19,17 @@ import paho.mqtt.client as mqtt
 import pytest
 
 from drivers.base import DockedVolume
+from edge_agent.catalog import Catalog
 from edge_agent.catalog.docking import DockingRecords
-from edge_agent.config import DirectoryDock
+from edge_agent.config import ConfigError, DirectoryDock
 from edge_agent.daemon import Agent
 from edge_agent.evidence.manifest import AgentKey, canonical_json
 from edge_agent.evidence.receipts import Expected, PinnedKeys, receipt_body
+from edge_agent.layout import StoreLayout
 from edge_agent.platform.receiver.receipts import PUB_FILE, ReceiverKey
 from edge_agent.protocol.wire import Ack
 from edge_agent.sources.docks.clearing import Clearing, ReceiptCheck
-from edge_agent.sync.receipts import judge
+from edge_agent.sync.receipts import ReceiptGate, judge
 from edge_agent.sync.transfer import MarkRejected, MarkSynced, Unverified
 from tests.helpers import agent_config, make_recorder_volume, wait_for
 from tests.opsdata import confirm, ingest_file, receiver_key_dir, signed_receipt
@@ -257,3 +259,14 @@ def test_clearing_refuses_a_receipt_altered_in_the_catalog_and_clears_with_the_g
     clearing.clear_one(record)
     assert not original.exists()
     assert agent.catalog.get(record.file_id).state == "source_cleared"
+
+
+def test_a_receiver_keys_path_that_does_not_exist_is_a_config_error_naming_the_key(tmp_path: Path) -> None:
+    _, cfg = agent_config(tmp_path, mqtt={"receiver_keys": str(tmp_path / "no-such-dir")})
+    catalog = Catalog(cfg.catalog_path)
+    try:
+        with pytest.raises(ConfigError) as err:
+            ReceiptGate(catalog, StoreLayout(cfg.agent.data_dir), cfg.agent.id, cfg.mqtt.receiver_keys)
+        assert "mqtt.receiver_keys" in str(err.value) and "no-such-dir" in str(err.value)
+    finally:
+        catalog.close()
