@@ -150,21 +150,28 @@ def receiver_logged(tmp: Path, text: str, name: str = "receiver-1") -> bool:
     return log.exists() and text in log.read_text(errors="replace")
 
 
+def subscribed_client(port: int, client_id: str, topic: str, on_payload: Any) -> mqtt.Client:
+    """A paho client on the local broker, subscribed (the SUBACK awaited) to `topic`; each payload goes to
+    `on_payload(bytes)` on paho's thread."""
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
+    client.on_message = lambda _c, _u, m: on_payload(m.payload)
+    subscribed: queue.Queue[bool] = queue.Queue()
+    client.on_subscribe = lambda *_: subscribed.put(True)
+    client.connect("127.0.0.1", port)
+    client.loop_start()
+    client.subscribe(topic, qos=1)
+    subscribed.get(timeout=10)
+    return client
+
+
 class ScriptedAgent:
     """Speaks wire protocol v1 to a receiver by hand, with a real Ed25519 key: well or badly."""
 
     def __init__(self, port: int, key: AgentKey, agent_id: str = AGENT_ID):
         self.key, self.agent_id = key, agent_id
         self.acks: queue.Queue[dict[str, Any]] = queue.Queue()
-        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"scripted-{agent_id}",
-                                  protocol=mqtt.MQTTv5)
-        self.client.on_message = lambda _c, _u, m: self.acks.put(json.loads(m.payload))
-        subscribed: queue.Queue[bool] = queue.Queue()
-        self.client.on_subscribe = lambda *_: subscribed.put(True)
-        self.client.connect("127.0.0.1", port)
-        self.client.loop_start()
-        self.client.subscribe(f"{ROOT}/{agent_id}/acks", qos=1)
-        subscribed.get(timeout=10)
+        self.client = subscribed_client(port, f"scripted-{agent_id}", f"{ROOT}/{agent_id}/acks",
+                                        lambda payload: self.acks.put(json.loads(payload)))
 
     def close(self) -> None:
         self.client.disconnect()

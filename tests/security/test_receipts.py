@@ -15,7 +15,6 @@ import queue
 from pathlib import Path
 from typing import Any
 
-import paho.mqtt.client as mqtt
 import pytest
 
 from drivers.base import DockedVolume
@@ -47,6 +46,7 @@ from tests.sync_support import (
     receiver_proc,
     receiver_setup,
     states,
+    subscribed_client,
 )
 
 FILE_ID = "01J0000000000000000000000A"
@@ -128,14 +128,7 @@ class Forger:
 
     def __init__(self, port: int):
         self.manifests: queue.Queue[bytes] = queue.Queue()
-        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="forger", protocol=mqtt.MQTTv5)
-        self.client.on_message = lambda _c, _u, m: self.manifests.put(m.payload)
-        subscribed: queue.Queue[bool] = queue.Queue()
-        self.client.on_subscribe = lambda *_: subscribed.put(True)
-        self.client.connect("127.0.0.1", port)
-        self.client.loop_start()
-        self.client.subscribe(f"{ROOT}/{AGENT_ID}/files/+/manifest", qos=1)
-        subscribed.get(timeout=10)
+        self.client = subscribed_client(port, "forger", f"{ROOT}/{AGENT_ID}/files/+/manifest", self.manifests.put)
 
     def ack(self, file_id: str, sha256: str, receipt: dict[str, Any] | None) -> None:
         body = {"file_id": file_id, "state": "complete", "have": [], "sha256": sha256, "reason": None}
