@@ -36,12 +36,14 @@ from tests.peers.mosquitto import Mosquitto
 from tests.sync_support import (
     AGENT_ID,
     ROOT,
+    ScriptedAgent,
     agent_proc,
     agent_setup,
     catalog_rows,
     enrol,
     pin_receiver_key,
     pinned_dir,
+    random_bytes,
     receiver_logged,
     receiver_proc,
     receiver_setup,
@@ -263,3 +265,37 @@ def test_a_receiver_keys_path_that_does_not_exist_is_a_config_error_naming_the_k
         assert "mqtt.receiver_keys" in str(err.value) and "no-such-dir" in str(err.value)
     finally:
         catalog.close()
+
+
+# -- the receiver signs what it acks --------------------------------------------------------------------------
+
+
+def test_a_real_receiver_signs_complete_and_rejected_acks_binding_the_manifest_bytes_it_verified(
+        tmp_path: Path, mosquitto: Mosquitto) -> None:
+    agent_key = AgentKey.load_or_create(tmp_path / "agent-keys")
+    (tmp_path / "enrolled").mkdir()
+    (tmp_path / "enrolled" / f"{AGENT_ID}.pem").write_text(agent_key.public_pem())
+    store = tmp_path / "store"
+    receiver = receiver_proc(tmp_path, receiver_setup(tmp_path, mosquitto.port, store, tmp_path / "enrolled"))
+    receiver.start()
+    wait_for(lambda: receiver_logged(tmp_path, "mqtt connected"), 20, what="receiver connected")
+    agent = ScriptedAgent(mosquitto.port, agent_key)
+    try:
+        content = random_bytes(150_000)
+        doc = agent.send_file(content)
+        ack = agent.ack(doc["file_id"], "complete")
+        record = Expected(AGENT_ID, doc["file_id"], doc["sha256"], len(content),
+                          hashlib.sha256(canonical_json(doc)).hexdigest())
+        keys = PinnedKeys(pinned_dir(tmp_path))
+        assert isinstance(judge(Ack.from_json(ack), record, keys), MarkSynced)
+        agent.query(doc["file_id"])   # asked again: the same receipt, byte for byte
+        assert agent.ack(doc["file_id"], "complete")["receipt"] == ack["receipt"]
+
+        forged = {**agent.manifest(b"x" * 10), "size": 11}   # signature no longer matches
+        agent.send_manifest(forged)
+        rejected = agent.ack(forged["file_id"], "rejected")
+        verdict = judge(Ack.from_json(rejected), Expected(AGENT_ID, forged["file_id"], None, None, None), keys)
+        assert isinstance(verdict, MarkRejected) and "signature" in verdict.reason
+    finally:
+        agent.close()
+        assert receiver.stop() == 0

@@ -93,9 +93,8 @@ class Receipts:
             return ack
         if ack.state == ACK_COMPLETE:
             body = self._stored(agent_id, ack)
-            if body is None:   # not in the index (cannot happen for a complete the store gave): no receipt
-                log.error("complete ack without a stored file agent=%s file=%s: sent without a receipt",
-                          agent_id, ack.file_id)
+            if body is None:   # not in the index, or its manifest is unreadable: sent without a receipt
+                log.error("complete ack sent without a receipt agent=%s file=%s", agent_id, ack.file_id)
                 return ack
         else:
             digest = hashlib.sha256(manifest).hexdigest() if manifest is not None else None
@@ -107,7 +106,11 @@ class Receipts:
         entry = self.store.stored(agent_id, ack.file_id)
         if entry is None:
             return None
-        manifest = self.store.manifest_path(entry["sha256"], agent_id, ack.file_id).read_bytes()
+        try:
+            manifest = self.store.manifest_path(entry["sha256"], agent_id, ack.file_id).read_bytes()
+        except OSError as exc:   # the store is damaged: no receipt, so no agent clears a recorder on this one
+            log.error("stored manifest unreadable agent=%s file=%s: %s", agent_id, ack.file_id, exc)
+            return None
         return receipt_body(VERDICT_COMPLETE, agent_id=agent_id, file_id=ack.file_id, sha256=entry["sha256"],
                             size=int(entry["size"]), manifest_sha256=hashlib.sha256(manifest).hexdigest(),
                             ts_ms=int(entry["stored_ms"]))
