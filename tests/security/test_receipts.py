@@ -16,10 +16,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from typer.testing import CliRunner
 
 from drivers.base import DockedVolume
 from edge_agent.catalog import Catalog
 from edge_agent.catalog.docking import DockingRecords
+from edge_agent.cli import app
 from edge_agent.config import ConfigError, DirectoryDock
 from edge_agent.daemon import Agent
 from edge_agent.evidence.manifest import AgentKey, canonical_json
@@ -299,3 +301,22 @@ def test_a_real_receiver_signs_complete_and_rejected_acks_binding_the_manifest_b
     finally:
         agent.close()
         assert receiver.stop() == 0
+
+
+# -- files show, verify ------------------------------------------------------------------------------------
+
+
+def test_files_show_prints_the_receipt_and_verify_checks_every_synced_files_receipt(tmp_path: Path) -> None:
+    agent, _original, _clearing, record = _clearing_case(tmp_path)
+    config = str(tmp_path / "agent.toml")
+    runner = CliRunner()
+    shown = json.loads(runner.invoke(app, ["--config", config, "--json", "files", "show", record.file_id]).stdout)
+    assert shown["receipt"]["file_id"] == record.file_id and shown["receipt_verifies"] is True
+    assert runner.invoke(app, ["--config", config, "verify", "--all"]).exit_code == 0
+
+    agent.layout.receipt_path(record.file_id).unlink()   # the copy beside the manifest removed
+    missing = runner.invoke(app, ["--config", config, "--json", "verify", "--all"])
+    assert missing.exit_code == 1 and "receipt" in missing.stdout
+    (tmp_path / "pinned" / "platform.pem").unlink()        # and the key that signed it unpinned
+    shown = json.loads(runner.invoke(app, ["--config", config, "--json", "files", "show", record.file_id]).stdout)
+    assert shown["receipt_verifies"] is False and "no receiver public key" in shown["receipt_problem"]
