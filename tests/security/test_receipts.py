@@ -320,3 +320,19 @@ def test_files_show_prints_the_receipt_and_verify_checks_every_synced_files_rece
     (tmp_path / "pinned" / "platform.pem").unlink()        # and the key that signed it unpinned
     shown = json.loads(runner.invoke(app, ["--config", config, "--json", "files", "show", record.file_id]).stdout)
     assert shown["receipt_verifies"] is False and "no receiver public key" in shown["receipt_problem"]
+
+
+def test_an_agent_killed_between_deleting_an_original_and_recording_it_records_the_clearing_after_restart(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    agent, original, clearing, record = _clearing_case(tmp_path)
+
+    def killed(*_args: Any, **_kwargs: Any) -> None:
+        raise KeyboardInterrupt("kill -9 after the unlink")
+
+    monkeypatch.setattr(clearing.records, "cleared", killed)
+    with pytest.raises(KeyboardInterrupt):
+        clearing.clear_one(record)
+    monkeypatch.undo()
+    assert not original.exists() and agent.catalog.get(record.file_id).state == "synced"
+    clearing.clear_one(agent.catalog.get(record.file_id))   # the next pass, after the restart
+    assert agent.catalog.get(record.file_id).state == "source_cleared"

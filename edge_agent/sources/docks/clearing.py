@@ -6,7 +6,8 @@ locally), the original on the volume is still the file that was copied: same siz
 `verify_before_clear`, the same SHA-256, and, checked again just before the deletion, the receiver's
 receipt kept in the catalog still verifies against the pinned receiver keys and binds this file (a key
 removed from `mqtt.receiver_keys` since, or a receipt altered in the catalog, stops the clearing). Anything
-else is an alarm and the original stays.
+else is an alarm and the original stays. The deletion is audited (`recorder.clearing`) before it happens, so
+an agent killed between the deletion and its record finishes the record after its restart.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from edge_agent.evidence.receipts import PinnedKeys, ReceiptTrust
 from edge_agent.sources.docks import policy
 
 CLEAR_REASON = "receiver's verified receipt binds this SHA-256; dock clear_after_sync"
+CLEARING = "recorder.clearing"   # audited just before the original is deleted
 
 
 class ReceiptCheck:
@@ -67,7 +69,10 @@ class Clearing:
         try:
             st = os.lstat(path)
         except FileNotFoundError:
-            self.records.original_gone(record)
+            if self._was_deleting(record):   # killed between the deletion and its record: finish the record
+                self.records.cleared(record, reason=CLEAR_REASON + "; recorded after a restart", actor="edge-agent")
+            else:
+                self.records.original_gone(record)
             return
         if (st.st_size, st.st_mtime_ns) != (record.source_size, record.source_mtime_ns):
             policy.clear_refused(record, "differs from the copy the platform confirmed").raise_on(self.catalog)
@@ -83,6 +88,14 @@ class Clearing:
                                          "mqtt.receiver_keys and run: edge-agent verify " + record.file_id
                                  ).raise_on(self.catalog)
             return
+        # The intent is durable before the deletion, so a crash in between still ends in `source_cleared`.
+        self.catalog.audit(CLEARING, subject=record.file_id, reason=CLEAR_REASON, actor="edge-agent",
+                           detail={"device_id": record.device_id, "path": record.original_path})
         os.unlink(path)
         fsync_dir(path.parent)
         self.records.cleared(record, reason=CLEAR_REASON, actor="edge-agent")
+
+    def _was_deleting(self, record: FileRecord) -> bool:
+        """True if this file's last audit entry says its original was about to be deleted by us."""
+        last = self.catalog.audit_log.entries(record.file_id, limit=1, newest_first=True)
+        return bool(last) and last[0]["action"] == CLEARING
