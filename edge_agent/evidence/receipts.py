@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -61,6 +61,13 @@ def load_pem_keys(path: Path) -> dict[str, Ed25519PublicKey]:
     return keys
 
 
+def _stat_signature(path: Path) -> tuple:
+    """What changes when a pinned key file is added, removed, replaced or edited."""
+    files = sorted(path.glob("*.pem")) if path.is_dir() else [path]
+    return tuple((str(f), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns) for f in files
+                 for st in (f.stat(),))
+
+
 @dataclass(frozen=True)
 class PinnedKeys:
     """The receiver public keys an agent trusts (`mqtt.receiver_keys`: a PEM file or a directory of `*.pem`).
@@ -69,14 +76,21 @@ class PinnedKeys:
     distrusted at once, by the running daemon too (the rotation procedure in docs/PROTOCOL.md relies on it)."""
 
     path: Path | None
+    _cache: dict[tuple, dict[str, Ed25519PublicKey]] = field(default_factory=dict, compare=False, repr=False)
 
     def keys(self) -> dict[str, Ed25519PublicKey]:
-        """The pinned keys now; raises ReceiptError saying what to fix when there are none to use."""
+        """The pinned keys now; raises ReceiptError saying what to fix when there are none to use. The files are
+        parsed again whenever any of them (or the directory) changed since the last read: stat, not trust."""
         if self.path is None:
             raise ReceiptError("no receiver key is pinned (mqtt.receiver_keys is not set); set it to the "
                                "platform's receiver public key(s)")
         try:
-            keys = load_pem_keys(self.path)
+            state = _stat_signature(self.path)
+            keys = self._cache.get(state)
+            if keys is None:
+                keys = load_pem_keys(self.path)
+                self._cache.clear()
+                self._cache[state] = keys
         except (OSError, ValueError, ManifestError) as exc:
             raise ReceiptError(f"the pinned receiver keys {self.path} cannot be read ({exc}); "
                                "check mqtt.receiver_keys") from None
@@ -134,7 +148,11 @@ def check_receipt(receipt: object, keys: PinnedKeys, expected: Expected) -> dict
     """The receipt, if it proves the receiver stored exactly this file: signed by a pinned key, verdict
     complete, and bound to this agent, file, SHA-256, size and manifest. Raises ReceiptError naming the
     first thing that does not hold."""
-    doc = verify_receipt(receipt, keys, expected.agent_id, expected.file_id)
+    return check_bindings(verify_receipt(receipt, keys, expected.agent_id, expected.file_id), expected)
+
+
+def check_bindings(doc: dict[str, Any], expected: Expected) -> dict[str, Any]:
+    """`check_receipt` for a receipt whose signature `verify_receipt` already checked."""
     if doc.get("verdict") != VERDICT_COMPLETE:
         raise ReceiptError(f"the receipt's verdict is {doc.get('verdict')!r}, not complete")
     for name in ("sha256", "size", "manifest_sha256"):

@@ -24,7 +24,7 @@ from edge_agent.catalog import Catalog, FileRecord
 from edge_agent.config import ConfigError, Problem
 from edge_agent.durable import atomic_write
 from edge_agent.evidence.manifest import canonical_json
-from edge_agent.evidence.receipts import Expected, PinnedKeys, ReceiptError, check_receipt, verify_receipt
+from edge_agent.evidence.receipts import Expected, PinnedKeys, ReceiptError, check_bindings, verify_receipt
 from edge_agent.layout import StoreLayout
 from edge_agent.protocol.wire import ACK_COMPLETE, ACK_REJECTED, Ack
 from edge_agent.sync.transfer import MarkRejected, MarkSynced, Unverified, Verdict
@@ -51,7 +51,7 @@ def judge(ack: Ack, expected: Expected, keys: PinnedKeys) -> Verdict | Unverifie
         return MarkRejected(f"receiver confirmed SHA-256 {doc.get('sha256')}, but the manifest says "
                             f"{expected.sha256}", receipt=doc)
     try:
-        check_receipt(doc, keys, expected)
+        check_bindings(doc, expected)
     except ReceiptError as exc:
         return Unverified(str(exc))
     return MarkSynced(str(expected.sha256), receipt=doc)
