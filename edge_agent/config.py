@@ -88,6 +88,10 @@ class MqttSection(_Section):
     max_command_kib: Annotated[int, Field(ge=1, le=1024)] = 16
     # The same file answered this many times with an ack the agent cannot use: alarm `sync_incompatible`.
     incompatible_acks: Annotated[int, Field(ge=1, le=1000)] = 5
+    # The platform's receiver public keys (a PEM file or a directory of *.pem): a `complete` ack counts only
+    # with a receipt signed by one of them (docs/PROTOCOL.md, Receipts). Unset: nothing is ever synced. Read
+    # afresh at every check; a path that does not exist stops the uplink at start (ConfigError).
+    receiver_keys: Path | None = None
 
     @model_validator(mode="after")
     def _tls_pair(self) -> MqttSection:
@@ -198,6 +202,11 @@ class ReceiverSection(_Section):
     max_reserved_gb_per_agent: Annotated[float, Field(gt=0)] = 256   # sum of the sizes of its open transfers
     min_free_gb: Annotated[float, Field(ge=0)] = 5                   # free space kept on the store's disk
     incoming_expiry_days: Annotated[float, Field(gt=0)] = 7          # an untouched transfer is dropped after
+    signing_key_dir: Path | None = None   # the receiver's Ed25519 receipt key; default <store_dir>/keys
+
+    @property
+    def receipt_key_dir(self) -> Path:
+        return self.signing_key_dir or self.store_dir / "keys"
 
 
 class AgentConfig(_Section):

@@ -1,6 +1,7 @@
 """Where bytes live under data_dir: staging/ (partial copies), store/ (sealed
-media, read-only), manifests/ and sessions/ (signed documents); and who owns it
-(`DataDirLock`: one process at a time may recover, ingest and clean up there)."""
+media, read-only), manifests/ and sessions/ (signed documents), receipts/ (the
+receiver's signed receipts of synced files); and who owns it (`DataDirLock`: one process at a time may
+recover, ingest and clean up there)."""
 
 from __future__ import annotations
 
@@ -80,6 +81,14 @@ class StoreLayout:
 
     def manifest_path(self, file_id: str) -> Path:
         return self.manifests / file_id[-2:] / f"{file_id}.json"
+
+    @property
+    def receipts(self) -> Path:
+        return self.data_dir / "receipts"
+
+    def receipt_path(self, file_id: str) -> Path:
+        """The receiver's signed receipt of a synced file, kept beside its manifest's fan-out."""
+        return self.receipts / file_id[-2:] / f"{file_id}.json"
 
     def session_manifest_path(self, session_id: str) -> Path:
         return self.sessions / f"{session_id}.json"

@@ -40,6 +40,7 @@ sys.path.insert(0, str(ROOT))
 from edge_agent.config import MqttSection  # noqa: E402
 from tests.helpers import write_toml  # noqa: E402
 from tests.peers.mosquitto import Mosquitto, free_port  # noqa: E402
+from tests.sync_support import pin_receiver_key  # noqa: E402
 
 PY = sys.executable
 AGENT_ID = "ws-bench-01"
@@ -149,6 +150,8 @@ def drain(work: Path, port: int, *, backlog: int, file_size: int, chunk_kib: int
             "reconnect_max_s": 0.2}
     if cap_kbps:
         mqtt["bandwidth_kbps"] = cap_kbps
+    mqtt["receiver_keys"] = str(work / "pinned")   # the receiver's receipt key, pinned before the agent starts
+    pin_receiver_key(work / "received" / "keys", work / "pinned", "receiver")
     agent_toml = write_toml(work / "agent.toml", {
         "agent": {"id": AGENT_ID, "site": "bench", "unit": "bench", "data_dir": str(data_dir),
                   "max_disk_gb": 1000, "min_free_mb": 0, "verify_readback": False},

@@ -113,7 +113,8 @@ def main() -> int:
     os.chmod(work, 0o750)
     dock_root, data_dir, store = work / "dock", work / "agent-data", work / "receiver-store"
     keys_dir = work / "receiver-keys"
-    for path in (dock_root, keys_dir):
+    pinned = work / "pinned-receiver-keys"   # the agent's mqtt.receiver_keys: the receipt keys it trusts
+    for path in (dock_root, keys_dir, pinned):
         path.mkdir(exist_ok=True)
 
     broker = Mosquitto(work / "broker").start()
@@ -121,7 +122,7 @@ def main() -> int:
     agent_cfg = write_toml(work / "agent.toml", {
         "agent": {"id": AGENT_ID, "site": "nj-gulou", "unit": "鼓楼区城管大队", "data_dir": str(data_dir),
                   "max_disk_gb": 20, "min_free_mb": 64},
-        "mqtt": {"host": "127.0.0.1", "port": broker.port},
+        "mqtt": {"host": "127.0.0.1", "port": broker.port, "receiver_keys": str(pinned)},
         "docks": [{"name": "dock-a", "kind": "directory", "root": str(dock_root), "clear_after_sync": True,
                    "settle_s": 0.5, "rescan_s": 1.0}],
         **({"cameras": [camera]} if camera else {}),
@@ -138,6 +139,10 @@ def main() -> int:
     key = json.loads(edge_agent("--json", "keys", "show", config=agent_cfg).stdout)
     (keys_dir / f"{AGENT_ID}.pem").write_text(key["public_key_pem"])
     console.print(f"agent key {key['key_id']} enrolled at the receiver")
+    receipt_key = json.loads(edge_agent("--json", "receiver", "keys", "show", "-c", str(receiver_cfg),
+                                        config=agent_cfg).stdout)
+    (pinned / "receiver-1.pem").write_text(receipt_key["public_key_pem"])
+    console.print(f"receiver receipt key {receipt_key['key_id']} pinned by the agent")
 
     logs = {name: open(work / f"{name}.log", "ab") for name in ("receiver", "agent")}  # noqa: SIM115
     receiver = subprocess.Popen([sys.executable, "-m", "edge_agent.cli", "receiver", "run", "-c", str(receiver_cfg)],

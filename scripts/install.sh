@@ -7,6 +7,8 @@
 #   - the package into /opt/edge-agent/venv, the command at /usr/local/bin/edge-agent
 #   - units into /etc/systemd/system, tmpfiles into /usr/lib/tmpfiles.d, the dock udev rule into /etc/udev/rules.d
 #   - /etc/edge-agent/agent.toml from config/agent.example.toml (an existing config is never overwritten)
+#   - /etc/edge-agent/receiver-keys/: the platform's receipt keys the agent pins (the local receiver's with
+#     --with-receiver)
 # It does not start anything unless --start is given: edit the config first (agent id, broker, docks).
 set -euo pipefail
 
@@ -78,6 +80,21 @@ if [ "$WITH_RECEIVER" -eq 1 ]; then
 fi
 
 install -d -m 0750 -o root -g edge-agent /etc/edge-agent
+# The platform's receipt keys the agent pins (mqtt.receiver_keys): root writes them, the agent reads them.
+install -d -m 0755 -o root -g edge-agent /etc/edge-agent/receiver-keys
+if [ "$WITH_RECEIVER" -eq 1 ]; then
+  # A receiver on this host: make its receipt key and pin its public half for the local agent.
+  install -d -m 0750 -o edge-receiver -g edge-receiver /var/lib/edge-receiver
+  if pem=$(runuser -u edge-receiver -- /usr/local/bin/edge-agent --json receiver keys show \
+           -c /etc/edge-receiver/receiver.toml | "$PREFIX/venv/bin/python" -c \
+           'import json, sys; print(json.load(sys.stdin)["public_key_pem"], end="")'); then
+    printf '%s' "$pem" > /etc/edge-agent/receiver-keys/local-receiver.pem
+    chmod 0644 /etc/edge-agent/receiver-keys/local-receiver.pem
+    say "pinned the local receiver's receipt key in /etc/edge-agent/receiver-keys/local-receiver.pem"
+  else
+    say "could not read the local receiver's receipt key; pin it by hand (edge-agent receiver keys show)"
+  fi
+fi
 if [ ! -e /etc/edge-agent/agent.toml ]; then
   install -m 0640 -o root -g edge-agent "$SRC/config/agent.example.toml" /etc/edge-agent/agent.toml
   say "wrote /etc/edge-agent/agent.toml from the example: set agent.id, the broker and the docks"
@@ -103,6 +120,8 @@ cat <<EOF
 install: done. Next:
   1. edit /etc/edge-agent/agent.toml, then: edge-agent config check
   2. enrol the agent's key on the platform: sudo -u edge-agent edge-agent keys show
+     and pin the platform's receipt key(s): copy each receiver's public key (edge-agent receiver keys show,
+     on the receiver) into /etc/edge-agent/receiver-keys/<name>.pem; without one nothing is ever synced
   3. systemctl enable --now edge-agent   (status: sudo edge-agent status; journalctl -u edge-agent)
   Custodians run edge-agent commands with sudo: the audit log records who (SUDO_USER).
 EOF

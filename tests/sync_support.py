@@ -18,6 +18,7 @@ import paho.mqtt.client as mqtt
 from ulid import ULID
 
 from edge_agent.evidence.manifest import AgentKey, canonical_json
+from edge_agent.platform.receiver.receipts import ReceiverKey
 from edge_agent.protocol.wire import ChunkHeader, chunk_count, chunk_span, encode_chunk
 from tests.helpers import wait_for, write_toml
 
@@ -66,10 +67,12 @@ def agent_setup(tmp: Path, port: int, *, dock_root: Path | None = None, clear_af
     """agent.toml with a directory dock, fast retries; returns (config path, data dir)."""
     data_dir = tmp / "agent-data"
     data_dir.mkdir(mode=0o750, exist_ok=True)
+    pinned_dir(tmp).mkdir(exist_ok=True)
     config: dict[str, Any] = {
         "agent": {"id": AGENT_ID, "site": "nj-gulou", "unit": "鼓楼区城管大队", "data_dir": str(data_dir),
                   "max_disk_gb": 50, "min_free_mb": 0},
-        "mqtt": {"port": port, "reconnect_min_s": 0.1, "reconnect_max_s": 1, "ack_timeout_s": 2, **(mqtt or {})},
+        "mqtt": {"port": port, "reconnect_min_s": 0.1, "reconnect_max_s": 1, "ack_timeout_s": 2,
+                 "receiver_keys": str(pinned_dir(tmp)), **(mqtt or {})},
     }
     if dock_root is not None:
         config["docks"] = [{"name": "bench", "kind": "directory", "root": str(dock_root), "settle_s": 0,
@@ -85,8 +88,24 @@ def enrol(agent_toml: Path, keys_dir: Path) -> None:
     (keys_dir / f"{AGENT_ID}.pem").write_text(json.loads(out.stdout)["public_key_pem"])
 
 
+def pinned_dir(tmp: Path) -> Path:
+    """The directory of receiver public keys the test agent pins (`mqtt.receiver_keys`)."""
+    return tmp / "pinned-receiver-keys"
+
+
+def pin_receiver_key(key_dir: Path, pinned: Path, name: str) -> str:
+    """What a platform operator does before a receiver signs receipts: its public key (made now if new) onto
+    the agents, as `<pinned>/<name>.pem`. Returns its key id."""
+    key = ReceiverKey.load_or_create(key_dir)
+    pinned.mkdir(parents=True, exist_ok=True)
+    (pinned / f"{name}.pem").write_text(key.public_pem())
+    return key.key_id
+
+
 def receiver_setup(tmp: Path, port: int, store: Path, keys_dir: Path, *, name: str = "receiver-1",
                    **receiver: Any) -> Path:
+    """receiver.toml; its receipt key (in `<store>/keys`) is pinned for the agent of `agent_setup(tmp, ...)`."""
+    pin_receiver_key(store / "keys", pinned_dir(tmp), name)
     return write_toml(tmp / f"{name}.toml", {
         "mqtt": {"port": port, "reconnect_min_s": 0.1, "reconnect_max_s": 1},
         "receiver": {"store_dir": str(store), "keys_dir": str(keys_dir), "client_id": name, **receiver}})
@@ -131,21 +150,28 @@ def receiver_logged(tmp: Path, text: str, name: str = "receiver-1") -> bool:
     return log.exists() and text in log.read_text(errors="replace")
 
 
+def subscribed_client(port: int, client_id: str, topic: str, on_payload: Any) -> mqtt.Client:
+    """A paho client on the local broker, subscribed (the SUBACK awaited) to `topic`; each payload goes to
+    `on_payload(bytes)` on paho's thread."""
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
+    client.on_message = lambda _c, _u, m: on_payload(m.payload)
+    subscribed: queue.Queue[bool] = queue.Queue()
+    client.on_subscribe = lambda *_: subscribed.put(True)
+    client.connect("127.0.0.1", port)
+    client.loop_start()
+    client.subscribe(topic, qos=1)
+    subscribed.get(timeout=10)
+    return client
+
+
 class ScriptedAgent:
     """Speaks wire protocol v1 to a receiver by hand, with a real Ed25519 key: well or badly."""
 
     def __init__(self, port: int, key: AgentKey, agent_id: str = AGENT_ID):
         self.key, self.agent_id = key, agent_id
         self.acks: queue.Queue[dict[str, Any]] = queue.Queue()
-        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"scripted-{agent_id}",
-                                  protocol=mqtt.MQTTv5)
-        self.client.on_message = lambda _c, _u, m: self.acks.put(json.loads(m.payload))
-        subscribed: queue.Queue[bool] = queue.Queue()
-        self.client.on_subscribe = lambda *_: subscribed.put(True)
-        self.client.connect("127.0.0.1", port)
-        self.client.loop_start()
-        self.client.subscribe(f"{ROOT}/{agent_id}/acks", qos=1)
-        subscribed.get(timeout=10)
+        self.client = subscribed_client(port, f"scripted-{agent_id}", f"{ROOT}/{agent_id}/acks",
+                                        lambda payload: self.acks.put(json.loads(payload)))
 
     def close(self) -> None:
         self.client.disconnect()

@@ -18,6 +18,7 @@ from edge_agent.daemon import Agent
 from edge_agent.evidence.manifest import load_public_key, read_document, verify_signature
 from edge_agent.ops.custody import tag
 from edge_agent.ops.retention import Retention
+from edge_agent.platform.receiver.receipts import PUB_FILE, ReceiverKey
 from tests.helpers import agent_config
 from tests.opsdata import confirm, ingest_file
 
@@ -26,7 +27,8 @@ CASE = "鼓城管罚〔2026〕17号"
 
 def exported_case(tmp_path: Path) -> tuple[Path, Agent, list[str], str]:
     """Three files of a case (one already purged locally after sync) and one unrelated file."""
-    cfg_path, cfg = agent_config(tmp_path)
+    ReceiverKey.load_or_create(tmp_path / "receiver-key")   # the platform's receipt key, pinned by the agent
+    cfg_path, cfg = agent_config(tmp_path, mqtt={"receiver_keys": str(tmp_path / "receiver-key" / PUB_FILE)})
     agent = Agent(cfg, dock_drivers=[])
     src = tmp_path / "src"
     files = [ingest_file(agent, src, f"clip{i}.MP4", 50_000 + i) for i in range(3)]
@@ -71,7 +73,16 @@ def test_export_writes_a_bag_that_bagit_validates_and_signatures_prove(tmp_path:
         verify_signature(read_document(data / entry["annotations"][0]), public)
         if file_id == purged_id:
             assert entry["media"] is None
+            # The platform's receipt proves it holds the purged file: signed by a receiver key in the bag,
+            # bound to the manifest in the bag byte for byte.
+            receipt = read_document(data / entry["receipt"])
+            receiver = load_public_key(next((data / "keys" / "receivers").glob("*.pem")).read_bytes())
+            verify_signature(receipt, receiver)
+            manifest_bytes = (data / "manifests" / f"{file_id}.json").read_bytes()
+            assert receipt["manifest_sha256"] == hashlib.sha256(manifest_bytes).hexdigest()
+            assert (receipt["file_id"], receipt["sha256"]) == (file_id, manifest["sha256"])
             continue
+        assert entry["receipt"] is None   # not synced: no receipt
         media = (data / entry["media"]).read_bytes()
         assert hashlib.sha256(media).hexdigest() == manifest["sha256"]
     assert "other.MP4" not in json.dumps(report)

@@ -203,7 +203,7 @@ def minimal_pair(tmp_path: Path, port: int, **receiver: Any) -> tuple[Path, Path
     dock = tmp_path / "dock"
     dock.mkdir()
     agent_toml, data_dir = rig.agent_setup(tmp_path, port, dock_root=dock)
-    peer = MinimalReceiver(port, ROOT, **receiver)
+    peer = MinimalReceiver(port, ROOT, pin_to=rig.pinned_dir(tmp_path), **receiver)
     agent = rig.agent_proc(tmp_path, agent_toml).start()
     make_recorder_volume(dock, "VOL1", {"DCIM/REC0001.MP4": 1_500_000, "DCIM/REC0002.MP4": 0,
                                         "DCIM/REC0003.MP4": 7})

@@ -9,7 +9,7 @@ its audit entry. Callers make the bytes durable first (see `durable`).
 `Catalog` holds the connection, its lock and `transaction()`, and composes one
 repository per table (`catalog.files`, `.sessions`, `.devices`, `.checkouts`,
 `.holds`, `.alarms`, `.documents`, `.meta`, `.outbox`, `.command_ids`,
-`.audit_log`); the schema and its migrations are in `schema`. Repository
+`.receipts`, `.audit_log`); the schema and its migrations are in `schema`. Repository
 writes join the caller's transaction when there is one, so several of them
 (and `audit.append`) commit together.
 
@@ -37,6 +37,7 @@ from edge_agent.catalog.events import Outbox
 from edge_agent.catalog.files import FileRecord, Files, TransitionError, UnknownFile, new_id
 from edge_agent.catalog.holds import Holds
 from edge_agent.catalog.meta import Meta
+from edge_agent.catalog.receipts import Receipts
 from edge_agent.catalog.schema import LANE_CAMERA, LANE_EVIDENCE, LANE_RECORDER
 from edge_agent.catalog.sessions import Sessions
 from edge_agent.catalog.states import (
@@ -89,6 +90,7 @@ class Catalog:
         self.meta = Meta(self)
         self.outbox = Outbox(self)
         self.command_ids = CommandIds(self)
+        self.receipts = Receipts(self)
         self.audit_log = AuditLog(self)
 
     def close(self) -> None:

@@ -117,8 +117,15 @@ def _add_source_fingerprint(conn: sqlite3.Connection) -> None:
                  " WHERE source_fingerprint IS NOT NULL")
 
 
+def _add_receipts(conn: sqlite3.Connection) -> None:
+    """receipts: the receiver's signed receipt of each synced file (catalog/receipts.py), one per file."""
+    conn.execute("CREATE TABLE IF NOT EXISTS receipts (file_id TEXT PRIMARY KEY, receiver_key_id TEXT NOT NULL,"
+                 " receipt TEXT NOT NULL, sha256 TEXT NOT NULL, received_ms INTEGER NOT NULL)")
+
+
 # Applied in order, each once; never edit or reorder a released one, append a new one.
-MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_add_extras, _add_command_ids, _add_source_fingerprint]
+MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_add_extras, _add_command_ids, _add_source_fingerprint,
+                                                         _add_receipts]
 
 
 def create(conn: sqlite3.Connection) -> None:

@@ -105,9 +105,18 @@ def files_show(ctx: typer.Context, file_id: str, reason: Reason = None) -> None:
     history = [{"ts": fmt_ms(h.ts_ms), "actor": h.actor, "action": h.action, "reason": h.reason}
                for h in detail.history]
     if options(ctx).json:
-        emit(ctx, {"file": detail.file.as_dict(), "manifest": detail.manifest, "history": history})
+        emit(ctx, {"file": detail.file.as_dict(), "manifest": detail.manifest, "history": history,
+                   "receipt": detail.receipt, "receipt_verifies": detail.receipt is not None
+                   and detail.receipt_problem is None, "receipt_problem": detail.receipt_problem})
         return
     console.print(table(f"File {file_id}", ["field", "value"], [[k, v] for k, v in detail.file.as_dict().items()]))
+    if detail.receipt is not None:
+        receipt = detail.receipt
+        console.print(table("Platform receipt", ["field", "value"], [
+            ["verifies", "yes" if detail.receipt_problem is None else f"NO: {detail.receipt_problem}"],
+            ["receiver key", receipt.get("key_id")], ["verdict", receipt.get("verdict")],
+            ["stored", fmt_ms(receipt.get("stored_ms"))], ["sha256", receipt.get("sha256")],
+            ["manifest sha256", receipt.get("manifest_sha256")]]))
     console.print(table("History", ["time", "actor", "action", "reason"],
                         [[h["ts"], h["actor"], h["action"], h["reason"]] for h in history]))
 

@@ -1,4 +1,5 @@
-"""`edge-agent receiver run`: the reference receiver (central side of the wire protocol); `receiver fsck`."""
+"""`edge-agent receiver run|keys|fsck`: the reference receiver (central side of the wire protocol), its receipt
+key, and the check of its store."""
 
 from __future__ import annotations
 
@@ -9,26 +10,45 @@ import typer
 
 from edge_agent import services
 from edge_agent.cli.app import app, emit, fail, options, table
-from edge_agent.config import ConfigError, load_receiver_config
+from edge_agent.config import ConfigError, ReceiverConfig, load_receiver_config
 
 receiver_app = typer.Typer(no_args_is_help=True, help="The reference receiver: verify, store and ack agents' files.")
 app.add_typer(receiver_app, name="receiver")
+keys_app = typer.Typer(no_args_is_help=True, help="The receiver's receipt key, which agents pin.")
+receiver_app.add_typer(keys_app, name="keys")
+ConfigOption = Annotated[Path | None, typer.Option("--config", "-c", help="receiver.toml ([mqtt] and [receiver])")]
 
 
-@receiver_app.command("run")
-def receiver_run(
-    ctx: typer.Context,
-    config: Annotated[Path | None, typer.Option("--config", "-c", help="receiver.toml ([mqtt] and [receiver])")]
-    = None,
-) -> None:
-    """Run a receiver until SIGTERM. Several may share one store and a shared subscription."""
-    path = config or options(ctx).config_path
+def _config(ctx: typer.Context, config: Path | None) -> ReceiverConfig:
     try:
-        cfg = load_receiver_config(path)
+        return load_receiver_config(config or options(ctx).config_path)
     except ConfigError as exc:
         fail(str(exc), code=2)
         raise
-    services.receiver.serve(cfg)
+
+
+@receiver_app.command("run")
+def receiver_run(ctx: typer.Context, config: ConfigOption = None) -> None:
+    """Run a receiver until SIGTERM. Several may share one store and a shared subscription."""
+    services.receiver.serve(_config(ctx, config))
+
+
+@keys_app.command("show")
+def keys_show(ctx: typer.Context, config: ConfigOption = None) -> None:
+    """The receipt key's id and public key: install it on every agent (mqtt.receiver_keys)."""
+    key = services.receiver.receipt_key(_config(ctx, config))
+    emit(ctx, key.as_dict(), f"receipt key id {key.key_id}\npublic key file {key.path}\n{key.public_key_pem}")
+
+
+@keys_app.command("rotate")
+def keys_rotate(ctx: typer.Context, config: ConfigOption = None) -> None:
+    """Replace the receipt key. Pin the new public key on every agent BEFORE restarting the receiver; remove the
+    old one from the agents after (docs/PROTOCOL.md, Receipts)."""
+    key = services.receiver.receipt_key(_config(ctx, config), rotate=True)
+    emit(ctx, key.as_dict(), f"receipt key {key.old_key_id} replaced by {key.key_id}\n"
+                             f"1. install {key.path} on every agent's mqtt.receiver_keys (keep the old key)\n"
+                             f"2. restart the receiver\n3. then remove {key.old_key_id} from the agents\n"
+                             f"{key.public_key_pem}")
 
 
 @receiver_app.command("fsck")

@@ -2,7 +2,8 @@
 
 The bag's payload holds, for every file tagged with the case: the media
 copy, its signed manifest, the session manifests of the dockings that brought
-it, its signed annotations, the agent's public key, a verification report
+it, its signed annotations, the platform's signed receipt (and the receiver key
+that signed it), the agent's public key, a verification report
 and a short note on how to check it all. Bag-level SHA-256 manifests let a
 third party validate the bag with any BagIt tool (`bagit.py --validate`);
 the signatures and the manifests' `sha256` prove the media are the originals.
@@ -23,14 +24,16 @@ from pathlib import Path
 from typing import Any
 
 import bagit
+from cryptography.hazmat.primitives import serialization
 
 from edge_agent.catalog import Catalog, FileRecord, audit
 from edge_agent.clock import now_ms
 from edge_agent.config import AgentConfig
 from edge_agent.digest import hash_stream
 from edge_agent.durable import make_dirs
-from edge_agent.evidence.manifest import AgentKey, read_document
-from edge_agent.evidence.verify import verify_file
+from edge_agent.evidence.manifest import AgentKey, canonical_json, read_document
+from edge_agent.evidence.receipts import PinnedKeys, ReceiptError, ReceiptTrust
+from edge_agent.evidence.verify import verify_file, verify_receipt
 from edge_agent.layout import StoreLayout
 
 log = logging.getLogger(__name__)
@@ -45,7 +48,11 @@ How to check this bag:
 3. Each manifest, session manifest and annotation is signed: "sig" is an Ed25519 signature (base64) by
    keys/agent_ed25519.pub over the document's canonical JSON without "sig" (RFC 8785: UTF-8, sorted keys, no
    whitespace); "key_id" names the key. "prev" links each document to the agent's previous one.
-4. verification.json is the agent's own check at export time.
+4. Each receipts/<file_id>.json is the platform's signed receipt of a synced file: "sig" is an Ed25519
+   signature by the receiver key keys/receivers/<key id>.pem named in "key_id", over the receipt's canonical
+   JSON without "sig"; it binds "file_id", "sha256", "size" and "manifest_sha256" (the SHA-256 of
+   manifests/<file_id>.json, byte for byte).
+5. verification.json is the agent's own check at export time.
 Files whose media are not in this bag were purged locally after the platform confirmed them; their
 manifests are here and the platform holds the confirmed copy.
 """
@@ -150,9 +157,10 @@ def export_case(catalog: Catalog, layout: StoreLayout, key: AgentKey, config: Ag
 
 def _write_payload(catalog: Catalog, layout: StoreLayout, key: AgentKey, config: AgentConfig,
                    records: list[FileRecord], dest: Path, result: ExportResult) -> None:
-    for sub in ("media", "manifests", "sessions", "annotations", "keys"):
+    for sub in ("media", "manifests", "sessions", "annotations", "keys", "receipts"):
         make_dirs(dest / sub)
     (dest / "keys" / "agent_ed25519.pub").write_text(key.public_pem(), encoding="ascii")
+    trust = ReceiptTrust(config.agent.id, PinnedKeys(config.mqtt.receiver_keys))
     annotations = _annotations_by_file(catalog, layout, {r.file_id for r in records})
     sessions: set[str] = set()
     entries: list[dict[str, Any]] = []
@@ -181,6 +189,7 @@ def _write_payload(catalog: Catalog, layout: StoreLayout, key: AgentKey, config:
         for path in annotations.get(record.file_id, []):
             (dest / "annotations" / path.name).write_bytes(path.read_bytes())
             entry["annotations"].append(f"annotations/{path.name}")
+        entry["receipt"] = _write_receipt(catalog, layout, trust, record, dest, findings)
         entry["findings"] = findings
         result.problems.extend(findings)
         result.files += 1
@@ -193,3 +202,24 @@ def _write_payload(catalog: Catalog, layout: StoreLayout, key: AgentKey, config:
               "sessions": sorted(sessions)}
     (dest / "verification.json").write_text(json.dumps(report, ensure_ascii=False, indent=2, sort_keys=True),
                                             encoding="utf-8")
+
+
+def _write_receipt(catalog: Catalog, layout: StoreLayout, trust: ReceiptTrust, record: FileRecord, dest: Path,
+                   findings: list[str]) -> str | None:
+    """Put the platform's receipt of `record` (and the receiver key that signed it, if pinned) in the bag;
+    what does not verify is added to `findings`. Returns its path in the bag, or None."""
+    findings.extend(str(f) for f in verify_receipt(record, catalog, layout, trust))
+    receipt = catalog.receipts.get(record.file_id)
+    if receipt is None:
+        return None
+    (dest / "receipts" / f"{record.file_id}.json").write_bytes(canonical_json(receipt))
+    key_id = str(receipt.get("key_id"))
+    try:
+        public = trust.keys.keys().get(key_id)
+    except ReceiptError:
+        public = None
+    if public is not None:
+        (dest / "keys" / "receivers").mkdir(exist_ok=True)
+        pem = public.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        (dest / "keys" / "receivers" / f"{key_id.split(':', 1)[-1]}.pem").write_bytes(pem)
+    return f"receipts/{record.file_id}.json"

@@ -198,6 +198,9 @@ def _load_private(path: Path) -> Ed25519PrivateKey:
     return loaded
 
 
+load_private_key = _load_private   # public: the receiver's receipt key is loaded the same way
+
+
 def _load_retired(keys_dir: Path) -> dict[str, Ed25519PublicKey]:
     retired = {}
     for pub in sorted((keys_dir / RETIRED_DIR).glob("*.pub")):

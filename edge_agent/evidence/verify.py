@@ -1,5 +1,6 @@
 """Tamper detection (G4): re-hash stored files, check every signed document and
-both chains (documents and audit). Used by `edge-agent verify` and the scrub."""
+both chains (documents and audit), and the platform's receipt of every synced file. Used by
+`edge-agent verify` and the scrub."""
 
 from __future__ import annotations
 
@@ -7,9 +8,17 @@ import hashlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from edge_agent.catalog import Catalog, FileRecord, State
+from edge_agent.catalog import CONFIRMED, Catalog, FileRecord, State
 from edge_agent.digest import hash_file
-from edge_agent.evidence.manifest import GENESIS_PREV, AgentKey, ManifestError, read_document, verify_signature
+from edge_agent.evidence.manifest import (
+    GENESIS_PREV,
+    AgentKey,
+    ManifestError,
+    canonical_json,
+    read_document,
+    verify_signature,
+)
+from edge_agent.evidence.receipts import ReceiptTrust
 from edge_agent.layout import StoreLayout
 
 
@@ -51,6 +60,29 @@ def verify_file(record: FileRecord, layout: StoreLayout, key: AgentKey,
         findings.append(Finding(record.file_id, "media",
                                 f"stored copy {stored} does not match its manifest (sha256 {digest[:16]}…, "
                                 f"{size} bytes): altered after sealing"))
+    return findings
+
+
+def verify_receipt(record: FileRecord, catalog: Catalog, layout: StoreLayout, trust: ReceiptTrust) -> list[Finding]:
+    """A file the platform confirmed (synced, cleared, purged) has the receiver's receipt, in the catalog and
+    beside its manifest, byte for byte the same, and it verifies against the pinned receiver keys."""
+    if record.state not in CONFIRMED:
+        return []
+    receipt = catalog.receipts.get(record.file_id)
+    if receipt is None:
+        return [Finding(record.file_id, "receipt", "marked synced, but the catalog holds no receipt from the platform")]
+    findings = []
+    try:
+        copy = layout.receipt_path(record.file_id).read_bytes()
+    except OSError as exc:
+        findings.append(Finding(record.file_id, "receipt", f"the receipt's copy beside the manifest is missing: "
+                                                           f"{exc.strerror}"))
+    else:
+        if copy != canonical_json(receipt):
+            findings.append(Finding(record.file_id, "receipt", "the receipt's copy differs from the catalog's"))
+    problem = trust.problem(receipt, record)
+    if problem is not None:
+        findings.append(Finding(record.file_id, "receipt", problem))
     return findings
 
 
@@ -106,10 +138,15 @@ def iter_files(catalog: Catalog, file_ids: list[str] | None = None) -> Iterator[
 
 
 def verify_all(catalog: Catalog, layout: StoreLayout, key: AgentKey, file_ids: list[str] | None = None,
-               progress: Callable[[FileRecord], None] | None = None) -> list[Finding]:
+               progress: Callable[[FileRecord], None] | None = None,
+               receipts: ReceiptTrust | None = None) -> list[Finding]:
+    """Every finding about these files (default: all, then the chain and the audit log); with `receipts`, the
+    platform's receipt of every confirmed file too."""
     findings: list[Finding] = []
     for record in iter_files(catalog, file_ids):
         findings.extend(verify_file(record, layout, key))
+        if receipts is not None:
+            findings.extend(verify_receipt(record, catalog, layout, receipts))
         if progress is not None:
             progress(record)
     if not file_ids:

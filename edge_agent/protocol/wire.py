@@ -248,15 +248,20 @@ class Ack:
     have: list[list[int]]
     sha256: str | None = None
     reason: str | None = None
+    receipt: dict[str, Any] | None = None   # the receiver's signed receipt (complete, rejected)
 
     @classmethod
     def from_json(cls, doc: dict[str, Any]) -> Ack:
         """An ack from its decoded JSON (`decode_json(payload, "ack")`). Only `file_id` and `state` are required:
-        `have`, `sha256` and `reason` may be absent (read as [], None, None) and unknown fields are ignored
-        (docs/PROTOCOL.md, "Reading an ack"), so a receiver that leaves out what does not apply to the state,
-        or adds what a later version defines, is understood."""
-        return cls(doc["file_id"], doc["state"], doc.get("have") or [], doc.get("sha256"), doc.get("reason"))
+        `have`, `sha256`, `reason` and `receipt` may be absent (read as [], None, None, None) and unknown fields
+        are ignored (docs/PROTOCOL.md, "Reading an ack"), so a receiver that leaves out what does not apply to
+        the state, or adds what a later version defines, is understood."""
+        return cls(doc["file_id"], doc["state"], doc.get("have") or [], doc.get("sha256"), doc.get("reason"),
+                   doc.get("receipt"))
 
     def encode(self) -> bytes:
-        return canonical_json({"file_id": self.file_id, "state": self.state, "have": self.have,
-                            "sha256": self.sha256, "reason": self.reason})
+        body: dict[str, Any] = {"file_id": self.file_id, "state": self.state, "have": self.have,
+                                "sha256": self.sha256, "reason": self.reason}
+        if self.receipt is not None:
+            body["receipt"] = self.receipt
+        return canonical_json(body)

@@ -11,16 +11,20 @@ from typing import Any
 from edge_agent.catalog import FileRecord, State, UnknownFile
 from edge_agent.catalog import audit as audit_log
 from edge_agent.catalog.reports import AuditEntry
+from edge_agent.evidence.receipts import PinnedKeys, ReceiptTrust
 from edge_agent.services.workspace import Result, ServiceError, Workspace, refusals
 
 
 @dataclass(frozen=True)
 class FileDetail(Result):
-    """One file's catalog row, its signed manifest (None before sealing) and its audit history."""
+    """One file's catalog row, its signed manifest (None before sealing), its audit history, and the platform's
+    signed receipt (None before it synced) with why it does not verify now (None when it does)."""
 
     file: FileRecord
     manifest: dict[str, Any] | None
     history: tuple[AuditEntry, ...]
+    receipt: dict[str, Any] | None = None
+    receipt_problem: str | None = None
 
 
 @dataclass(frozen=True)
@@ -44,7 +48,10 @@ def show(ws: Workspace, file_id: str, *, reason: str | None = None) -> FileDetai
     ws.catalog.audit("files.show", subject=file_id, reason=reason)
     manifest_path = ws.layout.manifest_path(file_id)
     manifest = json.loads(manifest_path.read_bytes()) if manifest_path.exists() else None
-    return FileDetail(record, manifest, tuple(ws.reports.history(file_id)))
+    receipt = ws.catalog.receipts.get(file_id)
+    trust = ReceiptTrust(ws.config.agent.id, PinnedKeys(ws.config.mqtt.receiver_keys))
+    problem = trust.problem(receipt, record) if receipt is not None else None
+    return FileDetail(record, manifest, tuple(ws.reports.history(file_id)), receipt, problem)
 
 
 def view(ws: Workspace, file_id: str, *, reason: str, approved_by: str, to: Path | None = None) -> Viewing:

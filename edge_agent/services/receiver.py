@@ -1,4 +1,5 @@
-"""`edge-agent receiver run`: the reference receiver (central side of the wire protocol); `receiver fsck`."""
+"""`edge-agent receiver run|keys|fsck`: the reference receiver (central side of the wire protocol), its receipt
+key, and the check of its store."""
 
 from __future__ import annotations
 
@@ -7,7 +8,17 @@ from pathlib import Path
 from typing import Any
 
 from edge_agent.config import ReceiverConfig
-from edge_agent.services.workspace import ServiceError
+from edge_agent.services.workspace import Result, ServiceError
+
+
+@dataclass(frozen=True)
+class ReceiptKeyInfo(Result):
+    """The receiver's receipt key: what every agent pins (`mqtt.receiver_keys`)."""
+
+    key_id: str
+    public_key_pem: str
+    path: Path                       # the public key's file, to copy onto the agents
+    old_key_id: str | None = None    # after a rotation: the key it replaced
 
 
 def serve(config: ReceiverConfig) -> None:
@@ -49,3 +60,16 @@ def fsck(store_dir: Path, *, repair: bool = False) -> FsckResult:
     except OSError as exc:
         raise ServiceError(f"cannot check the receiver store {store_dir}: {exc}", code=2) from exc
     return FsckResult(report.store, report.objects_checked, [asdict(f) for f in report.findings], report.clean)
+
+
+def receipt_key(config: ReceiverConfig, *, rotate: bool = False) -> ReceiptKeyInfo:
+    """The receipt key (made if the receiver never ran); with `rotate`, a new one replaces it. A running receiver
+    signs with a rotated key after its restart: pin the new public key on every agent before that."""
+    from edge_agent.platform.receiver.receipts import PUB_FILE, ReceiverKey
+
+    keys_dir = config.receiver.receipt_key_dir
+    try:
+        old, key = ReceiverKey.rotate(keys_dir) if rotate else (None, ReceiverKey.load_or_create(keys_dir))
+    except OSError as exc:
+        raise ServiceError(f"cannot use the receipt key in {keys_dir}: {exc}", code=2) from exc
+    return ReceiptKeyInfo(key.key_id, key.public_pem(), keys_dir / PUB_FILE, old.key_id if old else None)

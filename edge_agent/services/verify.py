@@ -1,4 +1,5 @@
-"""`edge-agent verify`: re-hash stored files, check every manifest signature and both chains."""
+"""`edge-agent verify`: re-hash stored files, check every manifest signature, both chains and the platform's
+receipt of every synced file."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from dataclasses import dataclass, field
 
 from edge_agent.catalog import UnknownFile
 from edge_agent.clock import now_ms
+from edge_agent.evidence.receipts import PinnedKeys, ReceiptTrust
 from edge_agent.evidence.verify import Finding, verify_all
 from edge_agent.ops.alarms import TAMPER
 from edge_agent.services.workspace import Result, Workspace, refusals
@@ -33,7 +35,8 @@ def verify(ws: Workspace, file_ids: list[str] | None = None, *, reason: str | No
         checked += 1
 
     with refusals(UnknownFile):
-        findings = verify_all(catalog, layout, key, file_ids or None, progress=tick)
+        findings = verify_all(catalog, layout, key, file_ids or None, progress=tick,
+                              receipts=ReceiptTrust(ws.config.agent.id, PinnedKeys(ws.config.mqtt.receiver_keys)))
     if findings:
         catalog.raise_alarm(f"tamper:verify:{now_ms() // 1000}", TAMPER, "verify",
                             f"verify found {len(findings)} problem(s); first: {findings[0]}")

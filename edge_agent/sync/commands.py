@@ -23,7 +23,6 @@ configured every command is refused.
 from __future__ import annotations
 
 import logging
-import re
 from pathlib import Path
 from typing import Any
 
@@ -32,23 +31,18 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from edge_agent.catalog import Catalog
 from edge_agent.clock import now_ms
 from edge_agent.config import ConfigError, Problem
-from edge_agent.evidence.manifest import ManifestError, key_id_of, load_public_key, verify_signature
+from edge_agent.evidence.manifest import ManifestError, verify_signature
+from edge_agent.evidence.receipts import load_pem_keys
 
 log = logging.getLogger(__name__)
 
 COMMAND_WINDOW_MS = 5 * 60 * 1000
-_PEM_BLOCK = re.compile(rb"-----BEGIN PUBLIC KEY-----.+?-----END PUBLIC KEY-----", re.S)
 
 
 def load_command_keys(path: Path) -> dict[str, Ed25519PublicKey]:
     """The platform's public keys by key id; ConfigError naming `mqtt.command_keys` if unusable."""
-    files = sorted(path.glob("*.pem")) if path.is_dir() else [path]
-    keys: dict[str, Ed25519PublicKey] = {}
     try:
-        for file in files:
-            for block in _PEM_BLOCK.findall(file.read_bytes()):
-                key = load_public_key(block)
-                keys[key_id_of(key)] = key
+        keys = load_pem_keys(path)
     except (OSError, ValueError, ManifestError) as exc:
         raise ConfigError("mqtt.command_keys", [Problem("mqtt.command_keys", str(path),
                           f"cannot load the platform's command keys: {exc}")]) from None

@@ -1,8 +1,10 @@
 """The catalog's side of sending files: which files go next, opening them, and recording the verdicts.
 
-The catalog is the truth (PROTOCOL.md 1): a file becomes `synced` only on a `complete` ack whose SHA-256
-equals the catalog's; a rejection leaves the file in place, raises `sync_rejected` and waits for a
-custodian; a file this process cannot send raises `sync_blocked` and is skipped until `sync now`.
+The catalog is the truth (PROTOCOL.md 1): a file becomes `synced` only on a `complete` ack whose receipt,
+signed by a pinned receiver key, binds the catalog's SHA-256, size and sealed manifest (sync/receipts.py;
+the receipt is kept beside the manifest and in the catalog); a rejection leaves the file in place, raises
+`sync_rejected` and waits for a custodian; a file this process cannot send raises `sync_blocked` and is
+skipped until `sync now`.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import time
 from edge_agent.catalog import Catalog, FileRecord, State, TransitionError, UnknownFile
 from edge_agent.clock import now_ms
 from edge_agent.layout import StoreLayout
+from edge_agent.sync.receipts import ReceiptGate
 from edge_agent.sync.sender import Outgoing
 from edge_agent.sync.transfer import MarkSynced, Transfer, Verdict
 
@@ -26,9 +29,10 @@ ACTOR = "edge-agent"
 class SyncLedger:
     """Reads the sync queue from the catalog and writes the outcome of each transfer back."""
 
-    def __init__(self, catalog: Catalog, layout: StoreLayout):
+    def __init__(self, catalog: Catalog, layout: StoreLayout, receipts: ReceiptGate):
         self.catalog = catalog
         self.layout = layout
+        self.receipts = receipts
         self._skipped: set[str] = set()   # files this process cannot send (alarm raised)
 
     def next_files(self, limit: int, in_flight: set[str]) -> list[FileRecord]:
@@ -94,10 +98,17 @@ class SyncLedger:
         """Record the receiver's verdict on a `sending` file."""
         file_id = record.file_id
         if isinstance(verdict, MarkSynced):
-            self.catalog.transition(file_id, State.SYNCED, expect=State.SENDING, actor=ACTOR,
-                                    reason="receiver confirmed a matching SHA-256", synced_ms=now_ms(),
-                                    last_error=None, audit_detail={"sha256": verdict.sha256})
-            log.info("synced file=%s size=%s", file_id, record.size)
+            if verdict.receipt is None:
+                raise ValueError(f"file {file_id}: a file is synced only with the receiver's verified receipt")
+            self.receipts.keep(file_id, verdict.receipt)   # durable before the catalog says synced
+            with self.catalog.transaction():
+                self.catalog.receipts.put(file_id, verdict.receipt)
+                self.catalog.transition(file_id, State.SYNCED, expect=State.SENDING, actor=ACTOR,
+                                        reason="receiver's signed receipt binds this file's SHA-256",
+                                        synced_ms=now_ms(), last_error=None,
+                                        audit_detail={"sha256": verdict.sha256,
+                                                      "receiver_key_id": verdict.receipt.get("key_id")})
+            log.info("synced file=%s size=%s receiver_key=%s", file_id, record.size, verdict.receipt.get("key_id"))
             return
         reason = verdict.reason
         self.catalog.transition(file_id, State.REJECTED, expect=State.SENDING, actor=ACTOR,

@@ -19,6 +19,9 @@ applies a verdict to the catalog. "live" below is STREAMING or QUERYING.
     any live    complete with the sealed SHA-256        mark synced                 SYNCED
     any live    complete with another SHA-256, rejected mark rejected               REJECTED
 
+The caller checks a settling ack's receipt first (sync/receipts.py): an ack whose receipt proves nothing
+never reaches the machine, and the transfer goes on as if it had not come.
+
 Chunks are pulled, not pushed: the window spans every file in flight, so the sender asks `next_seq()`
 whenever the window has room and reports `chunk_sent()`. What the receiver holds (`have`) comes only
 from its acks; what is out (`outstanding`) is forgotten whenever the machine re-asks (a query), because
@@ -29,6 +32,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import Any
 
 from edge_agent.protocol.wire import ACK_COMPLETE, ACK_REJECTED, REASON_BUSY, Ack, RangeSet, chunk_count
 
@@ -58,14 +62,25 @@ class SendQuery:
 
 @dataclass(frozen=True)
 class MarkSynced:
-    """The receiver confirmed the sealed SHA-256: the file is synced."""
+    """The receiver confirmed the sealed SHA-256: the file is synced. `receipt`: the receiver's signed receipt
+    that proves it (sync/receipts.py); the ledger records no file as synced without one."""
 
     sha256: str
+    receipt: dict[str, Any] | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)
 class MarkRejected:
-    """The file will not be stored as sent; `reason` is for a person."""
+    """The file will not be stored as sent; `reason` is for a person. `receipt`: the signed rejection."""
+
+    reason: str
+    receipt: dict[str, Any] | None = field(default=None, compare=False)
+
+
+@dataclass(frozen=True)
+class Unverified:
+    """A `complete` or `rejected` ack that proves nothing (no receipt, or one that does not verify or bind
+    this file): it changes nothing."""
 
     reason: str
 
@@ -149,11 +164,12 @@ class Transfer:
             self._rewind()
         return []
 
-    def settled(self, ack: Ack) -> list[Verdict]:
-        """A `complete` or `rejected` ack: the transfer ends either way."""
+    def settled(self, ack: Ack, checked: Verdict | None = None) -> list[Verdict]:
+        """A `complete` or `rejected` ack: the transfer ends either way. `checked`: the verdict its receipt
+        proved (sync/receipts.py `judge`), which wins over what the ack alone says."""
         if self.phase in TERMINAL:
             return []
-        result = verdict(ack, self.sha256)
+        result = checked if checked is not None else verdict(ack, self.sha256)
         self.phase = Phase.SYNCED if isinstance(result, MarkSynced) else Phase.REJECTED
         return [result]
 

@@ -41,10 +41,10 @@ from edge_agent.sync.commands import CommandGate
 from edge_agent.sync.incompatible import IncompatibleAcks
 from edge_agent.sync.ledger import SyncLedger
 from edge_agent.sync.outbox import OutboxRelay
+from edge_agent.sync.receipts import ReceiptGate
 from edge_agent.sync.sender import CHUNKS_IN_CLIENT, RateMeter, Sender
 from edge_agent.sync.status import Presence
 from edge_agent.sync.sync_now import SyncNowWatch
-from edge_agent.sync.transfer import verdict
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,8 @@ class Uplink:
         self._thread: threading.Thread | None = None
         self._cond = threading.Condition()      # the sender sleeps on it; acks and connects notify
         self._inbox: deque[tuple[str, Any]] = deque()
-        self.ledger = SyncLedger(catalog, layout)
+        self.receipts = ReceiptGate(catalog, layout, config.agent.id, config.mqtt.receiver_keys)
+        self.ledger = SyncLedger(catalog, layout, self.receipts)
         self.sender = Sender(config.mqtt, self.topics, self._publish, connected=self._connected, stop=self._stop,
                              on_blocked=self._blocked)
         self.outbox = OutboxRelay(catalog.outbox, self.topics, self._publish)
@@ -143,7 +144,7 @@ class Uplink:
                 "bytes_sent": self.sender.bytes_sent, "rate_bps": round(self._rate.rate_bps(), 1),
                 "in_flight": len(self.sender.files), "queue_files": queue.files, "queue_bytes": queue.bytes,
                 "acks_dropped": self.incompatible.dropped, "commands_dropped": self.commands_dropped,
-                "callback_faults": self.connection.faults.total}
+                "callback_faults": self.connection.faults.total, "acks_unverified": self.receipts.unverified}
 
     def health(self) -> dict[str, Any]:
         """Its fragment of the health snapshot: `{"sync": the agent.sync section}` (schema `health`)."""
@@ -304,13 +305,15 @@ class Uplink:
         if ack.state == ACK_RECEIVING:
             self.sender.receiving(ack)
             return
+        record = self.ledger.sending(ack.file_id)
+        checked = self.receipts.judge(record, ack) if record is not None else None
+        if record is not None and checked is None:
+            return   # its receipt proves nothing: nothing changes, the transfer goes on
         outgoing = self.sender.drop(ack.file_id)
         if outgoing is not None:
             self._fill_due = True
-        record = self.ledger.sending(ack.file_id)
-        if record is None:
+        if record is None or checked is None:
             return   # a repeated ack for a file already settled, or not ours
-        # The machine's SHA-256 is the manifest's, checked equal to the catalog's when the file was opened.
-        actions = outgoing.transfer.settled(ack) if outgoing is not None else [verdict(ack, record.sha256)]
+        actions = outgoing.transfer.settled(ack, checked) if outgoing is not None else [checked]
         for action in actions:
             self.ledger.settle(record, action)

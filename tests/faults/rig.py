@@ -27,6 +27,7 @@ from edge_agent.catalog import Catalog
 from edge_agent.evidence.manifest import AgentKey
 from edge_agent.layout import StoreLayout
 from tests.helpers import wait_for, write_toml
+from tests.sync_support import pin_receiver_key
 
 EDGE_AGENT = str(Path(sys.executable).parent / "edge-agent")
 AGENT_ID = "ws-faults-01"
@@ -66,6 +67,7 @@ class Rig:
         self.data_dir = self.base / "agent-data"
         self.store_dir = self.base / "receiver-store"
         self.keys_dir = self.base / "receiver-keys"
+        self.pinned_keys = self.base / "pinned-receiver-keys"   # the agent's mqtt.receiver_keys
         self.logs = self.base / "logs"
         for path in (self.volume, self.parking, self.keys_dir, self.logs):
             path.mkdir(parents=True, exist_ok=True)
@@ -74,6 +76,7 @@ class Rig:
         self.sources: dict[str, str] = {}   # original_path -> sha256 of every file put on the recorder
         self.sources_lock = threading.Lock()  # the test adds files while ClearWatch reads them
         self.next_index = 0
+        pin_receiver_key(self.store_dir / "keys", self.pinned_keys, "receiver")   # before the agent starts
         self.write_configs(self.broker_port)
         key = AgentKey.load_or_create(StoreLayout(self.data_dir).keys)    # enrol the agent's key centrally
         (self.keys_dir / f"{AGENT_ID}.pem").write_text(key.public_pem())
@@ -81,7 +84,7 @@ class Rig:
     def write_configs(self, port: int, *, agent_port: int | None = None) -> None:
         mqtt = {"host": "127.0.0.1", "port": agent_port or port, "chunk_kib": self.chunk_kib, "window": 16,
                 "ack_timeout_s": 2, "reconnect_min_s": 0.1, "reconnect_max_s": 1, "keepalive_s": 5,
-                **self.mqtt_extra}
+                "receiver_keys": str(self.pinned_keys), **self.mqtt_extra}
         self.agent_config = write_toml(self.base / "agent.toml", {
             "agent": {"id": AGENT_ID, "site": "nj-gulou", "unit": "鼓楼区城管大队", "data_dir": str(self.data_dir),
                       "max_disk_gb": 50, "min_free_mb": 0, **self.agent_extra},

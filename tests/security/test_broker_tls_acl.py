@@ -20,6 +20,7 @@ from tests.evidence_support import running_agent
 from tests.helpers import agent_config, make_recorder_volume, wait_for
 from tests.peers.mosquitto import Mosquitto, evidence_acl, free_port, tls_listener
 from tests.peers.pki import CertFiles, TestPKI
+from tests.sync_support import pin_receiver_key, pinned_dir
 
 ROOT = "evidence/v1"
 
@@ -180,7 +181,9 @@ def test_real_agent_and_receiver_sync_over_mutual_tls_under_the_acl(secured: tup
     tls = {"host": "127.0.0.1", "port": broker.port, "tls_ca": str(pki.ca_path), "reconnect_min_s": 0.1,
            "reconnect_max_s": 1}
     dock = tmp_path / "dock"
-    _, cfg = agent_config(tmp_path, mqtt={**tls, "tls_cert": str(agent_cert.cert), "tls_key": str(agent_cert.key)},
+    pin_receiver_key(tmp_path / "central" / "keys", pinned_dir(tmp_path), "receiver-1")   # its receipt key
+    _, cfg = agent_config(tmp_path, mqtt={**tls, "tls_cert": str(agent_cert.cert), "tls_key": str(agent_cert.key),
+                                          "receiver_keys": str(pinned_dir(tmp_path))},
                           docks=[{"name": "bench", "kind": "directory", "root": str(dock), "settle_s": 0}])
     cfg.agent.data_dir.mkdir(mode=0o750)
     key = AgentKey.load_or_create(StoreLayout(cfg.agent.data_dir).keys)

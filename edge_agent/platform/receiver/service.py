@@ -6,7 +6,8 @@ Schema, the manifest's Ed25519 signature against the agent's enrolled key,
 each chunk's SHA-256 and finally the whole file's, stores files
 content-addressed (`ChunkStore`), and acks: `receiving` with what it holds, at
 least every `ack_every_chunks` chunks or `ack_interval_ms`; `complete` once
-stored; `rejected` with a reason. A malformed message is logged with its
+stored; `rejected` with a reason; both carry a receipt signed with the receiver's key
+(`receipts`, docs/PROTOCOL.md "Receipts"). A malformed message is logged with its
 reason and answered, never allowed to stop the receiver. Messages are PUBACKed
 only after they were handled, so a receiver killed mid-message gets it again.
 
@@ -48,6 +49,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from edge_agent.config import ReceiverConfig
 from edge_agent.evidence.manifest import ManifestError, canonical_json, key_id_of, load_public_key, verify_signature
 from edge_agent.platform.receiver.fair import FairQueue
+from edge_agent.platform.receiver.receipts import Receipts, ReceiverKey
 from edge_agent.platform.receiver.store import ChunkStore, Limits
 from edge_agent.protocol.connection import Connection, build_client
 from edge_agent.protocol.wire import (
@@ -136,6 +138,7 @@ class Receiver:
             min_free_bytes=int(rc.min_free_gb * 1024**3)))
         self.expiry_s = rc.incoming_expiry_days * 86400
         self.keys = KeyRing(rc.keys_dir)
+        self.receipts = Receipts(ReceiverKey.load_or_create(rc.receipt_key_dir), self.store)
         self.max_chunk = rc.max_chunk_kib * 1024
         self.max_file = int(rc.max_file_gb * 1024**3)
         self.max_message = HEADER_LENGTH.size + MAX_HEADER_BYTES + self.max_chunk
@@ -492,6 +495,7 @@ class Receiver:
                 if len(self._repeats) > 10_000:
                     self._repeats.clear()
                 self._repeats[key] = (ack.state, now)
+        ack = self.receipts.attach(agent_id, ack)   # complete and rejected carry the signed receipt
         try:
             self.client.publish(f"{self.root}/{agent_id}/acks", ack.encode(), qos=1)
         except OSError as exc:   # mid-reconnect: the agent's query after its ack timeout gets a new answer

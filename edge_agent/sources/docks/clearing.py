@@ -3,8 +3,12 @@
 A module of its own because it is the one place the agent deletes evidence from a recorder. A file is
 cleared only if its dock says `clear_after_sync`, the receiver confirmed it (synced, or since purged
 locally), and the original on the volume is still the file that was copied: same size and content
-fingerprint (same mtime for a row recorded without one) and, with `verify_before_clear`, the same SHA-256.
-Anything else is an alarm and the original stays.
+fingerprint (same mtime for a row recorded without one) and, with `verify_before_clear`, the same SHA-256,
+and, checked again just before the deletion, the receiver's receipt kept in the catalog still verifies
+against the pinned receiver keys and binds this file (a key removed from `mqtt.receiver_keys` since, or a
+receipt altered in the catalog, stops the clearing). Anything else is an alarm and the original stays. The
+deletion is audited (`recorder.clearing`) before it happens, so an agent killed between the deletion and its
+record finishes the record after its restart.
 """
 
 from __future__ import annotations
@@ -18,20 +22,35 @@ from edge_agent.catalog.docking import DockingRecords
 from edge_agent.config import Dock
 from edge_agent.digest import fingerprint, hash_file
 from edge_agent.durable import fsync_dir
+from edge_agent.evidence.receipts import PinnedKeys, ReceiptTrust
 from edge_agent.sources.docks import policy
 
-CLEAR_REASON = "receiver confirmed matching SHA-256; dock clear_after_sync"
+CLEAR_REASON = "receiver's verified receipt binds this SHA-256; dock clear_after_sync"
+CLEARING = "recorder.clearing"   # audited just before the original is deleted
+
+
+class ReceiptCheck:
+    """Whether the platform's receipt of a file, as the catalog keeps it, proves the file is stored."""
+
+    def __init__(self, catalog: Catalog, agent_id: str, keys: PinnedKeys):
+        self.catalog = catalog
+        self.trust = ReceiptTrust(agent_id, keys)
+
+    def problem(self, record: FileRecord) -> str | None:
+        """None if the stored receipt verifies now (the pinned keys read afresh); else why not, for a person."""
+        return self.trust.problem(self.catalog.receipts.get(record.file_id), record)
 
 
 class Clearing:
     """Clears the confirmed originals on one docked volume, per its dock's configuration."""
 
     def __init__(self, catalog: Catalog, records: DockingRecords, volume: DockedVolume,
-                 dock: Dock | None):
+                 dock: Dock | None, *, receipts: ReceiptCheck):
         self.catalog = catalog
         self.records = records
         self.volume = volume
         self.dock = dock
+        self.receipts = receipts
 
     @property
     def enabled(self) -> bool:
@@ -51,7 +70,10 @@ class Clearing:
         try:
             st = os.lstat(path)
         except FileNotFoundError:
-            self.records.original_gone(record)
+            if self._was_deleting(record):   # killed between the deletion and its record: finish the record
+                self.records.cleared(record, reason=CLEAR_REASON + "; recorded after a restart", actor="edge-agent")
+            else:
+                self.records.original_gone(record)
             return
         # With a content fingerprint, the content decides (the same bytes re-docked with another mtime are
         # cleared); without one (a row from before fingerprints), size and mtime must still match.
@@ -68,6 +90,20 @@ class Clearing:
             if digest != record.sha256:
                 policy.clear_refused(record, "no longer hashes to the confirmed SHA-256").raise_on(self.catalog)
                 return
+        problem = self.receipts.problem(record)   # checked last, just before the deletion
+        if problem is not None:
+            policy.clear_refused(record, f"has no verified receipt from the platform ({problem}); check "
+                                         "mqtt.receiver_keys and run: edge-agent verify " + record.file_id
+                                 ).raise_on(self.catalog)
+            return
+        # The intent is durable before the deletion, so a crash in between still ends in `source_cleared`.
+        self.catalog.audit(CLEARING, subject=record.file_id, reason=CLEAR_REASON, actor="edge-agent",
+                           detail={"device_id": record.device_id, "path": record.original_path})
         os.unlink(path)
         fsync_dir(path.parent)
         self.records.cleared(record, reason=CLEAR_REASON, actor="edge-agent")
+
+    def _was_deleting(self, record: FileRecord) -> bool:
+        """True if this file's last audit entry says its original was about to be deleted by us."""
+        last = self.catalog.audit_log.entries(record.file_id, limit=1, newest_first=True)
+        return bool(last) and last[0]["action"] == CLEARING

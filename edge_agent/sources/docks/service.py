@@ -15,6 +15,7 @@ from drivers.base import DockedVolume
 from edge_agent.catalog import Catalog
 from edge_agent.catalog.docking import DockingRecords
 from edge_agent.config import AgentConfig, Dock
+from edge_agent.evidence.receipts import PinnedKeys
 from edge_agent.ingest import Ingestor, Sealer
 from edge_agent.protocol.heartbeat import Vital
 from edge_agent.sources.docks.slots import SETTLED, SlotState, SlotStatus
@@ -30,7 +31,8 @@ class DockService:
         self.context = DockContext(
             catalog=catalog, records=DockingRecords(catalog), ingestor=ingestor, sealer=sealer, models=models,
             zone=config.agent.zone, agent_id=config.agent.id,
-            permits=threading.BoundedSemaphore(config.agent.ingest_workers))
+            permits=threading.BoundedSemaphore(config.agent.ingest_workers),
+            receiver_keys=PinnedKeys(config.mqtt.receiver_keys))
         self.docks: dict[str, Dock] = {d.name: d for d in config.docks}
         self._workers: dict[tuple[str, str], VolumeWorker] = {}
         self._imports: set[VolumeWorker] = set()   # running in their callers' threads (import_volume)

@@ -24,10 +24,11 @@ from edge_agent.catalog import Catalog, FileRecord
 from edge_agent.catalog.docking import DockingRecords
 from edge_agent.clock import now_ms
 from edge_agent.config import Dock
+from edge_agent.evidence.receipts import PinnedKeys
 from edge_agent.ingest import Ingestor, Sealer
 from edge_agent.protocol.heartbeat import Heartbeat
 from edge_agent.sources.docks import policy
-from edge_agent.sources.docks.clearing import Clearing
+from edge_agent.sources.docks.clearing import Clearing, ReceiptCheck
 from edge_agent.sources.docks.discovery import Discovery, Found, identify
 from edge_agent.sources.docks.policy import IngestFaults, Step
 from edge_agent.sources.docks.slots import SlotState, SlotStatus
@@ -70,6 +71,7 @@ class DockContext:
     zone: ZoneInfo
     agent_id: str
     permits: threading.BoundedSemaphore
+    receiver_keys: PinnedKeys = PinnedKeys(None)   # a recorder is cleared only with a verified receipt
 
 
 class VolumeWorker(threading.Thread):
@@ -149,7 +151,8 @@ class VolumeWorker(threading.Thread):
 
     def _passes(self, ident: VolumeIdentity, discovery: Discovery) -> None:
         ctx, session_id = self.context, discovery.session_id
-        clearing = Clearing(ctx.catalog, ctx.records, self.volume, self.dock)
+        clearing = Clearing(ctx.catalog, ctx.records, self.volume, self.dock,
+                            receipts=ReceiptCheck(ctx.catalog, ctx.agent_id, ctx.receiver_keys))
         faults = IngestFaults(ctx.catalog, ctx.records, self.status, self.volume, ctx.agent_id, self._gone)
         rescan_s = self.dock.rescan_s if self.dock else DEFAULT_RESCAN_S
         sealed = False

@@ -1,0 +1,103 @@
+"""The agent's check of a receiver's verdict: a `complete` or `rejected` ack counts only with its receipt.
+
+`judge(ack, expected, keys)` is pure: the verdict a settled ack proves, or `Unverified` with the reason.
+- `complete` proves the file synced only if its receipt verifies against a pinned receiver key
+  (`mqtt.receiver_keys`) and binds this agent, this file, the catalog's SHA-256 and size and the SHA-256 of
+  the manifest the agent sealed. A receipt, genuinely signed for this agent and file, that names another
+  SHA-256 is the receiver's word that it holds a different file under this id: a rejection.
+- `rejected` counts only with a receipt signed by a pinned key for this agent and file (its signed reason
+  is the one kept), so nobody but the platform can stall a file either.
+Anything else is `Unverified`: it changes nothing (the transfer goes on, its ack timeout re-asks the
+receiver).
+
+`ReceiptGate` applies that on the sender thread: it counts unverified acks, raises `ack_unverified` once per
+file (an alarm and its event), and keeps a verified receipt durably beside the manifest before the ledger
+records the file as synced.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+from edge_agent.catalog import Catalog, FileRecord
+from edge_agent.config import ConfigError, Problem
+from edge_agent.durable import atomic_write
+from edge_agent.evidence.manifest import canonical_json
+from edge_agent.evidence.receipts import Expected, PinnedKeys, ReceiptError, check_bindings, verify_receipt
+from edge_agent.layout import StoreLayout
+from edge_agent.protocol.wire import ACK_COMPLETE, ACK_REJECTED, Ack
+from edge_agent.sync.transfer import MarkRejected, MarkSynced, Unverified, Verdict
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+def judge(ack: Ack, expected: Expected, keys: PinnedKeys) -> Verdict | Unverified:
+    """What a `complete` or `rejected` ack proves about the file `expected` describes (module docstring)."""
+    if ack.state not in (ACK_COMPLETE, ACK_REJECTED):
+        raise ValueError(f"ack state {ack.state!r} is not a verdict (complete or rejected)")
+    try:
+        doc = verify_receipt(ack.receipt, keys, expected.agent_id, expected.file_id)
+    except ReceiptError as exc:
+        return Unverified(str(exc))
+    if doc.get("verdict") != ack.state:
+        return Unverified(f"the ack says {ack.state} but its receipt says {doc.get('verdict')!r}")
+    if ack.state == ACK_REJECTED:
+        return MarkRejected(str(doc.get("reason") or "no reason given"), receipt=doc)
+    if doc.get("sha256") != expected.sha256:
+        return MarkRejected(f"receiver confirmed SHA-256 {doc.get('sha256')}, but the manifest says "
+                            f"{expected.sha256}", receipt=doc)
+    try:
+        check_bindings(doc, expected)
+    except ReceiptError as exc:
+        return Unverified(str(exc))
+    return MarkSynced(str(expected.sha256), receipt=doc)
+
+
+class ReceiptGate:
+    """The receipt rules on the sender thread, with the catalog's and the store's side effects."""
+
+    def __init__(self, catalog: Catalog, layout: StoreLayout, agent_id: str, receiver_keys: Path | None):
+        self.catalog = catalog
+        self.layout = layout
+        self.agent_id = agent_id
+        self.keys = PinnedKeys(receiver_keys)
+        self._check_pinned(receiver_keys)
+        self.unverified = 0   # acks that proved nothing, since start (stats: acks_unverified)
+        self._alarmed: set[str] = set()   # files alarmed by this process: a flood costs no catalog write
+
+    def _check_pinned(self, path: Path | None) -> None:
+        """At start: a configured path that does not exist is a ConfigError; no usable key, a warning (nothing
+        will sync until the platform's key is pinned, but the rest of the agent works)."""
+        if path is not None and not (path.is_file() or path.is_dir()):
+            raise ConfigError("mqtt.receiver_keys", [Problem("mqtt.receiver_keys", str(path),
+                              "no such file or directory: give the platform's receiver public key (PEM) or a "
+                              "directory of *.pem (e.g. /etc/edge-agent/receiver-keys)")])
+        try:
+            log.info("receiver keys pinned path=%s keys=%s", path, ",".join(sorted(self.keys.keys())))
+        except ReceiptError as exc:
+            log.warning("no receiver key usable: %s; no file will count as synced until one is pinned", exc)
+
+    def judge(self, record: FileRecord, ack: Ack) -> Verdict | None:
+        """The verdict `ack` proves for `record` (a `sending` file), or None: counted, and alarmed once per file."""
+        result = judge(ack, Expected.of(record, self.agent_id), self.keys)
+        if not isinstance(result, Unverified):
+            return result
+        self.unverified += 1
+        raised = self.catalog.raise_alarm(
+            f"ack_unverified:{record.file_id}", "ack_unverified", record.file_id,
+            f"an ack '{ack.state}' for file {record.file_id} ({record.original_path}) was not accepted: "
+            f"{result.reason}. Nothing was changed or deleted. If the platform's receiver key changed, pin "
+            "its public key in mqtt.receiver_keys; otherwise someone may be forging acks on the broker: "
+            "check its ACL")
+        log.warning("ack unverified file=%s state=%s reason=%s alarm_raised=%s", record.file_id, ack.state,
+                    result.reason, raised)
+        return None
+
+    def keep(self, file_id: str, receipt: dict[str, Any]) -> None:
+        """Write a verified receipt durably beside the manifest (`receipts/<aa>/<file_id>.json`); the caller
+        records it in the catalog afterwards."""
+        atomic_write(self.layout.receipt_path(file_id), canonical_json(receipt), mode=0o444)
