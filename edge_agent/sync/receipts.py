@@ -18,6 +18,7 @@ records the file as synced.
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from edge_agent.catalog import Catalog, FileRecord
@@ -27,7 +28,7 @@ from edge_agent.evidence.manifest import canonical_json
 from edge_agent.evidence.receipts import Expected, PinnedKeys, ReceiptError, check_bindings, verify_receipt
 from edge_agent.layout import StoreLayout
 from edge_agent.protocol.wire import ACK_COMPLETE, ACK_REJECTED, Ack
-from edge_agent.sync.transfer import MarkRejected, MarkSynced, Unverified, Verdict
+from edge_agent.sync.transfer import MarkSynced, Unverified, Verdict, verdict
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -45,16 +46,14 @@ def judge(ack: Ack, expected: Expected, keys: PinnedKeys) -> Verdict | Unverifie
         return Unverified(str(exc))
     if doc.get("verdict") != ack.state:
         return Unverified(f"the ack says {ack.state} but its receipt says {doc.get('verdict')!r}")
-    if ack.state == ACK_REJECTED:
-        return MarkRejected(str(doc.get("reason") or "no reason given"), receipt=doc)
-    if doc.get("sha256") != expected.sha256:
-        return MarkRejected(f"receiver confirmed SHA-256 {doc.get('sha256')}, but the manifest says "
-                            f"{expected.sha256}", receipt=doc)
-    try:
-        check_bindings(doc, expected)
-    except ReceiptError as exc:
-        return Unverified(str(exc))
-    return MarkSynced(str(expected.sha256), receipt=doc)
+    # What the signed receipt says, read by the one rule for verdicts; its SHA-256 and reason, not the ack's.
+    said = verdict(Ack(expected.file_id, ack.state, [], doc.get("sha256"), doc.get("reason")), expected.sha256)
+    if isinstance(said, MarkSynced):
+        try:
+            check_bindings(doc, expected)
+        except ReceiptError as exc:
+            return Unverified(str(exc))
+    return replace(said, receipt=doc)
 
 
 class ReceiptGate:

@@ -306,13 +306,13 @@ class Uplink:
             self.sender.receiving(ack)
             return
         record = self.ledger.sending(ack.file_id)
-        checked = self.receipts.judge(record, ack) if record is not None else None
+        checked = None if record is None else self.receipts.judge(record, ack)
         if record is not None and checked is None:
             return   # its receipt proves nothing: nothing changes, the transfer goes on
         outgoing = self.sender.drop(ack.file_id)
         if outgoing is not None:
             self._fill_due = True
-        if record is None or checked is None:
+        if checked is None:
             return   # a repeated ack for a file already settled, or not ours
         actions = outgoing.transfer.settled(ack, checked) if outgoing is not None else [checked]
         for action in actions:
