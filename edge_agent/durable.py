@@ -23,13 +23,17 @@ _durable_dirs: set[Path] = set()
 _dirs_lock = threading.Lock()
 
 
-def fsync_dir(path: Path) -> None:
-    """Make a directory entry (a create, rename or unlink inside `path`) durable."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+def _fsync_path(path: Path, flags: int) -> None:
+    fd = os.open(path, flags)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a directory entry (a create, rename or unlink inside `path`) durable."""
+    _fsync_path(path, os.O_RDONLY | os.O_DIRECTORY)
 
 
 def start_writeback(fd: int, offset: int = 0, nbytes: int = 0) -> None:
@@ -144,11 +148,7 @@ def _existing(path: Path) -> Path:
 
 def fsync_file(path: Path) -> None:
     """Make the content of the file at `path` durable."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    _fsync_path(path, os.O_RDONLY)
 
 
 def make_dirs(path: Path, mode: int = 0o777) -> list[Path]:
