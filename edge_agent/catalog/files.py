@@ -47,6 +47,10 @@ class Backlog:
     def as_dict(self) -> dict[str, Any]:
         return {"files": self.files, "bytes": self.bytes, "oldest_ms": self.oldest_ms}
 
+    def oldest_age_s(self, now_ms: int) -> int | None:
+        """How long the oldest has waited, in whole seconds (never negative after a clock step back)."""
+        return None if self.oldest_ms is None else max(0, (now_ms - self.oldest_ms) // 1000)
+
 
 class TransitionError(Exception):
     """A file was asked to move along an edge the state machine does not have."""

@@ -162,7 +162,7 @@ class HealthMonitor:
     def _queue(self, now: int) -> dict[str, Any]:
         queue = self.catalog.files.backlog(UNSYNCED)
         return {"files": queue.files, "bytes": queue.bytes,
-                "oldest_unsynced_age_s": None if queue.oldest_ms is None else max(0, (now - queue.oldest_ms) // 1000),
+                "oldest_unsynced_age_s": queue.oldest_age_s(now),
                 "by_state": self.catalog.counts_by_state()}
 
     def _disk(self) -> dict[str, Any]:

@@ -40,11 +40,10 @@ class Status(Result):
 def status(ws: Workspace) -> Status:
     reports = ws.reports
     unsynced = reports.unsynced()
-    oldest = unsynced.oldest_ms
     return Status(
         files_by_state=reports.counts_by_state(),
         unsynced=unsynced,
-        oldest_unsynced_age_s=None if oldest is None else int((now_ms() - oldest) / 1000),
+        oldest_unsynced_age_s=unsynced.oldest_age_s(now_ms()),
         alarms=tuple(reports.active_alarms()),
         last_sync_ms=reports.last_sync_ms(),
         daemon=daemon_snapshot(ws.config),
