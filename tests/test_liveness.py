@@ -72,6 +72,14 @@ def sync_after(tmp_path: Path, port: int, messages: list[bytes]) -> str:
     _toml, data_dir, _store, agent, receiver = start_pair(tmp_path, port, dock)
     try:
         wait_for(lambda: agent_connected(tmp_path), 30, what="agent connected")
+        log = tmp_path / "agent.log"
+
+        def subscribed() -> bool:   # "connected" comes before the broker grants the subscription
+            publish_all(port, [("commands", b"probe")])
+            return "command dropped" in log.read_text(errors="replace")
+
+        wait_for(subscribed, 30, what="the agent subscribed to its commands")
+        start = len(log.read_text(errors="replace"))
         publish_all(port, [(suffix, p) for p in messages for suffix in ("acks", "commands")])
         make_recorder_volume(dock, "VOL1", {"DCIM/AFTER.MP4": 200_000})   # docked after the messages
         wait_for(lambda: settled(data_dir) == 1, 60, what="the file docked afterwards synced")
@@ -79,7 +87,7 @@ def sync_after(tmp_path: Path, port: int, messages: list[bytes]) -> str:
     finally:
         agent.stop()
         receiver.stop()
-    return (tmp_path / "agent.log").read_text(errors="replace")
+    return log.read_text(errors="replace")[start:]   # what the agent logged from the messages on
 
 
 def test_poison_on_acks_and_commands_does_not_stop_sync(tmp_path: Path, mosquitto: Mosquitto) -> None:
