@@ -163,11 +163,14 @@ class VolumeWorker(threading.Thread):
             if found.pending:
                 self.status.set_state(SlotState.INGESTING)
             self._copy_all(found.pending, faults)
+            complete = (not found.young and self.status.state is not SlotState.PAUSED
+                        and not ctx.records.outstanding(ident.device_id, self.volume.label))
             if self._gone.is_set():
+                if complete:   # pulled right after its last file was sealed: the session is signed all the same
+                    self._seal_once(discovery, found, sealed)
                 break
             left = self._uncollected(discovery, found, ident)
-            if (not found.young and self.status.state is not SlotState.PAUSED
-                    and not ctx.records.outstanding(ident.device_id, self.volume.label)):
+            if complete:
                 sealed = self._seal_once(discovery, found, sealed)
                 self._finished(left)
             if self.once:
