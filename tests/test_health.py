@@ -81,9 +81,11 @@ def test_health_is_published_retained_and_matches_its_schema(tmp_path: Path, mos
     _, cfg = agent_config(tmp_path, mqtt={"host": "127.0.0.1", "port": mosquitto.port},
                           health={"interval_s": 3600, "change_check_s": 0.2})
     agent = build_agent(cfg)
+    # Sealed before the uplink can connect: the snapshot taken at connect then counts it (a file sealed after
+    # the connect would wait for the next interval, since counts are no change a watcher hears at once).
+    ingest_file(agent, tmp_path / "src", "a.mp4", 1234)
     agent.start()
     try:
-        ingest_file(agent, tmp_path / "src", "a.mp4", 1234)
         # The first tick may run before the uplink connects; connecting is a change, published at once.
         wait_for(lambda: (h := read_health(cfg.agent.data_dir / "health.json")) and h["agent"]["sync"]["connected"],
                  15, what="a snapshot taken once the uplink was connected")
