@@ -26,7 +26,7 @@ class VerifyReport(Result):
 def verify(ws: Workspace, file_ids: list[str] | None = None, *, reason: str | None = None) -> VerifyReport:
     """Check `file_ids`, or (None or empty) every stored file, the document chain and the audit log.
     The request is audited; any finding raises a `tamper` alarm (a custodian clears it after investigating)."""
-    catalog, layout, key = ws.catalog, ws.layout, ws.key
+    catalog, layout = ws.catalog, ws.layout
     catalog.audit("verify", subject=",".join(file_ids) if file_ids else "all", reason=reason)
     checked = 0
 
@@ -35,7 +35,7 @@ def verify(ws: Workspace, file_ids: list[str] | None = None, *, reason: str | No
         checked += 1
 
     with refusals(UnknownFile):
-        findings = verify_all(catalog, layout, key, file_ids or None, progress=tick,
+        findings = verify_all(catalog, layout, file_ids or None, progress=tick,
                               receipts=ReceiptTrust(ws.config.agent.id, PinnedKeys(ws.config.mqtt.receiver_keys)))
     if findings:
         catalog.raise_alarm(f"tamper:verify:{now_ms() // 1000}", TAMPER, "verify",
