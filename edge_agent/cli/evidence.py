@@ -215,13 +215,14 @@ def keys_show(ctx: typer.Context) -> None:
 
 @keys_app.command("rotate")
 def keys_rotate(ctx: typer.Context, reason: Reason = None) -> None:
-    """Replace the signing key. The old key signs a `key_rotation` document naming the new one, so the
-    chain of trust continues; its public half stays in keys/retired/ so earlier documents still verify.
-    Enrol the new public key on the platform, then restart the agent."""
+    """Replace the signing key. The old key signs a `key_rotation` document naming and carrying the new one,
+    so the chain of trust continues from the first key. A running daemon does it and signs with the new key
+    at once; the platform learns the new key from the rotation document."""
     rotation = services.keys.rotate(workspace(ctx), reason=reason)
+    signer = "the running daemon signs with it now" if rotation.via == "daemon" else "the agent signs with it"
     emit(ctx, rotation.as_dict(),
-         f"new key {rotation.key_id} (was {rotation.old_key_id}); enrol it on the platform, then restart the agent:"
-         f"\n{rotation.public_key_pem}")
+         f"new key {rotation.key_id} (was {rotation.old_key_id}); {signer}. The platform learns it from the signed "
+         f"rotation document (no re-enrolment):\n{rotation.public_key_pem}")
 
 
 @config_app.command("check")
