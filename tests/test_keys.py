@@ -14,7 +14,18 @@ from typer.testing import CliRunner
 
 from edge_agent.catalog import Catalog
 from edge_agent.cli import app
-from edge_agent.evidence.manifest import AgentKey, load_public_key, read_document, verify_signature, write_document
+from edge_agent.evidence.manifest import (
+    NEXT_KEY_FILE,
+    AgentKey,
+    begin_rotation,
+    canonical_json,
+    load_public_key,
+    read_document,
+    verify_signature,
+    write_document,
+)
+from edge_agent.evidence.verify import verify_all
+from edge_agent.ingest import Sealer
 from edge_agent.layout import StoreLayout
 from tests.evidence_support import offline_agent_config
 from tests.helpers import agent_config, make_recorder_volume
@@ -150,3 +161,58 @@ def test_rotation_needs_a_reason(tmp_path: Path) -> None:
     result = runner.invoke(app, ["--config", str(config_path), "keys", "rotate"])
     assert result.exit_code != 0 and "--reason" in result.output
     assert not (tmp_path / "data" / "rotations").exists()
+
+
+def test_a_signer_in_another_process_signs_with_the_key_in_force_after_a_rotation(tmp_path: Path) -> None:
+    """A custodian's `tag` loaded the key before the daemon rotated it: it still signs with the new key, because
+    the key in force is read inside the signing transaction, so nothing after the rotation carries the old key."""
+    _, cfg = agent_config(tmp_path)
+    layout = StoreLayout(cfg.agent.data_dir).open()
+    daemon_catalog, cli_catalog = Catalog(cfg.catalog_path), Catalog(cfg.catalog_path)
+    try:
+        daemon_sealer = Sealer(daemon_catalog, AgentKey.load_or_create(layout.keys), layout, cfg)
+        cli_sealer = Sealer(cli_catalog, AgentKey.load_or_create(layout.keys), layout, cfg)
+        daemon_sealer.sign_document("annotation", "a-1", {"note": "before"}, layout.data_dir / "annotations" / "1.json")
+        old, new = daemon_sealer.rotate_key(reason="annual", actor="test", via="test")
+
+        late = cli_sealer.sign_document("annotation", "a-2", {"note": "after"},
+                                        layout.data_dir / "annotations" / "2.json")
+
+        assert late["key_id"] == new != old
+        assert verify_all(cli_catalog, layout) == []
+    finally:
+        daemon_catalog.close()
+        cli_catalog.close()
+
+
+def test_a_rotation_interrupted_before_its_document_was_chained_is_dropped_by_the_owner(tmp_path: Path) -> None:
+    """A crash after the next key was written but before the rotation document was chained: no other process
+    takes the next key for the key (it has no signed hand-over), and the owner drops it at start."""
+    config_path, cfg = agent_config(tmp_path)
+    before = cli(config_path, "keys", "show")["key_id"]
+    keys = StoreLayout(cfg.agent.data_dir).keys
+    begin_rotation(keys)        # ... and the process dies here
+    assert cli(config_path, "keys", "show")["key_id"] == before
+    card = make_recorder_volume(tmp_path / "cards", "CARD1", {"DCIM/A.MP4": 5_000})
+    cli(config_path, "import", str(card), "--device", "ZFY0001", "--officer", "320102123")   # the owner
+    assert not (keys / NEXT_KEY_FILE).exists()
+    assert cli(config_path, "keys", "show")["key_id"] == before
+    assert cli(config_path, "verify", "--all")["ok"] is True
+
+
+def test_audit_verify_checks_rotations_against_the_signed_key_history(tmp_path: Path) -> None:
+    config_path, _ = agent_config(tmp_path)
+    card = make_recorder_volume(tmp_path / "cards", "CARD1", {"DCIM/A.MP4": 5_000})
+    cli(config_path, "import", str(card), "--device", "ZFY0001", "--officer", "320102123")
+    cli(config_path, "keys", "rotate", "--reason", "annual")
+    assert cli(config_path, "audit", "verify")["ok"] is True
+    (rotation,) = (tmp_path / "data" / "rotations").glob("*.json")
+    rotation.chmod(0o644)
+    rotation.write_bytes(canonical_json({**read_document(rotation), "reason": "rewritten"}))
+
+    result = runner.invoke(app, ["--config", str(config_path), "--json", "audit", "verify"])
+
+    assert result.exit_code == 1, result.output
+    problems = json.loads(result.stdout)["problems"]
+    assert any("key_rotation" in p and "signature" in p for p in problems), problems
+    assert any("in the audit log, not in the signed rotation chain" in p for p in problems), problems
