@@ -98,16 +98,6 @@ class KeyRing:
 
     # -- reading -------------------------------------------------------------------------------------
 
-    def get(self, agent_id: str, key_id: object = None) -> Ed25519PublicKey | None:
-        """The key `key_id` names (enrolled or learned, retired or not), else any of the agent's keys (the
-        signature check then names the mismatch); None if the agent has none."""
-        keys = self._agent(agent_id).all
-        if not keys:
-            return None
-        if isinstance(key_id, str) and key_id in keys:
-            return keys[key_id]
-        return next(iter(keys.values()))
-
     def key_for(self, agent_id: str, key_id: object, *, chain_seq: int | None = None) -> Ed25519PublicKey:
         """The public key to check a document of `agent_id` signed by `key_id` against. KeyRefused if the agent
         is not enrolled, or the key was retired by a learned rotation and the document is not placed before
@@ -127,6 +117,7 @@ class KeyRing:
         return known[key_id]
 
     def retired(self, agent_id: str) -> set[str]:
+        """The agent's key ids retired by the rotations learned."""
         return {r.old_key_id for r in self._agent(agent_id).learned}
 
     # -- learning ------------------------------------------------------------------------------------
