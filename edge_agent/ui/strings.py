@@ -44,7 +44,7 @@ PAGE_STRINGS = (
     N_("Uplink not configured"),
     N_("used"),
     N_("free"),
-    N_("files"),
+    N_("file(s)"),
     N_("since"),
 )
 

@@ -102,7 +102,7 @@
     } else {
       uplink.replaceChildren(...[
         el("div", { class: up.connected ? "ok" : "bad" }, T(up.connected ? "Connected" : "Not connected")),
-        el("div", {}, up.backlog_files ? `${T("Waiting for upload")}: ${up.backlog_files} ${T("files")}, ${bytes(up.backlog_bytes)}`
+        el("div", {}, up.backlog_files ? `${T("Waiting for upload")}: ${up.backlog_files} ${T("file(s)")}, ${bytes(up.backlog_bytes)}`
                                        : T("All synced")),
         up.oldest_unsynced_age_s !== null ? el("div", {}, `${T("Oldest not yet synced")}: ${duration(up.oldest_unsynced_age_s)}`) : null,
       ].filter((node) => node !== null));
