@@ -7,18 +7,23 @@ Each command runs as the custodian runs it: a process with COLUMNS=80 (rich size
 
 from __future__ import annotations
 
+import importlib.util
+import io
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 from rich.cells import cell_len
+from rich.console import Console
 
 from edge_agent.catalog import Catalog
 from tests.helpers import agent_config, make_recorder_volume
 
+ROOT = Path(__file__).resolve().parents[1]
 WIDTH = 80
 STATES = {"discovered", "staged", "sealed", "sending", "synced", "source_cleared", "purged", "rejected"}
 LONG = "DCIM/100MEDIA/20261125_143015_ZFY0777_320102456_路口执勤_第二段录像_完整版.MP4"
@@ -135,3 +140,33 @@ def test_receiver_run_help_names_its_tables() -> None:
                           env={**os.environ, "COLUMNS": str(WIDTH)}, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0
     assert "( and )" not in done.stdout and "mqtt and receiver" in done.stdout.replace("\n", " ")
+
+
+def test_import_shows_progress_against_a_known_total(tmp_path: Path) -> None:
+    """On a terminal (util-linux `script` gives the command one), the bar counts towards the card's size
+    from its first frame: never `0/? bytes`."""
+    config_path, _ = agent_config(tmp_path)
+    card = make_recorder_volume(tmp_path, "CARD", {"DCIM/A.MP4": 3 << 20, "DCIM/B.MP4": 1 << 20})
+    command = (f"{sys.executable} -m edge_agent.cli --config {config_path} import {card} --device ZFY0900 "
+               "--reason 'card handed in'")
+    done = subprocess.run(["script", "-qec", command, "/dev/null"], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "COLUMNS": str(WIDTH), "LANG": "C.UTF-8", "TERM": "xterm"})
+    assert done.returncode == 0, done.stdout
+    frames = [f for f in re.sub(r"\x1b\[[0-9;?]*[a-zA-Z]", "", done.stdout).replace("\r", "\n").splitlines()
+              if f.startswith("import CARD")]
+    assert frames and all("/?" not in f and "/4.2 MB" in f for f in frames), frames
+
+
+def test_the_demos_live_table_is_readable_at_80_columns() -> None:
+    spec = importlib.util.spec_from_file_location("demo", ROOT / "scripts" / "demo.py")
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    devices = {f"recorder:ZFY00{i:02}": {"discovered": 3, "sealed": 120, "source_cleared": 1000} for i in range(6)}
+    devices["camera:gate-east-entrance"] = {"synced": 1234, "sending": 1}
+    console = Console(width=WIDTH, record=True, file=io.StringIO())
+    console.print(demo.render({"devices": devices, "received": 1234, "alarms": []}, 0.0, ["ZFY0001"]))
+    out = console.export_text()
+    assert_fits(out)
+    header = next(line for line in out.splitlines() if line.startswith("device"))
+    assert header.split() == ["device", "found", "staged", "sealed", "sending", "synced", "cleared", "rej."]
+    assert "cam gate-east-entrance" in out and "ZFY0005" in out

@@ -170,6 +170,14 @@ def files_show(ctx: typer.Context, file_id: str, reason: Reason = None) -> None:
                         drop=[_("reason"), _("actor")]))
 
 
+def folder_bytes(path: Path) -> int | None:
+    """The size of the regular files under `path` (None if it cannot be walked: the import will say why)."""
+    try:
+        return sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and not f.is_symlink())
+    except OSError:
+        return None
+
+
 @app.command("import")
 def import_path(
     ctx: typer.Context,
@@ -184,7 +192,8 @@ def import_path(
     try:
         with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
                       TimeRemainingColumn(), console=console, disable=options(ctx).json) as progress:
-            task = progress.add_task(f"import {path.name}", total=None)
+            # The folder's size until the first pass counts what will be taken: a known total from the start.
+            task = progress.add_task(_("import {name}").format(name=path.name), total=folder_bytes(path))
             result = import_folder(cfg, path, device_id=device, officer_id=officer, reason=reason,
                                    on_progress=lambda done, total: progress.update(task, completed=done,
                                                                                    total=total or None))
@@ -196,8 +205,9 @@ def import_path(
         raise
     data = {"session_id": result.session_id, "device_id": device, "files": result.files_total,
             "sealed": result.files_done, "bytes": result.bytes_copied, "error": result.error}
-    emit(ctx, data, f"Imported {result.files_done}/{result.files_total} files ({fmt_bytes(result.bytes_copied)}) "
-                    f"from {path} as {device}; session {result.session_id}")
+    emit(ctx, data, _("Imported {done}/{total} files ({size}) from {path} as {device}; session {session}").format(
+        done=result.files_done, total=result.files_total, size=fmt_bytes(result.bytes_copied), path=path,
+        device=device, session=result.session_id))
     if result.files_missing:
         fail(f"{result.files_missing} file(s) not imported: {result.error}")
 
