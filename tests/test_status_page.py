@@ -20,6 +20,7 @@ import pytest
 
 from edge_agent.config import AgentConfig
 from edge_agent.daemon import Agent
+from edge_agent.services.board import bay
 from tests.evidence_support import offline_agent_config, running_agent
 from tests.helpers import make_recorder_volume
 
@@ -132,3 +133,22 @@ def test_the_page_is_read_only_and_serves_the_board_as_json(tmp_path: Path) -> N
         with pytest.raises(urllib.error.HTTPError) as refused:
             urllib.request.urlopen(request, timeout=10)
         assert refused.value.code == 405
+
+
+def slot(**overrides: object) -> dict:
+    entry = {"dock": "bench", "slot": None, "label": "ZFY0500", "state": "ingesting", "device_id": "A123456",
+             "model": "ZFY-GA-2016", "officer_id": "320102999", "files_total": 4, "files_pending": 1,
+             "bytes_total": 400, "bytes_copied": 300, "rate_bps": 50.0, "last_error": None}
+    return {**entry, **overrides}
+
+
+def test_a_bay_is_safe_to_take_only_when_done_and_says_why_it_is_stuck() -> None:
+    collecting = bay(slot())
+    assert (collecting.safe_to_take, collecting.files_done, collecting.eta_s, collecting.stuck) == (False, 3, 2, None)
+    assert bay(slot(state="done", files_pending=0, bytes_copied=400)).safe_to_take
+    assert bay(slot(state="paused")).stuck == "disk_full" and not bay(slot(state="paused")).safe_to_take
+    failed = bay(slot(state="error", last_error="DCIM/FILE0002.MP4: [Errno 5] Input/output error"))
+    assert (failed.stuck, failed.safe_to_take, failed.error[:4]) == ("read_error", False, "DCIM")
+    unknown = bay(slot(state="done", device_id="unknown:NO_NAME", files_pending=0))
+    assert (unknown.stuck, unknown.safe_to_take) == ("unidentified", True)
+    assert bay(slot(state="identifying", device_id=None)).stuck is None

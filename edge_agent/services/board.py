@@ -17,6 +17,7 @@ from edge_agent.catalog.reports import Alarm
 from edge_agent.clock import now_ms
 from edge_agent.services.workspace import Result, Workspace
 from edge_agent.sources.docks import SlotState
+from edge_agent.sources.recorders import UNIDENTIFIED_PREFIX
 
 __all__ = ["Bay", "Board", "CameraLine", "Disk", "LiveParts", "UplinkLine", "board"]
 
@@ -43,7 +44,7 @@ class LiveParts:
 class Bay(Result):
     """One docked slot. `state` is the slot's (identifying, ingesting, paused, done, error); `safe_to_take`
     once every file on the recorder is sealed locally; `stuck` a code (unidentified, disk_full, read_error)
-    when the bay cannot finish by itself, with the slot's `error`."""
+    when the bay needs the custodian, with the slot's `error`."""
 
     key: str
     dock: str
@@ -110,10 +111,13 @@ def bay(entry: Mapping[str, Any]) -> Bay:
     eta = int(left / rate) if state == SlotState.INGESTING and rate > 0 and left else None
     error = entry["last_error"]
     stuck = None
+    unidentified = entry["device_id"] is None or entry["device_id"].startswith(UNIDENTIFIED_PREFIX)
     if state == SlotState.PAUSED:
         stuck = STUCK_DISK_FULL
     elif state == SlotState.ERROR:
-        stuck = STUCK_UNIDENTIFIED if entry["device_id"] is None else STUCK_READ_ERROR
+        stuck = STUCK_READ_ERROR
+    elif unidentified and state != SlotState.IDENTIFYING:
+        stuck = STUCK_UNIDENTIFIED   # its files are taken (and sealed) all the same; the custodian says whose
     return Bay(key=f"{entry['dock']}/{entry['label']}", dock=entry["dock"], slot=entry["slot"], label=entry["label"],
                device_id=entry["device_id"], model=entry["model"], officer_id=entry["officer_id"], files_done=done,
                files_total=entry["files_total"], bytes_copied=entry["bytes_copied"],
