@@ -170,3 +170,25 @@ def test_the_demos_live_table_is_readable_at_80_columns() -> None:
     header = next(line for line in out.splitlines() if line.startswith("device"))
     assert header.split() == ["device", "found", "staged", "sealed", "sending", "synced", "cleared", "rej."]
     assert "cam gate-east-entrance" in out and "ZFY0005" in out
+
+
+def test_the_daemons_live_view_in_status_fits_80_columns() -> None:
+    from edge_agent.cli.operations import render_daemon
+
+    slot = {"dock": "dock-a", "slot": 3, "device_id": "A123452", "officer_id": "320102456", "state": "ingesting",
+            "files_pending": 12, "bytes_copied": 3 << 30, "rate_bps": 48 << 20,
+            "last_error": "DCIM/100MEDIA/FILE0003.MP4: [Errno 5] Input/output error"}
+    snapshot = {
+        "agent": {"version": "0.1.0", "uptime_s": 93784,
+                  "disk": {"used_percent": 41.2, "store_bytes": 812 << 30, "days_until_full": 37.0},
+                  "sync": {"connected": True, "last_ack_ms": 1796387653391},
+                  "clock": {"source": "chrony", "offset_ms": 3}},
+        "docks": [slot, {**slot, "slot": 4, "device_id": "unknown:NO_NAME", "state": "source_cleared"}],
+        "cameras": [{"name": "gate-east-entrance", "connected": True, "fps": 25.0, "bitrate_kbps": 4096.0,
+                     "last_packet_ms": 1796387653391, "gaps_today": 2}],
+    }
+    console = Console(width=WIDTH, record=True, file=io.StringIO())
+    console.print(render_daemon(snapshot))
+    out = console.export_text()
+    assert_fits(out)
+    assert "unknown:NO_NAME" in out and "source_cleared" in out and "gate-east-entrance" in out
