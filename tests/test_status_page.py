@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import os
+import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,11 +20,11 @@ import cv2
 import numpy as np
 import pytest
 
-from edge_agent.config import AgentConfig
-from edge_agent.daemon import Agent
+from edge_agent.config import AgentConfig, ConfigError
+from edge_agent.daemon import Agent, build_agent
 from edge_agent.services.board import bay
 from tests.evidence_support import offline_agent_config, running_agent
-from tests.helpers import make_recorder_volume
+from tests.helpers import agent_config, make_recorder_volume
 
 CHROMIUM = "/usr/bin/chromium"
 IDENTITY = {"DeviceID": "A123456", "PoliceID": "320102999", "SerialNo": "ZFY0500"}
@@ -152,3 +154,26 @@ def test_a_bay_is_safe_to_take_only_when_done_and_says_why_it_is_stuck() -> None
     unknown = bay(slot(state="done", device_id="unknown:NO_NAME", files_pending=0))
     assert (unknown.stuck, unknown.safe_to_take) == ("unidentified", True)
     assert bay(slot(state="identifying", device_id=None)).stuck is None
+
+
+def test_the_listen_address_is_validated_at_load(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as refused:
+        agent_config(tmp_path, ui={"enabled": True, "listen": "8470"})
+    assert "ui.listen" in str(refused.value) and "127.0.0.1:8470" in str(refused.value)
+    _, cfg = agent_config(tmp_path, ui={"listen": "[::1]:8471"})
+    assert (cfg.ui.host, cfg.ui.port, cfg.ui.enabled) == ("::1", 8471, False)
+
+
+def test_the_daemon_stops_promptly_while_a_screen_is_watching(tmp_path: Path) -> None:
+    cfg, _root = page_agent_config(tmp_path, "en")
+    agent = build_agent(cfg)
+    agent.start()
+    try:
+        assert agent.status_page is not None
+        stream = urllib.request.urlopen(agent.status_page.url + "events", timeout=10)
+        assert stream.readline().startswith(b"event: board")
+    finally:
+        started = time.monotonic()
+        agent.stop()
+    assert time.monotonic() - started < 8
+    stream.close()
