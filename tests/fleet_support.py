@@ -20,12 +20,18 @@ from tests.sync_support import Proc
 ROOT = "evidence/v1"
 
 
-def real_snapshot(tmp: Path) -> dict[str, Any]:
-    """A health snapshot as a real agent builds it (its HealthMonitor, not a hand-written dict)."""
+def real_snapshot(tmp: Path, cameras: int = 0) -> dict[str, Any]:
+    """A health snapshot as a real agent builds it (its HealthMonitor, not a hand-written dict); with `cameras`
+    configured (not started: they show as not connected)."""
     from edge_agent.daemon import build_agent
     from tests.helpers import agent_config
 
-    _, cfg = agent_config(tmp, agent={"id": "template"}, health={"interval_s": 30})
+    sections: dict[str, Any] = {"health": {"interval_s": 30}}
+    if cameras:
+        sections["cameras"] = [{"name": f"cam-{i}", "rtsp": f"rtsp://127.0.0.1:9/cam{i}", "location": "路口",
+                                "location_kind": "street"}
+                               for i in range(cameras)]
+    _, cfg = agent_config(tmp, agent={"id": "template"}, **sections)
     agent = build_agent(cfg)
     try:
         return agent.operations.health.snapshot()
