@@ -87,10 +87,11 @@ def fleet_proc(tmp: Path, config: Path) -> Proc:
     return Proc(["fleet", "serve", "--config", str(config)], tmp / "fleet.log")
 
 
-def scrape(listen: str) -> str:
-    """/metrics of the monitor, or "" while it does not answer yet."""
+def scrape(listen: str, *names: str) -> str:
+    """/metrics of the monitor (only the metrics `names`, if given), or "" while it does not answer yet."""
+    query = ("?" + "&".join(f"name[]={name}" for name in names)) if names else ""
     try:
-        with urllib.request.urlopen(f"http://{listen}/metrics", timeout=5) as response:
+        with urllib.request.urlopen(f"http://{listen}/metrics{query}", timeout=30) as response:
             return response.read().decode()
     except OSError:
         return ""

@@ -78,6 +78,22 @@ def test_alert_rules_pass_promtool_checks_and_their_unit_tests() -> None:
                      "CameraGapToday", "ChainRegressed", "SyncIncompatible", "ComponentStalled", "ClockOffsetHigh"}
 
 
+def test_fleet_commands_say_what_to_do_without_a_database_or_an_agent(tmp_path: Path,
+                                                                     template: dict[str, Any]) -> None:
+    config, _ = fleet_config(tmp_path, 1883)
+    missing = fleet_cli(config, "status")
+    assert missing.returncode == 2 and "is `edge-agent fleet serve` running" in missing.stderr
+
+    cfg = parse_fleet_config({"fleet": {"db_path": str(tmp_path / "fleet" / "fleet.sqlite")}})
+    monitor = FleetMonitor(cfg)
+    monitor.ingest("evidence/v1/ws-01/health", json.dumps(health_of(template, "ws-01")).encode())
+    monitor.flush()
+    monitor.store.close()
+    unknown = fleet_cli(config, "show", "ws-02")
+    assert unknown.returncode == 1 and "`edge-agent fleet status` lists the agents" in unknown.stderr
+    assert fleet_json(config, "show", "ws-01")["health"]["agent_id"] == "ws-01"
+
+
 def test_the_fleet_is_rebuilt_from_retained_state_and_kept_across_a_monitor_restart(
         tmp_path: Path, mosquitto: Mosquitto, template: dict[str, Any]) -> None:
     now = now_ms()
