@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any
@@ -18,7 +19,7 @@ def serve(config: FleetConfig, listen: str | None = None) -> None:
     listen = listen or config.fleet.listen
     try:
         monitor = FleetMonitor(config)
-    except OSError as exc:
+    except (OSError, sqlite3.Error) as exc:
         raise ServiceError(f"cannot open the fleet database {config.fleet.db_path}: {exc}; check fleet.db_path "
                            "and its directory's permissions", code=2) from exc
     try:

@@ -34,8 +34,7 @@ ALARM_KINDS = frozenset({
     "recorder_unidentified", "rejected", "sync_rejected", "tamper", "sync_incompatible", "component_stalled",
     "ack_unverified", "clear_refused", "scrub_failed", "dock_error",
 })
-REFUSALS = ("bad_topic", "too_large", "not_json", "too_deep", "schema", "agent_mismatch", "out_of_order",
-            "agent_limit")
+REFUSALS = ("bad_topic", "too_large", "not_json", "too_deep", "schema", "agent_mismatch", "agent_limit")
 TOPICS = ("status", "health", "events")
 
 
@@ -117,7 +116,7 @@ def figures_of(snapshot: dict[str, Any], default_interval_s: float) -> dict[str,
         "cameras_connected": sum(1 for c in cameras if c["connected"]),
         "cameras_recording": sum(1 for c in cameras if c.get("recording")),
         "camera_gaps_today": sum(c.get("gaps_today", 0) for c in cameras),
-        "cameras_down": sorted(c["name"] for c in cameras if not c["connected"])[:20],
+        "cameras_down": sorted(c["name"][:64] for c in cameras if not c["connected"])[:20],
         "docks": len(docks),
         "docks_occupied": sum(1 for d in docks if d["state"] != "undocked"),
         "clock_offset_ms": clock["offset_ms"], "clock_synchronized": clock["synchronized"],

@@ -119,7 +119,7 @@ class FleetMonitor:
         with self._lock:
             self.stats.last_message_ms = received
             if kind not in TOPICS or not agent or len(agent) > MAX_AGENT_ID:
-                self._count_refusal(kind if kind in TOPICS else "status", "bad_topic")
+                self._count_refusal(kind if kind in TOPICS else "other", "bad_topic")
                 log.warning("event=fleet_refused reason=bad_topic topic=%.200r", topic)
                 return
             self.stats.messages[kind] += 1
