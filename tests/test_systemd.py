@@ -18,7 +18,7 @@ from edge_agent.config import load_receiver_config
 from tests.helpers import agent_config
 
 ROOT = Path(__file__).resolve().parents[1]
-UNITS = ("edge-agent.service", "edge-agent-receiver.service")
+UNITS = ("edge-agent.service", "edge-agent-receiver.service", "edge-agent-fleet.service")
 INSTALLED_EXEC = "/opt/edge-agent/venv/bin/edge-agent"
 EDGE_AGENT = str(Path(sys.executable).parent / "edge-agent")
 

@@ -18,7 +18,7 @@ from edge_agent.config import ConfigError, FleetConfig, load_fleet_config
 fleet_app = typer.Typer(no_args_is_help=True, help="The platform's fleet monitor: every agent's health over MQTT.")
 app.add_typer(fleet_app, name="fleet")
 FLEET_CONFIG_ENV = "EDGE_FLEET_CONFIG"
-DEFAULT_FLEET_CONFIG = Path("/etc/edge-agent/fleet.toml")
+DEFAULT_FLEET_CONFIG = Path("/etc/edge-fleet/fleet.toml")
 ConfigOption = Annotated[Path | None, typer.Option("--config", "-c", help="fleet.toml ([mqtt] and [fleet]; default "
                                                    f"${FLEET_CONFIG_ENV} or {DEFAULT_FLEET_CONFIG})")]
 WIDTH = 80
