@@ -188,6 +188,28 @@ def test_malformed_health_is_refused_without_losing_the_other_agents(
         sims.close()
 
 
+def test_each_agent_keeps_only_its_newest_events(tmp_path: Path) -> None:
+    cfg = parse_fleet_config({"fleet": {"db_path": str(tmp_path / "fleet.sqlite"), "events_per_agent": 3}})
+    monitor = FleetMonitor(cfg)
+    try:
+        for i in range(5):
+            for agent in ("ws-a", "ws-b"):
+                monitor.ingest(f"evidence/v1/{agent}/events",
+                               json.dumps({"type": "dock", "ts": i, "message": f"{agent} {i}"}).encode())
+            monitor.flush()
+        assert [e["ts"] for _, e in monitor.store.events("ws-a", 10)] == [4, 3, 2]
+        assert monitor.store.event_count("ws-b") == 3
+    finally:
+        monitor.store.close()
+
+
+def test_the_example_fleet_config_is_valid() -> None:
+    from edge_agent.config import load_fleet_config
+
+    cfg = load_fleet_config(PROM_DIR.parent / "fleet.example.toml")
+    assert cfg.fleet.listen == "127.0.0.1:9108" and cfg.fleet.db_path == Path("/var/lib/edge-fleet/fleet.sqlite")
+
+
 def test_500_agents_keep_series_and_memory_bounded(tmp_path: Path, template: dict[str, Any]) -> None:
     cfg = parse_fleet_config({"fleet": {"db_path": str(tmp_path / "fleet.sqlite"), "max_agents": 500}})
     monitor = FleetMonitor(cfg)
