@@ -118,7 +118,7 @@ def test_the_fleet_is_rebuilt_from_retained_state_and_kept_across_a_monitor_rest
             human = fleet_cli(config, "status")
             assert human.returncode == 0, human.stderr
             lines = human.stdout.splitlines()
-            assert lines[0].startswith("3 agents: 2 online, 1 offline, 0 stale, 1 over 24h")
+            assert lines[0] == "3 agents: 1 offline, 0 stale, 1 over 24h, 0 regressed, 2 with problems"
             assert all(len(line) <= 80 for line in lines), lines
             assert [line.split()[0] for line in lines[2:]] == ["ws-gone", "ws-late", "ws-ok"]   # worst first
             status = fleet_json(config, "status")

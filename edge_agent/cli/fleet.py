@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import unicodedata
-from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -65,6 +64,10 @@ def _age(seconds: float | None) -> str:
     return f"{seconds / 3600:.1f}h" if seconds < 86400 * 10 else f"{seconds / 86400:.0f}d"
 
 
+def _known(value: Any, unit: str = "", unknown: str = "unknown") -> str:
+    return unknown if value is None else f"{value}{unit}"
+
+
 def _state(a: dict[str, Any]) -> str:
     if a["online"] is False:
         return "OFFLINE"
@@ -76,9 +79,8 @@ def _state(a: dict[str, Any]) -> str:
 def status_lines(result: dict[str, Any]) -> list[str]:
     """The 80-column view: a summary line, a header, a line per agent (worst first)."""
     c = result["counts"]
-    summary = (f"{result['agents']} agents: {c['online']} online, {c['offline']} offline, {c['stale']} stale, "
-               f"{c['r1_breach']} over 24h, {c['regressed']} regressed, {c['with_problems']} with problems "
-               f"({datetime.now().astimezone():%H:%M:%S})")
+    summary = (f"{result['agents']} agents: {c['offline']} offline, {c['stale']} stale, {c['r1_breach']} over 24h, "
+               f"{c['regressed']} regressed, {c['with_problems']} with problems")
     lines = [_fit(summary, WIDTH).rstrip(), _fit("AGENT", 18) + " STATE   BACKLOG      DISK CAMS  PROBLEM"]
     for a in result["fleet"]:
         f = a["figures"]
@@ -119,10 +121,11 @@ def fleet_show(
                 f"backlog {f['queue_files']} files, {fmt_bytes(f['queue_bytes'])}, oldest "
                 f"{_age(f['oldest_unsynced_age_s'])}; uplink {'up' if f['sync_connected'] else 'down'}, "
                 f"last ack {fmt_ms(f['last_ack_ms']) or 'never'}",
-                f"disk {f['disk_used_percent']}% used, full in {f['disk_days_until_full']} days",
+                f"disk {f['disk_used_percent']}% used, full in "
+                f"{_known(f['disk_days_until_full'], ' days', 'no intake to project')}",
                 f"cameras {f['cameras_connected']}/{f['cameras']} connected, {f['cameras_recording']} recording, "
                 f"{f['camera_gaps_today']} gaps today; docks {f['docks_occupied']}/{f['docks']} occupied",
-                f"clock offset {f['clock_offset_ms']} ms, synchronised {f['clock_synchronized']}",
+                f"clock offset {_known(f['clock_offset_ms'], ' ms')}, synchronised {_known(f['clock_synchronized'])}",
                 f"chain head {f['chain_head']}  audit head {f['audit_head']}"]
         out += [f"alarm {m}" for m in f["alarm_messages"]]
     for head, r in detail["regressions"].items():
