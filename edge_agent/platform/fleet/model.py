@@ -156,15 +156,18 @@ class AgentRecord:
         self.site, self.unit = snapshot["site_id"], snapshot["unit"]
         self.figures = figures_of(snapshot, default_interval_s)
         self.health_received_ms = received_ms
+        # New dicts, never changed in place: a scrape reads a record outside the monitor's lock.
         found = []
+        heads, regressions = dict(self.heads), dict(self.regressions)
         for head in HEADS:
             after = snapshot["agent"].get(f"{head}_head")
-            why = head_regression(self.heads.get(head), after)
+            why = head_regression(heads.get(head), after)
             if why is not None:
-                seen = self.regressions.setdefault(head, {"count": 0})
-                seen.update(count=seen["count"] + 1, last_ms=received_ms, why=why)
+                count = regressions.get(head, {}).get("count", 0) + 1
+                regressions[head] = {"count": count, "last_ms": received_ms, "why": why}
                 found.append(f"{head} {why}")
-            self.heads[head] = after
+            heads[head] = after
+        self.heads, self.regressions = heads, regressions
         return found
 
     def refuse(self, refusal: Refusal, received_ms: int) -> None:
