@@ -187,6 +187,30 @@ class LivenessSection(_Section):
     stall_s: Annotated[float, Field(gt=0, le=86400)] = 300
 
 
+class UiSection(_Section):
+    """The status page at the dock (edge_agent/ui): read-only, on loopback unless `listen` says otherwise."""
+
+    enabled: bool = False
+    listen: str = "127.0.0.1:8470"                  # host:port; port 0 takes a free one (tests)
+    language: Literal["en", "zh_CN"] | None = None  # None: from the locale (LANG=zh_CN.UTF-8 gives Chinese)
+
+    @field_validator("listen")
+    @classmethod
+    def _host_port(cls, value: str) -> str:
+        host, sep, port = value.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+            raise ValueError(f"{value!r} is not host:port; write it like 127.0.0.1:8470")
+        return value
+
+    @property
+    def host(self) -> str:
+        return self.listen.rpartition(":")[0].strip("[]")
+
+    @property
+    def port(self) -> int:
+        return int(self.listen.rpartition(":")[2])
+
+
 class ReceiverSection(_Section):
     store_dir: Path = Path("/var/lib/edge-receiver")   # objects/, index/, incoming/ (shared by receivers)
     keys_dir: Path = Path("/etc/edge-receiver/agents")  # <agent_id>.pem: each enrolled agent's public key
@@ -217,6 +241,7 @@ class AgentConfig(_Section):
     retention: RetentionSection = RetentionSection()
     health: HealthSection = HealthSection()
     liveness: LivenessSection = LivenessSection()
+    ui: UiSection = UiSection()
 
     @model_validator(mode="after")
     def _unique_names(self) -> AgentConfig:

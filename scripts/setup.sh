@@ -17,6 +17,10 @@ command -v mcopy >/dev/null 2>&1 || need_apt+=(mtools)
 command -v fusefat >/dev/null 2>&1 || need_apt+=(fusefat)
 # The fleet monitor's tests scrape it with a real Prometheus and unit-test the alert rules with promtool.
 { command -v prometheus >/dev/null 2>&1 && command -v promtool >/dev/null 2>&1; } || need_apt+=(prometheus)
+# The status page's browser tests: Debian's chromium driven by playwright (never `playwright install`), and a
+# CJK font so the Chinese page renders in screenshots.
+[ -x /usr/bin/chromium ] || need_apt+=(chromium)
+fc-list 2>/dev/null | grep -qi "CJK" || need_apt+=(fonts-noto-cjk)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "setup: apt-get install ${need_apt[*]}"
   export DEBIAN_FRONTEND=noninteractive
@@ -30,3 +34,4 @@ fi
 .venv/bin/python -m pip install -q --upgrade pip 2>&1 | grep -v -i warning || true
 .venv/bin/python -m pip install -q -e '.[test]' 2>&1 | grep -v -i warning || true
 .venv/bin/python -c 'import edge_agent, paho.mqtt, av, cv2, usb, watchdog, prometheus_client' 
+scripts/i18n.sh compile   # the gettext catalogs: .po committed, .mo built here
