@@ -54,16 +54,22 @@ class ClearWatch(threading.Thread):
 
     def run(self) -> None:
         while not self._done.wait(0.01):
-            for relative, sha in self.expected.items():
-                if relative in self.cleared or (self.volume / relative).exists():
-                    continue
-                self.cleared.add(relative)
-                if not (self.store / "objects" / sha[:2] / sha).exists():
-                    self.violations.append(f"{relative} deleted before the receiver stored it")
+            self._scan()
+
+    def _scan(self) -> None:
+        for relative, sha in self.expected.items():
+            if relative in self.cleared or (self.volume / relative).exists():
+                continue
+            self.cleared.add(relative)
+            if not (self.store / "objects" / sha[:2] / sha).exists():
+                self.violations.append(f"{relative} deleted before the receiver stored it")
 
     def stop(self) -> None:
+        """Stop watching, after a last look: under load the thread may not have run since the last deletions
+        (the files were cleared, the catalog says so, but this watch never polled again)."""
         self._done.set()
         self.join(5)
+        self._scan()
 
 
 def start_pair(tmp_path: Path, port: int, dock: Path, **agent_mqtt) -> tuple:
