@@ -66,7 +66,7 @@ class AgentSection(_Section):
 class MqttSection(_Section):
     host: str = "127.0.0.1"
     port: Annotated[int, Field(ge=1, le=65535)] = 1883
-    root: Annotated[str, Field(pattern=TOPIC_ROOT_PATTERN)] = "evidence/v1"
+    root: Annotated[str, Field(pattern=TOPIC_ROOT_PATTERN)] = "evidence/v2"
     tls_ca: Path | None = None
     tls_cert: Path | None = None
     tls_key: Path | None = None

@@ -22,7 +22,7 @@ from edge_agent.platform.receiver.receipts import ReceiverKey
 from edge_agent.protocol.wire import ChunkHeader, chunk_count, chunk_span, encode_chunk
 from tests.helpers import wait_for, write_toml
 
-ROOT = "evidence/v1"
+ROOT = "evidence/v2"
 AGENT_ID = "ws-test-01"
 CLI = [sys.executable, "-m", "edge_agent.cli"]
 

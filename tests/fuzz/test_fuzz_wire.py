@@ -31,7 +31,7 @@ from tests.peers.mosquitto import Mosquitto
 from tests.test_liveness import sync_after
 
 AGENT = "ws-fuzz-01"
-ROOT = "evidence/v1"
+ROOT = "evidence/v2"
 CHUNK = 4096
 SHA = "ab" * 32
 FUZZ = settings(max_examples=250, deadline=None,
