@@ -187,6 +187,13 @@ class LivenessSection(_Section):
     stall_s: Annotated[float, Field(gt=0, le=86400)] = 300
 
 
+class EvidenceSection(_Section):
+    """Signed documents (docs/PROTOCOL.md section 10): how often the agent signs a checkpoint of its audit
+    head and chain head (also before every recorder clear; not when nothing changed since the last one)."""
+
+    checkpoint_s: Annotated[float, Field(ge=1, le=86400)] = 300
+
+
 class ReceiverSection(_Section):
     store_dir: Path = Path("/var/lib/edge-receiver")   # objects/, index/, incoming/ (shared by receivers)
     keys_dir: Path = Path("/etc/edge-receiver/agents")  # <agent_id>.pem: each enrolled agent's public key
@@ -217,6 +224,7 @@ class AgentConfig(_Section):
     retention: RetentionSection = RetentionSection()
     health: HealthSection = HealthSection()
     liveness: LivenessSection = LivenessSection()
+    evidence: EvidenceSection = EvidenceSection()
 
     @model_validator(mode="after")
     def _unique_names(self) -> AgentConfig:

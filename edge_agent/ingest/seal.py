@@ -3,7 +3,8 @@
 The manifest is built from the catalog row alone (`evidence.manifest.file_manifest`): the keys a source
 adds (a camera segment's camera and the gaps before it) were stored on the row at discovery (`extras`),
 so a file sealed by crash recovery carries them too, and sealing never calls back into a source.
-Session manifests, annotations and key rotations are signed into the same chain by `sign_document`.
+Session manifests, annotations and key rotations are signed into the same chain by `sign_document`,
+checkpoints of the audit head and the chain head by `checkpoint`.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edge_agent.catalog import Catalog, FileRecord, State
+from edge_agent.catalog import Catalog, FileRecord, State, audit, new_id
+from edge_agent.clock import now_ms
 from edge_agent.config import AgentConfig
 from edge_agent.durable import SyncGroup, atomic_write_many
 from edge_agent.evidence.manifest import (
@@ -29,6 +31,8 @@ from edge_agent.evidence.manifest import (
     write_document,
 )
 from edge_agent.layout import StoreLayout
+
+LAST_CHECKPOINT_KEY = "last_checkpoint"   # meta: "<chain seq>:<audit seq>" right after the last checkpoint
 
 
 def _loads(text: str | None) -> dict[str, Any]:
@@ -105,6 +109,28 @@ class Sealer:
                                                             "agent_id": self.config.agent.id, **body}, path)
             if after is not None:
                 after(conn, digest)
+        return doc
+
+    def checkpoint(self, reason: str) -> dict[str, Any] | None:
+        """Sign a checkpoint of the audit head and the chain head (docs/PROTOCOL.md section 10), chained like
+        every document and audited (`checkpoint`) in the same transaction. None, and nothing signed, when
+        neither head moved since the last checkpoint but by that checkpoint itself."""
+        with self._lock, self.catalog.transaction() as conn:
+            audit_head = self.catalog.meta.get(audit.HEAD_KEY)
+            audit_seq, _, audit_hash = (audit_head or f"0:{audit.GENESIS}").partition(":")
+            chain_seq, chain_sha = self._head()
+            if self.catalog.meta.get(LAST_CHECKPOINT_KEY) == f"{chain_seq}:{audit_seq}":
+                return None
+            checkpoint_id = new_id()
+            body = {"v": MANIFEST_VERSION, "type": "checkpoint", "agent_id": self.config.agent.id,
+                    "checkpoint_id": checkpoint_id, "reason": reason, "ts_ms": now_ms(),
+                    "audit_head": {"seq": int(audit_seq), "hash": audit_hash},
+                    "chain_head": {"seq": chain_seq, "sha256": chain_sha}}
+            doc, digest = self._signed(conn, "checkpoint", checkpoint_id, body,
+                                       self.layout.checkpoint_path(checkpoint_id))
+            entry = audit.append(conn, "checkpoint", subject=checkpoint_id, reason=reason, actor="edge-agent",
+                                 detail={"chain_seq": chain_seq + 1, "sha256": digest, "audit_seq": int(audit_seq)})
+            self.catalog.meta.set(LAST_CHECKPOINT_KEY, f"{chain_seq + 1}:{entry}")
         return doc
 
     def seal_session(self, session_id: str,

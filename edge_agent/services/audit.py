@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from edge_agent.catalog import audit as audit_log
 from edge_agent.catalog.reports import AuditEntry
+from edge_agent.evidence.verify import verify_audit_checkpoint
 from edge_agent.services.workspace import Result, Workspace
 
 
@@ -27,5 +28,8 @@ def entries(ws: Workspace, *, subject: str | None = None, limit: int = 50) -> tu
 
 
 def check_chain(ws: Workspace) -> ChainCheck:
+    """Walk the audit log's hash chain, and check that it still reaches the audit head of the last checkpoint
+    the platform receipted (a removed tail with a rewound head passes the walk, not this)."""
     count, problems = audit_log.verify(ws.catalog.conn)
-    return ChainCheck(count, tuple(str(p) for p in problems))
+    beyond = verify_audit_checkpoint(ws.catalog)
+    return ChainCheck(count, tuple(str(p) for p in problems) + tuple(str(f) for f in beyond))

@@ -45,12 +45,13 @@ class Clearing:
     """Clears the confirmed originals on one docked volume, per its dock's configuration."""
 
     def __init__(self, catalog: Catalog, records: DockingRecords, volume: DockedVolume,
-                 dock: Dock | None, *, receipts: ReceiptCheck):
+                 dock: Dock | None, *, receipts: ReceiptCheck, checkpoint: Callable[[str], object] | None = None):
         self.catalog = catalog
         self.records = records
         self.volume = volume
         self.dock = dock
         self.receipts = receipts
+        self.checkpoint = checkpoint   # signs a checkpoint of both chains (ingest.Sealer.checkpoint)
 
     @property
     def enabled(self) -> bool:
@@ -60,7 +61,12 @@ class Clearing:
         """Clear every confirmed original of `device_id` on this volume; stops as soon as `gone()`."""
         if not self.enabled:
             return
-        for record in self.records.clearable(device_id, self.volume.label):
+        clearable = self.records.clearable(device_id, self.volume.label)
+        if clearable and self.checkpoint is not None:
+            # Before a recorder loses anything, both chains are checkpointed (and the checkpoint goes to the
+            # platform on the chain stream): the history that led here can no longer be quietly cut.
+            self.checkpoint(f"before clearing {device_id} on {self.volume.dock}/{self.volume.slot}")
+        for record in clearable:
             if gone():
                 return
             self.clear_one(record)
