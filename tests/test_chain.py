@@ -297,7 +297,9 @@ def test_every_signed_document_reaches_the_receivers_chain_in_order_and_is_recei
             assert held[seq]["prev"] == prev
             prev = hashlib.sha256(canonical_json(held[seq])).hexdigest()
         status = json.loads(run_cli(agent_toml, "--json", "status").stdout)
-        assert f"{local[-1][0]}" in json.dumps(status), "status shows the receipted chain head"
+        assert status["chain"]["receipted_seq"] == status["chain"]["head_seq"] == local[-1][0]
+        assert status["chain"]["checkpoint_seq"] == max(seq for seq, kind, _ in local if kind == "checkpoint")
+        assert "the platform holds it up to" in run_cli(agent_toml, "status").stdout
     finally:
         agent.stop()
         assert receiver.stop() == 0
@@ -318,11 +320,11 @@ def test_removing_the_newest_history_fails_verify_and_audit_verify_naming_the_ch
     checkpoint_id = catalog_rows(data_dir, "SELECT doc_id FROM documents WHERE seq = ?",
                                  (receipted(data_dir)[1],))[0][0]
     truncate_newest_file(data_dir)
-    verified = run_cli(agent_toml, "verify", "--all", "--reason", "after")
+    verified = run_cli(agent_toml, "--json", "verify", "--all", "--reason", "after")
     assert verified.returncode != 0
     assert f"checkpoint {checkpoint_id}" in verified.stdout + verified.stderr
     assert "were removed after the platform received them" in verified.stdout + verified.stderr
-    audited = run_cli(agent_toml, "audit", "verify")
+    audited = run_cli(agent_toml, "--json", "audit", "verify")
     assert audited.returncode != 0
     assert f"checkpoint {checkpoint_id}" in audited.stdout + audited.stderr
     assert "were removed after the checkpoint was signed" in audited.stdout + audited.stderr

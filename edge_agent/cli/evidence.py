@@ -55,6 +55,13 @@ def status(ctx: typer.Context) -> None:
     age = report.oldest_unsynced_age_s
     console.print(f"Waiting for the platform: {unsynced.files} files, {fmt_bytes(unsynced.bytes)}"
                   + (f", oldest {age // 3600} h {age % 3600 // 60} min" if age is not None else ""))
+    chain = report.chain
+    if chain["receipted_seq"] is None:
+        console.print(f"Document chain: {chain['head_seq']} documents; no chain receipt from the platform yet")
+    else:
+        console.print(f"Document chain: {chain['head_seq']} documents; the platform holds it up to "
+                      f"{chain['receipted_seq']} (receipted {fmt_ms(chain['receipted_ms'])}), last checkpoint "
+                      f"{chain['checkpoint_id'] or '-'} at {chain['checkpoint_seq'] or '-'}")
     if alarms:
         console.print(table("Active alarms", ["kind", "subject", "since", "message"],
                             [[a.kind, a.subject, fmt_ms(a.raised_ms), a.message] for a in alarms]))
