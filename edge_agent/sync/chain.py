@@ -64,6 +64,7 @@ class ChainRelay:
         self._due = True
         self._next_read = 0.0
         self._waiting_since: float | None = None   # a query or documents are unanswered since then
+        self._resent_from: int | None = None       # the seq a gap answer last sent us back to
 
     # -- the sender thread's calls -------------------------------------------------------------
 
@@ -116,7 +117,10 @@ class ChainRelay:
             return
         if self.held is None or seq >= self.held or ack["state"] == "gap":
             self.held = seq
-        if ack["state"] == "gap" or self.next_seq <= seq:
+        if ack["state"] == "gap" and self._resent_from != seq + 1:
+            # The documents after the missing one were sent too, and each gets a `gap`: go back once per gap.
+            self.next_seq = self._resent_from = seq + 1
+        elif self.next_seq <= seq:
             self.next_seq = seq + 1
         if self.next_seq - 1 > seq:
             self._waiting_since = time.monotonic()   # documents beyond its head are still on the way
@@ -128,7 +132,7 @@ class ChainRelay:
         body = {"head": None if head is None else {"seq": head[0], "sha256": head[1]}}
         if self.publish(self.topics.chain_query, canonical_json(body)) is not None:
             self._query_due, self._waiting_since = False, now
-            self.held, self.next_seq = None, 0   # sending resumes from the head its answer names
+            self.held, self.next_seq, self._resent_from = None, 0, None   # resume from the head it names
 
     def _keep_receipt(self, ack: dict[str, Any]) -> None:
         receipt = ack.get("receipt")

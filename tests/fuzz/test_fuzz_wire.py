@@ -306,6 +306,65 @@ def test_the_genuine_transfer_still_completes_after_the_fuzzing(receiver_bench: 
     assert bench.receiver.store.stored(*key)["sha256"] == hashlib.sha256(bench.content).hexdigest()
 
 
+def _chain_message(bench: ReceiverBench) -> tuple[bytes, bytes]:
+    """The agent's chain as the receiver holds it (document 1, held once), and the genuine document 2."""
+    if not hasattr(bench, "chain_first"):
+        first = bench.key.sign({"v": 1, "type": "annotation", "agent_id": AGENT, "annotation_id": "a1",
+                                "prev": "0" * 64})
+        bench.chain_first = canonical_json({"seq": 1, "doc": first})
+        bench.receiver.handle(f"{ROOT}/{AGENT}/chain/doc", bench.chain_first)
+        second = bench.key.sign({"v": 1, "type": "annotation", "agent_id": AGENT, "annotation_id": "a2",
+                                 "prev": hashlib.sha256(canonical_json(first)).hexdigest()})
+        bench.chain_second = canonical_json({"seq": 2, "doc": second})
+    return bench.chain_first, bench.chain_second
+
+
+@given(data=st.data())
+@FUZZ
+def test_no_malformed_or_forged_chain_message_changes_the_held_chain(receiver_bench: ReceiverBench,
+                                                                     data: st.DataObject,
+                                                                     caplog: pytest.LogCaptureFixture) -> None:
+    bench = receiver_bench
+    first, second = _chain_message(bench)
+    kind = data.draw(st.sampled_from(["doc", "query", "topic"]))
+    topic = f"{ROOT}/{AGENT}/chain/{kind}"
+    if kind == "doc":
+        doc = json.loads(second)["doc"]
+        stranger = AgentKey(Ed25519PrivateKey.generate())
+        payload = data.draw(st.sampled_from([
+            _mutated(second, data),
+            json.dumps({"seq": data.draw(json_values), "doc": doc}).encode(),
+            json.dumps({"seq": 2, "doc": {**doc, data.draw(st.sampled_from(["prev", "agent_id", "type", "sig"])):
+                                          data.draw(json_values)}}).encode(),
+            canonical_json({"seq": 2, "doc": stranger.sign(doc)}),
+            json.dumps(data.draw(json_values)).encode()]))
+    elif kind == "query":
+        payload = data.draw(st.sampled_from([data.draw(st.binary(max_size=100)),
+                                             json.dumps({"head": data.draw(json_values)}).encode()]))
+    else:
+        topic = data.draw(st.sampled_from([f"{ROOT}/{AGENT}/chain/delete", f"{ROOT}/{AGENT}/chain/doc/x",
+                                           f"{ROOT}/bad agent/chain/doc"]))
+        payload = second
+    if payload in (first, second) and kind == "doc":
+        return   # a mutation that changed nothing is the genuine message
+    before = bench.snapshot()
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        bench.receiver.handle(topic, payload)
+    if kind == "query" and not caplog.records:
+        return   # a well-formed query (any head at or above the held one) is answered, not refused
+    assert bench.snapshot() == before or kind == "query", f"chain message changed the store: {payload[:80]!r}"
+    assert any(r.levelno >= logging.WARNING for r in caplog.records), f"not logged: {topic} {payload[:60]!r}"
+
+
+def test_the_genuine_chain_document_is_still_held_after_the_fuzzing(receiver_bench: ReceiverBench) -> None:
+    bench = receiver_bench
+    _first, second = _chain_message(bench)
+    bench.receiver.handle(f"{ROOT}/{AGENT}/chain/doc", second)
+    assert bench.receiver.chain.store.head(AGENT)[0] == 2
+    assert bench.receiver.chain.dropped > 0
+
+
 def _hostile_payloads(kind: str) -> list[bytes]:
     """Payloads of hostile structure rather than hostile values: depth, size, types, encodings."""
     deep = [b"[" * 100_000, b'{"a":' * 50_000 + b"1" + b"}" * 50_000, b'{"sha256":' + b"[" * 20_000]
