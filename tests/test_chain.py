@@ -17,9 +17,13 @@ from typing import Any
 
 import pytest
 
+from edge_agent.catalog import Catalog
+from edge_agent.config import ConfigError
 from edge_agent.evidence.manifest import GENESIS_PREV, AgentKey, canonical_json
 from edge_agent.evidence.receipts import PinnedKeys, verify_chain_receipt
-from tests.helpers import make_recorder_volume, wait_for
+from edge_agent.ingest import Sealer
+from edge_agent.layout import StoreLayout
+from tests.helpers import agent_config, make_recorder_volume, wait_for
 from tests.peers.mosquitto import Mosquitto
 from tests.sync_support import (
     AGENT_ID,
@@ -38,6 +42,39 @@ from tests.sync_support import (
 )
 
 KINDS = {"file", "session", "annotation", "key_rotation", "checkpoint"}
+
+
+# -- checkpoints, in process -------------------------------------------------------------------------------
+
+
+def test_a_checkpoint_binds_both_heads_is_chained_and_is_not_repeated_while_nothing_moved(tmp_path: Path) -> None:
+    _, config = agent_config(tmp_path)
+    layout = StoreLayout(config.agent.data_dir).open()
+    catalog = Catalog(config.catalog_path)
+    try:
+        sealer = Sealer(catalog, AgentKey.load_or_create(layout.keys), layout, config)
+        catalog.audit("something", subject="x", reason="before the checkpoint")
+        audit_seq, audit_hash = catalog.meta.get("audit_head").split(":")
+        doc = sealer.checkpoint("periodic")
+        assert doc is not None and doc["type"] == "checkpoint" and doc["prev"] == GENESIS_PREV
+        assert doc["audit_head"] == {"seq": int(audit_seq), "hash": audit_hash}
+        assert doc["chain_head"] == {"seq": 0, "sha256": GENESIS_PREV}
+        assert catalog.documents.head() == (1, sha(doc))
+        assert catalog.audit_log.entries(doc["checkpoint_id"])[0]["action"] == "checkpoint"
+        assert sealer.checkpoint("periodic") is None, "nothing moved: no new checkpoint"
+        catalog.audit("something else", subject="y")
+        second = sealer.checkpoint("before clearing")
+        assert second is not None and second["chain_head"] == {"seq": 1, "sha256": sha(doc)}
+        assert second["prev"] == sha(doc)
+    finally:
+        catalog.close()
+
+
+@pytest.mark.parametrize("value", [0, -5, 86401, "soon"])
+def test_checkpoint_interval_is_validated_naming_the_key(tmp_path: Path, value: object) -> None:
+    with pytest.raises(ConfigError) as err:
+        agent_config(tmp_path, evidence={"checkpoint_s": value})
+    assert "evidence.checkpoint_s" in str(err.value)
 
 
 # -- a scripted agent on the chain stream -------------------------------------------------------------------
@@ -289,6 +326,8 @@ def test_every_signed_document_reaches_the_receivers_chain_in_order_and_is_recei
         local = local_chain(data_dir)
         held = held_chain(store)
         assert {kind for _, kind, _ in local} == KINDS
+        assert any(doc["type"] == "checkpoint" and doc["reason"].startswith("before clearing")
+                   for doc in held.values()), "a checkpoint was signed before the recorder was cleared"
         for seq, kind, digest in local:
             assert held[seq]["type"] == kind
             assert hashlib.sha256(canonical_json(held[seq])).hexdigest() == digest

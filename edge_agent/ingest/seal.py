@@ -111,15 +111,15 @@ class Sealer:
                 after(conn, digest)
         return doc
 
-    def checkpoint(self, reason: str) -> dict[str, Any] | None:
+    def checkpoint(self, reason: str, *, force: bool = False) -> dict[str, Any] | None:
         """Sign a checkpoint of the audit head and the chain head (docs/PROTOCOL.md section 10), chained like
-        every document and audited (`checkpoint`) in the same transaction. None, and nothing signed, when
-        neither head moved since the last checkpoint but by that checkpoint itself."""
+        every document and audited (`checkpoint`) in the same transaction. Unless `force`, None and nothing
+        signed when neither head moved since the last checkpoint but by that checkpoint itself."""
         with self._lock, self.catalog.transaction() as conn:
             audit_head = self.catalog.meta.get(audit.HEAD_KEY)
             audit_seq, _, audit_hash = (audit_head or f"0:{audit.GENESIS}").partition(":")
             chain_seq, chain_sha = self._head()
-            if self.catalog.meta.get(LAST_CHECKPOINT_KEY) == f"{chain_seq}:{audit_seq}":
+            if not force and self.catalog.meta.get(LAST_CHECKPOINT_KEY) == f"{chain_seq}:{audit_seq}":
                 return None
             checkpoint_id = new_id()
             body = {"v": MANIFEST_VERSION, "type": "checkpoint", "agent_id": self.config.agent.id,
