@@ -39,6 +39,8 @@ log = logging.getLogger(__name__)
 
 CHAIN_WINDOW = 16          # documents sent beyond the receiver's held head
 CHAIN_INTERVAL_S = 0.25    # how often the catalog is read for new documents (at once after an answer)
+RECEIPT_WRITE_S = 1.0      # a higher chain receipt is written to the catalog at most this often, unless it
+                           # covers a new checkpoint or the whole local chain
 ALARM_REFUSED = "chain_refused"
 ALARM_UNVERIFIED = "chain_receipt_unverified"
 
@@ -65,6 +67,8 @@ class ChainRelay:
         self._next_read = 0.0
         self._waiting_since: float | None = None   # a query or documents are unanswered since then
         self._resent_from: int | None = None       # the seq a gap answer last sent us back to
+        self._kept: tuple[int, int | None] | None = None   # (seq, checkpoint seq) of the receipt in the catalog
+        self._kept_at = 0.0
 
     # -- the sender thread's calls -------------------------------------------------------------
 
@@ -153,13 +157,25 @@ class ChainRelay:
                                         "changed, pin it in mqtt.receiver_keys; otherwise check the broker's ACL"):
                 log.warning("chain receipt unverified: %s", exc)
             return
-        held = self.catalog.chain_receipts.get()
-        if held is not None and held.seq >= doc["seq"]:
+        if self._kept is None:
+            held = self.catalog.chain_receipts.get()
+            self._kept = (held.seq, held.checkpoint_seq) if held is not None else (0, None)
+        if self._kept[0] >= doc["seq"]:
             return
-        checkpoint_seq, checkpoint = self._checkpoint_upto(doc["seq"])
-        if self.catalog.chain_receipts.record(doc, checkpoint_seq, checkpoint):
+        # One catalog transaction per receipt would cost a commit per document on the sender thread: a higher
+        # receipt is written when it covers a new checkpoint or the whole chain, else at most every second.
+        checkpoint = self.catalog.documents.latest("checkpoint", doc["seq"])
+        checkpoint_seq = checkpoint["seq"] if checkpoint is not None else None
+        head = self.catalog.documents.head()
+        now = time.monotonic()
+        if (checkpoint_seq == self._kept[1] and (head is None or doc["seq"] < head[0])
+                and now - self._kept_at < RECEIPT_WRITE_S):
+            return
+        checkpoint_seq, body = self._checkpoint_upto(doc["seq"])
+        if self.catalog.chain_receipts.record(doc, checkpoint_seq, body):
             self.catalog.clear_alarm(ALARM_UNVERIFIED)
             log.info("chain receipted seq=%d checkpoint_seq=%s", doc["seq"], checkpoint_seq)
+        self._kept, self._kept_at = (doc["seq"], checkpoint_seq), now
 
     def _checkpoint_upto(self, seq: int) -> tuple[int | None, dict[str, Any] | None]:
         row = self.catalog.documents.latest("checkpoint", seq)

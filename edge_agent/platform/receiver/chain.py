@@ -40,7 +40,7 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from edge_agent.clock import now_ms
-from edge_agent.durable import atomic_write, make_dirs
+from edge_agent.durable import atomic_write, atomic_write_many, make_dirs
 from edge_agent.evidence.manifest import GENESIS_PREV, ManifestError, canonical_json, verify_signature
 from edge_agent.evidence.receipts import chain_receipt_body
 from edge_agent.protocol.wire import FILE_ID_PATTERN, WireError, decode_json
@@ -99,10 +99,11 @@ class ChainStore:
     def append(self, agent: str, seq: int, canonical: bytes, doc: dict[str, Any]) -> str:
         """Hold `canonical` as document `seq` (call under `locked`, with seq = head + 1); returns its SHA-256."""
         digest = hashlib.sha256(canonical).hexdigest()
-        atomic_write(self.doc_path(agent, seq), canonical, mode=0o444)
+        entries = [(self.doc_path(agent, seq), canonical, 0o444)]
         file_id = doc.get("file_id")
         if doc.get("type") == "file" and isinstance(file_id, str) and FILE_ID_PATTERN.match(file_id):
-            atomic_write(self._dir(agent) / "files" / file_id, f"{seq} {digest}\n".encode("ascii"))
+            entries.append((self._dir(agent) / "files" / file_id, f"{seq} {digest}\n".encode("ascii"), 0o644))
+        atomic_write_many(entries)   # the document and its index entry durable together, then the head
         atomic_write(self._dir(agent) / "head", f"{seq} {digest}\n".encode("ascii"))
         return digest
 
