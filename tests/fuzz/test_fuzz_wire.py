@@ -399,3 +399,18 @@ def test_hostile_structure_on_each_receiver_topic_is_survived_and_a_good_file_th
         assert bench.receiver.store.progress(AGENT, bench.file_id, bench.manifest).state == "complete"
     finally:
         bench.receiver.store.close()
+
+
+def test_hostile_chain_acks_are_dropped_and_counted_and_a_forged_receipt_is_not_kept(
+        uplink_bench: UplinkBench) -> None:
+    bench = uplink_bench
+    before = bench.uplink.chain_acks_dropped
+    hostile = _hostile_payloads("chain_acks")
+    for payload in hostile:
+        bench.deliver("chain_acks", payload)                 # never raises
+    assert bench.uplink.chain_acks_dropped - before == len(hostile)
+    stranger = AgentKey(Ed25519PrivateKey.generate())
+    forged = stranger.sign({"v": 1, "type": "chain_receipt", "agent_id": AGENT, "seq": 1, "sha256": SHA})
+    bench.deliver("chain_acks", canonical_json({"state": "held", "seq": 1, "sha256": SHA, "receipt": forged}))
+    assert bench.catalog.chain_receipts.get() is None, "a receipt from no pinned receiver key is kept"
+    assert bench.uplink.chain.unverified >= 1

@@ -8,7 +8,7 @@ Public surface:
       chains/<agent>/docs/<seq:012d>.json   the document at seq, its canonical bytes
       chains/<agent>/files/<file_id>        "<seq> <sha256>\\n": where a file manifest sits in the chain
       chains/<agent>/refused/<ms>-<seq>.json  what was refused (fork, rewind), kept for an investigator
-      locks/<agent>/chain.lock
+      chains/<agent>/lock                   flock, exclusive around an append
 
   A document's bytes are written and fsynced, then its file index, then the head: a crash before the
   head leaves a document the head does not cover, which the next append of that seq overwrites.
@@ -71,9 +71,9 @@ class ChainStore:
     @contextmanager
     def locked(self, agent: str) -> Iterator[None]:
         """The agent's chain, exclusively (other receivers on this store wait)."""
-        lock_dir = self.root / "locks" / agent
-        make_dirs(lock_dir)
-        fd = os.open(lock_dir / "chain.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        # Not under locks/: the sweeper expires old lock files there (transfers'), and this one is never idle.
+        make_dirs(self._dir(agent))
+        fd = os.open(self._dir(agent) / "lock", os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield
