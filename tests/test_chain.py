@@ -393,3 +393,45 @@ def truncate_newest_file(data_dir: Path) -> None:
     for victim in (data_dir / path, data_dir / store_path, data_dir / "receipts" / file_id[-2:] / f"{file_id}.json"):
         os.chmod(victim.parent, 0o755)
         victim.unlink()
+
+
+@pytest.mark.slow
+def test_two_receivers_sharing_one_store_hold_one_chain_and_a_killed_one_loses_nothing(
+        tmp_path: Path, mosquitto: Mosquitto) -> None:
+    """Behind a shared subscription consecutive documents go to either receiver; both append under the store's
+    per-agent lock, a document ahead of the other's append is a gap the agent fills, and a receiver killed with
+    -9 mid-stream costs only resends."""
+    dock = tmp_path / "dock"
+    dock.mkdir()
+    agent_toml, data_dir = agent_setup(tmp_path, mosquitto.port, dock_root=dock, evidence={"checkpoint_s": 1})
+    enrol(agent_toml, tmp_path / "enrolled")
+    store = tmp_path / "store"
+    procs = []
+    for name in ("receiver-a", "receiver-b"):
+        config = receiver_setup(tmp_path, mosquitto.port, store, tmp_path / "enrolled", name=name,
+                                shared_subscription=True)
+        procs.append(receiver_proc(tmp_path, config, name).start())
+    for name in ("receiver-a", "receiver-b"):
+        wait_for(lambda n=name: receiver_logged(tmp_path, "mqtt connected", n), 20, what=f"{name} connected")
+    agent = agent_proc(tmp_path, agent_toml).start()
+    try:
+        prepared = make_recorder_volume(dock / ".prep", "VOL1", {f"DCIM/100/REC{i:04d}.MP4": 3000 + i
+                                                                  for i in range(12)})
+        os.rename(prepared, dock / "VOL1")
+        wait_for(lambda: len(held_chain(store)) >= 4, 60, what="the chain under way")
+        procs[0].kill9()
+        procs[0].start()
+        wait_for(lambda: len([r for r in catalog_rows(data_dir) if r[1] == "source_cleared"]) == 12, 90,
+                 what="every file synced and cleared")
+        wait_for(lambda: chain_settled(data_dir, store), 60, what="the whole chain held and receipted")
+        prev = GENESIS_PREV
+        held = held_chain(store)
+        assert sorted(held) == list(range(1, len(held) + 1))
+        for seq in sorted(held):
+            assert held[seq]["prev"] == prev
+            prev = hashlib.sha256(canonical_json(held[seq])).hexdigest()
+        assert not (store / "chains" / AGENT_ID / "refused").exists(), "an honest agent is never refused"
+    finally:
+        assert agent.stop() == 0
+        for proc in procs:
+            assert proc.stop() == 0
