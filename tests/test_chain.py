@@ -367,6 +367,16 @@ def test_removing_the_newest_history_fails_verify_and_audit_verify_naming_the_ch
     assert audited.returncode != 0
     assert f"checkpoint {checkpoint_id}" in audited.stdout + audited.stderr
     assert "were removed after the checkpoint was signed" in audited.stdout + audited.stderr
+    receiver.start()                                    # the platform sees the shorter chain: a rewind
+    agent.start()
+    try:
+        wait_for(lambda: catalog_rows(data_dir, "SELECT message FROM alarms WHERE kind = 'chain_refused'"
+                                                " AND cleared_ms IS NULL"), 60, what="the chain_refused alarm")
+        assert receiver_logged(tmp_path, "event=chain_rewind")
+        assert "rewind" in catalog_rows(data_dir, "SELECT message FROM alarms WHERE kind = 'chain_refused'")[0][0]
+    finally:
+        assert agent.stop() == 0
+        assert receiver.stop() == 0
 
 
 def truncate_newest_file(data_dir: Path) -> None:

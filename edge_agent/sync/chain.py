@@ -12,8 +12,9 @@ sequence, so it travels on a stream of its own. `ChainRelay` runs on the uplink'
   pinned receiver keys and names this agent, at a seq whose local document has the receipted SHA-256, is kept
   in the catalog (`chain_receipt`, the highest one) with the newest checkpoint it covers;
 - `gap` (the receiver lacks a document before the one sent): send again from its head; no answer within the
-  ack timeout: ask again; `refused` (fork, rewind): the alarm `chain_refused`, and nothing more is sent until
-  the next connect or `sync now`.
+  ack timeout: ask again; `refused` (fork, rewind) with a receipt signed by a pinned receiver key: the alarm
+  `chain_refused`, and nothing more is sent until the next connect or `sync now` (an unsigned refusal is
+  counted and ignored, so nobody but the platform can stop the stream).
 
 Chain messages are small and few (one per sealed file, plus sessions, annotations and checkpoints) and are
 relayed at most every `CHAIN_INTERVAL_S` unless an answer came, so file chunks keep the connection.
@@ -112,6 +113,12 @@ class ChainRelay:
         self._keep_receipt(ack)
         seq = ack["seq"]
         if ack["state"] == "refused":
+            try:   # only the platform may stop the chain stream: its refusal carries its signed head
+                verify_chain_receipt(ack.get("receipt"), self.keys, self.topics.agent_id)
+            except ReceiptError as exc:
+                self.unverified += 1
+                log.warning("chain refusal ignored: it carries no receipt signed by a pinned receiver key (%s)", exc)
+                return
             self.held, self.refused = seq, ack.get("reason") or "refused"
             message = (f"the platform refuses this agent's chain ({ack.get('refusal')}): {self.refused}. Nothing "
                        "more is sent on the chain stream; files still sync. Compare `edge-agent verify --all` "

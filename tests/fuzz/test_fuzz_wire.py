@@ -414,3 +414,6 @@ def test_hostile_chain_acks_are_dropped_and_counted_and_a_forged_receipt_is_not_
     bench.deliver("chain_acks", canonical_json({"state": "held", "seq": 1, "sha256": SHA, "receipt": forged}))
     assert bench.catalog.chain_receipts.get() is None, "a receipt from no pinned receiver key is kept"
     assert bench.uplink.chain.unverified >= 1
+    bench.deliver("chain_acks", canonical_json({"state": "refused", "seq": 1, "refusal": "rewind", "reason": "x",
+                                                "receipt": forged}))
+    assert bench.uplink.chain.refused is None, "an unsigned refusal stopped the chain stream"
