@@ -192,6 +192,10 @@ class EvidenceSection(_Section):
     head and chain head (also before every recorder clear; not when nothing changed since the last one)."""
 
     checkpoint_s: Annotated[float, Field(ge=1, le=86400)] = 300
+    # RFC 3161 time-stamping authority for checkpoints (docs/PROTOCOL.md section 10); unset: none.
+    tsa_url: Annotated[str, Field(pattern=r"^https?://[^\s]+$")] | None = None
+    tsa_ca: Path | None = None            # its root certificate (PEM): `verify` checks tokens' signatures
+    tsa_timeout_s: Annotated[float, Field(gt=0, le=120)] = 10
 
 
 class ReceiverSection(_Section):

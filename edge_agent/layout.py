@@ -103,6 +103,10 @@ class StoreLayout:
     def checkpoint_path(self, checkpoint_id: str) -> Path:
         return self.checkpoints / checkpoint_id[-2:] / f"{checkpoint_id}.json"
 
+    def checkpoint_token_path(self, checkpoint_id: str) -> Path:
+        """The RFC 3161 time-stamp token of a checkpoint (DER), beside it."""
+        return self.checkpoints / checkpoint_id[-2:] / f"{checkpoint_id}.tsr"
+
     def disk_usage(self) -> shutil._ntuple_diskusage:
         return shutil.disk_usage(self.data_dir)
 

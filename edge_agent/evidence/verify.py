@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 from edge_agent.catalog import CONFIRMED, Catalog, FileRecord, State
 from edge_agent.catalog.chain_receipts import ChainReceipt
@@ -21,6 +22,7 @@ from edge_agent.evidence.manifest import (
     verify_signature,
 )
 from edge_agent.evidence.receipts import ReceiptTrust
+from edge_agent.evidence.timestamps import token_problem
 from edge_agent.layout import StoreLayout
 
 
@@ -182,6 +184,24 @@ def verify_audit_checkpoint(catalog: Catalog) -> list[Finding]:
     return []
 
 
+def verify_timestamps(catalog: Catalog, layout: StoreLayout, tsa_ca: Path | None) -> list[Finding]:
+    """Every checkpoint's RFC 3161 token kept beside it time-stamps exactly that checkpoint's bytes (and, with the
+    authority's root `tsa_ca`, is signed under it)."""
+    findings = []
+    for row in catalog.documents.chain():
+        if row["kind"] != "checkpoint":
+            continue
+        try:
+            token = layout.checkpoint_token_path(row["doc_id"]).read_bytes()
+            data = (layout.data_dir / row["path"]).read_bytes()
+        except FileNotFoundError:
+            continue   # no token (no authority configured then, or it failed: `timestamp_failed`)
+        problem = token_problem(token, data, tsa_ca)
+        if problem is not None:
+            findings.append(Finding(f"checkpoint {row['doc_id']}", "timestamp", f"RFC 3161 token: {problem}"))
+    return findings
+
+
 def verify_audit(catalog: Catalog) -> list[Finding]:
     _count, problems = catalog.audit_log.verify()
     return [Finding("audit", "audit", str(p)) for p in problems]
@@ -203,7 +223,7 @@ def iter_files(catalog: Catalog, file_ids: list[str] | None = None) -> Iterator[
 
 def verify_all(catalog: Catalog, layout: StoreLayout, key: AgentKey, file_ids: list[str] | None = None,
                progress: Callable[[FileRecord], None] | None = None,
-               receipts: ReceiptTrust | None = None) -> list[Finding]:
+               receipts: ReceiptTrust | None = None, tsa_ca: Path | None = None) -> list[Finding]:
     """Every finding about these files (default: all, then the chain and the audit log); with `receipts`, the
     platform's receipt of every confirmed file too."""
     findings: list[Finding] = []
@@ -216,6 +236,7 @@ def verify_all(catalog: Catalog, layout: StoreLayout, key: AgentKey, file_ids: l
     if not file_ids:
         findings.extend(verify_chain(catalog, layout, key))
         findings.extend(verify_checkpoint(catalog, key))
+        findings.extend(verify_timestamps(catalog, layout, tsa_ca))
         findings.extend(verify_audit(catalog))
         findings.extend(verify_audit_checkpoint(catalog))
     return findings

@@ -9,6 +9,7 @@ checkpoints of the audit head and the chain head by `checkpoint`.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import threading
@@ -20,7 +21,7 @@ from typing import Any
 from edge_agent.catalog import Catalog, FileRecord, State, audit, new_id
 from edge_agent.clock import now_ms
 from edge_agent.config import AgentConfig
-from edge_agent.durable import SyncGroup, atomic_write_many
+from edge_agent.durable import SyncGroup, atomic_write, atomic_write_many
 from edge_agent.evidence.manifest import (
     GENESIS_PREV,
     MANIFEST_VERSION,
@@ -30,6 +31,7 @@ from edge_agent.evidence.manifest import (
     session_manifest,
     write_document,
 )
+from edge_agent.evidence.timestamps import TimestampError, request_token
 from edge_agent.layout import StoreLayout
 
 LAST_CHECKPOINT_KEY = "last_checkpoint"   # meta: "<chain seq>:<audit seq>" right after the last checkpoint
@@ -125,13 +127,41 @@ class Sealer:
             body = {"v": MANIFEST_VERSION, "type": "checkpoint", "agent_id": self.config.agent.id,
                     "checkpoint_id": checkpoint_id, "reason": reason, "ts_ms": now_ms(),
                     "audit_head": {"seq": int(audit_seq), "hash": audit_hash},
-                    "chain_head": {"seq": chain_seq, "sha256": chain_sha}}
+                    "chain_head": {"seq": chain_seq, "sha256": chain_sha}, **self._previous_timestamp(chain_seq)}
             doc, digest = self._signed(conn, "checkpoint", checkpoint_id, body,
                                        self.layout.checkpoint_path(checkpoint_id))
             entry = audit.append(conn, "checkpoint", subject=checkpoint_id, reason=reason, actor="edge-agent",
                                  detail={"chain_seq": chain_seq + 1, "sha256": digest, "audit_seq": int(audit_seq)})
             self.catalog.meta.set(LAST_CHECKPOINT_KEY, f"{chain_seq + 1}:{entry}")
+        if self.config.evidence.tsa_url is not None:
+            self._timestamp(checkpoint_id, canonical_json(doc))
         return doc
+
+    def _timestamp(self, checkpoint_id: str, data: bytes) -> None:
+        """Time-stamp a signed checkpoint (outside any transaction: a network call) and keep the token beside it;
+        a failure is the alarm `timestamp_failed`, the checkpoint stands without a token."""
+        evidence = self.config.evidence
+        try:
+            token = request_token(str(evidence.tsa_url), data, evidence.tsa_timeout_s)
+        except TimestampError as exc:
+            self.catalog.raise_alarm("timestamp_failed", "timestamp_failed", checkpoint_id,
+                                     f"checkpoint {checkpoint_id} has no RFC 3161 time-stamp: {exc}")
+            return
+        atomic_write(self.layout.checkpoint_token_path(checkpoint_id), token, mode=0o444)
+        self.catalog.clear_alarm("timestamp_failed")
+
+    def _previous_timestamp(self, upto: int) -> dict[str, Any]:
+        """`previous_timestamp` for the next checkpoint: the last checkpoint's token, so it reaches the platform
+        inside the chain (a checkpoint cannot carry its own: the token is over its signed bytes)."""
+        row = self.catalog.documents.latest("checkpoint", upto)
+        if row is None:
+            return {}
+        try:
+            token = self.layout.checkpoint_token_path(row["doc_id"]).read_bytes()
+        except OSError:
+            return {}
+        return {"previous_timestamp": {"checkpoint_id": row["doc_id"], "seq": row["seq"], "sha256": row["sha256"],
+                                       "token": base64.b64encode(token).decode("ascii")}}
 
     def seal_session(self, session_id: str,
                      volume_files: list[dict[str, Any]] | None = None) -> dict[str, Any] | None:
