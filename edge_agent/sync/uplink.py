@@ -198,6 +198,8 @@ class Uplink:
     def _on_chain_ack(self, payload: bytes) -> None:
         try:
             answer = decode_json(payload, "chain-ack", self.max_ack_bytes)
+            if not isinstance(answer["seq"], int):   # JSON Schema counts 2.0 as an integer
+                raise WireError(f"chain-ack: seq {answer['seq']!r} is not an integer")
         except WireError as exc:
             self.chain_acks_dropped += 1
             log.warning("chain ack dropped payload_bytes=%d dropped=%d: %s", len(payload), self.chain_acks_dropped,

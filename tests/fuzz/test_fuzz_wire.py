@@ -319,6 +319,15 @@ def _chain_message(bench: ReceiverBench) -> tuple[bytes, bytes]:
     return bench.chain_first, bench.chain_second
 
 
+def _same_json(payload: bytes, genuine: bytes) -> bool:
+    try:
+        value = json.loads(payload)
+    except ValueError:
+        return False
+    return value == json.loads(genuine) and all(type(a) is type(b) for a, b in ((value.get("seq"), 2),)
+                                                if isinstance(value, dict))
+
+
 @given(data=st.data())
 @FUZZ
 def test_no_malformed_or_forged_chain_message_changes_the_held_chain(receiver_bench: ReceiverBench,
@@ -334,6 +343,7 @@ def test_no_malformed_or_forged_chain_message_changes_the_held_chain(receiver_be
         payload = data.draw(st.sampled_from([
             _mutated(second, data),
             json.dumps({"seq": data.draw(json_values), "doc": doc}).encode(),
+            json.dumps({"seq": 2.0, "doc": doc}).encode(),
             json.dumps({"seq": 2, "doc": {**doc, data.draw(st.sampled_from(["prev", "agent_id", "type", "sig"])):
                                           data.draw(json_values)}}).encode(),
             canonical_json({"seq": 2, "doc": stranger.sign(doc)}),
@@ -345,8 +355,8 @@ def test_no_malformed_or_forged_chain_message_changes_the_held_chain(receiver_be
         topic = data.draw(st.sampled_from([f"{ROOT}/{AGENT}/chain/delete", f"{ROOT}/{AGENT}/chain/doc/x",
                                            f"{ROOT}/bad agent/chain/doc"]))
         payload = second
-    if payload in (first, second) and kind == "doc":
-        return   # a mutation that changed nothing is the genuine message
+    if kind == "doc" and _same_json(payload, second):
+        return   # a mutation that changed nothing (or only the spacing) is the genuine message
     before = bench.snapshot()
     caplog.clear()
     with caplog.at_level(logging.INFO):

@@ -147,6 +147,8 @@ class ChainKeeper:
         held = self.store.head(agent)
         theirs = message["head"]
         seq, digest = (0, None) if theirs is None else (theirs["seq"], theirs["sha256"])
+        if not isinstance(seq, int):
+            return self._drop(agent, f"chain-query: seq {seq!r} is not an integer")
         if seq < held[0]:
             return self._refuse(agent, REFUSAL_REWIND, seq, digest, held,
                                 f"the agent presents chain head {seq}, but the platform holds its chain up to "
@@ -162,6 +164,8 @@ class ChainKeeper:
         try:
             message = decode_json(payload, "chain-doc", MAX_CHAIN_MESSAGE)
             seq, doc = message["seq"], message["doc"]
+            if not isinstance(seq, int):   # JSON Schema counts 2.0 as an integer; a position is not a float
+                raise WireError(f"chain-doc: seq {seq!r} is not an integer")
             if doc["agent_id"] != agent:
                 raise WireError(f"a document of agent {doc['agent_id']!r} on the chain of {agent!r}")
             key = self.public_key(agent, doc.get("key_id"))
