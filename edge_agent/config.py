@@ -196,6 +196,28 @@ class EvidenceSection(_Section):
     tsa_url: Annotated[str, Field(pattern=r"^https?://[^\s]+$")] | None = None
     tsa_ca: Path | None = None            # its root certificate (PEM): `verify` checks tokens' signatures
     tsa_timeout_s: Annotated[float, Field(gt=0, le=120)] = 10
+class UiSection(_Section):
+    """The status page at the dock (edge_agent/ui): read-only, on loopback unless `listen` says otherwise."""
+
+    enabled: bool = False
+    listen: str = "127.0.0.1:8470"                  # host:port; port 0 takes a free one (tests)
+    language: Literal["en", "zh_CN"] | None = None  # None: from the locale (LANG=zh_CN.UTF-8 gives Chinese)
+
+    @field_validator("listen")
+    @classmethod
+    def _host_port(cls, value: str) -> str:
+        host, sep, port = value.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+            raise ValueError(f"{value!r} is not host:port; write it like 127.0.0.1:8470")
+        return value
+
+    @property
+    def host(self) -> str:
+        return self.listen.rpartition(":")[0].strip("[]")
+
+    @property
+    def port(self) -> int:
+        return int(self.listen.rpartition(":")[2])
 
 
 class ReceiverSection(_Section):
@@ -229,6 +251,7 @@ class AgentConfig(_Section):
     health: HealthSection = HealthSection()
     liveness: LivenessSection = LivenessSection()
     evidence: EvidenceSection = EvidenceSection()
+    ui: UiSection = UiSection()
 
     @model_validator(mode="after")
     def _unique_names(self) -> AgentConfig:

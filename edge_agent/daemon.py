@@ -43,9 +43,10 @@ from edge_agent.ops.scheduler import Job, Scheduler, daily_summary
 from edge_agent.sources.docks import DockService
 from edge_agent.sources.recorders import RecorderModel, VolumeIdentity, load_models
 
-if TYPE_CHECKING:  # imported when built: paho, av and OpenCV load only when the config needs them
+if TYPE_CHECKING:  # imported when built: paho, av and OpenCV (and the web stack) load only when the config needs them
     from edge_agent.sources.cameras import CameraService
     from edge_agent.sync import Uplink
+    from edge_agent.ui import StatusPage
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +104,7 @@ class Agent:
     uplink: Uplink | None
     cameras: CameraService | None
     operations: Operations | None
+    status_page: StatusPage | None
     components: list[Component]
 
     def __init__(self, config: AgentConfig, *, dock_drivers: list[DockDriver] | None = None):
@@ -119,6 +121,7 @@ class Agent:
         self.uplink = None
         self.cameras = None
         self.operations = None
+        self.status_page = None
         self.components = []
         self.control = ControlServer(self.layout.control_socket, {"import": self._import})
         self._stop = threading.Event()
@@ -170,6 +173,19 @@ class Agent:
         if self.uplink is not None:
             self.uplink.on_command(self.operations.on_command)
         return self.operations
+
+    def add_status_page(self) -> StatusPage:
+        """The status page at the dock (edge_agent/ui, `[ui]`): read-only, reads the docks, uplink and cameras
+        built so far; add it after them, so it stops first."""
+        from edge_agent import i18n
+        from edge_agent.services.board import LiveParts
+        from edge_agent.ui import StatusPage
+
+        self._refuse_twice(self.status_page, "a status page")
+        self.status_page = StatusPage(self.config, LiveParts(self.docks, self.uplink, self.cameras),
+                                      i18n.choose(self.config.ui.language))
+        self.components.append(self.status_page)
+        return self.status_page
 
     def vitals(self, scheduler: Scheduler) -> list[VitalsProvider]:
         """What ops/liveness.py supervises: the uplink's connection and sender, every dock worker, every
@@ -334,6 +350,8 @@ def build_agent(config: AgentConfig, *, dock_drivers: list[DockDriver] | None = 
         if config.cameras:
             agent.add_cameras()
         agent.add_operations()
+        if config.ui.enabled:
+            agent.add_status_page()
     except BaseException:   # a part the config asks for cannot be built: give the data dir back at once
         agent.catalog.close()
         agent.owner.release()

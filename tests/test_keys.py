@@ -34,7 +34,7 @@ def test_rotated_key_signs_new_files_and_old_files_still_verify(tmp_path: Path) 
     second = make_recorder_volume(tmp_path / "cards", "CARD2", {"DCIM/B.MP4": 20_000})
     cli(config_path, "import", str(second), "--device", "ZFY0002", "--officer", "320102123")
     data = tmp_path / "data"
-    files = {f["original_path"]: f for f in cli(config_path, "files", "list")}
+    files = {f["original_path"]: f for f in cli(config_path, "files", "list")["files"]}
     signed_by = {path: read_document(data / "manifests" / f["file_id"][-2:] / f"{f['file_id']}.json")["key_id"]
                  for path, f in files.items()}
     assert signed_by == {"DCIM/A.MP4": old["key_id"], "DCIM/B.MP4": rotated["key_id"]}

@@ -27,6 +27,7 @@ def verify(ws: Workspace, file_ids: list[str] | None = None, *, reason: str | No
     """Check `file_ids`, or (None or empty) every stored file, the document chain and the audit log.
     The request is audited; any finding raises a `tamper` alarm (a custodian clears it after investigating)."""
     catalog, layout, key = ws.catalog, ws.layout, ws.key
+    file_ids = [ws.file_id(f) for f in file_ids or []]
     catalog.audit("verify", subject=",".join(file_ids) if file_ids else "all", reason=reason)
     checked = 0
 
