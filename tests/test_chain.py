@@ -318,10 +318,7 @@ def test_every_signed_document_reaches_the_receivers_chain_in_order_and_is_recei
         assert tagged.returncode == 0, tagged.stderr
         rotated = run_cli(agent_toml, "keys", "rotate", "--reason", "annual")
         assert rotated.returncode == 0, rotated.stderr
-        enrolled = tmp_path / "enrolled" / f"{AGENT_ID}.pem"          # the platform learns the new key
-        shown = json.loads(run_cli(agent_toml, "--json", "keys", "show").stdout)
-        enrolled.write_text(enrolled.read_text() + shown["public_key_pem"])
-        agent.start()
+        agent.start()   # nobody enrols the new key: the receiver learns it from the rotation in the chain
         wait_for(lambda: chain_settled(data_dir, store), 60, what="the whole chain held and receipted")
         local = local_chain(data_dir)
         held = held_chain(store)
@@ -335,6 +332,8 @@ def test_every_signed_document_reaches_the_receivers_chain_in_order_and_is_recei
         for seq in sorted(held):                            # one unbroken sequence, in chain order
             assert held[seq]["prev"] == prev
             prev = hashlib.sha256(canonical_json(held[seq])).hexdigest()
+        learned = json.loads((store / "keys" / "learned" / f"{AGENT_ID}.json").read_text())
+        assert json.dumps(learned).count("ed25519:") >= 2, "the rotation was learned from the chain"
         status = json.loads(run_cli(agent_toml, "--json", "status").stdout)
         assert status["chain"]["receipted_seq"] == status["chain"]["head_seq"] == local[-1][0]
         assert status["chain"]["checkpoint_seq"] == max(seq for seq, kind, _ in local if kind == "checkpoint")

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from edge_agent.catalog import LANE_EVIDENCE, Catalog
 from edge_agent.cli import app
-from edge_agent.evidence.manifest import AgentKey, load_public_key, read_document, verify_signature
+from edge_agent.evidence.manifest import load_public_key, read_document, verify_signature
 from edge_agent.evidence.verify import verify_all
 from edge_agent.layout import StoreLayout
 from tests.helpers import agent_config, make_recorder_volume
@@ -77,7 +77,7 @@ def test_tag_signs_an_annotation_without_rewriting_the_manifest(tmp_path: Path) 
                for f in case_files)
     catalog = Catalog(cfg.catalog_path)
     layout = StoreLayout(data_dir)
-    assert verify_all(catalog, layout, AgentKey.load_or_create(layout.keys)) == []
+    assert verify_all(catalog, layout) == []
 
 
 def test_tag_of_an_unknown_file_fails_and_changes_nothing(tmp_path: Path) -> None:

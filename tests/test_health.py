@@ -133,7 +133,8 @@ def test_platform_health_command_gets_a_snapshot_at_once(tmp_path: Path, mosquit
     try:
         connected = wait_for(lambda: (h := read_health(health_file)) and h["agent"]["sync"]["connected"] and h,
                              15, what="a snapshot once connected")
-        command = platform_key.sign({"cmd": "health", "id": "h-1", "ts": now_ms(), "agent": cfg.agent.id})
+        command = platform_key.sign({"cmd": "health", "id": "h-1", "ts": now_ms(), "seq": 1,
+                                     "agent": cfg.agent.id})
         platform.publish(f"{cfg.mqtt.root}/{cfg.agent.id}/commands", json.dumps(command), qos=1).wait_for_publish(5)
         wait_for(lambda: read_health(health_file)["ts_ms"] > connected["ts_ms"], 10,
                  what="a fresh snapshot after the health command")

@@ -58,6 +58,14 @@ class Documents:
                                    " AND seq <= ? ORDER BY seq DESC LIMIT 1", (kind, upto))
         return rows[0] if rows else None
 
+    def of_kind(self, kind: str | None, limit: int | None = None) -> list[sqlite3.Row]:
+        """The links of `kind` (None: of every kind) in chain order, at most `limit` (columns: seq, kind,
+        doc_id, sha256, prev, path)."""
+        where, params = ("WHERE kind = ?", (kind,)) if kind is not None else ("", ())
+        tail = f" LIMIT {int(limit)}" if limit is not None else ""
+        return self._catalog.query(f"SELECT seq, kind, doc_id, sha256, prev, path FROM documents {where}"
+                                   f" ORDER BY seq{tail}", params)
+
     def paths(self, kind: str) -> list[str]:
         """The paths (relative to the data dir) of the documents of `kind`, in chain order."""
         return [r["path"] for r in self._catalog.query("SELECT path FROM documents WHERE kind = ? ORDER BY seq",

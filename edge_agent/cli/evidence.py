@@ -228,8 +228,20 @@ def verify(
     all_: Annotated[bool, typer.Option("--all", help="every stored file, the document chain and the audit log")]
     = False,
     reason: Reason = None,
+    bag: Annotated[Path | None, typer.Option("--bag", help="an exported bag: check it from its own files alone")]
+    = None,
 ) -> None:
-    """Re-hash stored files, check every manifest signature and both chains. Exit 1 on any mismatch."""
+    """Re-hash stored files, check every manifest signature and both chains; or (--bag) an exported bag from
+    its own files alone. Exit 1 on any mismatch."""
+    if bag is not None:
+        checked = services.verify.verify_bag(bag)
+        emit(ctx, checked.as_dict(), table(_("bag {bag}: {problems} problem(s)").format(
+            bag=bag, problems=len(checked.problems)), [_("problem")], [[p] for p in checked.problems])
+             if checked.problems else "[green]OK[/green]: " + _(
+                 "bag {bag} verifies from its own files (BagIt, key history, signatures, media).").format(bag=bag))
+        if not checked.ok:
+            raise typer.Exit(1)
+        return
     report = services.verify.verify(workspace(ctx), None if all_ else file_ids, reason=reason)
     checked, findings = report.checked_files, report.findings
     human = table(_("verify: {checked} files checked, {problems} problem(s)").format(
@@ -274,13 +286,15 @@ def keys_show(ctx: typer.Context) -> None:
 
 @keys_app.command("rotate")
 def keys_rotate(ctx: typer.Context, reason: Reason = None) -> None:
-    """Replace the signing key. The old key signs a `key_rotation` document naming the new one, so the
-    chain of trust continues; its public half stays in keys/retired/ so earlier documents still verify.
-    Enrol the new public key on the platform, then restart the agent."""
+    """Replace the signing key. The old key signs a `key_rotation` document naming and carrying the new one,
+    so the chain of trust continues from the first key. A running daemon does it and signs with the new key
+    at once; the platform learns the new key from the rotation document."""
     rotation = services.keys.rotate(workspace(ctx), reason=reason)
+    signer = _("the running daemon signs with it now") if rotation.via == "daemon" else _("the agent signs with it")
     emit(ctx, rotation.as_dict(),
-         f"new key {rotation.key_id} (was {rotation.old_key_id}); enrol it on the platform, then restart the agent:"
-         f"\n{rotation.public_key_pem}")
+         _("new key {key_id} (was {old_key_id}); {signer}. The platform learns it from the signed rotation "
+           "document (no re-enrolment):").format(key_id=rotation.key_id, old_key_id=rotation.old_key_id,
+                                                 signer=signer) + f"\n{rotation.public_key_pem}")
 
 
 @config_app.command("check")

@@ -15,8 +15,8 @@ Public surface:
 - `ChainKeeper(store, keys, sign, publish_event)`: the rules. `offer(agent, payload)` for a `chain/doc`
   message and `query(agent, payload)` for a `chain/query`, each returning the answer for `chain_acks`
   (None: dropped, counted in `dropped`); `manifest_problem(agent, file_id, canonical)` for the file lane.
-  `on_rotation(agent_id, doc)` is called with every `key_rotation` document the chain accepts (the
-  platform's key learning hooks in there).
+  `on_rotation(agent_id, doc, seq)` is called with every `key_rotation` document the chain holds: the
+  receiver wires it to `KeyRing.learn_rotation`, so the next document may carry the new key.
 
 The rules: the document at head+1 must verify against the agent's enrolled key and name the held head in
 `prev`; a document beyond head+1 is a gap (answered with the head, the agent sends from there); the same
@@ -122,7 +122,7 @@ class ChainStore:
 class ChainKeeper:
     """Applies the chain rules to what agents send; answers are dicts for `{root}/{a}/chain_acks`."""
 
-    def __init__(self, store: ChainStore, public_key: Callable[[str, object], Ed25519PublicKey | None],
+    def __init__(self, store: ChainStore, public_key: Callable[[str, object, int], Ed25519PublicKey],
                  sign: Callable[[dict[str, Any]], dict[str, Any]],
                  publish_event: Callable[[dict[str, Any]], None], *, receiver: str = ""):
         self.store = store
@@ -130,7 +130,8 @@ class ChainKeeper:
         self.sign = sign
         self.publish_event = publish_event
         self.receiver = receiver
-        self.on_rotation: Callable[[str, dict[str, Any]], None] | None = None
+        # Called with (agent, key_rotation document, its seq) once the chain holds it: the key learning.
+        self.on_rotation: Callable[[str, dict[str, Any], int], object] | None = None
         self.dropped = 0        # unusable chain messages (malformed, oversized, wrong agent, bad signature)
         self.duplicates = 0     # documents already held, sent again (replays, resends)
         self._events: dict[tuple[str, str, int], float] = {}
@@ -168,10 +169,8 @@ class ChainKeeper:
                 raise WireError(f"chain-doc: seq {seq!r} is not an integer")
             if doc["agent_id"] != agent:
                 raise WireError(f"a document of agent {doc['agent_id']!r} on the chain of {agent!r}")
-            key = self.public_key(agent, doc.get("key_id"))
-            if key is None:
-                raise WireError(f"agent {agent} is not enrolled")
-            verify_signature(doc, key)
+            # ManifestError (KeyRefused) for an agent not enrolled or a key its rotation retired before seq.
+            verify_signature(doc, self.public_key(agent, doc.get("key_id"), seq))
             canonical = canonical_json(doc)
         except (WireError, ManifestError) as exc:
             return self._drop(agent, str(exc))
@@ -194,7 +193,10 @@ class ChainKeeper:
             self.store.append(agent, seq, canonical, doc)
             held = (seq, digest)
         if doc["type"] == "key_rotation" and self.on_rotation is not None:
-            self.on_rotation(agent, doc)
+            try:
+                self.on_rotation(agent, doc, seq)
+            except ManifestError as exc:   # held in the chain all the same: it is the agent's signed word
+                log.error("key rotation in the chain not learned agent=%s seq=%d: %s", agent, seq, exc)
         return self._answer(agent, STATE_HELD, held)
 
     def manifest_problem(self, agent: str, file_id: str, canonical: bytes) -> str | None:
