@@ -275,6 +275,30 @@ class ReceiverConfig(_Section):
     receiver: ReceiverSection = ReceiverSection()
 
 
+class FleetSection(_Section):
+    """The fleet monitor (`edge-agent fleet serve`): what it keeps and what it calls late."""
+
+    db_path: Path = Path("/var/lib/edge-fleet/fleet.sqlite")   # latest state per agent and recent events
+    listen: str = "127.0.0.1:9108"                             # the Prometheus exposition (host:port)
+    client_id: Annotated[str, Field(pattern=ID_PATTERN)] = "fleet-monitor"
+    stale_intervals: Annotated[float, Field(gt=1)] = 3        # no health for this many of its intervals: stale
+    default_interval_s: Annotated[float, Field(gt=0)] = 30    # for snapshots that do not say their interval
+    events_per_agent: Annotated[int, Field(ge=1, le=10_000)] = 200   # the newest kept, older ones dropped
+    max_agents: Annotated[int, Field(ge=1, le=1_000_000)] = 20_000  # bounds memory and series; more are counted
+    max_health_kib: Annotated[int, Field(ge=1, le=65_536)] = 256     # larger payloads are dropped before parsing
+    max_event_kib: Annotated[int, Field(ge=1, le=4096)] = 16
+    regression_hold_h: Annotated[float, Field(gt=0)] = 24      # a head regression stays flagged this long
+    flush_interval_s: Annotated[float, Field(gt=0, le=60)] = 1  # state reaches SQLite at most this late
+    session_expiry_s: Annotated[int, Field(ge=0)] = 3600
+
+
+class FleetConfig(_Section):
+    """The fleet monitor's config (`edge-agent fleet serve --config fleet.toml`): [mqtt] and [fleet]."""
+
+    mqtt: MqttSection = MqttSection()
+    fleet: FleetSection = FleetSection()
+
+
 @dataclass(frozen=True)
 class Problem:
     key: str
@@ -362,6 +386,14 @@ def parse_config(data: dict[str, Any], source: Path | str = "<config>") -> Agent
 
 def parse_receiver_config(data: dict[str, Any], source: Path | str = "<config>") -> ReceiverConfig:
     return _validated(ReceiverConfig, data, source)
+
+
+def parse_fleet_config(data: dict[str, Any], source: Path | str = "<config>") -> FleetConfig:
+    return _validated(FleetConfig, data, source)
+
+
+def load_fleet_config(path: Path | str) -> FleetConfig:
+    return parse_fleet_config(_read_toml(Path(path)), path)
 
 
 def resolve_config_path(path: Path | str | None) -> Path:

@@ -157,6 +157,18 @@ def test_cameras_appear_in_the_snapshot_as_their_service_reports_them(tmp_path: 
     agent.catalog.close()
 
 
+def test_snapshot_says_when_the_next_one_is_due(tmp_path: Path) -> None:
+    """The fleet monitor calls an agent stale after 3 intervals without health: the snapshot carries it."""
+    _, cfg = agent_config(tmp_path, health={"interval_s": 12.5})
+    agent = build_agent(cfg)
+
+    snapshot = agent.operations.health.snapshot()
+
+    validate("health", snapshot)
+    assert snapshot["agent"]["health_interval_s"] == 12.5
+    agent.catalog.close()
+
+
 def test_daily_summary_counts_the_last_24_hours(tmp_path: Path) -> None:
     _, cfg = agent_config(tmp_path)
     agent = Agent(cfg, dock_drivers=[])
