@@ -66,7 +66,7 @@ class AgentSection(_Section):
 class MqttSection(_Section):
     host: str = "127.0.0.1"
     port: Annotated[int, Field(ge=1, le=65535)] = 1883
-    root: Annotated[str, Field(pattern=TOPIC_ROOT_PATTERN)] = "evidence/v1"
+    root: Annotated[str, Field(pattern=TOPIC_ROOT_PATTERN)] = "evidence/v2"
     tls_ca: Path | None = None
     tls_cert: Path | None = None
     tls_key: Path | None = None
@@ -187,6 +187,15 @@ class LivenessSection(_Section):
     stall_s: Annotated[float, Field(gt=0, le=86400)] = 300
 
 
+class EvidenceSection(_Section):
+    """Signed documents (docs/PROTOCOL.md section 10): how often the agent signs a checkpoint of its audit
+    head and chain head (also before every recorder clear; not when nothing changed since the last one)."""
+
+    checkpoint_s: Annotated[float, Field(ge=1, le=86400)] = 300
+    # RFC 3161 time-stamping authority for checkpoints (docs/PROTOCOL.md section 10); unset: none.
+    tsa_url: Annotated[str, Field(pattern=r"^https?://[^\s]+$")] | None = None
+    tsa_ca: Path | None = None            # its root certificate (PEM): `verify` checks tokens' signatures
+    tsa_timeout_s: Annotated[float, Field(gt=0, le=120)] = 10
 class UiSection(_Section):
     """The status page at the dock (edge_agent/ui): read-only, on loopback unless `listen` says otherwise."""
 
@@ -241,6 +250,7 @@ class AgentConfig(_Section):
     retention: RetentionSection = RetentionSection()
     health: HealthSection = HealthSection()
     liveness: LivenessSection = LivenessSection()
+    evidence: EvidenceSection = EvidenceSection()
     ui: UiSection = UiSection()
 
     @model_validator(mode="after")

@@ -178,7 +178,7 @@ class Agent:
         health = self.health_monitor(retention, scrubber)
         liveness = Liveness(self.catalog, self.config.liveness, self.vitals(scheduler))
         for job in operations_jobs(self.config, self.catalog, retention, scrubber, health, scheduler.stopping,
-                                   liveness):
+                                   liveness, checkpoint=lambda: self.sealer.checkpoint("periodic")):
             scheduler.add(job)
         self.operations = Operations(retention, scrubber, health, scheduler, liveness)
         self.components.append(self.operations)
@@ -318,11 +318,13 @@ class Agent:
 
 
 def operations_jobs(config: AgentConfig, catalog: Catalog, retention: Retention, scrubber: Scrubber,
-                    health: HealthMonitor, stopping: threading.Event, liveness: Liveness) -> list[Job]:
+                    health: HealthMonitor, stopping: threading.Event, liveness: Liveness, *,
+                    checkpoint: Callable[[], object]) -> list[Job]:
     """The operations schedule: the health snapshot every `health.interval_s` (and at once), a check for a
     change a watcher cares about every `health.change_check_s`, retention every `retention.check_s`, the
-    scrub in bounded slices, the daily summary event at `health.summary_hour`, and under systemd the
-    watchdog ping (only while every component is live)."""
+    scrub in bounded slices, the daily summary event at `health.summary_hour`, a checkpoint of both chains
+    every `evidence.checkpoint_s` (and at start), and under systemd the watchdog ping (only while every
+    component is live)."""
     def summary() -> None:
         catalog.emit_event(daily_summary(catalog, config.agent.id))
 
@@ -334,6 +336,7 @@ def operations_jobs(config: AgentConfig, catalog: Catalog, retention: Retention,
         Job("scrub", lambda: scrubber.run_once(SCRUB_BUDGET_S), "interval", first_after_s=30,
             schedule={"seconds": SCRUB_EVERY_S}),
         Job("summary", summary, "cron", schedule={"hour": config.health.summary_hour, "minute": 0}),
+        Job("checkpoint", checkpoint, "interval", first_after_s=0, schedule={"seconds": config.evidence.checkpoint_s}),
     ]
     watchdog_s = sdnotify.watchdog_interval_s()
     if watchdog_s:

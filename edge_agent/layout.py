@@ -40,6 +40,10 @@ class StoreLayout:
         return self.data_dir / "annotations"
 
     @property
+    def checkpoints(self) -> Path:
+        return self.data_dir / "checkpoints"
+
+    @property
     def keys(self) -> Path:
         return self.data_dir / "keys"
 
@@ -95,6 +99,13 @@ class StoreLayout:
 
     def annotation_path(self, annotation_id: str) -> Path:
         return self.annotations / f"{annotation_id}.json"
+
+    def checkpoint_path(self, checkpoint_id: str) -> Path:
+        return self.checkpoints / checkpoint_id[-2:] / f"{checkpoint_id}.json"
+
+    def checkpoint_token_path(self, checkpoint_id: str) -> Path:
+        """The RFC 3161 time-stamp token of a checkpoint (DER), beside it."""
+        return self.checkpoints / checkpoint_id[-2:] / f"{checkpoint_id}.tsr"
 
     def disk_usage(self) -> shutil._ntuple_diskusage:
         return shutil.disk_usage(self.data_dir)

@@ -86,7 +86,7 @@ def bench_retained(tmp: Path, template: dict, agents: int) -> dict:
         # The baseline: mosquitto_sub reading the same retained set, to /dev/null.
         start = time.perf_counter()
         subprocess.run(["mosquitto_sub", "-p", str(broker.port), "-q", "1", "-C", str(messages),
-                        "-t", "evidence/v1/+/status", "-t", "evidence/v1/+/health"],
+                        "-t", "evidence/v2/+/status", "-t", "evidence/v2/+/health"],
                        stdout=subprocess.DEVNULL, check=True, timeout=300)
         sub_s = time.perf_counter() - start
         config, listen = fleet_config(tmp, broker.port)

@@ -137,7 +137,7 @@ def bench_catalog(rows: int) -> None:
 
 # -- many agents, one broker, one or two receivers -------------------------------------------------------
 
-ROOT_TOPIC = "evidence/v1"
+ROOT_TOPIC = "evidence/v2"
 
 
 def _sim_agents(port: int, agents: list[tuple[str, bytes]], files: int, size: int, start_at: float,

@@ -102,7 +102,7 @@ def watch_online(port: int) -> threading.Event:
     client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="bench-watch", protocol=mqtt.MQTTv5)
     client.on_message = on_message
     client.connect("127.0.0.1", port)
-    client.subscribe(f"evidence/v1/{AGENT_ID}/status", qos=1)
+    client.subscribe(f"evidence/v2/{AGENT_ID}/status", qos=1)
     client.loop_start()
     return online
 
@@ -117,7 +117,7 @@ class WireMeter:
         self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="bench-meter", protocol=mqtt.MQTTv5)
         self.client.on_message = lambda _c, _u, m: self.samples.append((time.monotonic(), len(m.payload)))
         self.client.connect("127.0.0.1", port)
-        self.client.subscribe(f"evidence/v1/{AGENT_ID}/files/+/chunk", qos=0)
+        self.client.subscribe(f"evidence/v2/{AGENT_ID}/files/+/chunk", qos=0)
         self.client.loop_start()
 
     def rate(self) -> float:

@@ -17,7 +17,7 @@ from tests.helpers import write_toml
 from tests.peers.mosquitto import free_port
 from tests.sync_support import Proc
 
-ROOT = "evidence/v1"
+ROOT = "evidence/v2"
 
 
 def real_snapshot(tmp: Path, cameras: int = 0) -> dict[str, Any]:

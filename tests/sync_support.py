@@ -22,7 +22,7 @@ from edge_agent.platform.receiver.receipts import ReceiverKey
 from edge_agent.protocol.wire import ChunkHeader, chunk_count, chunk_span, encode_chunk
 from tests.helpers import wait_for, write_toml
 
-ROOT = "evidence/v1"
+ROOT = "evidence/v2"
 AGENT_ID = "ws-test-01"
 CLI = [sys.executable, "-m", "edge_agent.cli"]
 
@@ -63,7 +63,7 @@ class Proc:
 
 
 def agent_setup(tmp: Path, port: int, *, dock_root: Path | None = None, clear_after_sync: bool = True,
-                mqtt: dict[str, Any] | None = None) -> tuple[Path, Path]:
+                mqtt: dict[str, Any] | None = None, **sections: Any) -> tuple[Path, Path]:
     """agent.toml with a directory dock, fast retries; returns (config path, data dir)."""
     data_dir = tmp / "agent-data"
     data_dir.mkdir(mode=0o750, exist_ok=True)
@@ -73,6 +73,7 @@ def agent_setup(tmp: Path, port: int, *, dock_root: Path | None = None, clear_af
                   "max_disk_gb": 50, "min_free_mb": 0},
         "mqtt": {"port": port, "reconnect_min_s": 0.1, "reconnect_max_s": 1, "ack_timeout_s": 2,
                  "receiver_keys": str(pinned_dir(tmp)), **(mqtt or {})},
+        **sections,
     }
     if dock_root is not None:
         config["docks"] = [{"name": "bench", "kind": "directory", "root": str(dock_root), "settle_s": 0,

@@ -101,7 +101,7 @@ def test_fleet_commands_say_what_to_do_without_a_database_or_an_agent(tmp_path: 
 
     cfg = parse_fleet_config({"fleet": {"db_path": str(tmp_path / "fleet" / "fleet.sqlite")}})
     monitor = FleetMonitor(cfg)
-    monitor.ingest("evidence/v1/ws-01/health", json.dumps(health_of(template, "ws-01")).encode())
+    monitor.ingest("evidence/v2/ws-01/health", json.dumps(health_of(template, "ws-01")).encode())
     monitor.flush()
     monitor.store.close()
     unknown = fleet_cli(config, "show", "ws-02")
@@ -209,7 +209,7 @@ def test_each_agent_keeps_only_its_newest_events(tmp_path: Path) -> None:
     try:
         for i in range(5):
             for agent in ("ws-a", "ws-b"):
-                monitor.ingest(f"evidence/v1/{agent}/events",
+                monitor.ingest(f"evidence/v2/{agent}/events",
                                json.dumps({"type": "dock", "ts": i, "message": f"{agent} {i}"}).encode())
             monitor.flush()
         assert [e["ts"] for _, e in monitor.store.events("ws-a", 10)] == [4, 3, 2]
@@ -233,13 +233,13 @@ def test_500_agents_keep_series_and_memory_bounded(tmp_path: Path, template: dic
         before = tracemalloc.take_snapshot()
         for i in range(500):
             agent = f"ws-{i:04d}"
-            monitor.ingest(f"evidence/v1/{agent}/status", json.dumps({"state": "online", "ts": 1,
+            monitor.ingest(f"evidence/v2/{agent}/status", json.dumps({"state": "online", "ts": 1,
                                                                       "version": "0.1.0"}).encode())
             snapshot = health_of(template, agent)
             snapshot["alarms"] = [{"key": f"k{j}", "kind": f"made-up-{j}", "subject": "s", "message": "m",
                                    "raised_ms": 1} for j in range(30)]
-            monitor.ingest(f"evidence/v1/{agent}/health", json.dumps(snapshot).encode())
-        monitor.ingest("evidence/v1/ws-0500/health", json.dumps(health_of(template, "ws-0500")).encode())
+            monitor.ingest(f"evidence/v2/{agent}/health", json.dumps(snapshot).encode())
+        monitor.ingest("evidence/v2/ws-0500/health", json.dumps(health_of(template, "ws-0500")).encode())
         grown = sum(s.size_diff for s in tracemalloc.take_snapshot().compare_to(before, "filename"))
         tracemalloc.stop()
 

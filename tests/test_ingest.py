@@ -36,7 +36,9 @@ def test_directory_dock_volume_is_sealed_hashed_signed_chained_and_tagged(tmp_pa
             assert (record.device_id, record.officer_id, record.dock) == ("DHA1B2C3D4", "320105001", "bench")
             assert source_untouched(volume / record.original_path, record.source_size, record.source_mtime_ns)
         documents = agent.catalog.query("SELECT * FROM documents ORDER BY seq")
-        assert [d["kind"] for d in documents] == ["file"] * len(DH_FILES) + ["session"]
+        # The chain also holds the daemon's checkpoints (docs/PROTOCOL.md section 10), wherever they fell.
+        kinds = [d["kind"] for d in documents if d["kind"] != "checkpoint"]
+        assert kinds == ["file"] * len(DH_FILES) + ["session"]
         prev = GENESIS_PREV
         for row in documents:
             raw = (agent.layout.data_dir / row["path"]).read_bytes()
@@ -44,7 +46,7 @@ def test_directory_dock_volume_is_sealed_hashed_signed_chained_and_tagged(tmp_pa
             verify_signature(doc, agent.key.public)
             assert doc["prev"] == prev and hashlib.sha256(raw).hexdigest() == row["sha256"]
             prev = row["sha256"]
-        session = read_document(agent.layout.data_dir / documents[-1]["path"])
+        session = read_document(agent.layout.data_dir / [d for d in documents if d["kind"] == "session"][-1]["path"])
         assert sorted(f["original_path"] for f in session["files"]) == sorted(DH_FILES)
         assert session["device_id"] == "DHA1B2C3D4"
         assert verify_all(agent.catalog, agent.layout) == []

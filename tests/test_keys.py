@@ -135,13 +135,16 @@ def test_running_daemon_signs_with_the_new_key_right_after_rotate(tmp_path: Path
             actors = [r["actor"] for r in catalog.query("SELECT actor FROM audit WHERE action = 'keys.rotated'")]
         finally:
             catalog.close()
+        by_seq = {r["seq"]: r for r in chain}
+        chain = [r for r in chain if r["kind"] != "checkpoint"]   # the daemon's checkpoints fall anywhere
         assert [r["kind"] for r in chain] == ["file", "session", "key_rotation", "file", "session"]
         rotation_row, next_row = chain[2], chain[3]
         rotation = read_document(layout.data_dir / rotation_row["path"])
         verify_signature(rotation, load_public_key(old["public_key_pem"]))          # signed by the old key
-        assert (rotation["new_key_id"], rotation["prev"]) == (rotated["key_id"], chain[1]["sha256"])   # chained
+        assert (rotation["new_key_id"], rotation["prev"]) == (rotated["key_id"],
+                                                             by_seq[rotation_row["seq"] - 1]["sha256"])   # chained
         manifest = read_document(layout.data_dir / next_row["path"])
-        assert manifest["key_id"] == rotated["key_id"] and manifest["prev"] == rotation_row["sha256"]
+        assert manifest["key_id"] == rotated["key_id"] and manifest["prev"] == by_seq[next_row["seq"] - 1]["sha256"]
         verify_signature(manifest, load_public_key(rotated["public_key_pem"]))
         assert actors == [getpass.getuser()]    # the caller, from the kernel, not the daemon's account claim
         assert cli(config_path, "verify", "--all")["ok"] is True

@@ -48,7 +48,7 @@ def test_status_counts_rejected_files_as_unsynced_but_the_sync_queue_holds_only_
         report = services.status.status(ws)
         assert (report.unsynced.files, report.unsynced.bytes) == (3, 3000)
         assert report.files_by_state == {"discovered": 1, "rejected": 1, "sealed": 1}
-        assert list(report.as_dict()) == ["files_by_state", "unsynced", "alarms", "last_sync_ms", "daemon"]
+        assert list(report.as_dict()) == ["files_by_state", "unsynced", "alarms", "last_sync_ms", "daemon", "chain"]
         assert report.daemon is None   # no daemon wrote a health snapshot
         done = services.sync.sync_now(ws)
         assert done.as_dict() == {"retried": [], "waiting_files": 1, "waiting_bytes": 1000, "rejected": 1}

@@ -40,7 +40,8 @@ def test_health_is_the_sync_section_the_snapshot_built_from_stats(uplink: Uplink
     # What ops/health.py built from `agent.uplink.stats()` before Uplink had a health() of its own.
     expected = {"connected": bool(sync.get("connected")), "rate_bps": sync.get("rate_bps"),
                 "last_ack_ms": sync.get("last_ack_ms"), "last_ack": iso(sync.get("last_ack_ms")),
-                "bytes_sent": sync.get("bytes_sent"), "in_flight": sync.get("in_flight"), "configured": True}
+                "bytes_sent": sync.get("bytes_sent"), "in_flight": sync.get("in_flight"), "configured": True,
+                "chain": {"head_seq": 0, "receipted_seq": None, "receipted_checkpoint_seq": None, "refused": None}}
     assert uplink.health() == {"sync": expected}
     uplink.last_ack_ms = None
     assert uplink.health()["sync"]["last_ack"] is None and uplink.health()["sync"]["connected"] is False

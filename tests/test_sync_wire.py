@@ -136,4 +136,5 @@ def test_asyncapi_document_names_every_schema_and_they_exist() -> None:
     refs = {m["payload"]["$ref"] for m in spec["components"]["messages"].values() if "$ref" in m["payload"]}
     for ref in refs:
         assert (docs / ref).resolve().is_file(), ref
-    assert {Path(r).stem for r in refs} == {"status", "health", "event", "manifest", "query", "ack", "command"}
+    assert {Path(r).stem for r in refs} == {"status", "health", "event", "manifest", "query", "ack", "command",
+                                            "chain-doc", "chain-query", "chain-ack", "platform-event"}

@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from edge_agent.catalog import Catalog
 
 GENESIS = "0" * 64
+HEAD_KEY = "audit_head"   # meta: "<seq>:<hash>" of the last entry
 
 
 def os_user() -> str:
@@ -107,6 +108,15 @@ class AuditLog:
         """Walk the whole chain. Returns (entries checked, problems found)."""
         with self._catalog.locked() as conn:
             return verify(conn)
+
+    def at(self, seq: int) -> sqlite3.Row | None:
+        """The entry `seq` (all columns), or None."""
+        rows = self._catalog.query("SELECT * FROM audit WHERE seq = ?", (seq,))
+        return rows[0] if rows else None
+
+    def last_seq(self) -> int:
+        """The seq of the last entry held (0: none)."""
+        return self._catalog.query("SELECT COALESCE(MAX(seq), 0) AS seq FROM audit")[0]["seq"]
 
     def subjects(self, action: str) -> list[str]:
         """The subjects of every entry of `action`, in seq order."""

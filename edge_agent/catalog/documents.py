@@ -1,5 +1,5 @@
 """The `documents` table: the agent's single hash chain of signed documents (manifests, session manifests,
-annotations, key rotations), its head kept in meta `chain_head` as "<seq>:<sha256>"."""
+annotations, key rotations, checkpoints), its head kept in meta `chain_head` as "<seq>:<sha256>"."""
 
 from __future__ import annotations
 
@@ -40,6 +40,23 @@ class Documents:
     def chain(self) -> list[sqlite3.Row]:
         """Every link in chain order (columns: seq, kind, doc_id, sha256, prev, path)."""
         return self._catalog.query("SELECT seq, kind, doc_id, sha256, prev, path FROM documents ORDER BY seq")
+
+    def after(self, seq: int, limit: int) -> list[sqlite3.Row]:
+        """The links after `seq`, at most `limit`, in chain order (columns: seq, kind, doc_id, sha256, path)."""
+        return self._catalog.query("SELECT seq, kind, doc_id, sha256, path FROM documents WHERE seq > ?"
+                                   " ORDER BY seq LIMIT ?", (seq, limit))
+
+    def at(self, seq: int) -> sqlite3.Row | None:
+        """The link at `seq` (columns: seq, kind, doc_id, sha256, prev, path), or None."""
+        rows = self._catalog.query("SELECT seq, kind, doc_id, sha256, prev, path FROM documents WHERE seq = ?",
+                                   (seq,))
+        return rows[0] if rows else None
+
+    def latest(self, kind: str, upto: int) -> sqlite3.Row | None:
+        """The last link of `kind` at or before `upto` (columns: seq, kind, doc_id, sha256, path), or None."""
+        rows = self._catalog.query("SELECT seq, kind, doc_id, sha256, path FROM documents WHERE kind = ?"
+                                   " AND seq <= ? ORDER BY seq DESC LIMIT 1", (kind, upto))
+        return rows[0] if rows else None
 
     def of_kind(self, kind: str | None, limit: int | None = None) -> list[sqlite3.Row]:
         """The links of `kind` (None: of every kind) in chain order, at most `limit` (columns: seq, kind,

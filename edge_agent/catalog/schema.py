@@ -131,9 +131,18 @@ def _add_command_seqs(conn: sqlite3.Connection) -> None:
                  " command_id TEXT NOT NULL, updated_ms INTEGER NOT NULL)")
 
 
+def _add_chain_receipt(conn: sqlite3.Connection) -> None:
+    """chain_receipt: the highest verified chain receipt from the platform (catalog/chain_receipts.py), one row,
+    with the newest checkpoint document it covers (its canonical text), so `verify` can name what the platform
+    holds even after the local tail was removed."""
+    conn.execute("CREATE TABLE IF NOT EXISTS chain_receipt (id INTEGER PRIMARY KEY CHECK (id = 1),"
+                 " seq INTEGER NOT NULL, sha256 TEXT NOT NULL, receiver_key_id TEXT NOT NULL, receipt TEXT NOT NULL,"
+                 " checkpoint_seq INTEGER, checkpoint TEXT, received_ms INTEGER NOT NULL)")
+
+
 # Applied in order, each once; never edit or reorder a released one, append a new one.
 MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_add_extras, _add_command_ids, _add_source_fingerprint,
-                                                         _add_receipts, _add_command_seqs]
+                                                         _add_receipts, _add_command_seqs, _add_chain_receipt]
 
 
 def create(conn: sqlite3.Connection) -> None:

@@ -65,6 +65,15 @@ def status(ctx: typer.Context) -> None:
                                                                               size=fmt_bytes(unsynced.bytes))
                   + (_(", oldest {hours} h {minutes} min").format(hours=age // 3600, minutes=age % 3600 // 60)
                      if age is not None else ""))
+    chain = report.chain
+    if chain["receipted_seq"] is None:
+        console.print(_("Document chain: {documents} documents; no chain receipt from the platform yet").format(
+            documents=chain["head_seq"]))
+    else:
+        console.print(_("Document chain: {documents} documents; the platform holds it up to {seq} (receipted "
+                        "{time}), last checkpoint {checkpoint} at {checkpoint_seq}").format(
+            documents=chain["head_seq"], seq=chain["receipted_seq"], time=fmt_ms(chain["receipted_ms"]),
+            checkpoint=chain["checkpoint_id"] or "-", checkpoint_seq=chain["checkpoint_seq"] or "-"))
     if alarms:
         console.print(table(_("Active alarms"), [_("kind"), _("subject"), _("since"), _("message")],
                             [[a.kind, a.subject, fmt_ms(a.raised_ms), a.message] for a in alarms],

@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 
 RECEIPT_VERSION = 1
 RECEIPT_TYPE = "receipt"
+CHAIN_RECEIPT_TYPE = "chain_receipt"
 VERDICT_COMPLETE, VERDICT_REJECTED = "complete", "rejected"
 _PEM_BLOCK = re.compile(rb"-----BEGIN PUBLIC KEY-----.+?-----END PUBLIC KEY-----", re.S)
 
@@ -121,13 +122,28 @@ def receipt_sha256(receipt: dict[str, Any]) -> str:
     return hashlib.sha256(canonical_json(receipt)).hexdigest()
 
 
-def verify_receipt(receipt: object, keys: PinnedKeys, agent_id: str, file_id: str) -> dict[str, Any]:
-    """The receipt, once its signature verifies against a pinned key and it names this agent and file;
-    raises ReceiptError otherwise. Says nothing yet about the verdict or the file's bytes."""
+def chain_receipt_body(agent_id: str, seq: int, sha256: str) -> dict[str, Any]:
+    """The signed fields of a chain receipt: "I hold `agent_id`'s document chain up to `seq`, whose document
+    has this SHA-256" (docs/PROTOCOL.md section 10). No time in it: the same head gets the same bytes."""
+    return {"v": RECEIPT_VERSION, "type": CHAIN_RECEIPT_TYPE, "agent_id": agent_id, "seq": seq, "sha256": sha256}
+
+
+def verify_chain_receipt(receipt: object, keys: PinnedKeys, agent_id: str) -> dict[str, Any]:
+    """The chain receipt, once its signature verifies against a pinned receiver key and it names this agent
+    with an integer seq and a SHA-256; raises ReceiptError otherwise. The caller compares seq and sha256
+    with its own chain."""
+    doc = _signed_by_pinned(receipt, keys, CHAIN_RECEIPT_TYPE, agent_id)
+    if not isinstance(doc.get("seq"), int) or doc["seq"] < 1 or not isinstance(doc.get("sha256"), str):
+        raise ReceiptError("the chain receipt has no seq and sha256")
+    return doc
+
+
+def _signed_by_pinned(receipt: object, keys: PinnedKeys, kind: str, agent_id: str) -> dict[str, Any]:
+    """`receipt` if it is a version-1 document of type `kind` signed by a pinned key for `agent_id`."""
     if not isinstance(receipt, dict):
         raise ReceiptError("the ack carries no receipt")
-    if receipt.get("v") != RECEIPT_VERSION or receipt.get("type") != RECEIPT_TYPE:
-        raise ReceiptError(f"not a version {RECEIPT_VERSION} receipt (v={receipt.get('v')!r}, "
+    if receipt.get("v") != RECEIPT_VERSION or receipt.get("type") != kind:
+        raise ReceiptError(f"not a version {RECEIPT_VERSION} {kind} (v={receipt.get('v')!r}, "
                            f"type={receipt.get('type')!r})")
     key_id = receipt.get("key_id")
     key = keys.keys().get(key_id) if isinstance(key_id, str) else None
@@ -139,9 +155,16 @@ def verify_receipt(receipt: object, keys: PinnedKeys, agent_id: str, file_id: st
         raise ReceiptError(f"receipt: {exc}") from None
     if receipt.get("agent_id") != agent_id:
         raise ReceiptError(f"the receipt is for agent {receipt.get('agent_id')!r}, not this agent ({agent_id})")
-    if receipt.get("file_id") != file_id:
-        raise ReceiptError(f"the receipt is for file {receipt.get('file_id')!r}, not {file_id}")
     return receipt
+
+
+def verify_receipt(receipt: object, keys: PinnedKeys, agent_id: str, file_id: str) -> dict[str, Any]:
+    """The receipt, once its signature verifies against a pinned key and it names this agent and file;
+    raises ReceiptError otherwise. Says nothing yet about the verdict or the file's bytes."""
+    doc = _signed_by_pinned(receipt, keys, RECEIPT_TYPE, agent_id)
+    if doc.get("file_id") != file_id:
+        raise ReceiptError(f"the receipt is for file {doc.get('file_id')!r}, not {file_id}")
+    return doc
 
 
 def check_receipt(receipt: object, keys: PinnedKeys, expected: Expected) -> dict[str, Any]:

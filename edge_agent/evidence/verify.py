@@ -1,6 +1,6 @@
 """Tamper detection (G4): re-hash stored files, check every signed document and
-both chains (documents and audit), and the platform's receipt of every synced file. Used by
-`edge-agent verify`, the scrub and the export.
+both chains (documents and audit), that both still extend the last checkpoint the platform receipted, and the
+platform's receipt of every synced file. Used by `edge-agent verify`, the scrub and the export.
 
 A signature is trusted only by a key of the agent's signed key history (evidence/keys.py): the genesis key
 and the keys the chain's rotation documents hand over to; in the chain each document must be signed by the
@@ -11,8 +11,10 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 from edge_agent.catalog import CONFIRMED, Catalog, FileRecord, State
+from edge_agent.catalog.chain_receipts import ChainReceipt
 from edge_agent.digest import hash_file
 from edge_agent.evidence.keys import KeyHistory, key_history
 from edge_agent.evidence.manifest import (
@@ -23,6 +25,7 @@ from edge_agent.evidence.manifest import (
     verify_signature,
 )
 from edge_agent.evidence.receipts import ReceiptTrust
+from edge_agent.evidence.timestamps import token_problem
 from edge_agent.layout import StoreLayout
 
 
@@ -128,6 +131,86 @@ def verify_chain(catalog: Catalog, layout: StoreLayout, keys: KeyHistory) -> lis
     return findings
 
 
+def _receipted_checkpoint(catalog: Catalog) -> tuple[ChainReceipt | None, str]:
+    """The platform's chain receipt kept, and how findings name what it covers."""
+    kept = catalog.chain_receipts.get()
+    if kept is None:
+        return None, ""
+    if kept.checkpoint is not None:
+        return kept, (f"checkpoint {kept.checkpoint.get('checkpoint_id')} (chain seq {kept.checkpoint_seq}, "
+                      f"receipted by the platform up to chain seq {kept.seq})")
+    return kept, f"the platform's chain receipt (chain seq {kept.seq})"
+
+
+def verify_checkpoint(catalog: Catalog, keys: KeyHistory) -> list[Finding]:
+    """The local document chain still extends what the platform receipted: its document at the receipted seq
+    is the receipted one, and the last receipted checkpoint is still in it, signed by this agent."""
+    kept, label = _receipted_checkpoint(catalog)
+    if kept is None:
+        return []
+    findings: list[Finding] = []
+    head = catalog.documents.head() or (0, GENESIS_PREV)
+    row = catalog.documents.at(kept.seq)
+    if row is None:
+        findings.append(Finding(label, "checkpoint", f"the platform holds this agent's chain up to document {kept.seq} "
+                                f"(sha256 {kept.sha256[:16]}…), but the local chain ends at {head[0]}: documents "
+                                f"{head[0] + 1}..{kept.seq} were removed after the platform received them. Compare "
+                                "with the platform's copy of the chain; do not clear recorders meanwhile"))
+    elif row["sha256"] != kept.sha256:
+        findings.append(Finding(label, "checkpoint", f"the local document {kept.seq} is not the one the platform "
+                                f"receipted (sha256 {kept.sha256[:16]}…): the chain was rewritten"))
+    cp = kept.checkpoint
+    if cp is not None and kept.checkpoint_seq is not None:
+        try:
+            verify_signature(cp, keys.public_for(cp.get("key_id")))
+        except ManifestError as exc:
+            findings.append(Finding(label, "checkpoint", f"the receipted checkpoint does not verify: {exc}"))
+        cp_row = catalog.documents.at(kept.checkpoint_seq)
+        if cp_row is None or cp_row["sha256"] != hashlib.sha256(canonical_json(cp)).hexdigest():
+            findings.append(Finding(label, "checkpoint", f"the checkpoint document (chain seq {kept.checkpoint_seq}) "
+                                    "is missing from the local chain or differs from the one the platform receipted"))
+    return findings
+
+
+def verify_audit_checkpoint(catalog: Catalog) -> list[Finding]:
+    """The local audit log still extends the audit head of the last checkpoint the platform receipted."""
+    kept, label = _receipted_checkpoint(catalog)
+    if kept is None or kept.checkpoint is None:
+        return []
+    audit_head = kept.checkpoint.get("audit_head") or {}
+    seq, digest = audit_head.get("seq"), audit_head.get("hash")
+    if not isinstance(seq, int) or seq < 1:
+        return []
+    entry = catalog.audit_log.at(seq)
+    if entry is None:
+        last = catalog.audit_log.last_seq()
+        return [Finding(label, "audit", f"the checkpoint holds audit head {seq} (hash {str(digest)[:16]}…), but the "
+                        f"local audit log ends at {last}: entries {last + 1}..{seq} were removed after the "
+                        "checkpoint was signed and receipted")]
+    if entry["hash"] != digest:
+        return [Finding(label, "audit", f"audit entry {seq} is not the one the checkpoint holds (hash "
+                        f"{str(digest)[:16]}…): the log was rewritten")]
+    return []
+
+
+def verify_timestamps(catalog: Catalog, layout: StoreLayout, tsa_ca: Path | None) -> list[Finding]:
+    """Every checkpoint's RFC 3161 token kept beside it time-stamps exactly that checkpoint's bytes (and, with the
+    authority's root `tsa_ca`, is signed under it)."""
+    findings = []
+    for row in catalog.documents.chain():
+        if row["kind"] != "checkpoint":
+            continue
+        try:
+            token = layout.checkpoint_token_path(row["doc_id"]).read_bytes()
+            data = (layout.data_dir / row["path"]).read_bytes()
+        except FileNotFoundError:
+            continue   # no token (no authority configured then, or it failed: `timestamp_failed`)
+        problem = token_problem(token, data, tsa_ca)
+        if problem is not None:
+            findings.append(Finding(f"checkpoint {row['doc_id']}", "timestamp", f"RFC 3161 token: {problem}"))
+    return findings
+
+
 def verify_audit(catalog: Catalog) -> list[Finding]:
     _count, problems = catalog.audit_log.verify()
     return [Finding("audit", "audit", str(p)) for p in problems]
@@ -149,7 +232,7 @@ def iter_files(catalog: Catalog, file_ids: list[str] | None = None) -> Iterator[
 
 def verify_all(catalog: Catalog, layout: StoreLayout, file_ids: list[str] | None = None,
                progress: Callable[[FileRecord], None] | None = None,
-               receipts: ReceiptTrust | None = None) -> list[Finding]:
+               receipts: ReceiptTrust | None = None, tsa_ca: Path | None = None) -> list[Finding]:
     """Every finding about these files (default: all, then the chain and the audit log); with `receipts`, the
     platform's receipt of every confirmed file too. Keys are trusted by the signed key history only."""
     keys = key_history(catalog, layout)
@@ -162,5 +245,8 @@ def verify_all(catalog: Catalog, layout: StoreLayout, file_ids: list[str] | None
             progress(record)
     if not file_ids:
         findings.extend(verify_chain(catalog, layout, keys))
+        findings.extend(verify_checkpoint(catalog, keys))
+        findings.extend(verify_timestamps(catalog, layout, tsa_ca))
         findings.extend(verify_audit(catalog))
+        findings.extend(verify_audit_checkpoint(catalog))
     return findings

@@ -3,7 +3,8 @@
 The manifest is built from the catalog row alone (`evidence.manifest.file_manifest`): the keys a source
 adds (a camera segment's camera and the gaps before it) were stored on the row at discovery (`extras`),
 so a file sealed by crash recovery carries them too, and sealing never calls back into a source.
-Session manifests, annotations and key rotations are signed into the same chain by `sign_document`.
+Session manifests, annotations and key rotations are signed into the same chain by `sign_document`,
+checkpoints of the audit head and the chain head by `checkpoint`.
 
 The key that signs is the one in force by the catalog (meta `signing_key_id`), checked inside every signing
 transaction: a rotation (`rotate_key`, here or in another process) swaps it under the same lock and write
@@ -13,6 +14,7 @@ signing records the genesis key (evidence/keys.py), from which the rotation chai
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import threading
@@ -21,9 +23,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edge_agent.catalog import Catalog, FileRecord, State, audit
+from edge_agent.catalog import Catalog, FileRecord, State, audit, new_id
+from edge_agent.clock import now_ms
 from edge_agent.config import AgentConfig
-from edge_agent.durable import SyncGroup, atomic_write_many
+from edge_agent.durable import SyncGroup, atomic_write, atomic_write_many
 from edge_agent.evidence.keys import GENESIS_KEY, KEY_IN_FORCE, ROTATION_KIND, legacy_genesis
 from edge_agent.evidence.manifest import (
     GENESIS_PREV,
@@ -37,7 +40,10 @@ from edge_agent.evidence.manifest import (
     session_manifest,
     write_document,
 )
+from edge_agent.evidence.timestamps import TimestampError, request_token
 from edge_agent.layout import StoreLayout
+
+LAST_CHECKPOINT_KEY = "last_checkpoint"   # meta: "<chain seq>:<audit seq>" right after the last checkpoint
 
 
 def _loads(text: str | None) -> dict[str, Any]:
@@ -137,6 +143,56 @@ class Sealer:
             if after is not None:
                 after(conn, digest)
         return doc
+
+    def checkpoint(self, reason: str, *, force: bool = False) -> dict[str, Any] | None:
+        """Sign a checkpoint of the audit head and the chain head (docs/PROTOCOL.md section 10), chained like
+        every document and audited (`checkpoint`) in the same transaction. Unless `force`, None and nothing
+        signed when neither head moved since the last checkpoint but by that checkpoint itself."""
+        with self._lock, self.catalog.transaction() as conn:
+            audit_head = self.catalog.meta.get(audit.HEAD_KEY)
+            audit_seq, _, audit_hash = (audit_head or f"0:{audit.GENESIS}").partition(":")
+            chain_seq, chain_sha = self._head()
+            if not force and self.catalog.meta.get(LAST_CHECKPOINT_KEY) == f"{chain_seq}:{audit_seq}":
+                return None
+            checkpoint_id = new_id()
+            body = {"v": MANIFEST_VERSION, "type": "checkpoint", "agent_id": self.config.agent.id,
+                    "checkpoint_id": checkpoint_id, "reason": reason, "ts_ms": now_ms(),
+                    "audit_head": {"seq": int(audit_seq), "hash": audit_hash},
+                    "chain_head": {"seq": chain_seq, "sha256": chain_sha}, **self._previous_timestamp(chain_seq)}
+            doc, digest = self._signed(conn, "checkpoint", checkpoint_id, body,
+                                       self.layout.checkpoint_path(checkpoint_id))
+            entry = audit.append(conn, "checkpoint", subject=checkpoint_id, reason=reason, actor="edge-agent",
+                                 detail={"chain_seq": chain_seq + 1, "sha256": digest, "audit_seq": int(audit_seq)})
+            self.catalog.meta.set(LAST_CHECKPOINT_KEY, f"{chain_seq + 1}:{entry}")
+        if self.config.evidence.tsa_url is not None:
+            self._timestamp(checkpoint_id, canonical_json(doc))
+        return doc
+
+    def _timestamp(self, checkpoint_id: str, data: bytes) -> None:
+        """Time-stamp a signed checkpoint (outside any transaction: a network call) and keep the token beside it;
+        a failure is the alarm `timestamp_failed`, the checkpoint stands without a token."""
+        evidence = self.config.evidence
+        try:
+            token = request_token(str(evidence.tsa_url), data, evidence.tsa_timeout_s)
+        except TimestampError as exc:
+            self.catalog.raise_alarm("timestamp_failed", "timestamp_failed", checkpoint_id,
+                                     f"checkpoint {checkpoint_id} has no RFC 3161 time-stamp: {exc}")
+            return
+        atomic_write(self.layout.checkpoint_token_path(checkpoint_id), token, mode=0o444)
+        self.catalog.clear_alarm("timestamp_failed")
+
+    def _previous_timestamp(self, upto: int) -> dict[str, Any]:
+        """`previous_timestamp` for the next checkpoint: the last checkpoint's token, so it reaches the platform
+        inside the chain (a checkpoint cannot carry its own: the token is over its signed bytes)."""
+        row = self.catalog.documents.latest("checkpoint", upto)
+        if row is None:
+            return {}
+        try:
+            token = self.layout.checkpoint_token_path(row["doc_id"]).read_bytes()
+        except OSError:
+            return {}
+        return {"previous_timestamp": {"checkpoint_id": row["doc_id"], "seq": row["seq"], "sha256": row["sha256"],
+                                       "token": base64.b64encode(token).decode("ascii")}}
 
     def seal_session(self, session_id: str,
                      volume_files: list[dict[str, Any]] | None = None) -> dict[str, Any] | None:

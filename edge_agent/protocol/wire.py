@@ -25,7 +25,7 @@ import jsonschema
 
 from edge_agent.protocol.canonical import canonical_json
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2   # the default root is evidence/v2 (docs/PROTOCOL.md section 8)
 HEADER_LENGTH = struct.Struct(">I")
 MAX_HEADER_BYTES = 4096
 FILE_ID_PATTERN = re.compile(r"^[0-9A-HJKMNP-TV-Z]{26}$")   # a ULID, Crockford base32
@@ -66,6 +66,45 @@ class Topics:
 
     def file(self, file_id: str, kind: str) -> str:
         return self.agent(f"files/{file_id}/{kind}")
+
+    @property
+    def chain_doc(self) -> str:
+        """The chain stream: `{"seq","doc"}`, every signed document in chain order (docs/PROTOCOL.md 10)."""
+        return self.agent("chain/doc")
+
+    @property
+    def chain_query(self) -> str:
+        """`{"head"}`: the agent's own chain head; the receiver answers with the head it holds."""
+        return self.agent("chain/query")
+
+    @property
+    def chain_acks(self) -> str:
+        return self.agent("chain_acks")
+
+
+CHAIN_KINDS = ("doc", "query")
+
+
+def platform_events(root: str) -> str:
+    """Where receivers publish platform events (`chain_fork`, `chain_rewind`): no agent id starts with `_`."""
+    return f"{root}/_platform/events"
+
+
+def parse_chain_topic(root: str, topic: str) -> tuple[str, str] | None:
+    """(agent id, kind) of `{root}/{agent}/chain/{doc|query}`; None if `topic` is not a chain topic at all;
+    WireError if it is one with a bad agent id or kind."""
+    prefix = root + "/"
+    if not topic.startswith(prefix):
+        return None
+    parts = topic[len(prefix):].split("/")
+    if len(parts) != 3 or parts[1] != "chain":
+        return None
+    agent_id, _, kind = parts
+    if not AGENT_ID_PATTERN.match(agent_id):
+        raise WireError(f"agent id {agent_id!r} in topic is not a valid agent id")
+    if kind not in CHAIN_KINDS:
+        raise WireError(f"unknown chain message kind {kind!r} (doc or query)")
+    return agent_id, kind
 
 
 @dataclass(frozen=True)

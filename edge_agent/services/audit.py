@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from edge_agent.catalog import audit as audit_log
 from edge_agent.catalog.reports import AuditEntry
 from edge_agent.evidence.keys import key_history
+from edge_agent.evidence.verify import verify_audit_checkpoint
 from edge_agent.services.workspace import Result, Workspace
 
 
@@ -29,8 +30,10 @@ def entries(ws: Workspace, *, subject: str | None = None, limit: int = 50) -> tu
 
 
 def check_chain(ws: Workspace) -> ChainCheck:
-    """The audit log's hash chain, and its `keys.rotated` entries against the signed key history: a rotation
-    audited but not in the signed chain (or the reverse), or a broken rotation document, is a problem."""
+    """The audit log's hash chain, its `keys.rotated` entries against the signed key history (a rotation
+    audited but not in the signed chain, or the reverse, or a broken rotation document, is a problem), and that
+    the log still reaches the audit head of the last checkpoint the platform receipted (a removed tail with a
+    rewound head passes the walk, not this)."""
     count, problems = audit_log.verify(ws.catalog.conn)
     keys = key_history(ws.catalog, ws.layout)
     found = [str(p) for p in problems] + [f"keys: {p}" for p in keys.problems]
@@ -40,4 +43,5 @@ def check_chain(ws: Workspace) -> ChainCheck:
               if k not in signed]
     found += [f"keys: rotation to {k} is in the signed rotation chain, not in the audit log" for k in signed
               if k not in audited]
+    found += [str(f) for f in verify_audit_checkpoint(ws.catalog)]
     return ChainCheck(count, tuple(found))

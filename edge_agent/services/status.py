@@ -25,6 +25,7 @@ class Status(Result):
     alarms: tuple[Alarm, ...]
     last_sync_ms: int | None
     daemon: Mapping[str, Any] | None
+    chain: Mapping[str, Any]
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -34,6 +35,7 @@ class Status(Result):
             "alarms": [a.as_dict() for a in self.alarms],
             "last_sync_ms": self.last_sync_ms,
             "daemon": self.daemon,
+            "chain": dict(self.chain),
         }
 
 
@@ -47,7 +49,21 @@ def status(ws: Workspace) -> Status:
         alarms=tuple(reports.active_alarms()),
         last_sync_ms=reports.last_sync_ms(),
         daemon=daemon_snapshot(ws.config),
+        chain=chain_standing(ws),
     )
+
+
+def chain_standing(ws: Workspace) -> dict[str, Any]:
+    """How far the platform holds this agent's document chain: the local head, the highest chain receipt kept
+    (docs/PROTOCOL.md section 10) and the last checkpoint it covers."""
+    head = ws.catalog.documents.head()
+    kept = ws.catalog.chain_receipts.get()
+    checkpoint = kept.checkpoint if kept is not None else None
+    return {"head_seq": head[0] if head else 0,
+            "receipted_seq": kept.seq if kept else None,
+            "receipted_ms": kept.received_ms if kept else None,
+            "checkpoint_seq": kept.checkpoint_seq if kept else None,
+            "checkpoint_id": checkpoint.get("checkpoint_id") if checkpoint else None}
 
 
 def daemon_snapshot(config: AgentConfig) -> dict[str, Any] | None:

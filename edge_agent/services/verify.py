@@ -41,7 +41,8 @@ def verify(ws: Workspace, file_ids: list[str] | None = None, *, reason: str | No
 
     with refusals(UnknownFile):
         findings = verify_all(catalog, layout, file_ids or None, progress=tick,
-                              receipts=ReceiptTrust(ws.config.agent.id, PinnedKeys(ws.config.mqtt.receiver_keys)))
+                              receipts=ReceiptTrust(ws.config.agent.id, PinnedKeys(ws.config.mqtt.receiver_keys)),
+                              tsa_ca=ws.config.evidence.tsa_ca)
     if findings:
         catalog.raise_alarm(f"tamper:verify:{now_ms() // 1000}", TAMPER, "verify",
                             f"verify found {len(findings)} problem(s); first: {findings[0]}")

@@ -37,12 +37,13 @@ from edge_agent.protocol.canonical import canonical_json
 from edge_agent.protocol.connection import Connection, build_client
 from edge_agent.protocol.heartbeat import Heartbeat, Vital
 from edge_agent.protocol.wire import ACK_RECEIVING, Ack, Topics, WireError, decode_json
+from edge_agent.sync.chain import ChainRelay
 from edge_agent.sync.commands import CommandGate
 from edge_agent.sync.incompatible import IncompatibleAcks
 from edge_agent.sync.ledger import SyncLedger
 from edge_agent.sync.outbox import OutboxRelay
 from edge_agent.sync.receipts import ReceiptGate
-from edge_agent.sync.sender import CHUNKS_IN_CLIENT, RateMeter, Sender
+from edge_agent.sync.sender import CHUNKS_IN_CLIENT, RateMeter, Sender, ack_timeout_s
 from edge_agent.sync.status import Presence
 from edge_agent.sync.sync_now import SyncNowWatch
 
@@ -80,6 +81,9 @@ class Uplink:
         self.sender = Sender(config.mqtt, self.topics, self._publish, connected=self._connected, stop=self._stop,
                              on_blocked=self._blocked)
         self.outbox = OutboxRelay(catalog.outbox, self.topics, self._publish)
+        self.chain = ChainRelay(catalog, layout, self.topics, self._publish, keys=self.receipts.keys,
+                                ack_timeout_s=ack_timeout_s(config.mqtt))
+        self.chain_acks_dropped = 0
         self.command_gate = CommandGate(catalog, config.agent.id, config.mqtt.command_keys)
         self._callbacks: list[CommandCallback] = [self._resync_command]
         self._resync = threading.Event()
@@ -144,14 +148,17 @@ class Uplink:
                 "bytes_sent": self.sender.bytes_sent, "rate_bps": round(self._rate.rate_bps(), 1),
                 "in_flight": len(self.sender.files), "queue_files": queue.files, "queue_bytes": queue.bytes,
                 "acks_dropped": self.incompatible.dropped, "commands_dropped": self.commands_dropped,
-                "callback_faults": self.connection.faults.total, "acks_unverified": self.receipts.unverified}
+                "callback_faults": self.connection.faults.total, "acks_unverified": self.receipts.unverified,
+                "chain_acks_dropped": self.chain_acks_dropped, "chain_receipts_unverified": self.chain.unverified,
+                "chain": self.chain.health()}
 
     def health(self) -> dict[str, Any]:
         """Its fragment of the health snapshot: `{"sync": the agent.sync section}` (schema `health`)."""
         stats = self.stats()
         return {"sync": {"connected": bool(stats["connected"]), "rate_bps": stats["rate_bps"],
                          "last_ack_ms": stats["last_ack_ms"], "last_ack": iso_ms(stats["last_ack_ms"]),
-                         "bytes_sent": stats["bytes_sent"], "in_flight": stats["in_flight"], "configured": True}}
+                         "bytes_sent": stats["bytes_sent"], "in_flight": stats["in_flight"], "configured": True,
+                         "chain": stats["chain"]}}
 
     # -- the connection (paho's network thread: queue, never block) ----------------------------
 
@@ -165,7 +172,7 @@ class Uplink:
         return info if info.rc == mqtt.MQTT_ERR_SUCCESS else None
 
     def _on_up(self, client: mqtt.Client) -> None:
-        client.subscribe([(self.topics.acks, 1), (self.topics.commands, 1)])
+        client.subscribe([(self.topics.acks, 1), (self.topics.commands, 1), (self.topics.chain_acks, 1)])
         self.presence.online(client)
         self._wake()
 
@@ -185,6 +192,20 @@ class Uplink:
             self._on_ack(message.payload)
         elif message.topic == self.topics.commands:
             self._dispatch_command(message.payload)
+        elif message.topic == self.topics.chain_acks:
+            self._on_chain_ack(message.payload)
+
+    def _on_chain_ack(self, payload: bytes) -> None:
+        try:
+            answer = decode_json(payload, "chain-ack", self.max_ack_bytes)
+            if not isinstance(answer["seq"], int):   # JSON Schema counts 2.0 as an integer
+                raise WireError(f"chain-ack: seq {answer['seq']!r} is not an integer")
+        except WireError as exc:
+            self.chain_acks_dropped += 1
+            log.warning("chain ack dropped payload_bytes=%d dropped=%d: %s", len(payload), self.chain_acks_dropped,
+                        exc)
+            return
+        self._queue("chain", answer)
 
     def _on_ack(self, payload: bytes) -> None:
         try:
@@ -243,6 +264,7 @@ class Uplink:
                 if self.connection.generation != session:
                     session = self.connection.generation
                     self.outbox.reset()
+                    self.chain.reset()
                     self.sender.reconnected()
                 if self._resync.is_set():
                     self._resynchronise()
@@ -252,6 +274,7 @@ class Uplink:
                 if now >= next_outbox:
                     next_outbox = now + OUTBOX_INTERVAL_S
                     self.outbox.relay()
+                self.chain.relay(now)
                 self._send(now)
             except Exception:
                 # The sender must outlive any one bad file or database hiccup; the catalog is the truth.
@@ -268,6 +291,7 @@ class Uplink:
     def _resynchronise(self) -> None:
         self._resync.clear()
         self.ledger.forgive()
+        self.chain.reset()
         self._fill_due = True
         self.sender.resync()
 
@@ -296,6 +320,8 @@ class Uplink:
                 kind, item = self._inbox.popleft()
             if kind == "ack":
                 self._handle_ack(item)
+            elif kind == "chain":
+                self.chain.answer(item)
             else:
                 self.outbox.published(item)
 

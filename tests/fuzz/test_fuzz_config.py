@@ -21,7 +21,7 @@ from edge_agent.config import (
 
 VALID: dict[str, Any] = {
     "agent": {"id": "ws-gulou-01", "site": "nj-gulou", "unit": "鼓楼区城管大队", "data_dir": "/var/lib/edge-agent"},
-    "mqtt": {"host": "127.0.0.1", "port": 1883, "root": "evidence/v1"},
+    "mqtt": {"host": "127.0.0.1", "port": 1883, "root": "evidence/v2"},
     "docks": [{"name": "bench", "kind": "directory", "root": "/srv/dock-sim"},
               {"name": "dock-a", "kind": "usb", "mount_root": "/media/edge-dock", "clear_after_sync": True}],
     "cameras": [{"name": "gate-east", "rtsp": "rtsp://10.0.0.21/stream", "location": "中山路口",

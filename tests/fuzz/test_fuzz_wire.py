@@ -31,7 +31,7 @@ from tests.peers.mosquitto import Mosquitto
 from tests.test_liveness import sync_after
 
 AGENT = "ws-fuzz-01"
-ROOT = "evidence/v1"
+ROOT = "evidence/v2"
 CHUNK = 4096
 SHA = "ab" * 32
 FUZZ = settings(max_examples=250, deadline=None,
@@ -306,6 +306,75 @@ def test_the_genuine_transfer_still_completes_after_the_fuzzing(receiver_bench: 
     assert bench.receiver.store.stored(*key)["sha256"] == hashlib.sha256(bench.content).hexdigest()
 
 
+def _chain_message(bench: ReceiverBench) -> tuple[bytes, bytes]:
+    """The agent's chain as the receiver holds it (document 1, held once), and the genuine document 2."""
+    if not hasattr(bench, "chain_first"):
+        first = bench.key.sign({"v": 1, "type": "annotation", "agent_id": AGENT, "annotation_id": "a1",
+                                "prev": "0" * 64})
+        bench.chain_first = canonical_json({"seq": 1, "doc": first})
+        bench.receiver.handle(f"{ROOT}/{AGENT}/chain/doc", bench.chain_first)
+        second = bench.key.sign({"v": 1, "type": "annotation", "agent_id": AGENT, "annotation_id": "a2",
+                                 "prev": hashlib.sha256(canonical_json(first)).hexdigest()})
+        bench.chain_second = canonical_json({"seq": 2, "doc": second})
+    return bench.chain_first, bench.chain_second
+
+
+def _same_json(payload: bytes, genuine: bytes) -> bool:
+    try:
+        value = json.loads(payload)
+    except ValueError:
+        return False
+    return value == json.loads(genuine) and all(type(a) is type(b) for a, b in ((value.get("seq"), 2),)
+                                                if isinstance(value, dict))
+
+
+@given(data=st.data())
+@FUZZ
+def test_no_malformed_or_forged_chain_message_changes_the_held_chain(receiver_bench: ReceiverBench,
+                                                                     data: st.DataObject,
+                                                                     caplog: pytest.LogCaptureFixture) -> None:
+    bench = receiver_bench
+    first, second = _chain_message(bench)
+    kind = data.draw(st.sampled_from(["doc", "query", "topic"]))
+    topic = f"{ROOT}/{AGENT}/chain/{kind}"
+    if kind == "doc":
+        doc = json.loads(second)["doc"]
+        stranger = AgentKey(Ed25519PrivateKey.generate())
+        payload = data.draw(st.sampled_from([
+            _mutated(second, data),
+            json.dumps({"seq": data.draw(json_values), "doc": doc}).encode(),
+            json.dumps({"seq": 2.0, "doc": doc}).encode(),
+            json.dumps({"seq": 2, "doc": {**doc, data.draw(st.sampled_from(["prev", "agent_id", "type", "sig"])):
+                                          data.draw(json_values)}}).encode(),
+            canonical_json({"seq": 2, "doc": stranger.sign(doc)}),
+            json.dumps(data.draw(json_values)).encode()]))
+    elif kind == "query":
+        payload = data.draw(st.sampled_from([data.draw(st.binary(max_size=100)),
+                                             json.dumps({"head": data.draw(json_values)}).encode()]))
+    else:
+        topic = data.draw(st.sampled_from([f"{ROOT}/{AGENT}/chain/delete", f"{ROOT}/{AGENT}/chain/doc/x",
+                                           f"{ROOT}/bad agent/chain/doc"]))
+        payload = second
+    if kind == "doc" and _same_json(payload, second):
+        return   # a mutation that changed nothing (or only the spacing) is the genuine message
+    before = bench.snapshot()
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        bench.receiver.handle(topic, payload)
+    if kind == "query" and not caplog.records:
+        return   # a well-formed query (any head at or above the held one) is answered, not refused
+    assert bench.snapshot() == before or kind == "query", f"chain message changed the store: {payload[:80]!r}"
+    assert any(r.levelno >= logging.WARNING for r in caplog.records), f"not logged: {topic} {payload[:60]!r}"
+
+
+def test_the_genuine_chain_document_is_still_held_after_the_fuzzing(receiver_bench: ReceiverBench) -> None:
+    bench = receiver_bench
+    _first, second = _chain_message(bench)
+    bench.receiver.handle(f"{ROOT}/{AGENT}/chain/doc", second)
+    assert bench.receiver.chain.store.head(AGENT)[0] == 2
+    assert bench.receiver.chain.dropped > 0
+
+
 def _hostile_payloads(kind: str) -> list[bytes]:
     """Payloads of hostile structure rather than hostile values: depth, size, types, encodings."""
     deep = [b"[" * 100_000, b'{"a":' * 50_000 + b"1" + b"}" * 50_000, b'{"sha256":' + b"[" * 20_000]
@@ -340,3 +409,21 @@ def test_hostile_structure_on_each_receiver_topic_is_survived_and_a_good_file_th
         assert bench.receiver.store.progress(AGENT, bench.file_id, bench.manifest).state == "complete"
     finally:
         bench.receiver.store.close()
+
+
+def test_hostile_chain_acks_are_dropped_and_counted_and_a_forged_receipt_is_not_kept(
+        uplink_bench: UplinkBench) -> None:
+    bench = uplink_bench
+    before = bench.uplink.chain_acks_dropped
+    hostile = _hostile_payloads("chain_acks")
+    for payload in hostile:
+        bench.deliver("chain_acks", payload)                 # never raises
+    assert bench.uplink.chain_acks_dropped - before == len(hostile)
+    stranger = AgentKey(Ed25519PrivateKey.generate())
+    forged = stranger.sign({"v": 1, "type": "chain_receipt", "agent_id": AGENT, "seq": 1, "sha256": SHA})
+    bench.deliver("chain_acks", canonical_json({"state": "held", "seq": 1, "sha256": SHA, "receipt": forged}))
+    assert bench.catalog.chain_receipts.get() is None, "a receipt from no pinned receiver key is kept"
+    assert bench.uplink.chain.unverified >= 1
+    bench.deliver("chain_acks", canonical_json({"state": "refused", "seq": 1, "refusal": "rewind", "reason": "x",
+                                                "receipt": forged}))
+    assert bench.uplink.chain.refused is None, "an unsigned refusal stopped the chain stream"

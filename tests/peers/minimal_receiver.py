@@ -40,7 +40,7 @@ def _ranges(seqs: set[int]) -> list[list[int]]:
 class MinimalReceiver:
     """Subscribes to `{root}/+/files/#` on the broker at `port` and answers on `{root}/{agent}/acks`."""
 
-    def __init__(self, port: int, root: str = "evidence/v1", *, answer: Callable[[str], bytes] | None = None,
+    def __init__(self, port: int, root: str = "evidence/v2", *, answer: Callable[[str], bytes] | None = None,
                  pin_to: Path | None = None):
         self.root = root
         self.key = Ed25519PrivateKey.generate()

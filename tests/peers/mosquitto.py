@@ -84,7 +84,7 @@ def tls_listener(port: int, ca: Path, cert: Path, key: Path, acl_file: Path | No
     return "\n".join(lines) + "\n"
 
 
-def evidence_acl(path: Path, root: str = "evidence/v1", *, receivers: tuple[str, ...] = (),
+def evidence_acl(path: Path, root: str = "evidence/v2", *, receivers: tuple[str, ...] = (),
                  platforms: tuple[str, ...] = ()) -> Path:
     """The wire protocol's ACL (DESIGN.md section 5): an agent (username = its id) publishes only its own
     status, health, events and files, and reads only its own acks and commands; receivers read every
@@ -92,13 +92,17 @@ def evidence_acl(path: Path, root: str = "evidence/v1", *, receivers: tuple[str,
     lines: list[str] = []
     for user in receivers:
         lines += [f"user {user}", f"topic read {root}/+/files/#", f"topic write {root}/+/acks",
+                  f"topic read {root}/+/chain/#", f"topic write {root}/+/chain_acks",
+                  f"topic write {root}/_platform/events",
                   f"topic read {root}/+/status", f"topic read {root}/+/health", f"topic read {root}/+/events", ""]
     for user in platforms:
         lines += [f"user {user}", f"topic write {root}/+/commands", f"topic read {root}/+/status",
+                  f"topic read {root}/_platform/events",
                   f"topic read {root}/+/health", f"topic read {root}/+/events", ""]
     # Patterns apply to every user; %u is the certificate's CN, i.e. the agent id.
     lines += [f"pattern write {root}/%u/status", f"pattern write {root}/%u/health",
               f"pattern write {root}/%u/events", f"pattern write {root}/%u/files/#",
+              f"pattern write {root}/%u/chain/#", f"pattern read {root}/%u/chain_acks",
               f"pattern read {root}/%u/acks", f"pattern read {root}/%u/commands", ""]
     path.write_text("\n".join(lines))
     return path

@@ -22,7 +22,7 @@ from tests.peers.mosquitto import Mosquitto, evidence_acl, free_port, tls_listen
 from tests.peers.pki import CertFiles, TestPKI
 from tests.sync_support import pin_receiver_key, pinned_dir
 
-ROOT = "evidence/v1"
+ROOT = "evidence/v2"
 
 
 class TlsClient:

@@ -47,7 +47,7 @@ class Platform:
 
     def send(self, payload: dict[str, Any] | bytes) -> None:
         data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
-        self.client.publish(f"evidence/v1/{AGENT}/commands", data, qos=1).wait_for_publish(5)
+        self.client.publish(f"evidence/v2/{AGENT}/commands", data, qos=1).wait_for_publish(5)
 
     def close(self) -> None:
         self.client.disconnect()

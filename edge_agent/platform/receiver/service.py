@@ -46,6 +46,7 @@ import paho.mqtt.client as mqtt
 
 from edge_agent.config import ReceiverConfig
 from edge_agent.evidence.manifest import ManifestError, canonical_json, verify_signature
+from edge_agent.platform.receiver.chain import ChainKeeper, ChainStore
 from edge_agent.platform.receiver.fair import FairQueue
 from edge_agent.platform.receiver.keyring import KeyRing
 from edge_agent.platform.receiver.receipts import Receipts, ReceiverKey
@@ -65,7 +66,9 @@ from edge_agent.protocol.wire import (
     chunk_span,
     decode_chunk,
     decode_json,
+    parse_chain_topic,
     parse_file_topic,
+    platform_events,
     to_ranges,
 )
 
@@ -103,12 +106,18 @@ class Receiver:
         self.ack_every = rc.ack_every_chunks
         self.ack_interval_s = rc.ack_interval_ms / 1000
         self.shared = rc.shared_subscription
-        self.topic_filter = (f"$share/receivers/{self.root}/+/files/#" if self.shared
-                             else f"{self.root}/+/files/#")
+        share = "$share/receivers/" if self.shared else ""
+        self.topic_filter = f"{share}{self.root}/+/files/#"
+        self.chain_filter = f"{share}{self.root}/+/chain/#"
+        self.chain = ChainKeeper(ChainStore(rc.store_dir),
+                                 lambda agent, key_id, seq: self.keys.key_for(agent, key_id, chain_seq=seq),
+                                 self.receipts.key.sign, self._publish_event, receiver=rc.client_id)
+        self.chain.on_rotation = lambda agent, doc, seq: self.keys.learn_rotation(agent, doc, chain_seq=seq)
         self.client = build_client(config.mqtt, rc.client_id, manual_ack=True)
         self.client.on_message = self._on_message
         self.connection = Connection(self.client, config.mqtt, session_expiry_s=rc.session_expiry_s,
-                                     on_up=lambda client: client.subscribe(self.topic_filter, qos=1))
+                                     on_up=lambda client: client.subscribe([(self.topic_filter, 1),
+                                                                            (self.chain_filter, 1)]))
         self._inbound = FairQueue(agent_messages=INBOUND_AGENT_MESSAGES, agent_bytes=INBOUND_AGENT_BYTES,
                                   total_bytes=INBOUND_TOTAL_BYTES)
         self._refused: dict[str, float] = {}   # agent -> when its refusal was last logged (the paho thread's)
@@ -268,7 +277,17 @@ class Receiver:
 
     def handle(self, topic: str, payload: bytes, *, data_sha256: str | None = None) -> None:
         """Handle one message from `files/#`. Never raises for bad input: it is logged and answered.
-        `data_sha256`: the chunk's bytes already hashed (`chunk_data_sha256`), else they are hashed here."""
+        `data_sha256`: the chunk's bytes already hashed (`chunk_data_sha256`), else they are hashed here.
+        Chain messages (`{root}/{a}/chain/#`) go to the chain keeper."""
+        try:
+            chain = parse_chain_topic(self.root, topic)
+        except WireError as exc:
+            self.chain.dropped += 1
+            log.warning("dropped chain message topic=%r reason=%s", topic[:200], exc)
+            return
+        if chain is not None:
+            self._on_chain(*chain, payload)
+            return
         try:
             ft = parse_file_topic(self.root, topic)
         except WireError as exc:
@@ -302,6 +321,9 @@ class Receiver:
             if doc["chunk_size"] > self.max_chunk:
                 raise WireError(f"chunk size {doc['chunk_size']} is larger than this receiver takes "
                                 f"(receiver.max_chunk_kib)")
+            not_chained = self.chain.manifest_problem(ft.agent_id, ft.file_id, canonical_json(doc))
+            if not_chained is not None:
+                raise WireError(not_chained)
         except (WireError, ManifestError) as exc:
             # The store is not touched: a forged manifest cannot disturb a genuine transfer's chunks.
             self._refuse(ft, f"manifest: {exc}")
@@ -359,6 +381,24 @@ class Receiver:
             self._ack_progress(key, doc)
             return
         self._send(ft.agent_id, self.store.settled(*key) or Ack(ft.file_id, ACK_RECEIVING, [], None, NO_MANIFEST))
+
+    # -- the chain stream ----------------------------------------------------------------------
+
+    def _on_chain(self, agent: str, kind: str, payload: bytes) -> None:
+        answer = self.chain.offer(agent, payload) if kind == "doc" else self.chain.query(agent, payload)
+        if answer is None:
+            return   # dropped and counted by the keeper
+        try:
+            self.client.publish(f"{self.root}/{agent}/chain_acks", canonical_json(answer), qos=1)
+        except OSError as exc:   # mid-reconnect: the agent queries again after its ack timeout
+            log.info("chain ack not sent agent=%s: %s", agent, exc)
+
+    def _publish_event(self, event: dict) -> None:
+        """A platform event (`chain_fork`, `chain_rewind`) on `{root}/_platform/events`; also in the log."""
+        try:
+            self.client.publish(platform_events(self.root), canonical_json(event), qos=1)
+        except OSError as exc:
+            log.error("platform event not published type=%s agent=%s: %s", event["type"], event["agent_id"], exc)
 
     # -- acks ----------------------------------------------------------------------------------
 

@@ -45,12 +45,15 @@ class Clearing:
     """Clears the confirmed originals on one docked volume, per its dock's configuration."""
 
     def __init__(self, catalog: Catalog, records: DockingRecords, volume: DockedVolume,
-                 dock: Dock | None, *, receipts: ReceiptCheck):
+                 dock: Dock | None, *, receipts: ReceiptCheck,
+                 checkpoint: Callable[..., object] | None = None):
         self.catalog = catalog
         self.records = records
         self.volume = volume
         self.dock = dock
         self.receipts = receipts
+        self.checkpoint = checkpoint   # signs a checkpoint of both chains (ingest.Sealer.checkpoint)
+        self._checkpointed = False     # in this pass
 
     @property
     def enabled(self) -> bool:
@@ -60,6 +63,7 @@ class Clearing:
         """Clear every confirmed original of `device_id` on this volume; stops as soon as `gone()`."""
         if not self.enabled:
             return
+        self._checkpointed = False
         for record in self.records.clearable(device_id, self.volume.label):
             if gone():
                 return
@@ -96,6 +100,12 @@ class Clearing:
                                          "mqtt.receiver_keys and run: edge-agent verify " + record.file_id
                                  ).raise_on(self.catalog)
             return
+        if self.checkpoint is not None and not self._checkpointed:
+            # Before a recorder loses anything, both chains are checkpointed (the checkpoint goes to the
+            # platform on the chain stream): the history that led here can no longer be quietly cut.
+            self.checkpoint(f"before clearing {record.device_id} on {self.volume.dock}/{self.volume.slot}",
+                            force=True)
+            self._checkpointed = True
         # The intent is durable before the deletion, so a crash in between still ends in `source_cleared`.
         self.catalog.audit(CLEARING, subject=record.file_id, reason=CLEAR_REASON, actor="edge-agent",
                            detail={"device_id": record.device_id, "path": record.original_path})

@@ -152,7 +152,8 @@ class VolumeWorker(threading.Thread):
     def _passes(self, ident: VolumeIdentity, discovery: Discovery) -> None:
         ctx, session_id = self.context, discovery.session_id
         clearing = Clearing(ctx.catalog, ctx.records, self.volume, self.dock,
-                            receipts=ReceiptCheck(ctx.catalog, ctx.agent_id, ctx.receiver_keys))
+                            receipts=ReceiptCheck(ctx.catalog, ctx.agent_id, ctx.receiver_keys),
+                            checkpoint=ctx.sealer.checkpoint)
         faults = IngestFaults(ctx.catalog, ctx.records, self.status, self.volume, ctx.agent_id, self._gone)
         rescan_s = self.dock.rescan_s if self.dock else DEFAULT_RESCAN_S
         sealed = False

@@ -1,0 +1,236 @@
+"""Each agent's document chain, held by the platform (docs/PROTOCOL.md section 10).
+
+Public surface:
+- `ChainStore(root)`: the chains in the receiver's store, durable and shared by every receiver on that store
+  (an exclusive `flock` per agent around each append, as for transfers):
+
+      chains/<agent>/head                   "<seq> <sha256>\\n": the commit point of an append
+      chains/<agent>/docs/<seq:012d>.json   the document at seq, its canonical bytes
+      chains/<agent>/files/<file_id>        "<seq> <sha256>\\n": where a file manifest sits in the chain
+      chains/<agent>/refused/<ms>-<seq>.json  what was refused (fork, rewind), kept for an investigator
+      chains/<agent>/lock                   flock, exclusive around an append
+
+  A document's bytes are written and fsynced, then its file index, then the head: a crash before the
+  head leaves a document the head does not cover, which the next append of that seq overwrites.
+- `ChainKeeper(store, keys, sign, publish_event)`: the rules. `offer(agent, payload)` for a `chain/doc`
+  message and `query(agent, payload)` for a `chain/query`, each returning the answer for `chain_acks`
+  (None: dropped, counted in `dropped`); `manifest_problem(agent, file_id, canonical)` for the file lane.
+  `on_rotation(agent_id, doc, seq)` is called with every `key_rotation` document the chain holds: the
+  receiver wires it to `KeyRing.learn_rotation`, so the next document may carry the new key.
+
+The rules: the document at head+1 must verify against the agent's enrolled key and name the held head in
+`prev`; a document beyond head+1 is a gap (answered with the head, the agent sends from there); the same
+document again is a duplicate (answered with the head); another document at a seq already held, or one
+whose `prev` is not the held head, is a fork; a head lower than the one held (in a query) is a rewind. A
+fork and a rewind are refused with a reason and published as platform events.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import logging
+import os
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from edge_agent.clock import now_ms
+from edge_agent.durable import atomic_write, atomic_write_many, make_dirs
+from edge_agent.evidence.manifest import GENESIS_PREV, ManifestError, canonical_json, verify_signature
+from edge_agent.evidence.receipts import chain_receipt_body
+from edge_agent.protocol.wire import FILE_ID_PATTERN, WireError, decode_json
+
+log = logging.getLogger(__name__)
+
+MAX_CHAIN_MESSAGE = 4 * 1024**2   # a session manifest of a volume with thousands of files fits
+STATE_HELD, STATE_GAP, STATE_REFUSED = "held", "gap", "refused"
+REFUSAL_FORK, REFUSAL_REWIND, REFUSAL_INVALID = "fork", "rewind", "invalid"
+EVENT_FORK, EVENT_REWIND = "chain_fork", "chain_rewind"
+EVENT_REPEAT_S = 60.0   # the same event (agent, kind, seq) is published at most once a minute
+
+Head = tuple[int, str | None]   # (seq, sha256 of the document at seq); (0, None): nothing held
+
+
+class ChainStore:
+    """The agents' chains in the receiver's store (layout in the module docstring)."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+
+    def _dir(self, agent: str) -> Path:
+        return self.root / "chains" / agent
+
+    def doc_path(self, agent: str, seq: int) -> Path:
+        return self._dir(agent) / "docs" / f"{seq:012d}.json"
+
+    @contextmanager
+    def locked(self, agent: str) -> Iterator[None]:
+        """The agent's chain, exclusively (other receivers on this store wait)."""
+        # Not under locks/: the sweeper expires old lock files there (transfers'), and this one is never idle.
+        make_dirs(self._dir(agent))
+        fd = os.open(self._dir(agent) / "lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    def head(self, agent: str) -> Head:
+        try:
+            seq, digest = (self._dir(agent) / "head").read_text(encoding="ascii").split()
+        except FileNotFoundError:
+            return 0, None
+        return int(seq), digest
+
+    def sha256_at(self, agent: str, seq: int) -> str | None:
+        """SHA-256 of the held document at `seq` (None if not held)."""
+        if seq < 1 or seq > self.head(agent)[0]:
+            return None
+        try:
+            return hashlib.sha256(self.doc_path(agent, seq).read_bytes()).hexdigest()
+        except FileNotFoundError:
+            return None
+
+    def append(self, agent: str, seq: int, canonical: bytes, doc: dict[str, Any]) -> str:
+        """Hold `canonical` as document `seq` (call under `locked`, with seq = head + 1); returns its SHA-256."""
+        digest = hashlib.sha256(canonical).hexdigest()
+        entries = [(self.doc_path(agent, seq), canonical, 0o444)]
+        file_id = doc.get("file_id")
+        if doc.get("type") == "file" and isinstance(file_id, str) and FILE_ID_PATTERN.match(file_id):
+            entries.append((self._dir(agent) / "files" / file_id, f"{seq} {digest}\n".encode("ascii"), 0o644))
+        atomic_write_many(entries)   # the document and its index entry durable together, then the head
+        atomic_write(self._dir(agent) / "head", f"{seq} {digest}\n".encode("ascii"))
+        return digest
+
+    def file_entry(self, agent: str, file_id: str) -> tuple[int, str] | None:
+        """(seq, sha256) of `file_id`'s manifest in the held chain, if the chain holds it."""
+        try:
+            seq, digest = (self._dir(agent) / "files" / file_id).read_text(encoding="ascii").split()
+        except FileNotFoundError:
+            return None
+        return (int(seq), digest) if int(seq) <= self.head(agent)[0] else None
+
+    def keep_refused(self, agent: str, seq: int, payload: bytes) -> None:
+        atomic_write(self._dir(agent) / "refused" / f"{now_ms()}-{seq}.json", payload, mode=0o444)
+
+
+class ChainKeeper:
+    """Applies the chain rules to what agents send; answers are dicts for `{root}/{a}/chain_acks`."""
+
+    def __init__(self, store: ChainStore, public_key: Callable[[str, object, int], Ed25519PublicKey],
+                 sign: Callable[[dict[str, Any]], dict[str, Any]],
+                 publish_event: Callable[[dict[str, Any]], None], *, receiver: str = ""):
+        self.store = store
+        self.public_key = public_key
+        self.sign = sign
+        self.publish_event = publish_event
+        self.receiver = receiver
+        # Called with (agent, key_rotation document, its seq) once the chain holds it: the key learning.
+        self.on_rotation: Callable[[str, dict[str, Any], int], object] | None = None
+        self.dropped = 0        # unusable chain messages (malformed, oversized, wrong agent, bad signature)
+        self.duplicates = 0     # documents already held, sent again (replays, resends)
+        self._events: dict[tuple[str, str, int], float] = {}
+
+    # -- messages ------------------------------------------------------------------------------
+
+    def query(self, agent: str, payload: bytes) -> dict[str, Any] | None:
+        """A `chain/query`: the held head, or a refusal if the agent's head is behind it (rewind) or is
+        another document at a held seq (fork)."""
+        try:
+            message = decode_json(payload, "chain-query", MAX_CHAIN_MESSAGE)
+        except WireError as exc:
+            return self._drop(agent, str(exc))
+        held = self.store.head(agent)
+        theirs = message["head"]
+        seq, digest = (0, None) if theirs is None else (theirs["seq"], theirs["sha256"])
+        if not isinstance(seq, int):
+            return self._drop(agent, f"chain-query: seq {seq!r} is not an integer")
+        if seq < held[0]:
+            return self._refuse(agent, REFUSAL_REWIND, seq, digest, held,
+                                f"the agent presents chain head {seq}, but the platform holds its chain up to "
+                                f"{held[0]}: documents were removed on the agent (restored from a backup, or "
+                                "truncated); investigate before it may send its chain again", payload)
+        if seq >= 1 and seq == held[0] and digest != held[1]:
+            return self._refuse(agent, REFUSAL_FORK, seq, digest, held,
+                                f"the agent's document {seq} is not the one the platform holds at {seq}", payload)
+        return self._answer(agent, STATE_HELD, held)
+
+    def offer(self, agent: str, payload: bytes) -> dict[str, Any] | None:
+        """A `chain/doc`: hold the document, or say why not."""
+        try:
+            message = decode_json(payload, "chain-doc", MAX_CHAIN_MESSAGE)
+            seq, doc = message["seq"], message["doc"]
+            if not isinstance(seq, int):   # JSON Schema counts 2.0 as an integer; a position is not a float
+                raise WireError(f"chain-doc: seq {seq!r} is not an integer")
+            if doc["agent_id"] != agent:
+                raise WireError(f"a document of agent {doc['agent_id']!r} on the chain of {agent!r}")
+            # ManifestError (KeyRefused) for an agent not enrolled or a key its rotation retired before seq.
+            verify_signature(doc, self.public_key(agent, doc.get("key_id"), seq))
+            canonical = canonical_json(doc)
+        except (WireError, ManifestError) as exc:
+            return self._drop(agent, str(exc))
+        digest = hashlib.sha256(canonical).hexdigest()
+        with self.store.locked(agent):
+            held = self.store.head(agent)
+            if seq <= held[0]:
+                if self.store.sha256_at(agent, seq) == digest:
+                    self.duplicates += 1
+                    return self._answer(agent, STATE_HELD, held)
+                return self._refuse(agent, REFUSAL_FORK, seq, digest, held,
+                                    f"document {seq} ({doc['type']}) differs from the one the platform holds at "
+                                    f"{seq}: two documents claim the same place in the chain", payload)
+            if seq > held[0] + 1:
+                return self._answer(agent, STATE_GAP, held)
+            if doc["prev"] != (held[1] or GENESIS_PREV):
+                return self._refuse(agent, REFUSAL_FORK, seq, digest, held,
+                                    f"document {seq} ({doc['type']}) follows a document the platform does not "
+                                    f"hold at {held[0]} (prev {doc['prev'][:16]}…)", payload)
+            self.store.append(agent, seq, canonical, doc)
+            held = (seq, digest)
+        if doc["type"] == "key_rotation" and self.on_rotation is not None:
+            try:
+                self.on_rotation(agent, doc, seq)
+            except ManifestError as exc:   # held in the chain all the same: it is the agent's signed word
+                log.error("key rotation in the chain not learned agent=%s seq=%d: %s", agent, seq, exc)
+        return self._answer(agent, STATE_HELD, held)
+
+    def manifest_problem(self, agent: str, file_id: str, canonical: bytes) -> str | None:
+        """Why a manifest on the file lane is not the one the held chain has for this file, or None (also
+        when the chain does not hold it yet: the file lane does not wait for the chain)."""
+        entry = self.store.file_entry(agent, file_id)
+        if entry is None or entry[1] == hashlib.sha256(canonical).hexdigest():
+            return None
+        return (f"this manifest is not the one in the agent's chain at seq {entry[0]} "
+                f"(sha256 {entry[1][:16]}…): refused")
+
+    # -- answers -------------------------------------------------------------------------------
+
+    def _answer(self, agent: str, state: str, held: Head, **extra: Any) -> dict[str, Any]:
+        seq, digest = held
+        receipt = self.sign(chain_receipt_body(agent, seq, digest)) if seq >= 1 and digest else None
+        return {"state": state, "seq": seq, "sha256": digest, "receipt": receipt, **extra}
+
+    def _drop(self, agent: str, reason: str) -> None:
+        self.dropped += 1
+        log.warning("chain message dropped agent=%r dropped=%d reason=%s", agent[:64], self.dropped, reason[:300])
+        return None
+
+    def _refuse(self, agent: str, refusal: str, seq: int, digest: str | None, held: Head, reason: str,
+                payload: bytes) -> dict[str, Any]:
+        kind = EVENT_FORK if refusal == REFUSAL_FORK else EVENT_REWIND
+        log.error("event=%s agent=%s seq=%d held=%d reason=%s", kind, agent, seq, held[0], reason)
+        key, now = (agent, kind, seq), time.monotonic()
+        if now - self._events.get(key, -EVENT_REPEAT_S) >= EVENT_REPEAT_S:
+            if len(self._events) > 10_000:
+                self._events.clear()
+            self._events[key] = now
+            self.store.keep_refused(agent, seq, payload)
+            self.publish_event({"type": kind, "agent_id": agent, "receiver": self.receiver, "ts_ms": now_ms(),
+                                "held_seq": held[0], "held_sha256": held[1], "offered_seq": seq,
+                                "offered_sha256": digest, "reason": reason})
+        return self._answer(agent, STATE_REFUSED, held, refusal=refusal, offered_seq=seq, reason=reason)
