@@ -379,6 +379,13 @@ class ChunkStore:
             os.close(fd)
         fsync_dir(incoming)
 
+    def open_ids(self, agent: str) -> set[str]:
+        """The file ids of `agent`'s transfers in incoming/ (one directory listing)."""
+        try:
+            return {entry.name for entry in os.scandir(self.root / "incoming" / agent)}
+        except FileNotFoundError:
+            return set()
+
     def open_transfers(self, agent: str) -> tuple[int, int]:
         """How many transfers `agent` has in incoming/ and the bytes their data files reserve."""
         count = reserved = 0
@@ -399,6 +406,23 @@ class ChunkStore:
     def free_bytes(self) -> int:
         stat = os.statvfs(self.root)
         return stat.f_bavail * stat.f_frsize
+
+    def at_cap(self, agent: str, file_id: str) -> str | None:
+        """Why any new transfer from `agent` would be answered `busy` now (open transfers or reserved bytes at
+        their cap, or the free-space reserve reached), None if it might be taken or `file_id` is already open
+        or stored. Cheap (no lock, no signature): the receiver asks before it verifies a manifest."""
+        limits = self.limits
+        if limits is None or self.incoming(agent, file_id).exists() or self._index(agent, file_id).exists():
+            return None
+        count, reserved = self.open_transfers(agent)
+        if count >= limits.max_open_transfers:
+            return f"{count} transfers open, receiver.max_open_transfers_per_agent is {limits.max_open_transfers}"
+        if reserved >= limits.max_reserved_bytes:
+            return (f"{reserved} bytes reserved by open transfers: receiver.max_reserved_gb_per_agent is "
+                    f"{limits.max_reserved_bytes / 1024**3:g}")
+        if self.free_bytes() < limits.min_free_bytes:
+            return f"the store keeps receiver.min_free_gb={limits.min_free_bytes / 1024**3:g} GiB free"
+        return None
 
     def _busy(self, agent: str, size: int) -> str | None:
         """Why a new transfer of `size` bytes from `agent` must wait, or None (no limits: never)."""
