@@ -238,6 +238,7 @@ class ReceiverConfig(_Section):
 
     mqtt: MqttSection = MqttSection()
     receiver: ReceiverSection = ReceiverSection()
+    liveness: LivenessSection = LivenessSection()   # the receiver's threads (platform/receiver/supervise.py)
 
 
 @dataclass(frozen=True)

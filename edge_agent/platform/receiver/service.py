@@ -51,7 +51,10 @@ from edge_agent.evidence.manifest import ManifestError, canonical_json, key_id_o
 from edge_agent.platform.receiver.fair import FairQueue
 from edge_agent.platform.receiver.receipts import Receipts, ReceiverKey
 from edge_agent.platform.receiver.store import ChunkStore, Limits
+from edge_agent.platform.receiver.supervise import Loop, Supervisor
+from edge_agent.protocol import sdnotify
 from edge_agent.protocol.connection import Connection, build_client
+from edge_agent.protocol.heartbeat import Heartbeat, Vital
 from edge_agent.protocol.wire import (
     ACK_RECEIVING,
     ACK_REJECTED,
@@ -163,12 +166,13 @@ class Receiver:
         self._logged: dict[tuple[str, str], tuple[float, int]] = {}   # (event, agent) -> (last logged, left out)
         self._logged_lock = threading.Lock()
         self._stop = threading.Event()
-        self._checker = threading.Thread(target=self._check, name="receiver-checker", daemon=True)
-        self._worker = threading.Thread(target=self._work, name="receiver-worker", daemon=True)
+        self._checker = Loop("receiver-checker", self._check, self._stop)
+        self._worker = Loop("receiver-worker", self._work, self._stop)
         self._due: dict[Key, dict] = {}                 # files to ack after the next sync
         self._due_cond = threading.Condition()
-        self._syncer = threading.Thread(target=self._sync_loop, name="receiver-syncer", daemon=True)
-        self._sweeper = threading.Thread(target=self._sweep_loop, name="receiver-sweeper", daemon=True)
+        self._syncer = Loop("receiver-syncer", self._sync_loop, self._stop)
+        self._sweeper = Loop("receiver-sweeper", self._sweep_loop, self._stop)
+        self.supervisor = Supervisor(self.vitals, check_s=config.liveness.check_s, stall_s=config.liveness.stall_s)
         self._parked: OrderedDict[Key, list[Parked]] = OrderedDict()   # the worker's only
         self._parked_poll = 0.0
         self._parked_bytes: dict[str, int] = {}   # per agent
@@ -181,11 +185,18 @@ class Receiver:
         self._syncer.start()
         self._sweeper.start()
         self.connection.start("receiver-connection")
+        self.supervisor.start()
         log.info("receiver started client_id=%s subscription=%s store=%s", self.config.receiver.client_id,
                  self.topic_filter, self.store.root)
 
+    def vitals(self) -> list[Vital]:
+        """The receiver's threads as the supervisor sees them."""
+        return [self._checker.vital(), self._worker.vital(), self._syncer.vital(), self._sweeper.vital(),
+                self.store.hasher.vital(), self.connection.vital()]
+
     def stop(self) -> None:
         self._stop.set()
+        self.supervisor.stop()
         self._checker.join(timeout=30)
         self._worker.join(timeout=30)
         with self._due_cond:
@@ -200,10 +211,12 @@ class Receiver:
         signal.signal(signal.SIGTERM, lambda *_: stop.set())
         signal.signal(signal.SIGINT, lambda *_: stop.set())
         self.start()
+        sdnotify.notify(f"READY=1\nSTATUS=receiving; client {self.config.receiver.client_id}")
         try:
             while not stop.wait(1.0):
                 pass
         finally:
+            sdnotify.notify("STOPPING=1")
             self.stop()
 
     # -- the message pipeline ------------------------------------------------------------------
@@ -234,8 +247,9 @@ class Receiver:
             except queue.Full:
                 continue
 
-    def _check(self) -> None:
+    def _check(self, heartbeat: Heartbeat) -> None:
         while not self._stop.is_set():
+            heartbeat.beat()
             item = self._inbound.get(timeout=0.1)
             if item is None:
                 continue
@@ -245,8 +259,9 @@ class Receiver:
                 data_sha256 = chunk_data_sha256(message.payload)
             self._put(self._queue, (generation, message, data_sha256))
 
-    def _work(self) -> None:
+    def _work(self, heartbeat: Heartbeat) -> None:
         while not self._stop.is_set():
+            heartbeat.beat()
             try:
                 generation, message, data_sha256 = self._queue.get(timeout=PARK_POLL_S if self._parked else 0.05)
             except queue.Empty:
@@ -433,11 +448,13 @@ class Receiver:
             self._due[key] = doc
             self._due_cond.notify()
 
-    def _sync_loop(self) -> None:
+    def _sync_loop(self, heartbeat: Heartbeat) -> None:
         while True:
+            heartbeat.beat()
             with self._due_cond:
                 while not self._due and not self._stop.is_set():
                     self._due_cond.wait(0.5)
+                    heartbeat.beat()
                 if not self._due and self._stop.is_set():
                     return
                 due, self._due = self._due, {}
@@ -454,7 +471,7 @@ class Receiver:
             except Exception:
                 log.exception("acks not sent for %d file(s); they are asked again by the agents", len(due))
 
-    def _sweep_loop(self) -> None:
+    def _sweep_loop(self, heartbeat: Heartbeat) -> None:
         """Expire abandoned transfers at start and every SWEEP_INTERVAL_S (or a tenth of the expiry age)."""
         interval = min(SWEEP_INTERVAL_S, self.expiry_s / 10)
         while True:
@@ -466,8 +483,10 @@ class Receiver:
             except OSError as exc:
                 log.error("expiry of abandoned transfers failed store=%s error=%s: check the store's disk",
                           self.store.root, exc)
+            heartbeat.idle()   # nothing due until the next sweep
             if self._stop.wait(interval):
                 return
+            heartbeat.beat()
 
     def _flush_due(self) -> None:
         now = time.monotonic()

@@ -56,6 +56,8 @@ from typing import Any
 from edge_agent.clock import now_ms
 from edge_agent.digest import hash_file
 from edge_agent.durable import atomic_write, fsync_dir, make_dirs
+from edge_agent.platform.receiver.supervise import Loop
+from edge_agent.protocol.heartbeat import Heartbeat
 from edge_agent.protocol.wire import (
     ACK_COMPLETE,
     ACK_RECEIVING,
@@ -154,22 +156,28 @@ class ChunkStore:
         # The running hash is the hasher thread's work, so writing a chunk does not wait for it (bounded: 32 chunks).
         self._to_hash: queue.Queue[tuple[_Known, bytes | memoryview] | None] = queue.Queue(maxsize=32)
         self._hashed = threading.Condition()
-        self._hasher = threading.Thread(target=self._hash_loop, name="receiver-hasher", daemon=True)
+        self._closing = threading.Event()
+        self.hasher = Loop("receiver-hasher", self._hash_loop, self._closing)
         if sole_writer:
-            self._hasher.start()
+            self.hasher.start()
 
     def close(self) -> None:
-        if self._hasher.is_alive():
+        self._closing.set()
+        if self.hasher.thread.is_alive():
             self._to_hash.put(None)
-            self._hasher.join(timeout=30)
+            self.hasher.join(timeout=30)
         with self._known_lock:
             self._known.clear()
             opened, self._open = list(self._open.values()), OrderedDict()
         for files in opened:
             files.close()
 
-    def _hash_loop(self) -> None:
-        while (item := self._to_hash.get()) is not None:
+    def _hash_loop(self, heartbeat: Heartbeat) -> None:
+        while True:
+            heartbeat.idle()   # nothing to hash until a chunk is written
+            if (item := self._to_hash.get()) is None:
+                return
+            heartbeat.beat()
             known, data = item
             known.digest.update(data)
             with self._hashed:
