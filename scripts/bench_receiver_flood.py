@@ -21,6 +21,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+import psutil
+from ulid import ULID
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -64,17 +67,18 @@ def honest_run(port: int, keys: dict[str, AgentKey], files: int, size: int) -> f
     return len(agents) * files * size / elapsed
 
 
-def flood(port: int, key_dir: Path, stop: Any, sent: Any) -> None:
-    """Signed manifests of big files and orphan chunks, as fast as the broker takes them (QoS 1). Runs in a
-    process of its own, as a real agent would: in the honest agents' process it would take their interpreter
-    lock and measure this script rather than the receiver."""
+def flood(port: int, key_dir: Path, rate: float, stop: Any, sent: Any) -> None:
+    """Signed manifests of big files and orphan chunks at `rate` messages a second (QoS 1; as fast as the broker
+    takes them when 0). Runs in a process of its own, as a real agent would: in the honest agents' process it
+    would take their interpreter lock and measure this script rather than the receiver. A fixed rate keeps the
+    load the same for every receiver measured: unpaced, a receiver that answers faster gets a faster flood."""
     flooder = ScriptedAgent(port, AgentKey.load_or_create(key_dir), agent_id=FLOODER)
     chunk = b"\0" * 65536
-    count = 0
+    count, start = 0, time.monotonic()
     while not stop.is_set():
         doc = flooder.manifest(b"", size=64 * 1024**2, sha256="ab" * 32)
         flooder.client.publish(f"{TOPIC_ROOT}/{FLOODER}/files/{doc['file_id']}/manifest", canonical_json(doc), qos=1)
-        orphan = flooder.manifest(b"")["file_id"]
+        orphan = str(ULID())   # a file it never announced (no signing: the flooder's own CPU is not the load)
         info = flooder.client.publish(f"{TOPIC_ROOT}/{FLOODER}/files/{orphan}/chunk", chunk, qos=1)
         count += 2
         if count % 64 == 0:   # as fast as the broker takes them, not faster than it can
@@ -82,8 +86,15 @@ def flood(port: int, key_dir: Path, stop: Any, sent: Any) -> None:
             sent.value = count
             while not flooder.acks.empty():   # the receiver's answers are not read: keep memory flat
                 flooder.acks.get_nowait()
+        if rate and (ahead := count / rate - (time.monotonic() - start)) > 0:
+            stop.wait(ahead)
     sent.value = count
     flooder.close()
+
+
+def receiver_cpu_s(pid: int) -> float:
+    times = psutil.Process(pid).cpu_times()
+    return times.user + times.system
 
 
 def main() -> None:
@@ -91,6 +102,8 @@ def main() -> None:
     parser.add_argument("--agents", type=int, default=3)
     parser.add_argument("--files", type=int, default=10, help="files per honest agent")
     parser.add_argument("--size-kib", type=int, default=1024, help="bytes of each file, KiB")
+    parser.add_argument("--flood-rate", type=float, default=1000, help="flood messages per second (half "
+                        "manifests, half orphan chunks; the issue's flood was 500 manifests/s); 0: unpaced")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-receiver-flood-") as tmp_name:
         tmp = Path(tmp_name)
@@ -108,13 +121,19 @@ def main() -> None:
         try:
             wait_for(lambda: receiver_logged(tmp, "mqtt connected"), 30, what="receiver connected")
             size = args.size_kib * 1024
+            assert proc.popen is not None
+            cpu0 = receiver_cpu_s(proc.popen.pid)
             alone = honest_run(broker.port, keys, args.files, size)
+            cpu_alone = receiver_cpu_s(proc.popen.pid) - cpu0
             spawn = multiprocessing.get_context("spawn")
             stop, sent = spawn.Event(), spawn.Value("q", 0)
-            flooder = spawn.Process(target=flood, args=(broker.port, tmp / "key-flood", stop, sent))
+            flooder = spawn.Process(target=flood, args=(broker.port, tmp / "key-flood", args.flood_rate, stop, sent))
             flooder.start()
             wait_for(lambda: sent.value > 0, 30, what="the flood under way")
+            cpu0, sent0, t0 = receiver_cpu_s(proc.popen.pid), sent.value, time.monotonic()
             flooded = honest_run(broker.port, keys, args.files, size)
+            cpu_flooded = receiver_cpu_s(proc.popen.pid) - cpu0
+            flood_rate = (sent.value - sent0) / (time.monotonic() - t0)
             stop.set()
             flooder.join(30)
             counts = {"messages": sent.value}
@@ -122,7 +141,9 @@ def main() -> None:
                 else 0
             print(f"honest agents: {args.agents} x {args.files} files x {args.size_kib} KiB")
             print(f"alone:   {alone / 1024**2:7.1f} MiB/s")
-            print(f"flooded: {flooded / 1024**2:7.1f} MiB/s  (flooder sent {counts['messages']} messages)")
+            print(f"flooded: {flooded / 1024**2:7.1f} MiB/s  (flooder sent {counts['messages']} messages, "
+                  f"{flood_rate:.0f}/s while measured)")
+            print(f"receiver CPU: alone {cpu_alone:.2f} s, flooded {cpu_flooded:.2f} s")
             print(f"ratio:   {flooded / alone:7.2f}  (goal >= 0.90)")
             print(f"flooder's open transfers left in incoming/: {left} (cap 16)")
         finally:
