@@ -165,6 +165,7 @@ class Receiver:
         self._repeats_lock = threading.Lock()
         self._logged: dict[tuple[str, str], tuple[float, int]] = {}   # (event, agent) -> (last logged, left out)
         self._logged_lock = threading.Lock()
+        self.warnings_left_out = 0   # warnings counted into the next one of their kind instead of logged
         self._stop = threading.Event()
         self._checker = Loop("receiver-checker", self._check, self._stop)
         self._worker = Loop("receiver-worker", self._work, self._stop)
@@ -529,6 +530,7 @@ class Receiver:
             last, skipped = self._logged.get(key, (-LOG_EVERY_S, 0))
             if now - last < LOG_EVERY_S:
                 self._logged[key] = (last, skipped + 1)
+                self.warnings_left_out += 1
                 return
             if len(self._logged) > 10_000:
                 self._logged.clear()
