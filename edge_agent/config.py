@@ -187,6 +187,30 @@ class LivenessSection(_Section):
     stall_s: Annotated[float, Field(gt=0, le=86400)] = 300
 
 
+class UiSection(_Section):
+    """The status page at the dock (edge_agent/ui): read-only, on loopback unless `listen` says otherwise."""
+
+    enabled: bool = False
+    listen: str = "127.0.0.1:8470"                  # host:port; port 0 takes a free one (tests)
+    language: Literal["en", "zh_CN"] | None = None  # None: from the locale (LANG=zh_CN.UTF-8 gives Chinese)
+
+    @field_validator("listen")
+    @classmethod
+    def _host_port(cls, value: str) -> str:
+        host, sep, port = value.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+            raise ValueError(f"{value!r} is not host:port; write it like 127.0.0.1:8470")
+        return value
+
+    @property
+    def host(self) -> str:
+        return self.listen.rpartition(":")[0].strip("[]")
+
+    @property
+    def port(self) -> int:
+        return int(self.listen.rpartition(":")[2])
+
+
 class ReceiverSection(_Section):
     store_dir: Path = Path("/var/lib/edge-receiver")   # objects/, index/, incoming/ (shared by receivers)
     keys_dir: Path = Path("/etc/edge-receiver/agents")  # <agent_id>.pem: each enrolled agent's public key
@@ -217,6 +241,7 @@ class AgentConfig(_Section):
     retention: RetentionSection = RetentionSection()
     health: HealthSection = HealthSection()
     liveness: LivenessSection = LivenessSection()
+    ui: UiSection = UiSection()
 
     @model_validator(mode="after")
     def _unique_names(self) -> AgentConfig:
@@ -239,6 +264,30 @@ class ReceiverConfig(_Section):
     mqtt: MqttSection = MqttSection()
     receiver: ReceiverSection = ReceiverSection()
     liveness: LivenessSection = LivenessSection()   # the receiver's threads (platform/receiver/supervise.py)
+
+
+class FleetSection(_Section):
+    """The fleet monitor (`edge-agent fleet serve`): what it keeps and what it calls late."""
+
+    db_path: Path = Path("/var/lib/edge-fleet/fleet.sqlite")   # latest state per agent and recent events
+    listen: str = "127.0.0.1:9108"                             # the Prometheus exposition (host:port)
+    client_id: Annotated[str, Field(pattern=ID_PATTERN)] = "fleet-monitor"
+    stale_intervals: Annotated[float, Field(gt=1)] = 3        # no health for this many of its intervals: stale
+    default_interval_s: Annotated[float, Field(gt=0)] = 30    # for snapshots that do not say their interval
+    events_per_agent: Annotated[int, Field(ge=1, le=10_000)] = 200   # the newest kept, older ones dropped
+    max_agents: Annotated[int, Field(ge=1, le=1_000_000)] = 20_000  # bounds memory and series; more are counted
+    max_health_kib: Annotated[int, Field(ge=1, le=65_536)] = 256     # larger payloads are dropped before parsing
+    max_event_kib: Annotated[int, Field(ge=1, le=4096)] = 16
+    regression_hold_h: Annotated[float, Field(gt=0)] = 24      # a head regression stays flagged this long
+    flush_interval_s: Annotated[float, Field(gt=0, le=60)] = 1  # state reaches SQLite at most this late
+    session_expiry_s: Annotated[int, Field(ge=0)] = 3600
+
+
+class FleetConfig(_Section):
+    """The fleet monitor's config (`edge-agent fleet serve --config fleet.toml`): [mqtt] and [fleet]."""
+
+    mqtt: MqttSection = MqttSection()
+    fleet: FleetSection = FleetSection()
 
 
 @dataclass(frozen=True)
@@ -328,6 +377,14 @@ def parse_config(data: dict[str, Any], source: Path | str = "<config>") -> Agent
 
 def parse_receiver_config(data: dict[str, Any], source: Path | str = "<config>") -> ReceiverConfig:
     return _validated(ReceiverConfig, data, source)
+
+
+def parse_fleet_config(data: dict[str, Any], source: Path | str = "<config>") -> FleetConfig:
+    return _validated(FleetConfig, data, source)
+
+
+def load_fleet_config(path: Path | str) -> FleetConfig:
+    return parse_fleet_config(_read_toml(Path(path)), path)
 
 
 def resolve_config_path(path: Path | str | None) -> Path:

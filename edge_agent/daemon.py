@@ -10,7 +10,8 @@ internals; nothing but `edge_agent.cli` imports this module.
 An `Agent` owns its data dir (`layout.DataDirLock`, taken first in `Agent(...)`, given up in `stop()`); a
 second one on the same data dir raises `DataDirOwned` naming the first's pid. While it runs, the control
 socket (`ops/control.py`) takes what only the owner may do from CLI commands: `import`, run on this
-agent's own `DockService` (so crash recovery never runs beside anyone's copy).
+agent's own `DockService` (so crash recovery never runs beside anyone's copy), and `keys_rotate`, done by its
+sealer (so it signs with the new key at once).
 """
 
 from __future__ import annotations
@@ -30,12 +31,21 @@ from edge_agent import __version__
 from edge_agent.catalog import Catalog
 from edge_agent.catalog.health_reads import HealthReads
 from edge_agent.config import AgentConfig
-from edge_agent.evidence.manifest import AgentKey
+from edge_agent.evidence.keys import KEY_IN_FORCE
+from edge_agent.evidence.manifest import AgentKey, recover_rotation
 from edge_agent.evidence.scrub import Scrubber
 from edge_agent.ingest import Ingestor, Sealer
 from edge_agent.layout import DataDirLock, DataDirOwned, StoreLayout
 from edge_agent.ops import sdnotify
-from edge_agent.ops.control import ControlError, ControlServer, ImportArgs, Request, Send, import_outcome
+from edge_agent.ops.control import (
+    ControlError,
+    ControlServer,
+    ImportArgs,
+    Request,
+    RotateArgs,
+    Send,
+    import_outcome,
+)
 from edge_agent.ops.health import HealthMonitor, ScrubHealth
 from edge_agent.ops.liveness import Liveness, VitalsProvider
 from edge_agent.ops.retention import Retention
@@ -43,9 +53,10 @@ from edge_agent.ops.scheduler import Job, Scheduler, daily_summary
 from edge_agent.sources.docks import DockService
 from edge_agent.sources.recorders import RecorderModel, VolumeIdentity, load_models
 
-if TYPE_CHECKING:  # imported when built: paho, av and OpenCV load only when the config needs them
+if TYPE_CHECKING:  # imported when built: paho, av and OpenCV (and the web stack) load only when the config needs them
     from edge_agent.sources.cameras import CameraService
     from edge_agent.sync import Uplink
+    from edge_agent.ui import StatusPage
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +105,6 @@ class Agent:
     layout: StoreLayout
     owner: DataDirLock
     catalog: Catalog
-    key: AgentKey
     sealer: Sealer
     ingestor: Ingestor
     models: list[RecorderModel]
@@ -103,6 +113,7 @@ class Agent:
     uplink: Uplink | None
     cameras: CameraService | None
     operations: Operations | None
+    status_page: StatusPage | None
     components: list[Component]
 
     def __init__(self, config: AgentConfig, *, dock_drivers: list[DockDriver] | None = None):
@@ -119,15 +130,19 @@ class Agent:
         self.uplink = None
         self.cameras = None
         self.operations = None
+        self.status_page = None
         self.components = []
-        self.control = ControlServer(self.layout.control_socket, {"import": self._import})
+        self.control = ControlServer(self.layout.control_socket, {"import": self._import,
+                                                                  "keys_rotate": self._rotate_key})
         self._stop = threading.Event()
 
     def _build_core(self, dock_drivers: list[DockDriver] | None) -> None:
         config = self.config
         self.catalog = Catalog(config.catalog_path)
-        self.key = AgentKey.load_or_create(self.layout.keys)
-        self.sealer = Sealer(self.catalog, self.key, self.layout, config)
+        settled = recover_rotation(self.layout.keys, self.catalog.meta.get(KEY_IN_FORCE))   # owner only
+        if settled is not None:
+            log.warning("key rotation interrupted by a crash was %s", settled)
+        self.sealer = Sealer(self.catalog, AgentKey.load_or_create(self.layout.keys), self.layout, config)
         self.ingestor = Ingestor(self.catalog, self.layout, self.sealer, config)
         self.models = load_models(config.agent.recorders_file)
         self.docks = DockService(self.catalog, self.ingestor, self.sealer, config, self.models)
@@ -159,7 +174,7 @@ class Agent:
         self._refuse_twice(self.operations, "an operations scheduler")
         scheduler = Scheduler(self.config.agent.zone, beat_s=self.config.liveness.check_s)
         retention = Retention(self.catalog, self.layout, self.config)
-        scrubber = Scrubber(self.catalog, self.layout, self.key, self.config, stop=scheduler.stopping)
+        scrubber = Scrubber(self.catalog, self.layout, self.config, stop=scheduler.stopping)
         health = self.health_monitor(retention, scrubber)
         liveness = Liveness(self.catalog, self.config.liveness, self.vitals(scheduler))
         for job in operations_jobs(self.config, self.catalog, retention, scrubber, health, scheduler.stopping,
@@ -170,6 +185,19 @@ class Agent:
         if self.uplink is not None:
             self.uplink.on_command(self.operations.on_command)
         return self.operations
+
+    def add_status_page(self) -> StatusPage:
+        """The status page at the dock (edge_agent/ui, `[ui]`): read-only, reads the docks, uplink and cameras
+        built so far; add it after them, so it stops first."""
+        from edge_agent import i18n
+        from edge_agent.services.board import LiveParts
+        from edge_agent.ui import StatusPage
+
+        self._refuse_twice(self.status_page, "a status page")
+        self.status_page = StatusPage(self.config, LiveParts(self.docks, self.uplink, self.cameras),
+                                      i18n.choose(self.config.ui.language))
+        self.components.append(self.status_page)
+        return self.status_page
 
     def vitals(self, scheduler: Scheduler) -> list[VitalsProvider]:
         """What ops/liveness.py supervises: the uplink's connection and sender, every dock worker, every
@@ -198,14 +226,15 @@ class Agent:
 
     def health(self) -> dict[str, Any]:
         """The process's own keys of the snapshot's `agent` section (HealthProvider)."""
-        return {"version": self.version, "pid": self.pid, "uptime_s": int(self.uptime_s), "key_id": self.key.key_id}
+        return {"version": self.version, "pid": self.pid, "uptime_s": int(self.uptime_s),
+                "key_id": self.sealer.key.key_id}
 
     # -- running -----------------------------------------------------------------------------------
 
     def start(self) -> None:
         recovered = self.ingestor.recover()
         self.catalog.audit("agent.started", actor="edge-agent",
-                           detail={"version": self.version, "key_id": self.key.key_id, **recovered})
+                           detail={"version": self.version, "key_id": self.sealer.key.key_id, **recovered})
         for component in self.components:
             component.start()
         if self.operations is not None:  # the daemon proper: systemd may now count it as started
@@ -250,6 +279,15 @@ class Agent:
             on_progress=lambda done, total: send({"bytes_done": done, "bytes_total": total}))
         return import_outcome(status)
 
+    def _rotate_key(self, request: Request, _send: Send) -> dict[str, Any]:
+        """The control socket's `keys_rotate`: the sealer chains the rotation document signed by the old key
+        and signs everything after it with the new one, `keys.rotated` audited as the calling OS user."""
+        args = RotateArgs.from_wire(request.args)
+        old, new = self.sealer.rotate_key(reason=args.reason, actor=request.caller.actor(args.user),
+                                          via=f"control socket (caller pid {request.caller.pid})")
+        log.info("key rotated old=%s new=%s", old, new)
+        return {"old_key_id": old, "key_id": new, "public_key_pem": self.sealer.key.public_pem()}
+
     def run_forever(self) -> None:
         """Run until SIGTERM or SIGINT; systemd's stop is a clean stop."""
         def _signal(signum: int, _frame: object) -> None:
@@ -264,6 +302,11 @@ class Agent:
                 pass
         finally:
             self.stop()
+
+    @property
+    def key(self) -> AgentKey:
+        """The signing key in force (its sealer's: swapped by a rotation)."""
+        return self.sealer.key
 
     @property
     def uptime_s(self) -> float:
@@ -331,6 +374,8 @@ def build_agent(config: AgentConfig, *, dock_drivers: list[DockDriver] | None = 
         if config.cameras:
             agent.add_cameras()
         agent.add_operations()
+        if config.ui.enabled:
+            agent.add_status_page()
     except BaseException:   # a part the config asks for cannot be built: give the data dir back at once
         agent.catalog.close()
         agent.owner.release()

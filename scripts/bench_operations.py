@@ -50,12 +50,12 @@ def drop_caches() -> None:
 def bench_scrub(agent: Agent, total: int, rate_mb_s: float) -> None:
     drop_caches()
     t0, c0 = time.monotonic(), cpu_s()
-    findings = verify_all(agent.catalog, agent.layout, agent.key)
+    findings = verify_all(agent.catalog, agent.layout)
     base_s, base_cpu = time.monotonic() - t0, cpu_s() - c0
     assert not findings, findings
     config = agent.config.model_copy(update={"health": agent.config.health.model_copy(
         update={"scrub_mb_s": rate_mb_s})})
-    scrubber = Scrubber(agent.catalog, agent.layout, agent.key, config)
+    scrubber = Scrubber(agent.catalog, agent.layout, config)
     drop_caches()
     t0, c0 = time.monotonic(), cpu_s()
     run = scrubber.run_once(budget_s=3600, force=True)
@@ -81,7 +81,7 @@ def bench_export(agent: Agent, work: Path, total: int) -> None:
     base_s = time.monotonic() - t0
     drop_caches()
     t0 = time.monotonic()
-    result = export_case(agent.catalog, agent.layout, agent.key, agent.config, case_id="BENCH-1",
+    result = export_case(agent.catalog, agent.layout, agent.config, case_id="BENCH-1",
                          dest=work / "bag", reason="benchmark", approved_by="bench")
     ours_s = time.monotonic() - t0
     assert result.ok and result.files == len(records)

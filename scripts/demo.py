@@ -28,6 +28,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
 from demo_media import make_recorder  # noqa: E402
+from rich import box  # noqa: E402
 from rich.console import Console, Group  # noqa: E402
 from rich.live import Live  # noqa: E402
 from rich.table import Table  # noqa: E402
@@ -84,17 +85,21 @@ def snapshot(catalog_path: Path, receiver_index: Path) -> dict:
 
 STATES = ["discovered", "staged", "sealed", "sending", "synced", "source_cleared", "rejected"]
 SHORT = {"discovered": "found", "source_cleared": "cleared", "rejected": "rej."}
+KIND = {"recorder": "", "camera": "cam "}
 
 
 def render(snap: dict, started: float, docked: list[str]) -> Group:
-    grid = Table(title=f"edge-agent demo — {time.monotonic() - started:5.1f} s", title_justify="left")
+    """The live table, readable at 80 columns: whole headers and device names, no vertical rules."""
+    grid = Table(title=f"edge-agent demo — {time.monotonic() - started:5.1f} s", title_justify="left",
+                 box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, collapse_padding=True)
     grid.add_column("device", no_wrap=True)
     for state in STATES:
-        grid.add_column(SHORT.get(state, state), justify="right")
+        grid.add_column(SHORT.get(state, state), justify="right", no_wrap=True)
     for device, counts in sorted(snap["devices"].items()):
-        grid.add_row(device, *[str(counts.get(s, "")) for s in STATES])
-    lines = [grid, f"docked recorders: {', '.join(docked) or '(none yet)'}   "
-                   f"stored at the receiver: {snap['received']}"]
+        kind, _, name = device.partition(":")
+        grid.add_row(KIND.get(kind, kind + " ") + name, *[str(counts.get(s, "")) for s in STATES])
+    lines = [grid, f"docked recorders: {', '.join(docked) or '(none yet)'}",
+             f"stored at the receiver: {snap['received']}"]
     lines += [f"[yellow]alarm[/yellow] {a}" for a in snap.get("alarms", [])]
     return Group(*lines)
 

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Install edge-agent on a Debian machine as a hardened systemd service (run as root, from a checkout):
-#   sudo scripts/install.sh [--with-receiver] [--start] [--no-apt]
+#   sudo scripts/install.sh [--with-receiver] [--with-fleet] [--start] [--no-apt]
 # What it does, idempotently:
 #   - apt: python3-venv, libusb-1.0-0 (pyusb), ca-certificates
-#   - users: edge-agent (and edge-receiver with --with-receiver), system accounts without a shell or login
+#   - users: edge-agent (and edge-receiver with --with-receiver, edge-fleet with --with-fleet: the fleet monitor,
+#     /etc/edge-fleet/fleet.toml from config/fleet.example.toml), system accounts without a shell or login
 #   - the package into /opt/edge-agent/venv, the command at /usr/local/bin/edge-agent
 #   - units into /etc/systemd/system, tmpfiles into /usr/lib/tmpfiles.d, the dock udev rule into /etc/udev/rules.d
 #   - /etc/edge-agent/agent.toml from config/agent.example.toml (an existing config is never overwritten)
@@ -17,14 +18,16 @@ PREFIX=/opt/edge-agent
 # Debian's own Python: the service user must be able to run it (a pyenv under /root is not reachable).
 PYTHON="${PYTHON:-/usr/bin/python3}"
 WITH_RECEIVER=0
+WITH_FLEET=0
 START=0
 APT=1
 for arg in "$@"; do
   case "$arg" in
     --with-receiver) WITH_RECEIVER=1 ;;
+    --with-fleet) WITH_FLEET=1 ;;
     --start) START=1 ;;
     --no-apt) APT=0 ;;
-    -h|--help) sed -n '2,11p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
     *) echo "install: unknown option $arg (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -56,6 +59,7 @@ add_user edge-agent /var/lib/edge-agent
 getent group plugdev >/dev/null || groupadd --system plugdev
 usermod --append --groups plugdev edge-agent
 if [ "$WITH_RECEIVER" -eq 1 ]; then add_user edge-receiver /var/lib/edge-receiver; fi
+if [ "$WITH_FLEET" -eq 1 ]; then add_user edge-fleet /var/lib/edge-fleet; fi
 
 say "package into $PREFIX/venv"
 mkdir -p "$PREFIX"
@@ -76,6 +80,14 @@ if [ "$WITH_RECEIVER" -eq 1 ]; then
   install -d -m 0750 -o root -g edge-receiver /etc/edge-receiver /etc/edge-receiver/agents
   if [ ! -e /etc/edge-receiver/receiver.toml ] && [ -f "$SRC/config/receiver.example.toml" ]; then
     install -m 0640 -o root -g edge-receiver "$SRC/config/receiver.example.toml" /etc/edge-receiver/receiver.toml
+  fi
+fi
+if [ "$WITH_FLEET" -eq 1 ]; then
+  install -m 0644 "$SRC/systemd/edge-agent-fleet.service" /etc/systemd/system/edge-agent-fleet.service
+  install -d -m 0750 -o root -g edge-fleet /etc/edge-fleet
+  if [ ! -e /etc/edge-fleet/fleet.toml ]; then
+    install -m 0640 -o root -g edge-fleet "$SRC/config/fleet.example.toml" /etc/edge-fleet/fleet.toml
+    say "wrote /etc/edge-fleet/fleet.toml from the example: set the broker and its TLS files"
   fi
 fi
 
@@ -110,6 +122,7 @@ if [ -d /run/systemd/system ]; then
   if [ "$START" -eq 1 ]; then
     systemctl enable --now edge-agent.service
     [ "$WITH_RECEIVER" -eq 1 ] && systemctl enable --now edge-agent-receiver.service
+    [ "$WITH_FLEET" -eq 1 ] && systemctl enable --now edge-agent-fleet.service
     systemctl --no-pager status edge-agent.service || true
   fi
 else
@@ -124,4 +137,6 @@ install: done. Next:
      on the receiver) into /etc/edge-agent/receiver-keys/<name>.pem; without one nothing is ever synced
   3. systemctl enable --now edge-agent   (status: sudo edge-agent status; journalctl -u edge-agent)
   Custodians run edge-agent commands with sudo: the audit log records who (SUDO_USER).
+  With --with-fleet: edit /etc/edge-fleet/fleet.toml, systemctl enable --now edge-agent-fleet, point Prometheus
+  at it (config/prometheus/, docs/OPERATIONS.md "Watching the fleet"); sudo edge-agent fleet status.
 EOF

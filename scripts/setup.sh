@@ -15,6 +15,12 @@ command -v systemd-analyze >/dev/null 2>&1 || need_apt+=(systemd)
 # FAT recorder volumes in the USB dock tests: mtools writes the image, fusefat mounts it (no vfat module here).
 command -v mcopy >/dev/null 2>&1 || need_apt+=(mtools)
 command -v fusefat >/dev/null 2>&1 || need_apt+=(fusefat)
+# The fleet monitor's tests scrape it with a real Prometheus and unit-test the alert rules with promtool.
+{ command -v prometheus >/dev/null 2>&1 && command -v promtool >/dev/null 2>&1; } || need_apt+=(prometheus)
+# The status page's browser tests: Debian's chromium driven by playwright (never `playwright install`), and a
+# CJK font so the Chinese page renders in screenshots.
+[ -x /usr/bin/chromium ] || need_apt+=(chromium)
+fc-list 2>/dev/null | grep -qi "CJK" || need_apt+=(fonts-noto-cjk)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "setup: apt-get install ${need_apt[*]}"
   export DEBIAN_FRONTEND=noninteractive
@@ -27,4 +33,5 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install -q --upgrade pip 2>&1 | grep -v -i warning || true
 .venv/bin/python -m pip install -q -e '.[test]' 2>&1 | grep -v -i warning || true
-.venv/bin/python -c 'import edge_agent, paho.mqtt, av, cv2, usb, watchdog' 
+.venv/bin/python -c 'import edge_agent, paho.mqtt, av, cv2, usb, watchdog, prometheus_client' 
+scripts/i18n.sh compile   # the gettext catalogs: .po committed, .mo built here

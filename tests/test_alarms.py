@@ -134,7 +134,7 @@ def test_tamper_found_by_scrub_fires_once_and_a_custodian_clears_it(tmp_path: Pa
         byte = handle.read(1)
         handle.seek(1000)
         handle.write(bytes([byte[0] ^ 0x01]))
-    scrubber = Scrubber(agent.catalog, agent.layout, agent.key, agent.config)
+    scrubber = Scrubber(agent.catalog, agent.layout, agent.config)
 
     run = scrubber.run_once(force=True)
     scrubber.run_once(force=True)
@@ -184,7 +184,7 @@ def test_scrub_stops_mid_file_when_the_daemon_stops_and_checks_that_file_again(t
     _, agent, _ = monitor(tmp_path, health={"scrub_mb_s": 1})
     record = ingest_file(agent, tmp_path / "src", "big.MP4", 8 * 1024 * KIB)   # 8 s of scrubbing at 1 MB/s
     stop = threading.Event()
-    scrubber = Scrubber(agent.catalog, agent.layout, agent.key, agent.config, stop=stop)
+    scrubber = Scrubber(agent.catalog, agent.layout, agent.config, stop=stop)
     runs: list[Any] = []
     worker = threading.Thread(target=lambda: runs.append(scrubber.run_once(force=True)))
     worker.start()
@@ -200,7 +200,7 @@ def test_scrub_does_not_call_a_file_purged_under_it_tamper_but_does_a_missing_on
     _, agent, _ = monitor(tmp_path)
     purged = confirm(agent, ingest_file(agent, tmp_path / "src", "purged.MP4").file_id)
     vanished = ingest_file(agent, tmp_path / "src", "vanished.MP4")
-    scrubber = Scrubber(agent.catalog, agent.layout, agent.key, agent.config)
+    scrubber = Scrubber(agent.catalog, agent.layout, agent.config)
     Retention(agent.catalog, agent.layout, agent.config).purge(purged.file_id, "test")   # after the batch was read
     os.unlink(agent.layout.data_dir / str(vanished.store_path))
 

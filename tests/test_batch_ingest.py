@@ -155,7 +155,7 @@ def test_a_batch_is_one_staged_and_one_sealed_transaction_each_row_after_its_byt
         written, sealed = journal.index(("rename", manifest)), journal.index(("row", f"sealed:{record.file_id}"))
         assert journal.synced_after(os.path.dirname(manifest), written, sealed), "sealed before its manifest"
         assert record.sha256 == sha256_of(volume / record.original_path)
-    assert verify_all(catalog, layout, AgentKey.load_or_create(layout.keys)) == []   # chained in order
+    assert verify_all(catalog, layout) == []   # chained in order
     catalog.close()
 
 
@@ -224,5 +224,5 @@ def test_kill_9_inside_a_batch_of_small_files_loses_nothing_and_stores_nothing_t
         layout.data_dir / r.store_path for r in rows.values()}                  # one store file each, no orphan
     assert not any(layout.staging.iterdir())
     assert all(r.sha256 == sha256_of(volume / path) for path, r in rows.items())
-    assert verify_all(catalog, layout, AgentKey.load_or_create(layout.keys)) == []    # chain + audit intact
+    assert verify_all(catalog, layout) == []    # chain + audit intact
     catalog.close()

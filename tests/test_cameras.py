@@ -298,7 +298,9 @@ def test_a_wall_clock_step_is_a_clock_step_gap_and_segments_stay_monotonic(tmp_p
         wait_for(lambda: sealed_segments(agent.catalog, "gate-north"), timeout=30, what="a first segment")
         # The system clock jumps ahead by step_s: the recorder's anchor now lags the wall clock by that much.
         agent.cameras.workers["gate-north"].recorder._clock.wall0 -= step_s
-        gap = wait_for(lambda: agent.catalog.query("SELECT * FROM gaps WHERE camera = 'gate-north'"),
+        # Under load a stall may open a gap of its own first; the step's gap is the closed clock_step one.
+        gap = wait_for(lambda: agent.catalog.query("SELECT * FROM gaps WHERE camera = 'gate-north' AND cause ="
+                                                   " 'clock_step' AND end_ms IS NOT NULL"),
                        timeout=30, what="the clock_step gap")[0]
         after = wait_for(lambda: [s for s in sealed_segments(agent.catalog, "gate-north")
                                   if s.recorded_start_ms >= gap["end_ms"]], timeout=30, what="segment after step")[0]
@@ -310,4 +312,4 @@ def test_a_wall_clock_step_is_a_clock_step_gap_and_segments_stay_monotonic(tmp_p
     assert step_s - 0.5 <= (gap["end_ms"] - gap["start_ms"]) / 1000 <= step_s + 0.5
     starts = [s.recorded_start_ms for s in sealed_segments(Catalog(cfg.catalog_path), "gate-north")]
     assert starts == sorted(starts) and len(set(starts)) == len(starts)
-    assert [g["cause"] for g in manifest(cfg.agent.data_dir, after.file_id)["gaps_before"]] == ["clock_step"]
+    assert "clock_step" in [g["cause"] for g in manifest(cfg.agent.data_dir, after.file_id)["gaps_before"]]

@@ -38,7 +38,7 @@ def test_import_seals_a_card_with_the_given_device_and_officer(imported: tuple[P
     config_path, card, summary = imported
     assert (summary["files"], summary["sealed"], summary["device_id"]) == (3, 3, "ZFY0777")
     assert summary["bytes"] == sum(CARD.values()) and summary["error"] is None
-    files = cli_json(config_path, "files", "list")
+    files = cli_json(config_path, "files", "list")["files"]
     assert sorted(f["original_path"] for f in files) == sorted(CARD)
     data_dir = config_path.parent / "data"
     for row in files:
@@ -53,17 +53,17 @@ def test_import_seals_a_card_with_the_given_device_and_officer(imported: tuple[P
 
 def test_files_list_filters_by_state_and_device(imported: tuple[Path, Path, dict]) -> None:
     config_path, _, _ = imported
-    assert len(cli_json(config_path, "files", "list", "--state", "sealed", "--device", "ZFY0777")) == 3
-    assert cli_json(config_path, "files", "list", "--state", "synced") == []
-    assert cli_json(config_path, "files", "list", "--device", "OTHER") == []
-    assert len(cli_json(config_path, "files", "list", "-n", "2")) == 2
+    assert len(cli_json(config_path, "files", "list", "--state", "sealed", "--device", "ZFY0777")["files"]) == 3
+    assert cli_json(config_path, "files", "list", "--state", "synced")["files"] == []
+    assert cli_json(config_path, "files", "list", "--device", "OTHER")["files"] == []
+    assert len(cli_json(config_path, "files", "list", "-n", "2")["files"]) == 2
     human = runner.invoke(app, ["--config", str(config_path), "files", "list"])
     assert human.exit_code == 0 and "ZFY0777" in human.stdout and "sealed" in human.stdout
 
 
 def test_files_show_gives_row_manifest_history_and_is_audited(imported: tuple[Path, Path, dict]) -> None:
     config_path, _, _ = imported
-    file_id = cli_json(config_path, "files", "list")[0]["file_id"]
+    file_id = cli_json(config_path, "files", "list")["files"][0]["file_id"]
     shown = cli_json(config_path, "files", "show", file_id, "--reason", "complaint 2026-118")
     assert shown["file"]["file_id"] == file_id and shown["manifest"]["file_id"] == file_id
     assert shown["manifest"]["sha256"] == shown["file"]["sha256"]
@@ -81,7 +81,7 @@ def test_keys_show_gives_the_key_that_signed_the_manifests(imported: tuple[Path,
     assert keys["agent_id"] == "ws-test-01" and keys["key_id"].startswith("ed25519:")
     public = load_public_key(keys["public_key_pem"])
     assert load_public_key(keys["public_key_b64"]).public_bytes_raw() == public.public_bytes_raw()
-    file_id = cli_json(config_path, "files", "list")[0]["file_id"]
+    file_id = cli_json(config_path, "files", "list")["files"][0]["file_id"]
     manifest = cli_json(config_path, "files", "show", file_id)["manifest"]
     assert manifest["key_id"] == keys["key_id"]
     verify_signature(manifest, public)

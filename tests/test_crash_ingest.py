@@ -11,7 +11,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from edge_agent.catalog import Catalog, State
-from edge_agent.evidence.manifest import AgentKey
 from edge_agent.evidence.verify import verify_all
 from edge_agent.layout import StoreLayout
 from tests.evidence_support import (
@@ -80,7 +79,7 @@ def test_kill_9_during_a_copy_then_restart_loses_nothing_and_duplicates_nothing(
     assert list(layout.staging.glob("*.part")) == []
     for record in rows:
         assert record.sha256 == sha256_of(volume / record.original_path)
-    assert verify_all(catalog, layout, AgentKey.load_or_create(layout.keys)) == []    # chain + audit intact
+    assert verify_all(catalog, layout) == []    # chain + audit intact
     started = catalog.query("SELECT detail FROM audit WHERE action = 'agent.started' ORDER BY seq")
     assert len(started) == 2 and '"partials_removed":1' in started[1]["detail"]
     catalog.close()

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from edge_agent.catalog import LANE_EVIDENCE, Catalog
 from edge_agent.cli import app
-from edge_agent.evidence.manifest import AgentKey, load_public_key, read_document, verify_signature
+from edge_agent.evidence.manifest import load_public_key, read_document, verify_signature
 from edge_agent.evidence.verify import verify_all
 from edge_agent.layout import StoreLayout
 from tests.helpers import agent_config, make_recorder_volume
@@ -34,7 +34,7 @@ def test_checkout_register_gives_imported_files_their_officer_until_return(tmp_p
     after = make_recorder_volume(tmp_path / "cards", "after", {"DCIM/clip3.mp4": 1000}, age_s=0)
     cli(cfg_path, "import", str(after), "--device", "DSJ-7")
 
-    files = {f["original_path"]: f for f in cli(cfg_path, "files", "list", "--device", "DSJ-7")}
+    files = {f["original_path"]: f for f in cli(cfg_path, "files", "list", "--device", "DSJ-7")["files"]}
     assert files["DCIM/clip2.mp4"]["officer_id"] == "320102123"
     assert files["DCIM/clip3.mp4"]["officer_id"] is None
     # The file collected before the late assignment got the officer by a signed annotation.
@@ -55,7 +55,7 @@ def test_tag_signs_an_annotation_without_rewriting_the_manifest(tmp_path: Path) 
     cfg_path, cfg = agent_config(tmp_path)
     card = make_recorder_volume(tmp_path / "cards", "c1", {"a.mp4": 2000, "b.mp4": 3000, "c.mp4": 100})
     cli(cfg_path, "import", str(card), "--device", "DSJ-9", "--officer", "320102999")
-    by_path = {f["original_path"]: f for f in cli(cfg_path, "files", "list")}
+    by_path = {f["original_path"]: f for f in cli(cfg_path, "files", "list")["files"]}
     a, b = by_path["a.mp4"], by_path["b.mp4"]
     data_dir = cfg.agent.data_dir
     manifest_a = (data_dir / "manifests" / a["file_id"][-2:] / f"{a['file_id']}.json").read_bytes()
@@ -71,13 +71,13 @@ def test_tag_signs_an_annotation_without_rewriting_the_manifest(tmp_path: Path) 
         assert doc["type"] == "annotation" and doc["case_id"] == "鼓城管罚〔2026〕17号" and doc["party"] == "张三"
     doc_a = next(d for d in tagged if d["file_id"] == a["file_id"])
     assert doc_a["file_sha256"] == a["sha256"]
-    case_files = cli(cfg_path, "files", "list", "--case", "鼓城管罚〔2026〕17号")
+    case_files = cli(cfg_path, "files", "list", "--case", "鼓城管罚〔2026〕17号")["files"]
     assert sorted(f["file_id"] for f in case_files) == sorted([a["file_id"], b["file_id"]])
     assert all(f["lane"] == LANE_EVIDENCE and f["retention"] == "evidence" and f["party"] == "张三"
                for f in case_files)
     catalog = Catalog(cfg.catalog_path)
     layout = StoreLayout(data_dir)
-    assert verify_all(catalog, layout, AgentKey.load_or_create(layout.keys)) == []
+    assert verify_all(catalog, layout) == []
 
 
 def test_tag_of_an_unknown_file_fails_and_changes_nothing(tmp_path: Path) -> None:

@@ -14,7 +14,6 @@ import sys
 from pathlib import Path
 
 from edge_agent.catalog import Catalog, State
-from edge_agent.evidence.manifest import AgentKey
 from edge_agent.evidence.verify import verify_all
 from edge_agent.layout import StoreLayout
 from edge_agent.ops import control
@@ -64,7 +63,7 @@ def test_a_second_run_is_refused_naming_the_owner_and_kill_9_frees_the_data_dir(
     assert not layout.control_socket.exists()
     catalog = Catalog(cfg.catalog_path)
     try:
-        assert verify_all(catalog, layout, AgentKey.load_or_create(layout.keys)) == []
+        assert verify_all(catalog, layout) == []
     finally:
         catalog.close()
 
@@ -106,7 +105,7 @@ def test_import_while_the_daemon_ingests_a_dock_goes_through_it_and_deletes_noth
         started = catalog.query("SELECT actor, detail FROM audit WHERE action = 'import.started'")
         assert [r["actor"] for r in started] == [getpass.getuser()]
         assert '"via":"control socket"' in started[0]["detail"]
-        assert verify_all(catalog, layout, AgentKey.load_or_create(layout.keys)) == []
+        assert verify_all(catalog, layout) == []
     finally:
         catalog.close()
     checked = cli(config_path, "audit", "verify")

@@ -6,16 +6,18 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import bagit
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from typer.testing import CliRunner
 
 from edge_agent.cli import app
 from edge_agent.daemon import Agent
-from edge_agent.evidence.manifest import load_public_key, read_document, verify_signature
+from edge_agent.evidence.manifest import AgentKey, canonical_json, load_public_key, read_document, verify_signature
 from edge_agent.ops.custody import tag
 from edge_agent.ops.retention import Retention
 from edge_agent.platform.receiver.receipts import PUB_FILE, ReceiverKey
@@ -146,3 +148,84 @@ def test_viewing_a_file_needs_an_approver_and_is_audited(tmp_path: Path) -> None
     detail = json.loads(entries[0]["detail"])
     assert entries[0]["reason"] == "complaint review" and detail["approved_by"] == "李科长"
     assert detail["requested_by"]
+
+
+def _documented(marker: str, fence: str) -> str:
+    """The code block of docs/OPERATIONS.md right after `marker`, exactly as a reader copies it."""
+    text = (Path(__file__).parent.parent / "docs" / "OPERATIONS.md").read_text(encoding="utf-8")
+    after = text[text.index(marker):]
+    start = after.index(f"```{fence}\n") + len(fence) + 4
+    return after[start:after.index("```\n", start)]
+
+
+def test_bag_exported_after_two_rotations_verifies_from_the_bag_alone(tmp_path: Path) -> None:
+    """Files sealed under three keys (two rotations between them) and annotated under the last: the bag
+    carries every key and rotation document, and the documented stock-Python procedure, the documented
+    openssl commands and `verify --bag` all pass it using nothing but the bag."""
+    cfg_path, cfg = agent_config(tmp_path)
+    agent = Agent(cfg, dock_drivers=[])
+    src = tmp_path / "src"
+    files = [ingest_file(agent, src, "clip0.MP4", 40_000)]
+    for n in (1, 2):
+        agent.sealer.rotate_key(reason=f"rotation {n}", actor="test", via="test")
+        files.append(ingest_file(agent, src, f"clip{n}.MP4", 40_000 + n))
+    for record in files:
+        tag(agent.catalog, agent.sealer, agent.layout, record.file_id, case_id=CASE, party="张三", actor="test")
+    bag_dir = tmp_path / "bag"
+
+    result = CliRunner().invoke(app, ["--config", str(cfg_path), "--json", "export", "--case", CASE, "--to",
+                                      str(bag_dir), "--reason", "court", "--approved-by", "李科长"])
+
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["problems"] == []
+    data = bag_dir / "data"
+    signers = {read_document(data / "manifests" / f"{r.file_id}.json")["key_id"] for r in files}
+    history = json.loads((data / "keys" / "key_history.json").read_text())
+    assert len(signers) == 3 and [k["key_id"] for k in history["keys"]] == sorted(signers, key=[
+        k["key_id"] for k in history["keys"]].index)
+    agent.stop()
+
+    script = tmp_path / "verify_bag.py"
+    script.write_text(_documented("<!-- verify_bag.py -->", "python"), encoding="utf-8")
+    stock = [sys.executable, "-I", "-S", str(script), str(bag_dir)]   # no site-packages: no cryptography
+    run = subprocess.run(stock, capture_output=True, text=True)
+    assert run.returncode == 0 and run.stdout.endswith("OK\n"), run.stdout + run.stderr
+    by_hand = _documented("One document by hand", "bash").replace("data/manifests/F.json", f"data/manifests/"
+                                                                 f"{files[2].file_id}.json")
+    by_hand = by_hand.replace("KEYID", history["keys"][2]["key_id"].split(":")[1])
+    openssl = subprocess.run(["bash", "-e", "-c", by_hand], cwd=bag_dir, capture_output=True, text=True)
+    assert openssl.returncode == 0 and "Signature Verified Successfully" in openssl.stdout, openssl.stderr
+    assert CliRunner().invoke(app, ["--json", "verify", "--bag", str(bag_dir)]).exit_code == 0
+
+    # The same checks fail a bag whose annotation was re-signed by a key outside the history (bag re-made).
+    forged = tmp_path / "forged"
+    shutil.copytree(bag_dir, forged)
+    annotation = next((forged / "data" / "annotations").glob("*.json"))
+    stranger = AgentKey(Ed25519PrivateKey.generate())
+    annotation.write_bytes(canonical_json(stranger.sign({**read_document(annotation), "party": "李四"})))
+    bagit.Bag(str(forged)).save(manifests=True)
+    assert subprocess.run([*stock[:-1], str(forged)], capture_output=True, text=True).returncode == 1
+    checked = CliRunner().invoke(app, ["--json", "verify", "--bag", str(forged)])
+    assert checked.exit_code == 1 and stranger.key_id in checked.stdout
+
+
+def test_export_counts_a_bag_that_cannot_be_verified_as_problems(tmp_path: Path) -> None:
+    """A rotation document altered in the data dir breaks the key history: the export says so in problems=
+    and Export-Verification instead of reporting a bag that fails as passed."""
+    cfg_path, cfg = agent_config(tmp_path)
+    agent = Agent(cfg, dock_drivers=[])
+    agent.sealer.rotate_key(reason="annual", actor="test", via="test")
+    record = ingest_file(agent, tmp_path / "src", "clip.MP4", 30_000)
+    tag(agent.catalog, agent.sealer, agent.layout, record.file_id, case_id=CASE, party=None, actor="test")
+    (rotation,) = (agent.layout.data_dir / "rotations").glob("*.json")
+    rotation.chmod(0o644)
+    rotation.write_bytes(canonical_json({**read_document(rotation), "reason": "rewritten"}))
+    agent.stop()
+
+    result = CliRunner().invoke(app, ["--config", str(cfg_path), "--json", "export", "--case", CASE, "--to",
+                                      str(tmp_path / "bag"), "--reason", "court", "--approved-by", "李科长"])
+
+    assert result.exit_code != 0 or json.loads(result.stdout)["problems"], result.output
+    summary = json.loads(result.stdout)
+    assert any("key_rotation" in p or "key history" in p for p in summary["problems"]), summary["problems"]
+    assert bagit.Bag(str(tmp_path / "bag")).info["Export-Verification"] != "passed"

@@ -133,7 +133,8 @@ def test_platform_health_command_gets_a_snapshot_at_once(tmp_path: Path, mosquit
     try:
         connected = wait_for(lambda: (h := read_health(health_file)) and h["agent"]["sync"]["connected"] and h,
                              15, what="a snapshot once connected")
-        command = platform_key.sign({"cmd": "health", "id": "h-1", "ts": now_ms(), "agent": cfg.agent.id})
+        command = platform_key.sign({"cmd": "health", "id": "h-1", "ts": now_ms(), "seq": 1,
+                                     "agent": cfg.agent.id})
         platform.publish(f"{cfg.mqtt.root}/{cfg.agent.id}/commands", json.dumps(command), qos=1).wait_for_publish(5)
         wait_for(lambda: read_health(health_file)["ts_ms"] > connected["ts_ms"], 10,
                  what="a fresh snapshot after the health command")
@@ -153,6 +154,18 @@ def test_cameras_appear_in_the_snapshot_as_their_service_reports_them(tmp_path: 
     validate("health", snapshot)
     assert [(c["name"], c["connected"], c["location"]) for c in snapshot["cameras"]] == [
         ("gate-east", False, "鼓楼区中山路口")]
+    agent.catalog.close()
+
+
+def test_snapshot_says_when_the_next_one_is_due(tmp_path: Path) -> None:
+    """The fleet monitor calls an agent stale after 3 intervals without health: the snapshot carries it."""
+    _, cfg = agent_config(tmp_path, health={"interval_s": 12.5})
+    agent = build_agent(cfg)
+
+    snapshot = agent.operations.health.snapshot()
+
+    validate("health", snapshot)
+    assert snapshot["agent"]["health_interval_s"] == 12.5
     agent.catalog.close()
 
 

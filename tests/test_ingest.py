@@ -47,7 +47,7 @@ def test_directory_dock_volume_is_sealed_hashed_signed_chained_and_tagged(tmp_pa
         session = read_document(agent.layout.data_dir / documents[-1]["path"])
         assert sorted(f["original_path"] for f in session["files"]) == sorted(DH_FILES)
         assert session["device_id"] == "DHA1B2C3D4"
-        assert verify_all(agent.catalog, agent.layout, agent.key) == []
+        assert verify_all(agent.catalog, agent.layout) == []
         # Docking the same card again adds nothing: one row per source file.
         os.rename(volume, tmp_path / "out")
         wait_for(lambda: agent.catalog.query("SELECT 1 FROM sessions WHERE state = 'undocked'"), what="undock")
@@ -92,6 +92,6 @@ def test_recovery_discards_partials_and_orphans_and_reseals_staged_files(tmp_pat
         record = agent.ingestor.ingest(agent.catalog.get(rec[name].file_id), volume / name)
         assert record.state == State.SEALED and record.sha256 == sha256_of(volume / name)
     assert len(list(agent.layout.media.rglob("*.mp4"))) == 4
-    assert verify_all(agent.catalog, agent.layout, agent.key) == []
+    assert verify_all(agent.catalog, agent.layout) == []
     agent.catalog.close()
 

@@ -13,9 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from edge_agent.evidence.manifest import AgentKey, canonical_json
+from edge_agent.daemon import Agent
+from edge_agent.evidence.manifest import AgentKey, canonical_json, read_document
+from edge_agent.platform.receiver import KeyRefused, KeyRing
+from edge_agent.platform.receiver.service import LEARNED_KEYS
 from edge_agent.protocol.wire import ChunkHeader, encode_chunk
-from tests.helpers import wait_for
+from tests.helpers import agent_config, wait_for
 from tests.peers.mosquitto import Mosquitto
 from tests.sync_support import (
     AGENT_ID,
@@ -335,3 +338,60 @@ def test_manifests_from_an_agent_at_its_cap_are_answered_busy_before_any_verific
     agent.ack(doc["file_id"], "complete")
     agent.close()
     assert proc.stop() == 0
+
+
+def test_the_receiver_learns_a_rotated_key_from_the_signed_rotation_document_and_refuses_the_retired_key(
+        receiver: Path, mosquitto: Mosquitto, keyed: tuple[AgentKey, Path], tmp_path: Path) -> None:
+    """A real agent rotates twice; the operator enrolled only its first key. `KeyRing.learn_rotation` (what
+    the chain store calls for a chained key_rotation document) enrols each new key durably in the store, beside
+    the operator's untouched file: the running receiver takes manifests signed by the newest key and refuses
+    those signed by a retired one, with the reason. Forged or out-of-order rotations change nothing."""
+    _, keys_dir = keyed
+    (tmp_path / "agent").mkdir()
+    _, cfg = agent_config(tmp_path / "agent", agent={"id": AGENT_ID})
+    agent = Agent(cfg, dock_drivers=[])
+    enrolled = keys_dir / f"{AGENT_ID}.pem"
+    enrolled.write_text(agent.key.public_pem())          # the operator enrols the agent's first key
+    operator_file = enrolled.read_bytes()
+    first = agent.key
+    agent.sealer.rotate_key(reason="annual", actor="test", via="test")
+    second = agent.key
+    agent.sealer.rotate_key(reason="suspected exposure", actor="test", via="test")
+    newest = agent.key
+    rows = agent.catalog.documents.of_kind("key_rotation")
+    rotations = [(read_document(agent.layout.data_dir / r["path"]), r["seq"]) for r in rows]
+    agent.stop()
+
+    ring = KeyRing(keys_dir, receiver / LEARNED_KEYS)
+    stranger = AgentKey.load_or_create(tmp_path / "stranger-keys")
+    forged = stranger.sign({**rotations[0][0], "new_key_id": stranger.key_id,
+                            "new_public_key": stranger.public_pem()})
+    with pytest.raises(KeyRefused, match="signature|signed by"):
+        ring.learn_rotation(AGENT_ID, forged)
+    with pytest.raises(KeyRefused, match="key in force here"):
+        ring.learn_rotation(AGENT_ID, rotations[1][0])      # the second before the first
+    with pytest.raises(KeyRefused, match="not a key_rotation document"):
+        ring.learn_rotation("ws-other-02", rotations[0][0])
+    assert not (receiver / LEARNED_KEYS / f"{AGENT_ID}.json").exists()
+
+    for doc, seq in rotations:
+        assert ring.learn_rotation(AGENT_ID, doc, chain_seq=seq) == doc["new_key_id"]
+    assert ring.learn_rotation(AGENT_ID, rotations[0][0]) == second.key_id   # again: nothing changes
+    assert enrolled.read_bytes() == operator_file
+
+    for key in (newest, second, first):
+        scripted = ScriptedAgent(mosquitto.port, key)
+        doc = scripted.send_file(random_bytes(5_000))
+        if key is newest:
+            assert scripted.ack(doc["file_id"], "complete")["sha256"] == doc["sha256"]
+        else:
+            reason = scripted.ack(doc["file_id"], "rejected")["reason"]
+            assert f"signed by {key.key_id}, retired by the agent's rotation" in reason
+        scripted.close()
+    # Durable and the same for any receiver on the store (a restart): a document the chain store places
+    # before the rotation is still checked against its older key.
+    again = KeyRing(keys_dir, receiver / LEARNED_KEYS)
+    assert again.retired(AGENT_ID) == {first.key_id, second.key_id}
+    assert again.key_for(AGENT_ID, first.key_id, chain_seq=rotations[0][1] - 1) is not None
+    with pytest.raises(KeyRefused, match="retired"):
+        again.key_for(AGENT_ID, first.key_id, chain_seq=rotations[0][1] + 1)

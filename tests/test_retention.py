@@ -48,7 +48,7 @@ def test_routine_file_is_purged_after_its_days_and_keeps_row_and_manifest(tmp_pa
     assert agent.catalog.get(young.file_id).state == State.SYNCED
     entry = agent.catalog.query("SELECT * FROM audit WHERE subject = ? AND action = 'file.purged'", (old.file_id,))
     assert "180 days" in entry[0]["reason"]
-    assert verify_all(agent.catalog, agent.layout, agent.key) == []
+    assert verify_all(agent.catalog, agent.layout) == []
 
 
 def test_disk_pressure_purges_oldest_confirmed_first_and_nothing_else(tmp_path: Path) -> None:

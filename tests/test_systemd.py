@@ -18,7 +18,7 @@ from edge_agent.config import load_receiver_config
 from tests.helpers import agent_config
 
 ROOT = Path(__file__).resolve().parents[1]
-UNITS = ("edge-agent.service", "edge-agent-receiver.service")
+UNITS = ("edge-agent.service", "edge-agent-receiver.service", "edge-agent-fleet.service")
 INSTALLED_EXEC = "/opt/edge-agent/venv/bin/edge-agent"
 EDGE_AGENT = str(Path(sys.executable).parent / "edge-agent")
 
@@ -80,7 +80,8 @@ def test_example_configs_that_install_sh_installs_are_valid() -> None:
     assert receiver.receiver.keys_dir == Path("/etc/edge-receiver/agents")
     install = (ROOT / "scripts" / "install.sh").read_text()
     for installed in ("config/agent.example.toml", "config/receiver.example.toml", "systemd/edge-agent.service",
-                      "systemd/edge-agent-receiver.service", "systemd/edge-agent.tmpfiles"):
+                      "systemd/edge-agent-receiver.service", "systemd/edge-agent.tmpfiles",
+                      "config/fleet.example.toml", "systemd/edge-agent-fleet.service"):
         assert installed in install and (ROOT / installed).exists(), installed
 
 

@@ -75,7 +75,7 @@ def test_untouched_store_verifies(store: tuple[Path, Path]) -> None:
 
 def test_flipped_byte_in_a_stored_file_is_named_by_verify(store: tuple[Path, Path]) -> None:
     config_path, data = store
-    victim = rows(data, "SELECT file_id, store_path FROM files ORDER BY file_id")[1]
+    victim = rows(data, "SELECT file_id, store_path FROM files WHERE original_path = 'v2.mp4'")[0]
     flip_byte(data / victim["store_path"], 40_000)
     code, report = cli(config_path, "verify", "--all")
     assert code == 1 and not report["ok"]

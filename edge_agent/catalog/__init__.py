@@ -8,7 +8,7 @@ its audit entry. Callers make the bytes durable first (see `durable`).
 
 `Catalog` holds the connection, its lock and `transaction()`, and composes one
 repository per table (`catalog.files`, `.sessions`, `.devices`, `.checkouts`,
-`.holds`, `.alarms`, `.documents`, `.meta`, `.outbox`, `.command_ids`,
+`.holds`, `.alarms`, `.documents`, `.meta`, `.outbox`, `.command_ids`, `.command_seqs`,
 `.receipts`, `.audit_log`); the schema and its migrations are in `schema`. Repository
 writes join the caller's transaction when there is one, so several of them
 (and `audit.append`) commit together.
@@ -30,7 +30,7 @@ from typing import Any
 from edge_agent.catalog import audit, schema
 from edge_agent.catalog.alarms import Alarms
 from edge_agent.catalog.audit import AuditLog
-from edge_agent.catalog.commands import CommandIds
+from edge_agent.catalog.commands import CommandIds, CommandSeqs
 from edge_agent.catalog.devices import Checkouts, Devices
 from edge_agent.catalog.documents import Documents
 from edge_agent.catalog.events import Outbox
@@ -90,6 +90,7 @@ class Catalog:
         self.meta = Meta(self)
         self.outbox = Outbox(self)
         self.command_ids = CommandIds(self)
+        self.command_seqs = CommandSeqs(self)
         self.receipts = Receipts(self)
         self.audit_log = AuditLog(self)
 

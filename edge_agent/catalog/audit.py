@@ -108,6 +108,11 @@ class AuditLog:
         with self._catalog.locked() as conn:
             return verify(conn)
 
+    def subjects(self, action: str) -> list[str]:
+        """The subjects of every entry of `action`, in seq order."""
+        return [r[0] for r in self._catalog.query("SELECT subject FROM audit WHERE action = ? ORDER BY seq",
+                                                  (action,))]
+
     def entries(self, subject: str | None = None, *, limit: int | None = None,
                 newest_first: bool = False) -> list[sqlite3.Row]:
         """Entries (all columns), of one `subject` if given, in seq order (or newest first), at most `limit`."""

@@ -1,5 +1,5 @@
 """The `documents` table: the agent's single hash chain of signed documents (manifests, session manifests,
-annotations), its head kept in meta `chain_head` as "<seq>:<sha256>"."""
+annotations, key rotations), its head kept in meta `chain_head` as "<seq>:<sha256>"."""
 
 from __future__ import annotations
 
@@ -40,6 +40,14 @@ class Documents:
     def chain(self) -> list[sqlite3.Row]:
         """Every link in chain order (columns: seq, kind, doc_id, sha256, prev, path)."""
         return self._catalog.query("SELECT seq, kind, doc_id, sha256, prev, path FROM documents ORDER BY seq")
+
+    def of_kind(self, kind: str | None, limit: int | None = None) -> list[sqlite3.Row]:
+        """The links of `kind` (None: of every kind) in chain order, at most `limit` (columns: seq, kind,
+        doc_id, sha256, prev, path)."""
+        where, params = ("WHERE kind = ?", (kind,)) if kind is not None else ("", ())
+        tail = f" LIMIT {int(limit)}" if limit is not None else ""
+        return self._catalog.query(f"SELECT seq, kind, doc_id, sha256, prev, path FROM documents {where}"
+                                   f" ORDER BY seq{tail}", params)
 
     def paths(self, kind: str) -> list[str]:
         """The paths (relative to the data dir) of the documents of `kind`, in chain order."""

@@ -114,17 +114,42 @@ class CatalogReports:
         return [Device.from_row(r) for r in rows]
 
     def files(self, *, states: list[str] | None = None, device_id: str | None = None, case_id: str | None = None,
-              limit: int | None = None) -> list[FileRecord]:
-        """Files, newest first, optionally only these states, this device, this case."""
-        where, params = [], []
-        if device_id:
-            where.append("device_id = ?")
-            params.append(device_id)
-        if case_id:
-            where.append("case_id = ?")
-            params.append(case_id)
+              limit: int | None = None, since_ms: int | None = None,
+              after: tuple[int, str] | None = None) -> list[FileRecord]:
+        """Files, newest first, optionally only these states, this device, this case, collected since
+        `since_ms`; `after` (created_ms, file_id) of the last row of a page starts the next page."""
+        where, params = self._file_filter(device_id, case_id, since_ms)
+        if after is not None:
+            where.append("(created_ms < ? OR (created_ms = ? AND file_id < ?))")
+            params += [after[0], after[0], after[1]]
         return self.catalog.files(states=states or None, where=" AND ".join(where), params=tuple(params),
                                   order="created_ms DESC, file_id DESC", limit=limit)
+
+    def count_files(self, *, states: list[str] | None = None, device_id: str | None = None,
+                    case_id: str | None = None, since_ms: int | None = None) -> int:
+        """How many files `files` would list without a limit."""
+        where, params = self._file_filter(device_id, case_id, since_ms)
+        if states:
+            where.append(f"state IN ({', '.join('?' * len(states))})")
+            params += list(states)
+        sql = "SELECT COUNT(*) FROM files" + (" WHERE " + " AND ".join(where) if where else "")
+        return int(self.catalog.query(sql, tuple(params))[0][0])
+
+    @staticmethod
+    def _file_filter(device_id: str | None, case_id: str | None, since_ms: int | None) -> tuple[list[str], list[Any]]:
+        where: list[str] = []
+        params: list[Any] = []
+        for clause, value in (("device_id = ?", device_id), ("case_id = ?", case_id), ("created_ms >= ?", since_ms)):
+            if value is not None and value != "":
+                where.append(clause)
+                params.append(value)
+        return where, params
+
+    def file_ids_with_prefix(self, prefix: str, limit: int = 2) -> list[str]:
+        """Up to `limit` file ids that start with `prefix`, in order (an index range: cheap)."""
+        rows = self.catalog.query("SELECT file_id FROM files WHERE file_id >= ? AND file_id < ? ORDER BY file_id"
+                                  " LIMIT ?", (prefix, prefix + "\U0010ffff", limit))
+        return [r[0] for r in rows]
 
     def history(self, subject: str) -> list[AuditEntry]:
         """Every audit entry about `subject`, oldest first."""

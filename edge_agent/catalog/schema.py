@@ -123,9 +123,17 @@ def _add_receipts(conn: sqlite3.Connection) -> None:
                  " receipt TEXT NOT NULL, sha256 TEXT NOT NULL, received_ms INTEGER NOT NULL)")
 
 
+def _add_command_seqs(conn: sqlite3.Connection) -> None:
+    """command_seqs: the highest command `seq` obeyed per platform key (sync/commands.py): a command is obeyed
+    only with a higher one, whatever the wall clock says, so a captured command stays refused after the
+    agent's clock steps back."""
+    conn.execute("CREATE TABLE IF NOT EXISTS command_seqs (key_id TEXT PRIMARY KEY, seq INTEGER NOT NULL,"
+                 " command_id TEXT NOT NULL, updated_ms INTEGER NOT NULL)")
+
+
 # Applied in order, each once; never edit or reorder a released one, append a new one.
 MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_add_extras, _add_command_ids, _add_source_fingerprint,
-                                                         _add_receipts]
+                                                         _add_receipts, _add_command_seqs]
 
 
 def create(conn: sqlite3.Connection) -> None:

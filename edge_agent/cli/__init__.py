@@ -3,6 +3,7 @@
 from edge_agent.cli import (
     cameras,  # noqa: F401
     evidence,  # noqa: F401
+    fleet,  # noqa: F401
     operations,  # noqa: F401
     receiver,  # noqa: F401
     sync,  # noqa: F401

@@ -18,11 +18,14 @@ from typing import Annotated, Any
 
 import click
 import typer
+from rich.cells import cell_len
 from rich.console import Console
 from rich.table import Table
 from typer.core import TyperGroup
 
+from edge_agent import i18n
 from edge_agent.config import AgentConfig, ConfigError, load_config, resolve_config_path
+from edge_agent.i18n import _
 from edge_agent.services import ServiceError, Workspace
 
 
@@ -60,6 +63,7 @@ def _global(
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s %(message)s", force=True)
     ctx.obj = Options(config_path=resolve_config_path(config), json=as_json)
+    i18n.use(i18n.language_from_env())   # human output in the custodian's language; --json and logs stay English
 
 
 def options(ctx: typer.Context) -> Options:
@@ -71,10 +75,13 @@ def options(ctx: typer.Context) -> Options:
 def load(ctx: typer.Context) -> AgentConfig:
     """The validated config, or exit 2 listing every problem."""
     try:
-        return load_config(options(ctx).config_path)
+        config = load_config(options(ctx).config_path)
     except ConfigError as exc:
         fail(str(exc), code=2)
         raise AssertionError("unreachable") from exc
+    if config.ui.language:
+        i18n.use(config.ui.language)
+    return config
 
 
 def workspace(ctx: typer.Context) -> Workspace:
@@ -85,7 +92,7 @@ def workspace(ctx: typer.Context) -> Workspace:
 
 
 def fail(message: str, code: int = 1) -> None:
-    err_console.print(f"[red]error:[/red] {message}", highlight=False, markup=True, soft_wrap=True)
+    err_console.print("[red]" + _("error:") + f"[/red] {message}", highlight=False, markup=True, soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -97,13 +104,30 @@ def emit(ctx: typer.Context, data: Any, human: Any = None) -> None:
         console.print(human if human is not None else data)
 
 
-def table(title: str | None, columns: list[str], rows: list[list[Any]]) -> Table:
+def table(title: str | None, columns: list[str], rows: list[list[Any]], *, drop: list[str] | None = None,
+          width: int | None = None) -> Table:
+    """A list view that fits the terminal: columns named in `drop` are left out, first ones first, until
+    the table fits `width` (the console's); cells never wrap. Columns not in `drop` are always shown (then a
+    cell that cannot fit is folded rather than cut: an id or a state is never truncated)."""
+    cells = [["" if v is None else str(v) for v in row] for row in rows]
+    shown = list(range(len(columns)))
+    limit = width or console.width
+
+    def needed(indexes: list[int]) -> int:   # rich's default box: a border and one space each side per column
+        return sum(max([cell_len(columns[i]), *(cell_len(row[i]) for row in cells)]) + 3 for i in indexes) + 1
+
+    for name in drop or []:
+        if needed(shown) <= limit:
+            break
+        shown.remove(columns.index(name))
+    fits = needed(shown) <= limit
     out = Table(title=title, title_justify="left", header_style="bold")
-    for column in columns:
-        out.add_column(column)
-    for row in rows:
-        out.add_row(*["" if v is None else str(v) for v in row])
+    for i in shown:
+        out.add_column(columns[i], no_wrap=fits, overflow="fold")
+    for row in cells:
+        out.add_row(*[row[i] for i in shown])
     return out
+
 
 
 def fmt_ms(ms: int | None) -> str:

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import re
+import sys
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Annotated
 
@@ -12,6 +16,7 @@ from edge_agent import services
 from edge_agent.cli.app import app, console, emit, fail, fmt_bytes, fmt_ms, load, options, table, workspace
 from edge_agent.cli.operations import render_daemon
 from edge_agent.config import ConfigError, load_config
+from edge_agent.i18n import N_, _
 from edge_agent.services.intake import IntakeRefused, import_folder
 
 files_app = typer.Typer(no_args_is_help=True, help="List and inspect collected files.")
@@ -24,6 +29,8 @@ app.add_typer(keys_app, name="keys")
 app.add_typer(config_app, name="config")
 
 Reason = Annotated[str | None, typer.Option("--reason", "-r", help="why you are doing this (audit log)")]
+
+KINDS = {"recorder": N_("recorder"), "camera": N_("camera")}   # devices list: the kind in the custodian's words
 
 
 @app.command()
@@ -50,16 +57,20 @@ def status(ctx: typer.Context) -> None:
                                                    "raised": fmt_ms(a.raised_ms)} for a in alarms]})
         return
     counts, unsynced = report.files_by_state, report.unsynced
-    console.print(table("Files by state", ["state", "files"], [[state, n] for state, n in sorted(counts.items())]))
+    console.print(table(_("Files by state"), [_("state"), _("files")],
+                        [[state, n] for state, n in sorted(counts.items())]))
     console.print(render_daemon(report.daemon))
     age = report.oldest_unsynced_age_s
-    console.print(f"Waiting for the platform: {unsynced.files} files, {fmt_bytes(unsynced.bytes)}"
-                  + (f", oldest {age // 3600} h {age % 3600 // 60} min" if age is not None else ""))
+    console.print(_("Waiting for the platform: {files} files, {size}").format(files=unsynced.files,
+                                                                              size=fmt_bytes(unsynced.bytes))
+                  + (_(", oldest {hours} h {minutes} min").format(hours=age // 3600, minutes=age % 3600 // 60)
+                     if age is not None else ""))
     if alarms:
-        console.print(table("Active alarms", ["kind", "subject", "since", "message"],
-                            [[a.kind, a.subject, fmt_ms(a.raised_ms), a.message] for a in alarms]))
+        console.print(table(_("Active alarms"), [_("kind"), _("subject"), _("since"), _("message")],
+                            [[a.kind, a.subject, fmt_ms(a.raised_ms), a.message] for a in alarms],
+                            drop=[_("message"), _("since"), _("subject")]))
     else:
-        console.print("[green]No active alarms.[/green]")
+        console.print("[green]" + _("No active alarms.") + "[/green]")
 
 
 devices_app = typer.Typer(help="Recorders and cameras: list (default), gaps, locations, discover.")
@@ -78,8 +89,28 @@ def devices_list(ctx: typer.Context) -> None:
     """Recorders and cameras this agent has seen, with their custody."""
     rows = services.devices.devices(workspace(ctx))
     emit(ctx, [r.as_dict() for r in rows],
-         table("Devices", ["device", "kind", "model", "serial", "checked out to", "files", "last seen"],
-               [[r.device_id, r.kind, r.model, r.serial, r.officer, r.files, fmt_ms(r.last_seen_ms)] for r in rows]))
+         table(_("Devices"), [_("device"), _("kind"), _("model"), _("serial"), _("checked out to"), _("files"),
+                              _("last seen")],
+               [[r.device_id, _(KINDS.get(r.kind, r.kind)), r.model, r.serial, r.officer, r.files,
+                 fmt_ms(r.last_seen_ms)] for r in rows],
+               drop=[_("serial"), _("last seen"), _("model"), _("kind")]))
+
+
+def parse_since(text: str | None) -> int | None:
+    """`--since`: a local date or time (2026-11-22, 2026-11-22T08:00) or an age (90m, 24h, 7d)."""
+    if text is None:
+        return None
+    age = re.fullmatch(r"(\d+)\s*([mhd])", text.strip())
+    if age:
+        unit = {"m": "minutes", "h": "hours", "d": "days"}[age.group(2)]
+        moment = datetime.now().astimezone() - timedelta(**{unit: int(age.group(1))})
+    else:
+        try:
+            moment = datetime.fromisoformat(text)
+        except ValueError:
+            fail(_("--since {value!r} is neither a time (2026-11-22T08:00) nor an age (24h, 7d)").format(value=text))
+            raise
+    return int(moment.astimezone().timestamp() * 1000)
 
 
 @files_app.command("list")
@@ -88,19 +119,34 @@ def files_list(
     state: Annotated[list[str] | None, typer.Option("--state", "-s", help="only these states")] = None,
     device: Annotated[str | None, typer.Option("--device", "-d")] = None,
     case: Annotated[str | None, typer.Option("--case")] = None,
-    limit: Annotated[int, typer.Option("--limit", "-n")] = 100,
+    since: Annotated[str | None, typer.Option("--since", help="collected since a time or an age (24h, 7d)")] = None,
+    limit: Annotated[int, typer.Option("--limit", "-n", help="at most this many (newest first)")] = 50,
+    cursor: Annotated[str | None, typer.Option("--cursor", help="the next page: the next_cursor of --json")] = None,
+    all_: Annotated[bool, typer.Option("--all", help="every file, no limit")] = False,
 ) -> None:
-    """Collected files, newest first."""
-    records = services.files.list_files(workspace(ctx), states=state, device_id=device, case_id=case, limit=limit)
-    emit(ctx, [r.as_dict() for r in records],
-         table(f"Files ({len(records)} shown)", ["file id", "state", "device", "officer", "recorded", "size", "path"],
-               [[r.file_id, r.state, r.device_id, r.officer_id, fmt_ms(r.recorded_start_ms),
-                 fmt_bytes(r.size or r.source_size), r.original_path] for r in records]))
+    """Collected files, newest first: a page of --limit, with the total and how to see more."""
+    found = services.files.page(workspace(ctx), states=state, device_id=device, case_id=case,
+                                since_ms=parse_since(since), limit=None if all_ else limit, cursor=cursor)
+    if options(ctx).json:
+        sys.stdout.write(json.dumps(found.as_dict(), ensure_ascii=False, indent=2, default=str) + "\n")
+        return
+    records = found.files
+    console.print(table(_("Files ({shown} of {total})").format(shown=len(records), total=found.total),
+                        [_("file id"), _("state"), _("device"), _("officer"), _("recorded"), _("size"), _("path")],
+                        [[found.short_ids[r.file_id], r.state, r.device_id, r.officer_id, fmt_ms(r.recorded_start_ms),
+                          fmt_bytes(r.size or r.source_size), r.original_path] for r in records],
+                        drop=[_("path"), _("officer"), _("size"), _("recorded"), _("device")]))
+    if found.next_cursor:
+        console.print(_("Stopped at the limit of {limit}: {left} more. Next page: --cursor {cursor} "
+                        "(or --limit, --since, --state, --all)").format(limit=found.limit,
+                                                                        left=found.total - len(records),
+                                                                        cursor=found.next_cursor),
+                      soft_wrap=False)
 
 
 @files_app.command("show")
 def files_show(ctx: typer.Context, file_id: str, reason: Reason = None) -> None:
-    """One file: its catalog row, its manifest and its history."""
+    """One file: its catalog row, its manifest and its history (a unique start of its id will do)."""
     detail = services.files.show(workspace(ctx), file_id, reason=reason)
     history = [{"ts": fmt_ms(h.ts_ms), "actor": h.actor, "action": h.action, "reason": h.reason}
                for h in detail.history]
@@ -109,16 +155,27 @@ def files_show(ctx: typer.Context, file_id: str, reason: Reason = None) -> None:
                    "receipt": detail.receipt, "receipt_verifies": detail.receipt is not None
                    and detail.receipt_problem is None, "receipt_problem": detail.receipt_problem})
         return
-    console.print(table(f"File {file_id}", ["field", "value"], [[k, v] for k, v in detail.file.as_dict().items()]))
+    console.print(table(_("File {file_id}").format(file_id=detail.file.file_id), [_("field"), _("value")],
+                        [[k, v] for k, v in detail.file.as_dict().items()]))
     if detail.receipt is not None:
         receipt = detail.receipt
-        console.print(table("Platform receipt", ["field", "value"], [
-            ["verifies", "yes" if detail.receipt_problem is None else f"NO: {detail.receipt_problem}"],
-            ["receiver key", receipt.get("key_id")], ["verdict", receipt.get("verdict")],
-            ["stored", fmt_ms(receipt.get("stored_ms"))], ["sha256", receipt.get("sha256")],
+        console.print(table(_("Platform receipt"), [_("field"), _("value")], [
+            [_("verifies"), _("yes") if detail.receipt_problem is None
+             else _("NO: {problem}").format(problem=detail.receipt_problem)],
+            [_("receiver key"), receipt.get("key_id")], [_("verdict"), receipt.get("verdict")],
+            [_("stored"), fmt_ms(receipt.get("stored_ms"))], ["sha256", receipt.get("sha256")],
             ["manifest sha256", receipt.get("manifest_sha256")]]))
-    console.print(table("History", ["time", "actor", "action", "reason"],
-                        [[h["ts"], h["actor"], h["action"], h["reason"]] for h in history]))
+    console.print(table(_("History"), [_("time"), _("actor"), _("action"), _("reason")],
+                        [[h["ts"], h["actor"], h["action"], h["reason"]] for h in history],
+                        drop=[_("reason"), _("actor")]))
+
+
+def folder_bytes(path: Path) -> int | None:
+    """The size of the regular files under `path` (None if it cannot be walked: the import will say why)."""
+    try:
+        return sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and not f.is_symlink())
+    except OSError:
+        return None
 
 
 @app.command("import")
@@ -135,7 +192,8 @@ def import_path(
     try:
         with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
                       TimeRemainingColumn(), console=console, disable=options(ctx).json) as progress:
-            task = progress.add_task(f"import {path.name}", total=None)
+            # The folder's size until the first pass counts what will be taken: a known total from the start.
+            task = progress.add_task(_("import {name}").format(name=path.name), total=folder_bytes(path))
             result = import_folder(cfg, path, device_id=device, officer_id=officer, reason=reason,
                                    on_progress=lambda done, total: progress.update(task, completed=done,
                                                                                    total=total or None))
@@ -147,8 +205,9 @@ def import_path(
         raise
     data = {"session_id": result.session_id, "device_id": device, "files": result.files_total,
             "sealed": result.files_done, "bytes": result.bytes_copied, "error": result.error}
-    emit(ctx, data, f"Imported {result.files_done}/{result.files_total} files ({fmt_bytes(result.bytes_copied)}) "
-                    f"from {path} as {device}; session {result.session_id}")
+    emit(ctx, data, _("Imported {done}/{total} files ({size}) from {path} as {device}; session {session}").format(
+        done=result.files_done, total=result.files_total, size=fmt_bytes(result.bytes_copied), path=path,
+        device=device, session=result.session_id))
     if result.files_missing:
         fail(f"{result.files_missing} file(s) not imported: {result.error}")
 
@@ -160,13 +219,27 @@ def verify(
     all_: Annotated[bool, typer.Option("--all", help="every stored file, the document chain and the audit log")]
     = False,
     reason: Reason = None,
+    bag: Annotated[Path | None, typer.Option("--bag", help="an exported bag: check it from its own files alone")]
+    = None,
 ) -> None:
-    """Re-hash stored files, check every manifest signature and both chains. Exit 1 on any mismatch."""
+    """Re-hash stored files, check every manifest signature and both chains; or (--bag) an exported bag from
+    its own files alone. Exit 1 on any mismatch."""
+    if bag is not None:
+        checked = services.verify.verify_bag(bag)
+        emit(ctx, checked.as_dict(), table(_("bag {bag}: {problems} problem(s)").format(
+            bag=bag, problems=len(checked.problems)), [_("problem")], [[p] for p in checked.problems])
+             if checked.problems else "[green]OK[/green]: " + _(
+                 "bag {bag} verifies from its own files (BagIt, key history, signatures, media).").format(bag=bag))
+        if not checked.ok:
+            raise typer.Exit(1)
+        return
     report = services.verify.verify(workspace(ctx), None if all_ else file_ids, reason=reason)
     checked, findings = report.checked_files, report.findings
-    human = table(f"verify: {checked} files checked, {len(findings)} problem(s)", ["subject", "what", "problem"],
-                  [[f.subject, f.what, f.message] for f in findings]) if findings else (
-        f"[green]OK[/green]: {checked} files, their manifests, the document chain and the audit log verify.")
+    human = table(_("verify: {checked} files checked, {problems} problem(s)").format(
+        checked=checked, problems=len(findings)), [_("subject"), _("what"), _("problem")],
+        [[f.subject, f.what, f.message] for f in findings]) if findings else (
+        "[green]OK[/green]: " + _("{checked} files, their manifests, the document chain and the audit log "
+                                  "verify.").format(checked=checked))
     emit(ctx, report.as_dict(), human)
     if not report.ok:
         raise typer.Exit(1)
@@ -204,13 +277,15 @@ def keys_show(ctx: typer.Context) -> None:
 
 @keys_app.command("rotate")
 def keys_rotate(ctx: typer.Context, reason: Reason = None) -> None:
-    """Replace the signing key. The old key signs a `key_rotation` document naming the new one, so the
-    chain of trust continues; its public half stays in keys/retired/ so earlier documents still verify.
-    Enrol the new public key on the platform, then restart the agent."""
+    """Replace the signing key. The old key signs a `key_rotation` document naming and carrying the new one,
+    so the chain of trust continues from the first key. A running daemon does it and signs with the new key
+    at once; the platform learns the new key from the rotation document."""
     rotation = services.keys.rotate(workspace(ctx), reason=reason)
+    signer = _("the running daemon signs with it now") if rotation.via == "daemon" else _("the agent signs with it")
     emit(ctx, rotation.as_dict(),
-         f"new key {rotation.key_id} (was {rotation.old_key_id}); enrol it on the platform, then restart the agent:"
-         f"\n{rotation.public_key_pem}")
+         _("new key {key_id} (was {old_key_id}); {signer}. The platform learns it from the signed rotation "
+           "document (no re-enrolment):").format(key_id=rotation.key_id, old_key_id=rotation.old_key_id,
+                                                 signer=signer) + f"\n{rotation.public_key_pem}")
 
 
 @config_app.command("check")

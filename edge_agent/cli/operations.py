@@ -13,6 +13,7 @@ from rich.text import Text
 
 from edge_agent import services
 from edge_agent.cli.app import app, emit, fail, fmt_bytes, fmt_ms, table, workspace
+from edge_agent.i18n import _
 
 alarms_app = typer.Typer(no_args_is_help=True, help="Active alarms: list them, clear one you dealt with.")
 app.add_typer(alarms_app, name="alarms")
@@ -172,8 +173,10 @@ def alarms_list(ctx: typer.Context) -> None:
     """Active alarms, oldest first."""
     rows = services.alarms.active(workspace(ctx))
     emit(ctx, [r.as_dict() for r in rows],
-         table("Active alarms", ["key", "kind", "subject", "since", "message"],
-               [[r.key, r.kind, r.subject, fmt_ms(r.raised_ms), r.message] for r in rows]))
+         table(_("Active alarms"), [_("key"), _("kind"), _("subject"), _("since"), _("message")],
+               [[r.key, r.kind, r.subject, fmt_ms(r.raised_ms), r.message] for r in rows],
+               drop=[_("message"), _("subject"), _("kind"), _("since")])
+         if rows else Text(_("no active alarms"), style="green"))
 
 
 @alarms_app.command("clear")
@@ -190,29 +193,38 @@ def alarms_clear(ctx: typer.Context, key: Annotated[str, typer.Argument(help="th
 def render_daemon(snapshot: Mapping[str, Any] | None) -> Any:
     """The daemon's last health snapshot (services.status.daemon_snapshot) as lines and tables."""
     if snapshot is None:
-        return Text("The daemon is not running (no fresh health snapshot in the data dir; or you may not read "
-                    "it: use sudo): start it with systemctl start edge-agent", style="yellow")
+        return Text(_("The daemon is not running (no fresh health snapshot in the data dir; or you may not read "
+                      "it: use sudo): start it with systemctl start edge-agent"), style="yellow")
     agent = snapshot["agent"]
     disk, sync = agent["disk"], agent["sync"]
     days = disk.get("days_until_full")
+    connected = ("[green]" + _("connected") + "[/green]") if sync["connected"] else ("[red]" + _("not connected")
+                                                                                      + "[/red]")
     lines = [
-        f"Daemon {agent['version']} up {agent['uptime_s'] // 3600} h {agent['uptime_s'] % 3600 // 60} min; "
-        f"platform {'[green]connected[/green]' if sync['connected'] else '[red]not connected[/red]'}"
-        + (f", last ack {fmt_ms(sync['last_ack_ms'])}" if sync.get("last_ack_ms") else ""),
-        f"Disk {disk['used_percent']:.1f}% used, store {fmt_bytes(disk['store_bytes'])}"
-        + (f", full in {days:.0f} days at this week's intake" if days is not None else ""),
-        f"Clock: {agent['clock']['source']}"
-        + (f", offset {agent['clock']['offset_ms']} ms" if agent["clock"].get("offset_ms") is not None else ""),
+        _("Daemon {version} up {hours} h {minutes} min; platform {connected}").format(
+            version=agent["version"], hours=agent["uptime_s"] // 3600, minutes=agent["uptime_s"] % 3600 // 60,
+            connected=connected)
+        + (_(", last ack {time}").format(time=fmt_ms(sync["last_ack_ms"])) if sync.get("last_ack_ms") else ""),
+        _("Storage {percent:.1f}% used, store {size}").format(percent=disk["used_percent"],
+                                                              size=fmt_bytes(disk["store_bytes"]))
+        + (_(", full in {days:.0f} days at this week's intake").format(days=days) if days is not None else ""),
+        _("Clock: {source}").format(source=agent["clock"]["source"])
+        + (_(", offset {offset} ms").format(offset=agent["clock"]["offset_ms"])
+           if agent["clock"].get("offset_ms") is not None else ""),
     ]
     parts: list[Any] = [Text.from_markup("\n".join(lines))]
     if snapshot["docks"]:
-        parts.append(table("Dock slots", ["dock", "slot", "device", "officer", "state", "pending", "copied", "rate",
-                                          "error"],
+        parts.append(table(_("Dock slots"), [_("dock"), _("slot"), _("device"), _("officer"), _("state"),
+                                             _("pending"), _("copied"), _("rate"), _("error")],
                            [[s["dock"], s["slot"], s["device_id"], s["officer_id"], s["state"], s["files_pending"],
                              fmt_bytes(s["bytes_copied"]), fmt_bytes(s["rate_bps"]) + "/s", s["last_error"]]
-                            for s in snapshot["docks"]]))
+                            for s in snapshot["docks"]],
+                           drop=[_("error"), _("rate"), _("officer"), _("copied"), _("slot")]))
     if snapshot["cameras"]:
-        parts.append(table("Cameras", ["camera", "connected", "fps", "kbit/s", "last packet", "gaps today"],
-                           [[c.get("name"), c.get("connected"), c.get("fps"), c.get("bitrate_kbps"),
-                             fmt_ms(c.get("last_packet_ms")), c.get("gaps_today")] for c in snapshot["cameras"]]))
+        parts.append(table(_("Cameras"), [_("camera"), _("connected"), "fps", "kbit/s", _("last packet"),
+                                          _("gaps today")],
+                           [[c.get("name"), _("yes") if c.get("connected") else _("no"), c.get("fps"),
+                             c.get("bitrate_kbps"), fmt_ms(c.get("last_packet_ms")), c.get("gaps_today")]
+                            for c in snapshot["cameras"]],
+                           drop=["kbit/s", "fps", _("last packet")]))
     return Group(*parts)

@@ -16,7 +16,7 @@ receiver_app = typer.Typer(no_args_is_help=True, help="The reference receiver: v
 app.add_typer(receiver_app, name="receiver")
 keys_app = typer.Typer(no_args_is_help=True, help="The receiver's receipt key, which agents pin.")
 receiver_app.add_typer(keys_app, name="keys")
-ConfigOption = Annotated[Path | None, typer.Option("--config", "-c", help="receiver.toml ([mqtt] and [receiver])")]
+ConfigOption = Annotated[Path | None, typer.Option("--config", "-c", help="receiver.toml (mqtt and receiver tables)")]
 
 
 def _config(ctx: typer.Context, config: Path | None) -> ReceiverConfig:

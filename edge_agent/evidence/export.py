@@ -14,6 +14,7 @@ bag-info.txt and, with the requester, into the audit log.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -31,7 +32,16 @@ from edge_agent.clock import now_ms
 from edge_agent.config import AgentConfig
 from edge_agent.digest import hash_stream
 from edge_agent.durable import make_dirs
-from edge_agent.evidence.manifest import AgentKey, canonical_json, read_document
+from edge_agent.evidence.keys import KeyHistory, key_history
+from edge_agent.evidence.manifest import (
+    ManifestError,
+    canonical_json,
+    key_id_of,
+    load_public_key,
+    public_pem,
+    read_document,
+    verify_signature,
+)
 from edge_agent.evidence.receipts import PinnedKeys, ReceiptError, ReceiptTrust
 from edge_agent.evidence.verify import verify_file, verify_receipt
 from edge_agent.layout import StoreLayout
@@ -45,9 +55,13 @@ Reason: {reason}
 How to check this bag:
 1. BagIt: `bagit.py --validate {bag}` (or any RFC 8493 tool) proves no payload file changed since export.
 2. Each media/<file_id>.* has SHA-256 equal to "sha256" in manifests/<file_id>.json.
-3. Each manifest, session manifest and annotation is signed: "sig" is an Ed25519 signature (base64) by
-   keys/agent_ed25519.pub over the document's canonical JSON without "sig" (RFC 8785: UTF-8, sorted keys, no
-   whitespace); "key_id" names the key. "prev" links each document to the agent's previous one.
+3. Keys: keys/key_history.json names the agent's first key (genesis_key_id; compare it with the key the
+   agent enrolled at the platform) and lists every later key with the rotation document in rotations/ that
+   hands over to it: each rotation is signed by the key before it ("old_key_id") and carries the new key
+   ("new_public_key", "new_key_id"). keys/agent/<key id>.pem holds each key; only those keys are trusted.
+   Each manifest, session manifest and annotation is signed: "sig" is an Ed25519 signature (base64) by the
+   key its "key_id" names, over the document's canonical JSON without "sig" (RFC 8785: UTF-8, sorted keys,
+   no whitespace). "prev" links each document to the agent's previous one.
 4. Each receipts/<file_id>.json is the platform's signed receipt of a synced file: "sig" is an Ed25519
    signature by the receiver key keys/receivers/<key id>.pem named in "key_id", over the receipt's canonical
    JSON without "sig"; it binds "file_id", "sha256", "size" and "manifest_sha256" (the SHA-256 of
@@ -98,7 +112,7 @@ def _annotations_by_file(catalog: Catalog, layout: StoreLayout, file_ids: set[st
     return found
 
 
-def export_case(catalog: Catalog, layout: StoreLayout, key: AgentKey, config: AgentConfig, *, case_id: str,
+def export_case(catalog: Catalog, layout: StoreLayout, config: AgentConfig, *, case_id: str,
                 dest: Path, reason: str, approved_by: str, requested_by: str | None = None) -> ExportResult:
     """Write the bag for `case_id` at `dest` (new or empty directory) and audit the export."""
     requester = requested_by or audit.os_user()
@@ -115,8 +129,10 @@ def export_case(catalog: Catalog, layout: StoreLayout, key: AgentKey, config: Ag
         raise ExportError(f"{dest} is not empty: give a new or empty directory for the bag")
     make_dirs(dest)
     result = ExportResult(bag_dir=dest, case_id=case_id)
+    keys = key_history(catalog, layout)
     try:
-        _write_payload(catalog, layout, key, config, records, dest, result)
+        _write_payload(catalog, layout, keys, config, records, dest, result)
+        result.problems.extend(f"bag: {p}" for p in check_payload(dest))   # as a third party will check it
         made = now_ms()
         info = {
             "Source-Organization": config.agent.unit,
@@ -128,7 +144,8 @@ def export_case(catalog: Catalog, layout: StoreLayout, key: AgentKey, config: Ag
             "Export-Approved-By": approved_by,
             "Export-Reason": reason,
             "Agent-Id": config.agent.id,
-            "Agent-Key-Id": key.key_id,
+            "Agent-Key-Id": str(keys.current_key_id),
+            "Agent-Genesis-Key-Id": str(keys.genesis_key_id),
             "Export-Verification": "passed" if result.ok else f"{len(result.problems)} problem(s), see "
                                                                  "verification.json",
         }
@@ -155,17 +172,40 @@ def export_case(catalog: Catalog, layout: StoreLayout, key: AgentKey, config: Ag
     return result
 
 
-def _write_payload(catalog: Catalog, layout: StoreLayout, key: AgentKey, config: AgentConfig,
+def _write_keys(layout: StoreLayout, keys: KeyHistory, config: AgentConfig, dest: Path) -> None:
+    """Every key of the signed key history, the rotation documents between them and keys/key_history.json."""
+    make_dirs(dest / "keys" / "agent")
+    make_dirs(dest / "rotations")
+    listed = []
+    handed_over = {r.new_key_id: r for r in keys.rotations}
+    for key_id, public in keys.keys.items():
+        name = f"keys/agent/{key_id.split(':', 1)[1]}.pem"
+        (dest / name).write_text(public_pem(public), encoding="ascii")
+        rotation = handed_over.get(key_id)
+        entry: dict[str, Any] = {"key_id": key_id, "public_key": name, "handed_over_by": None}
+        if rotation is not None:
+            entry["handed_over_by"] = f"rotations/{rotation.seq:08d}-{key_id.split(':', 1)[1]}.json"
+            (dest / entry["handed_over_by"]).write_bytes((layout.data_dir / rotation.path).read_bytes())
+        listed.append(entry)
+    if keys.current_key_id is not None:
+        (dest / "keys" / "agent_ed25519.pub").write_text(public_pem(keys.keys[keys.current_key_id]),
+                                                         encoding="ascii")
+    history = {"agent_id": config.agent.id, "genesis_key_id": keys.genesis_key_id, "keys": listed}
+    (dest / "keys" / "key_history.json").write_text(json.dumps(history, indent=2), encoding="utf-8")
+
+
+def _write_payload(catalog: Catalog, layout: StoreLayout, keys: KeyHistory, config: AgentConfig,
                    records: list[FileRecord], dest: Path, result: ExportResult) -> None:
     for sub in ("media", "manifests", "sessions", "annotations", "keys", "receipts"):
         make_dirs(dest / sub)
-    (dest / "keys" / "agent_ed25519.pub").write_text(key.public_pem(), encoding="ascii")
+    _write_keys(layout, keys, config, dest)
+    result.problems.extend(keys.problems)
     trust = ReceiptTrust(config.agent.id, PinnedKeys(config.mqtt.receiver_keys))
     annotations = _annotations_by_file(catalog, layout, {r.file_id for r in records})
     sessions: set[str] = set()
     entries: list[dict[str, Any]] = []
     for record in records:
-        findings = [str(f) for f in verify_file(record, layout, key, rehash=False)]
+        findings = [str(f) for f in verify_file(record, layout, keys, rehash=False)]
         (dest / "manifests" / f"{record.file_id}.json").write_bytes(layout.manifest_path(record.file_id).read_bytes())
         entry: dict[str, Any] = {"file_id": record.file_id, "state": record.state, "sha256": record.sha256,
                                  "size": record.size, "device_id": record.device_id, "officer_id": record.officer_id,
@@ -197,7 +237,7 @@ def _write_payload(catalog: Catalog, layout: StoreLayout, key: AgentKey, config:
     for session_id in sorted(sessions):
         (dest / "sessions" / f"{session_id}.json").write_bytes(
             layout.session_manifest_path(session_id).read_bytes())
-    report = {"case_id": result.case_id, "agent_id": config.agent.id, "key_id": key.key_id,
+    report = {"case_id": result.case_id, "agent_id": config.agent.id, "key_id": keys.current_key_id,
               "exported_at_ms": now_ms(), "host": platform.node(), "ok": result.ok, "files": entries,
               "sessions": sorted(sessions)}
     (dest / "verification.json").write_text(json.dumps(report, ensure_ascii=False, indent=2, sort_keys=True),
@@ -223,3 +263,70 @@ def _write_receipt(catalog: Catalog, layout: StoreLayout, trust: ReceiptTrust, r
         pem = public.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
         (dest / "keys" / "receivers" / f"{key_id.split(':', 1)[-1]}.pem").write_bytes(pem)
     return f"receipts/{record.file_id}.json"
+
+
+def check_payload(root: Path) -> list[str]:
+    """Check a bag's payload (`<bag>/data`, or the export directory before it is bagged) from its own files
+    alone, as docs/OPERATIONS.md tells a third party to: the key history from its genesis key through every
+    rotation document, every signed document by a key of that history, every media file against its
+    manifest. Returns the problems found (empty: it verifies)."""
+    try:
+        trusted = _bag_key_history(root)
+    except (OSError, ValueError, KeyError, TypeError, ManifestError) as exc:
+        return [f"key history: {exc}"]
+    return _bag_signatures(root, trusted) + _bag_media(root)
+
+
+def _bag_key_history(root: Path) -> dict[str, Any]:
+    """The keys keys/key_history.json lists, each checked: the genesis key first, then each one handed over
+    by a rotation document signed by the key before it."""
+    history = json.loads((root / "keys" / "key_history.json").read_text(encoding="utf-8"))
+    entries = history["keys"]
+    trusted: dict[str, Any] = {}
+    for i, entry in enumerate(entries):
+        public = load_public_key((root / entry["public_key"]).read_bytes())
+        if key_id_of(public) != entry["key_id"]:
+            raise ManifestError(f"{entry['public_key']} is {key_id_of(public)}, not {entry['key_id']}")
+        if i == 0 and (entry["key_id"] != history["genesis_key_id"] or entry["handed_over_by"] is not None):
+            raise ManifestError("the first key listed is not the genesis key")
+        if i > 0:
+            rotation, previous = read_document(root / entry["handed_over_by"]), entries[i - 1]["key_id"]
+            if (rotation.get("type"), rotation.get("old_key_id"), rotation.get("new_key_id")) != (
+                    "key_rotation", previous, entry["key_id"]):
+                raise ManifestError(f"{entry['handed_over_by']} does not hand {previous} over to {entry['key_id']}")
+            verify_signature(rotation, trusted[previous])
+            if key_id_of(load_public_key(str(rotation.get("new_public_key")))) != entry["key_id"]:
+                raise ManifestError(f"{entry['handed_over_by']} carries another key than {entry['key_id']}")
+        trusted[entry["key_id"]] = public
+    return trusted
+
+
+def _bag_signatures(root: Path, trusted: dict[str, Any]) -> list[str]:
+    problems = []
+    for folder in ("manifests", "sessions", "annotations"):
+        for path in sorted((root / folder).glob("*.json")):
+            try:
+                doc = read_document(path)
+                key = trusted.get(str(doc.get("key_id")))
+                if key is None:
+                    raise ManifestError(f"signed by {str(doc.get('key_id'))[:80]!r}, a key not in the bag's "
+                                        "key history")
+                verify_signature(doc, key)
+            except ManifestError as exc:
+                problems.append(f"{folder}/{path.name}: {exc}")
+    return problems
+
+
+def _bag_media(root: Path) -> list[str]:
+    problems = []
+    for path in sorted((root / "media").glob("*")):
+        try:
+            expected = read_document(root / "manifests" / f"{path.stem}.json").get("sha256")
+        except ManifestError as exc:
+            problems.append(f"media/{path.name}: {exc}")
+            continue
+        with open(path, "rb") as media:
+            digest = hashlib.file_digest(media, "sha256").hexdigest()
+        if digest != expected:
+            problems.append(f"media/{path.name}: SHA-256 {digest[:16]}… is not the manifest's")
+    return problems

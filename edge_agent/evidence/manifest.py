@@ -18,7 +18,7 @@ import hashlib
 import json
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from zoneinfo import ZoneInfo
@@ -123,24 +123,16 @@ def key_id_of(public_key: Ed25519PublicKey) -> str:
 
 KEY_FILE = "agent_ed25519.pem"
 PUB_FILE = "agent_ed25519.pub"
-NEXT_KEY_FILE = "agent_ed25519.next.pem"   # a rotation in progress (see rotate_key)
-RETIRED_DIR = "retired"                      # public keys of rotated-out keys: <key_id>.pub
+NEXT_KEY_FILE = "agent_ed25519.next.pem"   # a rotation in progress (see begin_rotation)
+RETIRED_DIR = "retired"                      # not read: retired keys are trusted through the rotation chain only
 
 
 @dataclass(frozen=True)
 class AgentKey:
-    """The agent's Ed25519 signing key, kept 0600 in data_dir/keys, and the public halves of the keys it
-    replaced (keys/retired/), so documents signed before a rotation still verify."""
+    """The agent's Ed25519 signing key, kept 0600 in data_dir/keys. Which keys verify which documents is
+    the signed rotation chain's business (evidence/keys.py), not this file's."""
 
     private: Ed25519PrivateKey
-    retired: dict[str, Ed25519PublicKey] = field(default_factory=dict)
-
-    def public_for(self, key_id: object) -> Ed25519PublicKey:
-        """The public key a document names in `key_id`: this key or a retired one (else this key,
-        so that the signature check reports the mismatch)."""
-        if isinstance(key_id, str) and key_id in self.retired:
-            return self.retired[key_id]
-        return self.public
 
     @property
     def public(self) -> Ed25519PublicKey:
@@ -151,12 +143,14 @@ class AgentKey:
         return key_id_of(self.public)
 
     def public_pem(self) -> str:
-        return self.public.public_bytes(
-            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-        ).decode("ascii")
+        return public_pem(self.public)
 
     def public_raw_b64(self) -> str:
-        raw = self.public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+        return self.raw_b64(self.public)
+
+    @staticmethod
+    def raw_b64(public: Ed25519PublicKey) -> str:
+        raw = public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
         return base64.b64encode(raw).decode("ascii")
 
     def sign(self, doc: dict[str, Any]) -> dict[str, Any]:
@@ -173,12 +167,12 @@ class AgentKey:
 
     @classmethod
     def load_or_create(cls, keys_dir: Path) -> AgentKey:
-        """Load the agent key, creating it (mode 0600) on first start."""
+        """Load the agent key, creating it (mode 0600) on first start. A rotation in progress is left alone:
+        the data dir's owner finishes or drops it (`recover_rotation`); signers pick the key in force with
+        `load_in_force`."""
         path = keys_dir / KEY_FILE
-        if (keys_dir / NEXT_KEY_FILE).exists():
-            finish_rotation(keys_dir)
         if path.exists():
-            return cls(_load_private(path), _load_retired(keys_dir))
+            return cls(_load_private(path))
         make_dirs(keys_dir, mode=0o700)
         os.chmod(keys_dir, 0o700)
         key = cls(Ed25519PrivateKey.generate())
@@ -186,6 +180,28 @@ class AgentKey:
         atomic_write(keys_dir / PUB_FILE, key.public_pem().encode("ascii"), mode=0o644)
         fsync_dir(keys_dir)
         return key
+
+    @classmethod
+    def load_in_force(cls, keys_dir: Path, key_id: str) -> AgentKey:
+        """The private key with `key_id`: the key file, or the next key of a rotation whose document is
+        chained but whose files are not yet swapped. ManifestError if neither is it."""
+        for name in (KEY_FILE, NEXT_KEY_FILE):
+            if (keys_dir / name).exists():
+                key = cls(_load_private(keys_dir / name))
+                if key.key_id == key_id:
+                    return key
+        raise ManifestError(f"the signing key in force is {key_id} (catalog), but {keys_dir} holds no such private "
+                            "key: restore keys/ from the backup made at the rotation; nothing is signed meanwhile")
+
+    @staticmethod
+    def load_public(keys_dir: Path) -> Ed25519PublicKey:
+        """The current key's public half (agent_ed25519.pub), readable without the private key."""
+        return load_public_key((keys_dir / PUB_FILE).read_bytes())
+
+
+def public_pem(key: Ed25519PublicKey) -> str:
+    return key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+                            ).decode("ascii")
 
 
 def _load_private(path: Path) -> Ed25519PrivateKey:
@@ -201,35 +217,38 @@ def _load_private(path: Path) -> Ed25519PrivateKey:
 load_private_key = _load_private   # public: the receiver's receipt key is loaded the same way
 
 
-def _load_retired(keys_dir: Path) -> dict[str, Ed25519PublicKey]:
-    retired = {}
-    for pub in sorted((keys_dir / RETIRED_DIR).glob("*.pub")):
-        key = load_public_key(pub.read_bytes())
-        retired[key_id_of(key)] = key
-    return retired
-
-
-def begin_rotation(keys_dir: Path) -> tuple[AgentKey, AgentKey]:
-    """Step 1 of a rotation: keep the old public key as retired and write the next key beside the current.
-
-    Returns (old, new). The caller signs a `key_rotation` document with the old key, then calls
-    `finish_rotation`; a crash in between is finished at the next `load_or_create`."""
-    old = AgentKey.load_or_create(keys_dir)
-    new = AgentKey(Ed25519PrivateKey.generate(), {**old.retired, old.key_id: old.public})
-    retired = keys_dir / RETIRED_DIR
-    make_dirs(retired, mode=0o700)
-    atomic_write(retired / f"{old.key_id.split(':', 1)[1]}.pub", old.public_pem().encode("ascii"), mode=0o644)
+def begin_rotation(keys_dir: Path) -> AgentKey:
+    """Step 1 of a rotation: write the next key durably beside the current one and return it. The caller
+    then signs and chains the `key_rotation` document with the old key, recording the new key as the one in
+    force in the same transaction, and calls `finish_rotation`; `recover_rotation` settles a crash."""
+    new = AgentKey(Ed25519PrivateKey.generate())
     atomic_write(keys_dir / NEXT_KEY_FILE, new.private_pem(), mode=0o600)
-    return old, new
+    fsync_dir(keys_dir)
+    return new
 
 
 def finish_rotation(keys_dir: Path) -> None:
-    """Step 2: the next key becomes the key; the old private key is gone (only its public half stays)."""
+    """Step 2: the next key becomes the key; the old private key is gone (its public half is in the
+    rotation chain: the old key is named by the rotation document and was recorded before it)."""
     nxt = keys_dir / NEXT_KEY_FILE
     key = AgentKey(_load_private(nxt))
     atomic_write(keys_dir / PUB_FILE, key.public_pem().encode("ascii"), mode=0o644)
     os.replace(nxt, keys_dir / KEY_FILE)
     fsync_dir(keys_dir)
+
+
+def recover_rotation(keys_dir: Path, in_force: str | None) -> str | None:
+    """Settle a rotation a crash interrupted (the data dir's owner only): finished if its document was
+    chained (the next key is the one in force), dropped otherwise. Returns "finished", "dropped" or None."""
+    nxt = keys_dir / NEXT_KEY_FILE
+    if not nxt.exists():
+        return None
+    if in_force is not None and AgentKey(_load_private(nxt)).key_id == in_force:
+        finish_rotation(keys_dir)
+        return "finished"
+    os.unlink(nxt)
+    fsync_dir(keys_dir)
+    return "dropped"
 
 
 def load_public_key(pem_or_raw: bytes | str) -> Ed25519PublicKey:

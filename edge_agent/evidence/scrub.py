@@ -21,7 +21,7 @@ from edge_agent.catalog.alarms import TAMPER
 from edge_agent.clock import now_ms
 from edge_agent.config import AgentConfig
 from edge_agent.digest import hash_stream
-from edge_agent.evidence.manifest import AgentKey
+from edge_agent.evidence.keys import KeyHistory, key_history
 from edge_agent.evidence.verify import Finding, verify_audit, verify_chain, verify_file
 from edge_agent.layout import StoreLayout
 
@@ -43,11 +43,11 @@ class ScrubRun:
 class Scrubber:
     """Re-verifies the store in the background; one instance per agent."""
 
-    def __init__(self, catalog: Catalog, layout: StoreLayout, key: AgentKey, config: AgentConfig,
+    def __init__(self, catalog: Catalog, layout: StoreLayout, config: AgentConfig,
                  stop: threading.Event | None = None):
         self.catalog = catalog
         self.layout = layout
-        self.key = key
+        self._keys: KeyHistory | None = None   # the signed key history, read again at each run
         self.config = config
         self.stop = stop or threading.Event()
         self.rate_bps = config.health.scrub_mb_s * 1024 * 1024
@@ -70,10 +70,11 @@ class Scrubber:
         deadline = time.monotonic() + budget_s
         self._paced_from, self._paced_bytes = time.monotonic(), 0
         cursor = self.catalog.meta_get(CURSOR_KEY) or ""
+        self._keys = keys = key_history(self.catalog, self.layout)   # a rotation since the last run counts
         while time.monotonic() < deadline and not self.stop.is_set():
             batch = self.catalog.files.sealed_after(cursor, BATCH)
             if not batch:
-                findings = verify_chain(self.catalog, self.layout, self.key) + verify_audit(self.catalog)
+                findings = verify_chain(self.catalog, self.layout, keys) + verify_audit(self.catalog)
                 self._report(findings)
                 run.findings += len(findings)
                 run.pass_completed = True
@@ -102,7 +103,8 @@ class Scrubber:
         return run
 
     def check(self, record: FileRecord) -> list[Finding]:
-        findings = verify_file(record, self.layout, self.key, rehash=False)
+        keys = self._keys if self._keys is not None else key_history(self.catalog, self.layout)
+        findings = verify_file(record, self.layout, keys, rehash=False)
         if record.state == State.PURGED or findings:
             return findings
         stored = self.layout.data_dir / (record.store_path or "")

@@ -1,6 +1,10 @@
 """Tamper detection (G4): re-hash stored files, check every signed document and
 both chains (documents and audit), and the platform's receipt of every synced file. Used by
-`edge-agent verify` and the scrub."""
+`edge-agent verify`, the scrub and the export.
+
+A signature is trusted only by a key of the agent's signed key history (evidence/keys.py): the genesis key
+and the keys the chain's rotation documents hand over to; in the chain each document must be signed by the
+key in force at its place."""
 
 from __future__ import annotations
 
@@ -10,9 +14,9 @@ from dataclasses import dataclass
 
 from edge_agent.catalog import CONFIRMED, Catalog, FileRecord, State
 from edge_agent.digest import hash_file
+from edge_agent.evidence.keys import KeyHistory, key_history
 from edge_agent.evidence.manifest import (
     GENESIS_PREV,
-    AgentKey,
     ManifestError,
     canonical_json,
     read_document,
@@ -32,7 +36,7 @@ class Finding:
         return f"{self.subject} [{self.what}]: {self.message}"
 
 
-def verify_file(record: FileRecord, layout: StoreLayout, key: AgentKey,
+def verify_file(record: FileRecord, layout: StoreLayout, keys: KeyHistory,
                 rehash: bool = True) -> list[Finding]:
     findings: list[Finding] = []
     manifest_path = layout.manifest_path(record.file_id)
@@ -44,7 +48,7 @@ def verify_file(record: FileRecord, layout: StoreLayout, key: AgentKey,
         findings.append(Finding(record.file_id, "manifest", "manifest bytes differ from the hash recorded at sealing"))
     try:
         doc = read_document(manifest_path)
-        verify_signature(doc, key.public_for(doc.get("key_id")))
+        verify_signature(doc, keys.public_for(doc.get("key_id")))
     except ManifestError as exc:
         return [*findings, Finding(record.file_id, "manifest", str(exc))]
     if doc.get("sha256") != record.sha256 or doc.get("size") != record.size:
@@ -86,9 +90,10 @@ def verify_receipt(record: FileRecord, catalog: Catalog, layout: StoreLayout, tr
     return findings
 
 
-def verify_chain(catalog: Catalog, layout: StoreLayout, key: AgentKey) -> list[Finding]:
-    """Walk the signed-document chain: every link, every document's bytes and signature."""
-    findings: list[Finding] = []
+def verify_chain(catalog: Catalog, layout: StoreLayout, keys: KeyHistory) -> list[Finding]:
+    """Walk the signed-document chain: every link, every document's bytes, and its signature by the key in
+    force at its place (the rotation documents decide which)."""
+    findings = [Finding("keys", "chain", problem) for problem in keys.problems]
     prev, expected = GENESIS_PREV, 1
     for row in catalog.documents.chain():
         if row["seq"] != expected:
@@ -106,7 +111,12 @@ def verify_chain(catalog: Catalog, layout: StoreLayout, key: AgentKey) -> list[F
             else:
                 try:
                     doc = read_document(path)
-                    verify_signature(doc, key.public_for(doc.get("key_id")))
+                    expected = keys.in_force_at(row["seq"])
+                    if doc.get("key_id") != expected:
+                        raise ManifestError(f"signed by {str(doc.get('key_id'))[:80]!r}, but the key in force at "
+                                            f"chain seq {row['seq']} is {expected} ({keys.describe()}); a public "
+                                            "key file (e.g. in keys/retired/) is not trusted")
+                    verify_signature(doc, keys.public_for(expected))
                     if doc.get("prev") != row["prev"]:
                         findings.append(Finding(row["doc_id"], "chain", "document's prev differs from the chain"))
                 except ManifestError as exc:
@@ -137,19 +147,20 @@ def iter_files(catalog: Catalog, file_ids: list[str] | None = None) -> Iterator[
         last = batch[-1].file_id
 
 
-def verify_all(catalog: Catalog, layout: StoreLayout, key: AgentKey, file_ids: list[str] | None = None,
+def verify_all(catalog: Catalog, layout: StoreLayout, file_ids: list[str] | None = None,
                progress: Callable[[FileRecord], None] | None = None,
                receipts: ReceiptTrust | None = None) -> list[Finding]:
     """Every finding about these files (default: all, then the chain and the audit log); with `receipts`, the
-    platform's receipt of every confirmed file too."""
+    platform's receipt of every confirmed file too. Keys are trusted by the signed key history only."""
+    keys = key_history(catalog, layout)
     findings: list[Finding] = []
     for record in iter_files(catalog, file_ids):
-        findings.extend(verify_file(record, layout, key))
+        findings.extend(verify_file(record, layout, keys))
         if receipts is not None:
             findings.extend(verify_receipt(record, catalog, layout, receipts))
         if progress is not None:
             progress(record)
     if not file_ids:
-        findings.extend(verify_chain(catalog, layout, key))
+        findings.extend(verify_chain(catalog, layout, keys))
         findings.extend(verify_audit(catalog))
     return findings

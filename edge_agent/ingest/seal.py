@@ -4,6 +4,11 @@ The manifest is built from the catalog row alone (`evidence.manifest.file_manife
 adds (a camera segment's camera and the gaps before it) were stored on the row at discovery (`extras`),
 so a file sealed by crash recovery carries them too, and sealing never calls back into a source.
 Session manifests, annotations and key rotations are signed into the same chain by `sign_document`.
+
+The key that signs is the one in force by the catalog (meta `signing_key_id`), checked inside every signing
+transaction: a rotation (`rotate_key`, here or in another process) swaps it under the same lock and write
+transaction that chains the rotation document, so no document is signed by the old key after it. The first
+signing records the genesis key (evidence/keys.py), from which the rotation chain is trusted.
 """
 
 from __future__ import annotations
@@ -16,15 +21,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edge_agent.catalog import Catalog, FileRecord, State
+from edge_agent.catalog import Catalog, FileRecord, State, audit
 from edge_agent.config import AgentConfig
 from edge_agent.durable import SyncGroup, atomic_write_many
+from edge_agent.evidence.keys import GENESIS_KEY, KEY_IN_FORCE, ROTATION_KIND, legacy_genesis
 from edge_agent.evidence.manifest import (
     GENESIS_PREV,
     MANIFEST_VERSION,
     AgentKey,
+    ManifestError,
+    begin_rotation,
     canonical_json,
     file_manifest,
+    finish_rotation,
     session_manifest,
     write_document,
 )
@@ -46,9 +55,31 @@ class Sealer:
     layout: StoreLayout
     config: AgentConfig
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
+    _anchored: bool = field(default=False, init=False, repr=False)
 
     def _head(self) -> tuple[int, str]:
-        return self.catalog.documents.head() or (0, GENESIS_PREV)
+        """The chain head, with the key in force and the genesis key settled: call inside the signing
+        transaction (it may swap `key` and write the genesis key into it)."""
+        head = self.catalog.documents.head()
+        self._key_in_force(head)
+        return head or (0, GENESIS_PREV)
+
+    def _key_in_force(self, head: tuple[int, str] | None) -> None:
+        meta = self.catalog.meta
+        in_force = meta.get(KEY_IN_FORCE)
+        if in_force is not None and in_force != self.key.key_id:   # rotated by another process meanwhile
+            self.key = AgentKey.load_in_force(self.layout.keys, in_force)
+        if self._anchored:
+            return
+        if meta.get(GENESIS_KEY) is None:
+            genesis = self.key.public if head is None else legacy_genesis(self.catalog, self.layout, self.key)
+            if genesis is None:
+                raise ManifestError("the chain's first document was not signed by this agent's key or a key in "
+                                    "keys/retired/: its genesis key cannot be recorded; restore keys/ from backup")
+            meta.set(GENESIS_KEY, AgentKey.raw_b64(genesis))
+        if in_force is None:
+            meta.set(KEY_IN_FORCE, self.key.key_id)
+        self._anchored = True
 
     def manifest_body(self, record: FileRecord, model_serial: tuple[Any, Any] | None = None) -> dict[str, Any]:
         """The signed fields of `record`'s manifest, from its row and its device's row."""
@@ -128,3 +159,25 @@ class Sealer:
             self.catalog.sessions.set_manifest(session_id, digest, len(rows))
 
         return self.sign_document("session", session_id, body, path, after=record)
+
+    def rotate_key(self, *, reason: str, actor: str, via: str) -> tuple[str, str]:
+        """Replace the signing key: the old key signs a `key_rotation` document naming the new one (its
+        public key included), chained, with the new key recorded as the one in force and `keys.rotated`
+        audited as `actor`, in one transaction after the next key's file and the document are durable; then
+        the key files are swapped and this sealer signs with the new key. Returns (old, new) key ids. The
+        data dir's owner only (it runs `recover_rotation` after a crash)."""
+        with self._lock, self.catalog.transaction() as conn:
+            self._head()   # the key in force and the genesis key, settled before the old key signs
+            old = self.key
+            new = begin_rotation(self.layout.keys)
+            body = {"v": MANIFEST_VERSION, "type": ROTATION_KIND, "agent_id": self.config.agent.id,
+                    "old_key_id": old.key_id, "new_key_id": new.key_id, "new_public_key": new.public_pem(),
+                    "reason": reason, "by": actor}
+            path = self.layout.data_dir / "rotations" / f"{new.key_id.split(':', 1)[1]}.json"
+            self._signed(conn, ROTATION_KIND, new.key_id, body, path)
+            self.catalog.meta.set(KEY_IN_FORCE, new.key_id)
+            audit.append(conn, "keys.rotated", subject=new.key_id, reason=reason, actor=actor,
+                         detail={"old_key_id": old.key_id, "via": via})
+            self.key = new
+        finish_rotation(self.layout.keys)
+        return old.key_id, new.key_id

@@ -11,7 +11,8 @@ first gate. The protocol is JSON lines:
 The caller is who the kernel says it is (`SO_PEERCRED`), never what the request claims: its user name is the
 `actor` of the audit entries the request writes (`Caller.actor`). Every request is answered on its own thread,
 at most `MAX_CONNECTIONS` at a time (more are told `busy`); a malformed, oversized, slow or abandoned request
-ends that connection with an error line and never the server. The server knows one operation itself,
+ends that connection with an error line and never the server. Operations: `import` (a folder as a docking
+session) and `keys_rotate` (a new signing key, used by the daemon at once). The server knows one itself,
 `hello` (its pid and ops: is the owner there and answering?); the daemon hands it the others by name
 (edge_agent/daemon.py); `request` is the client (edge_agent/services).
 """
@@ -122,6 +123,23 @@ class ImportArgs:
 
     def audit_detail(self) -> dict[str, Any]:
         return {"device_id": self.device_id, "officer_id": self.officer_id}
+
+
+@dataclass(frozen=True)
+class RotateArgs:
+    """`keys_rotate`: replace the agent's signing key (services/keys.py)."""
+
+    reason: str
+    user: str | None = None   # who the client says it is (kept only from root, see `Caller.actor`)
+
+    def as_wire(self) -> dict[str, Any]:
+        return {"reason": self.reason, "user": self.user}
+
+    @classmethod
+    def from_wire(cls, args: Mapping[str, Any]) -> RotateArgs:
+        reason = _text(args, "reason", required=True, limit=2000)
+        assert reason is not None
+        return cls(reason, _text(args, "user", limit=64))
 
 
 def _text(args: Mapping[str, Any], name: str, *, required: bool = False, limit: int) -> str | None:

@@ -189,6 +189,8 @@ class HealthMonitor:
             "ts_ms": now, "ts": iso_ms(now),
             "agent": {
                 **self.process.health(),
+                # How often to expect the next snapshot: a watcher calls the agent stale after 3 of them.
+                "health_interval_s": self.config.health.interval_s,
                 "clock": self.clock(),
                 "cpu_percent": self._process.cpu_percent(None),
                 "system_cpu_percent": psutil.cpu_percent(None),

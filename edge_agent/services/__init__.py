@@ -13,6 +13,7 @@ from edge_agent.services import (
     devices,
     export,
     files,
+    fleet,
     holds,
     keys,
     receiver,
@@ -23,4 +24,4 @@ from edge_agent.services import (
 from edge_agent.services.workspace import NoCatalog, ServiceError, Workspace
 
 __all__ = ["NoCatalog", "ServiceError", "Workspace", "alarms", "audit", "cameras", "custody", "devices", "export",
-           "files", "holds", "keys", "receiver", "status", "sync", "verify"]
+           "files", "fleet", "holds", "keys", "receiver", "status", "sync", "verify"]

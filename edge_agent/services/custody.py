@@ -58,7 +58,7 @@ def tag(ws: Workspace, file_ids: list[str], *, case_id: str | None = None, party
     """Tag each file in turn; the first refusal stops there (the files before it stay tagged)."""
     catalog, sealer = ws.catalog, ws.sealer
     done = []
-    for file_id in file_ids:
+    for file_id in map(ws.file_id, file_ids):
         with refusals(CustodyError, UnknownFile):
             done.append(Annotation(custody.tag(catalog, sealer, ws.layout, file_id, case_id=case_id, party=party,
                                                retention=retention, reason=reason)))

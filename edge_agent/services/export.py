@@ -31,7 +31,7 @@ def export(ws: Workspace, *, case_id: str, dest: Path, reason: str, approved_by:
     """Write the bag of `case_id` into `dest` (new or empty); `requested_by` defaults to the OS user."""
     catalog = ws.catalog
     with refusals(ExportError):
-        result = export_case(catalog, ws.layout, ws.key, ws.config, case_id=case_id, dest=dest, reason=reason,
+        result = export_case(catalog, ws.layout, ws.config, case_id=case_id, dest=dest, reason=reason,
                              approved_by=approved_by, requested_by=requested_by)
     return CaseExport(result.bag_dir, case_id, result.files, result.media_bytes, tuple(result.not_local),
                       tuple(result.problems))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,8 +42,47 @@ def list_files(ws: Workspace, *, states: list[str] | None = None, device_id: str
     return tuple(ws.reports.files(states=states, device_id=device_id, case_id=case_id, limit=limit))
 
 
+@dataclass(frozen=True)
+class FilePage(Result):
+    """One page of `files list`: the files, newest first; how many match in all; `next_cursor` to pass for
+    the page after this one (None on the last page); each file's short id as list views show it."""
+
+    files: tuple[FileRecord, ...]
+    total: int
+    limit: int | None
+    next_cursor: str | None
+    short_ids: Mapping[str, str]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"total": self.total, "count": len(self.files), "limit": self.limit, "next_cursor": self.next_cursor,
+                "files": [f.as_dict() for f in self.files]}
+
+
+def page(ws: Workspace, *, states: list[str] | None = None, device_id: str | None = None,
+         case_id: str | None = None, since_ms: int | None = None, limit: int | None = 50,
+         cursor: str | None = None) -> FilePage:
+    """A page of files, newest first (`limit` None: all of them), from `cursor` (a page's `next_cursor`)."""
+    reports = ws.reports
+    after = _after(cursor) if cursor else None
+    files = reports.files(states=states, device_id=device_id, case_id=case_id, since_ms=since_ms, after=after,
+                          limit=None if limit is None else limit + 1)
+    more = limit is not None and len(files) > limit
+    files = files[:limit] if limit is not None else files
+    total = reports.count_files(states=states, device_id=device_id, case_id=case_id, since_ms=since_ms)
+    next_cursor = f"{files[-1].created_ms}.{files[-1].file_id}" if more and files else None
+    return FilePage(tuple(files), total, limit, next_cursor, ws.short_ids([f.file_id for f in files]))
+
+
+def _after(cursor: str) -> tuple[int, str]:
+    created, _, file_id = cursor.partition(".")
+    if not created.isdigit() or not file_id:
+        raise ServiceError(f"{cursor!r} is not a cursor: pass the next_cursor of the page before")
+    return int(created), file_id
+
+
 def show(ws: Workspace, file_id: str, *, reason: str | None = None) -> FileDetail:
     """One file; the access is audited (and so is the last entry of the history returned)."""
+    file_id = ws.file_id(file_id)
     with refusals(UnknownFile):
         record = ws.catalog.get(file_id)
     ws.catalog.audit("files.show", subject=file_id, reason=reason)
@@ -59,6 +99,7 @@ def view(ws: Workspace, file_id: str, *, reason: str, approved_by: str, to: Path
     catalog = ws.catalog
     if not reason.strip() or not approved_by.strip():
         raise ServiceError("viewing needs --reason and --approved-by (R7)")
+    file_id = ws.file_id(file_id)
     with refusals(UnknownFile):
         record = catalog.get(file_id)
     if record.state == State.PURGED or not record.store_path:

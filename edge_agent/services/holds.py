@@ -31,6 +31,7 @@ class Released(Result):
 def place(ws: Workspace, *, reason: str, file_id: str | None = None, case_id: str | None = None) -> Placed:
     """Hold one file or (`case_id`) every file of a case, also those tagged with it later."""
     with refusals(HoldError, UnknownFile):
+        file_id = ws.file_id(file_id) if file_id else file_id
         hold_id = place_hold(ws.catalog, reason=reason, file_id=file_id, case_id=case_id)
     return Placed(hold_id, file_id, case_id, reason)
 
@@ -38,6 +39,7 @@ def place(ws: Workspace, *, reason: str, file_id: str | None = None, case_id: st
 def release(ws: Workspace, *, reason: str, file_id: str | None = None, case_id: str | None = None) -> Released:
     """Release the active holds on a file or a case; releasing a case ends its files' evidence class."""
     with refusals(HoldError, UnknownFile):
+        file_id = ws.file_id(file_id) if file_id else file_id
         released, reclassified = release_hold(ws.catalog, reason=reason, file_id=file_id, case_id=case_id)
     return Released(released, reclassified, file_id, case_id)
 

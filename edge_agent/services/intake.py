@@ -20,7 +20,8 @@ from typing import Any
 
 from edge_agent.catalog import Catalog, audit
 from edge_agent.config import AgentConfig
-from edge_agent.evidence.manifest import AgentKey
+from edge_agent.evidence.keys import KEY_IN_FORCE
+from edge_agent.evidence.manifest import AgentKey, recover_rotation
 from edge_agent.ingest import Ingestor, Sealer
 from edge_agent.layout import DataDirLock, DataDirOwned, StoreLayout
 from edge_agent.ops import control
@@ -101,6 +102,7 @@ def _as_owner(config: AgentConfig, layout: StoreLayout, args: ImportArgs,
               on_progress: Callable[[int, int], None] | None) -> ImportResult:
     catalog = Catalog(config.catalog_path)
     try:
+        recover_rotation(layout.keys, catalog.meta.get(KEY_IN_FORCE))   # under the lock, as the owner
         sealer = Sealer(catalog, AgentKey.load_or_create(layout.keys), layout, config)
         ingestor = Ingestor(catalog, layout, sealer, config)
         ingestor.recover()   # under the lock: no other process has a copy in flight

@@ -1,12 +1,32 @@
-"""The agent's signing key: show it (to enrol it on the platform) and rotate it."""
+"""The agent's signing key: show it (to enrol it on the platform) and rotate it.
+
+`rotate` is done by the data dir's owner (`layout.DataDirLock`) and no one else, as `import` is:
+- a daemon runs (it holds the lock): the request goes to it over its control socket (`ops/control.py`); its
+  sealer chains the rotation document and swaps its key under its lock, so it signs with the new key at once
+  and never with the old one after the rotation document; `keys.rotated` is audited as the calling OS user
+  (from the kernel);
+- no daemon runs: this process takes the lock, settles a rotation a crash interrupted, and rotates.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from edge_agent.catalog import audit as audit_log
-from edge_agent.evidence.manifest import begin_rotation, finish_rotation
+from edge_agent.evidence.keys import KEY_IN_FORCE
+from edge_agent.evidence.manifest import (
+    AgentKey,
+    ManifestError,
+    key_id_of,
+    load_public_key,
+    public_pem,
+    recover_rotation,
+)
 from edge_agent.ingest import Sealer
+from edge_agent.layout import DataDirLock, DataDirOwned
+from edge_agent.ops import control
+from edge_agent.ops.control import RotateArgs
 from edge_agent.services.workspace import Result, ServiceError, Workspace
 
 
@@ -23,6 +43,7 @@ class Rotation(Result):
     old_key_id: str
     key_id: str
     public_key_pem: str
+    via: str            # "daemon" (the running daemon rotated and signs with the new key now) or "cli"
 
 
 def show(ws: Workspace) -> KeyInfo:
@@ -33,19 +54,34 @@ def show(ws: Workspace) -> KeyInfo:
 
 
 def rotate(ws: Workspace, *, reason: str | None) -> Rotation:
-    """Replace the signing key. The old key signs a `key_rotation` document naming the new one, so the chain
-    of trust continues; its public half stays in keys/retired/ so earlier documents still verify. A crash
-    between the two steps is finished by the next key load. The running daemon keeps the old key until it
-    is restarted."""
+    """Replace the signing key. The old key signs a `key_rotation` document naming the new one (and carrying
+    its public key), chained, so the chain of trust continues from the genesis key (evidence/keys.py)."""
     if not reason:
         raise ServiceError("say why the key is rotated: --reason (it goes into the signed rotation record and the "
                            "audit log)")
-    catalog, layout = ws.catalog, ws.layout
-    old, new = begin_rotation(layout.keys)
-    body = {"old_key_id": old.key_id, "new_key_id": new.key_id, "new_public_key": new.public_pem(),
-            "reason": reason, "by": audit_log.os_user()}
-    path = layout.data_dir / "rotations" / f"{new.key_id.split(':', 1)[1]}.json"
-    Sealer(catalog, old, layout, ws.config).sign_document("key_rotation", new.key_id, body, path)
-    finish_rotation(layout.keys)
-    catalog.audit("keys.rotated", subject=new.key_id, reason=reason, detail={"old_key_id": old.key_id})
-    return Rotation(old.key_id, new.key_id, new.public_pem())
+    layout = ws.layout.open()
+    args = RotateArgs(reason, user=audit_log.os_user())
+    try:
+        lock = DataDirLock.acquire(layout, command="keys rotate")
+    except DataDirOwned as owned:
+        try:
+            result = control.request(layout.control_socket, "keys_rotate", args.as_wire())
+        except control.ControlUnavailable as exc:
+            raise ServiceError(f"{owned}. It takes no requests ({exc}): if it is an `edge-agent run` starting up, "
+                               f"try again in a moment; else wait for it to end", code=2) from None
+        except control.ControlError as exc:
+            raise ServiceError(f"the daemon (pid {owned.pid}) refused the rotation: {exc}") from None
+        return _rotation(result, "daemon")
+    with lock:
+        recover_rotation(layout.keys, ws.catalog.meta.get(KEY_IN_FORCE))   # a rotation a crash interrupted
+        sealer = Sealer(ws.catalog, AgentKey.load_or_create(layout.keys), layout, ws.config)
+        old, new = sealer.rotate_key(reason=reason, actor=audit_log.os_user(), via="cli")
+        return Rotation(old, new, sealer.key.public_pem(), "cli")
+
+
+def _rotation(result: dict[str, Any], via: str) -> Rotation:
+    try:
+        key = load_public_key(str(result.get("public_key_pem")))   # what the daemon said, as a key
+    except (ValueError, ManifestError) as exc:
+        raise ServiceError(f"the daemon's answer holds no usable public key ({exc}); see its log") from None
+    return Rotation(str(result.get("old_key_id")), key_id_of(key), public_pem(key), via)

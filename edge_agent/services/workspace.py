@@ -19,6 +19,9 @@ from edge_agent.evidence.manifest import AgentKey
 from edge_agent.ingest import Sealer
 from edge_agent.layout import StoreLayout
 
+FILE_ID_LENGTH = 26    # a ULID
+SHORT_ID_LENGTH = 10   # what list views show of it (a unique prefix is accepted wherever an id is taken)
+
 
 class Result:
     """Base of a service's frozen dataclasses: `as_dict()` is the fields in order as JSON-ready values (nested
@@ -98,6 +101,31 @@ class Workspace:
     @cached_property
     def reports(self) -> CatalogReports:
         return CatalogReports(self.catalog)
+
+    def file_id(self, text: str) -> str:
+        """The file a custodian means by `text`: an id, or a unique prefix of one (list views show 10
+        characters); a prefix of several is refused naming them. Unknown text is returned as given, for the
+        caller's own "no such file"."""
+        text = text.strip().upper()   # ULIDs are upper case; a custodian may type them in lower case
+        if len(text) == FILE_ID_LENGTH:
+            return text
+        matches = self.reports.file_ids_with_prefix(text, limit=3)
+        if len(matches) > 1:
+            raise ServiceError(f"{text!r} is the start of several file ids ({', '.join(matches)}"
+                               f"{', ...' if len(matches) > 2 else ''}): give more of the id")
+        return matches[0] if matches else text
+
+    def short_ids(self, file_ids: list[str]) -> dict[str, str]:
+        """Each id's shortest prefix of at least `SHORT_ID_LENGTH` characters that no other file shares, as
+        list views show it. ULIDs made in the same millisecond share their first 10 characters and, being
+        monotonic, nearly all the rest: files of one batch show most of their id."""
+        shortest = {}
+        for file_id in file_ids:
+            n = SHORT_ID_LENGTH
+            while n < len(file_id) and len(self.reports.file_ids_with_prefix(file_id[:n], limit=2)) > 1:
+                n += 1
+            shortest[file_id] = file_id[:n]
+        return shortest
 
     def close(self) -> None:
         if "catalog" in self.__dict__:

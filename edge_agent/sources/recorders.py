@@ -32,6 +32,9 @@ from edge_agent.config import ConfigError, Problem
 MAX_NAME_BYTES = 255
 MAX_DEPTH = 16
 
+# The device id of a volume that said nothing of who it is: this prefix and its volume label.
+UNIDENTIFIED_PREFIX = "unknown:"
+
 
 @dataclass(frozen=True)
 class RecorderModel:
@@ -193,7 +196,7 @@ def identify_volume(volume: Path, label: str, models: list[RecorderModel], *, se
             parsed = parse_name(name, model, tz)
             if parsed.device:
                 return VolumeIdentity(device_id=parsed.device, method="file_pattern", model=model.name), model
-    return VolumeIdentity(device_id=f"unknown:{label}", method="unknown"), None
+    return VolumeIdentity(device_id=f"{UNIDENTIFIED_PREFIX}{label}", method="unknown"), None
 
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")

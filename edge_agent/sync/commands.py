@@ -10,10 +10,16 @@ credential cannot drive the agent. A command is obeyed only if:
   directory of `*.pem`);
 - it names this agent in `agent` (a command signed for one agent cannot be
   replayed to another);
+- its `seq` (a positive integer the platform raises with every command it signs
+  with that key) is higher than the highest `seq` this agent obeyed from that key
+  (`command_seqs` in the catalog). This is what refuses a replay: it holds across
+  restarts and whatever the wall clock does (a clock stepped back brings a captured
+  command's `ts` into the window again, never its `seq` above the last);
 - its `ts` (ms since the epoch) is within `COMMAND_WINDOW_MS` of the agent's
-  clock;
-- its `id` was never obeyed before: ids are kept in the catalog for the window,
-  so a replay is refused across restarts too.
+  clock: the window only bounds freshness (a command held back for hours is
+  refused even if its `seq` is new);
+- its `id` was never obeyed before (ids are kept in the catalog for twice the
+  window): a second line of defence for the audit log's sake.
 
 Everything else is refused, logged with the reason and written to the audit
 log; nothing about the key material is ever logged. With no `command_keys`
@@ -23,6 +29,7 @@ configured every command is refused.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -58,13 +65,16 @@ class CommandRefused(Exception):
 
 
 class CommandGate:
-    """Admits a decoded command (schema-checked) only when it is authentic, fresh and not a replay."""
+    """Admits a decoded command (schema-checked) only when it is authentic, fresh and not a replay.
+
+    `clock` is the agent's wall clock (ms); it bounds freshness only, replays are refused by `seq`."""
 
     def __init__(self, catalog: Catalog, agent_id: str, keys_path: Path | None,
-                 window_ms: int = COMMAND_WINDOW_MS):
+                 window_ms: int = COMMAND_WINDOW_MS, clock: Callable[[], int] = now_ms):
         self.catalog = catalog
         self.agent_id = agent_id
         self.window_ms = window_ms
+        self.clock = clock
         self.keys = load_command_keys(keys_path) if keys_path is not None else {}
 
     def admit(self, command: dict[str, Any]) -> bool:
@@ -91,16 +101,25 @@ class CommandGate:
             raise CommandRefused(f"bad signature: {exc}") from None
         if command.get("agent") != self.agent_id:
             raise CommandRefused(f"addressed to agent {str(command.get('agent'))[:64]!r}, not to this one")
-        now = now_ms()
+        seq = command.get("seq")
+        if not isinstance(seq, int) or isinstance(seq, bool) or seq < 1:
+            raise CommandRefused("no seq: the platform numbers the commands it signs with each key (a positive "
+                                 "integer, higher every time; docs/PROTOCOL.md); this agent refuses unnumbered ones")
+        now = self.clock()
         ts = command["ts"]
         if abs(now - ts) > self.window_ms:
             raise CommandRefused(f"ts {ts} is {abs(now - ts) // 1000} s away from this agent's clock "
                                  f"(window {self.window_ms // 1000} s): stale or replayed")
-        ids = self.catalog.command_ids
+        key_id, ids, seqs = command["key_id"], self.catalog.command_ids, self.catalog.command_seqs
         with self.catalog.transaction():  # checked and remembered atomically; a refusal forgets nothing
+            last = seqs.last(key_id)
+            if last is not None and seq <= last:
+                raise CommandRefused(f"seq {seq} is not above {last}, the last obeyed from {key_id}: replay "
+                                     "(or the platform reset its numbering: it must continue above the last)")
             ids.forget_before(now - 2 * self.window_ms)
             if ids.seen(command["id"]):
                 raise CommandRefused("this command id was already obeyed: replay")
             ids.remember(command["id"], ts, now)
+            seqs.advance(key_id, seq, command["id"], now)
             self.catalog.audit("command.accepted", subject=str(command["id"]), actor="platform",
-                               detail={"cmd": command["cmd"], "key_id": command["key_id"]})
+                               detail={"cmd": command["cmd"], "key_id": key_id, "seq": seq})

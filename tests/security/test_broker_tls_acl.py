@@ -197,7 +197,9 @@ def test_real_agent_and_receiver_sync_over_mutual_tls_under_the_acl(secured: tup
         with running_agent(cfg) as agent:
             make_recorder_volume(dock, "A123456", {"DCIM/100/A123456_320102123_20261122080000.MP4": 700_000},
                                  identity={"DeviceID": "A123456", "PoliceID": "320102123"})
-            (synced,) = wait_for(lambda: agent.catalog.files(states=["synced"]), 60, what="file synced over TLS")
+            # Every file on the volume travels (the identity file too); the recording is the one to follow.
+            (synced,) = wait_for(lambda: [f for f in agent.catalog.files(states=["synced"])
+                                          if f.original_path.endswith(".MP4")], 60, what="recording synced over TLS")
         assert receiver.store.stored("ws-test-01", synced.file_id)["sha256"] == synced.sha256
     finally:
         receiver.stop()

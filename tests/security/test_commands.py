@@ -1,5 +1,6 @@
-"""Platform commands are obeyed only when signed by a platform key, addressed to this agent, fresh and
-never seen before; everything else is refused, logged and audited, across restarts too."""
+"""Platform commands are obeyed only when signed by a platform key, addressed to this agent, numbered above
+the last obeyed from that key, fresh and never seen before; everything else is refused, logged and audited,
+across restarts and clock steps too."""
 
 from __future__ import annotations
 
@@ -36,11 +37,13 @@ class Platform:
         self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="platform", protocol=mqtt.MQTTv5)
         self.client.connect("127.0.0.1", port)
         self.client.loop_start()
+        self.seq = 0   # the platform numbers the commands it signs with its key
 
     def command(self, cmd: str = "resync", *, agent: str = AGENT, ts: int | None = None,
-                cmd_id: str | None = None) -> dict[str, Any]:
+                cmd_id: str | None = None, seq: int | None = None) -> dict[str, Any]:
+        self.seq += 1
         return self.key.sign({"cmd": cmd, "id": cmd_id or uuid.uuid4().hex, "ts": now_ms() if ts is None else ts,
-                              "agent": agent})
+                              "seq": self.seq if seq is None else seq, "agent": agent})
 
     def send(self, payload: dict[str, Any] | bytes) -> None:
         data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
@@ -83,18 +86,19 @@ def test_signed_fresh_command_is_obeyed_and_every_forgery_or_replay_is_refused(
     good = platform.command("resync")
     stranger = AgentKey(Ed25519PrivateKey.generate())
     tampered = {**platform.command("resync"), "cmd": "purge-everything"}
-    forged_key_id = {**stranger.sign({"cmd": "resync", "id": "f1", "ts": now_ms(), "agent": AGENT}),
+    forged_key_id = {**stranger.sign({"cmd": "resync", "id": "f1", "ts": now_ms(), "seq": 99, "agent": AGENT}),
                      "key_id": platform.key.key_id}
-    unsigned = {"cmd": "resync", "id": "u1", "ts": now_ms(), "agent": AGENT}
+    unsigned = {"cmd": "resync", "id": "u1", "ts": now_ms(), "seq": 99, "agent": AGENT}
     refused = {
         "replay": good,
         "unsigned": unsigned,
-        "unknown key": stranger.sign({"cmd": "resync", "id": "s1", "ts": now_ms(), "agent": AGENT}),
+        "unknown key": stranger.sign({"cmd": "resync", "id": "s1", "ts": now_ms(), "seq": 99, "agent": AGENT}),
         "tampered": tampered,
         "forged key id": forged_key_id,
         "stale": platform.command(ts=now_ms() - 3_600_000),
         "from the future": platform.command(ts=now_ms() + 3_600_000),
         "other agent": platform.command(agent="ws-other-02"),
+        "unnumbered": platform.key.sign({"cmd": "resync", "id": "n1", "ts": now_ms(), "agent": AGENT}),
     }
     with running_agent(cfg) as agent:
         obeyed = _connected_with_inbox(agent)
@@ -109,6 +113,7 @@ def test_signed_fresh_command_is_obeyed_and_every_forgery_or_replay_is_refused(
         assert "bad signature" in reasons[3] and "bad signature" in reasons[4]
         assert "stale or replayed" in reasons[5] and "stale or replayed" in reasons[6]
         assert "not to this one" in reasons[7]
+        assert "no seq" in reasons[8]
         # Checked after the refusals were audited: none of them reached any command handler.
         assert obeyed.empty()
         assert [r["subject"] for r in _audited(agent, "command.accepted")] == [good["id"]]
@@ -120,6 +125,42 @@ def test_signed_fresh_command_is_obeyed_and_every_forgery_or_replay_is_refused(
         platform.send(second)
         assert obeyed.get(timeout=10)["id"] == second["id"]
         assert "replay" in _audited(agent, "command.refused")[-1]["reason"]
+        assert obeyed.empty()
+
+
+def test_captured_command_replayed_after_the_clock_steps_back_is_refused_by_its_seq(
+        tmp_path: Path, mosquitto: Mosquitto, platform: Platform) -> None:
+    """The window cannot stop this replay: the clock stepped back brings the captured command's `ts` into it
+    again and its id was forgotten long ago (ids are kept for twice the window). Only `seq` refuses it."""
+    cfg = _config(tmp_path, mosquitto, platform.public_path)
+    hour = 3_600_000
+    start = now_ms()
+    with running_agent(cfg) as agent:
+        obeyed = _connected_with_inbox(agent)
+        gate = agent.uplink.command_gate
+        captured = platform.command("resync", ts=start)
+        platform.send(captured)
+        assert obeyed.get(timeout=10)["id"] == captured["id"]
+        gate.clock = lambda: start + hour            # an hour on: the captured id leaves the id table
+        later = platform.command("resync", ts=start + hour)
+        platform.send(later)
+        assert obeyed.get(timeout=10)["id"] == later["id"]
+        assert not agent.catalog.command_ids.seen(captured["id"])
+
+        gate.clock = lambda: start + 1000            # the clock steps back an hour: `captured` is fresh again
+        platform.send(captured)
+        wait_for(lambda: _audited(agent, "command.refused"), 10, what="replay refused")
+        reason = _audited(agent, "command.refused")[-1]["reason"]
+        assert f"seq {captured['seq']} is not above {later['seq']}" in reason and "replay" in reason
+        higher = platform.command("resync", ts=start + 1000)
+        platform.send(higher)
+        assert obeyed.get(timeout=10)["id"] == higher["id"]   # numbered above the last: obeyed
+        assert obeyed.empty()
+    with running_agent(cfg) as agent:   # the highest seq is in the catalog: a restart keeps refusing
+        obeyed = _connected_with_inbox(agent)
+        platform.send(captured)   # fresh by the real clock, its id long forgotten
+        wait_for(lambda: len(_audited(agent, "command.refused")) >= 2, 10, what="replay refused after restart")
+        assert "is not above" in _audited(agent, "command.refused")[-1]["reason"]
         assert obeyed.empty()
 
 

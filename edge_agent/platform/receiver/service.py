@@ -36,7 +36,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import queue
-import re
 import signal
 import threading
 import time
@@ -44,11 +43,11 @@ from collections import OrderedDict
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from edge_agent.config import ReceiverConfig
-from edge_agent.evidence.manifest import ManifestError, canonical_json, key_id_of, load_public_key, verify_signature
+from edge_agent.evidence.manifest import ManifestError, canonical_json, verify_signature
 from edge_agent.platform.receiver.fair import FairQueue
+from edge_agent.platform.receiver.keyring import KeyRing
 from edge_agent.platform.receiver.receipts import Receipts, ReceiverKey
 from edge_agent.platform.receiver.store import ChunkStore, Limits
 from edge_agent.platform.receiver.supervise import Loop, Supervisor
@@ -76,6 +75,7 @@ from edge_agent.protocol.wire import (
 log = logging.getLogger(__name__)
 
 NO_MANIFEST = "no manifest for this file: send the manifest first"
+LEARNED_KEYS = Path("keys") / "learned"   # in the store: agents' keys learned from their rotation documents
 Key = tuple[str, str]   # (agent id, file id)
 PARK_WAIT_S = 1.0                  # how long an orphan chunk waits for its manifest (shared subscription only)
 PARK_AGENT_BYTES = 32 * 1024**2    # orphan chunks' bytes kept per agent
@@ -89,48 +89,6 @@ LOG_EVERY_S = 10.0                  # a per-message warning, per event and agent
 Parked = tuple[float, str, bytes, "str | None"]   # (deadline, topic, payload, data sha256)
 
 
-class KeyRing:
-    """Enrolled agents' public keys: `<keys_dir>/<agent_id>.pem` (PEM or raw base64), reread when changed.
-
-    The file may hold several PEM blocks: an agent that rotated its key (`edge-agent keys rotate`) is
-    enrolled with its new key beside the old, and each manifest is checked against the key its `key_id`
-    names."""
-
-    def __init__(self, keys_dir: Path):
-        self.keys_dir = Path(keys_dir)
-        self._cache: dict[str, tuple[int, dict[str, Ed25519PublicKey]]] = {}
-
-    def get(self, agent_id: str, key_id: object = None) -> Ed25519PublicKey | None:
-        keys = self._keys(agent_id)
-        if not keys:
-            return None
-        if isinstance(key_id, str) and key_id in keys:
-            return keys[key_id]
-        return next(iter(keys.values()))  # the signature check then names the mismatch
-
-    def _keys(self, agent_id: str) -> dict[str, Ed25519PublicKey]:
-        path = self.keys_dir / f"{agent_id}.pem"
-        try:
-            mtime = path.stat().st_mtime_ns
-        except FileNotFoundError:
-            return {}
-        cached = self._cache.get(agent_id)
-        if cached is not None and cached[0] == mtime:
-            return cached[1]
-        keys: dict[str, Ed25519PublicKey] = {}
-        try:
-            text = path.read_text(encoding="ascii")
-            blocks = re.findall(r"-----BEGIN PUBLIC KEY-----.*?-----END PUBLIC KEY-----", text, re.S) or [text]
-            for block in blocks:
-                key = load_public_key(block)
-                keys[key_id_of(key)] = key
-        except (OSError, ValueError, ManifestError) as exc:
-            log.error("enrolled key unusable path=%s error=%s", path, exc)
-            return {}
-        self._cache[agent_id] = (mtime, keys)
-        return keys
-
-
 class Receiver:
     def __init__(self, config: ReceiverConfig):
         rc = config.receiver
@@ -141,7 +99,7 @@ class Receiver:
             max_reserved_bytes=int(rc.max_reserved_gb_per_agent * 1024**3),
             min_free_bytes=int(rc.min_free_gb * 1024**3)))
         self.expiry_s = rc.incoming_expiry_days * 86400
-        self.keys = KeyRing(rc.keys_dir)
+        self.keys = KeyRing(rc.keys_dir, rc.store_dir / LEARNED_KEYS)   # learn_rotation: keyring.py
         self.receipts = Receipts(ReceiverKey.load_or_create(rc.receipt_key_dir), self.store)
         self.max_chunk = rc.max_chunk_kib * 1024
         self.max_file = int(rc.max_file_gb * 1024**3)
@@ -370,11 +328,7 @@ class Receiver:
             if (doc["agent_id"], doc["file_id"]) != (ft.agent_id, ft.file_id):
                 raise WireError(f"manifest of {doc['agent_id']}/{doc['file_id']} was published on the topic of "
                                 f"{ft.agent_id}/{ft.file_id}")
-            key = self.keys.get(ft.agent_id, doc.get("key_id"))
-            if key is None:
-                raise WireError(f"agent {ft.agent_id} is not enrolled: no public key "
-                                f"{self.keys.keys_dir / (ft.agent_id + '.pem')}")
-            verify_signature(doc, key)
+            verify_signature(doc, self.keys.key_for(ft.agent_id, doc.get("key_id")))   # KeyRefused: retired
             if doc["size"] > self.max_file:
                 raise WireError(f"file of {doc['size']} bytes is larger than this receiver takes "
                                 f"(receiver.max_file_gb)")

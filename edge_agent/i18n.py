@@ -1,0 +1,76 @@
+"""The custodian's language: gettext catalogs (domain `edge_agent`) under edge_agent/locale, managed with
+Babel (scripts/i18n.sh: extract, update, compile).
+
+`use(language)` picks the catalog the human-facing strings of this process come from; `_` translates with it;
+`N_` only marks a string for extraction (it is translated where it is shown). `--json` output and log lines
+never go through here: they stay English and stable. A catalog not compiled yet (no .mo: setup has not run)
+is read from its .po, so a checkout without a build still speaks Chinese.
+"""
+
+from __future__ import annotations
+
+import gettext
+import io
+import os
+from collections.abc import Mapping
+from functools import cache
+from pathlib import Path
+
+DOMAIN = "edge_agent"
+LOCALE_DIR = Path(__file__).parent / "locale"
+LANGUAGES = ("en", "zh_CN")
+ENGLISH = "en"
+
+_active: gettext.NullTranslations = gettext.NullTranslations()
+
+
+def language_from_env(environ: Mapping[str, str] | None = None) -> str:
+    """`zh_CN` when the locale is Chinese (LC_ALL, LC_MESSAGES, LANG, LANGUAGE in gettext's order), else `en`."""
+    env = os.environ if environ is None else environ
+    for name in ("LANGUAGE", "LC_ALL", "LC_MESSAGES", "LANG"):
+        value = env.get(name, "")
+        if value:
+            return "zh_CN" if value.split(":")[0].lower().startswith("zh") else ENGLISH
+    return ENGLISH
+
+
+def choose(configured: str | None, environ: Mapping[str, str] | None = None) -> str:
+    """The configured language (`[ui] language`) if set, else the locale's."""
+    return configured if configured in LANGUAGES else language_from_env(environ)
+
+
+@cache
+def translations(language: str) -> gettext.NullTranslations:
+    """The catalog of `language` (English: none, the msgids are English)."""
+    if language == ENGLISH:
+        return gettext.NullTranslations()
+    messages = LOCALE_DIR / language / "LC_MESSAGES"
+    mo, po = messages / f"{DOMAIN}.mo", messages / f"{DOMAIN}.po"
+    if mo.exists() and (not po.exists() or mo.stat().st_mtime >= po.stat().st_mtime):
+        with open(mo, "rb") as f:
+            return gettext.GNUTranslations(f)
+    if not po.exists():
+        return gettext.NullTranslations()
+    from babel.messages.mofile import write_mo
+    from babel.messages.pofile import read_po
+
+    with open(po, "rb") as f:
+        catalog = read_po(f, locale=language)
+    buffer = io.BytesIO()
+    write_mo(buffer, catalog)
+    buffer.seek(0)
+    return gettext.GNUTranslations(buffer)
+
+
+def use(language: str) -> None:
+    """Translate this process's human-facing strings into `language` from now on."""
+    global _active
+    _active = translations(language)
+
+
+def _(message: str) -> str:
+    return _active.gettext(message)
+
+
+def N_(message: str) -> str:  # noqa: N802 - gettext's name for "mark for extraction only"
+    return message

@@ -1,0 +1,79 @@
+"""Every word the status page shows, in English (the msgids), marked for extraction; `page_strings` gives
+them in the page's language for the script (static/board.js looks each up by its English text)."""
+
+from __future__ import annotations
+
+from edge_agent.i18n import N_, translations
+
+PAGE_STRINGS = (
+    N_("Evidence collection status"),
+    N_("Body-worn recorders"),
+    N_("No body-worn recorder is docked."),
+    N_("Cameras"),
+    N_("No cameras configured."),
+    N_("Uplink"),
+    N_("Storage"),
+    N_("Alarms"),
+    N_("No active alarms"),
+    N_("Live"),
+    N_("Connection to the agent lost; retrying"),
+    # bay states and fields
+    N_("Identifying recorder"),
+    N_("Collecting"),
+    N_("Paused"),
+    N_("Safe to take"),
+    N_("Stuck"),
+    N_("Device"),
+    N_("Model"),
+    N_("Officer"),
+    N_("Files"),
+    N_("Data"),
+    N_("Rate"),
+    N_("Time left"),
+    N_("unknown"),
+    N_("Do not remove: collection in progress"),
+    # cameras and uplink
+    N_("Connected"),
+    N_("Not connected"),
+    N_("Recording"),
+    N_("Not recording"),
+    N_("Gaps today"),
+    N_("Waiting for upload"),
+    N_("Oldest not yet synced"),
+    N_("All synced"),
+    N_("Uplink not configured"),
+    N_("used"),
+    N_("free"),
+    N_("file(s)"),
+    N_("since"),
+)
+
+# Why a bay is stuck (services.board's codes).
+STUCK = {
+    "unidentified": N_("Recorder not identified: assign it to an officer (edge-agent assign), then dock it again."),
+    "disk_full": N_("Storage is full: collection waits and nothing is lost. Free space or wait for upload."),
+    "read_error": N_("A file could not be read: dock the recorder again; if it repeats, hand it to the technician."),
+}
+
+# What to do about an alarm, by its kind (ops/alarms and the parts that raise them).
+ADVICE = {
+    "disk_high": N_("Storage is nearly full: check the uplink, then free storage space or add a disk."),
+    "unsynced_overdue": N_("Files have waited too long for upload: check the network and the platform."),
+    "clock_offset": N_("The clock is off: check time synchronisation (NTP)."),
+    "tamper": N_("Stored evidence failed verification: do not touch the workstation; report to your supervisor."),
+    "camera_offline": N_("The camera is offline: check its power and network cable."),
+    "sync_rejected": N_("The platform refused a file: run edge-agent sync now --retry-rejected, then check the log."),
+    "sync_blocked": N_("A file cannot be uploaded: run edge-agent sync now --retry-rejected, then check the log."),
+    "component_stalled": N_("A part of the agent stopped responding: it is being restarted; call the technician "
+                            "if this stays."),
+    "recorder_unidentified": STUCK["unidentified"],
+}
+DEFAULT_ADVICE = N_("Check the alarm with edge-agent alarms list.")
+
+ALL_STRINGS = (*PAGE_STRINGS, *STUCK.values(), *ADVICE.values(), DEFAULT_ADVICE)
+
+
+def page_strings(language: str) -> dict[str, str]:
+    """English text -> the text in `language`, for every string of the page."""
+    catalog = translations(language)
+    return {text: catalog.gettext(text) for text in ALL_STRINGS}
