@@ -54,9 +54,9 @@ from pathlib import Path
 from typing import Any
 
 from edge_agent.clock import now_ms
-from edge_agent.digest import hash_file
+from edge_agent.digest import hash_stream
 from edge_agent.durable import atomic_write, fsync_dir, make_dirs
-from edge_agent.platform.receiver.supervise import Loop
+from edge_agent.platform.receiver.supervise import Loop, pulse
 from edge_agent.protocol.heartbeat import Heartbeat
 from edge_agent.protocol.wire import (
     ACK_COMPLETE,
@@ -571,6 +571,8 @@ class ChunkStore:
             for seq in range(first, total):
                 data = os.pread(fd, chunk_size, seq * chunk_size)
                 digest.update(data)
+                if seq % 64 == 0:
+                    pulse()   # re-reading a large file after a restart is progress, not a stuck thread
                 if hashlib.sha256(data).hexdigest().encode("ascii") != records.get(seq):
                     lost.append(seq)
             os.fsync(fd)
@@ -651,9 +653,13 @@ class ChunkStore:
     def object_intact(self, sha256: str) -> bool:
         """The object named `sha256` exists and its bytes hash to that name (read in full)."""
         try:
-            return hash_file(self.object_path(sha256))[0] == sha256
+            fd = os.open(self.object_path(sha256), os.O_RDONLY)
         except FileNotFoundError:
             return False
+        try:   # a large object takes minutes: each block read is progress for the supervisor
+            return hash_stream(fd, lambda _block: pulse())[0] == sha256
+        finally:
+            os.close(fd)
 
     def expire(self, max_age_s: float) -> list[tuple[str, str, float]]:
         """Drop transfers nothing touched for `max_age_s` (their agent sends the file again if it still has it),

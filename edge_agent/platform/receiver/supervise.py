@@ -33,6 +33,15 @@ FAULT_ENV = "EDGE_AGENT_RECEIVER_FAULT"
 
 _fault_lock = threading.Lock()
 _fault_fired = False
+_current = threading.local()   # .heartbeat: the Loop running on this thread
+
+
+def pulse() -> None:
+    """Progress inside one long step (a commit re-reading a large file): beats the heartbeat of the Loop this
+    thread runs, if any, so the step is not taken for a stuck thread."""
+    heartbeat = getattr(_current, "heartbeat", None)
+    if heartbeat is not None:
+        heartbeat.beat()
 
 
 class InjectedFault(RuntimeError):
@@ -71,6 +80,7 @@ class Loop:
         return threading.Thread(target=self._run, name=self.name, daemon=True)
 
     def _run(self) -> None:
+        _current.heartbeat = self.heartbeat
         self.heartbeat.beat()
         inject_fault(self.name)
         self._target(self.heartbeat)
