@@ -6,13 +6,16 @@ from __future__ import annotations
 
 import hashlib
 import socket
+import threading
 import tomllib
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from edge_agent.evidence.manifest import AgentKey
-from edge_agent.platform.receiver.supervise import EXIT_STUCK, FAULT_ENV
+from edge_agent.platform.receiver.supervise import EXIT_STUCK, FAULT_ENV, Loop, Supervisor, pulse
+from edge_agent.protocol.heartbeat import Heartbeat
 from tests.helpers import wait_for, write_toml
 from tests.peers.mosquitto import Mosquitto
 from tests.sync_support import AGENT_ID, ScriptedAgent, random_bytes, receiver_logged, receiver_proc, receiver_setup
@@ -90,3 +93,30 @@ def test_a_stuck_receiver_thread_exits_non_zero_and_the_watchdog_is_fed_only_whi
         a_file_completes(mosquitto.port, key)
     finally:
         assert proc.stop() == 0
+
+
+def test_a_long_step_that_reports_progress_is_not_taken_for_a_stuck_thread() -> None:
+    """A commit re-reading a 64 GiB file after a restart takes minutes inside one step: it pulses, so the
+    supervisor does not exit (and the restarted receiver redo the same step forever); a silent one is stuck."""
+    stopping, release, exits = threading.Event(), threading.Event(), []
+
+    def long_step(pulsing: bool) -> Callable[[Heartbeat], None]:
+        def step(_heartbeat: Heartbeat) -> None:
+            while not release.wait(0.01):
+                if pulsing:
+                    pulse()
+        return step
+
+    pulsing = Loop("receiver-syncer", long_step(True), stopping)
+    silent = Loop("receiver-worker", long_step(False), stopping)
+    pulsing.start()
+    silent.start()
+    try:
+        supervisor = Supervisor(lambda: [pulsing.vital()], check_s=0.1, stall_s=1, exit_process=exits.append)
+        watched_silent = Supervisor(lambda: [silent.vital()], check_s=0.1, stall_s=1, exit_process=exits.append)
+        release.wait(2.5)   # longer than stall_s: the time a stuck thread needs to be seen as stuck
+        assert supervisor.check() and exits == []
+        assert not watched_silent.check() and exits == [EXIT_STUCK]
+    finally:
+        release.set()
+        stopping.set()

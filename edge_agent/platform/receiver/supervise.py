@@ -65,6 +65,12 @@ def inject_fault(thread_name: str) -> None:
     raise InjectedFault(f"{thread_name}: injected fault ({FAULT_ENV})")
 
 
+def _exit_now(code: int) -> None:
+    """Exit at once (a stuck thread would keep a normal exit waiting), the log flushed first."""
+    logging.shutdown()
+    os._exit(code)
+
+
 class Loop:
     """One of the receiver's long-lived threads as the supervisor sees it: `target(heartbeat)` runs until the
     receiver stops, beating each time round (`idle()` before an open-ended wait); restartable."""
@@ -109,11 +115,11 @@ class Supervisor:
     systemd watchdog only after a check found every one live."""
 
     def __init__(self, vitals: Callable[[], list[Vital]], *, check_s: float, stall_s: float,
-                 exit_process: Callable[[int], None] = os._exit):
+                 exit_process: Callable[[int], None] | None = None):
         self.vitals = vitals
         self.check_s = check_s
         self.stall_s = stall_s
-        self.exit_process = exit_process
+        self.exit_process = exit_process or _exit_now
         self.restarts: dict[str, int] = {}
         self.watchdog_s = sdnotify.watchdog_interval_s()
         self._last_ping = 0.0
@@ -156,7 +162,6 @@ class Supervisor:
                              "be recovered in process; exiting %d for systemd to restart the receiver",
                              vital.name, silent, self.stall_s, EXIT_STUCK)
                 sdnotify.notify(f"STATUS=stuck: {vital.name}")
-                logging.shutdown()
                 self.exit_process(EXIT_STUCK)
                 return False
         return live
