@@ -321,8 +321,15 @@ def test_manifests_from_an_agent_at_its_cap_are_answered_busy_before_any_verific
     store = tmp_path / "store"
     config = receiver_setup(tmp_path, mosquitto.port, store, keyed[1], max_open_transfers_per_agent=1)
     proc = receiver_proc(tmp_path, config).start()
-    wait_for(lambda: receiver_logged(tmp_path, "mqtt connected"), 20, what="receiver connected")
-    agent = ScriptedAgent(mosquitto.port, keyed[0])
+    try:
+        wait_for(lambda: receiver_logged(tmp_path, "mqtt connected"), 20, what="receiver connected")
+        at_cap_flood_is_busy(store, tmp_path, mosquitto.port, keyed[0])
+    finally:
+        assert proc.stop() == 0
+
+
+def at_cap_flood_is_busy(store: Path, tmp_path: Path, port: int, key: AgentKey) -> None:
+    agent = ScriptedAgent(port, key)
     content = random_bytes(65536)
     doc = agent.manifest(content)
     agent.send_manifest(doc)   # open: the agent is at its cap
@@ -337,7 +344,6 @@ def test_manifests_from_an_agent_at_its_cap_are_answered_busy_before_any_verific
     agent.send_chunks(doc, content)       # the open transfer is untouched
     agent.ack(doc["file_id"], "complete")
     agent.close()
-    assert proc.stop() == 0
 
 
 def test_the_receiver_learns_a_rotated_key_from_the_signed_rotation_document_and_refuses_the_retired_key(
