@@ -273,6 +273,7 @@ class ReceiverConfig(_Section):
 
     mqtt: MqttSection = MqttSection()
     receiver: ReceiverSection = ReceiverSection()
+    liveness: LivenessSection = LivenessSection()   # the receiver's threads (platform/receiver/supervise.py)
 
 
 class FleetSection(_Section):

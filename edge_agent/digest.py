@@ -152,3 +152,24 @@ def fingerprint(path: Path | os.PathLike[str]) -> str:
     finally:
         os.close(fd)
     return f"{size}:{digest.hexdigest()}"
+
+
+def fingerprint_covers_all(size: int) -> bool:
+    """True if a file of `size` bytes is hashed whole by `fingerprint` (equal fingerprints: equal bytes)."""
+    return size <= 2 * FINGERPRINT_SPAN
+
+
+def confirmed_fingerprint(fp: str, sha256: str) -> str:
+    """The fingerprint a row keeps when its content shares `fp` with other content: `<fp>+<full SHA-256>`.
+    Its `fingerprint_base` is still `fp`, so lookups by fingerprint find it; the suffix tells the twins apart."""
+    return f"{fp}+{sha256}"
+
+
+def fingerprint_base(stored: str) -> str:
+    """The `fingerprint` part of a stored fingerprint (see `confirmed_fingerprint`)."""
+    return stored.partition("+")[0]
+
+
+def fingerprint_sha256(stored: str) -> str | None:
+    """The full SHA-256 a confirmed fingerprint carries, None for a plain one."""
+    return stored.partition("+")[2] or None

@@ -314,6 +314,38 @@ def test_a_new_transfer_beyond_an_agents_cap_is_answered_busy_and_taken_later(
     assert proc.stop() == 0
 
 
+def test_manifests_from_an_agent_at_its_cap_are_answered_busy_before_any_verification_and_logged_once(
+        tmp_path: Path, mosquitto: Mosquitto, keyed: tuple[AgentKey, Path]) -> None:
+    """A flood of manifests from an agent at its cap costs the receiver a directory listing each: no schema
+    check, no signature check, no lock file, no log line each (`busy` is what a genuine one would get now)."""
+    store = tmp_path / "store"
+    config = receiver_setup(tmp_path, mosquitto.port, store, keyed[1], max_open_transfers_per_agent=1)
+    proc = receiver_proc(tmp_path, config).start()
+    try:
+        wait_for(lambda: receiver_logged(tmp_path, "mqtt connected"), 20, what="receiver connected")
+        at_cap_flood_is_busy(store, tmp_path, mosquitto.port, keyed[0])
+    finally:
+        assert proc.stop() == 0
+
+
+def at_cap_flood_is_busy(store: Path, tmp_path: Path, port: int, key: AgentKey) -> None:
+    agent = ScriptedAgent(port, key)
+    content = random_bytes(65536)
+    doc = agent.manifest(content)
+    agent.send_manifest(doc)   # open: the agent is at its cap
+    flood = [agent.manifest(b"x", sha256="ab" * 32) for _ in range(40)]
+    for forged in flood:
+        agent.publish(forged["file_id"], "manifest", b'{"unsigned": true}')
+    for forged in flood:
+        assert agent.ack(forged["file_id"], "receiving")["reason"] == "busy"
+    assert sorted(p.stem for p in (store / "locks" / AGENT_ID).iterdir()) == [doc["file_id"]]
+    log = (tmp_path / "receiver-1.log").read_text()
+    assert log.count("transfer deferred") == 1 and "rejected message" not in log
+    agent.send_chunks(doc, content)       # the open transfer is untouched
+    agent.ack(doc["file_id"], "complete")
+    agent.close()
+
+
 def test_the_receiver_learns_a_rotated_key_from_the_signed_rotation_document_and_refuses_the_retired_key(
         receiver: Path, mosquitto: Mosquitto, keyed: tuple[AgentKey, Path], tmp_path: Path) -> None:
     """A real agent rotates twice; the operator enrolled only its first key. `KeyRing.learn_rotation` (what

@@ -84,6 +84,37 @@ def test_a_twin_with_the_name_size_and_mtime_of_a_collected_file_but_other_bytes
         assert json.loads(audit[0]["detail"])["twins"] == [old.file_id]
 
 
+def test_a_twin_that_differs_from_a_collected_file_only_in_its_middle_is_a_new_file(tmp_path: Path) -> None:
+    # Its first and last MiB (the fingerprint) are the old file's: only the full SHA-256 tells them apart.
+    cfg, root = directory_dock(tmp_path)
+    first = os.urandom(3 << 20)
+    volume = make_recorder_volume(root, "ZFY0503", {CLIP: first}, identity=IDENTITY)
+    mtime_ns = (volume / CLIP).stat().st_mtime_ns
+    with running_agent(cfg) as agent:
+        (old,) = wait_states(agent.catalog, 1)
+        away = undock(agent.catalog, volume)
+        second = first[:1 << 20] + os.urandom(1 << 20) + first[2 << 20:]
+        (away / CLIP).write_bytes(second)
+        os.utime(away / CLIP, ns=(mtime_ns, mtime_ns))
+        os.rename(away, volume)
+        sealed = wait_states(agent.catalog, 2)
+        new = next(r for r in sealed if r.file_id != old.file_id)
+        assert new.sha256 == hashlib.sha256(second).hexdigest() != old.sha256
+        assert new.sha256 == sha256_of(agent.layout.data_dir / new.store_path)
+        assert new.source_fingerprint.startswith(old.source_fingerprint + "+")
+        (event,) = events(agent.catalog, "identity_collision")
+        assert (event["file_id"], event["twin_file_ids"]) == (new.file_id, [old.file_id])
+        # Docked once more, the second recording is known: no third file, no second collision.
+        away = volume.with_name("." + volume.name)
+        os.rename(volume, away)
+        wait_for(lambda: len(agent.catalog.query("SELECT 1 FROM sessions WHERE state = 'undocked'")) == 2,
+                 what="second session undocked")
+        os.rename(away, volume)
+        wait_for(lambda: len(agent.catalog.query("SELECT 1 FROM sessions WHERE manifest_sha256 IS NOT NULL")) == 3,
+                 what="the third session sealed")
+        assert len(agent.catalog.files()) == 2 and len(events(agent.catalog, "identity_collision")) == 1
+
+
 def test_the_same_content_docked_again_is_not_a_second_file(tmp_path: Path) -> None:
     cfg, root = directory_dock(tmp_path)
     volume = make_recorder_volume(root, "ZFY0501", {CLIP: 300_000, "DCIM/100MEDIA/FILE0002.MP4": 5_000},

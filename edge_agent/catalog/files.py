@@ -178,10 +178,13 @@ class Files:
         return [FileRecord.from_row(r) for r in rows]
 
     def with_fingerprint(self, device_id: str, fingerprint: str) -> list[FileRecord]:
-        """The device's files whose content has this fingerprint (any path), oldest first."""
+        """The device's files whose content has this fingerprint (any path; plain or confirmed, as
+        `digest.confirmed_fingerprint` writes it: `<fingerprint>+<sha256>`), oldest first."""
         rows = self._catalog.query(
-            f"SELECT * FROM files INDEXED BY {FILES_FINGERPRINT} WHERE device_id = ? AND source_fingerprint = ?"
-            " ORDER BY created_ms, file_id", (device_id, fingerprint))
+            f"SELECT * FROM files INDEXED BY {FILES_FINGERPRINT} WHERE device_id = ? AND (source_fingerprint = ?"
+            " OR (source_fingerprint > ? AND source_fingerprint < ?)) ORDER BY created_ms, file_id",
+            (device_id, fingerprint, fingerprint + "+", fingerprint + ","))   # ',' sorts right after '+'
+
         return [FileRecord.from_row(r) for r in rows]
 
     def discover(self, *, kind: str, device_id: str, original_path: str, source_path: str | None,

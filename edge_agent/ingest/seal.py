@@ -87,9 +87,9 @@ class Sealer:
             meta.set(KEY_IN_FORCE, self.key.key_id)
         self._anchored = True
 
-    def manifest_body(self, record: FileRecord) -> dict[str, Any]:
+    def manifest_body(self, record: FileRecord, model_serial: tuple[Any, Any] | None = None) -> dict[str, Any]:
         """The signed fields of `record`'s manifest, from its row and its device's row."""
-        model, serial = self.catalog.devices.model_serial(record.device_id)
+        model, serial = model_serial or self.catalog.devices.model_serial(record.device_id)
         return file_manifest(record, _loads(record.media), _loads(record.extras), agent=self.config.agent,
                              model=model, serial=serial, chunk_size=self.config.mqtt.chunk_kib * 1024)
 
@@ -104,15 +104,19 @@ class Sealer:
 
     def seal(self, record: FileRecord) -> dict[str, Any]:
         """staged -> sealed: sign the manifest, write it durably, then record it. Returns the manifest."""
-        return self.seal_batch([record])[0]
+        return self._seal([record])[0][0]
 
-    def seal_batch(self, records: list[FileRecord]) -> list[dict[str, Any]]:
+    def seal_batch(self, records: list[FileRecord]) -> list[FileRecord]:
         """staged -> sealed for every row of `records`, chained in their order: each manifest is signed
         (after the previous one), all are written and fsynced, their directories fsynced once, and only then
-        one transaction records every document and every `sealed`. Returns the manifests."""
+        one transaction records every document and every `sealed`. Returns the sealed rows."""
+        return [row for _, row in self._seal(records)]
+
+    def _seal(self, records: list[FileRecord]) -> list[tuple[dict[str, Any], FileRecord]]:
         if not records:
             return []
-        bodies = [(record, self.manifest_body(record)) for record in records]
+        devices = {r.device_id: self.catalog.devices.model_serial(r.device_id) for r in records}
+        bodies = [(record, self.manifest_body(record, devices[record.device_id])) for record in records]
         # The write transaction is held while the documents are written, so the chain stays linear even
         # when another process (a custodian's CLI) signs at the same time.
         with self._lock, self.catalog.transaction():
@@ -126,13 +130,15 @@ class Sealer:
             with SyncGroup(self.layout.manifests, grouped=len(signed) > 1) as group:
                 atomic_write_many([(path, data, 0o444) for _, _, data, _, path in signed], group)
                 group.sync()
-            for record, _, data, before, path in signed:
+            done = []
+            for record, doc, data, before, path in signed:
                 seq, digest = seq + 1, hashlib.sha256(data).hexdigest()
                 self.catalog.documents.append(seq, "file", record.file_id, digest, before,
                                               str(path.relative_to(self.layout.data_dir)))
-                self.catalog.transition(record.file_id, State.SEALED, expect=State.STAGED, actor="edge-agent",
-                                        manifest_sha256=digest, audit_detail={"manifest_sha256": digest})
-        return [doc for _, doc, _, _, _ in signed]
+                done.append((doc, self.catalog.transition(
+                    record.file_id, State.SEALED, expect=State.STAGED, actor="edge-agent", manifest_sha256=digest,
+                    audit_detail={"manifest_sha256": digest})))
+        return done
 
     def sign_document(self, kind: str, doc_id: str, body: dict[str, Any], path: Path,
                       after: Callable[[Any, str], None] | None = None) -> dict[str, Any]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import os
 import sqlite3
+import struct
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -56,12 +57,76 @@ def _write_all(fd: int, view: memoryview, record: FileRecord) -> None:
         raise
 
 
+# Files that are not media: nothing to probe.
+_NOT_MEDIA = {"bin", "txt", "ini", "json", "log", "gps", "nmea", "xml", "csv", "cfg", "dat", "sha256", "md5"}
+# Still images: their header says codec and size; PyAV (FFmpeg's image2 demuxer) would cost a probe per photo
+# and invent a 40 ms duration.
+_STILLS = {"jpg": "mjpeg", "jpeg": "mjpeg", "png": "png"}
+# How much of a still image's head is read for its size (a JPEG's EXIF thumbnail can come before its frame).
+_STILL_HEAD = 128 * 1024
+# JPEG start-of-frame markers (baseline, progressive, lossless, arithmetic); not DHT (C4), JPG (C8), DAC (CC).
+_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+
+
+def _jpeg_size(head: bytes) -> tuple[int, int] | None:
+    """(width, height) from a JPEG's start-of-frame segment, None if `head` does not reach a valid one."""
+    if head[:2] != b"\xff\xd8":
+        return None
+    i = 2
+    while i + 9 <= len(head):
+        if head[i] != 0xFF:
+            return None
+        marker = head[i + 1]
+        if marker == 0xFF:          # fill byte
+            i += 1
+            continue
+        if marker in _SOF:
+            height, width = struct.unpack_from(">HH", head, i + 5)
+            return (width, height) if width and height else None
+        if marker == 0xDA or marker == 0xD9:   # scan data or end before any frame header
+            return None
+        if 0xD0 <= marker <= 0xD7 or marker == 0x01:
+            i += 2
+            continue
+        i += 2 + struct.unpack_from(">H", head, i + 2)[0]
+    return None
+
+
+def _png_size(head: bytes) -> tuple[int, int] | None:
+    if head[:8] != b"\x89PNG\r\n\x1a\n" or head[12:16] != b"IHDR" or len(head) < 24:
+        return None
+    width, height = struct.unpack_from(">II", head, 16)
+    return (width, height) if width and height else None
+
+
+def _probe_still(path: Path, media: dict[str, Any]) -> dict[str, Any]:
+    """Codec and size of a still image from its header (no FFmpeg); a header that is not the image its name
+    says is a `probe_error`, as FFmpeg's would be."""
+    codec = _STILLS[media["container"]]
+    try:
+        with open(path, "rb") as f:
+            head = f.read(_STILL_HEAD)
+    except OSError as exc:
+        media["probe_error"] = str(exc)[:200]
+        return media
+    size = _jpeg_size(head) if codec == "mjpeg" else _png_size(head)
+    if size is None:
+        media["probe_error"] = f"no {codec} image header with a size in the first {_STILL_HEAD} bytes"
+        return media
+    media["codec"] = codec
+    media["width"], media["height"] = size
+    return media
+
+
 def probe_media(path: Path) -> dict[str, Any]:
-    """Container, duration and codec of a media file, without decoding; never raises."""
+    """Container, duration and codec of a media file, without decoding; never raises. Still images are
+    read from their header (codec and size, no duration); other media through PyAV."""
     container = path.suffix.lower().lstrip(".") or "bin"
     media: dict[str, Any] = {"container": container}
-    if container in ("bin", "txt", "ini", "json", "log"):
+    if container in _NOT_MEDIA:
         return media
+    if container in _STILLS:
+        return _probe_still(path, media)
     import av  # local: PyAV loads FFmpeg, which the CLI's small commands do not need
 
     try:
@@ -200,21 +265,30 @@ class Ingestor:
     def store_bytes(self) -> int:
         return self.catalog.files.stored_bytes()
 
-    def _reserve(self, size: int) -> None:
+    def _reserve(self, sizes: list[int]) -> tuple[int, int, IntakePaused | None]:
+        """Reserve room for the longest run of `sizes` (in order) that fits under max_disk_gb and above
+        min_free_mb, with one look at the catalog and the disk for the whole batch. Returns how many fit, the
+        bytes reserved for them and, when not all fit, why the first that does not was refused."""
         limit = int(self.config.agent.max_disk_gb * 1024**3)
         min_free = self.config.agent.min_free_mb * 1024**2
         with self._reserve_lock:
             used = self.store_bytes() + self._reserved
             free = self.layout.disk_usage().free - self._reserved
-            if used + size > limit:
-                raise IntakePaused(
-                    f"store would exceed max_disk_gb={self.config.agent.max_disk_gb} "
-                    f"({used + size} bytes); intake paused until synced files are purged or the limit is raised")
-            if free - size < min_free:
-                raise IntakePaused(
-                    f"disk nearly full ({free // 1024**2} MiB free, {size // 1024**2} MiB needed, "
-                    f"min_free_mb={self.config.agent.min_free_mb}); intake paused until space returns")
-            self._reserved += size
+            fits, total, refused = 0, 0, None
+            for size in sizes:
+                if used + total + size > limit:
+                    refused = IntakePaused(
+                        f"store would exceed max_disk_gb={self.config.agent.max_disk_gb} ({used + total + size} "
+                        "bytes); intake paused until synced files are purged or the limit is raised")
+                    break
+                if free - total - size < min_free:
+                    refused = IntakePaused(
+                        f"disk nearly full ({(free - total) // 1024**2} MiB free, {size // 1024**2} MiB needed, "
+                        f"min_free_mb={self.config.agent.min_free_mb}); intake paused until space returns")
+                    break
+                fits, total = fits + 1, total + size
+            self._reserved += total
+        return fits, total, refused
 
     def _release(self, size: int) -> None:
         with self._reserve_lock:
@@ -237,15 +311,16 @@ class Ingestor:
         copies: list[_Copy] = []
         ready = [record for record, _ in items if record.state == State.STAGED]
         failed: tuple[FileRecord, Path, IngestError] | None = None
-        reserved = 0
+        wanted = [(index, record, source) for index, (record, source) in enumerate(items)
+                  if record.state == State.DISCOVERED]
+        fits, reserved, refused = self._reserve([record.source_size or 0 for _, record, _ in wanted])
         group = SyncGroup(self.layout.data_dir, grouped=len(items) > 1)
         try:
-            for index, (record, source) in enumerate(items):
-                if record.state != State.DISCOVERED:
-                    continue
+            for n, (index, record, source) in enumerate(wanted):
                 try:
-                    self._reserve(record.source_size or 0)
-                    reserved += record.source_size or 0
+                    if n == fits:
+                        assert refused is not None
+                        raise refused
                     copies.append(self._copy(index, record, source, abort))
                     group.file(copies[-1].staging)
                 except IngestError as exc:
@@ -342,8 +417,7 @@ class Ingestor:
         done = Ingested()
         try:
             staged, done.failed, done.rest = self.stage_batch(items, abort)
-            self.sealer.seal_batch(staged)
-            done.sealed = [self.catalog.get(record.file_id) for record in staged]
+            done.sealed = self.sealer.seal_batch(staged)
         except (OSError, sqlite3.OperationalError) as exc:
             # The disk filled after the copy (manifest or catalog write): nothing was recorded, so the next
             # pass redoes these files from where the catalog says they are.

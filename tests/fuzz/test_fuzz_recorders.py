@@ -8,10 +8,12 @@ import os
 import random
 import shutil
 import stat
+import subprocess
 import tempfile
 from pathlib import Path, PurePosixPath
 from zoneinfo import ZoneInfo
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -159,3 +161,29 @@ def test_ac4_sync_word_then_random_bytes_is_probed_without_raising(tmp_path: Pat
     path = tmp_path / "REC.MP4"
     path.write_bytes(b"\xac\x40" + random.Random(6).randbytes(65534))
     assert probe_media(path)["container"] == "mp4"
+
+
+@given(st.sampled_from([b"\xff\xd8\xff\xe1", b"\xff\xd8\xff\xc0\x00", b"\x89PNG\r\n\x1a\n\x00\x00\x00\x0dIHDR", b""]),
+       st.binary(max_size=4_000), st.sampled_from([".jpg", ".JPEG", ".png"]))
+@settings(max_examples=120, deadline=None)
+def test_any_still_image_header_is_probed_without_raising(magic: bytes, body: bytes, suffix: str) -> None:
+    """Still images are read from their header, not through FFmpeg: a truncated or hostile header is a
+    probe_error, never an exception (a JPEG segment length pointing past the end, a zero size)."""
+    base = Path(tempfile.mkdtemp(prefix="fuzz-still-"))
+    try:
+        path = base / f"IMG{suffix}"
+        path.write_bytes(magic + body)
+        media = probe_media(path)
+        assert media["container"] == suffix[1:].lower()
+        assert ("probe_error" in media) != ("width" in media)
+    finally:
+        shutil.rmtree(base)
+
+
+@pytest.mark.parametrize("suffix,codec", [(".jpg", "mjpeg"), (".png", "png")])
+def test_a_still_image_is_probed_from_its_header_with_codec_and_size_and_no_duration(
+        tmp_path: Path, suffix: str, codec: str) -> None:
+    path = tmp_path / f"IMG_0001{suffix}"
+    subprocess.run(["ffmpeg", "-loglevel", "error", "-f", "lavfi", "-i", "testsrc=size=352x288", "-frames:v", "1",
+                    "-metadata", "comment=exif-like segment before the frame", str(path)], check=True)
+    assert probe_media(path) == {"container": suffix[1:], "codec": codec, "width": 352, "height": 288}

@@ -51,7 +51,10 @@ from edge_agent.platform.receiver.fair import FairQueue
 from edge_agent.platform.receiver.keyring import KeyRing
 from edge_agent.platform.receiver.receipts import Receipts, ReceiverKey
 from edge_agent.platform.receiver.store import ChunkStore, Limits
+from edge_agent.platform.receiver.supervise import Loop, Supervisor
+from edge_agent.protocol import sdnotify
 from edge_agent.protocol.connection import Connection, build_client
+from edge_agent.protocol.heartbeat import Heartbeat, Vital
 from edge_agent.protocol.wire import (
     ACK_RECEIVING,
     ACK_REJECTED,
@@ -85,6 +88,7 @@ SWEEP_INTERVAL_S = 3600.0
 INBOUND_AGENT_MESSAGES = 256        # messages queued per agent (fair queue, taken round-robin)
 INBOUND_AGENT_BYTES = 64 * 1024**2  # and their bytes
 INBOUND_TOTAL_BYTES = 256 * 1024**2  # in all: beyond, paho waits (backpressure to the broker)
+LOG_EVERY_S = 10.0                  # a per-message warning, per event and agent, at most this often
 Parked = tuple[float, str, bytes, "str | None"]   # (deadline, topic, payload, data sha256)
 
 
@@ -126,13 +130,17 @@ class Receiver:
         self._unacked: dict[Key, list[float]] = {}      # chunks written since the last ack, and since when
         self._repeats: dict[Key, tuple[str, float]] = {}
         self._repeats_lock = threading.Lock()
+        self._logged: dict[tuple[str, str], tuple[float, int]] = {}   # (event, agent) -> (last logged, left out)
+        self._logged_lock = threading.Lock()
+        self.warnings_left_out = 0   # warnings counted into the next one of their kind instead of logged
         self._stop = threading.Event()
-        self._checker = threading.Thread(target=self._check, name="receiver-checker", daemon=True)
-        self._worker = threading.Thread(target=self._work, name="receiver-worker", daemon=True)
+        self._checker = Loop("receiver-checker", self._check, self._stop)
+        self._worker = Loop("receiver-worker", self._work, self._stop)
         self._due: dict[Key, dict] = {}                 # files to ack after the next sync
         self._due_cond = threading.Condition()
-        self._syncer = threading.Thread(target=self._sync_loop, name="receiver-syncer", daemon=True)
-        self._sweeper = threading.Thread(target=self._sweep_loop, name="receiver-sweeper", daemon=True)
+        self._syncer = Loop("receiver-syncer", self._sync_loop, self._stop)
+        self._sweeper = Loop("receiver-sweeper", self._sweep_loop, self._stop)
+        self.supervisor = Supervisor(self.vitals, check_s=config.liveness.check_s, stall_s=config.liveness.stall_s)
         self._parked: OrderedDict[Key, list[Parked]] = OrderedDict()   # the worker's only
         self._parked_poll = 0.0
         self._parked_bytes: dict[str, int] = {}   # per agent
@@ -145,11 +153,18 @@ class Receiver:
         self._syncer.start()
         self._sweeper.start()
         self.connection.start("receiver-connection")
+        self.supervisor.start()
         log.info("receiver started client_id=%s subscription=%s store=%s", self.config.receiver.client_id,
                  self.topic_filter, self.store.root)
 
+    def vitals(self) -> list[Vital]:
+        """The receiver's threads as the supervisor sees them."""
+        return [self._checker.vital(), self._worker.vital(), self._syncer.vital(), self._sweeper.vital(),
+                self.store.hasher.vital(), self.connection.vital()]
+
     def stop(self) -> None:
         self._stop.set()
+        self.supervisor.stop()
         self._checker.join(timeout=30)
         self._worker.join(timeout=30)
         with self._due_cond:
@@ -164,10 +179,12 @@ class Receiver:
         signal.signal(signal.SIGTERM, lambda *_: stop.set())
         signal.signal(signal.SIGINT, lambda *_: stop.set())
         self.start()
+        sdnotify.notify(f"READY=1\nSTATUS=receiving; client {self.config.receiver.client_id}")
         try:
             while not stop.wait(1.0):
                 pass
         finally:
+            sdnotify.notify("STOPPING=1")
             self.stop()
 
     # -- the message pipeline ------------------------------------------------------------------
@@ -198,8 +215,9 @@ class Receiver:
             except queue.Full:
                 continue
 
-    def _check(self) -> None:
+    def _check(self, heartbeat: Heartbeat) -> None:
         while not self._stop.is_set():
+            heartbeat.beat()
             item = self._inbound.get(timeout=0.1)
             if item is None:
                 continue
@@ -209,8 +227,9 @@ class Receiver:
                 data_sha256 = chunk_data_sha256(message.payload)
             self._put(self._queue, (generation, message, data_sha256))
 
-    def _work(self) -> None:
+    def _work(self, heartbeat: Heartbeat) -> None:
         while not self._stop.is_set():
+            heartbeat.beat()
             try:
                 generation, message, data_sha256 = self._queue.get(timeout=PARK_POLL_S if self._parked else 0.05)
             except queue.Empty:
@@ -260,14 +279,19 @@ class Receiver:
 
     def _retry_parked(self) -> None:
         """Handle the parked chunks whose manifest came (or whose wait is over: NO_MANIFEST), at most every
-        PARK_POLL_S: a read of each one's manifest file, never a wait."""
+        PARK_POLL_S: one listing of incoming/ per agent with parked chunks (a flood of orphans is hundreds of
+        keys: a read of each one's manifest every poll was most of the worker's time), never a wait."""
         now = time.monotonic()
         if not self._parked or now < self._parked_poll:
             return
         self._parked_poll = now + PARK_POLL_S
+        listed: dict[str, set[str]] = {}
         for key, items in list(self._parked.items()):
-            if items[0][0] > now and self._manifest(key) is None:
-                continue
+            if items[0][0] > now and key not in self._manifests:
+                if key[0] not in listed:
+                    listed[key[0]] = self.store.open_ids(key[0])
+                if key[1] not in listed[key[0]] or self._manifest(key) is None:
+                    continue
             del self._parked[key]
             left = self._parked_bytes.pop(key[0], 0) - sum(len(item[2]) for item in items)
             if left > 0:
@@ -309,6 +333,15 @@ class Receiver:
             self._on_query(ft, payload)
 
     def _on_manifest(self, ft: FileTopic, payload: bytes) -> None:
+        # An agent at its cap gets `busy` before its manifest is parsed or its signature checked: a flood of
+        # manifests costs the receiver a directory listing each, not a schema check, a verification and a lock
+        # file. Unverified, the answer changes nothing: it is what a genuine manifest would get now.
+        busy = self.store.at_cap(ft.agent_id, ft.file_id)
+        if busy is not None:
+            self._log_limited("transfer_deferred", ft.agent_id, "transfer deferred agent=%s file=%s reason=%s "
+                              "detail=%r", ft.agent_id, ft.file_id, REASON_BUSY, busy)
+            self._send(ft.agent_id, Ack(ft.file_id, ACK_RECEIVING, [], None, REASON_BUSY), repeat=True)
+            return
         try:
             doc = decode_json(payload, "manifest")
             if (doc["agent_id"], doc["file_id"]) != (ft.agent_id, ft.file_id):
@@ -341,7 +374,8 @@ class Receiver:
         if doc is None:
             settled = self.store.settled(*key)
             if settled is None:
-                log.warning("chunk dropped agent=%s file=%s reason=%s", ft.agent_id, ft.file_id, NO_MANIFEST)
+                self._log_limited("chunk_dropped", ft.agent_id, "chunk dropped agent=%s file=%s reason=%s",
+                                  ft.agent_id, ft.file_id, NO_MANIFEST)
             self._send(ft.agent_id, settled or Ack(ft.file_id, ACK_RECEIVING, [], None, NO_MANIFEST), repeat=True)
             return
         total = chunk_count(doc["size"], doc["chunk_size"])
@@ -409,11 +443,13 @@ class Receiver:
             self._due[key] = doc
             self._due_cond.notify()
 
-    def _sync_loop(self) -> None:
+    def _sync_loop(self, heartbeat: Heartbeat) -> None:
         while True:
+            heartbeat.beat()
             with self._due_cond:
                 while not self._due and not self._stop.is_set():
                     self._due_cond.wait(0.5)
+                    heartbeat.beat()
                 if not self._due and self._stop.is_set():
                     return
                 due, self._due = self._due, {}
@@ -430,7 +466,7 @@ class Receiver:
             except Exception:
                 log.exception("acks not sent for %d file(s); they are asked again by the agents", len(due))
 
-    def _sweep_loop(self) -> None:
+    def _sweep_loop(self, heartbeat: Heartbeat) -> None:
         """Expire abandoned transfers at start and every SWEEP_INTERVAL_S (or a tenth of the expiry age)."""
         interval = min(SWEEP_INTERVAL_S, self.expiry_s / 10)
         while True:
@@ -442,8 +478,10 @@ class Receiver:
             except OSError as exc:
                 log.error("expiry of abandoned transfers failed store=%s error=%s: check the store's disk",
                           self.store.root, exc)
+            heartbeat.idle()   # nothing due until the next sweep
             if self._stop.wait(interval):
                 return
+            heartbeat.beat()
 
     def _flush_due(self) -> None:
         now = time.monotonic()
@@ -460,7 +498,8 @@ class Receiver:
         and the answer is `receiving` with the chunks held and the reason, so an honest agent resends the
         chunk. Only the whole file's SHA-256 against the signed manifest can reject a transfer."""
         key = (ft.agent_id, ft.file_id)
-        log.warning("chunk refused agent=%s file=%s reason=%s", ft.agent_id, ft.file_id, reason)
+        self._log_limited("chunk_refused", ft.agent_id, "chunk refused agent=%s file=%s reason=%s", ft.agent_id,
+                          ft.file_id, reason)
         doc = doc if doc is not None else self._manifest(key)
         settled = self.store.settled(*key)
         if settled is not None or doc is None:
@@ -476,6 +515,21 @@ class Receiver:
         log.warning("rejected message agent=%s file=%s kind=%s reason=%s", ft.agent_id, ft.file_id, ft.kind, reason)
         stored = self.store.settled(*key) if self.store.stored(*key) is not None else None
         self._send(ft.agent_id, stored or Ack(ft.file_id, ACK_REJECTED, [], None, reason))
+
+    def _log_limited(self, event: str, agent: str, message: str, *args: object) -> None:
+        """A WARNING per message would let one agent fill the log and cost every other agent time: each
+        (event, agent) is logged at most once per LOG_EVERY_S, with how many like it were left out."""
+        now, key = time.monotonic(), (event, agent)
+        with self._logged_lock:
+            last, skipped = self._logged.get(key, (-LOG_EVERY_S, 0))
+            if now - last < LOG_EVERY_S:
+                self._logged[key] = (last, skipped + 1)
+                self.warnings_left_out += 1
+                return
+            if len(self._logged) > 10_000:
+                self._logged.clear()
+            self._logged[key] = (now, 0)
+        log.warning(message + " (%d more like it in the last %.0f s not logged)", *args, skipped, LOG_EVERY_S)
 
     def _send(self, agent_id: str, ack: Ack, repeat: bool = False) -> None:
         """Publish an ack. With `repeat`, the same state for the same file goes out at most once a second

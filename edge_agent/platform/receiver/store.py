@@ -54,8 +54,10 @@ from pathlib import Path
 from typing import Any
 
 from edge_agent.clock import now_ms
-from edge_agent.digest import hash_file
+from edge_agent.digest import hash_stream
 from edge_agent.durable import atomic_write, fsync_dir, make_dirs
+from edge_agent.platform.receiver.supervise import Loop, pulse
+from edge_agent.protocol.heartbeat import Heartbeat
 from edge_agent.protocol.wire import (
     ACK_COMPLETE,
     ACK_RECEIVING,
@@ -154,22 +156,28 @@ class ChunkStore:
         # The running hash is the hasher thread's work, so writing a chunk does not wait for it (bounded: 32 chunks).
         self._to_hash: queue.Queue[tuple[_Known, bytes | memoryview] | None] = queue.Queue(maxsize=32)
         self._hashed = threading.Condition()
-        self._hasher = threading.Thread(target=self._hash_loop, name="receiver-hasher", daemon=True)
+        self._closing = threading.Event()
+        self.hasher = Loop("receiver-hasher", self._hash_loop, self._closing)
         if sole_writer:
-            self._hasher.start()
+            self.hasher.start()
 
     def close(self) -> None:
-        if self._hasher.is_alive():
+        self._closing.set()
+        if self.hasher.thread.is_alive():
             self._to_hash.put(None)
-            self._hasher.join(timeout=30)
+            self.hasher.join(timeout=30)
         with self._known_lock:
             self._known.clear()
             opened, self._open = list(self._open.values()), OrderedDict()
         for files in opened:
             files.close()
 
-    def _hash_loop(self) -> None:
-        while (item := self._to_hash.get()) is not None:
+    def _hash_loop(self, heartbeat: Heartbeat) -> None:
+        while True:
+            heartbeat.idle()   # nothing to hash until a chunk is written
+            if (item := self._to_hash.get()) is None:
+                return
+            heartbeat.beat()
             known, data = item
             known.digest.update(data)
             with self._hashed:
@@ -379,6 +387,13 @@ class ChunkStore:
             os.close(fd)
         fsync_dir(incoming)
 
+    def open_ids(self, agent: str) -> set[str]:
+        """The file ids of `agent`'s transfers in incoming/ (one directory listing)."""
+        try:
+            return {entry.name for entry in os.scandir(self.root / "incoming" / agent)}
+        except FileNotFoundError:
+            return set()
+
     def open_transfers(self, agent: str) -> tuple[int, int]:
         """How many transfers `agent` has in incoming/ and the bytes their data files reserve."""
         count = reserved = 0
@@ -399,6 +414,23 @@ class ChunkStore:
     def free_bytes(self) -> int:
         stat = os.statvfs(self.root)
         return stat.f_bavail * stat.f_frsize
+
+    def at_cap(self, agent: str, file_id: str) -> str | None:
+        """Why any new transfer from `agent` would be answered `busy` now (open transfers or reserved bytes at
+        their cap, or the free-space reserve reached), None if it might be taken or `file_id` is already open
+        or stored. Cheap (no lock, no signature): the receiver asks before it verifies a manifest."""
+        limits = self.limits
+        if limits is None or self.incoming(agent, file_id).exists() or self._index(agent, file_id).exists():
+            return None
+        count, reserved = self.open_transfers(agent)
+        if count >= limits.max_open_transfers:
+            return f"{count} transfers open, receiver.max_open_transfers_per_agent is {limits.max_open_transfers}"
+        if reserved >= limits.max_reserved_bytes:
+            return (f"{reserved} bytes reserved by open transfers: receiver.max_reserved_gb_per_agent is "
+                    f"{limits.max_reserved_bytes / 1024**3:g}")
+        if self.free_bytes() < limits.min_free_bytes:
+            return f"the store keeps receiver.min_free_gb={limits.min_free_bytes / 1024**3:g} GiB free"
+        return None
 
     def _busy(self, agent: str, size: int) -> str | None:
         """Why a new transfer of `size` bytes from `agent` must wait, or None (no limits: never)."""
@@ -539,6 +571,8 @@ class ChunkStore:
             for seq in range(first, total):
                 data = os.pread(fd, chunk_size, seq * chunk_size)
                 digest.update(data)
+                if seq % 64 == 0:
+                    pulse()   # re-reading a large file after a restart is progress, not a stuck thread
                 if hashlib.sha256(data).hexdigest().encode("ascii") != records.get(seq):
                     lost.append(seq)
             os.fsync(fd)
@@ -619,9 +653,13 @@ class ChunkStore:
     def object_intact(self, sha256: str) -> bool:
         """The object named `sha256` exists and its bytes hash to that name (read in full)."""
         try:
-            return hash_file(self.object_path(sha256))[0] == sha256
+            fd = os.open(self.object_path(sha256), os.O_RDONLY)
         except FileNotFoundError:
             return False
+        try:   # a large object takes minutes: each block read is progress for the supervisor
+            return hash_stream(fd, lambda _block: pulse())[0] == sha256
+        finally:
+            os.close(fd)
 
     def expire(self, max_age_s: float) -> list[tuple[str, str, float]]:
         """Drop transfers nothing touched for `max_age_s` (their agent sends the file again if it still has it),

@@ -3,7 +3,8 @@
 A module of its own because it is the one place the agent deletes evidence from a recorder. A file is
 cleared only if its dock says `clear_after_sync`, the receiver confirmed it (synced, or since purged
 locally), and the original on the volume is still the file that was copied: same size and content
-fingerprint (same mtime for a row recorded without one) and, with `verify_before_clear`, the same SHA-256,
+fingerprint (same mtime for a row recorded without one; the full SHA-256 too when other content of the device
+shares that fingerprint) and, with `verify_before_clear`, the same SHA-256,
 and, checked again just before the deletion, the receiver's receipt kept in the catalog still verifies
 against the pinned receiver keys and binds this file (a key removed from `mqtt.receiver_keys` since, or a
 receipt altered in the catalog, stops the clearing). Anything else is an alarm and the original stays. The
@@ -20,7 +21,7 @@ from drivers.base import DockedVolume
 from edge_agent.catalog import Catalog, FileRecord
 from edge_agent.catalog.docking import DockingRecords
 from edge_agent.config import Dock
-from edge_agent.digest import fingerprint, hash_file
+from edge_agent.digest import fingerprint, fingerprint_base, fingerprint_covers_all, fingerprint_sha256, hash_file
 from edge_agent.durable import fsync_dir
 from edge_agent.evidence.receipts import PinnedKeys, ReceiptTrust
 from edge_agent.sources.docks import policy
@@ -85,7 +86,7 @@ class Clearing:
                 record.source_fingerprint is None and st.st_mtime_ns != record.source_mtime_ns):
             policy.clear_refused(record, "differs from the copy the platform confirmed").raise_on(self.catalog)
             return
-        if record.source_fingerprint is not None and fingerprint(path) != record.source_fingerprint:
+        if record.source_fingerprint is not None and not self._same_recording(record, path, st.st_size):
             # Another recording has this name, size and mtime (a twin, its own row): this original is gone.
             self.records.original_gone(record)
             return
@@ -112,6 +113,19 @@ class Clearing:
         os.unlink(path)
         fsync_dir(path.parent)
         self.records.cleared(record, reason=CLEAR_REASON, actor="edge-agent")
+
+    def _same_recording(self, record: FileRecord, path: os.PathLike[str], size: int) -> bool:
+        """Is the file at `path` the content of `record`? Its fingerprint must match; when other content of the
+        device shares that fingerprint (recordings differing only in their middle), the full SHA-256 decides."""
+        assert record.source_fingerprint is not None
+        base = fingerprint_base(record.source_fingerprint)
+        if fingerprint(path) != base:
+            return False
+        if fingerprint_covers_all(size):
+            return True
+        shared = (fingerprint_sha256(record.source_fingerprint) is not None
+                  or len(self.catalog.files.with_fingerprint(record.device_id, base)) > 1)
+        return not shared or hash_file(path)[0] == record.sha256
 
     def _was_deleting(self, record: FileRecord) -> bool:
         """True if this file's last audit entry says its original was about to be deleted by us."""

@@ -9,8 +9,11 @@ is seen. It copies nothing; the worker takes what it returns, in the model's ord
 Identity is by content: a file's row is found by its fingerprint (`digest.fingerprint`: size and SHA-256 of
 its first and last MiB). The same bytes docked again (another mtime, another session) are the row already
 there; a file with the name, size and mtime of a known one but other bytes (a recorder whose clock was reset,
-a card reformatted and reused) is a new file, and an `identity_collision` event names both rows. A row found
-before fingerprints existed is confirmed by the full SHA-256 of its copy before it takes the fingerprint.
+a card reformatted and reused) is a new file, and an `identity_collision` event names both rows. A fingerprint
+match of a file larger than the 2 MiB it hashes is confirmed with the full SHA-256 before the row is taken for
+known: two recordings that differ only in their middle are two files (the second keeps its full SHA-256 in its
+fingerprint, `digest.confirmed_fingerprint`). A row found before fingerprints existed is confirmed by the full
+SHA-256 of its copy before it takes the fingerprint.
 """
 
 from __future__ import annotations
@@ -26,7 +29,13 @@ from zoneinfo import ZoneInfo
 from drivers.base import DockedVolume
 from edge_agent.catalog import Catalog, FileRecord, State
 from edge_agent.clock import now_ms
-from edge_agent.digest import fingerprint, hash_file
+from edge_agent.digest import (
+    confirmed_fingerprint,
+    fingerprint,
+    fingerprint_covers_all,
+    fingerprint_sha256,
+    hash_file,
+)
 from edge_agent.sources.recorders import (
     RecorderModel,
     RefusedEntry,
@@ -110,6 +119,7 @@ class Discovery:
         self._seen: dict[str, tuple[tuple[int, int], float]] = {}
         # Fingerprints taken this session, by (path, size, mtime, ctime): a file is read once per docking.
         self._fingerprints: dict[tuple[str, int, int, int], str | None] = {}
+        self._full_hashes: dict[tuple[str, int, int, int], str] = {}   # likewise, when a fingerprint is shared
 
     def scan(self) -> Found:
         """Walk the volume once: refused entries, excluded system files, unsettled files, and the rows of the
@@ -199,19 +209,36 @@ class Discovery:
         here = files.at_source(device, entry.relative, entry.size, entry.mtime_ns)
         if fp is None:
             return here[0] if here else self._new_record(entry, None, [])
-        known = self._known_content(entry, fp)
+        rows = files.with_fingerprint(device, fp)
+        known = self._known_content(entry, rows)
         if known is not None:
             return known
         for row in (r for r in here if r.source_fingerprint is None):   # found before fingerprints existed
             if row.sha256 is None or self._full_hash(entry) == row.sha256:
                 files.update(row.file_id, source_fingerprint=fp)
                 return files.get(row.file_id)
-        return self._new_record(entry, fp, here)
+        if rows and not fingerprint_covers_all(entry.size):
+            # Other content shares this fingerprint (it differs only in the middle): the row keeps the full
+            # SHA-256 beside it, so the two stay two source identities.
+            full = self._full_hash(entry)
+            fp = confirmed_fingerprint(fp, full) if full is not None else fp
+        twins = {r.file_id: r for r in [*here, *rows]}
+        return self._new_record(entry, fp, list(twins.values()))
 
-    def _known_content(self, entry: SourceFile, fp: str) -> FileRecord | None:
-        """The row holding this content: at the same path (its mtime brought up to date while it is still to
-        be copied), else a collected one anywhere on the device."""
-        rows = self.catalog.files.with_fingerprint(self.ident.device_id, fp)
+    def _known_content(self, entry: SourceFile, rows: list[FileRecord]) -> FileRecord | None:
+        """The row holding this content among `rows` (those with its fingerprint): at the same path (its mtime
+        brought up to date while it is still to be copied), else a collected one anywhere on the device.
+
+        A fingerprint hashes the first and last MiB only: for a larger file, a row whose SHA-256 is known is
+        this content only if the file's full SHA-256 (streamed off the recorder, outside any catalog
+        transaction) is the same; a row not copied yet at this path stands for whatever the path holds."""
+        if not rows:
+            return None
+        if not fingerprint_covers_all(entry.size):
+            full = self._full_hash(entry)
+            if full is not None:
+                rows = [r for r in rows if _content_sha256(r) in (None, full)]
+                rows = [r for r in rows if _content_sha256(r) is not None or r.original_path == entry.relative]
         same_path = [r for r in rows if r.original_path == entry.relative]
         if same_path:
             row = same_path[-1]
@@ -221,12 +248,16 @@ class Discovery:
             return row
         return next((r for r in rows if r.state not in _INTAKE), None)
 
-    @staticmethod
-    def _full_hash(entry: SourceFile) -> str | None:
-        try:
-            return hash_file(entry.path)[0]
-        except OSError:
-            return None
+    def _full_hash(self, entry: SourceFile) -> str | None:
+        """The entry's full SHA-256 (read once per docking), None if it cannot be read."""
+        key = (entry.relative, entry.size, entry.mtime_ns, entry.ctime_ns)
+        if key not in self._full_hashes:
+            try:
+                self._full_hashes[key] = hash_file(entry.path)[0]
+            except OSError as exc:
+                log.warning("full hash failed device=%s path=%r: %s", self.ident.device_id, entry.relative, exc)
+                return None
+        return self._full_hashes[key]
 
     def _new_record(self, entry: SourceFile, fp: str | None, twins: list[FileRecord]) -> FileRecord:
         catalog, ident = self.catalog, self.ident
@@ -268,3 +299,10 @@ class Discovery:
         self.catalog.audit("file.identity_collision", subject=record.file_id, actor="edge-agent",
                            reason="same device, path, size and mtime as a known file, other content",
                            detail={"twins": others, "path": record.original_path})
+
+
+def _content_sha256(row: FileRecord) -> str | None:
+    """The full SHA-256 of a row's content as far as it is known: its copy's, else its confirmed fingerprint's."""
+    if row.sha256 is not None:
+        return row.sha256
+    return fingerprint_sha256(row.source_fingerprint) if row.source_fingerprint else None
