@@ -7,7 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from edge_agent.evidence.manifest import AgentKey
 from tests.peers.mosquitto import Mosquitto
+from tests.sync_support import AGENT_ID
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -20,3 +22,13 @@ def mosquitto(tmp_path: Path) -> Iterator[Mosquitto]:
     broker = Mosquitto(tmp_path / "broker").start()
     yield broker
     broker.stop()
+
+
+@pytest.fixture
+def keyed(tmp_path: Path) -> tuple[AgentKey, Path]:
+    """The test agent's signing key, and a receiver's keys dir with its public key enrolled."""
+    key = AgentKey.load_or_create(tmp_path / "agent-keys")
+    keys_dir = tmp_path / "enrolled"
+    keys_dir.mkdir()
+    (keys_dir / f"{AGENT_ID}.pem").write_text(key.public_pem())
+    return key, keys_dir

@@ -33,15 +33,6 @@ from tests.sync_support import (
 
 
 @pytest.fixture
-def keyed(tmp_path: Path) -> tuple[AgentKey, Path]:
-    key = AgentKey.load_or_create(tmp_path / "agent-keys")
-    keys_dir = tmp_path / "enrolled"
-    keys_dir.mkdir()
-    (keys_dir / f"{AGENT_ID}.pem").write_text(key.public_pem())
-    return key, keys_dir
-
-
-@pytest.fixture
 def receiver(tmp_path: Path, mosquitto: Mosquitto, keyed: tuple[AgentKey, Path]) -> Iterator[Path]:
     config = receiver_setup(tmp_path, mosquitto.port, tmp_path / "store", keyed[1], max_chunk_kib=256)
     proc = receiver_proc(tmp_path, config).start()
