@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 from botocore.exceptions import ClientError
 
-from edge_agent.platform.receiver import objectstore
+from edge_agent.config import ConfigError, parse_receiver_config
+from edge_agent.platform.receiver import Receiver, objectstore
 from edge_agent.platform.receiver.objectstore import S3Committed, S3Settings, StoreConfigError
 from edge_agent.platform.receiver.receipts import Receipts, ReceiverKey
 from edge_agent.platform.receiver.store import ChunkStore
@@ -187,3 +188,32 @@ def test_a_credentials_file_others_can_read_is_refused(tmp_path: Path) -> None:
     path.write_text("access_key_id = a\n", encoding="utf-8")
     with pytest.raises(StoreConfigError, match="secret_access_key"):
         S3Committed(S3Settings(endpoint="http://127.0.0.1:1", bucket=BUCKET, credentials_file=path))
+
+
+def test_store_config_names_what_is_missing_or_invalid() -> None:
+    with pytest.raises(ConfigError) as error:
+        parse_receiver_config({"store": {"backend": "s3"}}, "receiver.toml")
+    assert "endpoint, bucket, credentials_file" in str(error.value)
+    with pytest.raises(ConfigError) as error:
+        parse_receiver_config({"store": {"backend": "s3", "endpoint": "s3.example.org", "bucket": "evidence",
+                                         "credentials_file": "/etc/edge-receiver/s3"}}, "receiver.toml")
+    assert "is not a URL" in str(error.value)
+    with pytest.raises(ConfigError) as error:
+        parse_receiver_config({"store": {"backend": "s3", "endpoint": "https://s3.example.org", "bucket": "Ev",
+                                         "credentials_file": "/etc/edge-receiver/s3"}}, "receiver.toml")
+    assert "not an S3 bucket name" in str(error.value)
+    assert parse_receiver_config({}, "receiver.toml").store.backend == "local"   # the default stays local
+
+
+def test_a_receiver_configured_for_s3_commits_into_the_bucket(seaweed: SeaweedFS, tmp_path: Path) -> None:
+    config = parse_receiver_config({
+        "receiver": {"store_dir": str(tmp_path / "store"), "keys_dir": str(tmp_path / "agents")},
+        "store": {"backend": "s3", "endpoint": seaweed.endpoint, "bucket": BUCKET, "routine_days": 7,
+                  "credentials_file": str(seaweed.credentials_file(tmp_path))}}, "receiver.toml")
+    (tmp_path / "agents").mkdir()
+    store = Receiver(config).store
+    doc = transfer(store, file_id(6), os.urandom(CHUNK))
+    assert store.progress(AGENT, file_id(6), doc).state == ACK_COMPLETE
+    head = seaweed.client().head_object(Bucket=BUCKET, Key=f"objects/{doc['sha256']}")
+    assert head["ObjectLockRetainUntilDate"] < datetime.now(UTC) + timedelta(days=7, minutes=1)
+    assert not (tmp_path / "store" / "index" / AGENT).exists()   # the index is the bucket's

@@ -35,19 +35,17 @@ from botocore.config import Config as BotoConfig
 from botocore.exceptions import BotoCoreError, ClientError
 
 from edge_agent.clock import now_ms
-from edge_agent.platform.receiver.store import StoreUnavailable
+from edge_agent.platform.receiver.store import StoreConfigError, StoreUnavailable
 
 log = logging.getLogger(__name__)
 PART_BYTES = 16 * 1024**2   # a multipart upload's part: what the upload holds in memory at once
 ROUTINE, EVIDENCE, LONG_TERM = "routine", "evidence", "long_term"
 
 
-class StoreConfigError(Exception):
-    """The S3 settings cannot be used; the message names the key and what to do."""
-
-
 @dataclass(frozen=True)
 class S3Settings:
+    """[store] of the receiver's config, for backend = "s3" (docs/OPERATIONS.md "Receiver store")."""
+
     endpoint: str
     bucket: str
     credentials_file: Path
@@ -57,6 +55,12 @@ class S3Settings:
     long_term_years: int = 10
     connect_timeout_s: float = 5
     read_timeout_s: float = 60
+
+    @classmethod
+    def from_config(cls, store: Any) -> S3Settings:
+        return cls(endpoint=store.endpoint, bucket=store.bucket, credentials_file=store.credentials_file,
+                   region=store.region, tls_ca=store.tls_ca, routine_days=store.routine_days,
+                   long_term_years=store.long_term_years)
 
 
 def read_credentials(path: Path) -> tuple[str, str]:

@@ -82,6 +82,10 @@ class StoreUnavailable(Exception):
     acknowledged `complete`; the commit is tried again on the next progress or query."""
 
 
+class StoreConfigError(Exception):
+    """The settings of the store of committed files cannot be used; the message names the key and what to do."""
+
+
 class CommittedFiles(Protocol):
     """Where committed files go when not under `root` (objectstore.py `S3Committed`). Each method raises
     StoreUnavailable when the store cannot be reached."""
