@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import threading
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -127,6 +128,25 @@ def test_a_locked_evidence_object_cannot_be_deleted_overwritten_or_released(seaw
     assert s3.get_object(Bucket=BUCKET, Key=key, VersionId=version)["Body"].read() == content
     with pytest.raises(ClientError) as refused:
         s3.delete_object(Bucket=BUCKET, Key=key, VersionId=version)
+    assert refused.value.response["Error"]["Code"] == "AccessDenied"
+
+
+def test_a_legal_hold_keeps_evidence_past_its_retain_until_date(seaweed: SeaweedFS, tmp_path: Path) -> None:
+    store = receiver(seaweed, tmp_path / "r1", routine_days=6 / 86400)   # locked for six seconds
+    docs = {retention: transfer(store, file_id(n), os.urandom(CHUNK + n), retention)
+            for n, retention in ((7, "routine"), (8, "evidence"))}
+    for n, (retention, doc) in zip((7, 8), docs.items(), strict=True):
+        assert store.progress(AGENT, file_id(n), doc).state == ACK_COMPLETE, retention
+    s3 = seaweed.client()
+    versions = {r: s3.head_object(Bucket=BUCKET, Key=f"objects/{d['sha256']}") for r, d in docs.items()}
+    # Waiting for a date to pass has no event to await: sleep until the later retain-until date is behind us.
+    until = max(head["ObjectLockRetainUntilDate"] for head in versions.values())
+    time.sleep(max(0.0, (until - datetime.now(UTC)).total_seconds()) + 0.5)
+    s3.delete_object(Bucket=BUCKET, Key=f"objects/{docs['routine']['sha256']}",
+                     VersionId=versions["routine"]["VersionId"])   # its date has passed: it may go
+    with pytest.raises(ClientError) as refused:
+        s3.delete_object(Bucket=BUCKET, Key=f"objects/{docs['evidence']['sha256']}",
+                         VersionId=versions["evidence"]["VersionId"])
     assert refused.value.response["Error"]["Code"] == "AccessDenied"
 
 

@@ -51,7 +51,7 @@ class S3Settings:
     credentials_file: Path
     region: str = "us-east-1"
     tls_ca: Path | None = None
-    routine_days: int = 180
+    routine_days: float = 180   # [store] takes whole days; a test may lock for seconds
     long_term_years: int = 10
     connect_timeout_s: float = 5
     read_timeout_s: float = 60
