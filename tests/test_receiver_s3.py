@@ -15,12 +15,17 @@ import pytest
 from botocore.exceptions import ClientError
 
 from edge_agent.config import ConfigError, parse_receiver_config
+from edge_agent.evidence.manifest import AgentKey
 from edge_agent.platform.receiver import Receiver, objectstore
 from edge_agent.platform.receiver.objectstore import S3Committed, S3Settings, StoreConfigError
 from edge_agent.platform.receiver.receipts import Receipts, ReceiverKey
 from edge_agent.platform.receiver.store import ChunkStore
 from edge_agent.protocol.wire import ACK_COMPLETE, ACK_RECEIVING, chunk_count, chunk_span
+from tests.helpers import wait_for
+from tests.peers.mosquitto import Mosquitto
 from tests.seaweedfs import SeaweedFS
+from tests.sync_support import AGENT_ID as SYNC_AGENT
+from tests.sync_support import ScriptedAgent, receiver_logged, receiver_proc, receiver_setup
 
 AGENT = "ws-s3-01"
 CHUNK = 64 * 1024
@@ -237,3 +242,48 @@ def test_a_receiver_configured_for_s3_commits_into_the_bucket(seaweed: SeaweedFS
     head = seaweed.client().head_object(Bucket=BUCKET, Key=f"objects/{doc['sha256']}")
     assert head["ObjectLockRetainUntilDate"] < datetime.now(UTC) + timedelta(days=7, minutes=1)
     assert not (tmp_path / "store" / "index" / AGENT).exists()   # the index is the bucket's
+
+
+def test_through_mqtt_a_store_outage_is_answered_receiving_until_the_store_returns(
+        tmp_path: Path, mosquitto: Mosquitto) -> None:
+    """A receiver process with [store] backend = "s3": with SeaweedFS killed, a fully sent file is answered
+    `receiving` with every chunk held and never `complete`; once SeaweedFS is back, the agent's query completes it
+    with a receipt signed over the manifest in the bucket."""
+    server = SeaweedFS(tmp_path / "seaweedfs")
+    server.start()
+    proc = None
+    try:
+        server.client().create_bucket(Bucket=BUCKET, ObjectLockEnabledForBucket=True)
+        key = AgentKey.load_or_create(tmp_path / "agent-keys")
+        (tmp_path / "enrolled").mkdir()
+        (tmp_path / "enrolled" / f"{SYNC_AGENT}.pem").write_text(key.public_pem())
+        config = receiver_setup(tmp_path, mosquitto.port, tmp_path / "store", tmp_path / "enrolled")
+        text = config.read_text(encoding="utf-8")
+        config.write_text(text + f'\n[store]\nbackend = "s3"\nendpoint = "{server.endpoint}"\nbucket = "{BUCKET}"\n'
+                          f'credentials_file = "{server.credentials_file(tmp_path)}"\n', encoding="utf-8")
+        proc = receiver_proc(tmp_path, config).start()
+        wait_for(lambda: receiver_logged(tmp_path, "mqtt connected"), 20, what="receiver connected")
+        server.stop()
+
+        agent = ScriptedAgent(mosquitto.port, key)
+        content = os.urandom(4 * 65536)
+        doc = agent.send_file(content)
+        held = agent.ack(doc["file_id"], "receiving")
+        while held["have"] != [[0, 3]]:
+            held = agent.ack(doc["file_id"], "receiving")
+        wait_for(lambda: receiver_logged(tmp_path, "commit deferred"), 20, what="the commit deferred")
+        agent.query(doc["file_id"])
+        assert agent.ack(doc["file_id"])["state"] == "receiving"   # the next answer: still not complete
+
+        server.start()
+        agent.query(doc["file_id"])
+        ack = agent.ack(doc["file_id"], "complete")
+        assert ack["sha256"] == hashlib.sha256(content).hexdigest() and ack["receipt"] is not None
+        body = server.client().get_object(Bucket=BUCKET, Key=f"objects/{ack['sha256']}")["Body"].read()
+        assert body == content
+        agent.close()
+        assert proc.alive, "the receiver died"
+    finally:
+        if proc is not None:
+            proc.stop()
+        server.stop()
