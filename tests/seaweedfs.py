@@ -56,7 +56,10 @@ class SeaweedFS:
             [str(weed), "server", "-ip=127.0.0.1", f"-dir={self.data_dir}", "-s3", f"-s3.port={self.s3_port}",
              f"-master.port={self.master_port}", f"-volume.port={self.volume_port}",
              f"-filer.port={self.filer_port}", "-master.volumeSizeLimitMB=64", "-master.telemetry=false",
-             "-s3.port.iceberg=0", "-s3.port.lance=0"],   # fixed default ports: off, so servers run side by side
+             "-s3.port.iceberg=0", "-s3.port.lance=0",   # fixed default ports: off, so servers run side by side
+             # One master: its topology comes back from the volume server's heartbeat, so a restart need not
+             # wait ~20 s for a Raft election over its saved state.
+             "-master.resumeState=false"],
             stdout=(self.data_dir / "weed.log").open("ab"), stderr=subprocess.STDOUT)
         s3, deadline = self.client(), time.monotonic() + READY_S
         while True:   # ready when the S3 API answers a listing (no event to await: weed signals nothing)
