@@ -287,3 +287,14 @@ def test_through_mqtt_a_store_outage_is_answered_receiving_until_the_store_retur
         if proc is not None:
             proc.stop()
         server.stop()
+
+
+def test_a_receiver_refuses_to_start_on_a_bucket_without_object_lock(seaweed: SeaweedFS, tmp_path: Path) -> None:
+    seaweed.client().create_bucket(Bucket="unlocked-bucket")
+    for bucket in ("unlocked-bucket", "no-such-bucket"):
+        config = parse_receiver_config({
+            "receiver": {"store_dir": str(tmp_path / "store"), "keys_dir": str(tmp_path / "agents")},
+            "store": {"backend": "s3", "endpoint": seaweed.endpoint, "bucket": bucket,
+                      "credentials_file": str(seaweed.credentials_file(tmp_path))}}, "receiver.toml")
+        with pytest.raises(StoreConfigError, match="object-lock-enabled-for-bucket"):
+            Receiver(config)

@@ -114,6 +114,30 @@ class S3Committed:
             config=BotoConfig(connect_timeout=settings.connect_timeout_s, read_timeout=settings.read_timeout_s,
                               retries={"max_attempts": 2, "mode": "standard"}, s3={"addressing_style": "path"}))
 
+    def check_bucket(self) -> None:
+        """At start: StoreConfigError if the bucket is missing or has no Object Lock (every commit would be
+        refused, files would stay `receiving`); a store that does not answer only logs (commits wait for it)."""
+        try:
+            config = self.s3.get_object_lock_configuration(Bucket=self.bucket)["ObjectLockConfiguration"]
+        except ClientError as exc:
+            if _code(exc) in ("NoSuchBucket", "ObjectLockConfigurationNotFoundError", "AccessDenied") \
+                    or _status(exc) in (403, 404):
+                raise StoreConfigError(
+                    f"store.bucket = {self.bucket!r} at {self.settings.endpoint}: no bucket with Object Lock there "
+                    f"({_code(exc)}); create it with Object Lock enabled (aws s3api create-bucket --bucket "
+                    f"{self.bucket} --object-lock-enabled-for-bucket) and give the receiver's credentials access"
+                ) from exc
+            log.warning("object store check failed bucket=%s endpoint=%s: %s", self.bucket, self.settings.endpoint, exc)
+            return
+        except BotoCoreError as exc:
+            log.warning("object store unreachable at start bucket=%s endpoint=%s: %s; commits wait for it",
+                        self.bucket, self.settings.endpoint, exc)
+            return
+        if config.get("ObjectLockEnabled") != "Enabled":
+            raise StoreConfigError(f"store.bucket = {self.bucket!r}: Object Lock is not enabled on it; create a "
+                                   "bucket with --object-lock-enabled-for-bucket (it cannot be turned on later "
+                                   "on every server)")
+
     # -- keys --------------------------------------------------------------------------------------
 
     @staticmethod

@@ -99,7 +99,9 @@ def _committed_files(config: ReceiverConfig) -> CommittedFiles | None:
     # boto3 is the receiver-s3 extra: loaded only by a receiver that uses it.
     from edge_agent.platform.receiver.objectstore import S3Committed, S3Settings
 
-    return S3Committed(S3Settings.from_config(config.store))
+    committed = S3Committed(S3Settings.from_config(config.store))
+    committed.check_bucket()
+    return committed
 
 
 class Receiver:
