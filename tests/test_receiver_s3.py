@@ -155,17 +155,20 @@ def test_a_legal_hold_keeps_evidence_past_its_retain_until_date(seaweed: Seaweed
     assert refused.value.response["Error"]["Code"] == "AccessDenied"
 
 
-def test_two_receivers_racing_on_one_file_store_it_once(seaweed: SeaweedFS, tmp_path: Path) -> None:
+@pytest.mark.parametrize(("n", "size"), [(4, 2 * CHUNK), (9, 11 * 1024**2)], ids=["one put", "multipart"])
+def test_two_receivers_racing_on_one_file_store_it_once(seaweed: SeaweedFS, tmp_path: Path, n: int, size: int,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     """Two receivers on separate disks each hold every chunk of the same file and commit at the same instant:
     both answer `complete` with the one index entry that won, and no key has a second version."""
-    content = os.urandom(2 * CHUNK)
+    monkeypatch.setattr(objectstore, "PART_BYTES", 5 * 1024**2)
+    content = os.urandom(size)
     stores = [receiver(seaweed, tmp_path / name) for name in ("r1", "r2")]
-    docs = [transfer(store, file_id(4), content) for store in stores]
+    docs = [transfer(store, file_id(n), content) for store in stores]
     barrier, acks = threading.Barrier(2), [None, None]
 
     def commit(i: int) -> None:
         barrier.wait()
-        acks[i] = stores[i].progress(AGENT, file_id(4), docs[i])
+        acks[i] = stores[i].progress(AGENT, file_id(n), docs[i])
 
     threads = [threading.Thread(target=commit, args=(i,)) for i in range(2)]
     for thread in threads:
@@ -174,11 +177,11 @@ def test_two_receivers_racing_on_one_file_store_it_once(seaweed: SeaweedFS, tmp_
         thread.join(timeout=30)
     assert [(a.state, a.sha256) for a in acks] == [(ACK_COMPLETE, docs[0]["sha256"])] * 2
     s3 = seaweed.client()
-    for key in (f"index/{AGENT}/{file_id(4)}.json", f"objects/{docs[0]['sha256']}",
-                f"manifests/{AGENT}/{file_id(4)}.{docs[0]['sha256']}.json"):
+    for key in (f"index/{AGENT}/{file_id(n)}.json", f"objects/{docs[0]['sha256']}",
+                f"manifests/{AGENT}/{file_id(n)}.{docs[0]['sha256']}.json"):
         versions = s3.list_object_versions(Bucket=BUCKET, Prefix=key).get("Versions", [])
         assert [v["Key"] for v in versions] == [key], f"{key} written more than once"
-    assert stores[0].stored(AGENT, file_id(4)) == stores[1].stored(AGENT, file_id(4))
+    assert stores[0].stored(AGENT, file_id(n)) == stores[1].stored(AGENT, file_id(n))
 
 
 def test_while_the_store_is_down_the_file_stays_receiving_and_completes_when_it_returns(tmp_path: Path) -> None:
