@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -268,11 +269,42 @@ class AgentConfig(_Section):
         return self.agent.data_dir / "catalog.sqlite"
 
 
+class StoreSection(_Section):
+    """Where the receiver keeps committed files (docs/OPERATIONS.md "Receiver store"): `local`, objects/ and index/
+    under receiver.store_dir; or `s3`, a bucket with Object Lock (transfers in progress stay in store_dir)."""
+
+    backend: Literal["local", "s3"] = "local"
+    endpoint: str | None = None             # https://s3.example.org:9000
+    bucket: str | None = None               # created with Object Lock enabled
+    region: str = "us-east-1"
+    credentials_file: Path | None = None    # access_key_id = … / secret_access_key = …, mode 0600
+    tls_ca: Path | None = None              # the CA of the endpoint's certificate; None: the system's
+    routine_days: Annotated[int, Field(ge=1, le=36_500)] = 180      # routine files: locked stored + this
+    long_term_years: Annotated[int, Field(ge=1, le=100)] = 10       # long_term files: locked stored + this
+    # evidence files: locked as routine, plus a legal hold (released only by a platform action)
+
+    @model_validator(mode="after")
+    def _s3_complete(self) -> StoreSection:
+        if self.backend != "s3":
+            return self
+        missing = [k for k in ("endpoint", "bucket", "credentials_file") if getattr(self, k) is None]
+        if missing:
+            raise ValueError(f"backend = \"s3\" needs {', '.join(missing)} in [store]; see "
+                             "config/receiver.example.toml")
+        if not self.endpoint.startswith(("http://", "https://")):
+            raise ValueError(f"endpoint {self.endpoint!r} is not a URL; write it like https://s3.example.org:9000")
+        if not re.fullmatch(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]", self.bucket):
+            raise ValueError(f"bucket {self.bucket!r} is not an S3 bucket name: 3-63 characters, lower-case "
+                             "letters, digits, dots and hyphens")
+        return self
+
+
 class ReceiverConfig(_Section):
     """The reference receiver's config (`edge-agent receiver run --config receiver.toml`)."""
 
     mqtt: MqttSection = MqttSection()
     receiver: ReceiverSection = ReceiverSection()
+    store: StoreSection = StoreSection()
     liveness: LivenessSection = LivenessSection()   # the receiver's threads (platform/receiver/supervise.py)
 
 

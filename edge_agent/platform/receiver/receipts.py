@@ -27,7 +27,7 @@ from edge_agent.clock import now_ms
 from edge_agent.durable import atomic_write, fsync_dir
 from edge_agent.evidence.manifest import AgentKey, load_private_key
 from edge_agent.evidence.receipts import VERDICT_COMPLETE, VERDICT_REJECTED, receipt_body
-from edge_agent.platform.receiver.store import ChunkStore
+from edge_agent.platform.receiver.store import ChunkStore, StoreUnavailable
 from edge_agent.protocol.wire import ACK_COMPLETE, ACK_REJECTED, Ack
 
 log = logging.getLogger(__name__)
@@ -107,8 +107,8 @@ class Receipts:
         if entry is None:
             return None
         try:
-            manifest = self.store.manifest_path(entry["sha256"], agent_id, ack.file_id).read_bytes()
-        except OSError as exc:   # the store is damaged: no receipt, so no agent clears a recorder on this one
+            manifest = self.store.stored_manifest(entry["sha256"], agent_id, ack.file_id)
+        except (OSError, StoreUnavailable) as exc:   # damaged or unreachable: no receipt, no recorder cleared
             log.error("stored manifest unreadable agent=%s file=%s: %s", agent_id, ack.file_id, exc)
             return None
         return receipt_body(VERDICT_COMPLETE, agent_id=agent_id, file_id=ack.file_id, sha256=entry["sha256"],

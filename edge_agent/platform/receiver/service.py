@@ -50,7 +50,7 @@ from edge_agent.platform.receiver.chain import ChainKeeper, ChainStore
 from edge_agent.platform.receiver.fair import FairQueue
 from edge_agent.platform.receiver.keyring import KeyRing
 from edge_agent.platform.receiver.receipts import Receipts, ReceiverKey
-from edge_agent.platform.receiver.store import ChunkStore, Limits
+from edge_agent.platform.receiver.store import ChunkStore, CommittedFiles, Limits
 from edge_agent.platform.receiver.supervise import Loop, Supervisor
 from edge_agent.protocol import sdnotify
 from edge_agent.protocol.connection import Connection, build_client
@@ -92,6 +92,18 @@ LOG_EVERY_S = 10.0                  # a per-message warning, per event and agent
 Parked = tuple[float, str, bytes, "str | None"]   # (deadline, topic, payload, data sha256)
 
 
+def _committed_files(config: ReceiverConfig) -> CommittedFiles | None:
+    """The bucket committed files go to ([store] backend = "s3"), or None: under receiver.store_dir."""
+    if config.store.backend != "s3":
+        return None
+    # boto3 is the receiver-s3 extra: loaded only by a receiver that uses it.
+    from edge_agent.platform.receiver.objectstore import S3Committed, S3Settings
+
+    committed = S3Committed(S3Settings.from_config(config.store))
+    committed.check_bucket()
+    return committed
+
+
 class Receiver:
     def __init__(self, config: ReceiverConfig):
         rc = config.receiver
@@ -100,7 +112,7 @@ class Receiver:
         self.store = ChunkStore(rc.store_dir, sole_writer=not rc.shared_subscription, limits=Limits(
             max_open_transfers=rc.max_open_transfers_per_agent,
             max_reserved_bytes=int(rc.max_reserved_gb_per_agent * 1024**3),
-            min_free_bytes=int(rc.min_free_gb * 1024**3)))
+            min_free_bytes=int(rc.min_free_gb * 1024**3)), committed=_committed_files(config))
         self.expiry_s = rc.incoming_expiry_days * 86400
         self.keys = KeyRing(rc.keys_dir, rc.store_dir / LEARNED_KEYS)   # learn_rotation: keyring.py
         self.receipts = Receipts(ReceiverKey.load_or_create(rc.receipt_key_dir), self.store)

@@ -51,7 +51,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from edge_agent.clock import now_ms
 from edge_agent.digest import hash_stream
@@ -75,6 +75,31 @@ MAX_TRANSFERS_OPEN = 32   # transfers whose files a sole writer keeps open betwe
 CRASH_AT_ENV = "EDGE_AGENT_RECEIVER_CRASH_AT"
 COMMIT_STEPS = ("data_synced", "object_linked", "object_dir_synced", "manifest_copied", "index_written",
                 "incoming_removed")
+
+
+class StoreUnavailable(Exception):
+    """The store of committed files did not answer or failed on its side: nothing was committed, nothing is
+    acknowledged `complete`; the commit is tried again on the next progress or query."""
+
+
+class StoreConfigError(Exception):
+    """The settings of the store of committed files cannot be used; the message names the key and what to do."""
+
+
+class CommittedFiles(Protocol):
+    """Where committed files go when not under `root` (objectstore.py `S3Committed`). Each method raises
+    StoreUnavailable when the store cannot be reached."""
+
+    bucket: str
+
+    def stored(self, agent: str, file_id: str) -> dict[str, Any] | None:
+        """The index entry of a committed file, or None."""
+
+    def manifest(self, sha256: str, agent: str, file_id: str) -> bytes | None:
+        """The signed manifest committed with a file, or None."""
+
+    def commit(self, agent: str, file_id: str, data: Path, manifest: bytes, doc: dict[str, Any]) -> dict[str, Any]:
+        """Store the verified bytes, the manifest and the index entry; the entry that holds (the first)."""
 
 
 def _crash_point(step: str) -> None:
@@ -144,8 +169,12 @@ class ChunkStore:
     receiver continues from the store), so the whole-file hash of chunks this process wrote in order can be
     trusted at commit without reading them back, and a transfer's files can stay open between its chunks."""
 
-    def __init__(self, root: Path, *, sole_writer: bool = False, limits: Limits | None = None):
+    def __init__(self, root: Path, *, sole_writer: bool = False, limits: Limits | None = None,
+                 committed: CommittedFiles | None = None):
         self.root = Path(root)
+        # Where committed files go: None, objects/ and index/ under `root`; else an S3 bucket (objectstore.py),
+        # while the transfers in progress stay in incoming/ here.
+        self.committed = committed
         self.sole_writer = sole_writer
         self.limits = limits
         for sub in ("objects", "index", "rejected", "incoming", "locks"):
@@ -238,10 +267,26 @@ class ChunkStore:
     # -- reading state -----------------------------------------------------------------------------
 
     def stored(self, agent: str, file_id: str) -> dict[str, Any] | None:
+        """The index entry of a stored file, or None (also while the bucket cannot be reached: not `complete`)."""
+        if self.committed is not None:
+            try:
+                return self.committed.stored(agent, file_id)
+            except StoreUnavailable as exc:
+                log.warning("store unreachable agent=%s file=%s: %s", agent, file_id, exc)
+                return None
         try:
             return json.loads(self._index(agent, file_id).read_bytes())
         except FileNotFoundError:
             return None
+
+    def stored_manifest(self, sha256: str, agent: str, file_id: str) -> bytes:
+        """The signed manifest stored with a committed file (OSError or StoreUnavailable if it cannot be read)."""
+        if self.committed is not None:
+            manifest = self.committed.manifest(sha256, agent, file_id)
+            if manifest is None:
+                raise FileNotFoundError(f"manifest of {agent}/{file_id} missing from bucket {self.committed.bucket}")
+            return manifest
+        return self.manifest_path(sha256, agent, file_id).read_bytes()
 
     def rejection(self, agent: str, file_id: str) -> str | None:
         try:
@@ -594,8 +639,31 @@ class ChunkStore:
             return self._reject_locked(agent, file_id, (
                 f"the assembled file has SHA-256 {digest.hexdigest()}, the manifest says {sha256}: "
                 "its bytes were altered after sealing or in transit"))
+        if self.committed is not None:
+            return self._commit_to_bucket(agent, file_id, doc)
         self._link_object(incoming / "data", sha256)
         return self._record_stored(agent, file_id, doc)
+
+    def _commit_to_bucket(self, agent: str, file_id: str, doc: dict[str, Any]) -> Ack:
+        """The verified bytes, manifest and index into the bucket (lock held); `receiving` while it cannot be
+        reached, with every chunk kept here, so the next progress or query commits again."""
+        assert self.committed is not None
+        incoming, sha256 = self.incoming(agent, file_id), doc["sha256"]
+        try:
+            entry = self.committed.commit(agent, file_id, incoming / "data", (incoming / "manifest.json").read_bytes(),
+                                          doc)
+        except StoreUnavailable as exc:
+            log.warning("commit deferred agent=%s file=%s: %s", agent, file_id, exc)
+            return Ack(file_id, ACK_RECEIVING, to_ranges(self.have(agent, file_id)))
+        shutil.rmtree(incoming, ignore_errors=True)
+        fsync_dir(incoming.parent)
+        self._forget(agent, file_id)
+        if entry["sha256"] != sha256:
+            return Ack(file_id, ACK_REJECTED, [], None,
+                       f"a different file with id {file_id} is already stored (SHA-256 {entry['sha256']})")
+        log.info("stored agent=%s file=%s size=%d sha256=%s bucket=%s", agent, file_id, doc["size"], sha256,
+                 self.committed.bucket)
+        return Ack(file_id, ACK_COMPLETE, [], sha256)
 
     def _link_object(self, data: Path, sha256: str) -> None:
         """Hard-link verified bytes into objects/ (they stay in incoming/ until the index is written). The

@@ -1,0 +1,266 @@
+"""Committed files in S3-compatible object storage with Object Lock (`[store] backend = "s3"`).
+
+What a receiver commits goes to one bucket; transfers in progress stay in the local `incoming/` of
+`ChunkStore` (moving them is the next step, docs/SCALING.md). Keys:
+
+    objects/<sha256>                                the bytes, once per content
+    manifests/<agent>/<file_id>.<sha256>.json       each signed manifest
+    index/<agent>/<file_id>.json                    a stored file: the commit point of `complete`
+
+Every object is written with a SHA-256 checksum the server verifies (`ChecksumSHA256`; a large file is
+uploaded in parts, each part with its own checksum, so memory stays flat) and, on a bucket created with
+Object Lock, `COMPLIANCE` mode until a date from the file's retention class (`routine`: stored +
+`routine_days`; `long_term`: stored + `long_term_years`; `evidence`: the same as routine plus a legal hold).
+Every write is a conditional create (`If-None-Match: *`): the first receiver to write an index entry wins and
+every other one reads the winner's entry, so `complete` is exactly once across receivers sharing a bucket,
+and no receiver ever writes a second version of a key. A store that cannot be reached raises
+`StoreUnavailable`: the caller answers `receiving` and commits again later.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import logging
+import os
+import stat
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import boto3
+from botocore.config import Config as BotoConfig
+from botocore.exceptions import BotoCoreError, ClientError
+
+from edge_agent.clock import now_ms
+from edge_agent.platform.receiver.store import StoreConfigError, StoreUnavailable
+
+log = logging.getLogger(__name__)
+PART_BYTES = 16 * 1024**2   # a multipart upload's part: what the upload holds in memory at once
+ROUTINE, EVIDENCE, LONG_TERM = "routine", "evidence", "long_term"
+
+
+@dataclass(frozen=True)
+class S3Settings:
+    """[store] of the receiver's config, for backend = "s3" (docs/OPERATIONS.md "Receiver store")."""
+
+    endpoint: str
+    bucket: str
+    credentials_file: Path
+    region: str = "us-east-1"
+    tls_ca: Path | None = None
+    routine_days: float = 180   # [store] takes whole days; a test may lock for seconds
+    long_term_years: int = 10
+    connect_timeout_s: float = 5
+    read_timeout_s: float = 60
+
+    @classmethod
+    def from_config(cls, store: Any) -> S3Settings:
+        return cls(endpoint=store.endpoint, bucket=store.bucket, credentials_file=store.credentials_file,
+                   region=store.region, tls_ca=store.tls_ca, routine_days=store.routine_days,
+                   long_term_years=store.long_term_years)
+
+
+def read_credentials(path: Path) -> tuple[str, str]:
+    """The access key and secret from `path`: two lines, `access_key_id = …` and `secret_access_key = …`,
+    readable by its owner only (0600)."""
+    try:
+        mode = stat.S_IMODE(os.stat(path).st_mode)
+    except FileNotFoundError:
+        raise StoreConfigError(f"store.credentials_file = {str(path)!r}: no such file; create it with "
+                               "access_key_id and secret_access_key lines, mode 0600") from None
+    if mode & 0o077:
+        raise StoreConfigError(f"store.credentials_file = {str(path)!r}: mode {mode:04o} lets others read the "
+                               f"store's secret; run: chmod 600 {path}")
+    values: dict[str, str] = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if "=" in line and not line.lstrip().startswith("#"):
+            key, _, value = line.partition("=")
+            values[key.strip()] = value.strip().strip('"')
+    missing = [k for k in ("access_key_id", "secret_access_key") if not values.get(k)]
+    if missing:
+        raise StoreConfigError(f"store.credentials_file = {str(path)!r}: missing {', '.join(missing)}; "
+                               "write one `key = value` line for each")
+    return values["access_key_id"], values["secret_access_key"]
+
+
+def _b64(digest: bytes) -> str:
+    return base64.b64encode(digest).decode("ascii")
+
+
+def _code(exc: ClientError) -> str:
+    return str(exc.response.get("Error", {}).get("Code", ""))
+
+
+def _status(exc: ClientError) -> int:
+    return int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0))
+
+
+class S3Committed:
+    """The committed files of every receiver sharing one bucket."""
+
+    def __init__(self, settings: S3Settings):
+        self.settings = settings
+        self.bucket = settings.bucket
+        access, secret = read_credentials(settings.credentials_file)
+        if settings.tls_ca is not None and not settings.tls_ca.is_file():
+            raise StoreConfigError(f"store.tls_ca = {str(settings.tls_ca)!r}: no such file; give the PEM of the "
+                                   "CA that signed the object store's certificate")
+        self.s3 = boto3.session.Session().client(
+            "s3", endpoint_url=settings.endpoint, region_name=settings.region, aws_access_key_id=access,
+            aws_secret_access_key=secret, verify=str(settings.tls_ca) if settings.tls_ca else None,
+            config=BotoConfig(connect_timeout=settings.connect_timeout_s, read_timeout=settings.read_timeout_s,
+                              retries={"max_attempts": 2, "mode": "standard"}, s3={"addressing_style": "path"}))
+
+    def check_bucket(self) -> None:
+        """At start: StoreConfigError if the bucket is missing or has no Object Lock (every commit would be
+        refused, files would stay `receiving`); a store that does not answer only logs (commits wait for it)."""
+        try:
+            config = self.s3.get_object_lock_configuration(Bucket=self.bucket)["ObjectLockConfiguration"]
+        except ClientError as exc:
+            if _code(exc) in ("NoSuchBucket", "ObjectLockConfigurationNotFoundError", "AccessDenied") \
+                    or _status(exc) in (403, 404):
+                raise StoreConfigError(
+                    f"store.bucket = {self.bucket!r} at {self.settings.endpoint}: no bucket with Object Lock there "
+                    f"({_code(exc)}); create it with Object Lock enabled (aws s3api create-bucket --bucket "
+                    f"{self.bucket} --object-lock-enabled-for-bucket) and give the receiver's credentials access"
+                ) from exc
+            log.warning("object store check failed bucket=%s endpoint=%s: %s", self.bucket, self.settings.endpoint, exc)
+            return
+        except BotoCoreError as exc:
+            log.warning("object store unreachable at start bucket=%s endpoint=%s: %s; commits wait for it",
+                        self.bucket, self.settings.endpoint, exc)
+            return
+        if config.get("ObjectLockEnabled") != "Enabled":
+            raise StoreConfigError(f"store.bucket = {self.bucket!r}: Object Lock is not enabled on it; create a "
+                                   "bucket with --object-lock-enabled-for-bucket (it cannot be turned on later "
+                                   "on every server)")
+
+    # -- keys --------------------------------------------------------------------------------------
+
+    @staticmethod
+    def object_key(sha256: str) -> str:
+        return f"objects/{sha256}"
+
+    @staticmethod
+    def manifest_key(sha256: str, agent: str, file_id: str) -> str:
+        return f"manifests/{agent}/{file_id}.{sha256}.json"
+
+    @staticmethod
+    def index_key(agent: str, file_id: str) -> str:
+        return f"index/{agent}/{file_id}.json"
+
+    # -- reading -----------------------------------------------------------------------------------
+
+    def _get(self, key: str) -> bytes | None:
+        try:
+            return self.s3.get_object(Bucket=self.bucket, Key=key)["Body"].read()
+        except ClientError as exc:
+            if _code(exc) in ("NoSuchKey", "404") or _status(exc) == 404:
+                return None
+            raise self._unavailable("read", key, exc) from exc
+        except BotoCoreError as exc:
+            raise self._unavailable("read", key, exc) from exc
+
+    def stored(self, agent: str, file_id: str) -> dict[str, Any] | None:
+        body = self._get(self.index_key(agent, file_id))
+        return None if body is None else json.loads(body)
+
+    def manifest(self, sha256: str, agent: str, file_id: str) -> bytes | None:
+        return self._get(self.manifest_key(sha256, agent, file_id))
+
+    # -- committing --------------------------------------------------------------------------------
+
+    def lock_args(self, retention: str, stored_ms: int) -> dict[str, Any]:
+        """Object Lock headers for a file of `retention` class stored at `stored_ms`."""
+        stored = datetime.fromtimestamp(stored_ms / 1000, UTC)
+        if retention == LONG_TERM:
+            until = stored + timedelta(days=365 * self.settings.long_term_years)
+        else:
+            until = stored + timedelta(days=self.settings.routine_days)
+        args: dict[str, Any] = {"ObjectLockMode": "COMPLIANCE", "ObjectLockRetainUntilDate": until}
+        if retention == EVIDENCE:
+            args["ObjectLockLegalHoldStatus"] = "ON"
+        return args
+
+    def commit(self, agent: str, file_id: str, data: Path, manifest: bytes, doc: dict[str, Any]) -> dict[str, Any]:
+        """Store the verified bytes at `data`, the manifest and the index entry; returns the index entry that
+        holds (this receiver's, or an earlier one's: the first to write it wins). Raises StoreUnavailable."""
+        sha256 = doc["sha256"]
+        stored_ms = now_ms()
+        lock = self.lock_args(str(doc.get("retention", ROUTINE)), stored_ms)
+        self._put_file(self.object_key(sha256), data, lock)
+        self._put_bytes(self.manifest_key(sha256, agent, file_id), manifest, lock)
+        entry = {"agent_id": agent, "file_id": file_id, "sha256": sha256, "size": doc["size"], "stored_ms": stored_ms,
+                 "object": self.object_key(sha256), "retention": doc.get("retention", ROUTINE)}
+        if self._put_bytes(self.index_key(agent, file_id), json.dumps(entry).encode(), lock):
+            return entry
+        winner = self.stored(agent, file_id)   # another receiver committed it first
+        if winner is None:
+            raise StoreUnavailable(f"index {self.index_key(agent, file_id)} exists but cannot be read yet")
+        return winner
+
+    def _put_bytes(self, key: str, body: bytes, lock: dict[str, Any]) -> bool:
+        """Create `key` (False: it exists already, left as it is)."""
+        try:
+            self.s3.put_object(Bucket=self.bucket, Key=key, Body=body, IfNoneMatch="*",
+                               ChecksumSHA256=_b64(hashlib.sha256(body).digest()), **lock)
+        except ClientError as exc:
+            if _status(exc) == 412 or _code(exc) == "PreconditionFailed":
+                return False
+            raise self._unavailable("write", key, exc) from exc
+        except BotoCoreError as exc:
+            raise self._unavailable("write", key, exc) from exc
+        return True
+
+    def _put_file(self, key: str, path: Path, lock: dict[str, Any]) -> bool:
+        """Create `key` from the file at `path`, streamed in parts of PART_BYTES with a checksum each."""
+        size = path.stat().st_size
+        if size <= PART_BYTES:
+            return self._put_bytes(key, path.read_bytes(), lock)
+        try:
+            self.s3.head_object(Bucket=self.bucket, Key=key)
+            return False   # content-addressed: the same bytes are stored already
+        except ClientError as exc:
+            if _status(exc) != 404:
+                raise self._unavailable("read", key, exc) from exc
+        except BotoCoreError as exc:
+            raise self._unavailable("read", key, exc) from exc
+        upload = None
+        try:
+            upload = self.s3.create_multipart_upload(Bucket=self.bucket, Key=key, ChecksumAlgorithm="SHA256",
+                                                     **lock)["UploadId"]
+            parts = []
+            with path.open("rb") as f:
+                number = 1
+                while block := f.read(PART_BYTES):
+                    checksum = _b64(hashlib.sha256(block).digest())
+                    etag = self.s3.upload_part(Bucket=self.bucket, Key=key, UploadId=upload, PartNumber=number,
+                                               Body=block, ChecksumSHA256=checksum)["ETag"]
+                    parts.append({"PartNumber": number, "ETag": etag, "ChecksumSHA256": checksum})
+                    number += 1
+            self.s3.complete_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload,
+                                              MultipartUpload={"Parts": parts}, IfNoneMatch="*")
+        except ClientError as exc:
+            self._abort(key, upload)
+            if _status(exc) == 412 or _code(exc) == "PreconditionFailed":
+                return False
+            raise self._unavailable("write", key, exc) from exc
+        except BotoCoreError as exc:
+            self._abort(key, upload)
+            raise self._unavailable("write", key, exc) from exc
+        return True
+
+    def _abort(self, key: str, upload: str | None) -> None:
+        if upload is None:
+            return
+        try:
+            self.s3.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload)
+        except (ClientError, BotoCoreError) as exc:   # the bucket's lifecycle rule removes it later
+            log.warning("multipart upload not aborted key=%s upload=%s: %s", key, upload, exc)
+
+    def _unavailable(self, what: str, key: str, exc: Exception) -> StoreUnavailable:
+        return StoreUnavailable(f"object store {self.settings.endpoint} bucket {self.bucket}: {what} {key} "
+                                f"failed ({exc}); nothing was acknowledged, the commit is retried")
