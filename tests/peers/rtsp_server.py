@@ -1,4 +1,5 @@
-"""A real RTSP camera for tests: GStreamer's RTSP server with a generated H.264 stream.
+"""A real RTSP camera for tests: GStreamer's RTSP server with a generated H.264 stream,
+and optionally an audio track (`audio="pcmu" | "pcma" | "aac" | "opus"`).
 
 `RtspServer(pattern=..., port=...)` runs this same file with Debian's `/usr/bin/python3` (a venv's Python
 cannot see the GStreamer bindings). Patterns: `normal` (moving, sharp colour bars), `black`, `frozen`
@@ -24,10 +25,26 @@ PATTERNS = {
 }
 
 
-def launch_line(pattern: str, width: int, height: int, fps: int, keyint: int, bitrate_kbps: int) -> str:
-    return (f"( videotestsrc is-live=true {PATTERNS[pattern]} ! video/x-raw,width={width},height={height},"
+# An audio track beside the video (a second payloader, pay1): what field cameras send. White noise, so that
+# no stretch of samples repeats and a bit-exact comparison cannot match the wrong place.
+AUDIO = {
+    "none": "",
+    "pcmu": "audio/x-raw,rate=8000,channels=1 ! mulawenc ! rtppcmupay name=pay1 pt=0",
+    "pcma": "audio/x-raw,rate=8000,channels=1 ! alawenc ! rtppcmapay name=pay1 pt=8",
+    "aac": "audio/x-raw,rate=16000,channels=1 ! voaacenc bitrate=32000 ! rtpmp4apay name=pay1 pt=97",
+    "opus": "audio/x-raw,rate=48000,channels=1 ! opusenc ! rtpopuspay name=pay1 pt=98",
+}
+
+
+def launch_line(pattern: str, width: int, height: int, fps: int, keyint: int, bitrate_kbps: int,
+                audio: str = "none") -> str:
+    line = (f"videotestsrc is-live=true {PATTERNS[pattern]} ! video/x-raw,width={width},height={height},"
             f"framerate={fps}/1 ! x264enc tune=zerolatency speed-preset=ultrafast key-int-max={keyint} "
-            f"bitrate={bitrate_kbps} ! rtph264pay name=pay0 pt=96 config-interval=-1 )")
+            f"bitrate={bitrate_kbps} ! rtph264pay name=pay0 pt=96 config-interval=-1")
+    if AUDIO[audio]:
+        line += (" audiotestsrc is-live=true wave=white-noise volume=0.3 ! audioconvert ! audioresample ! "
+                 + AUDIO[audio])
+    return f"( {line} )"
 
 
 class RtspServer:
@@ -35,13 +52,15 @@ class RtspServer:
 
     def __init__(self, port: int, pattern: str = "normal", *, width: int = 320, height: int = 180, fps: int = 25,
                  keyint: int = 25, bitrate_kbps: int = 400, log: Path | None = None,
-                 credentials: tuple[str, str] | None = None):
+                 credentials: tuple[str, str] | None = None, audio: str = "none"):
         if pattern not in PATTERNS:
             raise ValueError(f"pattern must be one of {sorted(PATTERNS)}")
+        if audio not in AUDIO:
+            raise ValueError(f"audio must be one of {sorted(AUDIO)}")
         self.port = port
         self.pattern = pattern
         self.args = [str(port), pattern, str(width), str(height), str(fps), str(keyint), str(bitrate_kbps),
-                     *(credentials or ())]
+                     audio, *(credentials or ())]
         self.log = log
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -88,7 +107,7 @@ class RtspServer:
         return self.proc is not None and self.proc.poll() is None
 
 
-def _serve(port: str, pattern: str, width: str, height: str, fps: str, keyint: str, bitrate: str,
+def _serve(port: str, pattern: str, width: str, height: str, fps: str, keyint: str, bitrate: str, audio: str,
            username: str | None = None, password: str | None = None) -> None:
     import gi
 
@@ -101,7 +120,7 @@ def _serve(port: str, pattern: str, width: str, height: str, fps: str, keyint: s
     server.set_address("127.0.0.1")
     server.set_service(port)
     factory = GstRtspServer.RTSPMediaFactory()
-    factory.set_launch(launch_line(pattern, int(width), int(height), int(fps), int(keyint), int(bitrate)))
+    factory.set_launch(launch_line(pattern, int(width), int(height), int(fps), int(keyint), int(bitrate), audio))
     factory.set_shared(True)
     if username is not None:   # RTSP Basic login, as cameras ask for it
         token = GstRtspServer.RTSPToken()
@@ -123,4 +142,4 @@ def _serve(port: str, pattern: str, width: str, height: str, fps: str, keyint: s
 
 
 if __name__ == "__main__":
-    _serve(*sys.argv[1:10])
+    _serve(*sys.argv[1:11])
