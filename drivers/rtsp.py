@@ -59,6 +59,7 @@ TS_JUMP_MS = 5000          # decode timestamps moving back, or ahead by more tha
 CLOCK_STEP_MS = 1000        # a wall-clock jump larger than this against the monotonic clock is a clock step
 BACKOFF_MIN_S = 0.5
 LATE_AUDIO_MS = 1000       # a closed segment waits this long (stream time) for audio sent after its cut
+INTERLEAVE_MAX_US = 500_000   # the muxer waits at most this long (stream time) for a silent track
 PENDING_MAX = 512          # audio packets held for the video to catch up, at most (then written as they come)
 # Codecs the Matroska muxer refuses, stored losslessly as 16-bit PCM (see the module docstring).
 G711 = ("pcm_mulaw", "pcm_alaw")
@@ -488,8 +489,12 @@ class _SegmentWriter:
         self._last_dts: dict[int, int] = {}
         self._outputs: dict[int, tuple[av.stream.Stream, str | None]] = {}
         try:
+            # The muxer holds packets until every track has one as late (interleaving); without a bound
+            # on that wait, video would stay in memory for 10 s (FFmpeg's default) whenever the audio
+            # stops, and a crash would lose it.
             self.container = av.open(str(path), "w", format="matroska",
-                                     container_options={"flush_packets": "1"})
+                                     container_options={"flush_packets": "1",
+                                                        "max_interleave_delta": str(INTERLEAVE_MAX_US)})
             for stream in streams:
                 codec = stream.codec_context.name
                 if codec in G711:

@@ -2,7 +2,8 @@
 sealed segment (checked with ffprobe) and in its manifest; audio is bit-exact with what the server sent
 (AAC and Opus packet by packet; G.711 byte by byte, back from the 16-bit PCM it is stored as); the
 audio of consecutive segments tiles the stream with no gap and no overlap; a segment cut by kill -9
-keeps its audio; a camera whose audio disappears raises an alarm."""
+keeps its audio; a camera whose audio disappears (after a reconnect, or mid-stream) raises an alarm while
+its video goes on being recorded and reaching the disk."""
 
 from __future__ import annotations
 
@@ -231,6 +232,60 @@ def test_a_camera_whose_audio_disappears_raises_an_alarm(tmp_path: Path) -> None
         wait_for(lambda: agent.catalog.query(
             "SELECT * FROM alarms WHERE key = 'camera.gate-south.audio_lost' AND cleared_ms IS NULL") == [],
             timeout=40, what="the audio_lost alarm cleared")
+    finally:
+        agent.stop()
+        server.stop()
+
+
+def test_audio_that_stops_mid_stream_is_an_alarm_and_the_video_goes_on(tmp_path: Path) -> None:
+    server = RtspServer(free_port(), audio="pcmu", audio_s=4, log=tmp_path / "rtsp.log").start()
+    _, cfg = cameras_config(tmp_path, [camera("gate-west", rtsp=server.url)])
+    agent = build_agent(cfg)
+    agent.start()
+    try:
+        wait_for(lambda: agent.cameras.camera_status()[0]["audio"]["present"], timeout=30, what="audio present")
+        alarm = wait_for(lambda: agent.catalog.query(
+            "SELECT * FROM alarms WHERE key = 'camera.gate-west.audio_lost' AND cleared_ms IS NULL"),
+            timeout=30, what="the audio_lost alarm")[0]
+        lost_at = alarm["raised_ms"]
+        # Segments go on, with their video, after the audio stopped, on the same connection.
+        after = wait_for(lambda: [s for s in sealed_segments(agent.catalog, "gate-west")
+                                  if s.recorded_start_ms > lost_at][:2], timeout=30, what="segments after the loss")
+        status = agent.cameras.camera_status()[0]
+        gaps = agent.catalog.query("SELECT * FROM gaps WHERE camera = 'gate-west'")
+    finally:
+        agent.stop()
+        server.stop()
+    assert "no audio packet" in alarm["message"]
+    assert not gaps   # one connection throughout: losing the audio is not a recording gap
+    assert status["audio"]["present"] is False and status["audio"]["lost"] is True and status["recording"]
+    for s in after:
+        with av.open(str(cfg.agent.data_dir / s.store_path)) as container:
+            assert sum(1 for _ in container.decode(video=0)) >= 45   # about 2 s at 25 fps
+
+
+def test_video_reaches_the_disk_while_the_audio_is_silent(tmp_path: Path) -> None:
+    """The muxer interleaves tracks by waiting for each; a silent audio track must not hold the video in
+    memory (FFmpeg would wait 10 s by default), where a crash would lose it."""
+    server = RtspServer(free_port(), audio="pcmu", audio_s=2, log=tmp_path / "rtsp.log").start()
+    _, cfg = cameras_config(tmp_path, [camera("dock-gate", rtsp=server.url, segment_s=60)])
+    spool = spool_dir(cfg.agent.data_dir, "dock-gate")
+    agent = build_agent(cfg)
+    agent.start()
+
+    def frames_on_disk() -> int:
+        path = next(iter(spool.glob("*.mkv")), None)
+        if path is None:
+            return 0
+        with av.open(str(path)) as container:
+            return sum(1 for _ in container.demux(video=0) if _.size)
+
+    try:
+        wait_for(lambda: agent.catalog.query("SELECT * FROM alarms WHERE key = 'camera.dock-gate.audio_lost'"),
+                 timeout=30, what="the audio_lost alarm")   # about 5 s of stream: 2 s of audio, then 3 s silent
+        # 7 s of video on disk within 4 s of the alarm: the muxer did not wait for the audio (FFmpeg's default
+        # would hold it until 12 s of stream)
+        wait_for(lambda: frames_on_disk() >= 7 * 25, timeout=4, interval=0.5, what="7 s of video in the file")
     finally:
         agent.stop()
         server.stop()

@@ -37,13 +37,16 @@ AUDIO = {
 
 
 def launch_line(pattern: str, width: int, height: int, fps: int, keyint: int, bitrate_kbps: int,
-                audio: str = "none") -> str:
+                audio: str = "none", audio_s: int = 0) -> str:
+    """`audio_s` > 0: the audio ends after that many seconds while the video goes on (a failed microphone)."""
     line = (f"videotestsrc is-live=true {PATTERNS[pattern]} ! video/x-raw,width={width},height={height},"
             f"framerate={fps}/1 ! x264enc tune=zerolatency speed-preset=ultrafast key-int-max={keyint} "
             f"bitrate={bitrate_kbps} ! rtph264pay name=pay0 pt=96 config-interval=-1")
     if AUDIO[audio]:
-        line += (" audiotestsrc is-live=true wave=white-noise volume=0.3 ! audioconvert ! audioresample ! "
-                 + AUDIO[audio])
+        # 160 samples at 8 kHz are 20 ms: 50 buffers a second
+        stop = f" samplesperbuffer=160 num-buffers={audio_s * 50} ! audio/x-raw,rate=8000" if audio_s else ""
+        line += (f" audiotestsrc is-live=true wave=white-noise volume=0.3{stop} ! audioconvert ! audioresample"
+                 f" ! {AUDIO[audio]}")
     return f"( {line} )"
 
 
@@ -52,7 +55,8 @@ class RtspServer:
 
     def __init__(self, port: int, pattern: str = "normal", *, width: int = 320, height: int = 180, fps: int = 25,
                  keyint: int = 25, bitrate_kbps: int = 400, log: Path | None = None,
-                 credentials: tuple[str, str] | None = None, audio: str = "none"):
+                 credentials: tuple[str, str] | None = None, audio: str = "none",
+                 audio_s: int = 0):
         if pattern not in PATTERNS:
             raise ValueError(f"pattern must be one of {sorted(PATTERNS)}")
         if audio not in AUDIO:
@@ -60,7 +64,7 @@ class RtspServer:
         self.port = port
         self.pattern = pattern
         self.args = [str(port), pattern, str(width), str(height), str(fps), str(keyint), str(bitrate_kbps),
-                     audio, *(credentials or ())]
+                     audio, str(audio_s), *(credentials or ())]
         self.log = log
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -108,7 +112,7 @@ class RtspServer:
 
 
 def _serve(port: str, pattern: str, width: str, height: str, fps: str, keyint: str, bitrate: str, audio: str,
-           username: str | None = None, password: str | None = None) -> None:
+           audio_s: str, username: str | None = None, password: str | None = None) -> None:
     import gi
 
     gi.require_version("Gst", "1.0")
@@ -120,7 +124,8 @@ def _serve(port: str, pattern: str, width: str, height: str, fps: str, keyint: s
     server.set_address("127.0.0.1")
     server.set_service(port)
     factory = GstRtspServer.RTSPMediaFactory()
-    factory.set_launch(launch_line(pattern, int(width), int(height), int(fps), int(keyint), int(bitrate), audio))
+    factory.set_launch(launch_line(pattern, int(width), int(height), int(fps), int(keyint), int(bitrate), audio,
+                                   int(audio_s)))
     factory.set_shared(True)
     if username is not None:   # RTSP Basic login, as cameras ask for it
         token = GstRtspServer.RTSPToken()
@@ -142,4 +147,4 @@ def _serve(port: str, pattern: str, width: str, height: str, fps: str, keyint: s
 
 
 if __name__ == "__main__":
-    _serve(*sys.argv[1:11])
+    _serve(*sys.argv[1:12])
