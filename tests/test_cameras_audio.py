@@ -108,9 +108,10 @@ def is_contiguous_part(part: list[bytes], whole: list[bytes]) -> bool:
     return any(whole[i:i + n] == part for i in range(len(whole) - n + 1))
 
 
-@pytest.fixture(params=sorted(STORED))
+@pytest.fixture(params=[("h264", audio) for audio in sorted(STORED)] + [("h265", "pcmu")], ids=lambda p: "+".join(p))
 def audio_camera(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[RtspServer]:
-    server = RtspServer(free_port(), audio=request.param, log=tmp_path / "rtsp.log").start()
+    video, audio = request.param
+    server = RtspServer(free_port(), audio=audio, video=video, log=tmp_path / "rtsp.log").start()
     yield server
     server.stop()
 
@@ -130,7 +131,8 @@ def test_g711_stored_as_16_bit_pcm_gives_back_every_code() -> None:
 
 
 def test_every_track_is_kept_bit_exact_and_audio_tiles_the_segments(tmp_path: Path, audio_camera: RtspServer) -> None:
-    sent_codec, stored_codec, rate, channels = STORED[audio_camera.args[7]]
+    sent_codec, stored_codec, rate, channels = STORED[audio_camera.audio]
+    video_codec = "hevc" if audio_camera.video == "h265" else "h264"
     _, cfg = cameras_config(tmp_path, [camera("gate-north", rtsp=audio_camera.url)])
     with Listener(audio_camera.url) as heard:
         agent = build_agent(cfg)
@@ -152,10 +154,11 @@ def test_every_track_is_kept_bit_exact_and_audio_tiles_the_segments(tmp_path: Pa
     for s in segments:
         path = data_dir / s.store_path
         streams = ffprobe_streams(path)
-        assert [(p["codec_type"], p["codec_name"]) for p in streams] == [("video", "h264"), ("audio", stored_codec)]
+        kinds = [(p["codec_type"], p["codec_name"]) for p in streams]
+        assert kinds == [("video", video_codec), ("audio", stored_codec)]
         tracks = json.loads(s.media)["tracks"]
         assert tracks == manifest(data_dir, s.file_id)["media"]["tracks"]
-        assert tracks[0] == {"kind": "video", "codec": "h264", "width": 320, "height": 180, "fps": "25/1"}
+        assert tracks[0] == {"kind": "video", "codec": video_codec, "width": 320, "height": 180, "fps": "25/1"}
         expected_audio = {"kind": "audio", "codec": stored_codec, "sample_rate": rate, "channels": channels}
         if stored_codec != sent_codec:
             expected_audio["original_codec"] = sent_codec

@@ -1,5 +1,5 @@
 """A real RTSP camera for tests: GStreamer's RTSP server with a generated H.264 stream,
-and optionally an audio track (`audio="pcmu" | "pcma" | "aac" | "opus"`).
+or H.265 (`video="h265"`), and optionally an audio track (`audio="pcmu" | "pcma" | "aac" | "opus"`).
 
 `RtspServer(pattern=..., port=...)` runs this same file with Debian's `/usr/bin/python3` (a venv's Python
 cannot see the GStreamer bindings). Patterns: `normal` (moving, sharp colour bars), `black`, `frozen`
@@ -37,11 +37,16 @@ AUDIO = {
 
 
 def launch_line(pattern: str, width: int, height: int, fps: int, keyint: int, bitrate_kbps: int,
-                audio: str = "none", audio_s: int = 0) -> str:
+                audio: str = "none", audio_s: int = 0, video: str = "h264") -> str:
     """`audio_s` > 0: the audio ends after that many seconds while the video goes on (a failed microphone)."""
+    if video == "h265":
+        encoder = (f"x265enc tune=zerolatency speed-preset=ultrafast key-int-max={keyint} bitrate={bitrate_kbps}"
+                   " ! rtph265pay name=pay0 pt=96 config-interval=-1")
+    else:
+        encoder = (f"x264enc tune=zerolatency speed-preset=ultrafast key-int-max={keyint} bitrate={bitrate_kbps}"
+                   " ! rtph264pay name=pay0 pt=96 config-interval=-1")
     line = (f"videotestsrc is-live=true {PATTERNS[pattern]} ! video/x-raw,width={width},height={height},"
-            f"framerate={fps}/1 ! x264enc tune=zerolatency speed-preset=ultrafast key-int-max={keyint} "
-            f"bitrate={bitrate_kbps} ! rtph264pay name=pay0 pt=96 config-interval=-1")
+            f"framerate={fps}/1 ! {encoder}")
     if AUDIO[audio]:
         # 160 samples at 8 kHz are 20 ms: 50 buffers a second
         stop = f" samplesperbuffer=160 num-buffers={audio_s * 50} ! audio/x-raw,rate=8000" if audio_s else ""
@@ -56,15 +61,19 @@ class RtspServer:
     def __init__(self, port: int, pattern: str = "normal", *, width: int = 320, height: int = 180, fps: int = 25,
                  keyint: int = 25, bitrate_kbps: int = 400, log: Path | None = None,
                  credentials: tuple[str, str] | None = None, audio: str = "none",
-                 audio_s: int = 0):
+                 audio_s: int = 0, video: str = "h264"):
         if pattern not in PATTERNS:
             raise ValueError(f"pattern must be one of {sorted(PATTERNS)}")
         if audio not in AUDIO:
             raise ValueError(f"audio must be one of {sorted(AUDIO)}")
+        if video not in ("h264", "h265"):
+            raise ValueError("video must be h264 or h265")
         self.port = port
         self.pattern = pattern
+        self.audio = audio
+        self.video = video
         self.args = [str(port), pattern, str(width), str(height), str(fps), str(keyint), str(bitrate_kbps),
-                     audio, str(audio_s), *(credentials or ())]
+                     audio, str(audio_s), video, *(credentials or ())]
         self.log = log
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -112,7 +121,7 @@ class RtspServer:
 
 
 def _serve(port: str, pattern: str, width: str, height: str, fps: str, keyint: str, bitrate: str, audio: str,
-           audio_s: str, username: str | None = None, password: str | None = None) -> None:
+           audio_s: str, video: str, username: str | None = None, password: str | None = None) -> None:
     import gi
 
     gi.require_version("Gst", "1.0")
@@ -125,7 +134,7 @@ def _serve(port: str, pattern: str, width: str, height: str, fps: str, keyint: s
     server.set_service(port)
     factory = GstRtspServer.RTSPMediaFactory()
     factory.set_launch(launch_line(pattern, int(width), int(height), int(fps), int(keyint), int(bitrate), audio,
-                                   int(audio_s)))
+                                   int(audio_s), video))
     factory.set_shared(True)
     if username is not None:   # RTSP Basic login, as cameras ask for it
         token = GstRtspServer.RTSPToken()
@@ -147,4 +156,4 @@ def _serve(port: str, pattern: str, width: str, height: str, fps: str, keyint: s
 
 
 if __name__ == "__main__":
-    _serve(*sys.argv[1:12])
+    _serve(*sys.argv[1:13])
