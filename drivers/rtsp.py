@@ -9,6 +9,21 @@ Why Matroska: its muxer writes each cluster whole, and a file cut anywhere (kill
 plays up to its last complete cluster; a plain MP4 without its index does not. Clusters start at
 keyframes, and the file is fsynced at every keyframe, so a crash loses at most one keyframe interval.
 
+Every track: video, audio and any other stream the camera sends go into the same segment, remuxed
+as sent, except G.711 (`pcm_mulaw`, `pcm_alaw`), which FFmpeg's Matroska muxer refuses: it is stored
+as 16-bit PCM (`pcm_s16le`), decoded by the G.711 tables, so every player plays it. The decoding is
+made reversible: standard µ-law decodes both of its zeros (codes 0xFF and 0x7F) to 0, so here 0x7F,
+the negative zero, decodes to -1 (one 16-bit step, inaudible); then each of the 256 codes has its own
+sample and the inverse of this table gives back the camera's bytes exactly (`s16le_to_g711`). A
+standard encoder gives them back too, except that FFmpeg's never writes 0x7F (it encodes -1 as 0x7E).
+The track carries the tag `ORIGINAL_CODEC` so a reader knows what the camera sent. A stream the muxer
+still refuses is left out, logged once per connection, and named in `StreamStats.dropped`.
+
+Cuts: segments are cut on video keyframes. An audio packet belongs to the segment its start time
+falls in: audio is held until the video has passed its time (a camera may send it early), and the
+segment before a cut stays open for audio up to `LATE_AUDIO_MS` behind the cut (or sent late), so
+consecutive segments' audio tiles the stream with no gap and no overlap.
+
 Time: each packet's wall time is its stream timestamp plus an offset anchored to the wall clock: the
 moment the connection opened (stream time 0 is the first packet after PLAY), lowered by any packet that
 arrives earlier than that predicts (receive time minus pts; probing bursts arrive late and do not move it).
@@ -26,6 +41,7 @@ import re
 import shutil
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +58,63 @@ SEGMENT_SUFFIX = ".mkv"
 TS_JUMP_MS = 5000          # decode timestamps moving back, or ahead by more than this, are a jump
 CLOCK_STEP_MS = 1000        # a wall-clock jump larger than this against the monotonic clock is a clock step
 BACKOFF_MIN_S = 0.5
+LATE_AUDIO_MS = 1000       # a closed segment waits this long (stream time) for audio sent after its cut
+INTERLEAVE_MAX_US = 500_000   # the muxer waits at most this long (stream time) for a silent track
+PENDING_MAX = 512          # audio packets held for the video to catch up, at most (then written as they come)
+# Codecs the Matroska muxer refuses, stored losslessly as 16-bit PCM (see the module docstring).
+G711 = ("pcm_mulaw", "pcm_alaw")
+
+
+def _g711_tables() -> dict[str, tuple[bytes, bytes]]:
+    """Per G.711 codec: (low bytes, high bytes) of the little-endian 16-bit sample of each code, for
+    `bytes.translate`. ITU-T G.711's decoding (as FFmpeg's decoders), but µ-law's negative zero is -1."""
+    def ulaw(code: int) -> int:
+        code = ~code & 0xFF
+        magnitude = (((code & 0x0F) << 3) + 0x84) << ((code & 0x70) >> 4)
+        if code == 0x80:
+            return -1   # the negative zero (code 0x7F): kept apart from the positive one, 0
+        return (0x84 - magnitude) if code & 0x80 else (magnitude - 0x84)
+
+    def alaw(code: int) -> int:
+        code ^= 0x55
+        t = (code & 0x0F) << 4
+        seg = (code & 0x70) >> 4
+        if seg == 0:
+            t += 8
+        elif seg == 1:
+            t += 0x108
+        else:
+            t = (t + 0x108) << (seg - 1)
+        return t if code & 0x80 else -t
+
+    tables = {}
+    for name, decode in (("pcm_mulaw", ulaw), ("pcm_alaw", alaw)):
+        samples = [decode(code) & 0xFFFF for code in range(256)]
+        tables[name] = (bytes(v & 0xFF for v in samples), bytes(v >> 8 for v in samples))
+    return tables
+
+
+G711_TABLES = _g711_tables()
+
+
+def g711_to_s16le(codec: str, data: bytes) -> bytes:
+    """G.711 codes as little-endian 16-bit samples; `s16le_to_g711` reverses it exactly."""
+    low, high = G711_TABLES[codec]
+    out = bytearray(2 * len(data))
+    out[0::2] = data.translate(low)
+    out[1::2] = data.translate(high)
+    return bytes(out)
+
+
+def s16le_to_g711(codec: str, pcm: bytes) -> bytes:
+    """The camera's G.711 bytes back from a stored track (for export and audits); a sample no code
+    decodes to is a ValueError: the track was not written by `g711_to_s16le`."""
+    low, high = G711_TABLES[codec]
+    code_of = {low[c] | high[c] << 8: c for c in range(256)}
+    try:
+        return bytes(code_of[pcm[i] | pcm[i + 1] << 8] for i in range(0, len(pcm) - 1, 2))
+    except KeyError as exc:
+        raise ValueError(f"sample {exc.args[0]:#06x} is no {codec} code: not a track stored from G.711") from None
 
 
 class StreamError(Exception):
@@ -80,6 +153,12 @@ class StreamStats:
     codec: str | None = None
     width: int | None = None
     height: int | None = None
+    tracks: list[dict[str, object]] = field(default_factory=list)   # the streams of this connection
+    dropped: list[str] = field(default_factory=list)                 # streams the muxer refused
+    audio_codec: str | None = None      # the camera's audio codec on this connection; None: no audio track
+    audio_packets: int = 0
+    last_audio_ms: int | None = None    # receive time of the last audio packet of this connection
+    connected_ms: int | None = None     # when this connection's stream was opened
     _window: list[tuple[float, int, int]] = field(default_factory=list)
 
     def rates(self) -> tuple[float, float]:
@@ -188,7 +267,8 @@ class RtspRecorder:
         self.reconnect_max_s = reconnect_max_s
         self.min_free_bytes = min_free_bytes
         self.stats = StreamStats()
-        self.active_path: Path | None = None
+        # The files being written (two for a moment after a cut): replaced whole, read by the intake's thread.
+        self.active_paths: tuple[Path, ...] = ()
         self._stop = threading.Event()
         self._clock = _Clock()
         self._last_end_ms: int | None = None   # end of the last packet written, wall ms
@@ -213,7 +293,7 @@ class RtspRecorder:
                 cause, detail = "stream_lost", f"internal error: {exc!r}"
             finally:
                 self.stats.connected = False
-                self.active_path = None
+                self.active_paths = ()
             if self._stop.is_set():
                 break
             detail = redact(detail)   # FFmpeg's errors quote the URL, password included
@@ -241,6 +321,12 @@ class RtspRecorder:
             self.stats.connected = True
             self.stats.codec = stream.codec_context.name
             self.stats.width, self.stats.height = stream.codec_context.width, stream.codec_context.height
+            audio = next(iter(container.streams.audio), None)
+            self.stats.audio_codec = audio.codec_context.name if audio is not None else None
+            self.stats.last_audio_ms = None
+            self.stats.connected_ms = int(opened_ms)
+            self.stats.tracks = [_track(s) for s in container.streams]
+            self.stats.dropped = []
             self.listener.connected(self.camera, redact(url))
             self._remux(container, stream, opened_ms)
         finally:
@@ -249,18 +335,25 @@ class RtspRecorder:
     def _remux(self, container: av.container.InputContainer, stream: av.video.stream.VideoStream,
                opened_ms: float) -> None:
         # Wall ms minus stream ms. Stream time 0 is the first packet after PLAY, so the moment the
-        # connection was opened bounds it from below; the least-delayed packet tightens it.
+        # connection was opened bounds it from below; the least-delayed video packet tightens it.
         offset_ms: float | None = opened_ms
         previous_ms: float | None = None
-        out: _SegmentWriter | None = None
-        tb_ms = float(stream.time_base or 0) * 1000   # once: Fraction arithmetic per packet is costly
+        cuts = _Cuts()
+        tick_ms = {s.index: float(s.time_base or 0) * 1000 for s in container.streams}   # once: Fractions are costly
+        tb_ms = tick_ms[stream.index]
+        kept = self._kept_streams(container)
         try:
-            for packet in container.demux(stream):
+            for packet in container.demux(kept):
                 if self._stop.is_set():
                     break
                 if packet.pts is None or packet.dts is None:
                     continue
                 received = self._clock.now_ms()
+                if packet.stream_index != stream.index:
+                    if offset_ms is not None:
+                        self._audio(cuts, packet, int(packet.pts * tick_ms[packet.stream_index] + offset_ms),
+                                    received)
+                    continue
                 pts_ms = packet.pts * tb_ms
                 dts_ms = packet.dts * tb_ms
                 if previous_ms is not None and not 0 <= dts_ms - previous_ms < TS_JUMP_MS:
@@ -273,26 +366,76 @@ class RtspRecorder:
                     offset_ms = received - pts_ms
                 at = int(pts_ms + offset_ms)
                 key = packet.is_keyframe
-                if out is None and not key:
+                if cuts.out is None and not key:
                     continue   # a segment must start with a keyframe to be playable on its own
-                if key and (out is None or at - out.start_ms >= self.segment_ms):
-                    if out is not None:
-                        self._finish(out, at)
-                        out = None
-                    at, offset_ms = self._check_clock(at, offset_ms)
-                    out = self._open_segment(stream, max(at, self._last_end_ms or at))
-                    if self._interrupted:
-                        self._interrupted = False
-                        self.listener.resumed(self.camera, out.start_ms)
+                if key and (cuts.out is None or at - cuts.out.start_ms >= self.segment_ms):
+                    at, offset_ms = self._cut(cuts, kept, stream, at, offset_ms)
                 self.listener.packet(self.camera, packet, stream, key)
                 self._last_end_ms = at + int((packet.duration or 0) * tb_ms)
                 self.stats.packets += 1
                 self.stats.bytes += packet.size
                 self.stats.last_packet_ms = int(received)
-                out.write(packet, key)   # the muxer takes the packet's data: sample and count first
+                cuts.out.write(packet, key)   # the muxer takes the packet's data: sample and count first
+                self._place_audio(cuts, before=at + 1)
+                self._expire_closing(cuts, at)
         finally:
-            if out is not None:
-                self._finish(out, self._last_end_ms or out.start_ms)
+            self._place_audio(cuts, before=None)
+            if cuts.closing is not None:
+                self._finish(*cuts.closing)
+            if cuts.out is not None:
+                self._finish(cuts.out, self._last_end_ms or cuts.out.start_ms)
+
+    def _cut(self, cuts: _Cuts, kept: list[av.stream.Stream], video: av.video.stream.VideoStream, at: int,
+             offset_ms: float) -> tuple[int, float]:
+        """Start a segment at the keyframe at `at`; the one before stays open for its late audio."""
+        self._place_audio(cuts, before=at)
+        if cuts.closing is not None:
+            self._finish(*cuts.closing)
+        cuts.closing = (cuts.out, at) if cuts.out is not None else None
+        cuts.out = None
+        at, offset_ms = self._check_clock(at, offset_ms)
+        cuts.out = self._open_segment(kept, video, max(at, self._last_end_ms or at))
+        if self._interrupted:
+            self._interrupted = False
+            self.listener.resumed(self.camera, cuts.out.start_ms)
+        return at, offset_ms
+
+    def _kept_streams(self, container: av.container.InputContainer) -> list[av.stream.Stream]:
+        """Video and audio; other streams (data, subtitles) are named in the stats and the log."""
+        kept = [s for s in container.streams if s.type in ("video", "audio")]
+        for other in container.streams:
+            if other.type not in ("video", "audio"):
+                name = other.codec_context.name if other.codec_context is not None else "unknown"
+                self.stats.dropped.append(f"{other.index}:{other.type}:{name}")
+                log.warning("camera_track_not_recorded camera=%s stream=%d type=%s codec=%s", self.camera,
+                            other.index, other.type, name)
+        return kept
+
+    def _expire_closing(self, cuts: _Cuts, video_at: int) -> None:
+        if cuts.closing is not None and video_at - cuts.closing[1] > LATE_AUDIO_MS:
+            self._finish(*cuts.closing)   # no audio came for it in time: it is complete
+            cuts.closing = None
+
+    def _audio(self, cuts: _Cuts, packet: av.Packet, at: int, received: float) -> None:
+        self.stats.audio_packets += 1
+        self.stats.last_audio_ms = int(received)
+        cuts.pending.append((at, packet))
+        if len(cuts.pending) > PENDING_MAX:   # the video stopped moving: do not hold audio without bound
+            self._place_audio(cuts, before=cuts.pending[-1][0])
+
+    def _place_audio(self, cuts: _Cuts, before: int | None) -> None:
+        """Write the held audio packets that start before `before` (all when None) into the segment
+        their start falls in: the open one, or the one before the last cut."""
+        while cuts.pending and (before is None or cuts.pending[0][0] < before):
+            at, packet = cuts.pending.popleft()
+            if cuts.out is not None and at >= cuts.out.start_ms:
+                if cuts.closing is not None:   # audio has passed the cut: the segment before it is complete
+                    self._finish(*cuts.closing)
+                    cuts.closing = None
+                cuts.out.write(packet, False)
+            elif cuts.closing is not None and at >= cuts.closing[0].start_ms:
+                cuts.closing[0].write(packet, False)
+            # else: before the first keyframe of this connection, which no segment holds
 
     def _check_clock(self, at: int, offset_ms: float) -> tuple[int, float]:
         step = self._clock.step_ms()
@@ -302,55 +445,97 @@ class RtspRecorder:
         self.listener.clock_stepped(self.camera, at, step)
         return at + step, offset_ms + step
 
-    def _open_segment(self, stream: av.video.stream.VideoStream, start_ms: int) -> _SegmentWriter:
+    def _open_segment(self, streams: list[av.stream.Stream], video: av.video.stream.VideoStream,
+                      start_ms: int) -> _SegmentWriter:
         self.spool.mkdir(parents=True, exist_ok=True)
         if self.min_free_bytes and shutil.disk_usage(self.spool).free < self.min_free_bytes:
             raise DiskFull(f"less than {self.min_free_bytes // 1024**2} MiB free under {self.spool} "
                            "(agent.min_free_mb); recording pauses until space returns: check retention and sync")
         path = self.spool / f"{start_ms}{SEGMENT_SUFFIX}"
-        writer = _SegmentWriter(path, stream, start_ms)
-        self.active_path = path
+        writer = _SegmentWriter(path, streams, video, start_ms)
+        self.active_paths = (*self.active_paths, path)
         return writer
 
     def _finish(self, out: _SegmentWriter, end_ms: int) -> None:
         segment = out.close(self.camera, max(end_ms, out.start_ms))
         if segment is not None:
             self.listener.segment_done(segment)
-        self.active_path = None   # only now: the intake's spool scan must not take it in as a leftover
+        # only now: the intake's spool scan must not take it in as a leftover
+        self.active_paths = tuple(p for p in self.active_paths if p != out.path)
+
+
+@dataclass
+class _Cuts:
+    """Where packets go in one connection: the open segment, the one before the last cut (still taking
+    audio that starts before that cut), and audio held until the video passes its time."""
+
+    out: _SegmentWriter | None = None
+    closing: tuple[_SegmentWriter, int] | None = None
+    pending: deque[tuple[int, av.Packet]] = field(default_factory=deque)
 
 
 class _SegmentWriter:
-    """One Matroska file being written; fsynced at each keyframe and on close."""
+    """One Matroska file being written with every kept track; fsynced at each keyframe and on close.
+    Timestamps of all tracks are moved by the same amount: the first video packet is time 0."""
 
-    def __init__(self, path: Path, stream: av.video.stream.VideoStream, start_ms: int):
+    def __init__(self, path: Path, streams: list[av.stream.Stream], video: av.video.stream.VideoStream,
+                 start_ms: int):
         self.path = path
         self.start_ms = start_ms
         self.packets = 0
-        self._base: int | None = None
-        self._last_dts: int | None = None
+        self._video = video.index
+        self._base_ms: float | None = None
+        self._base: dict[int, int] = {}
+        self._last_dts: dict[int, int] = {}
+        self._outputs: dict[int, tuple[av.stream.Stream, str | None]] = {}
         try:
+            # The muxer holds packets until every track has one as late (interleaving); without a bound
+            # on that wait, video would stay in memory for 10 s (FFmpeg's default) whenever the audio
+            # stops, and a crash would lose it.
             self.container = av.open(str(path), "w", format="matroska",
-                                     container_options={"flush_packets": "1"})
-            self.stream = self.container.add_stream_from_template(stream)
+                                     container_options={"flush_packets": "1",
+                                                        "max_interleave_delta": str(INTERLEAVE_MAX_US)})
+            for stream in streams:
+                codec = stream.codec_context.name
+                if codec in G711:
+                    out = self.container.add_stream("pcm_s16le", rate=stream.codec_context.sample_rate,
+                                                    layout=stream.codec_context.layout.name)
+                    out.time_base = stream.time_base
+                    out.metadata["ORIGINAL_CODEC"] = codec
+                    self._outputs[stream.index] = (out, codec)
+                else:
+                    self._outputs[stream.index] = (self.container.add_stream_from_template(stream), None)
         except (av.FFmpegError, OSError) as exc:
             raise _disk_error(exc, path) from exc
         self._fd: int | None = None   # opened once the muxer has created the file (at its first packet)
 
     def write(self, packet: av.Packet, key: bool) -> None:
-        if self._base is None:
-            self._base = packet.dts
+        index = packet.stream_index
+        out, g711 = self._outputs[index]
+        if g711 is not None:
+            pcm = av.Packet(g711_to_s16le(g711, bytes(packet)))
+            pcm.pts, pcm.dts, pcm.duration, pcm.time_base = packet.pts, packet.dts, packet.duration, packet.time_base
+            packet = pcm
+        if self._base_ms is None:
+            if index != self._video:
+                return   # a segment starts with its first video keyframe
+            self._base_ms = float(packet.dts * packet.time_base) * 1000
+        base = self._base.get(index)
+        if base is None:
+            base = self._base[index] = round(self._base_ms / 1000 / packet.time_base)
         if key and self._fd is not None:
             os.fsync(self._fd)   # the previous cluster is complete and written: make it durable
-        dts = packet.dts - self._base
-        if self._last_dts is not None and dts < self._last_dts:
+        dts = packet.dts - base
+        last = self._last_dts.get(index)
+        if last is not None and dts < last:
             # The stream's clock jumped back (RTCP resync, encoder restart): continue the file's timeline.
-            jump = self._last_dts + (packet.duration or 1) - dts
-            self._base -= jump
+            jump = last + (packet.duration or 1) - dts
+            self._base[index] = base - jump
             dts += jump
+        packet.pts += dts - packet.dts
         packet.dts = dts
-        packet.pts -= self._base
-        self._last_dts = dts
-        packet.stream = self.stream
+        self._last_dts[index] = dts
+        packet.stream = out
         try:
             self.container.mux(packet)
         except (av.FFmpegError, OSError) as exc:
@@ -373,6 +558,17 @@ class _SegmentWriter:
         finally:
             os.close(self._fd)
         return Segment(camera, self.path, self.start_ms, end_ms, self.packets, self.path.stat().st_size)
+
+
+def _track(stream: av.stream.Stream) -> dict[str, object]:
+    """What health and logs say about one stream of the camera: kind and codec, and size or rate."""
+    context = stream.codec_context
+    track: dict[str, object] = {"kind": stream.type, "codec": context.name if context is not None else None}
+    if stream.type == "video":
+        track.update(width=context.width, height=context.height)
+    elif stream.type == "audio":
+        track.update(sample_rate=context.sample_rate, channels=context.channels)
+    return track
 
 
 def _disk_error(exc: Exception, path: Path) -> Exception:

@@ -142,9 +142,28 @@ def probe_media(path: Path) -> dict[str, Any]:
                 media["codec"] = context.name
                 if stream is video and context.width:
                     media["width"], media["height"] = context.width, context.height
+            media["tracks"] = [_track(s) for s in probe.streams]
     except (av.FFmpegError, OSError, ValueError) as exc:
         media["probe_error"] = str(exc)[:200]
     return media
+
+
+def _track(stream: Any) -> dict[str, Any]:
+    """One stream of a media file: kind and codec; resolution and frame rate, or sample rate and channels;
+    `original_codec` when the recorder stored it in a lossless form of what the camera sent."""
+    context = stream.codec_context
+    track: dict[str, Any] = {"kind": stream.type, "codec": context.name if context is not None else None}
+    if context is not None and stream.type == "video":
+        rate = stream.average_rate or stream.guessed_rate
+        # A string fraction as ffprobe writes it ("25/1", "30000/1001"): signed documents hold no floats.
+        track.update(width=context.width, height=context.height, fps=f"{rate.numerator}/{rate.denominator}" if rate
+                     else None)
+    elif context is not None and stream.type == "audio":
+        track.update(sample_rate=context.sample_rate, channels=context.channels)
+    original = stream.metadata.get("ORIGINAL_CODEC")
+    if original:
+        track["original_codec"] = original
+    return track
 
 
 def source_error(exc: OSError, record: FileRecord) -> IngestError:

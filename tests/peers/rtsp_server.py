@@ -1,4 +1,5 @@
-"""A real RTSP camera for tests: GStreamer's RTSP server with a generated H.264 stream.
+"""A real RTSP camera for tests: GStreamer's RTSP server with a generated H.264 stream,
+or H.265 (`video="h265"`), and optionally an audio track (`audio="pcmu" | "pcma" | "aac" | "opus"`).
 
 `RtspServer(pattern=..., port=...)` runs this same file with Debian's `/usr/bin/python3` (a venv's Python
 cannot see the GStreamer bindings). Patterns: `normal` (moving, sharp colour bars), `black`, `frozen`
@@ -24,10 +25,34 @@ PATTERNS = {
 }
 
 
-def launch_line(pattern: str, width: int, height: int, fps: int, keyint: int, bitrate_kbps: int) -> str:
-    return (f"( videotestsrc is-live=true {PATTERNS[pattern]} ! video/x-raw,width={width},height={height},"
-            f"framerate={fps}/1 ! x264enc tune=zerolatency speed-preset=ultrafast key-int-max={keyint} "
-            f"bitrate={bitrate_kbps} ! rtph264pay name=pay0 pt=96 config-interval=-1 )")
+# An audio track beside the video (a second payloader, pay1): what field cameras send. White noise, so that
+# no stretch of samples repeats and a bit-exact comparison cannot match the wrong place.
+AUDIO = {
+    "none": "",
+    "pcmu": "audio/x-raw,rate=8000,channels=1 ! mulawenc ! rtppcmupay name=pay1 pt=0",
+    "pcma": "audio/x-raw,rate=8000,channels=1 ! alawenc ! rtppcmapay name=pay1 pt=8",
+    "aac": "audio/x-raw,rate=16000,channels=1 ! voaacenc bitrate=32000 ! rtpmp4apay name=pay1 pt=97",
+    "opus": "audio/x-raw,rate=48000,channels=1 ! opusenc ! rtpopuspay name=pay1 pt=98",
+}
+
+
+def launch_line(pattern: str, width: int, height: int, fps: int, keyint: int, bitrate_kbps: int,
+                audio: str = "none", audio_s: int = 0, video: str = "h264") -> str:
+    """`audio_s` > 0: the audio ends after that many seconds while the video goes on (a failed microphone)."""
+    if video == "h265":
+        encoder = (f"x265enc tune=zerolatency speed-preset=ultrafast key-int-max={keyint} bitrate={bitrate_kbps}"
+                   " ! rtph265pay name=pay0 pt=96 config-interval=-1")
+    else:
+        encoder = (f"x264enc tune=zerolatency speed-preset=ultrafast key-int-max={keyint} bitrate={bitrate_kbps}"
+                   " ! rtph264pay name=pay0 pt=96 config-interval=-1")
+    line = (f"videotestsrc is-live=true {PATTERNS[pattern]} ! video/x-raw,width={width},height={height},"
+            f"framerate={fps}/1 ! {encoder}")
+    if AUDIO[audio]:
+        # 160 samples at 8 kHz are 20 ms: 50 buffers a second
+        stop = f" samplesperbuffer=160 num-buffers={audio_s * 50} ! audio/x-raw,rate=8000" if audio_s else ""
+        line += (f" audiotestsrc is-live=true wave=white-noise volume=0.3{stop} ! audioconvert ! audioresample"
+                 f" ! {AUDIO[audio]}")
+    return f"( {line} )"
 
 
 class RtspServer:
@@ -35,13 +60,20 @@ class RtspServer:
 
     def __init__(self, port: int, pattern: str = "normal", *, width: int = 320, height: int = 180, fps: int = 25,
                  keyint: int = 25, bitrate_kbps: int = 400, log: Path | None = None,
-                 credentials: tuple[str, str] | None = None):
+                 credentials: tuple[str, str] | None = None, audio: str = "none",
+                 audio_s: int = 0, video: str = "h264"):
         if pattern not in PATTERNS:
             raise ValueError(f"pattern must be one of {sorted(PATTERNS)}")
+        if audio not in AUDIO:
+            raise ValueError(f"audio must be one of {sorted(AUDIO)}")
+        if video not in ("h264", "h265"):
+            raise ValueError("video must be h264 or h265")
         self.port = port
         self.pattern = pattern
+        self.audio = audio
+        self.video = video
         self.args = [str(port), pattern, str(width), str(height), str(fps), str(keyint), str(bitrate_kbps),
-                     *(credentials or ())]
+                     audio, str(audio_s), video, *(credentials or ())]
         self.log = log
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -88,8 +120,8 @@ class RtspServer:
         return self.proc is not None and self.proc.poll() is None
 
 
-def _serve(port: str, pattern: str, width: str, height: str, fps: str, keyint: str, bitrate: str,
-           username: str | None = None, password: str | None = None) -> None:
+def _serve(port: str, pattern: str, width: str, height: str, fps: str, keyint: str, bitrate: str, audio: str,
+           audio_s: str, video: str, username: str | None = None, password: str | None = None) -> None:
     import gi
 
     gi.require_version("Gst", "1.0")
@@ -101,7 +133,8 @@ def _serve(port: str, pattern: str, width: str, height: str, fps: str, keyint: s
     server.set_address("127.0.0.1")
     server.set_service(port)
     factory = GstRtspServer.RTSPMediaFactory()
-    factory.set_launch(launch_line(pattern, int(width), int(height), int(fps), int(keyint), int(bitrate)))
+    factory.set_launch(launch_line(pattern, int(width), int(height), int(fps), int(keyint), int(bitrate), audio,
+                                   int(audio_s), video))
     factory.set_shared(True)
     if username is not None:   # RTSP Basic login, as cameras ask for it
         token = GstRtspServer.RTSPToken()
@@ -123,4 +156,4 @@ def _serve(port: str, pattern: str, width: str, height: str, fps: str, keyint: s
 
 
 if __name__ == "__main__":
-    _serve(*sys.argv[1:10])
+    _serve(*sys.argv[1:13])

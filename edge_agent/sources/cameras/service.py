@@ -36,7 +36,7 @@ class CameraService:
         return worker.health.device_id if worker is not None else None
 
     def _active_paths(self) -> list[Path]:
-        return [w.recorder.active_path for w in self.workers.values() if w.recorder.active_path is not None]
+        return [path for w in self.workers.values() for path in w.recorder.active_paths]
 
     def start(self) -> None:
         for name, worker in self.workers.items():

@@ -26,6 +26,8 @@ from edge_agent.sources.cameras.intake import Queued, SegmentIntake, spool_dir
 
 log = logging.getLogger(__name__)
 
+AUDIO_SILENT_MS = 3000   # video flowing but no audio packet for this long: the camera's audio is gone
+
 
 @dataclass
 class CameraHealth:
@@ -38,6 +40,8 @@ class CameraHealth:
     # Counted in memory, read from the catalog once a day: the health check reads it every few seconds.
     day_ms: int | None = None
     segments_today: int = 0
+    audio_seen: bool = False      # this camera has sent audio since the agent started
+    audio_lost: bool = False      # ... and has stopped: the alarm camera.<name>.audio_lost is raised
 
 
 class CameraWorker:
@@ -150,8 +154,39 @@ class CameraWorker:
         self.health.segments_today += 1
         self.intake.put(Queued(segment, self.health.device_id, self.health.clock_offset_ms))
 
+    def audio_present(self) -> bool:
+        """The stream has an audio track and an audio packet came within `AUDIO_SILENT_MS`."""
+        stats = self.recorder.stats
+        if not stats.connected or stats.audio_codec is None or stats.last_audio_ms is None:
+            return False
+        return (stats.last_packet_ms or 0) - stats.last_audio_ms <= AUDIO_SILENT_MS
+
+    def _check_audio(self, camera: str) -> None:
+        """Called with every video packet: video flows, so audio that stops is the camera's audio gone."""
+        health = self.health
+        present = self.audio_present()
+        if present and not health.audio_seen:
+            health.audio_seen = True
+        if present and health.audio_lost:
+            health.audio_lost = False
+            self.catalog.clear_alarm(f"camera.{camera}.audio_lost")
+            log.info("camera_audio_back camera=%s", camera)
+        elif not present and health.audio_seen and not health.audio_lost:
+            stats = self.recorder.stats
+            if (stats.audio_codec is not None and stats.last_audio_ms is None
+                    and (stats.last_packet_ms or 0) - (stats.connected_ms or 0) <= AUDIO_SILENT_MS):
+                return   # just connected: its first audio packet is not here yet
+            health.audio_lost = True
+            reason = "no audio track in the stream" if stats.audio_codec is None else \
+                f"no audio packet for {AUDIO_SILENT_MS // 1000} s"
+            self.catalog.raise_alarm(f"camera.{camera}.audio_lost", "camera_audio_lost", camera,
+                                     f"camera {camera} at {self.camera.location}: audio lost ({reason}); "
+                                     "video is still recorded")
+            log.warning("camera_audio_lost camera=%s reason=%s", camera, reason)
+
     def packet(self, camera: str, packet: av.Packet, stream: av.video.stream.VideoStream, key: bool) -> None:
         self.heartbeat.beat()
+        self._check_audio(camera)
         result = self.sampler.offer(packet, stream, key)
         if result is None:
             return
@@ -191,4 +226,7 @@ class CameraWorker:
             "clock_offset_ms": health.clock_offset_ms, "last_error": stats.last_error,
             "model": (health.identity or {}).get("model"), "profile": (health.identity or {}).get("profile_token"),
             "image_checks": image.as_dict() if image else {name: None for name in CHECKS},
+            "tracks": stats.tracks if stats.connected else [],
+            "audio": {"present": self.audio_present(), "codec": stats.audio_codec if stats.connected else None,
+                      "lost": health.audio_lost, "last_packet_ms": stats.last_audio_ms},
         }
