@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import bisect
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
@@ -121,7 +121,15 @@ def _handed_over(layout: StoreLayout, path: str, in_force: str, public: Ed25519P
     if doc.get("type") != ROTATION_KIND or doc.get("old_key_id") != in_force:
         raise ManifestError(f"hands over from {str(doc.get('old_key_id'))[:80]!r}, but the key in force was "
                             f"{in_force}")
-    verify_signature(doc, public)
+    return handed_over_key(doc, public)
+
+
+def handed_over_key(doc: dict[str, Any], old: Ed25519PublicKey) -> Ed25519PublicKey:
+    """The new key a `key_rotation` document hands over to, once it is signed by `old` (the key it hands over
+    from; the caller has matched `old_key_id`) and its `new_public_key` has its `new_key_id`. The one rule for
+    a rotation, at the agent (its key history) and at the receiver (learning a rotation); ManifestError says
+    what does not hold."""
+    verify_signature(doc, old)
     try:
         new = load_public_key(str(doc["new_public_key"]))
     except (KeyError, ValueError) as exc:

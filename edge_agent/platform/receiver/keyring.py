@@ -39,19 +39,16 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from edge_agent.clock import iso_ms, now_ms
 from edge_agent.durable import atomic_write, make_dirs
+from edge_agent.evidence.keys import ROTATION_KIND, handed_over_key
 from edge_agent.evidence.manifest import (
     ManifestError,
     canonical_json,
     key_id_of,
     load_public_key,
     public_pem,
-    verify_signature,
 )
 
 log = logging.getLogger(__name__)
-
-ROTATION_KIND = "key_rotation"
-
 
 class KeyRefused(ManifestError):
     """A document's key is not one to accept from this agent (unknown, not enrolled, retired), or a rotation
@@ -142,15 +139,9 @@ class KeyRing:
                                  f"{', '.join(sorted(keys.in_force())) or 'none'}: enrol it, or learn the "
                                  "rotations before this one first")
             try:
-                verify_signature(rotation_doc, keys.all[old])
+                new = handed_over_key(rotation_doc, keys.all[old])
             except ManifestError as exc:
-                raise KeyRefused(f"rotation document not signed by {old}, the key it hands over from: {exc}") from None
-            try:
-                new = load_public_key(str(rotation_doc["new_public_key"]))
-            except (KeyError, ValueError) as exc:
-                raise KeyRefused(f"carries no usable new_public_key: {exc}") from None
-            if key_id_of(new) != rotation_doc.get("new_key_id"):
-                raise KeyRefused(f"new_public_key is {key_id_of(new)}, not the new_key_id it names")
+                raise KeyRefused(f"rotation document from {old} refused: {exc}") from None
             learned = [*keys.learned, Learned(old, key_id_of(new), new, digest, chain_seq, now_ms())]
             self._write(agent_id, learned)
         log.info("key rotation learned agent=%s old=%s new=%s chain_seq=%s", agent_id, old, key_id_of(new),
