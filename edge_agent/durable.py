@@ -9,8 +9,11 @@ syncfs of their filesystem, renamed, and the directories made durable by another
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import os
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 BLOCK = 1024 * 1024
@@ -222,3 +225,16 @@ def drop_cache(fd: int) -> None:
     except OSError:
         # Not every filesystem honours the advice (tmpfs, FUSE); the read-back is still a real read.
         pass
+
+
+@contextmanager
+def exclusive_lock(path: Path) -> Iterator[None]:
+    """Hold an exclusive flock on `path` (created if missing, its directory too), waiting for other holders:
+    processes sharing a store take turns; the kernel releases it when the holder dies."""
+    make_dirs(path.parent)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)   # closing releases the lock

@@ -27,10 +27,8 @@ fork and a rewind are refused with a reason and published as platform events.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import logging
-import os
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -40,7 +38,7 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from edge_agent.clock import now_ms
-from edge_agent.durable import atomic_write, atomic_write_many, make_dirs
+from edge_agent.durable import atomic_write, atomic_write_many, exclusive_lock
 from edge_agent.evidence.manifest import GENESIS_PREV, ManifestError, canonical_json, verify_signature
 from edge_agent.evidence.receipts import chain_receipt_body
 from edge_agent.protocol.wire import FILE_ID_PATTERN, WireError, decode_json
@@ -72,13 +70,8 @@ class ChainStore:
     def locked(self, agent: str) -> Iterator[None]:
         """The agent's chain, exclusively (other receivers on this store wait)."""
         # Not under locks/: the sweeper expires old lock files there (transfers'), and this one is never idle.
-        make_dirs(self._dir(agent))
-        fd = os.open(self._dir(agent) / "lock", os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+        with exclusive_lock(self._dir(agent) / "lock"):
             yield
-        finally:
-            os.close(fd)
 
     def head(self, agent: str) -> Head:
         try:

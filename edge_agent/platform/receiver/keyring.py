@@ -25,7 +25,6 @@ a `chain_seq` for the document, "after" means after the receiver learned the rot
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import logging
@@ -38,7 +37,7 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from edge_agent.clock import iso_ms, now_ms
-from edge_agent.durable import atomic_write, make_dirs
+from edge_agent.durable import atomic_write, exclusive_lock, make_dirs
 from edge_agent.evidence.keys import ROTATION_KIND, handed_over_key
 from edge_agent.evidence.manifest import (
     ManifestError,
@@ -128,8 +127,8 @@ class KeyRing:
             raise KeyRefused(f"not a key_rotation document of agent {agent_id}")
         digest = hashlib.sha256(canonical_json(rotation_doc)).hexdigest()
         make_dirs(self.learned_dir, mode=0o750)
-        with self._lock, open(self.learned_dir / ".lock", "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)     # receivers sharing the store learn one rotation at a time
+        # Receivers sharing the store learn one rotation at a time.
+        with self._lock, exclusive_lock(self.learned_dir / ".lock"):
             keys = self._agent(agent_id, fresh=True)
             if any(r.rotation_sha256 == digest for r in keys.learned):
                 return str(rotation_doc["new_key_id"])
