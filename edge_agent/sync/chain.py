@@ -178,14 +178,14 @@ class ChainRelay:
         if (checkpoint_seq == self._kept[1] and (head is None or doc["seq"] < head[0])
                 and now - self._kept_at < RECEIPT_WRITE_S):
             return
-        checkpoint_seq, body = self._checkpoint_upto(doc["seq"])
+        checkpoint_seq, body = self._checkpoint_body(checkpoint)
         if self.catalog.chain_receipts.record(doc, checkpoint_seq, body):
             self.catalog.clear_alarm(ALARM_UNVERIFIED)
             log.info("chain receipted seq=%d checkpoint_seq=%s", doc["seq"], checkpoint_seq)
         self._kept, self._kept_at = (doc["seq"], checkpoint_seq), now
 
-    def _checkpoint_upto(self, seq: int) -> tuple[int | None, dict[str, Any] | None]:
-        row = self.catalog.documents.latest("checkpoint", seq)
+    def _checkpoint_body(self, row: Any) -> tuple[int | None, dict[str, Any] | None]:
+        """The seq and the document of the checkpoint `row` (None, None: no checkpoint, or unreadable)."""
         if row is None:
             return None, None
         try:
