@@ -115,6 +115,9 @@ class _DockBase(_Section):
 class UsbDockSection(_DockBase):
     kind: Literal["usb"]
     mount_root: Path = Path("/media/edge-dock")
+    # R8: a USB mass-storage device not in recorders.toml is read as an unknown recorder with an alarm
+    # ("ingest"), or never read, with an alarm naming its vendor, product and serial ("refuse").
+    unknown_devices: Literal["ingest", "refuse"] = "ingest"
 
 
 class DirectoryDockSection(_DockBase):

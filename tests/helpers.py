@@ -26,6 +26,10 @@ def write_toml(path: Path, data: dict[str, Any]) -> Path:
             return "[" + ", ".join(scalar(v) for v in value) + "]"
         return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
 
+    if "agent" in data and isinstance(data.get("health", {}), dict):
+        # These machines' clocks are not NTP-synchronised: the agent's true alarm about it (clock_unsynchronized)
+        # would stand in every test's alarms; tests/test_clock_sync.py turns it on.
+        data = {**data, "health": {"clock_sync_alarm": False, **data.get("health", {})}}
     lines: list[str] = []
     for key, value in data.items():
         if isinstance(value, dict):
@@ -50,9 +54,6 @@ def agent_config(tmp_path: Path, *, agent: dict[str, Any] | None = None, **secti
                   "data_dir": str(tmp_path / "data"), "max_disk_gb": 50, "min_free_mb": 0, **(agent or {})},
         **sections,
     }
-    # These machines' clocks are not NTP-synchronised: the agent's true alarm about it is left to
-    # tests/test_clock_sync.py, which turns it on.
-    data["health"] = {"clock_sync_alarm": False, **data.get("health", {})}
     path = write_toml(tmp_path / "agent.toml", data)
     return path, parse_config(tomllib.loads(path.read_text(encoding="utf-8")), path)
 

@@ -89,8 +89,13 @@ def identify(volume: DockedVolume, models: list[RecorderModel],
             sample.append(Path(entry.relative).name)
             if len(sample) >= SAMPLE_NAMES:
                 break
-    return identify_volume(volume.path, volume.label, models, serial=volume.serial, model_name=volume.model,
-                           sample_names=sample, tz=zone)
+    ident, model = identify_volume(volume.path, volume.label, models, serial=volume.serial,
+                                   model_name=volume.model, sample_names=sample, tz=zone)
+    told = volume.handshake
+    if told is not None and told.serial:   # the recorder named itself through its vendor handshake (R5)
+        ident = VolumeIdentity(device_id=told.serial, method="gat947", model=ident.model, serial=told.serial,
+                               officer_id=told.officer_id or ident.officer_id)
+    return ident, model
 
 
 @dataclass
