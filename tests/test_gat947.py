@@ -91,13 +91,15 @@ def test_recorder_identified_by_its_library_clock_offset_recorded_before_it_is_s
         bus.plug(ZFY_VENDOR, ZFY_PRODUCT, "USB0001")
         (record,) = wait_states(agent.catalog, 1)
         assert (record.device_id, record.officer_id) == ("A123456", "320102123")   # from the recorder itself
+        file_manifest = read_document(agent.layout.manifest_path(record.file_id))
+        assert -94_000 <= file_manifest["clock_offset_ms"] <= -92_000               # its clock when docked
         recorder = session_doc(agent, record.session_id)["recorder"]
         assert recorder["serial"] == "A123456" and recorder["usb_serial"] == "USB0001"
         assert (recorder["officer_name"], recorder["unit_id"], recorder["unit_name"]) == (
             "张三", "320102", "鼓楼区城管大队")
         assert recorder["id_code"] == "ZFY-GA" and recorder["battery_percent"] == 15
         # The offset as read before 校时 (the recorder tells whole seconds), then the clock was set.
-        assert -94_000 <= recorder["clock_offset_ms"] <= -92_000
+        assert recorder["clock_offset_ms"] == file_manifest["clock_offset_ms"]
         assert recorder["clock_set"] is True and abs(recorder["clock_offset_after_ms"]) <= 1000
         assert recorder["mass_storage"] is True and recorder["errors"] == []
         assert stub.get("offset_s") == "0" and stub.get("msdc") == "1"

@@ -272,13 +272,15 @@ class Discovery:
         if start_ms is None:  # no time in the name: the file's mtime is when the recorder closed it
             start_ms = end_ms = entry.mtime_ns // 1_000_000
         officer = name.officer or ident.officer_id or catalog.officer_at(ident.device_id, start_ms)
+        # The recorder's clock offset as its vendor handshake read it at docking, before 校时 (R9).
+        offset = self.volume.handshake.clock_offset_ms if self.volume.handshake is not None else None
         with catalog.transaction():
             record, created = catalog.discover(
                 kind="recorder", device_id=ident.device_id, original_path=entry.relative,
                 source_path=str(entry.path), source_size=entry.size, source_mtime_ns=entry.mtime_ns,
                 dock=self.volume.dock, slot=self.volume.slot, session_id=self.session_id,
                 volume_label=self.volume.label, officer_id=officer, recorded_start_ms=start_ms,
-                recorded_end_ms=end_ms, actor="edge-agent", source_fingerprint=fp)
+                recorded_end_ms=end_ms, clock_offset_ms=offset, actor="edge-agent", source_fingerprint=fp)
             if created and twins:
                 self._collision(record, twins)
         if created and entry.size == 0:
