@@ -128,7 +128,7 @@ class Gat947Library:
             raise HandshakeStepFailed(f"{step}: {name} failed with vendor error {error.value}")
 
     def _password(self) -> bytes:
-        return self.settings.password.encode("ascii")
+        return self.settings.password.encode(self.settings.encoding, errors="replace")
 
     def _text(self, raw: bytes) -> str | None:
         value = raw.split(b"\0", 1)[0].decode(self.settings.encoding, errors="replace").strip()
