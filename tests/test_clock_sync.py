@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import platform
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +20,7 @@ from edge_agent.protocol.wire import schema
 from tests.evidence_support import offline_agent_config, running_agent, wait_states
 from tests.helpers import agent_config, make_recorder_volume
 
-SYS_ADJTIMEX = 159   # x86_64
+SYS_ADJTIMEX = {"x86_64": 159, "aarch64": 171}[platform.machine()]   # the syscall's number, by architecture
 TIMEX_SIZE = 208
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 
