@@ -115,6 +115,9 @@ class _DockBase(_Section):
 class UsbDockSection(_DockBase):
     kind: Literal["usb"]
     mount_root: Path = Path("/media/edge-dock")
+    # R8: a USB mass-storage device not in recorders.toml is read as an unknown recorder with an alarm
+    # ("ingest"), or never read, with an alarm naming its vendor, product and serial ("refuse").
+    unknown_devices: Literal["ingest", "refuse"] = "ingest"
 
 
 class DirectoryDockSection(_DockBase):
@@ -177,6 +180,10 @@ class HealthSection(_Section):
     scrub_interval_h: Annotated[float, Field(gt=0)] = 24   # pause between full scrub passes
     change_check_s: Annotated[float, Field(gt=0)] = 2      # how often health looks for a change worth publishing
     summary_hour: Annotated[int, Field(ge=0, le=23)] = 23  # local hour of the daily summary event
+    # The agent's own clock (R9, kernel adjtimex): alarm `clock_unsynchronized` while the kernel says it is not
+    # synchronised or its maximum error exceeds clock_error_alarm_ms. Turn off only on a box without time source.
+    clock_sync_alarm: bool = True
+    clock_error_alarm_ms: Annotated[int, Field(gt=0)] = 1000
 
 
 class LivenessSection(_Section):
