@@ -231,25 +231,59 @@ def parse_signing_sei(nal: bytes, hevc: bool) -> SigningSei:
     else:
         clean, where = body, list(range(len(body)))
     # Offsets below are into `clean`: the header and UUID hold no emulation-prevention bytes.
-    tlv_start = off + 16 + 1
-    if len(clean) < tlv_start or clean[off:off + 16] != ONVIF_UUID:
+    if len(clean) < off + 17 or clean[off:off + 16] != ONVIF_UUID:
         raise SeiError("not an ONVIF Media Signing SEI")
     reserved = clean[off + 16]
-    tlv_end = min(off + size, len(clean))
+    fields, signature_at = _tlvs(clean, off + 17, min(off + size, len(clean)))
+    if 1 not in fields:
+        raise SeiError("SEI without its general TLV")
+    start_ts, partial, gop_counter, num_nalus, gop_hash, linked = _general(fields[1])
+    hash_size = len(gop_hash)
+    hash_list = None
+    if 2 in fields and len(fields[2]) > 1:
+        raw_list = fields[2][1:]
+        hash_list = [raw_list[j:j + hash_size] for j in range(0, len(raw_list) - hash_size + 1, hash_size)]
+    signature = None
+    if 3 in fields:
+        sig = fields[3]
+        signature = sig[3:3 + int.from_bytes(sig[1:3], "big")]
+    algo: Callable[[], hashes.HashAlgorithm] | None = None
+    if 4 in fields:
+        info = fields[4]
+        oid = info[2:2 + info[1]]
+        algo = _HASHES.get(oid)
+        if algo is None:
+            raise SeiError(f"hash algorithm with OID {oid.hex()} is not supported")
+    certificates = fields[6][2:] if 6 in fields and len(fields[6]) > 2 else None
+    if signature_at is None:
+        signed_part = b""
+    elif reserved & 0x40:   # hashed with its emulation-prevention bytes: cut the raw NAL unit there
+        signed_part = body[:where[signature_at]]
+    else:
+        signed_part = clean[:signature_at]
+    return SigningSei(reserved, _filetime(start_ts), gop_counter, partial, num_nalus, gop_hash, linked, hash_list,
+                      signature, algo, certificates, _vendor(fields[5]) if 5 in fields else None, signed_part,
+                      body if reserved & 0x40 else clean)
+
+
+def _tlvs(data: bytes, start: int, end: int) -> tuple[dict[int, bytes], int | None]:
+    """The TLVs between `start` and `end` by tag, and where the signature TLV begins."""
     fields: dict[int, bytes] = {}
     signature_at: int | None = None
-    i = tlv_start
-    while i + 3 <= tlv_end:
-        tag, length = clean[i], int.from_bytes(clean[i + 1:i + 3], "big")
-        if i + 3 + length > tlv_end:
+    i = start
+    while i + 3 <= end:
+        tag, length = data[i], int.from_bytes(data[i + 1:i + 3], "big")
+        if i + 3 + length > end:
             raise SeiError(f"TLV tag {tag} runs past the SEI's payload")
         if tag == 3:
             signature_at = i
-        fields[tag] = clean[i + 3:i + 3 + length]
+        fields[tag] = data[i + 3:i + 3 + length]
         i += 3 + length
-    if 1 not in fields:
-        raise SeiError("SEI without its general TLV")
-    general = fields[1]
+    return fields, signature_at
+
+
+def _general(general: bytes) -> tuple[int, bool, int, int, bytes, bytes]:
+    """(start time, partial-GOP flag, GOP counter, number of hashed NAL units, GOP hash, linked hash)."""
     version = general[0] if general else 0
     if version not in (1, 2):
         raise SeiError(f"general TLV version {version} is not supported")
@@ -263,33 +297,7 @@ def parse_signing_sei(nal: bytes, hevc: bool) -> SigningSei:
     hash_size = (len(general) - p) // 2
     if hash_size <= 0:
         raise SeiError("general TLV without hashes")
-    gop_hash, linked = general[p:p + hash_size], general[p + hash_size:p + 2 * hash_size]
-    hash_list = None
-    if 2 in fields and len(fields[2]) > 1:
-        raw_list = fields[2][1:]
-        hash_list = [raw_list[j:j + hash_size] for j in range(0, len(raw_list) - hash_size + 1, hash_size)]
-    signature = None
-    if 3 in fields:
-        sig = fields[3]
-        n = int.from_bytes(sig[1:3], "big")
-        signature = sig[3:3 + n]
-    algo: Callable[[], hashes.HashAlgorithm] | None = None
-    if 4 in fields:
-        info = fields[4]
-        oid = info[2:2 + info[1]]
-        algo = _HASHES.get(oid)
-        if algo is None:
-            raise SeiError(f"hash algorithm with OID {oid.hex()} is not supported")
-    certificates = fields[6][2:] if 6 in fields and len(fields[6]) > 2 else None
-    vendor = _vendor(fields[5]) if 5 in fields else None
-    if signature_at is None:
-        signed_part = b""
-    elif reserved & 0x40:   # hashed with its emulation-prevention bytes: cut the raw NAL unit there
-        signed_part = body[:where[signature_at]]
-    else:
-        signed_part = clean[:signature_at]
-    return SigningSei(reserved, _filetime(start_ts), gop_counter, partial, num_nalus, gop_hash, linked, hash_list, signature, algo,
-                      certificates, vendor, signed_part, body if reserved & 0x40 else clean)
+    return start_ts, partial, gop_counter, num_nalus, general[p:p + hash_size], general[p + hash_size:p + 2 * hash_size]
 
 
 def _filetime(value: int) -> datetime | None:
