@@ -160,14 +160,14 @@ def escape(nal: bytes) -> bytes:
 
 
 def camera_file(codec: str, dest: Path, flip_in_gop: int | None = None) -> Path:
-    """The signed sample as a camera sends it (its SEIs escaped), optionally with one byte of a P frame of
-    GOP `flip_in_gop` flipped. A remux: every other byte stays as ONVIF's signer wrote it."""
+    """The signed sample as a camera sends it (its SEIs escaped, a frame every 40 ms), optionally with one byte
+    of a P frame of GOP `flip_in_gop` flipped. A remux: every other byte stays as ONVIF's signer wrote it."""
     hevc = codec == "h265"
     with av.open(str(SAMPLES / f"test_signed_{codec}.mp4")) as src, av.open(str(dest), "w", format="mp4") as out:
         video = src.streams.video[0]
         stream = out.add_stream_from_template(video)
         prefixed = length_prefixed(video.codec_context.extradata)
-        gop = frame = 0
+        gop = frame = count = 0
         for packet in src.demux(video):
             if not packet.size:
                 continue
@@ -184,7 +184,10 @@ def camera_file(codec: str, dest: Path, flip_in_gop: int | None = None) -> Path:
                         nal = bytes(nal)
                 nals.append(escape(nal) if info.signing else nal)
             copy = av.Packet(b"".join(len(n).to_bytes(4, "big") + n for n in nals))
-            copy.pts, copy.dts, copy.time_base = packet.pts, packet.dts, packet.time_base
+            # The samples repeat timestamps (their first seven frames are all at 0): a frame every 1/25 s.
+            copy.pts = copy.dts = count * (video.time_base.denominator // 25)
+            copy.duration, copy.time_base = video.time_base.denominator // 25, video.time_base
+            count += 1
             copy.is_keyframe = packet.is_keyframe
             copy.stream = stream
             out.mux(copy)
@@ -211,38 +214,50 @@ def test_recorded_over_rtsp_every_nal_unit_is_kept_and_the_segments_verify(
     hevc = codec == "h265"
     _, cfg = cameras_config(tmp_path, [camera("gate-signed", rtsp=server.url,
                                               signing_ca=str(SAMPLES / "ca.pem"))])
+    data_dir = cfg.agent.data_dir
+
+    def first_connection() -> list | None:
+        """The sealed segments up to the one the end of the recording cut (its last GOP never got a SEI)."""
+        segments = sealed_segments(agent.catalog, "gate-signed")
+        docs = [manifest(data_dir, s.file_id) for s in segments]
+        end = next((i for i, d in enumerate(docs) if d["signing"]["gops_unchecked"]), None)
+        return None if end is None else list(zip(segments[:end + 1], docs[:end + 1], strict=True))
+
     agent = build_agent(cfg)
     agent.start()
     try:
-        # The 10-s recording plays once: GOPs of 2.4 s, one segment each; the last one ends with the stream.
-        segments = wait_for(lambda: (s := sealed_segments(agent.catalog, "gate-signed")) and len(s) >= 5 and s,
-                            timeout=40, what="five sealed segments")
+        # The 10-s recording plays once (GOPs of 62 frames, 2.5 s: one segment each), then the server ends it.
+        recorded = wait_for(first_connection, timeout=40, what="the segments of one playing of the recording")
         status = agent.cameras.camera_status()[0]
     finally:
         agent.stop()
-    data_dir = cfg.agent.data_dir
-    first = segments[:5]
-    docs = [manifest(data_dir, s.file_id) for s in first]
-    # NAL units in (what the camera sent) and out (what the segments hold), byte for byte and in order. The
-    # RTP payloader repeats the parameter sets before each keyframe (config-interval=-1): those are the
-    # camera's own, equal to the ones in the file, and outside the signature by ONVIF's design.
-    parameter_sets = (32, 33, 34) if hevc else (7, 8)
-    sent = [hashable(n) for n in stored_nals(served)]
 
     def kind(nal: bytes) -> int:
         return (nal[0] >> 1) & 0x3F if hevc else nal[0] & 0x1F
 
-    kept = [hashable(n) for s in first for n in stored_nals(data_dir / s.store_path)]
-    assert [n for n in kept if kind(n) not in parameter_sets] == [n for n in sent if kind(n) not in parameter_sets]
-    assert {n for n in kept if kind(n) in parameter_sets} <= {n for n in sent if kind(n) in parameter_sets} | {
-        n for n in split_nals(_extradata_nals(served), False)}
-    assert sum(1 for n in kept if nal_info(n, hevc).signing == "onvif") == 5   # every signing SEI came through
-    # Every segment but the one the stream's end cut is signed and verifies; that one's GOP never got its SEI.
-    for doc in docs[:4]:
+    # NAL units in (what the camera sent) and out (what the segments hold), byte for byte and in order, from the
+    # first keyframe the agent got to the end of the recording. The RTP payloader repeats the parameter sets
+    # before each keyframe (config-interval=-1): they are the camera's own, outside the signature by ONVIF's
+    # design, and equal to the ones in the file.
+    parameter_sets = (32, 33, 34) if hevc else (7, 8)
+    sent_all = [hashable(n) for n in stored_nals(served)]
+    kept_all = [hashable(n) for s, _ in recorded for n in stored_nals(data_dir / s.store_path)]
+    sent = [n for n in sent_all if kind(n) not in parameter_sets]
+    kept = [n for n in kept_all if kind(n) not in parameter_sets]
+    start = sent.index(kept[0])
+    assert nal_info(kept[0], hevc).gop_start
+    assert kept == sent[start:]
+    assert {n for n in kept_all if kind(n) in parameter_sets} <= set(split_nals(_extradata_nals(served), False))
+    signing_seis = [n for n in kept if nal_info(n, hevc).signing == "onvif"]
+    assert signing_seis == [n for n in sent[start:] if nal_info(n, hevc).signing == "onvif"] and signing_seis
+    # Every segment but the one the end of the recording cut verifies; that one's GOP never got its SEI.
+    docs = [doc for _, doc in recorded]
+    assert len(docs) >= 3
+    for doc in docs[:-1]:
         assert doc["signed"] == VALID, doc["signing"]
-        assert doc["signing"]["gops_valid"] == 1 and doc["signing"]["gops_unchecked"] == 0
+        assert doc["signing"]["gops_valid"] == doc["signing"]["gops"] and doc["signing"]["gops_unchecked"] == 0
         assert doc["signing"]["signer"]["subject"] == "CN=Test camera,OU=Test,O=SomeOrg"
-    assert docs[4]["signed"] == UNVERIFIABLE and docs[4]["signing"]["gops_unchecked"] == 1
+    assert docs[-1]["signing"]["reason"] == "the stream ended before this GOP's signature came"
     assert status["signing"]["format"] == "onvif"
 
 
