@@ -65,6 +65,7 @@ WALL_CLOCK_SINCE = datetime(2000, 1, 1, tzinfo=UTC)   # an earlier signing time 
 MAX_CHAIN = 8            # certificates followed from a leaf to an anchor, at most
 PENDING_GOPS_MAX = 3     # a signed stream's GOP still without its SEI this many GOPs later lost its signature
 UNSIGNED_AFTER_GOPS = 2  # no signing SEI seen this many GOPs after a GOP ended: that GOP is unsigned
+HASH_UNSIGNED_GOPS = 3   # after this many unsigned GOPs, NAL units are no longer hashed (until a signing SEI)
 
 
 # -- NAL units -------------------------------------------------------------------------------------
@@ -413,6 +414,8 @@ class GopChecker:
         self._last_counter: int | None = None
         self._last_first_hash: bytes | None = None   # first NAL hash of the GOP the previous SEI covered
         self._verified_any = False
+        self._hashing = True          # False after HASH_UNSIGNED_GOPS unsigned GOPs, until a signing SEI comes
+        self._unsigned_gops = 0
         self.done: list[tuple[set[int], GopResult]] = []
 
     # the hash of one NAL unit, and with the GOP's anchor
@@ -430,19 +433,22 @@ class GopChecker:
         if info.kind != "slice":
             return
         if info.gop_start:
+            if not self._hashing and self.signing is not None:
+                self._hashing = True   # the camera began signing: hash from this GOP on
             for gop in self._gops:
                 if gop.closed:
                     gop.later_starts += 1
                 else:
                     gop.closed = True
             self._gops.append(_Gop({tag}))
-            h = self._h(hashable(nal))
-            self._anchor = h
-            self._gops[-1].hashes.append(h)
+            self._anchor = None
+            if self._hashing:
+                self._anchor = self._h(hashable(nal))
+                self._gops[-1].hashes.append(self._anchor)
             self._age()
             return
         if not self._gops or self._anchor is None:
-            return   # before the first GOP of this connection: not recorded
+            return   # before the first GOP of this connection (not recorded), or not hashing
         gop = self._gops[-1]
         gop.tags.add(tag)
         gop.hashes.append(self._h(self._anchor + self._h(hashable(nal))))
@@ -454,6 +460,9 @@ class GopChecker:
                 continue
             if self.signing is None and gop.later_starts >= UNSIGNED_AFTER_GOPS - 1:
                 gop.result = GopResult(UNSIGNED)
+                self._unsigned_gops += 1
+                if self._unsigned_gops >= HASH_UNSIGNED_GOPS:
+                    self._hashing = False   # no signing SEI so far: stop hashing until one comes
             elif self.signing == "axis" and gop.later_starts >= UNSIGNED_AFTER_GOPS - 1:
                 gop.result = GopResult(UNVERIFIABLE, "axis signed video is detected but not verified")
             elif self.signing == "onvif" and gop.later_starts >= PENDING_GOPS_MAX:
@@ -489,6 +498,9 @@ class GopChecker:
 
     def _onvif_sei(self, nal: bytes, tag: int) -> None:
         self.signing = "onvif"
+        began = not self._hashing
+        if began:
+            self._give_up("the camera began signing after this GOP started")
         try:
             sei = parse_signing_sei(nal, self.hevc)
         except SeiError as exc:
@@ -498,16 +510,12 @@ class GopChecker:
             # The NAL units so far were hashed with the default algorithm: their GOPs cannot be checked.
             self._algo = sei.hash_algo
             self._anchor = None
-            for gop in self._gops:
-                if gop.result is None:
-                    gop.result = GopResult(UNVERIFIABLE, "the stream's hash algorithm was learned after this "
-                                           "GOP began")
-            self._pop()
+            self._give_up("the stream's hash algorithm was learned after this GOP began")
         if sei.vendor:
             self.signer = {**(self.signer or {}), **sei.vendor}
         if sei.certificates is not None and sei.certificates != self._chain_pem:
             self._learn_chain(sei.certificates)
-        if sei.is_certificate_sei:
+        if sei.is_certificate_sei or began:
             return
         if sei.signature is None:
             self._fail_next("signing several GOPs with one signature is not supported; not checked", UNVERIFIABLE)
@@ -520,6 +528,13 @@ class GopChecker:
             self._judge(sei, GopResult(INVALID, "the SEI's signature does not verify"))
             return
         self._judge(sei, None)
+
+    def _give_up(self, reason: str) -> None:
+        """Every GOP still waiting is `unverifiable` for `reason`."""
+        for gop in self._gops:
+            if gop.result is None:
+                gop.result = GopResult(UNVERIFIABLE, reason)
+        self._pop()
 
     def _learn_chain(self, pem: bytes) -> None:
         self._chain_pem = pem

@@ -309,3 +309,16 @@ def test_a_signed_camera_that_turns_invalid_raises_an_alarm(tmp_path: Path) -> N
     assert alarm[0][0] == "camera_signature_invalid" and "no longer verifies" in alarm[0][1]
     assert alarm[0][2] is not None
     assert status["signing"]["format"] == "onvif"
+
+
+def test_a_camera_that_starts_signing_mid_stream_is_checked_from_its_next_gop() -> None:
+    """After a few unsigned GOPs the checker stops hashing (an unsigned camera costs next to nothing); a
+    signing SEI turns it back on at the next GOP, whose signature then verifies."""
+    checker = GopChecker(False, anchors())
+    for nal in [*sample_nals("h264", signed=False), *sample_nals("h264")]:
+        checker.feed(nal, 0)
+    checker.finish()
+    statuses = [r.status for r in checker.results(0)]
+    # 5 unsigned GOPs; the signed recording's first two GOPs began before its first SEI (not hashed); the SEI
+    # that signs the second of them is passed over; the next two GOPs verify; the last one's SEI never comes.
+    assert statuses == [UNSIGNED] * 5 + [UNVERIFIABLE] * 2 + [VALID] * 2 + ["unchecked"]
