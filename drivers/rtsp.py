@@ -392,13 +392,13 @@ class RtspRecorder:
                 self._place_audio(cuts, before=at + 1)
                 self._expire_closing(cuts, at)
         finally:
-            self._place_audio(cuts, before=None)
-            if cuts.closing is not None:
-                self._finish(*cuts.closing)
             try:
+                self._place_audio(cuts, before=None)
+                if cuts.closing is not None:
+                    self._finish(*cuts.closing)
                 if cuts.out is not None:
                     self._finish(cuts.out, self._last_end_ms or cuts.out.start_ms)
-            finally:
+            finally:   # the segments closed so far get their verdict, whatever failed above
                 checker.finish()
                 self._release(force=True)
                 self._checker = None
