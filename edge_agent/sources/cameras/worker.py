@@ -162,7 +162,7 @@ class CameraWorker:
         self.intake.put(Queued(segment, self.health.device_id, self.health.clock_offset_ms))
 
     def _check_signing(self, segment: Segment) -> None:
-        """A signed camera whose segment is `invalid`, or that stops signing, raises
+        """A segment `invalid`, or a signing camera's segment `unsigned`/`unverifiable`, raises
         camera.<name>.signature_invalid; a `valid` segment clears it."""
         verdict = dict(segment.signing or {})
         health = self.health
@@ -176,7 +176,10 @@ class CameraWorker:
                 self.catalog.clear_alarm(f"camera.{name}.signature_invalid")
                 log.info("camera_signature_valid_again camera=%s", name)
             return
-        stopped = health.signed_seen and status != INVALID and not verdict.get("gops_unchecked")
+        # Signing stopped (switched off, or SEIs stripped): after a valid segment, or from the start for a camera
+        # with its own signing_ca (configured as a signing camera). A stream's end is not a stop.
+        expected = health.signed_seen or self.camera.signing_ca is not None
+        stopped = expected and status != INVALID and not verdict.get("gops_unchecked")
         if (status == INVALID or stopped) and not health.signature_alarm:
             health.signature_alarm = True
             why = verdict.get("reason") or f"the segment is {status}"
