@@ -322,3 +322,23 @@ def test_a_camera_that_starts_signing_mid_stream_is_checked_from_its_next_gop() 
     # 5 unsigned GOPs; the signed recording's first two GOPs began before its first SEI (not hashed); the SEI
     # that signs the second of them is passed over; the next two GOPs verify; the last one's SEI never comes.
     assert statuses == [UNSIGNED] * 5 + [UNVERIFIABLE] * 2 + [VALID] * 2 + ["unchecked"]
+
+
+def test_a_camera_configured_to_sign_that_sends_unsigned_video_raises_the_alarm(tmp_path: Path) -> None:
+    server = RtspServer(free_port(), log=tmp_path / "rtsp.log").start()   # x264: no signing SEI
+    try:
+        _, cfg = cameras_config(tmp_path, [camera("gate-plain", rtsp=server.url, signing_ca=str(SAMPLES / "ca.pem"))])
+        agent = build_agent(cfg)
+        agent.start()
+        try:
+            alarm = wait_for(lambda: agent.catalog.query(
+                "SELECT kind, message FROM alarms WHERE key = 'camera.gate-plain.signature_invalid' "
+                "AND cleared_ms IS NULL"), timeout=40, what="the signature alarm")
+            segment = wait_for(lambda: sealed_segments(agent.catalog, "gate-plain"), timeout=30, what="a segment")[0]
+        finally:
+            agent.stop()
+    finally:
+        server.stop()
+    doc = manifest(cfg.agent.data_dir, segment.file_id)
+    assert doc["signed"] == UNSIGNED and doc["signing"]["gops"] >= 1 and "format" not in doc["signing"]
+    assert alarm[0][0] == "camera_signature_invalid" and "unsigned" in alarm[0][1]
