@@ -7,6 +7,10 @@ invalid raises camera_signature_invalid."""
 from __future__ import annotations
 
 import datetime
+import os
+import signal
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -33,10 +37,11 @@ from drivers.media_signing import (
     split_nals,
 )
 from edge_agent.daemon import build_agent
+from edge_agent.sources.cameras import spool_dir
 from tests.helpers import wait_for
 from tests.peers.mosquitto import free_port
 from tests.peers.rtsp_server import RtspServer
-from tests.test_cameras import camera, cameras_config, manifest, sealed_segments
+from tests.test_cameras import ROOT, camera, cameras_config, manifest, sealed_segments
 
 SAMPLES = Path("/work/shared/testdata/onvif-media-signing")
 if not SAMPLES.is_dir():   # a fresh machine: the copy beside the checkout (docs/CAMERAS.md)
@@ -342,3 +347,38 @@ def test_a_camera_configured_to_sign_that_sends_unsigned_video_raises_the_alarm(
     doc = manifest(cfg.agent.data_dir, segment.file_id)
     assert doc["signed"] == UNSIGNED and doc["signing"]["gops"] >= 1 and "format" not in doc["signing"]
     assert alarm[0][0] == "camera_signature_invalid" and "unsigned" in alarm[0][1]
+
+
+def test_a_segment_cut_by_kill9_is_checked_from_its_file(tmp_path: Path) -> None:
+    """The segment a crash cut is taken in at the next start; its verdict comes from the file alone: the GOPs
+    whose SEI is in the file verify, the last one's SEI (in the next segment, never written) is unchecked."""
+    served = camera_file("h264", tmp_path / "camera.mp4")
+    server = RtspServer(free_port(), replay=served, log=tmp_path / "rtsp.log").start()
+    try:
+        config_path, cfg = cameras_config(tmp_path, [camera("yard-signed", rtsp=server.url, segment_s=30,
+                                                             signing_ca=str(SAMPLES / "ca.pem"))])
+        spool = spool_dir(cfg.agent.data_dir, "yard-signed")
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        with open(tmp_path / "agent.log", "wb") as log:
+            proc = subprocess.Popen([sys.executable, "-m", "edge_agent.cli", "--config", str(config_path), "run"],
+                                    cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=log)
+        try:
+            # Two keyframes (about 45 kB each) and the SEI after the second: more than 110 kB.
+            cut = wait_for(lambda: next((p for p in spool.glob("*.mkv") if p.stat().st_size > 110_000), None),
+                           timeout=40, what="a segment being written")
+        finally:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+    finally:
+        server.stop()
+    agent = build_agent(cfg)
+    agent.start()
+    try:
+        segment = wait_for(lambda: next((s for s in sealed_segments(agent.catalog, "yard-signed")
+                                         if s.original_path.endswith(cut.name)), None),
+                           timeout=30, what="the cut segment sealed")
+    finally:
+        agent.stop()
+    doc = manifest(cfg.agent.data_dir, segment.file_id)
+    assert doc["signed"] == VALID, doc["signing"]
+    assert doc["signing"]["gops_valid"] >= 1 and doc["signing"]["gops_unchecked"] == 1
