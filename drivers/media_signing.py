@@ -472,7 +472,8 @@ class GopChecker:
     def _pop(self) -> None:
         while self._gops and self._gops[0].result is not None:
             gop = self._gops.popleft()
-            self.done.append((gop.tags, gop.result))
+            if gop.tags:
+                self.done.append((gop.tags, gop.result))
 
     def finish(self) -> None:
         """End of the connection: GOPs still waiting for their SEI cannot be checked."""
@@ -492,9 +493,13 @@ class GopChecker:
         return [result for tags, result in self.done if tag in tags]
 
     def forget(self, tag: int) -> None:
+        """The caller is done with `tag`: its results are dropped, and GOPs still waiting no longer report to
+        it (so results kept are only those some tag still wants: memory stays bounded)."""
         self.done = [(tags, r) for tags, r in self.done if tag not in tags or tags - {tag}]
         for tags, _ in self.done:
             tags.discard(tag)
+        for gop in self._gops:
+            gop.tags.discard(tag)
 
     def _onvif_sei(self, nal: bytes, tag: int) -> None:
         self.signing = "onvif"
