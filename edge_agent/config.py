@@ -33,6 +33,19 @@ ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 TOPIC_ROOT_PATTERN = r"^[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*$"
 
 
+def _pem_certificates(path: Path | None) -> Path | None:
+    """A trust-anchor file must be readable and hold at least one PEM certificate."""
+    if path is None:
+        return None
+    try:
+        text = path.read_bytes()
+    except OSError as exc:
+        raise ValueError(f"cannot read {path} ({exc.strerror}); give the CA certificate file (PEM)") from None
+    if b"-----BEGIN CERTIFICATE-----" not in text:
+        raise ValueError(f"{path} holds no PEM certificate (-----BEGIN CERTIFICATE-----); give the CA certificate")
+    return path
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -141,6 +154,15 @@ class Camera(_Section):
     reconnect_max_s: Annotated[float, Field(gt=0, le=3600)] = 30   # backoff ceiling between reconnects
     location: Annotated[str, Field(min_length=1)]
     location_kind: str
+    # Camera-signed video (docs/CAMERAS.md "Camera-signed video"): the CA certificate(s), PEM, that a signing
+    # camera's certificate must lead to; unset: `evidence.camera_signing_ca`, and if that is unset too,
+    # signatures are checked for integrity only and segments say `unverifiable`.
+    signing_ca: Path | None = None
+
+    @field_validator("signing_ca")
+    @classmethod
+    def _signing_ca(cls, value: Path | None) -> Path | None:
+        return _pem_certificates(value)
 
     @field_validator("location_kind")
     @classmethod
@@ -204,6 +226,13 @@ class EvidenceSection(_Section):
     tsa_url: Annotated[str, Field(pattern=r"^https?://[^\s]+$")] | None = None
     tsa_ca: Path | None = None            # its root certificate (PEM): `verify` checks tokens' signatures
     tsa_timeout_s: Annotated[float, Field(gt=0, le=120)] = 10
+    # Trust anchor(s), PEM, for camera-signed video of every camera without its own `signing_ca`.
+    camera_signing_ca: Path | None = None
+
+    @field_validator("camera_signing_ca")
+    @classmethod
+    def _camera_signing_ca(cls, value: Path | None) -> Path | None:
+        return _pem_certificates(value)
 class UiSection(_Section):
     """The status page at the dock (edge_agent/ui): read-only, on loopback unless `listen` says otherwise."""
 
