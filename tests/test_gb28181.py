@@ -12,10 +12,13 @@ from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 
+import jsonschema
 import pytest
 
 from edge_agent.catalog import Catalog
 from edge_agent.config import ConfigError, parse_config
+from edge_agent.daemon import Agent
+from edge_agent.ops.health import load_schema
 from edge_agent.protocol import manscdp, sip
 from edge_agent.sources.cameras.gaps import GapLedger
 from edge_agent.sources.gb28181 import ALARM_KIND, GbDevice
@@ -54,7 +57,6 @@ def gb_config(tmp_path: Path, server_port: int, *, password: str = PASSWORD, cha
         gb28181={"enabled": True, "server_id": SERVER_ID, "domain": DOMAIN, "server_host": "127.0.0.1",
                  "server_port": server_port, "device_id": DEVICE_ID, "password": password, "local_host": "127.0.0.1",
                  "local_port": 0, "charset": charset, "keepalive_s": 60, **gb})
-    config.agent.data_dir.mkdir(parents=True)
     return config
 
 
@@ -124,6 +126,22 @@ def test_a_wrong_password_is_refused_by_sipp_and_raises_the_unregistered_alarm(t
         device.stop()
         proc.kill()
         proc.wait()
+
+
+def test_the_daemon_runs_the_device_and_its_health_shows_the_registration(tmp_path: Path):
+    with GbPlatform(PASSWORD) as platform:
+        agent = Agent(gb_config(tmp_path, platform.port))
+        device = agent.add_gb28181()
+        operations = agent.add_operations()
+        agent.start()
+        try:
+            assert device.wait_for(lambda h: h["registered"] and h["last_keepalive_ok_ms"] is not None, 10)
+            snapshot = operations.health.snapshot()
+            jsonschema.validate(snapshot, load_schema())
+            assert snapshot["gb28181"]["registered"] and snapshot["gb28181"]["device_id"] == DEVICE_ID
+        finally:
+            agent.stop()
+        assert platform.unregistered.wait(10), "a clean stop sends an authenticated REGISTER with Expires: 0"
 
 
 # -- queries against the stub ---------------------------------------------------------------------------------

@@ -34,6 +34,7 @@ class GbPlatform:
         self.port = 0
         self.device: tuple[str, int] | None = None
         self.registered = threading.Event()
+        self.unregistered = threading.Event()   # an authenticated REGISTER with Expires: 0
         self.keepalives: queue.Queue[manscdp.Manscdp] = queue.Queue()
         self.messages: queue.Queue[manscdp.Manscdp] = queue.Queue()   # Response MESSAGEs from the device
         self.replies: queue.Queue[sip.SipMessage] = queue.Queue()     # the device's answers to our requests
@@ -87,8 +88,7 @@ class GbPlatform:
             return
         self._reply(request, 200, "OK", addr, ("Expires", request.header("Expires") or "3600"))
         self.device = addr
-        if request.header("Expires") != "0":
-            self.registered.set()
+        (self.unregistered if request.header("Expires") == "0" else self.registered).set()
 
     def _reply(self, request: sip.SipMessage, status: int, reason: str, addr: tuple[str, int],
                *extra: tuple[str, str]) -> None:

@@ -52,17 +52,18 @@ class Answers:
     """The gateway's answers, read from the config and the catalog (cheap reads, any thread)."""
 
     def __init__(self, config: AgentConfig, catalog: Catalog,
-                 camera_online: Callable[[str], bool | None] | None = None):
+                 cameras_online: Callable[[], dict[str, bool]] | None = None):
         self.config = config
         self.gaps = Gaps(catalog)
-        self.camera_online = camera_online or (lambda _name: None)
+        self.cameras_online = cameras_online or dict   # camera name -> connected (the camera service's view)
         self.channels = {c.gb_id: c for c in config.cameras if c.gb_id is not None}
 
     def catalog_items(self) -> list[dict[str, str]]:
         section = self.config.gb28181
         items = []
+        online_now = self.cameras_online()
         for gb_id, camera in self.channels.items():
-            online = self.camera_online(camera.name)
+            online = online_now.get(camera.name)
             items.append({"DeviceID": gb_id, "Name": camera.name, "Manufacturer": MANUFACTURER,
                           "Model": "camera", "Owner": self.config.agent.unit, "CivilCode": gb_id[:6],
                           "Address": camera.location, "Parental": "0", "ParentID": section.device_id or "",

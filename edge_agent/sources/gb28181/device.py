@@ -59,12 +59,12 @@ class GbDevice:
     """The `[gb28181]` component: `start()`, `stop()`, `health()` (the `gb28181` fragment)."""
 
     def __init__(self, config: AgentConfig, catalog: Catalog,
-                 camera_online: Callable[[str], bool | None] | None = None):
+                 cameras_online: Callable[[], dict[str, bool]] | None = None):
         self.config = config
         self.section = config.gb28181
         self.catalog = catalog
         self.password = self.section.read_password()
-        self.answers = Answers(config, catalog, camera_online)
+        self.answers = Answers(config, catalog, cameras_online)
         self.device_id = self.section.device_id or ""
         self.server_uri = f"sip:{self.section.server_id}@{self.section.domain}"
         self.local_port = 0
@@ -80,6 +80,8 @@ class GbDevice:
         self._reg_call_id = ""
         self._cseq = 0
         self._challenged_with: str | None = None
+        self._challenge: dict[str, str] | None = None   # the last accepted one: a clean stop's unregister reuses it
+        self._register_uri = f"sip:{self.section.server_id}@{self.section.domain}"
         self._next_register = 0.0
         self._refresh_at: float | None = None
         self._next_keepalive: float | None = None
@@ -128,8 +130,11 @@ class GbDevice:
         os.write(self._wake_w, b"x")
         self._thread.join(10)
         if self.registered and self._sock is not None:   # say goodbye: a REGISTER with Expires 0, once
+            authorization = None if self._challenge is None else sip.digest_response(
+                self._challenge, username=self.device_id, password=self.password, method="REGISTER",
+                uri=self._register_uri, nc=2)
             try:
-                self._sock.sendto(self._register_request(expires=0).render(), self._server)
+                self._sock.sendto(self._register_request(0, authorization).render(), self._server)
             except OSError as exc:
                 log.warning("gb28181_unregister_failed error=%s", exc)
         for fd in (self._wake_r, self._wake_w):
@@ -242,7 +247,7 @@ class GbDevice:
     def _register_request(self, expires: int | None = None, authorization: str | None = None) -> sip.SipMessage:
         self._cseq += 1
         message = self._base("REGISTER", self._reg_call_id, self._cseq)
-        message.uri = f"sip:{self.section.server_id}@{self.section.domain}"
+        message.uri = self._register_uri
         message.add("Contact", f"<sip:{self.device_id}@{self._local_ip}:{self.local_port}>")
         message.add("Expires", str(self.section.expires_s if expires is None else expires))
         if authorization is not None:
@@ -269,9 +274,9 @@ class GbDevice:
                              "[gb28181] password and device_id against the platform's record of this device")
                 return
             self._challenged_with = challenge["nonce"]
-            uri = f"sip:{self.section.server_id}@{self.section.domain}"
+            self._challenge = challenge
             authorization = sip.digest_response(challenge, username=self.device_id, password=self.password,
-                                                method="REGISTER", uri=uri)
+                                                method="REGISTER", uri=self._register_uri)
             name = "Authorization" if status == 401 else "Proxy-Authorization"
             message = self._register_request(authorization=None)
             message.add(name, authorization)
