@@ -215,12 +215,14 @@ class Agent:
 
     def vitals(self, scheduler: Scheduler) -> list[VitalsProvider]:
         """What ops/liveness.py supervises: the uplink's connection and sender, every dock worker, every
-        camera's recorder, the scheduler."""
+        camera's recorder, the GB/T 28181 device's thread, the scheduler."""
         providers: list[VitalsProvider] = [self.docks.vitals, lambda: [scheduler.vital()]]
         if self.uplink is not None:
             providers.append(self.uplink.vitals)
         if self.cameras is not None:
             providers.append(self.cameras.vitals)
+        if self.gb28181 is not None:
+            providers.append(self.gb28181.vitals)
         return providers
 
     @staticmethod

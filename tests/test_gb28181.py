@@ -14,6 +14,8 @@ from pathlib import Path
 
 import jsonschema
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from edge_agent.catalog import Catalog
 from edge_agent.config import ConfigError, parse_config
@@ -144,6 +146,17 @@ def test_the_daemon_runs_the_device_and_its_health_shows_the_registration(tmp_pa
         assert platform.unregistered.wait(10), "a clean stop sends an authenticated REGISTER with Expires: 0"
 
 
+def test_the_device_registers_again_before_the_granted_expiry(tmp_path: Path, catalog: Catalog):
+    with GbPlatform(PASSWORD, grant_expires=2) as platform:   # the server grants 2 s of the 3600 asked
+        device = GbDevice(gb_config(tmp_path, platform.port), catalog)
+        device.start()
+        try:
+            assert platform.wait_registrations(2, 20), "no refresh REGISTER within the granted 2 s"
+            assert device.health()["gb28181"]["failures"] == 0
+        finally:
+            device.stop()
+
+
 # -- queries against the stub ---------------------------------------------------------------------------------
 
 def test_keepalive_reaches_the_stub_with_the_device_id(running: tuple[GbPlatform, GbDevice]):
@@ -249,6 +262,16 @@ def test_hostile_datagrams_are_dropped_and_the_device_keeps_answering(running: t
     assert platform.replies.get(timeout=10).status == 400
     assert platform.query(DEVICE_ID, "DeviceInfo").status == 200   # still answering
     assert device.health()["gb28181"]["answered"] == {"DeviceInfo": 1}
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=2048) | st.builds(lambda tail: b"MESSAGE sip:a@b SIP/2.0\r\n" + tail, st.binary()))
+def test_the_codecs_refuse_any_bytes_with_their_own_error_only(data: bytes):
+    for parse, error in ((sip.parse, sip.SipError), (manscdp.parse_body, manscdp.ManscdpError)):
+        try:
+            parse(data)
+        except error:
+            pass
 
 
 # -- the codec and the config ---------------------------------------------------------------------------------

@@ -27,14 +27,17 @@ class QueryResult:
 
 
 class GbPlatform:
-    def __init__(self, password: str):
+    def __init__(self, password: str, grant_expires: int | None = None):
         self.password = password
+        self.grant_expires = grant_expires   # None: grant what the device asks for
         self.loop = asyncio.new_event_loop()
         self.transport: asyncio.DatagramTransport | None = None
         self.port = 0
         self.device: tuple[str, int] | None = None
         self.registered = threading.Event()
         self.unregistered = threading.Event()   # an authenticated REGISTER with Expires: 0
+        self.registrations = 0                  # REGISTERs accepted (200), under _counted
+        self._counted = threading.Condition()
         self.keepalives: queue.Queue[manscdp.Manscdp] = queue.Queue()
         self.messages: queue.Queue[manscdp.Manscdp] = queue.Queue()   # Response MESSAGEs from the device
         self.replies: queue.Queue[sip.SipMessage] = queue.Queue()     # the device's answers to our requests
@@ -86,9 +89,18 @@ class GbPlatform:
             self._reply(request, 401, "Unauthorized", addr,
                         ("WWW-Authenticate", f'Digest realm="{DOMAIN}", nonce="{sip.new_token()}", algorithm=MD5'))
             return
-        self._reply(request, 200, "OK", addr, ("Expires", request.header("Expires") or "3600"))
+        asked = request.header("Expires") or "3600"
+        granted = asked if asked == "0" or self.grant_expires is None else str(self.grant_expires)
+        self._reply(request, 200, "OK", addr, ("Expires", granted))
         self.device = addr
-        (self.unregistered if request.header("Expires") == "0" else self.registered).set()
+        (self.unregistered if asked == "0" else self.registered).set()
+        with self._counted:
+            self.registrations += asked != "0"
+            self._counted.notify_all()
+
+    def wait_registrations(self, count: int, timeout: float) -> bool:
+        with self._counted:
+            return self._counted.wait_for(lambda: self.registrations >= count, timeout)
 
     def _reply(self, request: sip.SipMessage, status: int, reason: str, addr: tuple[str, int],
                *extra: tuple[str, str]) -> None:

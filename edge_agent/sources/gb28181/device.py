@@ -33,6 +33,7 @@ from edge_agent.catalog import Catalog
 from edge_agent.clock import now_ms
 from edge_agent.config import AgentConfig
 from edge_agent.protocol import manscdp, sip
+from edge_agent.protocol.heartbeat import Heartbeat, Vital
 from edge_agent.sources.gb28181.answers import Answers, parse_gb_time
 
 log = logging.getLogger(__name__)
@@ -72,6 +73,7 @@ class GbDevice:
         self._wake_r, self._wake_w = -1, -1
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
+        self.heartbeat = Heartbeat("gb28181")
         self._changed = threading.Condition()
         self._pending: dict[tuple[str, int], _Pending] = {}
         self._server: tuple[str, int] = ("", 0)
@@ -110,10 +112,25 @@ class GbDevice:
         self._local_ip = self._route_ip() if section.local_host == "0.0.0.0" else section.local_host
         self._wake_r, self._wake_w = os.pipe()
         self._stop.clear()
-        self._thread = threading.Thread(target=self._run, name="gb28181", daemon=True)
-        self._thread.start()
+        self._start_thread()
         log.info("gb28181_started device_id=%s server=%s:%d local_port=%d", self.device_id, *self._server,
                  self.local_port)
+
+    def _start_thread(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="gb28181", daemon=True)
+        self._thread.start()
+
+    def vitals(self) -> list[Vital]:
+        """The device's thread for ops/liveness.py: beats each time round, idle while it waits for a datagram
+        or its next timer; restarted with a new thread (same socket and state) if an error ended it."""
+        def alive() -> bool:
+            return self._thread is None or self._stop.is_set() or self._thread.is_alive()
+
+        def restart() -> None:
+            if self._thread is not None and not self._stop.is_set() and not self._thread.is_alive():
+                log.error("gb28181 thread had died; starting it again")
+                self._start_thread()
+        return [Vital(self.heartbeat.name, self.heartbeat, alive, restart)]
 
     def _route_ip(self) -> str:
         probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -181,7 +198,9 @@ class GbDevice:
             deadlines = [self._next_register, *(p.next_send for p in self._pending.values())]
             deadlines += [t for t in (self._refresh_at, self._next_keepalive) if t is not None]
             wait = max(0.0, min(deadlines) - now)
+            self.heartbeat.idle()   # waiting for the platform or the next timer is not being stuck
             readable, _, _ = select.select([self._sock, self._wake_r], [], [], wait)
+            self.heartbeat.beat()
             if self._sock in readable:
                 try:
                     data, addr = self._sock.recvfrom(RECV_BYTES)
