@@ -157,6 +157,19 @@ def test_the_device_registers_again_before_the_granted_expiry(tmp_path: Path, ca
             device.stop()
 
 
+def test_unanswered_keepalives_make_the_device_register_again(tmp_path: Path, catalog: Catalog):
+    with GbPlatform(PASSWORD, answer_keepalives=False) as platform:
+        device = GbDevice(gb_config(tmp_path, platform.port, keepalive_s=5, keepalive_misses=1), catalog)
+        device.start()
+        try:
+            # the first keepalive goes out on registering; still unanswered when the next is due (5 s)
+            assert platform.wait_registrations(2, 30), "the device did not register again"
+            health = device.health()["gb28181"]
+            assert health["last_keepalive_ok_ms"] is None and health["failures"] == 1   # counted before sending
+        finally:
+            device.stop()
+
+
 # -- queries against the stub ---------------------------------------------------------------------------------
 
 def test_keepalive_reaches_the_stub_with_the_device_id(running: tuple[GbPlatform, GbDevice]):

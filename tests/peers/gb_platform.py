@@ -27,8 +27,9 @@ class QueryResult:
 
 
 class GbPlatform:
-    def __init__(self, password: str, grant_expires: int | None = None):
+    def __init__(self, password: str, grant_expires: int | None = None, answer_keepalives: bool = True):
         self.password = password
+        self.answer_keepalives = answer_keepalives   # False: a platform that lost the device's keepalives
         self.grant_expires = grant_expires   # None: grant what the device asks for
         self.loop = asyncio.new_event_loop()
         self.transport: asyncio.DatagramTransport | None = None
@@ -79,9 +80,14 @@ class GbPlatform:
         if message.method == "REGISTER":
             self._register(message, addr)
         elif message.method == "MESSAGE":
-            self._reply(message, 200, "OK", addr)
             doc = manscdp.parse_body(message.body)
-            (self.keepalives if doc.cmd_type == "Keepalive" else self.messages).put(doc)
+            if doc.cmd_type == "Keepalive":
+                if self.answer_keepalives:
+                    self._reply(message, 200, "OK", addr)
+                    self.keepalives.put(doc)
+                return
+            self._reply(message, 200, "OK", addr)
+            self.messages.put(doc)
 
     def _register(self, request: sip.SipMessage, addr: tuple[str, int]) -> None:
         auth = request.header("Authorization")

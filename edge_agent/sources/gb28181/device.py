@@ -97,6 +97,7 @@ class GbDevice:
         self.last_error: str | None = None
         self.unregistered_since = time.monotonic()
         self.failures = 0
+        self._alarmed = False
         self.answered: Counter[str] = Counter()
         self.dropped: Counter[str] = Counter()
 
@@ -184,10 +185,14 @@ class GbDevice:
                 setattr(self, key, value)
             self._changed.notify_all()
 
-    def _count(self, counter: Counter[str], key: str) -> None:
+    def _count(self, counter: Counter[str], key: str) -> bool:
+        """Count one; True when this count should be logged (the 1st, 10th, 100th…: a flood of hostile
+        datagrams must not become a flood of log lines)."""
         with self._changed:
             counter[key] += 1
             self._changed.notify_all()
+            count = counter[key]
+        return count == 10 ** (len(str(count)) - 1)
 
     # -- the loop ----------------------------------------------------------------------------------
 
@@ -327,15 +332,17 @@ class GbDevice:
             self._changed.notify_all()
 
     def _judge_alarm(self, now: float) -> None:
-        if self.registered or self.failures == 0:
+        if self.registered or self.failures == 0 or self._alarmed:
             return
         if now - self.unregistered_since >= self.section.unregistered_alarm_s:
+            self._alarmed = True   # raised once per outage: not one transaction per datagram while it lasts
             self.catalog.raise_alarm(
                 f"{ALARM_KIND}:{self.device_id}", ALARM_KIND, self.device_id,
                 f"not registered with the GB/T 28181 platform {self._server[0]}:{self._server[1]} "
                 f"({self.last_error}); check [gb28181] server_host, server_port, device_id and password")
 
     def _clear_alarm(self) -> None:
+        self._alarmed = False
         self.catalog.clear_alarm(f"{ALARM_KIND}:{self.device_id}")
 
     # -- keepalive ---------------------------------------------------------------------------------
@@ -378,16 +385,19 @@ class GbDevice:
 
     def _datagram(self, data: bytes, addr: tuple[str, int]) -> None:
         if (addr[0], addr[1]) != self._server:
-            self._count(self.dropped, "unexpected_source")
-            log.warning("gb28181_dropped reason=unexpected_source from=%s:%d bytes=%d", addr[0], addr[1], len(data))
+            if self._count(self.dropped, "unexpected_source"):
+                log.warning("gb28181_dropped reason=unexpected_source from=%s:%d bytes=%d count=%d", addr[0], addr[1],
+                            len(data), self.dropped["unexpected_source"])
             return
         if data.strip(b"\r\n") == b"":   # a CRLF keepalive ping (RFC 5626): nothing to answer
             return
         try:
             message = sip.parse(data)
         except sip.SipError as exc:
-            self._count(self.dropped, "oversized" if len(data) > sip.MAX_MESSAGE else "malformed")
-            log.warning("gb28181_dropped reason=%s from=%s:%d bytes=%d", exc, addr[0], addr[1], len(data))
+            reason = "oversized" if len(data) > sip.MAX_MESSAGE else "malformed"
+            if self._count(self.dropped, reason):
+                log.warning("gb28181_dropped reason=%s error=%s from=%s:%d bytes=%d count=%d", reason, exc, addr[0],
+                            addr[1], len(data), self.dropped[reason])
             return
         if message.is_request:
             self._incoming(message)
@@ -432,8 +442,8 @@ class GbDevice:
         try:
             query = manscdp.parse_body(request.body)
         except manscdp.ManscdpError as exc:
-            self._count(self.dropped, "bad_body")
-            log.warning("gb28181_bad_query error=%s", exc)
+            if self._count(self.dropped, "bad_body"):
+                log.warning("gb28181_bad_query error=%s count=%d", exc, self.dropped["bad_body"])
             self._reply(request, 400, "Bad Request")
             return
         if query.root != "Query":
@@ -441,9 +451,9 @@ class GbDevice:
             return
         answer = self._answer(query)
         if isinstance(answer, tuple):
-            self._count(self.dropped, f"refused_{answer[0]}")
-            log.warning("gb28181_query_refused cmd=%s device_id=%s status=%d", query.cmd_type, query.device_id,
-                        answer[0])
+            if self._count(self.dropped, f"refused_{answer[0]}"):
+                log.warning("gb28181_query_refused cmd=%s device_id=%s status=%d", query.cmd_type,
+                            query.device_id, answer[0])
             self._reply(request, *answer)
             return
         self._count(self.answered, query.cmd_type)
