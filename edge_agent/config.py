@@ -204,11 +204,20 @@ class Gb28181Section(_Section):
         if self.password is not None:
             return self.password
         assert self.password_file is not None
-        mode = self.password_file.stat().st_mode & 0o777
-        if mode & 0o077:
-            raise PermissionError(f"{self.password_file} has mode {mode:o}: run chmod 600 {self.password_file} "
-                                  "(the GB/T 28181 password must not be readable by others)")
-        return self.password_file.read_text("utf-8").splitlines()[0].strip()
+        try:
+            mode = self.password_file.stat().st_mode & 0o777
+            if mode & 0o077:
+                raise PermissionError(f"{self.password_file} has mode {mode:o}: run chmod 600 {self.password_file} "
+                                      "(the GB/T 28181 password must not be readable by others)")
+            lines = self.password_file.read_text("utf-8").splitlines()
+        except (FileNotFoundError, IsADirectoryError, UnicodeDecodeError) as exc:
+            problem = Problem("gb28181.password_file", str(self.password_file),
+                              f"cannot be read ({exc}); write the password in it")
+            raise ConfigError(self.password_file, [problem]) from None
+        if not lines or not lines[0].strip():
+            raise ConfigError(self.password_file, [Problem("gb28181.password_file", str(self.password_file),
+                                                           "is empty; write the password on its first line")])
+        return lines[0].strip()
 
 
 class RetentionSection(_Section):

@@ -327,3 +327,14 @@ def test_gb_ids_and_the_password_file_are_validated(tmp_path: Path):
         config.gb28181.read_password()
     secret.chmod(0o600)
     assert config.gb28181.read_password() == "from-file"
+    secret.unlink()
+    with pytest.raises(ConfigError, match="gb28181.password_file"):
+        config.gb28181.read_password()
+
+
+def test_a_local_port_in_use_stops_the_device_at_build_naming_the_key(tmp_path: Path, catalog: Catalog):
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        config = gb_config(tmp_path, 5060, local_port=taken.getsockname()[1])
+        with pytest.raises(ConfigError, match="gb28181.local_port .*choose a free port"):
+            GbDevice(config, catalog)

@@ -31,7 +31,7 @@ from typing import Any
 
 from edge_agent.catalog import Catalog
 from edge_agent.clock import now_ms
-from edge_agent.config import AgentConfig
+from edge_agent.config import AgentConfig, ConfigError, Problem
 from edge_agent.protocol import manscdp, sip
 from edge_agent.protocol.heartbeat import Heartbeat, Vital
 from edge_agent.sources.gb28181.answers import Answers, parse_gb_time
@@ -100,17 +100,34 @@ class GbDevice:
         self._alarmed = False
         self.answered: Counter[str] = Counter()
         self.dropped: Counter[str] = Counter()
+        self._open()
 
     # -- life --------------------------------------------------------------------------------------
 
-    def start(self) -> None:
+    def _open(self) -> None:
+        """Resolve the server (IPv4, once) and bind the socket, at build: a wrong host or a port in use stops
+        the daemon at start with the key to fix (ConfigError)."""
         section = self.section
-        info = socket.getaddrinfo(section.server_host, section.server_port, socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            info = socket.getaddrinfo(section.server_host, section.server_port, socket.AF_INET, socket.SOCK_DGRAM)
+        except OSError as exc:
+            problem = Problem("gb28181.server_host", section.server_host,
+                              f"cannot be resolved ({exc}); give the SIP server's address")
+            raise ConfigError("[gb28181]", [problem]) from None
         self._server = info[0][4][0], section.server_port
         self._sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self._sock.bind((section.local_host, section.local_port))
+        try:
+            self._sock.bind((section.local_host, section.local_port))
+        except OSError as exc:
+            self._sock.close()
+            raise ConfigError("[gb28181]", [Problem(
+                "gb28181.local_port", section.local_port,
+                f"cannot listen on UDP {section.local_host}:{section.local_port} ({exc.strerror}); choose a free "
+                "port, or check gb28181.local_host is an address of this machine")]) from None
         self.local_port = self._sock.getsockname()[1]
         self._local_ip = self._route_ip() if section.local_host == "0.0.0.0" else section.local_host
+
+    def start(self) -> None:
         self._wake_r, self._wake_w = os.pipe()
         self._stop.clear()
         self._start_thread()
@@ -142,7 +159,10 @@ class GbDevice:
             probe.close()
 
     def stop(self) -> None:
-        if self._thread is None:
+        if self._thread is None:   # built, never started
+            if self._sock is not None:
+                self._sock.close()
+                self._sock = None
             return
         self._stop.set()
         os.write(self._wake_w, b"x")
@@ -159,6 +179,7 @@ class GbDevice:
             os.close(fd)
         if self._sock is not None:
             self._sock.close()
+            self._sock = None
         self._thread = None
 
     # -- health ------------------------------------------------------------------------------------
