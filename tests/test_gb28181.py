@@ -250,6 +250,16 @@ def test_a_long_record_list_is_split_across_messages_each_with_the_total(running
     assert len({i["StartTime"] for i in result.items("RecordList")}) == spans
 
 
+def test_a_retransmitted_query_is_answered_again_but_not_redone(running: tuple[GbPlatform, GbDevice]):
+    platform, device = running
+    query = platform.query_message(DEVICE_ID, "DeviceInfo", 42, {}).render()
+    platform.send_raw(query)
+    platform.send_raw(query)   # the platform did not see our 200 and sends the same transaction again
+    assert [platform.replies.get(timeout=10).status for _ in range(2)] == [200, 200]
+    assert platform.messages.get(timeout=10).sn == 42
+    assert device.health()["gb28181"]["answered"] == {"DeviceInfo": 1}
+
+
 # -- hostile input --------------------------------------------------------------------------------------------
 
 def test_hostile_datagrams_are_dropped_and_the_device_keeps_answering(running: tuple[GbPlatform, GbDevice]):

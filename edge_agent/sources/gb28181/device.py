@@ -24,7 +24,7 @@ import select
 import socket
 import threading
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -43,6 +43,7 @@ ITEMS_PER_MESSAGE = 4
 RETRY_S = 30.0
 T1_S, T2_S, TIMER_F_S = 0.5, 4.0, 32.0
 RECV_BYTES = 65536
+RECENT_REQUESTS = 64   # the platform's requests whose answer is kept, to answer its retransmissions alike
 
 
 @dataclass
@@ -76,6 +77,7 @@ class GbDevice:
         self.heartbeat = Heartbeat("gb28181")
         self._changed = threading.Condition()
         self._pending: dict[tuple[str, int], _Pending] = {}
+        self._recent: OrderedDict[tuple[str, str], bytes] = OrderedDict()   # (Call-ID, CSeq) -> our answer
         self._server: tuple[str, int] = ("", 0)
         self._local_ip = ""
         self._tag = sip.new_token()
@@ -449,10 +451,18 @@ class GbDevice:
         reply.add("Call-ID", request.call_id)
         reply.add("CSeq", request.header("CSeq") or "")
         reply.add("User-Agent", "edge-agent")
-        self._send(reply.render())
+        datagram = reply.render()
+        self._recent[(request.call_id, request.header("CSeq") or "")] = datagram
+        while len(self._recent) > RECENT_REQUESTS:
+            self._recent.popitem(last=False)
+        self._send(datagram)
 
     def _incoming(self, request: sip.SipMessage) -> None:
         if request.method == "ACK":
+            return
+        answered = self._recent.get((request.call_id, request.header("CSeq") or ""))
+        if answered is not None:   # a retransmission (our answer was lost): the same answer, nothing redone
+            self._send(answered)
             return
         if request.method == "OPTIONS":
             self._reply(request, 200, "OK")
