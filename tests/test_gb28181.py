@@ -4,6 +4,7 @@ datagrams that must change nothing."""
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
 import socket
@@ -16,8 +17,10 @@ import jsonschema
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from rich.console import Console
 
 from edge_agent.catalog import Catalog
+from edge_agent.cli.operations import render_gb28181
 from edge_agent.config import ConfigError, parse_config
 from edge_agent.daemon import Agent
 from edge_agent.ops.health import load_schema
@@ -348,3 +351,17 @@ def test_a_local_port_in_use_stops_the_device_at_build_naming_the_key(tmp_path: 
         config = gb_config(tmp_path, 5060, local_port=taken.getsockname()[1])
         with pytest.raises(ConfigError, match="gb28181.local_port .*choose a free port"):
             GbDevice(config, catalog)
+
+
+def test_status_shows_the_registration_and_the_last_error():
+    def shown(fragment: dict[str, object]) -> str:
+        console = Console(width=120, record=True, file=io.StringIO())
+        console.print(render_gb28181(fragment))
+        return console.export_text()
+
+    down = shown({"server": "10.0.0.2:5060", "registered": False, "last_keepalive_ok_ms": None,
+                  "last_error": "REGISTER answered 403 Forbidden [sic]"})
+    assert "not registered" in down and "403 Forbidden [sic]" in down
+    up = shown({"server": "10.0.0.2:5060", "registered": True, "last_keepalive_ok_ms": 1796387653391,
+                "last_error": None})
+    assert "registered" in up and "not registered" not in up and "last keepalive answered" in up
