@@ -238,6 +238,9 @@ def test_record_info_answers_held_spans_and_the_gap_with_its_cause(running: tupl
     assert [(g["StartTime"], g["EndTime"], g["Cause"]) for g in gaps] == [
         (f"{ZONE_DAY}T08:02:00", f"{ZONE_DAY}T08:05:00", "stream_lost")]
     assert result.responses[0].device_id == GATE_CAM and result.responses[0].get("Name") == "gate"
+    alarm_only = platform.query(GATE_CAM, "RecordInfo", StartTime=f"{ZONE_DAY}T07:59:00",
+                                EndTime=f"{ZONE_DAY}T08:30:00", Type="alarm")
+    assert alarm_only.status == 200 and alarm_only.responses[0].get("SumNum") == "0"
 
 
 def test_a_long_record_list_is_split_across_messages_each_with_the_total(running: tuple[GbPlatform, GbDevice]):

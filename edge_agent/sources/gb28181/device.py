@@ -513,6 +513,9 @@ class GbDevice:
             if until < since:
                 return 400, "Bad Request"
             camera = self.answers.channels[query.device_id]
+            # All the gateway records is continuous ("time"); it holds no alarm- or manually-triggered ones.
+            if (query.get("Type") or "all").lower() not in ("all", "time"):
+                return _split(query, query.device_id, "RecordList", [], {"Name": camera.name}, [])
             items = self.answers.record_items(query.device_id, since, until)
             gaps = self.answers.gap_items(query.device_id, since, until)
             return _split(query, query.device_id, "RecordList", items, {"Name": camera.name}, gaps)
