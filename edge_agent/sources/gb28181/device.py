@@ -85,7 +85,6 @@ class GbDevice:
         self._cseq = 0
         self._challenged_with: str | None = None
         self._challenge: dict[str, str] | None = None   # the last accepted one: a clean stop's unregister reuses it
-        self._register_uri = f"sip:{self.section.server_id}@{self.section.domain}"
         self._next_register = 0.0
         self._refresh_at: float | None = None
         self._next_keepalive: float | None = None
@@ -172,7 +171,7 @@ class GbDevice:
         if self.registered and self._sock is not None:   # say goodbye: a REGISTER with Expires 0, once
             authorization = None if self._challenge is None else sip.digest_response(
                 self._challenge, username=self.device_id, password=self.password, method="REGISTER",
-                uri=self._register_uri, nc=2)
+                uri=self.server_uri, nc=2)
             try:
                 self._sock.sendto(self._register_request(0, authorization).render(), self._server)
             except OSError as exc:
@@ -294,7 +293,7 @@ class GbDevice:
     def _register_request(self, expires: int | None = None, authorization: str | None = None) -> sip.SipMessage:
         self._cseq += 1
         message = self._base("REGISTER", self._reg_call_id, self._cseq)
-        message.uri = self._register_uri
+        message.uri = self.server_uri
         message.add("Contact", f"<sip:{self.device_id}@{self._local_ip}:{self.local_port}>")
         message.add("Expires", str(self.section.expires_s if expires is None else expires))
         if authorization is not None:
@@ -323,7 +322,7 @@ class GbDevice:
             self._challenged_with = challenge["nonce"]
             self._challenge = challenge
             authorization = sip.digest_response(challenge, username=self.device_id, password=self.password,
-                                                method="REGISTER", uri=self._register_uri)
+                                                method="REGISTER", uri=self.server_uri)
             name = "Authorization" if status == 401 else "Proxy-Authorization"
             message = self._register_request(authorization=None)
             message.add(name, authorization)
