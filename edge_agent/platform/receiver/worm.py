@@ -1,0 +1,252 @@
+"""The platform's custody record in the WORM bucket, beside the committed files (`[store] backend = "s3"`).
+
+Public surface:
+- `BucketRecords(committed)`: the chain documents, the receipts and the legal-hold releases as objects, each a
+  conditional create (`If-None-Match: *`) locked in COMPLIANCE mode (objectstore.py writes the files):
+
+      chains/<agent>/docs/<seq:012d>.json          each chain document, its canonical bytes: the first one written
+                                                   at a seq holds, for every receiver sharing the bucket
+      chains/<agent>/refused/<ms>-<seq>.json       a refused fork or rewind, as received
+      chain-receipts/<agent>/<seq:012d>.json       the receiver's signed chain receipt for that head
+      receipts/<agent>/<file_id>.json              the signed `complete` receipt of a stored file
+      releases/<key_id>/<seq:012d>.json            a signed legal-hold release that was carried out
+
+  Chain documents, refusals, chain receipts and releases are locked for `long_term_years`; a file's receipt as
+  the file (its retention class; `evidence`: with a legal hold).
+- `HoldRelease(records, keys).release(request)`: turn a stored evidence file's legal hold off, only on a
+  request signed by a platform key (the command format agents already verify, docs/PROTOCOL.md topic
+  `commands`: `cmd` = `release_hold`, `id`, `ts`, `seq`, `agent`, `file_id`, `key_id`, `sig`), fresh (`ts`
+  within 5 min) and not a replay (`seq` above the last release carried out with that key, in the bucket).
+  Raises ReleaseRefused with the reason. COMPLIANCE retention is untouched: a released version still cannot
+  be deleted before its retain-until date.
+
+The bucket is the arbiter between receivers on different hosts: a receiver whose local chain is behind learns
+the documents from the agent again, and a document written by another receiver at the same seq is the one that
+holds (another one is a fork). Everything raises StoreUnavailable when the bucket cannot be reached.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+from botocore.exceptions import BotoCoreError, ClientError
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from edge_agent.clock import now_ms
+from edge_agent.evidence.manifest import ManifestError, canonical_json, verify_signature
+from edge_agent.evidence.receipts import load_pem_keys
+from edge_agent.platform.receiver.objectstore import EVIDENCE, LONG_TERM, S3Committed, _code, _status
+from edge_agent.platform.receiver.store import StoreConfigError, StoreUnavailable
+
+log = logging.getLogger(__name__)
+RELEASE_CMD = "release_hold"
+RELEASE_WINDOW_MS = 5 * 60 * 1000   # as for the commands agents obey (edge_agent/sync/commands.py)
+WRITTEN_CACHE = 65536               # keys this process knows are in the bucket (no second PUT for them)
+
+
+class ReleaseRefused(Exception):
+    """Why a legal-hold release was not carried out."""
+
+
+class BucketRecords:
+    """Chain documents, receipts and releases in the bucket of `committed` (layout in the module docstring)."""
+
+    def __init__(self, committed: S3Committed):
+        self.committed = committed
+        self.s3 = committed.s3
+        self.bucket = committed.bucket
+        self._written: OrderedDict[str, None] = OrderedDict()
+
+    # -- keys --------------------------------------------------------------------------------------
+
+    @staticmethod
+    def chain_doc_key(agent: str, seq: int) -> str:
+        return f"chains/{agent}/docs/{seq:012d}.json"
+
+    @staticmethod
+    def chain_receipt_key(agent: str, seq: int) -> str:
+        return f"chain-receipts/{agent}/{seq:012d}.json"
+
+    @staticmethod
+    def receipt_key(agent: str, file_id: str) -> str:
+        return f"receipts/{agent}/{file_id}.json"
+
+    @staticmethod
+    def release_key(key_id: str, seq: int) -> str:
+        return f"releases/{key_id.replace(':', '-')}/{seq:012d}.json"
+
+    # -- writing -----------------------------------------------------------------------------------
+
+    def _create(self, key: str, body: bytes, retention: str = LONG_TERM, stored_ms: int | None = None) -> bool:
+        """Create `key`, locked for `retention` (False: it exists already, left as it is)."""
+        if key in self._written:
+            return False
+        created = self.committed._put_bytes(key, body, self.committed.lock_args(retention, stored_ms or now_ms()))
+        self._written[key] = None
+        while len(self._written) > WRITTEN_CACHE:
+            self._written.popitem(last=False)
+        return created
+
+    def put_chain_doc(self, agent: str, seq: int, canonical: bytes) -> str:
+        """Hold `canonical` as the agent's document `seq` unless another receiver wrote one there first; returns
+        the SHA-256 of the document the bucket holds at `seq` (this one, or the earlier one: then a fork)."""
+        key = self.chain_doc_key(agent, seq)
+        digest = hashlib.sha256(canonical).hexdigest()
+        self._written.pop(key, None)   # a document is always checked against the bucket
+        if self._create(key, canonical):
+            return digest
+        held = self.committed._get(key)
+        if held is None:
+            raise StoreUnavailable(f"chain document {key} exists but cannot be read yet")
+        return hashlib.sha256(held).hexdigest()
+
+    def chain_doc(self, agent: str, seq: int) -> bytes | None:
+        return self.committed._get(self.chain_doc_key(agent, seq))
+
+    def put_refused(self, agent: str, seq: int, payload: bytes) -> None:
+        self._create(f"chains/{agent}/refused/{now_ms()}-{seq}.json", payload)
+
+    def put_chain_receipt(self, agent: str, receipt: dict[str, Any]) -> None:
+        self._create(self.chain_receipt_key(agent, int(receipt["seq"])), canonical_json(receipt))
+
+    def put_receipt(self, agent: str, file_id: str, receipt: dict[str, Any], entry: dict[str, Any]) -> None:
+        """The `complete` receipt of a stored file, locked like the file (its index `entry`)."""
+        self._create(self.receipt_key(agent, file_id), canonical_json(receipt), str(entry.get("retention", "")),
+                     int(entry["stored_ms"]))
+
+    # -- legal holds -------------------------------------------------------------------------------
+
+    def file_keys(self, agent: str, file_id: str, entry: dict[str, Any]) -> list[str]:
+        """Every key a stored file's legal hold is on: its bytes, manifest, index entry and receipt."""
+        sha256 = entry["sha256"]
+        return [self.committed.object_key(sha256), self.committed.manifest_key(sha256, agent, file_id),
+                self.committed.index_key(agent, file_id), self.receipt_key(agent, file_id)]
+
+    def legal_hold(self, key: str) -> str | None:
+        """`ON`/`OFF` of the version of `key` a receiver wrote (the oldest), or None if the key is missing."""
+        version = self.first_version(key)
+        if version is None:
+            return None
+        try:
+            hold = self.s3.get_object_legal_hold(Bucket=self.bucket, Key=key, VersionId=version)
+            return str(hold["LegalHold"]["Status"])
+        except ClientError as exc:
+            if _status(exc) == 404 or _code(exc) in ("NoSuchObjectLockConfiguration", "NoSuchKey"):
+                return "OFF"
+            raise self.committed._unavailable("read the legal hold of", key, exc) from exc
+        except BotoCoreError as exc:
+            raise self.committed._unavailable("read the legal hold of", key, exc) from exc
+
+    def first_version(self, key: str) -> str | None:
+        """The oldest version of exactly `key` (the one created with If-None-Match), or None."""
+        try:
+            pages = self.s3.get_paginator("list_object_versions").paginate(Bucket=self.bucket, Prefix=key)
+            versions = [v for page in pages for v in page.get("Versions", []) if v["Key"] == key]
+        except (ClientError, BotoCoreError) as exc:
+            raise self.committed._unavailable("list the versions of", key, exc) from exc
+        if not versions:
+            return None
+        return str(min(versions, key=lambda v: v["LastModified"])["VersionId"])
+
+    def set_legal_hold(self, key: str, status: str) -> None:
+        version = self.first_version(key)
+        if version is None:
+            return
+        try:
+            self.s3.put_object_legal_hold(Bucket=self.bucket, Key=key, VersionId=version,
+                                          LegalHold={"Status": status})
+        except (ClientError, BotoCoreError) as exc:
+            raise self.committed._unavailable(f"set the legal hold {status} on", key, exc) from exc
+
+    def last_release_seq(self, key_id: str) -> int:
+        """The highest seq of a release carried out with `key_id` (0: none)."""
+        prefix = self.release_key(key_id, 0).rsplit("/", 1)[0] + "/"
+        try:
+            pages = self.s3.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix)
+            names = [o["Key"].rsplit("/", 1)[1] for page in pages for o in page.get("Contents", [])]
+        except (ClientError, BotoCoreError) as exc:
+            raise self.committed._unavailable("list", prefix, exc) from exc
+        return max((int(n.split(".")[0]) for n in names if n.split(".")[0].isdigit()), default=0)
+
+
+class HoldRelease:
+    """Carries out signed legal-hold releases (module docstring). `keys_path`: the platform's public keys, a PEM
+    file or a directory of `*.pem` (`[store] release_keys`)."""
+
+    def __init__(self, records: BucketRecords, keys_path: Path | None, window_ms: int = RELEASE_WINDOW_MS):
+        self.records = records
+        self.window_ms = window_ms
+        if keys_path is None:
+            raise StoreConfigError("store.release_keys is not set: give the platform's public key file (PEM) that "
+                                   "signs legal-hold releases; without it no release is possible")
+        try:
+            self.keys: dict[str, Ed25519PublicKey] = load_pem_keys(Path(keys_path))
+        except (OSError, ValueError, ManifestError) as exc:
+            raise StoreConfigError(f"store.release_keys = {str(keys_path)!r}: cannot load the platform's keys "
+                                   f"({exc}); give a PEM file or a directory of *.pem") from exc
+        if not self.keys:
+            raise StoreConfigError(f"store.release_keys = {str(keys_path)!r} holds no Ed25519 public key "
+                                   "(PEM 'BEGIN PUBLIC KEY')")
+
+    def release(self, request: dict[str, Any]) -> dict[str, Any]:
+        """Turn the legal hold of the file `request` names OFF; returns what was done. Raises ReleaseRefused
+        (unsigned, forged, stale, replayed, not a stored evidence file) or StoreUnavailable."""
+        self._check_signed(request)
+        agent, file_id, seq, key_id = request["agent"], request["file_id"], request["seq"], request["key_id"]
+        last = self.records.last_release_seq(key_id)
+        if seq <= last:
+            raise ReleaseRefused(f"seq {seq} is not above {last}, the last release carried out with {key_id}: a "
+                                 "replay (the platform numbers each request it signs higher than the last)")
+        entry = self.records.committed.stored(agent, file_id)
+        if entry is None:
+            raise ReleaseRefused(f"no file {agent}/{file_id} is stored in bucket {self.records.bucket}")
+        if entry.get("retention") != EVIDENCE:
+            raise ReleaseRefused(f"{agent}/{file_id} is {entry.get('retention')!r}, not evidence: it has no legal "
+                                 "hold to release")
+        keys = self.records.file_keys(agent, file_id, entry)
+        for key in keys:   # idempotent: a request cut short by an outage is carried out again in full
+            self.records.set_legal_hold(key, "OFF")
+        record = {"request": request, "released_ms": now_ms(), "keys": keys}
+        if not self.records._create(self.records.release_key(key_id, seq), canonical_json(record)):
+            raise ReleaseRefused(f"seq {seq} of {key_id} was carried out already: a replay")
+        log.warning("event=legal_hold_released agent=%s file=%s key_id=%s seq=%d id=%s", agent, file_id, key_id,
+                    seq, request["id"])
+        return {"agent_id": agent, "file_id": file_id, "sha256": entry["sha256"], "keys": keys, "key_id": key_id,
+                "seq": seq, "id": request["id"]}
+
+    def _check_signed(self, request: dict[str, Any]) -> None:
+        if request.get("cmd") != RELEASE_CMD:
+            raise ReleaseRefused(f"cmd is {str(request.get('cmd'))[:64]!r}, not {RELEASE_CMD!r}")
+        key = self.keys.get(request.get("key_id"))  # type: ignore[arg-type]
+        if key is None:
+            raise ReleaseRefused("not signed by a platform key in store.release_keys (key_id missing or unknown)")
+        try:
+            verify_signature(request, key)
+        except ManifestError as exc:
+            raise ReleaseRefused(f"bad signature: {exc}") from None
+        for name in ("agent", "file_id", "id"):
+            if not isinstance(request.get(name), str) or not request[name]:
+                raise ReleaseRefused(f"the request names no {name}")
+        seq, ts = request.get("seq"), request.get("ts")
+        if not isinstance(seq, int) or isinstance(seq, bool) or seq < 1:
+            raise ReleaseRefused("no seq: the platform numbers each request it signs (a positive integer, higher "
+                                 "every time)")
+        if not isinstance(ts, int) or isinstance(ts, bool) or abs(now_ms() - ts) > self.window_ms:
+            raise ReleaseRefused(f"ts {ts!r} is not within {self.window_ms // 1000} s of this host's clock: stale "
+                                 "or replayed; have the platform sign a new request")
+
+
+def read_request(path: Path) -> dict[str, Any]:
+    """A signed release request from a JSON file (ReleaseRefused if it is not one)."""
+    try:
+        request = json.loads(Path(path).read_bytes())
+    except (OSError, ValueError) as exc:
+        raise ReleaseRefused(f"cannot read the request {path}: {exc}") from exc
+    if not isinstance(request, dict):
+        raise ReleaseRefused(f"{path} holds no JSON object")
+    return request

@@ -1,0 +1,141 @@
+"""The platform's custody record in the WORM bucket (worm.py): chain documents and receipts as locked objects,
+legal holds released only by a signed platform request, and `receiver fsck` of a bucket. Real SeaweedFS."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+from botocore.exceptions import ClientError
+
+from edge_agent.evidence.manifest import GENESIS_PREV, AgentKey, canonical_json, verify_signature
+from edge_agent.platform.receiver.chain import STATE_HELD, STATE_REFUSED, ChainKeeper, ChainStore
+from edge_agent.platform.receiver.objectstore import S3Committed, S3Settings
+from edge_agent.platform.receiver.receipts import Receipts, ReceiverKey
+from edge_agent.platform.receiver.store import ChunkStore
+from edge_agent.platform.receiver.worm import BucketRecords
+from edge_agent.protocol.wire import ACK_COMPLETE, ACK_RECEIVING, chunk_count, chunk_span
+from tests.seaweedfs import SeaweedFS
+
+AGENT = "ws-worm-01"
+CHUNK = 64 * 1024
+BUCKET = "custody-locked"
+
+
+@pytest.fixture(scope="module")
+def seaweed(tmp_path_factory: pytest.TempPathFactory):
+    server = SeaweedFS(tmp_path_factory.mktemp("seaweedfs"))
+    server.start()
+    server.client().create_bucket(Bucket=BUCKET, ObjectLockEnabledForBucket=True)
+    yield server
+    server.stop()
+
+
+def committed(server: SeaweedFS, directory: Path, **overrides: Any) -> S3Committed:
+    directory.mkdir(parents=True, exist_ok=True)
+    return S3Committed(S3Settings(endpoint=server.endpoint, bucket=BUCKET, connect_timeout_s=1, read_timeout_s=5,
+                                  credentials_file=server.credentials_file(directory), **overrides))
+
+
+def file_id(n: int) -> str:
+    return f"01JD5Q7M6X2V9TNEXRVZ3W{n:04d}"
+
+
+def store_file(store: ChunkStore, fid: str, content: bytes, retention: str) -> dict[str, Any]:
+    """A file through a receiver's store into the bucket: manifest, every chunk, commit."""
+    doc = {"size": len(content), "chunk_size": CHUNK, "sha256": hashlib.sha256(content).hexdigest(),
+           "retention": retention}
+    assert store.accept_manifest(AGENT, fid, json.dumps(doc, sort_keys=True).encode(), doc).state == ACK_RECEIVING
+    for seq in range(chunk_count(len(content), CHUNK)):
+        offset, length = chunk_span(seq, len(content), CHUNK)
+        data = content[offset:offset + length]
+        assert store.put_chunk(AGENT, fid, seq, offset, data, hashlib.sha256(data).hexdigest())
+    assert store.progress(AGENT, fid, doc).state == ACK_COMPLETE
+    return doc
+
+
+def keeper(root: Path, records: BucketRecords | None, agent_key: AgentKey, receipt_key: AgentKey,
+           events: list[dict[str, Any]]) -> ChainKeeper:
+    return ChainKeeper(ChainStore(root, records), lambda _agent, _key_id, _seq: agent_key.public,
+                       receipt_key.sign, events.append)
+
+
+def chain_doc(key: AgentKey, prev: str, n: int) -> dict[str, Any]:
+    return key.sign({"v": 1, "type": "annotation", "agent_id": AGENT, "annotation_id": f"a{n}", "prev": prev})
+
+
+def offer(chain: ChainKeeper, seq: int, doc: dict[str, Any]) -> dict[str, Any] | None:
+    return chain.offer(AGENT, canonical_json({"seq": seq, "doc": doc}))
+
+
+def sha(doc: dict[str, Any]) -> str:
+    return hashlib.sha256(canonical_json(doc)).hexdigest()
+
+
+# -- chain documents and receipts as objects -----------------------------------------------------------------
+
+
+def test_chain_documents_and_chain_receipts_are_locked_objects_and_the_bucket_decides_a_fork_across_hosts(
+        seaweed: SeaweedFS, tmp_path: Path) -> None:
+    agent_key, receipt_key = AgentKey.load_or_create(tmp_path / "agent"), AgentKey.load_or_create(tmp_path / "rk")
+    events: list[dict[str, Any]] = []
+    host_a = keeper(tmp_path / "a", BucketRecords(committed(seaweed, tmp_path / "a")), agent_key, receipt_key, events)
+    d1 = chain_doc(agent_key, GENESIS_PREV, 1)
+    d2 = chain_doc(agent_key, sha(d1), 2)
+    assert offer(host_a, 1, d1)["state"] == STATE_HELD
+    answer = offer(host_a, 2, d2)
+    assert (answer["state"], answer["seq"]) == (STATE_HELD, 2)
+
+    s3 = seaweed.client()
+    for seq, doc in ((1, d1), (2, d2)):
+        key = f"chains/{AGENT}/docs/{seq:012d}.json"
+        assert s3.get_object(Bucket=BUCKET, Key=key)["Body"].read() == canonical_json(doc)
+        head = s3.head_object(Bucket=BUCKET, Key=key)
+        assert head["ObjectLockMode"] == "COMPLIANCE" and head["ObjectLockRetainUntilDate"] > datetime.now(UTC)
+        with pytest.raises(ClientError) as refused:
+            s3.delete_object(Bucket=BUCKET, Key=key, VersionId=head["VersionId"])
+        assert refused.value.response["Error"]["Code"] == "AccessDenied"
+    kept = json.loads(s3.get_object(Bucket=BUCKET, Key=f"chain-receipts/{AGENT}/{2:012d}.json")["Body"].read())
+    assert kept == answer["receipt"]
+    verify_signature(kept, receipt_key.public)
+    assert (kept["seq"], kept["sha256"]) == (2, sha(d2))
+
+    # A receiver on another host, with a chain store of its own and the same bucket: another document at seq 1
+    # (signed by the agent: a restored or cloned agent) is a fork, though this host's own store holds nothing.
+    host_b = keeper(tmp_path / "b", BucketRecords(committed(seaweed, tmp_path / "b")), agent_key, receipt_key, events)
+    forged = chain_doc(agent_key, GENESIS_PREV, 99)
+    refused_answer = offer(host_b, 1, forged)
+    assert (refused_answer["state"], refused_answer["refusal"]) == (STATE_REFUSED, "fork")
+    assert events and events[-1]["type"] == "chain_fork"
+    assert host_b.store.head(AGENT) == (0, None), "nothing held on host b"
+    assert s3.list_objects_v2(Bucket=BUCKET, Prefix=f"chains/{AGENT}/refused/")["KeyCount"] == 1
+    # The genuine documents from the agent catch host b up: the same bytes the bucket holds.
+    assert offer(host_b, 1, d1)["state"] == STATE_HELD
+    assert offer(host_b, 2, d2)["seq"] == 2
+    versions = s3.list_object_versions(Bucket=BUCKET, Prefix=f"chains/{AGENT}/docs/").get("Versions", [])
+    assert len(versions) == 2, "no chain document written twice"
+
+
+def test_a_complete_receipt_is_a_locked_object_and_an_evidence_one_is_on_legal_hold(seaweed: SeaweedFS,
+                                                                                    tmp_path: Path) -> None:
+    bucket = committed(seaweed, tmp_path / "r1")
+    store = ChunkStore(tmp_path / "r1", committed=bucket)
+    receipts = Receipts(ReceiverKey.load_or_create(tmp_path / "keys"), store, BucketRecords(bucket))
+    s3 = seaweed.client()
+    for n, retention in ((1, "routine"), (2, "evidence")):
+        doc = store_file(store, file_id(n), os.urandom(CHUNK + n), retention)
+        ack = receipts.attach(AGENT, store.settled(AGENT, file_id(n)))
+        assert ack.receipt is not None
+        key = f"receipts/{AGENT}/{file_id(n)}.json"
+        assert json.loads(s3.get_object(Bucket=BUCKET, Key=key)["Body"].read()) == ack.receipt
+        assert ack.receipt["sha256"] == doc["sha256"]
+        head = s3.head_object(Bucket=BUCKET, Key=key)
+        assert head["ObjectLockMode"] == "COMPLIANCE"
+        assert head.get("ObjectLockLegalHoldStatus", "OFF") == ("ON" if retention == "evidence" else "OFF")
+        receipts.attach(AGENT, store.settled(AGENT, file_id(n)))   # the same ack again: not written twice
+        assert len(s3.list_object_versions(Bucket=BUCKET, Prefix=key).get("Versions", [])) == 1
