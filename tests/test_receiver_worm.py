@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import subprocess
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ from typing import Any
 import pytest
 from botocore.exceptions import ClientError
 
+from edge_agent.clock import now_ms
 from edge_agent.evidence.manifest import GENESIS_PREV, AgentKey, canonical_json, verify_signature
 from edge_agent.platform.receiver.chain import STATE_HELD, STATE_REFUSED, ChainKeeper, ChainStore
 from edge_agent.platform.receiver.objectstore import S3Committed, S3Settings
@@ -21,6 +23,7 @@ from edge_agent.platform.receiver.store import ChunkStore
 from edge_agent.platform.receiver.worm import BucketRecords
 from edge_agent.protocol.wire import ACK_COMPLETE, ACK_RECEIVING, chunk_count, chunk_span
 from tests.seaweedfs import SeaweedFS
+from tests.sync_support import CLI
 
 AGENT = "ws-worm-01"
 CHUNK = 64 * 1024
@@ -139,3 +142,87 @@ def test_a_complete_receipt_is_a_locked_object_and_an_evidence_one_is_on_legal_h
         assert head.get("ObjectLockLegalHoldStatus", "OFF") == ("ON" if retention == "evidence" else "OFF")
         receipts.attach(AGENT, store.settled(AGENT, file_id(n)))   # the same ack again: not written twice
         assert len(s3.list_object_versions(Bucket=BUCKET, Prefix=key).get("Versions", [])) == 1
+
+
+# -- legal-hold release by a signed platform request -------------------------------------------------------------
+
+
+def receiver_toml(server: SeaweedFS, tmp_path: Path, release_keys: Path | None, bucket: str = BUCKET) -> Path:
+    path = tmp_path / "receiver.toml"
+    keys = f'release_keys = "{release_keys}"\n' if release_keys is not None else ""
+    path.write_text(f'[receiver]\nstore_dir = "{tmp_path / "store"}"\nkeys_dir = "{tmp_path / "agents"}"\n'
+                    f'[store]\nbackend = "s3"\nendpoint = "{server.endpoint}"\nbucket = "{bucket}"\n'
+                    f'credentials_file = "{server.credentials_file(tmp_path)}"\nroutine_days = 1\n{keys}',
+                    encoding="utf-8")
+    return path
+
+
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=120, env={**os.environ, "LANG": "C"})
+
+
+def release_request(key: AgentKey, fid: str, seq: int, **overrides: Any) -> dict[str, Any]:
+    body = {"cmd": "release_hold", "id": f"rel-{seq}-{fid}", "ts": now_ms(), "seq": seq, "agent": AGENT,
+            "file_id": fid, **overrides}
+    return key.sign(body)
+
+
+def test_a_legal_hold_goes_off_only_on_a_valid_signed_release_and_retention_still_holds(
+        seaweed: SeaweedFS, tmp_path: Path) -> None:
+    platform = AgentKey.load_or_create(tmp_path / "platform")
+    (tmp_path / "platform.pem").write_text(platform.public_pem(), encoding="utf-8")
+    config = receiver_toml(seaweed, tmp_path, tmp_path / "platform.pem")
+    bucket = committed(seaweed, tmp_path / "r1", routine_days=1)
+    store = ChunkStore(tmp_path / "r1", committed=bucket)
+    records = BucketRecords(bucket)
+    Receipts(ReceiverKey.load_or_create(tmp_path / "keys"), store, records).attach(
+        AGENT, store_file(store, fid := file_id(10), os.urandom(CHUNK + 10), "evidence") and store.settled(AGENT, fid))
+    entry = bucket.stored(AGENT, fid)
+    keys = records.file_keys(AGENT, fid, entry)
+    assert [records.legal_hold(k) for k in keys] == ["ON"] * 4
+
+    def attempt(request: dict[str, Any] | str, name: str) -> subprocess.CompletedProcess[str]:
+        path = tmp_path / f"{name}.json"
+        path.write_text(request if isinstance(request, str) else json.dumps(request), encoding="utf-8")
+        return cli("receiver", "hold", "release", "--config", str(config), "--request", str(path))
+
+    unsigned = {"cmd": "release_hold", "id": "x", "ts": now_ms(), "seq": 1, "agent": AGENT, "file_id": fid}
+    other_key = AgentKey.load_or_create(tmp_path / "intruder")
+    forged = {**release_request(platform, fid, 1), "file_id": fid}
+    forged["seq"] = 2   # altered after signing
+    stale = release_request(platform, fid, 1, ts=now_ms() - 10 * 60 * 1000)
+    for name, request, reason in (("unsigned", unsigned, "not signed by a platform key"),
+                                  ("intruder", release_request(other_key, fid, 1), "not signed by a platform key"),
+                                  ("forged", forged, "bad signature"), ("stale", stale, "stale or replayed"),
+                                  ("not-json", "{", "cannot read the request")):
+        result = attempt(request, name)
+        assert result.returncode == 1, (name, result.stdout, result.stderr)
+        assert reason in result.stderr, (name, result.stderr)
+        assert [records.legal_hold(k) for k in keys] == ["ON"] * 4, f"{name}: the hold must stay on"
+
+    valid = release_request(platform, fid, 1)
+    result = attempt(valid, "valid")
+    assert result.returncode == 0, result.stderr
+    assert "legal hold released" in result.stdout
+    assert [records.legal_hold(k) for k in keys] == ["OFF"] * 4
+    release = seaweed.client().get_object(Bucket=BUCKET, Key=records.release_key(platform.key_id, 1))
+    assert json.loads(release["Body"].read())["request"] == valid   # the signed request kept, locked
+
+    for k in keys:   # the hold is off, the COMPLIANCE date (a day away) is not: still no deletion
+        version = records.first_version(k)
+        with pytest.raises(ClientError) as refused:
+            seaweed.client().delete_object(Bucket=BUCKET, Key=k, VersionId=version)
+        assert refused.value.response["Error"]["Code"] == "AccessDenied", k
+
+    records.set_legal_hold(keys[0], "ON")   # held again (an investigator): the captured request replayed
+    for name, request in (("replay", valid), ("lower-seq", release_request(platform, fid, 1, id="fresh-id"))):
+        result = attempt(request, name)
+        assert result.returncode == 1 and "replay" in result.stderr, (name, result.stderr)
+    assert records.legal_hold(keys[0]) == "ON"
+
+
+def test_hold_release_without_release_keys_says_which_key_to_set(seaweed: SeaweedFS, tmp_path: Path) -> None:
+    config = receiver_toml(seaweed, tmp_path, None)
+    (tmp_path / "r.json").write_text("{}", encoding="utf-8")
+    result = cli("receiver", "hold", "release", "--config", str(config), "--request", str(tmp_path / "r.json"))
+    assert result.returncode == 2 and "store.release_keys" in result.stderr, result.stderr

@@ -11,11 +11,14 @@ import typer
 from edge_agent import services
 from edge_agent.cli.app import app, emit, fail, options, table
 from edge_agent.config import ConfigError, ReceiverConfig, load_receiver_config
+from edge_agent.i18n import _
 
 receiver_app = typer.Typer(no_args_is_help=True, help="The reference receiver: verify, store and ack agents' files.")
 app.add_typer(receiver_app, name="receiver")
 keys_app = typer.Typer(no_args_is_help=True, help="The receiver's receipt key, which agents pin.")
 receiver_app.add_typer(keys_app, name="keys")
+hold_app = typer.Typer(no_args_is_help=True, help="Legal holds on evidence in the receiver's S3 bucket.")
+receiver_app.add_typer(hold_app, name="hold")
 ConfigOption = Annotated[Path | None, typer.Option("--config", "-c", help="receiver.toml (mqtt and receiver tables)")]
 
 
@@ -67,3 +70,18 @@ def receiver_fsck(
     emit(ctx, result.as_dict(), human)
     if not result.clean:
         raise typer.Exit(1)
+
+
+@hold_app.command("release")
+def hold_release(
+    ctx: typer.Context,
+    request: Annotated[Path, typer.Option("--request", help="the platform's signed release request (JSON)")],
+    config: ConfigOption = None,
+) -> None:
+    """Release the legal hold of one stored evidence file, on a request signed by a platform key
+    (store.release_keys); unsigned, forged, stale and replayed requests are refused (exit 1)."""
+    result = services.receiver.release_hold(_config(ctx, config), request)
+    emit(ctx, result, _("legal hold released: {agent}/{file} (request {id}, seq {seq} of {key}); its retention "
+                        "lock stays until its date").format(agent=result["agent_id"], file=result["file_id"],
+                                                            id=result["id"], seq=result["seq"],
+                                                            key=result["key_id"]))

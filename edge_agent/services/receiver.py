@@ -76,3 +76,27 @@ def receipt_key(config: ReceiverConfig, *, rotate: bool = False) -> ReceiptKeyIn
     except OSError as exc:
         raise ServiceError(f"cannot use the receipt key in {keys_dir}: {exc}", code=2) from exc
     return ReceiptKeyInfo(key.key_id, key.public_pem(), keys_dir / PUB_FILE, old.key_id if old else None)
+
+
+def release_hold(config: ReceiverConfig, request_path: Path) -> dict[str, Any]:
+    """Carry out a signed legal-hold release (`receiver hold release`): the evidence file it names loses its legal
+    hold in the bucket; its COMPLIANCE retention stays. Refused (exit 1) unless signed by a key in
+    `store.release_keys`, fresh and not a replay."""
+    if config.store.backend != "s3":
+        raise ServiceError("legal holds exist in an S3 bucket only: this receiver's [store] backend is "
+                           f"{config.store.backend!r}", code=2)
+    from edge_agent.platform.receiver.objectstore import S3Committed, S3Settings
+    from edge_agent.platform.receiver.store import StoreConfigError, StoreUnavailable
+    from edge_agent.platform.receiver.worm import BucketRecords, HoldRelease, ReleaseRefused, read_request
+
+    try:
+        releaser = HoldRelease(BucketRecords(S3Committed(S3Settings.from_config(config.store))),
+                               config.store.release_keys)
+        return releaser.release(read_request(request_path))
+    except StoreConfigError as exc:
+        raise ServiceError(str(exc), code=2) from exc
+    except ReleaseRefused as exc:
+        raise ServiceError(f"release refused: {exc}", code=1) from exc
+    except StoreUnavailable as exc:
+        raise ServiceError(f"{exc}; run the same request again once the store answers (within its 5 minutes)",
+                           code=3) from exc
