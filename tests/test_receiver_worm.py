@@ -16,11 +16,12 @@ from botocore.exceptions import ClientError
 
 from edge_agent.clock import now_ms
 from edge_agent.evidence.manifest import GENESIS_PREV, AgentKey, canonical_json, verify_signature
+from edge_agent.platform.receiver import objectstore
 from edge_agent.platform.receiver.chain import STATE_HELD, STATE_REFUSED, ChainKeeper, ChainStore
 from edge_agent.platform.receiver.objectstore import S3Committed, S3Settings
 from edge_agent.platform.receiver.receipts import Receipts, ReceiverKey
 from edge_agent.platform.receiver.store import ChunkStore
-from edge_agent.platform.receiver.worm import BucketRecords
+from edge_agent.platform.receiver.worm import BucketRecords, HoldRelease, check_bucket
 from edge_agent.protocol.wire import ACK_COMPLETE, ACK_RECEIVING, chunk_count, chunk_span
 from tests.seaweedfs import SeaweedFS
 from tests.sync_support import CLI
@@ -39,9 +40,9 @@ def seaweed(tmp_path_factory: pytest.TempPathFactory):
     server.stop()
 
 
-def committed(server: SeaweedFS, directory: Path, **overrides: Any) -> S3Committed:
+def committed(server: SeaweedFS, directory: Path, bucket: str = BUCKET, **overrides: Any) -> S3Committed:
     directory.mkdir(parents=True, exist_ok=True)
-    return S3Committed(S3Settings(endpoint=server.endpoint, bucket=BUCKET, connect_timeout_s=1, read_timeout_s=5,
+    return S3Committed(S3Settings(endpoint=server.endpoint, bucket=bucket, connect_timeout_s=1, read_timeout_s=5,
                                   credentials_file=server.credentials_file(directory), **overrides))
 
 
@@ -226,3 +227,64 @@ def test_hold_release_without_release_keys_says_which_key_to_set(seaweed: Seawee
     (tmp_path / "r.json").write_text("{}", encoding="utf-8")
     result = cli("receiver", "hold", "release", "--config", str(config), "--request", str(tmp_path / "r.json"))
     assert result.returncode == 2 and "store.release_keys" in result.stderr, result.stderr
+
+
+# -- fsck of the bucket -----------------------------------------------------------------------------------------
+
+
+def fsck_cli(config: Path) -> tuple[int, dict[str, Any]]:
+    result = cli("--json", "receiver", "fsck", "--config", str(config))
+    return result.returncode, json.loads(result.stdout or "{}")
+
+
+def test_fsck_of_a_healthy_bucket_is_clean(seaweed: SeaweedFS, tmp_path: Path,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(objectstore, "PART_BYTES", 5 * 1024**2)   # one multipart object among them
+    seaweed.client().create_bucket(Bucket="fsck-healthy", ObjectLockEnabledForBucket=True)
+    bucket = committed(seaweed, tmp_path / "r1", "fsck-healthy", routine_days=1)
+    store = ChunkStore(tmp_path / "r1", committed=bucket)
+    for n, retention, size in ((20, "routine", CHUNK), (21, "evidence", CHUNK + 1), (22, "evidence", CHUNK + 2),
+                               (23, "long_term", 11 * 1024**2)):
+        store_file(store, file_id(n), os.urandom(size), retention)
+    platform = AgentKey.load_or_create(tmp_path / "platform")
+    (tmp_path / "platform.pem").write_text(platform.public_pem(), encoding="utf-8")
+    HoldRelease(BucketRecords(bucket), tmp_path / "platform.pem").release(release_request(platform, file_id(22), 1))
+    report = check_bucket(bucket)
+    assert (report.objects_checked, report.findings) == (4, [])
+    code, result = fsck_cli(receiver_toml(seaweed, tmp_path, None, "fsck-healthy"))
+    assert (code, result["clean"], result["objects_checked"]) == (0, True, 4)
+
+
+def test_fsck_of_a_bucket_reports_a_missing_object_a_missing_manifest_an_overwrite_and_a_dropped_hold(
+        seaweed: SeaweedFS, tmp_path: Path) -> None:
+    s3 = seaweed.client()
+    s3.create_bucket(Bucket="fsck-broken", ObjectLockEnabledForBucket=True)
+    bucket = committed(seaweed, tmp_path / "r1", "fsck-broken", routine_days=1)
+    store = ChunkStore(tmp_path / "r1", committed=bucket)
+    good = store_file(store, file_id(30), os.urandom(CHUNK), "routine")
+    overwritten = store_file(store, file_id(31), os.urandom(CHUNK + 1), "routine")
+    unheld = store_file(store, file_id(32), os.urandom(CHUNK + 2), "evidence")
+    # By hand, with the receiver's own credentials: an index entry whose object was never stored,
+    missing = {"agent_id": AGENT, "file_id": file_id(33), "sha256": "ab" * 32, "size": 5, "stored_ms": now_ms(),
+               "object": f"objects/{'ab' * 32}", "retention": "routine"}
+    s3.put_object(Bucket="fsck-broken", Key=f"index/{AGENT}/{file_id(33)}.json", Body=json.dumps(missing).encode())
+    # an object and its index without the signed manifest,
+    content = os.urandom(100)
+    digest = hashlib.sha256(content).hexdigest()
+    lock = bucket.lock_args("routine", now_ms())
+    s3.put_object(Bucket="fsck-broken", Key=f"objects/{digest}", Body=content, **lock)
+    s3.put_object(Bucket="fsck-broken", Key=f"index/{AGENT}/{file_id(34)}.json", Body=json.dumps(
+        {**missing, "file_id": file_id(34), "sha256": digest, "size": 100}).encode())
+    # a newer version written over a locked object, and an evidence object's legal hold turned off.
+    s3.put_object(Bucket="fsck-broken", Key=f"objects/{overwritten['sha256']}", Body=b"forged")
+    BucketRecords(bucket).set_legal_hold(f"objects/{unheld['sha256']}", "OFF")
+
+    code, result = fsck_cli(receiver_toml(seaweed, tmp_path, None, "fsck-broken"))
+    assert code == 1 and not result["clean"]
+    found = sorted((f["kind"], f["path"]) for f in result["findings"])
+    assert found == [("bad_checksum", f"index/{AGENT}/{file_id(31)}.json"),
+                     ("missing_manifest", f"index/{AGENT}/{file_id(34)}.json"),
+                     ("missing_object", f"index/{AGENT}/{file_id(33)}.json"),
+                     ("no_legal_hold", f"index/{AGENT}/{file_id(32)}.json"),
+                     ("wrong_lock", f"index/{AGENT}/{file_id(31)}.json")]   # the forged version is not locked
+    assert not any(file_id(30) in f["path"] for f in result["findings"]), good

@@ -57,14 +57,29 @@ def keys_rotate(ctx: typer.Context, config: ConfigOption = None) -> None:
 @receiver_app.command("fsck")
 def receiver_fsck(
     ctx: typer.Context,
-    store: Annotated[Path, typer.Option("--store", help="the receiver's store_dir")],
+    store: Annotated[Path | None, typer.Option("--store", help="the receiver's store_dir (default: from --config)")]
+    = None,
     repair: Annotated[bool, typer.Option("--repair", help="repair what is found (objects are quarantined)")]
     = False,
+    config: ConfigOption = None,
 ) -> None:
-    """Check a receiver store (stop its receivers first); exit 1 if anything is left to repair."""
-    result = services.receiver.fsck(store, repair=repair)
+    """Check a receiver store (stop its receivers first), or with [store] backend = "s3" in --config its bucket;
+    exit 1 if anything is left to repair."""
+    if store is not None:
+        result = services.receiver.fsck(store, repair=repair)
+    else:
+        receiver_config = _config(ctx, config)
+        if receiver_config.store.backend == "s3":
+            if repair:
+                fail(_("nothing in a WORM bucket can be repaired: run fsck without --repair and act on each "
+                       "finding"), code=2)
+            result = services.receiver.fsck_bucket(receiver_config)
+        else:
+            result = services.receiver.fsck(receiver_config.receiver.store_dir, repair=repair)
     rows = [[f["kind"], f["path"], "yes" if f["repaired"] else "no", f["detail"]] for f in result.findings]
-    verdict = ("clean" if not rows else "repaired") if result.clean else "problems found: run with --repair"
+    bucket = result.store.startswith("s3://")
+    verdict = ("clean" if not rows else "repaired") if result.clean else (
+        "problems found" if bucket else "problems found: run with --repair")
     human = table(f"receiver store {result.store}: {result.objects_checked} object(s) checked, {verdict}",
                   ["finding", "path", "repaired", "detail"], rows)
     emit(ctx, result.as_dict(), human)

@@ -65,6 +65,25 @@ def fsck(store_dir: Path, *, repair: bool = False) -> FsckResult:
     return FsckResult(report.store, report.objects_checked, [asdict(f) for f in report.findings], report.clean)
 
 
+def fsck_bucket(config: ReceiverConfig) -> FsckResult:
+    """Check the receiver's S3 bucket (`[store] backend = "s3"`): every index entry's object is there with the
+    index's SHA-256 as the server's checksum, its manifest is there, and it is locked as its class demands.
+    Read-only: nothing in a WORM bucket can be repaired."""
+    from edge_agent.platform.receiver.objectstore import S3Committed, S3Settings
+    from edge_agent.platform.receiver.store import StoreConfigError, StoreUnavailable
+    from edge_agent.platform.receiver.worm import check_bucket
+
+    try:
+        committed = S3Committed(S3Settings.from_config(config.store))
+        committed.check_bucket()
+        report = check_bucket(committed)
+    except StoreConfigError as exc:
+        raise ServiceError(str(exc), code=2) from exc
+    except StoreUnavailable as exc:
+        raise ServiceError(f"{exc}; run fsck again once the store answers", code=3) from exc
+    return FsckResult(report.store, report.objects_checked, [asdict(f) for f in report.findings], report.clean)
+
+
 def receipt_key(config: ReceiverConfig, *, rotate: bool = False) -> ReceiptKeyInfo:
     """The receipt key (made if the receiver never ran); with `rotate`, a new one replaces it. A running receiver
     signs with a rotated key after its restart: pin the new public key on every agent before that."""

@@ -13,6 +13,7 @@ Public surface:
 
   Chain documents, refusals, chain receipts and releases are locked for `long_term_years`; a file's receipt as
   the file (its retention class; `evidence`: with a legal hold).
+- `check_bucket(committed)`: `receiver fsck` of the bucket (BucketCheck), a `fsck.FsckReport`.
 - `HoldRelease(records, keys).release(request)`: turn a stored evidence file's legal hold off, only on a
   request signed by a platform key (the command format agents already verify, docs/PROTOCOL.md topic
   `commands`: `cmd` = `release_hold`, `id`, `ts`, `seq`, `agent`, `file_id`, `key_id`, `sig`), fresh (`ts`
@@ -27,10 +28,12 @@ holds (another one is a fork). Everything raises StoreUnavailable when the bucke
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import logging
 from collections import OrderedDict
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +43,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from edge_agent.clock import now_ms
 from edge_agent.evidence.manifest import ManifestError, canonical_json, verify_signature
 from edge_agent.evidence.receipts import load_pem_keys
-from edge_agent.platform.receiver.objectstore import EVIDENCE, LONG_TERM, S3Committed, _code, _status
+from edge_agent.platform.receiver.fsck import Finding, FsckReport
+from edge_agent.platform.receiver.objectstore import EVIDENCE, LONG_TERM, ROUTINE, S3Committed, _code, _status
 from edge_agent.platform.receiver.store import StoreConfigError, StoreUnavailable
 
 log = logging.getLogger(__name__)
@@ -250,3 +254,117 @@ def read_request(path: Path) -> dict[str, Any]:
     if not isinstance(request, dict):
         raise ReleaseRefused(f"{path} holds no JSON object")
     return request
+
+
+# -- fsck of the bucket --------------------------------------------------------------------------------------------
+
+BUCKET_FINDINGS = ("bad_index", "missing_object", "bad_checksum", "missing_manifest", "wrong_lock", "no_legal_hold")
+
+
+class BucketCheck:
+    """`receiver fsck` of a bucket: every index entry's object exists and the SHA-256 checksum the server keeps for
+    it is the index's (a multipart object, whose checksum is one of its parts' checksums, is read and hashed,
+    streamed), its manifest exists, and its bytes are locked as its class demands (COMPLIANCE until at least
+    stored + the class's duration; `evidence` with a legal hold unless a signed release was carried out).
+    Nothing is repaired: nothing in a WORM bucket can be; each finding names what to restore or investigate."""
+
+    def __init__(self, committed: S3Committed):
+        self.committed = committed
+        self.records = BucketRecords(committed)
+        self.s3 = committed.s3
+        self.report = FsckReport(f"s3://{committed.bucket} at {committed.settings.endpoint}")
+
+    def run(self) -> FsckReport:
+        released = self._released()
+        for key in self._keys("index/"):
+            self._entry(key, released)
+        return self.report
+
+    def _found(self, kind: str, key: str, detail: str) -> None:
+        self.report.findings.append(Finding(kind, key, detail))
+        log.warning("fsck finding kind=%s key=%s detail=%s", kind, key, detail)
+
+    def _keys(self, prefix: str) -> list[str]:
+        try:
+            pages = self.s3.get_paginator("list_objects_v2").paginate(Bucket=self.committed.bucket, Prefix=prefix)
+            return [o["Key"] for page in pages for o in page.get("Contents", [])]
+        except (ClientError, BotoCoreError) as exc:
+            raise self.committed._unavailable("list", prefix, exc) from exc
+
+    def _released(self) -> set[tuple[str, str]]:
+        """(agent, file id) of every signed release carried out (their legal hold is off by right)."""
+        done = set()
+        for key in self._keys("releases/"):
+            body = self.committed._get(key)
+            request = json.loads(body)["request"] if body else {}
+            done.add((str(request.get("agent")), str(request.get("file_id"))))
+        return done
+
+    def _head(self, key: str) -> dict[str, Any] | None:
+        try:
+            return self.s3.head_object(Bucket=self.committed.bucket, Key=key, ChecksumMode="ENABLED")
+        except ClientError as exc:
+            if _status(exc) == 404 or _code(exc) in ("NoSuchKey", "404"):
+                return None
+            raise self.committed._unavailable("read", key, exc) from exc
+        except BotoCoreError as exc:
+            raise self.committed._unavailable("read", key, exc) from exc
+
+    def _entry(self, index_key: str, released: set[tuple[str, str]]) -> None:
+        try:
+            entry = json.loads(self.committed._get(index_key) or b"")
+            agent, file_id, sha256 = str(entry["agent_id"]), str(entry["file_id"]), str(entry["sha256"])
+            stored_ms, retention = int(entry["stored_ms"]), str(entry.get("retention", ""))
+        except (ValueError, KeyError, TypeError) as exc:
+            self._found("bad_index", index_key, f"an unreadable index entry ({exc}): restore it from the agent's "
+                        "manifest and receipt, or investigate who wrote it")
+            return
+        object_key = self.committed.object_key(sha256)
+        head = self._head(object_key)
+        self.report.objects_checked += 1
+        if head is None:
+            self._found("missing_object", index_key, f"names {object_key}, which is not in the bucket: restore it from "
+                        "a backup or from the agent (it still holds the file if its recorder was not cleared)")
+            return
+        self._checksum(index_key, object_key, sha256, head)
+        if self._head(self.committed.manifest_key(sha256, agent, file_id)) is None:
+            self._found("missing_manifest", index_key, f"the signed manifest of {agent}/{file_id} is not in the "
+                        "bucket: restore it from the agent (manifests/ in its data dir)")
+        self._lock(index_key, object_key, head, retention, stored_ms, (agent, file_id) in released)
+
+    def _checksum(self, index_key: str, object_key: str, sha256: str, head: dict[str, Any]) -> None:
+        reported = str(head.get("ChecksumSHA256") or "")
+        if reported and "-" not in reported:   # one PUT: the server's checksum is the whole object's SHA-256
+            actual = base64.b64decode(reported).hex()
+        else:   # multipart (a checksum of the parts' checksums) or none kept: read the bytes and hash them
+            digest = hashlib.sha256()
+            try:
+                body = self.s3.get_object(Bucket=self.committed.bucket, Key=object_key)["Body"]
+                for block in body.iter_chunks(1 << 20):
+                    digest.update(block)
+            except (ClientError, BotoCoreError) as exc:
+                raise self.committed._unavailable("read", object_key, exc) from exc
+            actual = digest.hexdigest()
+        if actual != sha256:
+            self._found("bad_checksum", index_key, f"{object_key} has SHA-256 {actual} on the server, the index says "
+                        f"{sha256}: a newer version was written over the locked one, or the store lost it; the "
+                        "locked version is in the object's version history")
+
+    def _lock(self, index_key: str, object_key: str, head: dict[str, Any], retention: str, stored_ms: int,
+              released: bool) -> None:
+        demanded = self.committed.lock_args(retention, stored_ms)
+        until = head.get("ObjectLockRetainUntilDate")
+        if head.get("ObjectLockMode") != "COMPLIANCE" or until is None \
+                or until < demanded["ObjectLockRetainUntilDate"] - timedelta(seconds=1):
+            self._found("wrong_lock", index_key, f"{object_key} is locked {head.get('ObjectLockMode')} until {until}; "
+                        f"a {retention or ROUTINE} file needs COMPLIANCE until "
+                        f"{demanded['ObjectLockRetainUntilDate']:%Y-%m-%d}: check the bucket's settings and who "
+                        "changed them")
+        if retention == EVIDENCE and not released and head.get("ObjectLockLegalHoldStatus") != "ON":
+            self._found("no_legal_hold", index_key, f"{object_key} is evidence without a legal hold and no signed "
+                        "release was carried out: investigate, then set it again (put-object-legal-hold ON)")
+
+
+def check_bucket(committed: S3Committed) -> FsckReport:
+    """Check the bucket of `committed`; see BucketCheck."""
+    return BucketCheck(committed).run()
