@@ -14,19 +14,25 @@ from typing import Any
 import pytest
 from botocore.exceptions import ClientError
 
+from edge_agent.catalog import Catalog
 from edge_agent.clock import now_ms
 from edge_agent.evidence.manifest import GENESIS_PREV, AgentKey, canonical_json, verify_signature
+from edge_agent.ingest import Sealer
+from edge_agent.layout import StoreLayout
+from edge_agent.ops.retention import place_hold, release_hold
 from edge_agent.platform.receiver import objectstore
 from edge_agent.platform.receiver.chain import STATE_HELD, STATE_REFUSED, ChainKeeper, ChainStore
 from edge_agent.platform.receiver.objectstore import S3Committed, S3Settings
 from edge_agent.platform.receiver.receipts import Receipts, ReceiverKey
 from edge_agent.platform.receiver.store import ChunkStore
-from edge_agent.platform.receiver.worm import BucketRecords, HoldRelease, check_bucket
+from edge_agent.platform.receiver.worm import BucketRecords, CaseReleased, HoldRelease, ReleaseRefused, check_bucket
 from edge_agent.protocol.wire import ACK_COMPLETE, ACK_RECEIVING, chunk_count, chunk_span
+from tests.helpers import agent_config
 from tests.seaweedfs import SeaweedFS
 from tests.sync_support import CLI
 
 AGENT = "ws-worm-01"
+CASE_AGENT = "ws-worm-02"
 CHUNK = 64 * 1024
 BUCKET = "custody-locked"
 
@@ -50,16 +56,16 @@ def file_id(n: int) -> str:
     return f"01JD5Q7M6X2V9TNEXRVZ3W{n:04d}"
 
 
-def store_file(store: ChunkStore, fid: str, content: bytes, retention: str) -> dict[str, Any]:
+def store_file(store: ChunkStore, fid: str, content: bytes, retention: str, agent: str = AGENT) -> dict[str, Any]:
     """A file through a receiver's store into the bucket: manifest, every chunk, commit."""
     doc = {"size": len(content), "chunk_size": CHUNK, "sha256": hashlib.sha256(content).hexdigest(),
            "retention": retention}
-    assert store.accept_manifest(AGENT, fid, json.dumps(doc, sort_keys=True).encode(), doc).state == ACK_RECEIVING
+    assert store.accept_manifest(agent, fid, json.dumps(doc, sort_keys=True).encode(), doc).state == ACK_RECEIVING
     for seq in range(chunk_count(len(content), CHUNK)):
         offset, length = chunk_span(seq, len(content), CHUNK)
         data = content[offset:offset + length]
-        assert store.put_chunk(AGENT, fid, seq, offset, data, hashlib.sha256(data).hexdigest())
-    assert store.progress(AGENT, fid, doc).state == ACK_COMPLETE
+        assert store.put_chunk(agent, fid, seq, offset, data, hashlib.sha256(data).hexdigest())
+    assert store.progress(agent, fid, doc).state == ACK_COMPLETE
     return doc
 
 
@@ -69,12 +75,13 @@ def keeper(root: Path, records: BucketRecords | None, agent_key: AgentKey, recei
                        receipt_key.sign, events.append)
 
 
-def chain_doc(key: AgentKey, prev: str, n: int) -> dict[str, Any]:
-    return key.sign({"v": 1, "type": "annotation", "agent_id": AGENT, "annotation_id": f"a{n}", "prev": prev})
+def chain_doc(key: AgentKey, prev: str, n: int, agent: str = AGENT, **extra: Any) -> dict[str, Any]:
+    return key.sign({"v": 1, "type": "annotation", "agent_id": agent, "annotation_id": f"a{n}", "prev": prev,
+                     **extra})
 
 
-def offer(chain: ChainKeeper, seq: int, doc: dict[str, Any]) -> dict[str, Any] | None:
-    return chain.offer(AGENT, canonical_json({"seq": seq, "doc": doc}))
+def offer(chain: ChainKeeper, seq: int, doc: dict[str, Any], agent: str = AGENT) -> dict[str, Any] | None:
+    return chain.offer(agent, canonical_json({"seq": seq, "doc": doc}))
 
 
 def sha(doc: dict[str, Any]) -> str:
@@ -227,6 +234,8 @@ def test_hold_release_without_release_keys_says_which_key_to_set(seaweed: Seawee
     (tmp_path / "r.json").write_text("{}", encoding="utf-8")
     result = cli("receiver", "hold", "release", "--config", str(config), "--request", str(tmp_path / "r.json"))
     assert result.returncode == 2 and "store.release_keys" in result.stderr, result.stderr
+    result = cli("receiver", "hold", "release", "--config", str(config), "--agent", AGENT)   # no --file, no request
+    assert result.returncode == 2 and "--request" in result.stderr, result.stderr
 
 
 # -- fsck of the bucket -----------------------------------------------------------------------------------------
@@ -288,3 +297,73 @@ def test_fsck_of_a_bucket_reports_a_missing_object_a_missing_manifest_an_overwri
                      ("no_legal_hold", f"index/{AGENT}/{file_id(32)}.json"),
                      ("wrong_lock", f"index/{AGENT}/{file_id(31)}.json")]   # the forged version is not locked
     assert not any(file_id(30) in f["path"] for f in result["findings"]), good
+
+
+# -- legal-hold release on the agent's own word: a case_released annotation in its chain ----------------------------
+
+
+def test_releasing_a_case_on_the_agent_signs_case_released_into_its_chain_and_that_releases_the_bucket_hold(
+        seaweed: SeaweedFS, tmp_path: Path) -> None:
+    (tmp_path / "agent").mkdir()
+    _, config = agent_config(tmp_path / "agent", agent={"id": CASE_AGENT})
+    layout = StoreLayout(config.agent.data_dir).open()
+    catalog = Catalog(config.catalog_path)
+    bucket = committed(seaweed, tmp_path / "r1", routine_days=1)
+    records = BucketRecords(bucket)
+    store = ChunkStore(tmp_path / "r1", committed=bucket)
+    fid = file_id(40)
+    store_file(store, fid, os.urandom(CHUNK + 40), "evidence", CASE_AGENT)
+    keys = records.file_keys(CASE_AGENT, fid, bucket.stored(CASE_AGENT, fid))[:3]   # no receipt sent here
+    try:
+        agent_key = AgentKey.load_or_create(layout.keys)
+        sealer = Sealer(catalog, agent_key, layout, config)
+        releaser = CaseReleased(records, lambda _agent, _key_id, chain_seq: agent_key.public)
+        # The file is tagged into case C-9 by a signed annotation, then another case is released: no release.
+        sealer.sign_document("annotation", "tag-40", {"annotation_id": "tag-40", "file_id": fid, "case_id": "C-9"},
+                             layout.annotation_path("tag-40"))
+        place_hold(catalog, case_id="C-8", reason="other case", actor="test")
+        release_hold(catalog, case_id="C-8", reason="closed", actor="test", sealer=sealer)
+        chain = keeper(tmp_path / "r1", records, agent_key, AgentKey.load_or_create(tmp_path / "rk"), [])
+
+        def deliver() -> None:   # the agent's chain, as its sync sends it, into the receiver's (and the bucket)
+            for row in catalog.documents.chain():
+                doc = json.loads((config.agent.data_dir / row["path"]).read_bytes())
+                assert offer(chain, row["seq"], doc, CASE_AGENT)["state"] == STATE_HELD
+
+        deliver()
+        with pytest.raises(ReleaseRefused, match="no case_released annotation for case C-9"):
+            releaser.release(CASE_AGENT, fid)
+        assert [records.legal_hold(k) for k in keys] == ["ON"] * 3
+
+        place_hold(catalog, case_id="C-9", reason="investigation", actor="test")
+        release_hold(catalog, case_id="C-9", reason="case closed by the court", actor="test", sealer=sealer)
+        released = json.loads(layout.annotation_path(catalog.documents.chain()[-1]["doc_id"]).read_bytes())
+        assert (released["case_id"], released["case_released"]) == ("C-9", True)
+        deliver()
+        result = releaser.release(CASE_AGENT, fid)
+        assert result["chain_seq"] == 3 and result["case_id"] == "C-9"
+        assert [records.legal_hold(k) for k in keys] == ["OFF"] * 3
+        assert not [f for f in check_bucket(bucket).findings if CASE_AGENT in f.path], "a release fsck knows of"
+    finally:
+        catalog.close()
+
+
+def test_a_case_released_document_forged_into_the_bucket_releases_nothing(seaweed: SeaweedFS, tmp_path: Path) -> None:
+    agent = "ws-worm-03"
+    bucket = committed(seaweed, tmp_path / "r1", routine_days=1)
+    records = BucketRecords(bucket)
+    store = ChunkStore(tmp_path / "r1", committed=bucket)
+    agent_key, intruder = AgentKey.load_or_create(tmp_path / "agent"), AgentKey.load_or_create(tmp_path / "intruder")
+    fid = file_id(41)
+    store_file(store, fid, os.urandom(CHUNK + 41), "evidence", agent)
+    keys = records.file_keys(agent, fid, bucket.stored(agent, fid))[:3]   # no receipt sent here
+    tag = chain_doc(agent_key, GENESIS_PREV, 1, agent, file_id=fid, case_id="C-1")
+    chain = keeper(tmp_path / "r1", records, agent_key, AgentKey.load_or_create(tmp_path / "rk"), [])
+    assert offer(chain, 1, tag, agent)["state"] == STATE_HELD
+    # Written by hand with the receiver's S3 credentials, signed by another key: counts for nothing.
+    forged = chain_doc(intruder, sha(tag), 2, agent, case_id="C-1", case_released=True)
+    seaweed.client().put_object(Bucket=BUCKET, Key=records.chain_doc_key(agent, 2), Body=canonical_json(forged))
+    releaser = CaseReleased(records, lambda _agent, _key_id, chain_seq: agent_key.public)
+    with pytest.raises(ReleaseRefused, match="does not verify at seq 2"):
+        releaser.release(agent, fid)
+    assert [records.legal_hold(k) for k in keys] == ["ON"] * 3

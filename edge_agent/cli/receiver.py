@@ -90,12 +90,17 @@ def receiver_fsck(
 @hold_app.command("release")
 def hold_release(
     ctx: typer.Context,
-    request: Annotated[Path, typer.Option("--request", help="the platform's signed release request (JSON)")],
+    request: Annotated[Path | None, typer.Option("--request", help="the platform's signed release request (JSON)")]
+    = None,
+    agent: Annotated[str | None, typer.Option("--agent", help="without --request: the agent whose chain releases "
+                                                            "the file's case")] = None,
+    file_id: Annotated[str | None, typer.Option("--file", help="without --request: the stored evidence file")] = None,
     config: ConfigOption = None,
 ) -> None:
-    """Release the legal hold of one stored evidence file, on a request signed by a platform key
-    (store.release_keys); unsigned, forged, stale and replayed requests are refused (exit 1)."""
-    result = services.receiver.release_hold(_config(ctx, config), request)
+    """Release the legal hold of one stored evidence file: on a request signed by a platform key
+    (store.release_keys; unsigned, forged, stale and replayed requests are refused), or on a case_released
+    annotation for the file's case in the agent's chain (--agent, --file). Exit 1 when refused."""
+    result = services.receiver.release_hold(_config(ctx, config), request, agent=agent, file_id=file_id)
     emit(ctx, result, _("legal hold released: {agent}/{file} (request {id}, seq {seq} of {key}); its retention "
                         "lock stays until its date").format(agent=result["agent_id"], file=result["file_id"],
                                                             id=result["id"], seq=result["seq"],

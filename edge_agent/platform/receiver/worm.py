@@ -13,6 +13,8 @@ Public surface:
 
   Chain documents, refusals, chain receipts and releases are locked for `long_term_years`; a file's receipt as
   the file (its retention class; `evidence`: with a legal hold).
+- `CaseReleased(records, key_for).release(agent, file_id)`: the same on the agent's own word, a `case_released`
+  annotation in its chain as the bucket holds it, for the file's case.
 - `check_bucket(committed)`: `receiver fsck` of the bucket (BucketCheck), a `fsck.FsckReport`.
 - `HoldRelease(records, keys).release(request)`: turn a stored evidence file's legal hold off, only on a
   request signed by a platform key (the command format agents already verify, docs/PROTOCOL.md topic
@@ -33,6 +35,7 @@ import hashlib
 import json
 import logging
 from collections import OrderedDict
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -41,7 +44,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from edge_agent.clock import now_ms
-from edge_agent.evidence.manifest import ManifestError, canonical_json, verify_signature
+from edge_agent.evidence.manifest import GENESIS_PREV, ManifestError, canonical_json, verify_signature
 from edge_agent.evidence.receipts import load_pem_keys
 from edge_agent.platform.receiver.fsck import Finding, FsckReport
 from edge_agent.platform.receiver.objectstore import EVIDENCE, LONG_TERM, ROUTINE, S3Committed, _code, _status
@@ -245,6 +248,64 @@ class HoldRelease:
                                  "or replayed; have the platform sign a new request")
 
 
+class CaseReleased:
+    """Releases an evidence file's legal hold on the agent's own word: its chain, as the bucket holds it, has a
+    `case_released` annotation for the case the file belongs to (`edge-agent hold release --case C` on the
+    agent signs one). The whole chain is read from seq 1 and checked link by link (`prev`) and signature by
+    signature against the agent's keys (`key_for(agent, key_id, chain_seq=seq)`: KeyRing), so a document
+    written into the bucket by anything but a receiver that verified it counts for nothing."""
+
+    def __init__(self, records: BucketRecords, key_for: Callable[..., Ed25519PublicKey]):
+        self.records = records
+        self.key_for = key_for
+
+    def release(self, agent: str, file_id: str) -> dict[str, Any]:
+        entry = self.records.committed.stored(agent, file_id)
+        if entry is None:
+            raise ReleaseRefused(f"no file {agent}/{file_id} is stored in bucket {self.records.bucket}")
+        if entry.get("retention") != EVIDENCE:
+            raise ReleaseRefused(f"{agent}/{file_id} is {entry.get('retention')!r}, not evidence: it has no legal "
+                                 "hold to release")
+        found = self._released_in_chain(agent, file_id)
+        keys = self.records.file_keys(agent, file_id, entry)
+        for key in keys:
+            self.records.set_legal_hold(key, "OFF")
+        seq, digest, case_id = found
+        record = {"agent": agent, "file_id": file_id, "case_id": case_id, "chain_seq": seq, "chain_sha256": digest,
+                  "released_ms": now_ms(), "keys": keys}
+        self.records._create(f"releases/chain/{agent}/{file_id}.json", canonical_json(record))
+        log.warning("event=legal_hold_released agent=%s file=%s case=%s chain_seq=%d", agent, file_id, case_id, seq)
+        return {"agent_id": agent, "file_id": file_id, "sha256": entry["sha256"], "keys": keys, "case_id": case_id,
+                "chain_seq": seq, "id": f"chain:{seq}", "seq": seq, "key_id": f"the agent's chain ({case_id})"}
+
+    def _released_in_chain(self, agent: str, file_id: str) -> tuple[int, str, str]:
+        """(seq, SHA-256, case) of the `case_released` annotation that covers the file's case at the chain's end."""
+        prev, case, released, seq = GENESIS_PREV, None, None, 0
+        while (canonical := self.records.chain_doc(agent, seq + 1)) is not None:
+            seq += 1
+            doc = json.loads(canonical)
+            try:
+                verify_signature(doc, self.key_for(agent, doc.get("key_id"), chain_seq=seq))
+            except ManifestError as exc:
+                raise ReleaseRefused(f"the chain of {agent} in the bucket does not verify at seq {seq} ({exc}): "
+                                     "investigate; nothing was released") from None
+            if doc.get("prev") != prev or canonical_json(doc) != canonical:
+                raise ReleaseRefused(f"the chain of {agent} in the bucket is broken at seq {seq}: investigate; "
+                                     "nothing was released")
+            prev = hashlib.sha256(canonical).hexdigest()
+            if doc.get("file_id") == file_id and doc.get("case_id"):   # the file's manifest or a tag
+                case, released = doc["case_id"], None   # (a new tag after a release holds it again)
+            elif doc.get("case_released") is True and case is not None and doc.get("case_id") == case:
+                released = (seq, prev, case)
+        if case is None:
+            raise ReleaseRefused(f"the chain of {agent} (up to seq {seq}) puts {file_id} in no case: only a signed "
+                                 "platform request (--request) can release its hold")
+        if released is None:
+            raise ReleaseRefused(f"the chain of {agent} (up to seq {seq}) holds no case_released annotation for case "
+                                 f"{case} of {file_id}: the case is not released on the agent")
+        return released
+
+
 def read_request(path: Path) -> dict[str, Any]:
     """A signed release request from a JSON file (ReleaseRefused if it is not one)."""
     try:
@@ -295,9 +356,9 @@ class BucketCheck:
         """(agent, file id) of every signed release carried out (their legal hold is off by right)."""
         done = set()
         for key in self._keys("releases/"):
-            body = self.committed._get(key)
-            request = json.loads(body)["request"] if body else {}
-            done.add((str(request.get("agent")), str(request.get("file_id"))))
+            body = json.loads(self.committed._get(key) or b"{}")
+            said = body.get("request") or body   # a signed request, or the agent's chain (CaseReleased)
+            done.add((str(said.get("agent")), str(said.get("file_id"))))
         return done
 
     def _head(self, key: str) -> dict[str, Any] | None:
