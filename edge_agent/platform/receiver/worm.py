@@ -158,7 +158,8 @@ class BucketRecords:
             raise self.committed._unavailable("list the versions of", key, exc) from exc
         if not versions:
             return None
-        return str(min(versions, key=lambda v: v["LastModified"])["VersionId"])
+        # Listed newest first (S3): among versions of the same second, the last listed is the oldest.
+        return str(min(reversed(versions), key=lambda v: v["LastModified"])["VersionId"])
 
     def set_legal_hold(self, key: str, status: str) -> None:
         version = self.first_version(key)
