@@ -34,6 +34,7 @@ import base64
 import hashlib
 import json
 import logging
+import threading
 from collections import OrderedDict
 from collections.abc import Callable
 from datetime import timedelta
@@ -67,7 +68,8 @@ class BucketRecords:
         self.committed = committed
         self.s3 = committed.s3
         self.bucket = committed.bucket
-        self._written: OrderedDict[str, None] = OrderedDict()
+        self._written: OrderedDict[str, None] = OrderedDict()   # used by the worker (chain) and syncer (receipts)
+        self._written_lock = threading.Lock()
 
     # -- keys --------------------------------------------------------------------------------------
 
@@ -91,12 +93,14 @@ class BucketRecords:
 
     def _create(self, key: str, body: bytes, retention: str = LONG_TERM, stored_ms: int | None = None) -> bool:
         """Create `key`, locked for `retention` (False: it exists already, left as it is)."""
-        if key in self._written:
-            return False
+        with self._written_lock:
+            if key in self._written:
+                return False
         created = self.committed._put_bytes(key, body, self.committed.lock_args(retention, stored_ms or now_ms()))
-        self._written[key] = None
-        while len(self._written) > WRITTEN_CACHE:
-            self._written.popitem(last=False)
+        with self._written_lock:
+            self._written[key] = None
+            while len(self._written) > WRITTEN_CACHE:
+                self._written.popitem(last=False)
         return created
 
     def put_chain_doc(self, agent: str, seq: int, canonical: bytes) -> str:
@@ -104,7 +108,8 @@ class BucketRecords:
         the SHA-256 of the document the bucket holds at `seq` (this one, or the earlier one: then a fork)."""
         key = self.chain_doc_key(agent, seq)
         digest = hashlib.sha256(canonical).hexdigest()
-        self._written.pop(key, None)   # a document is always checked against the bucket
+        with self._written_lock:
+            self._written.pop(key, None)   # a document is always checked against the bucket
         if self._create(key, canonical):
             return digest
         held = self.committed._get(key)
