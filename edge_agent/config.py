@@ -197,6 +197,16 @@ class EvidenceSection(_Section):
     tsa_url: Annotated[str, Field(pattern=r"^https?://[^\s]+$")] | None = None
     tsa_ca: Path | None = None            # its root certificate (PEM): `verify` checks tokens' signatures
     tsa_timeout_s: Annotated[float, Field(gt=0, le=120)] = 10
+
+
+class CryptoSection(_Section):
+    """The agent's signing suite (docs/PROTOCOL.md "Crypto suites"): `ed25519`, `sm2` (国密: SM2 signatures with
+    SM3, SM3 file digests) or both (`ed25519+sm2`). Changing it takes effect through a key rotation, which the
+    daemon does at start (or `edge-agent keys rotate`)."""
+
+    suite: Literal["ed25519", "sm2", "ed25519+sm2"] = "ed25519"
+
+
 class UiSection(_Section):
     """The status page at the dock (edge_agent/ui): read-only, on loopback unless `listen` says otherwise."""
 
@@ -253,6 +263,7 @@ class AgentConfig(_Section):
     liveness: LivenessSection = LivenessSection()
     evidence: EvidenceSection = EvidenceSection()
     ui: UiSection = UiSection()
+    crypto: CryptoSection = CryptoSection()
 
     @model_validator(mode="after")
     def _unique_names(self) -> AgentConfig:

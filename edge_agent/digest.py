@@ -1,4 +1,5 @@
-"""The one streaming SHA-256: every hash of evidence bytes (copy, read-back, verify, scrub, export) goes
+"""The one streaming SHA-256 (and SM3 beside it, in the same pass, under the 国密 suites): every hash of
+evidence bytes (copy, read-back, verify, scrub, export) goes
 through `hash_stream`, so memory stays a few 1 MiB blocks whatever the file size."""
 
 from __future__ import annotations
@@ -8,9 +9,10 @@ import os
 import queue
 import stat
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
+from typing import Protocol
 
 from edge_agent.durable import BLOCK, drop_cache
 
@@ -89,13 +91,19 @@ def reader_for(fd: int) -> AbstractContextManager[ReadAhead | DirectRead]:
     return ReadAhead(fd)
 
 
+class Hasher(Protocol):
+    def update(self, data: bytes, /) -> None: ...
+
+
 def hash_stream(fd: int, each: Callable[[memoryview], bool | None] | None = None, *,
-                read_error: Callable[[OSError], Exception] | None = None) -> tuple[str | None, int]:
+                read_error: Callable[[OSError], Exception] | None = None,
+                also: Sequence[Hasher] = ()) -> tuple[str | None, int]:
     """SHA-256 (hex) and size of what `fd` holds from its offset on, read ahead in 1 MiB blocks.
 
     `each` sees every block once it is hashed (to write a copy, pace a scrub, check an abort); when it
     returns False the stream stops and the digest is None. A read error is raised as `read_error(exc)`
-    when given (what an exception raised by `each` never is), else as the OSError it was.
+    when given (what an exception raised by `each` never is), else as the OSError it was. `also` are other
+    digests fed every block in the same pass (the SM3 of the 国密 suites); the caller finalises them.
     """
     digest, size = hashlib.sha256(), 0
     with reader_for(fd) as reader:
@@ -110,6 +118,8 @@ def hash_stream(fd: int, each: Callable[[memoryview], bool | None] | None = None
             if block is None:
                 break
             digest.update(block)
+            for other in also:
+                other.update(block)
             size += len(block)
             if each is not None and each(block) is False:
                 return None, size

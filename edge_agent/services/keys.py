@@ -74,7 +74,7 @@ def rotate(ws: Workspace, *, reason: str | None) -> Rotation:
         return _rotation(result, "daemon")
     with lock:
         recover_rotation(layout.keys, ws.catalog.meta.get(KEY_IN_FORCE))   # a rotation a crash interrupted
-        sealer = Sealer(ws.catalog, AgentKey.load_or_create(layout.keys), layout, ws.config)
+        sealer = Sealer(ws.catalog, AgentKey.load_or_create(layout.keys, ws.config.crypto.suite), layout, ws.config)
         old, new = sealer.rotate_key(reason=reason, actor=audit_log.os_user(), via="cli")
         return Rotation(old, new, sealer.key.public_pem(), "cli")
 
