@@ -126,13 +126,14 @@ def hash_stream(fd: int, each: Callable[[memoryview], bool | None] | None = None
     return digest.hexdigest(), size
 
 
-def hash_file(path: Path | os.PathLike[str], *, drop: bool = False) -> tuple[str, int]:
-    """SHA-256 and size of a file; with `drop`, its cached pages are dropped first so the bytes come off the disk."""
+def hash_file(path: Path | os.PathLike[str], *, drop: bool = False, also: Sequence[Hasher] = ()) -> tuple[str, int]:
+    """SHA-256 and size of a file; with `drop`, its cached pages are dropped first so the bytes come off the disk.
+    `also`: other digests fed the same bytes in the same pass."""
     fd = os.open(path, os.O_RDONLY)
     try:
         if drop:
             drop_cache(fd)
-        digest, size = hash_stream(fd)
+        digest, size = hash_stream(fd, also=also)
     finally:
         os.close(fd)
     assert digest is not None

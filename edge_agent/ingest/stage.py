@@ -421,7 +421,7 @@ class Ingestor:
         if end_ms is None and record.recorded_start_ms is not None and "duration_ms" in media:
             end_ms = record.recorded_start_ms + media["duration_ms"]
         # The SM3 rides with the source's own manifest keys (`extras`), so a manifest sealed later carries it.
-        sm3 = {} if copy.sm3 is None else {"extras": canonical_json({**record.source_extras(), "sm3": copy.sm3}
+        sm3 = {} if copy.sm3 is None else {"extras": canonical_json({**record.source_extras, "sm3": copy.sm3}
                                                                    ).decode("utf-8")}
         return {**sm3, "sha256": copy.digest, "size": copy.size,
                 "store_path": str(copy.final.relative_to(self.layout.data_dir)),
