@@ -8,17 +8,20 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import queue
 import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
 
+import paho.mqtt.client as paho
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from typer.testing import CliRunner
 
 from edge_agent.catalog import Catalog
 from edge_agent.cli import app
+from edge_agent.clock import now_ms
 from edge_agent.config import ConfigError
 from edge_agent.evidence import suites
 from edge_agent.evidence.keys import key_history
@@ -33,6 +36,7 @@ from edge_agent.evidence.manifest import (
 from edge_agent.evidence.verify import verify_all
 from edge_agent.ingest import Sealer
 from edge_agent.layout import StoreLayout
+from tests.evidence_support import running_agent
 from tests.helpers import agent_config, make_recorder_volume, wait_for
 from tests.peers.mosquitto import Mosquitto
 from tests.sync_support import (
@@ -252,3 +256,37 @@ def test_a_real_daemon_syncs_a_file_under_sm2_with_receipts_and_clears_it(tmp_pa
     finally:
         agent.stop()
         assert receiver.stop() == 0
+
+
+@pytest.mark.parametrize("suite", ["sm2", "ed25519+sm2"])
+def test_platform_commands_signed_with_sm2_are_obeyed_and_a_tampered_one_refused(
+        tmp_path: Path, mosquitto: Mosquitto, suite: str) -> None:
+    platform = AgentKey.generate(suite)
+    (tmp_path / "platform.pem").write_text(platform.public_pem())
+    _, cfg = agent_config(tmp_path, crypto={"suite": suite}, mqtt={
+        "host": "127.0.0.1", "port": mosquitto.port, "reconnect_min_s": 0.1, "reconnect_max_s": 1,
+        "command_keys": str(tmp_path / "platform.pem")})
+    client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id="platform", protocol=paho.MQTTv5)
+    client.connect("127.0.0.1", mosquitto.port)
+    client.loop_start()
+
+    def send(command: dict[str, Any]) -> None:
+        client.publish(f"evidence/v2/{cfg.agent.id}/commands", json.dumps(command).encode(), qos=1).wait_for_publish(5)
+
+    def signed(seq: int) -> dict[str, Any]:
+        return platform.sign({"cmd": "resync", "id": f"c{seq}", "ts": now_ms(), "seq": seq, "agent": cfg.agent.id})
+
+    try:
+        with running_agent(cfg) as agent:
+            obeyed: queue.Queue[dict[str, Any]] = queue.Queue()
+            agent.uplink.on_command(obeyed.put)
+            wait_for(lambda: agent.uplink.stats()["connected"], 15, what="uplink connected")
+            send({**signed(1), "cmd": "health"})          # tampered after signing
+            good = signed(2)
+            send(good)
+            assert obeyed.get(timeout=10)["id"] == good["id"]
+            refused = agent.catalog.query("SELECT reason FROM audit WHERE action = 'command.refused'")
+            assert len(refused) == 1 and "signature does not match" in refused[0]["reason"]
+    finally:
+        client.disconnect()
+        client.loop_stop()
