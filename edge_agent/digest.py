@@ -106,7 +106,7 @@ def hash_stream(fd: int, each: Callable[[memoryview], bool | None] | None = None
     digests fed every block in the same pass (the SM3 of the 国密 suites); the caller finalises them.
     """
     digest, size = hashlib.sha256(), 0
-    with reader_for(fd) as reader:
+    with reader_for(fd) as reader, Beside(also, isinstance(reader, ReadAhead)) as beside:
         blocks = reader.blocks()
         while True:
             try:
@@ -117,13 +117,64 @@ def hash_stream(fd: int, each: Callable[[memoryview], bool | None] | None = None
                 raise read_error(exc) from exc
             if block is None:
                 break
+            beside.start(block)
             digest.update(block)
-            for other in also:
-                other.update(block)
             size += len(block)
-            if each is not None and each(block) is False:
-                return None, size
+            try:
+                if each is not None and each(block) is False:
+                    return None, size
+            finally:
+                beside.wait()   # before the next block is asked for: the reader reuses this one's buffer
     return digest.hexdigest(), size
+
+
+class Beside:
+    """Feeds a block to other digests (`also`) while the caller hashes and writes it: on a thread of its own
+    for a stream of several blocks (OpenSSL's SM3 is several times slower than SHA-256 with SHA extensions,
+    and releases the GIL), in the caller's thread otherwise. `wait()` returns once they have it all."""
+
+    def __init__(self, also: Sequence[Hasher], threaded: bool):
+        self._also = also
+        self._todo: queue.SimpleQueue[memoryview | None] = queue.SimpleQueue()
+        self._done: queue.SimpleQueue[BaseException | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="digest-beside", daemon=True) \
+            if also and threaded else None
+        self._pending = False
+
+    def __enter__(self) -> Beside:
+        if self._thread is not None:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        if self._thread is not None:
+            self._todo.put(None)
+            self._thread.join()
+
+    def _run(self) -> None:
+        while (block := self._todo.get()) is not None:
+            try:
+                for other in self._also:
+                    other.update(block)
+            except BaseException as exc:   # handed to the caller's thread by wait()
+                self._done.put(exc)
+            else:
+                self._done.put(None)
+
+    def start(self, block: memoryview) -> None:
+        if self._thread is None:
+            for other in self._also:
+                other.update(block)
+            return
+        self._todo.put(block)
+        self._pending = True
+
+    def wait(self) -> None:
+        if self._pending:
+            self._pending = False
+            failed = self._done.get()
+            if failed is not None:
+                raise failed
 
 
 def hash_file(path: Path | os.PathLike[str], *, drop: bool = False, also: Sequence[Hasher] = ()) -> tuple[str, int]:
