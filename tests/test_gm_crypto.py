@@ -36,6 +36,7 @@ from edge_agent.evidence.manifest import (
 from edge_agent.evidence.verify import verify_all
 from edge_agent.ingest import Sealer
 from edge_agent.layout import StoreLayout
+from edge_agent.platform.receiver.keyring import KeyRefused, KeyRing
 from tests.evidence_support import running_agent
 from tests.helpers import agent_config, make_recorder_volume, wait_for
 from tests.peers.mosquitto import Mosquitto
@@ -290,3 +291,24 @@ def test_platform_commands_signed_with_sm2_are_obeyed_and_a_tampered_one_refused
     finally:
         client.disconnect()
         client.loop_stop()
+
+
+def test_the_receivers_key_ring_enrols_a_dual_key_and_learns_a_rotation_to_sm2(tmp_path: Path) -> None:
+    dual, sm2 = AgentKey.generate("ed25519+sm2"), AgentKey.generate("sm2")
+    (tmp_path / "agents").mkdir()
+    (tmp_path / "agents" / f"{AGENT_ID}.pem").write_text(dual.public_pem())   # as `keys show` prints it
+    ring = KeyRing(tmp_path / "agents", tmp_path / "learned")
+    doc = dual.sign({"v": 1, "type": "annotation", "agent_id": AGENT_ID, "prev": "0" * 64})
+    enrolled = ring.key_for(AGENT_ID, doc["key_id"])
+    assert isinstance(enrolled, suites.DualPublicKey)
+    verify_signature(doc, enrolled)                             # both signatures checked
+    with pytest.raises(ManifestError):
+        verify_signature({**doc, "sm2_sig": sm2.sign(doc)["sm2_sig"]}, enrolled)
+
+    rotation = dual.sign({"v": 1, "type": "key_rotation", "agent_id": AGENT_ID, "old_key_id": dual.key_id,
+                          "new_key_id": sm2.key_id, "new_public_key": sm2.public_pem(), "prev": "1" * 64})
+    assert ring.learn_rotation(AGENT_ID, rotation, chain_seq=5) == sm2.key_id
+    after = sm2.sign({"v": 1, "type": "annotation", "agent_id": AGENT_ID, "prev": "2" * 64})
+    verify_signature(after, ring.key_for(AGENT_ID, after["key_id"], chain_seq=6))
+    with pytest.raises(KeyRefused, match="retired"):
+        ring.key_for(AGENT_ID, dual.key_id, chain_seq=7)
