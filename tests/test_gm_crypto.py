@@ -115,7 +115,8 @@ def test_a_file_sealed_under_sm2_verifies_with_openssl_and_its_sm3_is_openssls(t
     tampered[40] ^= 0x01
     assert not openssl_verifies(tmp_path, doc, derived, bytes(tampered))
     assert verify_all(Catalog(cfg.catalog_path), StoreLayout(cfg.agent.data_dir)) == []
-    assert cli(cfg_path, "keys", "show")["key_id"] == doc["key_id"]
+    shown = cli(cfg_path, "keys", "show")
+    assert (shown["key_id"], shown["suite"]) == (doc["key_id"], "sm2")
 
 
 def test_an_openssl_made_sm2_signature_and_key_are_accepted_and_a_flipped_byte_is_refused(tmp_path: Path) -> None:

@@ -27,6 +27,7 @@ import hashlib
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import gmssl_pyx
@@ -40,6 +41,14 @@ ED25519, SM2 = "ed25519", "sm2"
 SUITES = (ED25519, SM2, f"{ED25519}+{SM2}")
 DEFAULT_SUITE = ED25519
 SM2_ID = b"1234567812345678"   # GB/T 35276's default distinguishing ID
+
+# Z = SM3(ENTL || ID || a || b || xG || yG || xA || yA) (GB/T 32918.2): what precedes the message in the SM3 that
+# SM2 signs; fixed per key, so computed once (gmssl's sm2_sign recomputes it, and validates the key, every call).
+_SM2_CURVE = bytes.fromhex(
+    "FFFFFFFEFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFF00000000FFFFFFFFFFFFFFFC"   # a
+    "28E9FA9E9D9F5E344D5A9E4BCF6509A7F39789F515AB8F92DDBCBD414D940E93"   # b
+    "32C4AE2C1F1981195F9904466A39C9948FE30BBFF2660BE1715A4589334C74C7"   # xG
+    "BC3736A2F4F6779C59BDCEE36B692153D0A9877CC62A474002DF32E52139F0A0")  # yG
 
 # SM2 key encodings (DER), exactly as OpenSSL 3 writes them: PKCS#8 with the public point, and SPKI.
 _SM2_ALG = bytes.fromhex("301306072a8648ce3d020106082a811ccf5501822d")   # id-ecPublicKey, curve SM2
@@ -84,12 +93,23 @@ class Sm2PublicKey:
     def key_id(self) -> str:
         return "sm2:" + hashlib.sha256(b"\x04" + self.point).hexdigest()[:16]
 
+    @cached_property
+    def z(self) -> bytes:
+        return bytes.fromhex(sm3_hex((len(SM2_ID) * 8).to_bytes(2, "big") + SM2_ID + _SM2_CURVE + self.point))
+
+    def digest(self, data: bytes) -> bytes:
+        """e = SM3(Z || M), what SM2 with SM3 signs for this key and the distinguishing ID."""
+        h = sm3_hasher()
+        h.update(self.z)
+        h.update(data)
+        return h.finalize()
+
     def spki_der(self) -> bytes:
         return _SM2_SPKI_HEAD + self.point
 
     def verify(self, signature: bytes, data: bytes) -> bool:
         try:
-            return bool(gmssl_pyx.sm2_verify(self.point, data, signature, SM2_ID))
+            return bool(gmssl_pyx.sm2_verify_sm3_digest(self.point, self.digest(data), signature))
         except gmssl_pyx.GmsslInnerError:
             return False
 
@@ -108,16 +128,20 @@ class Sm2PrivateKey:
     secret: bytes   # d, 32 bytes
     point: bytes    # its public point x||y
 
+    @cached_property
+    def _public(self) -> Sm2PublicKey:
+        return Sm2PublicKey(self.point)
+
     @classmethod
     def generate(cls) -> Sm2PrivateKey:
         point, secret = gmssl_pyx.sm2_key_generate()
         return cls(secret, point)
 
     def public_key(self) -> Sm2PublicKey:
-        return Sm2PublicKey(self.point)
+        return self._public
 
     def sign(self, data: bytes) -> bytes:
-        return gmssl_pyx.sm2_sign(self.secret, self.point, data, SM2_ID)
+        return gmssl_pyx.sm2_sign_sm3_digest(self.secret, self._public.digest(data))
 
     def pkcs8_der(self) -> bytes:
         return _SM2_PRIV_HEAD + self.secret + _SM2_PRIV_MID + self.point
