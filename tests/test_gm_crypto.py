@@ -313,3 +313,22 @@ def test_the_receivers_key_ring_enrols_a_dual_key_and_learns_a_rotation_to_sm2(t
     verify_signature(after, ring.key_for(AGENT_ID, after["key_id"], chain_seq=6))
     with pytest.raises(KeyRefused, match="retired"):
         ring.key_for(AGENT_ID, dual.key_id, chain_seq=7)
+
+
+def test_an_import_as_the_data_dirs_owner_follows_a_changed_suite_before_signing(tmp_path: Path) -> None:
+    cfg_path, cfg = agent_config(tmp_path)
+    cli(cfg_path, "import", str(make_recorder_volume(tmp_path / "cards", "c1", {"a.mp4": 3000})), "--device", "D1")
+    dual_path, _ = agent_config(tmp_path, crypto={"suite": "ed25519+sm2"})   # the same data dir, suite changed
+    cli(dual_path, "import", str(make_recorder_volume(tmp_path / "cards", "c2", {"b.mp4": 3000})), "--device", "D1")
+    layout = StoreLayout(cfg.agent.data_dir)
+    by_path = {f["original_path"]: f["file_id"] for f in cli(dual_path, "files", "list")["files"]}
+    b = read_document(layout.manifest_path(by_path["b.mp4"]))
+    shown = cli(dual_path, "keys", "show")
+    assert shown["suite"] == "ed25519+sm2" and b["key_id"] == shown["key_id"] and b["sig"] and b["sm2_sig"]
+    assert "sm3" in b and "sm3" not in read_document(layout.manifest_path(by_path["a.mp4"]))
+    catalog = Catalog(cfg.catalog_path)
+    try:
+        assert len(key_history(catalog, layout).rotations) == 1
+        assert verify_all(catalog, layout) == []
+    finally:
+        catalog.close()
