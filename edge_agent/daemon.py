@@ -55,6 +55,7 @@ from edge_agent.sources.recorders import RecorderModel, VolumeIdentity, load_mod
 
 if TYPE_CHECKING:  # imported when built: paho, av and OpenCV (and the web stack) load only when the config needs them
     from edge_agent.sources.cameras import CameraService
+    from edge_agent.sources.gb28181 import GbDevice
     from edge_agent.sync import Uplink
     from edge_agent.ui import StatusPage
 
@@ -112,6 +113,7 @@ class Agent:
     dock_drivers: list[DockDriver]
     uplink: Uplink | None
     cameras: CameraService | None
+    gb28181: GbDevice | None
     operations: Operations | None
     status_page: StatusPage | None
     components: list[Component]
@@ -129,6 +131,7 @@ class Agent:
             raise
         self.uplink = None
         self.cameras = None
+        self.gb28181 = None
         self.operations = None
         self.status_page = None
         self.components = []
@@ -172,6 +175,17 @@ class Agent:
         self.components.append(self.cameras)
         return self.cameras
 
+    def add_gb28181(self) -> GbDevice:
+        """The gateway as a GB/T 28181 device (`[gb28181]`, edge_agent/sources/gb28181): registers with the
+        platform and answers its Catalog / DeviceInfo / RecordInfo queries; add it after the cameras."""
+        from edge_agent.sources.gb28181 import GbDevice
+
+        self._refuse_twice(self.gb28181, "a GB/T 28181 device")
+        cameras = self.cameras
+        self.gb28181 = GbDevice(self.config, self.catalog, cameras.online if cameras is not None else None)
+        self.components.append(self.gb28181)
+        return self.gb28181
+
     def add_operations(self) -> Operations:
         """Health, alarms, retention, scrub, summary and watchdog (edge_agent/ops); add it after the parts
         it reports on, so it stops first and its last snapshot still sees them."""
@@ -205,12 +219,14 @@ class Agent:
 
     def vitals(self, scheduler: Scheduler) -> list[VitalsProvider]:
         """What ops/liveness.py supervises: the uplink's connection and sender, every dock worker, every
-        camera's recorder, the scheduler."""
+        camera's recorder, the GB/T 28181 device's thread, the scheduler."""
         providers: list[VitalsProvider] = [self.docks.vitals, lambda: [scheduler.vital()]]
         if self.uplink is not None:
             providers.append(self.uplink.vitals)
         if self.cameras is not None:
             providers.append(self.cameras.vitals)
+        if self.gb28181 is not None:
+            providers.append(self.gb28181.vitals)
         return providers
 
     @staticmethod
@@ -224,6 +240,7 @@ class Agent:
         return HealthMonitor(
             self.config, self.catalog, self.layout, retention, process=self, docks=self.docks,
             cameras=self.cameras,
+            gb28181=self.gb28181,
             uplink=self.uplink,
             scrub=None if scrubber is None else ScrubHealth(scrubber),
             publisher=self.uplink)
@@ -369,7 +386,8 @@ def build_dock_drivers(config: AgentConfig, models: list[RecorderModel]) -> list
         elif dock.kind == "usb":
             from drivers.usb_dock import UsbDock
 
-            drivers.append(UsbDock(dock.name, dock.mount_root, models))
+            drivers.append(UsbDock(dock.name, dock.mount_root, models, unknown_devices=dock.unknown_devices,
+                                   zone=config.agent.zone))
     return drivers
 
 
@@ -380,6 +398,8 @@ def build_agent(config: AgentConfig, *, dock_drivers: list[DockDriver] | None = 
         agent.add_uplink()
         if config.cameras:
             agent.add_cameras()
+        if config.gb28181.enabled:
+            agent.add_gb28181()
         agent.add_operations()
         if config.ui.enabled:
             agent.add_status_page()
