@@ -291,6 +291,16 @@ class EvidenceSection(_Section):
     @classmethod
     def _camera_signing_ca(cls, value: Path | None) -> Path | None:
         return _pem_certificates(value)
+
+
+class CryptoSection(_Section):
+    """The agent's signing suite (docs/PROTOCOL.md "Crypto suites"): `ed25519`, `sm2` (国密: SM2 signatures with
+    SM3, SM3 file digests) or both (`ed25519+sm2`). Changing it takes effect through a key rotation, which the
+    daemon does at start (or `edge-agent keys rotate`)."""
+
+    suite: Literal["ed25519", "sm2", "ed25519+sm2"] = "ed25519"
+
+
 class UiSection(_Section):
     """The status page at the dock (edge_agent/ui): read-only, on loopback unless `listen` says otherwise."""
 
@@ -348,6 +358,7 @@ class AgentConfig(_Section):
     evidence: EvidenceSection = EvidenceSection()
     ui: UiSection = UiSection()
     gb28181: Gb28181Section = Gb28181Section()
+    crypto: CryptoSection = CryptoSection()
 
     @model_validator(mode="after")
     def _gb_ids(self) -> AgentConfig:

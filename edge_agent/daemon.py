@@ -145,7 +145,11 @@ class Agent:
         settled = recover_rotation(self.layout.keys, self.catalog.meta.get(KEY_IN_FORCE))   # owner only
         if settled is not None:
             log.warning("key rotation interrupted by a crash was %s", settled)
-        self.sealer = Sealer(self.catalog, AgentKey.load_or_create(self.layout.keys), self.layout, config)
+        self.sealer = Sealer(self.catalog, AgentKey.load_or_create(self.layout.keys, config.crypto.suite), self.layout,
+                             config)
+        followed = self.sealer.follow_suite()
+        if followed is not None:
+            log.warning("crypto suite is now %s: signing key rotated old=%s new=%s", config.crypto.suite, *followed)
         self.ingestor = Ingestor(self.catalog, self.layout, self.sealer, config)
         self.models = load_models(config.agent.recorders_file)
         self.docks = DockService(self.catalog, self.ingestor, self.sealer, config, self.models)

@@ -228,6 +228,19 @@ class Sealer:
 
         return self.sign_document("session", session_id, body, path, after=record)
 
+    def follow_suite(self) -> tuple[str, str] | None:
+        """When the key in force is of another suite than `[crypto] suite` (the operator changed it), rotate to a
+        key of the configured suite (audited `keys.rotated`, via "config"); returns (old, new) key ids, else None.
+        The data dir's owner only, like `rotate_key`."""
+        in_force = self.catalog.meta.get(KEY_IN_FORCE)
+        if in_force is not None and in_force != self.key.key_id:
+            self.key = AgentKey.load_in_force(self.layout.keys, in_force)
+        suite = self.config.crypto.suite
+        if self.key.suite == suite:
+            return None
+        return self.rotate_key(reason=f"crypto suite changed from {self.key.suite} to {suite}", actor="edge-agent",
+                               via="config")
+
     def rotate_key(self, *, reason: str, actor: str, via: str) -> tuple[str, str]:
         """Replace the signing key: the old key signs a `key_rotation` document naming the new one (its
         public key included), chained, with the new key recorded as the one in force and `keys.rotated`
@@ -237,7 +250,7 @@ class Sealer:
         with self._lock, self.catalog.transaction() as conn:
             self._head()   # the key in force and the genesis key, settled before the old key signs
             old = self.key
-            new = begin_rotation(self.layout.keys)
+            new = begin_rotation(self.layout.keys, self.config.crypto.suite)
             body = {"v": MANIFEST_VERSION, "type": ROTATION_KIND, "agent_id": self.config.agent.id,
                     "old_key_id": old.key_id, "new_key_id": new.key_id, "new_public_key": new.public_pem(),
                     "reason": reason, "by": actor}

@@ -39,12 +39,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Protocol
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-
 from edge_agent.clock import now_ms
 from edge_agent.durable import atomic_write, atomic_write_many, exclusive_lock
 from edge_agent.evidence.manifest import GENESIS_PREV, ManifestError, canonical_json, verify_signature
 from edge_agent.evidence.receipts import chain_receipt_body
+from edge_agent.evidence.suites import PublicKey
 from edge_agent.platform.receiver.store import StoreUnavailable
 from edge_agent.protocol.wire import FILE_ID_PATTERN, WireError, decode_json
 
@@ -199,7 +198,7 @@ class ChainStore:
 class ChainKeeper:
     """Applies the chain rules to what agents send; answers are dicts for `{root}/{a}/chain_acks`."""
 
-    def __init__(self, store: ChainStore, public_key: Callable[[str, object, int], Ed25519PublicKey],
+    def __init__(self, store: ChainStore, public_key: Callable[[str, object, int], PublicKey],
                  sign: Callable[[dict[str, Any]], dict[str, Any]],
                  publish_event: Callable[[dict[str, Any]], None], *, receiver: str = ""):
         self.store = store
