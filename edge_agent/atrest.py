@@ -15,7 +15,8 @@ any offset decrypts only the blocks it spans; memory is one block whatever the f
 The key is one 256-bit secret in a file (64 hex digits, `openssl rand -hex 32`), mode 0600, outside the data
 dir; each algorithm uses its own key derived from it with HKDF (SHA-256 for AES-256, SM3 for SM4: 128 bits), and
 the key id in every header is derived from it too (it says which key, not the key). Under systemd the key comes
-as the credential `store.key` (`LoadCredential=`, `$CREDENTIALS_DIRECTORY`), which wins over `key_file`.
+as the credential `edge-agent.store-key` (`LoadCredential=`, `$CREDENTIALS_DIRECTORY`), which wins over
+`key_file`.
 
 Which stored files are encrypted is in their name (`is_encrypted`): `<file id>_enc<suffix>`, staging
 `<file id>_enc.part`. A plaintext name is the bare file id and a suffix, so the two cannot be confused, and a
@@ -49,7 +50,7 @@ BLOCK_PLAIN = 256 * 1024           # plaintext per block: divides the default 51
                                    # read decrypts no block it does not return
 MAX_BLOCK_PLAIN = 16 * 1024 * 1024
 ENCRYPTED_MARK = "_enc"            # in a stored file's name after the file id
-CREDENTIAL = "store.key"           # the systemd credential that carries the key
+CREDENTIAL = "edge-agent.store-key"   # the systemd credential that carries the key (/etc/credstore/<this>)
 
 
 class AtRestError(Exception):
@@ -117,9 +118,11 @@ class StoreKey:
         return decryptor.update(sealed[:-TAG]) + decryptor.finalize()
 
 
-def read_key_file(path: Path) -> StoreKey:
+def read_key_file(path: Path, *, private: bool = True) -> StoreKey:
     """The store key in `path` (64 hex digits); StoreKeyError, saying what to do, if it is missing, not a
-    regular file, readable or writable by group or others, or malformed."""
+    regular file, readable or writable by group or others (with `private`), or malformed. A systemd credential is
+    read without `private`: systemd makes it the unit user's alone (by owner, or by an ACL that shows as group
+    bits)."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
     except OSError as exc:
@@ -130,7 +133,7 @@ def read_key_file(path: Path) -> StoreKey:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise StoreKeyError(f"store key {path} is not a regular file")
-        if st.st_mode & 0o077:
+        if private and st.st_mode & 0o077:
             raise StoreKeyError(f"store key {path} is readable or writable by others (mode "
                                 f"{st.st_mode & 0o777:o}); run: chmod 600 {path}")
         text = os.read(fd, 4096)
@@ -167,10 +170,7 @@ class AtRest:
 
     def key_path(self) -> Path | None:
         """Where the key is read from: the systemd credential if the unit passed one, else `key_file`."""
-        credentials = os.environ.get("CREDENTIALS_DIRECTORY")
-        if credentials and (Path(credentials) / CREDENTIAL).is_file():
-            return Path(credentials) / CREDENTIAL
-        return self.key_file
+        return _credential() or self.key_file
 
     def key(self) -> StoreKey:
         """The store key (read once); StoreKeyError saying what to do when there is none usable."""
@@ -179,13 +179,13 @@ class AtRest:
                 path = self.key_path()
                 if path is None:
                     raise StoreKeyError("the store is (or was) encrypted but no key is configured: set [store] "
-                                        "key_file (or pass the systemd credential store.key); see "
+                                        f"key_file (or pass the systemd credential {CREDENTIAL}); see "
                                         "docs/OPERATIONS.md, \"Encryption at rest\"")
                 if self.data_dir is not None and _inside(path, self.data_dir):
                     raise StoreKeyError(f"store key {path} is inside the data dir {self.data_dir}: keep it "
                                         "outside (e.g. /etc/edge-agent/store.key), or a copy of the data dir "
                                         "carries its own key")
-                self._key = read_key_file(path)
+                self._key = read_key_file(path, private=path != _credential())
             return self._key
 
     def writer(self, fd: int, file_id: str) -> BlockWriter:
@@ -196,6 +196,14 @@ class AtRest:
     def reader(self, path: Path | str, file_id: str) -> PlainReader:
         """A reader of the plaintext of the encrypted file at `path`, stored as `file_id`."""
         return PlainReader(path, file_id, self)
+
+
+def _credential() -> Path | None:
+    """The key systemd passed the unit (LoadCredential=), if it did."""
+    credentials = os.environ.get("CREDENTIALS_DIRECTORY")
+    if credentials and (Path(credentials) / CREDENTIAL).is_file():
+        return Path(credentials) / CREDENTIAL
+    return None
 
 
 def _inside(path: Path, folder: Path) -> bool:

@@ -246,7 +246,7 @@ class ReceiverSection(_Section):
 class AgentStoreSection(_Section):
     """Encryption at rest of the agent's store and staging (edge_agent/atrest.py, docs/OPERATIONS.md "Encryption
     at rest"): off unless `encrypt` names an algorithm. `key_file`: the 256-bit store key (64 hex digits, mode
-    0600, outside the data dir); under systemd the credential `store.key` (LoadCredential=) wins over it. Files
+    0600, outside the data dir); under systemd the credential `edge-agent.store-key` (LoadCredential=) wins. Files
     already encrypted stay readable with encryption turned off, as long as the key is still configured."""
 
     encrypt: Literal["sm4-gcm", "aes-256-gcm"] | None = None

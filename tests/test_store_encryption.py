@@ -19,6 +19,7 @@ from typer.testing import CliRunner
 
 from edge_agent.atrest import (
     BLOCK_PLAIN,
+    CREDENTIAL,
     HEADER_SIZE,
     NONCE,
     TAG,
@@ -58,6 +59,7 @@ from tests.sync_support import (
 from tests.test_crash_ingest import daemon, sealed_count
 
 ALGORITHMS = ["sm4-gcm", "aes-256-gcm"]
+ROOT = Path(__file__).resolve().parents[1]
 STRIDE = NONCE + BLOCK_PLAIN + TAG
 
 
@@ -233,6 +235,20 @@ def test_store_key_readable_by_others_or_inside_the_data_dir_is_refused(tmp_path
         read_key_file(key.parent / "bad.key")
     with pytest.raises(StoreKeyError, match="no key is configured"):
         AtRest("sm4-gcm").key()
+
+
+def test_the_systemd_credential_wins_over_key_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """systemd's LoadCredential= puts the key in $CREDENTIALS_DIRECTORY (systemd/edge-agent.service)."""
+    key_file, credentials = store_key(tmp_path), tmp_path / "credentials"
+    credentials.mkdir()
+    (credentials / CREDENTIAL).write_text(subprocess.run(["openssl", "rand", "-hex", "32"], check=True,
+                                                         capture_output=True, text=True).stdout)
+    os.chmod(credentials / CREDENTIAL, 0o440)          # as an ACL granting the unit's user shows it
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(credentials))
+    at_rest = AtRest("sm4-gcm", key_file)
+    assert at_rest.key_path() == credentials / CREDENTIAL
+    assert at_rest.key().key_id != read_key_file(key_file).key_id
+    assert f"LoadCredential={CREDENTIAL}" in (ROOT / "systemd" / "edge-agent.service").read_text()
 
 
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
