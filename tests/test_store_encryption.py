@@ -197,6 +197,8 @@ def test_kill_9_mid_copy_with_encryption_then_restart_completes_the_file_intact(
         first.send_signal(signal.SIGKILL)
         assert first.wait(timeout=30) == -signal.SIGKILL
     assert part.exists() and is_encrypted(part)           # the crash left a partial encrypted copy behind
+    with open(part, "rb") as partial:
+        assert partial.read(8) == b"EAGTENC\n"
     with daemon(config_path, log) as second:
         wait_for(lambda: sealed_count(cfg.catalog_path) == 2 or second.poll() is not None, timeout=120,
                  what="both files sealed after restart")
