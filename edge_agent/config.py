@@ -33,6 +33,19 @@ ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 TOPIC_ROOT_PATTERN = r"^[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*$"
 
 
+def _pem_certificates(path: Path | None) -> Path | None:
+    """A trust-anchor file must be readable and hold at least one PEM certificate."""
+    if path is None:
+        return None
+    try:
+        text = path.read_bytes()
+    except OSError as exc:
+        raise ValueError(f"cannot read {path} ({exc.strerror}); give the CA certificate file (PEM)") from None
+    if b"-----BEGIN CERTIFICATE-----" not in text:
+        raise ValueError(f"{path} holds no PEM certificate (-----BEGIN CERTIFICATE-----); give the CA certificate")
+    return path
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -115,6 +128,9 @@ class _DockBase(_Section):
 class UsbDockSection(_DockBase):
     kind: Literal["usb"]
     mount_root: Path = Path("/media/edge-dock")
+    # R8: a USB mass-storage device not in recorders.toml is read as an unknown recorder with an alarm
+    # ("ingest"), or never read, with an alarm naming its vendor, product and serial ("refuse").
+    unknown_devices: Literal["ingest", "refuse"] = "ingest"
 
 
 class DirectoryDockSection(_DockBase):
@@ -138,6 +154,15 @@ class Camera(_Section):
     reconnect_max_s: Annotated[float, Field(gt=0, le=3600)] = 30   # backoff ceiling between reconnects
     location: Annotated[str, Field(min_length=1)]
     location_kind: str
+    # Camera-signed video (docs/CAMERAS.md "Camera-signed video"): the CA certificate(s), PEM, that a signing
+    # camera's certificate must lead to; unset: `evidence.camera_signing_ca`, and if that is unset too,
+    # signatures are checked for integrity only and segments say `unverifiable`.
+    signing_ca: Path | None = None
+
+    @field_validator("signing_ca")
+    @classmethod
+    def _signing_ca(cls, value: Path | None) -> Path | None:
+        return _pem_certificates(value)
 
     @field_validator("location_kind")
     @classmethod
@@ -177,6 +202,10 @@ class HealthSection(_Section):
     scrub_interval_h: Annotated[float, Field(gt=0)] = 24   # pause between full scrub passes
     change_check_s: Annotated[float, Field(gt=0)] = 2      # how often health looks for a change worth publishing
     summary_hour: Annotated[int, Field(ge=0, le=23)] = 23  # local hour of the daily summary event
+    # The agent's own clock (R9, kernel adjtimex): alarm `clock_unsynchronized` while the kernel says it is not
+    # synchronised or its maximum error exceeds clock_error_alarm_ms. Turn off only on a box without time source.
+    clock_sync_alarm: bool = True
+    clock_error_alarm_ms: Annotated[int, Field(gt=0)] = 1000
 
 
 class LivenessSection(_Section):
@@ -197,6 +226,13 @@ class EvidenceSection(_Section):
     tsa_url: Annotated[str, Field(pattern=r"^https?://[^\s]+$")] | None = None
     tsa_ca: Path | None = None            # its root certificate (PEM): `verify` checks tokens' signatures
     tsa_timeout_s: Annotated[float, Field(gt=0, le=120)] = 10
+    # Trust anchor(s), PEM, for camera-signed video of every camera without its own `signing_ca`.
+    camera_signing_ca: Path | None = None
+
+    @field_validator("camera_signing_ca")
+    @classmethod
+    def _camera_signing_ca(cls, value: Path | None) -> Path | None:
+        return _pem_certificates(value)
 class UiSection(_Section):
     """The status page at the dock (edge_agent/ui): read-only, on loopback unless `listen` says otherwise."""
 

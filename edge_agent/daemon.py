@@ -368,7 +368,8 @@ def build_dock_drivers(config: AgentConfig, models: list[RecorderModel]) -> list
         elif dock.kind == "usb":
             from drivers.usb_dock import UsbDock
 
-            drivers.append(UsbDock(dock.name, dock.mount_root, models))
+            drivers.append(UsbDock(dock.name, dock.mount_root, models, unknown_devices=dock.unknown_devices,
+                                   zone=config.agent.zone))
     return drivers
 
 

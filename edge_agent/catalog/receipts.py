@@ -1,6 +1,7 @@
 """The `receipts` table: the receiver's signed receipt of each synced file (evidence/receipts.py says what one
-proves). Written in the transaction that marks the file synced, after the receipt's copy beside the
-manifest (`receipts/<aa>/<file_id>.json`) is durable."""
+proves). Written in the transaction that marks the file synced: the record of it. The copy beside the
+manifest (`receipts/<aa>/<file_id>.json`) is written after that commit and restored from here at start
+(sync/receipts.py)."""
 
 from __future__ import annotations
 

@@ -105,6 +105,9 @@ def session_manifest(session: Mapping[str, Any], files: Sequence[Mapping[str, An
     (`reason`); it is left out for sessions without one."""
     sealed = [r for r in files if r["sha256"] is not None and r["state"] not in ("discovered", "staged")]
     extra = {} if volume_files is None else {"volume_files": [dict(entry) for entry in volume_files]}
+    # The recorder's own word at docking (GA/T 947.4 handshake), its clock offset read before any correction.
+    if "recorder" in session.keys() and session["recorder"]:
+        extra["recorder"] = json.loads(session["recorder"])
     return {**extra,
         "session_id": session["session_id"], "dock": session["dock"], "slot": session["slot"],
         "device_id": session["device_id"], "serial": session["serial"], "model": session["model"],

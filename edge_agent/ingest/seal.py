@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from edge_agent.catalog import Catalog, FileRecord, State, audit, new_id
-from edge_agent.clock import now_ms
+from edge_agent.clock import now_ms, read_kernel_clock
 from edge_agent.config import AgentConfig
 from edge_agent.durable import SyncGroup, atomic_write, atomic_write_many
 from edge_agent.evidence.keys import GENESIS_KEY, KEY_IN_FORCE, ROTATION_KIND, legacy_genesis
@@ -50,6 +50,15 @@ def _loads(text: str | None) -> dict[str, Any]:
     """A JSON object column (media, extras); anything else reads as no keys."""
     value = json.loads(text) if text else None
     return value if isinstance(value, dict) else {}
+
+
+def sealing_clock() -> dict[str, Any] | None:
+    """The `clock` object of a file manifest: the agent's clock as the kernel sees it at sealing (R9)."""
+    kernel = read_kernel_clock()
+    if kernel is None:
+        return None
+    return {"source": "kernel", "synchronized": kernel.synchronized, "maxerror_us": kernel.maxerror_us,
+            "esterror_us": kernel.esterror_us}
 
 
 @dataclass(eq=False)
@@ -117,6 +126,9 @@ class Sealer:
             return []
         devices = {r.device_id: self.catalog.devices.model_serial(r.device_id) for r in records}
         bodies = [(record, self.manifest_body(record, devices[record.device_id])) for record in records]
+        clock = sealing_clock()
+        if clock is not None:
+            bodies = [(record, {**body, "clock": clock}) for record, body in bodies]
         # The write transaction is held while the documents are written, so the chain stays linear even
         # when another process (a custodian's CLI) signs at the same time.
         with self._lock, self.catalog.transaction():

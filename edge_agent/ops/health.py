@@ -26,7 +26,7 @@ from typing import Any, Protocol
 import psutil
 
 from edge_agent.catalog import UNSYNCED, Catalog
-from edge_agent.clock import iso_ms, now_ms
+from edge_agent.clock import iso_ms, now_ms, read_kernel_clock
 from edge_agent.config import AgentConfig
 from edge_agent.durable import atomic_write
 from edge_agent.layout import StoreLayout
@@ -59,20 +59,18 @@ def _tool(args: list[str]) -> str:
 
 
 def read_clock() -> dict[str, Any]:
-    """Clock sync state and offset from chrony, else systemd-timesyncd's view, else unknown."""
+    """Clock sync state: the kernel's own (adjtimex: synchronised, maximum and estimated error) always, and
+    chrony's offset and reference when chronyd runs. `source` names what `synchronized` comes from."""
+    kernel = read_kernel_clock()
+    kernel_part: dict[str, Any] = {"kernel": kernel.as_dict()} if kernel is not None else {}
     if shutil.which("chronyc"):
         try:
             out = _tool(["chronyc", "-c", "tracking"])
-            return parse_chrony_tracking(out)
+            return {**parse_chrony_tracking(out), **kernel_part}
         except (OSError, subprocess.SubprocessError, ValueError) as exc:
             log.debug("chronyc tracking unavailable: %s", exc)
-    if shutil.which("timedatectl"):
-        try:
-            out = _tool(["timedatectl", "show", "-p", "NTPSynchronized", "--value"]).strip()
-            if out in ("yes", "no"):
-                return {"source": "timedatectl", "synchronized": out == "yes", "offset_ms": None}
-        except (OSError, subprocess.SubprocessError) as exc:
-            log.debug("timedatectl unavailable: %s", exc)
+    if kernel is not None:
+        return {"source": "kernel", "synchronized": kernel.synchronized, "offset_ms": None, **kernel_part}
     return {"source": "unknown", "synchronized": None, "offset_ms": None}
 
 
@@ -154,10 +152,17 @@ class HealthMonitor:
     # -- gathering ---------------------------------------------------------------------------------
 
     def clock(self) -> dict[str, Any]:
+        """chrony's view cached (a subprocess), the kernel's read afresh (one syscall)."""
         if time.monotonic() - self._clock_read > CLOCK_CACHE_S or not self._clock:
             self._clock = read_clock()
             self._clock_read = time.monotonic()
-        return self._clock
+        kernel = read_kernel_clock()
+        if kernel is None:
+            return dict(self._clock)
+        fresh = {"kernel": kernel.as_dict()}
+        if self._clock.get("source") == "kernel":
+            fresh["synchronized"] = kernel.synchronized
+        return {**self._clock, **fresh}
 
     def _queue(self, now: int) -> dict[str, Any]:
         queue = self.catalog.files.backlog(UNSYNCED)

@@ -10,8 +10,11 @@ Public surface:
       chains/<agent>/refused/<ms>-<seq>.json  what was refused (fork, rewind), kept for an investigator
       chains/<agent>/lock                   flock, exclusive around an append
 
-  A document's bytes are written and fsynced, then its file index, then the head: a crash before the
-  head leaves a document the head does not cover, which the next append of that seq overwrites.
+  A document, its file index and the head are made durable as one group (one flush for the files, renamed
+  in that order, one for the directories): a process killed before the head's rename leaves a document the
+  head does not cover, which the next append of that seq overwrites. A power cut may keep the head's rename
+  and lose an earlier one: the first lock of an agent's chain in a process checks the head against the
+  document it names (and that document's file index) and steps back to the last one held (`_recover`).
 - `ChainKeeper(store, keys, sign, publish_event)`: the rules. `offer(agent, payload)` for a `chain/doc`
   message and `query(agent, payload)` for a `chain/query`, each returning the answer for `chain_acks`
   (None: dropped, counted in `dropped`); `manifest_problem(agent, file_id, canonical)` for the file lane.
@@ -28,6 +31,7 @@ fork and a rewind are refused with a reason and published as platform events.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -59,6 +63,7 @@ class ChainStore:
 
     def __init__(self, root: Path):
         self.root = Path(root)
+        self._checked: set[str] = set()   # agents whose head this process has checked (`_recover`)
 
     def _dir(self, agent: str) -> Path:
         return self.root / "chains" / agent
@@ -71,7 +76,45 @@ class ChainStore:
         """The agent's chain, exclusively (other receivers on this store wait)."""
         # Not under locks/: the sweeper expires old lock files there (transfers'), and this one is never idle.
         with exclusive_lock(self._dir(agent) / "lock"):
+            if agent not in self._checked:
+                self._recover(agent)
+                self._checked.add(agent)
             yield
+
+    def _recover(self, agent: str) -> None:
+        """The head names a document held whole, whose file index is there: after a power cut that kept the
+        head's rename but not the document's, step back to the last document held (its successor is sent
+        again by the agent, which was never answered for it); a lost index entry is written again."""
+        seq, digest = self.head(agent)
+        found, data = seq, None
+        while found > 0:
+            try:
+                data = self.doc_path(agent, found).read_bytes()
+            except FileNotFoundError:
+                data = None
+            if data is not None and (found < seq or hashlib.sha256(data).hexdigest() == digest):
+                break
+            found -= 1   # missing, or another (uncovered) document than the head names: not held
+        if found != seq:
+            log.error("chain head stepped back agent=%s from=%d to=%d reason=the document the head named was "
+                      "not on disk (power cut)", agent, seq, found)
+            if found == 0:
+                (self._dir(agent) / "head").unlink(missing_ok=True)
+                return
+            digest = hashlib.sha256(data or b"").hexdigest()
+            atomic_write(self._dir(agent) / "head", f"{found} {digest}\n".encode("ascii"))
+        if data is not None:
+            doc = json.loads(data)
+            entry = self._file_index_entry(agent, found, digest, doc)
+            if entry is not None and (not entry[0].exists() or entry[0].read_bytes() != entry[1]):
+                atomic_write(*entry)
+
+    def _file_index_entry(self, agent: str, seq: int, digest: str,
+                          doc: dict[str, Any]) -> tuple[Path, bytes, int] | None:
+        file_id = doc.get("file_id")
+        if doc.get("type") == "file" and isinstance(file_id, str) and FILE_ID_PATTERN.match(file_id):
+            return self._dir(agent) / "files" / file_id, f"{seq} {digest}\n".encode("ascii"), 0o644
+        return None
 
     def head(self, agent: str) -> Head:
         try:
@@ -93,11 +136,11 @@ class ChainStore:
         """Hold `canonical` as document `seq` (call under `locked`, with seq = head + 1); returns its SHA-256."""
         digest = hashlib.sha256(canonical).hexdigest()
         entries = [(self.doc_path(agent, seq), canonical, 0o444)]
-        file_id = doc.get("file_id")
-        if doc.get("type") == "file" and isinstance(file_id, str) and FILE_ID_PATTERN.match(file_id):
-            entries.append((self._dir(agent) / "files" / file_id, f"{seq} {digest}\n".encode("ascii"), 0o644))
-        atomic_write_many(entries)   # the document and its index entry durable together, then the head
-        atomic_write(self._dir(agent) / "head", f"{seq} {digest}\n".encode("ascii"))
+        index = self._file_index_entry(agent, seq, digest, doc)
+        if index is not None:
+            entries.append(index)
+        entries.append((self._dir(agent) / "head", f"{seq} {digest}\n".encode("ascii"), 0o644))
+        atomic_write_many(entries)   # one group, renamed in this order: the head last
         return digest
 
     def file_entry(self, agent: str, file_id: str) -> tuple[int, str] | None:
