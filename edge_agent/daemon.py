@@ -56,6 +56,7 @@ from edge_agent.sources.recorders import RecorderModel, VolumeIdentity, load_mod
 
 if TYPE_CHECKING:  # imported when built: paho, av and OpenCV (and the web stack) load only when the config needs them
     from edge_agent.sources.cameras import CameraService
+    from edge_agent.sources.gb28181 import GbDevice
     from edge_agent.sync import Uplink
     from edge_agent.ui import StatusPage
 
@@ -113,6 +114,7 @@ class Agent:
     dock_drivers: list[DockDriver]
     uplink: Uplink | None
     cameras: CameraService | None
+    gb28181: GbDevice | None
     operations: Operations | None
     status_page: StatusPage | None
     components: list[Component]
@@ -132,6 +134,7 @@ class Agent:
             raise
         self.uplink = None
         self.cameras = None
+        self.gb28181 = None
         self.operations = None
         self.status_page = None
         self.components = []
@@ -171,6 +174,17 @@ class Agent:
         self.components.append(self.cameras)
         return self.cameras
 
+    def add_gb28181(self) -> GbDevice:
+        """The gateway as a GB/T 28181 device (`[gb28181]`, edge_agent/sources/gb28181): registers with the
+        platform and answers its Catalog / DeviceInfo / RecordInfo queries; add it after the cameras."""
+        from edge_agent.sources.gb28181 import GbDevice
+
+        self._refuse_twice(self.gb28181, "a GB/T 28181 device")
+        cameras = self.cameras
+        self.gb28181 = GbDevice(self.config, self.catalog, cameras.online if cameras is not None else None)
+        self.components.append(self.gb28181)
+        return self.gb28181
+
     def add_operations(self) -> Operations:
         """Health, alarms, retention, scrub, summary and watchdog (edge_agent/ops); add it after the parts
         it reports on, so it stops first and its last snapshot still sees them."""
@@ -204,12 +218,14 @@ class Agent:
 
     def vitals(self, scheduler: Scheduler) -> list[VitalsProvider]:
         """What ops/liveness.py supervises: the uplink's connection and sender, every dock worker, every
-        camera's recorder, the scheduler."""
+        camera's recorder, the GB/T 28181 device's thread, the scheduler."""
         providers: list[VitalsProvider] = [self.docks.vitals, lambda: [scheduler.vital()]]
         if self.uplink is not None:
             providers.append(self.uplink.vitals)
         if self.cameras is not None:
             providers.append(self.cameras.vitals)
+        if self.gb28181 is not None:
+            providers.append(self.gb28181.vitals)
         return providers
 
     @staticmethod
@@ -223,6 +239,7 @@ class Agent:
         return HealthMonitor(
             self.config, self.catalog, self.layout, retention, process=self, docks=self.docks,
             cameras=self.cameras,
+            gb28181=self.gb28181,
             uplink=self.uplink,
             scrub=None if scrubber is None else ScrubHealth(scrubber),
             publisher=self.uplink)
@@ -380,6 +397,8 @@ def build_agent(config: AgentConfig, *, dock_drivers: list[DockDriver] | None = 
         agent.add_uplink()
         if config.cameras:
             agent.add_cameras()
+        if config.gb28181.enabled:
+            agent.add_gb28181()
         agent.add_operations()
         if config.ui.enabled:
             agent.add_status_page()

@@ -128,6 +128,7 @@ class HealthMonitor:
 
     def __init__(self, config: AgentConfig, catalog: Catalog, layout: StoreLayout, retention: Retention, *,
                  process: HealthProvider, docks: HealthProvider, cameras: HealthProvider | None = None,
+                 gb28181: HealthProvider | None = None,
                  uplink: HealthProvider | None = None, scrub: HealthProvider | None = None,
                  publisher: Publisher | None = None):
         self.catalog = catalog
@@ -137,6 +138,7 @@ class HealthMonitor:
         self.process = process
         self.docks = docks
         self.cameras = cameras or _Fixed(NO_CAMERAS)
+        self.gb28181 = gb28181   # the GB/T 28181 device (`[gb28181]`): top-level `gb28181`, absent when off
         self.uplink = uplink or _Fixed(NO_UPLINK)
         self.scrub = scrub or _Fixed(NO_SCRUB)
         self.publisher = publisher
@@ -209,6 +211,7 @@ class HealthMonitor:
             },
             **self.docks.health(),
             **self.cameras.health(),
+            **(self.gb28181.health() if self.gb28181 is not None else {}),
             "alarms": self.alarm_list(),
         }
 
@@ -221,7 +224,8 @@ class HealthMonitor:
         slots = [(s["dock"], s["label"], s["state"], s["last_error"]) for s in self.docks.health()["docks"]]
         cameras = [(c.get("name"), c.get("connected")) for c in self.cameras.health()["cameras"]]
         connected = bool(self.uplink.health()["sync"]["connected"])
-        return [slots, cameras, connected]
+        gb_registered = self.gb28181 is not None and bool(self.gb28181.health()["gb28181"]["registered"])
+        return [slots, cameras, connected, gb_registered]
     def signature(self) -> str:
         return json.dumps([self._state_signature(), [a["key"] for a in self.catalog.active_alarms()]], default=str)
 

@@ -128,12 +128,11 @@ def restore_copies(catalog: Catalog, layout: StoreLayout) -> int:
     (a crash before the kernel wrote it) is rewritten. Then all of them are made durable and the mark moves
     on. Returns how many were rewritten."""
     mark = int(catalog.meta.get(COPIES_DURABLE) or 0)
-    rows = catalog.query("SELECT file_id, receipt, received_ms FROM receipts WHERE received_ms >= ?", (mark,))
     restored, newest = 0, mark
     layout.receipts.mkdir(parents=True, exist_ok=True)
     with SyncGroup(layout.receipts, grouped=True) as group:
-        for row in rows:
-            path, data = layout.receipt_path(row["file_id"]), row["receipt"].encode("utf-8")
+        for file_id, data, received_ms in catalog.receipts.received_since(mark):
+            path = layout.receipt_path(file_id)
             try:
                 intact = path.read_bytes() == data
             except OSError:
@@ -143,7 +142,7 @@ def restore_copies(catalog: Catalog, layout: StoreLayout) -> int:
             else:
                 atomic_write_many([(path, data, 0o444)], group=group)
                 restored += 1
-            newest = max(newest, int(row["received_ms"]))
+            newest = max(newest, received_ms)
         group.sync()
     if restored:
         log.warning("receipt copies restored from the catalog count=%d (lost in a crash before they reached "

@@ -68,6 +68,10 @@ class CameraService:
         midnight_ms = int(midnight.timestamp() * 1000)
         return [worker.status(midnight_ms) for worker in self.workers.values()]
 
+    def online(self) -> dict[str, bool]:
+        """Each camera's name -> whether its stream is connected now (GB/T 28181 Catalog's Status)."""
+        return {status["name"]: bool(status["connected"]) for status in self.camera_status()}
+
     def health(self) -> dict[str, Any]:
         """HealthProvider: this component's part of the health snapshot, `{"cameras": [one per camera]}`."""
         return {"cameras": self.camera_status()}
