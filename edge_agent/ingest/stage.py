@@ -14,6 +14,7 @@ import sqlite3
 import struct
 import threading
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -132,7 +133,8 @@ def probe_media(path: Path, plain: Callable[[], PlainFile] | None = None) -> dic
     import av  # local: PyAV loads FFmpeg, which the CLI's small commands do not need
 
     try:
-        with av.open(plain() if plain is not None else str(path), metadata_errors="ignore") as probe:
+        with (plain() if plain is not None else nullcontext(str(path))) as source, \
+                av.open(source, metadata_errors="ignore") as probe:
             if probe.duration is not None:
                 media["duration_ms"] = int(probe.duration // 1000)
             video = next(iter(probe.streams.video), None)
