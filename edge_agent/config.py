@@ -409,6 +409,7 @@ class StoreSection(_Section):
     routine_days: Annotated[int, Field(ge=1, le=36_500)] = 180      # routine files: locked stored + this
     long_term_years: Annotated[int, Field(ge=1, le=100)] = 10       # long_term files: locked stored + this
     # evidence files: locked as routine, plus a legal hold (released only by a platform action)
+    release_keys: Path | None = None        # the platform's public key(s) signing legal-hold releases (PEM/dir)
 
     @model_validator(mode="after")
     def _s3_complete(self) -> StoreSection:

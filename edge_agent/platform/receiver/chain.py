@@ -37,7 +37,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
@@ -45,6 +45,7 @@ from edge_agent.clock import now_ms
 from edge_agent.durable import atomic_write, atomic_write_many, exclusive_lock
 from edge_agent.evidence.manifest import GENESIS_PREV, ManifestError, canonical_json, verify_signature
 from edge_agent.evidence.receipts import chain_receipt_body
+from edge_agent.platform.receiver.store import StoreUnavailable
 from edge_agent.protocol.wire import FILE_ID_PATTERN, WireError, decode_json
 
 log = logging.getLogger(__name__)
@@ -58,11 +59,28 @@ EVENT_REPEAT_S = 60.0   # the same event (agent, kind, seq) is published at most
 Head = tuple[int, str | None]   # (seq, sha256 of the document at seq); (0, None): nothing held
 
 
-class ChainStore:
-    """The agents' chains in the receiver's store (layout in the module docstring)."""
+class ChainRecords(Protocol):
+    """The chain's copy in the WORM bucket (worm.py `BucketRecords`); each raises StoreUnavailable."""
 
-    def __init__(self, root: Path):
+    def put_chain_doc(self, agent: str, seq: int, canonical: bytes) -> str:
+        """Create the document at `seq`; the SHA-256 of the one the bucket holds there (this one, or a fork)."""
+
+    def put_refused(self, agent: str, seq: int, payload: bytes) -> None: ...
+
+    def put_chain_receipt(self, agent: str, receipt: dict[str, Any]) -> None: ...
+
+
+class ForkInBucket(Exception):
+    """The bucket holds another document at this seq (written by a receiver on another host)."""
+
+
+class ChainStore:
+    """The agents' chains in the receiver's store (layout in the module docstring); with `bucket`, in the WORM
+    bucket too."""
+
+    def __init__(self, root: Path, bucket: ChainRecords | None = None):
         self.root = Path(root)
+        self.bucket = bucket
         self._checked: set[str] = set()   # agents whose head this process has checked (`_recover`)
 
     def _dir(self, agent: str) -> Path:
@@ -133,8 +151,14 @@ class ChainStore:
             return None
 
     def append(self, agent: str, seq: int, canonical: bytes, doc: dict[str, Any]) -> str:
-        """Hold `canonical` as document `seq` (call under `locked`, with seq = head + 1); returns its SHA-256."""
+        """Hold `canonical` as document `seq` (call under `locked`, with seq = head + 1); returns its SHA-256.
+        With a bucket, the document is created there first (ForkInBucket: it holds another one at `seq`;
+        StoreUnavailable: nothing changed here)."""
         digest = hashlib.sha256(canonical).hexdigest()
+        if self.bucket is not None:
+            held = self.bucket.put_chain_doc(agent, seq, canonical)
+            if held != digest:
+                raise ForkInBucket(held)
         entries = [(self.doc_path(agent, seq), canonical, 0o444)]
         index = self._file_index_entry(agent, seq, digest, doc)
         if index is not None:
@@ -153,6 +177,23 @@ class ChainStore:
 
     def keep_refused(self, agent: str, seq: int, payload: bytes) -> None:
         atomic_write(self._dir(agent) / "refused" / f"{now_ms()}-{seq}.json", payload, mode=0o444)
+        if self.bucket is not None:
+            try:
+                self.bucket.put_refused(agent, seq, payload)
+            except StoreUnavailable as exc:   # kept here all the same, for an investigator
+                log.error("refused chain message not copied to the bucket agent=%s seq=%d: %s", agent, seq, exc)
+
+    def keep_receipt(self, agent: str, receipt: dict[str, Any]) -> bool:
+        """Copy a chain receipt into the bucket before it is sent (True; or no bucket). False: the bucket cannot
+        be reached, and the answer goes without a receipt (the agent asks again)."""
+        if self.bucket is None:
+            return True
+        try:
+            self.bucket.put_chain_receipt(agent, receipt)
+        except StoreUnavailable as exc:
+            log.warning("chain receipt not kept agent=%s seq=%s: %s", agent, receipt.get("seq"), exc)
+            return False
+        return True
 
 
 class ChainKeeper:
@@ -226,7 +267,16 @@ class ChainKeeper:
                 return self._refuse(agent, REFUSAL_FORK, seq, digest, held,
                                     f"document {seq} ({doc['type']}) follows a document the platform does not "
                                     f"hold at {held[0]} (prev {doc['prev'][:16]}…)", payload)
-            self.store.append(agent, seq, canonical, doc)
+            try:
+                self.store.append(agent, seq, canonical, doc)
+            except ForkInBucket as fork:
+                return self._refuse(agent, REFUSAL_FORK, seq, digest, held,
+                                    f"document {seq} ({doc['type']}) differs from the one the platform's bucket "
+                                    f"holds at {seq} (sha256 {str(fork)[:16]}…, written by another receiver): "
+                                    "two documents claim the same place in the chain", payload)
+            except StoreUnavailable as exc:   # not held: no answer, the agent queries again after its timeout
+                log.warning("chain document not held agent=%s seq=%d: %s", agent, seq, exc)
+                return None
             held = (seq, digest)
         if doc["type"] == "key_rotation" and self.on_rotation is not None:
             try:
@@ -249,6 +299,8 @@ class ChainKeeper:
     def _answer(self, agent: str, state: str, held: Head, **extra: Any) -> dict[str, Any]:
         seq, digest = held
         receipt = self.sign(chain_receipt_body(agent, seq, digest)) if seq >= 1 and digest else None
+        if receipt is not None and not self.store.keep_receipt(agent, receipt):
+            receipt = None
         return {"state": state, "seq": seq, "sha256": digest, "receipt": receipt, **extra}
 
     def _drop(self, agent: str, reason: str) -> None:
