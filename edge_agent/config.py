@@ -347,6 +347,16 @@ class ReceiverSection(_Section):
         return self.signing_key_dir or self.store_dir / "keys"
 
 
+class AgentStoreSection(_Section):
+    """Encryption at rest of the agent's store and staging (edge_agent/atrest.py, docs/OPERATIONS.md "Encryption
+    at rest"): off unless `encrypt` names an algorithm. `key_file`: the 256-bit store key (64 hex digits, mode
+    0600, outside the data dir); under systemd the credential `edge-agent.store-key` (LoadCredential=) wins. Files
+    already encrypted stay readable with encryption turned off, as long as the key is still configured."""
+
+    encrypt: Literal["sm4-gcm", "aes-256-gcm"] | None = None
+    key_file: Path | None = None
+
+
 class AgentConfig(_Section):
     agent: AgentSection
     mqtt: MqttSection = MqttSection()
@@ -359,6 +369,7 @@ class AgentConfig(_Section):
     ui: UiSection = UiSection()
     gb28181: Gb28181Section = Gb28181Section()
     crypto: CryptoSection = CryptoSection()
+    store: AgentStoreSection = AgentStoreSection()
 
     @model_validator(mode="after")
     def _gb_ids(self) -> AgentConfig:
@@ -370,6 +381,15 @@ class AgentConfig(_Section):
                 raise ValueError(f"GB/T 28181 id {gb_id} is used twice (gb28181.device_id, cameras' gb_id): "
                                  "give each camera and the gateway its own 20-digit id")
             seen.add(gb_id)
+        return self
+
+    @model_validator(mode="after")
+    def _key_outside_data_dir(self) -> AgentConfig:
+        key_file = self.store.key_file
+        if key_file is not None and os.path.realpath(key_file).startswith(
+                os.path.realpath(self.agent.data_dir).rstrip("/") + "/"):
+            raise ValueError(f"[store] key_file {key_file} is inside data_dir {self.agent.data_dir}: keep the store "
+                             "key outside it (e.g. /etc/edge-agent/store.key)")
         return self
 
     @model_validator(mode="after")

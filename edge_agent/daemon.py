@@ -50,6 +50,7 @@ from edge_agent.ops.health import HealthMonitor, ScrubHealth
 from edge_agent.ops.liveness import Liveness, VitalsProvider
 from edge_agent.ops.retention import Retention
 from edge_agent.ops.scheduler import Job, Scheduler, daily_summary
+from edge_agent.services.workspace import store_layout
 from edge_agent.sources.docks import DockService
 from edge_agent.sources.recorders import RecorderModel, VolumeIdentity, load_models
 
@@ -122,7 +123,9 @@ class Agent:
         self.config = config
         self.started_monotonic = time.monotonic()
         self.version = __version__
-        self.layout = StoreLayout(config.agent.data_dir).open()
+        self.layout = store_layout(config).open()
+        if config.store.encrypt is not None or config.store.key_file is not None:
+            self.layout.at_rest.key()   # StoreKeyError (a PermissionError) now, not at the first copy
         self.owner = DataDirLock.acquire(self.layout, command="run")   # DataDirOwned: another agent runs here
         try:
             self._build_core(dock_drivers)

@@ -14,6 +14,7 @@ from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Protocol
 
+from edge_agent.atrest import AtRest, is_encrypted
 from edge_agent.durable import BLOCK, drop_cache
 
 # Blocks read ahead per stream: one being hashed (and written), the next ones already coming off the disk.
@@ -189,6 +190,34 @@ def hash_file(path: Path | os.PathLike[str], *, drop: bool = False, also: Sequen
         os.close(fd)
     assert digest is not None
     return digest, size
+
+
+def hash_stored(path: Path | os.PathLike[str], file_id: str, at_rest: AtRest,
+                each: Callable[[memoryview], bool | None] | None = None, *,
+                drop: bool = False, also: Sequence[Hasher] = ()) -> tuple[str | None, int]:
+    """SHA-256 and size of the plaintext of a stored (or staging) copy of `file_id`, encrypted or not (its name
+    says: edge_agent/atrest.py), as `hash_stream` with `each` and `also`; `drop` as in `hash_file`. An encrypted
+    copy whose block fails authentication raises `atrest.Tampered` naming the block."""
+    if not is_encrypted(path):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            if drop:
+                drop_cache(fd)
+            return hash_stream(fd, each, also=also)
+        finally:
+            os.close(fd)
+    digest, size = hashlib.sha256(), 0
+    with at_rest.reader(path, file_id) as reader:
+        if drop:
+            drop_cache(reader.fileno())
+        for block in reader.blocks():
+            digest.update(block)
+            for other in also:
+                other.update(block)
+            size += len(block)
+            if each is not None and each(block) is False:
+                return None, size
+    return digest.hexdigest(), size
 
 
 # The span `fingerprint` hashes at each end of a file.

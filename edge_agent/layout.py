@@ -8,16 +8,19 @@ from __future__ import annotations
 import fcntl
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
+from edge_agent.atrest import ENCRYPTED_MARK, AtRest, encrypted_name
 from edge_agent.durable import make_dirs
 
 
 @dataclass(frozen=True)
 class StoreLayout:
     data_dir: Path
+    # Encryption at rest (edge_agent/atrest.py): what new copies are written as, and the key to read encrypted ones.
+    at_rest: AtRest = field(default_factory=AtRest, compare=False, repr=False)
 
     @property
     def staging(self) -> Path:
@@ -76,12 +79,13 @@ class StoreLayout:
         for path in (self.staging, self.media, self.manifests, self.sessions, self.annotations):
             make_dirs(path)
 
-    def staging_path(self, file_id: str) -> Path:
-        return self.staging / f"{file_id}.part"
+    def staging_path(self, file_id: str, encrypted: bool = False) -> Path:
+        return self.staging / f"{file_id}{ENCRYPTED_MARK if encrypted else ''}.part"
 
-    def media_path(self, file_id: str, suffix: str) -> Path:
+    def media_path(self, file_id: str, suffix: str, encrypted: bool = False) -> Path:
         # Two levels of fan-out by the ULID's random tail keep directories small.
-        return self.media / file_id[-2:] / f"{file_id}{suffix.lower()}"
+        name = encrypted_name(file_id, suffix.lower()) if encrypted else f"{file_id}{suffix.lower()}"
+        return self.media / file_id[-2:] / name
 
     def manifest_path(self, file_id: str) -> Path:
         return self.manifests / file_id[-2:] / f"{file_id}.json"

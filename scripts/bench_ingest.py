@@ -16,6 +16,11 @@ Prints MB/s of each and our ratio to each baseline, and the daemon's peak RSS
 peak RSS < 200 MB.
 
     .venv/bin/python scripts/bench_ingest.py [--gib 2] [--recorders 8] [--files 4] [--dir /var/tmp]
+        [--encrypt sm4-gcm,aes-256-gcm]
+
+With --encrypt: each round also runs ours with `[store] encrypt = ALG` for each algorithm listed (encryption at
+rest, edge_agent/atrest.py), right after the default (plaintext store), and prints each one's MB/s, CPU s and
+ratio to the default of the same round.
 
 With --suite ed25519+sm2 (or sm2): each round also runs ours with `[crypto] suite` set so (SM3 beside SHA-256
 in the copy's one pass, SM2 signatures beside or instead of Ed25519), right after the default run on the same
@@ -98,7 +103,7 @@ def make_dock(parked: Path, recorders: int, files: int, total: int) -> list[Path
     return out
 
 
-def write_config(work: Path, dock_root: Path, suite: str | None = None) -> Path:
+def write_config(work: Path, dock_root: Path, extra: str = "") -> Path:
     data = work / "data"
     data.mkdir(mode=0o750)
     config = work / "agent.toml"
@@ -108,8 +113,7 @@ def write_config(work: Path, dock_root: Path, suite: str | None = None) -> Path:
         # Nothing listens on this port: the uplink stays offline, so the run measures ingest alone.
         f'[mqtt]\nhost = "127.0.0.1"\nport = {closed_port()}\n\n'
         f'[[docks]]\nname = "bench"\nkind = "directory"\nroot = "{dock_root}"\nsettle_s = 0\nrescan_s = 0.2\n'
-        + ("" if suite is None else f'\n[crypto]\nsuite = "{suite}"\n'),
-        encoding="utf-8")
+        + extra, encoding="utf-8")
     return config
 
 
@@ -143,10 +147,23 @@ def started(catalog: Path) -> bool:
         conn.close()
 
 
-def run_ours(work: Path, parked: Path, sources: list[Path], suite: str | None = None) -> tuple[float, int, str, float]:
+def encrypted_store(work: Path, algorithm: str) -> str:
+    """The `[store]` section that encrypts the store with `algorithm`, its key made as docs/OPERATIONS.md says."""
+    key = work / "store.key"
+    key.write_text(os.urandom(32).hex())
+    os.chmod(key, 0o600)
+    return f'\n[store]\nencrypt = "{algorithm}"\nkey_file = "{key}"\n'
+
+
+def crypto_suite(suite: str) -> str:
+    """The `[crypto]` section that signs under `suite`."""
+    return f'\n[crypto]\nsuite = "{suite}"\n'
+
+
+def run_ours(work: Path, parked: Path, sources: list[Path], extra: str = "") -> tuple[float, int, str, float]:
     dock_root = work / "dock"
     dock_root.mkdir()
-    config = write_config(work, dock_root, suite)
+    config = write_config(work, dock_root, extra)
     catalog = work / "data" / "catalog.sqlite"
     log = open(work / "daemon.log", "wb")
     proc = subprocess.Popen([str(EDGE_AGENT), "--config", str(config), "run"], stdout=log, stderr=log)
@@ -207,9 +224,26 @@ def run_shell(parked: Path, dest: Path, sources: list[Path], then: list[str]) ->
     return elapsed, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
-def one_round(work: Path, parked: Path, sources: list[Path], nbytes: int, suite: str | None = None) -> dict:
-    """cp+sync, cp+sha256sum and ours on the same files, back to back (and ours under `suite` right after);
-    each with cold source caches."""
+def encrypted_runs(work: Path, parked: Path, sources: list[Path], nbytes: int, algorithms: list[str],
+                   plain_s: float) -> dict:
+    """Ours with the store encrypted by each of `algorithms`, after the default run of the same round."""
+    out = {}
+    for algorithm in algorithms:
+        enc_dir = work / f"ours-{algorithm}"
+        enc_dir.mkdir()
+        seconds, peak_rss, _how, cpu_s = run_ours(enc_dir, parked, sources, encrypted_store(enc_dir, algorithm))
+        shutil.rmtree(enc_dir)
+        subprocess.run(["sync"], check=True)
+        out[algorithm] = {"mb_s": round(nbytes / 1e6 / seconds, 1), "ratio_vs_plain": round(plain_s / seconds, 2),
+                          "cpu_s": round(cpu_s, 2), "peak_rss_mb": round(peak_rss / 1e6, 1)}
+    return out
+
+
+def one_round(work: Path, parked: Path, sources: list[Path], nbytes: int, encrypt: list[str] | None = None,
+              suite: str | None = None) -> dict:
+    """cp+sync, cp+sha256sum and ours on the same files, back to back; each with cold source caches. With
+    `encrypt`, ours again with the store encrypted by each algorithm listed; with `suite`, ours again
+    signing under that [crypto] suite."""
     load = os.getloadavg()[0]
     cp_sync, cp_sync_cpu = run_shell(parked, work / "cp-sync", sources, ["sync"])
     cp_sha, cp_sha_cpu = run_shell(parked, work / "cp-sha", sources, ["sha256sum"])
@@ -222,12 +256,15 @@ def one_round(work: Path, parked: Path, sources: list[Path], nbytes: int, suite:
     suited = {}
     if suite is not None:
         ours_dir.mkdir()
-        took, suite_rss, _how, suite_cpu = run_ours(ours_dir, parked, sources, suite)
+        took, suite_rss, _how, suite_cpu = run_ours(ours_dir, parked, sources, crypto_suite(suite))
         shutil.rmtree(ours_dir)
         subprocess.run(["sync"], check=True)
         suited = {"suite": suite, "suite_mb_s": round(nbytes / 1e6 / took, 1), "suite_cpu_s": round(suite_cpu, 2),
                   "suite_peak_rss_mb": round(suite_rss / 1e6, 1), "suite_vs_default": round(ours / took, 3)}
-    return {**suited,
+    encrypted = encrypted_runs(work, parked, sources, nbytes, encrypt, ours) if encrypt else {}
+    return {
+        **suited,
+        **({"encrypted": encrypted} if encrypted else {}),
         "mb_s": {k: round(v, 1) for k, v in mbs.items()},
         "ratio_vs_cp_sync": round(mbs["ours"] / mbs["cp_sync"], 2),
         "ratio_vs_cp_sha256sum": round(mbs["ours"] / mbs["cp_sha256sum"], 2),
@@ -328,7 +365,10 @@ def main() -> None:
     parser.add_argument("--kib", type=int, default=20, help="with --small: size of each file (KB)")
     parser.add_argument("--suite", choices=["sm2", "ed25519+sm2"], default=None,
                         help="also run ours under this [crypto] suite, right after the default, every round")
+    parser.add_argument("--encrypt", default="", help="comma-separated [store] encrypt algorithms (sm4-gcm, "
+                        "aes-256-gcm) also measured in every round against the default plaintext store")
     args = parser.parse_args()
+    encrypt = [a for a in args.encrypt.split(",") if a]
     if args.small:
         main_small(args)
         return
@@ -338,7 +378,7 @@ def main() -> None:
         parked = work / "recorders"
         sources = make_dock(parked, args.recorders, args.files, total)
         nbytes = sum(p.stat().st_size for p in sources)
-        rounds = [one_round(work, parked, sources, nbytes, args.suite) for _ in range(args.rounds)]
+        rounds = [one_round(work, parked, sources, nbytes, encrypt, args.suite) for _ in range(args.rounds)]
         result = {
             "bytes": nbytes, "files": len(sources), "recorders": args.recorders, "cores": os.cpu_count(),
             "rounds": rounds,
@@ -347,6 +387,9 @@ def main() -> None:
             "max_peak_rss_mb": max(r["peak_rss_mb"] for r in rounds),
             **({} if args.suite is None else {"suite": args.suite, "median_suite_vs_default": statistics.median(
                 r["suite_vs_default"] for r in rounds)}),
+            **({"median_encrypted_ratio_vs_plain": {a: statistics.median(r["encrypted"][a]["ratio_vs_plain"]
+                                                                        for r in rounds) for a in encrypt}}
+               if encrypt else {}),
         }
         if args.json:
             print(json.dumps(result))
@@ -361,6 +404,13 @@ def main() -> None:
                   f"{r['mb_s']['cp_sha256sum']:17.1f}  {r['ratio_vs_cp_sync']:8.2f}x  "
                   f"{r['ratio_vs_cp_sha256sum']:14.2f}x  {r['peak_rss_mb']:11.1f}  "
                   f"{r['cpu_s']['ours']:.1f}/{r['cpu_s']['cp_sync']:.1f}/{r['cpu_s']['cp_sha256sum']:.1f}")
+        for i, r in enumerate(rounds, 1):
+            for algorithm, e in r.get("encrypted", {}).items():
+                print(f"round {i} encrypt={algorithm}: {e['mb_s']:.1f} MB/s vs {r['mb_s']['ours']:.1f} plain "
+                      f"({e['ratio_vs_plain']:.2f}x), CPU s {e['cpu_s']:.1f} vs {r['cpu_s']['ours']:.1f}, "
+                      f"peak RSS {e['peak_rss_mb']:.1f} MB")
+        for algorithm, ratio in result.get("median_encrypted_ratio_vs_plain", {}).items():
+            print(f"median encrypt={algorithm} vs plaintext store: {ratio:.2f}x")
         print(f"median ratio vs cp+sync {result['median_ratio_vs_cp_sync']:.2f}x (goal >= 0.5x), "
               f"vs cp+sha256sum {result['median_ratio_vs_cp_sha256sum']:.2f}x (goal >= 1.5x), "
               f"peak RSS {result['max_peak_rss_mb']:.1f} MB (goal < 200 MB)")

@@ -13,6 +13,10 @@
 3. A backlog drain under a bandwidth cap: the rate on the link (chunk bytes as
    the broker delivers them, first to last chunk) against the cap.
 
+With --encrypt sm4-gcm,aes-256-gcm: the backlog drain again with the agent's store encrypted at rest by each
+algorithm listed (`[store] encrypt`, edge_agent/atrest.py: every chunk decrypted on its way out), against the
+plaintext drain of the same run.
+
 The issue asks for a 20 GB backlog and a 4 GB RSS run; the default here is
 scaled down (--backlog-gb 2, --capped-mb 256) to run in a few minutes on the
 project's 2-core machines. Pass --backlog-gb 20 for the full size (needs about
@@ -139,7 +143,7 @@ def peak_rss(pid: int, stop: threading.Event, out: list[int]) -> None:
 
 
 def drain(work: Path, port: int, *, backlog: int, file_size: int, chunk_kib: int, window: int,
-          cap_kbps: int | None) -> dict:
+          cap_kbps: int | None, encrypt: str | None = None) -> dict:
     """Seal a backlog while the agent is offline (`edge-agent import`), then start the agent against a running
     broker and receiver; time from its `online` status to the last file `synced` in its catalog."""
     shutil.rmtree(work, ignore_errors=True)
@@ -155,7 +159,7 @@ def drain(work: Path, port: int, *, backlog: int, file_size: int, chunk_kib: int
     agent_toml = write_toml(work / "agent.toml", {
         "agent": {"id": AGENT_ID, "site": "bench", "unit": "bench", "data_dir": str(data_dir),
                   "max_disk_gb": 1000, "min_free_mb": 0, "verify_readback": False},
-        "mqtt": mqtt})
+        "mqtt": mqtt, **encrypted_store(work, encrypt)})
     files = make_files(work / "card", backlog, file_size)
     cli("--config", str(agent_toml), "import", str(work / "card"), "--device", "DSJ-BENCH-1",
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -209,6 +213,16 @@ def drain(work: Path, port: int, *, backlog: int, file_size: int, chunk_kib: int
         raise RuntimeError(f"receiver stored {stored} bytes, backlog was {backlog}")
     return {"files": files, "bytes": backlog, "seconds": elapsed, "mb_s": backlog / elapsed / 1e6,
             "link_mb_s": meter.rate() / 1e6, "peak_rss_mb": max(samples, default=0) / 2**20}
+
+
+def encrypted_store(work: Path, encrypt: str | None) -> dict:
+    """The agent config's `[store]` that encrypts with `encrypt` (none when None), its key outside the data dir."""
+    if encrypt is None:
+        return {}
+    key = work / "store.key"
+    key.write_text(os.urandom(32).hex())
+    os.chmod(key, 0o600)
+    return {"store": {"encrypt": encrypt, "key_file": str(key)}}
 
 
 # -- raw paho baseline --------------------------------------------------------------------------------
@@ -282,6 +296,8 @@ def main() -> None:
     parser.add_argument("--chunk-kib", type=int, default=MqttSection().chunk_kib, help="the agent's default")
     parser.add_argument("--window", type=int, default=MqttSection().window, help="the agent's default")
     parser.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temp dir)")
+    parser.add_argument("--encrypt", default="", help="comma-separated [store] encrypt algorithms (sm4-gcm, "
+                        "aes-256-gcm): the backlog drain again with each, against the plaintext drain")
     parser.add_argument("--raw-role", choices=["pub", "sub"], help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--count", type=int, help=argparse.SUPPRESS)
@@ -303,6 +319,13 @@ def main() -> None:
         ours = drain(work / "drain", port, backlog=backlog, file_size=args.file_mb * 2**20,
                      chunk_kib=args.chunk_kib, window=args.window, cap_kbps=None)
         shutil.rmtree(work / "drain")
+        encrypted = {}
+        for algorithm in [a for a in args.encrypt.split(",") if a]:
+            encrypted[algorithm] = drain(work / f"drain-{algorithm}", port, backlog=backlog,
+                                         file_size=args.file_mb * 2**20, chunk_kib=args.chunk_kib,
+                                         window=args.window, cap_kbps=None, encrypt=algorithm)
+            encrypted[algorithm]["ratio_vs_plain"] = encrypted[algorithm]["mb_s"] / ours["mb_s"]
+            shutil.rmtree(work / f"drain-{algorithm}")
         baseline = raw(work, port, total=backlog, chunk=chunk, inflight=args.window)
         cap_kbps = int(args.cap_mbit * 1000)
         capped = drain(work / "capped", port, backlog=args.capped_mb * 2**20, file_size=64 * 2**20,
@@ -315,10 +338,14 @@ def main() -> None:
         "backlog": ours, "raw_paho_qos1": baseline, "ratio": ours["mb_s"] / baseline["mb_s"],
         "backlog_20gb_extrapolated_s": ours["seconds"] * 20 * 1024**3 / backlog,
         "capped": capped, "cap_mb_s": cap_mb_s, "cap_ratio": capped["link_mb_s"] / cap_mb_s,
+        **({"encrypted": encrypted} if encrypted else {}),
     }
     print(json.dumps(result, indent=2))
     print(f"\nend-to-end verified: {ours['mb_s']:.0f} MB/s ({ours['bytes'] / 2**30:.1f} GiB in {ours['files']} files, "
           f"{ours['seconds']:.1f} s); raw paho QoS 1: {baseline['mb_s']:.0f} MB/s; ratio {result['ratio']:.2f}x")
+    for algorithm, e in encrypted.items():
+        print(f"store encrypt={algorithm}: {e['mb_s']:.0f} MB/s ({e['seconds']:.1f} s), {e['ratio_vs_plain']:.2f}x "
+              f"the plaintext store's drain; agent peak RSS {e['peak_rss_mb']:.0f} MiB")
     print(f"agent peak RSS during the {ours['bytes'] / 2**30:.1f} GiB drain: {ours['peak_rss_mb']:.0f} MiB")
     print(f"20 GB backlog at this rate: {result['backlog_20gb_extrapolated_s'] / 60:.1f} min (extrapolated)")
     print(f"capped at {args.cap_mbit:.0f} Mbit/s ({cap_mb_s:.2f} MB/s): {capped['link_mb_s']:.2f} MB/s on the link, "

@@ -166,8 +166,8 @@ def test_a_copy_that_does_not_read_back_stops_the_batch_there_and_the_rest_is_re
 
     genuine = stage.prove_copy
 
-    def flaky(staging: Path, digest: str, size: int, record: Any) -> None:
-        genuine(staging, "0" * 64 if record.original_path == names[3] else digest, size, record)
+    def flaky(staging: Path, digest: str, size: int, record: Any, *rest: Any) -> None:
+        genuine(staging, "0" * 64 if record.original_path == names[3] else digest, size, record, *rest)
 
     monkeypatch.setattr(stage, "prove_copy", flaky)
     done = ingestor.ingest_batch(items)

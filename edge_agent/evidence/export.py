@@ -26,10 +26,11 @@ from typing import Any
 import bagit
 from cryptography.hazmat.primitives import serialization
 
+from edge_agent.atrest import AtRestError
 from edge_agent.catalog import Catalog, FileRecord, audit
 from edge_agent.clock import now_ms
 from edge_agent.config import AgentConfig
-from edge_agent.digest import hash_stream
+from edge_agent.digest import hash_file, hash_stored
 from edge_agent.durable import make_dirs
 from edge_agent.evidence.keys import KeyHistory, key_history
 from edge_agent.evidence.manifest import (
@@ -93,15 +94,12 @@ class ExportResult:
         return not self.problems
 
 
-def _copy_hashing(src: Path, dst: Path) -> tuple[str | None, int]:
-    """Copy in 1 MiB blocks, hashing what was read; fsync the copy."""
-    fd = os.open(src, os.O_RDONLY)
-    try:
-        with open(dst, "wb", buffering=0) as fout:
-            digest, size = hash_stream(fd, fout.write)
-            os.fsync(fout.fileno())
-    finally:
-        os.close(fd)
+def _copy_hashing(src: Path, dst: Path, file_id: str, layout: StoreLayout) -> tuple[str | None, int]:
+    """Copy the plaintext in blocks, hashing it; fsync the copy. An encrypted stored copy is decrypted (the bag
+    holds plaintext); a block of it that fails authentication raises `AtRestError`."""
+    with open(dst, "wb", buffering=0) as fout:
+        digest, size = hash_stored(src, file_id, layout.at_rest, fout.write)
+        os.fsync(fout.fileno())
     return digest, size
 
 
@@ -220,9 +218,14 @@ def _write_payload(catalog: Catalog, layout: StoreLayout, keys: KeyHistory, conf
         else:
             src = layout.data_dir / record.store_path
             name = f"{record.file_id}{Path(record.store_path).suffix}"
-            digest, size = _copy_hashing(src, dest / "media" / name)
-            entry["media"] = f"media/{name}"
-            if (digest, size) != (record.sha256, record.size):
+            try:
+                digest, size = _copy_hashing(src, dest / "media" / name, record.file_id, layout)
+            except AtRestError as exc:
+                (dest / "media" / name).unlink(missing_ok=True)
+                digest, size = "", 0
+                findings.append(f"{record.file_id} [media]: {exc}")
+            entry["media"] = f"media/{name}" if digest else None
+            if digest and (digest, size) != (record.sha256, record.size):
                 findings.append(f"{record.file_id} [media]: stored copy does not match its manifest "
                                 f"(sha256 {digest[:16]}…): altered after sealing")
             result.media_bytes += size
@@ -329,11 +332,7 @@ def _bag_media(root: Path) -> list[str]:
             problems.append(f"media/{path.name}: {exc}")
             continue
         sm3 = sm3_hasher() if "sm3" in manifest else None   # 国密 suites: both digests, one pass
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            digest, _size = hash_stream(fd, also=() if sm3 is None else (sm3,))
-        finally:
-            os.close(fd)
+        digest, _size = hash_file(path, also=() if sm3 is None else (sm3,))   # a bag's media are plaintext
         if digest != manifest.get("sha256"):
             problems.append(f"media/{path.name}: SHA-256 {str(digest)[:16]}… is not the manifest's")
         elif sm3 is not None and sm3.finalize().hex() != manifest.get("sm3"):

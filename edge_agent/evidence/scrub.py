@@ -16,11 +16,12 @@ import threading
 import time
 from dataclasses import dataclass
 
+from edge_agent.atrest import AtRestError
 from edge_agent.catalog import Catalog, FileRecord, State
 from edge_agent.catalog.alarms import TAMPER
 from edge_agent.clock import now_ms
 from edge_agent.config import AgentConfig
-from edge_agent.digest import hash_stream
+from edge_agent.digest import hash_stored
 from edge_agent.evidence.keys import KeyHistory, key_history
 from edge_agent.evidence.verify import Finding, verify_audit, verify_chain, verify_file
 from edge_agent.layout import StoreLayout
@@ -109,7 +110,9 @@ class Scrubber:
             return findings
         stored = self.layout.data_dir / (record.store_path or "")
         try:
-            digest, size = self._throttled_hash(stored)
+            digest, size = self._throttled_hash(stored, record.file_id)
+        except AtRestError as exc:   # an encrypted copy: the block that fails its tag is named
+            return [Finding(record.file_id, "media", f"stored copy {exc}")]
         except OSError as exc:
             if self.catalog.get(record.file_id).state == State.PURGED:
                 return []  # retention purged it since this batch was read: no longer ours to check
@@ -121,7 +124,7 @@ class Scrubber:
                                                      f"{digest[:16]}…, {size} bytes): altered after sealing")]
         return []
 
-    def _throttled_hash(self, path: os.PathLike[str]) -> tuple[str | None, int]:
+    def _throttled_hash(self, path: os.PathLike[str], file_id: str) -> tuple[str | None, int]:
         """Hash at no more than scrub_mb_s, paced over the whole run (many small files too); (None, size)
         when stopped midway."""
 
@@ -132,11 +135,7 @@ class Scrubber:
             # hold up the daemon's stop.
             return not (self.stop.wait(ahead) if ahead > 0 else self.stop.is_set())
 
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            return hash_stream(fd, pace)
-        finally:
-            os.close(fd)
+        return hash_stored(path, file_id, self.layout.at_rest, pace)
 
     def _report(self, findings: list[Finding]) -> None:
         for finding in findings:

@@ -41,11 +41,12 @@ def _remove_partials(layout: StoreLayout) -> int:
 def _remove_orphans(catalog: Catalog, layout: StoreLayout) -> int:
     removed = 0
     for record in catalog.files(states=[State.DISCOVERED]):
-        orphan = layout.media_path(record.file_id, Path(record.original_path).suffix)
-        if orphan.exists():  # renamed into the store, but the row was never written: redo from source
-            unlink_quietly(orphan)
-            fsync_dir(orphan.parent)
-            removed += 1
+        for encrypted in (False, True):   # written plain or encrypted (edge_agent/atrest.py), whatever the setting now
+            orphan = layout.media_path(record.file_id, Path(record.original_path).suffix, encrypted=encrypted)
+            if orphan.exists():  # renamed into the store, but the row was never written: redo from source
+                unlink_quietly(orphan)
+                fsync_dir(orphan.parent)
+                removed += 1
     return removed
 
 

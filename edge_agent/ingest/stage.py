@@ -14,15 +14,17 @@ import sqlite3
 import struct
 import threading
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from edge_agent.atrest import AtRest, AtRestError, BlockWriter, PlainFile, is_encrypted
 from edge_agent.catalog import Catalog, FileRecord, State
 from edge_agent.clock import now_ms
 from edge_agent.config import AgentConfig
-from edge_agent.digest import Hasher, hash_stream
-from edge_agent.durable import SyncGroup, drop_cache, start_writeback
+from edge_agent.digest import Hasher, hash_stored, hash_stream
+from edge_agent.durable import SyncGroup, start_writeback
 from edge_agent.evidence.suites import DEFAULT_SUITE, sm3_hasher
 from edge_agent.ingest.errors import (
     CopyMismatch,
@@ -100,14 +102,14 @@ def _png_size(head: bytes) -> tuple[int, int] | None:
     return (width, height) if width and height else None
 
 
-def _probe_still(path: Path, media: dict[str, Any]) -> dict[str, Any]:
+def _probe_still(path: Path, media: dict[str, Any], plain: Callable[[], PlainFile] | None = None) -> dict[str, Any]:
     """Codec and size of a still image from its header (no FFmpeg); a header that is not the image its name
     says is a `probe_error`, as FFmpeg's would be."""
     codec = _STILLS[media["container"]]
     try:
-        with open(path, "rb") as f:
+        with (plain() if plain is not None else open(path, "rb")) as f:
             head = f.read(_STILL_HEAD)
-    except OSError as exc:
+    except (OSError, AtRestError) as exc:
         media["probe_error"] = str(exc)[:200]
         return media
     size = _jpeg_size(head) if codec == "mjpeg" else _png_size(head)
@@ -119,19 +121,21 @@ def _probe_still(path: Path, media: dict[str, Any]) -> dict[str, Any]:
     return media
 
 
-def probe_media(path: Path) -> dict[str, Any]:
+def probe_media(path: Path, plain: Callable[[], PlainFile] | None = None) -> dict[str, Any]:
     """Container, duration and codec of a media file, without decoding; never raises. Still images are
-    read from their header (codec and size, no duration); other media through PyAV."""
+    read from their header (codec and size, no duration); other media through PyAV. `plain`: opens the
+    plaintext of an encrypted stored copy at `path` (edge_agent/atrest.py)."""
     container = path.suffix.lower().lstrip(".") or "bin"
     media: dict[str, Any] = {"container": container}
     if container in _NOT_MEDIA:
         return media
     if container in _STILLS:
-        return _probe_still(path, media)
+        return _probe_still(path, media, plain)
     import av  # local: PyAV loads FFmpeg, which the CLI's small commands do not need
 
     try:
-        with av.open(str(path), metadata_errors="ignore") as probe:
+        with (plain() if plain is not None else nullcontext(str(path))) as source, \
+                av.open(source, metadata_errors="ignore") as probe:
             if probe.duration is not None:
                 media["duration_ms"] = int(probe.duration // 1000)
             video = next(iter(probe.streams.video), None)
@@ -144,7 +148,7 @@ def probe_media(path: Path) -> dict[str, Any]:
                 if stream is video and context.width:
                     media["width"], media["height"] = context.width, context.height
             media["tracks"] = [_track(s) for s in probe.streams]
-    except (av.FFmpegError, OSError, ValueError) as exc:
+    except (av.FFmpegError, OSError, ValueError, AtRestError) as exc:
         media["probe_error"] = str(exc)[:200]
     return media
 
@@ -182,8 +186,10 @@ def _changed(record: FileRecord, st: os.stat_result) -> bool:
         record.source_mtime_ns is not None and st.st_mtime_ns != record.source_mtime_ns)
 
 
-def _pump(src: int, dst: int, record: FileRecord, abort: Abort | None, also: Sequence[Hasher]) -> tuple[str, int]:
-    """Stream `src` into `dst`, hashing; writeback starts as it goes, `abort()` stops it."""
+def _pump(src: int, dst: int, record: FileRecord, abort: Abort | None, also: Sequence[Hasher] = (),
+          sink: BlockWriter | None = None) -> tuple[str, int]:
+    """Stream `src` into `dst`, hashing (`also`: other digests fed the same bytes); writeback starts as it
+    goes, `abort()` stops it. `sink`: encrypts what is written (the hashes stay the plaintext's)."""
     flushed = written = 0
 
     def write(view: memoryview) -> None:
@@ -191,7 +197,10 @@ def _pump(src: int, dst: int, record: FileRecord, abort: Abort | None, also: Seq
         if abort is not None and abort():
             raise SourceGone(f"{record.original_path}: recorder undocked during the copy; the partial "
                              "copy was discarded, it resumes when the recorder is back")
-        _write_all(dst, view, record)
+        if sink is not None:
+            _encrypt_into(sink, view, record)
+        else:
+            _write_all(dst, view, record)
         written += len(view)
         if written - flushed >= WRITEBACK_STEP:
             start_writeback(dst, flushed, written - flushed)
@@ -202,12 +211,27 @@ def _pump(src: int, dst: int, record: FileRecord, abort: Abort | None, also: Seq
     return digest, size
 
 
+def _encrypt_into(sink: BlockWriter, view: memoryview | None, record: FileRecord) -> None:
+    """`view` through the encrypting writer (None: its last block), a full disk as with a plain copy."""
+    try:
+        if view is None:
+            sink.close()
+        else:
+            sink.write(view)
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise IntakePaused(f"disk full while copying {record.original_path}; intake paused, the "
+                               "partial copy was discarded and nothing else was touched") from exc
+        raise
+
+
 def copy_hashing(source: Path, staging: Path, record: FileRecord, abort: Abort | None,
-                 also: Sequence[Hasher] = ()) -> tuple[str, int]:
+                 at_rest: AtRest | None = None, also: Sequence[Hasher] = ()) -> tuple[str, int]:
     """Copy `source` to `staging` and return (sha256, size) of the bytes read (`also`: other digests fed
     the same bytes in the same pass, e.g. SM3); SourceGone if the source is
     not, or stops being, the file the catalog listed. The copy is written and its writeback started, not
-    yet fsynced: the caller fsyncs it (`Ingestor` does so for a whole batch) before anything relies on it."""
+    yet fsynced: the caller fsyncs it (`Ingestor` does so for a whole batch) before anything relies on it.
+    With `at_rest` and a staging name that says encrypted, the copy is written encrypted (atrest.py)."""
     try:
         src = os.open(source, os.O_RDONLY | os.O_NOFOLLOW)
     except OSError as exc:
@@ -219,7 +243,10 @@ def copy_hashing(source: Path, staging: Path, record: FileRecord, abort: Abort |
                              "it will be listed again")
         dst = os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
-            digest, size = _pump(src, dst, record, abort, also)
+            sink = at_rest.writer(dst, record.file_id) if at_rest is not None and is_encrypted(staging) else None
+            digest, size = _pump(src, dst, record, abort, also, sink)
+            if sink is not None:
+                _encrypt_into(sink, None, record)
             start_writeback(dst)
         finally:
             os.close(dst)
@@ -231,18 +258,16 @@ def copy_hashing(source: Path, staging: Path, record: FileRecord, abort: Abort |
     return digest, size
 
 
-def prove_copy(staging: Path, digest: str, size: int, record: FileRecord) -> None:
+def prove_copy(staging: Path, digest: str, size: int, record: FileRecord, at_rest: AtRest | None = None) -> None:
     """Drop a durable staged copy from the page cache and hash it from the disk: CopyMismatch if the bytes
-    there are not the bytes read from the source."""
-    fd = os.open(staging, os.O_RDONLY)
+    there are not the bytes read from the source (an encrypted copy is decrypted, every block authenticated)."""
     try:
-        drop_cache(fd)
-        if hash_stream(fd) != (digest, size):
-            raise CopyMismatch(
-                f"{record.original_path}: read-back of the staged copy differs from the source "
-                f"(disk or memory fault?); the copy was discarded and will be retried")
-    finally:
-        os.close(fd)
+        if hash_stored(staging, record.file_id, at_rest or AtRest(), drop=True) == (digest, size):
+            return
+    except AtRestError:
+        pass
+    raise CopyMismatch(f"{record.original_path}: read-back of the staged copy differs from the source "
+                       f"(disk or memory fault?); the copy was discarded and will be retried")
 
 
 @dataclass
@@ -360,10 +385,11 @@ class Ingestor:
             self._release(reserved)
 
     def _copy(self, index: int, record: FileRecord, source: Path, abort: Abort | None) -> _Copy:
-        staging = self.layout.staging_path(record.file_id)
+        at_rest = self.layout.at_rest
+        staging = self.layout.staging_path(record.file_id, encrypted=at_rest.encrypting)
         sm3 = sm3_hasher() if self.config.crypto.suite != DEFAULT_SUITE else None
         try:
-            digest, size = copy_hashing(source, staging, record, abort, () if sm3 is None else (sm3,))
+            digest, size = copy_hashing(source, staging, record, abort, at_rest, () if sm3 is None else (sm3,))
         except BaseException:
             unlink_quietly(staging)
             raise
@@ -380,14 +406,15 @@ class Ingestor:
         for n, copy in enumerate(copies):
             try:
                 if self.config.agent.verify_readback:
-                    prove_copy(copy.staging, copy.digest, copy.size, copy.record)
+                    prove_copy(copy.staging, copy.digest, copy.size, copy.record, self.layout.at_rest)
             except CopyMismatch as exc:
                 for dropped in copies[n:]:
                     unlink_quietly(dropped.staging)
                 del copies[n:]
                 failed = (copy.record, items[copy.index][1], exc)
                 break
-            copy.final = self.layout.media_path(copy.record.file_id, Path(copy.record.original_path).suffix)
+            copy.final = self.layout.media_path(copy.record.file_id, Path(copy.record.original_path).suffix,
+                                                encrypted=is_encrypted(copy.staging))
             group.ensure(copy.final.parent)
             os.chmod(copy.staging, 0o444)
             os.replace(copy.staging, copy.final)
@@ -416,7 +443,9 @@ class Ingestor:
 
     def _staged_columns(self, copy: _Copy) -> dict[str, Any]:
         assert copy.final is not None
-        record, media = copy.record, probe_media(copy.final)
+        record, final = copy.record, copy.final
+        plain = (lambda: PlainFile(self.layout.at_rest.reader(final, record.file_id))) if is_encrypted(final) else None
+        media = probe_media(final, plain)
         end_ms = record.recorded_end_ms
         if end_ms is None and record.recorded_start_ms is not None and "duration_ms" in media:
             end_ms = record.recorded_start_ms + media["duration_ms"]

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from edge_agent.atrest import AtRestError, PlainFile, is_encrypted
 from edge_agent.catalog import FileRecord, State, UnknownFile
 from edge_agent.catalog import audit as audit_log
 from edge_agent.catalog.reports import AuditEntry
@@ -106,10 +107,22 @@ def view(ws: Workspace, file_id: str, *, reason: str, approved_by: str, to: Path
         raise ServiceError(f"{file_id} is not held locally (state {record.state}); view it on the platform")
     stored = ws.layout.data_dir / str(record.store_path)
     target = stored
+    encrypted = is_encrypted(stored)
+    if encrypted and to is None:
+        raise ServiceError(f"{file_id} is stored encrypted ([store] encrypt): give --to DIR for a plaintext copy "
+                           "to play back")
     if to is not None:
         to.mkdir(parents=True, exist_ok=True)
-        target = to / stored.name
-        shutil.copyfile(stored, target)
+        target = to / f"{file_id}{stored.suffix}"
+        if encrypted:
+            try:
+                with PlainFile(ws.layout.at_rest.reader(stored, file_id)) as plain, open(target, "wb") as out:
+                    shutil.copyfileobj(plain, out, 1024 * 1024)
+            except AtRestError as exc:
+                target.unlink(missing_ok=True)
+                raise ServiceError(f"{file_id}: {exc}; run: edge-agent verify {file_id}") from exc
+        else:
+            shutil.copyfile(stored, target)
     catalog.audit("file.viewed", subject=file_id, reason=reason,
                   detail={"approved_by": approved_by, "requested_by": audit_log.os_user(),
                           "copy": str(to) if to else None})

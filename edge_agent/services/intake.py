@@ -26,7 +26,7 @@ from edge_agent.ingest import Ingestor, Sealer
 from edge_agent.layout import DataDirLock, DataDirOwned, StoreLayout
 from edge_agent.ops import control
 from edge_agent.ops.control import IMPORT_DOCK, ImportArgs, import_outcome
-from edge_agent.services.workspace import ServiceError
+from edge_agent.services.workspace import ServiceError, store_layout
 from edge_agent.sources.docks import DockService
 from edge_agent.sources.recorders import VolumeIdentity, load_models
 
@@ -71,7 +71,7 @@ def import_folder(config: AgentConfig, path: Path, *, device_id: str, officer_id
     data dir's owner is not a daemon that takes requests (another `import`, or a daemon starting up)."""
     if not path.is_dir():
         raise IntakeRefused(f"{path} is not a folder: give the card's mount point or a folder of recordings")
-    layout = StoreLayout(config.agent.data_dir).open()
+    layout = store_layout(config).open()
     args = ImportArgs(path.resolve(), device_id, officer_id, reason, user=audit.os_user())
     try:
         lock = DataDirLock.acquire(layout, command="import")

@@ -12,6 +12,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from edge_agent.atrest import AtRest
 from edge_agent.catalog import Catalog
 from edge_agent.catalog.reports import CatalogReports
 from edge_agent.config import AgentConfig
@@ -65,6 +66,12 @@ def refusals(*kinds: type[Exception]) -> Iterator[None]:
         raise ServiceError(str(exc)) from exc
 
 
+def store_layout(config: AgentConfig) -> StoreLayout:
+    """The data dir's layout with the store's encryption setting and key (`[store]`, edge_agent/atrest.py)."""
+    store = config.store
+    return StoreLayout(config.agent.data_dir, AtRest(store.encrypt, store.key_file, config.agent.data_dir))
+
+
 class Workspace:
     """What a service works on. Each part is opened on first use and then kept, so a caller that only
     shows the key never opens the catalog, and one that never touched the catalog never fails for its
@@ -86,7 +93,7 @@ class Workspace:
 
     @cached_property
     def layout(self) -> StoreLayout:
-        return StoreLayout(self.config.agent.data_dir)
+        return store_layout(self.config)
 
     @cached_property
     def key(self) -> AgentKey:

@@ -66,7 +66,7 @@ class SyncLedger:
                                  f"run: edge-agent verify {record.file_id}")
             return None
         transfer = Transfer(record.file_id, size, sha256, chunk_size, last_heard=time.monotonic())
-        return Outgoing(record, manifest, path, fd, transfer)
+        return Outgoing(record, manifest, path, fd, transfer, self.layout.at_rest)
 
     def claim(self, record: FileRecord) -> bool:
         """`sealed` -> `sending` (one more attempt); False, logged, if the file moved meanwhile."""

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import paho.mqtt.client as mqtt
 
+from edge_agent.atrest import AtRest, AtRestError, is_encrypted
 from edge_agent.catalog import FileRecord
 from edge_agent.config import MqttSection
 from edge_agent.protocol.pacing import TokenBucket
@@ -45,15 +46,22 @@ Publish = Callable[[str, bytes], "mqtt.MQTTMessageInfo | None"]
 Blocked = Callable[[FileRecord, str], None]
 
 
-def prepare_chunk(path: Path, seq: int, size: int, chunk_size: int) -> bytes | None:
+def prepare_chunk(path: Path, seq: int, size: int, chunk_size: int, at_rest: AtRest | None = None,
+                  file_id: str = "") -> bytes | None:
     """Chunk `seq` of the stored file at `path` as a frame, or None if the file is shorter than its manifest says.
-    Opens the file itself, so a chunk prepared for a transfer that ended meanwhile reads nothing else."""
+    Opens the file itself, so a chunk prepared for a transfer that ended meanwhile reads nothing else. An
+    encrypted copy (`file_id`'s, edge_agent/atrest.py) is decrypted here, only the blocks the chunk spans: the
+    receiver gets plaintext; a block that fails its tag raises `AtRestError`."""
     offset, length = chunk_span(seq, size, chunk_size)
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        data = os.pread(fd, length, offset)
-    finally:
-        os.close(fd)
+    if is_encrypted(path):
+        with (at_rest or AtRest()).reader(path, file_id) as reader:
+            data = reader.pread(length, offset)
+    else:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            data = os.pread(fd, length, offset)
+        finally:
+            os.close(fd)
     if len(data) != length:
         return None
     return encode_chunk(ChunkHeader(seq, offset, length, hashlib.sha256(data).hexdigest()), data)
@@ -83,6 +91,7 @@ class Outgoing:
     path: Path          # the stored copy
     fd: int             # open on `path` for the kernel's read-ahead
     transfer: Transfer
+    at_rest: AtRest | None = None   # the key of an encrypted stored copy
 
     @property
     def file_id(self) -> str:
@@ -225,7 +234,8 @@ class Sender:
 
     def _prepare(self, outgoing: Outgoing, seq: int) -> Future:
         transfer = outgoing.transfer
-        return self._reader.submit(prepare_chunk, outgoing.path, seq, transfer.size, transfer.chunk_size)
+        return self._reader.submit(prepare_chunk, outgoing.path, seq, transfer.size, transfer.chunk_size,
+                                   outgoing.at_rest, outgoing.file_id)
 
     def _prepare_ahead(self, outgoing: Outgoing, after: int) -> None:
         """Have the reader work on the chunks this file will send after `after` (as things stand now)."""
@@ -246,6 +256,10 @@ class Sender:
         self._prepare_ahead(outgoing, seq)
         try:
             payload = frame.result()
+        except AtRestError as exc:
+            self._block(outgoing, f"its encrypted stored copy cannot be read ({exc}); "
+                                  f"run: edge-agent verify {outgoing.file_id}")
+            return None
         except OSError as exc:
             self._block(outgoing, f"its stored copy cannot be read ({exc.strerror}); "
                                   f"run: edge-agent verify {outgoing.file_id}")
