@@ -332,3 +332,24 @@ def test_an_import_as_the_data_dirs_owner_follows_a_changed_suite_before_signing
         assert verify_all(catalog, layout) == []
     finally:
         catalog.close()
+
+
+def test_an_encrypted_store_under_sm2_seals_the_plaintexts_sm3_and_verify_checks_it(tmp_path: Path) -> None:
+    """国密 end to end at the dock: SM4-GCM at rest and SM2/SM3 seals together. The SM3 (and SHA-256) in the
+    manifest are the plaintext's, fed in the same pass that encrypts; `verify` re-hashes through decryption."""
+    from tests.test_store_encryption import store_key
+    content = bytes(range(256)) * 9000   # 2.3 MB: several encrypted blocks
+    cfg_path, cfg = agent_config(tmp_path, crypto={"suite": "sm2"},
+                                 store={"encrypt": "sm4-gcm", "key_file": str(store_key(tmp_path))})
+    card = make_recorder_volume(tmp_path / "cards", "c1", {"DCIM/100/REC0001.MP4": content})
+    cli(cfg_path, "import", str(card), "--device", "DSJ-1")
+    layout = StoreLayout(cfg.agent.data_dir)
+    [listed] = cli(cfg_path, "files", "list")["files"]
+    doc = read_document(layout.manifest_path(listed["file_id"]))
+    plain = tmp_path / "plain.bin"
+    plain.write_bytes(content)
+    assert doc["sm3"] == openssl("dgst", "-sm3", "-r", plain).stdout.split()[0]
+    assert doc["sha256"] == hashlib.sha256(content).hexdigest()
+    stored = [p for p in layout.media.rglob("*") if p.is_file()]
+    assert stored and content[:4096] not in stored[0].read_bytes()   # what is on disk is ciphertext
+    assert CliRunner().invoke(app, ["--config", str(cfg_path), "verify", "--all"]).exit_code == 0
