@@ -1,10 +1,23 @@
-"""ONVIF: who a camera is, where its stream is, and how far its clock is off (onvif-zeep, WS-Security digest).
+"""ONVIF: who a camera is, where its stream is, how far its clock is off, and what it says about itself.
+
+The client is onvif-zeep-async (asyncio, aiohttp; docs/DESIGN-CHANGES.md says why). All ONVIF traffic of the
+process runs on one event loop on one daemon thread that this module owns (`_loop()`, started on first use);
+camera workers are threads and submit coroutines to it (`asyncio.run_coroutine_threadsafe(...).result(t)`).
+The library parses each WSDL file once per process and keeps the document (`onvif.client._cached_document`),
+so a camera that reconnects every few seconds for months costs a few SOAP calls, not a WSDL parse each time.
 
 `probe(url, username, password, profile)` asks the device service at `url` for GetSystemDateAndTime
 (unauthenticated by the ONVIF core spec; gives the clock offset, which then also corrects the
-UsernameToken's Created time), GetDeviceInformation (the serial becomes the device id), GetCapabilities
-(where the media service is), GetProfiles and GetStreamUri of the chosen profile (by token or name;
-the first profile when none is configured). A refused login raises `OnvifAuthFailed`.
+UsernameToken's Created time), GetServices (else GetCapabilities: where the media and event services are),
+GetDeviceInformation (the serial becomes the device id), GetProfiles and GetStreamUri of the chosen profile
+(by token or name; the first profile when none is configured). A refused login raises `OnvifAuthFailed`.
+
+`CameraWatch` keeps watching one camera for as long as its worker runs: it reads the camera's clock every
+`clock_check_s`, and where the camera offers a PullPoint (an event service: GetEventProperties,
+CreatePullPointSubscription, PullMessages, Renew, Unsubscribe) it stays subscribed and hands every
+notification to its listener as a `CameraEvent`. A subscription that is lost (the camera rebooted, a pull or
+renewal failed) is created again with backoff, on a fresh session that measures the clock again (the digest's
+Created time follows the camera's clock).
 
 `discover()` sends one WS-Discovery Probe and lists who answered. It multicasts on the local network,
 so it runs only when a custodian asks (`edge-agent devices discover`).
@@ -12,29 +25,40 @@ so it runs only when a custodian asks (`edge-agent devices discover`).
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import datetime as dt
 import logging
 import os
 import re
 import socket
+import threading
 import time
 import uuid
-from dataclasses import asdict, dataclass
+from collections.abc import Coroutine
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypeVar
+from urllib.parse import urlsplit
 from xml.etree import ElementTree
 
-import onvif
-import requests
-from onvif.client import ONVIFService
-from onvif.definition import SERVICES
+import aiohttp
+import zeep.exceptions
+from onvif.client import ONVIFCamera, ONVIFService
 from onvif.exceptions import ONVIFError
-from zeep.transports import Transport
 
 log = logging.getLogger(__name__)
 
-WSDL_DIR = Path(onvif.__file__).resolve().parent.parent / "wsdl"
 DISCOVERY_ADDRESS = ("239.255.255.250", 3702)
+EVENTS_NS = "http://www.onvif.org/ver10/events/wsdl"
+SUBSCRIPTION = dt.timedelta(seconds=120)   # asked of the camera; the library renews at 80 % of what it grants
+PULL_TIMEOUT = dt.timedelta(seconds=20)    # one PullMessages long-poll
+RESUBSCRIBE_MAX_S = 60.0                   # backoff ceiling between attempts to subscribe again
+
+# What a failed ONVIF exchange can raise: the library's errors, SOAP faults, HTTP and XML trouble, timeouts.
+FAILURES = (ONVIFError, zeep.exceptions.Error, aiohttp.ClientError, TimeoutError, OSError)
+
+T = TypeVar("T")
 
 
 class OnvifError(Exception):
@@ -61,69 +85,113 @@ class CameraIdentity:
         return asdict(self)
 
 
-def _service(name: str, xaddr: str, username: str | None, password: str | None, dt_diff: dt.timedelta | None,
-             timeout: float) -> ONVIFService:
-    definition = SERVICES[name]
-    binding = f"{{{definition['ns']}}}{definition['binding']}"
-    transport = Transport(timeout=timeout, operation_timeout=timeout)
-    return ONVIFService(xaddr, username or "", password or "", str(WSDL_DIR / definition["wsdl"]),
-                        encrypt=True, no_cache=True, dt_diff=dt_diff, binding_name=binding, transport=transport)
+# -- the process's ONVIF event loop -----------------------------------------------------------------
+
+_loop_lock = threading.Lock()
+_event_loop: asyncio.AbstractEventLoop | None = None
 
 
-def _fail(exc: Exception, what: str, url: str) -> OnvifError:
-    text = str(exc)
-    if re.search(r"NotAuthorized|not authorized|Unauthorized|401|authentication|Sender not Authorized", text,
-                 re.IGNORECASE):
+def _loop() -> asyncio.AbstractEventLoop:
+    """The one ONVIF event loop of this process, on its daemon thread `onvif-loop` (started on first use)."""
+    global _event_loop  # noqa: PLW0603 - one loop per process, by design
+    with _loop_lock:
+        if _event_loop is None:
+            loop = asyncio.new_event_loop()
+            threading.Thread(target=loop.run_forever, name="onvif-loop", daemon=True).start()
+            _event_loop = loop
+        return _event_loop
+
+
+def _run(coro: Coroutine[Any, Any, T], timeout: float) -> T:
+    """Run `coro` on the ONVIF loop from a worker thread; cancelled there if it takes longer than `timeout`."""
+    future = asyncio.run_coroutine_threadsafe(asyncio.wait_for(coro, timeout), _loop())
+    try:
+        return future.result(timeout + 5)
+    except concurrent.futures.TimeoutError:
+        future.cancel()
+        raise
+
+
+class _Device(ONVIFCamera):
+    """onvif-zeep-async's camera at a configured device service URL (the library assumes the path
+    /onvif/device_service on host:port; cameras that serve it elsewhere are configured with their own)."""
+
+    def __init__(self, url: str, username: str | None, password: str | None):
+        parts = urlsplit(url)
+        super().__init__(f"{parts.scheme}://{parts.hostname}", parts.port or (443 if parts.scheme == "https" else 80),
+                         username or "", password or "", adjust_time=True)
+        self.device_url = url
+
+    def get_definition(self, name: str, port_type: str | None = None) -> tuple[str, str, str]:
+        xaddr, wsdl, binding = super().get_definition(name, port_type)
+        return (self.device_url if name == "devicemgmt" else xaddr), wsdl, binding
+
+
+def _fail(exc: BaseException, what: str, url: str) -> OnvifError:
+    text = str(exc) or type(exc).__name__
+    subcodes = " ".join(str(code) for code in (getattr(exc, "subcodes", None) or []))
+    if re.search(r"NotAuthorized|not authorized|Unauthorized|401|authentication|Sender not Authorized",
+                 f"{text} {subcodes}", re.IGNORECASE):
         return OnvifAuthFailed(f"ONVIF {url}: {what} refused the credentials ({text}); check username and "
                                "password_file, and the camera's clock (digest logins expire)")
     return OnvifError(f"ONVIF {url}: {what} failed ({text}); check the address and that the camera is up")
 
 
-def clock_offset(device: ONVIFService) -> int | None:
-    """Camera clock minus ours, in ms (the camera reports whole seconds)."""
-    before = time.time()
-    answer = device.GetSystemDateAndTime()
-    after = time.time()
+def _camera_time(answer: Any) -> float | None:
     utc = getattr(answer, "UTCDateTime", None)
     if utc is None:
         return None
-    camera = dt.datetime(utc.Date.Year, utc.Date.Month, utc.Date.Day, utc.Time.Hour, utc.Time.Minute,
-                         utc.Time.Second, tzinfo=dt.UTC).timestamp()
-    return int((camera - (before + after) / 2) * 1000)
+    return dt.datetime(utc.Date.Year, utc.Date.Month, utc.Date.Day, utc.Time.Hour, utc.Time.Minute,
+                       utc.Time.Second, tzinfo=dt.UTC).timestamp()
+
+
+async def _clock_offset(device: ONVIFService) -> int | None:
+    """Camera clock minus ours, in ms (the camera reports whole seconds), read without logging in."""
+    before = time.time()
+    answer = await device.authless_GetSystemDateAndTime()
+    after = time.time()
+    camera = _camera_time(answer)
+    return None if camera is None else int((camera - (before + after) / 2) * 1000)
+
+
+async def _identify(url: str, username: str | None, password: str | None, profile: str | None) -> CameraIdentity:
+    device = _Device(url, username, password)
+    try:
+        step = "GetSystemDateAndTime"
+        offset = await _clock_offset(await device.create_devicemgmt_service())
+        step = "GetServices"
+        await device.update_xaddrs()
+        step = "GetDeviceInformation"
+        info = await (await device.create_devicemgmt_service()).GetDeviceInformation()
+        step = "GetProfiles"
+        media = await device.create_media_service()
+        profiles = await media.GetProfiles()
+        chosen = _choose(profiles, profile, url)
+        step = "GetStreamUri"
+        answer = await media.GetStreamUri({"StreamSetup": {"Stream": "RTP-Unicast",
+                                                           "Transport": {"Protocol": "RTSP"}},
+                                           "ProfileToken": chosen.token})
+    except OnvifError:
+        raise
+    except FAILURES as exc:
+        raise _fail(exc, step, url) from exc
+    finally:
+        await device.close()
+    return CameraIdentity(
+        manufacturer=info.Manufacturer, model=info.Model, firmware=info.FirmwareVersion,
+        serial=info.SerialNumber, hardware_id=info.HardwareId, profile_token=chosen.token,
+        profile_name=getattr(chosen, "Name", None), stream_uri=answer.Uri, clock_offset_ms=offset,
+    )
 
 
 def probe(url: str, username: str | None, password: str | None, profile: str | None = None,
           timeout: float = 10.0) -> CameraIdentity:
     """Identity, stream URI and clock offset of the camera whose device service is at `url`."""
     try:
-        device = _service("devicemgmt", url, username, password, None, timeout)
-        offset = clock_offset(device)
-    except (ONVIFError, requests.RequestException, OSError) as exc:
-        raise _fail(exc, "GetSystemDateAndTime", url) from exc
-    dt_diff = dt.timedelta(milliseconds=offset) if offset is not None and abs(offset) > 5000 else None
-    try:
-        device = _service("devicemgmt", url, username, password, dt_diff, timeout)
-        info = device.GetDeviceInformation()
-        capabilities = device.GetCapabilities({"Category": "Media"})
-    except (ONVIFError, requests.RequestException, OSError) as exc:
-        raise _fail(exc, "GetDeviceInformation", url) from exc
-    media_xaddr = getattr(getattr(capabilities, "Media", None), "XAddr", None) or url
-    try:
-        media = _service("media", media_xaddr, username, password, dt_diff, timeout)
-        profiles = media.GetProfiles()
-    except (ONVIFError, requests.RequestException, OSError) as exc:
-        raise _fail(exc, "GetProfiles", url) from exc
-    chosen = _choose(profiles, profile, url)
-    try:
-        answer = media.GetStreamUri({"StreamSetup": {"Stream": "RTP-Unicast", "Transport": {"Protocol": "RTSP"}},
-                                     "ProfileToken": chosen.token})
-    except (ONVIFError, requests.RequestException, OSError) as exc:
-        raise _fail(exc, "GetStreamUri", url) from exc
-    return CameraIdentity(
-        manufacturer=info.Manufacturer, model=info.Model, firmware=info.FirmwareVersion,
-        serial=info.SerialNumber, hardware_id=info.HardwareId, profile_token=chosen.token,
-        profile_name=getattr(chosen, "Name", None), stream_uri=answer.Uri, clock_offset_ms=offset,
-    )
+        return _run(_identify(url, username, password, profile), timeout)
+    except TimeoutError as exc:
+        raise OnvifError(f"ONVIF {url}: no answer within {timeout:g} s; check the address and that the camera "
+                         "is up") from exc
 
 
 def _choose(profiles: list[Any], wanted: str | None, url: str) -> Any:

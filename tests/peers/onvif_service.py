@@ -37,7 +37,7 @@ OPEN_OPERATIONS = {"GetSystemDateAndTime"}
 class OnvifCamera:
     def __init__(self, port: int, stream_uri: str, *, username: str = "admin", password: str = "secret-1",
                  serial: str = "DS-2CD2T47G2-L20231105AACH123456789", model: str = "DS-2CD2T47G2-L",
-                 clock_offset_s: int = 0, discovery_port: int | None = None):
+                 clock_offset_s: int = 0, discovery_port: int | None = None, events: bool = True):
         self.port = port
         self.stream_uri = stream_uri
         self.username = username
@@ -46,6 +46,7 @@ class OnvifCamera:
         self.model = model
         self.clock_offset_s = clock_offset_s
         self.discovery_port = discovery_port
+        self.events = events
         self.calls: list[str] = []
         self._http: ThreadingHTTPServer | None = None
         self._udp: socket.socket | None = None
@@ -140,6 +141,17 @@ class OnvifCamera:
                 f"<tt:XAddr>{media}</tt:XAddr><tt:StreamingCapabilities><tt:RTPMulticast>false</tt:RTPMulticast>"
                 "<tt:RTP_TCP>true</tt:RTP_TCP><tt:RTP_RTSP_TCP>true</tt:RTP_RTSP_TCP></tt:StreamingCapabilities>"
                 "</tt:Media></tds:Capabilities></tds:GetCapabilitiesResponse>")
+
+    def _GetServices(self) -> str:  # noqa: N802
+        services = [("http://www.onvif.org/ver10/device/wsdl", self.url),
+                    ("http://www.onvif.org/ver10/media/wsdl", f"http://127.0.0.1:{self.port}/onvif/media_service")]
+        if self.events:
+            services.append(("http://www.onvif.org/ver10/events/wsdl",
+                             f"http://127.0.0.1:{self.port}/onvif/event_service"))
+        return "<tds:GetServicesResponse>" + "".join(
+            f"<tds:Service><tds:Namespace>{ns}</tds:Namespace><tds:XAddr>{xaddr}</tds:XAddr><tds:Version>"
+            "<tt:Major>2</tt:Major><tt:Minor>60</tt:Minor></tds:Version></tds:Service>"
+            for ns, xaddr in services) + "</tds:GetServicesResponse>"
 
     def _GetProfiles(self) -> str:  # noqa: N802
         return ('<trt:GetProfilesResponse><trt:Profiles token="Profile_1" fixed="true"><tt:Name>mainStream</tt:Name>'
