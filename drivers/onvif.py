@@ -36,7 +36,7 @@ import threading
 import time
 import uuid
 from collections.abc import Coroutine
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 from urllib.parse import urlsplit
@@ -204,6 +204,177 @@ def _choose(profiles: list[Any], wanted: str | None, url: str) -> Any:
             return candidate
     names = ", ".join(f"{p.token} ({getattr(p, 'Name', '')})" for p in profiles)
     raise OnvifError(f"ONVIF {url}: no profile {wanted!r}; the camera has: {names}")
+
+
+# -- watching a camera: its clock and its events ----------------------------------------------------
+
+@dataclass(frozen=True)
+class CameraEvent:
+    """One ONVIF notification: its topic (`tns1:VideoSource/GlobalSceneChange/ImagingService`), the source it
+    is about (a video source token, if given), its boolean state (`State`, `IsTamper`, ...: the first boolean
+    data item; None if it has none), the camera's time of it and its property operation (Initialized, Changed,
+    Deleted: `Initialized` tells the current state right after subscribing)."""
+    topic: str
+    source: str | None
+    state: bool | None
+    utc_ms: int | None
+    operation: str | None
+
+
+class WatchListener(Protocol):
+    """What a `CameraWatch` reports. Called from a thread of the ONVIF loop's executor, one call at a time
+    per watch and in order; a slow listener delays only its own camera's next pull."""
+
+    def clock_read(self, offset_ms: int) -> None: ...
+
+    def camera_event(self, event: CameraEvent) -> None: ...
+
+    def events_state(self, state: str, detail: str) -> None:
+        """`subscribed`, `unsupported` (no event service or PullPoint), `lost` (with what failed)."""
+
+
+def _text(value: Any) -> str | None:
+    if value is None:
+        return None
+    inner = getattr(value, "_value_1", value)
+    return str(inner).strip() if inner is not None else None
+
+
+def _items(group: Any) -> list[tuple[str, str]]:
+    items = getattr(group, "SimpleItem", None) or []
+    return [(str(i.Name), str(i.Value)) for i in items if getattr(i, "Name", None) is not None]
+
+
+def parse_notification(message: Any) -> CameraEvent | None:
+    """A `CameraEvent` from one wsnt:NotificationMessage as zeep gives it; None if it has no topic."""
+    topic = _text(getattr(message, "Topic", None))
+    if not topic:
+        return None
+    body = getattr(getattr(message, "Message", None), "_value_1", None)
+    source_items = _items(getattr(body, "Source", None))
+    state = None
+    for _, value in _items(getattr(body, "Data", None)):
+        if value.lower() in ("true", "false", "1", "0"):
+            state = value.lower() in ("true", "1")
+            break
+    utc = getattr(body, "UtcTime", None)
+    utc_ms = int(utc.timestamp() * 1000) if isinstance(utc, dt.datetime) and utc.tzinfo is not None else None
+    operation = getattr(body, "PropertyOperation", None)
+    return CameraEvent(topic=topic, source=source_items[0][1] if source_items else None, state=state,
+                       utc_ms=utc_ms, operation=str(operation) if operation is not None else None)
+
+
+class CameraWatch:
+    """One camera's clock (read every `clock_check_s`) and events (PullPoint, when `events` and the camera
+    offers one), on the ONVIF loop, reported to `listener`, from `start()` until `stop()`."""
+
+    def __init__(self, url: str, username: str | None, password: str | None, listener: WatchListener, *,
+                 clock_check_s: float, events: bool = True, timeout: float = 10.0):
+        self.url = url
+        self.username = username
+        self.password = password
+        self.listener = listener
+        self.clock_check_s = clock_check_s
+        self.events = events
+        self.timeout = timeout
+        self.subscriptions = 0        # PullPoint subscriptions created so far (a lost one is created again)
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        async def spawn() -> asyncio.Task[None]:
+            return asyncio.create_task(self._watch(), name=f"onvif-watch {self.url}")
+        self._task = _run(spawn(), 5.0)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop watching, after unsubscribing from the camera if it still answers within `timeout`."""
+        task = self._task
+        if task is None:
+            return
+
+        async def cancel() -> None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        try:
+            _run(cancel(), timeout)
+        except TimeoutError:
+            log.warning("onvif_watch_stop_slow url=%s: the camera did not answer the Unsubscribe in time", self.url)
+
+    async def _report(self, method: str, *args: Any) -> None:
+        await asyncio.to_thread(getattr(self.listener, method), *args)
+
+    async def _watch(self) -> None:
+        tasks = [asyncio.create_task(self._clock())]
+        if self.events:
+            tasks.append(asyncio.create_task(self._events()))
+        try:
+            await asyncio.gather(*tasks)
+        except asyncio.CancelledError:
+            # gather has cancelled them; wait for their cleanup (Unsubscribe, closing sessions) to finish.
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
+
+    async def _clock(self) -> None:
+        device = _Device(self.url, self.username, self.password)
+        try:
+            service = await device.create_devicemgmt_service()
+            while True:
+                await asyncio.sleep(self.clock_check_s)
+                try:
+                    offset = await asyncio.wait_for(_clock_offset(service), self.timeout)
+                except FAILURES as exc:
+                    log.info("onvif_clock_unread url=%s error=%s", self.url, exc)
+                    continue
+                if offset is not None:
+                    await self._report("clock_read", offset)
+        finally:
+            await device.close()
+
+    async def _events(self) -> None:
+        backoff = 1.0
+        while True:
+            device = _Device(self.url, self.username, self.password)
+            manager = None
+            try:
+                await asyncio.wait_for(device.update_xaddrs(), self.timeout)   # measures the clock again
+                if EVENTS_NS not in device.xaddrs:
+                    await self._report("events_state", "unsupported", "the camera lists no event service")
+                    return
+                events = await device.create_events_service()
+                await asyncio.wait_for(events.GetEventProperties(), self.timeout)
+                lost = asyncio.Event()
+                manager = await asyncio.wait_for(device.create_pullpoint_manager(SUBSCRIPTION, lost.set),
+                                                 self.timeout)
+                self.subscriptions += 1
+                await self._report("events_state", "subscribed", f"subscription {self.subscriptions}")
+                backoff = 1.0
+                pullpoint = manager.get_service()
+                while not lost.is_set():
+                    answer = await asyncio.wait_for(
+                        pullpoint.PullMessages({"Timeout": PULL_TIMEOUT, "MessageLimit": 100}),
+                        PULL_TIMEOUT.total_seconds() + self.timeout)
+                    for message in getattr(answer, "NotificationMessage", None) or []:
+                        event = parse_notification(message)
+                        if event is not None:
+                            await self._report("camera_event", event)
+                raise OnvifError("the camera did not renew the subscription")
+            except FAILURES + (OnvifError,) as exc:
+                log.warning("onvif_events_lost url=%s error=%s; subscribing again in %.0f s", self.url, exc,
+                            backoff)
+                await self._report("events_state", "lost", str(exc) or type(exc).__name__)
+            finally:
+                if manager is not None:
+                    await _quietly(manager.shutdown(), self.timeout)
+                await device.close()
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, RESUBSCRIBE_MAX_S)
+
+
+async def _quietly(coro: Coroutine[Any, Any, Any], timeout: float) -> None:
+    """A courtesy call (Unsubscribe) to a camera that may be gone: its failure changes nothing."""
+    try:
+        await asyncio.wait_for(coro, timeout)
+    except FAILURES as exc:
+        log.debug("onvif courtesy call failed: %s", exc)
 
 
 # -- WS-Discovery ---------------------------------------------------------------------------------
