@@ -43,6 +43,7 @@ from urllib.parse import urlsplit
 from xml.etree import ElementTree
 
 import aiohttp
+import onvif.client
 import zeep.exceptions
 from onvif.client import ONVIFCamera, ONVIFService
 from onvif.exceptions import ONVIFError
@@ -112,6 +113,23 @@ def _run(coro: Coroutine[Any, Any, T], timeout: float) -> T:
         raise
 
 
+_documents_lock: asyncio.Lock | None = None
+WSDL_DIR = Path(onvif.client.__file__).parent / "wsdl"
+WSDL_FILES = ("devicemgmt.wsdl", "media.wsdl", "events.wsdl")
+
+
+async def _documents() -> None:
+    """Parse the WSDL files we use, one at a time, before any service is set up. The library caches each
+    parsed document per process but does not guard the first load: two cameras starting together would
+    both parse it. Once parsed, this is a few dictionary look-ups."""
+    global _documents_lock  # noqa: PLW0603 - created on the ONVIF loop, once
+    if _documents_lock is None:
+        _documents_lock = asyncio.Lock()
+    async with _documents_lock:
+        for name in WSDL_FILES:
+            await onvif.client._cached_document(str(WSDL_DIR / name))   # noqa: SLF001 - its per-process cache
+
+
 class _Device(ONVIFCamera):
     """onvif-zeep-async's camera at a configured device service URL (the library assumes the path
     /onvif/device_service on host:port; cameras that serve it elsewhere are configured with their own)."""
@@ -155,6 +173,7 @@ async def _clock_offset(device: ONVIFService) -> int | None:
 
 
 async def _identify(url: str, username: str | None, password: str | None, profile: str | None) -> CameraIdentity:
+    await _documents()
     device = _Device(url, username, password)
     try:
         step = "GetSystemDateAndTime"
@@ -303,6 +322,7 @@ class CameraWatch:
         await asyncio.to_thread(getattr(self.listener, method), *args)
 
     async def _watch(self) -> None:
+        await _documents()
         tasks = [asyncio.create_task(self._clock())]
         if self.events:
             tasks.append(asyncio.create_task(self._events()))
