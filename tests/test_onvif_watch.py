@@ -9,10 +9,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import pytest
 
 from edge_agent.daemon import Agent, build_agent
 from edge_agent.i18n import translations
+from edge_agent.ops.health import load_schema
 from edge_agent.ui.strings import ADVICE
 from tests.helpers import agent_config, wait_for
 from tests.peers.mosquitto import free_port
@@ -99,7 +101,9 @@ def test_tamper_events_are_alarms_that_clear_and_survive_a_lost_subscription(
                          what="the scene-change alarm")
         assert scene["kind"] == "camera_scene_changed" and scene["subject"] == "gate-north"
         assert "北门" in scene["message"] and "moved" in scene["message"] and SCENE in scene["message"]
-        assert tick(agent)["cameras"][0]["onvif"]["tamper_active"] == ["scene_changed"]
+        snapshot = tick(agent)
+        assert snapshot["cameras"][0]["onvif"]["tamper_active"] == ["scene_changed"]
+        jsonschema.validate(snapshot, load_schema())
 
         onvif_cam.push_event(SCENE, False)
         wait_for(lambda: "camera.gate-north.scene_changed" not in active(agent), timeout=20,
