@@ -125,6 +125,26 @@ def test_tamper_events_are_alarms_that_clear_and_survive_a_lost_subscription(
     assert "Unsubscribe" in onvif_cam.calls                    # a clean stop leaves no subscription behind
 
 
+def test_events_survive_a_camera_clock_step_that_outdates_the_digest(tmp_path: Path, rtsp: RtspServer) -> None:
+    """A camera that refuses digests more than 30 s off its clock steps 90 s ahead: the pulls signed with the
+    old offset are refused, the subscription is lost, and the new session (clock measured again) gets the
+    events through."""
+    onvif_cam = OnvifCamera(free_port(), rtsp.url, password="secret-1", digest_window_s=30).start()
+    agent = run_agent(tmp_path, onvif_cam, clock_check_s=0.5)
+    try:
+        wait_for(lambda: status(agent)["onvif"]["events"] == "subscribed", timeout=30, what="a subscription")
+        onvif_cam.clock_offset_s = 90
+        onvif_cam.push_event(SCENE, True)       # wakes the pull in flight; the next one is signed 90 s off
+        wait_for(lambda: onvif_cam.subscriptions_created >= 2 and status(agent)["onvif"]["events"] == "subscribed",
+                 timeout=30, what="a new subscription signed in the camera's new time")
+        onvif_cam.push_event(TAMPER, True, item="IsTamper")
+        wait_for(lambda: {"camera.gate-north.tamper", "camera.gate-north.scene_changed"} <= set(active(agent)),
+                 timeout=20, what="both alarms")
+    finally:
+        agent.stop()
+        onvif_cam.stop()
+
+
 def test_tamper_alarm_kinds_tell_the_custodian_what_to_do_in_chinese() -> None:
     chinese = translations("zh_CN")
     for kind in ("camera_scene_changed", "camera_too_blurry", "camera_too_dark", "camera_too_bright",

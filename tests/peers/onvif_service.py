@@ -4,7 +4,8 @@ It answers what the agent's real ONVIF client asks: GetSystemDateAndTime (no log
 spec), GetDeviceInformation, GetCapabilities, GetProfiles and GetStreamUri (digest login required:
 Base64(SHA-1(nonce + created + password)) with a fresh Created). A wrong password gets the ONVIF
 NotAuthorized fault. It also answers a WS-Discovery Probe sent to its UDP port (unicast, loopback).
-`clock_offset_s` makes its clock run ahead or behind (and can be changed while it runs: a clock that steps).
+`clock_offset_s` makes its clock run ahead or behind (and can be changed while it runs: a clock that steps);
+with `digest_window_s` it refuses, as many cameras do, a digest whose Created is further off its own clock.
 
 With `events` (the default) it has an event service with a PullPoint: GetEventProperties (the tamper topics it
 offers), CreatePullPointSubscription (each new subscription first gets the current state of every topic
@@ -65,7 +66,8 @@ def _seconds(duration: str) -> float:
 class OnvifCamera:
     def __init__(self, port: int, stream_uri: str, *, username: str = "admin", password: str = "secret-1",
                  serial: str = "DS-2CD2T47G2-L20231105AACH123456789", model: str = "DS-2CD2T47G2-L",
-                 clock_offset_s: int = 0, discovery_port: int | None = None, events: bool = True):
+                 clock_offset_s: int = 0, discovery_port: int | None = None, events: bool = True,
+                 digest_window_s: float | None = None):
         self.port = port
         self.stream_uri = stream_uri
         self.username = username
@@ -75,6 +77,7 @@ class OnvifCamera:
         self.clock_offset_s = clock_offset_s
         self.discovery_port = discovery_port
         self.events = events
+        self.digest_window_s = digest_window_s   # refuse a digest whose Created is further off our clock
         self.calls: list[str] = []
         self.subscriptions_created = 0
         self._subscriptions: dict[int, list[str]] = {}     # id -> notification messages not pulled yet
@@ -101,7 +104,10 @@ class OnvifCamera:
                 self.send_header("Content-Type", "application/soap+xml; charset=utf-8")
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
-                self.wfile.write(data)
+                try:
+                    self.wfile.write(data)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass   # the client gave up on a long poll (the agent stopping): nothing to answer
 
             def log_message(self, *args: object) -> None:
                 pass
@@ -155,6 +161,13 @@ class OnvifCamera:
         created = token.findtext("wsu:Created", default="", namespaces=NS)
         expected = base64.b64encode(
             hashlib.sha1(base64.b64decode(nonce) + created.encode() + self.password.encode()).digest()).decode()
+        if self.digest_window_s is not None:
+            try:
+                sent = dt.datetime.fromisoformat(created.replace("Z", "+00:00"))
+            except ValueError:
+                return False
+            if abs((sent - self._now()).total_seconds()) > self.digest_window_s:
+                return False
         return username == self.username and digest == expected
 
     def _now(self) -> dt.datetime:
