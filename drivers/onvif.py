@@ -283,6 +283,29 @@ def parse_notification(message: Any) -> CameraEvent | None:
                        utc_ms=utc_ms, operation=str(operation) if operation is not None else None)
 
 
+WSTOP_TOPIC = "{http://docs.oasis-open.org/wsn/t-1}topic"
+
+
+def offered_topics(topic_set: Any) -> list[str]:
+    """The topics of a GetEventProperties TopicSet (`tns1:VideoSource/GlobalSceneChange/ImagingService`, ...):
+    every element marked wstop:topic="true", named by its path from the root."""
+    found: list[str] = []
+
+    def walk(element: Any, path: list[str]) -> None:
+        tag = getattr(element, "tag", None)
+        if not isinstance(tag, str):
+            return                                  # comments and processing instructions
+        here = [*path, tag.rsplit("}", 1)[-1]]
+        if str(element.get(WSTOP_TOPIC, "")).lower() == "true":
+            found.append("tns1:" + "/".join(here))
+        for child in element:
+            walk(child, here)
+
+    for root in getattr(topic_set, "_value_1", None) or []:
+        walk(root, [])
+    return found
+
+
 class CameraWatch:
     """One camera's clock (read every `clock_check_s`) and events (PullPoint, when `events` and the camera
     offers one), on the ONVIF loop, reported to `listener`, from `start()` until `stop()`."""
@@ -297,6 +320,7 @@ class CameraWatch:
         self.events = events
         self.timeout = timeout
         self.subscriptions = 0        # PullPoint subscriptions created so far (a lost one is created again)
+        self.topics: list[str] = []   # what the camera's GetEventProperties offers
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -360,7 +384,8 @@ class CameraWatch:
                     await self._report("events_state", "unsupported", "the camera lists no event service")
                     return
                 events = await device.create_events_service()
-                await asyncio.wait_for(events.GetEventProperties(), self.timeout)
+                properties = await asyncio.wait_for(events.GetEventProperties(), self.timeout)
+                self.topics = offered_topics(getattr(properties, "TopicSet", None))
                 lost = asyncio.Event()
                 manager = await asyncio.wait_for(device.create_pullpoint_manager(SUBSCRIPTION, lost.set),
                                                  self.timeout)

@@ -18,7 +18,7 @@ from edge_agent.ops.health import load_schema
 from edge_agent.ui.strings import ADVICE
 from tests.helpers import agent_config, wait_for
 from tests.peers.mosquitto import free_port
-from tests.peers.onvif_service import OnvifCamera
+from tests.peers.onvif_service import TAMPER_TOPICS, OnvifCamera
 from tests.peers.rtsp_server import RtspServer
 from tests.test_cameras import camera
 
@@ -94,7 +94,7 @@ def test_tamper_events_are_alarms_that_clear_and_survive_a_lost_subscription(
     agent = run_agent(tmp_path, onvif_cam)
     try:
         wait_for(lambda: status(agent)["onvif"]["events"] == "subscribed", timeout=30, what="a subscription")
-        assert "GetEventProperties" in onvif_cam.calls
+        assert status(agent)["onvif"]["tamper_topics"] == list(TAMPER_TOPICS)   # as GetEventProperties lists them
 
         onvif_cam.push_event(SCENE, True)
         scene = wait_for(lambda: active(agent).get("camera.gate-north.scene_changed"), timeout=20,
@@ -143,6 +143,18 @@ def test_events_survive_a_camera_clock_step_that_outdates_the_digest(tmp_path: P
     finally:
         agent.stop()
         onvif_cam.stop()
+
+
+def test_events_can_be_turned_off_per_camera(tmp_path: Path) -> None:
+    onvif_cam = OnvifCamera(free_port(), "rtsp://127.0.0.1:9/none", password="secret-1").start()   # no stream
+    agent = run_agent(tmp_path, onvif_cam, onvif_events=False, clock_check_s=0.5)
+    try:
+        wait_for(lambda: status(agent)["onvif"]["clock_read_ms"], timeout=20, what="a clock reading")
+        assert status(agent)["onvif"]["events"] == "off"
+    finally:
+        agent.stop()
+        onvif_cam.stop()
+    assert "CreatePullPointSubscription" not in onvif_cam.calls and "GetEventProperties" not in onvif_cam.calls
 
 
 def test_tamper_alarm_kinds_tell_the_custodian_what_to_do_in_chinese() -> None:

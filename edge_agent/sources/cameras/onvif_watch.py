@@ -122,4 +122,5 @@ class OnvifWatcher:
         return {"clock_check_s": self.camera.clock_check_s, "clock_read_ms": self.clock_read_ms,
                 "events": self.events, "events_detail": self.events_detail,
                 "subscriptions": self.watch.subscriptions, "last_event_ms": self.last_event_ms,
+                "tamper_topics": [t for t in self.watch.topics if tamper_of(t) is not None],
                 "tamper_active": active}
