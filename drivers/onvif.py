@@ -325,8 +325,15 @@ class CameraWatch:
 
     def start(self) -> None:
         async def spawn() -> asyncio.Task[None]:
-            return asyncio.create_task(self._watch(), name=f"onvif-watch {self.url}")
+            task = asyncio.create_task(self._watch(), name=f"onvif-watch {self.url}")
+            task.add_done_callback(self._ended)
+            return task
         self._task = _run(spawn(), 5.0)
+
+    def _ended(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            log.error("onvif_watch_ended url=%s: the camera's clock and events are no longer watched until the "
+                      "agent restarts", self.url, exc_info=task.exception())
 
     def stop(self, timeout: float = 5.0) -> None:
         """Stop watching, after unsubscribing from the camera if it still answers within `timeout`."""
@@ -343,7 +350,12 @@ class CameraWatch:
             log.warning("onvif_watch_stop_slow url=%s: the camera did not answer the Unsubscribe in time", self.url)
 
     async def _report(self, method: str, *args: Any) -> None:
-        await asyncio.to_thread(getattr(self.listener, method), *args)
+        """Hand a report to the listener off the loop. A listener that fails (its catalog write, say) loses
+        that report, logged with its traceback; the watch goes on."""
+        try:
+            await asyncio.to_thread(getattr(self.listener, method), *args)
+        except Exception:   # noqa: BLE001 - the listener's own fault must not end the camera's watch
+            log.exception("onvif_listener_failed url=%s report=%s args=%r", self.url, method, args)
 
     async def _watch(self) -> None:
         await _documents()
