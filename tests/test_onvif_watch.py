@@ -5,6 +5,11 @@ the camera lost the subscription and the agent subscribed again."""
 
 from __future__ import annotations
 
+import json
+import os
+import signal
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,7 +25,7 @@ from tests.helpers import agent_config, wait_for
 from tests.peers.mosquitto import free_port
 from tests.peers.onvif_service import TAMPER_TOPICS, OnvifCamera
 from tests.peers.rtsp_server import RtspServer
-from tests.test_cameras import camera
+from tests.test_cameras import ROOT, camera
 
 SCENE = "tns1:VideoSource/GlobalSceneChange/ImagingService"
 TAMPER = "tns1:RuleEngine/TamperDetector/Tamper"
@@ -143,6 +148,47 @@ def test_events_survive_a_camera_clock_step_that_outdates_the_digest(tmp_path: P
     finally:
         agent.stop()
         onvif_cam.stop()
+
+
+def test_the_running_daemon_shows_a_tamper_alarm_in_health_until_the_camera_says_it_ended(
+        tmp_path: Path, rtsp: RtspServer) -> None:
+    onvif_cam = OnvifCamera(free_port(), rtsp.url, password="secret-1").start()
+    pw = tmp_path / "cam.pass"
+    pw.write_text("secret-1\n")
+    pw.chmod(0o600)
+    config_path, cfg = agent_config(tmp_path, mqtt={"port": free_port()}, health={"change_check_s": 0.2},
+                                    cameras=[camera("gate-north", onvif=onvif_cam.url, username="admin",
+                                                    password_file=str(pw), location="北门")])
+    health_file = cfg.agent.data_dir / "health.json"
+
+    def health() -> dict[str, Any]:
+        try:
+            return json.loads(health_file.read_bytes())
+        except (OSError, ValueError):
+            return {}
+
+    def alarms() -> set[str]:
+        return {a["key"] for a in health().get("alarms", [])}
+
+    proc = subprocess.Popen([sys.executable, "-m", "edge_agent.cli", "--config", str(config_path), "run"], cwd=ROOT,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.DEVNULL,
+                            stderr=open(tmp_path / "agent.log", "wb"))
+    try:
+        wait_for(lambda: onvif_cam.subscriptions_created >= 1 and "PullMessages" in onvif_cam.calls, timeout=40,
+                 what="the daemon subscribed and pulling")
+        onvif_cam.push_event(SCENE, True)
+        wait_for(lambda: "camera.gate-north.scene_changed" in alarms(), timeout=20, what="the alarm in health")
+        camera_health = health()["cameras"][0]
+        assert camera_health["onvif"]["events"] == "subscribed"
+        assert camera_health["onvif"]["tamper_active"] == ["scene_changed"]
+        onvif_cam.push_event(SCENE, False)
+        wait_for(lambda: health() and "camera.gate-north.scene_changed" not in alarms(), timeout=20,
+                 what="the alarm gone from health")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+        onvif_cam.stop()
+    assert "Unsubscribe" in onvif_cam.calls
 
 
 def test_events_can_be_turned_off_per_camera(tmp_path: Path) -> None:
