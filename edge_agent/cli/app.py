@@ -59,7 +59,7 @@ def _global(
     as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="log at debug level")] = False,
 ) -> None:
-    # force: onvif-zeep calls basicConfig when imported, which would silently win over ours (and over --verbose).
+    # force: onvif-zeep-async calls basicConfig when imported, which would silently win over ours (and over --verbose).
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s %(message)s", force=True)
     ctx.obj = Options(config_path=resolve_config_path(config), json=as_json)

@@ -97,7 +97,7 @@ def locations(config: AgentConfig) -> tuple[Location, ...]:
 
 def discover(timeout_s: float, target: tuple[str, int] | None = None) -> tuple[Discovered, ...]:
     """One WS-Discovery probe to the multicast group (or to `target`, a known camera); answers for `timeout_s`."""
-    from drivers import onvif  # zeep is slow to import; only this command needs it
+    from drivers import onvif  # zeep and aiohttp are slow to import; only this command needs them
 
     found = onvif.discover(timeout_s, target or onvif.DISCOVERY_ADDRESS)
     return tuple(Discovered(f["endpoint"], tuple(f["xaddrs"]), tuple(f["scopes"]), f["name"], f["from"])

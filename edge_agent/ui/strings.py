@@ -74,6 +74,13 @@ ADVICE = {
     "recorder_battery_low": N_("A recorder's battery is low: leave it charging in the dock before it goes out."),
     "usb_device_refused": N_("A USB device that is not a registered recorder was plugged in and not read: unplug "
                              "it."),
+    # ONVIF tamper events of a camera (sources/cameras/onvif_watch.py): what happened, then what to do.
+    "camera_scene_changed": N_("The camera's view changed (moved, turned or covered): check the camera on site and "
+                               "aim it back at its place."),
+    "camera_too_blurry": N_("The camera's picture is blurred: check the lens for dirt, fog or a covering."),
+    "camera_too_dark": N_("The camera's picture is too dark: check whether the lens is covered and the lighting."),
+    "camera_too_bright": N_("The camera's picture is too bright: check for a light shone into the lens."),
+    "camera_tamper": N_("The camera reports tampering: check the camera on site and report to your supervisor."),
 }
 DEFAULT_ADVICE = N_("Check the alarm with edge-agent alarms list.")
 

@@ -33,6 +33,8 @@ ALARM_KINDS = frozenset({
     "disk_high", "disk_full", "unsynced_overdue", "camera_down", "image_check_failed", "clock_offset",
     "recorder_unidentified", "rejected", "sync_rejected", "tamper", "sync_incompatible", "component_stalled",
     "ack_unverified", "clear_refused", "scrub_failed", "dock_error",
+    # a camera's own ONVIF tamper events (sources/cameras/onvif_watch.py)
+    "camera_scene_changed", "camera_too_blurry", "camera_too_dark", "camera_too_bright", "camera_tamper",
 })
 REFUSALS = ("bad_topic", "too_large", "not_json", "too_deep", "schema", "agent_mismatch", "agent_limit")
 TOPICS = ("status", "health", "events")

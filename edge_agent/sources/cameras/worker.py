@@ -24,6 +24,7 @@ from edge_agent.config import AgentConfig, Camera
 from edge_agent.protocol.heartbeat import Heartbeat, Vital
 from edge_agent.sources.cameras.gaps import GapLedger
 from edge_agent.sources.cameras.intake import Queued, SegmentIntake, signing_anchors, spool_dir
+from edge_agent.sources.cameras.onvif_watch import OnvifWatcher
 
 log = logging.getLogger(__name__)
 
@@ -68,16 +69,22 @@ class CameraWorker:
         self.heartbeat = Heartbeat(f"camera-{camera.name}")
         self._stopped = False
         self._thread = self._recorder_thread()
+        # ONVIF cameras: clock read every clock_check_s and tamper events as alarms (onvif_watch.py)
+        self.onvif_watch = OnvifWatcher(camera, self.health, catalog, self.password) if camera.onvif else None
 
     def _recorder_thread(self) -> threading.Thread:
         return threading.Thread(target=self.recorder.run, name=f"camera-{self.camera.name}", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
+        if self.onvif_watch is not None:
+            self.onvif_watch.start()
 
     def stop(self) -> None:
         self._stopped = True
         self.recorder.stop()
+        if self.onvif_watch is not None:
+            self.onvif_watch.stop()
 
     def vital(self) -> Vital:
         """The recorder thread as a supervised component: beats per packet, idle while the camera is down
@@ -110,7 +117,8 @@ class CameraWorker:
             raise AuthFailed(str(exc)) from exc
         except onvif.OnvifError as exc:
             raise StreamError(str(exc)) from exc
-        self.health.clock_offset_ms = identity.clock_offset_ms
+        assert self.onvif_watch is not None
+        self.onvif_watch.clock_read(identity.clock_offset_ms)   # read again at every (re)connect
         self._seen(identity)
         return with_credentials(identity.stream_uri, cam.username, self.password)
 
@@ -265,4 +273,5 @@ class CameraWorker:
             "signing": health.signing,
             "audio": {"present": self.audio_present(), "codec": stats.audio_codec if stats.connected else None,
                       "lost": health.audio_lost, "last_packet_ms": stats.last_audio_ms},
+            "onvif": self.onvif_watch.status() if self.onvif_watch is not None else None,
         }
