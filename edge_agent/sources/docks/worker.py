@@ -163,7 +163,7 @@ class VolumeWorker(threading.Thread):
             self._account(found, session_id)
             if found.pending:
                 self.status.set_state(SlotState.INGESTING)
-            self._copy_all(found.pending, faults)
+            self._copy_all(found.pending, faults, discovery.copied)
             complete = (not found.young and self.status.state is not SlotState.PAUSED
                         and not ctx.records.outstanding(ident.device_id, self.volume.label))
             if self._gone.is_set():
@@ -231,7 +231,8 @@ class VolumeWorker(threading.Thread):
             log.warning("refused dock=%s label=%s entry=%r", self.volume.dock, self.volume.label, line)
         policy.refused_entries(self.volume, self.status.refused).raise_on(self.context.catalog)
 
-    def _copy_all(self, pending: list[tuple[FileRecord, Path]], faults: IngestFaults) -> None:
+    def _copy_all(self, pending: list[tuple[FileRecord, Path]], faults: IngestFaults,
+                  copied: Callable[[FileRecord], None]) -> None:
         ctx, st = self.context, self.status
         started, copied_before = time.monotonic(), st.bytes_copied
         while pending and not self._gone.is_set():
@@ -240,6 +241,7 @@ class VolumeWorker(threading.Thread):
             with ctx.permits:
                 done = ctx.ingestor.ingest_batch(batch, abort=self._should_stop)
             for record in done.sealed:
+                copied(record)
                 faults.succeeded()
                 st.set_state(SlotState.INGESTING)
                 st.files_done += 1
