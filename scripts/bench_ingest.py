@@ -164,6 +164,7 @@ def run_ours(work: Path, parked: Path, sources: list[Path]) -> tuple[float, int,
                 raise SystemExit(f"edge-agent exited: see {work / 'daemon.log'}")
             time.sleep(0.05)
         how = drop_caches(sources)
+        startup = psutil.Process(proc.pid).cpu_times()   # the daemon's start (imports, keys) is not ingest
         t0 = time.monotonic()
         for volume in sorted(parked.iterdir()):
             os.rename(volume, dock_root / volume.name)       # every recorder docks at once
@@ -173,7 +174,7 @@ def run_ours(work: Path, parked: Path, sources: list[Path]) -> tuple[float, int,
             time.sleep(0.02)
         elapsed = time.monotonic() - t0
         cpu = psutil.Process(proc.pid).cpu_times()
-        cpu_s = cpu.user + cpu.system
+        cpu_s = (cpu.user - startup.user) + (cpu.system - startup.system)
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=60)
