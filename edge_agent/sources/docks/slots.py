@@ -41,6 +41,7 @@ class SlotStatus:
     model: str | None = None
     serial: str | None = None
     officer_id: str | None = None
+    officer_name: str | None = None
     session_id: str | None = None
     files_total: int = 0
     files_done: int = 0
@@ -83,6 +84,7 @@ class SlotStatus:
         return {
             "dock": self.dock, "slot": self.slot, "label": self.label, "state": str(self.state),
             "device_id": self.device_id, "model": self.model, "serial": self.serial, "officer_id": self.officer_id,
+            "officer_name": self.officer_name,
             "session_id": self.session_id, "docked_ms": self.docked_ms, "files_total": self.files_total,
             "files_pending": self.files_pending, "bytes_total": self.bytes_total, "bytes_copied": self.bytes_copied,
             "rate_bps": round(self.rate_bps, 1), "last_error": self.last_error,

@@ -137,6 +137,7 @@ class VolumeWorker(threading.Thread):
             return
         st = self.status
         st.device_id, st.model, st.serial, st.officer_id = ident.device_id, ident.model, ident.serial, ident.officer_id
+        st.officer_name = ident.officer_name
         session_id = ctx.catalog.open_session(
             dock=self.volume.dock, slot=self.volume.slot, device_id=ident.device_id, serial=ident.serial,
             model=ident.model, volume_label=self.volume.label, volume_path=str(self.volume.path),
