@@ -185,3 +185,34 @@ def test_the_daemon_stops_promptly_while_a_screen_is_watching(tmp_path: Path) ->
         agent.stop()
     assert time.monotonic() - started < 8
     stream.close()
+
+
+def test_a_cameras_last_checked_keyframe_is_on_the_page_as_a_small_jpeg(browser: object, tmp_path: Path) -> None:
+    from tests.peers.mosquitto import free_port
+    from tests.peers.rtsp_server import RtspServer
+
+    server = RtspServer(free_port(), "normal", log=tmp_path / "rtsp.log").start()
+    try:
+        _, cfg = agent_config(tmp_path, mqtt={"port": free_port()},
+                              cameras=[{"name": "cam-gate", "rtsp": server.url, "segment_s": 10,
+                                        "image_check_s": 0.5, "location": "鼓楼广场", "location_kind": "square"}],
+                              ui={"enabled": True, "listen": "127.0.0.1:0", "language": "en"})
+        with running_agent(cfg) as agent:
+            page = open_page(browser, agent)
+            thumb = page.locator('[data-camera="cam-gate"] img.thumb')
+            thumb.wait_for(timeout=30_000)
+            page.wait_for_function("() => document.querySelector('img.thumb').naturalWidth > 0", timeout=10_000)
+            assert page.evaluate("() => document.querySelector('img.thumb').naturalWidth") == 320
+            with urllib.request.urlopen(agent.status_page.url + "cameras/cam-gate/thumbnail.jpg",
+                                        timeout=10) as response:
+                assert response.headers["Content-Type"] == "image/jpeg"
+                jpeg = response.read()
+            picture = cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR)
+            assert picture.shape[1] == 320 and picture.std() > 10, "the thumbnail shows the camera's picture"
+            with pytest.raises(urllib.error.HTTPError) as missing:
+                urllib.request.urlopen(agent.status_page.url + "cameras/no-such/thumbnail.jpg", timeout=10)
+            assert missing.value.code == 404
+            screenshot(page, tmp_path / "camera.png")
+            page.close()
+    finally:
+        server.stop()

@@ -20,7 +20,7 @@ from edge_agent.services.workspace import Result, Workspace
 from edge_agent.sources.docks import SlotState
 from edge_agent.sources.recorders import UNIDENTIFIED_PREFIX
 
-__all__ = ["Bay", "Board", "CameraLine", "Disk", "DiskForecast", "LiveParts", "UplinkLine", "board"]
+__all__ = ["Bay", "Board", "CameraLine", "camera_thumbnail", "Disk", "DiskForecast", "LiveParts", "UplinkLine", "board"]
 
 # How long a days-until-full forecast is reused: it sums the last week's intake, which moves slowly.
 FORECAST_TTL_MS = 60_000
@@ -35,13 +35,17 @@ class HealthProvider(Protocol):
     def health(self) -> dict[str, Any]: ...
 
 
+class CameraProvider(HealthProvider, Protocol):
+    def thumbnail(self, name: str) -> bytes | None: ...
+
+
 @dataclass(frozen=True)
 class LiveParts:
     """The running daemon's parts the board reads: its dock service, and its uplink and cameras if built."""
 
     docks: HealthProvider
     uplink: HealthProvider | None = None
-    cameras: HealthProvider | None = None
+    cameras: CameraProvider | None = None
 
 
 @dataclass(frozen=True)
@@ -72,11 +76,14 @@ class Bay(Result):
 
 @dataclass(frozen=True)
 class CameraLine(Result):
+    """`thumbnail_ms`: when the last keyframe was checked (its picture at `camera_thumbnail`), None before."""
+
     name: str
     location: str | None
     connected: bool
     recording: bool
     gaps_today: int
+    thumbnail_ms: int | None
 
 
 @dataclass(frozen=True)
@@ -166,9 +173,15 @@ def board(ws: Workspace, live: LiveParts, forecast: DiskForecast | None = None) 
         agent_id=ws.config.agent.id, unit=ws.config.agent.unit, ts_ms=now, bays=tuple(bays),
         alarms=tuple(reports.active_alarms()),
         cameras=tuple(CameraLine(c["name"], c.get("location"), bool(c.get("connected")), bool(c.get("recording")),
-                                 int(c.get("gaps_today") or 0)) for c in cameras),
+                                 int(c.get("gaps_today") or 0), (c.get("image_checks") or {}).get("checked_ms"))
+                      for c in cameras),
         uplink=UplinkLine(live.uplink is not None, bool(sync["connected"]), backlog.files, backlog.bytes,
                           backlog.oldest_age_s(now)),
         disk=Disk(round(100.0 * usage.used / usage.total, 1) if usage.total else 0.0, usage.free, usage.total,
                   (forecast or DiskForecast()).days(ws, now, sum(b.files_done for b in bays))),
     )
+
+
+def camera_thumbnail(live: LiveParts, name: str) -> bytes | None:
+    """The last keyframe of camera `name` the image checks decoded, as a small JPEG; None if there is none."""
+    return live.cameras.thumbnail(name) if live.cameras is not None else None

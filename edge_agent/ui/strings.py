@@ -50,6 +50,7 @@ PAGE_STRINGS = (
     N_("day(s)"),
     N_("hour(s)"),
     N_("No recent intake to project"),
+    N_("Last picture"),
 )
 
 # Why a bay is stuck (services.board's codes).

@@ -68,6 +68,11 @@ class CameraService:
         midnight_ms = int(midnight.timestamp() * 1000)
         return [worker.status(midnight_ms) for worker in self.workers.values()]
 
+    def thumbnail(self, name: str) -> bytes | None:
+        """The last keyframe the image checks of camera `name` decoded, as a small JPEG; None before the first."""
+        worker = self.workers.get(name)
+        return worker.sampler.preview if worker is not None else None
+
     def health(self) -> dict[str, Any]:
         """HealthProvider: this component's part of the health snapshot, `{"cameras": [one per camera]}`."""
         return {"cameras": self.camera_status()}

@@ -127,7 +127,10 @@
                                        : `${T("Full in about")} ${days(disk.days_until_full)}`));
 
     const cameras = document.getElementById("cameras");
-    cameras.replaceChildren(...(board.cameras.length ? board.cameras.map((c) => el("li", { class: "camera", tabindex: "0" },
+    cameras.replaceChildren(...(board.cameras.length ? board.cameras.map((c) => el("li", { class: "camera", tabindex: "0",
+                                                                                        "data-camera": c.name },
+      c.thumbnail_ms ? el("img", { class: "thumb", width: "160", alt: `${T("Last picture")}: ${c.name}`,
+                                   src: `/cameras/${encodeURIComponent(c.name)}/thumbnail.jpg?t=${c.thumbnail_ms}` }) : null,
       el("strong", {}, c.name), " ", el("span", { class: c.connected ? "ok" : "bad" }, T(c.connected ? "Connected" : "Not connected")),
       " · ", el("span", { class: c.recording ? "ok" : "bad" }, T(c.recording ? "Recording" : "Not recording")),
       " · ", `${T("Gaps today")}: ${c.gaps_today}`))
