@@ -71,6 +71,7 @@ class Site:
 
     work: Path
     mqtt_port: int
+    yield_s: float | None = None     # mqtt.yield_to_docks_s; None: the agent's default
     ui_port: int = field(default_factory=free_port)
     procs: dict[str, psutil.Popen] = field(default_factory=dict)
     cpu: dict[str, float] = field(default_factory=dict)
@@ -97,7 +98,8 @@ class Site:
             "agent": {"id": AGENT_ID, "site": "bench", "unit": "bench", "data_dir": str(self.data_dir),
                       "max_disk_gb": 1000, "min_free_mb": 0},
             "mqtt": {"port": self.mqtt_port, "reconnect_min_s": 0.05, "reconnect_max_s": 0.2,
-                     "receiver_keys": str(pinned)},
+                     "receiver_keys": str(pinned),
+                     **({"yield_to_docks_s": self.yield_s} if self.yield_s is not None else {})},
             "ui": {"enabled": True, "listen": f"127.0.0.1:{self.ui_port}"},
             "docks": [{"name": "bench", "kind": "directory", "root": str(self.dock_root), "settle_s": 0,
                        "rescan_s": 0.2, "clear_after_sync": True}]})
@@ -232,7 +234,7 @@ def dock_all(parked: Path, dock_root: Path) -> float:
     return t0
 
 
-def phases(work: Path, recorders: int, size: int, files: int) -> dict:
+def phases(work: Path, recorders: int, size: int, files: int, yield_s: float | None = None) -> dict:
     port = free_port()
     parked = work / "recorders"
     n_files = recorders * files
@@ -269,7 +271,7 @@ def phases(work: Path, recorders: int, size: int, files: int) -> dict:
     # 3. the dock day: both at once, on a fresh agent.
     shutil.rmtree(parked)
     make_dock(parked, recorders, files, recorders * size)
-    day = Site(work / "day", port)
+    day = Site(work / "day", port, yield_s)
     day.configure()
     day.enrol()
     broker = day.start_uplink()
@@ -321,6 +323,9 @@ def main() -> None:
     parser.add_argument("--size-mib", type=int, default=512, help="bytes on each recorder (MiB)")
     parser.add_argument("--files", type=int, default=4, help="files on each recorder")
     parser.add_argument("--dir", type=Path, default=Path("/var/tmp"), help="where to work (a real disk, not tmpfs)")
+    parser.add_argument("--yield-to-docks-s", type=float, default=None,
+                        help="the dock day's mqtt.yield_to_docks_s (0: ingest and upload side by side, as before "
+                        "issue 15); default: the agent's")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args()
     size_mib, note = fit_to_disk(args.dir, args.recorders, args.size_mib)
@@ -329,7 +334,8 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="bench-dock-day-", dir=args.dir))
     try:
         load = os.getloadavg()[0]
-        result = phases(work, args.recorders, size_mib * MIB, args.files)
+        result = phases(work, args.recorders, size_mib * MIB, args.files, args.yield_to_docks_s)
+        result["yield_to_docks_s"] = args.yield_to_docks_s
         result["loadavg_1m_before"] = round(load, 2)
         result["scaled_down"] = note
     finally:
@@ -338,7 +344,8 @@ def main() -> None:
         print(json.dumps(result))
         return
     cpu = result["cpu_s_per_gib"]
-    print(f"dock day: {args.recorders} recorders x {size_mib} MiB ({result['bytes'] / GIB:.2f} GiB in "
+    print(f"dock day (mqtt.yield_to_docks_s: {'default' if args.yield_to_docks_s is None else args.yield_to_docks_s}): "
+          f"{args.recorders} recorders x {size_mib} MiB ({result['bytes'] / GIB:.2f} GiB in "
           f"{result['files']} files), {result['cores']} cores, load {result['loadavg_1m_before']} before")
     print(f"ingest alone, dock -> every bay safe to take   {result['ingest_alone_s']:8.1f} s")
     print(f"sync alone, online -> every recorder cleared   {result['sync_alone_s']:8.1f} s")
