@@ -15,7 +15,10 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from drivers.gat947 import Gat947Settings, RecorderHandshake
 
 
 @dataclass(frozen=True)
@@ -30,6 +33,20 @@ class DockedVolume:
     model: str | None = None         # recorder model name from config/recorders.toml
     vendor_id: int | None = None
     product_id: int | None = None
+    handshake: RecorderHandshake | None = None   # the recorder's vendor handshake, when its model has one
+
+
+@dataclass(frozen=True)
+class RefusedDevice:
+    """A USB mass-storage device a dock refused to read (`unknown_devices = "refuse"`): not a known recorder.
+    `label` is the volume folder its serial would name, or the folder of a volume no known device claims."""
+
+    vendor_id: int | None
+    product_id: int | None
+    serial: str | None
+    label: str
+    manufacturer: str | None = None
+    product: str | None = None
 
 
 class DockListener(Protocol):
@@ -38,6 +55,16 @@ class DockListener(Protocol):
     def docked(self, volume: DockedVolume) -> None: ...
 
     def undocked(self, volume: DockedVolume) -> None: ...
+
+    def recorder_clock_read(self, dock: str, usb_serial: str | None, report: RecorderHandshake) -> None:
+        """A recorder's clock offset was read, before any correction: record it durably now (the driver sets
+        the recorder's clock only once this returns)."""
+
+    def recorder_handshake(self, dock: str, usb_serial: str | None, report: RecorderHandshake) -> None:
+        """A recorder's vendor handshake ended (whether or not its volume follows): raise or clear what it shows."""
+
+    def device_refused(self, dock: str, device: RefusedDevice) -> None:
+        """A mass-storage device that is not a known recorder was left unread."""
 
 
 class DockDriver(Protocol):
@@ -61,6 +88,9 @@ class UsbRecorderModel(Protocol):
 
     @property
     def product_id(self) -> int: ...
+
+    @property
+    def gat947(self) -> Gat947Settings | None: ...   # its GA/T 947.4 vendor library, if it has one
 
 
 def free_slot(present: Iterable[DockedVolume]) -> int:

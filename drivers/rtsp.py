@@ -43,13 +43,15 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Protocol
 from urllib.parse import quote, urlsplit, urlunsplit
 
 import av
+from cryptography import x509
 
+from drivers.media_signing import GopChecker, GopResult, length_prefixed, segment_verdict, split_nals
 from edge_agent.durable import fsync_dir
 
 log = logging.getLogger(__name__)
@@ -139,6 +141,8 @@ class Segment:
     end_ms: int
     packets: int
     size: int
+    # Camera signing (drivers/media_signing.py): the `segment_verdict` of its GOPs; None when not checked.
+    signing: dict[str, object] | None = None
 
 
 @dataclass
@@ -159,6 +163,7 @@ class StreamStats:
     audio_packets: int = 0
     last_audio_ms: int | None = None    # receive time of the last audio packet of this connection
     connected_ms: int | None = None     # when this connection's stream was opened
+    signing: str | None = None          # "onvif" / "axis": this connection carries signing SEIs
     _window: list[tuple[float, int, int]] = field(default_factory=list)
 
     def rates(self) -> tuple[float, float]:
@@ -257,7 +262,7 @@ class RtspRecorder:
 
     def __init__(self, camera: str, resolve: Callable[[], str], spool: Path, listener: RecorderListener, *,
                  segment_s: float, stall_timeout_s: float, reconnect_max_s: float = 30.0,
-                 min_free_bytes: int = 0):
+                 min_free_bytes: int = 0, signing_anchors: list[x509.Certificate] | None = None):
         self.camera = camera
         self.resolve = resolve
         self.spool = spool
@@ -266,6 +271,10 @@ class RtspRecorder:
         self.stall_timeout_s = stall_timeout_s
         self.reconnect_max_s = reconnect_max_s
         self.min_free_bytes = min_free_bytes
+        self.signing_anchors = signing_anchors   # trust anchors for camera-signed video; None: none configured
+        self._checker: GopChecker | None = None
+        self._awaiting: deque[tuple[Segment, int]] = deque()   # closed segments waiting for their GOPs' verdict
+        self._segment_seq = 0
         self.stats = StreamStats()
         # The files being written (two for a moment after a cut): replaced whole, read by the intake's thread.
         self.active_paths: tuple[Path, ...] = ()
@@ -342,6 +351,9 @@ class RtspRecorder:
         tick_ms = {s.index: float(s.time_base or 0) * 1000 for s in container.streams}   # once: Fractions are costly
         tb_ms = tick_ms[stream.index]
         kept = self._kept_streams(container)
+        self._checker = checker = GopChecker(stream.codec_context.name == "hevc", self.signing_anchors)
+        prefixed = length_prefixed(stream.codec_context.extradata)
+        self.stats.signing = None
         try:
             for packet in container.demux(kept):
                 if self._stop.is_set():
@@ -375,15 +387,21 @@ class RtspRecorder:
                 self.stats.packets += 1
                 self.stats.bytes += packet.size
                 self.stats.last_packet_ms = int(received)
+                self._check_signing(checker, packet, prefixed, cuts.out.seq, key)
                 cuts.out.write(packet, key)   # the muxer takes the packet's data: sample and count first
                 self._place_audio(cuts, before=at + 1)
                 self._expire_closing(cuts, at)
         finally:
-            self._place_audio(cuts, before=None)
-            if cuts.closing is not None:
-                self._finish(*cuts.closing)
-            if cuts.out is not None:
-                self._finish(cuts.out, self._last_end_ms or cuts.out.start_ms)
+            try:
+                self._place_audio(cuts, before=None)
+                if cuts.closing is not None:
+                    self._finish(*cuts.closing)
+                if cuts.out is not None:
+                    self._finish(cuts.out, self._last_end_ms or cuts.out.start_ms)
+            finally:   # the segments closed so far get their verdict, whatever failed above
+                checker.finish()
+                self._release(force=True)
+                self._checker = None
 
     def _cut(self, cuts: _Cuts, kept: list[av.stream.Stream], video: av.video.stream.VideoStream, at: int,
              offset_ms: float) -> tuple[int, float]:
@@ -399,6 +417,14 @@ class RtspRecorder:
             self._interrupted = False
             self.listener.resumed(self.camera, cuts.out.start_ms)
         return at, offset_ms
+
+    def _check_signing(self, checker: GopChecker, packet: av.Packet, prefixed: bool, seq: int, key: bool) -> None:
+        """Feed the packet's NAL units to the signing checker (before the muxer takes the packet's data)."""
+        for nal in split_nals(bytes(packet), prefixed):
+            checker.feed(nal, seq)
+        if key:
+            self.stats.signing = checker.signing
+            self._release(force=False)
 
     def _kept_streams(self, container: av.container.InputContainer) -> list[av.stream.Stream]:
         """Video and audio; other streams (data, subtitles) are named in the stats and the log."""
@@ -452,16 +478,41 @@ class RtspRecorder:
             raise DiskFull(f"less than {self.min_free_bytes // 1024**2} MiB free under {self.spool} "
                            "(agent.min_free_mb); recording pauses until space returns: check retention and sync")
         path = self.spool / f"{start_ms}{SEGMENT_SUFFIX}"
-        writer = _SegmentWriter(path, streams, video, start_ms)
+        self._segment_seq += 1
+        writer = _SegmentWriter(path, streams, video, start_ms, self._segment_seq)
         self.active_paths = (*self.active_paths, path)
         return writer
 
     def _finish(self, out: _SegmentWriter, end_ms: int) -> None:
         segment = out.close(self.camera, max(end_ms, out.start_ms))
         if segment is not None:
+            # Handed over once the signatures of its GOPs are known: the SEI signing a segment's last GOP
+            # comes in the next segment. At most one segment waits (the one before is forced out).
+            self._release(force=True)
+            self._awaiting.append((segment, out.seq))
+            self._release(force=False)
+        else:
+            self.active_paths = tuple(p for p in self.active_paths if p != out.path)
+
+    def _release(self, force: bool) -> None:
+        """Hand the closed segments whose GOPs all have a verdict (all of them when `force`) to the listener,
+        in order, with their signing verdict."""
+        checker = self._checker
+        while self._awaiting:
+            segment, seq = self._awaiting[0]
+            if checker is not None and checker.pending(seq) and not force:
+                return
+            self._awaiting.popleft()
+            if checker is not None:
+                results = checker.results(seq)
+                if checker.pending(seq):
+                    results.append(GopResult("unverifiable", "its signature did not come before the segment "
+                                             "had to be handed over"))
+                checker.forget(seq)
+                segment = replace(segment, signing=segment_verdict(results, checker.signing))
             self.listener.segment_done(segment)
-        # only now: the intake's spool scan must not take it in as a leftover
-        self.active_paths = tuple(p for p in self.active_paths if p != out.path)
+            # only now: the intake's spool scan must not take it in as a leftover
+            self.active_paths = tuple(p for p in self.active_paths if p != segment.path)
 
 
 @dataclass
@@ -479,9 +530,10 @@ class _SegmentWriter:
     Timestamps of all tracks are moved by the same amount: the first video packet is time 0."""
 
     def __init__(self, path: Path, streams: list[av.stream.Stream], video: av.video.stream.VideoStream,
-                 start_ms: int):
+                 start_ms: int, seq: int = 0):
         self.path = path
         self.start_ms = start_ms
+        self.seq = seq   # the recorder's number for this segment (the signing checker's tag)
         self.packets = 0
         self._video = video.index
         self._base_ms: float | None = None

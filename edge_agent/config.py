@@ -31,6 +31,21 @@ ALLOWED_LOCATION_KINDS = frozenset(
 # An id becomes an MQTT client id and a topic segment: no wildcards, no slashes.
 ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 TOPIC_ROOT_PATTERN = r"^[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*$"
+# A GB/T 28181 code ([gb28181], cameras' gb_id): 20 decimal digits (centre 8, industry 2, type 3, net 1, serial 6).
+GB_ID_PATTERN = r"^[0-9]{20}$"
+
+
+def _pem_certificates(path: Path | None) -> Path | None:
+    """A trust-anchor file must be readable and hold at least one PEM certificate."""
+    if path is None:
+        return None
+    try:
+        text = path.read_bytes()
+    except OSError as exc:
+        raise ValueError(f"cannot read {path} ({exc.strerror}); give the CA certificate file (PEM)") from None
+    if b"-----BEGIN CERTIFICATE-----" not in text:
+        raise ValueError(f"{path} holds no PEM certificate (-----BEGIN CERTIFICATE-----); give the CA certificate")
+    return path
 
 
 class _Section(BaseModel):
@@ -119,6 +134,9 @@ class _DockBase(_Section):
 class UsbDockSection(_DockBase):
     kind: Literal["usb"]
     mount_root: Path = Path("/media/edge-dock")
+    # R8: a USB mass-storage device not in recorders.toml is read as an unknown recorder with an alarm
+    # ("ingest"), or never read, with an alarm naming its vendor, product and serial ("refuse").
+    unknown_devices: Literal["ingest", "refuse"] = "ingest"
 
 
 class DirectoryDockSection(_DockBase):
@@ -142,6 +160,16 @@ class Camera(_Section):
     reconnect_max_s: Annotated[float, Field(gt=0, le=3600)] = 30   # backoff ceiling between reconnects
     location: Annotated[str, Field(min_length=1)]
     location_kind: str
+    gb_id: Annotated[str, Field(pattern=GB_ID_PATTERN)] | None = None   # its GB/T 28181 channel id ([gb28181])
+    # Camera-signed video (docs/CAMERAS.md "Camera-signed video"): the CA certificate(s), PEM, that a signing
+    # camera's certificate must lead to; unset: `evidence.camera_signing_ca`, and if that is unset too,
+    # signatures are checked for integrity only and segments say `unverifiable`.
+    signing_ca: Path | None = None
+
+    @field_validator("signing_ca")
+    @classmethod
+    def _signing_ca(cls, value: Path | None) -> Path | None:
+        return _pem_certificates(value)
 
     @field_validator("location_kind")
     @classmethod
@@ -166,6 +194,61 @@ class Camera(_Section):
         return self
 
 
+# -- GB/T 28181 device mode ([gb28181]; edge_agent/sources/gb28181) --------------------------------------------
+
+class Gb28181Section(_Section):
+    """The gateway as a GB/T 28181 device registered with a platform's SIP server (docs/CAMERAS.md)."""
+
+    enabled: bool = False
+    server_id: Annotated[str, Field(pattern=GB_ID_PATTERN)] | None = None   # the platform's SIP id
+    domain: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9.-]+$")] | None = None
+    server_host: Annotated[str, Field(min_length=1, max_length=253)] = "127.0.0.1"
+    server_port: Annotated[int, Field(ge=1, le=65535)] = 5060
+    device_id: Annotated[str, Field(pattern=GB_ID_PATTERN)] | None = None   # this gateway's id
+    password: Annotated[str, Field(min_length=1, max_length=128)] | None = None
+    password_file: Path | None = None           # instead of password: a file of mode 0600 holding it
+    local_host: str = "0.0.0.0"
+    local_port: Annotated[int, Field(ge=0, le=65535)] = 5060   # 0: any free port (tests)
+    expires_s: Annotated[int, Field(ge=60, le=86400)] = 3600
+    keepalive_s: Annotated[int, Field(ge=5, le=3600)] = 60
+    keepalive_misses: Annotated[int, Field(ge=1, le=20)] = 3   # unanswered keepalives before re-registering
+    charset: Literal["GB2312", "UTF-8"] = "GB2312"
+    unregistered_alarm_s: Annotated[float, Field(ge=0, le=86400)] = 300   # alarm after this long unregistered
+    name: Annotated[str, Field(min_length=1, max_length=64)] = "edge-agent gateway"
+
+    @model_validator(mode="after")
+    def _complete(self) -> Gb28181Section:
+        if not self.enabled:
+            return self
+        missing = [k for k in ("server_id", "domain", "device_id") if getattr(self, k) is None]
+        if missing:
+            raise ValueError(f"enabled = true needs {', '.join(missing)} in [gb28181]; see "
+                             "config/agent.example.toml")
+        if (self.password is None) == (self.password_file is None):
+            raise ValueError("set exactly one of password or password_file (a file of mode 0600) in [gb28181]")
+        return self
+
+    def read_password(self) -> str:
+        """The SIP password: `password`, or `password_file`'s first line (refused unless mode 0600 or 0400)."""
+        if self.password is not None:
+            return self.password
+        assert self.password_file is not None
+        try:
+            mode = self.password_file.stat().st_mode & 0o777
+            if mode & 0o077:
+                raise PermissionError(f"{self.password_file} has mode {mode:o}: run chmod 600 {self.password_file} "
+                                      "(the GB/T 28181 password must not be readable by others)")
+            lines = self.password_file.read_text("utf-8").splitlines()
+        except (FileNotFoundError, IsADirectoryError, UnicodeDecodeError) as exc:
+            problem = Problem("gb28181.password_file", str(self.password_file),
+                              f"cannot be read ({exc}); write the password in it")
+            raise ConfigError(self.password_file, [problem]) from None
+        if not lines or not lines[0].strip():
+            raise ConfigError(self.password_file, [Problem("gb28181.password_file", str(self.password_file),
+                                                           "is empty; write the password on its first line")])
+        return lines[0].strip()
+
+
 class RetentionSection(_Section):
     routine_days: Annotated[int, Field(ge=180)] = 180
     disk_purge_percent: Annotated[float, Field(gt=0, le=100)] = 85
@@ -181,6 +264,10 @@ class HealthSection(_Section):
     scrub_interval_h: Annotated[float, Field(gt=0)] = 24   # pause between full scrub passes
     change_check_s: Annotated[float, Field(gt=0)] = 2      # how often health looks for a change worth publishing
     summary_hour: Annotated[int, Field(ge=0, le=23)] = 23  # local hour of the daily summary event
+    # The agent's own clock (R9, kernel adjtimex): alarm `clock_unsynchronized` while the kernel says it is not
+    # synchronised or its maximum error exceeds clock_error_alarm_ms. Turn off only on a box without time source.
+    clock_sync_alarm: bool = True
+    clock_error_alarm_ms: Annotated[int, Field(gt=0)] = 1000
 
 
 class LivenessSection(_Section):
@@ -201,6 +288,23 @@ class EvidenceSection(_Section):
     tsa_url: Annotated[str, Field(pattern=r"^https?://[^\s]+$")] | None = None
     tsa_ca: Path | None = None            # its root certificate (PEM): `verify` checks tokens' signatures
     tsa_timeout_s: Annotated[float, Field(gt=0, le=120)] = 10
+    # Trust anchor(s), PEM, for camera-signed video of every camera without its own `signing_ca`.
+    camera_signing_ca: Path | None = None
+
+    @field_validator("camera_signing_ca")
+    @classmethod
+    def _camera_signing_ca(cls, value: Path | None) -> Path | None:
+        return _pem_certificates(value)
+
+
+class CryptoSection(_Section):
+    """The agent's signing suite (docs/PROTOCOL.md "Crypto suites"): `ed25519`, `sm2` (国密: SM2 signatures with
+    SM3, SM3 file digests) or both (`ed25519+sm2`). Changing it takes effect through a key rotation, which the
+    daemon does at start (or `edge-agent keys rotate`)."""
+
+    suite: Literal["ed25519", "sm2", "ed25519+sm2"] = "ed25519"
+
+
 class UiSection(_Section):
     """The status page at the dock (edge_agent/ui): read-only, on loopback unless `listen` says otherwise."""
 
@@ -257,6 +361,20 @@ class AgentConfig(_Section):
     liveness: LivenessSection = LivenessSection()
     evidence: EvidenceSection = EvidenceSection()
     ui: UiSection = UiSection()
+    gb28181: Gb28181Section = Gb28181Section()
+    crypto: CryptoSection = CryptoSection()
+
+    @model_validator(mode="after")
+    def _gb_ids(self) -> AgentConfig:
+        """Every GB id used once; with [gb28181] enabled, the cameras without a gb_id are not offered."""
+        ids = [c.gb_id for c in self.cameras if c.gb_id is not None] + [self.gb28181.device_id]
+        seen: set[str] = set()
+        for gb_id in filter(None, ids):
+            if gb_id in seen:
+                raise ValueError(f"GB/T 28181 id {gb_id} is used twice (gb28181.device_id, cameras' gb_id): "
+                                 "give each camera and the gateway its own 20-digit id")
+            seen.add(gb_id)
+        return self
 
     @model_validator(mode="after")
     def _unique_names(self) -> AgentConfig:
@@ -286,6 +404,7 @@ class StoreSection(_Section):
     routine_days: Annotated[int, Field(ge=1, le=36_500)] = 180      # routine files: locked stored + this
     long_term_years: Annotated[int, Field(ge=1, le=100)] = 10       # long_term files: locked stored + this
     # evidence files: locked as routine, plus a legal hold (released only by a platform action)
+    release_keys: Path | None = None        # the platform's public key(s) signing legal-hold releases (PEM/dir)
 
     @model_validator(mode="after")
     def _s3_complete(self) -> StoreSection:
@@ -396,6 +515,8 @@ def _message(err: dict[str, Any]) -> str:
                "(it becomes an MQTT client id and topic segment)")
     elif err["type"] == "string_pattern_mismatch" and err.get("ctx", {}).get("pattern") == TOPIC_ROOT_PATTERN:
         msg = "must be topic levels of letters, digits, '.', '_' or '-' separated by '/', no wildcards"
+    elif err["type"] == "string_pattern_mismatch" and err.get("ctx", {}).get("pattern") == GB_ID_PATTERN:
+        msg = "must be a GB/T 28181 code: exactly 20 digits, e.g. 34020000001320000001"
     elif err["type"] == "union_tag_not_found":
         msg = "kind is required: usb or directory"
     return msg

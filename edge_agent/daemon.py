@@ -55,6 +55,7 @@ from edge_agent.sources.recorders import RecorderModel, VolumeIdentity, load_mod
 
 if TYPE_CHECKING:  # imported when built: paho, av and OpenCV (and the web stack) load only when the config needs them
     from edge_agent.sources.cameras import CameraService
+    from edge_agent.sources.gb28181 import GbDevice
     from edge_agent.sync import Uplink
     from edge_agent.ui import StatusPage
 
@@ -112,6 +113,7 @@ class Agent:
     dock_drivers: list[DockDriver]
     uplink: Uplink | None
     cameras: CameraService | None
+    gb28181: GbDevice | None
     operations: Operations | None
     status_page: StatusPage | None
     components: list[Component]
@@ -129,6 +131,7 @@ class Agent:
             raise
         self.uplink = None
         self.cameras = None
+        self.gb28181 = None
         self.operations = None
         self.status_page = None
         self.components = []
@@ -142,7 +145,11 @@ class Agent:
         settled = recover_rotation(self.layout.keys, self.catalog.meta.get(KEY_IN_FORCE))   # owner only
         if settled is not None:
             log.warning("key rotation interrupted by a crash was %s", settled)
-        self.sealer = Sealer(self.catalog, AgentKey.load_or_create(self.layout.keys), self.layout, config)
+        self.sealer = Sealer(self.catalog, AgentKey.load_or_create(self.layout.keys, config.crypto.suite), self.layout,
+                             config)
+        followed = self.sealer.follow_suite()
+        if followed is not None:
+            log.warning("crypto suite is now %s: signing key rotated old=%s new=%s", config.crypto.suite, *followed)
         self.ingestor = Ingestor(self.catalog, self.layout, self.sealer, config)
         self.models = load_models(config.agent.recorders_file)
         self.docks = DockService(self.catalog, self.ingestor, self.sealer, config, self.models)
@@ -168,6 +175,17 @@ class Agent:
         self.cameras = CameraService(self.catalog, self.ingestor, self.sealer, self.config)
         self.components.append(self.cameras)
         return self.cameras
+
+    def add_gb28181(self) -> GbDevice:
+        """The gateway as a GB/T 28181 device (`[gb28181]`, edge_agent/sources/gb28181): registers with the
+        platform and answers its Catalog / DeviceInfo / RecordInfo queries; add it after the cameras."""
+        from edge_agent.sources.gb28181 import GbDevice
+
+        self._refuse_twice(self.gb28181, "a GB/T 28181 device")
+        cameras = self.cameras
+        self.gb28181 = GbDevice(self.config, self.catalog, cameras.online if cameras is not None else None)
+        self.components.append(self.gb28181)
+        return self.gb28181
 
     def add_operations(self) -> Operations:
         """Health, alarms, retention, scrub, summary and watchdog (edge_agent/ops); add it after the parts
@@ -202,12 +220,14 @@ class Agent:
 
     def vitals(self, scheduler: Scheduler) -> list[VitalsProvider]:
         """What ops/liveness.py supervises: the uplink's connection and sender, every dock worker, every
-        camera's recorder, the scheduler."""
+        camera's recorder, the GB/T 28181 device's thread, the scheduler."""
         providers: list[VitalsProvider] = [self.docks.vitals, lambda: [scheduler.vital()]]
         if self.uplink is not None:
             providers.append(self.uplink.vitals)
         if self.cameras is not None:
             providers.append(self.cameras.vitals)
+        if self.gb28181 is not None:
+            providers.append(self.gb28181.vitals)
         return providers
 
     @staticmethod
@@ -221,6 +241,7 @@ class Agent:
         return HealthMonitor(
             self.config, self.catalog, self.layout, retention, process=self, docks=self.docks,
             cameras=self.cameras,
+            gb28181=self.gb28181,
             uplink=self.uplink,
             scrub=None if scrubber is None else ScrubHealth(scrubber),
             publisher=self.uplink)
@@ -366,7 +387,8 @@ def build_dock_drivers(config: AgentConfig, models: list[RecorderModel]) -> list
         elif dock.kind == "usb":
             from drivers.usb_dock import UsbDock
 
-            drivers.append(UsbDock(dock.name, dock.mount_root, models))
+            drivers.append(UsbDock(dock.name, dock.mount_root, models, unknown_devices=dock.unknown_devices,
+                                   zone=config.agent.zone))
     return drivers
 
 
@@ -377,6 +399,8 @@ def build_agent(config: AgentConfig, *, dock_drivers: list[DockDriver] | None = 
         agent.add_uplink()
         if config.cameras:
             agent.add_cameras()
+        if config.gb28181.enabled:
+            agent.add_gb28181()
         agent.add_operations()
         if config.ui.enabled:
             agent.add_status_page()

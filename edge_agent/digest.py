@@ -1,4 +1,5 @@
-"""The one streaming SHA-256: every hash of evidence bytes (copy, read-back, verify, scrub, export) goes
+"""The one streaming SHA-256 (and SM3 beside it, in the same pass, under the 国密 suites): every hash of
+evidence bytes (copy, read-back, verify, scrub, export) goes
 through `hash_stream`, so memory stays a few 1 MiB blocks whatever the file size."""
 
 from __future__ import annotations
@@ -8,9 +9,10 @@ import os
 import queue
 import stat
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
+from typing import Protocol
 
 from edge_agent.durable import BLOCK, drop_cache
 
@@ -89,16 +91,22 @@ def reader_for(fd: int) -> AbstractContextManager[ReadAhead | DirectRead]:
     return ReadAhead(fd)
 
 
+class Hasher(Protocol):
+    def update(self, data: bytes, /) -> None: ...
+
+
 def hash_stream(fd: int, each: Callable[[memoryview], bool | None] | None = None, *,
-                read_error: Callable[[OSError], Exception] | None = None) -> tuple[str | None, int]:
+                read_error: Callable[[OSError], Exception] | None = None,
+                also: Sequence[Hasher] = ()) -> tuple[str | None, int]:
     """SHA-256 (hex) and size of what `fd` holds from its offset on, read ahead in 1 MiB blocks.
 
     `each` sees every block once it is hashed (to write a copy, pace a scrub, check an abort); when it
     returns False the stream stops and the digest is None. A read error is raised as `read_error(exc)`
-    when given (what an exception raised by `each` never is), else as the OSError it was.
+    when given (what an exception raised by `each` never is), else as the OSError it was. `also` are other
+    digests fed every block in the same pass (the SM3 of the 国密 suites); the caller finalises them.
     """
     digest, size = hashlib.sha256(), 0
-    with reader_for(fd) as reader:
+    with reader_for(fd) as reader, Beside(also, isinstance(reader, ReadAhead)) as beside:
         blocks = reader.blocks()
         while True:
             try:
@@ -109,20 +117,74 @@ def hash_stream(fd: int, each: Callable[[memoryview], bool | None] | None = None
                 raise read_error(exc) from exc
             if block is None:
                 break
+            beside.start(block)
             digest.update(block)
             size += len(block)
-            if each is not None and each(block) is False:
-                return None, size
+            try:
+                if each is not None and each(block) is False:
+                    return None, size
+            finally:
+                beside.wait()   # before the next block is asked for: the reader reuses this one's buffer
     return digest.hexdigest(), size
 
 
-def hash_file(path: Path | os.PathLike[str], *, drop: bool = False) -> tuple[str, int]:
-    """SHA-256 and size of a file; with `drop`, its cached pages are dropped first so the bytes come off the disk."""
+class Beside:
+    """Feeds a block to other digests (`also`) while the caller hashes and writes it: on a thread of its own
+    for a stream of several blocks (OpenSSL's SM3 is several times slower than SHA-256 with SHA extensions,
+    and releases the GIL), in the caller's thread otherwise. `wait()` returns once they have it all."""
+
+    def __init__(self, also: Sequence[Hasher], threaded: bool):
+        self._also = also
+        self._todo: queue.SimpleQueue[memoryview | None] = queue.SimpleQueue()
+        self._done: queue.SimpleQueue[BaseException | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="digest-beside", daemon=True) \
+            if also and threaded else None
+        self._pending = False
+
+    def __enter__(self) -> Beside:
+        if self._thread is not None:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        if self._thread is not None:
+            self._todo.put(None)
+            self._thread.join()
+
+    def _run(self) -> None:
+        while (block := self._todo.get()) is not None:
+            try:
+                for other in self._also:
+                    other.update(block)
+            except BaseException as exc:   # handed to the caller's thread by wait()
+                self._done.put(exc)
+            else:
+                self._done.put(None)
+
+    def start(self, block: memoryview) -> None:
+        if self._thread is None:
+            for other in self._also:
+                other.update(block)
+            return
+        self._todo.put(block)
+        self._pending = True
+
+    def wait(self) -> None:
+        if self._pending:
+            self._pending = False
+            failed = self._done.get()
+            if failed is not None:
+                raise failed
+
+
+def hash_file(path: Path | os.PathLike[str], *, drop: bool = False, also: Sequence[Hasher] = ()) -> tuple[str, int]:
+    """SHA-256 and size of a file; with `drop`, its cached pages are dropped first so the bytes come off the disk.
+    `also`: other digests fed the same bytes in the same pass."""
     fd = os.open(path, os.O_RDONLY)
     try:
         if drop:
             drop_cache(fd)
-        digest, size = hash_stream(fd)
+        digest, size = hash_stream(fd, also=also)
     finally:
         os.close(fd)
     assert digest is not None

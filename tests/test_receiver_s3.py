@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from botocore.exceptions import ClientError
 
+from edge_agent.clock import now_ms
 from edge_agent.config import ConfigError, parse_receiver_config
 from edge_agent.evidence.manifest import AgentKey
 from edge_agent.platform.receiver import Receiver, objectstore
@@ -159,7 +160,8 @@ def test_a_legal_hold_keeps_evidence_past_its_retain_until_date(seaweed: Seaweed
 def test_two_receivers_racing_on_one_file_store_it_once(seaweed: SeaweedFS, tmp_path: Path, n: int, size: int,
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     """Two receivers on separate disks each hold every chunk of the same file and commit at the same instant:
-    both answer `complete` with the one index entry that won, and no key has a second version."""
+    each answers `complete` (with the one index entry that won) or, while the other holds the multipart upload's
+    claim, `receiving`, and completes on its next attempt; no key ever has a second version."""
     monkeypatch.setattr(objectstore, "PART_BYTES", 5 * 1024**2)
     content = os.urandom(size)
     stores = [receiver(seaweed, tmp_path / name) for name in ("r1", "r2")]
@@ -175,6 +177,11 @@ def test_two_receivers_racing_on_one_file_store_it_once(seaweed: SeaweedFS, tmp_
         thread.start()
     for thread in threads:
         thread.join(timeout=30)
+    assert ACK_COMPLETE in [a.state for a in acks]
+    for i, ack in enumerate(acks):
+        if ack.state != ACK_COMPLETE:   # the other receiver held the upload claim: the agent asks again
+            assert ack.state == ACK_RECEIVING and size > objectstore.PART_BYTES
+            acks[i] = stores[i].progress(AGENT, file_id(n), docs[i])
     assert [(a.state, a.sha256) for a in acks] == [(ACK_COMPLETE, docs[0]["sha256"])] * 2
     s3 = seaweed.client()
     for key in (f"index/{AGENT}/{file_id(n)}.json", f"objects/{docs[0]['sha256']}",
@@ -182,6 +189,31 @@ def test_two_receivers_racing_on_one_file_store_it_once(seaweed: SeaweedFS, tmp_
         versions = s3.list_object_versions(Bucket=BUCKET, Prefix=key).get("Versions", [])
         assert [v["Key"] for v in versions] == [key], f"{key} written more than once"
     assert stores[0].stored(AGENT, file_id(n)) == stores[1].stored(AGENT, file_id(n))
+
+
+def test_a_live_upload_claim_defers_the_commit_and_an_abandoned_one_is_taken_over(
+        seaweed: SeaweedFS, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another receiver's live claim on the bytes: `receiving`, nothing uploaded. Once its claim has expired
+    (the holder was killed mid-upload), the next receiver claims the next generation and stores the file."""
+    monkeypatch.setattr(objectstore, "PART_BYTES", 5 * 1024**2)
+    content = os.urandom(11 * 1024**2)
+    sha256 = hashlib.sha256(content).hexdigest()
+    s3 = seaweed.client()
+    claim = {"key": f"objects/{sha256}", "holder": "dead-receiver:1:0", "expires_ms": now_ms() + 3_600_000}
+    s3.put_object(Bucket=BUCKET, Key=f"claims/objects/{sha256}/0", Body=json.dumps(claim).encode())
+    store = receiver(seaweed, tmp_path / "r1")
+    doc = transfer(store, file_id(12), content)
+    ack = store.progress(AGENT, file_id(12), doc)
+    assert ack.state == ACK_RECEIVING
+    assert "Contents" not in s3.list_objects_v2(Bucket=BUCKET, Prefix=f"objects/{sha256}")
+    assert store.incoming(AGENT, file_id(12)).exists()
+
+    monkeypatch.setattr(objectstore, "now_ms", lambda: claim["expires_ms"] + 1)   # an hour later: it expired
+    ack = store.progress(AGENT, file_id(12), doc)
+    assert (ack.state, ack.sha256) == (ACK_COMPLETE, sha256)
+    taken = json.loads(s3.get_object(Bucket=BUCKET, Key=f"claims/objects/{sha256}/1")["Body"].read())
+    assert taken["holder"] == store.committed.holder
+    assert s3.get_object(Bucket=BUCKET, Key=f"objects/{sha256}")["Body"].read() == content
 
 
 def test_while_the_store_is_down_the_file_stays_receiving_and_completes_when_it_returns(tmp_path: Path) -> None:

@@ -47,8 +47,9 @@ def test_extras_stored_at_discovery_are_signed_into_the_manifest_also_when_recov
             assert doc["camera"] == EXTRAS["camera"] and doc["gaps_before"] == EXTRAS["gaps_before"]
         else:
             assert "camera" not in doc and "gaps_before" not in doc
-        body = {k: v for k, v in doc.items() if k not in ("prev", "key_id", "sig")}
-        assert body == agent.sealer.manifest_body(sealed)   # the signed fields are exactly the row's manifest
+        # The signed fields are exactly the row's manifest, and the agent's clock as read at sealing.
+        body = {k: v for k, v in doc.items() if k not in ("prev", "key_id", "sig", "clock")}
+        assert body == agent.sealer.manifest_body(sealed) and doc["clock"]["source"] == "kernel"
     agent.catalog.close()
 
 

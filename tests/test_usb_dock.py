@@ -10,7 +10,8 @@ from datetime import datetime
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
-from drivers.base import DockedVolume
+from drivers.base import DockedVolume, RefusedDevice
+from drivers.gat947 import RecorderHandshake
 from drivers.usb_dock import UsbDock, udev_serial
 from edge_agent.catalog import State
 from edge_agent.evidence.manifest import read_document, verify_signature
@@ -45,6 +46,15 @@ class DockLog:
 
     def undocked(self, volume: DockedVolume) -> None:
         self.events.append(("undocked", volume))
+
+    def recorder_clock_read(self, dock: str, usb_serial: str | None, report: RecorderHandshake) -> None:
+        self.events.append(("clock_read", DockedVolume(dock=dock, path=Path(), label=usb_serial or "")))
+
+    def recorder_handshake(self, dock: str, usb_serial: str | None, report: RecorderHandshake) -> None:
+        self.events.append(("handshake", DockedVolume(dock=dock, path=Path(), label=usb_serial or "")))
+
+    def device_refused(self, dock: str, device: RefusedDevice) -> None:
+        self.events.append(("refused", DockedVolume(dock=dock, path=Path(), label=device.label)))
 
     def kinds(self) -> list[str]:
         return [kind for kind, _ in self.events]

@@ -16,6 +16,7 @@ if TYPE_CHECKING:
 DISK_HIGH = "disk_high"
 UNSYNCED_OVERDUE = "unsynced_overdue"
 CLOCK_OFFSET = "clock_offset"
+CLOCK_UNSYNCHRONIZED = "clock_unsynchronized"
 RECORDER_UNIDENTIFIED = "recorder_unidentified"
 TAMPER = "tamper"
 

@@ -110,3 +110,24 @@ class Gaps:
         rows = self.catalog.query("SELECT device_id FROM devices WHERE kind = 'camera' AND name = ?"
                                   " ORDER BY last_seen_ms DESC LIMIT 1", (camera,))
         return rows[0][0] if rows else None
+
+    def held_between(self, camera: str, since_ms: int, until_ms: int) -> list[HeldSegment]:
+        """The camera's segments overlapping [since_ms, until_ms] whose bytes the agent still holds (not
+        purged, not rejected), oldest first: what a GB/T 28181 RecordInfo query is answered from."""
+        rows = self.catalog.query(
+            "SELECT file_id, original_path, recorded_start_ms, recorded_end_ms, size FROM files"
+            " WHERE kind = 'camera' AND original_path >= ? AND original_path < ?"
+            " AND recorded_start_ms <= ? AND recorded_end_ms >= ? AND state NOT IN ('purged', 'rejected')"
+            " ORDER BY recorded_start_ms, file_id", (*_prefix_range(camera), until_ms, since_ms))
+        return [HeldSegment(r[0], r[1], r[2], r[3], r[4]) for r in rows]
+
+
+@dataclass(frozen=True)
+class HeldSegment:
+    """One of a camera's segments still in the store: its file id, `<camera>/<name>`, span and size."""
+
+    file_id: str
+    original_path: str
+    start_ms: int
+    end_ms: int
+    size: int | None

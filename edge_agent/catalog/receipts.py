@@ -1,6 +1,7 @@
 """The `receipts` table: the receiver's signed receipt of each synced file (evidence/receipts.py says what one
-proves). Written in the transaction that marks the file synced, after the receipt's copy beside the
-manifest (`receipts/<aa>/<file_id>.json`) is durable."""
+proves). Written in the transaction that marks the file synced: the record of it. The copy beside the
+manifest (`receipts/<aa>/<file_id>.json`) is written after that commit and restored from here at start
+(sync/receipts.py)."""
 
 from __future__ import annotations
 
@@ -32,3 +33,10 @@ class Receipts:
         """The stored receipt of `file_id`, or None."""
         rows = self._catalog.query("SELECT receipt FROM receipts WHERE file_id = ?", (file_id,))
         return json.loads(rows[0]["receipt"]) if rows else None
+
+    def received_since(self, since_ms: int) -> list[tuple[str, bytes, int]]:
+        """(file_id, the receipt's canonical bytes, received_ms) of every receipt received at or after
+        `since_ms`, oldest first."""
+        rows = self._catalog.query("SELECT file_id, receipt, received_ms FROM receipts WHERE received_ms >= ? "
+                                   "ORDER BY received_ms", (since_ms,))
+        return [(row["file_id"], row["receipt"].encode("utf-8"), int(row["received_ms"])) for row in rows]

@@ -140,9 +140,17 @@ def _add_chain_receipt(conn: sqlite3.Connection) -> None:
                  " checkpoint_seq INTEGER, checkpoint TEXT, received_ms INTEGER NOT NULL)")
 
 
+def _add_session_recorder(conn: sqlite3.Connection) -> None:
+    """sessions.recorder: what the recorder said of itself through its vendor handshake (GA/T 947.4: identity,
+    officer, unit, battery, clock offset before 校时), a JSON object signed into the session manifest."""
+    if "recorder" not in {row[1] for row in conn.execute("PRAGMA table_info(sessions)")}:
+        conn.execute("ALTER TABLE sessions ADD COLUMN recorder TEXT")
+
+
 # Applied in order, each once; never edit or reorder a released one, append a new one.
 MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_add_extras, _add_command_ids, _add_source_fingerprint,
-                                                         _add_receipts, _add_command_seqs, _add_chain_receipt]
+                                                         _add_receipts, _add_command_seqs, _add_chain_receipt,
+                                                         _add_session_recorder]
 
 
 def create(conn: sqlite3.Connection) -> None:

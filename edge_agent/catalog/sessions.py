@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import sqlite3
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from edge_agent.catalog import audit
 from edge_agent.catalog.files import new_id
@@ -20,15 +21,19 @@ class Sessions:
         self._catalog = catalog
 
     def open(self, *, dock: str, slot: int | None, device_id: str, serial: str | None, model: str | None,
-             volume_label: str | None, volume_path: str, officer_id: str | None) -> str:
-        """Record a docking (and the recorder as seen), audited. Returns the new session id."""
+             volume_label: str | None, volume_path: str, officer_id: str | None,
+             recorder: dict[str, Any] | None = None) -> str:
+        """Record a docking (and the recorder as seen), audited. Returns the new session id. `recorder`: what
+        the recorder's vendor handshake told (signed into the session manifest)."""
         session_id, ts = new_id(), now_ms()
         with self._catalog.transaction() as conn:
             conn.execute(
                 "INSERT INTO sessions (session_id, dock, slot, device_id, serial, model, volume_label,"
-                " volume_path, officer_id, docked_ms, state, files_total) VALUES (?,?,?,?,?,?,?,?,?,?,?,0)",
+                " volume_path, officer_id, docked_ms, state, files_total, recorder)"
+                " VALUES (?,?,?,?,?,?,?,?,?,?,?,0,?)",
                 (session_id, dock, slot, device_id, serial, model, volume_label, volume_path, officer_id,
-                 ts, "docked"),
+                 ts, "docked", None if recorder is None else json.dumps(recorder, sort_keys=True,
+                                                                       ensure_ascii=False)),
             )
             self._catalog.devices.touch(device_id, kind="recorder", model=model, serial=serial)
             audit.append(conn, "dock.docked", subject=session_id,

@@ -281,7 +281,7 @@ def audit_verify(ctx: typer.Context) -> None:
 def keys_show(ctx: typer.Context) -> None:
     """The agent's key id and public key (enrol it on the platform)."""
     key = services.keys.show(workspace(ctx))
-    emit(ctx, key.as_dict(), f"agent {key.agent_id}\nkey id {key.key_id}\n{key.public_key_pem}")
+    emit(ctx, key.as_dict(), f"agent {key.agent_id}\nkey id {key.key_id} ({key.suite})\n{key.public_key_pem}")
 
 
 @keys_app.command("rotate")

@@ -9,6 +9,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Group
+from rich.markup import escape
 from rich.text import Text
 
 from edge_agent import services
@@ -227,4 +228,18 @@ def render_daemon(snapshot: Mapping[str, Any] | None) -> Any:
                              c.get("bitrate_kbps"), fmt_ms(c.get("last_packet_ms")), c.get("gaps_today")]
                             for c in snapshot["cameras"]],
                            drop=["kbit/s", "fps", _("last packet")]))
+    if snapshot.get("gb28181"):   # the GB/T 28181 device ([gb28181] enabled)
+        parts.append(Text.from_markup(render_gb28181(snapshot["gb28181"])))
     return Group(*parts)
+
+
+def render_gb28181(gb: Mapping[str, Any]) -> str:
+    """One line: registered with the GB/T 28181 platform or not, the last keepalive answered, the last error."""
+    state = (("[green]" + _("registered") + "[/green]") if gb["registered"]
+             else ("[red]" + _("not registered") + "[/red]"))
+    line = _("GB/T 28181 platform {server}: {state}").format(server=gb["server"], state=state)
+    if gb.get("last_keepalive_ok_ms"):
+        line += _(", last keepalive answered {time}").format(time=fmt_ms(gb["last_keepalive_ok_ms"]))
+    if gb.get("last_error") and not gb["registered"]:
+        line += _(" (last error: {error})").format(error=escape(str(gb["last_error"])))
+    return line

@@ -14,7 +14,6 @@ bag-info.txt and, with the requester, into the audit log.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -43,6 +42,7 @@ from edge_agent.evidence.manifest import (
     verify_signature,
 )
 from edge_agent.evidence.receipts import PinnedKeys, ReceiptError, ReceiptTrust
+from edge_agent.evidence.suites import sm3_hasher
 from edge_agent.evidence.verify import verify_file, verify_receipt
 from edge_agent.layout import StoreLayout
 
@@ -61,7 +61,10 @@ How to check this bag:
    ("new_public_key", "new_key_id"). keys/agent/<key id>.pem holds each key; only those keys are trusted.
    Each manifest, session manifest and annotation is signed: "sig" is an Ed25519 signature (base64) by the
    key its "key_id" names, over the document's canonical JSON without "sig" (RFC 8785: UTF-8, sorted keys,
-   no whitespace). "prev" links each document to the agent's previous one.
+   no whitespace). "prev" links each document to the agent's previous one. Under the 国密 suites a
+   document carries "sm2_sig" instead of or beside "sig": SM2 with SM3 (ID 1234567812345678, DER, base64) by
+   the SM2 key "sm2_key_id" names (the last PEM block of the key's file), over the canonical JSON without
+   "sig" and "sm2_sig"; a manifest's "sm3" is the SM3 of its media file (`openssl dgst -sm3`).
 4. Each receipts/<file_id>.json is the platform's signed receipt of a synced file: "sig" is an Ed25519
    signature by the receiver key keys/receivers/<key id>.pem named in "key_id", over the receipt's canonical
    JSON without "sig"; it binds "file_id", "sha256", "size" and "manifest_sha256" (the SHA-256 of
@@ -321,12 +324,18 @@ def _bag_media(root: Path) -> list[str]:
     problems = []
     for path in sorted((root / "media").glob("*")):
         try:
-            expected = read_document(root / "manifests" / f"{path.stem}.json").get("sha256")
+            manifest = read_document(root / "manifests" / f"{path.stem}.json")
         except ManifestError as exc:
             problems.append(f"media/{path.name}: {exc}")
             continue
-        with open(path, "rb") as media:
-            digest = hashlib.file_digest(media, "sha256").hexdigest()
-        if digest != expected:
-            problems.append(f"media/{path.name}: SHA-256 {digest[:16]}… is not the manifest's")
+        sm3 = sm3_hasher() if "sm3" in manifest else None   # 国密 suites: both digests, one pass
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            digest, _size = hash_stream(fd, also=() if sm3 is None else (sm3,))
+        finally:
+            os.close(fd)
+        if digest != manifest.get("sha256"):
+            problems.append(f"media/{path.name}: SHA-256 {str(digest)[:16]}… is not the manifest's")
+        elif sm3 is not None and sm3.finalize().hex() != manifest.get("sm3"):
+            problems.append(f"media/{path.name}: SM3 is not the manifest's")
     return problems

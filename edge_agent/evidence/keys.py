@@ -23,8 +23,6 @@ import bisect
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-
 from edge_agent.evidence.manifest import (
     RETIRED_DIR,
     AgentKey,
@@ -34,12 +32,13 @@ from edge_agent.evidence.manifest import (
     read_document,
     verify_signature,
 )
+from edge_agent.evidence.suites import PublicKey
 
 if TYPE_CHECKING:
     from edge_agent.catalog import Catalog
     from edge_agent.layout import StoreLayout
 
-GENESIS_KEY = "genesis_key"          # meta: the first signing key's raw public key, base64
+GENESIS_KEY = "genesis_key"          # meta: the first key: raw Ed25519 in base64, or PEM (suites)
 KEY_IN_FORCE = "signing_key_id"      # meta: the key that signs the next document (moved by a rotation)
 ROTATION_KIND = "key_rotation"
 
@@ -57,7 +56,7 @@ class KeyHistory:
     """Every key the agent's signed rotation chain trusts, in order, and where each took over."""
 
     genesis_key_id: str | None
-    keys: dict[str, Ed25519PublicKey] = field(default_factory=dict)    # in order of rotation
+    keys: dict[str, PublicKey] = field(default_factory=dict)    # in order of rotation
     rotations: tuple[Rotation, ...] = ()
     problems: tuple[str, ...] = ()
 
@@ -71,7 +70,7 @@ class KeyHistory:
         return " -> ".join([f"genesis {self.genesis_key_id}", *(f"{r.new_key_id} (rotation at seq {r.seq})"
                                                                 for r in self.rotations)])
 
-    def public_for(self, key_id: object) -> Ed25519PublicKey:
+    def public_for(self, key_id: object) -> PublicKey:
         """The public key of trusted `key_id`; ManifestError naming it otherwise."""
         if isinstance(key_id, str) and key_id in self.keys:
             return self.keys[key_id]
@@ -88,7 +87,7 @@ def key_history(catalog: Catalog, layout: StoreLayout) -> KeyHistory:
     """The trusted keys, by walking the chain's key_rotation documents from the recorded genesis key."""
     recorded = catalog.meta.get(GENESIS_KEY)
     problems: list[str] = []
-    genesis: Ed25519PublicKey | None
+    genesis: PublicKey | None
     if recorded is not None:
         genesis = load_public_key(recorded)
     else:
@@ -115,7 +114,7 @@ def key_history(catalog: Catalog, layout: StoreLayout) -> KeyHistory:
     return KeyHistory(key_id_of(genesis), keys, tuple(rotations), tuple(problems))
 
 
-def _handed_over(layout: StoreLayout, path: str, in_force: str, public: Ed25519PublicKey) -> Ed25519PublicKey:
+def _handed_over(layout: StoreLayout, path: str, in_force: str, public: PublicKey) -> PublicKey:
     """The new key a rotation document hands over to, once it is checked against the key in force."""
     doc = read_document(layout.data_dir / path)
     if doc.get("type") != ROTATION_KIND or doc.get("old_key_id") != in_force:
@@ -124,7 +123,7 @@ def _handed_over(layout: StoreLayout, path: str, in_force: str, public: Ed25519P
     return handed_over_key(doc, public)
 
 
-def handed_over_key(doc: dict[str, Any], old: Ed25519PublicKey) -> Ed25519PublicKey:
+def handed_over_key(doc: dict[str, Any], old: PublicKey) -> PublicKey:
     """The new key a `key_rotation` document hands over to, once it is signed by `old` (the key it hands over
     from; the caller has matched `old_key_id`) and its `new_public_key` has its `new_key_id`. The one rule for
     a rotation, at the agent (its key history) and at the receiver (learning a rotation); ManifestError says
@@ -139,7 +138,7 @@ def handed_over_key(doc: dict[str, Any], old: Ed25519PublicKey) -> Ed25519Public
     return new
 
 
-def legacy_genesis(catalog: Catalog, layout: StoreLayout, current: AgentKey | None = None) -> Ed25519PublicKey | None:
+def legacy_genesis(catalog: Catalog, layout: StoreLayout, current: AgentKey | None = None) -> PublicKey | None:
     """For a catalog made before `genesis_key` was recorded: the key that signed chain document 1 (the
     current key, or the public key in keys/retired/ with exactly that key id). None for an empty chain."""
     chain = catalog.documents.of_kind(None, limit=1)

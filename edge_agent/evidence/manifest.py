@@ -6,9 +6,10 @@ session's manifest from what the catalog holds; `ingest.seal` signs and chains t
 Canonical form is RFC 8785 (JCS) restricted to documents without floats, which
 is exactly `json.dumps(sort_keys=True, separators=(",", ":"),
 ensure_ascii=False)` in UTF-8 (DESIGN.md section 4). Every document is signed
-with the agent's Ed25519 key over its canonical form without `sig`, and linked
+with the agent's key set over its canonical form without `sig`, and linked
 to the agent's previous document by `prev` (SHA-256 of that document's
-canonical bytes, signature included).
+canonical bytes, signature included). Under the 国密 suites the key set also (or instead) signs with SM2
+(evidence/suites.py, the one place that knows the signature fields).
 """
 
 from __future__ import annotations
@@ -23,12 +24,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from zoneinfo import ZoneInfo
 
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from edge_agent.clock import iso_ms
 from edge_agent.durable import atomic_write, fsync_dir, make_dirs
+from edge_agent.evidence import suites
+from edge_agent.evidence.suites import PrivateKey, PublicKey
 from edge_agent.protocol.canonical import canonical_json as encode_canonical
 
 if TYPE_CHECKING:
@@ -105,6 +106,9 @@ def session_manifest(session: Mapping[str, Any], files: Sequence[Mapping[str, An
     (`reason`); it is left out for sessions without one."""
     sealed = [r for r in files if r["sha256"] is not None and r["state"] not in ("discovered", "staged")]
     extra = {} if volume_files is None else {"volume_files": [dict(entry) for entry in volume_files]}
+    # The recorder's own word at docking (GA/T 947.4 handshake), its clock offset read before any correction.
+    if "recorder" in session.keys() and session["recorder"]:
+        extra["recorder"] = json.loads(session["recorder"])
     return {**extra,
         "session_id": session["session_id"], "dock": session["dock"], "slot": session["slot"],
         "device_id": session["device_id"], "serial": session["serial"], "model": session["model"],
@@ -116,12 +120,11 @@ def session_manifest(session: Mapping[str, Any], files: Sequence[Mapping[str, An
     }
 
 
-def key_id_of(public_key: Ed25519PublicKey) -> str:
-    raw = public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-    return "ed25519:" + hashlib.sha256(raw).hexdigest()[:16]
+def key_id_of(public_key: PublicKey) -> str:
+    return suites.key_id_of(public_key)
 
 
-KEY_FILE = "agent_ed25519.pem"
+KEY_FILE = "agent_ed25519.pem"   # the key set in force, whatever its suite (the name predates SM2)
 PUB_FILE = "agent_ed25519.pub"
 NEXT_KEY_FILE = "agent_ed25519.next.pem"   # a rotation in progress (see begin_rotation)
 RETIRED_DIR = "retired"                      # not read: retired keys are trusted through the rotation chain only
@@ -129,14 +132,23 @@ RETIRED_DIR = "retired"                      # not read: retired keys are truste
 
 @dataclass(frozen=True)
 class AgentKey:
-    """The agent's Ed25519 signing key, kept 0600 in data_dir/keys. Which keys verify which documents is
-    the signed rotation chain's business (evidence/keys.py), not this file's."""
+    """The agent's signing key set (evidence/suites.py: one Ed25519 key, one SM2 key, or both), kept 0600 in
+    data_dir/keys. Which keys verify which documents is the signed rotation chain's business
+    (evidence/keys.py), not this file's."""
 
-    private: Ed25519PrivateKey
+    private: PrivateKey | tuple[PrivateKey, ...]
 
     @property
-    def public(self) -> Ed25519PublicKey:
-        return self.private.public_key()
+    def privates(self) -> tuple[PrivateKey, ...]:
+        return self.private if isinstance(self.private, tuple) else (self.private,)
+
+    @property
+    def public(self) -> PublicKey:
+        return suites.public_of(self.privates)
+
+    @property
+    def suite(self) -> str:
+        return suites.suite_of(self.public)
 
     @property
     def key_id(self) -> str:
@@ -146,36 +158,40 @@ class AgentKey:
         return public_pem(self.public)
 
     def public_raw_b64(self) -> str:
-        return self.raw_b64(self.public)
+        """The raw public key in base64 (an Ed25519 set's; an SM2 key's uncompressed point 04||x||y)."""
+        first = suites.parts(self.public)[0]
+        if isinstance(first, Ed25519PublicKey):
+            return self.raw_b64(first)
+        return base64.b64encode(b"\x04" + first.point).decode("ascii")
 
     @staticmethod
-    def raw_b64(public: Ed25519PublicKey) -> str:
-        raw = public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-        return base64.b64encode(raw).decode("ascii")
+    def raw_b64(public: PublicKey) -> str:
+        """How the catalog records the genesis key (`load_public_key` reads it back)."""
+        return suites.genesis_text(public)
 
     def sign(self, doc: dict[str, Any]) -> dict[str, Any]:
-        """Return a copy of `doc` with `key_id` and `sig` set."""
-        body = {k: v for k, v in doc.items() if k != "sig"}
-        body["key_id"] = self.key_id
-        sig = self.private.sign(canonical_json(body))
-        return {**body, "sig": base64.b64encode(sig).decode("ascii")}
+        """Return a copy of `doc` with `key_id` and its suite's signatures set (evidence/suites.py)."""
+        return suites.sign_document(doc, self.privates, canonical_json)
 
     def private_pem(self) -> bytes:
-        return self.private.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
+        return suites.private_pem(self.privates)
 
     @classmethod
-    def load_or_create(cls, keys_dir: Path) -> AgentKey:
-        """Load the agent key, creating it (mode 0600) on first start. A rotation in progress is left alone:
-        the data dir's owner finishes or drops it (`recover_rotation`); signers pick the key in force with
-        `load_in_force`."""
+    def generate(cls, suite: str = suites.DEFAULT_SUITE) -> AgentKey:
+        return cls(suites.generate(suite))
+
+    @classmethod
+    def load_or_create(cls, keys_dir: Path, suite: str = suites.DEFAULT_SUITE) -> AgentKey:
+        """Load the agent key, creating it (mode 0600, of `suite`) on first start. A rotation in progress is
+        left alone: the data dir's owner finishes or drops it (`recover_rotation`); signers pick the key in
+        force with `load_in_force`. A key of another suite than `suite` is loaded as it is: rotating it
+        (`keys rotate`, or the daemon at start) changes the suite."""
         path = keys_dir / KEY_FILE
         if path.exists():
             return cls(_load_private(path))
         make_dirs(keys_dir, mode=0o700)
         os.chmod(keys_dir, 0o700)
-        key = cls(Ed25519PrivateKey.generate())
+        key = cls.generate(suite)
         atomic_write(path, key.private_pem(), mode=0o600)
         atomic_write(keys_dir / PUB_FILE, key.public_pem().encode("ascii"), mode=0o644)
         fsync_dir(keys_dir)
@@ -194,34 +210,38 @@ class AgentKey:
                             "key: restore keys/ from the backup made at the rotation; nothing is signed meanwhile")
 
     @staticmethod
-    def load_public(keys_dir: Path) -> Ed25519PublicKey:
+    def load_public(keys_dir: Path) -> PublicKey:
         """The current key's public half (agent_ed25519.pub), readable without the private key."""
         return load_public_key((keys_dir / PUB_FILE).read_bytes())
 
 
-def public_pem(key: Ed25519PublicKey) -> str:
-    return key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-                            ).decode("ascii")
+def public_pem(key: PublicKey) -> str:
+    return suites.public_pem(key)
 
 
-def _load_private(path: Path) -> Ed25519PrivateKey:
+def _load_private(path: Path) -> tuple[PrivateKey, ...]:
     mode = path.stat().st_mode & 0o777
     if mode & 0o077:
         raise PermissionError(f"{path} is readable by others (mode {mode:o}); run: chmod 600 {path}")
-    loaded = serialization.load_pem_private_key(path.read_bytes(), password=None)
-    if not isinstance(loaded, Ed25519PrivateKey):
+    try:
+        return suites.load_private_pem(path.read_bytes())
+    except ValueError as exc:
+        raise ManifestError(f"{path} is not a usable private key set ({exc}): restore keys/ from backup") from None
+
+
+def load_private_key(path: Path) -> Ed25519PrivateKey:
+    """An Ed25519 private key file (the receiver's receipt key is loaded the same way)."""
+    keys = _load_private(path)
+    if len(keys) != 1 or not isinstance(keys[0], Ed25519PrivateKey):
         raise ManifestError(f"{path} is not an Ed25519 private key")
-    return loaded
+    return keys[0]
 
 
-load_private_key = _load_private   # public: the receiver's receipt key is loaded the same way
-
-
-def begin_rotation(keys_dir: Path) -> AgentKey:
-    """Step 1 of a rotation: write the next key durably beside the current one and return it. The caller
-    then signs and chains the `key_rotation` document with the old key, recording the new key as the one in
-    force in the same transaction, and calls `finish_rotation`; `recover_rotation` settles a crash."""
-    new = AgentKey(Ed25519PrivateKey.generate())
+def begin_rotation(keys_dir: Path, suite: str = suites.DEFAULT_SUITE) -> AgentKey:
+    """Step 1 of a rotation: write the next key (of `suite`) durably beside the current one and return it.
+    The caller then signs and chains the `key_rotation` document with the old key, recording the new key as
+    the one in force in the same transaction, and calls `finish_rotation`; `recover_rotation` settles a crash."""
+    new = AgentKey.generate(suite)
     atomic_write(keys_dir / NEXT_KEY_FILE, new.private_pem(), mode=0o600)
     fsync_dir(keys_dir)
     return new
@@ -251,28 +271,21 @@ def recover_rotation(keys_dir: Path, in_force: str | None) -> str | None:
     return "dropped"
 
 
-def load_public_key(pem_or_raw: bytes | str) -> Ed25519PublicKey:
-    data = pem_or_raw.encode("ascii") if isinstance(pem_or_raw, str) else pem_or_raw
-    if data.lstrip().startswith(b"-----BEGIN"):
-        key = serialization.load_pem_public_key(data)
-        if not isinstance(key, Ed25519PublicKey):
-            raise ManifestError("public key is not Ed25519")
-        return key
-    return Ed25519PublicKey.from_public_bytes(base64.b64decode(data))
-
-
-def verify_signature(doc: dict[str, Any], public_key: Ed25519PublicKey) -> None:
-    """Raise ManifestError unless `doc` carries a valid signature by `public_key`."""
-    sig = doc.get("sig")
-    if not isinstance(sig, str):
-        raise ManifestError("document has no signature")
-    if doc.get("key_id") != key_id_of(public_key):
-        raise ManifestError(f"document signed by {doc.get('key_id')!r}, expected {key_id_of(public_key)}")
-    body = {k: v for k, v in doc.items() if k != "sig"}
+def load_public_key(pem_or_raw: bytes | str) -> PublicKey:
+    """The key set of a PEM text (evidence/suites.py), or a raw Ed25519 key in base64."""
     try:
-        public_key.verify(base64.b64decode(sig, validate=True), canonical_json(body))
-    except (InvalidSignature, ValueError) as exc:
-        raise ManifestError("signature does not match the document (altered or forged)") from exc
+        return suites.load_public_key(pem_or_raw)
+    except ValueError as exc:
+        raise ManifestError(f"unusable public key: {exc}") from None
+
+
+def verify_signature(doc: dict[str, Any], public_key: PublicKey) -> None:
+    """Raise ManifestError unless `doc` carries a valid signature by every key of the set `public_key` (one
+    key of a dual set checks its own signature alone)."""
+    try:
+        suites.verify_document(doc, public_key, canonical_json)
+    except ValueError as exc:
+        raise ManifestError(str(exc)) from None
 
 
 def write_document(path: Path, doc: dict[str, Any]) -> bytes:

@@ -18,9 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-
-from edge_agent.evidence.manifest import ManifestError, canonical_json, key_id_of, load_public_key, verify_signature
+from edge_agent.evidence.manifest import ManifestError, canonical_json, key_id_of, verify_signature
+from edge_agent.evidence.suites import PublicKey, load_public_keys
 
 if TYPE_CHECKING:
     from edge_agent.catalog import FileRecord
@@ -50,14 +49,15 @@ def receipt_body(verdict: str, *, agent_id: str, file_id: str, sha256: str | Non
     return body
 
 
-def load_pem_keys(path: Path) -> dict[str, Ed25519PublicKey]:
-    """Every Ed25519 public key (PEM `BEGIN PUBLIC KEY` blocks) in a file, or in the `*.pem` files of a
-    directory, by key id. Raises OSError, ValueError or ManifestError for what cannot be read."""
+def load_pem_keys(path: Path) -> dict[str, PublicKey]:
+    """Every public key set (PEM `BEGIN PUBLIC KEY` blocks: Ed25519, SM2, or an Ed25519 block then an SM2 block,
+    evidence/suites.py) in a file, or in the `*.pem` files of a directory, by key id. Raises OSError, ValueError
+    or ManifestError for what cannot be read."""
     files = sorted(path.glob("*.pem")) if path.is_dir() else [path]
-    keys: dict[str, Ed25519PublicKey] = {}
+    keys: dict[str, PublicKey] = {}
     for file in files:
-        for block in _PEM_BLOCK.findall(file.read_bytes()):
-            key = load_public_key(block)
+        blocks = b"\n".join(_PEM_BLOCK.findall(file.read_bytes()))
+        for key in load_public_keys(blocks) if blocks else ():
             keys[key_id_of(key)] = key
     return keys
 
@@ -77,9 +77,9 @@ class PinnedKeys:
     distrusted at once, by the running daemon too (the rotation procedure in docs/PROTOCOL.md relies on it)."""
 
     path: Path | None
-    _cache: dict[tuple, dict[str, Ed25519PublicKey]] = field(default_factory=dict, compare=False, repr=False)
+    _cache: dict[tuple, dict[str, PublicKey]] = field(default_factory=dict, compare=False, repr=False)
 
-    def keys(self) -> dict[str, Ed25519PublicKey]:
+    def keys(self) -> dict[str, PublicKey]:
         """The pinned keys now; raises ReceiptError saying what to fix when there are none to use. The files are
         parsed again whenever any of them (or the directory) changed since the last read: stat, not trust."""
         if self.path is None:

@@ -25,6 +25,7 @@ from edge_agent.evidence.manifest import (
     verify_signature,
 )
 from edge_agent.evidence.receipts import ReceiptTrust
+from edge_agent.evidence.suites import sm3_hasher
 from edge_agent.evidence.timestamps import token_problem
 from edge_agent.layout import StoreLayout
 
@@ -59,14 +60,18 @@ def verify_file(record: FileRecord, layout: StoreLayout, keys: KeyHistory,
     if record.state == State.PURGED or not rehash:
         return findings
     stored = layout.data_dir / (record.store_path or "")
+    sm3 = sm3_hasher() if "sm3" in doc else None   # 国密 suites: the SM3 beside the SHA-256, in the same pass
     try:
-        digest, size = hash_file(stored)
+        digest, size = hash_file(stored, also=() if sm3 is None else (sm3,))
     except OSError as exc:
         return [*findings, Finding(record.file_id, "media", f"stored copy unreadable: {exc.strerror}")]
     if digest != doc.get("sha256") or size != doc.get("size"):
         findings.append(Finding(record.file_id, "media",
                                 f"stored copy {stored} does not match its manifest (sha256 {digest[:16]}…, "
                                 f"{size} bytes): altered after sealing"))
+    elif sm3 is not None and sm3.finalize().hex() != doc.get("sm3"):
+        findings.append(Finding(record.file_id, "media", f"stored copy {stored} matches its manifest's SHA-256 but "
+                                "not its SM3: the manifest's sm3 is wrong; compare with the platform's copy"))
     return findings
 
 

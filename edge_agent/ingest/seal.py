@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from edge_agent.catalog import Catalog, FileRecord, State, audit, new_id
-from edge_agent.clock import now_ms
+from edge_agent.clock import now_ms, read_kernel_clock
 from edge_agent.config import AgentConfig
 from edge_agent.durable import SyncGroup, atomic_write, atomic_write_many
 from edge_agent.evidence.keys import GENESIS_KEY, KEY_IN_FORCE, ROTATION_KIND, legacy_genesis
@@ -50,6 +50,15 @@ def _loads(text: str | None) -> dict[str, Any]:
     """A JSON object column (media, extras); anything else reads as no keys."""
     value = json.loads(text) if text else None
     return value if isinstance(value, dict) else {}
+
+
+def sealing_clock() -> dict[str, Any] | None:
+    """The `clock` object of a file manifest: the agent's clock as the kernel sees it at sealing (R9)."""
+    kernel = read_kernel_clock()
+    if kernel is None:
+        return None
+    return {"source": "kernel", "synchronized": kernel.synchronized, "maxerror_us": kernel.maxerror_us,
+            "esterror_us": kernel.esterror_us}
 
 
 @dataclass(eq=False)
@@ -117,6 +126,9 @@ class Sealer:
             return []
         devices = {r.device_id: self.catalog.devices.model_serial(r.device_id) for r in records}
         bodies = [(record, self.manifest_body(record, devices[record.device_id])) for record in records]
+        clock = sealing_clock()
+        if clock is not None:
+            bodies = [(record, {**body, "clock": clock}) for record, body in bodies]
         # The write transaction is held while the documents are written, so the chain stays linear even
         # when another process (a custodian's CLI) signs at the same time.
         with self._lock, self.catalog.transaction():
@@ -216,6 +228,19 @@ class Sealer:
 
         return self.sign_document("session", session_id, body, path, after=record)
 
+    def follow_suite(self) -> tuple[str, str] | None:
+        """When the key in force is of another suite than `[crypto] suite` (the operator changed it), rotate to a
+        key of the configured suite (audited `keys.rotated`, via "config"); returns (old, new) key ids, else None.
+        The data dir's owner only, like `rotate_key`."""
+        in_force = self.catalog.meta.get(KEY_IN_FORCE)
+        if in_force is not None and in_force != self.key.key_id:
+            self.key = AgentKey.load_in_force(self.layout.keys, in_force)
+        suite = self.config.crypto.suite
+        if self.key.suite == suite:
+            return None
+        return self.rotate_key(reason=f"crypto suite changed from {self.key.suite} to {suite}", actor="edge-agent",
+                               via="config")
+
     def rotate_key(self, *, reason: str, actor: str, via: str) -> tuple[str, str]:
         """Replace the signing key: the old key signs a `key_rotation` document naming the new one (its
         public key included), chained, with the new key recorded as the one in force and `keys.rotated`
@@ -225,7 +250,7 @@ class Sealer:
         with self._lock, self.catalog.transaction() as conn:
             self._head()   # the key in force and the genesis key, settled before the old key signs
             old = self.key
-            new = begin_rotation(self.layout.keys)
+            new = begin_rotation(self.layout.keys, self.config.crypto.suite)
             body = {"v": MANIFEST_VERSION, "type": ROTATION_KIND, "agent_id": self.config.agent.id,
                     "old_key_id": old.key_id, "new_key_id": new.key_id, "new_public_key": new.public_pem(),
                     "reason": reason, "by": actor}

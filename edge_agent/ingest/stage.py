@@ -13,7 +13,7 @@ import os
 import sqlite3
 import struct
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,8 +21,9 @@ from typing import Any
 from edge_agent.catalog import Catalog, FileRecord, State
 from edge_agent.clock import now_ms
 from edge_agent.config import AgentConfig
-from edge_agent.digest import hash_stream
+from edge_agent.digest import Hasher, hash_stream
 from edge_agent.durable import SyncGroup, drop_cache, start_writeback
+from edge_agent.evidence.suites import DEFAULT_SUITE, sm3_hasher
 from edge_agent.ingest.errors import (
     CopyMismatch,
     IngestError,
@@ -181,7 +182,7 @@ def _changed(record: FileRecord, st: os.stat_result) -> bool:
         record.source_mtime_ns is not None and st.st_mtime_ns != record.source_mtime_ns)
 
 
-def _pump(src: int, dst: int, record: FileRecord, abort: Abort | None) -> tuple[str, int]:
+def _pump(src: int, dst: int, record: FileRecord, abort: Abort | None, also: Sequence[Hasher]) -> tuple[str, int]:
     """Stream `src` into `dst`, hashing; writeback starts as it goes, `abort()` stops it."""
     flushed = written = 0
 
@@ -196,13 +197,15 @@ def _pump(src: int, dst: int, record: FileRecord, abort: Abort | None) -> tuple[
             start_writeback(dst, flushed, written - flushed)
             flushed = written
 
-    digest, size = hash_stream(src, write, read_error=lambda exc: source_error(exc, record))
+    digest, size = hash_stream(src, write, read_error=lambda exc: source_error(exc, record), also=also)
     assert digest is not None  # `write` never stops the stream, it raises
     return digest, size
 
 
-def copy_hashing(source: Path, staging: Path, record: FileRecord, abort: Abort | None) -> tuple[str, int]:
-    """Copy `source` to `staging` and return (sha256, size) of the bytes read; SourceGone if the source is
+def copy_hashing(source: Path, staging: Path, record: FileRecord, abort: Abort | None,
+                 also: Sequence[Hasher] = ()) -> tuple[str, int]:
+    """Copy `source` to `staging` and return (sha256, size) of the bytes read (`also`: other digests fed
+    the same bytes in the same pass, e.g. SM3); SourceGone if the source is
     not, or stops being, the file the catalog listed. The copy is written and its writeback started, not
     yet fsynced: the caller fsyncs it (`Ingestor` does so for a whole batch) before anything relies on it."""
     try:
@@ -216,7 +219,7 @@ def copy_hashing(source: Path, staging: Path, record: FileRecord, abort: Abort |
                              "it will be listed again")
         dst = os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
-            digest, size = _pump(src, dst, record, abort)
+            digest, size = _pump(src, dst, record, abort, also)
             start_writeback(dst)
         finally:
             os.close(dst)
@@ -249,6 +252,7 @@ class _Copy:
     staging: Path
     digest: str
     size: int
+    sm3: str | None = None          # under the 国密 suites: the SM3 of the same bytes (the manifest's `sm3`)
     final: Path | None = None
 
 
@@ -357,12 +361,13 @@ class Ingestor:
 
     def _copy(self, index: int, record: FileRecord, source: Path, abort: Abort | None) -> _Copy:
         staging = self.layout.staging_path(record.file_id)
+        sm3 = sm3_hasher() if self.config.crypto.suite != DEFAULT_SUITE else None
         try:
-            digest, size = copy_hashing(source, staging, record, abort)
+            digest, size = copy_hashing(source, staging, record, abort, () if sm3 is None else (sm3,))
         except BaseException:
             unlink_quietly(staging)
             raise
-        return _Copy(index, record, staging, digest, size)
+        return _Copy(index, record, staging, digest, size, None if sm3 is None else sm3.finalize().hex())
 
     def _into_store(self, copies: list[_Copy], items: list[Item], failed: tuple[FileRecord, Path, IngestError] | None,
                     group: SyncGroup) -> tuple[FileRecord, Path, IngestError] | None:
@@ -415,7 +420,10 @@ class Ingestor:
         end_ms = record.recorded_end_ms
         if end_ms is None and record.recorded_start_ms is not None and "duration_ms" in media:
             end_ms = record.recorded_start_ms + media["duration_ms"]
-        return {"sha256": copy.digest, "size": copy.size,
+        # The SM3 rides with the source's own manifest keys (`extras`), so a manifest sealed later carries it.
+        sm3 = {} if copy.sm3 is None else {"extras": canonical_json({**record.source_extras, "sm3": copy.sm3}
+                                                                   ).decode("utf-8")}
+        return {**sm3, "sha256": copy.digest, "size": copy.size,
                 "store_path": str(copy.final.relative_to(self.layout.data_dir)),
                 "media": canonical_json(media).decode("utf-8"), "ingested_at_ms": now_ms(),
                 "recorded_end_ms": end_ms, "last_error": None}

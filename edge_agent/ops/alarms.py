@@ -20,6 +20,7 @@ from typing import Any
 from edge_agent.catalog import CONFIRMED, Catalog, audit
 from edge_agent.catalog.alarms import (  # noqa: F401  (the kinds, re-exported for the rest of ops)
     CLOCK_OFFSET,
+    CLOCK_UNSYNCHRONIZED,
     DISK_HIGH,
     RECORDER_UNIDENTIFIED,
     REJECTION_KINDS,
@@ -45,6 +46,7 @@ class AlarmEvaluator:
         self._disk(agent.get("disk", {}))
         self._unsynced(now)
         self._clock("clock_offset", self.config.agent.id, "agent clock", agent.get("clock", {}).get("offset_ms"))
+        self._clock_sync(agent.get("clock", {}))
         self._cameras(snapshot.get("cameras") or [])
         self._rejections()
 
@@ -81,6 +83,24 @@ class AlarmEvaluator:
         self._set(abs(offset_ms) > limit, key, CLOCK_OFFSET, subject,
                   f"{what} is off by {offset_ms} ms (alarm above {limit} ms, R9): fix time synchronisation "
                   "(chrony/NTP) so recorded times stay true")
+
+    def _clock_sync(self, clock: Mapping[str, Any]) -> None:
+        """The kernel's own verdict on the agent's clock (adjtimex): unsynchronised, or its maximum error too big."""
+        kernel = clock.get("kernel")
+        if not self.config.health.clock_sync_alarm or not kernel:
+            return
+        limit_ms = self.config.health.clock_error_alarm_ms
+        error_ms = kernel["maxerror_us"] // 1000
+        if not clock.get("synchronized"):
+            problem = (f"the agent's clock is not synchronised (source {clock.get('source')}; "
+                       f"maximum error {error_ms} ms)")
+        elif error_ms > limit_ms:
+            problem = f"the agent's clock may be off by up to {error_ms} ms (alarm above {limit_ms} ms)"
+        else:
+            problem = ""
+        self._set(bool(problem), CLOCK_UNSYNCHRONIZED, CLOCK_UNSYNCHRONIZED, self.config.agent.id,
+                  f"{problem} (R9): start chrony or systemd-timesyncd with a reachable NTP server so recorded and "
+                  "sealed times stay true")
 
     def _cameras(self, cameras: Iterable[Mapping[str, Any]]) -> None:
         # Camera down and image checks are raised and cleared by each camera's worker (edge_agent/sources/cameras.py),

@@ -26,7 +26,7 @@ from typing import Any, Protocol
 import psutil
 
 from edge_agent.catalog import UNSYNCED, Catalog
-from edge_agent.clock import iso_ms, now_ms
+from edge_agent.clock import iso_ms, now_ms, read_kernel_clock
 from edge_agent.config import AgentConfig
 from edge_agent.durable import atomic_write
 from edge_agent.layout import StoreLayout
@@ -59,20 +59,18 @@ def _tool(args: list[str]) -> str:
 
 
 def read_clock() -> dict[str, Any]:
-    """Clock sync state and offset from chrony, else systemd-timesyncd's view, else unknown."""
+    """Clock sync state: the kernel's own (adjtimex: synchronised, maximum and estimated error) always, and
+    chrony's offset and reference when chronyd runs. `source` names what `synchronized` comes from."""
+    kernel = read_kernel_clock()
+    kernel_part: dict[str, Any] = {"kernel": kernel.as_dict()} if kernel is not None else {}
     if shutil.which("chronyc"):
         try:
             out = _tool(["chronyc", "-c", "tracking"])
-            return parse_chrony_tracking(out)
+            return {**parse_chrony_tracking(out), **kernel_part}
         except (OSError, subprocess.SubprocessError, ValueError) as exc:
             log.debug("chronyc tracking unavailable: %s", exc)
-    if shutil.which("timedatectl"):
-        try:
-            out = _tool(["timedatectl", "show", "-p", "NTPSynchronized", "--value"]).strip()
-            if out in ("yes", "no"):
-                return {"source": "timedatectl", "synchronized": out == "yes", "offset_ms": None}
-        except (OSError, subprocess.SubprocessError) as exc:
-            log.debug("timedatectl unavailable: %s", exc)
+    if kernel is not None:
+        return {"source": "kernel", "synchronized": kernel.synchronized, "offset_ms": None, **kernel_part}
     return {"source": "unknown", "synchronized": None, "offset_ms": None}
 
 
@@ -130,6 +128,7 @@ class HealthMonitor:
 
     def __init__(self, config: AgentConfig, catalog: Catalog, layout: StoreLayout, retention: Retention, *,
                  process: HealthProvider, docks: HealthProvider, cameras: HealthProvider | None = None,
+                 gb28181: HealthProvider | None = None,
                  uplink: HealthProvider | None = None, scrub: HealthProvider | None = None,
                  publisher: Publisher | None = None):
         self.catalog = catalog
@@ -139,6 +138,7 @@ class HealthMonitor:
         self.process = process
         self.docks = docks
         self.cameras = cameras or _Fixed(NO_CAMERAS)
+        self.gb28181 = gb28181   # the GB/T 28181 device (`[gb28181]`): top-level `gb28181`, absent when off
         self.uplink = uplink or _Fixed(NO_UPLINK)
         self.scrub = scrub or _Fixed(NO_SCRUB)
         self.publisher = publisher
@@ -154,10 +154,17 @@ class HealthMonitor:
     # -- gathering ---------------------------------------------------------------------------------
 
     def clock(self) -> dict[str, Any]:
+        """chrony's view cached (a subprocess), the kernel's read afresh (one syscall)."""
         if time.monotonic() - self._clock_read > CLOCK_CACHE_S or not self._clock:
             self._clock = read_clock()
             self._clock_read = time.monotonic()
-        return self._clock
+        kernel = read_kernel_clock()
+        if kernel is None:
+            return dict(self._clock)
+        fresh = {"kernel": kernel.as_dict()}
+        if self._clock.get("source") == "kernel":
+            fresh["synchronized"] = kernel.synchronized
+        return {**self._clock, **fresh}
 
     def _queue(self, now: int) -> dict[str, Any]:
         queue = self.catalog.files.backlog(UNSYNCED)
@@ -204,6 +211,7 @@ class HealthMonitor:
             },
             **self.docks.health(),
             **self.cameras.health(),
+            **(self.gb28181.health() if self.gb28181 is not None else {}),
             "alarms": self.alarm_list(),
         }
 
@@ -216,7 +224,8 @@ class HealthMonitor:
         slots = [(s["dock"], s["label"], s["state"], s["last_error"]) for s in self.docks.health()["docks"]]
         cameras = [(c.get("name"), c.get("connected")) for c in self.cameras.health()["cameras"]]
         connected = bool(self.uplink.health()["sync"]["connected"])
-        return [slots, cameras, connected]
+        gb_registered = self.gb28181 is not None and bool(self.gb28181.health()["gb28181"]["registered"])
+        return [slots, cameras, connected, gb_registered]
     def signature(self) -> str:
         return json.dumps([self._state_signature(), [a["key"] for a in self.catalog.active_alarms()]], default=str)
 

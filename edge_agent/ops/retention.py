@@ -22,11 +22,13 @@ import logging
 import os
 import threading
 from dataclasses import dataclass, field
+from typing import Any
 
-from edge_agent.catalog import Catalog, FileRecord, State, audit
+from edge_agent.catalog import Catalog, FileRecord, State, audit, new_id
 from edge_agent.clock import now_ms
 from edge_agent.config import AgentConfig
 from edge_agent.durable import fsync_dir
+from edge_agent.ingest import Sealer
 from edge_agent.layout import StoreLayout
 
 log = logging.getLogger(__name__)
@@ -186,16 +188,20 @@ def place_hold(catalog: Catalog, *, reason: str, file_id: str | None = None, cas
 
 
 def release_hold(catalog: Catalog, *, reason: str, file_id: str | None = None, case_id: str | None = None,
-                 actor: str | None = None) -> tuple[int, int]:
+                 actor: str | None = None, sealer: Sealer | None = None) -> tuple[int, int]:
     """Release the active holds on a file or a case. Releasing a case also ends its files' `evidence` class
-    (they become routine and count from their sync). Returns (holds released, files reclassified)."""
+    (they become routine and count from their sync) and, with `sealer`, signs a `case_released` annotation into
+    the chain in the same transaction: the agent's word the platform may release the case's legal holds on
+    (docs/OPERATIONS.md, "Releasing a legal hold"). Returns (holds released, files reclassified)."""
     if (file_id is None) == (case_id is None):
         raise HoldError("give either a file id or --case, not both and not neither")
     if not reason.strip():
         raise HoldError("a release needs --reason (e.g. the case is closed); it goes into the audit log")
     who = actor or audit.os_user()
     ts = now_ms()
-    with catalog.transaction() as conn:
+    counts: list[int] = []
+
+    def release(conn: Any, annotation: dict[str, Any] | None = None) -> None:
         if file_id is not None:
             catalog.get(file_id)
             released, reclassified = catalog.holds.release(file_id=file_id, by=who, at_ms=ts), 0
@@ -205,8 +211,23 @@ def release_hold(catalog: Catalog, *, reason: str, file_id: str | None = None, c
         if not released and not reclassified:
             raise HoldError(f"nothing to release: no active hold on {file_id or 'case ' + str(case_id)}")
         audit.append(conn, "hold.released", subject=file_id or f"case:{case_id}", reason=reason, actor=who,
-                     detail={"holds": released, "reclassified": reclassified, "case_id": case_id})
-    return released, reclassified
+                     detail={"holds": released, "reclassified": reclassified, "case_id": case_id, **(annotation or {})})
+        counts.extend((released, reclassified))
+
+    if case_id is None or sealer is None:
+        with catalog.transaction() as conn:
+            release(conn)
+        return counts[0], counts[1]
+    if not any(h["case_id"] == case_id for h in catalog.holds.active()) \
+            and not any(r.retention == EVIDENCE for r in catalog.files.of_case(case_id)):
+        raise HoldError(f"nothing to release: no active hold on case {case_id}")
+    annotation_id = new_id()
+    body = {"annotation_id": annotation_id, "case_id": case_id, "case_released": True, "reason": reason, "by": who,
+            "ts_ms": ts}
+    sealer.sign_document("annotation", annotation_id, body, sealer.layout.annotation_path(annotation_id),
+                         after=lambda conn, digest: release(conn, {"annotation_id": annotation_id,
+                                                                   "annotation_sha256": digest}))
+    return counts[0], counts[1]
 
 
 def active_holds(catalog: Catalog) -> list[dict[str, object]]:

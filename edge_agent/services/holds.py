@@ -40,7 +40,8 @@ def release(ws: Workspace, *, reason: str, file_id: str | None = None, case_id: 
     """Release the active holds on a file or a case; releasing a case ends its files' evidence class."""
     with refusals(HoldError, UnknownFile):
         file_id = ws.file_id(file_id) if file_id else file_id
-        released, reclassified = release_hold(ws.catalog, reason=reason, file_id=file_id, case_id=case_id)
+        released, reclassified = release_hold(ws.catalog, reason=reason, file_id=file_id, case_id=case_id,
+                                              sealer=ws.sealer if case_id is not None else None)
     return Released(released, reclassified, file_id, case_id)
 
 

@@ -103,7 +103,8 @@ def _as_owner(config: AgentConfig, layout: StoreLayout, args: ImportArgs,
     catalog = Catalog(config.catalog_path)
     try:
         recover_rotation(layout.keys, catalog.meta.get(KEY_IN_FORCE))   # under the lock, as the owner
-        sealer = Sealer(catalog, AgentKey.load_or_create(layout.keys), layout, config)
+        sealer = Sealer(catalog, AgentKey.load_or_create(layout.keys, config.crypto.suite), layout, config)
+        sealer.follow_suite()   # as the daemon does at start: a changed [crypto] suite is a key rotation first
         ingestor = Ingestor(catalog, layout, sealer, config)
         ingestor.recover()   # under the lock: no other process has a copy in flight
         catalog.audit("import.started", subject=str(args.path), reason=args.reason, detail=args.audit_detail())

@@ -36,6 +36,7 @@ class KeyInfo(Result):
     key_id: str
     public_key_pem: str
     public_key_b64: str
+    suite: str = "ed25519"   # [crypto] suite of this key set (docs/PROTOCOL.md "Crypto suites")
 
 
 @dataclass(frozen=True)
@@ -50,7 +51,7 @@ def show(ws: Workspace) -> KeyInfo:
     """The current key (made, with the data dir, if the agent never ran)."""
     ws.layout.create()
     key = ws.key
-    return KeyInfo(ws.config.agent.id, key.key_id, key.public_pem(), key.public_raw_b64())
+    return KeyInfo(ws.config.agent.id, key.key_id, key.public_pem(), key.public_raw_b64(), key.suite)
 
 
 def rotate(ws: Workspace, *, reason: str | None) -> Rotation:
@@ -74,7 +75,7 @@ def rotate(ws: Workspace, *, reason: str | None) -> Rotation:
         return _rotation(result, "daemon")
     with lock:
         recover_rotation(layout.keys, ws.catalog.meta.get(KEY_IN_FORCE))   # a rotation a crash interrupted
-        sealer = Sealer(ws.catalog, AgentKey.load_or_create(layout.keys), layout, ws.config)
+        sealer = Sealer(ws.catalog, AgentKey.load_or_create(layout.keys, ws.config.crypto.suite), layout, ws.config)
         old, new = sealer.rotate_key(reason=reason, actor=audit_log.os_user(), via="cli")
         return Rotation(old, new, sealer.key.public_pem(), "cli")
 

@@ -65,6 +65,25 @@ def fsck(store_dir: Path, *, repair: bool = False) -> FsckResult:
     return FsckResult(report.store, report.objects_checked, [asdict(f) for f in report.findings], report.clean)
 
 
+def fsck_bucket(config: ReceiverConfig) -> FsckResult:
+    """Check the receiver's S3 bucket (`[store] backend = "s3"`): every index entry's object is there with the
+    index's SHA-256 as the server's checksum, its manifest is there, and it is locked as its class demands.
+    Read-only: nothing in a WORM bucket can be repaired."""
+    from edge_agent.platform.receiver.objectstore import S3Committed, S3Settings
+    from edge_agent.platform.receiver.store import StoreConfigError, StoreUnavailable
+    from edge_agent.platform.receiver.worm import check_bucket
+
+    try:
+        committed = S3Committed(S3Settings.from_config(config.store))
+        committed.check_bucket()
+        report = check_bucket(committed)
+    except StoreConfigError as exc:
+        raise ServiceError(str(exc), code=2) from exc
+    except StoreUnavailable as exc:
+        raise ServiceError(f"{exc}; run fsck again once the store answers", code=3) from exc
+    return FsckResult(report.store, report.objects_checked, [asdict(f) for f in report.findings], report.clean)
+
+
 def receipt_key(config: ReceiverConfig, *, rotate: bool = False) -> ReceiptKeyInfo:
     """The receipt key (made if the receiver never ran); with `rotate`, a new one replaces it. A running receiver
     signs with a rotated key after its restart: pin the new public key on every agent before that."""
@@ -76,3 +95,35 @@ def receipt_key(config: ReceiverConfig, *, rotate: bool = False) -> ReceiptKeyIn
     except OSError as exc:
         raise ServiceError(f"cannot use the receipt key in {keys_dir}: {exc}", code=2) from exc
     return ReceiptKeyInfo(key.key_id, key.public_pem(), keys_dir / PUB_FILE, old.key_id if old else None)
+
+
+def release_hold(config: ReceiverConfig, request_path: Path | None = None, *, agent: str | None = None,
+                 file_id: str | None = None) -> dict[str, Any]:
+    """Carry out a legal-hold release (`receiver hold release`): the evidence file named loses its legal hold in
+    the bucket; its COMPLIANCE retention stays. With `request_path`, on a platform request signed by a key in
+    `store.release_keys`, fresh and not a replay; else (`agent`, `file_id`) on a `case_released` annotation for
+    the file's case in the agent's chain. Anything else is refused (exit 1)."""
+    if config.store.backend != "s3":
+        raise ServiceError("legal holds exist in an S3 bucket only: this receiver's [store] backend is "
+                           f"{config.store.backend!r}", code=2)
+    if (request_path is None) == (agent is None or file_id is None):
+        raise ServiceError("give either --request FILE (a signed platform request) or --agent and --file (the "
+                           "agent's chain releases the file's case)", code=2)
+    from edge_agent.platform.receiver.keyring import KeyRing
+    from edge_agent.platform.receiver.objectstore import S3Committed, S3Settings
+    from edge_agent.platform.receiver.service import LEARNED_KEYS
+    from edge_agent.platform.receiver.store import StoreConfigError, StoreUnavailable
+    from edge_agent.platform.receiver.worm import BucketRecords, CaseReleased, HoldRelease, ReleaseRefused, read_request
+
+    try:
+        records = BucketRecords(S3Committed(S3Settings.from_config(config.store)))
+        if request_path is not None:
+            return HoldRelease(records, config.store.release_keys).release(read_request(request_path))
+        keys = KeyRing(config.receiver.keys_dir, config.receiver.store_dir / LEARNED_KEYS)
+        return CaseReleased(records, keys.key_for).release(str(agent), str(file_id))
+    except StoreConfigError as exc:
+        raise ServiceError(str(exc), code=2) from exc
+    except ReleaseRefused as exc:
+        raise ServiceError(f"release refused: {exc}", code=1) from exc
+    except StoreUnavailable as exc:
+        raise ServiceError(f"{exc}; run the same release again once the store answers", code=3) from exc

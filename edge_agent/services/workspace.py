@@ -91,7 +91,7 @@ class Workspace:
     @cached_property
     def key(self) -> AgentKey:
         """The agent's signing key (created on first use, as the daemon would)."""
-        return AgentKey.load_or_create(self.layout.keys)
+        return AgentKey.load_or_create(self.layout.keys, self.config.crypto.suite)
 
     @cached_property
     def sealer(self) -> Sealer:

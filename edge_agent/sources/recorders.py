@@ -13,6 +13,7 @@ order the copies (recordings first), they never filter them.
 
 from __future__ import annotations
 
+import codecs
 import configparser
 import fnmatch
 import json
@@ -25,8 +26,10 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from importlib import resources
 from pathlib import Path, PurePosixPath
+from typing import Any
 from zoneinfo import ZoneInfo
 
+from drivers.gat947 import DEFAULT_FUNCTIONS, DEFAULT_INFO_LAYOUT, Gat947Settings
 from edge_agent.config import ConfigError, Problem
 
 MAX_NAME_BYTES = 255
@@ -47,6 +50,7 @@ class RecorderModel:
     identity_keys: dict[str, str] = field(default_factory=dict)
     media_globs: tuple[str, ...] = ("**/*",)
     exclude: tuple[str, ...] = ()   # system files (firmware, logs, indexes): never collected, always listed
+    gat947: Gat947Settings | None = None   # its GA/T 947.4 vendor library (drivers/gat947.py), if any
 
 
 def load_models(path: Path | None = None) -> list[RecorderModel]:
@@ -74,6 +78,7 @@ def load_models(path: Path | None = None) -> list[RecorderModel]:
                 identity_keys=dict(entry.get("identity_keys", {})),
                 media_globs=tuple(entry.get("media_globs", ["**/*"])),
                 exclude=tuple(str(pattern) for pattern in entry.get("exclude", [])),
+                gat947=_gat947(entry.get("gat947"), f"models[{i}].gat947", problems),
             ))
         except KeyError as exc:
             problems.append(Problem(f"models[{i}].{exc.args[0]}", None, "required key is missing"))
@@ -84,10 +89,62 @@ def load_models(path: Path | None = None) -> list[RecorderModel]:
     return models
 
 
+_GAT947_KEYS = {"library", "password", "password_file", "set_time", "low_battery_percent", "encoding", "functions",
+                "info_layout"}
+
+
+def _gat947_names(raw: dict[str, Any], where: str,
+                  problems: list[Problem]) -> tuple[dict[str, str], dict[str, int]]:
+    """The table's function names and record layout over the defaults, each key checked."""
+    functions = {**DEFAULT_FUNCTIONS, **raw.get("functions", {})}
+    for key in sorted(set(functions) - set(DEFAULT_FUNCTIONS)):
+        problems.append(Problem(f"{where}.functions.{key}", functions[key],
+                                f"unknown call; valid: {', '.join(DEFAULT_FUNCTIONS)}"))
+    layout = {**DEFAULT_INFO_LAYOUT, **raw.get("info_layout", {})}
+    for key, size in layout.items():
+        if key not in DEFAULT_INFO_LAYOUT:
+            problems.append(Problem(f"{where}.info_layout.{key}", size,
+                                    f"unknown field; valid: {', '.join(DEFAULT_INFO_LAYOUT)}"))
+        elif not isinstance(size, int) or not 1 <= size <= 4096:
+            problems.append(Problem(f"{where}.info_layout.{key}", size, "a byte size from 1 to 4096"))
+    return functions, layout
+
+
+def _gat947(raw: Any, where: str, problems: list[Problem]) -> Gat947Settings | None:
+    """A model's `[models.gat947]` table (docs/OPERATIONS.md), checked; None when the model has none."""
+    if raw is None:
+        return None
+    if not isinstance(raw, dict) or not isinstance(raw.get("library"), str) or not raw["library"]:
+        problems.append(Problem(f"{where}.library", None, "the vendor library's path is required"))
+        return None
+    bad = len(problems)
+    for key in sorted(set(raw) - _GAT947_KEYS):
+        problems.append(Problem(f"{where}.{key}", raw[key], f"unknown key; valid: {', '.join(sorted(_GAT947_KEYS))}"))
+    functions, layout = _gat947_names(raw, where, problems)
+    encoding = raw.get("encoding", "gbk")
+    try:
+        codecs.lookup(encoding)
+    except LookupError:
+        problems.append(Problem(f"{where}.encoding", encoding, "an encoding Python knows, such as gbk or utf-8"))
+    percent = raw.get("low_battery_percent", 20)
+    if not isinstance(percent, int) or not 0 <= percent <= 100:
+        problems.append(Problem(f"{where}.low_battery_percent", percent, "a whole percentage from 0 to 100"))
+    password = str(raw.get("password", ""))
+    if raw.get("password_file"):
+        try:
+            password = Path(raw["password_file"]).read_text(encoding="ascii").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            problems.append(Problem(f"{where}.password_file", raw["password_file"], f"unreadable: {exc}"))
+    if len(problems) > bad:
+        return None
+    return Gat947Settings(library=raw["library"], password=password, set_time=bool(raw.get("set_time", True)),
+                          low_battery_percent=percent, encoding=encoding, functions=functions, info_layout=layout)
+
+
 @dataclass(frozen=True)
 class VolumeIdentity:
     device_id: str
-    method: str  # usb_serial | identity_file | file_pattern | unknown
+    method: str  # gat947 (the recorder's vendor handshake) | usb_serial | identity_file | file_pattern | unknown
     model: str | None = None
     serial: str | None = None
     officer_id: str | None = None

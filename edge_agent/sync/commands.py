@@ -5,7 +5,8 @@ is the agent's own check, so a broker misconfiguration or a stolen broker
 credential cannot drive the agent. A command is obeyed only if:
 
 - it is signed: `key_id` and `sig` (base64 Ed25519 over the canonical JSON of
-  the command without `sig`, as for manifests) by one of the platform keys in
+  the command without `sig`, as for manifests), or under the 国密 suites
+  `sm2_key_id` and `sm2_sig` (evidence/suites.py), by one of the platform keys in
   `mqtt.command_keys` (a PEM file holding one or more public keys, or a
   directory of `*.pem`);
 - it names this agent in `agent` (a command signed for one agent cannot be
@@ -33,20 +34,19 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-
 from edge_agent.catalog import Catalog
 from edge_agent.clock import now_ms
 from edge_agent.config import ConfigError, Problem
 from edge_agent.evidence.manifest import ManifestError, verify_signature
 from edge_agent.evidence.receipts import load_pem_keys
+from edge_agent.evidence.suites import PublicKey
 
 log = logging.getLogger(__name__)
 
 COMMAND_WINDOW_MS = 5 * 60 * 1000
 
 
-def load_command_keys(path: Path) -> dict[str, Ed25519PublicKey]:
+def load_command_keys(path: Path) -> dict[str, PublicKey]:
     """The platform's public keys by key id; ConfigError naming `mqtt.command_keys` if unusable."""
     try:
         keys = load_pem_keys(path)
@@ -55,7 +55,7 @@ def load_command_keys(path: Path) -> dict[str, Ed25519PublicKey]:
                           f"cannot load the platform's command keys: {exc}")]) from None
     if not keys:
         raise ConfigError("mqtt.command_keys", [Problem("mqtt.command_keys", str(path),
-                          "holds no Ed25519 public key (PEM 'BEGIN PUBLIC KEY'); give the platform's key file "
+                          "holds no Ed25519 or SM2 public key (PEM 'BEGIN PUBLIC KEY'); give the platform's key file "
                           "or a directory of *.pem")])
     return keys
 

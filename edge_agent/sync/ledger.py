@@ -100,7 +100,6 @@ class SyncLedger:
         if isinstance(verdict, MarkSynced):
             if verdict.receipt is None:
                 raise ValueError(f"file {file_id}: a file is synced only with the receiver's verified receipt")
-            self.receipts.keep(file_id, verdict.receipt)   # durable before the catalog says synced
             with self.catalog.transaction():
                 self.catalog.receipts.put(file_id, verdict.receipt)
                 self.catalog.transition(file_id, State.SYNCED, expect=State.SENDING, actor=ACTOR,
@@ -108,6 +107,7 @@ class SyncLedger:
                                         synced_ms=now_ms(), last_error=None,
                                         audit_detail={"sha256": verdict.sha256,
                                                       "receiver_key_id": verdict.receipt.get("key_id")})
+            self.receipts.keep_copy(file_id, verdict.receipt)   # the catalog holds it: the copy is for readers
             log.info("synced file=%s size=%s receiver_key=%s", file_id, record.size, verdict.receipt.get("key_id"))
             return
         reason = verdict.reason

@@ -21,6 +21,7 @@ callbacks, which only queue what they got), and the sender's reader pool.
 from __future__ import annotations
 
 import logging
+import sqlite3
 import threading
 import time
 from collections import deque
@@ -42,7 +43,7 @@ from edge_agent.sync.commands import CommandGate
 from edge_agent.sync.incompatible import IncompatibleAcks
 from edge_agent.sync.ledger import SyncLedger
 from edge_agent.sync.outbox import OutboxRelay
-from edge_agent.sync.receipts import ReceiptGate
+from edge_agent.sync.receipts import ReceiptGate, restore_copies, seal_copies
 from edge_agent.sync.sender import CHUNKS_IN_CLIENT, RateMeter, Sender, ack_timeout_s
 from edge_agent.sync.status import Presence
 from edge_agent.sync.sync_now import SyncNowWatch
@@ -102,6 +103,7 @@ class Uplink:
     # -- public surface ------------------------------------------------------------------------
 
     def start(self) -> None:
+        restore_copies(self.catalog, self.layout)   # receipts' copies a crash lost, before anything settles
         self.connection.start("sync-connection")
         self._start_sender()
 
@@ -126,6 +128,11 @@ class Uplink:
         if self._thread is not None:
             self._thread.join(timeout=10)
         self.sender.close()
+        if self._thread is None or not self._thread.is_alive():   # nothing settles any more
+            try:
+                seal_copies(self.catalog, self.layout)
+            except (OSError, sqlite3.OperationalError) as exc:   # a full disk: the next start checks them all
+                log.error("receipt copies not sealed at stop: %s; the next start restores any that are lost", exc)
         self.connection.stop(last_will=self.presence.offline())
 
     def publish(self, suffix: str, payload: dict[str, Any] | bytes, retain: bool = False) -> bool:

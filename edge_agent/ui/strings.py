@@ -72,6 +72,13 @@ ADVICE = {
     "component_stalled": N_("A part of the agent stopped responding: it is being restarted; call the technician "
                             "if this stays."),
     "recorder_unidentified": STUCK["unidentified"],
+    "clock_unsynchronized": N_("The workstation's clock is not synchronised: check the time server (NTP) "
+                               "connection; call the technician if this stays."),
+    "recorder_handshake_failed": N_("The dock could not talk to a recorder through its maker's software: its files "
+                                    "are still collected; call the technician to check the recorder's settings."),
+    "recorder_battery_low": N_("A recorder's battery is low: leave it charging in the dock before it goes out."),
+    "usb_device_refused": N_("A USB device that is not a registered recorder was plugged in and not read: unplug "
+                             "it."),
 }
 DEFAULT_ADVICE = N_("Check the alarm with edge-agent alarms list.")
 

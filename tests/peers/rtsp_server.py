@@ -36,6 +36,14 @@ AUDIO = {
 }
 
 
+def replay_line(path: str) -> str:
+    """A mount that plays a recording (MP4, H.264 or H.265) once at its own pace, its NAL units as they are
+    in the file: what a camera that signs its video sends (ONVIF's signed samples)."""
+    video = "h265" if "265" in Path(path).name else "h264"
+    return (f"( filesrc location={path} ! qtdemux ! {video}parse ! "
+            f"rtp{video}pay name=pay0 pt=96 config-interval=-1 )")
+
+
 def launch_line(pattern: str, width: int, height: int, fps: int, keyint: int, bitrate_kbps: int,
                 audio: str = "none", audio_s: int = 0, video: str = "h264") -> str:
     """`audio_s` > 0: the audio ends after that many seconds while the video goes on (a failed microphone)."""
@@ -61,7 +69,8 @@ class RtspServer:
     def __init__(self, port: int, pattern: str = "normal", *, width: int = 320, height: int = 180, fps: int = 25,
                  keyint: int = 25, bitrate_kbps: int = 400, log: Path | None = None,
                  credentials: tuple[str, str] | None = None, audio: str = "none",
-                 audio_s: int = 0, video: str = "h264"):
+                 audio_s: int = 0, video: str = "h264", replay: Path | None = None):
+        """`replay`: serve this recording (`replay_line`) instead of a generated stream."""
         if pattern not in PATTERNS:
             raise ValueError(f"pattern must be one of {sorted(PATTERNS)}")
         if audio not in AUDIO:
@@ -73,7 +82,7 @@ class RtspServer:
         self.audio = audio
         self.video = video
         self.args = [str(port), pattern, str(width), str(height), str(fps), str(keyint), str(bitrate_kbps),
-                     audio, str(audio_s), video, *(credentials or ())]
+                     audio, str(audio_s), video if replay is None else f"replay:{replay}", *(credentials or ())]
         self.log = log
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -133,8 +142,11 @@ def _serve(port: str, pattern: str, width: str, height: str, fps: str, keyint: s
     server.set_address("127.0.0.1")
     server.set_service(port)
     factory = GstRtspServer.RTSPMediaFactory()
-    factory.set_launch(launch_line(pattern, int(width), int(height), int(fps), int(keyint), int(bitrate), audio,
-                                   int(audio_s), video))
+    if video.startswith("replay:"):
+        factory.set_launch(replay_line(video.removeprefix("replay:")))
+    else:
+        factory.set_launch(launch_line(pattern, int(width), int(height), int(fps), int(keyint), int(bitrate), audio,
+                                       int(audio_s), video))
     factory.set_shared(True)
     if username is not None:   # RTSP Basic login, as cameras ask for it
         token = GstRtspServer.RTSPToken()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import queue
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,7 @@ from edge_agent.layout import StoreLayout
 from edge_agent.platform.receiver.receipts import PUB_FILE, ReceiverKey
 from edge_agent.protocol.wire import Ack
 from edge_agent.sources.docks.clearing import Clearing, ReceiptCheck
-from edge_agent.sync.receipts import ReceiptGate, judge
+from edge_agent.sync.receipts import COPIES_DURABLE, ReceiptGate, judge, restore_copies, seal_copies
 from edge_agent.sync.transfer import MarkRejected, MarkSynced, Unverified
 from tests.helpers import agent_config, make_recorder_volume, wait_for
 from tests.opsdata import confirm, ingest_file, receiver_key_dir, signed_receipt
@@ -320,6 +321,32 @@ def test_files_show_prints_the_receipt_and_verify_checks_every_synced_files_rece
     (tmp_path / "pinned" / "platform.pem").unlink()        # and the key that signed it unpinned
     shown = json.loads(runner.invoke(app, ["--config", config, "--json", "files", "show", record.file_id]).stdout)
     assert shown["receipt_verifies"] is False and "no receiver public key" in shown["receipt_problem"]
+
+
+def test_a_receipt_copy_lost_or_torn_by_a_crash_is_restored_from_the_catalog_at_start(tmp_path: Path) -> None:
+    """The copy beside the manifest is written after the catalog's commit and not fsynced on the sender thread;
+    what a power cut takes of it (gone, or cut short) the next start rewrites from the catalog's row."""
+    agent, _original, _clearing, record = _clearing_case(tmp_path)
+    config, runner = str(tmp_path / "agent.toml"), CliRunner()
+    path = agent.layout.receipt_path(record.file_id)
+    genuine = path.read_bytes()
+    assert restore_copies(agent.catalog, agent.layout) == 0   # intact: nothing rewritten, the mark moves on
+
+    path.unlink()
+    assert runner.invoke(app, ["--config", config, "verify", "--all"]).exit_code == 1
+    agent.catalog.meta.set(COPIES_DURABLE, "0")   # as after a crash: nothing sealed since the receipt came
+    assert restore_copies(agent.catalog, agent.layout) == 1
+    assert path.read_bytes() == genuine
+    assert runner.invoke(app, ["--config", config, "verify", "--all"]).exit_code == 0
+
+    os.chmod(path, 0o644)
+    path.write_bytes(genuine[:10])   # torn
+    agent.catalog.meta.set(COPIES_DURABLE, "0")
+    assert restore_copies(agent.catalog, agent.layout) == 1 and path.read_bytes() == genuine
+
+    seal_copies(agent.catalog, agent.layout)   # a clean stop: what came before is not read again
+    path.unlink()
+    assert restore_copies(agent.catalog, agent.layout) == 0 and not path.exists()
 
 
 def test_an_agent_killed_between_deleting_an_original_and_recording_it_records_the_clearing_after_restart(

@@ -10,8 +10,11 @@ Public surface:
       chains/<agent>/refused/<ms>-<seq>.json  what was refused (fork, rewind), kept for an investigator
       chains/<agent>/lock                   flock, exclusive around an append
 
-  A document's bytes are written and fsynced, then its file index, then the head: a crash before the
-  head leaves a document the head does not cover, which the next append of that seq overwrites.
+  A document, its file index and the head are made durable as one group (one flush for the files, renamed
+  in that order, one for the directories): a process killed before the head's rename leaves a document the
+  head does not cover, which the next append of that seq overwrites. A power cut may keep the head's rename
+  and lose an earlier one: the first lock of an agent's chain in a process checks the head against the
+  document it names (and that document's file index) and steps back to the last one held (`_recover`).
 - `ChainKeeper(store, keys, sign, publish_event)`: the rules. `offer(agent, payload)` for a `chain/doc`
   message and `query(agent, payload)` for a `chain/query`, each returning the answer for `chain_acks`
   (None: dropped, counted in `dropped`); `manifest_problem(agent, file_id, canonical)` for the file lane.
@@ -28,19 +31,20 @@ fork and a rewind are refused with a reason and published as platform events.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
-
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from typing import Any, Protocol
 
 from edge_agent.clock import now_ms
 from edge_agent.durable import atomic_write, atomic_write_many, exclusive_lock
 from edge_agent.evidence.manifest import GENESIS_PREV, ManifestError, canonical_json, verify_signature
 from edge_agent.evidence.receipts import chain_receipt_body
+from edge_agent.evidence.suites import PublicKey
+from edge_agent.platform.receiver.store import StoreUnavailable
 from edge_agent.protocol.wire import FILE_ID_PATTERN, WireError, decode_json
 
 log = logging.getLogger(__name__)
@@ -54,11 +58,29 @@ EVENT_REPEAT_S = 60.0   # the same event (agent, kind, seq) is published at most
 Head = tuple[int, str | None]   # (seq, sha256 of the document at seq); (0, None): nothing held
 
 
-class ChainStore:
-    """The agents' chains in the receiver's store (layout in the module docstring)."""
+class ChainRecords(Protocol):
+    """The chain's copy in the WORM bucket (worm.py `BucketRecords`); each raises StoreUnavailable."""
 
-    def __init__(self, root: Path):
+    def put_chain_doc(self, agent: str, seq: int, canonical: bytes) -> str:
+        """Create the document at `seq`; the SHA-256 of the one the bucket holds there (this one, or a fork)."""
+
+    def put_refused(self, agent: str, seq: int, payload: bytes) -> None: ...
+
+    def put_chain_receipt(self, agent: str, receipt: dict[str, Any]) -> None: ...
+
+
+class ForkInBucket(Exception):
+    """The bucket holds another document at this seq (written by a receiver on another host)."""
+
+
+class ChainStore:
+    """The agents' chains in the receiver's store (layout in the module docstring); with `bucket`, in the WORM
+    bucket too."""
+
+    def __init__(self, root: Path, bucket: ChainRecords | None = None):
         self.root = Path(root)
+        self.bucket = bucket
+        self._checked: set[str] = set()   # agents whose head this process has checked (`_recover`)
 
     def _dir(self, agent: str) -> Path:
         return self.root / "chains" / agent
@@ -71,7 +93,45 @@ class ChainStore:
         """The agent's chain, exclusively (other receivers on this store wait)."""
         # Not under locks/: the sweeper expires old lock files there (transfers'), and this one is never idle.
         with exclusive_lock(self._dir(agent) / "lock"):
+            if agent not in self._checked:
+                self._recover(agent)
+                self._checked.add(agent)
             yield
+
+    def _recover(self, agent: str) -> None:
+        """The head names a document held whole, whose file index is there: after a power cut that kept the
+        head's rename but not the document's, step back to the last document held (its successor is sent
+        again by the agent, which was never answered for it); a lost index entry is written again."""
+        seq, digest = self.head(agent)
+        found, data = seq, None
+        while found > 0:
+            try:
+                data = self.doc_path(agent, found).read_bytes()
+            except FileNotFoundError:
+                data = None
+            if data is not None and (found < seq or hashlib.sha256(data).hexdigest() == digest):
+                break
+            found -= 1   # missing, or another (uncovered) document than the head names: not held
+        if found != seq:
+            log.error("chain head stepped back agent=%s from=%d to=%d reason=the document the head named was "
+                      "not on disk (power cut)", agent, seq, found)
+            if found == 0:
+                (self._dir(agent) / "head").unlink(missing_ok=True)
+                return
+            digest = hashlib.sha256(data or b"").hexdigest()
+            atomic_write(self._dir(agent) / "head", f"{found} {digest}\n".encode("ascii"))
+        if data is not None:
+            doc = json.loads(data)
+            entry = self._file_index_entry(agent, found, digest, doc)
+            if entry is not None and (not entry[0].exists() or entry[0].read_bytes() != entry[1]):
+                atomic_write(*entry)
+
+    def _file_index_entry(self, agent: str, seq: int, digest: str,
+                          doc: dict[str, Any]) -> tuple[Path, bytes, int] | None:
+        file_id = doc.get("file_id")
+        if doc.get("type") == "file" and isinstance(file_id, str) and FILE_ID_PATTERN.match(file_id):
+            return self._dir(agent) / "files" / file_id, f"{seq} {digest}\n".encode("ascii"), 0o644
+        return None
 
     def head(self, agent: str) -> Head:
         try:
@@ -90,14 +150,20 @@ class ChainStore:
             return None
 
     def append(self, agent: str, seq: int, canonical: bytes, doc: dict[str, Any]) -> str:
-        """Hold `canonical` as document `seq` (call under `locked`, with seq = head + 1); returns its SHA-256."""
+        """Hold `canonical` as document `seq` (call under `locked`, with seq = head + 1); returns its SHA-256.
+        With a bucket, the document is created there first (ForkInBucket: it holds another one at `seq`;
+        StoreUnavailable: nothing changed here)."""
         digest = hashlib.sha256(canonical).hexdigest()
+        if self.bucket is not None:
+            held = self.bucket.put_chain_doc(agent, seq, canonical)
+            if held != digest:
+                raise ForkInBucket(held)
         entries = [(self.doc_path(agent, seq), canonical, 0o444)]
-        file_id = doc.get("file_id")
-        if doc.get("type") == "file" and isinstance(file_id, str) and FILE_ID_PATTERN.match(file_id):
-            entries.append((self._dir(agent) / "files" / file_id, f"{seq} {digest}\n".encode("ascii"), 0o644))
-        atomic_write_many(entries)   # the document and its index entry durable together, then the head
-        atomic_write(self._dir(agent) / "head", f"{seq} {digest}\n".encode("ascii"))
+        index = self._file_index_entry(agent, seq, digest, doc)
+        if index is not None:
+            entries.append(index)
+        entries.append((self._dir(agent) / "head", f"{seq} {digest}\n".encode("ascii"), 0o644))
+        atomic_write_many(entries)   # one group, renamed in this order: the head last
         return digest
 
     def file_entry(self, agent: str, file_id: str) -> tuple[int, str] | None:
@@ -110,12 +176,29 @@ class ChainStore:
 
     def keep_refused(self, agent: str, seq: int, payload: bytes) -> None:
         atomic_write(self._dir(agent) / "refused" / f"{now_ms()}-{seq}.json", payload, mode=0o444)
+        if self.bucket is not None:
+            try:
+                self.bucket.put_refused(agent, seq, payload)
+            except StoreUnavailable as exc:   # kept here all the same, for an investigator
+                log.error("refused chain message not copied to the bucket agent=%s seq=%d: %s", agent, seq, exc)
+
+    def keep_receipt(self, agent: str, receipt: dict[str, Any]) -> bool:
+        """Copy a chain receipt into the bucket before it is sent (True; or no bucket). False: the bucket cannot
+        be reached, and the answer goes without a receipt (the agent asks again)."""
+        if self.bucket is None:
+            return True
+        try:
+            self.bucket.put_chain_receipt(agent, receipt)
+        except StoreUnavailable as exc:
+            log.warning("chain receipt not kept agent=%s seq=%s: %s", agent, receipt.get("seq"), exc)
+            return False
+        return True
 
 
 class ChainKeeper:
     """Applies the chain rules to what agents send; answers are dicts for `{root}/{a}/chain_acks`."""
 
-    def __init__(self, store: ChainStore, public_key: Callable[[str, object, int], Ed25519PublicKey],
+    def __init__(self, store: ChainStore, public_key: Callable[[str, object, int], PublicKey],
                  sign: Callable[[dict[str, Any]], dict[str, Any]],
                  publish_event: Callable[[dict[str, Any]], None], *, receiver: str = ""):
         self.store = store
@@ -183,7 +266,16 @@ class ChainKeeper:
                 return self._refuse(agent, REFUSAL_FORK, seq, digest, held,
                                     f"document {seq} ({doc['type']}) follows a document the platform does not "
                                     f"hold at {held[0]} (prev {doc['prev'][:16]}…)", payload)
-            self.store.append(agent, seq, canonical, doc)
+            try:
+                self.store.append(agent, seq, canonical, doc)
+            except ForkInBucket as fork:
+                return self._refuse(agent, REFUSAL_FORK, seq, digest, held,
+                                    f"document {seq} ({doc['type']}) differs from the one the platform's bucket "
+                                    f"holds at {seq} (sha256 {str(fork)[:16]}…, written by another receiver): "
+                                    "two documents claim the same place in the chain", payload)
+            except StoreUnavailable as exc:   # not held: no answer, the agent queries again after its timeout
+                log.warning("chain document not held agent=%s seq=%d: %s", agent, seq, exc)
+                return None
             held = (seq, digest)
         if doc["type"] == "key_rotation" and self.on_rotation is not None:
             try:
@@ -206,6 +298,8 @@ class ChainKeeper:
     def _answer(self, agent: str, state: str, held: Head, **extra: Any) -> dict[str, Any]:
         seq, digest = held
         receipt = self.sign(chain_receipt_body(agent, seq, digest)) if seq >= 1 and digest else None
+        if receipt is not None and not self.store.keep_receipt(agent, receipt):
+            receipt = None
         return {"state": state, "seq": seq, "sha256": digest, "receipt": receipt, **extra}
 
     def _drop(self, agent: str, reason: str) -> None:

@@ -1,7 +1,8 @@
 """The agents' public keys at the receiver: the keys an operator enrolled, and the keys the receiver learned
 from the agents' signed rotation documents.
 
-- Enrolled: `<keys_dir>/<agent_id>.pem` (PEM, several blocks allowed, or raw base64), the operator's file,
+- Enrolled: `<keys_dir>/<agent_id>.pem` (PEM, several blocks allowed, or raw base64; an SM2 block right
+  after an Ed25519 block is one `ed25519+sm2` key set, as `edge-agent keys show` prints it), the operator's file,
   reread when it changes and never written by the receiver.
 - Learned: `<learned_dir>/<agent_id>.json` (in the receiver's store, `keys/learned/`), written durably by
   `KeyRing.learn_rotation` and only there. It lists the rotations learned, in order: old key id, new key id
@@ -28,13 +29,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import re
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from edge_agent.clock import iso_ms, now_ms
 from edge_agent.durable import atomic_write, exclusive_lock, make_dirs
@@ -46,6 +44,7 @@ from edge_agent.evidence.manifest import (
     load_public_key,
     public_pem,
 )
+from edge_agent.evidence.suites import PublicKey, load_public_keys
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +57,7 @@ class KeyRefused(ManifestError):
 class Learned:
     old_key_id: str
     new_key_id: str
-    new_key: Ed25519PublicKey
+    new_key: PublicKey
     rotation_sha256: str
     chain_seq: int | None
     learned_ms: int
@@ -66,11 +65,11 @@ class Learned:
 
 @dataclass(frozen=True)
 class AgentKeys:
-    enrolled: dict[str, Ed25519PublicKey]
+    enrolled: dict[str, PublicKey]
     learned: tuple[Learned, ...]
 
     @property
-    def all(self) -> dict[str, Ed25519PublicKey]:
+    def all(self) -> dict[str, PublicKey]:
         return {**self.enrolled, **{r.new_key_id: r.new_key for r in self.learned}}
 
     def retired_by(self, key_id: str) -> Learned | None:
@@ -94,7 +93,7 @@ class KeyRing:
 
     # -- reading -------------------------------------------------------------------------------------
 
-    def key_for(self, agent_id: str, key_id: object, *, chain_seq: int | None = None) -> Ed25519PublicKey:
+    def key_for(self, agent_id: str, key_id: object, *, chain_seq: int | None = None) -> PublicKey:
         """The public key to check a document of `agent_id` signed by `key_id` against. KeyRefused if the agent
         is not enrolled, or the key was retired by a learned rotation and the document is not placed before
         it in the agent's chain (`chain_seq`, when the caller knows it)."""
@@ -181,8 +180,8 @@ def _mtime(path: Path | None) -> int:
         return -1
 
 
-def _enrolled(path: Path) -> dict[str, Ed25519PublicKey]:
-    keys: dict[str, Ed25519PublicKey] = {}
+def _enrolled(path: Path) -> dict[str, PublicKey]:
+    keys: dict[str, PublicKey] = {}
     try:
         text = path.read_text(encoding="ascii")
     except FileNotFoundError:
@@ -191,8 +190,8 @@ def _enrolled(path: Path) -> dict[str, Ed25519PublicKey]:
         log.error("enrolled key unreadable path=%s error=%s", path, exc)
         return keys
     try:
-        for block in re.findall(r"-----BEGIN PUBLIC KEY-----.*?-----END PUBLIC KEY-----", text, re.S) or [text]:
-            key = load_public_key(block)
+        # An SM2 block right after an Ed25519 block is one `ed25519+sm2` key set (evidence/suites.py).
+        for key in load_public_keys(text):
             keys[key_id_of(key)] = key
     except (ValueError, ManifestError) as exc:
         log.error("enrolled key unusable path=%s error=%s", path, exc)

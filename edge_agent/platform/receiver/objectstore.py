@@ -13,7 +13,9 @@ Object Lock, `COMPLIANCE` mode until a date from the file's retention class (`ro
 `routine_days`; `long_term`: stored + `long_term_years`; `evidence`: the same as routine plus a legal hold).
 Every write is a conditional create (`If-None-Match: *`): the first receiver to write an index entry wins and
 every other one reads the winner's entry, so `complete` is exactly once across receivers sharing a bucket,
-and no receiver ever writes a second version of a key. A store that cannot be reached raises
+and no receiver ever writes a second version of a key. A file uploaded in parts is first claimed
+(`claims/objects/<sha256>/<generation>`, see `_claim`): a receiver that finds another's live claim answers
+`receiving` and commits on its next attempt, once the holder has stored the bytes. A store that cannot be reached raises
 `StoreUnavailable`: the caller answers `receiving` and commits again later.
 """
 
@@ -24,7 +26,9 @@ import hashlib
 import json
 import logging
 import os
+import socket
 import stat
+import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -40,6 +44,9 @@ from edge_agent.platform.receiver.store import StoreConfigError, StoreUnavailabl
 log = logging.getLogger(__name__)
 PART_BYTES = 16 * 1024**2   # a multipart upload's part: what the upload holds in memory at once
 ROUTINE, EVIDENCE, LONG_TERM = "routine", "evidence", "long_term"
+CLAIM_SLACK_S = 120                 # an upload claim lasts this long plus the time its bytes take at
+CLAIM_MIN_RATE = 4 * 1024**2        # this slow a rate (bytes/s); then another receiver may take it over
+CLAIM_GENERATIONS = 64
 
 
 @dataclass(frozen=True)
@@ -104,6 +111,7 @@ class S3Committed:
     def __init__(self, settings: S3Settings):
         self.settings = settings
         self.bucket = settings.bucket
+        self.holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         access, secret = read_credentials(settings.credentials_file)
         if settings.tls_ca is not None and not settings.tls_ca.is_file():
             raise StoreConfigError(f"store.tls_ca = {str(settings.tls_ca)!r}: no such file; give the PEM of the "
@@ -220,14 +228,8 @@ class S3Committed:
         size = path.stat().st_size
         if size <= PART_BYTES:
             return self._put_bytes(key, path.read_bytes(), lock)
-        try:
-            self.s3.head_object(Bucket=self.bucket, Key=key)
-            return False   # content-addressed: the same bytes are stored already
-        except ClientError as exc:
-            if _status(exc) != 404:
-                raise self._unavailable("read", key, exc) from exc
-        except BotoCoreError as exc:
-            raise self._unavailable("read", key, exc) from exc
+        if self._exists(key) or not self._claim(key, size):   # content-addressed: stored already
+            return False
         upload = None
         try:
             upload = self.s3.create_multipart_upload(Bucket=self.bucket, Key=key, ChecksumAlgorithm="SHA256",
@@ -252,6 +254,46 @@ class S3Committed:
             self._abort(key, upload)
             raise self._unavailable("write", key, exc) from exc
         return True
+
+    def _exists(self, key: str) -> bool:
+        try:
+            self.s3.head_object(Bucket=self.bucket, Key=key)
+        except ClientError as exc:
+            if _status(exc) == 404 or _code(exc) in ("NoSuchKey", "404"):
+                return False
+            raise self._unavailable("read", key, exc) from exc
+        except BotoCoreError as exc:
+            raise self._unavailable("read", key, exc) from exc
+        return True
+
+    def _claim(self, key: str, size: int) -> bool:
+        """Become the one receiver that uploads `key` in parts: True when this receiver holds the claim, False
+        when the object has been stored meanwhile; StoreUnavailable while another receiver's claim is live.
+
+        A multipart completion's `If-None-Match` is not atomic on every server (SeaweedFS 4.x checks it, then
+        completes: two receivers racing both won). A single PUT with `If-None-Match: *` is, so the right to
+        upload is a small claim object created that way: `claims/<key>/<generation>`, with its holder and an
+        expiry long enough for the upload. A receiver killed mid-upload leaves its claim to expire; the next
+        generation is then claimed by whoever commits next."""
+        for generation in range(CLAIM_GENERATIONS):
+            claim_key = f"claims/{key}/{generation}"
+            expires_ms = now_ms() + int((CLAIM_SLACK_S + size / CLAIM_MIN_RATE) * 1000)
+            claim = {"key": key, "holder": self.holder, "expires_ms": expires_ms}
+            if self._put_bytes(claim_key, json.dumps(claim).encode(), {}):
+                if generation and self._exists(key):   # the expired holder finished after all
+                    return False
+                return True
+            body = self._get(claim_key)
+            held = json.loads(body) if body else {}
+            if held.get("expires_ms", 0) > now_ms():
+                if self._exists(key):
+                    return False
+                raise StoreUnavailable(
+                    f"object store bucket {self.bucket}: {key} is being uploaded by receiver "
+                    f"{held.get('holder', '?')} (claim {claim_key} until {held['expires_ms']} ms); nothing was "
+                    "acknowledged, the commit is retried")
+        raise StoreUnavailable(f"object store bucket {self.bucket}: {CLAIM_GENERATIONS} abandoned upload claims "
+                               f"under claims/{key}/; look for receivers that crash while uploading it")
 
     def _abort(self, key: str, upload: str | None) -> None:
         if upload is None:

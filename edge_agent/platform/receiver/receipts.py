@@ -4,8 +4,9 @@ Public surface:
 - `ReceiverKey.load_or_create(keys_dir)`: the receipt key, kept 0600 as `receiver_ed25519.pem` in
   `receiver.signing_key_dir` (default `<store_dir>/keys`), its public half beside it as `receiver_ed25519.pub`
   (what agents pin). `rotate(keys_dir)` replaces it (docs/PROTOCOL.md, "Receipts", for the order of steps).
-- `Receipts(key, store).attach(agent_id, ack, manifest=...)`: the ack with its receipt; acks in other states
-  pass unchanged.
+- `Receipts(key, store, records).attach(agent_id, ack, manifest=...)`: the ack with its receipt; acks in other
+  states pass unchanged. With `records` (the S3 backend, worm.py `BucketRecords`), a `complete` receipt is
+  created in the bucket before the ack carries it; while the bucket cannot be reached the ack goes without one.
 
 A `complete` receipt is built from the store's index entry (SHA-256, size, stored time) and the SHA-256 of
 the manifest bytes stored beside the object (the exact bytes whose signature the receiver verified), so the
@@ -20,6 +21,7 @@ import logging
 import os
 from dataclasses import replace
 from pathlib import Path
+from typing import Any, Protocol
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -79,12 +81,19 @@ class ReceiverKey:
         return key
 
 
+class ReceiptRecords(Protocol):
+    """Where `complete` receipts are kept (worm.py `BucketRecords`); raises StoreUnavailable."""
+
+    def put_receipt(self, agent: str, file_id: str, receipt: dict[str, Any], entry: dict[str, Any]) -> None: ...
+
+
 class Receipts:
     """Signs the receipt of each settled ack with the receiver's key."""
 
-    def __init__(self, key: AgentKey, store: ChunkStore):
+    def __init__(self, key: AgentKey, store: ChunkStore, records: ReceiptRecords | None = None):
         self.key = key
         self.store = store
+        self.records = records
 
     def attach(self, agent_id: str, ack: Ack, *, manifest: bytes | None = None) -> Ack:
         """`ack` with its signed receipt (`complete`, `rejected`); other states and acks that carry one already
@@ -92,17 +101,27 @@ class Receipts:
         if ack.receipt is not None or ack.state not in (ACK_COMPLETE, ACK_REJECTED):
             return ack
         if ack.state == ACK_COMPLETE:
-            body = self._stored(agent_id, ack)
-            if body is None:   # not in the index, or its manifest is unreadable: sent without a receipt
+            stored = self._stored(agent_id, ack)
+            if stored is None:   # not in the index, or its manifest is unreadable: sent without a receipt
                 log.error("complete ack sent without a receipt agent=%s file=%s", agent_id, ack.file_id)
                 return ack
+            body, entry = stored
+            receipt = self.key.sign(body)
+            if self.records is not None:
+                try:
+                    self.records.put_receipt(agent_id, ack.file_id, receipt, entry)
+                except StoreUnavailable as exc:   # not kept: not sent (the agent asks again, clears nothing)
+                    log.warning("complete ack sent without a receipt agent=%s file=%s: %s", agent_id, ack.file_id,
+                                exc)
+                    return ack
+            return replace(ack, receipt=receipt)
         else:
             digest = hashlib.sha256(manifest).hexdigest() if manifest is not None else None
             body = receipt_body(VERDICT_REJECTED, agent_id=agent_id, file_id=ack.file_id, sha256=ack.sha256,
                                 size=None, manifest_sha256=digest, ts_ms=now_ms(), reason=ack.reason)
         return replace(ack, receipt=self.key.sign(body))
 
-    def _stored(self, agent_id: str, ack: Ack) -> dict | None:
+    def _stored(self, agent_id: str, ack: Ack) -> tuple[dict, dict] | None:
         entry = self.store.stored(agent_id, ack.file_id)
         if entry is None:
             return None
@@ -113,4 +132,4 @@ class Receipts:
             return None
         return receipt_body(VERDICT_COMPLETE, agent_id=agent_id, file_id=ack.file_id, sha256=entry["sha256"],
                             size=int(entry["size"]), manifest_sha256=hashlib.sha256(manifest).hexdigest(),
-                            ts_ms=int(entry["stored_ms"]))
+                            ts_ms=int(entry["stored_ms"])), entry

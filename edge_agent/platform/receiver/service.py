@@ -41,6 +41,7 @@ import threading
 import time
 from collections import OrderedDict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import paho.mqtt.client as mqtt
 
@@ -75,6 +76,9 @@ from edge_agent.protocol.wire import (
     to_ranges,
 )
 
+if TYPE_CHECKING:
+    from edge_agent.platform.receiver.worm import BucketRecords
+
 log = logging.getLogger(__name__)
 
 NO_MANIFEST = "no manifest for this file: send the manifest first"
@@ -104,6 +108,15 @@ def _committed_files(config: ReceiverConfig) -> CommittedFiles | None:
     return committed
 
 
+def _bucket_records(committed: CommittedFiles | None) -> BucketRecords | None:
+    """Chain documents and receipts in the bucket too, when the committed files are there."""
+    if committed is None:
+        return None
+    from edge_agent.platform.receiver.worm import BucketRecords
+
+    return BucketRecords(committed)   # type: ignore[arg-type]
+
+
 class Receiver:
     def __init__(self, config: ReceiverConfig):
         rc = config.receiver
@@ -115,7 +128,8 @@ class Receiver:
             min_free_bytes=int(rc.min_free_gb * 1024**3)), committed=_committed_files(config))
         self.expiry_s = rc.incoming_expiry_days * 86400
         self.keys = KeyRing(rc.keys_dir, rc.store_dir / LEARNED_KEYS)   # learn_rotation: keyring.py
-        self.receipts = Receipts(ReceiverKey.load_or_create(rc.receipt_key_dir), self.store)
+        self.records = _bucket_records(self.store.committed)   # the custody record in the bucket, or None
+        self.receipts = Receipts(ReceiverKey.load_or_create(rc.receipt_key_dir), self.store, self.records)
         self.max_chunk = rc.max_chunk_kib * 1024
         self.max_file = int(rc.max_file_gb * 1024**3)
         self.max_message = HEADER_LENGTH.size + MAX_HEADER_BYTES + self.max_chunk
@@ -125,7 +139,7 @@ class Receiver:
         share = "$share/receivers/" if self.shared else ""
         self.topic_filter = f"{share}{self.root}/+/files/#"
         self.chain_filter = f"{share}{self.root}/+/chain/#"
-        self.chain = ChainKeeper(ChainStore(rc.store_dir),
+        self.chain = ChainKeeper(ChainStore(rc.store_dir, self.records),
                                  lambda agent, key_id, seq: self.keys.key_for(agent, key_id, chain_seq=seq),
                                  self.receipts.key.sign, self._publish_event, receiver=rc.client_id)
         self.chain.on_rotation = lambda agent, doc, seq: self.keys.learn_rotation(agent, doc, chain_seq=seq)

@@ -19,7 +19,9 @@ from pathlib import Path
 from typing import Any
 
 import av
+from cryptography import x509
 
+from drivers.media_signing import check_file, load_anchors
 from drivers.rtsp import SEGMENT_SUFFIX, Segment, segment_span
 from edge_agent.catalog import LANE_CAMERA, Catalog, State
 from edge_agent.config import AgentConfig, Camera
@@ -34,6 +36,12 @@ RESCAN_S = 10.0     # how often the intake looks for spool segments it could not
 
 def spool_dir(data_dir: Path, camera: str) -> Path:
     return data_dir / "spool" / camera
+
+
+def signing_anchors(camera: Camera, config: AgentConfig) -> list[x509.Certificate] | None:
+    """The trust anchors for this camera's signed video: its own `signing_ca`, else the global one."""
+    path = camera.signing_ca or config.evidence.camera_signing_ca
+    return None if path is None else load_anchors(path.read_bytes())
 
 
 @dataclass
@@ -92,9 +100,21 @@ class SegmentIntake:
             if span is None:
                 log.warning("segment_empty camera=%s path=%s action=kept_for_inspection", camera, path)
                 continue
-            found.append(Queued(Segment(camera, path, start, start + span[1], 0, path.stat().st_size),
+            found.append(Queued(Segment(camera, path, start, start + span[1], 0, path.stat().st_size,
+                                        self._signing(camera, path)),
                                 self._device_id(camera), None))
         return found
+
+    def _signing(self, camera: str, path: Path) -> dict[str, Any] | None:
+        """A leftover segment's signing verdict, from the file alone (its last GOP's SEI, in the next
+        segment, is not there: that GOP counts as unchecked)."""
+        cam = self.cameras.get(camera)
+        anchors = signing_anchors(cam, self.config) if cam is not None else None
+        try:
+            return check_file(str(path), anchors)
+        except (av.FFmpegError, OSError, ValueError) as exc:
+            log.warning("segment_signing_not_checked camera=%s path=%s error=%s", camera, path, exc)
+            return None
 
     def _device_id(self, camera: str) -> str:
         device_id = self.ledger.table.device_of(camera)
@@ -137,7 +157,7 @@ class SegmentIntake:
             kind="camera", device_id=item.device_id, original_path=f"{seg.camera}/{seg.path.name}",
             source_path=str(seg.path), source_size=st.st_size, source_mtime_ns=st.st_mtime_ns,
             recorded_start_ms=seg.start_ms, recorded_end_ms=seg.end_ms, clock_offset_ms=item.clock_offset_ms,
-            lane=LANE_CAMERA, actor="edge-agent", extras=self.extras(seg.camera, seg.start_ms))
+            lane=LANE_CAMERA, actor="edge-agent", extras=self.extras(seg.camera, seg.start_ms, seg.signing))
         if record.state == State.DISCOVERED:
             record = self.ingestor.stage(record, seg.path)
         if record.state == State.STAGED:
@@ -146,9 +166,13 @@ class SegmentIntake:
         os.unlink(seg.path)
         fsync_dir(seg.path.parent)
 
-    def extras(self, camera: str, start_ms: int) -> dict[str, Any]:
-        """What a segment's manifest adds: its camera, and the gaps that ended where it begins."""
+    def extras(self, camera: str, start_ms: int, signing: dict[str, Any] | None = None) -> dict[str, Any]:
+        """What a segment's manifest adds: its camera, the gaps that ended where it begins, and whether the
+        camera's signature verifies (`signed`: valid | invalid | unsigned | unverifiable; `signing`: details)."""
         keys: dict[str, Any] = {"gaps_before": [g.as_dict() for g in self.ledger.ended_at(camera, start_ms)]}
+        if signing is not None:
+            keys["signed"] = signing["status"]
+            keys["signing"] = signing
         cam = self.cameras.get(camera)
         if cam is not None:
             keys["camera"] = {"name": cam.name, "location": cam.location, "location_kind": cam.location_kind}

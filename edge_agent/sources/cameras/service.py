@@ -73,6 +73,10 @@ class CameraService:
         worker = self.workers.get(name)
         return worker.sampler.preview if worker is not None else None
 
+    def online(self) -> dict[str, bool]:
+        """Each camera's name -> whether its stream is connected now (GB/T 28181 Catalog's Status)."""
+        return {status["name"]: bool(status["connected"]) for status in self.camera_status()}
+
     def health(self) -> dict[str, Any]:
         """HealthProvider: this component's part of the health snapshot, `{"cameras": [one per camera]}`."""
         return {"cameras": self.camera_status()}

@@ -16,13 +16,14 @@ import av
 
 from drivers import onvif
 from drivers.image_checks import CHECKS, ImageHealth, KeyframeSampler
+from drivers.media_signing import INVALID, VALID
 from drivers.rtsp import AuthFailed, RtspRecorder, Segment, StreamError, with_credentials
 from edge_agent.catalog import Catalog
 from edge_agent.catalog.gaps import Gap
 from edge_agent.config import AgentConfig, Camera
 from edge_agent.protocol.heartbeat import Heartbeat, Vital
 from edge_agent.sources.cameras.gaps import GapLedger
-from edge_agent.sources.cameras.intake import Queued, SegmentIntake, spool_dir
+from edge_agent.sources.cameras.intake import Queued, SegmentIntake, signing_anchors, spool_dir
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,9 @@ class CameraHealth:
     segments_today: int = 0
     audio_seen: bool = False      # this camera has sent audio since the agent started
     audio_lost: bool = False      # ... and has stopped: the alarm camera.<name>.audio_lost is raised
+    signing: dict[str, Any] | None = None   # the last segment's signing verdict (drivers/media_signing.py)
+    signed_seen: bool = False     # a segment of this camera verified `valid` since the agent started
+    signature_alarm: bool = False  # camera.<name>.signature_invalid is raised
 
 
 class CameraWorker:
@@ -59,7 +63,8 @@ class CameraWorker:
         self.recorder = RtspRecorder(
             camera.name, self.resolve, spool_dir(config.agent.data_dir, camera.name), self,
             segment_s=camera.segment_s, stall_timeout_s=camera.stall_timeout_s,
-            reconnect_max_s=camera.reconnect_max_s, min_free_bytes=config.agent.min_free_mb * 1024**2)
+            reconnect_max_s=camera.reconnect_max_s, min_free_bytes=config.agent.min_free_mb * 1024**2,
+            signing_anchors=signing_anchors(camera, config))
         self.heartbeat = Heartbeat(f"camera-{camera.name}")
         self._stopped = False
         self._thread = self._recorder_thread()
@@ -152,7 +157,37 @@ class CameraWorker:
 
     def segment_done(self, segment: Segment) -> None:
         self.health.segments_today += 1
+        if segment.signing is not None:
+            self._check_signing(segment)
         self.intake.put(Queued(segment, self.health.device_id, self.health.clock_offset_ms))
+
+    def _check_signing(self, segment: Segment) -> None:
+        """A segment `invalid`, or a signing camera's segment `unsigned`/`unverifiable`, raises
+        camera.<name>.signature_invalid; a `valid` segment clears it."""
+        verdict = dict(segment.signing or {})
+        health = self.health
+        health.signing = {**verdict, "segment_start_ms": segment.start_ms}
+        status = verdict.get("status")
+        name = self.camera.name
+        if status == VALID:
+            health.signed_seen = True
+            if health.signature_alarm:
+                health.signature_alarm = False
+                self.catalog.clear_alarm(f"camera.{name}.signature_invalid")
+                log.info("camera_signature_valid_again camera=%s", name)
+            return
+        # Signing stopped (switched off, or SEIs stripped): after a valid segment, or from the start for a camera
+        # with its own signing_ca (configured as a signing camera). A stream's end is not a stop.
+        expected = health.signed_seen or self.camera.signing_ca is not None
+        stopped = expected and status != INVALID and not verdict.get("gops_unchecked")
+        if (status == INVALID or stopped) and not health.signature_alarm:
+            health.signature_alarm = True
+            why = verdict.get("reason") or f"the segment is {status}"
+            self.catalog.raise_alarm(f"camera.{name}.signature_invalid", "camera_signature_invalid", name,
+                                     f"camera {name} at {self.camera.location}: its video no longer verifies "
+                                     f"against its signature ({status}: {why}); segment {segment.path.name} is "
+                                     "kept and sealed as received")
+            log.warning("camera_signature_invalid camera=%s status=%s reason=%s", name, status, why)
 
     def audio_present(self) -> bool:
         """The stream has an audio track and an audio packet came within `AUDIO_SILENT_MS`."""
@@ -227,6 +262,7 @@ class CameraWorker:
             "model": (health.identity or {}).get("model"), "profile": (health.identity or {}).get("profile_token"),
             "image_checks": image.as_dict() if image else {name: None for name in CHECKS},
             "tracks": stats.tracks if stats.connected else [],
+            "signing": health.signing,
             "audio": {"present": self.audio_present(), "codec": stats.audio_codec if stats.connected else None,
                       "lost": health.audio_lost, "last_packet_ms": stats.last_audio_ms},
         }

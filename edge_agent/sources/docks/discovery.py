@@ -89,8 +89,13 @@ def identify(volume: DockedVolume, models: list[RecorderModel],
             sample.append(Path(entry.relative).name)
             if len(sample) >= SAMPLE_NAMES:
                 break
-    return identify_volume(volume.path, volume.label, models, serial=volume.serial, model_name=volume.model,
-                           sample_names=sample, tz=zone)
+    ident, model = identify_volume(volume.path, volume.label, models, serial=volume.serial,
+                                   model_name=volume.model, sample_names=sample, tz=zone)
+    told = volume.handshake
+    if told is not None and told.serial:   # the recorder named itself through its vendor handshake (R5)
+        ident = VolumeIdentity(device_id=told.serial, method="gat947", model=ident.model, serial=told.serial,
+                               officer_id=told.officer_id or ident.officer_id)
+    return ident, model
 
 
 @dataclass
@@ -284,13 +289,15 @@ class Discovery:
         if start_ms is None:  # no time in the name: the file's mtime is when the recorder closed it
             start_ms = end_ms = entry.mtime_ns // 1_000_000
         officer = name.officer or ident.officer_id or catalog.officer_at(ident.device_id, start_ms)
+        # The recorder's clock offset as its vendor handshake read it at docking, before 校时 (R9).
+        offset = self.volume.handshake.clock_offset_ms if self.volume.handshake is not None else None
         with catalog.transaction():
             record, created = catalog.discover(
                 kind="recorder", device_id=ident.device_id, original_path=entry.relative,
                 source_path=str(entry.path), source_size=entry.size, source_mtime_ns=entry.mtime_ns,
                 dock=self.volume.dock, slot=self.volume.slot, session_id=self.session_id,
                 volume_label=self.volume.label, officer_id=officer, recorded_start_ms=start_ms,
-                recorded_end_ms=end_ms, actor="edge-agent", source_fingerprint=fp)
+                recorded_end_ms=end_ms, clock_offset_ms=offset, actor="edge-agent", source_fingerprint=fp)
             if created and twins:
                 self._collision(record, twins)
         if created and entry.size == 0:

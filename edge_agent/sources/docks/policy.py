@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 
-from drivers.base import DockedVolume
+from drivers.base import DockedVolume, RefusedDevice
+from drivers.gat947 import RecorderHandshake
 from edge_agent.catalog import Catalog, FileRecord
 from edge_agent.catalog.docking import DockingRecords
 from edge_agent.ingest import IngestError, IntakePaused, SourceGone, SourceUnreadable
@@ -24,6 +25,11 @@ from edge_agent.sources.docks.slots import SlotState, SlotStatus
 from edge_agent.sources.recorders import VolumeIdentity
 
 log = logging.getLogger(__name__)
+
+# Alarm kinds raised here about what a dock sees on its USB bus.
+RECORDER_HANDSHAKE_FAILED = "recorder_handshake_failed"
+RECORDER_BATTERY_LOW = "recorder_battery_low"
+USB_DEVICE_REFUSED = "usb_device_refused"
 
 # How long a read error waits for the dock driver to report an undock before it counts as the file's own fault.
 UNDOCK_GRACE_S = 2.0
@@ -47,6 +53,48 @@ def unidentified(volume: DockedVolume, ident: VolumeIdentity) -> Alarm:
                  f"recorder volume {volume.label!r} on dock {volume.dock} could not be identified (no USB serial, "
                  f"identity file or known file names); its files are ingested as {ident.device_id}: add its model "
                  "to recorders.toml or assign it")
+
+
+def handshake_key(dock: str, usb_serial: str | None) -> str:
+    return f"handshake:{dock}:{usb_serial}"
+
+
+def handshake_failed(dock: str, usb_serial: str | None, report: RecorderHandshake) -> Alarm:
+    """The recorder's vendor handshake (GA/T 947.4) failed in part or whole; the dock identifies it by USB."""
+    subject = report.serial or usb_serial or "unknown"
+    fallback = ("it is identified by USB instead and its files are ingested all the same"
+                if report.serial is None else "what it did tell is used")
+    return Alarm(handshake_key(dock, usb_serial), RECORDER_HANDSHAKE_FAILED, subject,
+                 f"the GA/T 947.4 handshake with recorder {usb_serial or '(no USB serial)'} on dock {dock} failed: "
+                 f"{'; '.join(report.errors)}; {fallback}. Check the model's [models.gat947] entry in recorders.toml "
+                 "(library path, function names, password)")
+
+
+def battery_key(device_id: str) -> str:
+    return f"battery:{device_id}"
+
+
+def battery_low(device_id: str, report: RecorderHandshake) -> Alarm:
+    return Alarm(battery_key(device_id), RECORDER_BATTERY_LOW, device_id,
+                 f"recorder {device_id} docked with {report.battery_percent}% battery (alarm below "
+                 f"{report.low_battery_percent}%, R10): leave it charging before it goes out again; if it stays "
+                 "low after a full charge, have its battery checked")
+
+
+def refused_device(dock: str, device: RefusedDevice) -> Alarm:
+    """A USB mass-storage device that is not a known recorder was not read (`unknown_devices = "refuse"`)."""
+    if device.vendor_id is None:
+        what = f"a volume {device.label!r} that no known recorder on the bus claims"
+    else:
+        what = (f"USB mass-storage device vendor {device.vendor_id:04x} product {device.product_id or 0:04x} "
+                f"serial {device.serial or '(none)'}")
+        names = " ".join(n for n in (device.manufacturer, device.product) if n)
+        what += f" ({names})" if names else ""
+    return Alarm(f"usb_refused:{dock}:{device.vendor_id}:{device.product_id}:{device.serial}:{device.label}",
+                 USB_DEVICE_REFUSED, device.serial or device.label or "unknown",
+                 f"dock {dock} refused {what}: it is not a recorder in recorders.toml and the dock's unknown_devices "
+                 "is refuse (R8: recorders never meet unrelated devices); nothing on it was read. Unplug it; if it "
+                 "is a recorder, add its model to recorders.toml")
 
 
 def dock_fault(volume: DockedVolume, exc: BaseException) -> Alarm:

@@ -11,13 +11,15 @@ import threading
 import time
 from typing import Any
 
-from drivers.base import DockedVolume
-from edge_agent.catalog import Catalog
+from drivers.base import DockedVolume, RefusedDevice
+from drivers.gat947 import RecorderHandshake
+from edge_agent.catalog import Catalog, audit
 from edge_agent.catalog.docking import DockingRecords
 from edge_agent.config import AgentConfig, Dock
 from edge_agent.evidence.receipts import PinnedKeys
 from edge_agent.ingest import Ingestor, Sealer
 from edge_agent.protocol.heartbeat import Vital
+from edge_agent.sources.docks import policy
 from edge_agent.sources.docks.slots import SETTLED, SlotState, SlotStatus
 from edge_agent.sources.docks.worker import DockContext, Progress, VolumeWorker
 from edge_agent.sources.recorders import RecorderModel, VolumeIdentity
@@ -55,6 +57,34 @@ class DockService:
             worker = self._workers.get((volume.dock, volume.label))
             if worker is not None:
                 worker.undock()
+
+    def recorder_clock_read(self, dock: str, usb_serial: str | None, report: RecorderHandshake) -> None:
+        """Audit the recorder's clock offset as read, before the driver corrects it (R9): one transaction,
+        committed before this returns."""
+        with self.context.catalog.transaction() as conn:
+            audit.append(conn, "recorder.clock_read", subject=report.serial or usb_serial, actor="edge-agent",
+                         detail={"dock": dock, "usb_serial": usb_serial, "serial": report.serial,
+                                 "clock_offset_ms": report.clock_offset_ms, "clock_read_ms": report.clock_read_ms})
+
+    def recorder_handshake(self, dock: str, usb_serial: str | None, report: RecorderHandshake) -> None:
+        """Audit the handshake's outcome; raise or clear its alarms (failed steps, low battery)."""
+        catalog = self.context.catalog
+        with catalog.transaction() as conn:
+            audit.append(conn, "recorder.handshake", subject=report.serial or usb_serial, actor="edge-agent",
+                         detail={"dock": dock, "usb_serial": usb_serial, **report.as_dict()})
+        if report.errors:
+            policy.handshake_failed(dock, usb_serial, report).raise_on(catalog)
+        else:
+            catalog.clear_alarm(policy.handshake_key(dock, usb_serial))
+        device_id = report.serial or usb_serial
+        if device_id is not None and report.battery_percent is not None:
+            if report.battery_low:
+                policy.battery_low(device_id, report).raise_on(catalog)
+            else:
+                catalog.clear_alarm(policy.battery_key(device_id))
+
+    def device_refused(self, dock: str, device: RefusedDevice) -> None:
+        policy.refused_device(dock, device).raise_on(self.context.catalog)
 
     def redock(self, key: tuple[str, str]) -> None:
         """Start the slot's worker again, as if its volume were docked anew, if it ended while still docked

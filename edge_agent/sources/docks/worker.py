@@ -138,10 +138,14 @@ class VolumeWorker(threading.Thread):
         st = self.status
         st.device_id, st.model, st.serial, st.officer_id = ident.device_id, ident.model, ident.serial, ident.officer_id
         st.officer_name = ident.officer_name
+        handshake = self.volume.handshake
+        if handshake is not None:
+            st.battery_percent, st.clock_offset_ms = handshake.battery_percent, handshake.clock_offset_ms
         session_id = ctx.catalog.open_session(
             dock=self.volume.dock, slot=self.volume.slot, device_id=ident.device_id, serial=ident.serial,
             model=ident.model, volume_label=self.volume.label, volume_path=str(self.volume.path),
-            officer_id=ident.officer_id)
+            officer_id=ident.officer_id,
+            recorder=None if handshake is None else {**handshake.as_dict(), "usb_serial": self.volume.serial})
         st.session_id = session_id
         if not ident.identified:
             policy.unidentified(self.volume, ident).raise_on(ctx.catalog)
