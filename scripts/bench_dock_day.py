@@ -252,7 +252,10 @@ def phases(work: Path, recorders: int, size: int, files: int, yield_s: float | N
     ingest_cpu = first.cpu_now()["agent"] - cpu0["agent"]
     first.stop()
 
-    # 2. sync alone: the same agent, recorders still docked, broker and receiver up.
+    # 2. sync alone: the same agent, recorders still docked, broker and receiver up. A port free now (the one
+    # picked minutes ago may have been taken by another process since).
+    first.mqtt_port = port = free_port()
+    first.configure()
     first.enrol()
     broker = first.start_uplink()
     online = watch_online(port)
@@ -271,6 +274,7 @@ def phases(work: Path, recorders: int, size: int, files: int, yield_s: float | N
     # 3. the dock day: both at once, on a fresh agent.
     shutil.rmtree(parked)
     make_dock(parked, recorders, files, recorders * size)
+    port = free_port()
     day = Site(work / "day", port, yield_s)
     day.configure()
     day.enrol()
