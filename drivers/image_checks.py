@@ -20,6 +20,8 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 THUMB_WIDTH = 160
+PREVIEW_WIDTH = 320        # the status page's picture of the last keyframe checked (a small colour JPEG)
+PREVIEW_QUALITY = 70
 BLACK_MEAN = 20.0          # mean luma (0-255) below this: black
 FROZEN_LEVELS = 40         # a pixel "moved" when it differs from the previous sample by more than this...
 FROZEN_FRACTION = 0.005    # ...and the picture is frozen when fewer than this share of pixels moved
@@ -56,6 +58,15 @@ def thumbnail(frame: av.VideoFrame) -> np.ndarray:
     return cv2.GaussianBlur(small, (3, 3), 0)   # compression noise between two encodings of a still scene
 
 
+def preview_jpeg(frame: av.VideoFrame) -> bytes | None:
+    """The frame as a small colour JPEG for a screen (PREVIEW_WIDTH wide), None if it cannot be encoded."""
+    picture = frame.to_ndarray(format="bgr24")
+    height = max(1, round(picture.shape[0] * PREVIEW_WIDTH / max(1, picture.shape[1])))
+    small = cv2.resize(picture, (PREVIEW_WIDTH, height), interpolation=cv2.INTER_AREA)
+    ok, encoded = cv2.imencode(".jpg", small, [cv2.IMWRITE_JPEG_QUALITY, PREVIEW_QUALITY])
+    return encoded.tobytes() if ok else None
+
+
 def assess(thumb: np.ndarray, previous: np.ndarray | None) -> ImageHealth:
     mean_arr, stddev_arr = cv2.meanStdDev(thumb)
     mean, stddev = float(mean_arr[0][0]), float(stddev_arr[0][0])
@@ -82,6 +93,7 @@ class KeyframeSampler:
         self._previous: np.ndarray | None = None
         self._target: int | None = None   # pts of the keyframe being gathered
         self._chunks: list[bytes] = []
+        self.preview: bytes | None = None   # the last keyframe judged, as a small JPEG (preview_jpeg)
 
     def offer(self, packet: av.Packet, stream: av.video.stream.VideoStream, key: bool) -> ImageHealth | None:
         """Look at one packet; returns a judgement once a sampled keyframe is whole and decoded."""
@@ -116,6 +128,7 @@ class KeyframeSampler:
             return None   # the next keyframe is tried
         self._next = time.monotonic() + self.every_s
         thumb = thumbnail(frames[-1])
+        self.preview = preview_jpeg(frames[-1])
         health = assess(thumb, self._previous)
         self._previous = thumb
         return health

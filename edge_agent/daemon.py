@@ -165,7 +165,8 @@ class Agent:
         from edge_agent.sync import Uplink
 
         self._refuse_twice(self.uplink, "an uplink")
-        self.uplink = Uplink(self.catalog, self.layout, self.config, version=self.version)
+        self.uplink = Uplink(self.catalog, self.layout, self.config, version=self.version,
+                             intake_busy=self.docks.collecting)
         self.components.append(self.uplink)
         return self.uplink
 

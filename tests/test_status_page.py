@@ -27,7 +27,8 @@ from tests.evidence_support import offline_agent_config, running_agent
 from tests.helpers import agent_config, make_recorder_volume
 
 CHROMIUM = "/usr/bin/chromium"
-IDENTITY = {"DeviceID": "A123456", "PoliceID": "320102999", "SerialNo": "ZFY0500"}
+# A ZFY-GA-2016's DEVICE.INI that also names the officer (identity_keys.officer_name in recorders.toml).
+IDENTITY = {"DeviceID": "A123456", "PoliceID": "320102999", "SerialNo": "ZFY0500", "PoliceName": "张伟"}
 KIOSK = {"width": 1280, "height": 800}
 
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is a test dependency: scripts/setup.sh")
@@ -91,12 +92,16 @@ def test_a_docked_recorders_tile_goes_from_collecting_to_safe_to_take_in_chinese
 
         tile.and_(page.locator('[data-state="done"]')).wait_for(timeout=30_000)
         done = tile.inner_text()
-        assert "可取走" in done and "2 / 2" in done and "320102999" in done
+        assert "可取走" in done and "2 / 2" in done and "张伟 (320102999)" in done
         assert tile.get_attribute("data-safe") == "true"
         sealed = agent.catalog.files(states=["sealed"])
         assert len(sealed) == 2, "可取走 shown before every file of the recorder was sealed"
         screenshot(page, tmp_path / "safe_to_take.png")
         assert volume.exists()
+        # 3 MiB taken in the last week: the storage panel says how many days the disk lasts at that rate.
+        forecast = page.locator("#days-until-full")
+        forecast.filter(has_text="预计存满还需约").wait_for(timeout=10_000)
+        assert "天" in forecast.inner_text() or "小时" in forecast.inner_text()
         page.close()
 
 
@@ -117,6 +122,7 @@ def test_a_raised_alarm_is_in_the_banner_with_what_to_do_and_leaves_when_cleared
         alarm.wait_for(state="detached", timeout=10_000)
         assert "Body-worn recorders" in page.inner_text("main")
         assert "No body-worn recorder is docked." in page.inner_text("#bays")
+        assert page.inner_text("#days-until-full") == "No recent intake to project"
         page.close()
 
 
@@ -146,6 +152,8 @@ def slot(**overrides: object) -> dict:
 
 def test_a_bay_is_safe_to_take_only_when_done_and_says_why_it_is_stuck() -> None:
     collecting = bay(slot())
+    assert (collecting.officer_id, collecting.officer_name) == ("320102999", None)
+    assert bay(slot(officer_name="张伟")).officer_name == "张伟"
     assert (collecting.safe_to_take, collecting.files_done, collecting.eta_s, collecting.stuck) == (False, 3, 2, None)
     assert bay(slot(state="done", files_pending=0, bytes_copied=400)).safe_to_take
     assert bay(slot(state="paused")).stuck == "disk_full" and not bay(slot(state="paused")).safe_to_take
@@ -177,3 +185,34 @@ def test_the_daemon_stops_promptly_while_a_screen_is_watching(tmp_path: Path) ->
         agent.stop()
     assert time.monotonic() - started < 8
     stream.close()
+
+
+def test_a_cameras_last_checked_keyframe_is_on_the_page_as_a_small_jpeg(browser: object, tmp_path: Path) -> None:
+    from tests.peers.mosquitto import free_port
+    from tests.peers.rtsp_server import RtspServer
+
+    server = RtspServer(free_port(), "normal", log=tmp_path / "rtsp.log").start()
+    try:
+        _, cfg = agent_config(tmp_path, mqtt={"port": free_port()},
+                              cameras=[{"name": "cam-gate", "rtsp": server.url, "segment_s": 10,
+                                        "image_check_s": 0.5, "location": "鼓楼广场", "location_kind": "square"}],
+                              ui={"enabled": True, "listen": "127.0.0.1:0", "language": "en"})
+        with running_agent(cfg) as agent:
+            page = open_page(browser, agent)
+            thumb = page.locator('[data-camera="cam-gate"] img.thumb')
+            thumb.wait_for(timeout=30_000)
+            page.wait_for_function("() => document.querySelector('img.thumb').naturalWidth > 0", timeout=10_000)
+            assert page.evaluate("() => document.querySelector('img.thumb').naturalWidth") == 320
+            with urllib.request.urlopen(agent.status_page.url + "cameras/cam-gate/thumbnail.jpg",
+                                        timeout=10) as response:
+                assert response.headers["Content-Type"] == "image/jpeg"
+                jpeg = response.read()
+            picture = cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR)
+            assert picture.shape[1] == 320 and picture.std() > 10, "the thumbnail shows the camera's picture"
+            with pytest.raises(urllib.error.HTTPError) as missing:
+                urllib.request.urlopen(agent.status_page.url + "cameras/no-such/thumbnail.jpg", timeout=10)
+            assert missing.value.code == 404
+            screenshot(page, tmp_path / "camera.png")
+            page.close()
+    finally:
+        server.stop()

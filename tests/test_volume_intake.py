@@ -264,3 +264,30 @@ def test_the_source_identity_holds_twins_by_fingerprint_and_stays_unique_without
     assert [r.file_id for r in catalog.files.with_fingerprint("dev1", "10:bb")] == [b.file_id]
     assert {r.file_id for r in catalog.files.at_source("dev1", CLIP, 10, 1)} == {a.file_id, b.file_id, plain.file_id}
     catalog.close()
+
+
+def _bytes_read_by_this_process() -> int:
+    """Bytes passed to read(2)-like calls by every thread of this process, cached or not (/proc/self/io)."""
+    fields = dict(line.split(": ") for line in Path("/proc/self/io").read_text().splitlines())
+    return int(fields["rchar"])
+
+
+def test_a_file_just_copied_is_not_read_whole_again_by_the_passes_after_its_copy(tmp_path: Path) -> None:
+    """A recording is read off the recorder once for its copy (and its copy once more from the store for the
+    read-back): the passes that find it again on the volume know its full SHA-256 from that copy instead of
+    reading the recorder a third time. A file added afterwards proves such a pass ran over it."""
+    cfg, root = directory_dock(tmp_path)
+    size = 32 << 20
+    parked = make_recorder_volume(tmp_path / "parked", "ZFY0502", {CLIP: size}, identity=IDENTITY)
+    with running_agent(cfg) as agent:
+        before = _bytes_read_by_this_process()
+        volume = root / parked.name
+        os.rename(parked, volume)        # docked whole, as a recorder is plugged in
+        wait_states(agent.catalog, 1)
+        later = volume / "DCIM/100MEDIA/FILE0002.MP4"
+        later.write_bytes(os.urandom(5000))
+        wait_states(agent.catalog, 2)
+        read = _bytes_read_by_this_process() - before
+    # The copy and its read-back: 2 x size, plus the fingerprint (2 MiB) and the probe; a third whole read
+    # of the recording would make it 3 x size.
+    assert read < 2.5 * size, f"{read / 2**20:.1f} MiB read for a {size >> 20} MiB recording"

@@ -148,6 +148,7 @@ class VolumeIdentity:
     model: str | None = None
     serial: str | None = None
     officer_id: str | None = None
+    officer_name: str | None = None   # when the identity file names the officer (identity_keys.officer_name)
 
     @property
     def identified(self) -> bool:
@@ -241,13 +242,14 @@ def identify_volume(volume: Path, label: str, models: list[RecorderModel], *, se
         model = by_name.get(model_name) if model_name else None
         ident = _read_identity(volume, model) if model else {}
         return VolumeIdentity(device_id=serial, method="usb_serial", model=model_name, serial=serial,
-                              officer_id=ident.get("officer")), model
+                              officer_id=ident.get("officer"), officer_name=ident.get("officer_name")), model
     for model in candidates:
         ident = _read_identity(volume, model)
         if ident.get("device") or ident.get("serial"):
             device = ident.get("device") or ident["serial"]
             return VolumeIdentity(device_id=device, method="identity_file", model=model.name,
-                                  serial=ident.get("serial"), officer_id=ident.get("officer")), model
+                                  serial=ident.get("serial"), officer_id=ident.get("officer"),
+                                  officer_name=ident.get("officer_name")), model
     for model in candidates:
         for name in sample_names or []:
             parsed = parse_name(name, model, tz)

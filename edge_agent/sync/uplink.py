@@ -59,8 +59,11 @@ META_INTERVAL_S = 1.0     # the rate sample and the `sync now` poll
 class Uplink:
     """Chunked, acked, resumable transfer of sealed files; the MQTT connection of the agent."""
 
-    def __init__(self, catalog: Catalog, layout: StoreLayout, config: AgentConfig, *, version: str):
+    def __init__(self, catalog: Catalog, layout: StoreLayout, config: AgentConfig, *, version: str,
+                 intake_busy: Callable[[], bool] | None = None):
         self.catalog = catalog
+        self._intake_busy = intake_busy     # True while a dock bay is collecting (mqtt.yield_to_docks_s)
+        self._held_since: float | None = None
         self.layout = layout
         self.config = config
         self.version = version
@@ -288,9 +291,20 @@ class Uplink:
                 log.exception("sync sender error; continuing")
                 self._stop.wait(1.0)
 
+    def _holding(self, now: float) -> bool:
+        """True while chunks wait for the docks: a bay is collecting, for at most yield_to_docks_s at a stretch."""
+        limit = self.config.mqtt.yield_to_docks_s
+        if self._intake_busy is None or not limit or not self._intake_busy():
+            self._held_since = None
+            return False
+        if self._held_since is None:
+            self._held_since = now
+            log.info("uplink holds its chunks while a dock bay is collecting (at most %ss)", limit)
+        return now - self._held_since < limit
+
     def _send(self, now: float) -> None:
         self.sender.check_timeouts(now)
-        if not self.sender.send_some():
+        if self._holding(now) or not self.sender.send_some():
             with self._cond:
                 if not self._inbox:
                     self._cond.wait(0.1)

@@ -50,7 +50,8 @@ def index_html(language: str, board: dict[str, Any]) -> str:
 
 
 def create_app(read_board: BoardRead, language: str, *, interval_s: float = 0.5,
-               stopping: threading.Event | None = None) -> Starlette:
+               stopping: threading.Event | None = None,
+               read_thumbnail: Callable[[str], bytes | None] | None = None) -> Starlette:
     """The page's app over `read_board` (called in the event loop's thread)."""
 
     async def index(_request: Request) -> Response:
@@ -58,6 +59,13 @@ def create_app(read_board: BoardRead, language: str, *, interval_s: float = 0.5,
 
     async def board_json(_request: Request) -> Response:
         return JSONResponse(read_board(), headers={"Cache-Control": "no-store"})
+
+    async def thumbnail(request: Request) -> Response:
+        """The camera's last checked keyframe as a small JPEG (404 before the first, or for no such camera)."""
+        jpeg = read_thumbnail(request.path_params["name"]) if read_thumbnail is not None else None
+        if jpeg is None:
+            return Response(status_code=404, headers={"Cache-Control": "no-store"})
+        return Response(jpeg, media_type="image/jpeg", headers={"Cache-Control": "no-store"})
 
     async def events(request: Request) -> Response:
         async def stream() -> AsyncIterator[dict[str, str]]:
@@ -75,5 +83,6 @@ def create_app(read_board: BoardRead, language: str, *, interval_s: float = 0.5,
         Route("/", index, methods=["GET"]),
         Route("/api/board", board_json, methods=["GET"]),
         Route("/events", events, methods=["GET"]),
+        Route("/cameras/{name}/thumbnail.jpg", thumbnail, methods=["GET"]),
         Mount("/static", StaticFiles(directory=STATIC), name="static"),
     ])

@@ -14,7 +14,7 @@ import uvicorn
 
 from edge_agent.config import AgentConfig
 from edge_agent.services import Workspace
-from edge_agent.services.board import LiveParts, board
+from edge_agent.services.board import DiskForecast, LiveParts, board, camera_thumbnail
 from edge_agent.ui.page import create_app
 
 log = logging.getLogger(__name__)
@@ -47,9 +47,11 @@ class StatusPage:
         self.live = live
         self.language = language
         self._workspace: Workspace | None = None
+        self._forecast = DiskForecast()
         self._stopping = threading.Event()
         self._ready = threading.Event()
-        app = create_app(self.read_board, language, stopping=self._stopping)
+        app = create_app(self.read_board, language, stopping=self._stopping,
+                         read_thumbnail=lambda name: camera_thumbnail(self.live, name))
         self._server = _Server(uvicorn.Config(app, host=config.ui.host, port=config.ui.port, log_level="warning",
                                               lifespan="off", access_log=False, timeout_graceful_shutdown=3),
                                self._ready)
@@ -58,7 +60,7 @@ class StatusPage:
     def read_board(self) -> dict[str, Any]:
         if self._workspace is None:
             self._workspace = Workspace(self.config)
-        return board(self._workspace, self.live).as_dict()
+        return board(self._workspace, self.live, self._forecast).as_dict()
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="status-page", daemon=True)

@@ -46,6 +46,11 @@ PAGE_STRINGS = (
     N_("free"),
     N_("file(s)"),
     N_("since"),
+    N_("Full in about"),
+    N_("day(s)"),
+    N_("hour(s)"),
+    N_("No recent intake to project"),
+    N_("Last picture"),
 )
 
 # Why a bay is stuck (services.board's codes).

@@ -68,6 +68,11 @@ class CameraService:
         midnight_ms = int(midnight.timestamp() * 1000)
         return [worker.status(midnight_ms) for worker in self.workers.values()]
 
+    def thumbnail(self, name: str) -> bytes | None:
+        """The last keyframe the image checks of camera `name` decoded, as a small JPEG; None before the first."""
+        worker = self.workers.get(name)
+        return worker.sampler.preview if worker is not None else None
+
     def online(self) -> dict[str, bool]:
         """Each camera's name -> whether its stream is connected now (GB/T 28181 Catalog's Status)."""
         return {status["name"]: bool(status["connected"]) for status in self.camera_status()}

@@ -109,6 +109,11 @@ class Found:
     young: bool = False                                                   # some file is not settled yet
 
 
+def _key(entry: SourceFile) -> tuple[str, int, int, int]:
+    """What a file read once per docking is remembered by: a file rewritten since has another ctime."""
+    return (entry.relative, entry.size, entry.mtime_ns, entry.ctime_ns)
+
+
 class Discovery:
     """The walk of one docked volume, pass after pass, for one dock session."""
 
@@ -125,6 +130,7 @@ class Discovery:
         # Fingerprints taken this session, by (path, size, mtime, ctime): a file is read once per docking.
         self._fingerprints: dict[tuple[str, int, int, int], str | None] = {}
         self._full_hashes: dict[tuple[str, int, int, int], str] = {}   # likewise, when a fingerprint is shared
+        self._listed: dict[str, tuple[str, int, int, int]] = {}   # file_id -> key of the entry a pass listed it at
 
     def scan(self) -> Found:
         """Walk the volume once: refused entries, excluded system files, unsettled files, and the rows of the
@@ -151,10 +157,21 @@ class Discovery:
                     found.taken.append((entry.relative, record.file_id))
                     if record.state in _INTAKE and record.file_id not in ranked_ids:
                         ranked_ids.add(record.file_id)
+                        self._listed[record.file_id] = _key(entry)
                         ranked.append((priority(entry.relative, self.model), record, entry.path))
         ranked.sort(key=lambda item: item[0])   # stable: walk order within one priority
         found.pending = [(record, path) for _, record, path in ranked]
         return found
+
+    def copied(self, record: FileRecord) -> None:
+        """`record` (sealed) was copied from the entry this session's last pass listed it at: the copy read that
+        file whole (same size and mtime before and after, `ingest.stage.copy_hashing`) and hashed it, so its
+        SHA-256 is the entry's full hash and the next pass need not read the recorder a third time to know it.
+        Kept under the entry's (path, size, mtime, ctime): a file rewritten since has another ctime and is read."""
+        key = self._listed.pop(record.file_id, None)
+        if key is not None and record.sha256 is not None and (key[1], key[2]) == (record.size,
+                                                                                 record.source_mtime_ns):
+            self._full_hashes[key] = record.sha256
 
     def inventory(self, found: Found) -> list[dict[str, Any]]:
         """Every entry of a pass as the session manifest lists it: `collected` (its content is sealed in the
@@ -198,7 +215,7 @@ class Discovery:
 
     def _fingerprint(self, entry: SourceFile) -> str | None:
         """The entry's fingerprint, None if it cannot be read (its copy then says why, and it is retried)."""
-        key = (entry.relative, entry.size, entry.mtime_ns, entry.ctime_ns)
+        key = _key(entry)
         if key not in self._fingerprints:
             try:
                 self._fingerprints[key] = fingerprint(entry.path)
@@ -255,7 +272,7 @@ class Discovery:
 
     def _full_hash(self, entry: SourceFile) -> str | None:
         """The entry's full SHA-256 (read once per docking), None if it cannot be read."""
-        key = (entry.relative, entry.size, entry.mtime_ns, entry.ctime_ns)
+        key = _key(entry)
         if key not in self._full_hashes:
             try:
                 self._full_hashes[key] = hash_file(entry.path)[0]

@@ -140,6 +140,10 @@ class DockService:
             snapshots = [w.status.snapshot() for w in self._workers.values()]
         return [s for s in snapshots if s.state is not SlotState.UNDOCKED]
 
+    def collecting(self) -> bool:
+        """True while any docked bay is identifying or collecting its recorder (not yet safe to take)."""
+        return any(s.state in (SlotState.IDENTIFYING, SlotState.INGESTING) for s in self.slots())
+
     def health(self) -> dict[str, Any]:
         """The health snapshot's dock section: `{"docks": [one entry per docked slot]}`."""
         return {"docks": [s.health() for s in self.slots()]}

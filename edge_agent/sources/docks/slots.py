@@ -41,6 +41,7 @@ class SlotStatus:
     model: str | None = None
     serial: str | None = None
     officer_id: str | None = None
+    officer_name: str | None = None
     battery_percent: int | None = None        # from the recorder's vendor handshake (GA/T 947.4), if any
     clock_offset_ms: int | None = None        # the recorder's clock minus the agent's at docking, before 校时
     session_id: str | None = None
@@ -85,6 +86,7 @@ class SlotStatus:
         return {
             "dock": self.dock, "slot": self.slot, "label": self.label, "state": str(self.state),
             "device_id": self.device_id, "model": self.model, "serial": self.serial, "officer_id": self.officer_id,
+            "officer_name": self.officer_name,
             "battery_percent": self.battery_percent, "clock_offset_ms": self.clock_offset_ms,
             "session_id": self.session_id, "docked_ms": self.docked_ms, "files_total": self.files_total,
             "files_pending": self.files_pending, "bytes_total": self.bytes_total, "bytes_copied": self.bytes_copied,

@@ -137,6 +137,7 @@ class VolumeWorker(threading.Thread):
             return
         st = self.status
         st.device_id, st.model, st.serial, st.officer_id = ident.device_id, ident.model, ident.serial, ident.officer_id
+        st.officer_name = ident.officer_name
         handshake = self.volume.handshake
         if handshake is not None:
             st.battery_percent, st.clock_offset_ms = handshake.battery_percent, handshake.clock_offset_ms
@@ -167,7 +168,7 @@ class VolumeWorker(threading.Thread):
             self._account(found, session_id)
             if found.pending:
                 self.status.set_state(SlotState.INGESTING)
-            self._copy_all(found.pending, faults)
+            self._copy_all(found.pending, faults, discovery.copied)
             complete = (not found.young and self.status.state is not SlotState.PAUSED
                         and not ctx.records.outstanding(ident.device_id, self.volume.label))
             if self._gone.is_set():
@@ -235,7 +236,8 @@ class VolumeWorker(threading.Thread):
             log.warning("refused dock=%s label=%s entry=%r", self.volume.dock, self.volume.label, line)
         policy.refused_entries(self.volume, self.status.refused).raise_on(self.context.catalog)
 
-    def _copy_all(self, pending: list[tuple[FileRecord, Path]], faults: IngestFaults) -> None:
+    def _copy_all(self, pending: list[tuple[FileRecord, Path]], faults: IngestFaults,
+                  copied: Callable[[FileRecord], None]) -> None:
         ctx, st = self.context, self.status
         started, copied_before = time.monotonic(), st.bytes_copied
         while pending and not self._gone.is_set():
@@ -244,6 +246,7 @@ class VolumeWorker(threading.Thread):
             with ctx.permits:
                 done = ctx.ingestor.ingest_batch(batch, abort=self._should_stop)
             for record in done.sealed:
+                copied(record)
                 faults.succeeded()
                 st.set_state(SlotState.INGESTING)
                 st.files_done += 1

@@ -33,6 +33,11 @@
     return `${Math.floor(s / 3600)} h ${Math.floor((s % 3600) / 60)} min`;
   }
 
+  function days(d) {
+    if (d < 1) return `${Math.max(1, Math.round(d * 24))} ${T("hour(s)")}`;
+    return `${d < 10 ? d.toFixed(1) : Math.round(d)} ${T("day(s)")}`;
+  }
+
   function clock(ms) {
     const d = new Date(ms);
     const pad = (n) => String(n).padStart(2, "0");
@@ -59,7 +64,8 @@
     const dl = el("dl");
     row(dl, "Device", bay.device_id || T("unknown"));
     row(dl, "Model", bay.model);
-    row(dl, "Officer", bay.officer_id);
+    row(dl, "Officer", bay.officer_name ? (bay.officer_id ? `${bay.officer_name} (${bay.officer_id})` : bay.officer_name)
+                                        : bay.officer_id);
     row(dl, "Files", `${bay.files_done} / ${bay.files_total}`);
     row(dl, "Data", `${bytes(bay.bytes_copied)} / ${bytes(bay.bytes_total)}`);
     if (bay.state === "ingesting") {
@@ -115,10 +121,16 @@
     meter.append(fill);
     document.getElementById("disk").replaceChildren(
       el("div", { class: disk.used_percent >= 85 ? "bad" : "" }, `${disk.used_percent}% ${T("used")}`), meter,
-      el("div", {}, `${bytes(disk.free_bytes)} ${T("free")}`));
+      el("div", {}, `${bytes(disk.free_bytes)} ${T("free")}`),
+      el("div", { id: "days-until-full", class: disk.days_until_full !== null && disk.days_until_full < 7 ? "bad" : "" },
+         disk.days_until_full === null ? T("No recent intake to project")
+                                       : `${T("Full in about")} ${days(disk.days_until_full)}`));
 
     const cameras = document.getElementById("cameras");
-    cameras.replaceChildren(...(board.cameras.length ? board.cameras.map((c) => el("li", { class: "camera", tabindex: "0" },
+    cameras.replaceChildren(...(board.cameras.length ? board.cameras.map((c) => el("li", { class: "camera", tabindex: "0",
+                                                                                        "data-camera": c.name },
+      c.thumbnail_ms ? el("img", { class: "thumb", width: "160", alt: `${T("Last picture")}: ${c.name}`,
+                                   src: `/cameras/${encodeURIComponent(c.name)}/thumbnail.jpg?t=${c.thumbnail_ms}` }) : null,
       el("strong", {}, c.name), " ", el("span", { class: c.connected ? "ok" : "bad" }, T(c.connected ? "Connected" : "Not connected")),
       " · ", el("span", { class: c.recording ? "ok" : "bad" }, T(c.recording ? "Recording" : "Not recording")),
       " · ", `${T("Gaps today")}: ${c.gaps_today}`))
