@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 from edge_agent.catalog import Catalog, FileRecord
 from edge_agent.clock import now_ms
 from edge_agent.config import ConfigError, Problem
-from edge_agent.durable import SyncGroup, atomic_write_many, make_dirs
+from edge_agent.durable import SyncGroup, atomic_write_many
 from edge_agent.evidence.manifest import canonical_json
 from edge_agent.evidence.receipts import Expected, PinnedKeys, ReceiptError, check_bindings, verify_receipt
 from edge_agent.layout import StoreLayout
@@ -113,8 +113,9 @@ class ReceiptGate:
 
 
 def write_copy(path: Path, data: bytes) -> None:
-    """`data` at `path` (read-only), replacing what is there by rename; not fsynced."""
-    make_dirs(path.parent)
+    """`data` at `path` (read-only), replacing what is there by rename; not fsynced (nor is a directory made
+    for it: `restore_copies` makes them durable)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with open(tmp, "wb") as f:
         f.write(data)
@@ -137,8 +138,10 @@ def restore_copies(catalog: Catalog, layout: StoreLayout) -> int:
                 intact = path.read_bytes() == data
             except OSError:
                 intact = False
-            if intact:
+            if intact:   # written after its commit, maybe not yet on the disk, nor its directory's entry
                 group.file(path)
+                group.touch(path.parent)
+                group.touch(path.parent.parent)
             else:
                 atomic_write_many([(path, data, 0o444)], group=group)
                 restored += 1
