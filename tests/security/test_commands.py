@@ -173,7 +173,7 @@ def test_malformed_commands_change_nothing_and_without_keys_every_command_is_ref
         for junk in (b"", b"\xff\xfe", b"[]", b'{"cmd": 1}', b'{"cmd":"resync","id":"x"}', b"{" * 10000):
             platform.send(junk)
         platform.send(platform.command("resync"))   # well-formed and signed, but no key is configured
-        wait_for(lambda: _audited(agent, "command.refused"), 10, what="refusal audited")
+        wait_for(lambda: _audited(agent, "command.refused"), 30, what="refusal audited")
         assert "no platform command key" in _audited(agent, "command.refused")[0]["reason"]
         # Messages are handled in order, so the junk sent before was handled too: it left no trace but its log
         # line, and the one refusal is the only new audit entry.
