@@ -10,8 +10,9 @@ Public surface:
       chains/<agent>/refused/<ms>-<seq>.json  what was refused (fork, rewind), kept for an investigator
       chains/<agent>/lock                   flock, exclusive around an append
 
-  A document, its file index and the head are made durable as one group (one flush for the files, renamed
-  in that order, one for the directories): a process killed before the head's rename leaves a document the
+  A document, its file index and the head are written durably and renamed in that order; their
+  directories are flushed by `sync`, once for every document appended since the last call (the service
+  calls it before it sends any chain answer): a process killed before the head's rename leaves a document the
   head does not cover, which the next append of that seq overwrites. A power cut may keep the head's rename
   and lose an earlier one: the first lock of an agent's chain in a process checks the head against the
   document it names (and that document's file index) and steps back to the last one held (`_recover`).
@@ -33,6 +34,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -40,7 +42,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from edge_agent.clock import now_ms
-from edge_agent.durable import atomic_write, atomic_write_many, exclusive_lock
+from edge_agent.durable import SyncGroup, atomic_write, atomic_write_many, exclusive_lock
 from edge_agent.evidence.manifest import GENESIS_PREV, ManifestError, canonical_json, verify_signature
 from edge_agent.evidence.receipts import chain_receipt_body
 from edge_agent.evidence.suites import PublicKey
@@ -81,6 +83,8 @@ class ChainStore:
         self.root = Path(root)
         self.bucket = bucket
         self._checked: set[str] = set()   # agents whose head this process has checked (`_recover`)
+        self._pending: SyncGroup | None = None   # appended since the last `sync`: directories not yet flushed
+        self._pending_lock = threading.Lock()
 
     def _dir(self, agent: str) -> Path:
         return self.root / "chains" / agent
@@ -163,8 +167,21 @@ class ChainStore:
         if index is not None:
             entries.append(index)
         entries.append((self._dir(agent) / "head", f"{seq} {digest}\n".encode("ascii"), 0o644))
-        atomic_write_many(entries)   # one group, renamed in this order: the head last
+        with self._pending_lock:
+            if self._pending is None:
+                self._pending = SyncGroup(self.root, grouped=True)
+            # The files durable, then renamed in this order (the head last); their directories at `sync`.
+            atomic_write_many(entries, group=self._pending)
         return digest
+
+    def sync(self) -> None:
+        """Make what every `append` since the last call renamed durable, with one flush for all of them.
+        Nothing may be answered about a document (held, a receipt covering it) before this returns."""
+        with self._pending_lock:
+            pending, self._pending = self._pending, None
+        if pending is not None:
+            with pending:
+                pending.sync()
 
     def file_entry(self, agent: str, file_id: str) -> tuple[int, str] | None:
         """(seq, sha256) of `file_id`'s manifest in the held chain, if the chain holds it."""

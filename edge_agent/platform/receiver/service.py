@@ -41,7 +41,7 @@ import threading
 import time
 from collections import OrderedDict
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import paho.mqtt.client as mqtt
 
@@ -88,6 +88,7 @@ PARK_WAIT_S = 1.0                  # how long an orphan chunk waits for its mani
 PARK_AGENT_BYTES = 32 * 1024**2    # orphan chunks' bytes kept per agent
 PARK_MAX_BYTES = 128 * 1024**2     # and in all
 PARK_POLL_S = 0.02                 # how often parked chunks look for their manifest
+CHAIN_GROUP_MAX = 32               # chain answers held for one shared flush while more messages wait
 SWEEP_INTERVAL_S = 3600.0
 INBOUND_AGENT_MESSAGES = 256        # messages queued per agent (fair queue, taken round-robin)
 INBOUND_AGENT_BYTES = 64 * 1024**2  # and their bytes
@@ -152,6 +153,7 @@ class Receiver:
                                   total_bytes=INBOUND_TOTAL_BYTES)
         self._refused: dict[str, float] = {}   # agent -> when its refusal was last logged (the paho thread's)
         self._queue: queue.Queue[tuple[int, mqtt.MQTTMessage, str | None]] = queue.Queue(maxsize=4)
+        self._chain_answers: list[tuple[str, dict[str, Any]]] = []   # sent once their documents are durable
         self._manifests: OrderedDict[Key, dict] = OrderedDict()
         self._unacked: dict[Key, list[float]] = {}      # chunks written since the last ack, and since when
         self._repeats: dict[Key, tuple[str, float]] = {}
@@ -193,6 +195,8 @@ class Receiver:
         self.supervisor.stop()
         self._checker.join(timeout=30)
         self._worker.join(timeout=30)
+        if not self._worker.thread.is_alive():
+            self._answer_chain()   # what the worker appended last: durable, and answered if still connected
         with self._due_cond:
             self._due_cond.notify_all()
         self._syncer.join(timeout=30)
@@ -259,6 +263,7 @@ class Receiver:
             try:
                 generation, message, data_sha256 = self._queue.get(timeout=PARK_POLL_S if self._parked else 0.05)
             except queue.Empty:
+                self._answer_chain()
                 self._retry_parked()
                 self._flush_due()
                 continue
@@ -448,10 +453,22 @@ class Receiver:
         answer = self.chain.offer(agent, payload) if kind == "doc" else self.chain.query(agent, payload)
         if answer is None:
             return   # dropped and counted by the keeper
-        try:
-            self.client.publish(f"{self.root}/{agent}/chain_acks", canonical_json(answer), qos=1)
-        except OSError as exc:   # mid-reconnect: the agent queries again after its ack timeout
-            log.info("chain ack not sent agent=%s: %s", agent, exc)
+        self._chain_answers.append((agent, answer))
+        if self._queue.empty() or len(self._chain_answers) >= CHAIN_GROUP_MAX:
+            self._answer_chain()
+
+    def _answer_chain(self) -> None:
+        """The chain documents appended since the last answers made durable together (one flush for the
+        group: the documents of a burst share it), then every answer sent."""
+        if not self._chain_answers:
+            return
+        self.chain.store.sync()
+        answers, self._chain_answers = self._chain_answers, []
+        for agent, answer in answers:
+            try:
+                self.client.publish(f"{self.root}/{agent}/chain_acks", canonical_json(answer), qos=1)
+            except OSError as exc:   # mid-reconnect: the agent queries again after its ack timeout
+                log.info("chain ack not sent agent=%s: %s", agent, exc)
 
     def _publish_event(self, event: dict) -> None:
         """A platform event (`chain_fork`, `chain_rewind`) on `{root}/_platform/events`; also in the log."""
