@@ -1,20 +1,31 @@
 """Chinese by locale (issue 15): every user-facing string has a zh_CN entry; the locale or `[ui] language`
-picks the language; `--json` stays English.
+picks the language; `--help` speaks it too; `--json` stays English and byte-identical.
 
-The check extracts the marked strings from the source with Babel (the same extraction scripts/i18n.sh runs)
-and compares them with the committed zh_CN catalog, so a new string without its translation fails here.
+The check extracts the marked strings from the source with Babel (the same extraction scripts/i18n.sh runs,
+babel.cfg's method map) and compares them with the committed zh_CN catalog, so a new string without its
+translation fails here; every help text of the built command tree must be among them.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
+import click
+import pytest
+import typer.main
 from babel.messages.extract import extract_from_dir
+from babel.messages.frontend import parse_mapping_cfg
 from babel.messages.pofile import read_po
 
 from edge_agent import i18n
+from edge_agent.cli import app
 from edge_agent.ui.strings import ADVICE, ALL_STRINGS, STUCK, page_strings
+from tests.helpers import agent_config, make_recorder_volume
 
 ROOT = Path(__file__).resolve().parents[1]
 PO = ROOT / "edge_agent" / "locale" / "zh_CN" / "LC_MESSAGES" / "edge_agent.po"
@@ -23,7 +34,9 @@ TERMS = ("执法记录仪", "采集", "上传", "已同步", "告警", "可取�
 
 def extracted() -> set[str]:
     keywords = {"_": None, "N_": None, "gettext": None}
-    found = extract_from_dir(str(ROOT / "edge_agent"), method_map=[("**.py", "python")], keywords=keywords)
+    with open(ROOT / "babel.cfg", encoding="utf-8") as cfg:
+        method_map, options_map = parse_mapping_cfg(cfg)
+    found = extract_from_dir(str(ROOT), method_map=method_map, options_map=options_map, keywords=keywords)
     return {message for _file, _line, message, _comments, _context in found if isinstance(message, str)}
 
 
@@ -72,3 +85,55 @@ def test_the_locale_or_the_config_picks_the_language() -> None:
     assert i18n.choose(None, {"LANG": "zh_CN.UTF-8"}) == "zh_CN"
     assert i18n.translations("zh_CN").gettext("Safe to take") == "可取走"
     assert i18n.translations("en").gettext("Safe to take") == "Safe to take"
+
+
+CJK = re.compile(r"[\u4e00-\u9fff]")
+
+
+def help_texts(command: click.Command) -> set[str]:
+    """Every help text of the command tree as Typer builds it (English: nothing has translated it yet)."""
+    texts, todo = set(), [command]
+    while todo:
+        cmd = todo.pop()
+        texts |= {t for t in (cmd.help, cmd.short_help) if t}
+        texts |= {p.help for p in cmd.params if getattr(p, "help", None)}  # type: ignore[attr-defined]
+        todo.extend(getattr(cmd, "commands", {}).values())
+    return texts
+
+
+def test_every_help_text_is_extracted_and_has_a_chinese_entry() -> None:
+    texts = help_texts(typer.main.get_command(app))
+    assert len(texts) > 80 and "List and inspect collected files." in texts
+    unmarked = sorted(texts - extracted())
+    assert not unmarked, f"a --help text Babel does not extract (an f-string? a computed help=): {unmarked}"
+    translated = zh_catalog()
+    assert not sorted(t for t in texts if not translated.get(t))
+
+
+def run_cli(*args: str, lang: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "LANG": lang, "LC_ALL": "", "LC_MESSAGES": "", "LANGUAGE": "", "COLUMNS": "100"}
+    return subprocess.run([sys.executable, "-m", "edge_agent.cli", *args], env=env, capture_output=True, text=True,
+                          timeout=60, check=True)
+
+
+def test_help_is_chinese_under_a_chinese_locale_and_english_otherwise() -> None:
+    zh_root, zh_files = (run_cli(*a, "--help", lang="zh_CN.UTF-8").stdout for a in ((), ("files",)))
+    en_root, en_files = (run_cli(*a, "--help", lang="C.UTF-8").stdout for a in ((), ("files",)))
+    assert "采集、封存并同步执法音视频" in zh_root and "执法记录仪" in zh_root and "选项" in zh_root
+    assert "列出并查看已采集的文件" in zh_files and "显示此帮助并退出" in zh_files and "命令" in zh_files
+    assert "collect, seal and sync enforcement footage" in en_root and "Options" in en_root
+    assert "List and inspect collected files." in en_files and "Show this message and exit." in en_files
+    assert not CJK.search(en_root + en_files)
+
+
+@pytest.mark.parametrize("args", [("config", "check"), ("keys", "show"), ("files", "list", "--all"),
+                                  ("devices", "list"), ("alarms", "list"), ("holds",)])
+def test_json_output_is_byte_identical_in_both_locales(tmp_path: Path, args: tuple[str, ...]) -> None:
+    config_path, _ = agent_config(tmp_path)
+    card = make_recorder_volume(tmp_path, "SDCARD", {"DCIM/100/MOV_0001.MP4": 4_000})
+    run_cli("--config", str(config_path), "--json", "import", str(card), "--device", "ZFY0777", "--reason", "test",
+            lang="C.UTF-8")
+    english = run_cli("--config", str(config_path), "--json", *args, lang="C.UTF-8").stdout
+    chinese = run_cli("--config", str(config_path), "--json", *args, lang="zh_CN.UTF-8").stdout
+    assert english == chinese and not CJK.search(english)
+    json.loads(english)

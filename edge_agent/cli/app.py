@@ -25,12 +25,47 @@ from typer.core import TyperGroup
 
 from edge_agent import i18n
 from edge_agent.config import AgentConfig, ConfigError, load_config, resolve_config_path
-from edge_agent.i18n import _
+from edge_agent.i18n import N_, _
 from edge_agent.services import ServiceError, Workspace
+
+# Typer's and click's own words on a help screen, in the custodian's language too.
+_TYPER_WORDS = {"ARGUMENTS_PANEL_TITLE": N_("Arguments"), "OPTIONS_PANEL_TITLE": N_("Options"),
+                "COMMANDS_PANEL_TITLE": N_("Commands"), "DEFAULT_STRING": N_("[default: {}]"),
+                "REQUIRED_LONG_STRING": N_("[required]")}
+HELP_OPTION = N_("Show this message and exit.")
+
+
+def translate_help(command: click.Command, english: dict[str, str] | None = None) -> None:
+    """Put every help text of `command` and its subcommands (docstrings, `help=`, Typer's panel titles) through
+    gettext. Typer fixes help texts when the app is built; this runs when the command line is, so `--help`
+    speaks the custodian's language. The English texts are the msgids (scripts/i18n.sh extracts them)."""
+    import typer.rich_utils
+
+    english = english if english is not None else _TYPER_WORDS
+    for name, text in english.items():
+        setattr(typer.rich_utils, name, _(text))
+    todo = [command]
+    while todo:
+        cmd = todo.pop()
+        cmd.help = _(cmd.help) if cmd.help else cmd.help
+        cmd.short_help = _(cmd.short_help) if cmd.short_help else cmd.short_help
+        help_option = cmd.get_help_option(click.Context(cmd))
+        for param in [*cmd.params, *([help_option] if help_option else [])]:
+            text = getattr(param, "help", None)
+            if text:
+                param.help = _(HELP_OPTION if param is help_option else text)  # type: ignore[attr-defined]
+        if isinstance(cmd, click.Group | TyperGroup):   # TyperGroup is no click.Group
+            todo.extend(cmd.commands.values())
 
 
 class _Commands(TyperGroup):
-    """The root command group: every command runs inside its `invoke`, so a refusal is handled once here."""
+    """The root command group: every command runs inside its `invoke`, so a refusal is handled once here; its
+    `main` puts the help texts in the custodian's language before anything is parsed."""
+
+    def main(self, *args: Any, **kwargs: Any) -> Any:
+        i18n.use(i18n.language_from_env())
+        translate_help(self)
+        return super().main(*args, **kwargs)
 
     def invoke(self, ctx: click.Context) -> Any:
         try:

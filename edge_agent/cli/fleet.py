@@ -19,7 +19,7 @@ app.add_typer(fleet_app, name="fleet")
 FLEET_CONFIG_ENV = "EDGE_FLEET_CONFIG"
 DEFAULT_FLEET_CONFIG = Path("/etc/edge-fleet/fleet.toml")
 ConfigOption = Annotated[Path | None, typer.Option("--config", "-c", help="fleet.toml ([mqtt] and [fleet]; default "
-                                                   f"${FLEET_CONFIG_ENV} or {DEFAULT_FLEET_CONFIG})")]
+                                                   "$EDGE_FLEET_CONFIG or /etc/edge-fleet/fleet.toml)")]
 WIDTH = 80
 
 

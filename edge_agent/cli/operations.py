@@ -116,8 +116,7 @@ def tag_cmd(
     case: Case = None,
     party: Annotated[str | None, typer.Option("--party", help="the party concerned (当事人)")] = None,
     retention: Annotated[str | None, typer.Option(
-        "--retention", help=f"one of {', '.join(services.custody.RETENTION_CLASSES)} (default: evidence when a case "
-        "is given)")] = None,
+        "--retention", help="one of routine, evidence, long_term (default: evidence when a case is given)")] = None,
     reason: OptionalReason = None,
 ) -> None:
     """Link files to a case and party with a signed annotation (the manifest is never rewritten)."""
