@@ -13,6 +13,7 @@ import os
 import re
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import click
@@ -21,9 +22,12 @@ import typer.main
 from babel.messages.extract import extract_from_dir
 from babel.messages.frontend import parse_mapping_cfg
 from babel.messages.pofile import read_po
+from rich.cells import cell_len
+from typer.testing import CliRunner
 
 from edge_agent import i18n
 from edge_agent.cli import app
+from edge_agent.cli.fleet import status_lines
 from edge_agent.ui.strings import ADVICE, ALL_STRINGS, STUCK, page_strings
 from tests.helpers import agent_config, make_recorder_volume
 
@@ -137,3 +141,55 @@ def test_json_output_is_byte_identical_in_both_locales(tmp_path: Path, args: tup
     chinese = run_cli("--config", str(config_path), "--json", *args, lang="zh_CN.UTF-8").stdout
     assert english == chinese and not CJK.search(english)
     json.loads(english)
+
+
+@pytest.fixture
+def english_afterwards() -> Iterator[None]:
+    yield
+    i18n.use(i18n.ENGLISH)   # this process's human output: the next test expects English
+
+
+def cli(config_path: Path, *args: str, lang: str) -> str:
+    env = {"LANG": lang, "LC_ALL": "", "LC_MESSAGES": "", "LANGUAGE": ""}
+    result = CliRunner().invoke(app, ["--config", str(config_path), *args], env=env)
+    assert result.exit_code == 0, result.output
+    return result.stdout
+
+
+def test_custodian_commands_speak_chinese_under_a_chinese_locale(tmp_path: Path, english_afterwards: None) -> None:
+    config_path, _ = agent_config(tmp_path)
+    card = make_recorder_volume(tmp_path, "SDCARD", {"DCIM/100/MOV_0001.MP4": 4_000})
+    cli(config_path, "--json", "import", str(card), "--device", "ZFY0777", "--reason", "test", lang="C.UTF-8")
+    file_id = json.loads(cli(config_path, "--json", "files", "list", lang="C.UTF-8"))["files"][0]["file_id"]
+    assert cli(config_path, "hold", file_id, "--reason", "test", lang="C.UTF-8").startswith(f"Held {file_id}")
+    expected = {("hold", file_id, "--reason", "案件"): f"已保全 {file_id}",
+                ("holds",): "生效中的保全",
+                ("tag", file_id, "--case", "A-1"): "已标记 1 个文件",
+                ("release", file_id, "--reason", "结案"): "已解除",
+                ("audit", "show"): "审计日志",
+                ("audit", "verify"): "哈希链完整",
+                ("keys", "show"): "密钥编号",
+                ("config", "check"): "个采集站",
+                ("devices", "locations"): "摄像机位置",
+                ("sync", "now"): "等待上传"}
+    for args, chinese in expected.items():
+        out = cli(config_path, *args, lang="zh_CN.UTF-8")
+        assert chinese in out, (args, out)
+
+
+def test_fleet_status_columns_line_up_in_chinese(english_afterwards: None) -> None:
+    result = {"agents": 2, "counts": {"offline": 1, "stale": 0, "r1_breach": 0, "regressed": 0, "with_problems": 1},
+              "fleet": [{"agent_id": "ws-01", "online": False, "stale": False, "problems": ["offline for 2h"],
+                         "figures": {"queue_files": 3, "oldest_unsynced_age_s": 7200, "disk_used_percent": 41.0,
+                                     "cameras_connected": 1, "cameras": 2}}]}
+    i18n.use("en")
+    english = status_lines(result)
+    i18n.use("zh_CN")
+    chinese = status_lines(result)
+    assert english[1] == "AGENT              STATE   BACKLOG      DISK CAMS  PROBLEM"
+    assert chinese[0].startswith("2 个采集端：1 个离线") and chinese[2].startswith("ws-01              离线    3 2.0h")
+    for line in (english, chinese):   # each heading starts where its column does
+        header, row = line[1], line[2]
+        starts = [cell_len(header[:header.index(word)]) for word in header.split()]
+        assert starts == [0, 19, 27, 40, 45, 51], header
+        assert cell_len(row[:row.index("3 2.0h")]) == 27 and cell_len(row[:row.index("1/2")]) == 45
