@@ -125,6 +125,7 @@ def test_help_is_chinese_under_a_chinese_locale_and_english_otherwise() -> None:
     en_root, en_files = (run_cli(*a, "--help", lang="C.UTF-8").stdout for a in ((), ("files",)))
     assert "采集、封存并同步执法音视频" in zh_root and "执法记录仪" in zh_root and "选项" in zh_root
     assert "列出并查看已采集的文件" in zh_files and "显示此帮助并退出" in zh_files and "命令" in zh_files
+    assert "用法：" in zh_files and "Usage:" not in zh_root + zh_files and "Usage:" in en_files
     assert "collect, seal and sync enforcement footage" in en_root and "Options" in en_root
     assert "List and inspect collected files." in en_files and "Show this message and exit." in en_files
     assert not CJK.search(en_root + en_files)

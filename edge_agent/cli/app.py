@@ -31,30 +31,43 @@ from edge_agent.services import ServiceError, Workspace
 # Typer's and click's own words on a help screen, in the custodian's language too.
 _TYPER_WORDS = {"ARGUMENTS_PANEL_TITLE": N_("Arguments"), "OPTIONS_PANEL_TITLE": N_("Options"),
                 "COMMANDS_PANEL_TITLE": N_("Commands"), "DEFAULT_STRING": N_("[default: {}]"),
-                "REQUIRED_LONG_STRING": N_("[required]")}
+                "REQUIRED_LONG_STRING": N_("[required]"), "ERRORS_PANEL_TITLE": N_("Error"),
+                "ABORTED_TEXT": N_("Aborted."),
+                "RICH_HELP": N_("Try [blue]'{command_path} {help_option}'[/] for help.")}
 HELP_OPTION = N_("Show this message and exit.")
 
 
-def translate_help(command: click.Command, english: dict[str, str] | None = None) -> None:
-    """Put every help text of `command` and its subcommands (docstrings, `help=`, Typer's panel titles) through
-    gettext. Typer fixes help texts when the app is built; this runs when the command line is, so `--help`
-    speaks the custodian's language. The English texts are the msgids (scripts/i18n.sh extracts them)."""
+class _HelpFormatter(typer.Context.formatter_class):   # Typer's own (vendored) click
+    def write_usage(self, prog: str, args: str = "", prefix: str | None = None) -> None:
+        super().write_usage(prog, args, _("Usage:") + " " if prefix is None else prefix)
+
+
+class _Context(typer.Context):
+    """A command's context whose usage line speaks the custodian's language (click's own "Usage:" does not)."""
+
+    formatter_class = _HelpFormatter
+
+
+def translate_help(command: TyperGroup) -> None:
+    """Put every help text of `command` and its subcommands (docstrings, `help=`, Typer's panel titles, the usage
+    line) through gettext. Typer fixes help texts when the app is built; this runs when the command line does, so
+    `--help` speaks the custodian's language. The English texts are the msgids (scripts/i18n.sh extracts them)."""
     import typer.rich_utils
 
-    english = english if english is not None else _TYPER_WORDS
-    for name, text in english.items():
+    for name, text in _TYPER_WORDS.items():
         setattr(typer.rich_utils, name, _(text))
     todo = [command]
     while todo:
         cmd = todo.pop()
         cmd.help = _(cmd.help) if cmd.help else cmd.help
         cmd.short_help = _(cmd.short_help) if cmd.short_help else cmd.short_help
-        help_option = cmd.get_help_option(click.Context(cmd))
+        cmd.context_class = _Context
+        help_option = cmd.get_help_option(typer.Context(cmd))
         for param in [*cmd.params, *([help_option] if help_option else [])]:
             text = getattr(param, "help", None)
             if text:
                 param.help = _(HELP_OPTION if param is help_option else text)  # type: ignore[attr-defined]
-        if isinstance(cmd, click.Group | TyperGroup):   # TyperGroup is no click.Group
+        if isinstance(cmd, TyperGroup):
             todo.extend(cmd.commands.values())
 
 
