@@ -8,6 +8,7 @@ translation fails here; every help text of the built command tree must be among 
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import re
@@ -194,3 +195,27 @@ def test_fleet_status_columns_line_up_in_chinese(english_afterwards: None) -> No
         starts = [cell_len(header[:header.index(word)]) for word in header.split()]
         assert starts == [0, 19, 27, 40, 45, 51], header
         assert cell_len(row[:row.index("3 2.0h")]) == 27 and cell_len(row[:row.index("1/2")]) == 45
+
+
+def unmarked_prose(source: str) -> list[str]:
+    """String literals of `source` that read as English prose (two words) but Babel does not extract: not inside
+    `_()`/`N_()`, not a `help=` argument, not a docstring."""
+    tree = ast.parse(source)
+    extracted_nodes: set[int] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in ("_", "N_"):
+            extracted_nodes |= {id(n) for n in ast.walk(node)}
+        elif isinstance(node, ast.keyword) and node.arg == "help":
+            extracted_nodes |= {id(n) for n in ast.walk(node.value)}
+        elif isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef) and ast.get_docstring(node) is not None:
+            extracted_nodes.add(id(node.body[0].value))  # type: ignore[attr-defined]
+    prose = re.compile(r"[A-Za-z]{2,},? [A-Za-z]{2,}")
+    return [node.value for node in ast.walk(tree) if isinstance(node, ast.Constant) and isinstance(node.value, str)
+            and id(node) not in extracted_nodes and prose.search(node.value)]
+
+
+def test_no_human_facing_cli_string_is_left_unmarked() -> None:
+    found = {str(p.relative_to(ROOT)): unmarked_prose(p.read_text(encoding="utf-8"))
+             for p in sorted((ROOT / "edge_agent" / "cli").glob("*.py"))}
+    assert not {path: texts for path, texts in found.items() if texts}, "mark them with _() or N_()"
+    assert unmarked_prose('fail(f"--at {text!r} is not a time")\nfail(_("no such file"))') == [" is not a time"]

@@ -173,7 +173,7 @@ def files_show(ctx: typer.Context, file_id: str, reason: Reason = None) -> None:
              else _("NO: {problem}").format(problem=detail.receipt_problem)],
             [_("receiver key"), receipt.get("key_id")], [_("verdict"), receipt.get("verdict")],
             [_("stored"), fmt_ms(receipt.get("stored_ms"))], ["sha256", receipt.get("sha256")],
-            ["manifest sha256", receipt.get("manifest_sha256")]]))
+            [_("manifest sha256"), receipt.get("manifest_sha256")]]))
     console.print(table(_("History"), [_("time"), _("actor"), _("action"), _("reason")],
                         [[h["ts"], h["actor"], h["action"], h["reason"]] for h in history],
                         drop=[_("reason"), _("actor")]))
