@@ -132,6 +132,14 @@ def test_help_is_chinese_under_a_chinese_locale_and_english_otherwise() -> None:
     assert not CJK.search(en_root + en_files)
 
 
+def test_help_follows_the_configured_language_under_an_english_locale(tmp_path: Path) -> None:
+    (tmp_path / "zh").mkdir(), (tmp_path / "en").mkdir()
+    chinese, _ = agent_config(tmp_path / "zh", ui={"language": "zh_CN"})
+    english, _ = agent_config(tmp_path / "en", ui={"language": "en"})
+    assert "列出并查看已采集的文件" in run_cli("--config", str(chinese), "files", "--help", lang="C.UTF-8").stdout
+    assert "List and inspect" in run_cli(f"--config={english}", "files", "--help", lang="zh_CN.UTF-8").stdout
+
+
 @pytest.mark.parametrize("args", [("config", "check"), ("keys", "show"), ("files", "list", "--all"),
                                   ("devices", "list"), ("alarms", "list"), ("holds",)])
 def test_json_output_is_byte_identical_in_both_locales(tmp_path: Path, args: tuple[str, ...]) -> None:

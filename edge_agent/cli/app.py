@@ -71,14 +71,32 @@ def translate_help(command: TyperGroup) -> None:
             todo.extend(cmd.commands.values())
 
 
+def configured_language(args: list[str]) -> str | None:
+    """`[ui] language` of the agent config the command line names (or the default one), read before the command
+    line is parsed so that `--help` follows it too; None when there is no such config or it does not load (the
+    command itself reports that, in the locale's language)."""
+    path = None
+    for i, arg in enumerate(args):
+        if arg in ("--config", "-c") and i + 1 < len(args):
+            path = args[i + 1]
+            break
+        if arg.startswith("--config="):
+            path = arg.removeprefix("--config=")
+            break
+    try:
+        return load_config(resolve_config_path(path)).ui.language
+    except (ConfigError, OSError, ValueError):
+        return None
+
+
 class _Commands(TyperGroup):
     """The root command group: every command runs inside its `invoke`, so a refusal is handled once here; its
     `main` puts the help texts in the custodian's language before anything is parsed."""
 
-    def main(self, *args: Any, **kwargs: Any) -> Any:
-        i18n.use(i18n.language_from_env())
+    def main(self, args: list[str] | None = None, *rest: Any, **kwargs: Any) -> Any:
+        i18n.use(i18n.choose(configured_language(sys.argv[1:] if args is None else list(args))))
         translate_help(self)
-        return super().main(*args, **kwargs)
+        return super().main(args, *rest, **kwargs)
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
