@@ -130,6 +130,9 @@ def test_help_is_chinese_under_a_chinese_locale_and_english_otherwise() -> None:
     assert "collect, seal and sync enforcement footage" in en_root and "Options" in en_root
     assert "List and inspect collected files." in en_files and "Show this message and exit." in en_files
     assert not CJK.search(en_root + en_files)
+    fleet = run_cli("fleet", "status", "--help", lang="C.UTF-8").stdout   # plain text, not taken for rich markup
+    assert "fleet.toml ([mqtt] and [fleet];" in fleet and "[mqtt] 和 [fleet]" in run_cli(
+        "fleet", "status", "--help", lang="zh_CN.UTF-8").stdout
 
 
 def test_help_follows_the_configured_language_under_an_english_locale(tmp_path: Path) -> None:

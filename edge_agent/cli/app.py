@@ -20,6 +20,7 @@ import click
 import typer
 from rich.cells import cell_len
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 from typer.core import TyperGroup
 
@@ -51,7 +52,8 @@ class _Context(typer.Context):
 def translate_help(command: TyperGroup) -> None:
     """Put every help text of `command` and its subcommands (docstrings, `help=`, Typer's panel titles, the usage
     line) through gettext. Typer fixes help texts when the app is built; this runs when the command line does, so
-    `--help` speaks the custodian's language. The English texts are the msgids (scripts/i18n.sh extracts them)."""
+    `--help` speaks the custodian's language. The English texts are the msgids (scripts/i18n.sh extracts them).
+    Help texts are plain text: escaped, so that `[store]` or `[mqtt]` is shown rather than taken for rich markup."""
     import typer.rich_utils
 
     for name, text in _TYPER_WORDS.items():
@@ -59,14 +61,14 @@ def translate_help(command: TyperGroup) -> None:
     todo = [command]
     while todo:
         cmd = todo.pop()
-        cmd.help = _(cmd.help) if cmd.help else cmd.help
-        cmd.short_help = _(cmd.short_help) if cmd.short_help else cmd.short_help
+        cmd.help = escape(_(cmd.help)) if cmd.help else cmd.help
+        cmd.short_help = escape(_(cmd.short_help)) if cmd.short_help else cmd.short_help
         cmd.context_class = _Context
         help_option = cmd.get_help_option(typer.Context(cmd))
         for param in [*cmd.params, *([help_option] if help_option else [])]:
             text = getattr(param, "help", None)
             if text:
-                param.help = _(HELP_OPTION if param is help_option else text)  # type: ignore[attr-defined]
+                param.help = escape(_(HELP_OPTION if param is help_option else text))  # type: ignore[attr-defined]
         if isinstance(cmd, TyperGroup):
             todo.extend(cmd.commands.values())
 
