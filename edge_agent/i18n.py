@@ -9,10 +9,12 @@ is read from its .po, so a checkout without a build still speaks Chinese.
 
 from __future__ import annotations
 
+import ast
 import gettext
+import inspect
 import io
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from functools import cache
 from pathlib import Path
 
@@ -74,3 +76,25 @@ def _(message: str) -> str:
 
 def N_(message: str) -> str:  # noqa: N802 - gettext's name for "mark for extraction only"
     return message
+
+
+def extract_with_help(fileobj: io.BufferedIOBase, keywords: Mapping[str, object], comment_tags: list[str],
+                      options: dict[str, object]) -> Iterator[tuple[int, str, str, list[str]]]:
+    """Babel's extraction method for edge_agent (babel.cfg): the strings marked with `_`/`N_`, and the texts
+    Typer shows in `--help` without a marker: the docstring of every function decorated with `.command(...)` or
+    `.callback(...)` (as `inspect.getdoc` gives it to Typer), and every literal `help="..."` argument."""
+    from babel.messages.extract import extract_python
+
+    source = fileobj.read()
+    yield from extract_python(io.BytesIO(source), keywords, comment_tags, options)
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.FunctionDef) and any(
+                isinstance(d, ast.Call) and isinstance(d.func, ast.Attribute) and d.func.attr in ("command", "callback")
+                for d in node.decorator_list):
+            doc = ast.get_docstring(node, clean=False)
+            if doc:
+                yield node.lineno, "N_", inspect.cleandoc(doc), []
+        elif isinstance(node, ast.Call):
+            for kw in node.keywords:
+                if kw.arg == "help" and isinstance(kw.value, ast.Constant) and isinstance(kw.value.value, str):
+                    yield kw.value.lineno, "N_", kw.value.value, []

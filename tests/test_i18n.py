@@ -1,20 +1,36 @@
 """Chinese by locale (issue 15): every user-facing string has a zh_CN entry; the locale or `[ui] language`
-picks the language; `--json` stays English.
+picks the language; `--help` speaks it too; `--json` stays English and byte-identical.
 
-The check extracts the marked strings from the source with Babel (the same extraction scripts/i18n.sh runs)
-and compares them with the committed zh_CN catalog, so a new string without its translation fails here.
+The check extracts the marked strings from the source with Babel (the same extraction scripts/i18n.sh runs,
+babel.cfg's method map) and compares them with the committed zh_CN catalog, so a new string without its
+translation fails here; every help text of the built command tree must be among them.
 """
 
 from __future__ import annotations
 
+import ast
+import json
+import os
 import re
+import subprocess
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 
+import click
+import pytest
+import typer.main
 from babel.messages.extract import extract_from_dir
+from babel.messages.frontend import parse_mapping_cfg
 from babel.messages.pofile import read_po
+from rich.cells import cell_len
+from typer.testing import CliRunner
 
 from edge_agent import i18n
+from edge_agent.cli import app
+from edge_agent.cli.fleet import status_lines
 from edge_agent.ui.strings import ADVICE, ALL_STRINGS, STUCK, page_strings
+from tests.helpers import agent_config, make_recorder_volume
 
 ROOT = Path(__file__).resolve().parents[1]
 PO = ROOT / "edge_agent" / "locale" / "zh_CN" / "LC_MESSAGES" / "edge_agent.po"
@@ -23,7 +39,9 @@ TERMS = ("执法记录仪", "采集", "上传", "已同步", "告警", "可取�
 
 def extracted() -> set[str]:
     keywords = {"_": None, "N_": None, "gettext": None}
-    found = extract_from_dir(str(ROOT / "edge_agent"), method_map=[("**.py", "python")], keywords=keywords)
+    with open(ROOT / "babel.cfg", encoding="utf-8") as cfg:
+        method_map, options_map = parse_mapping_cfg(cfg)
+    found = extract_from_dir(str(ROOT), method_map=method_map, options_map=options_map, keywords=keywords)
     return {message for _file, _line, message, _comments, _context in found if isinstance(message, str)}
 
 
@@ -72,3 +90,143 @@ def test_the_locale_or_the_config_picks_the_language() -> None:
     assert i18n.choose(None, {"LANG": "zh_CN.UTF-8"}) == "zh_CN"
     assert i18n.translations("zh_CN").gettext("Safe to take") == "可取走"
     assert i18n.translations("en").gettext("Safe to take") == "Safe to take"
+
+
+CJK = re.compile(r"[\u4e00-\u9fff]")
+
+
+def help_texts(command: click.Command) -> set[str]:
+    """Every help text of the command tree as Typer builds it (English: nothing has translated it yet)."""
+    texts, todo = set(), [command]
+    while todo:
+        cmd = todo.pop()
+        texts |= {t for t in (cmd.help, cmd.short_help) if t}
+        texts |= {p.help for p in cmd.params if getattr(p, "help", None)}  # type: ignore[attr-defined]
+        todo.extend(getattr(cmd, "commands", {}).values())
+    return texts
+
+
+def test_every_help_text_is_extracted_and_has_a_chinese_entry() -> None:
+    texts = help_texts(typer.main.get_command(app))
+    assert len(texts) > 80 and "List and inspect collected files." in texts
+    unmarked = sorted(texts - extracted())
+    assert not unmarked, f"a --help text Babel does not extract (an f-string? a computed help=): {unmarked}"
+    translated = zh_catalog()
+    assert not sorted(t for t in texts if not translated.get(t))
+
+
+def run_cli(*args: str, lang: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "LANG": lang, "LC_ALL": "", "LC_MESSAGES": "", "LANGUAGE": "", "COLUMNS": "100"}
+    return subprocess.run([sys.executable, "-m", "edge_agent.cli", *args], env=env, capture_output=True, text=True,
+                          timeout=60, check=True)
+
+
+def test_help_is_chinese_under_a_chinese_locale_and_english_otherwise() -> None:
+    zh_root, zh_files = (run_cli(*a, "--help", lang="zh_CN.UTF-8").stdout for a in ((), ("files",)))
+    en_root, en_files = (run_cli(*a, "--help", lang="C.UTF-8").stdout for a in ((), ("files",)))
+    assert "采集、封存并同步执法音视频" in zh_root and "执法记录仪" in zh_root and "选项" in zh_root
+    assert "列出并查看已采集的文件" in zh_files and "显示此帮助并退出" in zh_files and "命令" in zh_files
+    assert "用法：" in zh_files and "Usage:" not in zh_root + zh_files and "Usage:" in en_files
+    assert "collect, seal and sync enforcement footage" in en_root and "Options" in en_root
+    assert "List and inspect collected files." in en_files and "Show this message and exit." in en_files
+    assert not CJK.search(en_root + en_files)
+    fleet = run_cli("fleet", "status", "--help", lang="C.UTF-8").stdout   # plain text, not taken for rich markup
+    assert "fleet.toml ([mqtt] and [fleet];" in fleet and "[mqtt] 和 [fleet]" in run_cli(
+        "fleet", "status", "--help", lang="zh_CN.UTF-8").stdout
+
+
+def test_help_follows_the_configured_language_under_an_english_locale(tmp_path: Path) -> None:
+    (tmp_path / "zh").mkdir(), (tmp_path / "en").mkdir()
+    chinese, _ = agent_config(tmp_path / "zh", ui={"language": "zh_CN"})
+    english, _ = agent_config(tmp_path / "en", ui={"language": "en"})
+    assert "列出并查看已采集的文件" in run_cli("--config", str(chinese), "files", "--help", lang="C.UTF-8").stdout
+    assert "List and inspect" in run_cli(f"--config={english}", "files", "--help", lang="zh_CN.UTF-8").stdout
+
+
+def test_json_output_is_byte_identical_in_both_locales(tmp_path: Path) -> None:
+    config_path, _ = agent_config(tmp_path)
+    card = make_recorder_volume(tmp_path, "SDCARD", {"DCIM/100/MOV_0001.MP4": 4_000})
+    run_cli("--config", str(config_path), "--json", "import", str(card), "--device", "ZFY0777", "--reason", "test",
+            lang="C.UTF-8")
+    for args in (("config", "check"), ("keys", "show"), ("files", "list", "--all"), ("devices", "list"),
+                 ("alarms", "list"), ("holds",)):
+        english = run_cli("--config", str(config_path), "--json", *args, lang="C.UTF-8").stdout
+        chinese = run_cli("--config", str(config_path), "--json", *args, lang="zh_CN.UTF-8").stdout
+        assert english == chinese and not CJK.search(english), args
+        json.loads(english)
+
+
+@pytest.fixture
+def english_afterwards() -> Iterator[None]:
+    yield
+    i18n.use(i18n.ENGLISH)   # this process's human output: the next test expects English
+
+
+def cli(config_path: Path, *args: str, lang: str) -> str:
+    env = {"LANG": lang, "LC_ALL": "", "LC_MESSAGES": "", "LANGUAGE": ""}
+    result = CliRunner().invoke(app, ["--config", str(config_path), *args], env=env)
+    assert result.exit_code == 0, result.output
+    return result.stdout
+
+
+def test_custodian_commands_speak_chinese_under_a_chinese_locale(tmp_path: Path, english_afterwards: None) -> None:
+    config_path, _ = agent_config(tmp_path)
+    card = make_recorder_volume(tmp_path, "SDCARD", {"DCIM/100/MOV_0001.MP4": 4_000})
+    cli(config_path, "--json", "import", str(card), "--device", "ZFY0777", "--reason", "test", lang="C.UTF-8")
+    file_id = json.loads(cli(config_path, "--json", "files", "list", lang="C.UTF-8"))["files"][0]["file_id"]
+    assert cli(config_path, "hold", file_id, "--reason", "test", lang="C.UTF-8").startswith(f"Held {file_id}")
+    expected = {("hold", file_id, "--reason", "案件"): f"已保全 {file_id}",
+                ("holds",): "生效中的保全",
+                ("tag", file_id, "--case", "A-1"): "已标记 1 个文件",
+                ("release", file_id, "--reason", "结案"): "已解除",
+                ("audit", "show"): "审计日志",
+                ("audit", "verify"): "哈希链完整",
+                ("keys", "show"): "密钥编号",
+                ("config", "check"): "个采集站",
+                ("devices", "locations"): "摄像机位置",
+                ("sync", "now"): "等待上传"}
+    for args, chinese in expected.items():
+        out = cli(config_path, *args, lang="zh_CN.UTF-8")
+        assert chinese in out, (args, out)
+
+
+def test_fleet_status_columns_line_up_in_chinese(english_afterwards: None) -> None:
+    result = {"agents": 2, "counts": {"offline": 1, "stale": 0, "r1_breach": 0, "regressed": 0, "with_problems": 1},
+              "fleet": [{"agent_id": "ws-01", "online": False, "stale": False, "problems": ["offline for 2h"],
+                         "figures": {"queue_files": 3, "oldest_unsynced_age_s": 7200, "disk_used_percent": 41.0,
+                                     "cameras_connected": 1, "cameras": 2}}]}
+    i18n.use("en")
+    english = status_lines(result)
+    i18n.use("zh_CN")
+    chinese = status_lines(result)
+    assert english[1] == "AGENT              STATE   BACKLOG      DISK CAMS  PROBLEM"
+    assert chinese[0].startswith("2 个采集端：1 个离线") and chinese[2].startswith("ws-01              离线    3 2.0h")
+    for line in (english, chinese):   # each heading starts where its column does
+        header, row = line[1], line[2]
+        starts = [cell_len(header[:header.index(word)]) for word in header.split()]
+        assert starts == [0, 19, 27, 40, 45, 51], header
+        assert cell_len(row[:row.index("3 2.0h")]) == 27 and cell_len(row[:row.index("1/2")]) == 45
+
+
+def unmarked_prose(source: str) -> list[str]:
+    """String literals of `source` that read as English prose (two words) but Babel does not extract: not inside
+    `_()`/`N_()`, not a `help=` argument, not a docstring."""
+    tree = ast.parse(source)
+    extracted_nodes: set[int] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in ("_", "N_"):
+            extracted_nodes |= {id(n) for n in ast.walk(node)}
+        elif isinstance(node, ast.keyword) and node.arg == "help":
+            extracted_nodes |= {id(n) for n in ast.walk(node.value)}
+        elif isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef) and ast.get_docstring(node) is not None:
+            extracted_nodes.add(id(node.body[0].value))  # type: ignore[attr-defined]
+    prose = re.compile(r"[A-Za-z]{2,},? [A-Za-z]{2,}")
+    return [node.value for node in ast.walk(tree) if isinstance(node, ast.Constant) and isinstance(node.value, str)
+            and id(node) not in extracted_nodes and prose.search(node.value)]
+
+
+def test_no_human_facing_cli_string_is_left_unmarked() -> None:
+    found = {str(p.relative_to(ROOT)): unmarked_prose(p.read_text(encoding="utf-8"))
+             for p in sorted((ROOT / "edge_agent" / "cli").glob("*.py"))}
+    assert not {path: texts for path, texts in found.items() if texts}, "mark them with _() or N_()"
+    assert unmarked_prose('fail(f"--at {text!r} is not a time")\nfail(_("no such file"))') == [" is not a time"]

@@ -20,17 +20,85 @@ import click
 import typer
 from rich.cells import cell_len
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 from typer.core import TyperGroup
 
 from edge_agent import i18n
 from edge_agent.config import AgentConfig, ConfigError, load_config, resolve_config_path
-from edge_agent.i18n import _
+from edge_agent.i18n import N_, _
 from edge_agent.services import ServiceError, Workspace
+
+# Typer's and click's own words on a help screen, in the custodian's language too.
+_TYPER_WORDS = {"ARGUMENTS_PANEL_TITLE": N_("Arguments"), "OPTIONS_PANEL_TITLE": N_("Options"),
+                "COMMANDS_PANEL_TITLE": N_("Commands"), "DEFAULT_STRING": N_("[default: {}]"),
+                "REQUIRED_LONG_STRING": N_("[required]"), "ERRORS_PANEL_TITLE": N_("Error"),
+                "ABORTED_TEXT": N_("Aborted."),
+                "RICH_HELP": N_("Try [blue]'{command_path} {help_option}'[/] for help.")}
+HELP_OPTION = N_("Show this message and exit.")
+
+
+class _HelpFormatter(typer.Context.formatter_class):   # Typer's own (vendored) click
+    def write_usage(self, prog: str, args: str = "", prefix: str | None = None) -> None:
+        super().write_usage(prog, args, _("Usage:") + " " if prefix is None else prefix)
+
+
+class _Context(typer.Context):
+    """A command's context whose usage line speaks the custodian's language (click's own "Usage:" does not)."""
+
+    formatter_class = _HelpFormatter
+
+
+def translate_help(command: TyperGroup) -> None:
+    """Put every help text of `command` and its subcommands (docstrings, `help=`, Typer's panel titles, the usage
+    line) through gettext. Typer fixes help texts when the app is built; this runs when the command line does, so
+    `--help` speaks the custodian's language. The English texts are the msgids (scripts/i18n.sh extracts them).
+    Help texts are plain text: escaped, so that `[store]` or `[mqtt]` is shown rather than taken for rich markup."""
+    import typer.rich_utils
+
+    for name, text in _TYPER_WORDS.items():
+        setattr(typer.rich_utils, name, _(text))
+    todo = [command]
+    while todo:
+        cmd = todo.pop()
+        cmd.help = escape(_(cmd.help)) if cmd.help else cmd.help
+        cmd.short_help = escape(_(cmd.short_help)) if cmd.short_help else cmd.short_help
+        cmd.context_class = _Context
+        help_option = cmd.get_help_option(typer.Context(cmd))
+        for param in [*cmd.params, *([help_option] if help_option else [])]:
+            text = getattr(param, "help", None)
+            if text:
+                param.help = escape(_(HELP_OPTION if param is help_option else text))  # type: ignore[attr-defined]
+        if isinstance(cmd, TyperGroup):
+            todo.extend(cmd.commands.values())
+
+
+def configured_language(args: list[str]) -> str | None:
+    """`[ui] language` of the agent config the command line names (or the default one), read before the command
+    line is parsed so that `--help` follows it too; None when there is no such config or it does not load (the
+    command itself reports that, in the locale's language)."""
+    path = None
+    for i, arg in enumerate(args):
+        if arg in ("--config", "-c") and i + 1 < len(args):
+            path = args[i + 1]
+            break
+        if arg.startswith("--config="):
+            path = arg.removeprefix("--config=")
+            break
+    try:
+        return load_config(resolve_config_path(path)).ui.language
+    except (ConfigError, OSError, ValueError):
+        return None
 
 
 class _Commands(TyperGroup):
-    """The root command group: every command runs inside its `invoke`, so a refusal is handled once here."""
+    """The root command group: every command runs inside its `invoke`, so a refusal is handled once here; its
+    `main` puts the help texts in the custodian's language before anything is parsed."""
+
+    def main(self, args: list[str] | None = None, *rest: Any, **kwargs: Any) -> Any:
+        i18n.use(i18n.choose(configured_language(sys.argv[1:] if args is None else list(args))))
+        translate_help(self)
+        return super().main(args, *rest, **kwargs)
 
     def invoke(self, ctx: click.Context) -> Any:
         try:

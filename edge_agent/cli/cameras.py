@@ -15,6 +15,7 @@ import typer
 from edge_agent import services
 from edge_agent.cli.app import console, emit, fail, load, options, table, workspace
 from edge_agent.cli.evidence import Reason, devices_app
+from edge_agent.i18n import _
 
 _DURATION = re.compile(r"^(\d+)([smhd])$")
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
@@ -36,8 +37,8 @@ def parse_time(text: str, tz: ZoneInfo, now: datetime | None = None) -> int:
     try:
         moment = datetime.fromisoformat(text)
     except ValueError:
-        raise typer.BadParameter(f"{text!r}: use 14:03, 2026-11-25 14:03, an ISO 8601 time, or 2h / 30m / 7d "
-                                 "(that long ago)") from None
+        raise typer.BadParameter(_("{text!r}: use 14:03, 2026-11-25 14:03, an ISO 8601 time, or 2h / 30m / 7d "
+                                   "(that long ago)").format(text=text)) from None
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=tz)
     return int(moment.timestamp() * 1000)
@@ -45,7 +46,7 @@ def parse_time(text: str, tz: ZoneInfo, now: datetime | None = None) -> int:
 
 def _fmt(ms: int | None, tz: ZoneInfo) -> str:
     if ms is None:
-        return "now (still open)"
+        return _("now (still open)")
     return datetime.fromtimestamp(ms / 1000, tz).strftime("%Y-%m-%d %H:%M:%S")
 
 
@@ -66,13 +67,16 @@ def devices_gaps(
         answer = services.cameras.recording_at(ws, camera, parse_time(at, tz), reason=reason)
         at_ms, gap = answer.at_ms, answer.gap
         if answer.recording:
-            human = f"yes: {camera} was recording at {_fmt(at_ms, tz)} (segment {answer.file_id})"
+            human = _("yes: {camera} was recording at {time} (segment {file_id})").format(
+                camera=camera, time=_fmt(at_ms, tz), file_id=answer.file_id)
         elif gap is not None:
-            human = (f"no: {camera} was not recording at {_fmt(at_ms, tz)}: gap from {_fmt(gap.start_ms, tz)} "
-                     f"to {_fmt(gap.end_ms, tz)}, cause {gap.cause}" + (f" ({gap.detail})" if gap.detail else ""))
+            human = (_("no: {camera} was not recording at {time}: gap from {start} to {end}, cause {cause}").format(
+                camera=camera, time=_fmt(at_ms, tz), start=_fmt(gap.start_ms, tz), end=_fmt(gap.end_ms, tz),
+                cause=gap.cause) + (f" ({gap.detail})" if gap.detail else ""))
         else:
-            human = (f"unknown: no segment and no gap of {camera} covers {_fmt(at_ms, tz)} (before the camera "
-                     "was first recorded, or a segment not yet taken in from the spool)")
+            human = _("unknown: no segment and no gap of {camera} covers {time} (before the camera was first "
+                      "recorded, or a segment not yet taken in from the spool)").format(camera=camera,
+                                                                                        time=_fmt(at_ms, tz))
         emit(ctx, answer.as_dict(), human)
         if not answer.recording:
             raise typer.Exit(1)
@@ -81,8 +85,9 @@ def devices_gaps(
     report = services.cameras.gap_report(ws, camera, since_ms, reason=reason)
     found = report.gaps
     emit(ctx, [g.as_dict() for g in found],
-         table(f"Gaps of {camera} since {_fmt(since_ms, tz)} ({len(found)})", ["from", "to", "seconds", "cause",
-                                                                                 "detail"],
+         table(_("Gaps of {camera} since {time} ({count})").format(camera=camera, time=_fmt(since_ms, tz),
+                                                                    count=len(found)),
+               [_("from"), _("to"), _("seconds"), _("cause"), _("detail")],
                [[_fmt(g.start_ms, tz), _fmt(g.end_ms, tz),
                  f"{((g.end_ms or report.until_ms) - g.start_ms) / 1000:.1f}", g.cause, g.detail] for g in found]))
 
@@ -100,8 +105,9 @@ def devices_locations(
         writer.writerows(rows)
         return
     if fmt != "table":
-        fail(f"--format {fmt!r}: use csv or table", code=2)
-    emit(ctx, rows, table(f"Camera locations ({len(rows)})", ["camera", "location", "kind"],
+        fail(_("--format {fmt!r}: use csv or table").format(fmt=fmt), code=2)
+    emit(ctx, rows, table(_("Camera locations ({count})").format(count=len(rows)),
+                          [_("camera"), _("location"), _("kind")],
                           [[r["name"], r["location"], r["location_kind"]] for r in rows]))
 
 
@@ -115,14 +121,15 @@ def devices_discover(
     """Find ONVIF cameras on the local network (one WS-Discovery probe; sent only when you ask)."""
     address = None
     if target is not None:
-        host, _, port = target.rpartition(":")
+        host, _colon, port = target.rpartition(":")
         if not host or not port.isdigit():
-            fail(f"--target {target!r}: use host:port", code=2)
+            fail(_("--target {target!r}: use host:port").format(target=target), code=2)
         address = (host, int(port))
     found = services.cameras.discover(timeout, address)
     if not found and not options(ctx).json:
-        console.print("No ONVIF camera answered.")
+        console.print(_("No ONVIF camera answered."))
         return
     emit(ctx, [f.as_dict() for f in found],
-         table(f"ONVIF cameras ({len(found)})", ["name", "address", "device service", "endpoint"],
+         table(_("ONVIF cameras ({count})").format(count=len(found)),
+               [_("name"), _("address"), _("device service"), _("endpoint")],
                [[f.name, f.address, " ".join(f.xaddrs), f.endpoint] for f in found]))

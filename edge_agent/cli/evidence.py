@@ -173,7 +173,7 @@ def files_show(ctx: typer.Context, file_id: str, reason: Reason = None) -> None:
              else _("NO: {problem}").format(problem=detail.receipt_problem)],
             [_("receiver key"), receipt.get("key_id")], [_("verdict"), receipt.get("verdict")],
             [_("stored"), fmt_ms(receipt.get("stored_ms"))], ["sha256", receipt.get("sha256")],
-            ["manifest sha256", receipt.get("manifest_sha256")]]))
+            [_("manifest sha256"), receipt.get("manifest_sha256")]]))
     console.print(table(_("History"), [_("time"), _("actor"), _("action"), _("reason")],
                         [[h["ts"], h["actor"], h["action"], h["reason"]] for h in history],
                         drop=[_("reason"), _("actor")]))
@@ -218,7 +218,7 @@ def import_path(
         done=result.files_done, total=result.files_total, size=fmt_bytes(result.bytes_copied), path=path,
         device=device, session=result.session_id))
     if result.files_missing:
-        fail(f"{result.files_missing} file(s) not imported: {result.error}")
+        fail(_("{missing} file(s) not imported: {error}").format(missing=result.files_missing, error=result.error))
 
 
 @app.command()
@@ -263,7 +263,7 @@ def audit_show(
     """The newest audit entries."""
     rows = services.audit.entries(workspace(ctx), subject=subject, limit=limit)
     emit(ctx, [r.as_dict() for r in rows],
-         table("Audit log", ["seq", "time", "actor", "action", "subject", "reason"],
+         table(_("Audit log"), [_("seq"), _("time"), _("actor"), _("action"), _("subject"), _("reason")],
                [[r.seq, fmt_ms(r.ts_ms), r.actor, r.action, r.subject, r.reason] for r in rows]))
 
 
@@ -272,7 +272,7 @@ def audit_verify(ctx: typer.Context) -> None:
     """Check the audit log's hash chain. Exit 1 if any entry was edited, deleted or reordered."""
     check = services.audit.check_chain(workspace(ctx))
     emit(ctx, check.as_dict(), "\n".join(f"[red]{p}[/red]" for p in check.problems) if check.problems
-         else f"[green]OK[/green]: {check.entries} audit entries, chain intact.")
+         else "[green]OK[/green]: " + _("{entries} audit entries, chain intact.").format(entries=check.entries))
     if not check.ok:
         raise typer.Exit(1)
 
@@ -281,7 +281,8 @@ def audit_verify(ctx: typer.Context) -> None:
 def keys_show(ctx: typer.Context) -> None:
     """The agent's key id and public key (enrol it on the platform)."""
     key = services.keys.show(workspace(ctx))
-    emit(ctx, key.as_dict(), f"agent {key.agent_id}\nkey id {key.key_id} ({key.suite})\n{key.public_key_pem}")
+    emit(ctx, key.as_dict(), _("agent {agent}\nkey id {key_id} ({suite})").format(
+        agent=key.agent_id, key_id=key.key_id, suite=key.suite) + f"\n{key.public_key_pem}")
 
 
 @keys_app.command("rotate")
@@ -310,4 +311,5 @@ def config_check(ctx: typer.Context, file: Annotated[Path | None, typer.Argument
         raise typer.Exit(2) from None
     emit(ctx, {"ok": True, "path": str(path), "agent": cfg.agent.id, "docks": len(cfg.docks),
                "cameras": len(cfg.cameras)},
-         f"[green]OK[/green]: {path} (agent {cfg.agent.id}, {len(cfg.docks)} docks, {len(cfg.cameras)} cameras)")
+         "[green]OK[/green]: " + _("{path} (agent {agent}, {docks} docks, {cameras} cameras)").format(
+             path=path, agent=cfg.agent.id, docks=len(cfg.docks), cameras=len(cfg.cameras)))

@@ -30,7 +30,8 @@ def _when(text: str | None) -> int | None:
     try:
         moment = datetime.fromisoformat(text)
     except ValueError:
-        fail(f"--at {text!r} is not a time; write it like 2026-11-22T08:00 (local time) or with +08:00")
+        fail(_("--at {text!r} is not a time; write it like 2026-11-22T08:00 (local time) or with +08:00").format(
+            text=text))
         raise
     return int(moment.astimezone().timestamp() * 1000)
 
@@ -47,8 +48,9 @@ def hold(
 ) -> None:
     """Keep a file, or every file of a case, from being purged until released."""
     placed = services.holds.place(workspace(ctx), reason=reason, file_id=file_id, case_id=case)
-    subject = file_id or f"case {case}"
-    emit(ctx, placed.as_dict(), f"Held {subject} (hold {placed.hold_id}): it will not be purged until released.")
+    subject = file_id or _("case {case}").format(case=case)
+    emit(ctx, placed.as_dict(), _("Held {subject} (hold {hold_id}): it will not be purged until released.").format(
+        subject=subject, hold_id=placed.hold_id))
 
 
 @app.command()
@@ -62,8 +64,10 @@ def release(
     done = services.holds.release(workspace(ctx), reason=reason, file_id=file_id, case_id=case)
     reclassified = done.reclassified_routine
     emit(ctx, done.as_dict(),
-         f"Released {done.released_holds} hold(s) on {file_id or 'case ' + str(case)}"
-         + (f"; {reclassified} evidence file(s) are routine again" if reclassified else "") + ".")
+         _("Released {holds} hold(s) on {subject}").format(
+             holds=done.released_holds, subject=file_id or _("case {case}").format(case=case))
+         + (_("; {count} evidence file(s) are routine again").format(count=reclassified) if reclassified else "")
+         + _("."))
 
 
 @app.command()
@@ -71,7 +75,7 @@ def holds(ctx: typer.Context) -> None:
     """Active holds."""
     rows = services.holds.active(workspace(ctx))
     emit(ctx, [r.as_dict() for r in rows],
-         table("Active holds", ["id", "file", "case", "since", "by", "reason"],
+         table(_("Active holds"), [_("id"), _("file"), _("case"), _("since"), _("by"), _("reason")],
                [[r.id, r.file_id, r.case_id, fmt_ms(r.set_ms), r.actor, r.reason] for r in rows]))
 
 
@@ -92,8 +96,10 @@ def assign_cmd(
     done = services.custody.assign(ws, device, officer, at_ms=_when(at), reason=reason)
     backfilled = done.files_given_officer
     emit(ctx, done.as_dict(),
-         f"{device} checked out to officer {officer} from {fmt_ms(done.checkout.from_ms)}"
-         + (f"; {len(backfilled)} file(s) already collected now carry the officer." if backfilled else "."))
+         _("{device} checked out to officer {officer} from {time}").format(
+             device=device, officer=officer, time=fmt_ms(done.checkout.from_ms))
+         + (_("; {count} file(s) already collected now carry the officer.").format(count=len(backfilled))
+            if backfilled else _(".")))
 
 
 @app.command("return")
@@ -106,7 +112,8 @@ def return_cmd(
     """A recorder came back: end its checkout."""
     ws = workspace(ctx)
     checkout = services.custody.return_device(ws, device, at_ms=_when(at), reason=reason)
-    emit(ctx, checkout.__dict__, f"{device} returned by officer {checkout.officer_id} at {fmt_ms(checkout.to_ms)}.")
+    emit(ctx, checkout.__dict__, _("{device} returned by officer {officer} at {time}.").format(
+        device=device, officer=checkout.officer_id, time=fmt_ms(checkout.to_ms)))
 
 
 @app.command("tag")
@@ -116,14 +123,14 @@ def tag_cmd(
     case: Case = None,
     party: Annotated[str | None, typer.Option("--party", help="the party concerned (当事人)")] = None,
     retention: Annotated[str | None, typer.Option(
-        "--retention", help=f"one of {', '.join(services.custody.RETENTION_CLASSES)} (default: evidence when a case "
-        "is given)")] = None,
+        "--retention", help="one of routine, evidence, long_term (default: evidence when a case is given)")] = None,
     reason: OptionalReason = None,
 ) -> None:
     """Link files to a case and party with a signed annotation (the manifest is never rewritten)."""
     done = [a.as_dict() for a in services.custody.tag(workspace(ctx), file_ids, case_id=case, party=party,
                                                        retention=retention, reason=reason)]
-    emit(ctx, done, table(f"Tagged {len(done)} file(s)", ["file", "case", "party", "retention", "annotation"],
+    emit(ctx, done, table(_("Tagged {count} file(s)").format(count=len(done)),
+                          [_("file"), _("case"), _("party"), _("retention"), _("annotation")],
                           [[d["file_id"], d["case_id"], d["party"], d["retention"], d["annotation_id"]]
                            for d in done]))
 
@@ -143,11 +150,13 @@ def export(
     """Export a case as a BagIt bag: media, signed manifests and annotations, verification report, public key."""
     result = services.export.export(workspace(ctx), case_id=case, dest=to, reason=reason, approved_by=approved_by,
                                     requested_by=requested_by)
-    human = (f"[green]Exported[/green] case {case}: {result.files} files, {fmt_bytes(result.media_bytes)} to "
-             f"{result.bag}" + (f"; {len(result.not_local)} purged locally (manifests only)"
-                                    if result.not_local else ""))
+    human = (_("[green]Exported[/green] case {case}: {files} files, {size} to {bag}").format(
+        case=case, files=result.files, size=fmt_bytes(result.media_bytes), bag=result.bag)
+             + (_("; {count} purged locally (manifests only)").format(count=len(result.not_local))
+                if result.not_local else ""))
     if not result.ok:
-        human += f"\n[red]{len(result.problems)} verification problem(s)[/red]: " + "; ".join(result.problems[:3])
+        problems = _("[red]{count} verification problem(s)[/red]: ").format(count=len(result.problems))
+        human += "\n" + problems + "; ".join(result.problems[:3])
     emit(ctx, result.as_dict(), human)
     if not result.ok:
         raise typer.Exit(1)
@@ -185,7 +194,7 @@ def alarms_clear(ctx: typer.Context, key: Annotated[str, typer.Argument(help="th
                  reason: Reason) -> None:
     """Clear an alarm you have dealt with (tamper investigated, recorder identified); the reason is audited."""
     cleared = services.alarms.clear(workspace(ctx), key, reason=reason)
-    emit(ctx, {"cleared": cleared}, f"Cleared {cleared}.")
+    emit(ctx, {"cleared": cleared}, _("Cleared {alarm}.").format(alarm=cleared))
 
 
 # -- the daemon's live view, for `edge-agent status` --------------------------------------------------

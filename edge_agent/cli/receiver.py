@@ -40,7 +40,9 @@ def receiver_run(ctx: typer.Context, config: ConfigOption = None) -> None:
 def keys_show(ctx: typer.Context, config: ConfigOption = None) -> None:
     """The receipt key's id and public key: install it on every agent (mqtt.receiver_keys)."""
     key = services.receiver.receipt_key(_config(ctx, config))
-    emit(ctx, key.as_dict(), f"receipt key id {key.key_id}\npublic key file {key.path}\n{key.public_key_pem}")
+    emit(ctx, key.as_dict(), _("receipt key id {key_id}\npublic key file {path}").format(key_id=key.key_id,
+                                                                                       path=key.path)
+         + f"\n{key.public_key_pem}")
 
 
 @keys_app.command("rotate")
@@ -48,10 +50,10 @@ def keys_rotate(ctx: typer.Context, config: ConfigOption = None) -> None:
     """Replace the receipt key. Pin the new public key on every agent BEFORE restarting the receiver; remove the
     old one from the agents after (docs/PROTOCOL.md, Receipts)."""
     key = services.receiver.receipt_key(_config(ctx, config), rotate=True)
-    emit(ctx, key.as_dict(), f"receipt key {key.old_key_id} replaced by {key.key_id}\n"
-                             f"1. install {key.path} on every agent's mqtt.receiver_keys (keep the old key)\n"
-                             f"2. restart the receiver\n3. then remove {key.old_key_id} from the agents\n"
-                             f"{key.public_key_pem}")
+    emit(ctx, key.as_dict(), _("receipt key {old_key_id} replaced by {key_id}\n"
+                               "1. install {path} on every agent's mqtt.receiver_keys (keep the old key)\n"
+                               "2. restart the receiver\n3. then remove {old_key_id} from the agents").format(
+        old_key_id=key.old_key_id, key_id=key.key_id, path=key.path) + f"\n{key.public_key_pem}")
 
 
 @receiver_app.command("fsck")
@@ -76,12 +78,13 @@ def receiver_fsck(
             result = services.receiver.fsck_bucket(receiver_config)
         else:
             result = services.receiver.fsck(receiver_config.receiver.store_dir, repair=repair)
-    rows = [[f["kind"], f["path"], "yes" if f["repaired"] else "no", f["detail"]] for f in result.findings]
+    rows = [[f["kind"], f["path"], _("yes") if f["repaired"] else _("no"), f["detail"]] for f in result.findings]
     bucket = result.store.startswith("s3://")
-    verdict = ("clean" if not rows else "repaired") if result.clean else (
-        "problems found" if bucket else "problems found: run with --repair")
-    human = table(f"receiver store {result.store}: {result.objects_checked} object(s) checked, {verdict}",
-                  ["finding", "path", "repaired", "detail"], rows)
+    verdict = (_("clean") if not rows else _("repaired")) if result.clean else (
+        _("problems found") if bucket else _("problems found: run with --repair"))
+    human = table(_("receiver store {store}: {objects} object(s) checked, {verdict}").format(
+        store=result.store, objects=result.objects_checked, verdict=verdict),
+        [_("finding"), _("path"), _("repaired"), _("detail")], rows)
     emit(ctx, result.as_dict(), human)
     if not result.clean:
         raise typer.Exit(1)

@@ -9,6 +9,7 @@ import typer
 from edge_agent import services
 from edge_agent.cli.app import app, emit, fmt_bytes, workspace
 from edge_agent.cli.evidence import Reason
+from edge_agent.i18n import _
 
 sync_app = typer.Typer(no_args_is_help=True, help="The uplink to the platform.")
 app.add_typer(sync_app, name="sync")
@@ -26,8 +27,9 @@ def sync_now(
     """Tell the running agent to reconnect and send now; optionally retry rejected files. Audited."""
     done = services.sync.sync_now(workspace(ctx), retry_rejected=retry_rejected, wait_s=wait, reason=reason)
     waiting = done.waiting
-    human = (f"Asked the agent to sync now. {len(done.retried)} rejected file(s) queued again. "
-             f"Waiting to be sent: {waiting.files} file(s), {fmt_bytes(waiting.bytes)}.")
+    human = _("Asked the agent to sync now. {retried} rejected file(s) queued again. "
+              "Waiting to be sent: {files} file(s), {size}.").format(retried=len(done.retried), files=waiting.files,
+                                                                      size=fmt_bytes(waiting.bytes))
     emit(ctx, done.as_dict(), human)
     if wait and waiting.files:
         raise typer.Exit(1)
