@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -81,7 +82,8 @@ def test_kill_9_during_a_copy_then_restart_loses_nothing_and_duplicates_nothing(
         assert record.sha256 == sha256_of(volume / record.original_path)
     assert verify_all(catalog, layout) == []    # chain + audit intact
     started = catalog.query("SELECT detail FROM audit WHERE action = 'agent.started' ORDER BY seq")
-    assert len(started) == 2 and '"partials_removed":1' in started[1]["detail"]
+    # The big file's partial at least; the small files of its batch too when the kill came before their sync.
+    assert len(started) == 2 and json.loads(started[1]["detail"])["partials_removed"] >= 1
     catalog.close()
 
 
