@@ -396,10 +396,7 @@ class RtspRecorder:
                 self.stats.last_packet_ms = int(received)
                 self._check_signing(checker, packet, prefixed, cuts.out.seq, key)
                 cuts.out.write(packet, key)   # the muxer takes the packet's data: sample and count first
-                if cuts.pending:   # (tested here: these run for every packet)
-                    self._place_audio(cuts, before=at + 1)
-                if cuts.closing is not None:
-                    self._expire_closing(cuts, at)
+                self._after_video(cuts, at)
         finally:
             try:
                 self._place_audio(cuts, before=None)
@@ -449,6 +446,14 @@ class RtspRecorder:
                 log.warning("camera_track_not_recorded camera=%s stream=%d type=%s codec=%s", self.camera,
                             other.index, other.type, name)
         return kept
+
+    def _after_video(self, cuts: _Cuts, at: int) -> None:
+        """After each video packet: the audio it has passed is placed, and the segment before the last cut is
+        closed once the video is far enough past it (tested first: this runs for every packet)."""
+        if cuts.pending:
+            self._place_audio(cuts, before=at + 1)
+        if cuts.closing is not None:
+            self._expire_closing(cuts, at)
 
     def _expire_closing(self, cuts: _Cuts, video_at: int) -> None:
         if cuts.closing is not None and video_at - cuts.closing[1] > LATE_AUDIO_MS:
