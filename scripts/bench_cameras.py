@@ -1,19 +1,24 @@
 #!/usr/bin/env python3
-"""Camera recording cost and load, against `ffmpeg -c copy -f segment` on the same stream, in one run.
+"""Camera recording cost and load, against `ffmpeg -map 0 -c copy -f segment` on the same stream, in one run.
 
-One GStreamer RTSP server (tests/peers/rtsp_server.py; one shared H.264 encoder, so every client gets
-the same stream and the server's cost does not grow with clients) feeds:
+A GStreamer RTSP server (tests/peers/rtsp_server.py; one shared H.264 encoder, so every client gets the
+same stream and the server's cost does not grow with clients), with an audio track per `--audio` variant
+(none, pcmu, aac, ...), feeds:
 
-  cpu       our recorder (drivers/rtsp.RtspRecorder: remux into Matroska segments, fsync at every
-            keyframe, one keyframe decoded for image checks every `--image-check-s`) for K streams
-            in one process, and K `ffmpeg -rtsp_transport tcp -i URL -c copy -f segment` processes,
-            side by side for `--cpu-s` seconds. CPU seconds per stream per second of each (psutil,
-            user+system, measured after a warm-up), and our ratio (goal <= 1.2x).
+  cpu       our recorder (drivers/rtsp.RtspRecorder: every track remuxed into Matroska segments, G.711 as
+            16-bit PCM, the signed-video checker on every video packet, fsync at every keyframe, one
+            keyframe decoded for image checks every `--image-check-s`) for K streams in one process, and
+            K `ffmpeg -rtsp_transport tcp -i URL -map 0 -c copy -f segment` processes (G.711: `-c:a
+            pcm_s16le`, as ours), side by side for `--cpu-s` seconds. CPU seconds per stream per second of
+            each (psutil, user+system, after a warm-up) and our ratio (goal <= 1.2x). `--rounds` rounds,
+            interleaved over the audio variants (a fresh server each); the median ratio per variant.
   load      the whole camera stage of the daemon (build_agent with N cameras: recorder, image checks,
             segment intake with copy + SHA-256 + read-back + signed manifest + catalog) for
-            `--duration` seconds. Gaps must be 0; prints segments sealed, CPU of the agent per stream.
+            `--duration` seconds, on the last audio variant. Gaps must be 0; prints segments sealed, CPU
+            of the agent per stream.
 
     .venv/bin/python scripts/bench_cameras.py [--streams 16] [--duration 300] [--cpu-streams 4] [--cpu-s 30]
+        [--audio none pcmu aac] [--rounds 3] [--skip-load]
 """
 
 from __future__ import annotations
