@@ -106,6 +106,12 @@ def _split_annexb(data: bytes) -> list[bytes]:
     return nals
 
 
+def maybe_signing(data: bytes) -> bool:
+    """`data` (an access unit) may hold a signing SEI: it contains one of the UUIDs. Their bytes hold no
+    zero pair, so no emulation-prevention byte can split them; a plain search finds every SEI."""
+    return ONVIF_UUID in data or AXIS_UUID in data
+
+
 def hashable(nal: bytes) -> bytes:
     """A NAL unit as it is hashed: up to its last non-zero byte."""
     return nal.rstrip(b"\x00")
@@ -134,28 +140,34 @@ class NalInfo:
     signing: str | None = None   # "onvif" / "axis" for a signing SEI
 
 
+# The NAL units that are not signing SEIs, made once: `nal_info` runs for every NAL unit of every camera.
+_OTHER = NalInfo("other", False)
+_SLICE = NalInfo("slice", False)
+_GOP_START = NalInfo("slice", True)
+_SEI = NalInfo("sei", False)
+_SIGNING_SEI = {"onvif": NalInfo("sei", False, "onvif"), "axis": NalInfo("sei", False, "axis")}
+
+
 def nal_info(nal: bytes, hevc: bool) -> NalInfo:
     if len(nal) < (3 if hevc else 2):
-        return NalInfo("other", False)
+        return _OTHER
     if hevc:
         t = (nal[0] >> 1) & 0x3F
-        first = bool(nal[2] & 0x80)
         if t in (0, 1):
-            return NalInfo("slice", False)
+            return _SLICE
         if 16 <= t <= 21:
-            return NalInfo("slice", first)
+            return _GOP_START if nal[2] & 0x80 else _SLICE
         if t in (39, 40):
-            return NalInfo("sei", False, _sei_signing(nal, 2))
-        return NalInfo("other", False)
+            return _SIGNING_SEI.get(_sei_signing(nal, 2), _SEI)
+        return _OTHER
     t = nal[0] & 0x1F
-    first = bool(nal[1] & 0x80)
     if t == 1:
-        return NalInfo("slice", False)
+        return _SLICE
     if t == 5:
-        return NalInfo("slice", first)
+        return _GOP_START if nal[1] & 0x80 else _SLICE
     if t == 6:
-        return NalInfo("sei", False, _sei_signing(nal, 1))
-    return NalInfo("other", False)
+        return _SIGNING_SEI.get(_sei_signing(nal, 1), _SEI)
+    return _OTHER
 
 
 def _sei_signing(nal: bytes, header: int) -> str | None:
@@ -421,6 +433,13 @@ class GopChecker:
     # the hash of one NAL unit, and with the GOP's anchor
     def _h(self, data: bytes) -> bytes:
         return hashlib.new(self._algo.name, data).digest()   # hashlib: less overhead per small NAL unit
+
+    @property
+    def idle(self) -> bool:
+        """Only a GOP start or a signing SEI would change anything now: no signing SEI seen and the current
+        GOP not hashed (an unsigned camera after its first GOPs). The caller may then skip the NAL units of
+        an access unit that holds neither (`maybe_signing`, and no keyframe)."""
+        return self._anchor is None and self.signing is None
 
     def feed(self, nal: bytes, tag: int) -> None:
         info = nal_info(nal, self.hevc)

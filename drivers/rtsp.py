@@ -51,7 +51,14 @@ from urllib.parse import quote, urlsplit, urlunsplit
 import av
 from cryptography import x509
 
-from drivers.media_signing import GopChecker, GopResult, length_prefixed, segment_verdict, split_nals
+from drivers.media_signing import (
+    GopChecker,
+    GopResult,
+    length_prefixed,
+    maybe_signing,
+    segment_verdict,
+    split_nals,
+)
 from edge_agent.durable import fsync_dir
 
 log = logging.getLogger(__name__)
@@ -389,8 +396,7 @@ class RtspRecorder:
                 self.stats.last_packet_ms = int(received)
                 self._check_signing(checker, packet, prefixed, cuts.out.seq, key)
                 cuts.out.write(packet, key)   # the muxer takes the packet's data: sample and count first
-                self._place_audio(cuts, before=at + 1)
-                self._expire_closing(cuts, at)
+                self._after_video(cuts, at)
         finally:
             try:
                 self._place_audio(cuts, before=None)
@@ -419,9 +425,13 @@ class RtspRecorder:
         return at, offset_ms
 
     def _check_signing(self, checker: GopChecker, packet: av.Packet, prefixed: bool, seq: int, key: bool) -> None:
-        """Feed the packet's NAL units to the signing checker (before the muxer takes the packet's data)."""
-        for nal in split_nals(bytes(packet), prefixed):
-            checker.feed(nal, seq)
+        """Feed the packet's NAL units to the signing checker (before the muxer takes the packet's data).
+        An unsigned camera's frames between keyframes are not split once the checker is idle: they hold
+        nothing it would act on (FFmpeg's parser flags every IDR/IRAP access unit as a keyframe)."""
+        data = bytes(packet)
+        if key or not checker.idle or maybe_signing(data):
+            for nal in split_nals(data, prefixed):
+                checker.feed(nal, seq)
         if key:
             self.stats.signing = checker.signing
             self._release(force=False)
@@ -436,6 +446,14 @@ class RtspRecorder:
                 log.warning("camera_track_not_recorded camera=%s stream=%d type=%s codec=%s", self.camera,
                             other.index, other.type, name)
         return kept
+
+    def _after_video(self, cuts: _Cuts, at: int) -> None:
+        """After each video packet: the audio it has passed is placed, and the segment before the last cut is
+        closed once the video is far enough past it (tested first: this runs for every packet)."""
+        if cuts.pending:
+            self._place_audio(cuts, before=at + 1)
+        if cuts.closing is not None:
+            self._expire_closing(cuts, at)
 
     def _expire_closing(self, cuts: _Cuts, video_at: int) -> None:
         if cuts.closing is not None and video_at - cuts.closing[1] > LATE_AUDIO_MS:

@@ -1,19 +1,24 @@
 #!/usr/bin/env python3
-"""Camera recording cost and load, against `ffmpeg -c copy -f segment` on the same stream, in one run.
+"""Camera recording cost and load, against `ffmpeg -map 0 -c copy -f segment` on the same stream, in one run.
 
-One GStreamer RTSP server (tests/peers/rtsp_server.py; one shared H.264 encoder, so every client gets
-the same stream and the server's cost does not grow with clients) feeds:
+A GStreamer RTSP server (tests/peers/rtsp_server.py; one shared H.264 encoder, so every client gets the
+same stream and the server's cost does not grow with clients), with an audio track per `--audio` variant
+(none, pcmu, aac, ...), feeds:
 
-  cpu       our recorder (drivers/rtsp.RtspRecorder: remux into Matroska segments, fsync at every
-            keyframe, one keyframe decoded for image checks every `--image-check-s`) for K streams
-            in one process, and K `ffmpeg -rtsp_transport tcp -i URL -c copy -f segment` processes,
-            side by side for `--cpu-s` seconds. CPU seconds per stream per second of each (psutil,
-            user+system, measured after a warm-up), and our ratio (goal <= 1.2x).
+  cpu       our recorder (drivers/rtsp.RtspRecorder: every track remuxed into Matroska segments, G.711 as
+            16-bit PCM, the signed-video checker on every video packet, fsync at every keyframe, one
+            keyframe decoded for image checks every `--image-check-s`) for K streams in one process, and
+            K `ffmpeg -rtsp_transport tcp -i URL -map 0 -c copy -f segment` processes (G.711: `-c:a
+            pcm_s16le`, as ours), side by side for `--cpu-s` seconds. CPU seconds per stream per second of
+            each (psutil, user+system, after a warm-up) and our ratio (goal <= 1.2x). `--rounds` rounds,
+            interleaved over the audio variants (a fresh server each); the median ratio per variant.
   load      the whole camera stage of the daemon (build_agent with N cameras: recorder, image checks,
             segment intake with copy + SHA-256 + read-back + signed manifest + catalog) for
-            `--duration` seconds. Gaps must be 0; prints segments sealed, CPU of the agent per stream.
+            `--duration` seconds, on the last audio variant. Gaps must be 0; prints segments sealed, CPU
+            of the agent per stream.
 
     .venv/bin/python scripts/bench_cameras.py [--streams 16] [--duration 300] [--cpu-streams 4] [--cpu-s 30]
+        [--audio none pcmu aac] [--rounds 3] [--skip-load]
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -72,7 +78,17 @@ def cpu_seconds(procs: list[psutil.Process]) -> float:
     return total
 
 
-def bench_cpu(url: str, k: int, seconds: float, segment_s: int, every: float, workdir: Path) -> dict[str, float]:
+def ffmpeg_command(url: str, audio: str, segment_s: int, pattern: str) -> list[str]:
+    """`ffmpeg -c copy -map 0` into Matroska segments: every track, as we keep them. G.711 the Matroska
+    muxer refuses, so for it FFmpeg writes 16-bit PCM (`-c:a pcm_s16le`), the same transform as ours."""
+    codecs = ["-c", "copy"] + (["-c:a", "pcm_s16le"] if audio in ("pcmu", "pcma") else [])
+    return ["ffmpeg", "-nostdin", "-loglevel", "error", "-rtsp_transport", "tcp", "-i", url, "-map", "0", *codecs,
+            "-f", "segment", "-segment_time", str(segment_s), "-reset_timestamps", "1", pattern]
+
+
+def bench_cpu(url: str, k: int, seconds: float, segment_s: int, every: float, workdir: Path,
+              audio: str = "none") -> dict[str, float]:
+    """One round: K streams recorded by our process and by K ffmpeg processes side by side."""
     ours_dir, ff_dir = workdir / "ours", workdir / "ffmpeg"
     ff_dir.mkdir(parents=True)
     script = RECORDER_PROCESS.format(root=str(ROOT), url=url, out=str(ours_dir), every=every, segment_s=segment_s,
@@ -80,10 +96,8 @@ def bench_cpu(url: str, k: int, seconds: float, segment_s: int, every: float, wo
     ours = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     assert ours.stdout is not None and ours.stdin is not None
     assert ours.stdout.readline().strip() == "READY"
-    ffmpeg = [subprocess.Popen(
-        ["ffmpeg", "-nostdin", "-loglevel", "error", "-rtsp_transport", "tcp", "-i", url, "-c", "copy", "-map", "0:v",
-         "-f", "segment", "-segment_time", str(segment_s), "-reset_timestamps", "1",
-         str(ff_dir / f"s{i}-%05d.mkv")]) for i in range(k)]
+    ffmpeg = [subprocess.Popen(ffmpeg_command(url, audio, segment_s, str(ff_dir / f"s{i}-%05d.mkv")))
+              for i in range(k)]
     time.sleep(5)   # warm-up: connections, probing, imports
     mine, theirs = [psutil.Process(ours.pid)], [psutil.Process(p.pid) for p in ffmpeg]
     c0, f0, t0 = cpu_seconds(mine), cpu_seconds(theirs), time.monotonic()
@@ -98,10 +112,40 @@ def bench_cpu(url: str, k: int, seconds: float, segment_s: int, every: float, wo
     elapsed = t1 - t0
     ours_per = (c1 - c0) / elapsed / k
     ff_per = (f1 - f0) / elapsed / k
-    return {"streams": k, "seconds": round(elapsed, 1), "ours_cpu_per_stream_pct": round(ours_per * 100, 3),
-            "ffmpeg_cpu_per_stream_pct": round(ff_per * 100, 3), "ratio": round(ours_per / ff_per, 2),
+    return {"streams": k, "audio": audio, "seconds": round(elapsed, 1),
+            "ours_cpu_per_stream_pct": round(ours_per * 100, 3), "ffmpeg_cpu_per_stream_pct": round(ff_per * 100, 3),
+            "ratio": round(ours_per / ff_per, 3),
             "ours_bytes": sum(f.stat().st_size for f in ours_dir.rglob("*.mkv")),
-            "ffmpeg_bytes": sum(f.stat().st_size for f in ff_dir.rglob("*.mkv"))}
+            "ffmpeg_bytes": sum(f.stat().st_size for f in ff_dir.rglob("*.mkv")),
+            "load_1min": round(os.getloadavg()[0], 2)}
+
+
+def bench_cpu_rounds(args: argparse.Namespace, workdir: Path) -> dict[str, object]:
+    """Rounds interleaved over the audio variants (the machine is shared: a burst of someone else's load
+    hits every variant alike); per variant, the median of its rounds' ratios."""
+    rounds: dict[str, list[dict[str, float]]] = {audio: [] for audio in args.audio}
+    for n in range(args.rounds):
+        for audio in args.audio:
+            server = RtspServer(free_port(), "normal", width=args.width, height=args.height,
+                                bitrate_kbps=args.bitrate_kbps, audio=audio).start()
+            try:
+                result = bench_cpu(server.url, args.cpu_streams, args.cpu_s, args.segment_s, args.image_check_s,
+                                   workdir / f"cpu-{audio}-{n}", audio)
+            finally:
+                server.stop()
+                shutil.rmtree(workdir / f"cpu-{audio}-{n}", ignore_errors=True)
+            rounds[audio].append(result)
+            print(f"cpu round {n + 1}/{args.rounds} audio={audio}: ours {result['ours_cpu_per_stream_pct']}% "
+                  f"ffmpeg {result['ffmpeg_cpu_per_stream_pct']}% ratio {result['ratio']}x "
+                  f"load {result['load_1min']}", flush=True)
+    summary: dict[str, object] = {}
+    for audio, results in rounds.items():
+        summary[audio] = {
+            "rounds": results,
+            "median_ratio": round(statistics.median(r["ratio"] for r in results), 3),
+            "median_ours_pct": round(statistics.median(r["ours_cpu_per_stream_pct"] for r in results), 3),
+            "median_ffmpeg_pct": round(statistics.median(r["ffmpeg_cpu_per_stream_pct"] for r in results), 3)}
+    return summary
 
 
 def bench_load(url: str, n: int, seconds: float, segment_s: int, workdir: Path) -> dict[str, object]:
@@ -162,22 +206,30 @@ def main() -> None:
     parser.add_argument("--bitrate-kbps", type=int, default=1000)
     parser.add_argument("--dir", type=Path, default=Path("/var/tmp"))
     parser.add_argument("--skip-load", action="store_true")
+    parser.add_argument("--audio", nargs="+", default=["none", "pcmu", "aac"],
+                        choices=["none", "pcmu", "pcma", "aac", "opus"],
+                        help="audio tracks to compare, one variant each (the load run uses the last)")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds per audio variant (median)")
     args = parser.parse_args()
     if not shutil.which("ffmpeg"):
         sys.exit("ffmpeg is needed for the baseline: run scripts/setup.sh")
     workdir = Path(tempfile.mkdtemp(prefix="bench-cameras-", dir=args.dir))
     os.chmod(workdir, 0o750)
-    server = RtspServer(free_port(), "normal", width=args.width, height=args.height,
-                        bitrate_kbps=args.bitrate_kbps).start()
     try:
-        cpu = bench_cpu(server.url, args.cpu_streams, args.cpu_s, args.segment_s, args.image_check_s,
-                        workdir / "cpu")
-        print(f"cpu: {cpu['streams']} streams {args.width}x{args.height} {args.bitrate_kbps} kbit/s, "
-              f"{cpu['seconds']} s: ours {cpu['ours_cpu_per_stream_pct']}% of a core per stream, "
-              f"ffmpeg -c copy -f segment {cpu['ffmpeg_cpu_per_stream_pct']}%, ratio {cpu['ratio']}x (goal <= 1.2x)")
+        cpu = bench_cpu_rounds(args, workdir)
+        for audio, summary in cpu.items():
+            print(f"cpu audio={audio}: {args.cpu_streams} streams {args.width}x{args.height} {args.bitrate_kbps} "
+                  f"kbit/s, {args.rounds} rounds of {args.cpu_s} s: median ours {summary['median_ours_pct']}% of "
+                  f"a core per stream, ffmpeg -map 0 -c copy -f segment {summary['median_ffmpeg_pct']}%, "
+                  f"median ratio {summary['median_ratio']}x (goal <= 1.2x)")
         result: dict[str, object] = {"cpu": cpu}
         if not args.skip_load:
-            load = bench_load(server.url, args.streams, args.duration, args.segment_s, workdir / "load")
+            server = RtspServer(free_port(), "normal", width=args.width, height=args.height,
+                                bitrate_kbps=args.bitrate_kbps, audio=args.audio[-1]).start()
+            try:
+                load = bench_load(server.url, args.streams, args.duration, args.segment_s, workdir / "load")
+            finally:
+                server.stop()
             print(f"load: {load['streams']} streams for {load['seconds']} s: gaps {len(load['gaps'])} (goal 0), "
                   f"segments sealed {load['segments_sealed']}, agent CPU {load['agent_cpu_pct']}% of a core "
                   f"({load['agent_cpu_per_stream_pct']}% per stream), connected at end "
@@ -186,7 +238,6 @@ def main() -> None:
             result["load"] = load
         print(json.dumps(result, default=str))
     finally:
-        server.stop()
         shutil.rmtree(workdir, ignore_errors=True)
 
 
