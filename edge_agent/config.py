@@ -429,9 +429,26 @@ class StoreSection(_Section):
     long_term_years: Annotated[int, Field(ge=1, le=100)] = 10       # long_term files: locked stored + this
     # evidence files: locked as routine, plus a legal hold (released only by a platform action)
     release_keys: Path | None = None        # the platform's public key(s) signing legal-hold releases (PEM/dir)
+    # Transfers in progress: "local", receiver.store_dir/incoming/; "s3", objects in transfers_bucket (a bucket
+    # without Object Lock), so that receivers share nothing but the broker and the store (needs backend = "s3").
+    transfers: Literal["local", "s3"] = "local"
+    transfers_bucket: str | None = None
 
     @model_validator(mode="after")
     def _s3_complete(self) -> StoreSection:
+        if self.transfers == "s3":
+            if self.backend != "s3":
+                raise ValueError('transfers = "s3" needs backend = "s3" (the committed files in a bucket too); '
+                                 'set backend = "s3" or transfers = "local"')
+            if self.transfers_bucket is None:
+                raise ValueError('transfers = "s3" needs transfers_bucket: a bucket without Object Lock, not the '
+                                 "bucket of committed files; see config/receiver.example.toml")
+            if not re.fullmatch(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]", self.transfers_bucket):
+                raise ValueError(f"transfers_bucket {self.transfers_bucket!r} is not an S3 bucket name: 3-63 "
+                                 "characters, lower-case letters, digits, dots and hyphens")
+            if self.transfers_bucket == self.bucket:
+                raise ValueError(f"transfers_bucket {self.transfers_bucket!r} is the bucket of committed files: "
+                                 "give a second bucket, created without Object Lock")
         if self.backend != "s3":
             return self
         missing = [k for k in ("endpoint", "bucket", "credentials_file") if getattr(self, k) is None]
