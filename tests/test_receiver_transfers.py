@@ -3,6 +3,7 @@ receivers share nothing but the buckets, so any receiver continues any transfer.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import os
@@ -92,10 +93,10 @@ def test_chunks_and_manifest_are_objects_and_the_commit_streams_them_into_the_lo
     s3 = seaweed.client()
     assert s3.get_object(Bucket=TRANSFERS, Key=f"transfers/{AGENT}/{fid}/manifest.json")["Body"].read() == canonical
     put(store, fid, content, range(0, total, 2))
-    prefix = f"transfers/{AGENT}/{fid}/chunks/"
+    prefix = f"transfers/{AGENT}/{fid}/chunks/{doc['sha256']}-{CHUNK}/"
     assert keys(seaweed, TRANSFERS, prefix) == [f"{prefix}{seq:08d}" for seq in range(0, total, 2)]
     head = s3.head_object(Bucket=TRANSFERS, Key=f"{prefix}00000002", ChecksumMode="ENABLED")
-    assert head["ChecksumSHA256"] == __import__("base64").b64encode(bytes.fromhex(chunk(content, 2)[2])).decode()
+    assert head["ChecksumSHA256"] == base64.b64encode(bytes.fromhex(chunk(content, 2)[2])).decode()
     # A second receiver, new to the transfer, sees what is held from the listing alone.
     other = receiver(seaweed, tmp_path / "r2")
     assert other.have(AGENT, fid) == list(range(0, total, 2))
@@ -146,6 +147,26 @@ def test_a_file_whose_chunks_do_not_hash_to_the_manifest_is_rejected_never_compl
         assert keys(seaweed, LOCKED, f"index/{AGENT}/{fid}") == []
         assert receiver(seaweed, tmp_path / "other").settled(AGENT, fid).state == ACK_REJECTED
         assert keys(seaweed, TRANSFERS, f"transfers/{AGENT}/{fid}/") == []
+
+
+def test_a_chunk_written_late_for_an_earlier_manifest_is_not_counted_for_the_new_one(seaweed: SeaweedFS,
+                                                                                       tmp_path: Path) -> None:
+    """Receiver A still has the first manifest when receiver B takes a new one for the same id (the agent
+    sealed the file again): a chunk A writes afterwards is not held for the new file."""
+    a, b = receiver(seaweed, tmp_path / "a"), receiver(seaweed, tmp_path / "b")
+    fid = file_id(9)
+    first, second = os.urandom(2 * CHUNK), os.urandom(2 * CHUNK)
+    canonical, doc = manifest(first)
+    assert a.accept_manifest(AGENT, fid, canonical, doc).state == ACK_RECEIVING
+    canonical2, doc2 = manifest(second)
+    assert b.accept_manifest(AGENT, fid, canonical2, doc2).state == ACK_RECEIVING
+    put(a, fid, first, [0])   # late, for the first manifest
+    assert b.have(AGENT, fid) == []
+    put(b, fid, second, [0, 1])
+    ack = b.progress(AGENT, fid, doc2)
+    assert (ack.state, ack.sha256) == (ACK_COMPLETE, doc2["sha256"])
+    assert seaweed.client().get_object(Bucket=LOCKED, Key=f"objects/{doc2['sha256']}")["Body"].read() == second
+    assert keys(seaweed, TRANSFERS, f"transfers/{AGENT}/{fid}/") == []
 
 
 RECEIVER_A = textwrap.dedent("""

@@ -5,8 +5,13 @@ and no lock is taken across hosts (docs/SCALING.md "Transfers in progress in the
 `transfers_bucket`:
 
     transfers/<agent>/<file_id>/manifest.json       the verified manifest (canonical bytes), a conditional create
-    transfers/<agent>/<file_id>/chunks/<seq:08d>    each verified chunk, written with its ChecksumSHA256 (the
-                                                    server refuses bytes that do not match) and If-None-Match: *
+    transfers/<agent>/<file_id>/chunks/<sha256>-<chunk_size>/<seq:08d>
+                                                    each verified chunk, written with its ChecksumSHA256 (the
+                                                    server refuses bytes that do not match) and If-None-Match: *;
+                                                    under the file's SHA-256 and chunk size from the manifest, so
+                                                    a chunk written late for an earlier manifest of the same id
+                                                    (another receiver committed, rejected or restarted it
+                                                    meanwhile) is never counted for another file
     rejected/<agent>/<file_id>.json                 a rejected file and why (until a new manifest)
 
 The object is the record: a chunk is held when its PUT returned (that is the durability an ack waits for, so
@@ -67,6 +72,7 @@ class BucketTransfers(ChunkStore):
         # Chunks this process saw in the bucket (listed or stored by it): what `have` answers while the bucket
         # cannot be listed. Every one of them was durable when seen.
         self._seen: OrderedDict[tuple[str, str], set[int]] = OrderedDict()
+        self._docs: OrderedDict[tuple[str, str], dict[str, Any]] = OrderedDict()   # manifests read or accepted
 
     def check_bucket(self) -> None:
         """At start: StoreConfigError if the transfer bucket is missing or has Object Lock (its chunks could not
@@ -100,8 +106,11 @@ class BucketTransfers(ChunkStore):
     def manifest_key(self, agent: str, file_id: str) -> str:
         return self.prefix(agent, file_id) + "manifest.json"
 
-    def chunk_key(self, agent: str, file_id: str, seq: int) -> str:
-        return f"{self.prefix(agent, file_id)}chunks/{seq:08d}"
+    def chunks_prefix(self, agent: str, file_id: str, doc: dict[str, Any]) -> str:
+        return f"{self.prefix(agent, file_id)}chunks/{doc['sha256']}-{int(doc['chunk_size'])}/"
+
+    def chunk_key(self, agent: str, file_id: str, doc: dict[str, Any], seq: int) -> str:
+        return f"{self.chunks_prefix(agent, file_id, doc)}{seq:08d}"
 
     @staticmethod
     def rejected_key(agent: str, file_id: str) -> str:
@@ -167,6 +176,27 @@ class BucketTransfers(ChunkStore):
     def _forget(self, agent: str, file_id: str) -> None:
         with self._known_lock:
             self._seen.pop((agent, file_id), None)
+            self._docs.pop((agent, file_id), None)
+
+    def _remember(self, agent: str, file_id: str, doc: dict[str, Any]) -> None:
+        with self._known_lock:
+            self._docs[(agent, file_id)] = doc
+            self._docs.move_to_end((agent, file_id))
+            while len(self._docs) > MAX_TRANSFERS_KNOWN:
+                self._docs.popitem(last=False)
+
+    def _doc(self, agent: str, file_id: str) -> dict[str, Any] | None:
+        """The transfer's manifest: this process's copy, else read from the bucket (None: no transfer).
+        StoreUnavailable if it must be read and cannot."""
+        with self._known_lock:
+            doc = self._docs.get((agent, file_id))
+        if doc is None:
+            body = self._get(self.manifest_key(agent, file_id))
+            if body is None:
+                return None
+            doc = json.loads(body)
+            self._remember(agent, file_id, doc)
+        return doc
 
     def _saw(self, agent: str, file_id: str, seqs: set[int] | int) -> None:
         with self._known_lock:
@@ -197,8 +227,11 @@ class BucketTransfers(ChunkStore):
 
     def have(self, agent: str, file_id: str) -> list[int]:
         """The chunks in the bucket, in order: a listing (while it cannot be listed, those this process saw)."""
-        prefix = self.prefix(agent, file_id) + "chunks/"
         try:
+            doc = self._doc(agent, file_id)
+            if doc is None:
+                return []
+            prefix = self.chunks_prefix(agent, file_id, doc)
             listed = {int(obj["Key"][len(prefix):]) for page in self._list(prefix)
                       for obj in page.get("Contents", [])}
         except StoreUnavailable as exc:
@@ -256,6 +289,7 @@ class BucketTransfers(ChunkStore):
                         agent, file_id)
             self._delete_transfer(agent, file_id)
             self._put(key, canonical, hashlib.sha256(canonical).digest())
+        self._remember(agent, file_id, doc)
         return self.progress(agent, file_id, doc)
 
     def put_chunk(self, agent: str, file_id: str, seq: int, offset: int, data: bytes | memoryview,
@@ -263,9 +297,11 @@ class BucketTransfers(ChunkStore):
         """Store chunk `seq` (verified by the caller) as its object; held once the PUT returned. A chunk the
         bucket refuses (unreachable, or a checksum that does not match its bytes) is not recorded: the agent
         sends it again. True unless the transfer is not in progress (never started, or settled)."""
-        key = self.chunk_key(agent, file_id, seq)
         try:
-            self._put(key, data, bytes.fromhex(sha256))
+            doc = self._doc(agent, file_id)
+            if doc is None:
+                return False
+            self._put(self.chunk_key(agent, file_id, doc, seq), data, bytes.fromhex(sha256))
         except StoreUnavailable as exc:
             log.warning("chunk not stored agent=%s file=%s seq=%d: %s", agent, file_id, seq, exc)
             return True
@@ -284,13 +320,13 @@ class BucketTransfers(ChunkStore):
             return settled
         if len(have) < total:
             return Ack(file_id, ACK_RECEIVING, to_ranges(have))
-        return self._commit_transfer(agent, file_id, doc, total)
+        return self._commit_transfer(agent, file_id, doc)
 
-    def _chunks(self, agent: str, file_id: str, total: int, lost: list[int]) -> Iterator[bytes]:
+    def _chunks(self, agent: str, file_id: str, doc: dict[str, Any], lost: list[int]) -> Iterator[bytes]:
         """The transfer's chunks in order, each checked against the checksum stored with it; a chunk that is
         gone or does not match is added to `lost` and ends the stream (StoreUnavailable stops it too)."""
-        for seq in range(total):
-            key = self.chunk_key(agent, file_id, seq)
+        for seq in range(chunk_count(doc["size"], doc["chunk_size"])):
+            key = self.chunk_key(agent, file_id, doc, seq)
             try:
                 got = self.s3.get_object(Bucket=self.transfers_bucket, Key=key, ChecksumMode="ENABLED")
                 data = got["Body"].read()
@@ -309,7 +345,7 @@ class BucketTransfers(ChunkStore):
                 pulse()   # a large file takes minutes: each chunk read is progress for the supervisor
             yield data
 
-    def _commit_transfer(self, agent: str, file_id: str, doc: dict[str, Any], total: int) -> Ack:
+    def _commit_transfer(self, agent: str, file_id: str, doc: dict[str, Any]) -> Ack:
         """Stream the chunks into the WORM bucket (`commit_blocks`), then delete the transfer's objects."""
         assert self.committed is not None
         lost: list[int] = []
@@ -318,13 +354,13 @@ class BucketTransfers(ChunkStore):
             if manifest is None:   # settled by another receiver meanwhile, or restarted by a new manifest
                 return self.settled(agent, file_id) or Ack(file_id, ACK_RECEIVING, [], None,
                                                            "no manifest for this file: send the manifest first")
-            entry = self.committed.commit_blocks(agent, file_id, self._chunks(agent, file_id, total, lost), manifest,
+            entry = self.committed.commit_blocks(agent, file_id, self._chunks(agent, file_id, doc, lost), manifest,
                                                  doc)
         except _ChunkLost:
             log.warning("chunks lost agent=%s file=%s seqs=%s: asking again", agent, file_id, lost)
             for seq in lost:
                 try:
-                    self.s3.delete_object(Bucket=self.transfers_bucket, Key=self.chunk_key(agent, file_id, seq))
+                    self.s3.delete_object(Bucket=self.transfers_bucket, Key=self.chunk_key(agent, file_id, doc, seq))
                 except (ClientError, BotoCoreError) as exc:
                     log.warning("lost chunk not deleted agent=%s file=%s seq=%d: %s", agent, file_id, seq, exc)
             self._forget(agent, file_id)
