@@ -15,11 +15,16 @@ from pathlib import Path
 import pytest
 
 from edge_agent.config import ConfigError, parse_receiver_config
+from edge_agent.evidence.manifest import AgentKey
 from edge_agent.platform.receiver import Receiver, objectstore
 from edge_agent.platform.receiver.objectstore import S3Committed, S3Settings, StoreConfigError
 from edge_agent.platform.receiver.transfers import BucketTransfers
 from edge_agent.protocol.wire import ACK_COMPLETE, ACK_RECEIVING, ACK_REJECTED, chunk_count, chunk_span, to_ranges
+from tests.helpers import wait_for
+from tests.peers.mosquitto import Mosquitto
 from tests.seaweedfs import SeaweedFS
+from tests.sync_support import AGENT_ID as SYNC_AGENT
+from tests.sync_support import ScriptedAgent, receiver_logged, receiver_proc, receiver_setup
 
 AGENT = "ws-xfer-01"
 CHUNK = 64 * 1024
@@ -306,3 +311,57 @@ def test_transfers_config_is_checked(seaweed: SeaweedFS, tmp_path: Path) -> None
                                         "store": {**base, "transfers": "s3", "transfers_bucket": bucket}}, "r.toml")
         with pytest.raises(StoreConfigError, match=problem):
             Receiver(config)
+
+
+def test_through_mqtt_a_receiver_killed_mid_file_is_continued_by_another_on_another_disk(
+        seaweed: SeaweedFS, tmp_path: Path, mosquitto: Mosquitto) -> None:
+    """Two receiver processes with their own store_dir, sharing only the broker and the buckets. Receiver 1
+    takes the manifest and half the chunks, acknowledges them and is killed -9; receiver 2 starts, answers the
+    agent's query with the chunks receiver 1 stored, takes the rest and commits the file once, with a receipt."""
+    key = AgentKey.load_or_create(tmp_path / "agent-keys")
+    (tmp_path / "enrolled").mkdir()
+    (tmp_path / "enrolled" / f"{SYNC_AGENT}.pem").write_text(key.public_pem())
+    store = (f'\n[store]\nbackend = "s3"\nendpoint = "{seaweed.endpoint}"\nbucket = "{LOCKED}"\n'
+             f'credentials_file = "{seaweed.credentials_file(tmp_path)}"\ntransfers = "s3"\n'
+             f'transfers_bucket = "{TRANSFERS}"\n')
+    procs = []
+    for name in ("receiver-1", "receiver-2"):
+        config = receiver_setup(tmp_path, mosquitto.port, tmp_path / name, tmp_path / "enrolled", name=name)
+        config.write_text(config.read_text(encoding="utf-8") + store, encoding="utf-8")
+        procs.append(receiver_proc(tmp_path, config, name))
+    first, second = procs
+    agent = None
+    try:
+        first.start()
+        wait_for(lambda: receiver_logged(tmp_path, "mqtt connected", "receiver-1"), 20, what="receiver 1 up")
+        agent = ScriptedAgent(mosquitto.port, key)
+        content = os.urandom(40 * CHUNK + 11)
+        doc = agent.manifest(content, CHUNK)
+        total = chunk_count(len(content), CHUNK)
+        agent.send_manifest(doc)
+        agent.send_chunks(doc, content, list(range(total // 2)))
+        held = agent.ack(doc["file_id"], "receiving")
+        while held["have"] != [[0, total // 2 - 1]]:
+            held = agent.ack(doc["file_id"], "receiving")
+        first.kill9()
+
+        second.start()
+        wait_for(lambda: receiver_logged(tmp_path, "mqtt connected", "receiver-2"), 20, what="receiver 2 up")
+        agent.query(doc["file_id"])
+        ack = agent.ack(doc["file_id"])
+        assert ack["state"] == "receiving" and ack["have"] == [[0, total // 2 - 1]]   # nothing lost
+        agent.send_chunks(doc, content, list(range(total // 2, total)))
+        ack = agent.ack(doc["file_id"], "complete")
+        assert ack["sha256"] == doc["sha256"] and ack["receipt"] is not None
+        assert receiver_logged(tmp_path, "from=transfers", "receiver-2")
+        assert seaweed.client().get_object(Bucket=LOCKED, Key=f"objects/{doc['sha256']}")["Body"].read() == content
+        for k in (f"objects/{doc['sha256']}", f"index/{SYNC_AGENT}/{doc['file_id']}.json"):
+            assert versions(seaweed, k) == [k], f"{k} written more than once"
+        assert keys(seaweed, TRANSFERS, f"transfers/{SYNC_AGENT}/{doc['file_id']}/") == []
+        assert not (tmp_path / "receiver-1" / "incoming" / SYNC_AGENT).exists()
+        assert second.alive
+    finally:
+        if agent is not None:
+            agent.close()
+        for proc in procs:
+            proc.stop()
