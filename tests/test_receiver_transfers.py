@@ -13,6 +13,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from botocore.exceptions import BotoCoreError, ClientError
 
 from edge_agent.config import ConfigError, parse_receiver_config
 from edge_agent.evidence.manifest import AgentKey
@@ -80,6 +81,21 @@ def file_id(n: int) -> str:
 def keys(server: SeaweedFS, bucket: str, prefix: str) -> list[str]:
     listed = server.client().list_objects_v2(Bucket=bucket, Prefix=prefix)
     return [obj["Key"] for obj in listed.get("Contents", [])]
+
+
+def restart(server: SeaweedFS, key: str) -> None:
+    """Start SeaweedFS again and await its data: its S3 API answers before the volume server is back (reads fail
+    with InternalError until then)."""
+    server.start()
+
+    def readable() -> bool:
+        try:
+            server.client().get_object(Bucket=TRANSFERS, Key=key)["Body"].read()
+        except (BotoCoreError, ClientError):
+            return False
+        return True
+
+    wait_for(readable, 60, what="SeaweedFS serving its data again")
 
 
 def versions(server: SeaweedFS, key: str) -> list[str]:
@@ -250,7 +266,7 @@ def test_with_the_store_down_mid_transfer_the_file_stays_receiving_and_resumes(t
         ack = store.progress(AGENT, fid, doc)
         assert ack.state == ACK_RECEIVING and ack.have == [[0, 2]]
         assert store.accept_manifest(AGENT, fid, canonical, doc).state == ACK_RECEIVING
-        server.start()
+        restart(server, f"transfers/{AGENT}/{fid}/manifest.json")
         assert store.have(AGENT, fid) == [0, 1, 2]
         put(store, fid, content, range(3, total))   # the agent sends what was not acknowledged
         ack = store.progress(AGENT, fid, doc)
@@ -274,7 +290,7 @@ def test_with_the_store_down_at_commit_the_file_stays_receiving_and_commits_when
         server.stop()
         ack = store.progress(AGENT, fid, doc)
         assert ack.state == ACK_RECEIVING and ack.have == [[0, 3]]
-        server.start()
+        restart(server, f"transfers/{AGENT}/{fid}/manifest.json")
         ack = receiver(server, tmp_path / "r2").progress(AGENT, fid, doc)
         assert (ack.state, ack.sha256) == (ACK_COMPLETE, doc["sha256"])
     finally:
