@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
 
 import pytest
@@ -188,6 +189,41 @@ def test_a_chunk_written_late_for_an_earlier_manifest_is_not_counted_for_the_new
     assert (ack.state, ack.sha256) == (ACK_COMPLETE, doc2["sha256"])
     assert seaweed.client().get_object(Bucket=LOCKED, Key=f"objects/{doc2['sha256']}")["Body"].read() == second
     assert keys(seaweed, TRANSFERS, f"transfers/{AGENT}/{fid}/") == []
+
+
+@pytest.mark.parametrize(("n", "size"), [(10, 3 * CHUNK), (11, 6 * 1024**2 + 1)], ids=["one put", "multipart"])
+def test_two_receivers_committing_one_transfer_at_once_store_it_once(seaweed: SeaweedFS, tmp_path: Path, n: int,
+                                                                     size: int,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both see every chunk and commit at the same instant: each answers `complete` (or, while the other holds
+    the upload's claim, `receiving` and `complete` on its next attempt); every key has one version."""
+    monkeypatch.setattr(objectstore, "PART_BYTES", 5 * 1024**2)
+    content = os.urandom(size)
+    canonical, doc = manifest(content)
+    fid = file_id(n)
+    stores = [receiver(seaweed, tmp_path / name) for name in ("r1", "r2")]
+    stores[0].accept_manifest(AGENT, fid, canonical, doc)
+    put(stores[0], fid, content, range(chunk_count(size, CHUNK)))
+    barrier, acks = threading.Barrier(2), [None, None]
+
+    def commit(i: int) -> None:
+        barrier.wait()
+        acks[i] = stores[i].progress(AGENT, fid, doc)
+
+    threads = [threading.Thread(target=commit, args=(i,)) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    for i, ack in enumerate(acks):
+        if ack.state != ACK_COMPLETE:
+            assert ack.state == ACK_RECEIVING
+            acks[i] = stores[i].progress(AGENT, fid, doc)
+    assert [(a.state, a.sha256) for a in acks] == [(ACK_COMPLETE, doc["sha256"])] * 2
+    for key in (f"objects/{doc['sha256']}", f"index/{AGENT}/{fid}.json",
+                f"manifests/{AGENT}/{fid}.{doc['sha256']}.json"):
+        assert versions(seaweed, key) == [key], f"{key} written more than once"
+    assert seaweed.client().get_object(Bucket=LOCKED, Key=f"objects/{doc['sha256']}")["Body"].read() == content
 
 
 RECEIVER_A = textwrap.dedent("""

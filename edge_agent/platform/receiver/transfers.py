@@ -357,6 +357,9 @@ class BucketTransfers(ChunkStore):
             entry = self.committed.commit_blocks(agent, file_id, self._chunks(agent, file_id, doc, lost), manifest,
                                                  doc)
         except _ChunkLost:
+            settled = self.settled(agent, file_id)
+            if settled is not None:   # another receiver committed it and deleted the chunks under this one
+                return settled
             log.warning("chunks lost agent=%s file=%s seqs=%s: asking again", agent, file_id, lost)
             for seq in lost:
                 try:
