@@ -417,7 +417,8 @@ class AgentConfig(_Section):
 
 class StoreSection(_Section):
     """Where the receiver keeps committed files (docs/OPERATIONS.md "Receiver store"): `local`, objects/ and index/
-    under receiver.store_dir; or `s3`, a bucket with Object Lock (transfers in progress stay in store_dir)."""
+    under receiver.store_dir; or `s3`, a bucket with Object Lock. Transfers in progress: in store_dir, or with
+    `transfers = "s3"` in `transfers_bucket` (docs/OPERATIONS.md "Transfers in the object store")."""
 
     backend: Literal["local", "s3"] = "local"
     endpoint: str | None = None             # https://s3.example.org:9000

@@ -1,7 +1,8 @@
 """Committed files in S3-compatible object storage with Object Lock (`[store] backend = "s3"`).
 
 What a receiver commits goes to one bucket; transfers in progress stay in the local `incoming/` of
-`ChunkStore` (moving them is the next step, docs/SCALING.md). Keys:
+`ChunkStore`, or with `[store] transfers = "s3"` are objects in a second bucket (transfers.py, which commits
+through `commit_blocks`). Keys:
 
     objects/<sha256>                                the bytes, once per content
     manifests/<agent>/<file_id>.<sha256>.json       each signed manifest
