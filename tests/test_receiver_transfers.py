@@ -20,6 +20,7 @@ from edge_agent.config import ConfigError, parse_receiver_config
 from edge_agent.evidence.manifest import AgentKey
 from edge_agent.platform.receiver import Receiver, objectstore
 from edge_agent.platform.receiver.objectstore import S3Committed, S3Settings, StoreConfigError
+from edge_agent.platform.receiver.store import CRASH_AT_ENV
 from edge_agent.platform.receiver.transfers import BucketTransfers
 from edge_agent.protocol.wire import ACK_COMPLETE, ACK_RECEIVING, ACK_REJECTED, chunk_count, chunk_span, to_ranges
 from tests.helpers import wait_for
@@ -284,6 +285,55 @@ def test_a_receiver_killed_mid_file_loses_nothing_and_another_commits_it_once(se
         assert versions(seaweed, key) == [key], f"{key} written more than once"
     assert keys(seaweed, TRANSFERS, f"transfers/{AGENT}/{fid}/") == []
     assert receiver(seaweed, tmp_path / "c").accept_manifest(AGENT, fid, canonical, doc).state == ACK_COMPLETE
+
+
+COMMITTER = textwrap.dedent("""
+    import json, sys
+    from pathlib import Path
+    from edge_agent.platform.receiver import objectstore
+    from edge_agent.platform.receiver.objectstore import S3Committed, S3Settings
+    from edge_agent.platform.receiver.transfers import BucketTransfers
+    endpoint, root, fid, canonical = sys.argv[1:5]
+    objectstore.PART_BYTES = 5 * 1024**2
+    committed = S3Committed(S3Settings(endpoint=endpoint, bucket="{locked}",
+                                       credentials_file=Path(root) / "s3-credentials"))
+    print(BucketTransfers(Path(root), committed, "{transfers}").progress("{agent}", fid, json.loads(canonical)))
+""").format(locked=LOCKED, transfers=TRANSFERS, agent=AGENT)
+
+
+def test_a_receiver_killed_during_the_commit_leaves_the_transfer_for_another_to_commit_once(
+        seaweed: SeaweedFS, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Receiver A is killed -9 after the first part of the committed object was uploaded: nothing is stored,
+    every chunk is still in the bucket; B answers `receiving` while A's upload claim lasts, and once it has
+    expired B commits the file, one version of each key."""
+    monkeypatch.setattr(objectstore, "PART_BYTES", 5 * 1024**2)
+    content = os.urandom(11 * 1024**2 + 3)
+    canonical, doc = manifest(content)
+    fid, total = file_id(12), chunk_count(len(content), CHUNK)
+    b = receiver(seaweed, tmp_path / "b")
+    b.accept_manifest(AGENT, fid, canonical, doc)
+    put(b, fid, content, range(total))
+    root_a = tmp_path / "a"
+    root_a.mkdir()
+    seaweed.credentials_file(root_a)
+    crashed = subprocess.run([sys.executable, "-c", COMMITTER, seaweed.endpoint, str(root_a), fid, canonical],
+                             cwd=REPO, capture_output=True, text=True, timeout=120,
+                             env={**os.environ, CRASH_AT_ENV: "part_uploaded"})
+    assert crashed.returncode == -9 and "killing the receiver at commit step=part_uploaded" in crashed.stderr
+    sha256 = doc["sha256"]
+    assert keys(seaweed, LOCKED, f"objects/{sha256}") == [] and keys(seaweed, LOCKED, f"index/{AGENT}/{fid}") == []
+    assert b.have(AGENT, fid) == list(range(total))   # nothing lost
+
+    ack = b.progress(AGENT, fid, doc)
+    assert ack.state == ACK_RECEIVING   # A's claim on the upload is live: B cannot know A is dead
+    claim = json.loads(seaweed.client().get_object(Bucket=LOCKED, Key=f"claims/objects/{sha256}/0")["Body"].read())
+    monkeypatch.setattr(objectstore, "now_ms", lambda: claim["expires_ms"] + 1)   # later: the claim has expired
+    ack = b.progress(AGENT, fid, doc)
+    assert (ack.state, ack.sha256) == (ACK_COMPLETE, sha256)
+    assert seaweed.client().get_object(Bucket=LOCKED, Key=f"objects/{sha256}")["Body"].read() == content
+    for key in (f"objects/{sha256}", f"index/{AGENT}/{fid}.json", f"manifests/{AGENT}/{fid}.{sha256}.json"):
+        assert versions(seaweed, key) == [key], f"{key} written more than once"
+    assert keys(seaweed, TRANSFERS, f"transfers/{AGENT}/{fid}/") == []
 
 
 def test_with_the_store_down_mid_transfer_the_file_stays_receiving_and_resumes(tmp_path: Path) -> None:

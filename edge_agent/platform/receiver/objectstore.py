@@ -41,7 +41,7 @@ from botocore.config import Config as BotoConfig
 from botocore.exceptions import BotoCoreError, ClientError
 
 from edge_agent.clock import now_ms
-from edge_agent.platform.receiver.store import StoreConfigError, StoreUnavailable
+from edge_agent.platform.receiver.store import StoreConfigError, StoreUnavailable, crash_point
 
 log = logging.getLogger(__name__)
 PART_BYTES = 16 * 1024**2   # a multipart upload's part: what the upload holds in memory at once
@@ -49,6 +49,7 @@ ROUTINE, EVIDENCE, LONG_TERM = "routine", "evidence", "long_term"
 CLAIM_SLACK_S = 120                 # an upload claim lasts this long plus the time its bytes take at
 CLAIM_MIN_RATE = 4 * 1024**2        # this slow a rate (bytes/s); then another receiver may take it over
 CLAIM_GENERATIONS = 64
+BUCKET_COMMIT_STEPS = ("part_uploaded",)   # fault injection (store.CRASH_AT_ENV) in a commit from transfers
 
 
 @dataclass(frozen=True)
@@ -273,6 +274,7 @@ class S3Committed:
                 etag = self.s3.upload_part(Bucket=self.bucket, Key=key, UploadId=upload, PartNumber=number,
                                            Body=body, ChecksumSHA256=checksum)["ETag"]
                 parts.append({"PartNumber": number, "ETag": etag, "ChecksumSHA256": checksum})
+                crash_point("part_uploaded")
 
             for block in blocks:
                 digest.update(block)
