@@ -467,3 +467,72 @@ def test_through_mqtt_a_receiver_killed_mid_file_is_continued_by_another_on_anot
             agent.close()
         for proc in procs:
             proc.stop()
+
+
+def held_seqs(ack: dict) -> set[int]:
+    return {seq for first, last in ack["have"] for seq in range(first, last + 1)}
+
+
+def current_ack(agent: ScriptedAgent, fid: str) -> dict:
+    """The answer to a query sent now (acks already queued are older: skipped, unless one is `complete`)."""
+    while not agent.acks.empty():
+        ack = agent.acks.get()
+        if ack["file_id"] == fid and ack["state"] == "complete":
+            return ack
+    agent.query(fid)
+    return agent.ack(fid)
+
+
+def test_through_mqtt_two_receivers_sharing_one_file_and_one_killed_mid_file_store_it_once(
+        seaweed: SeaweedFS, tmp_path: Path, mosquitto: Mosquitto) -> None:
+    """Two receivers behind one shared subscription, each with its own store_dir: the chunks of one file are
+    split between them. Receiver 1 is killed -9 mid-file; the agent (as a real one does) sends again what an ack
+    does not name, until receiver 2 commits the file, once."""
+    key = AgentKey.load_or_create(tmp_path / "agent-keys")
+    (tmp_path / "enrolled").mkdir()
+    (tmp_path / "enrolled" / f"{SYNC_AGENT}.pem").write_text(key.public_pem())
+    store = (f'\n[store]\nbackend = "s3"\nendpoint = "{seaweed.endpoint}"\nbucket = "{LOCKED}"\n'
+             f'credentials_file = "{seaweed.credentials_file(tmp_path)}"\ntransfers = "s3"\n'
+             f'transfers_bucket = "{TRANSFERS}"\n')
+    procs = []
+    for name in ("receiver-1", "receiver-2"):
+        config = receiver_setup(tmp_path, mosquitto.port, tmp_path / name, tmp_path / "enrolled", name=name,
+                                shared_subscription=True)
+        config.write_text(config.read_text(encoding="utf-8") + store, encoding="utf-8")
+        procs.append(receiver_proc(tmp_path, config, name).start())
+    agent = None
+    try:
+        for name in ("receiver-1", "receiver-2"):
+            wait_for(lambda name=name: receiver_logged(tmp_path, "mqtt connected", name), 20, what=f"{name} up")
+        agent = ScriptedAgent(mosquitto.port, key)
+        content = os.urandom(40 * CHUNK + 11)
+        doc = agent.manifest(content, CHUNK)
+        total = chunk_count(len(content), CHUNK)
+        half = total // 2
+        agent.send_manifest(doc)
+        agent.send_chunks(doc, content, list(range(half)))
+        for _ in range(20):   # a chunk that reached receiver 2 before the manifest was in the bucket is asked again
+            missing = set(range(half)) - held_seqs(current_ack(agent, doc["file_id"]))
+            if not missing:
+                break
+            agent.send_chunks(doc, content, sorted(missing))
+        assert not missing
+        procs[0].kill9()
+
+        agent.send_chunks(doc, content, list(range(half, total)))
+        for _ in range(20):   # what went to the dead receiver is asked for again
+            ack = current_ack(agent, doc["file_id"])
+            if ack["state"] == "complete":
+                break
+            assert ack["state"] == "receiving" and set(range(half)) <= held_seqs(ack)   # nothing acked is lost
+            agent.send_chunks(doc, content, sorted(set(range(total)) - held_seqs(ack)))
+        assert (ack["state"], ack["sha256"]) == ("complete", doc["sha256"])
+        assert seaweed.client().get_object(Bucket=LOCKED, Key=f"objects/{doc['sha256']}")["Body"].read() == content
+        for k in (f"objects/{doc['sha256']}", f"index/{SYNC_AGENT}/{doc['file_id']}.json"):
+            assert versions(seaweed, k) == [k], f"{k} written more than once"
+        assert procs[1].alive
+    finally:
+        if agent is not None:
+            agent.close()
+        for proc in procs:
+            proc.stop()
