@@ -417,7 +417,8 @@ class AgentConfig(_Section):
 
 class StoreSection(_Section):
     """Where the receiver keeps committed files (docs/OPERATIONS.md "Receiver store"): `local`, objects/ and index/
-    under receiver.store_dir; or `s3`, a bucket with Object Lock (transfers in progress stay in store_dir)."""
+    under receiver.store_dir; or `s3`, a bucket with Object Lock. Transfers in progress: in store_dir, or with
+    `transfers = "s3"` in `transfers_bucket` (docs/OPERATIONS.md "Transfers in the object store")."""
 
     backend: Literal["local", "s3"] = "local"
     endpoint: str | None = None             # https://s3.example.org:9000
@@ -429,9 +430,26 @@ class StoreSection(_Section):
     long_term_years: Annotated[int, Field(ge=1, le=100)] = 10       # long_term files: locked stored + this
     # evidence files: locked as routine, plus a legal hold (released only by a platform action)
     release_keys: Path | None = None        # the platform's public key(s) signing legal-hold releases (PEM/dir)
+    # Transfers in progress: "local", receiver.store_dir/incoming/; "s3", objects in transfers_bucket (a bucket
+    # without Object Lock), so that receivers share nothing but the broker and the store (needs backend = "s3").
+    transfers: Literal["local", "s3"] = "local"
+    transfers_bucket: str | None = None
 
     @model_validator(mode="after")
     def _s3_complete(self) -> StoreSection:
+        if self.transfers == "s3":
+            if self.backend != "s3":
+                raise ValueError('transfers = "s3" needs backend = "s3" (the committed files in a bucket too); '
+                                 'set backend = "s3" or transfers = "local"')
+            if self.transfers_bucket is None:
+                raise ValueError('transfers = "s3" needs transfers_bucket: a bucket without Object Lock, not the '
+                                 "bucket of committed files; see config/receiver.example.toml")
+            if not re.fullmatch(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]", self.transfers_bucket):
+                raise ValueError(f"transfers_bucket {self.transfers_bucket!r} is not an S3 bucket name: 3-63 "
+                                 "characters, lower-case letters, digits, dots and hyphens")
+            if self.transfers_bucket == self.bucket:
+                raise ValueError(f"transfers_bucket {self.transfers_bucket!r} is the bucket of committed files: "
+                                 "give a second bucket, created without Object Lock")
         if self.backend != "s3":
             return self
         missing = [k for k in ("endpoint", "bucket", "credentials_file") if getattr(self, k) is None]

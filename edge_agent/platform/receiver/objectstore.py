@@ -1,7 +1,8 @@
 """Committed files in S3-compatible object storage with Object Lock (`[store] backend = "s3"`).
 
 What a receiver commits goes to one bucket; transfers in progress stay in the local `incoming/` of
-`ChunkStore` (moving them is the next step, docs/SCALING.md). Keys:
+`ChunkStore`, or with `[store] transfers = "s3"` are objects in a second bucket (transfers.py, which commits
+through `commit_blocks`). Keys:
 
     objects/<sha256>                                the bytes, once per content
     manifests/<agent>/<file_id>.<sha256>.json       each signed manifest
@@ -29,6 +30,7 @@ import os
 import socket
 import stat
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -39,7 +41,7 @@ from botocore.config import Config as BotoConfig
 from botocore.exceptions import BotoCoreError, ClientError
 
 from edge_agent.clock import now_ms
-from edge_agent.platform.receiver.store import StoreConfigError, StoreUnavailable
+from edge_agent.platform.receiver.store import StoreConfigError, StoreUnavailable, crash_point
 
 log = logging.getLogger(__name__)
 PART_BYTES = 16 * 1024**2   # a multipart upload's part: what the upload holds in memory at once
@@ -47,6 +49,7 @@ ROUTINE, EVIDENCE, LONG_TERM = "routine", "evidence", "long_term"
 CLAIM_SLACK_S = 120                 # an upload claim lasts this long plus the time its bytes take at
 CLAIM_MIN_RATE = 4 * 1024**2        # this slow a rate (bytes/s); then another receiver may take it over
 CLAIM_GENERATIONS = 64
+BUCKET_COMMIT_STEPS = ("part_uploaded",)   # fault injection (store.CRASH_AT_ENV) in a commit from transfers
 
 
 @dataclass(frozen=True)
@@ -91,6 +94,20 @@ def read_credentials(path: Path) -> tuple[str, str]:
         raise StoreConfigError(f"store.credentials_file = {str(path)!r}: missing {', '.join(missing)}; "
                                "write one `key = value` line for each")
     return values["access_key_id"], values["secret_access_key"]
+
+
+class DigestMismatch(Exception):
+    """The bytes streamed into a commit do not hash to the manifest's SHA-256; nothing was stored."""
+
+    def __init__(self, actual: str, expected: str):
+        super().__init__(f"the assembled file has SHA-256 {actual}, the manifest says {expected}: its bytes were "
+                         "altered after sealing or in transit")
+        self.actual = actual
+
+
+def _check_digest(digest: Any, expected: str) -> None:
+    if digest.hexdigest() != expected:
+        raise DigestMismatch(digest.hexdigest(), expected)
 
 
 def _b64(digest: bytes) -> str:
@@ -210,6 +227,79 @@ class S3Committed:
             raise StoreUnavailable(f"index {self.index_key(agent, file_id)} exists but cannot be read yet")
         return winner
 
+    def commit_blocks(self, agent: str, file_id: str, blocks: Iterable[bytes], manifest: bytes,
+                      doc: dict[str, Any]) -> dict[str, Any]:
+        """`commit` from the file's bytes in order (transfers.py: the chunk objects of a transfer), hashing
+        them on the way: parts of at most PART_BYTES are uploaded one at a time, and the upload is completed
+        only if the whole file's SHA-256 is the manifest's (else it is aborted and DigestMismatch raised).
+        Nothing is uploaded when the object is there already; the bytes are still hashed."""
+        sha256 = doc["sha256"]
+        stored_ms = now_ms()
+        lock = self.lock_args(str(doc.get("retention", ROUTINE)), stored_ms)
+        key = self.object_key(sha256)
+        if int(doc["size"]) <= PART_BYTES:
+            body = b"".join(blocks)
+            _check_digest(hashlib.sha256(body), sha256)
+            self._put_bytes(key, body, lock)
+        elif self._exists(key) or not self._claim(key, int(doc["size"])):
+            digest = hashlib.sha256()
+            for block in blocks:
+                digest.update(block)
+            _check_digest(digest, sha256)
+        else:
+            self._put_parts(key, blocks, lock, sha256)
+        self._put_bytes(self.manifest_key(sha256, agent, file_id), manifest, lock)
+        entry = {"agent_id": agent, "file_id": file_id, "sha256": sha256, "size": doc["size"], "stored_ms": stored_ms,
+                 "object": key, "retention": doc.get("retention", ROUTINE)}
+        if self._put_bytes(self.index_key(agent, file_id), json.dumps(entry).encode(), lock):
+            return entry
+        winner = self.stored(agent, file_id)
+        if winner is None:
+            raise StoreUnavailable(f"index {self.index_key(agent, file_id)} exists but cannot be read yet")
+        return winner
+
+    def _put_parts(self, key: str, blocks: Iterable[bytes], lock: dict[str, Any], sha256: str) -> bool:
+        """Create `key` as a multipart upload of `blocks` gathered into parts of PART_BYTES (the last one
+        shorter), one part in memory at a time; completed only if the bytes hash to `sha256`."""
+        upload = None
+        try:
+            upload = self.s3.create_multipart_upload(Bucket=self.bucket, Key=key, ChecksumAlgorithm="SHA256",
+                                                     **lock)["UploadId"]
+            parts: list[dict[str, Any]] = []
+            digest, part = hashlib.sha256(), bytearray()
+
+            def send(body: bytes) -> None:
+                checksum = _b64(hashlib.sha256(body).digest())
+                number = len(parts) + 1
+                etag = self.s3.upload_part(Bucket=self.bucket, Key=key, UploadId=upload, PartNumber=number,
+                                           Body=body, ChecksumSHA256=checksum)["ETag"]
+                parts.append({"PartNumber": number, "ETag": etag, "ChecksumSHA256": checksum})
+                crash_point("part_uploaded")
+
+            for block in blocks:
+                digest.update(block)
+                part += block
+                while len(part) >= PART_BYTES:
+                    send(bytes(part[:PART_BYTES]))
+                    del part[:PART_BYTES]
+            if part:
+                send(bytes(part))
+            _check_digest(digest, sha256)
+            self.s3.complete_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload,
+                                              MultipartUpload={"Parts": parts}, IfNoneMatch="*")
+        except ClientError as exc:
+            self._abort(key, upload)
+            if _status(exc) == 412 or _code(exc) == "PreconditionFailed":
+                return False
+            raise self._unavailable("write", key, exc) from exc
+        except BotoCoreError as exc:
+            self._abort(key, upload)
+            raise self._unavailable("write", key, exc) from exc
+        except Exception:   # a mismatch, or the blocks' source failed: nothing completed
+            self._abort(key, upload)
+            raise
+        return True
+
     def _put_bytes(self, key: str, body: bytes, lock: dict[str, Any]) -> bool:
         """Create `key` (False: it exists already, left as it is)."""
         try:
@@ -285,6 +375,8 @@ class S3Committed:
                 return True
             body = self._get(claim_key)
             held = json.loads(body) if body else {}
+            if held.get("holder") == self.holder:   # this receiver's own, from an attempt that failed
+                return not self._exists(key)
             if held.get("expires_ms", 0) > now_ms():
                 if self._exists(key):
                     return False

@@ -109,6 +109,21 @@ def _committed_files(config: ReceiverConfig) -> CommittedFiles | None:
     return committed
 
 
+def _chunk_store(config: ReceiverConfig, limits: Limits) -> ChunkStore:
+    """Transfers in progress under receiver.store_dir/incoming/, or ([store] transfers = "s3") as objects in the
+    transfer bucket (transfers.py), with the committed files wherever [store] backend says."""
+    rc, committed = config.receiver, _committed_files(config)
+    if config.store.transfers != "s3":
+        return ChunkStore(rc.store_dir, sole_writer=not rc.shared_subscription, limits=limits, committed=committed)
+    from edge_agent.platform.receiver.transfers import BucketTransfers
+
+    assert config.store.transfers_bucket is not None   # the config's validator requires it
+    store = BucketTransfers(rc.store_dir, committed, config.store.transfers_bucket,   # type: ignore[arg-type]
+                            limits=limits)
+    store.check_bucket()
+    return store
+
+
 def _bucket_records(committed: CommittedFiles | None) -> BucketRecords | None:
     """Chain documents and receipts in the bucket too, when the committed files are there."""
     if committed is None:
@@ -123,10 +138,10 @@ class Receiver:
         rc = config.receiver
         self.config = config
         self.root = config.mqtt.root
-        self.store = ChunkStore(rc.store_dir, sole_writer=not rc.shared_subscription, limits=Limits(
+        self.store = _chunk_store(config, Limits(
             max_open_transfers=rc.max_open_transfers_per_agent,
             max_reserved_bytes=int(rc.max_reserved_gb_per_agent * 1024**3),
-            min_free_bytes=int(rc.min_free_gb * 1024**3)), committed=_committed_files(config))
+            min_free_bytes=int(rc.min_free_gb * 1024**3)))
         self.expiry_s = rc.incoming_expiry_days * 86400
         self.keys = KeyRing(rc.keys_dir, rc.store_dir / LEARNED_KEYS)   # learn_rotation: keyring.py
         self.records = _bucket_records(self.store.committed)   # the custody record in the bucket, or None

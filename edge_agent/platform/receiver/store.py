@@ -102,7 +102,7 @@ class CommittedFiles(Protocol):
         """Store the verified bytes, the manifest and the index entry; the entry that holds (the first)."""
 
 
-def _crash_point(step: str) -> None:
+def crash_point(step: str) -> None:
     """Fault injection: SIGKILL this process after commit step `step` if `EDGE_AGENT_RECEIVER_CRASH_AT` names
     it (unset in production: a dict lookup per step of a commit)."""
     if os.environ.get(CRASH_AT_ENV) == step:
@@ -623,7 +623,7 @@ class ChunkStore:
             os.fsync(fd)
         finally:
             os.close(fd)
-        _crash_point("data_synced")
+        crash_point("data_synced")
         if lost:
             kept = set(records) - set(lost)
             atomic_write(incoming / "chunks", b"".join(b"%08d %s\n" % (seq, records[seq]) for seq in sorted(kept)))
@@ -680,9 +680,9 @@ class ChunkStore:
                 self._unlink(spare)
                 os.link(data, spare)
                 os.replace(spare, target)
-        _crash_point("object_linked")
+        crash_point("object_linked")
         fsync_dir(target.parent)
-        _crash_point("object_dir_synced")
+        crash_point("object_dir_synced")
 
     def _record_stored(self, agent: str, file_id: str, doc: dict[str, Any]) -> Ack:
         """The object is durable: the manifest copy beside it, the index (the commit point), then incoming/
@@ -690,16 +690,16 @@ class ChunkStore:
         incoming, sha256 = self.incoming(agent, file_id), doc["sha256"]
         manifest = (incoming / "manifest.json").read_bytes()
         atomic_write(self.manifest_path(sha256, agent, file_id), manifest, mode=0o444)
-        _crash_point("manifest_copied")
+        crash_point("manifest_copied")
         index = self._index(agent, file_id)
         make_dirs(index.parent)
         atomic_write(index, json.dumps(
             {"agent_id": agent, "file_id": file_id, "sha256": sha256, "size": doc["size"], "stored_ms": now_ms(),
              "object": str(self.object_path(sha256).relative_to(self.root))}).encode(), mode=0o444)
-        _crash_point("index_written")
+        crash_point("index_written")
         shutil.rmtree(incoming, ignore_errors=True)
         fsync_dir(incoming.parent)
-        _crash_point("incoming_removed")
+        crash_point("incoming_removed")
         self._forget(agent, file_id)
         log.info("stored agent=%s file=%s size=%d sha256=%s", agent, file_id, doc["size"], sha256)
         return Ack(file_id, ACK_COMPLETE, [], sha256)
