@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -22,6 +24,7 @@ def test_demo_runs_end_to_end_and_passes_its_own_checks(tmp_path: Path) -> None:
     assert len(list((tmp_path / "demo" / "receiver-store" / "index").rglob("*.json"))) >= 4
 
 
+@pytest.mark.extended   # the default run has the demo on the local store and the S3 store's own tests
 def test_demo_with_s3_stores_everything_in_a_locked_seaweedfs_bucket(tmp_path: Path) -> None:
     result = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "demo.py"), "--s3", "--recorders", "1", "--clips", "2",

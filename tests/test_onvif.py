@@ -64,7 +64,9 @@ def test_camera_with_wrong_password_is_an_auth_failed_gap(tmp_path: Path, camera
     try:
         gap = wait_for(lambda: agent.catalog.query("SELECT * FROM gaps WHERE camera = 'gate-north'"), timeout=20,
                        what="a gap")[0]
-        status = agent.cameras.camera_status()[0]
+        # The gap's row is written before the worker's status says so: wait for the status too.
+        status = wait_for(lambda: (s := agent.cameras.camera_status()[0])["open_gap"] and s, timeout=20,
+                          what="the camera's status showing the open gap")
         alarms = {row["key"] for row in agent.catalog.active_alarms()}
     finally:
         agent.stop()

@@ -336,6 +336,7 @@ def test_a_receiver_killed_during_the_commit_leaves_the_transfer_for_another_to_
     assert keys(seaweed, TRANSFERS, f"transfers/{AGENT}/{fid}/") == []
 
 
+@pytest.mark.extended   # the default run has the store down at commit, and the S3 store's outage tests
 def test_with_the_store_down_mid_transfer_the_file_stays_receiving_and_resumes(tmp_path: Path) -> None:
     server = SeaweedFS(tmp_path / "seaweedfs")
     server.start()

@@ -204,7 +204,7 @@ def stored_nals(path: Path) -> list[bytes]:
         return list(iter_nals(container, container.streams.video[0]))
 
 
-@pytest.fixture(params=CODECS)
+@pytest.fixture(params=[pytest.param(c, marks=() if c == "h264" else pytest.mark.extended) for c in CODECS])
 def signing_camera(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[str, Path, RtspServer]]:
     codec = request.param
     served = camera_file(codec, tmp_path / f"camera-{codec}.mp4")
