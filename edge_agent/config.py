@@ -98,7 +98,7 @@ class MqttSection(_Section):
     # While a dock bay is collecting, the uplink holds its chunks (up to this long at a stretch; 0: never), so
     # the recorders are safe to take sooner: on a small workstation ingest and upload compete for the same
     # cores (scripts/bench_dock_day.py, docs/BENCHMARKS.md). Acks, commands and events still flow.
-    yield_to_docks_s: Annotated[float, Field(ge=0, le=86400)] = 300
+    yield_to_docks_s: Annotated[float, Field(ge=0, le=86400)] = 0   # opt-in: docs/OPERATIONS.md
     reconnect_min_s: Annotated[float, Field(gt=0)] = 1
     reconnect_max_s: Annotated[float, Field(gt=0)] = 120
     command_keys: Path | None = None

@@ -45,7 +45,7 @@ def sealed(agent) -> int:  # noqa: ANN001 - the running Agent
 
 def test_uploads_wait_while_a_bay_collects_and_go_once_it_is_safe_to_take(tmp_path: Path,
                                                                            mosquitto: Mosquitto) -> None:
-    root, cfg = dock_day_agent(tmp_path, mosquitto.port)
+    root, cfg = dock_day_agent(tmp_path, mosquitto.port, yield_to_docks_s=300)
     with running_agent(cfg) as agent:
         collecting_at_chunk: list[bool] = []     # for each chunk on the wire: was a bay collecting then?
         watch = subscribed_client(mosquitto.port, "watch", f"{cfg.mqtt.root}/{cfg.agent.id}/files/+/chunk",
