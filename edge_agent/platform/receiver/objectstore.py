@@ -213,10 +213,16 @@ class S3Committed:
     def commit(self, agent: str, file_id: str, data: Path, manifest: bytes, doc: dict[str, Any]) -> dict[str, Any]:
         """Store the verified bytes at `data`, the manifest and the index entry; returns the index entry that
         holds (this receiver's, or an earlier one's: the first to write it wins). Raises StoreUnavailable."""
-        sha256 = doc["sha256"]
         stored_ms = now_ms()
         lock = self.lock_args(str(doc.get("retention", ROUTINE)), stored_ms)
-        self._put_file(self.object_key(sha256), data, lock)
+        self._put_file(self.object_key(doc["sha256"]), data, lock)
+        return self._record(agent, file_id, manifest, doc, lock, stored_ms)
+
+    def _record(self, agent: str, file_id: str, manifest: bytes, doc: dict[str, Any], lock: dict[str, Any],
+                stored_ms: int) -> dict[str, Any]:
+        """The bytes are in the bucket: the manifest, then the index entry (the commit point); returns the entry
+        that holds (this receiver's, or the one another receiver wrote first)."""
+        sha256 = doc["sha256"]
         self._put_bytes(self.manifest_key(sha256, agent, file_id), manifest, lock)
         entry = {"agent_id": agent, "file_id": file_id, "sha256": sha256, "size": doc["size"], "stored_ms": stored_ms,
                  "object": self.object_key(sha256), "retention": doc.get("retention", ROUTINE)}
@@ -248,25 +254,18 @@ class S3Committed:
             _check_digest(digest, sha256)
         else:
             self._put_parts(key, blocks, lock, sha256)
-        self._put_bytes(self.manifest_key(sha256, agent, file_id), manifest, lock)
-        entry = {"agent_id": agent, "file_id": file_id, "sha256": sha256, "size": doc["size"], "stored_ms": stored_ms,
-                 "object": key, "retention": doc.get("retention", ROUTINE)}
-        if self._put_bytes(self.index_key(agent, file_id), json.dumps(entry).encode(), lock):
-            return entry
-        winner = self.stored(agent, file_id)
-        if winner is None:
-            raise StoreUnavailable(f"index {self.index_key(agent, file_id)} exists but cannot be read yet")
-        return winner
+        return self._record(agent, file_id, manifest, doc, lock, stored_ms)
 
-    def _put_parts(self, key: str, blocks: Iterable[bytes], lock: dict[str, Any], sha256: str) -> bool:
+    def _put_parts(self, key: str, blocks: Iterable[bytes], lock: dict[str, Any], sha256: str | None) -> bool:
         """Create `key` as a multipart upload of `blocks` gathered into parts of PART_BYTES (the last one
-        shorter), one part in memory at a time; completed only if the bytes hash to `sha256`."""
+        shorter), one part in memory at a time; completed only if the bytes hash to `sha256` (None: bytes
+        verified already, not hashed again). False: the key exists already."""
         upload = None
         try:
             upload = self.s3.create_multipart_upload(Bucket=self.bucket, Key=key, ChecksumAlgorithm="SHA256",
                                                      **lock)["UploadId"]
             parts: list[dict[str, Any]] = []
-            digest, part = hashlib.sha256(), bytearray()
+            digest, part = (hashlib.sha256() if sha256 is not None else None), bytearray()
 
             def send(body: bytes) -> None:
                 checksum = _b64(hashlib.sha256(body).digest())
@@ -277,14 +276,16 @@ class S3Committed:
                 crash_point("part_uploaded")
 
             for block in blocks:
-                digest.update(block)
+                if digest is not None:
+                    digest.update(block)
                 part += block
                 while len(part) >= PART_BYTES:
                     send(bytes(part[:PART_BYTES]))
                     del part[:PART_BYTES]
             if part:
                 send(bytes(part))
-            _check_digest(digest, sha256)
+            if digest is not None and sha256 is not None:
+                _check_digest(digest, sha256)
             self.s3.complete_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload,
                                               MultipartUpload={"Parts": parts}, IfNoneMatch="*")
         except ClientError as exc:
@@ -320,30 +321,8 @@ class S3Committed:
             return self._put_bytes(key, path.read_bytes(), lock)
         if self._exists(key) or not self._claim(key, size):   # content-addressed: stored already
             return False
-        upload = None
-        try:
-            upload = self.s3.create_multipart_upload(Bucket=self.bucket, Key=key, ChecksumAlgorithm="SHA256",
-                                                     **lock)["UploadId"]
-            parts = []
-            with path.open("rb") as f:
-                number = 1
-                while block := f.read(PART_BYTES):
-                    checksum = _b64(hashlib.sha256(block).digest())
-                    etag = self.s3.upload_part(Bucket=self.bucket, Key=key, UploadId=upload, PartNumber=number,
-                                               Body=block, ChecksumSHA256=checksum)["ETag"]
-                    parts.append({"PartNumber": number, "ETag": etag, "ChecksumSHA256": checksum})
-                    number += 1
-            self.s3.complete_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload,
-                                              MultipartUpload={"Parts": parts}, IfNoneMatch="*")
-        except ClientError as exc:
-            self._abort(key, upload)
-            if _status(exc) == 412 or _code(exc) == "PreconditionFailed":
-                return False
-            raise self._unavailable("write", key, exc) from exc
-        except BotoCoreError as exc:
-            self._abort(key, upload)
-            raise self._unavailable("write", key, exc) from exc
-        return True
+        with path.open("rb") as f:   # verified against the manifest before the commit: not hashed again
+            return self._put_parts(key, iter(lambda: f.read(PART_BYTES), b""), lock, None)
 
     def _exists(self, key: str) -> bool:
         try:
