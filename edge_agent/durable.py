@@ -81,6 +81,11 @@ class SyncGroup:
             self._fd = os.open(_existing(Path(os.path.abspath(anchor))), os.O_RDONLY | os.O_DIRECTORY)
             self._dev = os.fstat(self._fd).st_dev
 
+    @property
+    def whole_filesystem(self) -> bool:
+        """`sync` flushes the anchor's whole filesystem (one syncfs), not only what was noted."""
+        return self._fd is not None
+
     def __enter__(self) -> SyncGroup:
         return self
 

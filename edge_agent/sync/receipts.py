@@ -11,9 +11,9 @@ Anything else is `Unverified`: it changes nothing (the transfer goes on, its ack
 receiver).
 
 `ReceiptGate` applies that on the sender thread: it counts unverified acks, raises `ack_unverified` once per
-file (an alarm and its event), and keeps a verified receipt durably beside the manifest before the ledger
-records the file as synced (`keep_copy`, after the ledger's commit; `restore_copies` at start, `seal_copies`
-at stop).
+file (an alarm and its event), and, once the ledger has committed the receipt with the file's `synced`, writes
+its copy beside the manifest without waiting for the disk (`keep_copy`); the uplink rewrites lost copies from
+the catalog at start (`restore_copies`) and makes them durable at a clean stop (`seal_copies`).
 """
 
 from __future__ import annotations
@@ -155,11 +155,15 @@ def restore_copies(catalog: Catalog, layout: StoreLayout) -> int:
 
 
 def seal_copies(catalog: Catalog, layout: StoreLayout) -> None:
-    """At a clean stop: every receipt copy written so far made durable at once, and the mark moved to now, so
-    the next start checks only what comes after."""
+    """At a clean stop: every receipt copy written so far made durable at once (one syncfs of the store's
+    filesystem), and the mark moved to now, so the next start checks only what comes after. Without syncfs
+    (Linux < 5.8) the mark stays: the next start checks them all and syncs each."""
     started = now_ms()
-    if layout.receipts.is_dir():
-        with SyncGroup(layout.receipts, grouped=True) as group:
-            group.touch(layout.receipts)
-            group.sync()
-    catalog.meta.set(COPIES_DURABLE, str(started))
+    if not layout.receipts.is_dir():
+        return
+    with SyncGroup(layout.receipts, grouped=True) as group:
+        group.touch(layout.receipts)
+        group.sync()
+        flushed_all = group.whole_filesystem
+    if flushed_all:
+        catalog.meta.set(COPIES_DURABLE, str(started))
