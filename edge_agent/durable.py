@@ -186,6 +186,25 @@ def atomic_write_many(entries: list[tuple[Path, bytes, int]], group: SyncGroup |
     own = group is None
     if group is None:
         group = SyncGroup(entries[0][0].parent, grouped=len(entries) > 1)
+    try:
+        temps = write_temps(entries, group)
+        try:
+            group.sync()
+            replace_temps(temps, group)
+        except BaseException:
+            discard_temps(temps)
+            raise
+        if own:
+            group.sync()
+    finally:
+        if own:
+            group.__exit__()
+
+
+def write_temps(entries: list[tuple[Path, bytes, int]], group: SyncGroup) -> list[tuple[Path, Path]]:
+    """The first half of `atomic_write_many`: each (path, data, mode) written to a temporary file beside
+    `path` (writeback started, noted in `group`); returns the (temporary, path) pairs for `replace_temps`
+    once `group.sync()` has made them durable. Nothing is renamed: a crash leaves every path as it was."""
     temps: list[tuple[Path, Path]] = []
     try:
         for path, data, mode in entries:
@@ -199,22 +218,26 @@ def atomic_write_many(entries: list[tuple[Path, bytes, int]], group: SyncGroup |
             finally:
                 os.close(fd)
             group.file(tmp)
-        group.sync()
-        for tmp, path in temps:
-            os.replace(tmp, path)
-            group.touch(path.parent)
-        if own:
-            group.sync()
     except BaseException:
-        for tmp, _ in temps:
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
+        discard_temps(temps)
         raise
-    finally:
-        if own:
-            group.__exit__()
+    return temps
+
+
+def replace_temps(temps: list[tuple[Path, Path]], group: SyncGroup) -> None:
+    """The second half: rename each durable temporary over its path, in order; the directories are made
+    durable at the caller's next `group.sync()`."""
+    for tmp, path in temps:
+        os.replace(tmp, path)
+        group.touch(path.parent)
+
+
+def discard_temps(temps: list[tuple[Path, Path]]) -> None:
+    for tmp, _ in temps:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
 
 
 def atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
@@ -236,10 +259,24 @@ def drop_cache(fd: int) -> None:
 def exclusive_lock(path: Path) -> Iterator[None]:
     """Hold an exclusive flock on `path` (created if missing, its directory too), waiting for other holders:
     processes sharing a store take turns; the kernel releases it when the holder dies."""
-    make_dirs(path.parent)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = lock_file(path, wait=True)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:
         os.close(fd)   # closing releases the lock
+
+
+def lock_file(path: Path, *, wait: bool) -> int | None:
+    """An exclusive flock on `path` (created if missing, its directory too): the descriptor holding it (close
+    it to release), or None when another holder has it and `wait` is False."""
+    make_dirs(path.parent)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd

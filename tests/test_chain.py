@@ -96,6 +96,10 @@ def test_a_head_that_outlived_its_documents_rename_steps_back_and_a_lost_file_in
     with store.locked(AGENT_ID):
         for seq, doc in enumerate(docs, 1):
             store.append(AGENT_ID, seq, canonical_json(doc), doc)
+    assert store.head(AGENT_ID) == (3, sha(docs[2]))   # staged: the head this process answers from
+    assert store.file_entry(AGENT_ID, "01JD5Q7M6X2V9TNEXRVZ3K0003") is None   # not held before the flush
+    assert not (tmp_path / "store" / "chains" / AGENT_ID / "head").exists()
+    store.sync()
     assert store.head(AGENT_ID) == (3, sha(docs[2]))
     assert store.file_entry(AGENT_ID, "01JD5Q7M6X2V9TNEXRVZ3K0003") == (3, sha(docs[2]))
 
@@ -105,6 +109,7 @@ def test_a_head_that_outlived_its_documents_rename_steps_back_and_a_lost_file_in
         assert after.head(AGENT_ID) == (2, sha(docs[1]))
         assert after.file_entry(AGENT_ID, "01JD5Q7M6X2V9TNEXRVZ3K0003") is None
         after.append(AGENT_ID, 3, canonical_json(docs[2]), docs[2])   # sent again by the agent
+    after.sync()
 
     index = tmp_path / "store" / "chains" / AGENT_ID / "files" / "01JD5Q7M6X2V9TNEXRVZ3K0003"
     index.unlink()   # the document and head survived, the index entry did not
@@ -112,6 +117,44 @@ def test_a_head_that_outlived_its_documents_rename_steps_back_and_a_lost_file_in
     with again.locked(AGENT_ID):
         assert again.head(AGENT_ID) == (3, sha(docs[2]))
         assert again.file_entry(AGENT_ID, "01JD5Q7M6X2V9TNEXRVZ3K0003") == (3, sha(docs[2]))
+
+
+def test_two_receivers_that_each_keep_a_chain_lock_the_other_wants_both_go_on(tmp_path: Path) -> None:
+    """An append keeps its agent's chain lock until the burst's flush. Two receivers on one store, each
+    holding one agent's staged document and then wanting the other's agent, would wait for each other for
+    ever; `locked` flushes what it keeps before it waits, so both finish and both chains hold both documents."""
+    import threading
+
+    from edge_agent.platform.receiver.chain import ChainStore
+    first, second = "ws-first", "ws-second"
+    docs = {agent: [{"v": 1, "type": "annotation", "agent_id": agent, "n": n} for n in (1, 2)]
+            for agent in (first, second)}
+    stores = [ChainStore(tmp_path / "store"), ChainStore(tmp_path / "store")]   # two processes' views
+    both_staged = threading.Barrier(2, timeout=30)
+    finished: list[str] = []
+
+    def receiver(store: ChainStore, mine: str, theirs: str) -> None:
+        with store.locked(mine):
+            store.append(mine, 1, canonical_json(docs[mine][0]), docs[mine][0])
+        both_staged.wait()           # each now keeps the lock of `mine`
+        with store.locked(theirs):   # held by the other one
+            seq = store.head(theirs)[0] + 1
+            store.append(theirs, seq, canonical_json(docs[theirs][1]), docs[theirs][1])
+        store.sync()
+        finished.append(mine)
+
+    threads = [threading.Thread(target=receiver, args=(stores[0], first, second), daemon=True),
+               threading.Thread(target=receiver, args=(stores[1], second, first), daemon=True)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert sorted(finished) == [first, second], "the two receivers waited for each other's lock"
+    after = ChainStore(tmp_path / "store")
+    for agent in (first, second):
+        assert after.head(agent)[0] == 2
+        held = [json.loads(after.doc_path(agent, seq).read_bytes())["n"] for seq in (1, 2)]
+        assert held == [1, 2]
 
 
 # -- a scripted agent on the chain stream -------------------------------------------------------------------

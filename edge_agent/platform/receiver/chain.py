@@ -10,10 +10,13 @@ Public surface:
       chains/<agent>/refused/<ms>-<seq>.json  what was refused (fork, rewind), kept for an investigator
       chains/<agent>/lock                   flock, exclusive around an append
 
-  A document, its file index and the head are written durably and renamed in that order; their
-  directories are flushed by `sync`, once for every document appended since the last call (the service
-  calls it before it sends any chain answer): a process killed before the head's rename leaves a document the
-  head does not cover, which the next append of that seq overwrites. A power cut may keep the head's rename
+  `append` stages a document and its file index (written to temporary files, nothing renamed yet) and keeps
+  the agent's lock; `sync` (the service calls it before it sends any chain answer) makes every staged file
+  and each agent's new head durable with one flush, renames them (documents, then indexes, then heads), flushes
+  the directories with a second one and releases the locks: two flushes for a burst of documents, not one per
+  document. Until then nothing is held: other receivers wait on the lock (or, should one wait on a lock of
+  ours, `locked` flushes ours first), and a process killed before the head's rename leaves documents the head
+  does not cover, which the next append of their seq overwrites. A power cut may keep the head's rename
   and lose an earlier one: the first lock of an agent's chain in a process checks the head against the
   document it names (and that document's file index) and steps back to the last one held (`_recover`).
 - `ChainKeeper(store, keys, sign, publish_event)`: the rules. `offer(agent, payload)` for a `chain/doc`
@@ -34,6 +37,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -42,7 +46,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from edge_agent.clock import now_ms
-from edge_agent.durable import SyncGroup, atomic_write, atomic_write_many, exclusive_lock
+from edge_agent.durable import SyncGroup, atomic_write, discard_temps, lock_file, replace_temps, write_temps
 from edge_agent.evidence.manifest import GENESIS_PREV, ManifestError, canonical_json, verify_signature
 from edge_agent.evidence.receipts import chain_receipt_body
 from edge_agent.evidence.suites import PublicKey
@@ -83,8 +87,13 @@ class ChainStore:
         self.root = Path(root)
         self.bucket = bucket
         self._checked: set[str] = set()   # agents whose head this process has checked (`_recover`)
-        self._pending: SyncGroup | None = None   # appended since the last `sync`: directories not yet flushed
-        self._pending_lock = threading.Lock()
+        self._mutex = threading.RLock()   # this process's threads: what is staged and the locks it keeps
+        self._group: SyncGroup | None = None          # staged since the last `sync`
+        self._temps: list[tuple[Path, Path]] = []     # documents and file indexes written, not renamed
+        self._heads: dict[str, tuple[int, str]] = {}  # agent -> its staged head
+        self._docs: dict[tuple[str, int], str] = {}   # (agent, seq) -> SHA-256 of the staged document
+        self._kept: dict[str, int] = {}               # agent -> its lock's descriptor, kept until `sync`
+        self._staged_at = 0.0                         # monotonic time of the first staging since `sync`
 
     def _dir(self, agent: str) -> Path:
         return self.root / "chains" / agent
@@ -96,11 +105,26 @@ class ChainStore:
     def locked(self, agent: str) -> Iterator[None]:
         """The agent's chain, exclusively (other receivers on this store wait)."""
         # Not under locks/: the sweeper expires old lock files there (transfers'), and this one is never idle.
-        with exclusive_lock(self._dir(agent) / "lock"):
-            if agent not in self._checked:
-                self._recover(agent)
-                self._checked.add(agent)
-            yield
+        with self._mutex:
+            if agent in self._kept:   # ours since an append not yet synced
+                yield
+                return
+            path = self._dir(agent) / "lock"
+            fd = lock_file(path, wait=False)
+            if fd is None:
+                # Another receiver holds it, and it may be waiting for one we keep: flush ours first.
+                self.sync()
+                fd = lock_file(path, wait=True)
+            try:
+                if agent not in self._checked:
+                    self._recover(agent)
+                    self._checked.add(agent)
+                yield
+            finally:
+                if agent in self._heads:
+                    self._kept[agent] = fd   # what was staged must not be overtaken before `sync`
+                else:
+                    os.close(fd)
 
     def _recover(self, agent: str) -> None:
         """The head names a document held whole, whose file index is there: after a power cut that kept the
@@ -138,6 +162,9 @@ class ChainStore:
         return None
 
     def head(self, agent: str) -> Head:
+        staged = self._heads.get(agent)
+        if staged is not None:
+            return staged
         try:
             seq, digest = (self._dir(agent) / "head").read_text(encoding="ascii").split()
         except FileNotFoundError:
@@ -148,6 +175,9 @@ class ChainStore:
         """SHA-256 of the held document at `seq` (None if not held)."""
         if seq < 1 or seq > self.head(agent)[0]:
             return None
+        staged = self._docs.get((agent, seq))
+        if staged is not None:
+            return staged
         try:
             return hashlib.sha256(self.doc_path(agent, seq).read_bytes()).hexdigest()
         except FileNotFoundError:
@@ -166,22 +196,46 @@ class ChainStore:
         index = self._file_index_entry(agent, seq, digest, doc)
         if index is not None:
             entries.append(index)
-        entries.append((self._dir(agent) / "head", f"{seq} {digest}\n".encode("ascii"), 0o644))
-        with self._pending_lock:
-            if self._pending is None:
-                self._pending = SyncGroup(self.root, grouped=True)
-            # The files durable, then renamed in this order (the head last); their directories at `sync`.
-            atomic_write_many(entries, group=self._pending)
+        with self._mutex:
+            if self._group is None:
+                self._group = SyncGroup(self.root, grouped=True)
+                self._staged_at = time.monotonic()
+            self._temps += write_temps(entries, self._group)
+            self._heads[agent] = (seq, digest)
+            self._docs[(agent, seq)] = digest
         return digest
 
+    def staged_for(self) -> float:
+        """Seconds since the oldest document not yet synced was staged (0.0: none)."""
+        return time.monotonic() - self._staged_at if self._heads else 0.0
+
     def sync(self) -> None:
-        """Make what every `append` since the last call renamed durable, with one flush for all of them.
-        Nothing may be answered about a document (held, a receipt covering it) before this returns."""
-        with self._pending_lock:
-            pending, self._pending = self._pending, None
-        if pending is not None:
-            with pending:
-                pending.sync()
+        """Make every document staged since the last call held: the files and each agent's new head durable
+        (one flush), renamed in order (documents and indexes, then the heads), their directories durable (a
+        second flush); then the agents' locks are released. Nothing may be answered about a document (held,
+        a receipt covering it) before this returns. On an error nothing staged is held (the agents send again)."""
+        with self._mutex:
+            group, temps, heads = self._group, self._temps, self._heads
+            self._group, self._temps, self._heads, self._docs = None, [], {}, {}
+            kept, self._kept = self._kept, {}
+            try:
+                if group is None:
+                    return
+                with group:
+                    heads_temps: list[tuple[Path, Path]] = []
+                    try:
+                        heads_temps = write_temps([(self._dir(agent) / "head", f"{seq} {digest}\n".encode("ascii"),
+                                                    0o644) for agent, (seq, digest) in heads.items()], group)
+                        group.sync()
+                        replace_temps(temps, group)
+                        replace_temps(heads_temps, group)
+                        group.sync()
+                    except BaseException:
+                        discard_temps(temps + heads_temps)
+                        raise
+            finally:
+                for fd in kept.values():
+                    os.close(fd)
 
     def file_entry(self, agent: str, file_id: str) -> tuple[int, str] | None:
         """(seq, sha256) of `file_id`'s manifest in the held chain, if the chain holds it."""

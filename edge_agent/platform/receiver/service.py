@@ -89,6 +89,7 @@ PARK_AGENT_BYTES = 32 * 1024**2    # orphan chunks' bytes kept per agent
 PARK_MAX_BYTES = 128 * 1024**2     # and in all
 PARK_POLL_S = 0.02                 # how often parked chunks look for their manifest
 CHAIN_GROUP_MAX = 32               # chain answers held for one shared flush while more messages wait
+CHAIN_GROUP_S = 0.2                # ... and for at most this long while files keep the worker busy
 SWEEP_INTERVAL_S = 3600.0
 INBOUND_AGENT_MESSAGES = 256        # messages queued per agent (fair queue, taken round-robin)
 INBOUND_AGENT_BYTES = 64 * 1024**2  # and their bytes
@@ -285,6 +286,8 @@ class Receiver:
             if not self._park(message, data_sha256):
                 self._handle(message.topic, message.payload, data_sha256)
             self._puback(generation, message)
+            if self.chain.store.staged_for() > CHAIN_GROUP_S:   # the agents' chain locks are held meanwhile
+                self._answer_chain()
             self._retry_parked()
             self._flush_due()
 
