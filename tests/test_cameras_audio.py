@@ -156,6 +156,13 @@ def test_every_track_is_kept_bit_exact_and_audio_tiles_the_segments(tmp_path: Pa
                                "last_packet_ms": status["audio"]["last_packet_ms"]}
     assert [t["kind"] for t in status["tracks"]] == ["video", "audio"]
 
+    # Only a connection's first picture may be timed by estimate (docs/CAMERAS.md "A connection's first
+    # picture"): H.265's, when this client's first picture is a keyframe (the listener joined the shared media
+    # first, so it may not be); H.264's sliced keyframe is joined to its camera-timed rest, never estimated.
+    timings = [manifest(data_dir, s.file_id).get("timing") for s in segments]
+    assert timings[1:] == [None] * (len(segments) - 1)
+    assert timings[0] is None or (video_codec == "hevc" and timings[0]["first_picture"] == "estimated")
+
     stored: list[bytes] = []
     previous_audio_end_ms: float | None = None
     for s in segments:
