@@ -16,8 +16,10 @@ made reversible: standard µ-law decodes both of its zeros (codes 0xFF and 0x7F)
 the negative zero, decodes to -1 (one 16-bit step, inaudible); then each of the 256 codes has its own
 sample and the inverse of this table gives back the camera's bytes exactly (`s16le_to_g711`). A
 standard encoder gives them back too, except that FFmpeg's never writes 0x7F (it encodes -1 as 0x7E).
-The track carries the tag `ORIGINAL_CODEC` so a reader knows what the camera sent. A stream the muxer
-still refuses is left out, logged once per connection, and named in `StreamStats.dropped`.
+The track carries the tag `ORIGINAL_CODEC` so a reader knows what the camera sent. A data stream (ONVIF
+metadata: FFmpeg gives its RTP payloads, with no codec) goes into a text track tagged `ORIGINAL_KIND=data`,
+payloads unchanged, since the Matroska muxer holds no data track. Subtitle streams are left out, logged
+once per connection, and named in `StreamStats.dropped`.
 
 Cuts: segments are cut on video keyframes. An audio packet belongs to the segment its start time
 falls in: audio is held until the video has passed its time (a camera may send it early), and the
@@ -39,6 +41,7 @@ is reported once (`clock_step`) and the anchor re-taken. Segments of one connect
 from __future__ import annotations
 
 import errno
+import io
 import logging
 import os
 import re
@@ -77,6 +80,8 @@ INTERLEAVE_MAX_US = 500_000   # the muxer waits at most this long (stream time) 
 PENDING_MAX = 512          # audio packets held for the video to catch up, at most (then written as they come)
 # Codecs the Matroska muxer refuses, stored losslessly as 16-bit PCM (see the module docstring).
 G711 = ("pcm_mulaw", "pcm_alaw")
+KEPT_TYPES = ("video", "audio", "data")
+DATA_TAG = "ORIGINAL_KIND"   # on a text track that holds a data stream's payloads (ONVIF metadata): "data"
 TIMING_TAG = "FIRST_PICTURE_ESTIMATED_MS"   # segment tag: its first picture's time is an estimate (frame ms)
 
 
@@ -297,6 +302,7 @@ class RtspRecorder:
         self._clock = _Clock()
         self._last_end_ms: int | None = None   # end of the last packet written, wall ms
         self._estimated: dict[str, object] | None = None   # the first picture's time was estimated (`_timed`)
+        self._data_indexes: frozenset[int] = frozenset()   # this connection's data streams (ONVIF metadata)
         self._interrupted = True               # no packet written yet since start or the last interruption
 
     def stop(self) -> None:
@@ -515,10 +521,12 @@ class RtspRecorder:
             self._release(force=False)
 
     def _kept_streams(self, container: av.container.InputContainer) -> list[av.stream.Stream]:
-        """Video and audio; other streams (data, subtitles) are named in the stats and the log."""
-        kept = [s for s in container.streams if s.type in ("video", "audio")]
+        """Video, audio and data (ONVIF metadata: stored as a text track, see `_SegmentWriter`); other
+        streams (subtitles) are named in the stats and the log."""
+        kept = [s for s in container.streams if s.type in KEPT_TYPES]
+        self._data_indexes = frozenset(s.index for s in kept if s.type == "data")
         for other in container.streams:
-            if other.type not in ("video", "audio"):
+            if other.type not in KEPT_TYPES:
                 name = other.codec_context.name if other.codec_context is not None else "unknown"
                 self.stats.dropped.append(f"{other.index}:{other.type}:{name}")
                 log.warning("camera_track_not_recorded camera=%s stream=%d type=%s codec=%s", self.camera,
@@ -539,8 +547,10 @@ class RtspRecorder:
             cuts.closing = None
 
     def _audio(self, cuts: _Cuts, packet: av.Packet, at: int, received: float) -> None:
-        self.stats.audio_packets += 1
-        self.stats.last_audio_ms = int(received)
+        """An audio or data packet: held until the video passes its time (`_place_audio`)."""
+        if packet.stream_index not in self._data_indexes:
+            self.stats.audio_packets += 1
+            self.stats.last_audio_ms = int(received)
         cuts.pending.append((at, packet))
         if len(cuts.pending) > PENDING_MAX:   # the video stopped moving: do not hold audio without bound
             self._place_audio(cuts, before=cuts.pending[-1][0])
@@ -644,6 +654,15 @@ class _SegmentWriter:
                                      container_options={"flush_packets": "1",
                                                         "max_interleave_delta": str(INTERLEAVE_MAX_US)})
             for stream in streams:
+                if stream.type == "data":
+                    # Matroska (FFmpeg's muxer) holds no data track: the payloads go, bytes unchanged, into a
+                    # text track (S_TEXT/UTF8, FFmpeg's `subrip`), tagged as data and not shown by default.
+                    out = self.container.add_stream_from_template(_text_template())
+                    out.time_base = stream.time_base
+                    out.metadata[DATA_TAG] = "data"
+                    out.metadata["title"] = "camera metadata (RTP payloads)"
+                    self._outputs[stream.index] = (out, None)
+                    continue
                 codec = stream.codec_context.name
                 if codec in G711:
                     out = self.container.add_stream("pcm_s16le", rate=stream.codec_context.sample_rate,
@@ -714,6 +733,18 @@ class _SegmentWriter:
             os.close(self._fd)
         return Segment(camera, self.path, self.start_ms, end_ms, self.packets, self.path.stat().st_size,
                        timing=self.timing)
+
+
+_TEXT_TEMPLATE: list[av.stream.Stream] = []
+
+
+def _text_template() -> av.stream.Stream:
+    """A text (SubRip, S_TEXT/UTF8) stream to add tracks from: PyAV makes a stream without an encoder only
+    from a template, so one is read from a one-cue SubRip document held in memory, once per process."""
+    if not _TEXT_TEMPLATE:
+        _TEXT_TEMPLATE.append(av.open(io.BytesIO(b"1\n00:00:00,000 --> 00:00:01,000\n.\n\n"), format="srt")
+                              .streams[0])
+    return _TEXT_TEMPLATE[0]
 
 
 def _joined(head: av.Packet, tail: av.Packet, timed: av.Packet) -> av.Packet:

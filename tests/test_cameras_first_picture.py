@@ -25,10 +25,11 @@ def nal_type(nal: bytes, video: str) -> int:
 
 
 class Collector:
-    """A RecorderListener keeping the finished segments; `done` is set at the second one."""
+    """A RecorderListener keeping the finished segments; `done` is set at the `wanted`-th one."""
 
-    def __init__(self) -> None:
+    def __init__(self, wanted: int = 2) -> None:
         self.segments: list[Segment] = []
+        self.wanted = wanted
         self.done = threading.Event()
 
     def connected(self, camera: str, url: str) -> None: ...
@@ -43,7 +44,7 @@ class Collector:
 
     def segment_done(self, segment: Segment) -> None:
         self.segments.append(segment)
-        if len(self.segments) >= 2:
+        if len(self.segments) >= self.wanted:
             self.done.set()
 
 
