@@ -463,26 +463,31 @@ class RtspRecorder:
         hevc = video.codec_context.name == "hevc"
         held: av.Packet | None = None
         first = True   # no video packet seen yet on this connection
-        for packet in packets:
-            if packet.stream_index != index:
-                yield packet
-                continue
-            if first:
-                first = False
-                if packet.dts is None:
+        try:
+            for packet in packets:
+                if packet.stream_index != index:
+                    yield packet
+                    continue
+                if first:
+                    first = False
+                    if packet.dts is None:
+                        held = packet
+                        continue
+                if held is not None:
+                    packet, out = self._place(held, packet, video, hevc)
+                    held = None
+                    if out:
+                        yield from out
+                    if packet is None:
+                        continue
+                if packet.is_keyframe and packet.dts is not None:
                     held = packet
-                    continue
+                else:
+                    yield packet
+        except (av.FFmpegError, OSError):
             if held is not None:
-                packet, out = self._place(held, packet, video, hevc)
-                held = None
-                if out:
-                    yield from out
-                if packet is None:
-                    continue
-            if packet.is_keyframe and packet.dts is not None:
-                held = packet
-            else:
-                yield packet
+                yield held   # the connection failed: the keyframe held is still the camera's, written first
+            raise
         if held is not None:
             yield held
 
@@ -753,7 +758,8 @@ def _joined(head: av.Packet, tail: av.Packet, timed: av.Packet) -> av.Packet:
     joined.pts, joined.dts, joined.duration = timed.pts, timed.dts, timed.duration
     joined.time_base = timed.time_base
     joined.is_keyframe = True
-    joined.stream = tail.stream
+    if tail.stream is not None:   # a demuxed packet's stream (its index picks the segment's track)
+        joined.stream = tail.stream
     return joined
 
 

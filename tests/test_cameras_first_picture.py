@@ -8,7 +8,10 @@ is). The first segment decodes from its first picture: one decoded picture per p
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
+from fractions import Fraction
 from pathlib import Path
+from types import SimpleNamespace
 
 import av
 import pytest
@@ -102,3 +105,68 @@ def test_the_first_picture_of_a_connection_is_recorded_as_sent(tmp_path: Path, v
     else:                 # a whole untimed keyframe: its time is an estimate, and the segment says so
         assert first.timing is not None and first.timing["first_picture"] == "estimated"
         assert segment_timing(first.path) == first.timing
+
+
+# The same rules on packets made here (no server): what `_timed` gives the recorder's loop.
+AUD, SPS, PPS = b"\x00\x00\x00\x01\x09\x10", b"\x00\x00\x00\x01\x67\x42", b"\x00\x00\x00\x01\x68\xce"
+IDR_TOP, IDR_REST = b"\x00\x00\x00\x01\x65\x88\x84", b"\x00\x00\x00\x01\x65\x03\xc8"   # first_mb 0 / > 0
+P_TOP = b"\x00\x00\x00\x01\x41\x9a\x22"
+IRAP, TRAIL = b"\x00\x00\x00\x01\x28\x01\xac", b"\x00\x00\x00\x01\x02\x01\xd0"   # H.265, first slice
+
+
+class Video:
+    """What `_timed` reads of the video stream."""
+
+    index = 0
+    time_base = Fraction(1, 90000)
+    average_rate = Fraction(25)
+    guessed_rate = None
+
+    def __init__(self, codec: str):
+        self.codec_context = SimpleNamespace(name=codec)
+
+
+def packet(data: bytes, dts: int | None, key: bool) -> av.Packet:
+    p = av.Packet(data)
+    p.pts = p.dts = dts
+    p.time_base, p.duration, p.is_keyframe = Fraction(1, 90000), 3600, key
+    return p
+
+
+def timed(codec: str, packets: list[av.Packet], fail: bool = False) -> tuple[list[tuple[bytes, int]], object]:
+    def source() -> Iterator[av.Packet]:
+        yield from packets
+        if fail:
+            raise av.ExitError(-1, "stream ended")   # what the demuxer raises when the camera goes away
+
+    recorder = RtspRecorder("gate", lambda: "", Path("/nonexistent"), Collector(), segment_s=1, stall_timeout_s=1)
+    out: list[tuple[bytes, int]] = []
+    try:
+        for p in recorder._timed(source(), Video(codec)):
+            out.append((bytes(p), p.dts))
+    except av.ExitError:
+        out.append((b"raised", -1))
+    return out, recorder._estimated
+
+
+def test_the_untimed_top_slice_and_each_sliced_keyframe_become_one_camera_timed_picture() -> None:
+    out, estimated = timed("h264", [
+        packet(AUD + SPS + PPS + IDR_TOP, None, True), packet(SPS + PPS + IDR_REST, 0, True),
+        packet(AUD + P_TOP, 3600, False),
+        packet(AUD + SPS + PPS + IDR_TOP, 7200, True), packet(SPS + PPS + IDR_REST, 7200, True),
+        packet(AUD + P_TOP, 10800, False)])
+    assert out == [(AUD + SPS + PPS + IDR_TOP + SPS + PPS + IDR_REST, 0), (AUD + P_TOP, 3600),
+                   (AUD + SPS + PPS + IDR_TOP + SPS + PPS + IDR_REST, 7200), (AUD + P_TOP, 10800)]
+    assert estimated is None
+
+
+def test_an_untimed_whole_keyframe_is_kept_with_an_estimated_time() -> None:
+    out, estimated = timed("hevc", [packet(IRAP, None, True), packet(TRAIL, 5857, False),
+                                    packet(TRAIL, 9457, False)])
+    assert out == [(IRAP, 5857 - 3600), (TRAIL, 5857), (TRAIL, 9457)]
+    assert estimated is not None and estimated["first_picture"] == "estimated" and estimated["frame_ms"] == 40
+
+
+def test_a_keyframe_held_when_the_connection_fails_is_still_written() -> None:
+    out, _ = timed("h264", [packet(P_TOP, 0, False), packet(AUD + SPS + PPS + IDR_TOP, 3600, True)], fail=True)
+    assert out == [(P_TOP, 0), (AUD + SPS + PPS + IDR_TOP, 3600), (b"raised", -1)]
