@@ -10,6 +10,7 @@ import threading
 from pathlib import Path
 
 import av
+import pytest
 
 from drivers.rtsp import RtspRecorder, StreamStats
 from edge_agent.ingest.stage import probe_media
@@ -34,8 +35,11 @@ def stored_documents(path: Path) -> tuple[list[bytes], list[float], float]:
     return payloads, times, video_end
 
 
-def test_an_onvif_metadata_stream_is_recorded_as_sent(tmp_path: Path) -> None:
-    server = RtspServer(free_port(), keyint=10, metadata=True, log=tmp_path / "rtsp.log").start()
+# With audio too (the metadata is then the third stream) in scripts/test_extended.sh.
+@pytest.mark.parametrize("audio", ["none", pytest.param("pcmu", marks=pytest.mark.extended)])
+def test_an_onvif_metadata_stream_is_recorded_as_sent(tmp_path: Path, audio: str) -> None:
+    server = RtspServer(free_port(), keyint=10, metadata=True, audio=audio, log=tmp_path / "rtsp.log").start()
+    kinds = ["video", "data"] if audio == "none" else ["video", "audio", "data"]
     tap = RtspTap(server.port).start()
     heard = Collector(wanted=2)
     recorder = RtspRecorder("gate", lambda: tap.url(MOUNT), tmp_path / "spool", heard, segment_s=0.5,
@@ -45,13 +49,14 @@ def test_an_onvif_metadata_stream_is_recorded_as_sent(tmp_path: Path) -> None:
     try:
         assert heard.done.wait(30), "two segments were not recorded"
         stats: StreamStats = recorder.stats
-        assert [t["kind"] for t in stats.tracks] == ["video", "data"] and stats.dropped == []
+        assert [t["kind"] for t in stats.tracks] == kinds and stats.dropped == []
     finally:
         recorder.stop()
         thread.join(20)
         tap.close()
         server.stop()
-    sent = [rtp[12:] for rtp in tap.rtp(0, channel=2)]   # the second SETUP: interleaved channels 2-3
+    # the last SETUP: interleaved channels 2-3 (second stream) or 4-5 (third)
+    sent = [rtp[12:] for rtp in tap.rtp(0, channel=2 * (len(kinds) - 1))]
     assert len(sent) >= 5 and all(doc.startswith(b"<?xml") for doc in sent)
 
     stored: list[bytes] = []
@@ -63,7 +68,8 @@ def test_an_onvif_metadata_stream_is_recorded_as_sent(tmp_path: Path) -> None:
         assert all(0 <= t < video_end + 0.2 for t in times)
         stored += payloads
         tracks = probe_media(segment.path)["tracks"]
-        assert tracks[1] == {"kind": "data", "codec": None, "stored_as": "srt"}
+        assert [t["kind"] for t in tracks] == kinds
+        assert tracks[-1] == {"kind": "data", "codec": None, "stored_as": "srt"}
     # byte for byte as sent, in order, none left out between the first and the last stored
     start = sent.index(stored[0])
     assert stored == sent[start:start + len(stored)]
