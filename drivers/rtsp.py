@@ -498,9 +498,12 @@ class RtspRecorder:
         if packet.dts is None:
             return None, (held,)   # the caller leaves an untimed packet out; the held one goes on
         if held.dts is None:
+            start = picture_start(bytes(held), hevc)
+            if start is None:   # parameter sets only: they belong to the picture that follows
+                return _joined(held, packet, packet), ()
             if not held.is_keyframe:
                 return packet, ()   # a segment starts with a keyframe: nothing before the first is recorded
-            if picture_start(bytes(held), hevc) is not None and picture_start(bytes(packet), hevc) is not False:
+            if picture_start(bytes(packet), hevc) is not False:
                 frame = packet.duration or _frame_ticks(video)
                 held.pts = held.dts = packet.dts - frame
                 held.duration = frame
@@ -753,11 +756,11 @@ def _text_template() -> av.stream.Stream:
 
 
 def _joined(head: av.Packet, tail: av.Packet, timed: av.Packet) -> av.Packet:
-    """One packet of both packets' bytes (head first), with `timed`'s timestamps: a keyframe."""
+    """One packet of both packets' bytes (head first), with `timed`'s timestamps; a keyframe if either is."""
     joined = av.Packet(bytes(head) + bytes(tail))
     joined.pts, joined.dts, joined.duration = timed.pts, timed.dts, timed.duration
     joined.time_base = timed.time_base
-    joined.is_keyframe = True
+    joined.is_keyframe = head.is_keyframe or tail.is_keyframe
     if tail.stream is not None:   # a demuxed packet's stream (its index picks the segment's track)
         joined.stream = tail.stream
     return joined

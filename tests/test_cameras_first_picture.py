@@ -170,3 +170,9 @@ def test_an_untimed_whole_keyframe_is_kept_with_an_estimated_time() -> None:
 def test_a_keyframe_held_when_the_connection_fails_is_still_written() -> None:
     out, _ = timed("h264", [packet(P_TOP, 0, False), packet(AUD + SPS + PPS + IDR_TOP, 3600, True)], fail=True)
     assert out == [(P_TOP, 0), (AUD + SPS + PPS + IDR_TOP, 3600), (b"raised", -1)]
+
+
+def test_untimed_parameter_sets_alone_are_joined_to_the_picture_that_follows() -> None:
+    out, estimated = timed("h264", [packet(SPS + PPS, None, False), packet(AUD + SPS + PPS + IDR_TOP, 0, True),
+                                    packet(AUD + P_TOP, 3600, False)])
+    assert out == [(SPS + PPS + AUD + SPS + PPS + IDR_TOP, 0), (AUD + P_TOP, 3600)] and estimated is None
