@@ -16,13 +16,19 @@ made reversible: standard µ-law decodes both of its zeros (codes 0xFF and 0x7F)
 the negative zero, decodes to -1 (one 16-bit step, inaudible); then each of the 256 codes has its own
 sample and the inverse of this table gives back the camera's bytes exactly (`s16le_to_g711`). A
 standard encoder gives them back too, except that FFmpeg's never writes 0x7F (it encodes -1 as 0x7E).
-The track carries the tag `ORIGINAL_CODEC` so a reader knows what the camera sent. A stream the muxer
-still refuses is left out, logged once per connection, and named in `StreamStats.dropped`.
+The track carries the tag `ORIGINAL_CODEC` so a reader knows what the camera sent. A data stream (ONVIF
+metadata: FFmpeg gives its RTP payloads, with no codec) goes into a text track tagged `ORIGINAL_KIND=data`,
+payloads unchanged, since the Matroska muxer holds no data track. Subtitle streams are left out, logged
+once per connection, and named in `StreamStats.dropped`.
 
 Cuts: segments are cut on video keyframes. An audio packet belongs to the segment its start time
 falls in: audio is held until the video has passed its time (a camera may send it early), and the
 segment before a cut stays open for audio up to `LATE_AUDIO_MS` behind the cut (or sent late), so
 consecutive segments' audio tiles the stream with no gap and no overlap.
+
+A connection's first picture, which FFmpeg's RTSP demuxer gives untimed, is kept (joined to the rest of
+its picture, or timed by an estimate the segment names: `RtspRecorder._timed`), and each sliced keyframe
+is written as one packet.
 
 Time: each packet's wall time is its stream timestamp plus an offset anchored to the wall clock: the
 moment the connection opened (stream time 0 is the first packet after PLAY), lowered by any packet that
@@ -35,6 +41,7 @@ is reported once (`clock_step`) and the anchor re-taken. Segments of one connect
 from __future__ import annotations
 
 import errno
+import io
 import logging
 import os
 import re
@@ -42,8 +49,9 @@ import shutil
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
+from fractions import Fraction
 from pathlib import Path
 from typing import Protocol
 from urllib.parse import quote, urlsplit, urlunsplit
@@ -72,6 +80,9 @@ INTERLEAVE_MAX_US = 500_000   # the muxer waits at most this long (stream time) 
 PENDING_MAX = 512          # audio packets held for the video to catch up, at most (then written as they come)
 # Codecs the Matroska muxer refuses, stored losslessly as 16-bit PCM (see the module docstring).
 G711 = ("pcm_mulaw", "pcm_alaw")
+KEPT_TYPES = ("video", "audio", "data")
+DATA_TAG = "ORIGINAL_KIND"   # on a text track that holds a data stream's payloads (ONVIF metadata): "data"
+TIMING_TAG = "FIRST_PICTURE_ESTIMATED_MS"   # segment tag: its first picture's time is an estimate (frame ms)
 
 
 def _g711_tables() -> dict[str, tuple[bytes, bytes]]:
@@ -150,6 +161,8 @@ class Segment:
     size: int
     # Camera signing (drivers/media_signing.py): the `segment_verdict` of its GOPs; None when not checked.
     signing: dict[str, object] | None = None
+    # Set when a timestamp in the segment is not the camera's but estimated (`first_picture_timing`).
+    timing: dict[str, object] | None = None
 
 
 @dataclass
@@ -288,6 +301,8 @@ class RtspRecorder:
         self._stop = threading.Event()
         self._clock = _Clock()
         self._last_end_ms: int | None = None   # end of the last packet written, wall ms
+        self._estimated: dict[str, object] | None = None   # the first picture's time was estimated (`_timed`)
+        self._data_indexes: frozenset[int] = frozenset()   # this connection's data streams (ONVIF metadata)
         self._interrupted = True               # no packet written yet since start or the last interruption
 
     def stop(self) -> None:
@@ -362,7 +377,7 @@ class RtspRecorder:
         prefixed = length_prefixed(stream.codec_context.extradata)
         self.stats.signing = None
         try:
-            for packet in container.demux(kept):
+            for packet in self._timed(container.demux(kept), stream):
                 if self._stop.is_set():
                     break
                 if packet.pts is None or packet.dts is None:
@@ -419,10 +434,87 @@ class RtspRecorder:
         cuts.out = None
         at, offset_ms = self._check_clock(at, offset_ms)
         cuts.out = self._open_segment(kept, video, max(at, self._last_end_ms or at))
+        if self._estimated is not None:   # this keyframe is the connection's first picture, timed by estimate
+            cuts.out.mark_timing(self._estimated)
+            self._estimated = None
         if self._interrupted:
             self._interrupted = False
             self.listener.resumed(self.camera, cuts.out.start_ms)
         return at, offset_ms
+
+    def _timed(self, packets: Iterator[av.Packet], video: av.video.stream.VideoStream) -> Iterator[av.Packet]:
+        """The demuxed packets, each picture one video packet with its timestamps, the connection's first
+        picture included.
+
+        FFmpeg's RTSP demuxer parses H.264/H.265 into pictures, and its parser fetches a picture's timestamp
+        by byte offset: RTP packets carry none (pos -1), so the connection's first picture matches no input
+        and comes without pts/dts (libavcodec/parser.c `ff_fetch_timestamp`: its first-frame case needs
+        offset 0). The parser also ends a picture at parameter sets repeated between its slices (as the
+        payloader sends them before each IDR slice), so a sliced keyframe (x264's sliced threads) comes as
+        two or more packets with one timestamp. So a keyframe (or the untimed first packet) is held until
+        the next video packet:
+        - that packet continues the same picture (its first slice is not the picture's first), or the held
+          packet holds no picture (parameter sets only): both are joined, bytes in the order sent, into one
+          packet with the camera's timestamp of that picture, and held again;
+        - otherwise a held untimed packet is a whole picture (H.265, an unsliced H.264 picture): its time is
+          estimated as one frame duration before the next picture, and the segment says so (`timing`).
+        Untimed packets after the first are left out, as before."""
+        index = video.index
+        hevc = video.codec_context.name == "hevc"
+        held: av.Packet | None = None
+        first = True   # no video packet seen yet on this connection
+        try:
+            for packet in packets:
+                if packet.stream_index != index:
+                    yield packet
+                    continue
+                if first:
+                    first = False
+                    if packet.dts is None:
+                        held = packet
+                        continue
+                if held is not None:
+                    packet, out = self._place(held, packet, video, hevc)
+                    held = None
+                    if out:
+                        yield from out
+                    if packet is None:
+                        continue
+                if packet.is_keyframe and packet.dts is not None:
+                    held = packet
+                else:
+                    yield packet
+        except (av.FFmpegError, OSError):
+            if held is not None:
+                yield held   # the connection failed: the keyframe held is still the camera's, written first
+            raise
+        if held is not None:
+            yield held
+
+    def _place(self, held: av.Packet, packet: av.Packet, video: av.video.stream.VideoStream,
+               hevc: bool) -> tuple[av.Packet | None, tuple[av.Packet, ...]]:
+        """`held` (a keyframe, or the untimed first packet) and the next video packet: (the packet to go on
+        with, the packets to pass on before it); see `_timed`."""
+        if packet.dts is None:
+            return None, (held,)   # the caller leaves an untimed packet out; the held one goes on
+        if held.dts is None:
+            start = picture_start(bytes(held), hevc)
+            if start is None:   # parameter sets only: they belong to the picture that follows
+                return _joined(held, packet, packet), ()
+            if not held.is_keyframe:
+                return packet, ()   # a segment starts with a keyframe: nothing before the first is recorded
+            if picture_start(bytes(packet), hevc) is not False:
+                frame = packet.duration or _frame_ticks(video)
+                held.pts = held.dts = packet.dts - frame
+                held.duration = frame
+                held.time_base = packet.time_base
+                self._estimated = first_picture_timing(round(frame * float(packet.time_base) * 1000))
+                log.info("camera_first_picture_estimated camera=%s frame_ticks=%d", self.camera, frame)
+                return packet, (held,)
+            return _joined(held, packet, packet), ()
+        if packet.dts == held.dts and picture_start(bytes(packet), hevc) is False:
+            return _joined(held, packet, held), ()
+        return packet, (held,)
 
     def _check_signing(self, checker: GopChecker, packet: av.Packet, prefixed: bool, seq: int, key: bool) -> None:
         """Feed the packet's NAL units to the signing checker (before the muxer takes the packet's data).
@@ -437,10 +529,12 @@ class RtspRecorder:
             self._release(force=False)
 
     def _kept_streams(self, container: av.container.InputContainer) -> list[av.stream.Stream]:
-        """Video and audio; other streams (data, subtitles) are named in the stats and the log."""
-        kept = [s for s in container.streams if s.type in ("video", "audio")]
+        """Video, audio and data (ONVIF metadata: stored as a text track, see `_SegmentWriter`); other
+        streams (subtitles) are named in the stats and the log."""
+        kept = [s for s in container.streams if s.type in KEPT_TYPES]
+        self._data_indexes = frozenset(s.index for s in kept if s.type == "data")
         for other in container.streams:
-            if other.type not in ("video", "audio"):
+            if other.type not in KEPT_TYPES:
                 name = other.codec_context.name if other.codec_context is not None else "unknown"
                 self.stats.dropped.append(f"{other.index}:{other.type}:{name}")
                 log.warning("camera_track_not_recorded camera=%s stream=%d type=%s codec=%s", self.camera,
@@ -461,8 +555,10 @@ class RtspRecorder:
             cuts.closing = None
 
     def _audio(self, cuts: _Cuts, packet: av.Packet, at: int, received: float) -> None:
-        self.stats.audio_packets += 1
-        self.stats.last_audio_ms = int(received)
+        """An audio or data packet: held until the video passes its time (`_place_audio`)."""
+        if packet.stream_index not in self._data_indexes:
+            self.stats.audio_packets += 1
+            self.stats.last_audio_ms = int(received)
         cuts.pending.append((at, packet))
         if len(cuts.pending) > PENDING_MAX:   # the video stopped moving: do not hold audio without bound
             self._place_audio(cuts, before=cuts.pending[-1][0])
@@ -566,6 +662,15 @@ class _SegmentWriter:
                                      container_options={"flush_packets": "1",
                                                         "max_interleave_delta": str(INTERLEAVE_MAX_US)})
             for stream in streams:
+                if stream.type == "data":
+                    # Matroska (FFmpeg's muxer) holds no data track: the payloads go, bytes unchanged, into a
+                    # text track (S_TEXT/UTF8, FFmpeg's `subrip`), tagged as data and not shown by default.
+                    out = self.container.add_stream_from_template(_text_template())
+                    out.time_base = stream.time_base
+                    out.metadata[DATA_TAG] = "data"
+                    out.metadata["title"] = "camera metadata (RTP payloads)"
+                    self._outputs[stream.index] = (out, None)
+                    continue
                 codec = stream.codec_context.name
                 if codec in G711:
                     out = self.container.add_stream("pcm_s16le", rate=stream.codec_context.sample_rate,
@@ -578,6 +683,13 @@ class _SegmentWriter:
         except (av.FFmpegError, OSError) as exc:
             raise _disk_error(exc, path) from exc
         self._fd: int | None = None   # opened once the muxer has created the file (at its first packet)
+        self.timing: dict[str, object] | None = None
+
+    def mark_timing(self, timing: dict[str, object]) -> None:
+        """Before the first packet: the file says, in a tag, that its first picture's time is estimated
+        (`segment_timing` reads it back from a segment cut by a crash)."""
+        self.timing = timing
+        self.container.metadata[TIMING_TAG] = str(timing["frame_ms"])
 
     def write(self, packet: av.Packet, key: bool) -> None:
         index = packet.stream_index
@@ -627,7 +739,70 @@ class _SegmentWriter:
             raise _disk_error(exc, self.path) from exc
         finally:
             os.close(self._fd)
-        return Segment(camera, self.path, self.start_ms, end_ms, self.packets, self.path.stat().st_size)
+        return Segment(camera, self.path, self.start_ms, end_ms, self.packets, self.path.stat().st_size,
+                       timing=self.timing)
+
+
+_TEXT_TEMPLATE: list[av.stream.Stream] = []
+
+
+def _text_template() -> av.stream.Stream:
+    """A text (SubRip, S_TEXT/UTF8) stream to add tracks from: PyAV makes a stream without an encoder only
+    from a template, so one is read from a one-cue SubRip document held in memory, once per process."""
+    if not _TEXT_TEMPLATE:
+        _TEXT_TEMPLATE.append(av.open(io.BytesIO(b"1\n00:00:00,000 --> 00:00:01,000\n.\n\n"), format="srt")
+                              .streams[0])
+    return _TEXT_TEMPLATE[0]
+
+
+def _joined(head: av.Packet, tail: av.Packet, timed: av.Packet) -> av.Packet:
+    """One packet of both packets' bytes (head first), with `timed`'s timestamps; a keyframe if either is."""
+    joined = av.Packet(bytes(head) + bytes(tail))
+    joined.pts, joined.dts, joined.duration = timed.pts, timed.dts, timed.duration
+    joined.time_base = timed.time_base
+    joined.is_keyframe = head.is_keyframe or tail.is_keyframe
+    if tail.stream is not None:   # a demuxed packet's stream (its index picks the segment's track)
+        joined.stream = tail.stream
+    return joined
+
+
+def picture_start(data: bytes, hevc: bool) -> bool | None:
+    """Whether the first slice in an Annex B packet begins a picture (H.264 `first_mb_in_slice` = 0, H.265
+    `first_slice_segment_in_pic_flag` = 1); None when the packet holds no slice."""
+    for nal in split_nals(data, False):
+        if hevc:
+            kind = (nal[0] >> 1) & 0x3F
+            if kind < 32 and len(nal) > 2:   # VCL NAL units (slice segments)
+                return bool(nal[2] & 0x80)
+        else:
+            kind = nal[0] & 0x1F
+            if 1 <= kind <= 5 and len(nal) > 1:
+                return bool(nal[1] & 0x80)   # ue(v) 0 is the single bit 1
+    return None
+
+
+def first_picture_timing(frame_ms: int) -> dict[str, object]:
+    """What a segment's manifest says (`timing`) when its first picture's time is an estimate."""
+    return {"first_picture": "estimated", "frame_ms": frame_ms,
+            "detail": "the RTSP demuxer gave the connection's first picture no timestamp; it is placed one "
+                      "frame duration before the next picture"}
+
+
+def segment_timing(path: Path) -> dict[str, object] | None:
+    """The `timing` note of a segment file (its tag written by `_SegmentWriter.mark_timing`); None: none."""
+    try:
+        with av.open(str(path)) as container:
+            value = {k.upper(): v for k, v in container.metadata.items()}.get(TIMING_TAG)
+    except (av.FFmpegError, OSError) as exc:
+        log.warning("segment_unreadable path=%s error=%s", path, exc)
+        return None
+    return first_picture_timing(int(value)) if value is not None and value.isdigit() else None
+
+
+def _frame_ticks(video: av.video.stream.VideoStream) -> int:
+    """One frame's duration in the stream's time base, from its announced or guessed rate (25 fps if none)."""
+    rate = video.average_rate or video.guessed_rate or Fraction(25)
+    return max(1, round(1 / (rate * video.time_base)))
 
 
 def _track(stream: av.stream.Stream) -> dict[str, object]:

@@ -18,10 +18,12 @@ from fractions import Fraction
 from pathlib import Path
 
 import av
+import jsonschema
 import pytest
 
 from drivers.rtsp import G711_TABLES, g711_to_s16le, s16le_to_g711
 from edge_agent.daemon import build_agent
+from edge_agent.protocol.wire import schema
 from edge_agent.sources.cameras import spool_dir
 from tests.helpers import wait_for
 from tests.peers.mosquitto import free_port
@@ -155,6 +157,16 @@ def test_every_track_is_kept_bit_exact_and_audio_tiles_the_segments(tmp_path: Pa
     assert status["audio"] == {"present": True, "codec": sent_codec, "lost": False,
                                "last_packet_ms": status["audio"]["last_packet_ms"]}
     assert [t["kind"] for t in status["tracks"]] == ["video", "audio"]
+
+    # Only a connection's first picture may be timed by estimate (docs/CAMERAS.md "A connection's first
+    # picture"): H.265's, when this client's first picture is a keyframe (the listener joined the shared media
+    # first, so it may not be); H.264's sliced keyframe is joined to its camera-timed rest, never estimated.
+    documents = [manifest(data_dir, s.file_id) for s in segments]
+    for document in documents:
+        jsonschema.validate(document, schema("manifest"))
+    timings = [document.get("timing") for document in documents]
+    assert timings[1:] == [None] * (len(segments) - 1)
+    assert timings[0] is None or (video_codec == "hevc" and timings[0]["first_picture"] == "estimated")
 
     stored: list[bytes] = []
     previous_audio_end_ms: float | None = None

@@ -157,6 +157,10 @@ def _track(stream: Any) -> dict[str, Any]:
     """One stream of a media file: kind and codec; resolution and frame rate, or sample rate and channels;
     `original_codec` when the recorder stored it in a lossless form of what the camera sent."""
     context = stream.codec_context
+    if stream.metadata.get("ORIGINAL_KIND") == "data":
+        # A camera's data stream (ONVIF metadata) the recorder kept in a text track, payloads unchanged; FFmpeg
+        # names no codec for it (drivers/rtsp.py, docs/CAMERAS.md "Metadata tracks").
+        return {"kind": "data", "codec": None, "stored_as": context.name if context is not None else None}
     track: dict[str, Any] = {"kind": stream.type, "codec": context.name if context is not None else None}
     if context is not None and stream.type == "video":
         rate = stream.average_rate or stream.guessed_rate

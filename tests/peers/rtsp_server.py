@@ -10,6 +10,7 @@ start it to make outages.
 from __future__ import annotations
 
 import signal
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -36,6 +37,44 @@ AUDIO = {
 }
 
 
+# ONVIF metadata over RTP (ONVIF Streaming Specification, "Metadata streaming"): an `application` stream, one
+# XML document per RTP packet (marker bit set on its last packet), 90 kHz clock.
+METADATA_PT = 107
+METADATA_CAPS = ("application/x-rtp,media=application,clock-rate=90000,encoding-name=VND.ONVIF.METADATA,"
+                 f"payload={METADATA_PT}")
+METADATA_EVERY_MS = 200
+
+
+def metadata_document(n: int) -> bytes:
+    """The n-th document the metadata stream sends: a scene description with one moving object."""
+    return (f'<?xml version="1.0" encoding="UTF-8"?><tt:MetadataStream xmlns:tt="http://www.onvif.org/ver10/schema">'
+            f'<tt:VideoAnalytics><tt:Frame UtcTime="2026-12-04T00:00:{n % 60:02d}Z"><tt:Object ObjectId="{n}">'
+            f'<tt:Appearance><tt:Shape><tt:BoundingBox left="{n % 100}" top="10" right="{n % 100 + 20}" bottom="40"/>'
+            '</tt:Shape><tt:Class><tt:Type Likelihood="0.9">Vehicle</tt:Type></tt:Class></tt:Appearance>'
+            '</tt:Object></tt:Frame></tt:VideoAnalytics></tt:MetadataStream>').encode()
+
+
+def _send_metadata(media: object, name: str) -> None:
+    """Push one metadata document every METADATA_EVERY_MS into the media's `appsrc` payloader, as RTP."""
+    import itertools
+    import time
+
+    from gi.repository import GLib, Gst
+
+    source = media.get_element().get_by_name(name)
+    counter = itertools.count()
+    start = time.monotonic()
+
+    def push() -> bool:
+        n = next(counter)
+        stamp = int((time.monotonic() - start) * 90000) & 0xFFFFFFFF
+        header = struct.pack(">BBHII", 0x80, 0x80 | METADATA_PT, n & 0xFFFF, stamp, 0x0E7A0001)
+        source.emit("push-buffer", Gst.Buffer.new_wrapped(header + metadata_document(n)))
+        return True
+
+    GLib.timeout_add(METADATA_EVERY_MS, push)
+
+
 def replay_line(path: str) -> str:
     """A mount that plays a recording (MP4, H.264 or H.265) once at its own pace, its NAL units as they are
     in the file: what a camera that signs its video sends (ONVIF's signed samples)."""
@@ -45,8 +84,9 @@ def replay_line(path: str) -> str:
 
 
 def launch_line(pattern: str, width: int, height: int, fps: int, keyint: int, bitrate_kbps: int,
-                audio: str = "none", audio_s: int = 0, video: str = "h264") -> str:
-    """`audio_s` > 0: the audio ends after that many seconds while the video goes on (a failed microphone)."""
+                audio: str = "none", audio_s: int = 0, video: str = "h264", metadata: bool = False) -> str:
+    """`audio_s` > 0: the audio ends after that many seconds while the video goes on (a failed microphone);
+    `metadata`: an ONVIF metadata stream too (`metadata_payloader`), after the audio."""
     if video == "h265":
         encoder = (f"x265enc tune=zerolatency speed-preset=ultrafast key-int-max={keyint} bitrate={bitrate_kbps}"
                    " ! rtph265pay name=pay0 pt=96 config-interval=-1")
@@ -60,7 +100,15 @@ def launch_line(pattern: str, width: int, height: int, fps: int, keyint: int, bi
         stop = f" samplesperbuffer=160 num-buffers={audio_s * 50} ! audio/x-raw,rate=8000" if audio_s else ""
         line += (f" audiotestsrc is-live=true wave=white-noise volume=0.3{stop} ! audioconvert ! audioresample"
                  f" ! {AUDIO[audio]}")
+    if metadata:
+        line += (f" appsrc name={metadata_payloader(audio)} is-live=true format=time do-timestamp=true"
+                 f' caps="{METADATA_CAPS}"')
     return f"( {line} )"
+
+
+def metadata_payloader(audio: str) -> str:
+    """The name of the metadata stream's payloader (an appsrc of RTP packets): the last stream's."""
+    return "pay2" if AUDIO[audio] else "pay1"
 
 
 class RtspServer:
@@ -69,8 +117,9 @@ class RtspServer:
     def __init__(self, port: int, pattern: str = "normal", *, width: int = 320, height: int = 180, fps: int = 25,
                  keyint: int = 25, bitrate_kbps: int = 400, log: Path | None = None,
                  credentials: tuple[str, str] | None = None, audio: str = "none",
-                 audio_s: int = 0, video: str = "h264", replay: Path | None = None):
-        """`replay`: serve this recording (`replay_line`) instead of a generated stream."""
+                 audio_s: int = 0, video: str = "h264", replay: Path | None = None, metadata: bool = False):
+        """`replay`: serve this recording (`replay_line`) instead of a generated stream; `metadata`: send an
+        ONVIF metadata stream too (`metadata_document` every METADATA_EVERY_MS)."""
         if pattern not in PATTERNS:
             raise ValueError(f"pattern must be one of {sorted(PATTERNS)}")
         if audio not in AUDIO:
@@ -82,7 +131,8 @@ class RtspServer:
         self.audio = audio
         self.video = video
         self.args = [str(port), pattern, str(width), str(height), str(fps), str(keyint), str(bitrate_kbps),
-                     audio, str(audio_s), video if replay is None else f"replay:{replay}", *(credentials or ())]
+                     audio, str(audio_s), video if replay is None else f"replay:{replay}", str(int(metadata)),
+                     *(credentials or ())]
         self.log = log
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -130,7 +180,7 @@ class RtspServer:
 
 
 def _serve(port: str, pattern: str, width: str, height: str, fps: str, keyint: str, bitrate: str, audio: str,
-           audio_s: str, video: str, username: str | None = None, password: str | None = None) -> None:
+           audio_s: str, video: str, metadata: str, username: str | None = None, password: str | None = None) -> None:
     import gi
 
     gi.require_version("Gst", "1.0")
@@ -146,7 +196,10 @@ def _serve(port: str, pattern: str, width: str, height: str, fps: str, keyint: s
         factory.set_launch(replay_line(video.removeprefix("replay:")))
     else:
         factory.set_launch(launch_line(pattern, int(width), int(height), int(fps), int(keyint), int(bitrate), audio,
-                                       int(audio_s), video))
+                                       int(audio_s), video, metadata == "1"))
+        if metadata == "1":
+            factory.connect("media-configure",
+                            lambda _factory, media: _send_metadata(media, metadata_payloader(audio)))
     factory.set_shared(True)
     if username is not None:   # RTSP Basic login, as cameras ask for it
         token = GstRtspServer.RTSPToken()
@@ -168,4 +221,4 @@ def _serve(port: str, pattern: str, width: str, height: str, fps: str, keyint: s
 
 
 if __name__ == "__main__":
-    _serve(*sys.argv[1:13])
+    _serve(*sys.argv[1:14])

@@ -22,7 +22,7 @@ import av
 from cryptography import x509
 
 from drivers.media_signing import check_file, load_anchors
-from drivers.rtsp import SEGMENT_SUFFIX, Segment, segment_span
+from drivers.rtsp import SEGMENT_SUFFIX, Segment, segment_span, segment_timing
 from edge_agent.catalog import LANE_CAMERA, Catalog, State
 from edge_agent.config import AgentConfig, Camera
 from edge_agent.durable import fsync_dir
@@ -101,7 +101,7 @@ class SegmentIntake:
                 log.warning("segment_empty camera=%s path=%s action=kept_for_inspection", camera, path)
                 continue
             found.append(Queued(Segment(camera, path, start, start + span[1], 0, path.stat().st_size,
-                                        self._signing(camera, path)),
+                                        self._signing(camera, path), segment_timing(path)),
                                 self._device_id(camera), None))
         return found
 
@@ -157,7 +157,7 @@ class SegmentIntake:
             kind="camera", device_id=item.device_id, original_path=f"{seg.camera}/{seg.path.name}",
             source_path=str(seg.path), source_size=st.st_size, source_mtime_ns=st.st_mtime_ns,
             recorded_start_ms=seg.start_ms, recorded_end_ms=seg.end_ms, clock_offset_ms=item.clock_offset_ms,
-            lane=LANE_CAMERA, actor="edge-agent", extras=self.extras(seg.camera, seg.start_ms, seg.signing))
+            lane=LANE_CAMERA, actor="edge-agent", extras=self.extras(seg.camera, seg.start_ms, seg.signing, seg.timing))
         if record.state == State.DISCOVERED:
             record = self.ingestor.stage(record, seg.path)
         if record.state == State.STAGED:
@@ -166,10 +166,14 @@ class SegmentIntake:
         os.unlink(seg.path)
         fsync_dir(seg.path.parent)
 
-    def extras(self, camera: str, start_ms: int, signing: dict[str, Any] | None = None) -> dict[str, Any]:
-        """What a segment's manifest adds: its camera, the gaps that ended where it begins, and whether the
-        camera's signature verifies (`signed`: valid | invalid | unsigned | unverifiable; `signing`: details)."""
+    def extras(self, camera: str, start_ms: int, signing: dict[str, Any] | None = None,
+               timing: dict[str, Any] | None = None) -> dict[str, Any]:
+        """What a segment's manifest adds: its camera, the gaps that ended where it begins, whether the
+        camera's signature verifies (`signed`: valid | invalid | unsigned | unverifiable; `signing`: details),
+        and `timing` when its first picture's time is an estimate (drivers/rtsp.py `first_picture_timing`)."""
         keys: dict[str, Any] = {"gaps_before": [g.as_dict() for g in self.ledger.ended_at(camera, start_ms)]}
+        if timing is not None:
+            keys["timing"] = timing
         if signing is not None:
             keys["signed"] = signing["status"]
             keys["signing"] = signing
