@@ -139,6 +139,20 @@ def cpu_seconds(pid: int) -> float:
     return times.user + times.system
 
 
+def switches(pid: int | str = "self") -> int:
+    """Context switches (voluntary and not) of every thread of a process so far: each is a thread that slept
+    waiting for another (a queue, a lock, the GIL, the disk) or was preempted."""
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            for line in (task / "status").read_text().splitlines():
+                if "ctxt_switches:" in line:
+                    total += int(line.split()[1])
+        except (FileNotFoundError, ProcessLookupError):
+            continue   # a thread that ended meanwhile
+    return total
+
+
 def peak_rss(pid: int, stop: threading.Event, out: list[int]) -> None:
     import psutil
 
@@ -195,6 +209,7 @@ def drain(work: Path, port: int, *, backlog: int, file_size: int, chunk_kib: int
     started = time.monotonic()
     cpu_start = {name: cpu_seconds(proc.pid) for name, proc in
                  (("agent", agent), ("receiver", receiver), ("broker", broker.proc))}
+    switches_start = {"agent": switches(agent.pid), "receiver": switches(receiver.pid)}
     db = data_dir / "catalog.sqlite"
     try:
         while True:
@@ -210,6 +225,8 @@ def drain(work: Path, port: int, *, backlog: int, file_size: int, chunk_kib: int
         elapsed = time.monotonic() - started
         cpu = {name: round(cpu_seconds(proc.pid) - cpu_start[name], 2) for name, proc in
                (("agent", agent), ("receiver", receiver), ("broker", broker.proc))}
+        switched = {"agent": switches(agent.pid) - switches_start["agent"],
+                    "receiver": switches(receiver.pid) - switches_start["receiver"]}
     finally:
         stop.set()
         for proc in (agent, receiver):
@@ -225,7 +242,7 @@ def drain(work: Path, port: int, *, backlog: int, file_size: int, chunk_kib: int
         raise RuntimeError(f"receiver stored {stored} bytes, backlog was {backlog}")
     return {"files": files, "bytes": backlog, "seconds": elapsed, "mb_s": backlog / elapsed / 1e6,
             "link_mb_s": meter.rate() / 1e6, "peak_rss_mb": max(samples, default=0) / 2**20,
-            "cpu_s": cpu, "load": os.getloadavg()[0]}
+            "cpu_s": cpu, "switches": switched, "load": os.getloadavg()[0]}
 
 
 def encrypted_store(work: Path, encrypt: str | None) -> dict:
@@ -249,11 +266,11 @@ def raw_publisher(port: int, count: int, size: int, inflight: int) -> None:
     client.connect("127.0.0.1", port)
     client.loop_start()
     payload = os.urandom(size)
-    print(json.dumps({"start": time.time(), "cpu": time.process_time()}), flush=True)
+    print(json.dumps({"start": time.time(), "cpu": time.process_time(), "switches": switches()}), flush=True)
     infos = [client.publish("bench/raw", payload, qos=1) for _ in range(count)]
     for info in infos:
         info.wait_for_publish(60)
-    print(json.dumps({"cpu": time.process_time()}), flush=True)
+    print(json.dumps({"cpu": time.process_time(), "switches": switches()}), flush=True)
     client.disconnect()
     client.loop_stop()
 
@@ -271,12 +288,13 @@ def raw_subscriber(port: int, count: int) -> None:
 
     client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="bench-raw-sub", protocol=mqtt.MQTTv5)
     client.on_message = on_message
-    client.on_subscribe = lambda *_: print(json.dumps({"ready": True, "cpu": time.process_time()}), flush=True)
+    client.on_subscribe = lambda *_: print(json.dumps({"ready": True, "cpu": time.process_time(),
+                                                                   "switches": switches()}), flush=True)
     client.connect("127.0.0.1", port)
     client.subscribe("bench/raw", qos=1)
     client.loop_start()
     got.wait(3600)
-    print(json.dumps({"end": time.time(), "cpu": time.process_time()}), flush=True)
+    print(json.dumps({"end": time.time(), "cpu": time.process_time(), "switches": switches()}), flush=True)
     client.disconnect()
     client.loop_stop()
 
@@ -304,8 +322,10 @@ def raw(work: Path, port: int, *, total: int, chunk: int, inflight: int) -> dict
     elapsed = end - start
     cpu = {"publisher": round(pub_end["cpu"] - pub_start["cpu"], 2),
            "subscriber": round(sub_end["cpu"] - ready["cpu"], 2), "broker": round(broker_cpu, 2)}
+    switched = {"publisher": pub_end["switches"] - pub_start["switches"],
+                "subscriber": sub_end["switches"] - ready["switches"]}
     return {"bytes": count * chunk, "seconds": elapsed, "mb_s": count * chunk / elapsed / 1e6, "cpu_s": cpu,
-            "load": os.getloadavg()[0]}
+            "switches": switched, "load": os.getloadavg()[0]}
 
 
 def main() -> None:
@@ -373,6 +393,9 @@ def main() -> None:
           + f" (sum {ours_cpu:.2f}); raw " + ", ".join(f"{k} {v * per_gib:.2f}" for k, v in baseline["cpu_s"].items())
           + f" (sum {raw_cpu:.2f}); raw/ours {raw_cpu / ours_cpu:.2f}; "
           f"load {ours['load']:.1f} / {baseline['load']:.1f}")
+    chunks = ours["bytes"] / chunk
+    print("context switches per chunk: ours " + ", ".join(f"{k} {v / chunks:.1f}" for k, v in ours["switches"].items())
+          + "; raw " + ", ".join(f"{k} {v / chunks:.1f}" for k, v in baseline["switches"].items()))
     print(f"agent peak RSS during the {ours['bytes'] / 2**30:.1f} GiB drain: {ours['peak_rss_mb']:.0f} MiB")
     print(f"20 GB backlog at this rate: {result['backlog_20gb_extrapolated_s'] / 60:.1f} min (extrapolated)")
     print(f"capped at {args.cap_mbit:.0f} Mbit/s ({cap_mb_s:.2f} MB/s): {capped['link_mb_s']:.2f} MB/s on the link, "
