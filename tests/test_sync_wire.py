@@ -131,6 +131,24 @@ def test_the_fast_checks_of_chunk_headers_and_acks_are_never_looser_than_their_s
                     validate(name, value)   # the full validator still refuses it, with its reason
 
 
+def test_a_chunk_frame_filled_in_place_is_the_encoded_chunk(tmp_path) -> None:
+    """The agent reads each chunk straight into its frame (sender.prepare_chunk, wire.chunk_frame): the same
+    bytes as encode_chunk, for the last (short) chunk too; a file shorter than its manifest gives no frame."""
+    from edge_agent.sync.sender import prepare_chunk
+
+    data = random.Random(7).randbytes(2 * 1000 + 123)
+    path = tmp_path / "f"
+    path.write_bytes(data)
+    for seq in range(3):
+        offset, length = chunk_span(seq, len(data), 1000)
+        chunk = data[offset:offset + length]
+        frame = prepare_chunk(path, seq, len(data), 1000)
+        assert frame == encode_chunk(ChunkHeader(seq, offset, length, hashlib.sha256(chunk).hexdigest()), chunk)
+        header, body = decode_chunk(bytes(frame))
+        assert (header.seq, bytes(body)) == (seq, chunk)
+    assert prepare_chunk(path, 2, len(data) + 1, 1000) is None   # the manifest says one byte more
+
+
 def test_backoff_is_exponential_with_full_jitter() -> None:
     backoff = Backoff(1, 60, rng=random.Random(1))
     delays = [backoff.next_delay() for _ in range(12)]

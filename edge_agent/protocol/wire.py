@@ -15,7 +15,7 @@ import hashlib
 import json
 import re
 import struct
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
@@ -230,6 +230,23 @@ class ChunkHeader:
 def encode_chunk(header: ChunkHeader, data: bytes | memoryview) -> bytes:
     head = canonical_json({"seq": header.seq, "offset": header.offset, "size": header.size, "sha256": header.sha256})
     return b"".join((HEADER_LENGTH.pack(len(head)), head, data))
+
+
+def chunk_frame(seq: int, offset: int, size: int, fill: Callable[[memoryview], int]) -> bytearray | None:
+    """Chunk `seq`'s frame built in one buffer, the same bytes as `encode_chunk`: `fill(view)` puts the chunk's
+    `size` bytes into `view` and returns how many it put (fewer: a short file, and None is returned); they are
+    hashed where they lie and the header written in front, so the chunk's bytes are not copied again."""
+    # The header's length does not depend on the digest (always 64 hex digits): known before the bytes are.
+    head_size = len(canonical_json({"seq": seq, "offset": offset, "size": size, "sha256": "0" * 64}))
+    start = HEADER_LENGTH.size + head_size
+    frame = bytearray(start + size)
+    with memoryview(frame) as view, view[start:] as data:
+        if fill(data) != size:
+            return None
+        digest = hashlib.sha256(data).hexdigest()
+    head = canonical_json({"seq": seq, "offset": offset, "size": size, "sha256": digest})
+    frame[:start] = HEADER_LENGTH.pack(head_size) + head
+    return frame
 
 
 def decode_chunk(payload: bytes) -> tuple[ChunkHeader, memoryview]:
