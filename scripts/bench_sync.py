@@ -131,6 +131,28 @@ class WireMeter:
         return sum(n for _, n in self.samples[1:]) / (last - first)
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds a process (all its threads) has used so far."""
+    import psutil
+
+    times = psutil.Process(pid).cpu_times()
+    return times.user + times.system
+
+
+def switches(pid: int | str = "self") -> int:
+    """Context switches (voluntary and not) of every thread of a process so far: each is a thread that slept
+    waiting for another (a queue, a lock, the GIL, the disk) or was preempted."""
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            for line in (task / "status").read_text().splitlines():
+                if "ctxt_switches:" in line:
+                    total += int(line.split()[1])
+        except (FileNotFoundError, ProcessLookupError):
+            continue   # a thread that ended meanwhile
+    return total
+
+
 def peak_rss(pid: int, stop: threading.Event, out: list[int]) -> None:
     import psutil
 
@@ -185,6 +207,9 @@ def drain(work: Path, port: int, *, backlog: int, file_size: int, chunk_kib: int
     if not online.wait(60):
         raise RuntimeError(f"the agent did not come online; see {work}/agent.log")
     started = time.monotonic()
+    cpu_start = {name: cpu_seconds(proc.pid) for name, proc in
+                 (("agent", agent), ("receiver", receiver), ("broker", broker.proc))}
+    switches_start = {"agent": switches(agent.pid), "receiver": switches(receiver.pid)}
     db = data_dir / "catalog.sqlite"
     try:
         while True:
@@ -198,6 +223,10 @@ def drain(work: Path, port: int, *, backlog: int, file_size: int, chunk_kib: int
                 raise RuntimeError(f"drain did not finish in an hour: {counts}")
             time.sleep(0.05)
         elapsed = time.monotonic() - started
+        cpu = {name: round(cpu_seconds(proc.pid) - cpu_start[name], 2) for name, proc in
+               (("agent", agent), ("receiver", receiver), ("broker", broker.proc))}
+        switched = {"agent": switches(agent.pid) - switches_start["agent"],
+                    "receiver": switches(receiver.pid) - switches_start["receiver"]}
     finally:
         stop.set()
         for proc in (agent, receiver):
@@ -212,7 +241,8 @@ def drain(work: Path, port: int, *, backlog: int, file_size: int, chunk_kib: int
     if stored != backlog:
         raise RuntimeError(f"receiver stored {stored} bytes, backlog was {backlog}")
     return {"files": files, "bytes": backlog, "seconds": elapsed, "mb_s": backlog / elapsed / 1e6,
-            "link_mb_s": meter.rate() / 1e6, "peak_rss_mb": max(samples, default=0) / 2**20}
+            "link_mb_s": meter.rate() / 1e6, "peak_rss_mb": max(samples, default=0) / 2**20,
+            "cpu_s": cpu, "switches": switched, "load": os.getloadavg()[0]}
 
 
 def encrypted_store(work: Path, encrypt: str | None) -> dict:
@@ -236,10 +266,11 @@ def raw_publisher(port: int, count: int, size: int, inflight: int) -> None:
     client.connect("127.0.0.1", port)
     client.loop_start()
     payload = os.urandom(size)
-    print(json.dumps({"start": time.time()}), flush=True)
+    print(json.dumps({"start": time.time(), "cpu": time.process_time(), "switches": switches()}), flush=True)
     infos = [client.publish("bench/raw", payload, qos=1) for _ in range(count)]
     for info in infos:
         info.wait_for_publish(60)
+    print(json.dumps({"cpu": time.process_time(), "switches": switches()}), flush=True)
     client.disconnect()
     client.loop_stop()
 
@@ -257,12 +288,13 @@ def raw_subscriber(port: int, count: int) -> None:
 
     client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="bench-raw-sub", protocol=mqtt.MQTTv5)
     client.on_message = on_message
-    client.on_subscribe = lambda *_: print(json.dumps({"ready": True}), flush=True)
+    client.on_subscribe = lambda *_: print(json.dumps({"ready": True, "cpu": time.process_time(),
+                                                                   "switches": switches()}), flush=True)
     client.connect("127.0.0.1", port)
     client.subscribe("bench/raw", qos=1)
     client.loop_start()
     got.wait(3600)
-    print(json.dumps({"end": time.time()}), flush=True)
+    print(json.dumps({"end": time.time(), "cpu": time.process_time(), "switches": switches()}), flush=True)
     client.disconnect()
     client.loop_stop()
 
@@ -274,17 +306,26 @@ def raw(work: Path, port: int, *, total: int, chunk: int, inflight: int) -> dict
     try:
         sub = subprocess.Popen([*me, "--raw-role", "sub", "--port", str(port), "--count", str(count)],
                                stdout=subprocess.PIPE, text=True)
-        assert json.loads(sub.stdout.readline()).get("ready")
+        ready = json.loads(sub.stdout.readline())
+        assert ready.get("ready")
+        broker_cpu = cpu_seconds(broker.proc.pid)
         pub = subprocess.run([*me, "--raw-role", "pub", "--port", str(port), "--count", str(count),
                               "--chunk", str(chunk), "--inflight", str(inflight)],
                              stdout=subprocess.PIPE, text=True, check=True)
-        start = json.loads(pub.stdout.splitlines()[0])["start"]
-        end = json.loads(sub.stdout.readline())["end"]
+        pub_start, pub_end = (json.loads(line) for line in pub.stdout.splitlines()[:2])
+        sub_end = json.loads(sub.stdout.readline())
+        broker_cpu = cpu_seconds(broker.proc.pid) - broker_cpu
+        start, end = pub_start["start"], sub_end["end"]
         sub.wait(30)
     finally:
         broker.stop()
     elapsed = end - start
-    return {"bytes": count * chunk, "seconds": elapsed, "mb_s": count * chunk / elapsed / 1e6}
+    cpu = {"publisher": round(pub_end["cpu"] - pub_start["cpu"], 2),
+           "subscriber": round(sub_end["cpu"] - ready["cpu"], 2), "broker": round(broker_cpu, 2)}
+    switched = {"publisher": pub_end["switches"] - pub_start["switches"],
+                "subscriber": sub_end["switches"] - ready["switches"]}
+    return {"bytes": count * chunk, "seconds": elapsed, "mb_s": count * chunk / elapsed / 1e6, "cpu_s": cpu,
+            "switches": switched, "load": os.getloadavg()[0]}
 
 
 def main() -> None:
@@ -346,6 +387,15 @@ def main() -> None:
     for algorithm, e in encrypted.items():
         print(f"store encrypt={algorithm}: {e['mb_s']:.0f} MB/s ({e['seconds']:.1f} s), {e['ratio_vs_plain']:.2f}x "
               f"the plaintext store's drain; agent peak RSS {e['peak_rss_mb']:.0f} MiB")
+    per_gib = 2**30 / ours["bytes"]
+    ours_cpu, raw_cpu = sum(ours["cpu_s"].values()) * per_gib, sum(baseline["cpu_s"].values()) * per_gib
+    print("CPU seconds per GiB: ours " + ", ".join(f"{k} {v * per_gib:.2f}" for k, v in ours["cpu_s"].items())
+          + f" (sum {ours_cpu:.2f}); raw " + ", ".join(f"{k} {v * per_gib:.2f}" for k, v in baseline["cpu_s"].items())
+          + f" (sum {raw_cpu:.2f}); raw/ours {raw_cpu / ours_cpu:.2f}; "
+          f"load {ours['load']:.1f} / {baseline['load']:.1f}")
+    chunks = ours["bytes"] / chunk
+    print("context switches per chunk: ours " + ", ".join(f"{k} {v / chunks:.1f}" for k, v in ours["switches"].items())
+          + "; raw " + ", ".join(f"{k} {v / chunks:.1f}" for k, v in baseline["switches"].items()))
     print(f"agent peak RSS during the {ours['bytes'] / 2**30:.1f} GiB drain: {ours['peak_rss_mb']:.0f} MiB")
     print(f"20 GB backlog at this rate: {result['backlog_20gb_extrapolated_s'] / 60:.1f} min (extrapolated)")
     print(f"capped at {args.cap_mbit:.0f} Mbit/s ({cap_mb_s:.2f} MB/s): {capped['link_mb_s']:.2f} MB/s on the link, "

@@ -100,6 +100,55 @@ def test_messages_match_their_published_schemas() -> None:
     decode_json(b"{}", "query")
 
 
+def test_the_fast_checks_of_chunk_headers_and_acks_are_never_looser_than_their_schemas() -> None:
+    """The data path's messages skip jsonschema when a plain check accepts them (wire._FAST_PATH). Every value
+    that check accepts must be one the schema accepts, and the usual shapes must take the fast path."""
+    import jsonschema
+
+    from edge_agent.protocol.wire import _FAST_PATH, schema
+
+    header = {"seq": 3, "offset": 3 * 524288, "size": 524288, "sha256": "ab" * 32}
+    headers = [header, {**header, "seq": 0, "offset": 0, "size": 1}, {**header, "seq": 2**53 - 1}]
+    bad_headers = [{**header, "seq": -1}, {**header, "seq": 2**53}, {**header, "seq": True}, {**header, "size": 0},
+                   {**header, "size": 2**26 + 1}, {**header, "offset": 1.0}, {**header, "sha256": "AB" * 32},
+                   {**header, "sha256": "ab" * 32 + "\n"}, {**header, "sha256": "ab" * 31}, {**header, "x": 1},
+                   {k: v for k, v in header.items() if k != "size"}, [header], "header", None]
+    ack = {"file_id": FILE_ID, "state": "receiving", "have": [[0, 15], [17, 17]]}
+    acks = [ack, {"file_id": FILE_ID, "state": "receiving"}, {**ack, "sha256": None, "reason": "busy"},
+            {**ack, "reason": None, "sha256": "0" * 64}]
+    bad_acks = [{**ack, "have": [[0]]}, {**ack, "have": [[0, -1]]}, {**ack, "have": [[0, True]]},
+                {**ack, "have": [(0, 1)]}, {**ack, "file_id": FILE_ID.lower()}, {**ack, "state": "complete"},
+                {**ack, "reason": "x" * 1001}, {**ack, "sha256": "g" * 64}, {**ack, "receipt": {}},
+                {"state": "receiving", "have": []}, {**ack, "have": {}}, None]
+    for name, good, bad in (("chunk-header", headers, bad_headers), ("ack", acks, bad_acks)):
+        fast, full = _FAST_PATH[name], jsonschema.Draft202012Validator(schema(name))
+        for value in good:
+            assert fast(value) and full.is_valid(value), (name, value)
+        for value in bad:
+            assert not fast(value), (name, value)
+            if not full.is_valid(value):
+                with pytest.raises(WireError):
+                    validate(name, value)   # the full validator still refuses it, with its reason
+
+
+def test_a_chunk_frame_filled_in_place_is_the_encoded_chunk(tmp_path) -> None:
+    """The agent reads each chunk straight into its frame (sender.prepare_chunk, wire.chunk_frame): the same
+    bytes as encode_chunk, for the last (short) chunk too; a file shorter than its manifest gives no frame."""
+    from edge_agent.sync.sender import prepare_chunk
+
+    data = random.Random(7).randbytes(2 * 1000 + 123)
+    path = tmp_path / "f"
+    path.write_bytes(data)
+    for seq in range(3):
+        offset, length = chunk_span(seq, len(data), 1000)
+        chunk = data[offset:offset + length]
+        frame = prepare_chunk(path, seq, len(data), 1000)
+        assert frame == encode_chunk(ChunkHeader(seq, offset, length, hashlib.sha256(chunk).hexdigest()), chunk)
+        header, body = decode_chunk(bytes(frame))
+        assert (header.seq, bytes(body)) == (seq, chunk)
+    assert prepare_chunk(path, 2, len(data) + 1, 1000) is None   # the manifest says one byte more
+
+
 def test_backoff_is_exponential_with_full_jitter() -> None:
     backoff = Backoff(1, 60, rng=random.Random(1))
     delays = [backoff.next_delay() for _ in range(12)]

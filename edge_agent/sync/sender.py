@@ -31,7 +31,7 @@ from edge_agent.atrest import AtRest, AtRestError, is_encrypted
 from edge_agent.catalog import FileRecord
 from edge_agent.config import MqttSection
 from edge_agent.protocol.pacing import TokenBucket
-from edge_agent.protocol.wire import Ack, ChunkHeader, Topics, chunk_span, encode_chunk
+from edge_agent.protocol.wire import Ack, ChunkHeader, Topics, chunk_frame, chunk_span, encode_chunk
 from edge_agent.sync.transfer import Action, SendManifest, SendQuery, Transfer
 
 log = logging.getLogger(__name__)
@@ -47,7 +47,7 @@ Blocked = Callable[[FileRecord, str], None]
 
 
 def prepare_chunk(path: Path, seq: int, size: int, chunk_size: int, at_rest: AtRest | None = None,
-                  file_id: str = "") -> bytes | None:
+                  file_id: str = "") -> bytes | bytearray | None:
     """Chunk `seq` of the stored file at `path` as a frame, or None if the file is shorter than its manifest says.
     Opens the file itself, so a chunk prepared for a transfer that ended meanwhile reads nothing else. An
     encrypted copy (`file_id`'s, edge_agent/atrest.py) is decrypted here, only the blocks the chunk spans: the
@@ -56,15 +56,26 @@ def prepare_chunk(path: Path, seq: int, size: int, chunk_size: int, at_rest: AtR
     if is_encrypted(path):
         with (at_rest or AtRest()).reader(path, file_id) as reader:
             data = reader.pread(length, offset)
-    else:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            data = os.pread(fd, length, offset)
-        finally:
-            os.close(fd)
-    if len(data) != length:
-        return None
-    return encode_chunk(ChunkHeader(seq, offset, length, hashlib.sha256(data).hexdigest()), data)
+        if len(data) != length:
+            return None
+        return encode_chunk(ChunkHeader(seq, offset, length, hashlib.sha256(data).hexdigest()), data)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        # Read straight into the frame (chunk_frame): no second copy of the chunk's bytes to put the header first.
+        return chunk_frame(seq, offset, length, lambda view: _read_into(fd, view, offset))
+    finally:
+        os.close(fd)
+
+
+def _read_into(fd: int, view: memoryview, offset: int) -> int:
+    """Fill `view` from `fd` at `offset`; how many bytes there were (fewer than asked only at the end of the file)."""
+    got = 0
+    while got < len(view):
+        n = os.preadv(fd, [view[got:]], offset + got)
+        if n == 0:
+            break
+        got += n
+    return got
 
 
 def _settled(info: mqtt.MQTTMessageInfo) -> bool:
