@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from fractions import Fraction
 from pathlib import Path
 from types import SimpleNamespace
@@ -51,6 +52,28 @@ class Collector:
             self.done.set()
 
 
+@contextmanager
+def recording_through_tap(server: RtspServer, tmp_path: Path, wanted: int = 2) -> Iterator[tuple[RtspTap,
+                                                                                                  Collector,
+                                                                                                  RtspRecorder]]:
+    """A recorder of `server`'s stream through a tap that keeps what the server sent; waits for `wanted`
+    segments before the body runs, and stops recorder, tap and server after it."""
+    tap = RtspTap(server.port).start()
+    heard = Collector(wanted=wanted)
+    recorder = RtspRecorder("gate", lambda: tap.url(MOUNT), tmp_path / "spool", heard, segment_s=0.5,
+                            stall_timeout_s=5)
+    thread = threading.Thread(target=recorder.run, daemon=True)
+    thread.start()
+    try:
+        assert heard.done.wait(30), f"{wanted} segments were not recorded"
+        yield tap, heard, recorder
+    finally:
+        recorder.stop()
+        thread.join(20)
+        tap.close()
+        server.stop()
+
+
 def segment_nals(path: Path) -> tuple[list[bytes], int]:
     """The video NAL units of a segment, in order, and how many pictures decode from it (errors raise)."""
     nals: list[bytes] = []
@@ -71,19 +94,8 @@ def segment_nals(path: Path) -> tuple[list[bytes], int]:
 @pytest.mark.parametrize("video", ["h264", pytest.param("h265", marks=pytest.mark.extended)])
 def test_the_first_picture_of_a_connection_is_recorded_as_sent(tmp_path: Path, video: str) -> None:
     server = RtspServer(free_port(), video=video, keyint=10, log=tmp_path / "rtsp.log").start()
-    tap = RtspTap(server.port).start()
-    heard = Collector()
-    recorder = RtspRecorder("gate", lambda: tap.url(MOUNT), tmp_path / "spool", heard, segment_s=0.5,
-                            stall_timeout_s=5)
-    thread = threading.Thread(target=recorder.run, daemon=True)
-    thread.start()
-    try:
-        assert heard.done.wait(30), "two segments were not recorded"
-    finally:
-        recorder.stop()
-        thread.join(20)
-        tap.close()
-        server.stop()
+    with recording_through_tap(server, tmp_path) as (tap, heard, _):
+        pass
     first = heard.segments[0]
     recorded, decoded = segment_nals(first.path)
 

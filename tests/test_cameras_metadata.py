@@ -6,18 +6,16 @@ documents, and the probe that writes the manifest's `media` lists the track as d
 
 from __future__ import annotations
 
-import threading
 from pathlib import Path
 
 import av
 import pytest
 
-from drivers.rtsp import RtspRecorder, StreamStats
+from drivers.rtsp import StreamStats
 from edge_agent.ingest.stage import probe_media
 from tests.peers.mosquitto import free_port
-from tests.peers.rtsp_server import MOUNT, RtspServer
-from tests.peers.rtsp_tap import RtspTap
-from tests.test_cameras_first_picture import Collector
+from tests.peers.rtsp_server import RtspServer
+from tests.test_cameras_first_picture import recording_through_tap
 
 
 def stored_documents(path: Path) -> tuple[list[bytes], list[float], float]:
@@ -40,21 +38,9 @@ def stored_documents(path: Path) -> tuple[list[bytes], list[float], float]:
 def test_an_onvif_metadata_stream_is_recorded_as_sent(tmp_path: Path, audio: str) -> None:
     server = RtspServer(free_port(), keyint=10, metadata=True, audio=audio, log=tmp_path / "rtsp.log").start()
     kinds = ["video", "data"] if audio == "none" else ["video", "audio", "data"]
-    tap = RtspTap(server.port).start()
-    heard = Collector(wanted=2)
-    recorder = RtspRecorder("gate", lambda: tap.url(MOUNT), tmp_path / "spool", heard, segment_s=0.5,
-                            stall_timeout_s=5)
-    thread = threading.Thread(target=recorder.run, daemon=True)
-    thread.start()
-    try:
-        assert heard.done.wait(30), "two segments were not recorded"
+    with recording_through_tap(server, tmp_path) as (tap, heard, recorder):
         stats: StreamStats = recorder.stats
         assert [t["kind"] for t in stats.tracks] == kinds and stats.dropped == []
-    finally:
-        recorder.stop()
-        thread.join(20)
-        tap.close()
-        server.stop()
     # the last SETUP: interleaved channels 2-3 (second stream) or 4-5 (third)
     sent = [rtp[12:] for rtp in tap.rtp(0, channel=2 * (len(kinds) - 1))]
     assert len(sent) >= 5 and all(doc.startswith(b"<?xml") for doc in sent)
