@@ -280,6 +280,7 @@ class Rig:
         return procs
 
     def stored(self) -> int:
+        """Index entries in the current run's store (local), or in the committed bucket (all runs)."""
         if self.seaweed is None:
             return len(list((self.base / f"run-{self.run}" / "store" / "index").rglob("*.json")))
         s3, count, args = self.seaweed.client(), 0, {"Bucket": LOCKED_BUCKET, "Prefix": "index/"}
@@ -329,7 +330,14 @@ def run_agents(rig: Rig, broker_pid: int, agent_keys: list[tuple[str, bytes]], f
     import multiprocessing
 
     procs = rig.start_receivers(receivers)
-    time.sleep(2.0)   # the receivers subscribe (a script: no event to await across processes)
+    stored_before = rig.stored()   # the buckets are kept from run to run (a local run has a store of its own)
+    logs = [rig.base / f"run-{rig.run}" / f"receiver-{i}.log" for i in range(receivers)]
+    deadline = time.monotonic() + 120
+    while not all(b"mqtt connected" in log.read_bytes() for log in logs):   # slow to start on a loaded machine
+        if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
+            raise RuntimeError(f"receivers not connected; see {logs}")
+        time.sleep(0.1)
+    time.sleep(1.0)   # and subscribed (the SUBACK follows the connect; nothing logs it)
     spy = _profile(procs[0].pid, profile) if profile is not None else None
     ctx = multiprocessing.get_context("fork")
     results = ctx.Queue()
@@ -362,7 +370,7 @@ def run_agents(rig: Rig, broker_pid: int, agent_keys: list[tuple[str, bytes]], f
         proc.wait(30)
     if spy is not None:
         spy.wait(30)
-    stored = rig.stored()
+    stored = rig.stored() - stored_before
     elapsed = max(finished - start_at, 1e-9)
     latencies.sort()
     gb = total_bytes / 1e9
