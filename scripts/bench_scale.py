@@ -12,8 +12,16 @@ through one mosquitto to one receiver, then to two receivers sharing an MQTT 5 s
 receiver throughput and manifest-to-`complete` latency p50/p99; the baseline is one agent sending the same
 total number of files, in the same run.
 
+With `--hosts netns` (the default; run as root) each receiver runs on a test host of its own: a network
+namespace joined to this host by a veth link (tests/netns.py), reaching mosquitto and SeaweedFS only over it.
+`--store local,s3` runs everything twice: receivers sharing one local store_dir, then receivers sharing
+nothing but SeaweedFS buckets (Object Lock for committed files, `[store] transfers = "s3"`). Each run also
+reports the CPU seconds of every receiver (per GB and per file), of the broker and of SeaweedFS, and the
+1-minute load; `--profile PATH` records the one-receiver run with py-spy and prints where it spent its time.
+
 Usage: .venv/bin/python scripts/bench_scale.py catalog [--rows 1000000]
        .venv/bin/python scripts/bench_scale.py agents [--agents 500] [--files 4] [--kib 32]
+           [--store local,s3] [--hosts netns|loopback] [--rounds 2] [--baseline] [--profile /tmp/prof]
 """
 
 from __future__ import annotations
@@ -140,7 +148,20 @@ def bench_catalog(rows: int) -> None:
 ROOT_TOPIC = "evidence/v2"
 
 
-def _sim_agents(port: int, agents: list[tuple[str, bytes]], files: int, size: int, start_at: float,
+def _send_again(sent: dict[str, tuple[Any, bytes, bytes, int]], lock: Any, file_id: str) -> None:
+    """Publish a file's manifest and chunk again (at most 30 times)."""
+    with lock:
+        again = sent.get(file_id)
+        if again is None or again[3] >= 30:
+            return
+        sent[file_id] = (*again[:3], again[3] + 1)
+    client, manifest, chunk = again[:3]
+    base = f"{ROOT_TOPIC}/{client._client_id.decode()}/files/{file_id}"
+    client.publish(f"{base}/manifest", manifest, qos=1)
+    client.publish(f"{base}/chunk", chunk, qos=1)
+
+
+def _sim_agents(host: str, port: int, agents: list[tuple[str, bytes]], files: int, size: int, start_at: float,
                 results: Any) -> None:
     """One process of simulated agents: each connects, publishes health, sends `files` signed single-chunk
     files at `start_at`, and waits for their `complete` acks. Puts (latencies, lost, bytes) on `results`."""
@@ -155,6 +176,7 @@ def _sim_agents(port: int, agents: list[tuple[str, bytes]], files: int, size: in
 
     latencies: list[float] = []
     pending: dict[str, float] = {}
+    sent: dict[str, tuple[Any, bytes, bytes, int]] = {}   # file id -> (client, manifest, chunk, times sent again)
     lock = _threading.Lock()
     done = _threading.Event()
     clients = []
@@ -168,8 +190,13 @@ def _sim_agents(port: int, agents: list[tuple[str, bytes]], files: int, size: in
                     latencies.append(time.monotonic() - began)
                 if not pending:
                     done.set()
+                sent.pop(ack["file_id"], None)
         elif ack.get("state") == "rejected":
             print(f"rejected {ack}", file=sys.stderr)
+        elif "no manifest" in str(ack.get("reason")):
+            # As a real agent does (sync/transfer.py): the chunk reached a receiver before its manifest (behind a
+            # shared subscription, or a manifest dropped): the manifest again, then the chunk.
+            _send_again(sent, lock, ack["file_id"])
 
     connected = _threading.Semaphore(0)
     for agent_id, pem in agents:
@@ -177,7 +204,7 @@ def _sim_agents(port: int, agents: list[tuple[str, bytes]], files: int, size: in
         client.on_message = on_message
         client.on_connect = lambda c, _u, _f, _r, _p, a=agent_id: (c.subscribe(f"{ROOT_TOPIC}/{a}/acks", qos=1),
                                                                    connected.release())
-        client.connect("127.0.0.1", port, keepalive=60)
+        client.connect(host, port, keepalive=60)
         client.loop_start()
         key = AgentKey(serialization.load_pem_private_key(pem, None))  # type: ignore[arg-type]
         clients.append((agent_id, client, key))
@@ -195,11 +222,12 @@ def _sim_agents(port: int, agents: list[tuple[str, bytes]], files: int, size: in
             file_id = new_id()
             manifest = key.sign({"v": 1, "type": "file", "file_id": file_id, "agent_id": agent_id, "size": size,
                                  "sha256": digest, "chunk_size": max(size, 256 * 1024), "prev": "0" * 64})
+            manifest_bytes, chunk_bytes = canonical_json(manifest), encode_chunk(ChunkHeader(0, 0, size, digest), data)
             with lock:
                 pending[file_id] = time.monotonic()
-            client.publish(f"{ROOT_TOPIC}/{agent_id}/files/{file_id}/manifest", canonical_json(manifest), qos=1)
-            client.publish(f"{ROOT_TOPIC}/{agent_id}/files/{file_id}/chunk",
-                           encode_chunk(ChunkHeader(0, 0, size, digest), data), qos=1)
+                sent[file_id] = (client, manifest_bytes, chunk_bytes, 0)
+            client.publish(f"{ROOT_TOPIC}/{agent_id}/files/{file_id}/manifest", manifest_bytes, qos=1)
+            client.publish(f"{ROOT_TOPIC}/{agent_id}/files/{file_id}/chunk", chunk_bytes, qos=1)
             sent_bytes += size
     done.wait(timeout=300)
     with lock:
@@ -210,33 +238,120 @@ def _sim_agents(port: int, agents: list[tuple[str, bytes]], files: int, size: in
     results.put((latencies, lost, sent_bytes))
 
 
-def _receivers(base: Path, port: int, count: int) -> list[subprocess.Popen[bytes]]:
-    procs = []
-    for i in range(count):
-        config = base / f"receiver-{i}.toml"
-        config.write_text(f'[mqtt]\nhost = "127.0.0.1"\nport = {port}\n[receiver]\nstore_dir = "{base / "store"}"\n'
-                          f'keys_dir = "{base / "keys"}"\nclient_id = "receiver-{i + 1}"\n'
-                          f"shared_subscription = {'true' if count > 1 else 'false'}\nack_interval_ms = 50\n")
-        log = open(base / f"receiver-{i}.log", "ab")  # noqa: SIM115 - handed to the child
-        procs.append(subprocess.Popen([EDGE_AGENT, "receiver", "run", "--config", str(config)], stdout=log,
-                                      stderr=log))
-    return procs
+LOCKED_BUCKET, TRANSFERS_BUCKET = "bench-locked", "bench-transfers"
 
 
-def run_agents(base: Path, port: int, agent_keys: list[tuple[str, bytes]], files: int, size: int,
-               receivers: int, processes: int) -> dict[str, float]:
+class Rig:
+    """Where a run happens: the broker (and SeaweedFS, for store = "s3") on this host, listening on `host`
+    (loopback, or the host side of the test hosts' links); receivers on this host or each on a test host of
+    its own (`hosts`, network namespaces from tests/netns.py)."""
+
+    def __init__(self, base: Path, host: str, port: int, hosts: Any = None, seaweed: Any = None):
+        self.base, self.host, self.port, self.hosts, self.seaweed = base, host, port, hosts, seaweed
+        self.run = 0
+
+    def receiver_config(self, i: int, count: int) -> Path:
+        run_dir = self.base / f"run-{self.run}"
+        store_dir = run_dir / ("store" if self.seaweed is None else f"receiver-{i}")   # local: one shared store
+        config = run_dir / f"receiver-{i}.toml"
+        text = (f'[mqtt]\nhost = "{self.host}"\nport = {self.port}\n[receiver]\nstore_dir = "{store_dir}"\n'
+                f'keys_dir = "{self.base / "keys"}"\nclient_id = "receiver-{i + 1}"\n'
+                f"shared_subscription = {'true' if count > 1 else 'false'}\nack_interval_ms = 50\n"
+                # No session left behind at the broker: an offline member of the share group still gets its
+                # share queued (mosquitto), which the next run's receiver with this client id would then store.
+                "session_expiry_s = 0\n")
+        if self.seaweed is not None:
+            text += (f'[store]\nbackend = "s3"\nendpoint = "{self.seaweed.endpoint}"\nbucket = "{LOCKED_BUCKET}"\n'
+                     f'credentials_file = "{self.seaweed.credentials_file(self.base)}"\ntransfers = "s3"\n'
+                     f'transfers_bucket = "{TRANSFERS_BUCKET}"\n')
+        config.write_text(text)
+        return config
+
+    def start_receivers(self, count: int) -> list[subprocess.Popen[bytes]]:
+        self.run += 1
+        (self.base / f"run-{self.run}").mkdir()
+        procs = []
+        for i in range(count):
+            argv = [EDGE_AGENT, "receiver", "run", "--config", str(self.receiver_config(i, count))]
+            if self.hosts is not None:
+                argv = self.hosts[i].command(argv)
+            log = open(self.base / f"run-{self.run}" / f"receiver-{i}.log", "ab")  # noqa: SIM115 - the child's
+            procs.append(subprocess.Popen(argv, stdout=log, stderr=log))
+        return procs
+
+    def stored(self) -> int:
+        """Index entries in the current run's store (local), or in the committed bucket (all runs)."""
+        if self.seaweed is None:
+            return len(list((self.base / f"run-{self.run}" / "store" / "index").rglob("*.json")))
+        s3, count, args = self.seaweed.client(), 0, {"Bucket": LOCKED_BUCKET, "Prefix": "index/"}
+        while True:
+            page = s3.list_objects_v2(**args)
+            count += page.get("KeyCount", 0)
+            if not page.get("IsTruncated"):
+                return count
+            args["ContinuationToken"] = page["NextContinuationToken"]
+
+
+def cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) a process has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _profile(pid: int, out: Path) -> subprocess.Popen[bytes] | None:
+    """py-spy recording the receiver `pid` (collapsed stacks, with idle threads left out) until it exits."""
+    spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    if not Path(spy).exists():
+        print("py-spy not installed (.venv/bin/pip install py-spy): no profile", file=sys.stderr)
+        return None
+    return subprocess.Popen([spy, "record", "--pid", str(pid), "--format", "raw", "--rate", "100", "--threads",
+                             "--nonblocking", "-o", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def summarise_profile(path: Path, top: int = 12) -> list[tuple[str, float]]:
+    """The functions where the recorded receiver spent its samples (self time), as shares of all samples."""
+    own: dict[str, int] = {}
+    total = 0
+    for line in path.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        frames = stack.split(";")
+        n = int(count)
+        total += n
+        leaf = frames[-1].split(" (")[0] if frames else "?"
+        thread = frames[0] if frames else "?"
+        key = f"{thread[:40]} > {leaf}"
+        own[key] = own.get(key, 0) + n
+    ranked = sorted(own.items(), key=lambda kv: -kv[1])[:top]
+    return [(k, v / max(total, 1)) for k, v in ranked]
+
+
+def run_agents(rig: Rig, broker_pid: int, agent_keys: list[tuple[str, bytes]], files: int, size: int,
+               receivers: int, processes: int, profile: Path | None = None) -> dict[str, Any]:
     import multiprocessing
 
-    shutil.rmtree(base / "store", ignore_errors=True)
-    procs = _receivers(base, port, receivers)
-    time.sleep(2.0)   # the receivers subscribe (a script: no event to await across processes)
+    procs = rig.start_receivers(receivers)
+    stored_before = rig.stored()   # the buckets are kept from run to run (a local run has a store of its own)
+    logs = [rig.base / f"run-{rig.run}" / f"receiver-{i}.log" for i in range(receivers)]
+    deadline = time.monotonic() + 120
+    while not all(b"mqtt connected" in log.read_bytes() for log in logs):   # slow to start on a loaded machine
+        if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
+            raise RuntimeError(f"receivers not connected; see {logs}")
+        time.sleep(0.1)
+    time.sleep(1.0)   # and subscribed (the SUBACK follows the connect; nothing logs it)
+    spy = _profile(procs[0].pid, profile) if profile is not None else None
     ctx = multiprocessing.get_context("fork")
     results = ctx.Queue()
     start_at = time.time() + 3 + len(agent_keys) / 200
     groups = [agent_keys[i::processes] for i in range(processes)]
-    workers = [ctx.Process(target=_sim_agents, args=(port, g, files, size, start_at, results)) for g in groups if g]
+    workers = [ctx.Process(target=_sim_agents, args=(rig.host, rig.port, g, files, size, start_at, results))
+               for g in groups if g]
     for w in workers:
         w.start()
+    time.sleep(max(0.0, start_at - time.time()))
+    load = os.getloadavg()[0]
+    broker_cpu = cpu_s(broker_pid)
+    store_cpu = cpu_s(rig.seaweed.process.pid) if rig.seaweed is not None else 0.0
+    receiver_cpu = [cpu_s(p.pid) for p in procs]
     latencies: list[float] = []
     lost = total_bytes = 0
     for _ in workers:
@@ -245,62 +360,131 @@ def run_agents(base: Path, port: int, agent_keys: list[tuple[str, bytes]], files
         lost += lo
         total_bytes += by
     finished = time.time()
+    receiver_cpu = [cpu_s(p.pid) - before for p, before in zip(procs, receiver_cpu, strict=True)]
+    broker_cpu = cpu_s(broker_pid) - broker_cpu
+    store_cpu = (cpu_s(rig.seaweed.process.pid) - store_cpu) if rig.seaweed is not None else float("nan")
     for w in workers:
         w.join()
     for proc in procs:
         proc.terminate()
         proc.wait(30)
-    stored = len(list((base / "store" / "index").rglob("*.json")))
+    if spy is not None:
+        spy.wait(30)
+    stored = rig.stored() - stored_before
     elapsed = max(finished - start_at, 1e-9)
     latencies.sort()
+    gb = total_bytes / 1e9
     return {"agents": len(agent_keys), "receivers": receivers, "files": len(agent_keys) * files,
             "stored": stored, "lost": lost, "seconds": elapsed, "files_per_s": stored / elapsed,
-            "mb_per_s": total_bytes / elapsed / 1e6,
+            "mb_per_s": total_bytes / elapsed / 1e6, "load_1min": load,
+            "receiver_cpu_s": receiver_cpu, "receiver_cpu_s_per_gb": [c / gb for c in receiver_cpu],
+            "receiver_cpu_ms_per_file": [c * 1000 / max(stored, 1) for c in receiver_cpu],
+            "broker_cpu_s": broker_cpu, "store_cpu_s": store_cpu,
             "p50_ms": statistics.median(latencies) * 1000 if latencies else float("nan"),
             "p99_ms": (latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))] * 1000 if latencies
                        else float("nan"))}
 
 
-def bench_agents(agents: int, files: int, kib: int, processes: int) -> None:
-    import resource
-
+def _agent_keys(keys_dir: Path, agents: int) -> list[tuple[str, bytes]]:
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+    keys_dir.mkdir()
+    keys = []
+    for i in range(agents):
+        agent_id = f"ws-sim-{i:05d}"
+        private = Ed25519PrivateKey.generate()
+        pem = private.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                    serialization.NoEncryption())
+        (keys_dir / f"{agent_id}.pem").write_bytes(private.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+        keys.append((agent_id, pem))
+    return keys
+
+
+def _print_runs(title: str, runs: list[tuple[str, dict[str, Any]]], baseline: dict[str, Any]) -> None:
+    print(title)
+    print(f"{'run':<40}{'stored':>7}{'lost':>5}{'s':>7}{'files/s':>9}{'MB/s':>6}{'p50 ms':>8}{'p99 ms':>8}"
+          f"{'ratio':>7}{'load':>6}  receiver CPU s/GB (ms/file); broker CPU s; store CPU s")
+    for name, r in runs:
+        cpu = ", ".join(f"{g:.0f} ({f:.1f})" for g, f in zip(r["receiver_cpu_s_per_gb"], r["receiver_cpu_ms_per_file"],
+                                                              strict=True))
+        print(f"{name:<40}{r['stored']:>7}{r['lost']:>5}{r['seconds']:>7.1f}{r['files_per_s']:>9.1f}"
+              f"{r['mb_per_s']:>6.1f}{r['p50_ms']:>8.0f}{r['p99_ms']:>8.0f}"
+              f"{r['files_per_s'] / baseline['files_per_s']:>7.2f}{r['load_1min']:>6.1f}  {cpu}; "
+              f"{r['broker_cpu_s']:.1f}; {r['store_cpu_s']:.1f}")
+
+
+def bench_agents(agents: int, files: int, kib: int, processes: int, stores: list[str], hosts_mode: str,
+                 baseline: bool, profile: Path | None, keep: bool = False, rounds: int = 2) -> None:
+    import contextlib
+    import resource
+
+    from tests.netns import NetnsUnavailable, TestHosts
     from tests.peers.mosquitto import Mosquitto
+    from tests.seaweedfs import SeaweedFS
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    with tempfile.TemporaryDirectory(prefix="bench-agents-") as tmp:
+    results: dict[str, Any] = {}
+    with contextlib.ExitStack() as stack:
+        tmp = tempfile.mkdtemp(prefix="bench-agents-")
+        if keep:
+            print(f"work directory (kept): {tmp}")
+        else:
+            stack.callback(shutil.rmtree, tmp, ignore_errors=True)
         base = Path(tmp)
-        (base / "keys").mkdir()
-        keys = []
-        for i in range(agents):
-            agent_id = f"ws-sim-{i:05d}"
-            private = Ed25519PrivateKey.generate()
-            pem = private.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                        serialization.NoEncryption())
-            (base / "keys" / f"{agent_id}.pem").write_bytes(private.public_key().public_bytes(
-                serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
-            keys.append((agent_id, pem))
-        broker = Mosquitto(base / "broker").start()
-        try:
-            size = kib * 1024
-            baseline = run_agents(base, broker.port, keys[:1], files * agents, size, 1, 1)
-            one = run_agents(base, broker.port, keys, files, size, 1, processes)
-            two = run_agents(base, broker.port, keys, files, size, 2, processes)
-        finally:
-            broker.stop()
-    print(f"{agents} simulated agents x {files} files of {kib} KiB, one mosquitto; baseline: 1 agent sending "
-          f"the same {agents * files} files")
-    print(f"{'run':<34}{'stored':>8}{'lost':>6}{'s':>8}{'files/s':>9}{'MB/s':>7}{'p50 ms':>9}{'p99 ms':>9}"
-          f"{'files/s vs baseline':>21}")
-    for name, r in (("baseline: 1 agent, 1 receiver", baseline), (f"{agents} agents, 1 receiver", one),
-                    (f"{agents} agents, 2 receivers ($share)", two)):
-        print(f"{name:<34}{r['stored']:>8}{r['lost']:>6}{r['seconds']:>8.1f}{r['files_per_s']:>9.1f}"
-              f"{r['mb_per_s']:>7.1f}{r['p50_ms']:>9.1f}{r['p99_ms']:>9.1f}"
-              f"{r['files_per_s'] / baseline['files_per_s']:>21.2f}")
-    print(json.dumps({"baseline": baseline, "one_receiver": one, "two_receivers": two}))
+        keys = _agent_keys(base / "keys", agents)
+        hosts, host = None, "127.0.0.1"
+        if hosts_mode == "netns":
+            try:
+                hosts = stack.enter_context(TestHosts(2))
+                host = hosts.host_ip
+            except NetnsUnavailable as exc:
+                print(f"receivers on loopback: {exc}", file=sys.stderr)
+        # `user root`: mosquitto keeps the rights to its log in this run's temporary directory.
+        broker = Mosquitto(base / "broker", host=host, extra="user root\n").start()
+        stack.callback(broker.stop)
+        assert broker.proc is not None
+        size = kib * 1024
+        where = f"receivers on {'test hosts (netns)' if hosts is not None else 'loopback'}"
+        for store in stores:
+            seaweed = None
+            if store == "s3":
+                seaweed = SeaweedFS(base / "seaweedfs", s3_host=host)
+                seaweed.start()
+                stack.callback(seaweed.stop)
+                s3 = seaweed.client()
+                s3.create_bucket(Bucket=LOCKED_BUCKET, ObjectLockEnabledForBucket=True)
+                s3.create_bucket(Bucket=TRANSFERS_BUCKET)
+            rig = Rig(base / f"rig-{store}", host, broker.port, hosts, seaweed)
+            rig.base.mkdir()
+            (rig.base / "keys").symlink_to(base / "keys")
+            runs = []
+            if baseline:   # one agent with every file: its share of the receiver's fair queue caps it (flood guard)
+                runs.append(("baseline: 1 agent, 1 receiver",
+                             run_agents(rig, broker.proc.pid, keys[:1], files * agents, size, 1, 1)))
+            ratios = []
+            for round_ in range(1, rounds + 1):   # alternating, so that both see the same shared machine
+                one = run_agents(rig, broker.proc.pid, keys, files, size, 1, processes,
+                                 profile.with_suffix(f".{store}.txt") if profile and round_ == 1 else None)
+                two = run_agents(rig, broker.proc.pid, keys, files, size, 2, processes)
+                runs += [(f"r{round_}: {agents} agents, 1 receiver", one),
+                         (f"r{round_}: {agents} agents, 2 receivers ($share)", two)]
+                ratios.append(two["files_per_s"] / one["files_per_s"])
+            _print_runs(f"store {store} ({'committed + transfers in SeaweedFS' if store == 's3' else 'local disk'}), "
+                        f"{where}: {agents} agents x {files} files of {kib} KiB; ratio = files/s against the first "
+                        f"row", runs, runs[0][1])
+            print(f"two receivers / one, per round: {', '.join(f'{r:.2f}x' for r in ratios)}; "
+                  f"median {statistics.median(ratios):.2f}x")
+            if profile is not None:
+                print(f"where one receiver spent its samples ({profile.with_suffix(f'.{store}.txt')}):")
+                for where_, share in summarise_profile(profile.with_suffix(f".{store}.txt")):
+                    print(f"  {share:6.1%}  {where_}")
+            results[store] = dict(runs)
+            if seaweed is not None:
+                seaweed.stop()
+    print(json.dumps(results))
 
 
 def main() -> None:
@@ -313,11 +497,22 @@ def main() -> None:
     many.add_argument("--files", type=int, default=4)
     many.add_argument("--kib", type=int, default=32)
     many.add_argument("--processes", type=int, default=4)
+    many.add_argument("--store", default="local,s3",
+                      help="comma-separated: local (one shared store_dir), s3 (SeaweedFS: committed files and "
+                           "transfers in buckets)")
+    many.add_argument("--hosts", choices=("netns", "loopback"), default="netns",
+                      help="netns: each receiver on a test host of its own (network namespace, veth link)")
+    many.add_argument("--baseline", action="store_true",
+                      help="first, one agent sending every file (capped by its share of the receiver's queue)")
+    many.add_argument("--rounds", type=int, default=2, help="rounds of one receiver, then two (alternating)")
+    many.add_argument("--keep", action="store_true", help="keep the work directory (logs of receivers, broker)")
+    many.add_argument("--profile", type=Path, help="py-spy the one-receiver run; collapsed stacks to PATH.<store>.txt")
     args = parser.parse_args()
     if args.what == "catalog":
         bench_catalog(args.rows)
     else:
-        bench_agents(args.agents, args.files, args.kib, args.processes)
+        bench_agents(args.agents, args.files, args.kib, args.processes, args.store.split(","), args.hosts,
+                     args.baseline, args.profile, args.keep, args.rounds)
 
 
 if __name__ == "__main__":

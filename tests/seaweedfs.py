@@ -39,11 +39,14 @@ def free_ports(count: int) -> list[int]:
 
 
 class SeaweedFS:
-    def __init__(self, data_dir: Path):
+    def __init__(self, data_dir: Path, s3_host: str = "127.0.0.1"):
+        """`s3_host`: the address the S3 API listens on (the host side of test hosts' links, tests/netns.py);
+        the master, volume and filer stay on loopback."""
         self.data_dir = data_dir
+        self.s3_host = s3_host
         data_dir.mkdir(parents=True, exist_ok=True)
         self.s3_port, self.master_port, self.volume_port, self.filer_port = free_ports(4)
-        self.endpoint = f"http://127.0.0.1:{self.s3_port}"
+        self.endpoint = f"http://{s3_host}:{self.s3_port}"
         self.process: subprocess.Popen | None = None
 
     def client(self):
@@ -54,6 +57,7 @@ class SeaweedFS:
         weed = Path(sys.executable).with_name("weed")
         self.process = subprocess.Popen(
             [str(weed), "server", "-ip=127.0.0.1", f"-dir={self.data_dir}", "-s3", f"-s3.port={self.s3_port}",
+             f"-s3.ip.bind={self.s3_host}",
              f"-master.port={self.master_port}", f"-volume.port={self.volume_port}",
              f"-filer.port={self.filer_port}", "-master.volumeSizeLimitMB=64", "-master.telemetry=false",
              "-volume.max=64",   # each bucket is a collection that takes volumes of its own (default: 8 in all)

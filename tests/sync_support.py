@@ -30,13 +30,14 @@ CLI = [sys.executable, "-m", "edge_agent.cli"]
 class Proc:
     """One `edge-agent` process with its log; `kill9` and `restart` for crash tests."""
 
-    def __init__(self, args: list[str], log: Path):
+    def __init__(self, args: list[str], log: Path, prefix: list[str] | None = None):
         self.args, self.log = args, log
+        self.prefix = prefix or []   # e.g. `ip netns exec NS` (tests/netns.py): the process runs on a test host
         self.popen: subprocess.Popen[bytes] | None = None
 
     def start(self) -> Proc:
         with open(self.log, "ab") as out:
-            self.popen = subprocess.Popen([*CLI, *self.args], stdout=subprocess.DEVNULL, stderr=out,
+            self.popen = subprocess.Popen([*self.prefix, *CLI, *self.args], stdout=subprocess.DEVNULL, stderr=out,
                                           stdin=subprocess.DEVNULL)
         return self
 
@@ -104,16 +105,16 @@ def pin_receiver_key(key_dir: Path, pinned: Path, name: str) -> str:
 
 
 def receiver_setup(tmp: Path, port: int, store: Path, keys_dir: Path, *, name: str = "receiver-1",
-                   **receiver: Any) -> Path:
+                   mqtt_host: str = "127.0.0.1", **receiver: Any) -> Path:
     """receiver.toml; its receipt key (in `<store>/keys`) is pinned for the agent of `agent_setup(tmp, ...)`."""
     pin_receiver_key(store / "keys", pinned_dir(tmp), name)
     return write_toml(tmp / f"{name}.toml", {
-        "mqtt": {"port": port, "reconnect_min_s": 0.1, "reconnect_max_s": 1},
+        "mqtt": {"host": mqtt_host, "port": port, "reconnect_min_s": 0.1, "reconnect_max_s": 1},
         "receiver": {"store_dir": str(store), "keys_dir": str(keys_dir), "client_id": name, **receiver}})
 
 
-def receiver_proc(tmp: Path, config: Path, name: str = "receiver-1") -> Proc:
-    return Proc(["receiver", "run", "--config", str(config)], tmp / f"{name}.log")
+def receiver_proc(tmp: Path, config: Path, name: str = "receiver-1", prefix: list[str] | None = None) -> Proc:
+    return Proc(["receiver", "run", "--config", str(config)], tmp / f"{name}.log", prefix)
 
 
 def agent_proc(tmp: Path, config: Path) -> Proc:
@@ -151,14 +152,14 @@ def receiver_logged(tmp: Path, text: str, name: str = "receiver-1") -> bool:
     return log.exists() and text in log.read_text(errors="replace")
 
 
-def subscribed_client(port: int, client_id: str, topic: str, on_payload: Any) -> mqtt.Client:
+def subscribed_client(port: int, client_id: str, topic: str, on_payload: Any, host: str = "127.0.0.1") -> mqtt.Client:
     """A paho client on the local broker, subscribed (the SUBACK awaited) to `topic`; each payload goes to
     `on_payload(bytes)` on paho's thread."""
     client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
     client.on_message = lambda _c, _u, m: on_payload(m.payload)
     subscribed: queue.Queue[bool] = queue.Queue()
     client.on_subscribe = lambda *_: subscribed.put(True)
-    client.connect("127.0.0.1", port)
+    client.connect(host, port)
     client.loop_start()
     client.subscribe(topic, qos=1)
     subscribed.get(timeout=10)
@@ -168,11 +169,11 @@ def subscribed_client(port: int, client_id: str, topic: str, on_payload: Any) ->
 class ScriptedAgent:
     """Speaks wire protocol v1 to a receiver by hand, with a real Ed25519 key: well or badly."""
 
-    def __init__(self, port: int, key: AgentKey, agent_id: str = AGENT_ID):
+    def __init__(self, port: int, key: AgentKey, agent_id: str = AGENT_ID, host: str = "127.0.0.1"):
         self.key, self.agent_id = key, agent_id
         self.acks: queue.Queue[dict[str, Any]] = queue.Queue()
         self.client = subscribed_client(port, f"scripted-{agent_id}", f"{ROOT}/{agent_id}/acks",
-                                        lambda payload: self.acks.put(json.loads(payload)))
+                                        lambda payload: self.acks.put(json.loads(payload)), host)
 
     def close(self) -> None:
         self.client.disconnect()

@@ -29,6 +29,7 @@ from tests.sync_support import (
     receiver_proc,
     receiver_setup,
     stored_index,
+    subscribed_client,
 )
 
 
@@ -230,6 +231,46 @@ def test_transfer_state_survives_a_receiver_kill_and_another_receiver_continues_
     agent.close()
     for proc in procs:
         assert proc.stop() == 0
+
+
+def test_a_receiver_switched_to_the_shared_subscription_takes_only_its_share(
+        tmp_path: Path, mosquitto: Mosquitto, keyed: tuple[AgentKey, Path]) -> None:
+    """A receiver that ran with its own subscription keeps it in its persistent session (same client id). Switched
+    to the shared subscription, it must drop it: else it gets every message as well as its share, doing the other
+    receivers' work twice over (how `bench_scale.py agents` measured two receivers slower than one). A probe in
+    the same share group stands for the second receiver: each query is answered by the receiver or taken by the
+    probe, never both."""
+    plain = receiver_setup(tmp_path, mosquitto.port, tmp_path / "store", keyed[1], name="receiver-x")
+    proc = receiver_proc(tmp_path, plain, "receiver-x").start()
+    wait_for(lambda: receiver_logged(tmp_path, "mqtt connected", "receiver-x"), 20, what="receiver up")
+    assert proc.stop() == 0
+    shared = receiver_setup(tmp_path, mosquitto.port, tmp_path / "store", keyed[1], name="receiver-x",
+                            shared_subscription=True)
+    probed: list[str] = []
+    probe = subscribed_client(mosquitto.port, "receiver-probe", f"$share/receivers/{ROOT}/+/files/#",
+                              lambda payload: None)
+    probe.on_message = lambda _c, _u, m: probed.append(m.topic.split("/")[-2])
+    (tmp_path / "receiver-x.log").write_text("")
+    proc = receiver_proc(tmp_path, shared, "receiver-x").start()
+    wait_for(lambda: receiver_logged(tmp_path, "session_present=True", "receiver-x"), 20, what="receiver back")
+    agent = ScriptedAgent(mosquitto.port, keyed[0])
+    queried = [agent.manifest(b"q")["file_id"] for _ in range(40)]
+    for file_id in queried:
+        agent.query(file_id)
+    answered: list[str] = []
+
+    def everything_taken() -> bool:
+        while not agent.acks.empty():
+            answered.append(agent.acks.get()["file_id"])
+        return set(answered) | set(probed) == set(queried)
+
+    wait_for(everything_taken, 20, what="every query answered by the receiver or taken by the probe")
+    assert answered and probed, "both members of the group got a share"
+    assert not set(answered) & set(probed), "the receiver also took messages of the other member's share"
+    agent.close()
+    probe.disconnect()
+    probe.loop_stop()
+    assert proc.stop() == 0
 
 
 def test_an_agent_that_rotated_its_key_is_checked_against_the_key_each_manifest_names(

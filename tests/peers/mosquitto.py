@@ -29,14 +29,16 @@ def wait_port(port: int, timeout: float = 10.0, host: str = "127.0.0.1") -> None
 class Mosquitto:
     """mosquitto with a generated config. `extra` adds config lines (TLS listeners, ACLs)."""
 
-    def __init__(self, workdir: Path, port: int | None = None, extra: str = "", listener: str | None = None):
+    def __init__(self, workdir: Path, port: int | None = None, extra: str = "", listener: str | None = None,
+                 host: str = "127.0.0.1"):
         self.binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
+        self.host = host   # where it listens: loopback, or the host side of the test hosts' links (tests/netns.py)
         self.config = self.workdir / "mosquitto.conf"
         self.log = self.workdir / "mosquitto.log"
-        listener = listener or f"listener {self.port} 127.0.0.1\nallow_anonymous true\n"
+        listener = listener or f"listener {self.port} {host}\nallow_anonymous true\n"
         self.config.write_text(
             "per_listener_settings false\n" + listener + "persistence false\n"
             f"log_dest file {self.log}\nlog_type error\nlog_type warning\nlog_type notice\n"
@@ -48,7 +50,7 @@ class Mosquitto:
         self.proc = subprocess.Popen([self.binary, "-c", str(self.config)], stdout=subprocess.DEVNULL,
                                      stderr=subprocess.PIPE)
         try:
-            wait_port(self.port)
+            wait_port(self.port, host=self.host)
         except TimeoutError as exc:
             self.stop()
             log = self.log.read_text() if self.log.exists() else ""

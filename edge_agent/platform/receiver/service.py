@@ -163,8 +163,7 @@ class Receiver:
         self.client = build_client(config.mqtt, rc.client_id, manual_ack=True)
         self.client.on_message = self._on_message
         self.connection = Connection(self.client, config.mqtt, session_expiry_s=rc.session_expiry_s,
-                                     on_up=lambda client: client.subscribe([(self.topic_filter, 1),
-                                                                            (self.chain_filter, 1)]))
+                                     on_up=self._subscribe)
         self._inbound = FairQueue(agent_messages=INBOUND_AGENT_MESSAGES, agent_bytes=INBOUND_AGENT_BYTES,
                                   total_bytes=INBOUND_TOTAL_BYTES)
         self._refused: dict[str, float] = {}   # agent -> when its refusal was last logged (the paho thread's)
@@ -205,6 +204,15 @@ class Receiver:
         """The receiver's threads as the supervisor sees them."""
         return [self._checker.vital(), self._worker.vital(), self._syncer.vital(), self._sweeper.vital(),
                 self.store.hasher.vital(), self.connection.vital()]
+
+    def _subscribe(self, client: mqtt.Client) -> None:
+        """Subscribe, and drop the filters of the other mode (shared or not) that a persistent session kept from
+        an earlier run of this client id: a receiver switched to the shared subscription would otherwise get
+        every message through the old plain one as well as its share (twice the work, and the other receivers'
+        messages too)."""
+        other = "" if self.shared else "$share/receivers/"
+        client.unsubscribe([f"{other}{self.root}/+/files/#", f"{other}{self.root}/+/chain/#"])
+        client.subscribe([(self.topic_filter, 1), (self.chain_filter, 1)])
 
     def stop(self) -> None:
         self._stop.set()
