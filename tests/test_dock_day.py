@@ -68,7 +68,7 @@ def test_uploads_wait_while_a_bay_collects_and_go_once_it_is_safe_to_take(tmp_pa
 
 def test_the_hold_ends_after_yield_to_docks_s_even_while_a_bay_collects(tmp_path: Path,
                                                                           mosquitto: Mosquitto) -> None:
-    root, cfg = dock_day_agent(tmp_path, mosquitto.port, yield_to_docks_s=0.5)
+    root, cfg = dock_day_agent(tmp_path, mosquitto.port, yield_to_docks_s=0.5, yield_to_docks_kbps=0)
     with running_agent(cfg) as agent:
         collecting_at_chunk: list[bool] = []
         watch = subscribed_client(mosquitto.port, "watch", f"{cfg.mqtt.root}/{cfg.agent.id}/files/+/chunk",
