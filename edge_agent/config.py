@@ -95,10 +95,13 @@ class MqttSection(_Section):
     ack_timeout_s: Annotated[float, Field(gt=0, le=600)] = 15
     session_expiry_s: Annotated[int, Field(ge=0)] = 7 * 24 * 3600
     bandwidth_kbps: Annotated[int, Field(gt=0)] | None = None
-    # While a dock bay is collecting, the uplink holds its chunks (up to this long at a stretch; 0: never), so
-    # the recorders are safe to take sooner: on a small workstation ingest and upload compete for the same
-    # cores (scripts/bench_dock_day.py, docs/BENCHMARKS.md). Acks, commands and events still flow.
-    yield_to_docks_s: Annotated[float, Field(ge=0, le=86400)] = 0   # opt-in: docs/OPERATIONS.md
+    # While a dock bay is collecting, the uplink sends its chunks at most at yield_to_docks_kbps (0: holds them),
+    # for up to yield_to_docks_s at a stretch (0: never yields), so the recorders are safe to take about as soon
+    # as ingest alone would make them while the uplink still makes progress: on a small workstation ingest and
+    # upload compete for the same cores (scripts/bench_dock_day.py, docs/BENCHMARKS.md). Acks, commands and
+    # events always flow.
+    yield_to_docks_s: Annotated[float, Field(ge=0, le=86400)] = 0   # docs/OPERATIONS.md
+    yield_to_docks_kbps: Annotated[int, Field(ge=0)] = 0
     reconnect_min_s: Annotated[float, Field(gt=0)] = 1
     reconnect_max_s: Annotated[float, Field(gt=0)] = 120
     command_keys: Path | None = None

@@ -1,13 +1,15 @@
 """A dock day: recorders docked while the uplink drains (issue 15).
 
 On a small workstation ingest and upload compete for the same cores, and an officer waits at the dock for 可取走
-(safe to take) while the platform can wait a little: the uplink holds its chunks while a bay is collecting
-(`mqtt.yield_to_docks_s`, at most that long at a stretch) and sends them once the bays are done. The time it
-saves is measured by scripts/bench_dock_day.py (docs/BENCHMARKS.md, "Dock day").
+(safe to take) while the platform can wait a little: while a bay is collecting the uplink sends at most at
+`mqtt.yield_to_docks_kbps` (or holds its chunks when that is 0), for at most `mqtt.yield_to_docks_s` at a
+stretch, and at full speed once the bays are done. What it saves is measured by scripts/bench_dock_day.py
+(docs/BENCHMARKS.md, "Dock day").
 """
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 from tests.evidence_support import running_agent
@@ -30,8 +32,8 @@ def dock_day_agent(tmp_path: Path, port: int, **mqtt: object):  # noqa: ANN201 -
     return root, cfg
 
 
-def dock_recorder(tmp_path: Path, root: Path) -> None:
-    aside = make_recorder_volume(tmp_path / "aside", "ZFY0500", {"DCIM/100MEDIA/FILE0001.MP4": 2 << 20,
+def dock_recorder(tmp_path: Path, root: Path, first_mib: int = 2) -> None:
+    aside = make_recorder_volume(tmp_path / "aside", "ZFY0500", {"DCIM/100MEDIA/FILE0001.MP4": first_mib << 20,
                                                                 "DCIM/100MEDIA/FILE0002.MP4": 1 << 20},
                                  identity=IDENTITY)
     make_recorder_volume(tmp_path / "aside", "ZFY0500", {"DCIM/100MEDIA/FILE0003.MP4": 1 << 20}, age_s=0)
@@ -45,7 +47,7 @@ def sealed(agent) -> int:  # noqa: ANN001 - the running Agent
 
 def test_uploads_wait_while_a_bay_collects_and_go_once_it_is_safe_to_take(tmp_path: Path,
                                                                            mosquitto: Mosquitto) -> None:
-    root, cfg = dock_day_agent(tmp_path, mosquitto.port, yield_to_docks_s=300)
+    root, cfg = dock_day_agent(tmp_path, mosquitto.port, yield_to_docks_s=300, yield_to_docks_kbps=0)
     with running_agent(cfg) as agent:
         collecting_at_chunk: list[bool] = []     # for each chunk on the wire: was a bay collecting then?
         watch = subscribed_client(mosquitto.port, "watch", f"{cfg.mqtt.root}/{cfg.agent.id}/files/+/chunk",
@@ -66,7 +68,7 @@ def test_uploads_wait_while_a_bay_collects_and_go_once_it_is_safe_to_take(tmp_pa
 
 def test_the_hold_ends_after_yield_to_docks_s_even_while_a_bay_collects(tmp_path: Path,
                                                                           mosquitto: Mosquitto) -> None:
-    root, cfg = dock_day_agent(tmp_path, mosquitto.port, yield_to_docks_s=0.5)
+    root, cfg = dock_day_agent(tmp_path, mosquitto.port, yield_to_docks_s=0.5, yield_to_docks_kbps=0)
     with running_agent(cfg) as agent:
         collecting_at_chunk: list[bool] = []
         watch = subscribed_client(mosquitto.port, "watch", f"{cfg.mqtt.root}/{cfg.agent.id}/files/+/chunk",
@@ -79,3 +81,39 @@ def test_the_hold_ends_after_yield_to_docks_s_even_while_a_bay_collects(tmp_path
         finally:
             watch.disconnect()
             watch.loop_stop()
+
+
+def test_while_a_bay_collects_chunks_flow_at_most_at_yield_to_docks_kbps(tmp_path: Path,
+                                                                         mosquitto: Mosquitto) -> None:
+    kbps = 1000    # 125,000 bytes a second: the 6 MiB recorder would take 50 s, its bay collects for seconds
+    root, cfg = dock_day_agent(tmp_path, mosquitto.port, yield_to_docks_s=300, yield_to_docks_kbps=kbps,
+                               chunk_kib=64)
+    with running_agent(cfg) as agent:
+        during: list[tuple[float, int]] = []     # (arrival, frame bytes) of each chunk seen while the bay collects
+        after: list[int] = []
+
+        def on_chunk(payload: bytes) -> None:
+            if agent.docks.collecting():
+                during.append((time.monotonic(), len(payload)))
+            else:
+                after.append(len(payload))
+
+        watch = subscribed_client(mosquitto.port, "watch", f"{cfg.mqtt.root}/{cfg.agent.id}/files/+/chunk",
+                                  on_chunk)
+        try:
+            assert agent.uplink is not None
+            wait_for(lambda: agent.uplink.health()["sync"]["connected"], what="the uplink connected")
+            docked = time.monotonic()
+            dock_recorder(tmp_path, root, first_mib=4)
+            wait_for(lambda: during, what="a chunk sent while the bay still collects")
+            wait_for(lambda: not agent.docks.collecting(), what="the bay done")
+            wait_for(lambda: after, what="chunks sent once the bay is safe to take")
+        finally:
+            watch.disconnect()
+            watch.loop_stop()
+    # Every chunk counted in `during` left the agent between docking and its arrival: the yield's token bucket
+    # lets through at most its burst (a chunk and its header) plus the rate times that span.
+    span = during[-1][0] - docked
+    sent = sum(size for _, size in during)
+    burst = cfg.mqtt.chunk_kib * 1024 + 4096
+    assert sent <= burst + kbps * 1000 / 8 * span, f"{sent} bytes in {span:.2f} s while the bay collected"

@@ -190,6 +190,34 @@ def test_custodian_commands_speak_chinese_under_a_chinese_locale(tmp_path: Path,
         assert chinese in out, (args, out)
 
 
+def refusal(config_path: Path, *args: str, lang: str) -> str:
+    """What a failing command prints (stderr), checked to have failed."""
+    env = {"LANG": lang, "LC_ALL": "", "LC_MESSAGES": "", "LANGUAGE": "", "COLUMNS": "200"}
+    result = CliRunner().invoke(app, ["--config", str(config_path), *args], env=env)
+    assert result.exit_code != 0, result.output
+    return " ".join(result.stderr.split())
+
+
+def test_refusals_are_chinese_under_a_chinese_locale_and_english_with_json(tmp_path: Path,
+                                                                           english_afterwards: None) -> None:
+    config_path, _ = agent_config(tmp_path)
+    zh, en = "zh_CN.UTF-8", "C.UTF-8"
+    assert "没有文件目录库：采集服务尚未以此配置运行过" in refusal(config_path, "files", "list", lang=zh)
+    assert "the agent has not run with this config yet" in refusal(config_path, "--json", "files", "list", lang=zh)
+    not_a_folder = str(tmp_path / "agent.toml")
+    assert f"错误： {not_a_folder} 不是文件夹" in refusal(config_path, "import", not_a_folder, "--device", "ZFY0777",
+                                                       "--reason", "test", lang=zh)
+    card = make_recorder_volume(tmp_path, "SDCARD", {"DCIM/100/MOV_0001.MP4": 4_000})
+    cli(config_path, "--json", "import", str(card), "--device", "ZFY0777", "--reason", "test", lang=en)
+    chinese = refusal(config_path, "files", "show", "ZZZZ", lang=zh)
+    assert "文件目录库中没有编号为 'ZZZZ' 的文件" in chinese and "in the catalog" not in chinese
+    assert "no file with id 'ZZZZ' in the catalog" in refusal(config_path, "files", "show", "ZZZZ", lang=en)
+    english = refusal(config_path, "--json", "files", "show", "ZZZZ", lang=zh)
+    assert "no file with id 'ZZZZ' in the catalog" in english and not CJK.search(english)
+    assert "没有键为 'nope' 的未处理告警" in refusal(config_path, "alarms", "clear", "nope", "--reason", "查过",
+                                                 lang=zh)
+
+
 def test_fleet_status_columns_line_up_in_chinese(english_afterwards: None) -> None:
     result = {"agents": 2, "counts": {"offline": 1, "stale": 0, "r1_breach": 0, "regressed": 0, "with_problems": 1},
               "fleet": [{"agent_id": "ws-01", "online": False, "stale": False, "problems": ["offline for 2h"],

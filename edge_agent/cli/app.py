@@ -91,11 +91,21 @@ def configured_language(args: list[str]) -> str | None:
         return None
 
 
+class _Run:
+    """This run of the command line, for what prints outside a command's context (a refusal's `error:`)."""
+
+    json = False
+
+
+_run = _Run()
+
+
 class _Commands(TyperGroup):
     """The root command group: every command runs inside its `invoke`, so a refusal is handled once here; its
     `main` puts the help texts in the custodian's language before anything is parsed."""
 
     def main(self, args: list[str] | None = None, *rest: Any, **kwargs: Any) -> Any:
+        _run.json = False   # until the root callback has read --json
         i18n.use(i18n.choose(configured_language(sys.argv[1:] if args is None else list(args))))
         translate_help(self)
         return super().main(args, *rest, **kwargs)
@@ -103,8 +113,8 @@ class _Commands(TyperGroup):
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
-        except ServiceError as exc:
-            fail(str(exc), code=exc.code)
+        except ServiceError as exc:   # in the custodian's language; a --json run's in English, as its output
+            fail(str(exc) if _run.json else exc.for_user(), code=exc.code)
 
 
 app = typer.Typer(cls=_Commands, no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
@@ -131,6 +141,7 @@ def _global(
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s %(message)s", force=True)
     ctx.obj = Options(config_path=resolve_config_path(config), json=as_json)
+    _run.json = as_json
     i18n.use(i18n.language_from_env())   # human output in the custodian's language; --json and logs stay English
 
 
@@ -160,7 +171,8 @@ def workspace(ctx: typer.Context) -> Workspace:
 
 
 def fail(message: str, code: int = 1) -> None:
-    err_console.print("[red]" + _("error:") + f"[/red] {message}", highlight=False, markup=True, soft_wrap=True)
+    prefix = "error:" if _run.json else _("error:")   # --json runs stay English
+    err_console.print(f"[red]{prefix}[/red] {message}", highlight=False, markup=True, soft_wrap=True)
     raise typer.Exit(code)
 
 

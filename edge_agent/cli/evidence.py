@@ -17,7 +17,7 @@ from edge_agent.cli.app import app, console, emit, fail, fmt_bytes, fmt_ms, load
 from edge_agent.cli.operations import render_daemon
 from edge_agent.config import ConfigError, load_config
 from edge_agent.i18n import N_, _
-from edge_agent.services.intake import IntakeRefused, import_folder
+from edge_agent.services.intake import import_folder
 
 files_app = typer.Typer(no_args_is_help=True, help="List and inspect collected files.")
 audit_app = typer.Typer(no_args_is_help=True, help="Read and check the tamper-evident audit log.")
@@ -206,9 +206,6 @@ def import_path(
             result = import_folder(cfg, path, device_id=device, officer_id=officer, reason=reason,
                                    on_progress=lambda done, total: progress.update(task, completed=done,
                                                                                    total=total or None))
-    except IntakeRefused as exc:
-        fail(str(exc))
-        raise
     except PermissionError as exc:
         fail(str(exc), code=2)
         raise

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from edge_agent.clock import now_ms
 from edge_agent.config import AgentConfig, Camera
+from edge_agent.i18n import N_
 from edge_agent.services.workspace import Result, ServiceError, Workspace
 
 if TYPE_CHECKING:
@@ -66,8 +67,12 @@ def camera(ws: Workspace, name: str) -> Camera:
     for configured in ws.config.cameras:
         if configured.name == name:
             return configured
-    known = ", ".join(c.name for c in ws.config.cameras) or "none configured"
-    raise ServiceError(f"no camera {name!r} in {ws.source} (cameras: {known})")
+    known = ", ".join(c.name for c in ws.config.cameras)
+    if not known:
+        raise ServiceError(N_("no camera {name!r} in {config}: it has no cameras configured"), name=name,
+                           config=ws.source)
+    raise ServiceError(N_("no camera {name!r} in {config} (cameras: {known})"), name=name, config=ws.source,
+                       known=known)
 
 
 def recording_at(ws: Workspace, name: str, at_ms: int, *, reason: str | None = None) -> RecordingAt:

@@ -14,6 +14,7 @@ from edge_agent.catalog import FileRecord, State, UnknownFile
 from edge_agent.catalog import audit as audit_log
 from edge_agent.catalog.reports import AuditEntry
 from edge_agent.evidence.receipts import PinnedKeys, ReceiptTrust
+from edge_agent.i18n import N_
 from edge_agent.services.workspace import Result, ServiceError, Workspace, refusals
 
 
@@ -77,7 +78,7 @@ def page(ws: Workspace, *, states: list[str] | None = None, device_id: str | Non
 def _after(cursor: str) -> tuple[int, str]:
     created, _, file_id = cursor.partition(".")
     if not created.isdigit() or not file_id:
-        raise ServiceError(f"{cursor!r} is not a cursor: pass the next_cursor of the page before")
+        raise ServiceError(N_("{cursor!r} is not a cursor: pass the next_cursor of the page before"), cursor=cursor)
     return int(created), file_id
 
 
@@ -99,18 +100,19 @@ def view(ws: Workspace, file_id: str, *, reason: str, approved_by: str, to: Path
     """Play back a stored file: audits who viewed it, why and on whose approval; copies it into `to` if given."""
     catalog = ws.catalog
     if not reason.strip() or not approved_by.strip():
-        raise ServiceError("viewing needs --reason and --approved-by (R7)")
+        raise ServiceError(N_("viewing needs --reason and --approved-by (R7)"))
     file_id = ws.file_id(file_id)
     with refusals(UnknownFile):
         record = catalog.get(file_id)
     if record.state == State.PURGED or not record.store_path:
-        raise ServiceError(f"{file_id} is not held locally (state {record.state}); view it on the platform")
+        raise ServiceError(N_("{file_id} is not held locally (state {state}); view it on the platform"),
+                           file_id=file_id, state=record.state)
     stored = ws.layout.data_dir / str(record.store_path)
     target = stored
     encrypted = is_encrypted(stored)
     if encrypted and to is None:
-        raise ServiceError(f"{file_id} is stored encrypted ([store] encrypt): give --to DIR for a plaintext copy "
-                           "to play back")
+        raise ServiceError(N_("{file_id} is stored encrypted ([store] encrypt): give --to DIR for a plaintext "
+                              "copy to play back"), file_id=file_id)
     if to is not None:
         to.mkdir(parents=True, exist_ok=True)
         target = to / f"{file_id}{stored.suffix}"
@@ -120,7 +122,8 @@ def view(ws: Workspace, file_id: str, *, reason: str, approved_by: str, to: Path
                     shutil.copyfileobj(plain, out, 1024 * 1024)
             except AtRestError as exc:
                 target.unlink(missing_ok=True)
-                raise ServiceError(f"{file_id}: {exc}; run: edge-agent verify {file_id}") from exc
+                raise ServiceError(N_("{file_id}: {error}; run: edge-agent verify {file_id}"), file_id=file_id,
+                                   error=exc) from exc
         else:
             shutil.copyfile(stored, target)
     catalog.audit("file.viewed", subject=file_id, reason=reason,

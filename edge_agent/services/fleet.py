@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from edge_agent.config import FleetConfig
+from edge_agent.i18n import N_
 from edge_agent.services.workspace import Result, ServiceError
 
 
@@ -20,15 +21,15 @@ def serve(config: FleetConfig, listen: str | None = None) -> None:
     try:
         monitor = FleetMonitor(config)
     except (OSError, sqlite3.Error) as exc:
-        raise ServiceError(f"cannot open the fleet database {config.fleet.db_path}: {exc}; check fleet.db_path "
-                           "and its directory's permissions", code=2) from exc
+        raise ServiceError(N_("cannot open the fleet database {path}: {error}; check fleet.db_path and its "
+                              "directory's permissions"), code=2, path=config.fleet.db_path, error=exc) from exc
     try:
         exposition = Exposition(monitor, listen)
     except ValueError as exc:
         raise ServiceError(str(exc), code=2) from exc
     except OSError as exc:
-        raise ServiceError(f"cannot listen on {listen}: {exc.strerror}; pick a free address with --listen",
-                           code=2) from exc
+        raise ServiceError(N_("cannot listen on {listen}: {error}; pick a free address with --listen"), code=2,
+                           listen=listen, error=exc.strerror) from exc
     try:
         monitor.run_forever()
     finally:
@@ -72,6 +73,6 @@ def show(config: FleetConfig, agent_id: str, events: int = 20) -> dict[str, Any]
 
     detail = _read(read_agent, config, agent_id, events)
     if detail is None:
-        raise ServiceError(f"no agent {agent_id!r} known to the fleet monitor; `edge-agent fleet status` lists "
-                           "the agents it has heard from")
+        raise ServiceError(N_("no agent {agent!r} known to the fleet monitor; `edge-agent fleet status` lists "
+                              "the agents it has heard from"), agent=agent_id)
     return detail

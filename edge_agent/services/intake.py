@@ -22,18 +22,19 @@ from edge_agent.catalog import Catalog, audit
 from edge_agent.config import AgentConfig
 from edge_agent.evidence.keys import KEY_IN_FORCE
 from edge_agent.evidence.manifest import AgentKey, recover_rotation
+from edge_agent.i18n import N_
 from edge_agent.ingest import Ingestor, Sealer
 from edge_agent.layout import DataDirLock, DataDirOwned, StoreLayout
 from edge_agent.ops import control
 from edge_agent.ops.control import IMPORT_DOCK, ImportArgs, import_outcome
-from edge_agent.services.workspace import ServiceError, store_layout
+from edge_agent.services.workspace import TAKES_NO_REQUESTS, ServiceError, store_layout
 from edge_agent.sources.docks import DockService
 from edge_agent.sources.recorders import VolumeIdentity, load_models
 
 __all__ = ["IMPORT_DOCK", "ImportResult", "IntakeRefused", "import_folder"]
 
 
-class IntakeRefused(ValueError):
+class IntakeRefused(ServiceError, ValueError):
     """The import cannot start; the message says what to give instead. Nothing was written."""
 
 
@@ -70,7 +71,8 @@ def import_folder(config: AgentConfig, path: Path, *, device_id: str, officer_id
     not a folder, PermissionError if the data directory is open to all users, ServiceError (code 2) if the
     data dir's owner is not a daemon that takes requests (another `import`, or a daemon starting up)."""
     if not path.is_dir():
-        raise IntakeRefused(f"{path} is not a folder: give the card's mount point or a folder of recordings")
+        raise IntakeRefused(N_("{path} is not a folder: give the card's mount point or a folder of recordings"),
+                            path=path)
     layout = store_layout(config).open()
     args = ImportArgs(path.resolve(), device_id, officer_id, reason, user=audit.os_user())
     try:
@@ -91,10 +93,10 @@ def _through_owner(layout: StoreLayout, owned: DataDirOwned, args: ImportArgs,
     try:
         outcome = control.request(layout.control_socket, "import", args.as_wire(), on_progress=progress)
     except control.ControlUnavailable as exc:
-        raise ServiceError(f"{owned}. It takes no requests ({exc}): if it is an `edge-agent run` starting up, "
-                           f"try again in a moment; else wait for it to end", code=2) from None
+        raise ServiceError(TAKES_NO_REQUESTS, code=2, owner=owned, error=exc) from None
     except control.ControlError as exc:
-        raise ServiceError(f"the daemon (pid {owned.pid}) refused the import: {exc}") from None
+        raise ServiceError(N_("the daemon (pid {pid}) refused the import: {error}"), pid=owned.pid,
+                           error=exc) from None
     return ImportResult.from_outcome(args.device_id, outcome)
 
 

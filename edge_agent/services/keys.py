@@ -23,11 +23,12 @@ from edge_agent.evidence.manifest import (
     public_pem,
     recover_rotation,
 )
+from edge_agent.i18n import N_
 from edge_agent.ingest import Sealer
 from edge_agent.layout import DataDirLock, DataDirOwned
 from edge_agent.ops import control
 from edge_agent.ops.control import RotateArgs
-from edge_agent.services.workspace import Result, ServiceError, Workspace
+from edge_agent.services.workspace import TAKES_NO_REQUESTS, Result, ServiceError, Workspace
 
 
 @dataclass(frozen=True)
@@ -58,8 +59,8 @@ def rotate(ws: Workspace, *, reason: str | None) -> Rotation:
     """Replace the signing key. The old key signs a `key_rotation` document naming the new one (and carrying
     its public key), chained, so the chain of trust continues from the genesis key (evidence/keys.py)."""
     if not reason:
-        raise ServiceError("say why the key is rotated: --reason (it goes into the signed rotation record and the "
-                           "audit log)")
+        raise ServiceError(N_("say why the key is rotated: --reason (it goes into the signed rotation record and "
+                              "the audit log)"))
     layout = ws.layout.open()
     args = RotateArgs(reason, user=audit_log.os_user())
     try:
@@ -68,10 +69,10 @@ def rotate(ws: Workspace, *, reason: str | None) -> Rotation:
         try:
             result = control.request(layout.control_socket, "keys_rotate", args.as_wire())
         except control.ControlUnavailable as exc:
-            raise ServiceError(f"{owned}. It takes no requests ({exc}): if it is an `edge-agent run` starting up, "
-                               f"try again in a moment; else wait for it to end", code=2) from None
+            raise ServiceError(TAKES_NO_REQUESTS, code=2, owner=owned, error=exc) from None
         except control.ControlError as exc:
-            raise ServiceError(f"the daemon (pid {owned.pid}) refused the rotation: {exc}") from None
+            raise ServiceError(N_("the daemon (pid {pid}) refused the rotation: {error}"), pid=owned.pid,
+                               error=exc) from None
         return _rotation(result, "daemon")
     with lock:
         recover_rotation(layout.keys, ws.catalog.meta.get(KEY_IN_FORCE))   # a rotation a crash interrupted
@@ -84,5 +85,6 @@ def _rotation(result: dict[str, Any], via: str) -> Rotation:
     try:
         key = load_public_key(str(result.get("public_key_pem")))   # what the daemon said, as a key
     except (ValueError, ManifestError) as exc:
-        raise ServiceError(f"the daemon's answer holds no usable public key ({exc}); see its log") from None
+        raise ServiceError(N_("the daemon's answer holds no usable public key ({error}); see its log"),
+                           error=exc) from None
     return Rotation(str(result.get("old_key_id")), key_id_of(key), public_pem(key), via)

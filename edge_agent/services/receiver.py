@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from edge_agent.config import ReceiverConfig
+from edge_agent.i18n import N_
 from edge_agent.services.workspace import Result, ServiceError
 
 
@@ -31,8 +32,8 @@ def serve(config: ReceiverConfig) -> None:
     except StoreConfigError as exc:
         raise ServiceError(str(exc), code=2) from exc
     except OSError as exc:
-        raise ServiceError(f"cannot open the receiver store {config.receiver.store_dir}: {exc.strerror}",
-                           code=2) from exc
+        raise ServiceError(N_("cannot open the receiver store {store}: {error}"), code=2,
+                           store=config.receiver.store_dir, error=exc.strerror) from exc
     receiver.run_forever()
 
 
@@ -56,12 +57,13 @@ def fsck(store_dir: Path, *, repair: bool = False) -> FsckResult:
     from edge_agent.platform.receiver import check_store  # the platform side: not loaded by every CLI command
 
     if not (Path(store_dir) / "objects").is_dir():
-        raise ServiceError(f"{store_dir} is not a receiver store (no objects/ in it): give --store the "
-                           "receiver's store_dir", code=2)
+        raise ServiceError(N_("{store} is not a receiver store (no objects/ in it): give --store the receiver's "
+                              "store_dir"), code=2, store=store_dir)
     try:
         report = check_store(Path(store_dir), repair=repair)
     except OSError as exc:
-        raise ServiceError(f"cannot check the receiver store {store_dir}: {exc}", code=2) from exc
+        raise ServiceError(N_("cannot check the receiver store {store}: {error}"), code=2, store=store_dir,
+                           error=exc) from exc
     return FsckResult(report.store, report.objects_checked, [asdict(f) for f in report.findings], report.clean)
 
 
@@ -80,7 +82,7 @@ def fsck_bucket(config: ReceiverConfig) -> FsckResult:
     except StoreConfigError as exc:
         raise ServiceError(str(exc), code=2) from exc
     except StoreUnavailable as exc:
-        raise ServiceError(f"{exc}; run fsck again once the store answers", code=3) from exc
+        raise ServiceError(N_("{error}; run fsck again once the store answers"), code=3, error=exc) from exc
     return FsckResult(report.store, report.objects_checked, [asdict(f) for f in report.findings], report.clean)
 
 
@@ -93,7 +95,8 @@ def receipt_key(config: ReceiverConfig, *, rotate: bool = False) -> ReceiptKeyIn
     try:
         old, key = ReceiverKey.rotate(keys_dir) if rotate else (None, ReceiverKey.load_or_create(keys_dir))
     except OSError as exc:
-        raise ServiceError(f"cannot use the receipt key in {keys_dir}: {exc}", code=2) from exc
+        raise ServiceError(N_("cannot use the receipt key in {keys}: {error}"), code=2, keys=keys_dir,
+                           error=exc) from exc
     return ReceiptKeyInfo(key.key_id, key.public_pem(), keys_dir / PUB_FILE, old.key_id if old else None)
 
 
@@ -104,11 +107,11 @@ def release_hold(config: ReceiverConfig, request_path: Path | None = None, *, ag
     `store.release_keys`, fresh and not a replay; else (`agent`, `file_id`) on a `case_released` annotation for
     the file's case in the agent's chain. Anything else is refused (exit 1)."""
     if config.store.backend != "s3":
-        raise ServiceError("legal holds exist in an S3 bucket only: this receiver's [store] backend is "
-                           f"{config.store.backend!r}", code=2)
+        raise ServiceError(N_("legal holds exist in an S3 bucket only: this receiver's [store] backend is "
+                              "{backend!r}"), code=2, backend=config.store.backend)
     if (request_path is None) == (agent is None or file_id is None):
-        raise ServiceError("give either --request FILE (a signed platform request) or --agent and --file (the "
-                           "agent's chain releases the file's case)", code=2)
+        raise ServiceError(N_("give either --request FILE (a signed platform request) or --agent and --file (the "
+                              "agent's chain releases the file's case)"), code=2)
     from edge_agent.platform.receiver.keyring import KeyRing
     from edge_agent.platform.receiver.objectstore import S3Committed, S3Settings
     from edge_agent.platform.receiver.service import LEARNED_KEYS
@@ -124,6 +127,7 @@ def release_hold(config: ReceiverConfig, request_path: Path | None = None, *, ag
     except StoreConfigError as exc:
         raise ServiceError(str(exc), code=2) from exc
     except ReleaseRefused as exc:
-        raise ServiceError(f"release refused: {exc}", code=1) from exc
+        raise ServiceError(N_("release refused: {error}"), code=1, error=exc) from exc
     except StoreUnavailable as exc:
-        raise ServiceError(f"{exc}; run the same release again once the store answers", code=3) from exc
+        raise ServiceError(N_("{error}; run the same release again once the store answers"), code=3,
+                           error=exc) from exc

@@ -13,10 +13,11 @@ from types import TracebackType
 from typing import Any
 
 from edge_agent.atrest import AtRest
-from edge_agent.catalog import Catalog
+from edge_agent.catalog import Catalog, UnknownFile
 from edge_agent.catalog.reports import CatalogReports
 from edge_agent.config import AgentConfig
 from edge_agent.evidence.manifest import AgentKey
+from edge_agent.i18n import N_, _
 from edge_agent.ingest import Sealer
 from edge_agent.layout import StoreLayout
 
@@ -46,11 +47,27 @@ def plain(value: Any) -> Any:
 
 
 class ServiceError(Exception):
-    """A request the service refuses or cannot do; `str()` is for the user, `code` the exit status to use."""
+    """A request the service refuses or cannot do, `code` the exit status to use. `message` is English: a
+    template marked with `N_` whose `{fields}` are filled from the keywords (or a finished sentence, e.g. a
+    lower layer's refusal). `str()` is that English sentence (logs, `--json` runs); `for_user()` the same in
+    the custodian's language (edge_agent.i18n), English where the catalog has no entry."""
 
-    def __init__(self, message: str, *, code: int = 1):
-        super().__init__(message)
+    def __init__(self, message: str, *, code: int = 1, **values: object):
+        super().__init__(message.format(**values) if values else message)
         self.code = code
+        self.template, self.values = message, values
+
+    def for_user(self) -> str:
+        translated = _(self.template)
+        try:
+            return translated.format(**self.values) if self.values else translated
+        except (KeyError, IndexError, ValueError):   # a translation whose fields do not match: say it in English
+            return str(self)
+
+
+# The refusal of a command the daemon owning the data dir should have carried out but cannot take now.
+TAKES_NO_REQUESTS = N_("{owner}. It takes no requests ({error}): if it is an `edge-agent run` starting up, try "
+                       "again in a moment; else wait for it to end")
 
 
 class NoCatalog(ServiceError):
@@ -62,6 +79,11 @@ def refusals(*kinds: type[Exception]) -> Iterator[None]:
     """Turn the domain's refusals (`UnknownFile`, `HoldError`, ...) into `ServiceError`, same message."""
     try:
         yield
+    except UnknownFile as exc:
+        if UnknownFile not in kinds:
+            raise
+        raise ServiceError(N_("no file with id {file_id!r} in the catalog (see: edge-agent files list)"),
+                           file_id=exc.args[0]) from exc
     except kinds as exc:
         raise ServiceError(str(exc)) from exc
 
@@ -88,7 +110,8 @@ class Workspace:
     def catalog(self) -> Catalog:
         path = self.config.catalog_path
         if not path.exists():
-            raise NoCatalog(f"no catalog at {path}: the agent has not run with this config yet (edge-agent run)")
+            raise NoCatalog(N_("no catalog at {path}: the agent has not run with this config yet (edge-agent run)"),
+                            path=path)
         return Catalog(path)
 
     @cached_property
@@ -118,8 +141,8 @@ class Workspace:
             return text
         matches = self.reports.file_ids_with_prefix(text, limit=3)
         if len(matches) > 1:
-            raise ServiceError(f"{text!r} is the start of several file ids ({', '.join(matches)}"
-                               f"{', ...' if len(matches) > 2 else ''}): give more of the id")
+            raise ServiceError(N_("{prefix!r} is the start of several file ids ({ids}): give more of the id"),
+                               prefix=text, ids=", ".join(matches[:2]) + (", ..." if len(matches) > 2 else ""))
         return matches[0] if matches else text
 
     def short_ids(self, file_ids: list[str]) -> dict[str, str]:

@@ -7,7 +7,8 @@ state machine), executes the machine's wire actions (manifest, query), and pulls
 - the window: at most `mqtt.window` chunks unacknowledged by the receiver across all files;
 - paho's own queue: at most `CHUNKS_IN_CLIENT` chunks handed to paho and not yet PUBACKed by the broker
   (paho keeps each in memory until then, so this, not the window, bounds the agent's memory);
-- the bandwidth cap (`mqtt.bandwidth_kbps`, a `TokenBucket`);
+- the bandwidth cap (`mqtt.bandwidth_kbps`, a `TokenBucket`), and while the uplink yields to the docks
+  (a bay collecting) the lower cap `mqtt.yield_to_docks_kbps`, a second bucket;
 - the reader pool: one thread that reads, hashes and frames the next `PREPARE_AHEAD` chunks the sender
   will want, from the store on demand, so memory stays flat whatever the file size or queue length.
 """
@@ -139,6 +140,8 @@ class Sender:
         chunk_bytes = mqtt_cfg.chunk_kib * 1024
         kbps = mqtt_cfg.bandwidth_kbps
         self.bucket = TokenBucket(kbps * 1000 / 8, burst=chunk_bytes + 4096) if kbps else None
+        yield_kbps = mqtt_cfg.yield_to_docks_kbps
+        self.yield_bucket = TokenBucket(yield_kbps * 1000 / 8, burst=chunk_bytes + 4096) if yield_kbps else None
         self.ack_timeout_s = ack_timeout_s(mqtt_cfg)
         self._publish = publish
         self._connected = connected
@@ -233,12 +236,14 @@ class Sender:
             self._in_client.popleft()
         return len(self._in_client) < CHUNKS_IN_CLIENT
 
-    def send_some(self, budget: int = 8) -> bool:
-        """Send up to `budget` chunks within the window, highest lane first. True if any went out."""
+    def send_some(self, budget: int = 8, *, yielding: bool = False) -> bool:
+        """Send up to `budget` chunks within the window, highest lane first. True if any went out. `yielding`:
+        a dock bay collects, the chunks go at most at `mqtt.yield_to_docks_kbps` (the uplink's caller holds
+        them all when that is 0)."""
         sent = 0
         while sent < budget and self._connected.is_set() and not self._stop.is_set() and self._room():
             outgoing = next((o for o in self.files.values() if o.transfer.next_seq() is not None), None)
-            if outgoing is None or not self._send_chunk(outgoing, outgoing.transfer.cursor):
+            if outgoing is None or not self._send_chunk(outgoing, outgoing.transfer.cursor, yielding):
                 break
             sent += 1
         return sent > 0
@@ -284,11 +289,13 @@ class Sender:
         self._on_blocked(outgoing.record, why)
         self.drop(outgoing.file_id)
 
-    def _send_chunk(self, outgoing: Outgoing, seq: int) -> bool:
+    def _send_chunk(self, outgoing: Outgoing, seq: int, yielding: bool = False) -> bool:
         payload = self._frame(outgoing, seq)
         if payload is None:
             return False
         if self.bucket is not None and not self.bucket.consume(len(payload), self._stop):
+            return False
+        if yielding and self.yield_bucket is not None and not self.yield_bucket.consume(len(payload), self._stop):
             return False
         info = self._publish(self.topics.file(outgoing.file_id, "chunk"), payload)
         if info is None:

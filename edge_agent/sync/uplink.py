@@ -62,7 +62,7 @@ class Uplink:
     def __init__(self, catalog: Catalog, layout: StoreLayout, config: AgentConfig, *, version: str,
                  intake_busy: Callable[[], bool] | None = None):
         self.catalog = catalog
-        self._intake_busy = intake_busy     # True while a dock bay is collecting (mqtt.yield_to_docks_s)
+        self._intake_busy = intake_busy     # True while a dock bay is collecting (mqtt.yield_to_docks_*)
         self._held_since: float | None = None
         self.layout = layout
         self.config = config
@@ -291,20 +291,27 @@ class Uplink:
                 log.exception("sync sender error; continuing")
                 self._stop.wait(1.0)
 
-    def _holding(self, now: float) -> bool:
-        """True while chunks wait for the docks: a bay is collecting, for at most yield_to_docks_s at a stretch."""
-        limit = self.config.mqtt.yield_to_docks_s
+    def _yielding(self, now: float) -> bool:
+        """True while the uplink yields to the docks: a bay is collecting, for at most yield_to_docks_s at a
+        stretch. Its chunks then go at most at yield_to_docks_kbps, or wait when that is 0."""
+        mqtt_cfg = self.config.mqtt
+        limit = mqtt_cfg.yield_to_docks_s
         if self._intake_busy is None or not limit or not self._intake_busy():
             self._held_since = None
             return False
         if self._held_since is None:
             self._held_since = now
-            log.info("uplink holds its chunks while a dock bay is collecting (at most %ss)", limit)
+            log.info("uplink yields to the docks while a bay is collecting (%s, at most %ss)",
+                     f"at most {mqtt_cfg.yield_to_docks_kbps} kbit/s" if mqtt_cfg.yield_to_docks_kbps
+                     else "chunks held", limit)
         return now - self._held_since < limit
 
     def _send(self, now: float) -> None:
         self.sender.check_timeouts(now)
-        if self._holding(now) or not self.sender.send_some():
+        yielding = self._yielding(now)
+        holding = yielding and not self.config.mqtt.yield_to_docks_kbps
+        # Yielding, one chunk a turn: the cap's wait comes between turns' acks, not after eight chunks.
+        if holding or not self.sender.send_some(1 if yielding else 8, yielding=yielding):
             with self._cond:
                 if not self._inbox:
                     self._cond.wait(0.1)
