@@ -219,6 +219,33 @@ class ScriptedAgent:
     def query(self, file_id: str) -> None:
         self.publish(file_id, "query", b"{}")
 
+    def current_ack(self, file_id: str) -> dict[str, Any]:
+        """The answer to a query sent now (acks already queued are older: skipped, unless one is `complete`)."""
+        while not self.acks.empty():
+            ack = self.acks.get()
+            if ack["file_id"] == file_id and ack["state"] == "complete":
+                return ack
+        self.query(file_id)
+        return self.ack(file_id)
+
+    def resend_until_complete(self, doc: dict[str, Any], content: bytes, acked: int,
+                              rounds: int = 30) -> dict[str, Any]:
+        """Query, and send again what the answer does not hold (what went to a dead receiver), until `complete`;
+        every answer must still hold chunks 0..acked-1 (nothing acknowledged is lost)."""
+        total = chunk_count(len(content), doc["chunk_size"])
+        for _ in range(rounds):
+            ack = self.current_ack(doc["file_id"])
+            if ack["state"] == "complete":
+                return ack
+            assert ack["state"] == "receiving" and set(range(acked)) <= held_seqs(ack)
+            self.send_chunks(doc, content, sorted(set(range(total)) - held_seqs(ack)))
+        raise AssertionError(f"file {doc['file_id']} not complete after {rounds} rounds: {ack}")
+
+
+def held_seqs(ack: dict[str, Any]) -> set[int]:
+    """The chunk numbers an ack's `have` ranges name."""
+    return {seq for first, last in ack["have"] for seq in range(first, last + 1)}
+
 
 def random_bytes(n: int) -> bytes:
     return os.urandom(n)

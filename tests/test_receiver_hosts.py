@@ -18,7 +18,15 @@ from tests.helpers import wait_for
 from tests.netns import TestHosts, hosts_or_skip
 from tests.peers.mosquitto import Mosquitto
 from tests.seaweedfs import SeaweedFS
-from tests.sync_support import AGENT_ID, ScriptedAgent, pinned_dir, receiver_logged, receiver_proc, receiver_setup
+from tests.sync_support import (
+    AGENT_ID,
+    ScriptedAgent,
+    held_seqs,
+    pinned_dir,
+    receiver_logged,
+    receiver_proc,
+    receiver_setup,
+)
 
 CHUNK = 64 * 1024
 LOCKED, TRANSFERS = "evidence-locked", "evidence-transfers"
@@ -31,31 +39,6 @@ def hosts():
         yield made
     finally:
         made.close()
-
-
-def held(ack: dict) -> set[int]:
-    return {seq for first, last in ack["have"] for seq in range(first, last + 1)}
-
-
-def answer(agent: ScriptedAgent, fid: str) -> dict:
-    """The answer to a query sent now (acks queued before it are older: skipped unless one is `complete`)."""
-    while not agent.acks.empty():
-        ack = agent.acks.get()
-        if ack["file_id"] == fid and ack["state"] == "complete":
-            return ack
-    agent.query(fid)
-    return agent.ack(fid)
-
-
-def until_complete(agent: ScriptedAgent, doc: dict, content: bytes, total: int) -> dict:
-    """Query and send again what the acks do not name (what went to a dead receiver), until `complete`."""
-    for _ in range(30):
-        ack = answer(agent, doc["file_id"])
-        if ack["state"] == "complete":
-            return ack
-        assert ack["state"] == "receiving" and set(range(total // 2)) <= held(ack)   # nothing acked is lost
-        agent.send_chunks(doc, content, sorted(set(range(total)) - held(ack)))
-    raise AssertionError(f"file {doc['file_id']} not complete after 30 rounds: {ack}")
 
 
 def assert_stored_once(s3, pinned: PinnedKeys, ack: dict, doc: dict, content: bytes) -> None:
@@ -117,7 +100,7 @@ def test_two_receivers_on_separate_hosts_share_the_load_and_one_killed_mid_trans
             agent.send_chunks(doc, content, list(range(total // 2)))
         for doc, content, total in files:
             for _ in range(20):   # a chunk that beat its manifest into the bucket at the other receiver: again
-                missing = set(range(total // 2)) - held(answer(agent, doc["file_id"]))
+                missing = set(range(total // 2)) - held_seqs(agent.current_ack(doc["file_id"]))
                 if not missing:
                     break
                 agent.send_chunks(doc, content, sorted(missing))
@@ -126,7 +109,8 @@ def test_two_receivers_on_separate_hosts_share_the_load_and_one_killed_mid_trans
 
         for doc, content, total in files:
             agent.send_chunks(doc, content, list(range(total // 2, total)))
-        acks = {doc["file_id"]: until_complete(agent, doc, content, total) for doc, content, total in files}
+        acks = {doc["file_id"]: agent.resend_until_complete(doc, content, acked=total // 2)
+                for doc, content, total in files}
         for doc, content, _total in files:
             assert_stored_once(s3, PinnedKeys(pinned_dir(tmp_path)), acks[doc["file_id"]], doc, content)
         assert s3.list_objects_v2(Bucket=TRANSFERS, Prefix="transfers/").get("KeyCount", 0) == 0

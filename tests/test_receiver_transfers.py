@@ -27,7 +27,7 @@ from tests.helpers import wait_for
 from tests.peers.mosquitto import Mosquitto
 from tests.seaweedfs import SeaweedFS
 from tests.sync_support import AGENT_ID as SYNC_AGENT
-from tests.sync_support import ScriptedAgent, receiver_logged, receiver_proc, receiver_setup
+from tests.sync_support import ScriptedAgent, held_seqs, receiver_logged, receiver_proc, receiver_setup
 
 AGENT = "ws-xfer-01"
 CHUNK = 64 * 1024
@@ -470,20 +470,6 @@ def test_through_mqtt_a_receiver_killed_mid_file_is_continued_by_another_on_anot
             proc.stop()
 
 
-def held_seqs(ack: dict) -> set[int]:
-    return {seq for first, last in ack["have"] for seq in range(first, last + 1)}
-
-
-def current_ack(agent: ScriptedAgent, fid: str) -> dict:
-    """The answer to a query sent now (acks already queued are older: skipped, unless one is `complete`)."""
-    while not agent.acks.empty():
-        ack = agent.acks.get()
-        if ack["file_id"] == fid and ack["state"] == "complete":
-            return ack
-    agent.query(fid)
-    return agent.ack(fid)
-
-
 def test_through_mqtt_two_receivers_sharing_one_file_and_one_killed_mid_file_store_it_once(
         seaweed: SeaweedFS, tmp_path: Path, mosquitto: Mosquitto) -> None:
     """Two receivers behind one shared subscription, each with its own store_dir: the chunks of one file are
@@ -513,7 +499,7 @@ def test_through_mqtt_two_receivers_sharing_one_file_and_one_killed_mid_file_sto
         agent.send_manifest(doc)
         agent.send_chunks(doc, content, list(range(half)))
         for _ in range(20):   # a chunk that reached receiver 2 before the manifest was in the bucket is asked again
-            missing = set(range(half)) - held_seqs(current_ack(agent, doc["file_id"]))
+            missing = set(range(half)) - held_seqs(agent.current_ack(doc["file_id"]))
             if not missing:
                 break
             agent.send_chunks(doc, content, sorted(missing))
@@ -521,12 +507,7 @@ def test_through_mqtt_two_receivers_sharing_one_file_and_one_killed_mid_file_sto
         procs[0].kill9()
 
         agent.send_chunks(doc, content, list(range(half, total)))
-        for _ in range(20):   # what went to the dead receiver is asked for again
-            ack = current_ack(agent, doc["file_id"])
-            if ack["state"] == "complete":
-                break
-            assert ack["state"] == "receiving" and set(range(half)) <= held_seqs(ack)   # nothing acked is lost
-            agent.send_chunks(doc, content, sorted(set(range(total)) - held_seqs(ack)))
+        ack = agent.resend_until_complete(doc, content, acked=half, rounds=20)   # what went to the dead one
         assert (ack["state"], ack["sha256"]) == ("complete", doc["sha256"])
         assert seaweed.client().get_object(Bucket=LOCKED, Key=f"objects/{doc['sha256']}")["Body"].read() == content
         for k in (f"objects/{doc['sha256']}", f"index/{SYNC_AGENT}/{doc['file_id']}.json"):
