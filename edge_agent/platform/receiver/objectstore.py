@@ -30,7 +30,7 @@ import os
 import socket
 import stat
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -114,6 +114,20 @@ def _b64(digest: bytes) -> str:
     return base64.b64encode(digest).decode("ascii")
 
 
+def read_object(s3: Any, bucket: str, key: str,
+                unavailable: Callable[[str, str, Exception], StoreUnavailable]) -> bytes | None:
+    """The bytes of `key` in `bucket`, None when there is no such object; any other failure raises
+    `unavailable("read", key, exc)` (the caller's StoreUnavailable, naming its bucket)."""
+    try:
+        return s3.get_object(Bucket=bucket, Key=key)["Body"].read()
+    except ClientError as exc:
+        if _code(exc) in ("NoSuchKey", "404") or _status(exc) == 404:
+            return None
+        raise unavailable("read", key, exc) from exc
+    except BotoCoreError as exc:
+        raise unavailable("read", key, exc) from exc
+
+
 def _code(exc: ClientError) -> str:
     return str(exc.response.get("Error", {}).get("Code", ""))
 
@@ -179,22 +193,24 @@ class S3Committed:
 
     # -- reading -----------------------------------------------------------------------------------
 
-    def _get(self, key: str) -> bytes | None:
+    def get(self, key: str) -> bytes | None:
+        """The object at `key` in the committed bucket (None: there is none)."""
+        return read_object(self.s3, self.bucket, key, self.unavailable)
+
+    def keys(self, prefix: str) -> list[str]:
+        """Every key under `prefix` in the committed bucket."""
         try:
-            return self.s3.get_object(Bucket=self.bucket, Key=key)["Body"].read()
-        except ClientError as exc:
-            if _code(exc) in ("NoSuchKey", "404") or _status(exc) == 404:
-                return None
-            raise self._unavailable("read", key, exc) from exc
-        except BotoCoreError as exc:
-            raise self._unavailable("read", key, exc) from exc
+            pages = self.s3.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix)
+            return [o["Key"] for page in pages for o in page.get("Contents", [])]
+        except (ClientError, BotoCoreError) as exc:
+            raise self.unavailable("list", prefix, exc) from exc
 
     def stored(self, agent: str, file_id: str) -> dict[str, Any] | None:
-        body = self._get(self.index_key(agent, file_id))
+        body = self.get(self.index_key(agent, file_id))
         return None if body is None else json.loads(body)
 
     def manifest(self, sha256: str, agent: str, file_id: str) -> bytes | None:
-        return self._get(self.manifest_key(sha256, agent, file_id))
+        return self.get(self.manifest_key(sha256, agent, file_id))
 
     # -- committing --------------------------------------------------------------------------------
 
@@ -223,10 +239,10 @@ class S3Committed:
         """The bytes are in the bucket: the manifest, then the index entry (the commit point); returns the entry
         that holds (this receiver's, or the one another receiver wrote first)."""
         sha256 = doc["sha256"]
-        self._put_bytes(self.manifest_key(sha256, agent, file_id), manifest, lock)
+        self.put_bytes(self.manifest_key(sha256, agent, file_id), manifest, lock)
         entry = {"agent_id": agent, "file_id": file_id, "sha256": sha256, "size": doc["size"], "stored_ms": stored_ms,
                  "object": self.object_key(sha256), "retention": doc.get("retention", ROUTINE)}
-        if self._put_bytes(self.index_key(agent, file_id), json.dumps(entry).encode(), lock):
+        if self.put_bytes(self.index_key(agent, file_id), json.dumps(entry).encode(), lock):
             return entry
         winner = self.stored(agent, file_id)   # another receiver committed it first
         if winner is None:
@@ -246,7 +262,7 @@ class S3Committed:
         if int(doc["size"]) <= PART_BYTES:
             body = b"".join(blocks)
             _check_digest(hashlib.sha256(body), sha256)
-            self._put_bytes(key, body, lock)
+            self.put_bytes(key, body, lock)
         elif self._exists(key) or not self._claim(key, int(doc["size"])):
             digest = hashlib.sha256()
             for block in blocks:
@@ -292,16 +308,16 @@ class S3Committed:
             self._abort(key, upload)
             if _status(exc) == 412 or _code(exc) == "PreconditionFailed":
                 return False
-            raise self._unavailable("write", key, exc) from exc
+            raise self.unavailable("write", key, exc) from exc
         except BotoCoreError as exc:
             self._abort(key, upload)
-            raise self._unavailable("write", key, exc) from exc
+            raise self.unavailable("write", key, exc) from exc
         except Exception:   # a mismatch, or the blocks' source failed: nothing completed
             self._abort(key, upload)
             raise
         return True
 
-    def _put_bytes(self, key: str, body: bytes, lock: dict[str, Any]) -> bool:
+    def put_bytes(self, key: str, body: bytes, lock: dict[str, Any]) -> bool:
         """Create `key` (False: it exists already, left as it is)."""
         try:
             self.s3.put_object(Bucket=self.bucket, Key=key, Body=body, IfNoneMatch="*",
@@ -309,16 +325,16 @@ class S3Committed:
         except ClientError as exc:
             if _status(exc) == 412 or _code(exc) == "PreconditionFailed":
                 return False
-            raise self._unavailable("write", key, exc) from exc
+            raise self.unavailable("write", key, exc) from exc
         except BotoCoreError as exc:
-            raise self._unavailable("write", key, exc) from exc
+            raise self.unavailable("write", key, exc) from exc
         return True
 
     def _put_file(self, key: str, path: Path, lock: dict[str, Any]) -> bool:
         """Create `key` from the file at `path`, streamed in parts of PART_BYTES with a checksum each."""
         size = path.stat().st_size
         if size <= PART_BYTES:
-            return self._put_bytes(key, path.read_bytes(), lock)
+            return self.put_bytes(key, path.read_bytes(), lock)
         if self._exists(key) or not self._claim(key, size):   # content-addressed: stored already
             return False
         with path.open("rb") as f:   # verified against the manifest before the commit: not hashed again
@@ -330,9 +346,9 @@ class S3Committed:
         except ClientError as exc:
             if _status(exc) == 404 or _code(exc) in ("NoSuchKey", "404"):
                 return False
-            raise self._unavailable("read", key, exc) from exc
+            raise self.unavailable("read", key, exc) from exc
         except BotoCoreError as exc:
-            raise self._unavailable("read", key, exc) from exc
+            raise self.unavailable("read", key, exc) from exc
         return True
 
     def _claim(self, key: str, size: int) -> bool:
@@ -348,11 +364,11 @@ class S3Committed:
             claim_key = f"claims/{key}/{generation}"
             expires_ms = now_ms() + int((CLAIM_SLACK_S + size / CLAIM_MIN_RATE) * 1000)
             claim = {"key": key, "holder": self.holder, "expires_ms": expires_ms}
-            if self._put_bytes(claim_key, json.dumps(claim).encode(), {}):
+            if self.put_bytes(claim_key, json.dumps(claim).encode(), {}):
                 if generation and self._exists(key):   # the expired holder finished after all
                     return False
                 return True
-            body = self._get(claim_key)
+            body = self.get(claim_key)
             held = json.loads(body) if body else {}
             if held.get("holder") == self.holder:   # this receiver's own, from an attempt that failed
                 return not self._exists(key)
@@ -374,6 +390,6 @@ class S3Committed:
         except (ClientError, BotoCoreError) as exc:   # the bucket's lifecycle rule removes it later
             log.warning("multipart upload not aborted key=%s upload=%s: %s", key, upload, exc)
 
-    def _unavailable(self, what: str, key: str, exc: Exception) -> StoreUnavailable:
+    def unavailable(self, what: str, key: str, exc: Exception) -> StoreUnavailable:
         return StoreUnavailable(f"object store {self.settings.endpoint} bucket {self.bucket}: {what} {key} "
                                 f"failed ({exc}); nothing was acknowledged, the commit is retried")

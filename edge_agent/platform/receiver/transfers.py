@@ -44,7 +44,7 @@ from typing import Any
 from botocore.exceptions import BotoCoreError, ClientError
 
 from edge_agent.clock import now_ms
-from edge_agent.platform.receiver.objectstore import DigestMismatch, S3Committed, _code, _status
+from edge_agent.platform.receiver.objectstore import DigestMismatch, S3Committed, _code, _status, read_object
 from edge_agent.platform.receiver.store import ChunkStore, Limits, StoreConfigError, StoreUnavailable
 from edge_agent.platform.receiver.supervise import pulse
 from edge_agent.protocol.wire import (
@@ -123,14 +123,7 @@ class BucketTransfers(ChunkStore):
                                 f"{what} {key} failed ({exc}); nothing was acknowledged, it is retried")
 
     def _get(self, key: str) -> bytes | None:
-        try:
-            return self.s3.get_object(Bucket=self.transfers_bucket, Key=key)["Body"].read()
-        except ClientError as exc:
-            if _code(exc) in ("NoSuchKey", "404") or _status(exc) == 404:
-                return None
-            raise self._unavailable("read", key, exc) from exc
-        except BotoCoreError as exc:
-            raise self._unavailable("read", key, exc) from exc
+        return read_object(self.s3, self.transfers_bucket, key, self._unavailable)
 
     def _put(self, key: str, body: bytes | memoryview, sha256: bytes) -> bool:
         """Create `key` with the SHA-256 the server checks (False: it exists already). StoreUnavailable on any

@@ -96,7 +96,7 @@ class BucketRecords:
         with self._written_lock:
             if key in self._written:
                 return False
-        created = self.committed._put_bytes(key, body, self.committed.lock_args(retention, stored_ms or now_ms()))
+        created = self.committed.put_bytes(key, body, self.committed.lock_args(retention, stored_ms or now_ms()))
         with self._written_lock:
             self._written[key] = None
             while len(self._written) > WRITTEN_CACHE:
@@ -112,13 +112,13 @@ class BucketRecords:
             self._written.pop(key, None)   # a document is always checked against the bucket
         if self._create(key, canonical):
             return digest
-        held = self.committed._get(key)
+        held = self.committed.get(key)
         if held is None:
             raise StoreUnavailable(f"chain document {key} exists but cannot be read yet")
         return hashlib.sha256(held).hexdigest()
 
     def chain_doc(self, agent: str, seq: int) -> bytes | None:
-        return self.committed._get(self.chain_doc_key(agent, seq))
+        return self.committed.get(self.chain_doc_key(agent, seq))
 
     def put_refused(self, agent: str, seq: int, payload: bytes) -> None:
         self._create(f"chains/{agent}/refused/{now_ms()}-{seq}.json", payload)
@@ -150,9 +150,9 @@ class BucketRecords:
         except ClientError as exc:
             if _status(exc) == 404 or _code(exc) in ("NoSuchObjectLockConfiguration", "NoSuchKey"):
                 return "OFF"
-            raise self.committed._unavailable("read the legal hold of", key, exc) from exc
+            raise self.committed.unavailable("read the legal hold of", key, exc) from exc
         except BotoCoreError as exc:
-            raise self.committed._unavailable("read the legal hold of", key, exc) from exc
+            raise self.committed.unavailable("read the legal hold of", key, exc) from exc
 
     def first_version(self, key: str) -> str | None:
         """The oldest version of exactly `key` (the one created with If-None-Match), or None."""
@@ -160,7 +160,7 @@ class BucketRecords:
             pages = self.s3.get_paginator("list_object_versions").paginate(Bucket=self.bucket, Prefix=key)
             versions = [v for page in pages for v in page.get("Versions", []) if v["Key"] == key]
         except (ClientError, BotoCoreError) as exc:
-            raise self.committed._unavailable("list the versions of", key, exc) from exc
+            raise self.committed.unavailable("list the versions of", key, exc) from exc
         if not versions:
             return None
         # Listed newest first (S3): among versions of the same second, the last listed is the oldest.
@@ -174,16 +174,12 @@ class BucketRecords:
             self.s3.put_object_legal_hold(Bucket=self.bucket, Key=key, VersionId=version,
                                           LegalHold={"Status": status})
         except (ClientError, BotoCoreError) as exc:
-            raise self.committed._unavailable(f"set the legal hold {status} on", key, exc) from exc
+            raise self.committed.unavailable(f"set the legal hold {status} on", key, exc) from exc
 
     def last_release_seq(self, key_id: str) -> int:
         """The highest seq of a release carried out with `key_id` (0: none)."""
         prefix = self.release_key(key_id, 0).rsplit("/", 1)[0] + "/"
-        try:
-            pages = self.s3.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix)
-            names = [o["Key"].rsplit("/", 1)[1] for page in pages for o in page.get("Contents", [])]
-        except (ClientError, BotoCoreError) as exc:
-            raise self.committed._unavailable("list", prefix, exc) from exc
+        names = [key.rsplit("/", 1)[1] for key in self.committed.keys(prefix)]
         return max((int(n.split(".")[0]) for n in names if n.split(".")[0].isdigit()), default=0)
 
 
@@ -343,7 +339,7 @@ class BucketCheck:
 
     def run(self) -> FsckReport:
         released = self._released()
-        for key in self._keys("index/"):
+        for key in self.committed.keys("index/"):
             self._entry(key, released)
         return self.report
 
@@ -351,18 +347,11 @@ class BucketCheck:
         self.report.findings.append(Finding(kind, key, detail))
         log.warning("fsck finding kind=%s key=%s detail=%s", kind, key, detail)
 
-    def _keys(self, prefix: str) -> list[str]:
-        try:
-            pages = self.s3.get_paginator("list_objects_v2").paginate(Bucket=self.committed.bucket, Prefix=prefix)
-            return [o["Key"] for page in pages for o in page.get("Contents", [])]
-        except (ClientError, BotoCoreError) as exc:
-            raise self.committed._unavailable("list", prefix, exc) from exc
-
     def _released(self) -> set[tuple[str, str]]:
         """(agent, file id) of every signed release carried out (their legal hold is off by right)."""
         done = set()
-        for key in self._keys("releases/"):
-            body = json.loads(self.committed._get(key) or b"{}")
+        for key in self.committed.keys("releases/"):
+            body = json.loads(self.committed.get(key) or b"{}")
             said = body.get("request") or body   # a signed request, or the agent's chain (CaseReleased)
             done.add((str(said.get("agent")), str(said.get("file_id"))))
         return done
@@ -373,13 +362,13 @@ class BucketCheck:
         except ClientError as exc:
             if _status(exc) == 404 or _code(exc) in ("NoSuchKey", "404"):
                 return None
-            raise self.committed._unavailable("read", key, exc) from exc
+            raise self.committed.unavailable("read", key, exc) from exc
         except BotoCoreError as exc:
-            raise self.committed._unavailable("read", key, exc) from exc
+            raise self.committed.unavailable("read", key, exc) from exc
 
     def _entry(self, index_key: str, released: set[tuple[str, str]]) -> None:
         try:
-            entry = json.loads(self.committed._get(index_key) or b"")
+            entry = json.loads(self.committed.get(index_key) or b"")
             agent, file_id, sha256 = str(entry["agent_id"]), str(entry["file_id"]), str(entry["sha256"])
             stored_ms, retention = int(entry["stored_ms"]), str(entry.get("retention", ""))
         except (ValueError, KeyError, TypeError) as exc:
@@ -410,7 +399,7 @@ class BucketCheck:
                 for block in body.iter_chunks(1 << 20):
                     digest.update(block)
             except (ClientError, BotoCoreError) as exc:
-                raise self.committed._unavailable("read", object_key, exc) from exc
+                raise self.committed.unavailable("read", object_key, exc) from exc
             actual = digest.hexdigest()
         if actual != sha256:
             self._found("bad_checksum", index_key, f"{object_key} has SHA-256 {actual} on the server, the index says "
