@@ -90,3 +90,12 @@ class SeaweedFS:
         path.write_text(f"access_key_id = {ACCESS}\nsecret_access_key = {SECRET}\n", encoding="utf-8")
         os.chmod(path, 0o600)
         return path
+
+    def store_toml(self, directory: Path, bucket: str, transfers_bucket: str | None = None) -> str:
+        """A receiver config's `[store]` on this server (its credentials file written in `directory`); with
+        `transfers_bucket`, transfers in progress are kept there too."""
+        text = (f'\n[store]\nbackend = "s3"\nendpoint = "{self.endpoint}"\nbucket = "{bucket}"\n'
+                f'credentials_file = "{self.credentials_file(directory)}"\n')
+        if transfers_bucket is not None:
+            text += f'transfers = "s3"\ntransfers_bucket = "{transfers_bucket}"\n'
+        return text

@@ -90,6 +90,14 @@ def enrol(agent_toml: Path, keys_dir: Path) -> None:
     (keys_dir / f"{AGENT_ID}.pem").write_text(json.loads(out.stdout)["public_key_pem"])
 
 
+def enrolled_agent_key(tmp: Path, agent_id: str = AGENT_ID) -> AgentKey:
+    """A scripted agent's key (made in tmp/agent-keys), its public key enrolled in tmp/enrolled for a receiver."""
+    key = AgentKey.load_or_create(tmp / "agent-keys")
+    (tmp / "enrolled").mkdir(exist_ok=True)
+    (tmp / "enrolled" / f"{agent_id}.pem").write_text(key.public_pem())
+    return key
+
+
 def pinned_dir(tmp: Path) -> Path:
     """The directory of receiver public keys the test agent pins (`mqtt.receiver_keys`)."""
     return tmp / "pinned-receiver-keys"

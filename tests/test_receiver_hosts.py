@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from edge_agent.evidence.manifest import AgentKey, canonical_json
+from edge_agent.evidence.manifest import canonical_json
 from edge_agent.evidence.receipts import Expected, PinnedKeys, check_receipt
 from edge_agent.protocol.wire import chunk_count
 from tests.helpers import wait_for
@@ -21,6 +21,7 @@ from tests.seaweedfs import SeaweedFS
 from tests.sync_support import (
     AGENT_ID,
     ScriptedAgent,
+    enrolled_agent_key,
     held_seqs,
     pinned_dir,
     receiver_logged,
@@ -69,12 +70,8 @@ def test_two_receivers_on_separate_hosts_share_the_load_and_one_killed_mid_trans
     s3 = seaweed.client()
     s3.create_bucket(Bucket=LOCKED, ObjectLockEnabledForBucket=True)
     s3.create_bucket(Bucket=TRANSFERS)
-    key = AgentKey.load_or_create(tmp_path / "agent-keys")
-    (tmp_path / "enrolled").mkdir()
-    (tmp_path / "enrolled" / f"{AGENT_ID}.pem").write_text(key.public_pem())
-    store = (f'\n[store]\nbackend = "s3"\nendpoint = "{seaweed.endpoint}"\nbucket = "{LOCKED}"\n'
-             f'credentials_file = "{seaweed.credentials_file(tmp_path)}"\ntransfers = "s3"\n'
-             f'transfers_bucket = "{TRANSFERS}"\n')
+    key = enrolled_agent_key(tmp_path)
+    store = seaweed.store_toml(tmp_path, LOCKED, TRANSFERS)
     procs, agent = [], None
     try:
         for i, name in enumerate(("receiver-1", "receiver-2")):

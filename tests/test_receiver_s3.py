@@ -16,7 +16,6 @@ from botocore.exceptions import ClientError
 
 from edge_agent.clock import now_ms
 from edge_agent.config import ConfigError, parse_receiver_config
-from edge_agent.evidence.manifest import AgentKey
 from edge_agent.platform.receiver import Receiver, objectstore
 from edge_agent.platform.receiver.objectstore import S3Committed, S3Settings, StoreConfigError
 from edge_agent.platform.receiver.receipts import Receipts, ReceiverKey
@@ -26,7 +25,7 @@ from tests.helpers import wait_for
 from tests.peers.mosquitto import Mosquitto
 from tests.seaweedfs import SeaweedFS
 from tests.sync_support import AGENT_ID as SYNC_AGENT
-from tests.sync_support import ScriptedAgent, receiver_logged, receiver_proc, receiver_setup
+from tests.sync_support import ScriptedAgent, enrolled_agent_key, receiver_logged, receiver_proc, receiver_setup
 
 AGENT = "ws-s3-01"
 CHUNK = 64 * 1024
@@ -289,13 +288,9 @@ def test_through_mqtt_a_store_outage_is_answered_receiving_until_the_store_retur
     proc = None
     try:
         server.client().create_bucket(Bucket=BUCKET, ObjectLockEnabledForBucket=True)
-        key = AgentKey.load_or_create(tmp_path / "agent-keys")
-        (tmp_path / "enrolled").mkdir()
-        (tmp_path / "enrolled" / f"{SYNC_AGENT}.pem").write_text(key.public_pem())
+        key = enrolled_agent_key(tmp_path, SYNC_AGENT)
         config = receiver_setup(tmp_path, mosquitto.port, tmp_path / "store", tmp_path / "enrolled")
-        text = config.read_text(encoding="utf-8")
-        config.write_text(text + f'\n[store]\nbackend = "s3"\nendpoint = "{server.endpoint}"\nbucket = "{BUCKET}"\n'
-                          f'credentials_file = "{server.credentials_file(tmp_path)}"\n', encoding="utf-8")
+        config.write_text(config.read_text(encoding="utf-8") + server.store_toml(tmp_path, BUCKET), encoding="utf-8")
         proc = receiver_proc(tmp_path, config).start()
         wait_for(lambda: receiver_logged(tmp_path, "mqtt connected"), 20, what="receiver connected")
         server.stop()

@@ -17,7 +17,6 @@ import pytest
 from botocore.exceptions import BotoCoreError, ClientError
 
 from edge_agent.config import ConfigError, parse_receiver_config
-from edge_agent.evidence.manifest import AgentKey
 from edge_agent.platform.receiver import Receiver, objectstore
 from edge_agent.platform.receiver.objectstore import S3Committed, S3Settings, StoreConfigError
 from edge_agent.platform.receiver.store import CRASH_AT_ENV
@@ -27,7 +26,14 @@ from tests.helpers import wait_for
 from tests.peers.mosquitto import Mosquitto
 from tests.seaweedfs import SeaweedFS
 from tests.sync_support import AGENT_ID as SYNC_AGENT
-from tests.sync_support import ScriptedAgent, held_seqs, receiver_logged, receiver_proc, receiver_setup
+from tests.sync_support import (
+    ScriptedAgent,
+    enrolled_agent_key,
+    held_seqs,
+    receiver_logged,
+    receiver_proc,
+    receiver_setup,
+)
 
 AGENT = "ws-xfer-01"
 CHUNK = 64 * 1024
@@ -421,12 +427,8 @@ def test_through_mqtt_a_receiver_killed_mid_file_is_continued_by_another_on_anot
     """Two receiver processes with their own store_dir, sharing only the broker and the buckets. Receiver 1
     takes the manifest and half the chunks, acknowledges them and is killed -9; receiver 2 starts, answers the
     agent's query with the chunks receiver 1 stored, takes the rest and commits the file once, with a receipt."""
-    key = AgentKey.load_or_create(tmp_path / "agent-keys")
-    (tmp_path / "enrolled").mkdir()
-    (tmp_path / "enrolled" / f"{SYNC_AGENT}.pem").write_text(key.public_pem())
-    store = (f'\n[store]\nbackend = "s3"\nendpoint = "{seaweed.endpoint}"\nbucket = "{LOCKED}"\n'
-             f'credentials_file = "{seaweed.credentials_file(tmp_path)}"\ntransfers = "s3"\n'
-             f'transfers_bucket = "{TRANSFERS}"\n')
+    key = enrolled_agent_key(tmp_path, SYNC_AGENT)
+    store = seaweed.store_toml(tmp_path, LOCKED, TRANSFERS)
     procs = []
     for name in ("receiver-1", "receiver-2"):
         config = receiver_setup(tmp_path, mosquitto.port, tmp_path / name, tmp_path / "enrolled", name=name)
@@ -475,12 +477,8 @@ def test_through_mqtt_two_receivers_sharing_one_file_and_one_killed_mid_file_sto
     """Two receivers behind one shared subscription, each with its own store_dir: the chunks of one file are
     split between them. Receiver 1 is killed -9 mid-file; the agent (as a real one does) sends again what an ack
     does not name, until receiver 2 commits the file, once."""
-    key = AgentKey.load_or_create(tmp_path / "agent-keys")
-    (tmp_path / "enrolled").mkdir()
-    (tmp_path / "enrolled" / f"{SYNC_AGENT}.pem").write_text(key.public_pem())
-    store = (f'\n[store]\nbackend = "s3"\nendpoint = "{seaweed.endpoint}"\nbucket = "{LOCKED}"\n'
-             f'credentials_file = "{seaweed.credentials_file(tmp_path)}"\ntransfers = "s3"\n'
-             f'transfers_bucket = "{TRANSFERS}"\n')
+    key = enrolled_agent_key(tmp_path, SYNC_AGENT)
+    store = seaweed.store_toml(tmp_path, LOCKED, TRANSFERS)
     procs = []
     for name in ("receiver-1", "receiver-2"):
         config = receiver_setup(tmp_path, mosquitto.port, tmp_path / name, tmp_path / "enrolled", name=name,

@@ -44,6 +44,7 @@ from tests.sync_support import (
     agent_setup,
     catalog_rows,
     enrol,
+    enrolled_agent_key,
     pin_receiver_key,
     pinned_dir,
     random_bytes,
@@ -275,9 +276,7 @@ def test_a_receiver_keys_path_that_does_not_exist_is_a_config_error_naming_the_k
 
 def test_a_real_receiver_signs_complete_and_rejected_acks_binding_the_manifest_bytes_it_verified(
         tmp_path: Path, mosquitto: Mosquitto) -> None:
-    agent_key = AgentKey.load_or_create(tmp_path / "agent-keys")
-    (tmp_path / "enrolled").mkdir()
-    (tmp_path / "enrolled" / f"{AGENT_ID}.pem").write_text(agent_key.public_pem())
+    agent_key = enrolled_agent_key(tmp_path)
     store = tmp_path / "store"
     receiver = receiver_proc(tmp_path, receiver_setup(tmp_path, mosquitto.port, store, tmp_path / "enrolled"))
     receiver.start()
