@@ -152,6 +152,7 @@ def _validator(name: str) -> jsonschema.protocols.Validator:
 
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _MAX_SAFE = 9007199254740991
+_PROGRESS_ACK_KEYS = frozenset({"file_id", "state", "have", "sha256", "reason"})
 
 
 def _plain_chunk_header(value: Any) -> bool:
@@ -173,15 +174,13 @@ def _plain_progress_ack(value: Any) -> bool:
         return False
     file_id, have = value.get("file_id"), value.get("have", [])
     sha256, reason = value.get("sha256"), value.get("reason")
-    return (type(file_id) is str and _ULID.fullmatch(file_id) is not None and type(have) is list
+    return (type(file_id) is str and FILE_ID_PATTERN.fullmatch(file_id) is not None and type(have) is list
             and all(type(r) is list and len(r) == 2 and type(r[0]) is int and type(r[1]) is int
                     and r[0] >= 0 and r[1] >= 0 for r in have)
             and (sha256 is None or (type(sha256) is str and _HEX64.fullmatch(sha256) is not None))
             and (reason is None or (type(reason) is str and len(reason) <= 1000)))
 
 
-_ULID = re.compile(r"[0-9A-HJKMNP-TV-Z]{26}")
-_PROGRESS_ACK_KEYS = frozenset({"file_id", "state", "have", "sha256", "reason"})
 # The messages of the data path, one per chunk (and per 16 chunks): a plain-Python check accepts the usual shape
 # in microseconds; jsonschema (~0.1-0.4 ms a message) judges only what it refuses, and names the fault.
 _FAST_PATH = {"chunk-header": _plain_chunk_header, "ack": _plain_progress_ack}
