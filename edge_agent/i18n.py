@@ -78,6 +78,24 @@ def N_(message: str) -> str:  # noqa: N802 - gettext's name for "mark for extrac
     return message
 
 
+class Refusal(Exception):
+    """A request refused, or settings that cannot be used, by any layer: `template` is English, marked with
+    `N_` where it is raised, and its `{fields}` are filled from the keywords. `str()` is the English sentence
+    (logs, `--json` runs, the daemon's control socket); `for_user()` the same in the custodian's language, or
+    English where the catalog has no entry (or a translation's fields do not match the template's)."""
+
+    def __init__(self, template: str, /, **values: object):
+        super().__init__(template.format(**values) if values else template)
+        self.template, self.values = template, values
+
+    def for_user(self) -> str:
+        translated = _(self.template)
+        try:
+            return translated.format(**self.values) if self.values else translated
+        except (KeyError, IndexError, ValueError):
+            return str(self)
+
+
 def extract_with_help(fileobj: io.BufferedIOBase, keywords: Mapping[str, object], comment_tags: list[str],
                       options: dict[str, object]) -> Iterator[tuple[int, str, str, list[str]]]:
     """Babel's extraction method for edge_agent (babel.cfg): the strings marked with `_`/`N_`, and the texts

@@ -218,6 +218,52 @@ def test_refusals_are_chinese_under_a_chinese_locale_and_english_with_json(tmp_p
                                                  lang=zh)
 
 
+def test_lower_layers_refusals_are_chinese_under_a_chinese_locale_and_english_with_json(
+        tmp_path: Path, english_afterwards: None) -> None:
+    """Holds, custody and export refuse in their own layers (HoldError, CustodyError, ExportError): the custodian
+    reads their reasons in Chinese, with the file id or case filled in; scripts read the English sentence."""
+    config_path, _ = agent_config(tmp_path)
+    zh, en = "zh_CN.UTF-8", "C.UTF-8"
+    card = make_recorder_volume(tmp_path, "SDCARD", {"DCIM/100/MOV_0001.MP4": 4_000})
+    cli(config_path, "--json", "import", str(card), "--device", "ZFY0777", "--reason", "test", lang=en)
+    file_id = json.loads(cli(config_path, "--json", "files", "list", lang=en))["files"][0]["file_id"]
+    chinese = refusal(config_path, "release", file_id, "--reason", "结案", lang=zh)
+    assert f"无可解除：{file_id} 没有生效中的保全" in chinese and not re.search(r"[A-Za-z]{4,} [a-z]{3,}", chinese)
+    english = refusal(config_path, "--json", "release", file_id, "--reason", "closed", lang=zh)
+    assert f"nothing to release: no active hold on {file_id}" in english and not CJK.search(english)
+    assert "--retention 必须是 routine, evidence, long_term 之一，收到的是 'forever'" in refusal(
+        config_path, "tag", file_id, "--retention", "forever", lang=zh)
+    assert "没有文件标记为案件 'NOPE'" in refusal(config_path, "export", "--case", "NOPE", "--to",
+                                             str(tmp_path / "bag"), "--reason", "移送", "--approved-by", "张队",
+                                             lang=zh)
+    assert "A-9 未被领用" in refusal(config_path, "return", "A-9", lang=zh)
+
+
+def test_every_refusal_is_raised_with_a_marked_template() -> None:
+    """A `Refusal` (ServiceError and every lower layer's: HoldError, StoreConfigError, ...) raised with an
+    f-string would reach the custodian in English whatever the locale: each must be raised with `N_("...")`
+    (or a module constant holding one) and its fields as keywords."""
+    trees = {path: ast.parse(path.read_text(encoding="utf-8")) for path in (ROOT / "edge_agent").rglob("*.py")}
+    refusals, grown = {"Refusal"}, True
+    while grown:   # every class whose base is a refusal, in any module
+        before = len(refusals)
+        refusals |= {node.name for tree in trees.values() for node in ast.walk(tree) if isinstance(node, ast.ClassDef)
+                     and any(isinstance(base, ast.Name) and base.id in refusals for base in node.bases)}
+        grown = len(refusals) > before
+    assert {"ServiceError", "HoldError", "CustodyError", "ExportError", "StoreConfigError"} <= refusals
+    unmarked, raised = [], 0
+    for path, tree in trees.items():
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Raise) and isinstance(node.exc, ast.Call) and isinstance(node.exc.func, ast.Name) \
+                    and node.exc.func.id in refusals:
+                raised += 1
+                first = node.exc.args[0] if node.exc.args else None
+                if not (isinstance(first, ast.Name) or isinstance(first, ast.Call)
+                        and isinstance(first.func, ast.Name) and first.func.id == "N_"):
+                    unmarked.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+    assert raised > 50 and not unmarked, unmarked
+
+
 def test_fleet_status_columns_line_up_in_chinese(english_afterwards: None) -> None:
     result = {"agents": 2, "counts": {"offline": 1, "stale": 0, "r1_breach": 0, "regressed": 0, "with_problems": 1},
               "fleet": [{"agent_id": "ws-01", "online": False, "stale": False, "problems": ["offline for 2h"],

@@ -45,6 +45,7 @@ from edge_agent.evidence.manifest import (
 from edge_agent.evidence.receipts import PinnedKeys, ReceiptError, ReceiptTrust
 from edge_agent.evidence.suites import sm3_hasher
 from edge_agent.evidence.verify import verify_file, verify_receipt
+from edge_agent.i18n import N_, Refusal
 from edge_agent.layout import StoreLayout
 
 log = logging.getLogger(__name__)
@@ -76,7 +77,7 @@ manifests are here and the platform holds the confirmed copy.
 """
 
 
-class ExportError(Exception):
+class ExportError(Refusal):
     """The export cannot be made as asked; nothing was written to the audit log as exported."""
 
 
@@ -118,16 +119,17 @@ def export_case(catalog: Catalog, layout: StoreLayout, config: AgentConfig, *, c
     """Write the bag for `case_id` at `dest` (new or empty directory) and audit the export."""
     requester = requested_by or audit.os_user()
     if not reason.strip() or not approved_by.strip():
-        raise ExportError("an export needs --reason and --approved-by (R7: copying footage is approved and logged)")
+        raise ExportError(N_("an export needs --reason and --approved-by (R7: copying footage is approved and logged)"))
     records = catalog.files.of_case(case_id)
     if not records:
-        raise ExportError(f"no files are tagged with case {case_id!r} (tag them: edge-agent tag FILE --case …)")
+        raise ExportError(N_("no files are tagged with case {case_id!r} (tag them: edge-agent tag FILE --case …)"),
+                          case_id=case_id)
     unsealed = [r.file_id for r in records if r.manifest_sha256 is None]
     if unsealed:
-        raise ExportError(f"{len(unsealed)} file(s) of case {case_id} are not sealed yet (first {unsealed[0]}); "
-                          "wait for ingest to finish, then export")
+        raise ExportError(N_("{count} file(s) of case {case_id} are not sealed yet (first {first}); wait for ingest "
+                             "to finish, then export"), count=len(unsealed), case_id=case_id, first=unsealed[0])
     if dest.exists() and any(dest.iterdir()):
-        raise ExportError(f"{dest} is not empty: give a new or empty directory for the bag")
+        raise ExportError(N_("{dest} is not empty: give a new or empty directory for the bag"), dest=dest)
     make_dirs(dest)
     result = ExportResult(bag_dir=dest, case_id=case_id)
     keys = key_history(catalog, layout)
@@ -159,7 +161,8 @@ def export_case(catalog: Catalog, layout: StoreLayout, config: AgentConfig, *, c
     except (OSError, bagit.BagError) as exc:
         catalog.audit("export.failed", subject=f"case:{case_id}", reason=reason, actor=requester,
                       detail={"approved_by": approved_by, "dest": str(dest), "error": str(exc)})
-        raise ExportError(f"export to {dest} failed: {exc}; the partial bag there is not valid, remove it") from exc
+        raise ExportError(N_("export to {dest} failed: {error}; the partial bag there is not valid, remove it"),
+                          dest=dest, error=exc) from exc
     with catalog.transaction() as conn:
         audit.append(conn, "export", subject=f"case:{case_id}", reason=reason, actor=requester,
                      detail={"approved_by": approved_by, "requested_by": requester, "dest": str(dest),

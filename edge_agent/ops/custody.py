@@ -15,13 +15,14 @@ from typing import Any
 
 from edge_agent.catalog import LANE_EVIDENCE, Catalog, FileRecord, audit, new_id
 from edge_agent.clock import now_ms
+from edge_agent.i18n import N_, Refusal
 from edge_agent.ingest import Sealer
 from edge_agent.layout import StoreLayout
 from edge_agent.ops.alarms import clear_unidentified
 from edge_agent.ops.retention import EVIDENCE, RETENTION_CLASSES
 
 
-class CustodyError(ValueError):
+class CustodyError(Refusal, ValueError):
     """A custody action cannot be done as asked; the message says what to do instead."""
 
 
@@ -40,15 +41,16 @@ def assign(catalog: Catalog, device_id: str, officer_id: str, *, at_ms: int | No
     """Check `device_id` out to `officer_id` from `at_ms` (default now), ending any open checkout of it."""
     device_id, officer_id = device_id.strip(), officer_id.strip()
     if not device_id or not officer_id:
-        raise CustodyError("give a device id and --officer (the officer's police number)")
+        raise CustodyError(N_("give a device id and --officer (the officer's police number)"))
     who = actor or audit.os_user()
     start = now_ms() if at_ms is None else at_ms
     with catalog.transaction() as conn:
         open_rows = catalog.checkouts.open_for(device_id)
         for row in open_rows:
             if row["from_ms"] > start:
-                raise CustodyError(f"{device_id} has a checkout to {row['officer_id']} starting after the time "
-                                   "given; return it first or give a later time")
+                raise CustodyError(N_("{device_id} has a checkout to {officer_id} starting after the time given; "
+                                      "return it first or give a later time"), device_id=device_id,
+                                   officer_id=row["officer_id"])
             catalog.checkouts.end(row["id"], start)
         checkout_id = catalog.checkouts.add(device_id, officer_id, start, who)
         catalog.devices.touch(device_id, kind=catalog.devices.kind_of(device_id))
@@ -68,10 +70,10 @@ def return_device(catalog: Catalog, device_id: str, *, at_ms: int | None = None,
     with catalog.transaction() as conn:
         open_rows = catalog.checkouts.open_for(device_id)
         if not open_rows:
-            raise CustodyError(f"{device_id} is not checked out (see: edge-agent devices)")
+            raise CustodyError(N_("{device_id} is not checked out (see: edge-agent devices)"), device_id=device_id)
         row = open_rows[0]
         if end < row["from_ms"]:
-            raise CustodyError(f"{device_id} was checked out after the return time given")
+            raise CustodyError(N_("{device_id} was checked out after the return time given"), device_id=device_id)
         catalog.checkouts.end(row["id"], end)
         audit.append(conn, "custody.returned", subject=device_id, reason=reason, actor=who,
                      detail={"officer_id": row["officer_id"], "from_ms": row["from_ms"], "to_ms": end})
@@ -83,10 +85,11 @@ def tag(catalog: Catalog, sealer: Sealer, layout: StoreLayout, file_id: str, *, 
         actor: str | None = None) -> dict[str, Any]:
     """Sign an annotation linking `file_id` to a case/party; update the catalog row. Returns the annotation."""
     if case_id is None and party is None and retention is None:
-        raise CustodyError("give --case, --party or --retention to tag a file with")
+        raise CustodyError(N_("give --case, --party or --retention to tag a file with"))
     retention = retention or (EVIDENCE if case_id else None)
     if retention is not None and retention not in RETENTION_CLASSES:
-        raise CustodyError(f"--retention must be one of {', '.join(RETENTION_CLASSES)}, got {retention!r}")
+        raise CustodyError(N_("--retention must be one of {classes}, got {retention!r}"),
+                            classes=", ".join(RETENTION_CLASSES), retention=retention)
     record = catalog.get(file_id)
     fields = {"case_id": case_id or record.case_id, "party": party if party is not None else record.party,
               "retention": retention or record.retention}

@@ -28,6 +28,7 @@ from edge_agent.catalog import Catalog, FileRecord, State, audit, new_id
 from edge_agent.clock import now_ms
 from edge_agent.config import AgentConfig
 from edge_agent.durable import fsync_dir
+from edge_agent.i18n import N_, Refusal
 from edge_agent.ingest import Sealer
 from edge_agent.layout import StoreLayout
 
@@ -39,7 +40,7 @@ DAY_MS = 24 * 3600 * 1000
 FORECAST_WINDOW_MS = 7 * DAY_MS
 
 
-class HoldError(ValueError):
+class HoldError(Refusal, ValueError):
     """A hold or release cannot be done as asked; the message says what to give instead."""
 
 
@@ -174,9 +175,9 @@ def place_hold(catalog: Catalog, *, reason: str, file_id: str | None = None, cas
                actor: str | None = None) -> int:
     """Hold one file or every file of a case (also files tagged with it later). Returns the hold id."""
     if (file_id is None) == (case_id is None):
-        raise HoldError("give either a file id or --case, not both and not neither")
+        raise HoldError(N_("give either a file id or --case, not both and not neither"))
     if not reason.strip():
-        raise HoldError("a hold needs --reason (why the footage must be kept); it goes into the audit log")
+        raise HoldError(N_("a hold needs --reason (why the footage must be kept); it goes into the audit log"))
     who = actor or audit.os_user()
     with catalog.transaction() as conn:
         if file_id is not None:
@@ -194,9 +195,9 @@ def release_hold(catalog: Catalog, *, reason: str, file_id: str | None = None, c
     the chain in the same transaction: the agent's word the platform may release the case's legal holds on
     (docs/OPERATIONS.md, "Releasing a legal hold"). Returns (holds released, files reclassified)."""
     if (file_id is None) == (case_id is None):
-        raise HoldError("give either a file id or --case, not both and not neither")
+        raise HoldError(N_("give either a file id or --case, not both and not neither"))
     if not reason.strip():
-        raise HoldError("a release needs --reason (e.g. the case is closed); it goes into the audit log")
+        raise HoldError(N_("a release needs --reason (e.g. the case is closed); it goes into the audit log"))
     who = actor or audit.os_user()
     ts = now_ms()
     counts: list[int] = []
@@ -209,7 +210,8 @@ def release_hold(catalog: Catalog, *, reason: str, file_id: str | None = None, c
             released = catalog.holds.release(case_id=case_id, by=who, at_ms=ts)
             reclassified = catalog.files.reclassify_case(str(case_id), from_class=EVIDENCE, to_class=ROUTINE)
         if not released and not reclassified:
-            raise HoldError(f"nothing to release: no active hold on {file_id or 'case ' + str(case_id)}")
+            raise (HoldError(N_("nothing to release: no active hold on {file_id}"), file_id=file_id) if file_id
+                   else HoldError(N_("nothing to release: no active hold on case {case_id}"), case_id=case_id))
         audit.append(conn, "hold.released", subject=file_id or f"case:{case_id}", reason=reason, actor=who,
                      detail={"holds": released, "reclassified": reclassified, "case_id": case_id, **(annotation or {})})
         counts.extend((released, reclassified))
@@ -220,7 +222,7 @@ def release_hold(catalog: Catalog, *, reason: str, file_id: str | None = None, c
         return counts[0], counts[1]
     if not any(h["case_id"] == case_id for h in catalog.holds.active()) \
             and not any(r.retention == EVIDENCE for r in catalog.files.of_case(case_id)):
-        raise HoldError(f"nothing to release: no active hold on case {case_id}")
+        raise HoldError(N_("nothing to release: no active hold on case {case_id}"), case_id=case_id)
     annotation_id = new_id()
     body = {"annotation_id": annotation_id, "case_id": case_id, "case_released": True, "reason": reason, "by": who,
             "ts_ms": ts}

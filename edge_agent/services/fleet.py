@@ -26,7 +26,7 @@ def serve(config: FleetConfig, listen: str | None = None) -> None:
     try:
         exposition = Exposition(monitor, listen)
     except ValueError as exc:
-        raise ServiceError(str(exc), code=2) from exc
+        raise ServiceError.of(exc, code=2) from exc
     except OSError as exc:
         raise ServiceError(N_("cannot listen on {listen}: {error}; pick a free address with --listen"), code=2,
                            listen=listen, error=exc.strerror) from exc
@@ -49,7 +49,7 @@ def _read(call: Any, config: FleetConfig, *args: Any) -> Any:
     try:
         return call(config.fleet, *args)
     except FileNotFoundError as exc:
-        raise ServiceError(str(exc), code=2) from exc
+        raise ServiceError.of(exc, code=2) from exc
 
 
 def status(config: FleetConfig) -> FleetStatus:

@@ -30,7 +30,7 @@ def serve(config: ReceiverConfig) -> None:
     try:
         receiver = Receiver(config)
     except StoreConfigError as exc:
-        raise ServiceError(str(exc), code=2) from exc
+        raise ServiceError.of(exc, code=2) from exc
     except OSError as exc:
         raise ServiceError(N_("cannot open the receiver store {store}: {error}"), code=2,
                            store=config.receiver.store_dir, error=exc.strerror) from exc
@@ -80,7 +80,7 @@ def fsck_bucket(config: ReceiverConfig) -> FsckResult:
         committed.check_bucket()
         report = check_bucket(committed)
     except StoreConfigError as exc:
-        raise ServiceError(str(exc), code=2) from exc
+        raise ServiceError.of(exc, code=2) from exc
     except StoreUnavailable as exc:
         raise ServiceError(N_("{error}; run fsck again once the store answers"), code=3, error=exc) from exc
     return FsckResult(report.store, report.objects_checked, [asdict(f) for f in report.findings], report.clean)
@@ -125,7 +125,7 @@ def release_hold(config: ReceiverConfig, request_path: Path | None = None, *, ag
         keys = KeyRing(config.receiver.keys_dir, config.receiver.store_dir / LEARNED_KEYS)
         return CaseReleased(records, keys.key_for).release(str(agent), str(file_id))
     except StoreConfigError as exc:
-        raise ServiceError(str(exc), code=2) from exc
+        raise ServiceError.of(exc, code=2) from exc
     except ReleaseRefused as exc:
         raise ServiceError(N_("release refused: {error}"), code=1, error=exc) from exc
     except StoreUnavailable as exc:

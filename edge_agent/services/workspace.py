@@ -17,7 +17,7 @@ from edge_agent.catalog import Catalog, UnknownFile
 from edge_agent.catalog.reports import CatalogReports
 from edge_agent.config import AgentConfig
 from edge_agent.evidence.manifest import AgentKey
-from edge_agent.i18n import N_, _
+from edge_agent.i18n import N_, Refusal
 from edge_agent.ingest import Sealer
 from edge_agent.layout import StoreLayout
 
@@ -46,23 +46,23 @@ def plain(value: Any) -> Any:
     return value
 
 
-class ServiceError(Exception):
+class ServiceError(Refusal):
     """A request the service refuses or cannot do, `code` the exit status to use. `message` is English: a
-    template marked with `N_` whose `{fields}` are filled from the keywords (or a finished sentence, e.g. a
-    lower layer's refusal). `str()` is that English sentence (logs, `--json` runs); `for_user()` the same in
-    the custodian's language (edge_agent.i18n), English where the catalog has no entry."""
+    template marked with `N_` whose `{fields}` are filled from the keywords (edge_agent.i18n.Refusal: `str()`
+    in English, `for_user()` in the custodian's language). A lower layer's `Refusal` becomes one with its own
+    template and fields (`refusals`, `ServiceError.of`), so it is translated too."""
 
     def __init__(self, message: str, *, code: int = 1, **values: object):
-        super().__init__(message.format(**values) if values else message)
+        super().__init__(message, **values)
         self.code = code
-        self.template, self.values = message, values
 
-    def for_user(self) -> str:
-        translated = _(self.template)
-        try:
-            return translated.format(**self.values) if self.values else translated
-        except (KeyError, IndexError, ValueError):   # a translation whose fields do not match: say it in English
-            return str(self)
+    @classmethod
+    def of(cls, exc: Exception, *, code: int = 1) -> ServiceError:
+        """A lower layer's refusal as a ServiceError: its template and fields when it is a `Refusal`, else its
+        English sentence as it is."""
+        if isinstance(exc, Refusal):
+            return cls(exc.template, code=code, **exc.values)
+        return cls(str(exc), code=code)
 
 
 # The refusal of a command the daemon owning the data dir should have carried out but cannot take now.
@@ -85,7 +85,7 @@ def refusals(*kinds: type[Exception]) -> Iterator[None]:
         raise ServiceError(N_("no file with id {file_id!r} in the catalog (see: edge-agent files list)"),
                            file_id=exc.args[0]) from exc
     except kinds as exc:
-        raise ServiceError(str(exc)) from exc
+        raise ServiceError.of(exc) from exc
 
 
 def store_layout(config: AgentConfig) -> StoreLayout:

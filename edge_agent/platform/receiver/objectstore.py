@@ -41,6 +41,7 @@ from botocore.config import Config as BotoConfig
 from botocore.exceptions import BotoCoreError, ClientError
 
 from edge_agent.clock import now_ms
+from edge_agent.i18n import N_
 from edge_agent.platform.receiver.store import StoreConfigError, StoreUnavailable, crash_point
 
 log = logging.getLogger(__name__)
@@ -79,11 +80,11 @@ def read_credentials(path: Path) -> tuple[str, str]:
     try:
         mode = stat.S_IMODE(os.stat(path).st_mode)
     except FileNotFoundError:
-        raise StoreConfigError(f"store.credentials_file = {str(path)!r}: no such file; create it with "
-                               "access_key_id and secret_access_key lines, mode 0600") from None
+        raise StoreConfigError(N_("store.credentials_file = {path!r}: no such file; create it with access_key_id "
+                                  "and secret_access_key lines, mode 0600"), path=str(path)) from None
     if mode & 0o077:
-        raise StoreConfigError(f"store.credentials_file = {str(path)!r}: mode {mode:04o} lets others read the "
-                               f"store's secret; run: chmod 600 {path}")
+        raise StoreConfigError(N_("store.credentials_file = {path!r}: mode {mode} lets others read the store's "
+                                  "secret; run: chmod 600 {path}"), path=str(path), mode=f"{mode:04o}")
     values: dict[str, str] = {}
     for line in path.read_text(encoding="utf-8").splitlines():
         if "=" in line and not line.lstrip().startswith("#"):
@@ -91,8 +92,8 @@ def read_credentials(path: Path) -> tuple[str, str]:
             values[key.strip()] = value.strip().strip('"')
     missing = [k for k in ("access_key_id", "secret_access_key") if not values.get(k)]
     if missing:
-        raise StoreConfigError(f"store.credentials_file = {str(path)!r}: missing {', '.join(missing)}; "
-                               "write one `key = value` line for each")
+        raise StoreConfigError(N_("store.credentials_file = {path!r}: missing {missing}; write one `key = value` "
+                                  "line for each"), path=str(path), missing=", ".join(missing))
     return values["access_key_id"], values["secret_access_key"]
 
 
@@ -145,8 +146,8 @@ class S3Committed:
         self.holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         access, secret = read_credentials(settings.credentials_file)
         if settings.tls_ca is not None and not settings.tls_ca.is_file():
-            raise StoreConfigError(f"store.tls_ca = {str(settings.tls_ca)!r}: no such file; give the PEM of the "
-                                   "CA that signed the object store's certificate")
+            raise StoreConfigError(N_("store.tls_ca = {path!r}: no such file; give the PEM of the CA that signed the "
+                                      "object store's certificate"), path=str(settings.tls_ca))
         self.s3 = boto3.session.Session().client(
             "s3", endpoint_url=settings.endpoint, region_name=settings.region, aws_access_key_id=access,
             aws_secret_access_key=secret, verify=str(settings.tls_ca) if settings.tls_ca else None,
@@ -162,9 +163,10 @@ class S3Committed:
             if _code(exc) in ("NoSuchBucket", "ObjectLockConfigurationNotFoundError", "AccessDenied") \
                     or _status(exc) in (403, 404):
                 raise StoreConfigError(
-                    f"store.bucket = {self.bucket!r} at {self.settings.endpoint}: no bucket with Object Lock there "
-                    f"({_code(exc)}); create it with Object Lock enabled (aws s3api create-bucket --bucket "
-                    f"{self.bucket} --object-lock-enabled-for-bucket) and give the receiver's credentials access"
+                    N_("store.bucket = {bucket!r} at {endpoint}: no bucket with Object Lock there ({code}); create "
+                       "it with Object Lock enabled (aws s3api create-bucket --bucket {bucket} "
+                       "--object-lock-enabled-for-bucket) and give the receiver's credentials access"),
+                    bucket=self.bucket, endpoint=self.settings.endpoint, code=_code(exc)
                 ) from exc
             log.warning("object store check failed bucket=%s endpoint=%s: %s", self.bucket, self.settings.endpoint, exc)
             return
@@ -173,9 +175,9 @@ class S3Committed:
                         self.bucket, self.settings.endpoint, exc)
             return
         if config.get("ObjectLockEnabled") != "Enabled":
-            raise StoreConfigError(f"store.bucket = {self.bucket!r}: Object Lock is not enabled on it; create a "
-                                   "bucket with --object-lock-enabled-for-bucket (it cannot be turned on later "
-                                   "on every server)")
+            raise StoreConfigError(N_("store.bucket = {bucket!r}: Object Lock is not enabled on it; create a bucket "
+                                      "with --object-lock-enabled-for-bucket (it cannot be turned on later on every "
+                                      "server)"), bucket=self.bucket)
 
     # -- keys --------------------------------------------------------------------------------------
 

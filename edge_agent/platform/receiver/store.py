@@ -56,6 +56,7 @@ from typing import Any, Protocol
 from edge_agent.clock import now_ms
 from edge_agent.digest import hash_stream
 from edge_agent.durable import atomic_write, fsync_dir, make_dirs
+from edge_agent.i18n import Refusal
 from edge_agent.platform.receiver.supervise import Loop, pulse
 from edge_agent.protocol.heartbeat import Heartbeat
 from edge_agent.protocol.wire import (
@@ -82,7 +83,7 @@ class StoreUnavailable(Exception):
     acknowledged `complete`; the commit is tried again on the next progress or query."""
 
 
-class StoreConfigError(Exception):
+class StoreConfigError(Refusal):
     """The settings of the store of committed files cannot be used; the message names the key and what to do."""
 
 

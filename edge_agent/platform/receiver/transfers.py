@@ -44,6 +44,7 @@ from typing import Any
 from botocore.exceptions import BotoCoreError, ClientError
 
 from edge_agent.clock import now_ms
+from edge_agent.i18n import N_
 from edge_agent.platform.receiver.objectstore import DigestMismatch, S3Committed, _code, _status, read_object
 from edge_agent.platform.receiver.store import ChunkStore, Limits, StoreConfigError, StoreUnavailable
 from edge_agent.platform.receiver.supervise import pulse
@@ -84,9 +85,9 @@ class BucketTransfers(ChunkStore):
                 return
             if _code(exc) == "NoSuchBucket" or _status(exc) == 404:
                 raise StoreConfigError(
-                    f"store.transfers_bucket = {self.transfers_bucket!r}: no such bucket; create it without Object "
-                    f"Lock (aws s3api create-bucket --bucket {self.transfers_bucket}) with the lifecycle rule of "
-                    "docs/OPERATIONS.md \"Transfers in the object store\"") from exc
+                    N_("store.transfers_bucket = {bucket!r}: no such bucket; create it without Object Lock (aws "
+                       "s3api create-bucket --bucket {bucket}) with the lifecycle rule of docs/OPERATIONS.md "
+                       "\"Transfers in the object store\""), bucket=self.transfers_bucket) from exc
             log.warning("transfer bucket check failed bucket=%s: %s", self.transfers_bucket, exc)
             return
         except BotoCoreError as exc:
@@ -94,8 +95,9 @@ class BucketTransfers(ChunkStore):
             return
         if config.get("ObjectLockConfiguration", {}).get("ObjectLockEnabled") == "Enabled":
             raise StoreConfigError(
-                f"store.transfers_bucket = {self.transfers_bucket!r} has Object Lock: the chunks of a committed "
-                "transfer could not be deleted; give a bucket created without Object Lock (not the WORM bucket)")
+                N_("store.transfers_bucket = {bucket!r} has Object Lock: the chunks of a committed transfer could "
+                   "not be deleted; give a bucket created without Object Lock (not the WORM bucket)"),
+                bucket=self.transfers_bucket)
 
     # -- keys --------------------------------------------------------------------------------------
 

@@ -47,6 +47,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from edge_agent.clock import now_ms
 from edge_agent.evidence.manifest import GENESIS_PREV, ManifestError, canonical_json, verify_signature
 from edge_agent.evidence.receipts import load_pem_keys
+from edge_agent.i18n import N_
 from edge_agent.platform.receiver.fsck import Finding, FsckReport
 from edge_agent.platform.receiver.objectstore import EVIDENCE, LONG_TERM, ROUTINE, S3Committed, _code, _status
 from edge_agent.platform.receiver.store import StoreConfigError, StoreUnavailable
@@ -191,16 +192,16 @@ class HoldRelease:
         self.records = records
         self.window_ms = window_ms
         if keys_path is None:
-            raise StoreConfigError("store.release_keys is not set: give the platform's public key file (PEM) that "
-                                   "signs legal-hold releases; without it no release is possible")
+            raise StoreConfigError(N_("store.release_keys is not set: give the platform's public key file (PEM) that "
+                                      "signs legal-hold releases; without it no release is possible"))
         try:
             self.keys: dict[str, Ed25519PublicKey] = load_pem_keys(Path(keys_path))
         except (OSError, ValueError, ManifestError) as exc:
-            raise StoreConfigError(f"store.release_keys = {str(keys_path)!r}: cannot load the platform's keys "
-                                   f"({exc}); give a PEM file or a directory of *.pem") from exc
+            raise StoreConfigError(N_("store.release_keys = {path!r}: cannot load the platform's keys ({error}); give "
+                                      "a PEM file or a directory of *.pem"), path=str(keys_path), error=exc) from exc
         if not self.keys:
-            raise StoreConfigError(f"store.release_keys = {str(keys_path)!r} holds no Ed25519 public key "
-                                   "(PEM 'BEGIN PUBLIC KEY')")
+            raise StoreConfigError(N_("store.release_keys = {path!r} holds no Ed25519 public key (PEM 'BEGIN PUBLIC "
+                                      "KEY')"), path=str(keys_path))
 
     def release(self, request: dict[str, Any]) -> dict[str, Any]:
         """Turn the legal hold of the file `request` names OFF; returns what was done. Raises ReleaseRefused
