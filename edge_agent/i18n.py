@@ -24,6 +24,7 @@ LANGUAGES = ("en", "zh_CN")
 ENGLISH = "en"
 
 _active: gettext.NullTranslations = gettext.NullTranslations()
+_language = ENGLISH
 
 
 def language_from_env(environ: Mapping[str, str] | None = None) -> str:
@@ -66,8 +67,13 @@ def translations(language: str) -> gettext.NullTranslations:
 
 def use(language: str) -> None:
     """Translate this process's human-facing strings into `language` from now on."""
-    global _active
-    _active = translations(language)
+    global _active, _language
+    _active, _language = translations(language), language
+
+
+def language() -> str:
+    """The language this process's human-facing strings are in (`use`)."""
+    return _language
 
 
 def _(message: str) -> str:

@@ -185,16 +185,20 @@ def emit(ctx: typer.Context, data: Any, human: Any = None) -> None:
 
 
 def table(title: str | None, columns: list[str], rows: list[list[Any]], *, drop: list[str] | None = None,
-          width: int | None = None) -> Table:
+          wrap: list[str] | None = None, width: int | None = None) -> Table:
     """A list view that fits the terminal: columns named in `drop` are left out, first ones first, until
-    the table fits `width` (the console's); cells never wrap. Columns not in `drop` are always shown (then a
-    cell that cannot fit is folded rather than cut: an id or a state is never truncated)."""
+    the table fits `width` (the console's). Cells never wrap but those of the prose columns named in `wrap` (a
+    message, what to do), which wrap within the width the others leave them (at least WRAP_MIN cells). Columns
+    not in `drop` are always shown (then a cell that cannot fit is folded rather than cut: an id or a state is
+    never truncated)."""
     cells = [["" if v is None else str(v) for v in row] for row in rows]
     shown = list(range(len(columns)))
     limit = width or console.width
+    prose = {columns.index(name) for name in wrap or []}
 
     def needed(indexes: list[int]) -> int:   # rich's default box: a border and one space each side per column
-        return sum(max([cell_len(columns[i]), *(cell_len(row[i]) for row in cells)]) + 3 for i in indexes) + 1
+        natural = {i: max([cell_len(columns[i]), *(cell_len(row[i]) for row in cells)]) for i in indexes}
+        return sum((min(natural[i], WRAP_MIN) if i in prose else natural[i]) + 3 for i in indexes) + 1
 
     for name in drop or []:
         if needed(shown) <= limit:
@@ -203,11 +207,13 @@ def table(title: str | None, columns: list[str], rows: list[list[Any]], *, drop:
     fits = needed(shown) <= limit
     out = Table(title=title, title_justify="left", header_style="bold")
     for i in shown:
-        out.add_column(columns[i], no_wrap=fits, overflow="fold")
+        out.add_column(columns[i], no_wrap=fits and i not in prose, overflow="fold")
     for row in cells:
         out.add_row(*[row[i] for i in shown])
     return out
 
+
+WRAP_MIN = 24   # cells a wrapping prose column keeps at least
 
 
 def fmt_ms(ms: int | None) -> str:

@@ -76,8 +76,8 @@ def status(ctx: typer.Context) -> None:
             checkpoint=chain["checkpoint_id"] or "-", checkpoint_seq=chain["checkpoint_seq"] or "-"))
     if alarms:
         console.print(table(_("Active alarms"), [_("kind"), _("subject"), _("since"), _("message")],
-                            [[a.kind, a.subject, fmt_ms(a.raised_ms), a.message] for a in alarms],
-                            drop=[_("message"), _("since"), _("subject")]))
+                            [[a.kind, a.subject, fmt_ms(a.raised_ms), services.alarms.for_user(a)] for a in alarms],
+                            drop=[_("since"), _("subject")], wrap=[_("message")]))
     else:
         console.print("[green]" + _("No active alarms.") + "[/green]")
 

@@ -184,8 +184,9 @@ def alarms_list(ctx: typer.Context) -> None:
     rows = services.alarms.active(workspace(ctx))
     emit(ctx, [r.as_dict() for r in rows],
          table(_("Active alarms"), [_("key"), _("kind"), _("subject"), _("since"), _("message")],
-               [[r.key, r.kind, r.subject, fmt_ms(r.raised_ms), r.message] for r in rows],
-               drop=[_("message"), _("subject"), _("kind"), _("since")])
+               [[r.key, r.kind, r.subject, fmt_ms(r.raised_ms),
+                 services.alarms.for_user(r)] for r in rows],
+               drop=[_("since"), _("subject"), _("kind")], wrap=[_("message")])
          if rows else Text(_("no active alarms"), style="green"))
 
 
