@@ -264,6 +264,58 @@ def test_every_refusal_is_raised_with_a_marked_template() -> None:
     assert raised > 50 and not unmarked, unmarked
 
 
+def alarm_kinds_raised() -> set[str]:
+    """Every alarm kind the agent's code raises: the kind argument of each `raise_alarm(key, kind, ...)`,
+    `Alarm(key, kind, ...)` and `_set(active, key, kind, ...)` call, as a literal or a module constant, with
+    the two families built at run time (a camera's picture checks, its ONVIF tamper events) added from their
+    tables. A call whose kind cannot be resolved must be one of the generic helpers listed here."""
+    constants: dict[str, str] = {}
+    arguments: list[tuple[str, ast.expr]] = []
+    for path in (ROOT / "edge_agent").rglob("*.py"):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        constants |= {target.id: node.value.value for node in tree.body if isinstance(node, ast.Assign)
+                      and isinstance(node.value, ast.Constant) and isinstance(node.value.value, str)
+                      for target in node.targets if isinstance(target, ast.Name)}
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.Call):
+                continue
+            name = getattr(node.func, "attr", getattr(node.func, "id", None))
+            at = {"raise_alarm": 1, "Alarm": 1, "_set": 2}.get(name or "")
+            if at is not None and len(node.args) > at:
+                arguments.append((str(path.relative_to(ROOT)), node.args[at]))
+    kinds, generic = set(), []
+    for path, argument in arguments:
+        if isinstance(argument, ast.Constant):
+            kinds.add(argument.value)
+        elif isinstance(argument, ast.Name) and argument.id in constants:
+            kinds.add(constants[argument.id])
+        else:
+            generic.append((path, ast.unparse(argument)))
+    assert sorted(generic) == sorted([
+        ("edge_agent/catalog/files.py", "columns"), ("edge_agent/catalog/files.py", "columns"),   # not alarms
+        ("edge_agent/ops/alarms.py", "kind"), ("edge_agent/ops/alarms.py", "alarm['kind']"),      # pass-through
+        ("edge_agent/sources/cameras/worker.py", "f'camera_{check}'"),
+        ("edge_agent/sources/cameras/onvif_watch.py", "kind"), ("edge_agent/sources/docks/policy.py", "self.kind")])
+    from drivers.image_checks import CHECKS
+    from edge_agent.sources.cameras.onvif_watch import TAMPER
+    return kinds | {f"camera_{check}" for check in CHECKS} | {kind for _, _, kind, _ in TAMPER}
+
+
+def test_every_alarm_kind_tells_the_custodian_what_to_do_in_chinese() -> None:
+    """`alarms list`, `status` and the page's banner show, in Chinese, what to do about an alarm by its kind: a
+    kind raised somewhere without advice would fall back to the daemon's English sentence."""
+    from edge_agent.services.alarms import ADVICE
+
+    kinds = alarm_kinds_raised()
+    assert {"tamper", "disk_full", "camera_frozen", "camera_scene_changed", "gb28181_unregistered"} <= kinds
+    assert kinds - set(ADVICE) == set()
+    i18n.use("zh_CN")
+    try:
+        assert all(CJK.search(i18n._(ADVICE[kind])) for kind in kinds)
+    finally:
+        i18n.use("en")
+
+
 def test_fleet_status_columns_line_up_in_chinese(english_afterwards: None) -> None:
     result = {"agents": 2, "counts": {"offline": 1, "stale": 0, "r1_breach": 0, "regressed": 0, "with_problems": 1},
               "fleet": [{"agent_id": "ws-01", "online": False, "stale": False, "problems": ["offline for 2h"],

@@ -41,6 +41,38 @@ ADVICE = {
     "camera_too_dark": N_("The camera's picture is too dark: check whether the lens is covered and the lighting."),
     "camera_too_bright": N_("The camera's picture is too bright: check for a light shone into the lens."),
     "camera_tamper": N_("The camera reports tampering: check the camera on site and report to your supervisor."),
+    # The agent's own picture checks (drivers/image_checks.py CHECKS), signed video and audio of a camera.
+    "camera_black": N_("The camera's picture is black: check the camera's power, lens cover and lighting."),
+    "camera_frozen": N_("The camera's picture does not change: check the camera on site; restart it if it hangs."),
+    "camera_blurred": N_("The camera's picture is blurred: check the lens for dirt, fog or a covering."),
+    "camera_covered": N_("The camera's lens seems covered: check the camera on site and report to your supervisor."),
+    "camera_signature_invalid": N_("The camera's signed video no longer verifies: the stream may have been altered "
+                                   "on its way; report to your supervisor and call the technician."),
+    "camera_audio_lost": N_("The camera's sound stopped: check its microphone and audio settings."),
+    # A recorder's volume at the dock (sources/docks/policy.py).
+    "uncollected_files": N_("Some files on a recorder could not be collected: do not reuse or wipe the recorder; "
+                            "dock it again, and hand it to the technician if this stays."),
+    "file_unreadable": N_("A file on a recorder could not be read: dock the recorder again; if it repeats, hand "
+                          "it to the technician."),
+    "volume_refused_entries": N_("Some entries on a recorder were left untouched (unsafe names or links): hand the "
+                                 "recorder to the technician to inspect."),
+    "dock_fault": N_("Collection from a recorder stopped on an internal error; nothing was deleted: undock and "
+                     "dock it again, and call the technician if this stays."),
+    "clear_refused": N_("A recorded file was not deleted from its recorder because it differs from the stored "
+                        "copy: keep the recorder and report to your supervisor."),
+    "disk_full": STUCK["disk_full"],
+    # The uplink and the platform (sync/).
+    "ack_unverified": N_("An answer from the platform could not be verified; nothing was changed or deleted: call "
+                         "the technician to check the platform's key and the broker."),
+    "chain_refused": N_("The platform refused the workstation's signed record chain: call the technician."),
+    "chain_receipt_unverified": N_("A receipt from the platform could not be verified: call the technician to "
+                                   "check the platform's key."),
+    "sync_incompatible": N_("The platform speaks a protocol this workstation does not: uploads wait; call the "
+                            "technician to update the agent or the platform."),
+    "timestamp_failed": N_("The trusted time stamp could not be obtained; files are still collected and signed: "
+                           "check the network to the time-stamp service."),
+    "gb28181_unregistered": N_("The workstation is not registered with the GB/T 28181 platform: check the network "
+                               "and the [gb28181] settings, or call the technician."),
 }
 DEFAULT_ADVICE = N_("Check the alarm with edge-agent alarms list.")
 
@@ -53,8 +85,10 @@ def advice(kind: str) -> str:
 def for_user(alarm: Alarm) -> str:
     """An alarm as the custodian reads it. The daemon words each alarm in English (logs, --json, the platform):
     in English that sentence; in another language what to do about its kind (its subject names the camera,
-    recorder or file)."""
-    return alarm.message if language() == ENGLISH else advice(alarm.kind)
+    recorder or file), or the English sentence for a kind without advice."""
+    if language() == ENGLISH or alarm.kind not in ADVICE:   # an unknown kind: its own words beat none
+        return alarm.message
+    return advice(alarm.kind)
 
 
 def active(ws: Workspace) -> tuple[Alarm, ...]:

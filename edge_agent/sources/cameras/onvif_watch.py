@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 
 
 # Topic (matched anywhere in the event's topic) -> alarm name, alarm kind, what happened (the alarm's message).
-# The kinds' advice, in the custodian's language, is in edge_agent/ui/strings.py.
+# The kinds' advice, in the custodian's language, is in edge_agent/services/alarms.py (ADVICE).
 TAMPER: tuple[tuple[re.Pattern[str], str, str, str], ...] = (
     (re.compile(r"VideoSource/GlobalSceneChange"), "scene_changed", "camera_scene_changed",
      "the scene changed (the camera was moved, turned or covered)"),
