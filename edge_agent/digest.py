@@ -179,13 +179,16 @@ class Beside:
 
 
 def hash_file(path: Path | os.PathLike[str], *, drop: bool = False, also: Sequence[Hasher] = ()) -> tuple[str, int]:
-    """SHA-256 and size of a file; with `drop`, its cached pages are dropped first so the bytes come off the disk.
-    `also`: other digests fed the same bytes in the same pass."""
+    """SHA-256 and size of a file; with `drop`, its cached pages are dropped first so the bytes come off the disk,
+    and dropped again once read, so a read that proves the disk leaves nothing behind in the page cache (see
+    `drop_cache`). `also`: other digests fed the same bytes in the same pass."""
     fd = os.open(path, os.O_RDONLY)
     try:
         if drop:
             drop_cache(fd)
         digest, size = hash_stream(fd, also=also)
+        if drop:
+            drop_cache(fd)
     finally:
         os.close(fd)
     assert digest is not None
@@ -205,18 +208,24 @@ def hash_stored(path: Path | os.PathLike[str], file_id: str, at_rest: AtRest,
                 drop_cache(fd)
             return hash_stream(fd, each, also=also)
         finally:
+            if drop:
+                drop_cache(fd)
             os.close(fd)
     digest, size = hashlib.sha256(), 0
     with at_rest.reader(path, file_id) as reader:
-        if drop:
-            drop_cache(reader.fileno())
-        for block in reader.blocks():
-            digest.update(block)
-            for other in also:
-                other.update(block)
-            size += len(block)
-            if each is not None and each(block) is False:
-                return None, size
+        try:
+            if drop:
+                drop_cache(reader.fileno())
+            for block in reader.blocks():
+                digest.update(block)
+                for other in also:
+                    other.update(block)
+                size += len(block)
+                if each is not None and each(block) is False:
+                    return None, size
+        finally:
+            if drop:
+                drop_cache(reader.fileno())
     return digest.hexdigest(), size
 
 

@@ -24,7 +24,7 @@ from edge_agent.catalog import Catalog, FileRecord, State
 from edge_agent.clock import now_ms
 from edge_agent.config import AgentConfig
 from edge_agent.digest import Hasher, hash_stored, hash_stream
-from edge_agent.durable import SyncGroup, start_writeback
+from edge_agent.durable import SyncGroup, drop_cache, start_writeback
 from edge_agent.evidence.suites import DEFAULT_SUITE, sm3_hasher
 from edge_agent.ingest.errors import (
     CopyMismatch,
@@ -258,13 +258,15 @@ def copy_hashing(source: Path, staging: Path, record: FileRecord, abort: Abort |
         if (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns) or size != before.st_size:
             raise SourceGone(f"{record.original_path}: changed on the recorder during the copy; retried")
     finally:
+        drop_cache(src)   # read once: its pages serve the next copy rather than stay cached
         os.close(src)
     return digest, size
 
 
 def prove_copy(staging: Path, digest: str, size: int, record: FileRecord, at_rest: AtRest | None = None) -> None:
     """Drop a durable staged copy from the page cache and hash it from the disk: CopyMismatch if the bytes
-    there are not the bytes read from the source (an encrypted copy is decrypted, every block authenticated)."""
+    there are not the bytes read from the source (an encrypted copy is decrypted, every block authenticated).
+    The pages it read are dropped again after (`hash_stored`'s `drop`)."""
     try:
         if hash_stored(staging, record.file_id, at_rest or AtRest(), drop=True) == (digest, size):
             return
