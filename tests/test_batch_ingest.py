@@ -277,3 +277,37 @@ def test_an_ingest_leaves_neither_the_recorders_files_nor_their_copies_in_the_pa
         assert _resident_pages(stored) == 0, f"copy of {record.original_path} left cached"
         assert record.sha256 == sha256_of(volume / record.original_path) == sha256_of(stored)
     catalog.close()
+
+
+def test_the_read_back_reads_the_disk_even_where_o_direct_is_refused(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """The read-back opens the copy O_DIRECT (no cached page can answer it); a filesystem that refuses O_DIRECT
+    gets a plain read of the copy with its cached pages dropped before and after, and the copy is proven all
+    the same."""
+    from edge_agent import digest
+
+    ingestor, catalog, layout, volume, names, items = _card(tmp_path, 2, 2 * 1024 * 1024 + 7)
+    opened: list[int] = []
+    dropped: list[str] = []
+    real_open, real_drop = os.open, digest.drop_cache
+
+    def refusing_open(path: Any, flags: int, *args: Any) -> int:
+        if str(path).endswith(".part") and flags & os.O_DIRECT:
+            opened.append(flags)
+            raise OSError(22, "Invalid argument")   # EINVAL: what open(2) says where O_DIRECT is not supported
+        return real_open(path, flags, *args)
+
+    def drop(fd: int) -> None:
+        dropped.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_drop(fd)
+
+    monkeypatch.setattr(digest.os, "open", refusing_open)
+    monkeypatch.setattr(digest, "drop_cache", drop)
+    done = ingestor.ingest_batch(items)
+    assert done.failed is None and len(done.sealed) == 2
+    assert len(opened) == 2                                   # each read-back asked for O_DIRECT first
+    for record in done.sealed:
+        staging = str(layout.staging_path(record.file_id, encrypted=False))
+        assert dropped.count(staging) == 2, "the plain read-back drops the copy's pages before and after"
+        assert record.sha256 == sha256_of(volume / record.original_path)
+    catalog.close()
