@@ -5,7 +5,6 @@ through `hash_stream`, so memory stays a few 1 MiB blocks whatever the file size
 from __future__ import annotations
 
 import errno
-import fcntl
 import hashlib
 import mmap
 import os
@@ -13,7 +12,7 @@ import queue
 import stat
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Protocol
 
@@ -102,24 +101,34 @@ class ReadAhead:
 
 class DirectRead:
     """Reads a file descriptor block by block in the caller's thread: for a file of at most one block, where
-    there is nothing to overlap and ReadAhead's buffers and thread would cost more than the read itself."""
+    there is nothing to overlap and ReadAhead's buffers and thread would cost more than the read itself.
+    Reads into one pooled, page-aligned buffer (an O_DIRECT descriptor wants it aligned)."""
 
     def __init__(self, fd: int):
         self._fd = fd
+        self._buf: mmap.mmap | None = None
+
+    def __enter__(self) -> DirectRead:
+        self._buf = _take_buffer()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        if self._buf is not None:
+            _give_buffer(self._buf)
+            self._buf = None
 
     def blocks(self) -> Iterator[memoryview]:
         """Each block read, in order, until end of file (a file that grew is still read to its end)."""
-        while block := os.read(self._fd, BLOCK):
-            yield memoryview(block)
+        assert self._buf is not None, "use DirectRead as a context manager"
+        while n := os.readv(self._fd, [self._buf]):
+            yield memoryview(self._buf)[:n]
 
 
 def reader_for(fd: int) -> AbstractContextManager[ReadAhead | DirectRead]:
-    """ReadAhead, or DirectRead when `fd` is a regular file with at most one block left to read (and not opened
-    O_DIRECT, which wants ReadAhead's aligned buffers)."""
+    """ReadAhead, or DirectRead when `fd` is a regular file with at most one block left to read."""
     st = os.fstat(fd)
-    if stat.S_ISREG(st.st_mode) and st.st_size - os.lseek(fd, 0, os.SEEK_CUR) <= BLOCK \
-            and not fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
-        return nullcontext(DirectRead(fd))
+    if stat.S_ISREG(st.st_mode) and st.st_size - os.lseek(fd, 0, os.SEEK_CUR) <= BLOCK:
+        return DirectRead(fd)
     return ReadAhead(fd)
 
 
