@@ -5,6 +5,7 @@ through `hash_stream`, so memory stays a few 1 MiB blocks whatever the file size
 from __future__ import annotations
 
 import errno
+import fcntl
 import hashlib
 import mmap
 import os
@@ -132,18 +133,36 @@ def reader_for(fd: int) -> AbstractContextManager[ReadAhead | DirectRead]:
     return ReadAhead(fd)
 
 
+# A read off the disk of a file at least this large is made O_DIRECT and leaves no page cached; a smaller one reads
+# through the page cache (dropped first) and leaves its pages for what reads it next (the probe of a photo's header).
+DIRECT_READ_BYTES = 4 * 1024 * 1024
+
+
 def open_off_disk(path: Path | os.PathLike[str]) -> int:
     """A descriptor for a read that must come off the disk (a read-back that proves a copy), its cached pages
-    dropped: O_DIRECT where the filesystem allows it, so the reads bypass the page cache (no cached page can
-    answer them, and they leave none behind), else a plain descriptor (drop its pages again after reading)."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
-    except OSError as exc:
-        if exc.errno != errno.EINVAL:   # a filesystem without O_DIRECT (tmpfs before Linux 6.6, some FUSE)
-            raise
-        fd = os.open(path, os.O_RDONLY)
+    dropped. A file of at least `DIRECT_READ_BYTES` is opened O_DIRECT where the filesystem allows it, so the
+    reads bypass the page cache (no cached page can answer them, and they leave none behind); call `done_off_disk`
+    after reading."""
+    flags = os.O_RDONLY
+    if os.stat(path).st_size >= DIRECT_READ_BYTES:
+        try:
+            fd = os.open(path, flags | os.O_DIRECT)
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:   # a filesystem without O_DIRECT (tmpfs before Linux 6.6, some FUSE)
+                raise
+        else:
+            drop_cache(fd)   # frees the copy's pages now, for the next copy
+            return fd
+    fd = os.open(path, flags)
     drop_cache(fd)
     return fd
+
+
+def done_off_disk(fd: int) -> None:
+    """After reading a descriptor from `open_off_disk`: a large file read through the page cache (its filesystem
+    refused O_DIRECT) is dropped from it again; a small one's pages stay for the next reader."""
+    if not fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT and os.fstat(fd).st_size >= DIRECT_READ_BYTES:
+        drop_cache(fd)
 
 
 class Hasher(Protocol):
@@ -233,15 +252,15 @@ class Beside:
 
 
 def hash_file(path: Path | os.PathLike[str], *, drop: bool = False, also: Sequence[Hasher] = ()) -> tuple[str, int]:
-    """SHA-256 and size of a file; with `drop`, the bytes come off the disk (`open_off_disk`: O_DIRECT, else its
-    cached pages dropped first) and the read leaves nothing behind in the page cache (see `drop_cache`).
+    """SHA-256 and size of a file; with `drop`, the bytes come off the disk (`open_off_disk`: its cached pages
+    dropped first, and a large file read O_DIRECT) and a large file's read leaves nothing in the page cache.
     `also`: other digests fed the same bytes in the same pass."""
     fd = open_off_disk(path) if drop else os.open(path, os.O_RDONLY)
     try:
         digest, size = hash_stream(fd, also=also)
     finally:
         if drop:
-            drop_cache(fd)
+            done_off_disk(fd)
         os.close(fd)
     assert digest is not None
     return digest, size
@@ -259,7 +278,7 @@ def hash_stored(path: Path | os.PathLike[str], file_id: str, at_rest: AtRest,
             return hash_stream(fd, each, also=also)
         finally:
             if drop:
-                drop_cache(fd)
+                done_off_disk(fd)
             os.close(fd)
     digest, size = hashlib.sha256(), 0
     with at_rest.reader(path, file_id) as reader:
@@ -275,7 +294,7 @@ def hash_stored(path: Path | os.PathLike[str], file_id: str, at_rest: AtRest,
                     return None, size
         finally:
             if drop:
-                drop_cache(reader.fileno())
+                done_off_disk(reader.fileno())
     return digest.hexdigest(), size
 
 

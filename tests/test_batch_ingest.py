@@ -257,9 +257,13 @@ def _resident_pages(path: Path) -> int:
 
 def test_an_ingest_leaves_neither_the_recorders_files_nor_their_copies_in_the_page_cache(tmp_path: Path) -> None:
     """A recorder's file is read once and its copy read back once: both are dropped from the page cache after,
-    so the next file's pages reuse theirs (docs/BENCHMARKS.md "Ingest speed"); the read-back still reads the disk."""
+    so the next file's pages reuse theirs (docs/BENCHMARKS.md "Ingest speed"); the read-back still reads the disk.
+    (Small files, under `stage.DROP_SOURCE_BYTES` and `digest.DIRECT_READ_BYTES`, stay cached: dropping costs more
+    than it saves there, and the probe of a photo reads its copy's head next.)"""
+    from edge_agent.ingest import stage
+
     names = [f"DCIM/LOG_{i:04d}.bin" for i in range(3)]   # not media: nothing probes the stored copy after
-    volume = make_recorder_volume(tmp_path / "card", "CARD", dict.fromkeys(names, 3 * 1024 * 1024 + 123))
+    volume = make_recorder_volume(tmp_path / "card", "CARD", dict.fromkeys(names, stage.DROP_SOURCE_BYTES + 123))
     os.sync()   # dropping leaves dirty pages: the recorder's files are on its disk before they are read
     if _resident_pages(volume / names[0]) == 0:
         pytest.skip("written pages are not in the page cache on this filesystem")
@@ -281,12 +285,12 @@ def test_an_ingest_leaves_neither_the_recorders_files_nor_their_copies_in_the_pa
 
 def test_the_read_back_reads_the_disk_even_where_o_direct_is_refused(tmp_path: Path,
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    """The read-back opens the copy O_DIRECT (no cached page can answer it); a filesystem that refuses O_DIRECT
-    gets a plain read of the copy with its cached pages dropped before and after, and the copy is proven all
-    the same."""
+    """The read-back opens a large copy O_DIRECT (no cached page can answer it); a filesystem that refuses
+    O_DIRECT gets a plain read of the copy with its cached pages dropped before and after, and the copy is proven
+    all the same."""
     from edge_agent import digest
 
-    ingestor, catalog, layout, volume, names, items = _card(tmp_path, 2, 2 * 1024 * 1024 + 7)
+    ingestor, catalog, layout, volume, names, items = _card(tmp_path, 2, digest.DIRECT_READ_BYTES + 7)
     opened: list[int] = []
     dropped: list[str] = []
     real_open, real_drop = os.open, digest.drop_cache
