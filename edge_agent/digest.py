@@ -4,13 +4,16 @@ through `hash_stream`, so memory stays a few 1 MiB blocks whatever the file size
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
+import mmap
 import os
 import queue
 import stat
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Protocol
 
@@ -19,22 +22,45 @@ from edge_agent.durable import BLOCK, drop_cache
 
 # Blocks read ahead per stream: one being hashed (and written), the next ones already coming off the disk.
 READ_AHEAD_DEPTH = 3
+# Free read buffers kept for the next stream (8 dock workers reading ahead 3 blocks each, and a few more).
+_POOL_MAX = 32
+_pool: list[mmap.mmap] = []
+_pool_lock = threading.Lock()
+
+
+def _take_buffer() -> mmap.mmap:
+    """A 1 MiB read buffer, page-aligned (as O_DIRECT wants), from the pool if one is free: a stream reuses the
+    memory of the ones before it instead of faulting in new pages for every file."""
+    with _pool_lock:
+        if _pool:
+            return _pool.pop()
+    return mmap.mmap(-1, BLOCK)
+
+
+def _give_buffer(buf: mmap.mmap) -> None:
+    """Back to the pool; beyond its size it is left to the garbage collector (never closed here: a view of its
+    last block may still be alive in a traceback)."""
+    with _pool_lock:
+        if len(_pool) < _POOL_MAX:
+            _pool.append(buf)
 
 
 class ReadAhead:
     """Reads a file descriptor ahead into a few reusable 1 MiB buffers on its own thread.
 
     The disk read of the next block overlaps the hashing (and writing) of this one: os.readv,
-    hashlib and os.write all release the GIL. Memory is `depth` blocks whatever the file size.
+    hashlib and os.write all release the GIL. Memory is `depth` blocks whatever the file size, page-aligned
+    (O_DIRECT) and taken from a pool that the streams before left (at most `_POOL_MAX` blocks kept).
     Use as a context manager; the thread is joined before the caller closes `fd`.
     """
 
     def __init__(self, fd: int, depth: int = READ_AHEAD_DEPTH):
         self._fd = fd
-        self._free: queue.SimpleQueue[bytearray | None] = queue.SimpleQueue()
-        self._full: queue.SimpleQueue[tuple[bytearray, int] | OSError] = queue.SimpleQueue()
-        for _ in range(depth):
-            self._free.put(bytearray(BLOCK))
+        self._free: queue.SimpleQueue[mmap.mmap | None] = queue.SimpleQueue()
+        self._full: queue.SimpleQueue[tuple[mmap.mmap, int] | OSError] = queue.SimpleQueue()
+        self._buffers = [_take_buffer() for _ in range(depth)]
+        for buf in self._buffers:
+            self._free.put(buf)
         self._stopping = False
         self._thread = threading.Thread(target=self._read, name="read-ahead", daemon=True)
 
@@ -46,6 +72,9 @@ class ReadAhead:
         self._stopping = True
         self._free.put(None)
         self._thread.join()
+        for buf in self._buffers:   # the reader has stopped and the caller is done with the blocks it was given
+            _give_buffer(buf)
+        self._buffers = []
 
     def _read(self) -> None:
         while (buf := self._free.get()) is not None and not self._stopping:
@@ -73,23 +102,67 @@ class ReadAhead:
 
 class DirectRead:
     """Reads a file descriptor block by block in the caller's thread: for a file of at most one block, where
-    there is nothing to overlap and ReadAhead's buffers and thread would cost more than the read itself."""
+    there is nothing to overlap and ReadAhead's buffers and thread would cost more than the read itself.
+    Reads into one pooled, page-aligned buffer (an O_DIRECT descriptor wants it aligned)."""
 
     def __init__(self, fd: int):
         self._fd = fd
+        self._buf: mmap.mmap | None = None
+
+    def __enter__(self) -> DirectRead:
+        self._buf = _take_buffer()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        if self._buf is not None:
+            _give_buffer(self._buf)
+            self._buf = None
 
     def blocks(self) -> Iterator[memoryview]:
         """Each block read, in order, until end of file (a file that grew is still read to its end)."""
-        while block := os.read(self._fd, BLOCK):
-            yield memoryview(block)
+        assert self._buf is not None, "use DirectRead as a context manager"
+        while n := os.readv(self._fd, [self._buf]):
+            yield memoryview(self._buf)[:n]
 
 
 def reader_for(fd: int) -> AbstractContextManager[ReadAhead | DirectRead]:
     """ReadAhead, or DirectRead when `fd` is a regular file with at most one block left to read."""
     st = os.fstat(fd)
     if stat.S_ISREG(st.st_mode) and st.st_size - os.lseek(fd, 0, os.SEEK_CUR) <= BLOCK:
-        return nullcontext(DirectRead(fd))
+        return DirectRead(fd)
     return ReadAhead(fd)
+
+
+# A read off the disk of a file at least this large is made O_DIRECT and leaves no page cached; a smaller one reads
+# through the page cache (dropped first) and leaves its pages for what reads it next (the probe of a photo's header).
+DIRECT_READ_BYTES = 4 * 1024 * 1024
+
+
+def open_off_disk(path: Path | os.PathLike[str]) -> int:
+    """A descriptor for a read that must come off the disk (a read-back that proves a copy), its cached pages
+    dropped. A file of at least `DIRECT_READ_BYTES` is opened O_DIRECT where the filesystem allows it, so the
+    reads bypass the page cache (no cached page can answer them, and they leave none behind); call `done_off_disk`
+    after reading."""
+    flags = os.O_RDONLY
+    if os.stat(path).st_size >= DIRECT_READ_BYTES:
+        try:
+            fd = os.open(path, flags | os.O_DIRECT)
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:   # a filesystem without O_DIRECT (tmpfs before Linux 6.6, some FUSE)
+                raise
+        else:
+            drop_cache(fd)   # frees the copy's pages now, for the next copy
+            return fd
+    fd = os.open(path, flags)
+    drop_cache(fd)
+    return fd
+
+
+def done_off_disk(fd: int) -> None:
+    """After reading a descriptor from `open_off_disk`: a large file read through the page cache (its filesystem
+    refused O_DIRECT) is dropped from it again; a small one's pages stay for the next reader."""
+    if not fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT and os.fstat(fd).st_size >= DIRECT_READ_BYTES:
+        drop_cache(fd)
 
 
 class Hasher(Protocol):
@@ -179,14 +252,15 @@ class Beside:
 
 
 def hash_file(path: Path | os.PathLike[str], *, drop: bool = False, also: Sequence[Hasher] = ()) -> tuple[str, int]:
-    """SHA-256 and size of a file; with `drop`, its cached pages are dropped first so the bytes come off the disk.
+    """SHA-256 and size of a file; with `drop`, the bytes come off the disk (`open_off_disk`: its cached pages
+    dropped first, and a large file read O_DIRECT) and a large file's read leaves nothing in the page cache.
     `also`: other digests fed the same bytes in the same pass."""
-    fd = os.open(path, os.O_RDONLY)
+    fd = open_off_disk(path) if drop else os.open(path, os.O_RDONLY)
     try:
-        if drop:
-            drop_cache(fd)
         digest, size = hash_stream(fd, also=also)
     finally:
+        if drop:
+            done_off_disk(fd)
         os.close(fd)
     assert digest is not None
     return digest, size
@@ -199,24 +273,28 @@ def hash_stored(path: Path | os.PathLike[str], file_id: str, at_rest: AtRest,
     says: edge_agent/atrest.py), as `hash_stream` with `each` and `also`; `drop` as in `hash_file`. An encrypted
     copy whose block fails authentication raises `atrest.Tampered` naming the block."""
     if not is_encrypted(path):
-        fd = os.open(path, os.O_RDONLY)
+        fd = open_off_disk(path) if drop else os.open(path, os.O_RDONLY)
         try:
-            if drop:
-                drop_cache(fd)
             return hash_stream(fd, each, also=also)
         finally:
+            if drop:
+                done_off_disk(fd)
             os.close(fd)
     digest, size = hashlib.sha256(), 0
     with at_rest.reader(path, file_id) as reader:
-        if drop:
-            drop_cache(reader.fileno())
-        for block in reader.blocks():
-            digest.update(block)
-            for other in also:
-                other.update(block)
-            size += len(block)
-            if each is not None and each(block) is False:
-                return None, size
+        try:
+            if drop:
+                drop_cache(reader.fileno())
+            for block in reader.blocks():
+                digest.update(block)
+                for other in also:
+                    other.update(block)
+                size += len(block)
+                if each is not None and each(block) is False:
+                    return None, size
+        finally:
+            if drop:
+                done_off_disk(reader.fileno())
     return digest.hexdigest(), size
 
 

@@ -247,7 +247,10 @@ def atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
 
 
 def drop_cache(fd: int) -> None:
-    """Ask the kernel to forget cached pages of an fsynced file, so a read-back hits the disk."""
+    """Ask the kernel to forget the cached pages of a file: before a read-back of an fsynced copy, so it hits the
+    disk; after a file streamed once (a recorder's file copied, a copy read back), so the next file's pages reuse
+    these instead of new memory (in a VM that hands freed memory back to its host, each new page costs a fault in
+    the host: ingest spent about half its CPU there, docs/BENCHMARKS.md "Ingest speed"). Dirty pages are kept."""
     try:
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
     except OSError:

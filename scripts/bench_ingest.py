@@ -26,6 +26,11 @@ With --suite ed25519+sm2 (or sm2): each round also runs ours with `[crypto] suit
 in the copy's one pass, SM2 signatures beside or instead of Ed25519), right after the default run on the same
 files; prints both and their ratio (`suite_vs_default`). With --small too.
 
+With --against TREE (another checkout with its own .venv, e.g. main in a worktree): each round times cp+sync,
+this tree's ingest and TREE's (order alternating), then cp+sync again, on the same dock; prints each ingest's
+speed against the mean of the two cp+sync (on a VM a cp+sync right after another is 2x faster than one after an
+ingest, docs/BENCHMARKS.md "Ingest speed"), both trees' CPU-s per GiB and their speed ratio.
+
 With --small: a card of many small files (a day of photos: --count 2000 files of --kib 20 by default)
 through `edge-agent import` (copy, hash, read-back, manifest, catalog rows, in batches), against
 `cp -r` + `sync` of the same card in the same run; prints files/s of each and the ratio. Goal >= 500
@@ -160,13 +165,15 @@ def crypto_suite(suite: str) -> str:
     return f'\n[crypto]\nsuite = "{suite}"\n'
 
 
-def run_ours(work: Path, parked: Path, sources: list[Path], extra: str = "") -> tuple[float, int, str, float]:
+def run_ours(work: Path, parked: Path, sources: list[Path], extra: str = "",
+             agent: Path | None = None) -> tuple[float, int, str, float]:
+    """`agent`: another tree's `edge-agent` (--against); this tree's by default."""
     dock_root = work / "dock"
     dock_root.mkdir()
     config = write_config(work, dock_root, extra)
     catalog = work / "data" / "catalog.sqlite"
     log = open(work / "daemon.log", "wb")
-    proc = subprocess.Popen([str(EDGE_AGENT), "--config", str(config), "run"], stdout=log, stderr=log)
+    proc = subprocess.Popen([str(agent or EDGE_AGENT), "--config", str(config), "run"], stdout=log, stderr=log)
     peak, stop = [0], threading.Event()
 
     def sample() -> None:
@@ -355,6 +362,71 @@ def main_cpu(args: argparse.Namespace) -> None:
           f"{result['median_speed_vs_cp_sync']:.2f}x cp+sync (goal >= 0.8x)")
 
 
+def paired_round(work: Path, parked: Path, sources: list[Path], nbytes: int, other: Path, first: bool) -> dict:
+    """--against: cp+sync, this tree's daemon and `other`'s (this one first when `first`), cp+sync again, on the
+    same dock with cold source caches. cp+sync is timed before and after because on a VM its speed depends on
+    what ran just before it (docs/BENCHMARKS.md "Ingest speed"); each ingest is compared with their mean."""
+    load = os.getloadavg()[0]
+    before = run_shell(parked, work / "cp-sync", sources, ["sync"])
+    ours: dict[str, tuple[float, float]] = {}
+    for who in (["ours", "other"] if first else ["other", "ours"]):
+        run_dir = work / who
+        run_dir.mkdir()
+        seconds, _peak, _how, cpu_s = run_ours(run_dir, parked, sources,
+                                               agent=None if who == "ours" else other / ".venv/bin/edge-agent")
+        shutil.rmtree(run_dir)
+        subprocess.run(["sync"], check=True)
+        ours[who] = (seconds, cpu_s)
+    after = run_shell(parked, work / "cp-sync", sources, ["sync"])
+    cp_mean = (before[0] + after[0]) / 2
+    gib = nbytes / (1 << 30)
+    return {"loadavg_1m_before": round(load, 2), "first": "ours" if first else "other",
+            "mb_s": {"cp_sync_before": round(nbytes / 1e6 / before[0], 1), "cp_sync_after": round(
+                nbytes / 1e6 / after[0], 1), **{k: round(nbytes / 1e6 / v[0], 1) for k, v in ours.items()}},
+            "cpu_s_per_gib": {"cp_sync_before": round(before[1] / gib, 2), "cp_sync_after": round(after[1] / gib, 2),
+                              **{k: round(v[1] / gib, 2) for k, v in ours.items()}},
+            "speed_vs_cp_sync_mean": {k: round(cp_mean / v[0], 2) for k, v in ours.items()},
+            "ours_vs_other_speed": round(ours["other"][0] / ours["ours"][0], 2)}
+
+
+def main_paired(args: argparse.Namespace) -> None:
+    """--against TREE: this tree's ingest and TREE's in the same rounds (see `paired_round`)."""
+    other = Path(args.against).resolve()
+    if not (other / ".venv/bin/edge-agent").exists():
+        raise SystemExit(f"{other}/.venv/bin/edge-agent not found: run scripts/setup.sh in {other} first")
+    total = int(args.gib * (1 << 30))
+    work = Path(tempfile.mkdtemp(prefix="bench-ingest-pair-", dir=args.dir))
+    try:
+        parked = work / "recorders"
+        sources = make_dock(parked, args.recorders, args.files, total)
+        nbytes = sum(p.stat().st_size for p in sources)
+        rounds = [paired_round(work, parked, sources, nbytes, other, i % 2 == 1) for i in range(args.rounds)]
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    result = {"bytes": nbytes, "files": len(sources), "against": str(other), "rounds": rounds,
+              "median_speed_vs_cp_sync_mean": {k: statistics.median(r["speed_vs_cp_sync_mean"][k] for r in rounds)
+                                               for k in ("ours", "other")},
+              "median_cpu_s_per_gib": {k: statistics.median(r["cpu_s_per_gib"][k] for r in rounds)
+                                       for k in ("ours", "other")},
+              "median_ours_vs_other_speed": statistics.median(r["ours_vs_other_speed"] for r in rounds)}
+    if args.json:
+        print(json.dumps(result))
+        return
+    print(f"paired ingest: {nbytes / (1 << 30):.2f} GiB in {len(sources)} files, this tree against {other}; "
+          "MB/s (CPU-s per GiB)")
+    print("round  load  first  cp+sync before   cp+sync after    ours             other            "
+          "ours/other vs mean cp+sync")
+    for i, r in enumerate(rounds, 1):
+        m, c, v = r["mb_s"], r["cpu_s_per_gib"], r["speed_vs_cp_sync_mean"]
+        print(f"{i:5d}  {r['loadavg_1m_before']:4.1f}  {r['first']:5s}  "
+              + "  ".join(f"{m[k]:6.0f} ({c[k]:4.2f})  " for k in ("cp_sync_before", "cp_sync_after", "ours", "other"))
+              + f"{r['ours_vs_other_speed']:5.2f}x  {v['ours']:.2f}x / {v['other']:.2f}x")
+    med = result["median_speed_vs_cp_sync_mean"]
+    print(f"median: ours {med['ours']:.2f}x, other {med['other']:.2f}x the mean cp+sync (goal >= 0.8x); ours "
+          f"{result['median_ours_vs_other_speed']:.2f}x other's speed; CPU-s/GiB ours "
+          f"{result['median_cpu_s_per_gib']['ours']:.2f}, other {result['median_cpu_s_per_gib']['other']:.2f}")
+
+
 def make_card(card: Path, count: int, size: int) -> list[Path]:
     """A card of `count` photos of `size` bytes (incompressible), an hour old."""
     (card / "DCIM/100PHOTO").mkdir(parents=True)
@@ -449,8 +521,14 @@ def main() -> None:
                         help="also run ours under this [crypto] suite, right after the default, every round")
     parser.add_argument("--encrypt", default="", help="comma-separated [store] encrypt algorithms (sm4-gcm, "
                         "aes-256-gcm) also measured in every round against the default plaintext store")
+    parser.add_argument("--against", default=None, metavar="TREE",
+                        help="paired: each round cp+sync, this tree's ingest and TREE's (its own .venv; order "
+                        "alternating), cp+sync again; each ingest against the mean of the two cp+sync")
     args = parser.parse_args()
     encrypt = [a for a in args.encrypt.split(",") if a]
+    if args.against:
+        main_paired(args)
+        return
     if args.small:
         main_small(args)
         return

@@ -226,3 +226,92 @@ def test_kill_9_inside_a_batch_of_small_files_loses_nothing_and_stores_nothing_t
     assert all(r.sha256 == sha256_of(volume / path) for path, r in rows.items())
     assert verify_all(catalog, layout) == []    # chain + audit intact
     catalog.close()
+
+
+
+def _resident_pages(path: Path) -> int:
+    """How many pages of the file at `path` are in the page cache: mincore(2) over a read-only mapping of it."""
+    import ctypes
+    import mmap
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    size = path.stat().st_size
+    pages = (size + mmap.PAGESIZE - 1) // mmap.PAGESIZE
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        address = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+        assert address not in (None, ctypes.c_void_p(-1).value), os.strerror(ctypes.get_errno())
+        try:
+            vec = (ctypes.c_ubyte * pages)()
+            assert libc.mincore(address, size, vec) == 0, os.strerror(ctypes.get_errno())
+            return sum(byte & 1 for byte in vec)
+        finally:
+            libc.munmap(address, size)
+    finally:
+        os.close(fd)
+
+
+def test_an_ingest_leaves_neither_the_recorders_files_nor_their_copies_in_the_page_cache(tmp_path: Path) -> None:
+    """A recorder's file is read once and its copy read back once: both are dropped from the page cache after,
+    so the next file's pages reuse theirs (docs/BENCHMARKS.md "Ingest speed"); the read-back still reads the disk.
+    (Small files, under `stage.DROP_SOURCE_BYTES` and `digest.DIRECT_READ_BYTES`, stay cached: dropping costs more
+    than it saves there, and the probe of a photo reads its copy's head next.)"""
+    from edge_agent.ingest import stage
+
+    names = [f"DCIM/LOG_{i:04d}.bin" for i in range(3)]   # not media: nothing probes the stored copy after
+    volume = make_recorder_volume(tmp_path / "card", "CARD", dict.fromkeys(names, stage.DROP_SOURCE_BYTES + 123))
+    os.sync()   # dropping leaves dirty pages: the recorder's files are on its disk before they are read
+    if _resident_pages(volume / names[0]) == 0:
+        pytest.skip("written pages are not in the page cache on this filesystem")
+    fd = os.open(volume / names[1], os.O_RDONLY)
+    durable.drop_cache(fd)
+    os.close(fd)
+    if _resident_pages(volume / names[1]):
+        pytest.skip("this filesystem ignores POSIX_FADV_DONTNEED")
+    ingestor, catalog, layout = _ingestor(tmp_path)
+    done = ingestor.ingest_batch(_discover(catalog, volume, names))
+    assert done.failed is None and len(done.sealed) == len(names)
+    for record in done.sealed:
+        assert _resident_pages(volume / record.original_path) == 0, f"{record.original_path} left cached"
+        stored = layout.data_dir / record.store_path
+        assert _resident_pages(stored) == 0, f"copy of {record.original_path} left cached"
+        assert record.sha256 == sha256_of(volume / record.original_path) == sha256_of(stored)
+    catalog.close()
+
+
+def test_the_read_back_reads_the_disk_even_where_o_direct_is_refused(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """The read-back opens a large copy O_DIRECT (no cached page can answer it); a filesystem that refuses
+    O_DIRECT gets a plain read of the copy with its cached pages dropped before and after, and the copy is proven
+    all the same."""
+    from edge_agent import digest
+
+    ingestor, catalog, layout, volume, names, items = _card(tmp_path, 2, digest.DIRECT_READ_BYTES + 7)
+    opened: list[int] = []
+    dropped: list[str] = []
+    real_open, real_drop = os.open, digest.drop_cache
+
+    def refusing_open(path: Any, flags: int, *args: Any) -> int:
+        if str(path).endswith(".part") and flags & os.O_DIRECT:
+            opened.append(flags)
+            raise OSError(22, "Invalid argument")   # EINVAL: what open(2) says where O_DIRECT is not supported
+        return real_open(path, flags, *args)
+
+    def drop(fd: int) -> None:
+        dropped.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_drop(fd)
+
+    monkeypatch.setattr(digest.os, "open", refusing_open)
+    monkeypatch.setattr(digest, "drop_cache", drop)
+    done = ingestor.ingest_batch(items)
+    assert done.failed is None and len(done.sealed) == 2
+    assert len(opened) == 2                                   # each read-back asked for O_DIRECT first
+    for record in done.sealed:
+        staging = str(layout.staging_path(record.file_id, encrypted=False))
+        assert dropped.count(staging) == 2, "the plain read-back drops the copy's pages before and after"
+        assert record.sha256 == sha256_of(volume / record.original_path)
+    catalog.close()
