@@ -236,3 +236,20 @@ def test_asyncapi_document_names_every_schema_and_they_exist() -> None:
         assert (docs / ref).resolve().is_file(), ref
     assert {Path(r).stem for r in refs} == {"status", "health", "event", "manifest", "query", "ack", "command",
                                             "chain-doc", "chain-query", "chain-ack", "platform-event"}
+
+
+def test_a_large_packet_is_queued_as_a_view_of_itself_not_copied() -> None:
+    """paho sends `packet[pos:]`: of a bytearray that is a copy per send, of a memoryview none
+    (connection.Client); small packets stay as paho made them. The bytes on the wire are the ones built."""
+    from paho.mqtt.client import PUBLISH
+
+    from edge_agent.config import MqttSection
+    from edge_agent.protocol.connection import VIEWED_PACKET_BYTES, build_client
+
+    client = build_client(MqttSection(), "view-test")
+    large, small = bytearray(random.Random(1).randbytes(VIEWED_PACKET_BYTES + 1)), bytearray(b"\x30\x02ab")
+    client._packet_queue(PUBLISH, large, 1, 1)   # not connected: it stays queued
+    client._packet_queue(PUBLISH, small, 2, 1)
+    queued = [p["packet"] for p in client._out_packet]
+    assert type(queued[0]) is memoryview and queued[0].obj is large and bytes(queued[0][5:]) == bytes(large[5:])
+    assert queued[1] is small

@@ -1,0 +1,58 @@
+#!/usr/bin/env python3
+"""Per-chunk CPU of the chunk check on each side, in one process (docs/BENCHMARKS.md, "CRC-32 chunk checks").
+
+Agent: `prepare_chunk` (read a 512 KiB chunk of a stored file into its frame, check it, write the header) with a
+SHA-256 header against a CRC-32 one. Receiver: `chunk_data_check` of the frames (the checker thread's pass).
+Alternated, several rounds, thread CPU time (what survives a loaded machine better than wall clock); the file is
+in the page cache, as a backlog being drained mostly is not, so the disk read is left out of both sides alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from edge_agent.protocol.wire import chunk_data_check  # noqa: E402
+from edge_agent.sync.sender import prepare_chunk  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--mib", type=int, default=256, help="file size")
+    parser.add_argument("--chunk-kib", type=int, default=512)
+    parser.add_argument("--rounds", type=int, default=5)
+    args = parser.parse_args()
+    chunk, size = args.chunk_kib * 1024, args.mib * 1024 * 1024
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "f"
+        path.write_bytes(os.urandom(size))
+        total = -(-size // chunk)
+        results: dict[str, list[float]] = {}
+        for _ in range(args.rounds):
+            for check in ("sha256", "crc32"):
+                start = time.thread_time()
+                frames = [prepare_chunk(path, seq, size, chunk, check=check) for seq in range(total)]
+                agent = (time.thread_time() - start) / total * 1e6
+                start = time.thread_time()
+                for frame in frames:
+                    chunk_data_check(frame)
+                receiver = (time.thread_time() - start) / total * 1e6
+                del frames
+                results.setdefault(f"agent {check}", []).append(agent)
+                results.setdefault(f"receiver {check}", []).append(receiver)
+    per_gib = 1024 * 1024 * 1024 / chunk / 1e6
+    for name, values in results.items():
+        print(f"{name:16s} median {statistics.median(values):7.1f} us/chunk ({statistics.median(values) * per_gib:.2f}"
+              f" CPU s/GiB), range {min(values):.1f}-{max(values):.1f}")
+    print(f"load {os.getloadavg()[0]:.1f}")
+
+
+if __name__ == "__main__":
+    main()
