@@ -5,22 +5,57 @@ Agent: `prepare_chunk` (read a 512 KiB chunk of a stored file into its frame, ch
 SHA-256 header against a CRC-32 one. Receiver: `chunk_data_check` of the frames (the checker thread's pass).
 Alternated, several rounds, thread CPU time (what survives a loaded machine better than wall clock); the file is
 in the page cache, as a backlog being drained mostly is not, so the disk read is left out of both sides alike.
+
+Then (`--publish`, needs mosquitto): the CPU of this process publishing the same chunks at QoS 1 with 32 in
+flight, stock paho `mqtt.Client` against `connection.Client` (large packets queued as a memoryview), alternated.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import resource
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
+import paho.mqtt.client as mqtt
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from edge_agent.protocol.connection import Client  # noqa: E402
 from edge_agent.protocol.wire import chunk_data_check  # noqa: E402
 from edge_agent.sync.sender import prepare_chunk  # noqa: E402
+from tests.peers.mosquitto import Mosquitto  # noqa: E402
+
+
+def publish_cpu_s_per_gib(cls: type[mqtt.Client], port: int, chunk: int, count: int) -> float:
+    """CPU seconds (user + system, this process: the caller's and paho's threads) per GiB published."""
+    client = cls(mqtt.CallbackAPIVersion.VERSION2, client_id=f"bench-{cls.__module__}", protocol=mqtt.MQTTv5)
+    in_flight, done = threading.Semaphore(32), threading.Semaphore(0)
+
+    def published(*_args: object) -> None:
+        in_flight.release()
+        done.release()
+
+    client.on_publish = published
+    client.connect("127.0.0.1", port)
+    client.loop_start()
+    payload = bytearray(os.urandom(chunk))
+    before = resource.getrusage(resource.RUSAGE_SELF)
+    for _ in range(count):
+        in_flight.acquire()
+        client.publish("bench/chunk", payload, qos=1)
+    for _ in range(count):
+        done.acquire()
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    client.disconnect()
+    client.loop_stop()
+    cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+    return cpu / (count * chunk / 1024**3)
 
 
 def main() -> None:
@@ -28,6 +63,7 @@ def main() -> None:
     parser.add_argument("--mib", type=int, default=256, help="file size")
     parser.add_argument("--chunk-kib", type=int, default=512)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--publish", action="store_true", help="also paho's publish path, stock against ours")
     args = parser.parse_args()
     chunk, size = args.chunk_kib * 1024, args.mib * 1024 * 1024
     with tempfile.TemporaryDirectory() as tmp:
@@ -51,6 +87,20 @@ def main() -> None:
     for name, values in results.items():
         print(f"{name:16s} median {statistics.median(values):7.1f} us/chunk ({statistics.median(values) * per_gib:.2f}"
               f" CPU s/GiB), range {min(values):.1f}-{max(values):.1f}")
+    if args.publish:
+        with tempfile.TemporaryDirectory() as tmp:
+            broker = Mosquitto(Path(tmp))
+            broker.start()
+            try:
+                cpu: dict[str, list[float]] = {"stock paho": [], "connection.Client": []}
+                for _ in range(args.rounds):
+                    cpu["stock paho"].append(publish_cpu_s_per_gib(mqtt.Client, broker.port, chunk, 1024))
+                    cpu["connection.Client"].append(publish_cpu_s_per_gib(Client, broker.port, chunk, 1024))
+            finally:
+                broker.stop()
+        for name, values in cpu.items():
+            print(f"publish, {name:18s} median {statistics.median(values):.2f} CPU s/GiB, "
+                  f"range {min(values):.2f}-{max(values):.2f}")
     print(f"load {os.getloadavg()[0]:.1f}")
 
 

@@ -77,8 +77,8 @@ class Client(mqtt.Client):
     """paho's client, but a large outgoing packet is queued as a memoryview of itself. paho's writer sends
     `packet[pos:]`, which for the bytearray `publish` builds is a copy of all that is left of it on every send (one
     512 KiB copy per chunk at least, and another of the remainder at each partial send); a view sends the same
-    bytes without copying them (0.94 -> 0.65 CPU s per GiB published, docs/BENCHMARKS.md "CRC-32 chunk checks").
-    Nothing else reads a queued packet; the bytearray is not changed after it is queued."""
+    bytes without copying them (0.16-0.3 CPU s less per GiB published, docs/BENCHMARKS.md "CRC-32 chunk
+    checks"). Nothing else reads a queued packet; the bytearray is not changed after it is queued."""
 
     def _packet_queue(self, command: int, packet: bytes | bytearray, *args: Any, **kwargs: Any) -> Any:
         if isinstance(packet, bytearray) and len(packet) > VIEWED_PACKET_BYTES:
