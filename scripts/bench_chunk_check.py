@@ -7,7 +7,9 @@ Alternated, several rounds, thread CPU time (what survives a loaded machine bett
 in the page cache, as a backlog being drained mostly is not, so the disk read is left out of both sides alike.
 
 Then (`--publish`, needs mosquitto): the CPU of this process publishing the same chunks at QoS 1 with 32 in
-flight, stock paho `mqtt.Client` against `connection.Client` (large packets queued as a memoryview), alternated.
+flight, stock paho `mqtt.Client` against `connection.Client` (large packets queued as a memoryview), alternated;
+and the decode of a received chunk's PUBLISH on paho's network thread: paho's `decode_publish` of the whole
+packet against `connection.Client`'s (the payload cut off once, paho decoding the header only).
 """
 
 from __future__ import annotations
@@ -26,7 +28,9 @@ import paho.mqtt.client as mqtt
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from edge_agent.protocol.connection import Client  # noqa: E402
+from paho.mqtt import _packet  # noqa: E402
+
+from edge_agent.protocol.connection import Client, publish_header_size  # noqa: E402
 from edge_agent.protocol.wire import chunk_data_check  # noqa: E402
 from edge_agent.sync.sender import prepare_chunk  # noqa: E402
 from tests.peers.mosquitto import Mosquitto  # noqa: E402
@@ -56,6 +60,25 @@ def publish_cpu_s_per_gib(cls: type[mqtt.Client], port: int, chunk: int, count: 
     client.loop_stop()
     cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
     return cpu / (count * chunk / 1024**3)
+
+
+def decode_us(chunk: int, count: int = 200) -> dict[str, float]:
+    """Thread CPU µs to decode one received chunk PUBLISH (MQTT 5, QoS 1, a chunk topic), paho's way and ours."""
+    topic = b"evidence/v2/ws-bench-01/files/01M8A4CX94HKS6DD50ABZSJKXQ/chunk"
+    packet = bytearray(len(topic).to_bytes(2, "big") + topic + b"\x00\x07\x00" + os.urandom(chunk + 120))
+    out = {}
+    start = time.thread_time()
+    for _ in range(count):
+        _packet.decode_publish(0x32, packet, mqtt.MQTTv5)
+    out["paho decode_publish"] = (time.thread_time() - start) / count * 1e6
+    start = time.thread_time()
+    for _ in range(count):
+        split = publish_header_size(packet, 1, True)
+        with memoryview(packet) as view, view[split:] as payload:
+            bytes(payload)
+        _packet.decode_publish(0x32, packet[:split], mqtt.MQTTv5)
+    out["connection.Client"] = (time.thread_time() - start) / count * 1e6
+    return out
 
 
 def main() -> None:
@@ -101,6 +124,13 @@ def main() -> None:
         for name, values in cpu.items():
             print(f"publish, {name:18s} median {statistics.median(values):.2f} CPU s/GiB, "
                   f"range {min(values):.2f}-{max(values):.2f}")
+        decodes: dict[str, list[float]] = {}
+        for _ in range(args.rounds):
+            for name, value in decode_us(chunk).items():
+                decodes.setdefault(name, []).append(value)
+        for name, values in decodes.items():
+            print(f"receive decode, {name:19s} median {statistics.median(values):6.1f} us/chunk "
+                  f"({statistics.median(values) * per_gib:.2f} CPU s/GiB), range {min(values):.1f}-{max(values):.1f}")
     print(f"load {os.getloadavg()[0]:.1f}")
 
 

@@ -253,3 +253,50 @@ def test_a_large_packet_is_queued_as_a_view_of_itself_not_copied() -> None:
     queued = [p["packet"] for p in client._out_packet]
     assert type(queued[0]) is memoryview and queued[0].obj is large and bytes(queued[0][5:]) == bytes(large[5:])
     assert queued[1] is small
+
+
+@pytest.mark.parametrize("qos", [0, 1])
+def test_a_large_publish_reaches_on_message_whole_while_paho_decodes_only_its_header(
+        mosquitto, monkeypatch: pytest.MonkeyPatch, qos: int) -> None:
+    """connection.Client cuts a large PUBLISH's payload off once and lets paho decode the rest (paho's own decode
+    copies the whole remainder at every field): topic, QoS, properties and every payload byte still arrive, and
+    paho's decoder never sees the payload. A small message is left to paho as it is."""
+    import queue
+
+    import paho.mqtt.client as mqtt
+    from paho.mqtt import _packet
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+
+    from edge_agent.config import MqttSection
+    from edge_agent.protocol.connection import VIEWED_PACKET_BYTES, build_client
+
+    decoded: list[int] = []
+    real = _packet.decode_publish
+    monkeypatch.setattr(_packet, "decode_publish", lambda h, p, v: decoded.append(len(p)) or real(h, p, v))
+    got: queue.Queue = queue.Queue()
+    receiver = build_client(MqttSection(), f"big-in-{qos}")
+    receiver.on_message = lambda _c, _u, m: got.put((m.topic, m.qos, m.payload, m.properties))
+    receiver.on_subscribe = lambda *_: got.put("subscribed")
+    receiver.connect("127.0.0.1", mosquitto.port)
+    receiver.loop_start()
+    sender = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"big-out-{qos}", protocol=mqtt.MQTTv5)
+    sender.connect("127.0.0.1", mosquitto.port)
+    sender.loop_start()
+    try:
+        receiver.subscribe("big/#", qos=1)
+        assert got.get(timeout=10) == "subscribed"
+        props = Properties(PacketTypes.PUBLISH)
+        props.UserProperty = ("k", "v")
+        large, small = random.Random(qos).randbytes(VIEWED_PACKET_BYTES * 8 + 3), b"small"
+        sender.publish("big/one", large, qos=qos, properties=props).wait_for_publish(10)
+        sender.publish("big/two", small, qos=qos).wait_for_publish(10)
+        topic, got_qos, payload, properties = got.get(timeout=10)
+        assert (topic, got_qos, payload, type(payload)) == ("big/one", qos, large, bytes)
+        assert properties.UserProperty == [("k", "v")]
+        assert got.get(timeout=10)[:3] == ("big/two", qos, small)
+    finally:
+        for client in (sender, receiver):
+            client.disconnect()
+            client.loop_stop()
+    assert max(decoded) < 200, decoded   # the headers only (a 5-byte message is decoded whole: it is small)
