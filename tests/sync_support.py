@@ -11,6 +11,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -177,8 +178,10 @@ def subscribed_client(port: int, client_id: str, topic: str, on_payload: Any, ho
 class ScriptedAgent:
     """Speaks wire protocol v1 to a receiver by hand, with a real Ed25519 key: well or badly."""
 
-    def __init__(self, port: int, key: AgentKey, agent_id: str = AGENT_ID, host: str = "127.0.0.1"):
+    def __init__(self, port: int, key: AgentKey, agent_id: str = AGENT_ID, host: str = "127.0.0.1",
+                 check: str = "sha256"):
         self.key, self.agent_id = key, agent_id
+        self.check = check   # the chunk headers' check: sha256 (as agents before crc32) or crc32
         self.acks: queue.Queue[dict[str, Any]] = queue.Queue()
         self.client = subscribed_client(port, f"scripted-{agent_id}", f"{ROOT}/{agent_id}/acks",
                                         lambda payload: self.acks.put(json.loads(payload)), host)
@@ -204,8 +207,8 @@ class ScriptedAgent:
         for seq in range(total) if seqs is None else seqs:
             offset, length = chunk_span(seq, len(content), doc["chunk_size"])
             data = content[offset:offset + length]
-            self.publish(doc["file_id"], "chunk",
-                         encode_chunk(ChunkHeader(seq, offset, length, hashlib.sha256(data).hexdigest()), data))
+            value = f"{zlib.crc32(data):08x}" if self.check == "crc32" else hashlib.sha256(data).hexdigest()
+            self.publish(doc["file_id"], "chunk", encode_chunk(ChunkHeader(seq, offset, length, value), data))
 
     def send_file(self, content: bytes, chunk_size: int = 65536) -> dict[str, Any]:
         doc = self.manifest(content, chunk_size)

@@ -8,6 +8,7 @@ import struct
 import subprocess
 import sys
 import time
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -46,6 +47,27 @@ def receiver(tmp_path: Path, mosquitto: Mosquitto, keyed: tuple[AgentKey, Path])
 def stored_bytes(store: Path, file_id: str) -> bytes:
     entry = stored_index(store)[file_id]
     return (store / entry["object"]).read_bytes()
+
+
+def test_crc32_chunks_are_announced_checked_and_stored_beside_sha256_ones(
+        receiver: Path, mosquitto: Mosquitto, keyed: tuple[AgentKey, Path]) -> None:
+    """The receiver's acks list the chunk checks it takes; a file whose chunks carry CRC-32 headers, or a mix of
+    CRC-32 and SHA-256 (an agent that switched when it heard the first ack), is stored exactly."""
+    agent = ScriptedAgent(mosquitto.port, keyed[0], check="crc32")
+    content = random_bytes(5 * 65536 + 17)
+    doc = agent.send_file(content)
+    ack = agent.ack(doc["file_id"], "complete")
+    assert ack["chunk_checks"] == ["crc32", "sha256"]
+    assert stored_bytes(receiver, doc["file_id"]) == content
+    mixed = agent.manifest(content)
+    agent.send_manifest(mixed)
+    agent.check = "sha256"
+    agent.send_chunks(mixed, content, [0, 1, 2])
+    agent.check = "crc32"
+    agent.send_chunks(mixed, content, [3, 4, 5])
+    assert agent.ack(mixed["file_id"], "complete")["sha256"] == hashlib.sha256(content).hexdigest()
+    assert stored_bytes(receiver, mixed["file_id"]) == content
+    agent.close()
 
 
 def test_file_is_stored_content_addressed_with_its_manifest(receiver: Path, mosquitto: Mosquitto,
@@ -162,7 +184,10 @@ def test_malformed_messages_get_a_reason_change_nothing_and_never_stop_the_recei
     refused(struct.pack(">I", 10**6) + b"{}", "header length")
     refused(struct.pack(">I", 2) + b"[]" + data, "chunk-header")
     refused(b"\0" * (300 * 1024 + 8192), "larger than this receiver takes")
-    refused(encode_chunk(ChunkHeader(1, 65536, 65536, "0" * 64), data), "do not hash")
+    refused(encode_chunk(ChunkHeader(1, 65536, 65536, "0" * 64), data), "do not match the sha256")
+    refused(encode_chunk(ChunkHeader(1, 65536, 65536, f"{zlib.crc32(data) ^ 1:08x}"), data), "do not match the crc32")
+    head = json.dumps({"seq": 1, "offset": 65536, "size": 65536, "crc32": "0a1b2c3"}).encode()   # 7 digits
+    refused(struct.pack(">I", len(head)) + head + data, "crc32")
     agent.send_chunks(d, content, [1, 2])
     assert agent.ack(d["file_id"], "complete")["sha256"] == hashlib.sha256(content).hexdigest()
 
@@ -180,16 +205,21 @@ def test_malformed_messages_get_a_reason_change_nothing_and_never_stop_the_recei
     agent.close()
 
 
-def test_whole_file_hash_mismatch_is_rejected(receiver: Path, mosquitto: Mosquitto,
-                                               keyed: tuple[AgentKey, Path]) -> None:
-    """Chunks that each match their header but not the sealed file: the manifest's SHA-256 decides."""
-    agent = ScriptedAgent(mosquitto.port, keyed[0])
+@pytest.mark.parametrize("check", ["crc32", "sha256"])
+def test_whole_file_hash_mismatch_is_rejected(receiver: Path, mosquitto: Mosquitto, keyed: tuple[AgentKey, Path],
+                                              check: str) -> None:
+    """Chunks that each match their header but not the sealed file (altered bytes with a forged CRC-32 or
+    SHA-256 to match: the header is not signed): the manifest's SHA-256 decides, never `complete`."""
+    agent = ScriptedAgent(mosquitto.port, keyed[0], check=check)
     content = random_bytes(2 * 65536)
     doc = agent.manifest(content)
     agent.send_manifest(doc)
     altered = content[:100] + bytes([content[100] ^ 0xFF]) + content[101:]
     agent.send_chunks(doc, altered)
-    assert "altered" in agent.ack(doc["file_id"], "rejected")["reason"]
+    answers = []
+    while not answers or answers[-1]["state"] == "receiving":
+        answers.append(agent.ack(doc["file_id"]))
+    assert answers[-1]["state"] == "rejected" and "altered" in answers[-1]["reason"], answers
     assert stored_index(receiver) == {}
     # A new manifest is a new attempt (a custodian's retry): the genuine bytes are then accepted.
     agent.send_manifest(doc)

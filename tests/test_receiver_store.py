@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+import zlib
 from pathlib import Path
 
 import pytest
@@ -40,10 +41,12 @@ def started(root: Path, size: int, *, sole_writer: bool = True, sha256: str | No
     return store, content, doc
 
 
-def put(store: ChunkStore, content: bytes, seq: int) -> None:
+def put(store: ChunkStore, content: bytes, seq: int, check: str = "sha256") -> None:
+    """Chunk `seq` with the check an agent put in its header: crc32 (this version) or sha256 (older agents)."""
     offset, length = chunk_span(seq, len(content), CHUNK)
     data = content[offset:offset + length]
-    assert store.put_chunk(AGENT, FILE_ID, seq, offset, data, hashlib.sha256(data).hexdigest())
+    value = f"{zlib.crc32(data):08x}" if check == "crc32" else hashlib.sha256(data).hexdigest()
+    assert store.put_chunk(AGENT, FILE_ID, seq, offset, data, value)
 
 
 def assert_completes(store: ChunkStore, content: bytes, doc: dict) -> None:
@@ -54,9 +57,10 @@ def assert_completes(store: ChunkStore, content: bytes, doc: dict) -> None:
     assert not store.incoming(AGENT, FILE_ID).exists()
 
 
+@pytest.mark.parametrize("check", ["crc32", "sha256"])
 @pytest.mark.parametrize("sole_writer", [True, False])
 @pytest.mark.parametrize("order", ["in order", "reversed", "shuffled"])
-def test_every_order_stores_the_exact_file(tmp_path: Path, sole_writer: bool, order: str) -> None:
+def test_every_order_stores_the_exact_file(tmp_path: Path, sole_writer: bool, order: str, check: str) -> None:
     store, content, doc = started(tmp_path, CHUNK * 9 + 123, sole_writer=sole_writer)
     seqs = list(range(chunk_count(len(content), CHUNK)))
     if order == "reversed":
@@ -64,8 +68,8 @@ def test_every_order_stores_the_exact_file(tmp_path: Path, sole_writer: bool, or
     elif order == "shuffled":
         seqs = seqs[3:] + seqs[:3]
     for seq in seqs:
-        put(store, content, seq)
-        put(store, content, seq)   # a duplicate changes nothing
+        put(store, content, seq, check)
+        put(store, content, seq, check)   # a duplicate changes nothing
     assert store.have(AGENT, FILE_ID) == sorted(seqs)
     assert_completes(store, content, doc)
 
@@ -79,11 +83,12 @@ def test_whole_file_mismatch_is_rejected_with_the_running_hash(tmp_path: Path) -
     assert not store.object_path(doc["sha256"]).exists()
 
 
-def test_a_chunk_whose_bytes_did_not_reach_the_disk_is_asked_for_again(tmp_path: Path) -> None:
+@pytest.mark.parametrize("check", ["crc32", "sha256"])
+def test_a_chunk_whose_bytes_did_not_reach_the_disk_is_asked_for_again(tmp_path: Path, check: str) -> None:
     """Chunks that came out of order are read back at commit and checked against their records."""
     store, content, doc = started(tmp_path, CHUNK * 6)
     for seq in (0, 1, 3, 4, 5, 2):
-        put(store, content, seq)
+        put(store, content, seq, check)
     with open(store.incoming(AGENT, FILE_ID) / "data", "r+b") as data:   # as after a power cut before the sync
         data.seek(4 * CHUNK)
         data.write(bytes(CHUNK))
@@ -106,11 +111,51 @@ def test_another_receiver_continues_the_transfer_from_the_records(tmp_path: Path
     assert_completes(second, content, doc)
 
 
+def test_records_of_both_checks_in_one_transfer_are_read_back_after_a_restart(tmp_path: Path) -> None:
+    """A transfer begun with SHA-256 headers (an older agent, or before the receiver's first ack) and finished
+    with CRC-32 ones, resumed by a restarted receiver: every record is read back against its own kind, a chunk
+    of either kind whose bytes did not reach the disk is asked for again, the file is stored exactly."""
+    first, content, doc = started(tmp_path, CHUNK * 6)
+    for seq in (0, 2, 4):
+        put(first, content, seq, "sha256")
+    second = ChunkStore(tmp_path, sole_writer=True)   # nothing in memory: the commit reads every chunk back
+    for seq in (1, 3, 5):
+        put(second, content, seq, "crc32")
+    lines = (second.incoming(AGENT, FILE_ID) / "chunks").read_bytes().splitlines()
+    assert sorted(len(line.split()[1]) for line in lines) == [8, 8, 8, 64, 64, 64]
+    with open(second.incoming(AGENT, FILE_ID) / "data", "r+b") as data:   # as after a power cut before the sync
+        for seq in (2, 3):
+            data.seek(seq * CHUNK)
+            data.write(bytes(CHUNK))
+    ack = second.progress(AGENT, FILE_ID, doc)
+    assert (ack.state, ack.have) == (ACK_RECEIVING, [[0, 1], [4, 5]])
+    put(second, content, 2, "crc32")
+    put(second, content, 3, "crc32")
+    assert_completes(second, content, doc)
+
+
+def test_a_forged_crc32_does_not_get_altered_bytes_stored(tmp_path: Path) -> None:
+    """CRC-32 is a transport check: whoever alters a chunk can write its matching CRC (as a matching SHA-256:
+    the header is not signed). Chunks that each match their CRC but not the sealed file are rejected at the
+    whole file's SHA-256 against the manifest, in order (the running hash) and read back after a restart."""
+    for sole_writer in (True, False):
+        store, content, doc = started(tmp_path / str(sole_writer), CHUNK * 4, sole_writer=sole_writer)
+        altered = content[:CHUNK + 7] + bytes([content[CHUNK + 7] ^ 1]) + content[CHUNK + 8:]
+        for seq in (0, 1, 3, 2):
+            put(store, altered, seq, "crc32")   # each chunk with the CRC of its altered bytes
+        ack = ChunkStore(tmp_path / str(sole_writer), sole_writer=sole_writer).progress(AGENT, FILE_ID, doc)
+        assert ack.state == ACK_REJECTED and "SHA-256" in ack.reason
+        assert not store.object_path(doc["sha256"]).exists() and store.stored(AGENT, FILE_ID) is None
+
+
 def test_a_record_cut_short_by_a_crash_is_not_a_chunk_held(tmp_path: Path) -> None:
     store, content, _doc = started(tmp_path, CHUNK * 3)
     put(store, content, 0)
     with open(store.incoming(AGENT, FILE_ID) / "chunks", "ab") as log:
         log.write(b"00000001 " + hashlib.sha256(b"x").hexdigest()[:20].encode())
+    assert ChunkStore(tmp_path).have(AGENT, FILE_ID) == [0]
+    with open(store.incoming(AGENT, FILE_ID) / "chunks", "ab") as log:   # a CRC-32 record cut short
+        log.write(b"\n00000002 0a1b2c")
     assert ChunkStore(tmp_path).have(AGENT, FILE_ID) == [0]
 
 

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import zlib
 from pathlib import Path
 
 import pytest
@@ -70,16 +71,17 @@ def manifest(content: bytes, **overrides) -> tuple[bytes, dict]:
     return json.dumps(doc, sort_keys=True).encode(), doc
 
 
-def chunk(content: bytes, seq: int) -> tuple[int, bytes, str]:
+def chunk(content: bytes, seq: int, check: str = "sha256") -> tuple[int, bytes, str]:
+    """Chunk `seq` and the check its header carried: crc32 (this version's agents) or sha256 (older ones)."""
     offset, length = chunk_span(seq, len(content), CHUNK)
     data = content[offset:offset + length]
-    return offset, data, hashlib.sha256(data).hexdigest()
+    return offset, data, f"{zlib.crc32(data):08x}" if check == "crc32" else hashlib.sha256(data).hexdigest()
 
 
-def put(store: BucketTransfers, fid: str, content: bytes, seqs) -> None:
+def put(store: BucketTransfers, fid: str, content: bytes, seqs, check: str = "sha256") -> None:
     for seq in seqs:
-        offset, data, sha = chunk(content, seq)
-        assert store.put_chunk(AGENT, fid, seq, offset, data, sha)
+        offset, data, value = chunk(content, seq, check)
+        assert store.put_chunk(AGENT, fid, seq, offset, data, value)
 
 
 def file_id(n: int) -> str:
@@ -121,18 +123,20 @@ def test_chunks_and_manifest_are_objects_and_the_commit_streams_them_into_the_lo
     assert store.accept_manifest(AGENT, fid, canonical, doc).state == ACK_RECEIVING
     s3 = seaweed.client()
     assert s3.get_object(Bucket=TRANSFERS, Key=f"transfers/{AGENT}/{fid}/manifest.json")["Body"].read() == canonical
-    put(store, fid, content, range(0, total, 2))
+    put(store, fid, content, range(0, total, 2), "crc32")   # this version's agents: CRC-32 chunk headers
     prefix = f"transfers/{AGENT}/{fid}/chunks/{doc['sha256']}-{CHUNK}/"
     assert keys(seaweed, TRANSFERS, prefix) == [f"{prefix}{seq:08d}" for seq in range(0, total, 2)]
     head = s3.head_object(Bucket=TRANSFERS, Key=f"{prefix}00000002", ChecksumMode="ENABLED")
-    assert head["ChecksumSHA256"] == base64.b64encode(bytes.fromhex(chunk(content, 2)[2])).decode()
+    assert head["ChecksumCRC32"] == base64.b64encode(bytes.fromhex(chunk(content, 2, "crc32")[2])).decode()
     # A second receiver, new to the transfer, sees what is held from the listing alone.
     other = receiver(seaweed, tmp_path / "r2")
     assert other.have(AGENT, fid) == list(range(0, total, 2))
     assert other.progress(AGENT, fid, doc).have == to_ranges(list(range(0, total, 2)))
     assert other.manifest(AGENT, fid) == doc
 
-    put(other, fid, content, range(1, total, 2))
+    put(other, fid, content, range(1, total, 2))   # an older agent's SHA-256 headers, in the same transfer
+    head = s3.head_object(Bucket=TRANSFERS, Key=f"{prefix}00000001", ChecksumMode="ENABLED")
+    assert head["ChecksumSHA256"] == base64.b64encode(bytes.fromhex(chunk(content, 1)[2])).decode()
     ack = other.progress(AGENT, fid, doc)
     assert (ack.state, ack.sha256) == (ACK_COMPLETE, doc["sha256"])
     key = f"objects/{doc['sha256']}"
@@ -144,19 +148,21 @@ def test_chunks_and_manifest_are_objects_and_the_commit_streams_them_into_the_lo
     assert not (tmp_path / "r1" / "incoming" / AGENT).exists() and not (tmp_path / "r2" / "incoming" / AGENT).exists()
 
 
-def test_a_chunk_whose_checksum_the_server_refuses_is_not_recorded(seaweed: SeaweedFS, tmp_path: Path) -> None:
+@pytest.mark.parametrize("check", ["crc32", "sha256"])
+def test_a_chunk_whose_checksum_the_server_refuses_is_not_recorded(seaweed: SeaweedFS, tmp_path: Path,
+                                                                     check: str) -> None:
     store = receiver(seaweed, tmp_path / "r1")
     content = os.urandom(3 * CHUNK)
     canonical, doc = manifest(content)
-    fid = file_id(2)
+    fid = file_id(2 if check == "sha256" else 72)
     store.accept_manifest(AGENT, fid, canonical, doc)
-    offset, data, sha = chunk(content, 1)
+    offset, data, value = chunk(content, 1, check)
     damaged = bytes([data[0] ^ 1]) + data[1:]   # bytes changed after they were checked: the server recomputes
-    assert store.put_chunk(AGENT, fid, 1, offset, damaged, sha)
+    assert store.put_chunk(AGENT, fid, 1, offset, damaged, value)
     assert store.have(AGENT, fid) == []
     assert receiver(seaweed, tmp_path / "r2").have(AGENT, fid) == []
     assert store.progress(AGENT, fid, doc).have == []
-    put(store, fid, content, range(3))
+    put(store, fid, content, range(3), check)
     assert store.progress(AGENT, fid, doc).state == ACK_COMPLETE
 
 
@@ -169,7 +175,7 @@ def test_a_file_whose_chunks_do_not_hash_to_the_manifest_is_rejected_never_compl
         canonical, doc = manifest(content, sha256=hashlib.sha256(b"another file").hexdigest())
         fid = file_id(n)
         store.accept_manifest(AGENT, fid, canonical, doc)
-        put(store, fid, content, range(chunk_count(size, CHUNK)))
+        put(store, fid, content, range(chunk_count(size, CHUNK)), "crc32")   # each chunk matches its CRC-32
         ack = store.progress(AGENT, fid, doc)
         assert ack.state == ACK_REJECTED and "SHA-256" in ack.reason
         assert keys(seaweed, LOCKED, f"objects/{doc['sha256']}") == []

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import struct
 import subprocess
 import threading
 import time
@@ -211,3 +212,42 @@ def test_altered_file_and_forged_manifest_are_rejected_and_the_recorder_keeps_it
         if receiver is not None:
             assert receiver.stop() == 0
         broker.stop()
+
+
+def test_the_agent_sends_sha256_chunks_until_an_ack_lists_crc32_then_crc32_chunks(
+        tmp_path: Path, mosquitto: Mosquitto) -> None:
+    """A receiver of this version lists `crc32` in its acks' `chunk_checks`: the agent starts with SHA-256 chunk
+    headers (what every receiver takes) and sends CRC-32 ones once it heard that; both kinds are stored exactly."""
+    from edge_agent.sync.sender import PREPARE_AHEAD
+    from tests.sync_support import ROOT, subscribed_client
+
+    kinds: list[str] = []
+    lock = threading.Lock()
+
+    def sniff(payload: bytes) -> None:
+        (length,) = struct.unpack(">I", payload[:4])
+        header = json.loads(payload[4:4 + length])
+        with lock:
+            kinds.append("crc32" if "crc32" in header else "sha256")
+
+    sniffer = subscribed_client(mosquitto.port, "sniffer", f"{ROOT}/+/files/+/chunk", sniff)
+    dock = tmp_path / "dock"
+    files = {"DCIM/100/REC0001.MP4": 48_000_000, "DCIM/100/REC0002.MP4": 2_000_000}   # > the window
+    prepared = make_recorder_volume(dock / ".prep", "VOL1", files)
+    originals = {rel: sha256_of(prepared / rel) for rel in files}
+    _toml, data_dir, store, agent, receiver = start_pair(tmp_path, mosquitto.port, dock)
+    os.rename(prepared, dock / "VOL1")
+    try:
+        wait_for(lambda: sum(states(data_dir).get(s, 0) for s in SETTLED) == len(files), 60,
+                 what=f"both files synced, have {states(data_dir)}")
+    finally:
+        assert agent.stop() == 0
+        assert receiver.stop() == 0
+        sniffer.disconnect()
+        sniffer.loop_stop()
+    assert_stored_once_and_identical(data_dir, store, originals)
+    with lock:
+        assert kinds[0] == "sha256", kinds         # nothing heard from the receiver yet
+        assert "crc32" in kinds, kinds             # then what its acks announced
+        # after the switch, at most the chunks each file had framed ahead
+        assert kinds[kinds.index("crc32"):].count("sha256") <= len(files) * PREPARE_AHEAD, kinds

@@ -4,9 +4,10 @@ Both ends import this module, so the agent and the reference receiver cannot
 disagree on a byte. Everything here is pure: no I/O, no MQTT client.
 
 Chunk frame: 4-byte big-endian header length N, then N bytes of UTF-8 JSON
-`{"seq","offset","size","sha256"}`, then exactly `size` bytes of the file
-starting at `offset`. Chunk `seq` of a file with chunk size C covers bytes
-`[seq*C, min((seq+1)*C, size))`; a 0-byte file has no chunks.
+`{"seq","offset","size","crc32"}` (or `"sha256"` in place of `"crc32"`: older agents, and any agent until the
+receiver's acks list crc32; receivers take both), then exactly `size` bytes of the file starting at `offset`.
+Chunk `seq` of a file with chunk size C covers bytes `[seq*C, min((seq+1)*C, size))`; a 0-byte file has no
+chunks.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import hashlib
 import json
 import re
 import struct
+import zlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from functools import cache
@@ -33,6 +35,10 @@ AGENT_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 ACK_RECEIVING, ACK_COMPLETE, ACK_REJECTED = "receiving", "complete", "rejected"
 REASON_BUSY = "busy"   # `receiving` with this reason: the receiver cannot take a new transfer now; ask again later
+# The chunk checks a receiver of this version takes, announced in its acks (`chunk_checks`): an agent sends `crc32`
+# only to a receiver that announced it, `sha256` (what every receiver takes) otherwise (docs/PROTOCOL.md 3).
+CHECK_CRC32, CHECK_SHA256 = "crc32", "sha256"
+CHUNK_CHECKS = (CHECK_CRC32, CHECK_SHA256)
 
 
 class WireError(ValueError):
@@ -151,20 +157,24 @@ def _validator(name: str) -> jsonschema.protocols.Validator:
 
 
 _HEX64 = re.compile(r"[0-9a-f]{64}")
+_HEX8 = re.compile(r"[0-9a-f]{8}")
 _MAX_SAFE = 9007199254740991
-_PROGRESS_ACK_KEYS = frozenset({"file_id", "state", "have", "sha256", "reason"})
+_PROGRESS_ACK_KEYS = frozenset({"file_id", "state", "have", "sha256", "reason", "chunk_checks"})
 
 
 def _plain_chunk_header(value: Any) -> bool:
-    """True for a chunk header as every agent writes it: exactly the four fields, plain ints in range, 64 lower-case
-    hex digits. Stricter than the schema (it refuses what the schema accepts only by its edges: 2.0 for an integer,
-    a newline after the digest), never looser; whatever it refuses the full validator judges."""
+    """True for a chunk header as every agent writes it: exactly the four fields, plain ints in range, 8 lower-case
+    hex digits of `crc32` or 64 of `sha256`. Stricter than the schema (it refuses what the schema accepts only by
+    its edges: 2.0 for an integer, a newline after the digits), never looser; whatever it refuses the full
+    validator judges."""
     if type(value) is not dict or len(value) != 4:
         return False
-    seq, offset, size, digest = value.get("seq"), value.get("offset"), value.get("size"), value.get("sha256")
+    seq, offset, size = value.get("seq"), value.get("offset"), value.get("size")
+    crc, digest = value.get(CHECK_CRC32), value.get(CHECK_SHA256)
     return (type(seq) is int and 0 <= seq <= _MAX_SAFE and type(offset) is int and 0 <= offset <= _MAX_SAFE
-            and type(size) is int and 1 <= size <= 67108864 and type(digest) is str
-            and _HEX64.fullmatch(digest) is not None)
+            and type(size) is int and 1 <= size <= 67108864
+            and ((type(crc) is str and _HEX8.fullmatch(crc) is not None)
+                 or (type(digest) is str and _HEX64.fullmatch(digest) is not None)))
 
 
 def _plain_progress_ack(value: Any) -> bool:
@@ -173,12 +183,13 @@ def _plain_progress_ack(value: Any) -> bool:
     if type(value) is not dict or value.get("state") != "receiving" or not value.keys() <= _PROGRESS_ACK_KEYS:
         return False
     file_id, have = value.get("file_id"), value.get("have", [])
-    sha256, reason = value.get("sha256"), value.get("reason")
+    sha256, reason, checks = value.get("sha256"), value.get("reason"), value.get("chunk_checks", [])
     return (type(file_id) is str and FILE_ID_PATTERN.fullmatch(file_id) is not None and type(have) is list
             and all(type(r) is list and len(r) == 2 and type(r[0]) is int and type(r[1]) is int
                     and r[0] >= 0 and r[1] >= 0 for r in have)
             and (sha256 is None or (type(sha256) is str and _HEX64.fullmatch(sha256) is not None))
-            and (reason is None or (type(reason) is str and len(reason) <= 1000)))
+            and (reason is None or (type(reason) is str and len(reason) <= 1000))
+            and type(checks) is list and len(checks) <= 8 and all(type(c) is str and len(c) <= 16 for c in checks))
 
 
 # The messages of the data path, one per chunk (and per 16 chunks): a plain-Python check accepts the usual shape
@@ -220,57 +231,97 @@ def decode_json(payload: bytes, name: str, max_bytes: int | None = None) -> dict
 
 @dataclass(frozen=True)
 class ChunkHeader:
+    """A chunk's header. `check` is its transport check as the header gives it: the CRC-32 (8 hex digits) or,
+    from agents before 2026-12, the SHA-256 (64) of the chunk's bytes; which one is told by its length, in the
+    header and in the receiver's record lines alike (`chunk_check`)."""
+
     seq: int
     offset: int
     size: int
-    sha256: str
+    check: str
+
+    @property
+    def check_name(self) -> str:
+        return CHECK_CRC32 if len(self.check) == 8 else CHECK_SHA256
+
+    def json(self) -> bytes:
+        return canonical_json({"seq": self.seq, "offset": self.offset, "size": self.size,
+                               self.check_name: self.check})
+
+
+def crc32_hex(data: bytes | bytearray | memoryview) -> str:
+    return f"{zlib.crc32(data):08x}"
+
+
+def chunk_check(data: bytes | bytearray | memoryview, like: str) -> str:
+    """The check of `data` of the kind `like` is (a header's `check` or a record's): CRC-32 when it has 8 hex
+    digits, SHA-256 when 64. Either only shows the bytes were not damaged on the way (the header is not signed:
+    whoever can change the bytes can write a matching check of either kind); that the file is the one sealed
+    is shown by its whole SHA-256 against the signed manifest, at the commit."""
+    return crc32_hex(data) if len(like) == 8 else hashlib.sha256(data).hexdigest()
 
 
 def encode_chunk(header: ChunkHeader, data: bytes | memoryview) -> bytes:
-    head = canonical_json({"seq": header.seq, "offset": header.offset, "size": header.size, "sha256": header.sha256})
+    head = header.json()
     return b"".join((HEADER_LENGTH.pack(len(head)), head, data))
 
 
-def chunk_frame(seq: int, offset: int, size: int, fill: Callable[[memoryview], int]) -> bytearray | None:
+def chunk_frame(seq: int, offset: int, size: int, fill: Callable[[memoryview], int],
+                check: str = CHECK_CRC32) -> bytearray | None:
     """Chunk `seq`'s frame built in one buffer, the same bytes as `encode_chunk`: `fill(view)` puts the chunk's
     `size` bytes into `view` and returns how many it put (fewer: a short file, and None is returned); they are
-    hashed where they lie and the header written in front, so the chunk's bytes are not copied again."""
-    # The header's length does not depend on the digest (always 64 hex digits): known before the bytes are.
-    head_size = len(canonical_json({"seq": seq, "offset": offset, "size": size, "sha256": "0" * 64}))
+    checked (`check`: crc32 or sha256) where they lie and the header written in front, so the chunk's bytes are
+    not copied again."""
+    blank = "0" * (8 if check == CHECK_CRC32 else 64)
+    # The header's length does not depend on the check's value (fixed width): known before the bytes are.
+    head_size = len(ChunkHeader(seq, offset, size, blank).json())
     start = HEADER_LENGTH.size + head_size
     frame = bytearray(start + size)
     with memoryview(frame) as view, view[start:] as data:
         if fill(data) != size:
             return None
-        digest = hashlib.sha256(data).hexdigest()
-    head = canonical_json({"seq": seq, "offset": offset, "size": size, "sha256": digest})
-    frame[:start] = HEADER_LENGTH.pack(head_size) + head
+        value = chunk_check(data, blank)
+    frame[:start] = HEADER_LENGTH.pack(head_size) + ChunkHeader(seq, offset, size, value).json()
     return frame
+
+
+def _header_span(payload: bytes) -> int | None:
+    """Where a chunk frame's bytes start, or None when its header length cannot be right."""
+    if len(payload) < HEADER_LENGTH.size:
+        return None
+    (length,) = HEADER_LENGTH.unpack_from(payload)
+    if length > MAX_HEADER_BYTES or HEADER_LENGTH.size + length > len(payload):
+        return None
+    return HEADER_LENGTH.size + length
 
 
 def decode_chunk(payload: bytes) -> tuple[ChunkHeader, memoryview]:
     """Split a chunk frame into its checked header and its bytes (a view, not a copy)."""
     if len(payload) < HEADER_LENGTH.size:
         raise WireError(f"chunk: {len(payload)} bytes is shorter than the 4-byte header length")
-    (length,) = HEADER_LENGTH.unpack_from(payload)
-    if length > MAX_HEADER_BYTES or HEADER_LENGTH.size + length > len(payload):
-        raise WireError(f"chunk: header length {length} is larger than the message or {MAX_HEADER_BYTES} bytes")
-    head = decode_json(payload[HEADER_LENGTH.size:HEADER_LENGTH.size + length], "chunk-header")
-    data = memoryview(payload)[HEADER_LENGTH.size + length:]
+    start = _header_span(payload)
+    if start is None:
+        raise WireError(f"chunk: header length {HEADER_LENGTH.unpack_from(payload)[0]} is larger than the message "
+                        f"or {MAX_HEADER_BYTES} bytes")
+    head = decode_json(payload[HEADER_LENGTH.size:start], "chunk-header")
+    data = memoryview(payload)[start:]
     if len(data) != head["size"]:
         raise WireError(f"chunk {head['seq']}: header says {head['size']} bytes, message carries {len(data)}")
-    return ChunkHeader(head["seq"], head["offset"], head["size"], head["sha256"]), data
+    check = head.get(CHECK_CRC32) or head[CHECK_SHA256]
+    return ChunkHeader(head["seq"], head["offset"], head["size"], check), data
 
 
-def chunk_data_sha256(payload: bytes) -> str | None:
-    """The SHA-256 of a chunk frame's bytes, or None when the frame is too broken to find them (`decode_chunk`
-    then says why). Lets a receiver hash on one thread and check the header on another."""
-    if len(payload) < HEADER_LENGTH.size:
+def chunk_data_check(payload: bytes) -> str | None:
+    """The check of a chunk frame's bytes of the kind its header names (`"crc32"` in the header: CRC-32, else
+    SHA-256), or None when the frame is too broken to find them (`decode_chunk` then says why). Lets a receiver
+    check the bytes on one thread and the header on another; the header's own check is compared with it there
+    (a check of the other kind never matches: it has another length)."""
+    start = _header_span(payload)
+    if start is None:
         return None
-    (length,) = HEADER_LENGTH.unpack_from(payload)
-    if length > MAX_HEADER_BYTES or HEADER_LENGTH.size + length > len(payload):
-        return None
-    return hashlib.sha256(memoryview(payload)[HEADER_LENGTH.size + length:]).hexdigest()
+    crc = payload.find(b'"crc32":', HEADER_LENGTH.size, start) >= 0
+    with memoryview(payload) as view, view[start:] as data:
+        return crc32_hex(data) if crc else hashlib.sha256(data).hexdigest()
 
 
 def chunk_count(size: int, chunk_size: int) -> int:
@@ -344,6 +395,7 @@ class Ack:
     sha256: str | None = None
     reason: str | None = None
     receipt: dict[str, Any] | None = None   # the receiver's signed receipt (complete, rejected)
+    chunk_checks: tuple[str, ...] | None = None   # the chunk checks the receiver takes (CHUNK_CHECKS); None: sha256
 
     @classmethod
     def from_json(cls, doc: dict[str, Any]) -> Ack:
@@ -351,12 +403,15 @@ class Ack:
         `have`, `sha256`, `reason` and `receipt` may be absent (read as [], None, None, None) and unknown fields
         are ignored (docs/PROTOCOL.md, "Reading an ack"), so a receiver that leaves out what does not apply to
         the state, or adds what a later version defines, is understood."""
+        checks = doc.get("chunk_checks")
         return cls(doc["file_id"], doc["state"], doc.get("have") or [], doc.get("sha256"), doc.get("reason"),
-                   doc.get("receipt"))
+                   doc.get("receipt"), None if checks is None else tuple(checks))
 
     def encode(self) -> bytes:
         body: dict[str, Any] = {"file_id": self.file_id, "state": self.state, "have": self.have,
                                 "sha256": self.sha256, "reason": self.reason}
         if self.receipt is not None:
             body["receipt"] = self.receipt
+        if self.chunk_checks is not None:
+            body["chunk_checks"] = list(self.chunk_checks)
         return canonical_json(body)

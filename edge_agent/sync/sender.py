@@ -9,8 +9,8 @@ state machine), executes the machine's wire actions (manifest, query), and pulls
   (paho keeps each in memory until then, so this, not the window, bounds the agent's memory);
 - the bandwidth cap (`mqtt.bandwidth_kbps`, a `TokenBucket`), and while the uplink yields to the docks
   (a bay collecting) the lower cap `mqtt.yield_to_docks_kbps`, a second bucket;
-- the reader pool: one thread that reads, hashes and frames the next `PREPARE_AHEAD` chunks the sender
-  will want, from the store on demand, so memory stays flat whatever the file size or queue length.
+- the reader pool: one thread that reads, checks (CRC-32 or SHA-256) and frames the next `PREPARE_AHEAD` chunks
+  the sender will want, from the store on demand, so memory stays flat whatever the file size or queue length.
 """
 
 from __future__ import annotations
@@ -32,7 +32,17 @@ from edge_agent.atrest import AtRest, AtRestError, is_encrypted
 from edge_agent.catalog import FileRecord
 from edge_agent.config import MqttSection
 from edge_agent.protocol.pacing import TokenBucket
-from edge_agent.protocol.wire import Ack, ChunkHeader, Topics, chunk_frame, chunk_span, encode_chunk
+from edge_agent.protocol.wire import (
+    CHECK_CRC32,
+    CHECK_SHA256,
+    Ack,
+    ChunkHeader,
+    Topics,
+    chunk_frame,
+    chunk_span,
+    crc32_hex,
+    encode_chunk,
+)
 from edge_agent.sync.transfer import Action, SendManifest, SendQuery, Transfer
 
 log = logging.getLogger(__name__)
@@ -48,8 +58,9 @@ Blocked = Callable[[FileRecord, str], None]
 
 
 def prepare_chunk(path: Path, seq: int, size: int, chunk_size: int, at_rest: AtRest | None = None,
-                  file_id: str = "") -> bytes | bytearray | None:
-    """Chunk `seq` of the stored file at `path` as a frame, or None if the file is shorter than its manifest says.
+                  file_id: str = "", check: str = CHECK_SHA256) -> bytes | bytearray | None:
+    """Chunk `seq` of the stored file at `path` as a frame, or None if the file is shorter than its manifest says;
+    its header carries `check` (crc32 only for a receiver that announced it, `Sender.chunk_check`).
     Opens the file itself, so a chunk prepared for a transfer that ended meanwhile reads nothing else. An
     encrypted copy (`file_id`'s, edge_agent/atrest.py) is decrypted here, only the blocks the chunk spans: the
     receiver gets plaintext; a block that fails its tag raises `AtRestError`."""
@@ -59,11 +70,12 @@ def prepare_chunk(path: Path, seq: int, size: int, chunk_size: int, at_rest: AtR
             data = reader.pread(length, offset)
         if len(data) != length:
             return None
-        return encode_chunk(ChunkHeader(seq, offset, length, hashlib.sha256(data).hexdigest()), data)
+        value = crc32_hex(data) if check == CHECK_CRC32 else hashlib.sha256(data).hexdigest()
+        return encode_chunk(ChunkHeader(seq, offset, length, value), data)
     fd = os.open(path, os.O_RDONLY)
     try:
         # Read straight into the frame (chunk_frame): no second copy of the chunk's bytes to put the header first.
-        return chunk_frame(seq, offset, length, lambda view: _read_into(fd, view, offset))
+        return chunk_frame(seq, offset, length, lambda view: _read_into(fd, view, offset), check)
     finally:
         os.close(fd)
 
@@ -152,6 +164,8 @@ class Sender:
         self._in_client: deque[mqtt.MQTTMessageInfo] = deque()   # chunks paho holds (not yet PUBACKed)
         self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sync-reader")
         self._prepared: dict[tuple[str, int], Future] = {}       # (file id, seq) -> its frame, being read
+        # The check in the chunks' headers: crc32 once an ack said the receiver takes it (`heard`), else sha256.
+        self.chunk_check = CHECK_SHA256
 
     # -- the files in flight ---------------------------------------------------------------------
 
@@ -191,6 +205,12 @@ class Sender:
     def resync(self) -> None:
         """`sync now`: re-ask files that wait for an answer or have nothing out."""
         self._each(lambda t: t.resync(time.monotonic()))
+
+    def heard(self, ack: Ack) -> None:
+        """Any usable ack: the chunk checks it lists decide the next chunks' (a receiver before crc32 lists none,
+        and behind a shared subscription the last receiver heard decides; a chunk one of them refuses is sent
+        again, as any refused chunk is). Forging this gains nothing: neither check is a custody check."""
+        self.chunk_check = CHECK_CRC32 if CHECK_CRC32 in (ack.chunk_checks or ()) else CHECK_SHA256
 
     def receiving(self, ack: Ack) -> None:
         """A `receiving` ack for one of the files in flight (others are ignored)."""
@@ -251,7 +271,7 @@ class Sender:
     def _prepare(self, outgoing: Outgoing, seq: int) -> Future:
         transfer = outgoing.transfer
         return self._reader.submit(prepare_chunk, outgoing.path, seq, transfer.size, transfer.chunk_size,
-                                   outgoing.at_rest, outgoing.file_id)
+                                   outgoing.at_rest, outgoing.file_id, self.chunk_check)
 
     def _prepare_ahead(self, outgoing: Outgoing, after: int) -> None:
         """Have the reader work on the chunks this file will send after `after` (as things stand now)."""

@@ -356,6 +356,7 @@ class Uplink:
     def _handle_ack(self, ack: Ack) -> None:
         self.last_ack_ms = now_ms()
         self.incompatible.usable(ack.file_id)
+        self.sender.heard(ack)
         if ack.state == ACK_RECEIVING:
             self.sender.receiving(ack)
             return

@@ -3,7 +3,7 @@
 It takes every agent's `files/#` messages (optionally as one of several
 receivers behind an MQTT 5 shared subscription), checks each against its JSON
 Schema, the manifest's Ed25519 signature against the agent's enrolled key,
-each chunk's SHA-256 and finally the whole file's, stores files
+each chunk's transport check (CRC-32, or SHA-256 from older agents) and finally the whole file's SHA-256, stores files
 content-addressed (`ChunkStore`), and acks: `receiving` with what it holds, at
 least every `ack_every_chunks` chunks or `ack_interval_ms`; `complete` once
 stored; `rejected` with a reason; both carry a receipt signed with the receiver's key
@@ -12,7 +12,7 @@ reason and answered, never allowed to stop the receiver. Messages are PUBACKed
 only after they were handled, so a receiver killed mid-message gets it again.
 
 Four threads do the work, so hashing, writing and syncing overlap: the
-checker hashes each chunk's bytes as paho hands it over; the worker checks
+checker checks each chunk's bytes as paho hands it over; the worker checks
 and writes chunks (the store's hasher thread adds them to the whole-file
 hash); the syncer makes them durable (an fdatasync of each transfer's data
 file) and sends the acks. An ack names only chunks that were written before
@@ -33,7 +33,7 @@ and the store answers `busy` to new transfers beyond the limits.
 
 from __future__ import annotations
 
-import hashlib
+import dataclasses
 import logging
 import queue
 import signal
@@ -59,14 +59,16 @@ from edge_agent.protocol.heartbeat import Heartbeat, Vital
 from edge_agent.protocol.wire import (
     ACK_RECEIVING,
     ACK_REJECTED,
+    CHUNK_CHECKS,
     HEADER_LENGTH,
     MAX_HEADER_BYTES,
     REASON_BUSY,
     Ack,
     FileTopic,
     WireError,
+    chunk_check,
     chunk_count,
-    chunk_data_sha256,
+    chunk_data_check,
     chunk_span,
     decode_chunk,
     decode_json,
@@ -276,32 +278,32 @@ class Receiver:
             if item is None:
                 continue
             generation, message = item
-            data_sha256 = None
+            data_check = None
             if message.topic.endswith("/chunk") and len(message.payload) <= self.max_message:
-                data_sha256 = chunk_data_sha256(message.payload)
-            self._put(self._queue, (generation, message, data_sha256))
+                data_check = chunk_data_check(message.payload)
+            self._put(self._queue, (generation, message, data_check))
 
     def _work(self, heartbeat: Heartbeat) -> None:
         while not self._stop.is_set():
             heartbeat.beat()
             try:
-                generation, message, data_sha256 = self._queue.get(timeout=PARK_POLL_S if self._parked else 0.05)
+                generation, message, data_check = self._queue.get(timeout=PARK_POLL_S if self._parked else 0.05)
             except queue.Empty:
                 self._answer_chain()
                 self._retry_parked()
                 self._flush_due()
                 continue
-            if not self._park(message, data_sha256):
-                self._handle(message.topic, message.payload, data_sha256)
+            if not self._park(message, data_check):
+                self._handle(message.topic, message.payload, data_check)
             self._puback(generation, message)
             if self.chain.store.staged_for() > CHAIN_GROUP_S:   # the agents' chain locks are held meanwhile
                 self._answer_chain()
             self._retry_parked()
             self._flush_due()
 
-    def _handle(self, topic: str, payload: bytes, data_sha256: str | None) -> None:
+    def _handle(self, topic: str, payload: bytes, data_check: str | None) -> None:
         try:
-            self.handle(topic, payload, data_sha256=data_sha256)
+            self.handle(topic, payload, data_check=data_check)
         except Exception:
             # Never let one message stop the receiver; unanswered, the agent asks again (query).
             log.exception("message not handled topic=%s bytes=%d", topic, len(payload))
@@ -314,7 +316,7 @@ class Receiver:
             except OSError as exc:   # the connection went while we worked: the broker sends it again
                 log.info("puback not sent mid=%s: %s", message.mid, exc)
 
-    def _park(self, message: mqtt.MQTTMessage, data_sha256: str | None) -> bool:
+    def _park(self, message: mqtt.MQTTMessage, data_check: str | None) -> bool:
         """Behind a shared subscription, keep a chunk whose manifest is not in the store yet for the worker to
         retry (True), within the caps; anything else is handled now (False)."""
         if not self.shared or not message.topic.endswith("/chunk"):
@@ -330,7 +332,7 @@ class Receiver:
         if key not in self._parked and (self._manifest(key) is not None or self.store.settled(*key) is not None):
             return False
         self._parked.setdefault(key, []).append((time.monotonic() + PARK_WAIT_S, message.topic, message.payload,
-                                                 data_sha256))
+                                                 data_check))
         self._parked_bytes[ft.agent_id] = self._parked_bytes.get(ft.agent_id, 0) + size
         return True
 
@@ -353,12 +355,12 @@ class Receiver:
             left = self._parked_bytes.pop(key[0], 0) - sum(len(item[2]) for item in items)
             if left > 0:
                 self._parked_bytes[key[0]] = left
-            for _deadline, topic, payload, data_sha256 in items:
-                self._handle(topic, payload, data_sha256)
+            for _deadline, topic, payload, data_check in items:
+                self._handle(topic, payload, data_check)
 
-    def handle(self, topic: str, payload: bytes, *, data_sha256: str | None = None) -> None:
+    def handle(self, topic: str, payload: bytes, *, data_check: str | None = None) -> None:
         """Handle one message from `files/#`. Never raises for bad input: it is logged and answered.
-        `data_sha256`: the chunk's bytes already hashed (`chunk_data_sha256`), else they are hashed here.
+        `data_check`: the chunk's bytes already checked (`chunk_data_check`), else they are checked here.
         Chain messages (`{root}/{a}/chain/#`) go to the chain keeper."""
         try:
             chain = parse_chain_topic(self.root, topic)
@@ -385,7 +387,7 @@ class Receiver:
         if ft.kind == "manifest":
             self._on_manifest(ft, payload)
         elif ft.kind == "chunk":
-            self._on_chunk(ft, payload, data_sha256)
+            self._on_chunk(ft, payload, data_check)
         else:
             self._on_query(ft, payload)
 
@@ -425,7 +427,7 @@ class Receiver:
         else:
             self._send(ft.agent_id, ack)
 
-    def _on_chunk(self, ft: FileTopic, payload: bytes, data_sha256: str | None) -> None:
+    def _on_chunk(self, ft: FileTopic, payload: bytes, data_check: str | None) -> None:
         key = (ft.agent_id, ft.file_id)
         doc = self._manifest(key)
         if doc is None:
@@ -444,13 +446,15 @@ class Receiver:
             if (header.offset, header.size) != (offset, length):
                 raise WireError(f"chunk {header.seq}: offset {header.offset} and size {header.size} do not match "
                                 f"the manifest (offset {offset}, size {length})")
-            if (data_sha256 or hashlib.sha256(data).hexdigest()) != header.sha256:
-                raise WireError(f"chunk {header.seq}: its bytes do not hash to the SHA-256 in its header "
+            if data_check is None or len(data_check) != len(header.check):   # not checked yet, or as the other kind
+                data_check = chunk_check(data, header.check)
+            if data_check != header.check:
+                raise WireError(f"chunk {header.seq}: its bytes do not match the {header.check_name} in its header "
                                 "(altered in transit or forged)")
         except WireError as exc:
             self._refuse_chunk(ft, f"chunk: {exc}", doc)
             return
-        if not self.store.put_chunk(ft.agent_id, ft.file_id, header.seq, header.offset, data, header.sha256):
+        if not self.store.put_chunk(ft.agent_id, ft.file_id, header.seq, header.offset, data, header.check):
             self._forget(key)   # settled meanwhile (another receiver committed or rejected it)
             self._send(ft.agent_id, self.store.settled(*key) or Ack(ft.file_id, ACK_RECEIVING, [], None, NO_MANIFEST),
                        repeat=True)
@@ -613,6 +617,7 @@ class Receiver:
                     self._repeats.clear()
                 self._repeats[key] = (ack.state, now)
         ack = self.receipts.attach(agent_id, ack)   # complete and rejected carry the signed receipt
+        ack = dataclasses.replace(ack, chunk_checks=CHUNK_CHECKS)   # the agent may send crc32 (docs/PROTOCOL.md 3)
         try:
             self.client.publish(f"{self.root}/{agent_id}/acks", ack.encode(), qos=1)
         except OSError as exc:   # mid-reconnect: the agent's query after its ack timeout gets a new answer

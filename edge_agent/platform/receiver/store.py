@@ -9,8 +9,9 @@ Layout under `store_dir`:
     incoming/<agent>/<file_id>/manifest.json            a transfer in progress: its verified manifest,
     incoming/<agent>/<file_id>/data                     its bytes, each chunk written at its offset,
     incoming/<agent>/<file_id>/chunks                   and one record line per chunk held,
-                                                        `<seq:08d> <sha256>\n`, appended after its
-                                                        bytes are written
+                                                        `<seq:08d> <check>\n`, appended after its
+                                                        bytes are written (the check from its
+                                                        header: CRC-32, 8 hex digits, or SHA-256, 64)
     locks/<agent>/<file_id>.lock                        flock: shared to add a chunk, exclusive to
                                                         accept a manifest, commit or reject
 
@@ -65,12 +66,13 @@ from edge_agent.protocol.wire import (
     ACK_REJECTED,
     REASON_BUSY,
     Ack,
+    chunk_check,
     chunk_count,
     to_ranges,
 )
 
 log = logging.getLogger(__name__)
-RECORD = re.compile(rb"^(\d{8}) ([0-9a-f]{64})$", re.M)
+RECORD = re.compile(rb"^(\d{8}) ([0-9a-f]{64}|[0-9a-f]{8})$", re.M)   # <seq> <check>: SHA-256 or CRC-32
 MAX_TRANSFERS_KNOWN = 4096
 MAX_TRANSFERS_OPEN = 32   # transfers whose files a sole writer keeps open between chunks
 CRASH_AT_ENV = "EDGE_AGENT_RECEIVER_CRASH_AT"
@@ -370,7 +372,7 @@ class ChunkStore:
         return files
 
     def _records(self, agent: str, file_id: str) -> dict[int, bytes]:
-        """Every chunk's recorded SHA-256 (hex, ASCII), read in full (commit, lock held)."""
+        """Every chunk's recorded check (CRC-32 or SHA-256, hex, ASCII), read in full (commit, lock held)."""
         try:
             log_bytes = (self.incoming(agent, file_id) / "chunks").read_bytes()
         except FileNotFoundError:
@@ -496,15 +498,16 @@ class ChunkStore:
         return None
 
     def put_chunk(self, agent: str, file_id: str, seq: int, offset: int, data: bytes | memoryview,
-                  sha256: str) -> bool:
-        """Write chunk `seq` (verified by the caller) and its record. False if the transfer is not in
+                  check: str) -> bool:
+        """Write chunk `seq` (verified by the caller against `check`, its header's CRC-32 or SHA-256) and its
+        record. False if the transfer is not in
         progress (settled meanwhile, or never started). One thread adds chunks (the receiver's worker): a
         sole writer keeps each transfer's files open between its chunks."""
         if not self.sole_writer:
             with self._lock(agent, file_id, exclusive=False):
                 files = _Files(-1)
                 try:
-                    return self._add_chunk(agent, file_id, files, seq, offset, data, sha256)
+                    return self._add_chunk(agent, file_id, files, seq, offset, data, check)
                 finally:
                     files.close()
         while True:
@@ -512,12 +515,12 @@ class ChunkStore:
             fcntl.flock(files.lock, fcntl.LOCK_SH)
             try:
                 if not files.stale:   # else committed, rejected or restarted since it was opened: open again
-                    return self._add_chunk(agent, file_id, files, seq, offset, data, sha256)
+                    return self._add_chunk(agent, file_id, files, seq, offset, data, check)
             finally:
                 fcntl.flock(files.lock, fcntl.LOCK_UN)
 
     def _add_chunk(self, agent: str, file_id: str, files: _Files, seq: int, offset: int, data: bytes | memoryview,
-                   sha256: str) -> bool:
+                   check: str) -> bool:
         """put_chunk with the transfer's lock held shared."""
         incoming = self.incoming(agent, file_id)
         with self._known_lock:
@@ -542,7 +545,7 @@ class ChunkStore:
             self._to_hash.put((known, data))
         # One line appended (atomic for so small a write): a line cut short by a crash is not a record, and
         # the commit checks each record it reads back against the bytes it names.
-        record = b"%08d %s\n" % (seq, sha256.encode("ascii"))
+        record = b"%08d %s\n" % (seq, check.encode("ascii"))
         with self._known_lock:
             if files.log == -1:
                 files.log = os.open(incoming / "chunks", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
@@ -619,7 +622,8 @@ class ChunkStore:
                 digest.update(data)
                 if seq % 64 == 0:
                     pulse()   # re-reading a large file after a restart is progress, not a stuck thread
-                if hashlib.sha256(data).hexdigest().encode("ascii") != records.get(seq):
+                record = records.get(seq)
+                if record is None or chunk_check(data, record.decode("ascii")).encode("ascii") != record:
                     lost.append(seq)
             os.fsync(fd)
         finally:

@@ -6,8 +6,9 @@ and no lock is taken across hosts (docs/SCALING.md "Transfers in progress in the
 
     transfers/<agent>/<file_id>/manifest.json       the verified manifest (canonical bytes), a conditional create
     transfers/<agent>/<file_id>/chunks/<sha256>-<chunk_size>/<seq:08d>
-                                                    each verified chunk, written with its ChecksumSHA256 (the
-                                                    server refuses bytes that do not match) and If-None-Match: *;
+                                                    each verified chunk, written with the checksum of its header
+                                                    (ChecksumCRC32, or ChecksumSHA256 from older agents: the server
+                                                    refuses bytes that do not match) and If-None-Match: *;
                                                     under the file's SHA-256 and chunk size from the manifest, so
                                                     a chunk written late for an earlier manifest of the same id
                                                     (another receiver committed, rejected or restarted it
@@ -36,6 +37,7 @@ import base64
 import hashlib
 import json
 import logging
+import zlib
 from collections import OrderedDict
 from collections.abc import Iterator
 from pathlib import Path
@@ -127,12 +129,14 @@ class BucketTransfers(ChunkStore):
     def _get(self, key: str) -> bytes | None:
         return read_object(self.s3, self.transfers_bucket, key, self._unavailable)
 
-    def _put(self, key: str, body: bytes | memoryview, sha256: bytes) -> bool:
-        """Create `key` with the SHA-256 the server checks (False: it exists already). StoreUnavailable on any
-        other answer, a refused checksum included."""
+    def _put(self, key: str, body: bytes | memoryview, check: str) -> bool:
+        """Create `key` with the checksum the server checks (`check`: a chunk header's CRC-32, 8 hex digits, or a
+        SHA-256, 64; False: it exists already). StoreUnavailable on any other answer, a refused checksum
+        included."""
+        digest = base64.b64encode(bytes.fromhex(check)).decode("ascii")
+        checksum = {"ChecksumCRC32": digest} if len(check) == 8 else {"ChecksumSHA256": digest}
         try:
-            self.s3.put_object(Bucket=self.transfers_bucket, Key=key, Body=bytes(body), IfNoneMatch="*",
-                               ChecksumSHA256=base64.b64encode(sha256).decode("ascii"))
+            self.s3.put_object(Bucket=self.transfers_bucket, Key=key, Body=bytes(body), IfNoneMatch="*", **checksum)
         except ClientError as exc:
             if _status(exc) == 412 or _code(exc) == "PreconditionFailed":
                 return False
@@ -278,25 +282,25 @@ class BucketTransfers(ChunkStore):
         except (ClientError, BotoCoreError) as exc:   # a new manifest is a new attempt
             raise self._unavailable("delete", self.rejected_key(agent, file_id), exc) from exc
         key = self.manifest_key(agent, file_id)
-        if not self._put(key, canonical, hashlib.sha256(canonical).digest()) and self._get(key) != canonical:
+        if not self._put(key, canonical, hashlib.sha256(canonical).hexdigest()) and self._get(key) != canonical:
             # Another manifest for this id: its chunks are not this file's. Drop them, then start again.
             log.warning("transfer restarted agent=%s file=%s: a new manifest replaces the one in progress",
                         agent, file_id)
             self._delete_transfer(agent, file_id)
-            self._put(key, canonical, hashlib.sha256(canonical).digest())
+            self._put(key, canonical, hashlib.sha256(canonical).hexdigest())
         self._remember(agent, file_id, doc)
         return self.progress(agent, file_id, doc)
 
     def put_chunk(self, agent: str, file_id: str, seq: int, offset: int, data: bytes | memoryview,
-                  sha256: str) -> bool:
-        """Store chunk `seq` (verified by the caller) as its object; held once the PUT returned. A chunk the
-        bucket refuses (unreachable, or a checksum that does not match its bytes) is not recorded: the agent
-        sends it again. True unless the transfer is not in progress (never started, or settled)."""
+                  check: str) -> bool:
+        """Store chunk `seq` (verified by the caller against `check`) as its object; held once the PUT returned. A
+        chunk the bucket refuses (unreachable, or a checksum that does not match its bytes) is not recorded: the
+        agent sends it again. True unless the transfer is not in progress (never started, or settled)."""
         try:
             doc = self._doc(agent, file_id)
             if doc is None:
                 return False
-            self._put(self.chunk_key(agent, file_id, doc, seq), data, bytes.fromhex(sha256))
+            self._put(self.chunk_key(agent, file_id, doc, seq), data, check)
         except StoreUnavailable as exc:
             log.warning("chunk not stored agent=%s file=%s seq=%d: %s", agent, file_id, seq, exc)
             return True
@@ -332,8 +336,7 @@ class BucketTransfers(ChunkStore):
                 raise self._unavailable("read", key, exc) from exc
             except BotoCoreError as exc:
                 raise self._unavailable("read", key, exc) from exc
-            stored = got.get("ChecksumSHA256")
-            if stored is not None and base64.b64decode(stored) != hashlib.sha256(data).digest():
+            if not _matches(got, data):
                 lost.append(seq)
                 raise _ChunkLost
             if seq % 64 == 0:
@@ -404,6 +407,14 @@ class BucketTransfers(ChunkStore):
     def expire(self, max_age_s: float) -> list[tuple[str, str, float]]:
         """Nothing: the transfer bucket's lifecycle rule expires abandoned transfers."""
         return []
+
+
+def _matches(got: dict[str, Any], data: bytes) -> bool:
+    """The bytes read match the checksum stored with them (CRC-32 or SHA-256; none stored: nothing to compare)."""
+    crc, sha256 = got.get("ChecksumCRC32"), got.get("ChecksumSHA256")
+    if crc is not None:
+        return base64.b64decode(crc) == zlib.crc32(data).to_bytes(4, "big")
+    return sha256 is None or base64.b64decode(sha256) == hashlib.sha256(data).digest()
 
 
 class _ChunkLost(Exception):
