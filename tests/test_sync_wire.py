@@ -238,6 +238,15 @@ def test_asyncapi_document_names_every_schema_and_they_exist() -> None:
                                             "chain-doc", "chain-query", "chain-ack", "platform-event"}
 
 
+def test_the_paho_internals_our_client_overrides_are_there() -> None:
+    """connection.Client overrides private parts of paho to save its copies of large messages; a paho release
+    without them gets stock clients (correct, slower) and a warning, and this test fails so that it is noticed."""
+    from edge_agent.protocol import connection
+
+    assert connection.paho_internals_present() and connection._COPYLESS
+    assert type(connection.build_client(connection.MqttSection(), "probe")) is connection.Client
+
+
 def test_a_large_packet_is_queued_as_a_view_of_itself_not_copied() -> None:
     """paho sends `packet[pos:]`: of a bytearray that is a copy per send, of a memoryview none
     (connection.Client); small packets stay as paho made them. The bytes on the wire are the ones built."""

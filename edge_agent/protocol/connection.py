@@ -118,6 +118,17 @@ class Client(mqtt.Client):
         super()._handle_on_message(message)
 
 
+# The private parts of paho that `Client` overrides: where a paho release no longer has them, clients are stock
+# paho (correct, with its copies) rather than broken; tests/test_sync_wire.py fails on such a release so that the
+# copies are noticed.
+PAHO_INTERNALS = ("_packet_queue", "_handle_publish", "_handle_on_message", "_in_packet", "_protocol")
+
+
+def paho_internals_present() -> bool:
+    probe = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    return all(hasattr(probe, name) for name in PAHO_INTERNALS)
+
+
 def publish_header_size(packet: bytes | bytearray, qos: int, mqtt5: bool) -> int | None:
     """How many bytes of a PUBLISH's variable part (after the fixed header) come before its payload: topic,
     packet id (QoS > 0), properties (MQTT 5); None if they do not fit in the packet (paho then says why)."""
@@ -134,10 +145,17 @@ def publish_header_size(packet: bytes | bytearray, qos: int, mqtt5: bool) -> int
     return size if size <= len(packet) else None
 
 
+_COPYLESS = paho_internals_present()
+if not _COPYLESS:
+    log.warning("paho_internals_changed version=%s: MQTT clients are stock paho (every large message copied)",
+                getattr(mqtt, "__version__", "?"))
+
+
 def build_client(mqtt_cfg: MqttSection, client_id: str, **kwargs: Any) -> mqtt.Client:
     """A paho MQTT 5 client (`Client`) with the config's TLS and credentials."""
-    client = Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5,
-                    reconnect_on_failure=False, **kwargs)
+    kind = Client if _COPYLESS else mqtt.Client
+    client = kind(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5,
+                  reconnect_on_failure=False, **kwargs)
     if mqtt_cfg.tls_ca is not None:
         context = ssl.create_default_context(cafile=str(mqtt_cfg.tls_ca))
         if mqtt_cfg.tls_cert is not None:
