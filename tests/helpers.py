@@ -122,3 +122,29 @@ def unreadable(target: Path) -> Iterator[Path]:
             raise AssertionError(f"{target} is still readable after the bind mount")
     finally:
         subprocess.run(["umount", "-l", str(target)], check=True)
+
+
+def resident_pages(path: Path) -> int:
+    """How many pages of the file at `path` are in the page cache: mincore(2) over a read-only mapping of it."""
+    import ctypes
+    import mmap
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    size = path.stat().st_size
+    pages = (size + mmap.PAGESIZE - 1) // mmap.PAGESIZE
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        address = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+        assert address not in (None, ctypes.c_void_p(-1).value), os.strerror(ctypes.get_errno())
+        try:
+            vec = (ctypes.c_ubyte * pages)()
+            assert libc.mincore(address, size, vec) == 0, os.strerror(ctypes.get_errno())
+            return sum(byte & 1 for byte in vec)
+        finally:
+            libc.munmap(address, size)
+    finally:
+        os.close(fd)

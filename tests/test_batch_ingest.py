@@ -21,7 +21,7 @@ from edge_agent.evidence.verify import verify_all
 from edge_agent.ingest import Ingestor, Sealer
 from edge_agent.layout import StoreLayout
 from tests.evidence_support import offline_agent_config, sha256_of
-from tests.helpers import agent_config, make_recorder_volume, wait_for
+from tests.helpers import agent_config, make_recorder_volume, resident_pages, wait_for
 from tests.test_crash_ingest import daemon, sealed_count
 
 DEVICE = {"DeviceID": "A123456", "PoliceID": "320102123"}
@@ -229,32 +229,6 @@ def test_kill_9_inside_a_batch_of_small_files_loses_nothing_and_stores_nothing_t
 
 
 
-def _resident_pages(path: Path) -> int:
-    """How many pages of the file at `path` are in the page cache: mincore(2) over a read-only mapping of it."""
-    import ctypes
-    import mmap
-
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.mmap.restype = ctypes.c_void_p
-    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
-    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
-    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-    size = path.stat().st_size
-    pages = (size + mmap.PAGESIZE - 1) // mmap.PAGESIZE
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        address = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
-        assert address not in (None, ctypes.c_void_p(-1).value), os.strerror(ctypes.get_errno())
-        try:
-            vec = (ctypes.c_ubyte * pages)()
-            assert libc.mincore(address, size, vec) == 0, os.strerror(ctypes.get_errno())
-            return sum(byte & 1 for byte in vec)
-        finally:
-            libc.munmap(address, size)
-    finally:
-        os.close(fd)
-
-
 def test_an_ingest_leaves_neither_the_recorders_files_nor_their_copies_in_the_page_cache(tmp_path: Path) -> None:
     """A recorder's file is read once and its copy read back once: both are dropped from the page cache after,
     so the next file's pages reuse theirs (docs/BENCHMARKS.md "Ingest speed"); the read-back still reads the disk.
@@ -265,20 +239,20 @@ def test_an_ingest_leaves_neither_the_recorders_files_nor_their_copies_in_the_pa
     names = [f"DCIM/LOG_{i:04d}.bin" for i in range(3)]   # not media: nothing probes the stored copy after
     volume = make_recorder_volume(tmp_path / "card", "CARD", dict.fromkeys(names, stage.DROP_SOURCE_BYTES + 123))
     os.sync()   # dropping leaves dirty pages: the recorder's files are on its disk before they are read
-    if _resident_pages(volume / names[0]) == 0:
+    if resident_pages(volume / names[0]) == 0:
         pytest.skip("written pages are not in the page cache on this filesystem")
     fd = os.open(volume / names[1], os.O_RDONLY)
     durable.drop_cache(fd)
     os.close(fd)
-    if _resident_pages(volume / names[1]):
+    if resident_pages(volume / names[1]):
         pytest.skip("this filesystem ignores POSIX_FADV_DONTNEED")
     ingestor, catalog, layout = _ingestor(tmp_path)
     done = ingestor.ingest_batch(_discover(catalog, volume, names))
     assert done.failed is None and len(done.sealed) == len(names)
     for record in done.sealed:
-        assert _resident_pages(volume / record.original_path) == 0, f"{record.original_path} left cached"
+        assert resident_pages(volume / record.original_path) == 0, f"{record.original_path} left cached"
         stored = layout.data_dir / record.store_path
-        assert _resident_pages(stored) == 0, f"copy of {record.original_path} left cached"
+        assert resident_pages(stored) == 0, f"copy of {record.original_path} left cached"
         assert record.sha256 == sha256_of(volume / record.original_path) == sha256_of(stored)
     catalog.close()
 

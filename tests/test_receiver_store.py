@@ -20,6 +20,7 @@ from edge_agent.platform.receiver import check_store
 from edge_agent.platform.receiver.fair import FairQueue
 from edge_agent.platform.receiver.store import ChunkStore, Limits
 from edge_agent.protocol.wire import ACK_COMPLETE, ACK_RECEIVING, ACK_REJECTED, chunk_count, chunk_span
+from tests.helpers import resident_pages
 
 AGENT = "ws-store-01"
 FILE_ID = "01JD5Q7M6X2V9TNEXRVZ3KXW4A"
@@ -300,3 +301,25 @@ def test_receiver_fsck_command_reports_then_repairs(tmp_path: Path) -> None:
     assert repaired.returncode == 0 and json.loads(repaired.stdout)["clean"], repaired.stderr
     assert subprocess.run(cli, capture_output=True, timeout=60).returncode == 0
     assert subprocess.run([*cli[:-1], str(tmp_path / "nothing")], capture_output=True, timeout=60).returncode == 2
+
+
+def test_chunks_made_durable_leave_the_page_cache_and_the_commit_is_whole(tmp_path: Path) -> None:
+    """Once the syncer has made a transfer's chunks durable (before any ack names them) their pages are dropped:
+    the next chunks' writes reuse them instead of new memory (docs/BENCHMARKS.md "Pages recycled"), and the
+    commit, which does not read the data back for chunks hashed in order, stores every byte all the same."""
+    store, content, doc = started(tmp_path, 64 * CHUNK + 5)
+    count = chunk_count(len(content), CHUNK)
+    for seq in range(count // 2):
+        put(store, content, seq, "crc32")
+    data = store.incoming(AGENT, FILE_ID) / "data"
+    if resident_pages(data) == 0:
+        pytest.skip("written pages are not in the page cache on this filesystem")
+    store.sync([(AGENT, FILE_ID)])
+    assert resident_pages(data) == 0
+    for seq in range(count // 2, count):
+        put(store, content, seq, "crc32")
+    assert resident_pages(data) > 0   # written since the last sync: dirty, and kept until it is durable
+    store.sync([(AGENT, FILE_ID)])
+    assert resident_pages(data) == 0
+    assert_completes(store, content, doc)
+

@@ -54,6 +54,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from edge_agent import durable
 from edge_agent.clock import now_ms
 from edge_agent.digest import hash_stream
 from edge_agent.durable import atomic_write, fsync_dir, make_dirs
@@ -567,6 +568,10 @@ class ChunkStore:
                 continue
             try:
                 os.fdatasync(fd)
+                # Durable now, and not read again on the way (the hasher takes the chunks from memory): its pages
+                # go back to the kernel for the next chunks' writes, cheaper than new ones (durable.drop_cache;
+                # 1.2-2.0 CPU-s/GiB less for the receiver, docs/BENCHMARKS.md "Pages recycled").
+                durable.drop_cache(fd)
             finally:
                 os.close(fd)
 
