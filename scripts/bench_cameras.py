@@ -18,7 +18,7 @@ same stream and the server's cost does not grow with clients), with an audio tra
             of the agent per stream.
 
     .venv/bin/python scripts/bench_cameras.py [--streams 16] [--duration 300] [--cpu-streams 4] [--cpu-s 30]
-        [--audio none pcmu aac] [--rounds 3] [--skip-load]
+        [--audio none pcmu aac] [--rounds 3] [--skip-load] [--against /path/to/another/worktree]
 """
 
 from __future__ import annotations
@@ -86,38 +86,64 @@ def ffmpeg_command(url: str, audio: str, segment_s: int, pattern: str) -> list[s
             "-f", "segment", "-segment_time", str(segment_s), "-reset_timestamps", "1", pattern]
 
 
+def recorder_process(root: Path, url: str, out: Path, every: float, segment_s: int, k: int) -> subprocess.Popen[str]:
+    """K recorders of the tree at `root` in one process, started and READY."""
+    script = RECORDER_PROCESS.format(root=str(root), url=url, out=str(out), every=every, segment_s=segment_s, k=k)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None and proc.stdin is not None
+    assert proc.stdout.readline().strip() == "READY"
+    return proc
+
+
 def bench_cpu(url: str, k: int, seconds: float, segment_s: int, every: float, workdir: Path,
-              audio: str = "none") -> dict[str, float]:
-    """One round: K streams recorded by our process and by K ffmpeg processes side by side."""
-    ours_dir, ff_dir = workdir / "ours", workdir / "ffmpeg"
+              audio: str = "none", against: Path | None = None, against_first: bool = False) -> dict[str, float]:
+    """One round: K streams recorded by our process and by K ffmpeg processes side by side; with `against`
+    (another work tree, e.g. main's), K more by that tree's recorder in a process of its own, started first
+    when `against_first` (rounds alternate: the second process of a pair tends to measure a little higher)."""
+    ours_dir, ff_dir, other_dir = workdir / "ours", workdir / "ffmpeg", workdir / "against"
     ff_dir.mkdir(parents=True)
-    script = RECORDER_PROCESS.format(root=str(ROOT), url=url, out=str(ours_dir), every=every, segment_s=segment_s,
-                                     k=k)
-    ours = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    assert ours.stdout is not None and ours.stdin is not None
-    assert ours.stdout.readline().strip() == "READY"
+    other = None
+    if against is not None and against_first:
+        other = recorder_process(against, url, other_dir, every, segment_s, k)
+    ours = recorder_process(ROOT, url, ours_dir, every, segment_s, k)
+    if against is not None and not against_first:
+        other = recorder_process(against, url, other_dir, every, segment_s, k)
+    assert ours.stdin is not None
     ffmpeg = [subprocess.Popen(ffmpeg_command(url, audio, segment_s, str(ff_dir / f"s{i}-%05d.mkv")))
               for i in range(k)]
     time.sleep(5)   # warm-up: connections, probing, imports
     mine, theirs = [psutil.Process(ours.pid)], [psutil.Process(p.pid) for p in ffmpeg]
-    c0, f0, t0 = cpu_seconds(mine), cpu_seconds(theirs), time.monotonic()
+    others = [psutil.Process(other.pid)] if other is not None else []
+    c0, f0, o0, t0 = cpu_seconds(mine), cpu_seconds(theirs), cpu_seconds(others), time.monotonic()
     time.sleep(seconds)
-    c1, f1, t1 = cpu_seconds(mine), cpu_seconds(theirs), time.monotonic()
-    ours.stdin.write("\n")
-    ours.stdin.flush()
-    ours.wait(30)
+    c1, f1, o1, t1 = cpu_seconds(mine), cpu_seconds(theirs), cpu_seconds(others), time.monotonic()
+    for proc in (ours, other):
+        if proc is not None:
+            assert proc.stdin is not None
+            proc.stdin.write("\n")
+            proc.stdin.flush()
+    for proc in (ours, other):
+        if proc is not None:
+            proc.wait(30)
     for proc in ffmpeg:
         proc.terminate()
         proc.wait(10)
     elapsed = t1 - t0
     ours_per = (c1 - c0) / elapsed / k
     ff_per = (f1 - f0) / elapsed / k
-    return {"streams": k, "audio": audio, "seconds": round(elapsed, 1),
-            "ours_cpu_per_stream_pct": round(ours_per * 100, 3), "ffmpeg_cpu_per_stream_pct": round(ff_per * 100, 3),
-            "ratio": round(ours_per / ff_per, 3),
-            "ours_bytes": sum(f.stat().st_size for f in ours_dir.rglob("*.mkv")),
-            "ffmpeg_bytes": sum(f.stat().st_size for f in ff_dir.rglob("*.mkv")),
-            "load_1min": round(os.getloadavg()[0], 2)}
+    result = {"streams": k, "audio": audio, "seconds": round(elapsed, 1),
+              "ours_cpu_per_stream_pct": round(ours_per * 100, 3), "ffmpeg_cpu_per_stream_pct": round(ff_per * 100, 3),
+              "ratio": round(ours_per / ff_per, 3),
+              "ours_bytes": sum(f.stat().st_size for f in ours_dir.rglob("*.mkv")),
+              "ffmpeg_bytes": sum(f.stat().st_size for f in ff_dir.rglob("*.mkv")),
+              "load_1min": round(os.getloadavg()[0], 2)}
+    if other is not None:
+        other_per = (o1 - o0) / elapsed / k
+        result.update(against_cpu_per_stream_pct=round(other_per * 100, 3),
+                      against_ratio=round(ours_per / other_per, 3),
+                      against_vs_ffmpeg=round(other_per / ff_per, 3), against_first=against_first,
+                      against_bytes=sum(f.stat().st_size for f in other_dir.rglob("*.mkv")))
+    return result
 
 
 def bench_cpu_rounds(args: argparse.Namespace, workdir: Path) -> dict[str, object]:
@@ -130,14 +156,16 @@ def bench_cpu_rounds(args: argparse.Namespace, workdir: Path) -> dict[str, objec
                                 bitrate_kbps=args.bitrate_kbps, audio=audio).start()
             try:
                 result = bench_cpu(server.url, args.cpu_streams, args.cpu_s, args.segment_s, args.image_check_s,
-                                   workdir / f"cpu-{audio}-{n}", audio)
+                                   workdir / f"cpu-{audio}-{n}", audio, args.against, against_first=n % 2 == 1)
             finally:
                 server.stop()
                 shutil.rmtree(workdir / f"cpu-{audio}-{n}", ignore_errors=True)
             rounds[audio].append(result)
             print(f"cpu round {n + 1}/{args.rounds} audio={audio}: ours {result['ours_cpu_per_stream_pct']}% "
                   f"ffmpeg {result['ffmpeg_cpu_per_stream_pct']}% ratio {result['ratio']}x "
-                  f"load {result['load_1min']}", flush=True)
+                  f"load {result['load_1min']}" + (f"; against {result['against_cpu_per_stream_pct']}% "
+                                                    f"(vs ffmpeg {result['against_vs_ffmpeg']}x), ours/against "
+                                                    f"{result['against_ratio']}x" if args.against else ""), flush=True)
     summary: dict[str, object] = {}
     for audio, results in rounds.items():
         summary[audio] = {
@@ -145,6 +173,10 @@ def bench_cpu_rounds(args: argparse.Namespace, workdir: Path) -> dict[str, objec
             "median_ratio": round(statistics.median(r["ratio"] for r in results), 3),
             "median_ours_pct": round(statistics.median(r["ours_cpu_per_stream_pct"] for r in results), 3),
             "median_ffmpeg_pct": round(statistics.median(r["ffmpeg_cpu_per_stream_pct"] for r in results), 3)}
+        if args.against:
+            summary[audio]["median_against_ratio"] = round(statistics.median(r["against_ratio"] for r in results), 3)
+            summary[audio]["median_against_vs_ffmpeg"] = round(
+                statistics.median(r["against_vs_ffmpeg"] for r in results), 3)
     return summary
 
 
@@ -210,6 +242,9 @@ def main() -> None:
                         choices=["none", "pcmu", "pcma", "aac", "opus"],
                         help="audio tracks to compare, one variant each (the load run uses the last)")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds per audio variant (median)")
+    parser.add_argument("--against", type=Path, default=None,
+                        help="another work tree (e.g. main's): its recorder runs too, side by side on the same server; "
+                             "prints ours/against per round (starting order alternated)")
     args = parser.parse_args()
     if not shutil.which("ffmpeg"):
         sys.exit("ffmpeg is needed for the baseline: run scripts/setup.sh")
@@ -221,7 +256,9 @@ def main() -> None:
             print(f"cpu audio={audio}: {args.cpu_streams} streams {args.width}x{args.height} {args.bitrate_kbps} "
                   f"kbit/s, {args.rounds} rounds of {args.cpu_s} s: median ours {summary['median_ours_pct']}% of "
                   f"a core per stream, ffmpeg -map 0 -c copy -f segment {summary['median_ffmpeg_pct']}%, "
-                  f"median ratio {summary['median_ratio']}x (goal <= 1.2x)")
+                  f"median ratio {summary['median_ratio']}x (goal <= 1.2x)"
+                  + (f"; ours/against median {summary['median_against_ratio']}x, against/ffmpeg "
+                     f"{summary['median_against_vs_ffmpeg']}x" if args.against else ""))
         result: dict[str, object] = {"cpu": cpu}
         if not args.skip_load:
             server = RtspServer(free_port(), "normal", width=args.width, height=args.height,
