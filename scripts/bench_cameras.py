@@ -78,6 +78,20 @@ def cpu_seconds(procs: list[psutil.Process]) -> float:
     return total
 
 
+def context_switches(procs: list[psutil.Process]) -> int:
+    """Context switches (voluntary and not) of every thread of the processes, as counted so far (a thread that
+    ended is no longer counted: compare processes whose threads live through the measurement)."""
+    total = 0
+    for proc in procs:
+        for status in Path(f"/proc/{proc.pid}/task").glob("*/status"):
+            try:
+                lines = status.read_text().splitlines()
+            except OSError:
+                continue   # the thread ended meanwhile
+            total += sum(int(line.split()[1]) for line in lines if "ctxt_switches:" in line)
+    return total
+
+
 def ffmpeg_command(url: str, audio: str, segment_s: int, pattern: str) -> list[str]:
     """`ffmpeg -c copy -map 0` into Matroska segments: every track, as we keep them. G.711 the Matroska
     muxer refuses, so for it FFmpeg writes 16-bit PCM (`-c:a pcm_s16le`), the same transform as ours."""
@@ -114,9 +128,11 @@ def bench_cpu(url: str, k: int, seconds: float, segment_s: int, every: float, wo
     time.sleep(5)   # warm-up: connections, probing, imports
     mine, theirs = [psutil.Process(ours.pid)], [psutil.Process(p.pid) for p in ffmpeg]
     others = [psutil.Process(other.pid)] if other is not None else []
+    x0 = [context_switches(side) for side in (mine, theirs, others)]
     c0, f0, o0, t0 = cpu_seconds(mine), cpu_seconds(theirs), cpu_seconds(others), time.monotonic()
     time.sleep(seconds)
     c1, f1, o1, t1 = cpu_seconds(mine), cpu_seconds(theirs), cpu_seconds(others), time.monotonic()
+    x1 = [context_switches(side) for side in (mine, theirs, others)]
     for proc in (ours, other):
         if proc is not None:
             assert proc.stdin is not None
@@ -134,12 +150,17 @@ def bench_cpu(url: str, k: int, seconds: float, segment_s: int, every: float, wo
     result = {"streams": k, "audio": audio, "seconds": round(elapsed, 1),
               "ours_cpu_per_stream_pct": round(ours_per * 100, 3), "ffmpeg_cpu_per_stream_pct": round(ff_per * 100, 3),
               "ratio": round(ours_per / ff_per, 3),
+              # context switches per stream per second: each is a thread that slept (data, the GIL, a lock) or
+              # was preempted; a wake-up costs more on an idle machine than on a busy one
+              "ours_switches_per_stream_s": round((x1[0] - x0[0]) / elapsed / k, 1),
+              "ffmpeg_switches_per_stream_s": round((x1[1] - x0[1]) / elapsed / k, 1),
               "ours_bytes": sum(f.stat().st_size for f in ours_dir.rglob("*.mkv")),
               "ffmpeg_bytes": sum(f.stat().st_size for f in ff_dir.rglob("*.mkv")),
               "load_1min": round(os.getloadavg()[0], 2)}
     if other is not None:
         other_per = (o1 - o0) / elapsed / k
         result.update(against_cpu_per_stream_pct=round(other_per * 100, 3),
+                      against_switches_per_stream_s=round((x1[2] - x0[2]) / elapsed / k, 1),
                       against_ratio=round(ours_per / other_per, 3),
                       against_vs_ffmpeg=round(other_per / ff_per, 3), against_first=against_first,
                       against_bytes=sum(f.stat().st_size for f in other_dir.rglob("*.mkv")))
@@ -163,7 +184,10 @@ def bench_cpu_rounds(args: argparse.Namespace, workdir: Path) -> dict[str, objec
             rounds[audio].append(result)
             print(f"cpu round {n + 1}/{args.rounds} audio={audio}: ours {result['ours_cpu_per_stream_pct']}% "
                   f"ffmpeg {result['ffmpeg_cpu_per_stream_pct']}% ratio {result['ratio']}x "
-                  f"load {result['load_1min']}" + (f"; against {result['against_cpu_per_stream_pct']}% "
+                  f"load {result['load_1min']}; switches/stream/s ours {result['ours_switches_per_stream_s']} "
+                  f"ffmpeg {result['ffmpeg_switches_per_stream_s']}"
+                  + (f" against {result['against_switches_per_stream_s']}" if args.against else "")
+                  + (f"; against {result['against_cpu_per_stream_pct']}% "
                                                     f"(vs ffmpeg {result['against_vs_ffmpeg']}x), ours/against "
                                                     f"{result['against_ratio']}x" if args.against else ""), flush=True)
     summary: dict[str, object] = {}
