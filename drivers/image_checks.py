@@ -19,6 +19,11 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
+# The pictures judged here are small (a 160-px thumbnail, a 320-px preview), once per camera every few seconds:
+# OpenCV's thread pool would wake a worker per call that then spins (sched_yield) waiting for more, costing
+# more than the work. This is the only OpenCV user in the agent's process.
+cv2.setNumThreads(1)
+
 THUMB_WIDTH = 160
 PREVIEW_WIDTH = 320        # the status page's picture of the last keyframe checked (a small colour JPEG)
 PREVIEW_QUALITY = 70
@@ -52,7 +57,8 @@ class ImageHealth:
 
 def thumbnail(frame: av.VideoFrame) -> np.ndarray:
     """A small grey picture of a decoded frame."""
-    grey = frame.to_ndarray(format="gray")
+    # One thread: swscale's default (0: one per core) starts and ends a pool of threads at every call.
+    grey = frame.to_ndarray(format="gray", threads=1)
     height = max(1, round(grey.shape[0] * THUMB_WIDTH / max(1, grey.shape[1])))
     small = cv2.resize(grey, (THUMB_WIDTH, height), interpolation=cv2.INTER_AREA)
     return cv2.GaussianBlur(small, (3, 3), 0)   # compression noise between two encodings of a still scene
@@ -60,7 +66,7 @@ def thumbnail(frame: av.VideoFrame) -> np.ndarray:
 
 def preview_jpeg(frame: av.VideoFrame) -> bytes | None:
     """The frame as a small colour JPEG for a screen (PREVIEW_WIDTH wide), None if it cannot be encoded."""
-    picture = frame.to_ndarray(format="bgr24")
+    picture = frame.to_ndarray(format="bgr24", threads=1)
     height = max(1, round(picture.shape[0] * PREVIEW_WIDTH / max(1, picture.shape[1])))
     small = cv2.resize(picture, (PREVIEW_WIDTH, height), interpolation=cv2.INTER_AREA)
     ok, encoded = cv2.imencode(".jpg", small, [cv2.IMWRITE_JPEG_QUALITY, PREVIEW_QUALITY])
