@@ -27,6 +27,7 @@ from edge_agent.sources.cameras import spool_dir
 from tests.helpers import agent_config, wait_for
 from tests.peers.mosquitto import free_port
 from tests.peers.onvif_service import OnvifCamera
+from tests.peers.rtp_mute import RtpMute
 from tests.peers.rtsp_server import RtspServer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -283,6 +284,31 @@ def test_stalled_stream_is_detected_and_recording_resumes(tmp_path: Path, rtsp: 
                                                       "NULL"), timeout=30, what="recording resumed")[0]
     finally:
         agent.stop()
+    assert gap["cause"] == "stream_lost" and closed["id"] == gap["id"]
+    assert "stalled" in closed["detail"], closed["detail"]
+
+
+def test_a_camera_sending_rtcp_but_no_media_is_a_stall(tmp_path: Path, rtsp: RtspServer) -> None:
+    """An encoder that hangs while the camera's RTP stack lives: the connection never goes quiet (RTCP every
+    half second), yet no packet comes. It is a stall all the same (PyAV's read timeout: no packet for
+    stall_timeout_s), not something only a silent socket reveals."""
+    mute = RtpMute(rtsp.port).start()
+    _, cfg = cameras_config(tmp_path, [camera("bridge", rtsp=mute.url("/cam"))])   # stall_timeout_s = 3
+    agent = build_agent(cfg)
+    agent.start()
+    try:
+        wait_for(lambda: sealed_segments(agent.catalog, "bridge"), timeout=30, what="a first segment")
+        mute.mute()
+        gap = wait_for(lambda: agent.catalog.query("SELECT * FROM gaps WHERE camera = 'bridge'"), timeout=20,
+                       what="the stall noticed while RTCP still flows")[0]
+        rtcp = mute.rtcp_sent_muted
+        mute.unmute()
+        closed = wait_for(lambda: agent.catalog.query("SELECT * FROM gaps WHERE camera = 'bridge' AND end_ms IS NOT "
+                                                      "NULL"), timeout=30, what="recording resumed")[0]
+    finally:
+        agent.stop()
+        mute.close()
+    assert rtcp >= 4, f"only {rtcp} RTCP frames reached the agent while muted: the connection went quiet"
     assert gap["cause"] == "stream_lost" and closed["id"] == gap["id"]
     assert "stalled" in closed["detail"], closed["detail"]
 
