@@ -54,6 +54,8 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import psutil
@@ -328,17 +330,23 @@ def cpu_round(work: Path, parked: Path, sources: list[Path], nbytes: int) -> dic
             "speed_vs_cp_sync": round(mbs["ours"] / mbs["cp_sync"], 2)}
 
 
-def main_cpu(args: argparse.Namespace) -> None:
-    """--cpu: CPU-seconds per GiB of ingest against cp + two hashing passes, and speed against cp+sync."""
-    total = int(args.gib * (1 << 30))
-    work = Path(tempfile.mkdtemp(prefix="bench-ingest-cpu-", dir=args.dir))
+@contextmanager
+def parked_dock(args: argparse.Namespace, prefix: str) -> Iterator[tuple[Path, Path, list[Path], int]]:
+    """A scratch folder with the recorders' files written once (`--gib` over `--recorders` x `--files`), parked
+    for the rounds to dock: (work, parked, sources, their bytes); removed after."""
+    work = Path(tempfile.mkdtemp(prefix=prefix, dir=args.dir))
     try:
         parked = work / "recorders"
-        sources = make_dock(parked, args.recorders, args.files, total)
-        nbytes = sum(p.stat().st_size for p in sources)
-        rounds = [cpu_round(work, parked, sources, nbytes) for _ in range(args.rounds)]
+        sources = make_dock(parked, args.recorders, args.files, int(args.gib * (1 << 30)))
+        yield work, parked, sources, sum(p.stat().st_size for p in sources)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def main_cpu(args: argparse.Namespace) -> None:
+    """--cpu: CPU-seconds per GiB of ingest against cp + two hashing passes, and speed against cp+sync."""
+    with parked_dock(args, "bench-ingest-cpu-") as (work, parked, sources, nbytes):
+        rounds = [cpu_round(work, parked, sources, nbytes) for _ in range(args.rounds)]
     result = {"bytes": nbytes, "files": len(sources), "recorders": args.recorders, "cores": os.cpu_count(),
               "rounds": rounds,
               "median_cpu_vs_cp_2x_sha256sum": statistics.median(r["cpu_vs_cp_2x_sha256sum"] for r in rounds),
@@ -394,15 +402,8 @@ def main_paired(args: argparse.Namespace) -> None:
     other = Path(args.against).resolve()
     if not (other / ".venv/bin/edge-agent").exists():
         raise SystemExit(f"{other}/.venv/bin/edge-agent not found: run scripts/setup.sh in {other} first")
-    total = int(args.gib * (1 << 30))
-    work = Path(tempfile.mkdtemp(prefix="bench-ingest-pair-", dir=args.dir))
-    try:
-        parked = work / "recorders"
-        sources = make_dock(parked, args.recorders, args.files, total)
-        nbytes = sum(p.stat().st_size for p in sources)
+    with parked_dock(args, "bench-ingest-pair-") as (work, parked, sources, nbytes):
         rounds = [paired_round(work, parked, sources, nbytes, other, i % 2 == 1) for i in range(args.rounds)]
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
     result = {"bytes": nbytes, "files": len(sources), "against": str(other), "rounds": rounds,
               "median_speed_vs_cp_sync_mean": {k: statistics.median(r["speed_vs_cp_sync_mean"][k] for r in rounds)
                                                for k in ("ours", "other")},

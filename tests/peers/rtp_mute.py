@@ -10,25 +10,19 @@ import re
 import socket
 import struct
 import threading
+from collections.abc import Callable
+
+from tests.peers.loopback_proxy import LoopbackProxy
 
 
-class RtpMute:
+class RtpMute(LoopbackProxy):
+    name = "rtp-mute"
+
     def __init__(self, upstream_port: int, upstream_host: str = "127.0.0.1", rtcp_every_s: float = 0.5):
-        self.upstream = (upstream_host, upstream_port)
+        super().__init__(upstream_port, upstream_host)
         self.rtcp_every_s = rtcp_every_s
-        self._server = socket.create_server(("127.0.0.1", 0))
-        self.port = self._server.getsockname()[1]
         self._muted = threading.Event()
-        self._closed = threading.Event()
         self.rtcp_sent_muted = 0   # RTCP frames the client got while muted (the server's and repeats)
-        self._acceptor = threading.Thread(target=self._accept, name="rtp-mute-accept", daemon=True)
-
-    def url(self, path: str) -> str:
-        return f"rtsp://127.0.0.1:{self.port}{path}"
-
-    def start(self) -> RtpMute:
-        self._acceptor.start()
-        return self
 
     def mute(self) -> None:
         self._muted.set()
@@ -36,17 +30,8 @@ class RtpMute:
     def unmute(self) -> None:
         self._muted.clear()
 
-    def close(self) -> None:
-        self._closed.set()
-        self._server.close()
-
-    def _accept(self) -> None:
-        while not self._closed.is_set():
-            try:
-                client, _ = self._server.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._connection, args=(client,), name="rtp-mute-pipe", daemon=True).start()
+    def _accepted(self, client: socket.socket) -> Callable[[], None]:
+        return lambda: self._connection(client)
 
     def _connection(self, client: socket.socket) -> None:
         upstream = socket.create_connection(self.upstream, timeout=5)

@@ -10,43 +10,27 @@ import re
 import select
 import socket
 import struct
-import threading
+from collections.abc import Callable
+
+from tests.peers.loopback_proxy import LoopbackProxy
 
 
-class RtspTap:
+class RtspTap(LoopbackProxy):
+    name = "rtsp-tap"
+
     def __init__(self, upstream_port: int, upstream_host: str = "127.0.0.1"):
-        self.upstream = (upstream_host, upstream_port)
-        self._server = socket.create_server(("127.0.0.1", 0))
-        self.port = self._server.getsockname()[1]
+        super().__init__(upstream_port, upstream_host)
         self.sent: list[bytearray] = []   # per connection, in order: what the server wrote to it
-        self._closed = threading.Event()
-        self._threads: list[threading.Thread] = []
-        self._acceptor = threading.Thread(target=self._accept, name="rtsp-tap-accept", daemon=True)
-
-    def url(self, path: str) -> str:
-        return f"rtsp://127.0.0.1:{self.port}{path}"
-
-    def start(self) -> RtspTap:
-        self._acceptor.start()
-        return self
 
     def close(self) -> None:
-        self._closed.set()
-        self._server.close()
+        super().close()
         for thread in self._threads:
             thread.join(5)
 
-    def _accept(self) -> None:
-        while not self._closed.is_set():
-            try:
-                client, _ = self._server.accept()
-            except OSError:
-                return
-            record = bytearray()
-            self.sent.append(record)
-            thread = threading.Thread(target=self._pipe, args=(client, record), name="rtsp-tap-pipe", daemon=True)
-            self._threads.append(thread)
-            thread.start()
+    def _accepted(self, client: socket.socket) -> Callable[[], None]:
+        record = bytearray()
+        self.sent.append(record)
+        return lambda: self._pipe(client, record)
 
     def _pipe(self, client: socket.socket, record: bytearray) -> None:
         upstream = socket.create_connection(self.upstream, timeout=5)

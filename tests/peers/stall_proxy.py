@@ -9,24 +9,21 @@ import select
 import socket
 import struct
 import threading
+from collections.abc import Callable
+
+from tests.peers.loopback_proxy import LoopbackProxy
 
 
-class StallProxy:
+class StallProxy(LoopbackProxy):
+    name = "stall-proxy"
+
     def __init__(self, upstream_port: int, upstream_host: str = "127.0.0.1"):
-        self.upstream = (upstream_host, upstream_port)
-        self._server = socket.create_server(("127.0.0.1", 0))
-        self.port = self._server.getsockname()[1]
+        super().__init__(upstream_port, upstream_host)
         self._flowing = threading.Event()
         self._flowing.set()
-        self._closed = threading.Event()
         self._lock = threading.Lock()
         self._pairs: list[tuple[socket.socket, socket.socket]] = []
         self.connections = 0
-        self._acceptor = threading.Thread(target=self._accept, name="stall-proxy-accept", daemon=True)
-
-    def start(self) -> StallProxy:
-        self._acceptor.start()
-        return self
 
     def stall(self) -> None:
         """Stop forwarding; every socket stays open, so neither side sees the link end."""
@@ -48,19 +45,13 @@ class StallProxy:
                 _reset(sock)
 
     def close(self) -> None:
-        self._closed.set()
+        super().close()
         self._flowing.set()
-        self._server.close()
         self.cut()
 
-    def _accept(self) -> None:
-        while not self._closed.is_set():
-            try:
-                client, _ = self._server.accept()
-            except OSError:
-                return
-            self.connections += 1
-            threading.Thread(target=self._serve, args=(client,), name="stall-proxy-pipe", daemon=True).start()
+    def _accepted(self, client: socket.socket) -> Callable[[], None]:
+        self.connections += 1
+        return lambda: self._serve(client)
 
     def _serve(self, client: socket.socket) -> None:
         self._flowing.wait()
