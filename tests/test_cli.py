@@ -104,3 +104,16 @@ def test_import_refuses_a_path_that_is_not_a_folder(tmp_path: Path) -> None:
                                  "--device", "D1"])
     assert result.exit_code == 1 and "is not a folder" in result.output
     assert not (tmp_path / "data" / "catalog.sqlite").exists()
+
+
+def test_a_command_run_in_process_leaves_the_root_logger_writing_to_an_open_stream(tmp_path: Path) -> None:
+    """The CLI configures logging for its process; run in-process (CliRunner swaps sys.stderr and closes its own
+    after the command), its handler must not keep that closed stream, or every later log line of the process
+    ends in "Logging error: I/O operation on closed file"."""
+    import logging
+
+    config_path, _ = agent_config(tmp_path)
+    result = CliRunner().invoke(app, ["--config", str(config_path), "config", "check"])
+    assert result.exit_code == 0, result.output
+    handlers = [h for h in logging.getLogger().handlers if isinstance(h, logging.StreamHandler)]
+    assert handlers and all(not h.stream.closed for h in handlers)

@@ -129,6 +129,23 @@ class Options:
     json: bool
 
 
+class StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Log lines to whatever `sys.stderr` is when each is written, not to the stream it was at start: a command run
+    in-process (a test's CliRunner, which swaps sys.stderr and closes its own after the command) must not leave the
+    root logger writing to a closed stream for every later log line of the process."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property  # type: ignore[override]
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value: Any) -> None:
+        pass
+
+
 @app.callback()
 def _global(
     ctx: typer.Context,
@@ -138,7 +155,7 @@ def _global(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="log at debug level")] = False,
 ) -> None:
     # force: onvif-zeep-async calls basicConfig when imported, which would silently win over ours (and over --verbose).
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[StderrHandler()],
                         format="%(asctime)s %(levelname)s %(name)s %(message)s", force=True)
     ctx.obj = Options(config_path=resolve_config_path(config), json=as_json)
     _run.json = as_json
