@@ -57,7 +57,9 @@ def open_page(browser: object, agent: Agent):  # noqa: ANN201 - a playwright Pag
     assert agent.status_page is not None
     page = browser.new_page(viewport=KIOSK)
     page.goto(agent.status_page.url)
-    page.wait_for_selector("#live:not(:empty)")   # the event stream is connected
+    # The event stream is connected (its first board arrived). 60 s, not playwright's 30: under the full suite's
+    # load one run in several took longer (the board is read from the catalog while the agent ingests).
+    page.wait_for_selector("#live:not(:empty)", timeout=60_000)
     return page
 
 

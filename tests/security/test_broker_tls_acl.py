@@ -195,8 +195,11 @@ def test_real_agent_and_receiver_sync_over_mutual_tls_under_the_acl(secured: tup
     receiver.start()
     try:
         with running_agent(cfg) as agent:
-            make_recorder_volume(dock, "A123456", {"DCIM/100/A123456_320102123_20261122080000.MP4": 700_000},
-                                 identity={"DeviceID": "A123456", "PoliceID": "320102123"})
+            # Written aside, then docked whole (a rename): the agent never lists a file still being written.
+            prepared = make_recorder_volume(dock / ".prep", "A123456",
+                                            {"DCIM/100/A123456_320102123_20261122080000.MP4": 700_000},
+                                            identity={"DeviceID": "A123456", "PoliceID": "320102123"})
+            prepared.rename(dock / "A123456")
             # Every file on the volume travels (the identity file too); the recording is the one to follow.
             (synced,) = wait_for(lambda: [f for f in agent.catalog.files(states=["synced"])
                                           if f.original_path.endswith(".MP4")], 60, what="recording synced over TLS")
