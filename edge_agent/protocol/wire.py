@@ -242,23 +242,32 @@ class ChunkHeader:
 
     @property
     def check_name(self) -> str:
-        return CHECK_CRC32 if len(self.check) == 8 else CHECK_SHA256
+        return check_kind(self.check)
 
     def json(self) -> bytes:
         return canonical_json({"seq": self.seq, "offset": self.offset, "size": self.size,
                                self.check_name: self.check})
 
 
-def crc32_hex(data: bytes | bytearray | memoryview) -> str:
-    return f"{zlib.crc32(data):08x}"
+CHECK_WIDTH = {CHECK_CRC32: 8, CHECK_SHA256: 64}   # hex digits of each kind of chunk check
+
+
+def check_kind(value: str) -> str:
+    """The kind of a chunk check's value (a header's or a record's), told by its width."""
+    return CHECK_CRC32 if len(value) == CHECK_WIDTH[CHECK_CRC32] else CHECK_SHA256
+
+
+def check_of(data: bytes | bytearray | memoryview, kind: str) -> str:
+    """The chunk check of `data` of `kind` (crc32 or sha256), as hex. Either only shows the bytes were not damaged
+    on the way (the header is not signed: whoever can change the bytes can write a matching check of either
+    kind); that the file is the one sealed is shown by its whole SHA-256 against the signed manifest, at the
+    commit."""
+    return f"{zlib.crc32(data):08x}" if kind == CHECK_CRC32 else hashlib.sha256(data).hexdigest()
 
 
 def chunk_check(data: bytes | bytearray | memoryview, like: str) -> str:
-    """The check of `data` of the kind `like` is (a header's `check` or a record's): CRC-32 when it has 8 hex
-    digits, SHA-256 when 64. Either only shows the bytes were not damaged on the way (the header is not signed:
-    whoever can change the bytes can write a matching check of either kind); that the file is the one sealed
-    is shown by its whole SHA-256 against the signed manifest, at the commit."""
-    return crc32_hex(data) if len(like) == 8 else hashlib.sha256(data).hexdigest()
+    """The check of `data` of the kind `like` is (a header's `check` or a record's)."""
+    return check_of(data, check_kind(like))
 
 
 def encode_chunk(header: ChunkHeader, data: bytes | memoryview) -> bytes:
@@ -272,15 +281,14 @@ def chunk_frame(seq: int, offset: int, size: int, fill: Callable[[memoryview], i
     `size` bytes into `view` and returns how many it put (fewer: a short file, and None is returned); they are
     checked (`check`: crc32 or sha256) where they lie and the header written in front, so the chunk's bytes are
     not copied again."""
-    blank = "0" * (8 if check == CHECK_CRC32 else 64)
     # The header's length does not depend on the check's value (fixed width): known before the bytes are.
-    head_size = len(ChunkHeader(seq, offset, size, blank).json())
+    head_size = len(ChunkHeader(seq, offset, size, "0" * CHECK_WIDTH[check]).json())
     start = HEADER_LENGTH.size + head_size
     frame = bytearray(start + size)
     with memoryview(frame) as view, view[start:] as data:
         if fill(data) != size:
             return None
-        value = chunk_check(data, blank)
+        value = check_of(data, check)
     frame[:start] = HEADER_LENGTH.pack(head_size) + ChunkHeader(seq, offset, size, value).json()
     return frame
 
@@ -319,9 +327,9 @@ def chunk_data_check(payload: bytes) -> str | None:
     start = _header_span(payload)
     if start is None:
         return None
-    crc = payload.find(b'"crc32":', HEADER_LENGTH.size, start) >= 0
+    kind = CHECK_CRC32 if payload.find(b'"crc32":', HEADER_LENGTH.size, start) >= 0 else CHECK_SHA256
     with memoryview(payload) as view, view[start:] as data:
-        return crc32_hex(data) if crc else hashlib.sha256(data).hexdigest()
+        return check_of(data, kind)
 
 
 def chunk_count(size: int, chunk_size: int) -> int:

@@ -15,7 +15,6 @@ state machine), executes the machine's wire actions (manifest, query), and pulls
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import threading
@@ -38,9 +37,9 @@ from edge_agent.protocol.wire import (
     Ack,
     ChunkHeader,
     Topics,
+    check_of,
     chunk_frame,
     chunk_span,
-    crc32_hex,
     encode_chunk,
 )
 from edge_agent.sync.transfer import Action, SendManifest, SendQuery, Transfer
@@ -70,8 +69,7 @@ def prepare_chunk(path: Path, seq: int, size: int, chunk_size: int, at_rest: AtR
             data = reader.pread(length, offset)
         if len(data) != length:
             return None
-        value = crc32_hex(data) if check == CHECK_CRC32 else hashlib.sha256(data).hexdigest()
-        return encode_chunk(ChunkHeader(seq, offset, length, value), data)
+        return encode_chunk(ChunkHeader(seq, offset, length, check_of(data, check)), data)
     fd = os.open(path, os.O_RDONLY)
     try:
         # Read straight into the frame (chunk_frame): no second copy of the chunk's bytes to put the header first.

@@ -54,8 +54,10 @@ from edge_agent.protocol.wire import (
     ACK_COMPLETE,
     ACK_RECEIVING,
     ACK_REJECTED,
+    CHECK_CRC32,
     REASON_BUSY,
     Ack,
+    check_kind,
     chunk_count,
     to_ranges,
 )
@@ -134,7 +136,7 @@ class BucketTransfers(ChunkStore):
         SHA-256, 64; False: it exists already). StoreUnavailable on any other answer, a refused checksum
         included."""
         digest = base64.b64encode(bytes.fromhex(check)).decode("ascii")
-        checksum = {"ChecksumCRC32": digest} if len(check) == 8 else {"ChecksumSHA256": digest}
+        checksum = {"ChecksumCRC32" if check_kind(check) == CHECK_CRC32 else "ChecksumSHA256": digest}
         try:
             self.s3.put_object(Bucket=self.transfers_bucket, Key=key, Body=bytes(body), IfNoneMatch="*", **checksum)
         except ClientError as exc:
