@@ -13,7 +13,7 @@ import queue
 import stat
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Protocol
 
@@ -251,17 +251,24 @@ class Beside:
                 raise failed
 
 
-def hash_file(path: Path | os.PathLike[str], *, drop: bool = False, also: Sequence[Hasher] = ()) -> tuple[str, int]:
-    """SHA-256 and size of a file; with `drop`, the bytes come off the disk (`open_off_disk`: its cached pages
-    dropped first, and a large file read O_DIRECT) and a large file's read leaves nothing in the page cache.
-    `also`: other digests fed the same bytes in the same pass."""
+@contextmanager
+def _plain_read(path: Path | os.PathLike[str], drop: bool) -> Iterator[int]:
+    """A descriptor to read `path` with; with `drop`, off the disk (`open_off_disk`, then `done_off_disk`)."""
     fd = open_off_disk(path) if drop else os.open(path, os.O_RDONLY)
     try:
-        digest, size = hash_stream(fd, also=also)
+        yield fd
     finally:
         if drop:
             done_off_disk(fd)
         os.close(fd)
+
+
+def hash_file(path: Path | os.PathLike[str], *, drop: bool = False, also: Sequence[Hasher] = ()) -> tuple[str, int]:
+    """SHA-256 and size of a file; with `drop`, the bytes come off the disk (`open_off_disk`: its cached pages
+    dropped first, and a large file read O_DIRECT) and a large file's read leaves nothing in the page cache.
+    `also`: other digests fed the same bytes in the same pass."""
+    with _plain_read(path, drop) as fd:
+        digest, size = hash_stream(fd, also=also)
     assert digest is not None
     return digest, size
 
@@ -273,13 +280,8 @@ def hash_stored(path: Path | os.PathLike[str], file_id: str, at_rest: AtRest,
     says: edge_agent/atrest.py), as `hash_stream` with `each` and `also`; `drop` as in `hash_file`. An encrypted
     copy whose block fails authentication raises `atrest.Tampered` naming the block."""
     if not is_encrypted(path):
-        fd = open_off_disk(path) if drop else os.open(path, os.O_RDONLY)
-        try:
+        with _plain_read(path, drop) as fd:
             return hash_stream(fd, each, also=also)
-        finally:
-            if drop:
-                done_off_disk(fd)
-            os.close(fd)
     digest, size = hashlib.sha256(), 0
     with at_rest.reader(path, file_id) as reader:
         try:
