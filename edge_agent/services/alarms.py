@@ -14,6 +14,9 @@ STUCK = {
     "read_error": N_("A file could not be read: dock the recorder again; if it repeats, hand it to the technician."),
 }
 
+# A camera's blurred picture, whether the camera (ONVIF) or the agent's own check says so.
+BLURRED = N_("The camera's picture is blurred: check the lens for dirt, fog or a covering.")
+
 # What to do about an alarm, by its kind (ops/alarms and the parts that raise them): the status page's banner and,
 # in the custodian's language, `alarms list`.
 ADVICE = {
@@ -37,14 +40,14 @@ ADVICE = {
     # ONVIF tamper events of a camera (sources/cameras/onvif_watch.py): what happened, then what to do.
     "camera_scene_changed": N_("The camera's view changed (moved, turned or covered): check the camera on site and "
                                "aim it back at its place."),
-    "camera_too_blurry": N_("The camera's picture is blurred: check the lens for dirt, fog or a covering."),
+    "camera_too_blurry": BLURRED,
     "camera_too_dark": N_("The camera's picture is too dark: check whether the lens is covered and the lighting."),
     "camera_too_bright": N_("The camera's picture is too bright: check for a light shone into the lens."),
     "camera_tamper": N_("The camera reports tampering: check the camera on site and report to your supervisor."),
     # The agent's own picture checks (drivers/image_checks.py CHECKS), signed video and audio of a camera.
     "camera_black": N_("The camera's picture is black: check the camera's power, lens cover and lighting."),
     "camera_frozen": N_("The camera's picture does not change: check the camera on site; restart it if it hangs."),
-    "camera_blurred": N_("The camera's picture is blurred: check the lens for dirt, fog or a covering."),
+    "camera_blurred": BLURRED,
     "camera_covered": N_("The camera's lens seems covered: check the camera on site and report to your supervisor."),
     "camera_signature_invalid": N_("The camera's signed video no longer verifies: the stream may have been altered "
                                    "on its way; report to your supervisor and call the technician."),
@@ -77,18 +80,13 @@ ADVICE = {
 DEFAULT_ADVICE = N_("Check the alarm with edge-agent alarms list.")
 
 
-def advice(kind: str) -> str:
-    """What to do about an alarm of `kind`, in the custodian's language."""
-    return _(ADVICE.get(kind, DEFAULT_ADVICE))
-
-
 def for_user(alarm: Alarm) -> str:
     """An alarm as the custodian reads it. The daemon words each alarm in English (logs, --json, the platform):
     in English that sentence; in another language what to do about its kind (its subject names the camera,
     recorder or file), or the English sentence for a kind without advice."""
     if language() == ENGLISH or alarm.kind not in ADVICE:   # an unknown kind: its own words beat none
         return alarm.message
-    return advice(alarm.kind)
+    return _(ADVICE[alarm.kind])
 
 
 def active(ws: Workspace) -> tuple[Alarm, ...]:
