@@ -253,6 +253,14 @@ class ScriptedAgent:
         raise AssertionError(f"file {doc['file_id']} not complete after {rounds} rounds: {ack}")
 
 
+def stop_all(agent: ScriptedAgent | None, procs: list[Proc]) -> None:
+    """A test's teardown of a scripted agent (if it was made) and the receiver processes it talked to."""
+    if agent is not None:
+        agent.close()
+    for proc in procs:
+        proc.stop()
+
+
 def held_seqs(ack: dict[str, Any]) -> set[int]:
     """The chunk numbers an ack's `have` ranges name."""
     return {seq for first, last in ack["have"] for seq in range(first, last + 1)}

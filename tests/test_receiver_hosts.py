@@ -27,6 +27,7 @@ from tests.sync_support import (
     receiver_logged,
     receiver_proc,
     receiver_setup,
+    stop_all,
 )
 
 CHUNK = 64 * 1024
@@ -113,9 +114,6 @@ def test_two_receivers_on_separate_hosts_share_the_load_and_one_killed_mid_trans
         assert s3.list_objects_v2(Bucket=TRANSFERS, Prefix="transfers/").get("KeyCount", 0) == 0
         assert procs[1].alive
     finally:
-        if agent is not None:
-            agent.close()
-        for proc in procs:
-            proc.stop()
+        stop_all(agent, procs)
         seaweed.stop()
         broker.stop()

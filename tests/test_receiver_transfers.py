@@ -34,6 +34,7 @@ from tests.sync_support import (
     receiver_logged,
     receiver_proc,
     receiver_setup,
+    stop_all,
 )
 
 AGENT = "ws-xfer-01"
@@ -472,10 +473,7 @@ def test_through_mqtt_a_receiver_killed_mid_file_is_continued_by_another_on_anot
         assert not (tmp_path / "receiver-1" / "incoming" / SYNC_AGENT).exists()
         assert second.alive
     finally:
-        if agent is not None:
-            agent.close()
-        for proc in procs:
-            proc.stop()
+        stop_all(agent, procs)
 
 
 def test_through_mqtt_two_receivers_sharing_one_file_and_one_killed_mid_file_store_it_once(
@@ -518,7 +516,4 @@ def test_through_mqtt_two_receivers_sharing_one_file_and_one_killed_mid_file_sto
             assert versions(seaweed, k) == [k], f"{k} written more than once"
         assert procs[1].alive
     finally:
-        if agent is not None:
-            agent.close()
-        for proc in procs:
-            proc.stop()
+        stop_all(agent, procs)
