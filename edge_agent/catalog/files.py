@@ -177,6 +177,13 @@ class Files:
             (device_id, original_path, source_size, source_mtime_ns))
         return [FileRecord.from_row(r) for r in rows]
 
+    def uncopied_at(self, device_id: str, original_path: str) -> list[FileRecord]:
+        """The device's rows at this path that nothing has copied yet (`discovered`, no hash), newest first."""
+        rows = self._catalog.query(
+            "SELECT * FROM files WHERE device_id = ? AND original_path = ? AND state = ? AND sha256 IS NULL"
+            " ORDER BY created_ms DESC, file_id DESC", (device_id, original_path, State.DISCOVERED.value))
+        return [FileRecord.from_row(r) for r in rows]
+
     def with_fingerprint(self, device_id: str, fingerprint: str) -> list[FileRecord]:
         """The device's files whose content has this fingerprint (any path; plain or confirmed, as
         `digest.confirmed_fingerprint` writes it: `<fingerprint>+<sha256>`), oldest first."""

@@ -244,11 +244,40 @@ class Discovery:
             # SHA-256 beside it, so the two stay two source identities.
             full = self._full_hash(entry)
             fp = confirmed_fingerprint(fp, full) if full is not None else fp
+        followed = self._follow_path(entry, fp)
+        if followed is not None:
+            return followed
         twins = {r.file_id: r for r in [*here, *rows]}
         return self._new_record(entry, fp, list(twins.values()))
 
+    def _follow_path(self, entry: SourceFile, fp: str) -> FileRecord | None:
+        """The row made at this path for content that was never copied, brought up to what the path holds now.
+
+        A file listed while the recorder still wrote it (a vendor's drop folder, settle_s = 0) gets a row for
+        the size it had then; its copy is refused as changed since listed, and the next pass finds other
+        content at the path. That row stood for a moment of the file, not for a recording: it follows the file
+        (size, mtime, fingerprint) instead of staying behind as a second row that nothing will ever copy, and
+        that would keep the recorder 'collecting' for good."""
+        files = self.catalog.files
+        row = next(iter(files.uncopied_at(self.ident.device_id, entry.relative)), None)
+        if row is None:
+            return None
+        log.info("file changed before its copy device=%s path=%r file=%s size=%s->%d", self.ident.device_id,
+                 entry.relative, row.file_id, row.source_size, entry.size)
+        self._changed_before_copy(row, entry, source_fingerprint=fp)
+        return files.get(row.file_id)
+
+    def _changed_before_copy(self, row: FileRecord, entry: SourceFile, **more: Any) -> None:
+        """`row` (not copied yet) now stands for the entry as listed: its size, mtime and where it is."""
+        update: dict[str, Any] = {"source_size": entry.size, "source_mtime_ns": entry.mtime_ns,
+                                  "source_path": str(entry.path), **more}
+        if row.recorded_start_ms is not None and row.recorded_start_ms == row.recorded_end_ms == (
+                (row.source_mtime_ns or 0) // 1_000_000):   # its times came from the mtime: they follow it
+            update["recorded_start_ms"] = update["recorded_end_ms"] = entry.mtime_ns // 1_000_000
+        self.catalog.files.update(row.file_id, **update)
+
     def _known_content(self, entry: SourceFile, rows: list[FileRecord]) -> FileRecord | None:
-        """The row holding this content among `rows` (those with its fingerprint): at the same path (its mtime
+        """The row holding this content among `rows` (those with its fingerprint): at the same path (its size and mtime
         brought up to date while it is still to be copied), else a collected one anywhere on the device.
 
         A fingerprint hashes the first and last MiB only: for a larger file, a row whose SHA-256 is known is
@@ -264,8 +293,11 @@ class Discovery:
         same_path = [r for r in rows if r.original_path == entry.relative]
         if same_path:
             row = same_path[-1]
-            if row.state in _INTAKE and (row.source_mtime_ns, row.source_path) != (entry.mtime_ns, str(entry.path)):
-                self.catalog.files.update(row.file_id, source_mtime_ns=entry.mtime_ns, source_path=str(entry.path))
+            if row.state in _INTAKE and (row.source_size, row.source_mtime_ns, row.source_path) != (
+                    entry.size, entry.mtime_ns, str(entry.path)):
+                # The size too: a row made while the file grew between the walk's stat and its fingerprint
+                # holds the walk's size, and its copy would be refused as changed at every pass.
+                self._changed_before_copy(row, entry)
                 row = self.catalog.files.get(row.file_id)
             return row
         return next((r for r in rows if r.state not in _INTAKE), None)
