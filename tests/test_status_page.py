@@ -14,6 +14,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import cv2
@@ -24,7 +25,7 @@ from edge_agent.config import AgentConfig, ConfigError
 from edge_agent.daemon import Agent, build_agent
 from edge_agent.services.board import bay
 from tests.evidence_support import offline_agent_config, running_agent
-from tests.helpers import agent_config, make_recorder_volume
+from tests.helpers import agent_config, make_recorder_volume, wait_for
 
 CHROMIUM = "/usr/bin/chromium"
 # A ZFY-GA-2016's DEVICE.INI that also names the officer (identity_keys.officer_name in recorders.toml).
@@ -218,3 +219,51 @@ def test_a_cameras_last_checked_keyframe_is_on_the_page_as_a_small_jpeg(browser:
             page.close()
     finally:
         server.stop()
+
+
+@contextmanager
+def served(app: object) -> Iterator[str]:
+    """`app` on a real uvicorn at a free loopback port, for as long as the block runs; yields its URL."""
+    import threading
+
+    import uvicorn
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    wait_for(lambda: server.started, timeout=15, what="uvicorn listening")
+    try:
+        yield f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}/"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+def test_a_slow_board_read_stalls_no_other_client_and_screens_share_one_read(tmp_path: Path) -> None:
+    """The board is read off the event loop, once for every screen asking at the same time: while a catalog
+    read hangs, the page's static files are served, and the three requests waiting for the board get the one
+    read's answer when it returns."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from edge_agent.ui.page import BoardFeed, create_app
+    release, entered, reads = threading.Event(), threading.Event(), []
+
+    def slow_board() -> dict:
+        reads.append(threading.current_thread().name)
+        entered.set()
+        assert release.wait(30), "the test never released the board read"
+        return {"agent_id": "ws-01", "reads": len(reads)}
+
+    feed = BoardFeed(slow_board, interval_s=60)
+    with served(create_app(feed, "en")) as url, ThreadPoolExecutor(3) as pool:
+        waiting = [pool.submit(lambda: json.loads(urllib.request.urlopen(url + "api/board", timeout=30).read()))
+                   for _ in range(3)]
+        assert entered.wait(10)
+        with urllib.request.urlopen(url + "static/board.css", timeout=5) as response:   # the loop is free
+            assert response.status == 200 and response.read()
+        assert not any(w.done() for w in waiting), "a board was answered before its read returned"
+        release.set()
+        answers = [w.result(timeout=30) for w in waiting]
+    feed.close()
+    assert answers == [{"agent_id": "ws-01", "reads": 1}] * 3 and len(reads) == 1
+    assert reads[0].startswith("status-board"), f"the board was read on {reads[0]}, not the feed's thread"

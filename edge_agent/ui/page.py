@@ -1,9 +1,11 @@
 """The status page as an ASGI app (Starlette): the page, its vendored script and style, the board as JSON and
 as a stream of server-sent events. Read-only: every route is a GET.
 
-The board is read in the event loop's thread only (one `Workspace` for the app, see `BoardSource`), so the
-catalog connection is never shared between threads. An events client gets the board at once and then
-whenever it changes (looked at every `interval_s`).
+The board is read on one thread of its own (`BoardFeed`), never in the event loop: a catalog read that is slow
+while the agent ingests must not stall every other client, and the reader's `Workspace` (one catalog
+connection) is only ever used from that thread. It is read at most once per `interval_s`, however many screens
+watch: concurrent requests share the read in flight. An events client gets the board at once and then
+whenever it changes.
 """
 
 from __future__ import annotations
@@ -12,14 +14,16 @@ import asyncio
 import html
 import json
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from sse_starlette.sse import EventSourceResponse
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, JSONResponse, Response
+from starlette.responses import HTMLResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
@@ -49,16 +53,50 @@ def index_html(language: str, board: dict[str, Any]) -> str:
             .replace("{{setup}}", json.dumps(setup, ensure_ascii=False).replace("</", "<\\/")))
 
 
-def create_app(read_board: BoardRead, language: str, *, interval_s: float = 0.5,
+class BoardFeed:
+    """The board, read on a thread of its own at most once per `interval_s`; every route and every screen
+    shares it. `close(finish)` runs `finish` on that thread (the reader's own clean-up) and ends it."""
+
+    def __init__(self, read_board: BoardRead, interval_s: float):
+        self._read = read_board
+        self.interval_s = interval_s
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="status-board")
+        self._lock: asyncio.Lock | None = None   # made in the loop that uses it
+        self._at = float("-inf")
+        self._board: dict[str, Any] = {}
+        self._json = ""
+
+    async def current(self) -> tuple[dict[str, Any], str]:
+        """The board and its JSON, read again if the last read is older than `interval_s`."""
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        async with self._lock:
+            if time.monotonic() - self._at >= self.interval_s:
+                board = await asyncio.get_running_loop().run_in_executor(self._executor, self._read)
+                self._board = board
+                self._json = json.dumps(board, ensure_ascii=False, default=str, sort_keys=True)
+                self._at = time.monotonic()
+            return self._board, self._json
+
+    def close(self, finish: Callable[[], None] | None = None) -> None:
+        if finish is not None:
+            self._executor.submit(finish).result()
+        self._executor.shutdown(wait=True)
+
+
+def create_app(read_board: BoardRead | BoardFeed, language: str, *, interval_s: float = 0.5,
                stopping: threading.Event | None = None,
                read_thumbnail: Callable[[str], bytes | None] | None = None) -> Starlette:
-    """The page's app over `read_board` (called in the event loop's thread)."""
+    """The page's app over `read_board` (a `BoardFeed`, or a plain function the app wraps in one)."""
+    feed = read_board if isinstance(read_board, BoardFeed) else BoardFeed(read_board, interval_s)
 
     async def index(_request: Request) -> Response:
-        return HTMLResponse(index_html(language, read_board()), headers={"Cache-Control": "no-store"})
+        board, _ = await feed.current()
+        return HTMLResponse(index_html(language, board), headers={"Cache-Control": "no-store"})
 
     async def board_json(_request: Request) -> Response:
-        return JSONResponse(read_board(), headers={"Cache-Control": "no-store"})
+        _, data = await feed.current()
+        return Response(data, media_type="application/json", headers={"Cache-Control": "no-store"})
 
     async def thumbnail(request: Request) -> Response:
         """The camera's last checked keyframe as a small JPEG (404 before the first, or for no such camera)."""
@@ -71,7 +109,7 @@ def create_app(read_board: BoardRead, language: str, *, interval_s: float = 0.5,
         async def stream() -> AsyncIterator[dict[str, str]]:
             last = None
             while not await request.is_disconnected() and not (stopping and stopping.is_set()):
-                data = json.dumps(read_board(), ensure_ascii=False, default=str, sort_keys=True)
+                _, data = await feed.current()
                 if data != last:
                     last = data
                     yield {"event": "board", "data": data}

@@ -15,7 +15,7 @@ import uvicorn
 from edge_agent.config import AgentConfig
 from edge_agent.services import Workspace
 from edge_agent.services.board import DiskForecast, LiveParts, board, camera_thumbnail
-from edge_agent.ui.page import create_app
+from edge_agent.ui.page import BoardFeed, create_app
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,8 @@ class StatusPage:
         self._forecast = DiskForecast()
         self._stopping = threading.Event()
         self._ready = threading.Event()
-        app = create_app(self.read_board, language, stopping=self._stopping,
+        self._feed = BoardFeed(self.read_board, interval_s=0.5)
+        app = create_app(self._feed, language, stopping=self._stopping,
                          read_thumbnail=lambda name: camera_thumbnail(self.live, name))
         self._server = _Server(uvicorn.Config(app, host=config.ui.host, port=config.ui.port, log_level="warning",
                                               lifespan="off", access_log=False, timeout_graceful_shutdown=3),
@@ -74,8 +75,12 @@ class StatusPage:
         try:
             self._server.run()
         finally:
-            if self._workspace is not None:
-                self._workspace.close()
+            self._feed.close(self._close_workspace)   # on the feed's thread, the one that opened it
+
+    def _close_workspace(self) -> None:
+        if self._workspace is not None:
+            self._workspace.close()
+            self._workspace = None
 
     def stop(self) -> None:
         self._stopping.set()
