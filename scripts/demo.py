@@ -134,15 +134,19 @@ def snapshot(catalog_path: Path, receiver_index: Path, bucket: Bucket | None = N
 STATES = ["discovered", "staged", "sealed", "sending", "synced", "source_cleared", "rejected"]
 SHORT = {"discovered": "found", "source_cleared": "cleared", "rejected": "rej."}
 KIND = {"recorder": "", "camera": "cam "}
+DEVICE_WIDTH = 22
 
 
 def render(snap: dict, started: float, docked: list[str]) -> Group:
-    """The live table, readable at 80 columns: whole headers and device names, no vertical rules."""
+    """The live table, readable at 80 columns: whole headers, device names cut at the end if they must be,
+    no vertical rules."""
     grid = Table(title=f"edge-agent demo — {time.monotonic() - started:5.1f} s", title_justify="left",
                  box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, collapse_padding=True)
-    grid.add_column("device", no_wrap=True)
+    # A camera's ONVIF serial can be 40 characters: the name gives way (ellipsis), never the state headers.
+    grid.add_column("device", no_wrap=True, overflow="ellipsis", max_width=DEVICE_WIDTH)
     for state in STATES:
-        grid.add_column(SHORT.get(state, state), justify="right", no_wrap=True)
+        header = SHORT.get(state, state)
+        grid.add_column(header, justify="right", no_wrap=True, min_width=len(header))
     for device, counts in sorted(snap["devices"].items()):
         kind, _, name = device.partition(":")
         grid.add_row(KIND.get(kind, kind + " ") + name, *[str(counts.get(s, "")) for s in STATES])
