@@ -259,7 +259,10 @@ class Discovery:
         (size, mtime, fingerprint) instead of staying behind as a second row that nothing will ever copy, and
         that would keep the recorder 'collecting' for good."""
         files = self.catalog.files
-        row = next(iter(files.uncopied_at(self.ident.device_id, entry.relative)), None)
+        # Only a row of this docking that no copy failed on: one left by an earlier docking, or with a read
+        # error on it (its alarm raised), stands for a recording the recorder held then, and stays as it is.
+        row = next((r for r in files.uncopied_at(self.ident.device_id, entry.relative)
+                    if r.session_id == self.session_id and not r.last_error), None)
         if row is None:
             return None
         log.info("file changed before its copy device=%s path=%r file=%s size=%s->%d", self.ident.device_id,
