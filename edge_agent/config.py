@@ -349,6 +349,8 @@ class ReceiverSection(_Section):
     # Limits (docs/OPERATIONS.md "Receiver limits"): beyond them a new transfer is answered `receiving`/`busy`.
     max_open_transfers_per_agent: Annotated[int, Field(ge=1)] = 64
     max_reserved_gb_per_agent: Annotated[float, Field(gt=0)] = 256   # sum of the sizes of its open transfers
+    # One agent's messages queued in memory before the rest are dropped (each ack tells the agent, `max_queued_bytes`)
+    max_queued_mib_per_agent: Annotated[float, Field(gt=0, le=4096)] = 192
     min_free_gb: Annotated[float, Field(ge=0)] = 5                   # free space kept on the store's disk
     incoming_expiry_days: Annotated[float, Field(gt=0)] = 7          # an untouched transfer is dropped after
     signing_key_dir: Path | None = None   # the receiver's Ed25519 receipt key; default <store_dir>/keys
