@@ -226,9 +226,10 @@ def drain(work: Path, port: int, *, backlog: int, file_size: int, chunk_kib: int
     meter = WireMeter(port)
     agent = subprocess.Popen([PY, "-m", "edge_agent.cli", "--config", str(agent_toml), "run"], stderr=logs[0])
     samples: list[int] = []
+    receiver_samples: list[int] = []
     stop = threading.Event()
-    sampler = threading.Thread(target=peak_rss, args=(agent.pid, stop, samples), daemon=True)
-    sampler.start()
+    threading.Thread(target=peak_rss, args=(agent.pid, stop, samples), daemon=True).start()
+    threading.Thread(target=peak_rss, args=(receiver.pid, stop, receiver_samples), daemon=True).start()
     if not online.wait(60):
         raise RuntimeError(f"the agent did not come online; see {work}/agent.log")
     started = time.monotonic()
@@ -270,6 +271,7 @@ def drain(work: Path, port: int, *, backlog: int, file_size: int, chunk_kib: int
         raise RuntimeError(f"receiver stored {stored} bytes, backlog was {backlog}")
     return {"files": files, "bytes": backlog, "seconds": elapsed, "mb_s": backlog / elapsed / 1e6,
             "link_mb_s": meter.rate() / 1e6, "peak_rss_mb": max(samples, default=0) / 2**20,
+            "receiver_peak_rss_mb": max(receiver_samples, default=0) / 2**20,
             "cpu_s": cpu, "switches": switched, "load": os.getloadavg()[0], "log_signs": signs}
 
 
@@ -427,7 +429,8 @@ def main() -> None:
     print("context switches per chunk: ours " + ", ".join(f"{k} {v / chunks:.1f}" for k, v in ours["switches"].items())
           + "; raw " + ", ".join(f"{k} {v / chunks:.1f}" for k, v in baseline["switches"].items()))
     print("in the logs of the drain: " + ", ".join(f"{k} {v}" for k, v in ours["log_signs"].items()))
-    print(f"agent peak RSS during the {ours['bytes'] / 2**30:.1f} GiB drain: {ours['peak_rss_mb']:.0f} MiB")
+    print(f"agent peak RSS during the {ours['bytes'] / 2**30:.1f} GiB drain: {ours['peak_rss_mb']:.0f} MiB; "
+          f"receiver's {ours['receiver_peak_rss_mb']:.0f} MiB")
     print(f"20 GB backlog at this rate: {result['backlog_20gb_extrapolated_s'] / 60:.1f} min (extrapolated)")
     print(f"capped at {args.cap_mbit:.0f} Mbit/s ({cap_mb_s:.2f} MB/s): {capped['link_mb_s']:.2f} MB/s on the link, "
           f"first to last chunk ({result['cap_ratio'] * 100:.1f} % of the cap); {capped['bytes'] / 2**20:.0f} MiB "
