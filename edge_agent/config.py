@@ -89,7 +89,9 @@ class MqttSection(_Section):
     username: str | None = None
     password_file: Path | None = None
     chunk_kib: Annotated[int, Field(ge=4, le=8192)] = 512   # fits a 1 MB broker packet limit (DESIGN-CHANGES)
-    window: Annotated[int, Field(ge=1, le=1024)] = 64   # chunks unacked by the receiver (docs/DESIGN-CHANGES.md)
+    # Chunks unacked by the receiver, within the share its acks state (docs/DESIGN-CHANGES.md): 128 MiB at 512 KiB,
+    # held at the broker and the receiver; the agent's paho holds at most CHUNKS_IN_CLIENT of them.
+    window: Annotated[int, Field(ge=1, le=1024)] = 256
     files_in_flight: Annotated[int, Field(ge=1, le=64)] = 8   # files sent at once, so small ones don't queue
     keepalive_s: Annotated[int, Field(ge=5, le=3600)] = 30
     ack_timeout_s: Annotated[float, Field(gt=0, le=600)] = 15
@@ -349,6 +351,8 @@ class ReceiverSection(_Section):
     # Limits (docs/OPERATIONS.md "Receiver limits"): beyond them a new transfer is answered `receiving`/`busy`.
     max_open_transfers_per_agent: Annotated[int, Field(ge=1)] = 64
     max_reserved_gb_per_agent: Annotated[float, Field(gt=0)] = 256   # sum of the sizes of its open transfers
+    # One agent's messages queued in memory before the rest are dropped (each ack tells the agent, `max_queued_bytes`)
+    max_queued_mib_per_agent: Annotated[float, Field(gt=0, le=4096)] = 192
     min_free_gb: Annotated[float, Field(ge=0)] = 5                   # free space kept on the store's disk
     incoming_expiry_days: Annotated[float, Field(gt=0)] = 7          # an untouched transfer is dropped after
     signing_key_dir: Path | None = None   # the receiver's Ed25519 receipt key; default <store_dir>/keys

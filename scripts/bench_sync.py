@@ -164,8 +164,33 @@ def peak_rss(pid: int, stop: threading.Event, out: list[int]) -> None:
             return
 
 
+LOG_SIGNS = {   # what a drain's logs say went wrong, counted per drain (each line one occurrence)
+    "receiver_dropped_over_share": "event=agent_flooding",      # the receiver's per-agent queue was full
+    "agent_ack_timeouts": "querying the receiver",              # the agent heard nothing for ack_timeout_s
+    "agent_resends": "resending manifest and what it lacks",    # a `receiving` ack with a reason
+    "broker_dropped": "Outgoing messages are being dropped",    # mosquitto's queue limits
+}
+
+
+def log_signs(*logs: Path) -> dict[str, int]:
+    text = "".join(log.read_text(errors="replace") for log in logs if log.exists())
+    return {name: text.count(sign) for name, sign in LOG_SIGNS.items()}
+
+
+def drain_logs(work: Path) -> tuple[Path, ...]:
+    return work / "agent.log", work / "receiver.log", work / "broker" / "mosquitto.log"
+
+
+def keep(work: Path, into: Path) -> None:
+    """Copies of a drain's logs in `into`, named after the drain."""
+    into.mkdir(parents=True, exist_ok=True)
+    for log_path in drain_logs(work):
+        if log_path.exists():
+            shutil.copy(log_path, into / f"{work.name}-{log_path.name}")
+
+
 def drain(work: Path, port: int, *, backlog: int, file_size: int, chunk_kib: int, window: int,
-          cap_kbps: int | None, encrypt: str | None = None) -> dict:
+          cap_kbps: int | None, encrypt: str | None = None, keep_logs: Path | None = None) -> dict:
     """Seal a backlog while the agent is offline (`edge-agent import`), then start the agent against a running
     broker and receiver; time from its `online` status to the last file `synced` in its catalog."""
     shutil.rmtree(work, ignore_errors=True)
@@ -201,9 +226,10 @@ def drain(work: Path, port: int, *, backlog: int, file_size: int, chunk_kib: int
     meter = WireMeter(port)
     agent = subprocess.Popen([PY, "-m", "edge_agent.cli", "--config", str(agent_toml), "run"], stderr=logs[0])
     samples: list[int] = []
+    receiver_samples: list[int] = []
     stop = threading.Event()
-    sampler = threading.Thread(target=peak_rss, args=(agent.pid, stop, samples), daemon=True)
-    sampler.start()
+    threading.Thread(target=peak_rss, args=(agent.pid, stop, samples), daemon=True).start()
+    threading.Thread(target=peak_rss, args=(receiver.pid, stop, receiver_samples), daemon=True).start()
     if not online.wait(60):
         raise RuntimeError(f"the agent did not come online; see {work}/agent.log")
     started = time.monotonic()
@@ -236,13 +262,17 @@ def drain(work: Path, port: int, *, backlog: int, file_size: int, chunk_kib: int
         broker.stop()
         for log in logs:
             log.close()
+        if keep_logs is not None:
+            keep(work, keep_logs)
+    signs = log_signs(*drain_logs(work))
     stored = sum(p.stat().st_size for p in (work / "received" / "objects").rglob("*")
                  if p.is_file() and not p.name.endswith(".json"))
     if stored != backlog:
         raise RuntimeError(f"receiver stored {stored} bytes, backlog was {backlog}")
     return {"files": files, "bytes": backlog, "seconds": elapsed, "mb_s": backlog / elapsed / 1e6,
             "link_mb_s": meter.rate() / 1e6, "peak_rss_mb": max(samples, default=0) / 2**20,
-            "cpu_s": cpu, "switches": switched, "load": os.getloadavg()[0]}
+            "receiver_peak_rss_mb": max(receiver_samples, default=0) / 2**20,
+            "cpu_s": cpu, "switches": switched, "load": os.getloadavg()[0], "log_signs": signs}
 
 
 def encrypted_store(work: Path, encrypt: str | None) -> dict:
@@ -339,6 +369,8 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temp dir)")
     parser.add_argument("--encrypt", default="", help="comma-separated [store] encrypt algorithms (sm4-gcm, "
                         "aes-256-gcm): the backlog drain again with each, against the plaintext drain")
+    parser.add_argument("--keep-logs", type=Path, default=None,
+                        help="copy each drain's agent, receiver and broker logs into this folder")
     parser.add_argument("--raw-role", choices=["pub", "sub"], help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--count", type=int, help=argparse.SUPPRESS)
@@ -358,7 +390,7 @@ def main() -> None:
     port = free_port()
     try:
         ours = drain(work / "drain", port, backlog=backlog, file_size=args.file_mb * 2**20,
-                     chunk_kib=args.chunk_kib, window=args.window, cap_kbps=None)
+                     chunk_kib=args.chunk_kib, window=args.window, cap_kbps=None, keep_logs=args.keep_logs)
         shutil.rmtree(work / "drain")
         encrypted = {}
         for algorithm in [a for a in args.encrypt.split(",") if a]:
@@ -396,7 +428,9 @@ def main() -> None:
     chunks = ours["bytes"] / chunk
     print("context switches per chunk: ours " + ", ".join(f"{k} {v / chunks:.1f}" for k, v in ours["switches"].items())
           + "; raw " + ", ".join(f"{k} {v / chunks:.1f}" for k, v in baseline["switches"].items()))
-    print(f"agent peak RSS during the {ours['bytes'] / 2**30:.1f} GiB drain: {ours['peak_rss_mb']:.0f} MiB")
+    print("in the logs of the drain: " + ", ".join(f"{k} {v}" for k, v in ours["log_signs"].items()))
+    print(f"agent peak RSS during the {ours['bytes'] / 2**30:.1f} GiB drain: {ours['peak_rss_mb']:.0f} MiB; "
+          f"receiver's {ours['receiver_peak_rss_mb']:.0f} MiB")
     print(f"20 GB backlog at this rate: {result['backlog_20gb_extrapolated_s'] / 60:.1f} min (extrapolated)")
     print(f"capped at {args.cap_mbit:.0f} Mbit/s ({cap_mb_s:.2f} MB/s): {capped['link_mb_s']:.2f} MB/s on the link, "
           f"first to last chunk ({result['cap_ratio'] * 100:.1f} % of the cap); {capped['bytes'] / 2**20:.0f} MiB "

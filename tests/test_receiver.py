@@ -58,6 +58,8 @@ def test_crc32_chunks_are_announced_checked_and_stored_beside_sha256_ones(
     doc = agent.send_file(content)
     ack = agent.ack(doc["file_id"], "complete")
     assert ack["chunk_checks"] == ["crc32", "sha256"]
+    # and what it queues of this agent's messages before it drops the rest (the agent's window keeps within it)
+    assert (ack["max_queued"], ack["max_queued_bytes"]) == (512, 192 * 2**20)
     assert stored_bytes(receiver, doc["file_id"]) == content
     mixed = agent.manifest(content)
     agent.send_manifest(mixed)

@@ -251,3 +251,52 @@ def test_the_agent_sends_sha256_chunks_until_an_ack_lists_crc32_then_crc32_chunk
         assert "crc32" in kinds, kinds             # then what its acks announced
         # after the switch, at most the chunks each file had framed ahead
         assert kinds[kinds.index("crc32"):].count("sha256") <= len(files) * PREPARE_AHEAD, kinds
+
+
+def test_a_window_larger_than_the_receivers_share_of_its_queue_sends_every_chunk_once(
+        tmp_path: Path, mosquitto: Mosquitto) -> None:
+    """A receiver drops an agent's messages beyond its share of its queue (`max_queued_mib_per_agent`): an agent
+    whose window was larger lost chunks there and waited out its ack timeout for each loss, then sent them again
+    (1 GiB took 18 s instead of 3 in bench_sync with a window of 256 against a 64 MiB share). The receiver's acks
+    say its share and the agent keeps within it: nothing is dropped, every chunk goes over the wire once."""
+    from tests.sync_support import ROOT, subscribed_client
+
+    chunks: list[int] = []
+    lock = threading.Lock()
+
+    def sniff(payload: bytes) -> None:
+        (length,) = struct.unpack(">I", payload[:4])
+        with lock:
+            chunks.append(json.loads(payload[4:4 + length])["seq"])
+
+    sniffer = subscribed_client(mosquitto.port, "sniffer", f"{ROOT}/+/files/+/chunk", sniff)
+    dock = tmp_path / "dock"
+    files = {"DCIM/100/REC0001.MP4": 24_000_000, "DCIM/100/REC0002.MP4": 8_000_000}   # 367 and 123 chunks
+    prepared = make_recorder_volume(dock / ".prep", "VOL1", files)
+    originals = {rel: sha256_of(prepared / rel) for rel in files}
+    # A window of 256 chunks of 64 KiB (16 MiB) against a receiver that queues 2 MiB of this agent's messages.
+    agent_toml, data_dir = agent_setup(tmp_path, mosquitto.port, dock_root=dock,
+                                       mqtt={"window": 256, "chunk_kib": 64, "ack_timeout_s": 2})
+    enrol(agent_toml, tmp_path / "enrolled")
+    store = tmp_path / "store"
+    receiver = receiver_proc(tmp_path, receiver_setup(tmp_path, mosquitto.port, store, tmp_path / "enrolled",
+                                                      max_queued_mib_per_agent=2)).start()
+    wait_for(lambda: receiver_logged(tmp_path, "mqtt connected"), 20, what="receiver connected")
+    agent = agent_proc(tmp_path, agent_toml).start()
+    os.rename(prepared, dock / "VOL1")
+    try:
+        wait_for(lambda: sum(states(data_dir).get(s, 0) for s in SETTLED) == len(files), 120,
+                 what=f"both files synced, have {states(data_dir)}")
+    finally:
+        assert agent.stop() == 0
+        assert receiver.stop() == 0
+        sniffer.disconnect()
+        sniffer.loop_stop()
+    assert_stored_once_and_identical(data_dir, store, originals)
+    agent_log = (tmp_path / "agent.log").read_text(errors="replace")
+    assert not receiver_logged(tmp_path, "event=agent_flooding")   # nothing dropped over the agent's share
+    assert "querying the receiver" not in agent_log                 # no ack timeout
+    assert "the receiver queues at most" in agent_log               # the agent heard the share and kept within it
+    total = sum(-(-size // 65536) for size in files.values())
+    with lock:
+        assert len(chunks) == total, f"{len(chunks)} chunk messages for {total} chunks"   # none sent twice

@@ -58,3 +58,46 @@ def test_stats_count_the_files_waiting_for_upload(uplink: Uplink) -> None:
 
 def test_sync_now_meta_is_exported_for_the_cli() -> None:
     assert SYNC_NOW_META == "sync_now_ms"
+
+
+def test_the_window_keeps_within_what_the_receiver_queues_of_this_agent(tmp_path: Path) -> None:
+    """A receiver drops an agent's messages beyond its share of its queue (`max_queued`, `max_queued_bytes` in its
+    acks), and a dropped chunk waits out the ack timeout: the sender keeps its chunks in flight within that share,
+    within the share of receivers before those fields (64 MiB, 256 messages) when an ack does not say, and within
+16 chunks until the first ack."""
+    from edge_agent.protocol.wire import Ack
+
+    _, cfg = agent_config(tmp_path, mqtt={"window": 1024, "chunk_kib": 512})
+    layout = StoreLayout(cfg.agent.data_dir)
+    layout.create()
+    catalog = Catalog(cfg.catalog_path)
+    try:
+        sender = Uplink(catalog, layout, cfg, version="test").sender
+        frame = 512 * 1024 + 4 + 4096   # a chunk, its header length and at most MAX_HEADER_BYTES of header
+        legacy = 64 * 2**20 // frame - 1
+        assert sender.window_now == 16   # nothing heard yet: little enough for any receiver
+        sender.heard(Ack("0" * 26, "receiving", []))   # a receiver before the fields
+        assert sender.window_now == legacy == 126
+        sender.heard(Ack("0" * 26, "receiving", [], max_queued=512, max_queued_bytes=192 * 2**20))
+        assert sender.window_now == 192 * 2**20 // frame - 1 == 380
+        sender.heard(Ack("0" * 26, "receiving", [], max_queued=40, max_queued_bytes=192 * 2**20))
+        assert sender.window_now == 40 - 32   # manifests, queries and chain documents queue there too
+        sender.heard(Ack("0" * 26, "receiving", [], max_queued=512, max_queued_bytes=1000))
+        assert sender.window_now == 1
+        sender.heard(Ack("0" * 26, "receiving", []))   # a receiver before the fields (behind a shared subscription)
+        assert sender.window_now == legacy
+    finally:
+        catalog.close()
+
+    (tmp_path / "small").mkdir()
+    _, small = agent_config(tmp_path / "small", mqtt={"window": 64})
+    layout = StoreLayout(small.agent.data_dir)
+    layout.create()
+    catalog = Catalog(small.catalog_path)
+    try:
+        sender = Uplink(catalog, layout, small, version="test").sender
+        assert sender.window_now == 16
+        sender.heard(Ack("0" * 26, "receiving", [], max_queued=512, max_queued_bytes=192 * 2**20))
+        assert sender.window_now == 64   # never beyond mqtt.window
+    finally:
+        catalog.close()

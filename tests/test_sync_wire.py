@@ -159,13 +159,16 @@ def test_the_fast_checks_of_chunk_headers_and_acks_are_never_looser_than_their_s
     ack = {"file_id": FILE_ID, "state": "receiving", "have": [[0, 15], [17, 17]]}
     acks = [ack, {"file_id": FILE_ID, "state": "receiving"}, {**ack, "sha256": None, "reason": "busy"},
             {**ack, "reason": None, "sha256": "0" * 64}, {**ack, "chunk_checks": ["crc32", "sha256"]},
-            {**ack, "chunk_checks": []}]
+            {**ack, "chunk_checks": []}, {**ack, "max_queued": 512, "max_queued_bytes": 192 * 2**20},
+            {**ack, "max_queued": 1}]
     bad_acks = [{**ack, "have": [[0]]}, {**ack, "have": [[0, -1]]}, {**ack, "have": [[0, True]]},
                 {**ack, "have": [(0, 1)]}, {**ack, "file_id": FILE_ID.lower()}, {**ack, "state": "complete"},
                 {**ack, "reason": "x" * 1001}, {**ack, "sha256": "g" * 64}, {**ack, "receipt": {}},
                 {"state": "receiving", "have": []}, {**ack, "have": {}}, None, {**ack, "chunk_checks": "crc32"},
                 {**ack, "chunk_checks": [1]}, {**ack, "chunk_checks": ["x" * 17]}, {**ack, "chunk_checks": ["a"] * 9},
-                {**ack, "chunk_checks": None}]
+                {**ack, "chunk_checks": None}, {**ack, "max_queued": 0}, {**ack, "max_queued": 1.0},
+                {**ack, "max_queued": True}, {**ack, "max_queued": "512"}, {**ack, "max_queued_bytes": -1},
+                {**ack, "max_queued_bytes": 2**53}, {**ack, "max_queued": None}]
     for name, good, bad in (("chunk-header", headers, bad_headers), ("ack", acks, bad_acks)):
         fast, full = _FAST_PATH[name], jsonschema.Draft202012Validator(schema(name))
         for value in good:

@@ -39,6 +39,9 @@ REASON_BUSY = "busy"   # `receiving` with this reason: the receiver cannot take 
 # only to a receiver that announced it, `sha256` (what every receiver takes) otherwise (docs/PROTOCOL.md 3).
 CHECK_CRC32, CHECK_SHA256 = "crc32", "sha256"
 CHUNK_CHECKS = (CHECK_CRC32, CHECK_SHA256)
+# What a receiver before `max_queued` (in its acks) queued of one agent's messages, and their bytes, before it dropped
+# the rest: an agent that heard no `max_queued` keeps its unacknowledged chunks within these (docs/PROTOCOL.md 4).
+LEGACY_MAX_QUEUED, LEGACY_MAX_QUEUED_BYTES = 256, 64 * 1024**2
 
 
 class WireError(ValueError):
@@ -159,7 +162,8 @@ def _validator(name: str) -> jsonschema.protocols.Validator:
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _HEX8 = re.compile(r"[0-9a-f]{8}")
 _MAX_SAFE = 9007199254740991
-_PROGRESS_ACK_KEYS = frozenset({"file_id", "state", "have", "sha256", "reason", "chunk_checks"})
+_PROGRESS_ACK_KEYS = frozenset({"file_id", "state", "have", "sha256", "reason", "chunk_checks", "max_queued",
+                                "max_queued_bytes"})
 
 
 def _plain_chunk_header(value: Any) -> bool:
@@ -184,7 +188,10 @@ def _plain_progress_ack(value: Any) -> bool:
         return False
     file_id, have = value.get("file_id"), value.get("have", [])
     sha256, reason, checks = value.get("sha256"), value.get("reason"), value.get("chunk_checks", [])
-    return (type(file_id) is str and FILE_ID_PATTERN.fullmatch(file_id) is not None and type(have) is list
+    queued, queued_bytes = value.get("max_queued", 1), value.get("max_queued_bytes", 1)
+    return (type(queued) is int and 1 <= queued <= _MAX_SAFE and type(queued_bytes) is int
+            and 1 <= queued_bytes <= _MAX_SAFE
+            and type(file_id) is str and FILE_ID_PATTERN.fullmatch(file_id) is not None and type(have) is list
             and all(type(r) is list and len(r) == 2 and type(r[0]) is int and type(r[1]) is int
                     and r[0] >= 0 and r[1] >= 0 for r in have)
             and (sha256 is None or (type(sha256) is str and _HEX64.fullmatch(sha256) is not None))
@@ -404,6 +411,9 @@ class Ack:
     reason: str | None = None
     receipt: dict[str, Any] | None = None   # the receiver's signed receipt (complete, rejected)
     chunk_checks: tuple[str, ...] | None = None   # the chunk checks the receiver takes (CHUNK_CHECKS); None: sha256
+    # What the receiver queues of this agent's messages (and bytes) before it drops the rest; None: the LEGACY_ values
+    max_queued: int | None = None
+    max_queued_bytes: int | None = None
 
     @classmethod
     def from_json(cls, doc: dict[str, Any]) -> Ack:
@@ -413,7 +423,8 @@ class Ack:
         the state, or adds what a later version defines, is understood."""
         checks = doc.get("chunk_checks")
         return cls(doc["file_id"], doc["state"], doc.get("have") or [], doc.get("sha256"), doc.get("reason"),
-                   doc.get("receipt"), None if checks is None else tuple(checks))
+                   doc.get("receipt"), None if checks is None else tuple(checks), doc.get("max_queued"),
+                   doc.get("max_queued_bytes"))
 
     def encode(self) -> bytes:
         body: dict[str, Any] = {"file_id": self.file_id, "state": self.state, "have": self.have,
@@ -422,4 +433,8 @@ class Ack:
             body["receipt"] = self.receipt
         if self.chunk_checks is not None:
             body["chunk_checks"] = list(self.chunk_checks)
+        if self.max_queued is not None:
+            body["max_queued"] = self.max_queued
+        if self.max_queued_bytes is not None:
+            body["max_queued_bytes"] = self.max_queued_bytes
         return canonical_json(body)

@@ -4,7 +4,10 @@
 (`Outgoing`: the catalog record, the manifest bytes, the stored copy's descriptor and its `Transfer`
 state machine), executes the machine's wire actions (manifest, query), and pulls chunks in order:
 
-- the window: at most `mqtt.window` chunks unacknowledged by the receiver across all files;
+- the window: at most `mqtt.window` chunks unacknowledged by the receiver across all files, and no more than the
+  receiver queues of this agent's messages (`max_queued`, `max_queued_bytes` in its acks; receivers before those
+  fields: `LEGACY_MAX_QUEUED*`; `FIRST_WINDOW` until the first ack): a receiver drops what goes beyond, and a
+  dropped chunk waits for the ack timeout;
 - paho's own queue: at most `CHUNKS_IN_CLIENT` chunks handed to paho and not yet PUBACKed by the broker
   (paho keeps each in memory until then, so this, not the window, bounds the agent's memory);
 - the bandwidth cap (`mqtt.bandwidth_kbps`, a `TokenBucket`), and while the uplink yields to the docks
@@ -34,6 +37,10 @@ from edge_agent.protocol.pacing import TokenBucket
 from edge_agent.protocol.wire import (
     CHECK_CRC32,
     CHECK_SHA256,
+    HEADER_LENGTH,
+    LEGACY_MAX_QUEUED,
+    LEGACY_MAX_QUEUED_BYTES,
+    MAX_HEADER_BYTES,
     Ack,
     ChunkHeader,
     Topics,
@@ -49,6 +56,12 @@ log = logging.getLogger(__name__)
 CHUNKS_IN_CLIENT = 32
 READ_AHEAD_CHUNKS = 8   # the kernel reads this far ahead of the chunk being sent (posix_fadvise WILLNEED)
 PREPARE_AHEAD = 16      # chunks the reader thread reads, hashes and frames before the sender asks for them
+# Of the receiver's share of this agent's messages, what the chunks leave for the rest (manifests, queries, the chain
+# documents): messages, and chunk frames' worth of bytes.
+QUEUE_RESERVE_MESSAGES = 32
+QUEUE_RESERVE_FRAMES = 1
+# Chunks in flight before any ack said what the receiver queues: little enough for any receiver's share.
+FIRST_WINDOW = 16
 
 # QoS 1 publish of (topic, payload): paho's message info, or None when the connection is down.
 Publish = Callable[[str, bytes], "mqtt.MQTTMessageInfo | None"]
@@ -145,7 +158,9 @@ class Sender:
     def __init__(self, mqtt_cfg: MqttSection, topics: Topics, publish: Publish, *, connected: threading.Event,
                  stop: threading.Event, on_blocked: Blocked):
         self.topics = topics
-        self.window = mqtt_cfg.window
+        self.window = mqtt_cfg.window   # as configured; `room` keeps within `window_now`
+        self._frame_bytes = mqtt_cfg.chunk_kib * 1024 + HEADER_LENGTH.size + MAX_HEADER_BYTES
+        self.window_now = min(self.window, FIRST_WINDOW)   # until an ack says the receiver's share
         self.files_in_flight = mqtt_cfg.files_in_flight
         chunk_bytes = mqtt_cfg.chunk_kib * 1024
         kbps = mqtt_cfg.bandwidth_kbps
@@ -209,6 +224,20 @@ class Sender:
         and behind a shared subscription the last receiver heard decides; a chunk one of them refuses is sent
         again, as any refused chunk is). Forging this gains nothing: neither check is a custody check."""
         self.chunk_check = CHECK_CRC32 if CHECK_CRC32 in (ack.chunk_checks or ()) else CHECK_SHA256
+        queued = ack.max_queued if ack.max_queued is not None else LEGACY_MAX_QUEUED
+        queued_bytes = ack.max_queued_bytes if ack.max_queued_bytes is not None else LEGACY_MAX_QUEUED_BYTES
+        window = self._window_within(queued, queued_bytes)
+        if window != self.window_now:
+            if window < self.window:
+                log.info("the receiver queues at most %d messages (%d bytes) of this agent: %d chunks in flight, "
+                         "not mqtt.window %d", queued, queued_bytes, window, self.window)
+            self.window_now = window
+
+    def _window_within(self, queued: int, queued_bytes: int) -> int:
+        """The window that keeps this agent's messages within a receiver's share of `queued` messages and
+        `queued_bytes` bytes (beyond it the receiver drops them), and within `mqtt.window`; at least 1."""
+        by_bytes = queued_bytes // self._frame_bytes - QUEUE_RESERVE_FRAMES
+        return max(1, min(self.window, queued - QUEUE_RESERVE_MESSAGES, by_bytes))
 
     def receiving(self, ack: Ack) -> None:
         """A `receiving` ack for one of the files in flight (others are ignored)."""
@@ -248,7 +277,7 @@ class Sender:
 
     def _room(self) -> bool:
         """True while the window and paho's queue have room for another chunk."""
-        if sum(len(o.transfer.outstanding) for o in self.files.values()) >= self.window:
+        if sum(len(o.transfer.outstanding) for o in self.files.values()) >= self.window_now:
             return False
         while self._in_client and _settled(self._in_client[0]):
             self._in_client.popleft()

@@ -3,8 +3,9 @@
 paho hands every message over in the order the broker sent it; one FIFO would make an honest agent's chunk wait
 behind everything a flooding agent sent before it. Here each agent has its own queue, taken round-robin, within a
 share of messages and bytes per agent; a message beyond its agent's share is refused (the caller PUBACKs and drops
-it: no ack has named it, so the agent sends it again when asked). Beyond the total, `put` waits: backpressure to
-the broker, as before.
+it: no ack has named it, so the agent sends it again when asked, after its ack timeout). Every ack states the share
+(`max_queued`, `max_queued_bytes`) and agents keep their window within it, so only a flood or an older agent with a
+larger window reaches it. Beyond the total, `put` waits: backpressure to the broker, as before.
 """
 
 from __future__ import annotations

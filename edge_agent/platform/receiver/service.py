@@ -93,9 +93,11 @@ PARK_POLL_S = 0.02                 # how often parked chunks look for their mani
 CHAIN_GROUP_MAX = 32               # chain answers held for one shared flush while more messages wait
 CHAIN_GROUP_S = 0.2                # ... and for at most this long while files keep the worker busy
 SWEEP_INTERVAL_S = 3600.0
-INBOUND_AGENT_MESSAGES = 256        # messages queued per agent (fair queue, taken round-robin)
-INBOUND_AGENT_BYTES = 64 * 1024**2  # and their bytes
-INBOUND_TOTAL_BYTES = 256 * 1024**2  # in all: beyond, paho waits (backpressure to the broker)
+# The fair queue (taken round-robin): per agent at most this many messages and `max_queued_mib_per_agent` of bytes,
+# beyond which its messages are dropped; every ack tells the agent both (`max_queued`, `max_queued_bytes`), and it
+# keeps its unacknowledged chunks within them (docs/PROTOCOL.md 4).
+INBOUND_AGENT_MESSAGES = 512
+INBOUND_TOTAL_BYTES = 384 * 1024**2   # in all (at least two agents' shares): beyond, paho waits (backpressure)
 LOG_EVERY_S = 10.0                  # a per-message warning, per event and agent, at most this often
 Parked = tuple[float, str, bytes, "str | None"]   # (deadline, topic, payload, data sha256)
 
@@ -166,8 +168,9 @@ class Receiver:
         self.client.on_message = self._on_message
         self.connection = Connection(self.client, config.mqtt, session_expiry_s=rc.session_expiry_s,
                                      on_up=self._subscribe)
-        self._inbound = FairQueue(agent_messages=INBOUND_AGENT_MESSAGES, agent_bytes=INBOUND_AGENT_BYTES,
-                                  total_bytes=INBOUND_TOTAL_BYTES)
+        self.max_queued_bytes = int(rc.max_queued_mib_per_agent * 1024**2)
+        self._inbound = FairQueue(agent_messages=INBOUND_AGENT_MESSAGES, agent_bytes=self.max_queued_bytes,
+                                  total_bytes=max(INBOUND_TOTAL_BYTES, 2 * self.max_queued_bytes))
         self._refused: dict[str, float] = {}   # agent -> when its refusal was last logged (the paho thread's)
         self._queue: queue.Queue[tuple[int, mqtt.MQTTMessage, str | None]] = queue.Queue(maxsize=4)
         self._chain_answers: list[tuple[str, dict[str, Any]]] = []   # sent once their documents are durable
@@ -617,7 +620,9 @@ class Receiver:
                     self._repeats.clear()
                 self._repeats[key] = (ack.state, now)
         ack = self.receipts.attach(agent_id, ack)   # complete and rejected carry the signed receipt
-        ack = dataclasses.replace(ack, chunk_checks=CHUNK_CHECKS)   # the agent may send crc32 (docs/PROTOCOL.md 3)
+        # The agent may send crc32 (docs/PROTOCOL.md 3), and keeps its chunks in flight within our share (4).
+        ack = dataclasses.replace(ack, chunk_checks=CHUNK_CHECKS, max_queued=INBOUND_AGENT_MESSAGES,
+                                  max_queued_bytes=self.max_queued_bytes)
         try:
             self.client.publish(f"{self.root}/{agent_id}/acks", ack.encode(), qos=1)
         except OSError as exc:   # mid-reconnect: the agent's query after its ack timeout gets a new answer
