@@ -101,3 +101,50 @@ def test_the_window_keeps_within_what_the_receiver_queues_of_this_agent(tmp_path
         assert sender.window_now == 64   # never beyond mqtt.window
     finally:
         catalog.close()
+
+
+def test_chunks_lost_on_the_way_halve_the_window_and_acks_give_it_back_one_by_one(tmp_path: Path) -> None:
+    """A broker whose queue for the receivers is full drops QoS 1 messages, and nothing tells the agent but the
+    ack timeout: a file that timed out with chunks out halves the window (once for all the files that timed out
+    together, never below 16), and each ack after gives one chunk back, up to the receiver's share."""
+    import os
+    import threading
+
+    from edge_agent.protocol.wire import Ack
+    from edge_agent.sync.sender import Outgoing
+    from edge_agent.sync.transfer import Phase, Transfer
+
+    _, cfg = agent_config(tmp_path, mqtt={"window": 256, "chunk_kib": 512})
+    layout = StoreLayout(cfg.agent.data_dir)
+    layout.create()
+    catalog = Catalog(cfg.catalog_path)
+    sender = Uplink(catalog, layout, cfg, version="test").sender
+    try:
+        share = Ack("0" * 26, "receiving", [], max_queued=512, max_queued_bytes=192 * 2**20)
+        sender.heard(share)
+        assert sender.window_now == 256
+        for n in range(2):   # two files, each with chunks out, silent past the ack timeout
+            file_id = _seal(catalog, f"F{n}", 8 << 20)
+            copy = tmp_path / f"F{n}"
+            copy.write_bytes(b"")
+            transfer = Transfer(file_id, 8 << 20, SHA, 512 * 1024, last_heard=0.0, phase=Phase.STREAMING)
+            transfer.outstanding = {0: 0.0, 1: 0.0}
+            sender.files[file_id] = Outgoing(catalog.get(file_id), b"{}", copy, os.open(copy, os.O_RDONLY),
+                                             transfer)
+        sender._connected = threading.Event()   # noqa: SLF001 - offline: the query is not published
+        sender.check_timeouts(now=sender.ack_timeout_s + 1)
+        assert sender.window_now == 128, "two files timed out together: one loss, one halving"
+        sender.check_timeouts(now=sender.ack_timeout_s + 2)   # nothing out any more (querying): no new loss
+        assert sender.window_now == 128
+        for expected in range(129, 257):
+            sender.heard(share)
+            assert sender.window_now == expected
+        sender.heard(share)
+        assert sender.window_now == 256, "never beyond the share"
+        for _ in range(8):
+            sender.lost()
+        assert sender.window_now == 16
+    finally:
+        for outgoing in sender.files.values():
+            outgoing.close()
+        catalog.close()

@@ -161,6 +161,8 @@ class Sender:
         self.window = mqtt_cfg.window   # as configured; `room` keeps within `window_now`
         self._frame_bytes = mqtt_cfg.chunk_kib * 1024 + HEADER_LENGTH.size + MAX_HEADER_BYTES
         self.window_now = min(self.window, FIRST_WINDOW)   # until an ack says the receiver's share
+        self._share = self.window_now   # what the receiver's share allows (`heard`)
+        self._after_loss: int | None = None   # the window since chunks were lost, growing back by one per ack
         self.files_in_flight = mqtt_cfg.files_in_flight
         chunk_bytes = mqtt_cfg.chunk_kib * 1024
         kbps = mqtt_cfg.bandwidth_kbps
@@ -226,12 +228,29 @@ class Sender:
         self.chunk_check = CHECK_CRC32 if CHECK_CRC32 in (ack.chunk_checks or ()) else CHECK_SHA256
         queued = ack.max_queued if ack.max_queued is not None else LEGACY_MAX_QUEUED
         queued_bytes = ack.max_queued_bytes if ack.max_queued_bytes is not None else LEGACY_MAX_QUEUED_BYTES
-        window = self._window_within(queued, queued_bytes)
-        if window != self.window_now:
-            if window < self.window:
+        share = self._window_within(queued, queued_bytes)
+        if share != self._share:
+            if share < self.window:
                 log.info("the receiver queues at most %d messages (%d bytes) of this agent: %d chunks in flight, "
-                         "not mqtt.window %d", queued, queued_bytes, window, self.window)
-            self.window_now = window
+                         "not mqtt.window %d", queued, queued_bytes, share, self.window)
+            self._share = share
+        if self._after_loss is not None:
+            self._after_loss += 1
+            if self._after_loss >= share:
+                self._after_loss = None
+        self.window_now = share if self._after_loss is None else self._after_loss
+
+    def lost(self) -> None:
+        """Chunks went out and no ack came for them within the ack timeout: dropped on the way (a broker whose
+        queue for the receivers is full drops QoS 1 messages, mosquitto's max_queued_messages; docs/SCALING.md),
+        or the receiver is gone. Halve the window, not below FIRST_WINDOW; each ack after gives one chunk back,
+        so a broker shared by many agents sees each of them send less until its queue has room again."""
+        halved = max(min(FIRST_WINDOW, self._share), self.window_now // 2)
+        if halved < self.window_now:
+            log.warning("chunks unacknowledged for %.0f s: %d chunks in flight instead of %d until acks come "
+                        "again (a full broker queue drops messages; see docs/SCALING.md)", self.ack_timeout_s,
+                        halved, self.window_now)
+        self._after_loss = self.window_now = halved
 
     def _window_within(self, queued: int, queued_bytes: int) -> int:
         """The window that keeps this agent's messages within a receiver's share of `queued` messages and
@@ -250,11 +269,16 @@ class Sender:
         self._execute(outgoing, actions)
 
     def check_timeouts(self, now: float) -> None:
+        lost = False
         for outgoing in list(self.files.values()):
+            out = bool(outgoing.transfer.outstanding)
             actions = outgoing.transfer.timed_out(now, self.ack_timeout_s)
             if actions:
                 log.info("file=%s no ack for %.0fs; querying the receiver", outgoing.file_id, self.ack_timeout_s)
+                lost = lost or out
             self._execute(outgoing, actions)
+        if lost:
+            self.lost()   # once for every file that timed out together: one loss, one halving
 
     def _each(self, event: Callable[[Transfer], Iterable[Action]]) -> None:
         for outgoing in list(self.files.values()):
