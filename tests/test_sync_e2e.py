@@ -102,6 +102,19 @@ def assert_stored_once_and_identical(data_dir: Path, store: Path, originals: dic
 
 
 @pytest.mark.slow
+
+def settle_then_stop(data_dir: Path, count: int, timeout: float, agent, receiver, sniffer) -> None:  # noqa: ANN001
+    """Wait until `count` files are settled on the agent, then stop the agent, the receiver and the sniffer."""
+    try:
+        wait_for(lambda: sum(states(data_dir).get(s, 0) for s in SETTLED) == count, timeout,
+                 what=f"{count} files synced, have {states(data_dir)}")
+    finally:
+        assert agent.stop() == 0
+        assert receiver.stop() == 0
+        sniffer.disconnect()
+        sniffer.loop_stop()
+
+
 def test_fifty_files_arrive_byte_identical_across_a_broker_restart_and_are_cleared_only_after_their_ack(
         tmp_path: Path, mosquitto: Mosquitto) -> None:
     rng = random.Random(3)
@@ -237,14 +250,7 @@ def test_the_agent_sends_sha256_chunks_until_an_ack_lists_crc32_then_crc32_chunk
     originals = {rel: sha256_of(prepared / rel) for rel in files}
     _toml, data_dir, store, agent, receiver = start_pair(tmp_path, mosquitto.port, dock)
     os.rename(prepared, dock / "VOL1")
-    try:
-        wait_for(lambda: sum(states(data_dir).get(s, 0) for s in SETTLED) == len(files), 60,
-                 what=f"both files synced, have {states(data_dir)}")
-    finally:
-        assert agent.stop() == 0
-        assert receiver.stop() == 0
-        sniffer.disconnect()
-        sniffer.loop_stop()
+    settle_then_stop(data_dir, len(files), 60, agent, receiver, sniffer)
     assert_stored_once_and_identical(data_dir, store, originals)
     with lock:
         assert kinds[0] == "sha256", kinds         # nothing heard from the receiver yet
@@ -284,14 +290,7 @@ def test_a_window_larger_than_the_receivers_share_of_its_queue_sends_every_chunk
     wait_for(lambda: receiver_logged(tmp_path, "mqtt connected"), 20, what="receiver connected")
     agent = agent_proc(tmp_path, agent_toml).start()
     os.rename(prepared, dock / "VOL1")
-    try:
-        wait_for(lambda: sum(states(data_dir).get(s, 0) for s in SETTLED) == len(files), 120,
-                 what=f"both files synced, have {states(data_dir)}")
-    finally:
-        assert agent.stop() == 0
-        assert receiver.stop() == 0
-        sniffer.disconnect()
-        sniffer.loop_stop()
+    settle_then_stop(data_dir, len(files), 120, agent, receiver, sniffer)
     assert_stored_once_and_identical(data_dir, store, originals)
     agent_log = (tmp_path / "agent.log").read_text(errors="replace")
     assert not receiver_logged(tmp_path, "event=agent_flooding")   # nothing dropped over the agent's share

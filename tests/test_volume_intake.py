@@ -293,62 +293,35 @@ def test_a_file_just_copied_is_not_read_whole_again_by_the_passes_after_its_copy
     assert read < 2.5 * size, f"{read / 2**20:.1f} MiB read for a {size >> 20} MiB recording"
 
 
-def test_a_file_that_grows_between_its_listing_and_its_fingerprint_is_collected_whole(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A vendor's drop folder is written while the dock walks it (settle_s = 0): the walk's stat says one size,
-    and the fingerprint, read a moment later, sees the file grown. The file must be taken once it stops
-    changing, at its final size and content, not retried forever as 'changed since it was listed'."""
+
+@pytest.mark.parametrize("point", ["fingerprint", "copy"])
+def test_a_file_that_grows_while_it_is_listed_is_one_row_taken_at_its_final_size(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, point: str) -> None:
+    """A vendor's drop folder is written while the dock walks it (settle_s = 0): the recorder appends its last MiB
+    either between the walk's stat and the file's fingerprint (the row took the walk's size, and its copy was
+    refused as 'changed since it was listed' at every pass, forever), or after its row was made and before its
+    copy (the next pass made a second row, and the first stayed 'discovered' for good, the recorder never done).
+    Either way: one row, taken at the final size and content."""
+    from edge_agent.ingest import stage
     from edge_agent.sources.docks import discovery
+    module, name = (discovery, "fingerprint") if point == "fingerprint" else (stage, "copy_hashing")
     cfg, root = directory_dock(tmp_path)
     parked = make_recorder_volume(tmp_path / "parked", "ZFY0503", {CLIP: 3 << 20}, identity=IDENTITY)
-    clip = parked / CLIP
-    tail = os.urandom(1 << 20)
-    fingerprint, grown = discovery.fingerprint, []
+    original, grown = getattr(module, name), []
 
-    def growing(path: Path) -> str:
-        if Path(path).name == clip.name and not grown:   # the recorder appends its last MiB now
+    def appended_first(path: Path, *args, **kwargs):  # noqa: ANN002, ANN003, ANN202 - the wrapped function's own
+        if Path(path).name == Path(CLIP).name and not grown:
             with open(path, "ab") as out:
-                out.write(tail)
-            grown.append(path)
-        return fingerprint(path)
-
-    monkeypatch.setattr(discovery, "fingerprint", growing)
-    with running_agent(cfg) as agent:
-        os.rename(parked, root / parked.name)
-        [record] = wait_states(agent.catalog, 1)
-        assert grown, "the fingerprint was never taken: the race was not exercised"
-        final = root / parked.name / CLIP
-        assert (record.size, record.sha256) == (final.stat().st_size, sha256_of(final)) == ((4 << 20),
-                                                                                             record.sha256)
-        left = agent.catalog.query("SELECT file_id, state, source_size FROM files WHERE state IN"
-                                   " ('discovered', 'copying')")
-        assert left == [], f"rows left behind for sizes the file no longer has: {left}"
-
-
-def test_a_file_that_grows_after_its_row_was_made_is_one_row_taken_at_its_final_size(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The file is listed and fingerprinted whole at one size, and the recorder appends to it before the copy
-    starts: the copy refuses it (changed since listed), and the next pass finds other content at the path. The
-    row made for the first size was never copied; it stands for whatever the path holds, so it follows the
-    file: one row, taken at the final size, and nothing left pending that would keep the recorder 'collecting'."""
-    from edge_agent.ingest import stage
-    cfg, root = directory_dock(tmp_path)
-    parked = make_recorder_volume(tmp_path / "parked", "ZFY0504", {CLIP: 3 << 20}, identity=IDENTITY)
-    copy_hashing, grown = stage.copy_hashing, []
-
-    def appended_first(source: Path, *args, **kwargs):  # noqa: ANN002, ANN003 - copy_hashing's own
-        if Path(source).name == Path(CLIP).name and not grown:
-            with open(source, "ab") as out:
                 out.write(os.urandom(1 << 20))
-            grown.append(source)
-        return copy_hashing(source, *args, **kwargs)
+            grown.append(path)
+        return original(path, *args, **kwargs)
 
-    monkeypatch.setattr(stage, "copy_hashing", appended_first)
+    monkeypatch.setattr(module, name, appended_first)
     with running_agent(cfg) as agent:
         os.rename(parked, root / parked.name)
         [record] = wait_states(agent.catalog, 1)
-        assert grown, "the copy was never tried: the race was not exercised"
+        assert grown, f"{name} was never called: the race was not exercised"
         final = root / parked.name / CLIP
         assert (record.size, record.sha256) == (4 << 20, sha256_of(final))
-        rows = agent.catalog.query("SELECT file_id, state, source_size FROM files")
-        assert [(r["file_id"], r["state"]) for r in rows] == [(record.file_id, "sealed")], rows
+        rows = agent.catalog.query("SELECT file_id, state FROM files")
+        assert [(r["file_id"], r["state"]) for r in rows] == [(record.file_id, "sealed")], [tuple(r) for r in rows]
