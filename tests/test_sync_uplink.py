@@ -148,3 +148,18 @@ def test_chunks_lost_on_the_way_halve_the_window_and_acks_give_it_back_one_by_on
         for outgoing in sender.files.values():
             outgoing.close()
         catalog.close()
+
+
+def test_under_a_bandwidth_cap_the_ack_timeout_covers_paho_s_queue_not_the_whole_window(tmp_path: Path) -> None:
+    """A chunk the broker has PUBACKed is past the capped link: the ack timeout waits for what paho holds (at most
+    CHUNKS_IN_CLIENT chunks) to cross it, not for the whole window (256 chunks of 512 KiB: 268 s at 4 Mbit/s, so a
+    lost chunk went unnoticed for four and a half minutes)."""
+    from edge_agent.sync.sender import CHUNKS_IN_CLIENT, ack_timeout_s
+
+    _, cfg = agent_config(tmp_path, mqtt={"window": 256, "chunk_kib": 512, "bandwidth_kbps": 4000,
+                                          "ack_timeout_s": 15})
+    paho_queue_s = CHUNKS_IN_CLIENT * 512 * 1024 / 500_000
+    assert ack_timeout_s(cfg.mqtt) == pytest.approx(15 + paho_queue_s) and ack_timeout_s(cfg.mqtt) < 60
+    small = cfg.mqtt.model_copy(update={"window": 8})
+    assert ack_timeout_s(small) == pytest.approx(15 + 8 * 512 * 1024 / 500_000)
+    assert ack_timeout_s(cfg.mqtt.model_copy(update={"bandwidth_kbps": None})) == 15

@@ -111,10 +111,12 @@ def _settled(info: mqtt.MQTTMessageInfo) -> bool:
 
 
 def ack_timeout_s(mqtt_cfg: MqttSection) -> float:
-    """How long silence means a lost ack. Under a cap a full window takes a while to drain; that is not one."""
+    """How long silence means a lost ack. Under a cap the chunks paho holds take a while to cross the slow link;
+    that is not one. Only those: a chunk the broker has PUBACKed is past the capped link, so the window beyond
+    paho's queue (256 chunks by default, 128 MiB: over four minutes at 4 Mbit/s) adds nothing to wait for."""
     kbps = mqtt_cfg.bandwidth_kbps
-    drain = mqtt_cfg.window * mqtt_cfg.chunk_kib * 1024 / (kbps * 1000 / 8) if kbps else 0.0
-    return mqtt_cfg.ack_timeout_s + drain
+    held = min(mqtt_cfg.window, CHUNKS_IN_CLIENT) * mqtt_cfg.chunk_kib * 1024
+    return mqtt_cfg.ack_timeout_s + (held / (kbps * 1000 / 8) if kbps else 0.0)
 
 
 @dataclass
