@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 import urllib.error
 import urllib.request
@@ -126,6 +127,25 @@ def test_a_raised_alarm_is_in_the_banner_with_what_to_do_and_leaves_when_cleared
         assert "Body-worn recorders" in page.inner_text("main")
         assert "No body-worn recorder is docked." in page.inner_text("#bays")
         assert page.inner_text("#days-until-full") == "No recent intake to project"
+        page.close()
+
+
+def test_on_a_chinese_page_an_alarm_leads_with_what_to_do_in_chinese(browser: object, tmp_path: Path) -> None:
+    """The daemon's alarm messages are English; a custodian reading Chinese sees what to do first, in Chinese,
+    and the message after it in small type."""
+    cfg, _root = page_agent_config(tmp_path, "zh_CN")
+    with running_agent(cfg) as agent:
+        page = open_page(browser, agent)
+        agent.catalog.raise_alarm("disk_high", "disk_high", cfg.agent.id, "disk 91% used (limit 90%)")
+        alarm = page.locator('[data-alarm="disk_high"]')
+        alarm.wait_for(timeout=10_000)
+        headline, detail = alarm.locator("strong").inner_text(), alarm.locator(".detail").inner_text()
+        assert re.search(r"[\u4e00-\u9fff]{4}", headline), f"the headline is not Chinese: {headline!r}"
+        assert "disk" not in headline and detail == "disk 91% used (limit 90%)"
+        size = lambda selector: float(alarm.locator(selector).evaluate(  # noqa: E731
+            "e => parseFloat(getComputedStyle(e).fontSize)"))
+        assert size(".detail") < size("strong")
+        screenshot(page, tmp_path / "alarm-zh.png")
         page.close()
 
 

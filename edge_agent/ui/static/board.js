@@ -90,10 +90,16 @@
     document.getElementById("cameras-title").textContent = T("Cameras");
 
     const alarms = document.getElementById("alarms");
-    alarms.replaceChildren(...board.alarms.map((a) => el("div", { class: "alarm", "data-alarm": a.key, tabindex: "0" },
-      el("strong", {}, `${T("Alarms")}: ${a.message}`),
-      el("span", { class: "advice" }, setup.advice[a.kind] || setup.default_advice),
-      el("span", { class: "since" }, `${T("since")} ${clock(a.raised_ms)} · ${a.subject}`))));
+    // The daemon's own message is English: on a page in another language what to do leads, in the page's
+    // words, and the message follows in small type for whoever services the agent.
+    const translated = setup.language !== "en";
+    alarms.replaceChildren(...board.alarms.map((a) => {
+      const advice = setup.advice[a.kind] || setup.default_advice;
+      return el("div", { class: "alarm", "data-alarm": a.key, tabindex: "0" },
+        el("strong", {}, `${T("Alarms")}: ${translated ? advice : a.message}`),
+        el("span", { class: translated ? "detail" : "advice" }, translated ? a.message : advice),
+        el("span", { class: "since" }, `${T("since")} ${clock(a.raised_ms)} · ${a.subject}`));
+    }));
     if (!board.alarms.length) alarms.replaceChildren();
     alarms.dataset.count = String(board.alarms.length);
 
