@@ -184,10 +184,13 @@ def test_custodian_commands_speak_chinese_under_a_chinese_locale(tmp_path: Path,
                 ("keys", "show"): "密钥编号",
                 ("config", "check"): "个采集站",
                 ("devices", "locations"): "摄像机位置",
-                ("sync", "now"): "等待上传"}
+                ("sync", "now"): "等待上传",
+                ("status",): "已封存待上传",                # a file's state, in words (sealed)
+                ("files", "list"): "已封存待上传"}
     for args, chinese in expected.items():
         out = cli(config_path, *args, lang="zh_CN.UTF-8")
         assert chinese in out, (args, out)
+    assert "│ sealed" in cli(config_path, "files", "list", lang="C.UTF-8")   # English: the value --state takes
 
 
 def refusal(config_path: Path, *args: str, lang: str) -> str:

@@ -201,6 +201,21 @@ def emit(ctx: typer.Context, data: Any, human: Any = None) -> None:
         console.print(human if human is not None else data)
 
 
+# A file's state (catalog/states.py) and a dock slot's (sources/docks/slots.py) as a table shows them: in English the
+# value itself (what --state takes), in Chinese what it means for the custodian. --json keeps the values.
+STATE_WORDS = {
+    "discovered": N_("discovered"), "staged": N_("staged"), "sealed": N_("sealed"), "sending": N_("sending"),
+    "synced": N_("synced"), "source_cleared": N_("source_cleared"), "purged": N_("purged"),
+    "rejected": N_("rejected"), "identifying": N_("identifying"), "ingesting": N_("ingesting"),
+    "paused": N_("paused"), "done": N_("done"), "error": N_("error"), "undocked": N_("undocked"),
+}
+
+
+def state_word(state: str | None) -> str | None:
+    """`state` in the reader's language (STATE_WORDS); a state this version does not know, as it is."""
+    return _(STATE_WORDS[state]) if state in STATE_WORDS else state
+
+
 def table(title: str | None, columns: list[str], rows: list[list[Any]], *, drop: list[str] | None = None,
           wrap: list[str] | None = None, width: int | None = None) -> Table:
     """A list view that fits the terminal: columns named in `drop` are left out, first ones first, until

@@ -13,7 +13,19 @@ import typer
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
 from edge_agent import services
-from edge_agent.cli.app import app, console, emit, fail, fmt_bytes, fmt_ms, load, options, table, workspace
+from edge_agent.cli.app import (
+    app,
+    console,
+    emit,
+    fail,
+    fmt_bytes,
+    fmt_ms,
+    load,
+    options,
+    state_word,
+    table,
+    workspace,
+)
 from edge_agent.cli.operations import render_daemon
 from edge_agent.config import ConfigError, load_config
 from edge_agent.i18n import N_, _
@@ -58,7 +70,7 @@ def status(ctx: typer.Context) -> None:
         return
     counts, unsynced = report.files_by_state, report.unsynced
     console.print(table(_("Files by state"), [_("state"), _("files")],
-                        [[state, n] for state, n in sorted(counts.items())]))
+                        [[state_word(state), n] for state, n in sorted(counts.items())]))
     console.print(render_daemon(report.daemon))
     age = report.oldest_unsynced_age_s
     console.print(_("Waiting for the platform: {files} files, {size}").format(files=unsynced.files,
@@ -125,7 +137,10 @@ def parse_since(text: str | None) -> int | None:
 @files_app.command("list")
 def files_list(
     ctx: typer.Context,
-    state: Annotated[list[str] | None, typer.Option("--state", "-s", help="only these states")] = None,
+    state: Annotated[list[str] | None, typer.Option(
+        "--state", "-s",
+        help="only these states: discovered, staged, sealed, sending, synced, source_cleared, purged, rejected",
+    )] = None,
     device: Annotated[str | None, typer.Option("--device", "-d")] = None,
     case: Annotated[str | None, typer.Option("--case")] = None,
     since: Annotated[str | None, typer.Option("--since", help="collected since a time or an age (24h, 7d)")] = None,
@@ -142,8 +157,9 @@ def files_list(
     records = found.files
     console.print(table(_("Files ({shown} of {total})").format(shown=len(records), total=found.total),
                         [_("file id"), _("state"), _("device"), _("officer"), _("recorded"), _("size"), _("path")],
-                        [[found.short_ids[r.file_id], r.state, r.device_id, r.officer_id, fmt_ms(r.recorded_start_ms),
-                          fmt_bytes(r.size or r.source_size), r.original_path] for r in records],
+                        [[found.short_ids[r.file_id], state_word(r.state), r.device_id, r.officer_id,
+                          fmt_ms(r.recorded_start_ms), fmt_bytes(r.size or r.source_size), r.original_path]
+                         for r in records],
                         drop=[_("path"), _("officer"), _("size"), _("recorded"), _("device")]))
     if found.next_cursor:
         console.print(_("Stopped at the limit of {limit}: {left} more. Next page: --cursor {cursor} "

@@ -13,7 +13,7 @@ from rich.markup import escape
 from rich.text import Text
 
 from edge_agent import services
-from edge_agent.cli.app import app, emit, fail, fmt_bytes, fmt_ms, table, workspace
+from edge_agent.cli.app import app, emit, fail, fmt_bytes, fmt_ms, state_word, table, workspace
 from edge_agent.i18n import _
 
 alarms_app = typer.Typer(no_args_is_help=True, help="Active alarms: list them, clear one you dealt with.")
@@ -227,8 +227,9 @@ def render_daemon(snapshot: Mapping[str, Any] | None) -> Any:
     if snapshot["docks"]:
         parts.append(table(_("Dock slots"), [_("dock"), _("slot"), _("device"), _("officer"), _("state"),
                                              _("pending"), _("copied"), _("rate"), _("error")],
-                           [[s["dock"], s["slot"], s["device_id"], s["officer_id"], s["state"], s["files_pending"],
-                             fmt_bytes(s["bytes_copied"]), fmt_bytes(s["rate_bps"]) + "/s", s["last_error"]]
+                           [[s["dock"], s["slot"], s["device_id"], s["officer_id"], state_word(s["state"]),
+                             s["files_pending"], fmt_bytes(s["bytes_copied"]), fmt_bytes(s["rate_bps"]) + "/s",
+                             s["last_error"]]
                             for s in snapshot["docks"]],
                            drop=[_("error"), _("rate"), _("officer"), _("copied"), _("slot")]))
     if snapshot["cameras"]:
