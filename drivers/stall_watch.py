@@ -7,10 +7,11 @@ socket timeout (the `timeout` option) needs no GIL but only catches a silent con
 encoder hangs while its RTP stack keeps sending RTCP is never silent. So the recorder opens the stream
 without a read timeout and registers its connection here.
 
-How the connection is found: no introspection of FFmpeg. `connection_of` lists the process's TCP sockets
-(psutil: fd, local and remote address) just before and just after `av.open`, and takes the one that appeared,
-connected to the camera's address and port. Two opens to the same host and port at once could not be told
-apart, so they take turns (`opening`, one lock per host and port); opens to other cameras run freely.
+How the connection is found: no introspection of FFmpeg. `StallWatch.opening` lists the process's TCP
+sockets (psutil: fd, local and remote address) just before and just after `av.open`, and takes the one that
+appeared, connected to the camera's address and port. Two connections made at once to the same host and port
+(two channels of one NVR) could not be told apart, so opens to one address take turns while connecting: the
+next one waits until the one before it has its connection, not until it has finished opening.
 
 How it is cut: one thread per process wakes a few times per stall timeout, and for each watched connection
 compares the recorder's count of video packets with the count it saw last. A connection whose count has not
@@ -38,8 +39,10 @@ log = logging.getLogger(__name__)
 
 TICKS_PER_TIMEOUT = 4      # checks per stall timeout: a stall is cut between 1 and 1.25 timeouts after the last packet
 TICK_MIN_S = 0.1
+POLL_S = 0.05              # an open waiting for the one before it to have its connection looks this often
 
 Endpoint = tuple[str, int]
+IP = ipaddress.IPv4Address | ipaddress.IPv6Address
 Conn = tuple[int, Endpoint, Endpoint]   # (fd, local address, remote address)
 
 
@@ -52,7 +55,7 @@ def tcp_connections(port: int) -> set[Conn]:
     return found
 
 
-def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+def _ip(text: str) -> IP | None:
     try:
         ip = ipaddress.ip_address(text.split("%", 1)[0])
     except ValueError:
@@ -62,7 +65,7 @@ def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     return ip
 
 
-def addresses_of(host: str, port: int) -> set[ipaddress.IPv4Address | ipaddress.IPv6Address]:
+def addresses_of(host: str, port: int) -> set[IP]:
     """The addresses `host` stands for (itself when it is one; else the resolver's answer, which FFmpeg has
     just asked for the same name)."""
     ip = _ip(host.strip("[]"))
@@ -88,33 +91,80 @@ class Watch:
     cut: bool = False   # set (under the watch's lock) when the stall watch shut the connection down
 
 
+@dataclass(eq=False)
+class _Opening:
+    """One `av.open` under way: the connections to its port before it began, and its own once known."""
+
+    before: set[Conn]
+    mine: Conn | None = None
+
+
 class StallWatch:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._watches: set[Watch] = set()
-        self._opening: dict[Endpoint, threading.Lock] = {}
+        self._holders: dict[Endpoint, _Opening] = {}   # per host and port: the open whose connection is not yet known
+        self._known: set[Conn] = set()                 # connections known to be an open's, not yet watched
         self._thread: threading.Thread | None = None
 
     @contextlib.contextmanager
     def opening(self, host: str, port: int) -> Iterator[Callable[[], Conn | None]]:
         """Around one `av.open` to `host:port`: yields a function that, called once the stream is open, returns
-        the connection that open made (None when it cannot be told: the caller goes on unwatched)."""
-        key = (host.lower(), port)
-        with self._lock:
-            turn = self._opening.setdefault(key, threading.Lock())
-        with turn:
-            before = tcp_connections(port)
+        the connection that open made (None when it cannot be told: the caller goes on unwatched).
 
+        Opens to one host and port overlap except while a connection is being made: an open waits until the
+        one before it has its connection (it looks for it itself, every `POLL_S`), then takes its own snapshot.
+        So between one open's snapshot and its connection, no other open to that address adds one."""
+        key = (host.lower(), port)
+        me = self._take_turn(key, host, port)
+        try:
             def find() -> Conn | None:
-                new = tcp_connections(port) - before
-                wanted = addresses_of(host, port)
-                with self._lock:
-                    claimed = {w.conn for w in self._watches}
-                mine = [c for c in new - claimed if _ip(c[2][0]) in wanted]
-                return mine[0] if len(mine) == 1 else None
+                if me.mine is None:
+                    me.mine = self._new_connection(me, addresses_of(host, port), port)
+                self._end_turn(key, me)
+                return me.mine
 
             yield find
+        finally:
+            self._end_turn(key, me)
+            with self._lock:
+                self._known.discard(me.mine)
+
+    def _take_turn(self, key: Endpoint, host: str, port: int) -> _Opening:
+        wanted = None
+        while True:
+            with self._lock:
+                holder = self._holders.get(key)
+                if holder is None:
+                    me = self._holders[key] = _Opening(tcp_connections(port))
+                    return me
+            if wanted is None:
+                wanted = addresses_of(host, port)
+            found = self._new_connection(holder, wanted, port)   # the open before this one: its connection yet?
+            with self._lock:
+                if found is not None and self._holders.get(key) is holder and holder.mine is None:
+                    holder.mine = found
+                    self._known.add(found)
+                    del self._holders[key]
+                    continue
+            time.sleep(POLL_S)
+
+    def _end_turn(self, key: Endpoint, me: _Opening) -> None:
+        with self._lock:
+            if self._holders.get(key) is me:
+                del self._holders[key]
+            if me.mine is not None:
+                self._known.add(me.mine)
+
+    def _new_connection(self, opening: _Opening, wanted: set[IP], port: int) -> Conn | None:
+        """The one connection to `port` at one of the `wanted` addresses made since `opening` began and not
+        another open's; None: none yet, or more than one (which cannot be told apart)."""
+        new = tcp_connections(port) - opening.before
+        with self._lock:
+            taken = {w.conn for w in self._watches} | self._known
+        mine = [c for c in new - taken if _ip(c[2][0]) in wanted]
+        return mine[0] if len(mine) == 1 else None
 
     def watch(self, camera: str, conn: Conn, stall_s: float, progress: Callable[[], int]) -> Watch:
         w = Watch(camera, conn, stall_s, progress, seen=progress())
