@@ -290,8 +290,8 @@ def test_stalled_stream_is_detected_and_recording_resumes(tmp_path: Path, rtsp: 
 
 def test_a_camera_sending_rtcp_but_no_media_is_a_stall(tmp_path: Path, rtsp: RtspServer) -> None:
     """An encoder that hangs while the camera's RTP stack lives: the connection never goes quiet (RTCP every
-    half second), yet no packet comes. It is a stall all the same (PyAV's read timeout: no packet for
-    stall_timeout_s), not something only a silent socket reveals."""
+    half second), yet no packet comes. It is a stall all the same (the stall watch: no video packet for
+    stall_timeout_s, drivers/stall_watch.py), not something only a silent socket reveals."""
     mute = RtpMute(rtsp.port).start()
     _, cfg = cameras_config(tmp_path, [camera("bridge", rtsp=mute.url("/cam"))])   # stall_timeout_s = 3
     agent = build_agent(cfg)
