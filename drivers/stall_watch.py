@@ -120,6 +120,10 @@ class StallWatch:
         me = self._take_turn(key, host, port)
         try:
             def find() -> Conn | None:
+                if me.mine is not None and me.mine not in tcp_connections(port):
+                    with self._lock:   # the connection the next open saw was closed again (FFmpeg reconnected)
+                        self._known.discard(me.mine)
+                    me.mine = None
                 if me.mine is None:
                     me.mine = self._new_connection(me, addresses_of(host, port), port)
                 self._end_turn(key, me)
