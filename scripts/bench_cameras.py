@@ -7,7 +7,8 @@ same stream and the server's cost does not grow with clients), with an audio tra
 
   cpu       our recorder (drivers/rtsp.RtspRecorder: every track remuxed into Matroska segments, G.711 as
             16-bit PCM, the signed-video checker on every video packet, fsync at every keyframe, one
-            keyframe decoded for image checks every `--image-check-s`) for K streams in one process, and
+            keyframe decoded for image checks every `--image-check-s`) for K streams in one process
+            (`--per-process N`: in processes of N recorders each), and
             K `ffmpeg -rtsp_transport tcp -i URL -map 0 -c copy -f segment` processes (G.711: `-c:a
             pcm_s16le`, as ours), side by side for `--cpu-s` seconds. CPU seconds per stream per second of
             each (psutil, user+system, after a warm-up) and our ratio (goal <= 1.2x). `--rounds` rounds,
