@@ -196,11 +196,14 @@ class StallWatch:
                 for w in self._watches:
                     if w.cut:
                         continue
-                    count = w.progress()
-                    if count != w.seen:
-                        w.seen, w.moved_at = count, now
-                    elif now - w.moved_at >= w.stall_s:
-                        w.cut = _shut(w)
+                    try:
+                        count = w.progress()
+                        if count != w.seen:
+                            w.seen, w.moved_at = count, now
+                        elif now - w.moved_at >= w.stall_s:
+                            w.cut = _shut(w)
+                    except Exception:   # a bug must not end the watch of every camera: log, go on
+                        log.exception("camera_stall_watch_fault camera=%s", w.camera)
                 self._wake.wait(max(TICK_MIN_S, min(w.stall_s for w in self._watches) / TICKS_PER_TIMEOUT))
 
 
