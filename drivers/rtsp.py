@@ -1,9 +1,9 @@
 """Continuous RTSP recording into crash-safe Matroska segments (PyAV, remux only, no transcoding).
 
 `RtspRecorder.run()` is one camera's loop: connect, remux packets into segments of about `segment_s`
-cut on keyframes, and on a stall (no packet for `stall_timeout_s`), an error or the server going away,
-report the interruption and reconnect with exponential backoff. Everything the camera service needs to
-know arrives through a `RecorderListener`; the recorder knows nothing of the catalog.
+cut on keyframes, and on a stall (no video packet for `stall_timeout_s`: drivers/stall_watch.py), an error
+or the server going away, report the interruption and reconnect with exponential backoff. Everything the
+camera service needs to know arrives through a `RecorderListener`; the recorder knows nothing of the catalog.
 
 Why Matroska: its muxer writes each cluster whole, and a file cut anywhere (kill -9, power loss) still
 plays up to its last complete cluster; a plain MP4 without its index does not. Clusters start at
@@ -67,11 +67,13 @@ from drivers.media_signing import (
     segment_verdict,
     split_nals,
 )
+from drivers.stall_watch import STALL_WATCH
 from edge_agent.durable import fsync_dir
 
 log = logging.getLogger(__name__)
 
 SEGMENT_SUFFIX = ".mkv"
+RTSP_PORTS = {"rtsp": 554, "rtsps": 322}   # the default port of each scheme
 TS_JUMP_MS = 5000          # decode timestamps moving back, or ahead by more than this, are a jump
 CLOCK_STEP_MS = 1000        # a wall-clock jump larger than this against the monotonic clock is a clock step
 BACKOFF_MIN_S = 0.5
@@ -304,6 +306,7 @@ class RtspRecorder:
         self._estimated: dict[str, object] | None = None   # the first picture's time was estimated (`_timed`)
         self._data_indexes: frozenset[int] = frozenset()   # this connection's data streams (ONVIF metadata)
         self._interrupted = True               # no packet written yet since start or the last interruption
+        self._video_seen = 0                   # timed video packets demuxed, read by the stall watch
 
     def stop(self) -> None:
         self._stop.set()
@@ -342,9 +345,23 @@ class RtspRecorder:
 
     def _session(self) -> None:
         url = self.resolve()
+        parts = urlsplit(url)
+        port = parts.port or RTSP_PORTS.get(parts.scheme.lower(), 554)
         opened_ms = self._clock.now_ms()
-        container = av.open(url, options={"rtsp_transport": "tcp", "timeout": str(int(self.stall_timeout_s * 1e6))},
-                            timeout=(max(self.stall_timeout_s, 5.0), self.stall_timeout_s))
+        # No read timeout for PyAV (its interrupt callback would take the GIL at every socket wait): FFmpeg's
+        # socket timeout (`timeout`) ends a silent connection, the stall watch one that sends no video.
+        with STALL_WATCH.opening(parts.hostname or "", port) as connection:
+            container = av.open(url, options={"rtsp_transport": "tcp",
+                                              "timeout": str(int(self.stall_timeout_s * 1e6))},
+                                timeout=(max(self.stall_timeout_s, 5.0), None))
+            conn = connection()
+        if conn is None:
+            log.warning("camera_stall_watch_unavailable camera=%s detail=the connection to %s:%s was not found among "
+                        "the process's sockets; a stall is caught only when the connection goes silent",
+                        self.camera, parts.hostname, port)
+            watch = None
+        else:
+            watch = STALL_WATCH.watch(self.camera, conn, self.stall_timeout_s, lambda: self._video_seen)
         try:
             stream = next(iter(container.streams.video), None)
             if stream is None:
@@ -361,7 +378,10 @@ class RtspRecorder:
             self.listener.connected(self.camera, redact(url))
             self._remux(container, stream, opened_ms)
         finally:
+            cut = watch is not None and STALL_WATCH.withdraw(watch)   # before the close frees the socket
             container.close()
+            if cut:
+                raise StreamError(f"stalled: no data (no video packet for {self.stall_timeout_s:g} s)")
 
     def _remux(self, container: av.container.InputContainer, stream: av.video.stream.VideoStream,
                opened_ms: float) -> None:
@@ -388,6 +408,7 @@ class RtspRecorder:
                         self._audio(cuts, packet, int(packet.pts * tick_ms[packet.stream_index] + offset_ms),
                                     received)
                     continue
+                self._video_seen += 1   # the stall watch's sign of life
                 pts_ms = packet.pts * tb_ms
                 dts_ms = packet.dts * tb_ms
                 if previous_ms is not None and not 0 <= dts_ms - previous_ms < TS_JUMP_MS:

@@ -7,7 +7,8 @@ same stream and the server's cost does not grow with clients), with an audio tra
 
   cpu       our recorder (drivers/rtsp.RtspRecorder: every track remuxed into Matroska segments, G.711 as
             16-bit PCM, the signed-video checker on every video packet, fsync at every keyframe, one
-            keyframe decoded for image checks every `--image-check-s`) for K streams in one process, and
+            keyframe decoded for image checks every `--image-check-s`) for K streams in one process
+            (`--per-process N`: in processes of N recorders each), and
             K `ffmpeg -rtsp_transport tcp -i URL -map 0 -c copy -f segment` processes (G.711: `-c:a
             pcm_s16le`, as ours), side by side for `--cpu-s` seconds. CPU seconds per stream per second of
             each (psutil, user+system, after a warm-up) and our ratio (goal <= 1.2x). `--rounds` rounds,
@@ -18,7 +19,7 @@ same stream and the server's cost does not grow with clients), with an audio tra
             of the agent per stream.
 
     .venv/bin/python scripts/bench_cameras.py [--streams 16] [--duration 300] [--cpu-streams 4] [--cpu-s 30]
-        [--audio none pcmu aac] [--rounds 3] [--skip-load] [--against /path/to/another/worktree]
+        [--audio none pcmu aac] [--rounds 3] [--skip-load] [--against /path/to/another/worktree] [--per-process N]
 """
 
 from __future__ import annotations
@@ -110,35 +111,40 @@ def recorder_process(root: Path, url: str, out: Path, every: float, segment_s: i
 
 
 def bench_cpu(url: str, k: int, seconds: float, segment_s: int, every: float, workdir: Path,
-              audio: str = "none", against: Path | None = None, against_first: bool = False) -> dict[str, float]:
+              audio: str = "none", against: Path | None = None, against_first: bool = False,
+              per_process: int | None = None) -> dict[str, float]:
     """One round: K streams recorded by our process and by K ffmpeg processes side by side; with `against`
     (another work tree, e.g. main's), K more by that tree's recorder in a process of its own, started first
-    when `against_first` (rounds alternate: the second process of a pair tends to measure a little higher)."""
+    when `against_first` (rounds alternate: the second process of a pair tends to measure a little higher).
+    `per_process`: our K streams in processes of that many recorders each (default: all K in one)."""
     ours_dir, ff_dir, other_dir = workdir / "ours", workdir / "ffmpeg", workdir / "against"
     ff_dir.mkdir(parents=True)
     other = None
     if against is not None and against_first:
         other = recorder_process(against, url, other_dir, every, segment_s, k)
-    ours = recorder_process(ROOT, url, ours_dir, every, segment_s, k)
+    per = per_process or k
+    ours_all = [recorder_process(ROOT, url, ours_dir / f"p{i}", every, segment_s, min(per, k - i))
+                for i in range(0, k, per)]
+    ours = ours_all[0]
     if against is not None and not against_first:
         other = recorder_process(against, url, other_dir, every, segment_s, k)
     assert ours.stdin is not None
     ffmpeg = [subprocess.Popen(ffmpeg_command(url, audio, segment_s, str(ff_dir / f"s{i}-%05d.mkv")))
               for i in range(k)]
     time.sleep(5)   # warm-up: connections, probing, imports
-    mine, theirs = [psutil.Process(ours.pid)], [psutil.Process(p.pid) for p in ffmpeg]
+    mine, theirs = [psutil.Process(p.pid) for p in ours_all], [psutil.Process(p.pid) for p in ffmpeg]
     others = [psutil.Process(other.pid)] if other is not None else []
     x0 = [context_switches(side) for side in (mine, theirs, others)]
     c0, f0, o0, t0 = cpu_seconds(mine), cpu_seconds(theirs), cpu_seconds(others), time.monotonic()
     time.sleep(seconds)
     c1, f1, o1, t1 = cpu_seconds(mine), cpu_seconds(theirs), cpu_seconds(others), time.monotonic()
     x1 = [context_switches(side) for side in (mine, theirs, others)]
-    for proc in (ours, other):
+    for proc in (*ours_all, other):
         if proc is not None:
             assert proc.stdin is not None
             proc.stdin.write("\n")
             proc.stdin.flush()
-    for proc in (ours, other):
+    for proc in (*ours_all, other):
         if proc is not None:
             proc.wait(30)
     for proc in ffmpeg:
@@ -177,7 +183,8 @@ def bench_cpu_rounds(args: argparse.Namespace, workdir: Path) -> dict[str, objec
                                 bitrate_kbps=args.bitrate_kbps, audio=audio).start()
             try:
                 result = bench_cpu(server.url, args.cpu_streams, args.cpu_s, args.segment_s, args.image_check_s,
-                                   workdir / f"cpu-{audio}-{n}", audio, args.against, against_first=n % 2 == 1)
+                                   workdir / f"cpu-{audio}-{n}", audio, args.against, against_first=n % 2 == 1,
+                                   per_process=args.per_process)
             finally:
                 server.stop()
                 shutil.rmtree(workdir / f"cpu-{audio}-{n}", ignore_errors=True)
@@ -269,6 +276,8 @@ def main() -> None:
     parser.add_argument("--against", type=Path, default=None,
                         help="another work tree (e.g. main's): its recorder runs too, side by side on the same server; "
                              "prints ours/against per round (starting order alternated)")
+    parser.add_argument("--per-process", type=int, default=None,
+                        help="our recorders per process in the CPU comparison (default: all in one process)")
     args = parser.parse_args()
     if not shutil.which("ffmpeg"):
         sys.exit("ffmpeg is needed for the baseline: run scripts/setup.sh")

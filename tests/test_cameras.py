@@ -290,8 +290,8 @@ def test_stalled_stream_is_detected_and_recording_resumes(tmp_path: Path, rtsp: 
 
 def test_a_camera_sending_rtcp_but_no_media_is_a_stall(tmp_path: Path, rtsp: RtspServer) -> None:
     """An encoder that hangs while the camera's RTP stack lives: the connection never goes quiet (RTCP every
-    half second), yet no packet comes. It is a stall all the same (PyAV's read timeout: no packet for
-    stall_timeout_s), not something only a silent socket reveals."""
+    half second), yet no packet comes. It is a stall all the same (the stall watch: no video packet for
+    stall_timeout_s, drivers/stall_watch.py), not something only a silent socket reveals."""
     mute = RtpMute(rtsp.port).start()
     _, cfg = cameras_config(tmp_path, [camera("bridge", rtsp=mute.url("/cam"))])   # stall_timeout_s = 3
     agent = build_agent(cfg)
@@ -311,6 +311,46 @@ def test_a_camera_sending_rtcp_but_no_media_is_a_stall(tmp_path: Path, rtsp: Rts
     assert rtcp >= 4, f"only {rtcp} RTCP frames reached the agent while muted: the connection went quiet"
     assert gap["cause"] == "stream_lost" and closed["id"] == gap["id"]
     assert "stalled" in closed["detail"], closed["detail"]
+
+
+def _stall_one_of_two(agent, mute: RtpMute, stalled: str, other: str) -> list:
+    """Mute `stalled` until its gap opens, see `other` seal two more segments, unmute: `stalled`'s gaps."""
+    def gaps(name: str, closed: bool = False) -> list:
+        return agent.catalog.query("SELECT * FROM gaps WHERE camera = ?" + (" AND end_ms IS NOT NULL" if closed else "")
+                                   + " ORDER BY id", (name,))
+
+    mute.mute(stalled)
+    wait_for(lambda: gaps(stalled), timeout=20, what=f"{stalled}'s stall noticed")
+    before = len(sealed_segments(agent.catalog, other))
+    wait_for(lambda: len(sealed_segments(agent.catalog, other)) >= before + 2, timeout=30,
+             what=f"{other} recording on after {stalled}'s connection was cut")
+    mute.unmute()
+    wait_for(lambda: gaps(stalled, closed=True), timeout=30, what=f"{stalled} recording again")
+    return gaps(stalled)
+
+
+def test_two_cameras_on_one_address_only_the_stalled_ones_connection_is_cut(tmp_path: Path, rtsp: RtspServer) -> None:
+    """Two cameras behind one address and port, recorded by one process (two channels of one NVR): the stall watch
+    finds each camera's own connection among the process's sockets, so when one camera's video stops (RTCP still
+    flowing), only its connection is cut, and the other records on without a gap. Each camera stalls in turn, so
+    a watch that took the same socket for both (the first one open to that address) fails one of the turns."""
+    mute = RtpMute(rtsp.port).start()
+    _, cfg = cameras_config(tmp_path, [camera("east", rtsp=mute.url("/cam?east")),
+                                       camera("west", rtsp=mute.url("/cam?west"))])   # stall_timeout_s = 3
+    agent = build_agent(cfg)
+    agent.start()
+    gaps = {}
+    try:
+        wait_for(lambda: sealed_segments(agent.catalog, "east") and sealed_segments(agent.catalog, "west"),
+                 timeout=30, what="a first segment of each camera")
+        for stalled, other in (("east", "west"), ("west", "east")):
+            gaps[stalled] = _stall_one_of_two(agent, mute, stalled, other)
+    finally:
+        agent.stop()
+        mute.close()
+    for name, found in gaps.items():   # one gap each, its own stall, closed: none while the other one stalled
+        assert len(found) == 1, (name, found)
+        assert found[0]["cause"] == "stream_lost" and "stalled" in found[0]["detail"], found[0]
 
 
 def test_a_wall_clock_step_is_a_clock_step_gap_and_segments_stay_monotonic(tmp_path: Path, rtsp: RtspServer) -> None:

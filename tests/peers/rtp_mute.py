@@ -2,7 +2,8 @@
 (RTP interleaved over TCP, RFC 2326 section 10.12) that, once `mute()` is called, drops the media (`$` frames on
 even channels) and keeps passing RTSP answers and RTCP (odd channels), repeating the last RTCP frame every
 `rtcp_every_s` so the connection is never silent for long. A recorder that only waits for the socket to go quiet
-never sees this stall."""
+never sees this stall. `mute(marker)` mutes only the connections whose first request names `marker` (e.g. a query
+in the URL: `url("/cam?one")`), so one of two cameras behind the same proxy can hang alone."""
 
 from __future__ import annotations
 
@@ -22,9 +23,11 @@ class RtpMute(LoopbackProxy):
         super().__init__(upstream_port, upstream_host)
         self.rtcp_every_s = rtcp_every_s
         self._muted = threading.Event()
+        self._marker: bytes | None = None
         self.rtcp_sent_muted = 0   # RTCP frames the client got while muted (the server's and repeats)
 
-    def mute(self) -> None:
+    def mute(self, marker: str | None = None) -> None:
+        self._marker = marker.encode() if marker is not None else None
         self._muted.set()
 
     def unmute(self) -> None:
@@ -37,7 +40,7 @@ class RtpMute(LoopbackProxy):
         upstream = socket.create_connection(self.upstream, timeout=5)
         upstream.settimeout(None)
         link = _Link(client)
-        threading.Thread(target=_forward, args=(client, upstream, link.done), name="rtp-mute-requests",
+        threading.Thread(target=_forward, args=(client, upstream, link), name="rtp-mute-requests",
                          daemon=True).start()
         threading.Thread(target=self._repeat_rtcp, args=(link,), name="rtp-mute-rtcp", daemon=True).start()
         pending = bytearray()
@@ -57,15 +60,18 @@ class RtpMute(LoopbackProxy):
         """One frame from the server: RTCP and RTSP answers go on, media only while not muted."""
         if frame[0] == 0x24 and frame[1] % 2 == 1:   # RTCP
             link.last_rtcp = frame
-            if self._muted.is_set():
+            if self._mutes(link):
                 self.rtcp_sent_muted += 1
-        elif frame[0] == 0x24 and self._muted.is_set():
+        elif frame[0] == 0x24 and self._mutes(link):
             return
         link.send(frame)
 
+    def _mutes(self, link: _Link) -> bool:
+        return self._muted.is_set() and (self._marker is None or self._marker in link.first_request)
+
     def _repeat_rtcp(self, link: _Link) -> None:
         while not link.done.wait(self.rtcp_every_s):
-            if self._muted.is_set() and link.last_rtcp is not None:
+            if self._mutes(link) and link.last_rtcp is not None:
                 try:
                     link.send(link.last_rtcp)
                 except OSError:
@@ -81,20 +87,23 @@ class _Link:
         self.lock = threading.Lock()
         self.done = threading.Event()
         self.last_rtcp: bytes | None = None
+        self.first_request = b""   # the client's first bytes (its first RTSP request)
 
     def send(self, data: bytes) -> None:
         with self.lock:
             self.client.sendall(data)
 
 
-def _forward(source: socket.socket, sink: socket.socket, done: threading.Event) -> None:
+def _forward(source: socket.socket, sink: socket.socket, link: _Link) -> None:
     """Client to server, unchanged."""
     try:
         while data := source.recv(65536):
+            if not link.first_request:
+                link.first_request = data
             sink.sendall(data)
     except OSError:
         pass
-    done.set()
+    link.done.set()
 
 
 def _next_frame(pending: bytearray) -> bytes | None:
