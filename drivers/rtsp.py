@@ -67,7 +67,7 @@ from drivers.media_signing import (
     segment_verdict,
     split_nals,
 )
-from drivers.stall_watch import STALL_WATCH
+from drivers.stall_watch import STALL_WATCH, Watch
 from edge_agent.durable import fsync_dir
 
 log = logging.getLogger(__name__)
@@ -307,6 +307,7 @@ class RtspRecorder:
         self._data_indexes: frozenset[int] = frozenset()   # this connection's data streams (ONVIF metadata)
         self._interrupted = True               # no packet written yet since start or the last interruption
         self._video_seen = 0                   # timed video packets demuxed, read by the stall watch
+        self._unwatchable = False              # the stall watch could not find this camera's socket
 
     def stop(self) -> None:
         self._stop.set()
@@ -348,20 +349,7 @@ class RtspRecorder:
         parts = urlsplit(url)
         port = parts.port or RTSP_PORTS.get(parts.scheme.lower(), 554)
         opened_ms = self._clock.now_ms()
-        # No read timeout for PyAV (its interrupt callback would take the GIL at every socket wait): FFmpeg's
-        # socket timeout (`timeout`) ends a silent connection, the stall watch one that sends no video.
-        with STALL_WATCH.opening(parts.hostname or "", port) as connection:
-            container = av.open(url, options={"rtsp_transport": "tcp",
-                                              "timeout": str(int(self.stall_timeout_s * 1e6))},
-                                timeout=(max(self.stall_timeout_s, 5.0), None))
-            conn = connection()
-        if conn is None:
-            log.warning("camera_stall_watch_unavailable camera=%s detail=the connection to %s:%s was not found among "
-                        "the process's sockets; a stall is caught only when the connection goes silent",
-                        self.camera, parts.hostname, port)
-            watch = None
-        else:
-            watch = STALL_WATCH.watch(self.camera, conn, self.stall_timeout_s, lambda: self._video_seen)
+        container, watch = self._open(url, parts.hostname or "", port)
         try:
             stream = next(iter(container.streams.video), None)
             if stream is None:
@@ -382,6 +370,27 @@ class RtspRecorder:
             container.close()
             if cut:
                 raise StreamError(f"stalled: no data (no video packet for {self.stall_timeout_s:g} s)")
+
+    def _open(self, url: str, host: str, port: int) -> tuple[av.container.InputContainer, Watch | None]:
+        """The stream, and the stall watch's hold on its connection. No read timeout for PyAV: its interrupt
+        callback would take the GIL at every socket wait. FFmpeg's socket timeout (`timeout`) ends a silent
+        connection, the stall watch one that sends no video. Where the watch cannot tell which socket is this
+        camera's (a redirect to another address, /proc/net hidden), the stream is opened again with PyAV's read
+        timeout, and this camera keeps it: a hung encoder behind a live connection is never left unseen."""
+        options = {"rtsp_transport": "tcp", "timeout": str(int(self.stall_timeout_s * 1e6))}
+        open_s = max(self.stall_timeout_s, 5.0)
+        if not self._unwatchable:
+            with STALL_WATCH.opening(host, port) as connection:
+                container = av.open(url, options=options, timeout=(open_s, None))
+                conn = connection()
+            if conn is not None:
+                return container, STALL_WATCH.watch(self.camera, conn, self.stall_timeout_s, lambda: self._video_seen)
+            container.close()
+            self._unwatchable = True
+            log.warning("camera_stall_watch_unavailable camera=%s detail=the connection to %s:%s was not found among "
+                        "the process's sockets; this camera is watched by PyAV's read timeout instead (more CPU)",
+                        self.camera, host, port)
+        return av.open(url, options=options, timeout=(open_s, self.stall_timeout_s)), None
 
     def _remux(self, container: av.container.InputContainer, stream: av.video.stream.VideoStream,
                opened_ms: float) -> None:

@@ -288,10 +288,17 @@ def test_stalled_stream_is_detected_and_recording_resumes(tmp_path: Path, rtsp: 
     assert "stalled" in closed["detail"], closed["detail"]
 
 
-def test_a_camera_sending_rtcp_but_no_media_is_a_stall(tmp_path: Path, rtsp: RtspServer) -> None:
+@pytest.mark.parametrize("watched_by", ["stall watch", "read timeout"])
+def test_a_camera_sending_rtcp_but_no_media_is_a_stall(tmp_path: Path, rtsp: RtspServer, watched_by: str,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     """An encoder that hangs while the camera's RTP stack lives: the connection never goes quiet (RTCP every
     half second), yet no packet comes. It is a stall all the same (the stall watch: no video packet for
-    stall_timeout_s, drivers/stall_watch.py), not something only a silent socket reveals."""
+    stall_timeout_s, drivers/stall_watch.py), not something only a silent socket reveals. Where the watch cannot
+    find the camera's socket (here: the socket table reads empty, as with /proc/net hidden), the stream is opened
+    again under PyAV's read timeout, which catches the same stall."""
+    if watched_by == "read timeout":
+        from drivers import stall_watch
+        monkeypatch.setattr(stall_watch, "tcp_connections", lambda port: set())
     mute = RtpMute(rtsp.port).start()
     _, cfg = cameras_config(tmp_path, [camera("bridge", rtsp=mute.url("/cam"))])   # stall_timeout_s = 3
     agent = build_agent(cfg)

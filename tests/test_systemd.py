@@ -53,6 +53,7 @@ def test_agent_unit_is_hardened_to_exposure_at_most_2_5() -> None:
     for line in ("Type=notify", "User=edge-agent", "ProtectSystem=strict", "ReadWritePaths=/var/lib/edge-agent",
                  "NoNewPrivileges=yes", "CapabilityBoundingSet=\n", "WatchdogSec="):
         assert line in unit, line
+    assert "\nProcSubset=pid" not in unit   # it would hide /proc/net/tcp from the cameras' stall watch
 
 
 def test_tmpfiles_make_the_data_dir_and_keys_private(tmp_path: Path) -> None:
