@@ -60,8 +60,9 @@ class Listener:
     def segment_done(self, segment): pass
     def packet(self, camera, packet, stream, key): self.sampler.offer(packet, stream, key)
 
-recorders = [RtspRecorder(f"cam{{i}}", lambda: {url!r}, Path({out!r}) / f"cam{{i}}", Listener({every}),
-                          segment_s={segment_s}, stall_timeout_s=10) for i in range({k})]
+urls = {urls!r}
+recorders = [RtspRecorder(f"cam{{i}}", lambda u=urls[i % len(urls)]: u, Path({out!r}) / f"cam{{i}}",
+                          Listener({every}), segment_s={segment_s}, stall_timeout_s=10) for i in range({k})]
 threads = [threading.Thread(target=r.run) for r in recorders]
 for t in threads: t.start()
 print("READY", flush=True)
@@ -101,35 +102,45 @@ def ffmpeg_command(url: str, audio: str, segment_s: int, pattern: str) -> list[s
             "-f", "segment", "-segment_time", str(segment_s), "-reset_timestamps", "1", pattern]
 
 
-def recorder_process(root: Path, url: str, out: Path, every: float, segment_s: int, k: int) -> subprocess.Popen[str]:
-    """K recorders of the tree at `root` in one process, started and READY."""
-    script = RECORDER_PROCESS.format(root=str(root), url=url, out=str(out), every=every, segment_s=segment_s, k=k)
+def recorder_process(root: Path, urls: list[str], out: Path, every: float, segment_s: int,
+                     k: int) -> subprocess.Popen[str]:
+    """K recorders of the tree at `root` in one process, started and READY; recorder i pulls urls[i % len]."""
+    script = RECORDER_PROCESS.format(root=str(root), urls=urls, out=str(out), every=every, segment_s=segment_s, k=k)
     proc = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     assert proc.stdout is not None and proc.stdin is not None
     assert proc.stdout.readline().strip() == "READY"
     return proc
 
 
-def bench_cpu(url: str, k: int, seconds: float, segment_s: int, every: float, workdir: Path,
+def warm_up(url: str) -> None:
+    """One probe before the round's clients: the server builds its shared media for it, so that eight clients
+    arriving together do not race its preparation (GStreamer's server once refused every client after that)."""
+    subprocess.run(["ffprobe", "-v", "error", "-rtsp_transport", "tcp", "-i", url], timeout=30, check=False,
+                   stdout=subprocess.DEVNULL)
+
+
+def bench_cpu(urls: list[str], k: int, seconds: float, segment_s: int, every: float, workdir: Path,
               audio: str = "none", against: Path | None = None, against_first: bool = False,
               per_process: int | None = None) -> dict[str, float]:
     """One round: K streams recorded by our process and by K ffmpeg processes side by side; with `against`
     (another work tree, e.g. main's), K more by that tree's recorder in a process of its own, started first
     when `against_first` (rounds alternate: the second process of a pair tends to measure a little higher).
-    `per_process`: our K streams in processes of that many recorders each (default: all K in one)."""
+    `per_process`: our K streams in processes of that many recorders each (default: all K in one). `urls`: one
+    server for all (every client gets each frame at the same instant), or one per camera (stream i of every side
+    from urls[i]: cameras whose frames come at their own moments, as independent cameras' do)."""
     ours_dir, ff_dir, other_dir = workdir / "ours", workdir / "ffmpeg", workdir / "against"
     ff_dir.mkdir(parents=True)
     other = None
     if against is not None and against_first:
-        other = recorder_process(against, url, other_dir, every, segment_s, k)
+        other = recorder_process(against, urls, other_dir, every, segment_s, k)
     per = per_process or k
-    ours_all = [recorder_process(ROOT, url, ours_dir / f"p{i}", every, segment_s, min(per, k - i))
+    ours_all = [recorder_process(ROOT, urls[i:] + urls[:i], ours_dir / f"p{i}", every, segment_s, min(per, k - i))
                 for i in range(0, k, per)]
     ours = ours_all[0]
     if against is not None and not against_first:
-        other = recorder_process(against, url, other_dir, every, segment_s, k)
+        other = recorder_process(against, urls, other_dir, every, segment_s, k)
     assert ours.stdin is not None
-    ffmpeg = [subprocess.Popen(ffmpeg_command(url, audio, segment_s, str(ff_dir / f"s{i}-%05d.mkv")))
+    ffmpeg = [subprocess.Popen(ffmpeg_command(urls[i % len(urls)], audio, segment_s, str(ff_dir / f"s{i}-%05d.mkv")))
               for i in range(k)]
     time.sleep(5)   # warm-up: connections, probing, imports
     mine, theirs = [psutil.Process(p.pid) for p in ours_all], [psutil.Process(p.pid) for p in ffmpeg]
@@ -179,14 +190,20 @@ def bench_cpu_rounds(args: argparse.Namespace, workdir: Path) -> dict[str, objec
     rounds: dict[str, list[dict[str, float]]] = {audio: [] for audio in args.audio}
     for n in range(args.rounds):
         for audio in args.audio:
-            server = RtspServer(free_port(), "normal", width=args.width, height=args.height,
-                                bitrate_kbps=args.bitrate_kbps, audio=audio).start()
+            servers = [RtspServer(free_port(), "normal", width=args.width, height=args.height,
+                                  bitrate_kbps=args.bitrate_kbps, audio=audio)
+                       for _ in range(args.cpu_streams if args.independent else 1)]
             try:
-                result = bench_cpu(server.url, args.cpu_streams, args.cpu_s, args.segment_s, args.image_check_s,
+                for server in servers:
+                    server.start()
+                    warm_up(server.url)
+                result = bench_cpu([server.url for server in servers], args.cpu_streams, args.cpu_s, args.segment_s,
+                                   args.image_check_s,
                                    workdir / f"cpu-{audio}-{n}", audio, args.against, against_first=n % 2 == 1,
                                    per_process=args.per_process)
             finally:
-                server.stop()
+                for server in servers:
+                    server.stop()
                 shutil.rmtree(workdir / f"cpu-{audio}-{n}", ignore_errors=True)
             rounds[audio].append(result)
             print(f"cpu round {n + 1}/{args.rounds} audio={audio}: ours {result['ours_cpu_per_stream_pct']}% "
@@ -276,6 +293,9 @@ def main() -> None:
     parser.add_argument("--against", type=Path, default=None,
                         help="another work tree (e.g. main's): its recorder runs too, side by side on the same server; "
                              "prints ours/against per round (starting order alternated)")
+    parser.add_argument("--independent", action="store_true",
+                        help="one RTSP server per camera (frames at each camera's own moments, as in the field) "
+                             "instead of one server whose every client gets each frame at the same instant")
     parser.add_argument("--per-process", type=int, default=None,
                         help="our recorders per process in the CPU comparison (default: all in one process)")
     args = parser.parse_args()
