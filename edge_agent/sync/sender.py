@@ -162,8 +162,7 @@ class Sender:
         self.topics = topics
         self.window = mqtt_cfg.window   # as configured; `room` keeps within `window_now`
         self._frame_bytes = mqtt_cfg.chunk_kib * 1024 + HEADER_LENGTH.size + MAX_HEADER_BYTES
-        self.window_now = min(self.window, FIRST_WINDOW)   # until an ack says the receiver's share
-        self._share = self.window_now   # what the receiver's share allows (`heard`)
+        self._share = min(self.window, FIRST_WINDOW)   # what the receiver's share allows (`heard`); until an ack
         self._after_loss: int | None = None   # the window since chunks were lost, growing back by one per ack
         self.files_in_flight = mqtt_cfg.files_in_flight
         chunk_bytes = mqtt_cfg.chunk_kib * 1024
@@ -240,7 +239,6 @@ class Sender:
             self._after_loss += 1
             if self._after_loss >= share:
                 self._after_loss = None
-        self.window_now = share if self._after_loss is None else self._after_loss
 
     def lost(self) -> None:
         """Chunks went out and no ack came for them within the ack timeout: dropped on the way (a broker whose
@@ -252,7 +250,12 @@ class Sender:
             log.warning("chunks unacknowledged for %.0f s: %d chunks in flight instead of %d until acks come "
                         "again (a full broker queue drops messages; see docs/SCALING.md)", self.ack_timeout_s,
                         halved, self.window_now)
-        self._after_loss = self.window_now = halved
+        self._after_loss = halved
+
+    @property
+    def window_now(self) -> int:
+        """Chunks that may be unacknowledged now: the receiver's share, or less since chunks were lost."""
+        return self._share if self._after_loss is None else min(self._share, self._after_loss)
 
     def _window_within(self, queued: int, queued_bytes: int) -> int:
         """The window that keeps this agent's messages within a receiver's share of `queued` messages and
