@@ -57,7 +57,7 @@ class BoardFeed:
     """The board, read on a thread of its own at most once per `interval_s`; every route and every screen
     shares it. `close(finish)` runs `finish` on that thread (the reader's own clean-up) and ends it."""
 
-    def __init__(self, read_board: BoardRead, interval_s: float):
+    def __init__(self, read_board: BoardRead, interval_s: float = 0.5):
         self._read = read_board
         self.interval_s = interval_s
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="status-board")
@@ -84,11 +84,9 @@ class BoardFeed:
         self._executor.shutdown(wait=True)
 
 
-def create_app(read_board: BoardRead | BoardFeed, language: str, *, interval_s: float = 0.5,
-               stopping: threading.Event | None = None,
+def create_app(feed: BoardFeed, language: str, *, stopping: threading.Event | None = None,
                read_thumbnail: Callable[[str], bytes | None] | None = None) -> Starlette:
-    """The page's app over `read_board` (a `BoardFeed`, or a plain function the app wraps in one)."""
-    feed = read_board if isinstance(read_board, BoardFeed) else BoardFeed(read_board, interval_s)
+    """The page's app over the board `feed` (its owner closes it)."""
 
     async def index(_request: Request) -> Response:
         board, _ = await feed.current()
@@ -113,7 +111,7 @@ def create_app(read_board: BoardRead | BoardFeed, language: str, *, interval_s: 
                 if data != last:
                     last = data
                     yield {"event": "board", "data": data}
-                await asyncio.sleep(interval_s)
+                await asyncio.sleep(feed.interval_s)
 
         return EventSourceResponse(stream(), ping=15, headers={"Cache-Control": "no-store"})
 

@@ -50,7 +50,7 @@ class StatusPage:
         self._forecast = DiskForecast()
         self._stopping = threading.Event()
         self._ready = threading.Event()
-        self._feed = BoardFeed(self.read_board, interval_s=0.5)
+        self._feed = BoardFeed(self.read_board)
         app = create_app(self._feed, language, stopping=self._stopping,
                          read_thumbnail=lambda name: camera_thumbnail(self.live, name))
         self._server = _Server(uvicorn.Config(app, host=config.ui.host, port=config.ui.port, log_level="warning",
