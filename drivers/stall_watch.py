@@ -207,6 +207,11 @@ class StallWatch:
                 self._wake.wait(max(TICK_MIN_S, min(w.stall_s for w in self._watches) / TICKS_PER_TIMEOUT))
 
 
+def _same(address: tuple, endpoint: Endpoint) -> bool:
+    """A socket's address (IPv4, or IPv6 with flow and scope) is `endpoint`, however the IP is written."""
+    return (_ip(address[0]), address[1]) == (_ip(endpoint[0]), endpoint[1])
+
+
 def _shut(w: Watch) -> bool:
     """Shut the watched connection down, if its fd is still that connection."""
     fd, local, remote = w.conn
@@ -215,8 +220,7 @@ def _shut(w: Watch) -> bool:
     except OSError:
         return False
     try:
-        if (_ip(sock.getsockname()[0]), sock.getsockname()[1]) != (_ip(local[0]), local[1]) or \
-                (_ip(sock.getpeername()[0]), sock.getpeername()[1]) != (_ip(remote[0]), remote[1]):
+        if not (_same(sock.getsockname(), local) and _same(sock.getpeername(), remote)):
             return False
         sock.shutdown(socket.SHUT_RDWR)
     except OSError:
