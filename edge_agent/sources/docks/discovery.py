@@ -258,26 +258,26 @@ class Discovery:
         content at the path. That row stood for a moment of the file, not for a recording: it follows the file
         (size, mtime, fingerprint) instead of staying behind as a second row that nothing will ever copy, and
         that would keep the recorder 'collecting' for good."""
-        files = self.catalog.files
         # Only a row of this docking that no copy failed on: one left by an earlier docking, or with a read
         # error on it (its alarm raised), stands for a recording the recorder held then, and stays as it is.
-        row = next((r for r in files.uncopied_at(self.ident.device_id, entry.relative)
+        row = next((r for r in self.catalog.files.uncopied_at(self.ident.device_id, entry.relative)
                     if r.session_id == self.session_id and not r.last_error), None)
         if row is None:
             return None
         log.info("file changed before its copy device=%s path=%r file=%s size=%s->%d", self.ident.device_id,
                  entry.relative, row.file_id, row.source_size, entry.size)
-        self._changed_before_copy(row, entry, source_fingerprint=fp)
-        return files.get(row.file_id)
+        return self._changed_before_copy(row, entry, source_fingerprint=fp)
 
-    def _changed_before_copy(self, row: FileRecord, entry: SourceFile, **more: Any) -> None:
-        """`row` (not copied yet) now stands for the entry as listed: its size, mtime and where it is."""
+    def _changed_before_copy(self, row: FileRecord, entry: SourceFile, **more: Any) -> FileRecord:
+        """`row` (not copied yet) now stands for the entry as listed: its size, mtime and where it is. The row
+        as it is now."""
         update: dict[str, Any] = {"source_size": entry.size, "source_mtime_ns": entry.mtime_ns,
                                   "source_path": str(entry.path), **more}
         if row.recorded_start_ms is not None and row.recorded_start_ms == row.recorded_end_ms == (
                 (row.source_mtime_ns or 0) // 1_000_000):   # its times came from the mtime: they follow it
             update["recorded_start_ms"] = update["recorded_end_ms"] = entry.mtime_ns // 1_000_000
         self.catalog.files.update(row.file_id, **update)
+        return self.catalog.files.get(row.file_id)
 
     def _known_content(self, entry: SourceFile, rows: list[FileRecord]) -> FileRecord | None:
         """The row holding this content among `rows` (those with its fingerprint): at the same path (its size and mtime
@@ -300,8 +300,7 @@ class Discovery:
                     entry.size, entry.mtime_ns, str(entry.path)):
                 # The size too: a row made while the file grew between the walk's stat and its fingerprint
                 # holds the walk's size, and its copy would be refused as changed at every pass.
-                self._changed_before_copy(row, entry)
-                row = self.catalog.files.get(row.file_id)
+                row = self._changed_before_copy(row, entry)
             return row
         return next((r for r in rows if r.state not in _INTAKE), None)
 
