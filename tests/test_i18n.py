@@ -359,3 +359,17 @@ def test_no_human_facing_cli_string_is_left_unmarked() -> None:
              for p in sorted((ROOT / "edge_agent" / "cli").glob("*.py"))}
     assert not {path: texts for path, texts in found.items() if texts}, "mark them with _() or N_()"
     assert unmarked_prose('fail(f"--at {text!r} is not a time")\nfail(_("no such file"))') == [" is not a time"]
+
+
+def test_every_file_and_dock_slot_state_has_its_words_and_files_list_names_each_file_state() -> None:
+    """STATE_WORDS and `files list --state`'s help spell the states out (Babel extracts only literals): a state
+    added to the catalog or to a dock slot without its words would be shown raw to a custodian reading Chinese."""
+    from edge_agent.catalog.states import State
+    from edge_agent.cli.app import STATE_WORDS
+    from edge_agent.sources.docks.slots import SlotState
+
+    assert set(STATE_WORDS) == {s.value for s in State} | {s.value for s in SlotState}
+    command = typer.main.get_command(app)
+    files_list = command.commands["files"].commands["list"]   # type: ignore[attr-defined]
+    state_help = next(p.help for p in files_list.params if p.name == "state")
+    assert set(re.findall(r"[a-z_]+", state_help.split(":", 1)[1])) == {s.value for s in State}
