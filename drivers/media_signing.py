@@ -39,11 +39,15 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa, utils
+
+if TYPE_CHECKING:
+    import av
 
 log = logging.getLogger(__name__)
 
@@ -106,10 +110,44 @@ def _split_annexb(data: bytes) -> list[bytes]:
     return nals
 
 
-def maybe_signing(data: bytes) -> bool:
-    """`data` (an access unit) may hold a signing SEI: it contains one of the UUIDs. Their bytes hold no
-    zero pair, so no emulation-prevention byte can split them; a plain search finds every SEI."""
-    return ONVIF_UUID in data or AXIS_UUID in data
+HEAD_BYTES = 512   # of an access unit, where its first slice is looked for (`look`)
+START_CODE = b"\x00\x00\x01"
+
+
+def look(data: bytes | av.Packet, prefixed: bool, hevc: bool) -> tuple[bool, bytes | None]:
+    """What the signing checker needs of an access unit (bytes or a PyAV packet) it may not have to split:
+    whether it may hold a signing SEI, and the first bytes of its first slice (NAL header and first
+    slice-header byte; None when it does not begin in the first `HEAD_BYTES`).
+
+    A signing SEI is found by its UUID: their bytes hold no zero pair, so no emulation-prevention byte can
+    split them. This runs for every packet of every camera that does not sign, so it reads as little as the
+    standards allow. In an H.264 access unit in start-code form (what FFmpeg's RTSP demuxer gives), SEI NAL
+    units precede its first slice (H.264 7.4.1.2.3): the NAL headers before the first slice are read, and
+    only when one is a SEI are they searched (all of the unit when its first slice begins after
+    `HEAD_BYTES`). H.265 also has suffix SEIs after the slices (7.4.2.4.4), and length-prefixed units (files)
+    are read rarely: the whole unit is searched. `bytes.find`, not `in`: `in` first tries its operand as an
+    integer and formats that error."""
+    whole = data if isinstance(data, bytes) else bytes(data)
+    first = None
+    if not prefixed:
+        sei = False
+        start = whole.find(START_CODE, 0, HEAD_BYTES)
+        while 0 <= start < len(whole) - 5:
+            header = whole[start + 3]
+            if ((header >> 1) & 0x3F) < 32 if hevc else 1 <= header & 0x1F <= 5:   # a slice
+                first = whole[start + 3:start + 6]
+                if not hevc:   # the SEIs, if any, are before it
+                    return sei and (whole.find(ONVIF_UUID, 0, start) >= 0 or whole.find(AXIS_UUID, 0, start) >= 0), \
+                        first
+                break
+            sei = sei or header & 0x1F == 6
+            start = whole.find(START_CODE, start + 3, HEAD_BYTES)
+    return whole.find(ONVIF_UUID) >= 0 or whole.find(AXIS_UUID) >= 0, first
+
+
+def maybe_signing(data: bytes | av.Packet, prefixed: bool, hevc: bool) -> bool:
+    """Whether an access unit may hold a signing SEI (`look`)."""
+    return look(data, prefixed, hevc)[0]
 
 
 def hashable(nal: bytes) -> bytes:
@@ -440,6 +478,23 @@ class GopChecker:
         GOP not hashed (an unsigned camera after its first GOPs). The caller may then skip the NAL units of
         an access unit that holds neither (`maybe_signing`, and no keyframe)."""
         return self._anchor is None and self.signing is None
+
+    def feed_unit(self, data: bytes | av.Packet, prefixed: bool, key: bool, tag: int) -> None:
+        """One access unit (bytes or a PyAV packet), in stream order, split into its NAL units only where that
+        can change something. Once the checker is `idle` and hashes nothing (an unsigned camera after its first
+        GOPs), a unit with no signing SEI where one may stand (`look`) is not split: a picture between
+        keyframes changes nothing, and of a keyframe only its first slice's first bytes count (a GOP start:
+        `feed` reads no further into a slice it does not hash)."""
+        if self.idle:
+            may_sign, first = look(data, prefixed, self.hevc)
+            if not may_sign:
+                if not key:
+                    return
+                if first is not None and not self._hashing:
+                    self.feed(first, tag)
+                    return
+        for nal in split_nals(bytes(data), prefixed):
+            self.feed(nal, tag)
 
     def feed(self, nal: bytes, tag: int) -> None:
         info = nal_info(nal, self.hevc)

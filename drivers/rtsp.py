@@ -63,7 +63,6 @@ from drivers.media_signing import (
     GopChecker,
     GopResult,
     length_prefixed,
-    maybe_signing,
     segment_verdict,
     split_nals,
 )
@@ -405,21 +404,24 @@ class RtspRecorder:
         self._checker = checker = GopChecker(stream.codec_context.name == "hevc", self.signing_anchors)
         prefixed = length_prefixed(stream.codec_context.extradata)
         self.stats.signing = None
+        # Looked up once: the loop below runs for every packet of every camera (docs/BENCHMARKS.md, "Cameras").
+        video, stats, now_ms, stopping, sample = stream.index, self.stats, self._clock.now_ms, self._stop.is_set, \
+            self.listener.packet
         try:
             for packet in self._timed(container.demux(kept), stream):
-                if self._stop.is_set():
+                if stopping():
                     break
-                if packet.pts is None or packet.dts is None:
+                pts, dts = packet.pts, packet.dts
+                if pts is None or dts is None:
                     continue
-                received = self._clock.now_ms()
-                if packet.stream_index != stream.index:
+                received = now_ms()
+                if packet.stream_index != video:
                     if offset_ms is not None:
-                        self._audio(cuts, packet, int(packet.pts * tick_ms[packet.stream_index] + offset_ms),
-                                    received)
+                        self._audio(cuts, packet, int(pts * tick_ms[packet.stream_index] + offset_ms), received)
                     continue
                 self._video_seen += 1   # the stall watch's sign of life
-                pts_ms = packet.pts * tb_ms
-                dts_ms = packet.dts * tb_ms
+                pts_ms = pts * tb_ms
+                dts_ms = dts * tb_ms
                 if previous_ms is not None and not 0 <= dts_ms - previous_ms < TS_JUMP_MS:
                     # The camera's timestamps jumped (RTCP resync, encoder restart): wall time goes on from
                     # the last packet instead of following the jump.
@@ -430,17 +432,19 @@ class RtspRecorder:
                     offset_ms = received - pts_ms
                 at = int(pts_ms + offset_ms)
                 key = packet.is_keyframe
-                if cuts.out is None and not key:
+                out = cuts.out
+                if out is None and not key:
                     continue   # a segment must start with a keyframe to be playable on its own
-                if key and (cuts.out is None or at - cuts.out.start_ms >= self.segment_ms):
+                if key and (out is None or at - out.start_ms >= self.segment_ms):
                     at, offset_ms = self._cut(cuts, kept, stream, at, offset_ms)
-                self.listener.packet(self.camera, packet, stream, key)
+                    out = cuts.out
+                sample(self.camera, packet, stream, key)
                 self._last_end_ms = at + int((packet.duration or 0) * tb_ms)
-                self.stats.packets += 1
-                self.stats.bytes += packet.size
-                self.stats.last_packet_ms = int(received)
-                self._check_signing(checker, packet, prefixed, cuts.out.seq, key)
-                cuts.out.write(packet, key)   # the muxer takes the packet's data: sample and count first
+                stats.packets += 1
+                stats.bytes += packet.size
+                stats.last_packet_ms = int(received)
+                self._check_signing(checker, packet, prefixed, out.seq, key)
+                out.write(packet, key)   # the muxer takes the packet's data: sample and count first
                 self._after_video(cuts, at)
         finally:
             try:
@@ -547,13 +551,10 @@ class RtspRecorder:
         return packet, (held,)
 
     def _check_signing(self, checker: GopChecker, packet: av.Packet, prefixed: bool, seq: int, key: bool) -> None:
-        """Feed the packet's NAL units to the signing checker (before the muxer takes the packet's data).
-        An unsigned camera's frames between keyframes are not split once the checker is idle: they hold
-        nothing it would act on (FFmpeg's parser flags every IDR/IRAP access unit as a keyframe)."""
-        data = bytes(packet)
-        if key or not checker.idle or maybe_signing(data):
-            for nal in split_nals(data, prefixed):
-                checker.feed(nal, seq)
+        """Feed the packet to the signing checker (before the muxer takes the packet's data). It splits an
+        unsigned camera's packets only where that can change something (`GopChecker.feed_unit`); FFmpeg's
+        parser flags every IDR/IRAP access unit as a keyframe."""
+        checker.feed_unit(packet, prefixed, key, seq)
         if key:
             self.stats.signing = checker.signing
             self._release(force=False)
@@ -728,25 +729,26 @@ class _SegmentWriter:
             pcm = av.Packet(g711_to_s16le(g711, bytes(packet)))
             pcm.pts, pcm.dts, pcm.duration, pcm.time_base = packet.pts, packet.dts, packet.duration, packet.time_base
             packet = pcm
-        if self._base_ms is None:
-            if index != self._video:
-                return   # a segment starts with its first video keyframe
-            self._base_ms = float(packet.dts * packet.time_base) * 1000
         base = self._base.get(index)
-        if base is None:
+        if base is None:   # this track's first packet in the segment
+            if self._base_ms is None:
+                if index != self._video:
+                    return   # a segment starts with its first video keyframe
+                self._base_ms = float(packet.dts * packet.time_base) * 1000
             base = self._base[index] = round(self._base_ms / 1000 / packet.time_base)
-        if key and self._fd is not None:
+        elif key and self._fd is not None:
             os.fsync(self._fd)   # the previous cluster is complete and written: make it durable
-        dts = packet.dts - base
+        dts = packet.dts
+        shifted = dts - base
         last = self._last_dts.get(index)
-        if last is not None and dts < last:
+        if last is not None and shifted < last:
             # The stream's clock jumped back (RTCP resync, encoder restart): continue the file's timeline.
-            jump = last + (packet.duration or 1) - dts
+            jump = last + (packet.duration or 1) - shifted
             self._base[index] = base - jump
-            dts += jump
-        packet.pts += dts - packet.dts
-        packet.dts = dts
-        self._last_dts[index] = dts
+            shifted += jump
+        packet.pts += shifted - dts
+        packet.dts = shifted
+        self._last_dts[index] = shifted
         packet.stream = out
         try:
             self.container.mux(packet)

@@ -23,6 +23,7 @@ from cryptography.x509.oid import NameOID
 
 from drivers.media_signing import (
     INVALID,
+    ONVIF_UUID,
     UNSIGNED,
     UNVERIFIABLE,
     VALID,
@@ -32,6 +33,7 @@ from drivers.media_signing import (
     iter_nals,
     length_prefixed,
     load_anchors,
+    maybe_signing,
     nal_info,
     segment_verdict,
     split_nals,
@@ -147,6 +149,76 @@ def test_one_flipped_byte_of_a_frame_is_invalid(codec: str) -> None:
     cut = [*nals[:starts[1]], *nals[starts[2]:sei2], *nals[sei2 + 1:]]
     verdict = verdict_of(cut, codec, anchors())
     assert verdict["status"] == INVALID
+
+
+def annexb_units(path: Path) -> list[tuple[av.Packet, bool]]:
+    """A recording's access units in start-code form, as FFmpeg's RTSP demuxer gives them: (unit, keyframe)."""
+    with av.open(str(path)) as container:
+        video = container.streams.video[0]
+        bsf = av.BitStreamFilterContext(f"{video.codec_context.name}_mp4toannexb", video)
+        return [(out, out.is_keyframe) for packet in container.demux(video) if packet.size
+                for out in bsf.filter(packet)]
+
+
+@pytest.mark.parametrize("codec", CODECS)
+def test_the_look_for_signing_seis_in_every_packet_finds_every_one(codec: str, tmp_path: Path) -> None:
+    """`maybe_signing` runs for every packet of a camera that does not sign, so it reads as little as it may:
+    it must still say yes to every access unit of the signed sample that holds a signing SEI (given the PyAV
+    packet itself, or its bytes), and no to the others."""
+    hevc = codec == "h265"
+    units = [unit for unit, _ in annexb_units(camera_file(codec, tmp_path / f"camera-{codec}.mp4"))]
+    signing = [any(nal_info(nal, hevc).signing for nal in split_nals(bytes(u), False)) for u in units]
+    assert sum(signing) >= 4
+    assert [maybe_signing(u, False, hevc) for u in units] == signing
+    assert [maybe_signing(bytes(u), False, hevc) for u in units] == signing
+
+
+@pytest.mark.parametrize("codec", CODECS)
+def test_access_units_split_only_where_it_matters_give_every_verdict_of_a_full_split(
+        codec: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The recorder hands the checker whole packets (`feed_unit`), and an unsigned camera's are not split once
+    the checker hashes nothing. A camera that sends ONVIF's unsigned sample twice and then begins signing (its
+    signed sample) gets the same verdict for every GOP, and its signature checked as soon, as when every NAL
+    unit is fed; and of the unsigned stretch only the first GOPs' units were split."""
+    hevc = codec == "h265"
+    unsigned = annexb_units(SAMPLES / f"test_{codec}.mp4") * 2   # ten GOPs
+    units = [*unsigned, *annexb_units(camera_file(codec, tmp_path / "cam.mp4"))]
+    whole = GopChecker(hevc, anchors())
+    for unit, _ in units:
+        for nal in split_nals(bytes(unit), False):
+            whole.feed(nal, 0)
+    split = []
+    monkeypatch.setattr("drivers.media_signing.split_nals", lambda data, prefixed: split.append(data) or
+                        split_nals(data, prefixed))
+    by_unit = GopChecker(hevc, anchors())
+    for n, (unit, key) in enumerate(units):
+        if n == len(unsigned):
+            # the first copy's GOPs (hashed until found unsigned) and the GOP start that ends the last one hashed
+            assert len(split) == len(unsigned) // 2 + 1
+        by_unit.feed_unit(unit, False, key, 0)
+    whole.finish()
+    by_unit.finish()
+    assert by_unit.results(0) == whole.results(0)
+    statuses = [r.status for r in whole.results(0)]
+    assert statuses.count(UNSIGNED) == 10 and statuses.count(VALID) >= 2
+
+
+def test_the_look_for_signing_seis_reads_where_the_standards_put_them() -> None:
+    """H.264: SEIs precede the first slice (7.4.1.2.3), so the UUID's bytes inside a slice are not a SEI and
+    are not read; a SEI longer than the part read first is read whole. H.265 also has suffix SEIs, after the
+    slices (7.4.2.4.4): the whole unit is read. Length-prefixed units (files) are read whole."""
+    sc = b"\x00\x00\x00\x01"
+    sei = b"\x06\x05\x10" + ONVIF_UUID + b"\x80"
+    slice_with_uuid = b"\x41\x9a" + bytes(range(1, 200)) + ONVIF_UUID + bytes(range(1, 200))
+    assert maybe_signing(sc + sei + sc + slice_with_uuid, False, False)
+    assert not maybe_signing(sc + slice_with_uuid, False, False)
+    long_sei = b"\x06\x05\xff\xff\x02" + ONVIF_UUID + bytes(range(1, 256)) * 2 + b"\x80"
+    assert maybe_signing(sc + b"\x09\xf0" + sc + long_sei + sc + b"\x41\x9a\x01", False, False)
+    hevc_slice = b"\x02\x01\xd0" + bytes(range(1, 200))
+    suffix_sei = b"\x50\x01\x05\x10" + ONVIF_UUID + b"\x80"
+    assert maybe_signing(sc + hevc_slice + sc + suffix_sei, False, True)
+    assert not maybe_signing(sc + hevc_slice, False, True)
+    assert maybe_signing(len(slice_with_uuid).to_bytes(4, "big") + slice_with_uuid, True, False)
 
 
 def escape(nal: bytes) -> bytes:
