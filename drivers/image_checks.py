@@ -55,20 +55,25 @@ class ImageHealth:
                 "sharpness": round(self.sharpness, 1), "checked_ms": self.checked_ms}
 
 
-def thumbnail(frame: av.VideoFrame) -> np.ndarray:
-    """A small grey picture of a decoded frame."""
+def small_picture(frame: av.VideoFrame) -> np.ndarray:
+    """A decoded frame PREVIEW_WIDTH wide in colour (BGR), scaled and converted by swscale in one pass: far
+    cheaper than converting the whole picture first, and what both the checks and the preview start from."""
+    height = max(1, round(frame.height * PREVIEW_WIDTH / max(1, frame.width)))
     # One thread: swscale's default (0: one per core) starts and ends a pool of threads at every call.
-    grey = frame.to_ndarray(format="gray", threads=1)
+    return frame.reformat(width=PREVIEW_WIDTH, height=height, format="bgr24", interpolation="AREA",
+                          threads=1).to_ndarray()
+
+
+def thumbnail(small: np.ndarray) -> np.ndarray:
+    """A small grey picture (THUMB_WIDTH wide) of a `small_picture`, what the checks judge."""
+    grey = cv2.cvtColor(small, cv2.COLOR_BGR2GRAY)
     height = max(1, round(grey.shape[0] * THUMB_WIDTH / max(1, grey.shape[1])))
     small = cv2.resize(grey, (THUMB_WIDTH, height), interpolation=cv2.INTER_AREA)
     return cv2.GaussianBlur(small, (3, 3), 0)   # compression noise between two encodings of a still scene
 
 
-def preview_jpeg(frame: av.VideoFrame) -> bytes | None:
-    """The frame as a small colour JPEG for a screen (PREVIEW_WIDTH wide), None if it cannot be encoded."""
-    picture = frame.to_ndarray(format="bgr24", threads=1)
-    height = max(1, round(picture.shape[0] * PREVIEW_WIDTH / max(1, picture.shape[1])))
-    small = cv2.resize(picture, (PREVIEW_WIDTH, height), interpolation=cv2.INTER_AREA)
+def preview_jpeg(small: np.ndarray) -> bytes | None:
+    """A `small_picture` as a JPEG for a screen, None if it cannot be encoded."""
     ok, encoded = cv2.imencode(".jpg", small, [cv2.IMWRITE_JPEG_QUALITY, PREVIEW_QUALITY])
     return encoded.tobytes() if ok else None
 
@@ -99,7 +104,8 @@ class KeyframeSampler:
         self._previous: np.ndarray | None = None
         self._target: int | None = None   # pts of the keyframe being gathered
         self._chunks: list[bytes] = []
-        self.preview: bytes | None = None   # the last keyframe judged, as a small JPEG (preview_jpeg)
+        self._small: np.ndarray | None = None   # the last keyframe judged, PREVIEW_WIDTH wide (small_picture)
+        self._jpeg: tuple[np.ndarray, bytes | None] | None = None   # its JPEG, once asked for
 
     def offer(self, packet: av.Packet, stream: av.video.stream.VideoStream, key: bool) -> ImageHealth | None:
         """Look at one packet; returns a judgement once a sampled keyframe is whole and decoded."""
@@ -110,6 +116,17 @@ class KeyframeSampler:
         if key and health is None and time.monotonic() >= self._next:
             self._start(packet, stream)
         return health
+
+    @property
+    def preview(self) -> bytes | None:
+        """The last keyframe judged, as a small JPEG; None before the first. Encoded when asked for (by a
+        screen), at most once per keyframe judged: most of the time nobody looks. Any thread may ask."""
+        small, cached = self._small, self._jpeg
+        if small is None:
+            return None
+        if cached is None or cached[0] is not small:
+            cached = self._jpeg = (small, preview_jpeg(small))
+        return cached[1]
 
     def _start(self, packet: av.Packet, stream: av.video.stream.VideoStream) -> None:
         if self._decoder is None or self._decoder_for is not stream:
@@ -133,8 +150,8 @@ class KeyframeSampler:
         if not frames:
             return None   # the next keyframe is tried
         self._next = time.monotonic() + self.every_s
-        thumb = thumbnail(frames[-1])
-        self.preview = preview_jpeg(frames[-1])
+        self._small = small_picture(frames[-1])
+        thumb = thumbnail(self._small)
         health = assess(thumb, self._previous)
         self._previous = thumb
         return health
