@@ -30,6 +30,10 @@ A connection's first picture, which FFmpeg's RTSP demuxer gives untimed, is kept
 its picture, or timed by an estimate the segment names: `RtspRecorder._timed`), and each sliced keyframe
 is written as one packet.
 
+Batches: a packet is stamped with its receive time (and counted for the stall watch) as it comes, and handled
+with the others received since, at each video keyframe or every `BATCH_MAX` packets (`RtspRecorder._batched`):
+the interpreter's work per packet costs half again as much when each packet wakes its thread with cold caches.
+
 Time: each packet's wall time is its stream timestamp plus an offset anchored to the wall clock: the
 moment the connection opened (stream time 0 is the first packet after PLAY), lowered by any packet that
 arrives earlier than that predicts (receive time minus pts; probing bursts arrive late and do not move it).
@@ -79,6 +83,7 @@ BACKOFF_MIN_S = 0.5
 LATE_AUDIO_MS = 1000       # a closed segment waits this long (stream time) for audio sent after its cut
 INTERLEAVE_MAX_US = 500_000   # the muxer waits at most this long (stream time) for a silent track
 PENDING_MAX = 512          # audio packets held for the video to catch up, at most (then written as they come)
+BATCH_MAX = 32             # packets received before they are handled together, at most (`RtspRecorder._batched`)
 # Codecs the Matroska muxer refuses, stored losslessly as 16-bit PCM (see the module docstring).
 G711 = ("pcm_mulaw", "pcm_alaw")
 KEPT_TYPES = ("video", "audio", "data")
@@ -305,7 +310,7 @@ class RtspRecorder:
         self._estimated: dict[str, object] | None = None   # the first picture's time was estimated (`_timed`)
         self._data_indexes: frozenset[int] = frozenset()   # this connection's data streams (ONVIF metadata)
         self._interrupted = True               # no packet written yet since start or the last interruption
-        self._video_seen = 0                   # timed video packets demuxed, read by the stall watch
+        self._video_seen = 0                   # video packets received, read by the stall watch
         self._unwatchable = False              # the stall watch could not find this camera's socket
 
     def stop(self) -> None:
@@ -405,21 +410,16 @@ class RtspRecorder:
         prefixed = length_prefixed(stream.codec_context.extradata)
         self.stats.signing = None
         # Looked up once: the loop below runs for every packet of every camera (docs/BENCHMARKS.md, "Cameras").
-        video, stats, now_ms, stopping, sample = stream.index, self.stats, self._clock.now_ms, self._stop.is_set, \
-            self.listener.packet
+        video, stats, sample = stream.index, self.stats, self.listener.packet
         try:
-            for packet in self._timed(container.demux(kept), stream):
-                if stopping():
-                    break
+            for packet, received in self._batched(self._timed(container.demux(kept), stream), video):
                 pts, dts = packet.pts, packet.dts
                 if pts is None or dts is None:
                     continue
-                received = now_ms()
                 if packet.stream_index != video:
                     if offset_ms is not None:
                         self._audio(cuts, packet, int(pts * tick_ms[packet.stream_index] + offset_ms), received)
                     continue
-                self._video_seen += 1   # the stall watch's sign of life
                 pts_ms = pts * tb_ms
                 dts_ms = dts * tb_ms
                 if previous_ms is not None and not 0 <= dts_ms - previous_ms < TS_JUMP_MS:
@@ -475,6 +475,35 @@ class RtspRecorder:
             self._interrupted = False
             self.listener.resumed(self.camera, cuts.out.start_ms)
         return at, offset_ms
+
+    def _batched(self, packets: Iterator[av.Packet], video: int) -> Iterator[tuple[av.Packet, float]]:
+        """The packets, each with its receive time (wall ms), handed on in batches: at each video keyframe and at
+        every `BATCH_MAX` packets. Until `stop()`; a failed read hands on what is held, then raises.
+
+        Why: a camera's packets come one at a time, 25 to 80 a second, each waking its thread from sleep with the
+        CPU's caches cold, and the interpreter's work per packet costs half again as much cold as warm (with
+        independent cameras, docs/BENCHMARKS.md "Cameras"). Here only the receive time and the stall watch's count
+        are taken as a packet comes; the rest runs over the batch with warm caches. Nothing reaches the disk
+        later for it: the Matroska muxer writes a cluster whole when the next keyframe comes (`_SegmentWriter`),
+        and a keyframe ends a batch, so a crash loses what it lost before (at most one keyframe interval)."""
+        now_ms, stopping = self._clock.now_ms, self._stop.is_set
+        batch: list[tuple[av.Packet, float]] = []
+        try:
+            for packet in packets:
+                batch.append((packet, now_ms()))
+                key = False
+                if packet.stream_index == video:
+                    self._video_seen += 1   # the stall watch's sign of life, counted as the packet comes
+                    key = packet.is_keyframe
+                if key or len(batch) >= BATCH_MAX:
+                    yield from batch
+                    batch = []
+                if stopping():
+                    break
+        except (av.FFmpegError, OSError):
+            yield from batch   # the connection failed: what came before is the camera's, written first
+            raise
+        yield from batch
 
     def _timed(self, packets: Iterator[av.Packet], video: av.video.stream.VideoStream) -> Iterator[av.Packet]:
         """The demuxed packets, each picture one video packet with its timestamps, the connection's first
