@@ -269,15 +269,21 @@ def segment_span(path: Path) -> tuple[int, int] | None:
 class _Clock:
     """Wall time from the monotonic clock, checked against the system clock for steps."""
 
+    monotonic = staticmethod(time.monotonic)
+
     def __init__(self) -> None:
         self.rebase()
 
     def rebase(self) -> None:
         self.wall0 = time.time()
-        self.mono0 = time.monotonic()
+        self.mono0 = self.monotonic()
 
     def now_ms(self) -> float:
-        return (self.wall0 + time.monotonic() - self.mono0) * 1000
+        return self.wall_ms(self.monotonic())
+
+    def wall_ms(self, monotonic: float) -> float:
+        """The wall time (ms) of a reading of the monotonic clock."""
+        return (self.wall0 + monotonic - self.mono0) * 1000
 
     def step_ms(self) -> int:
         return int(time.time() * 1000 - self.now_ms())
@@ -305,6 +311,7 @@ class RtspRecorder:
         # The files being written (two for a moment after a cut): replaced whole, read by the intake's thread.
         self.active_paths: tuple[Path, ...] = ()
         self._stop = threading.Event()
+        self._stopping = False
         self._clock = _Clock()
         self._last_end_ms: int | None = None   # end of the last packet written, wall ms
         self._estimated: dict[str, object] | None = None   # the first picture's time was estimated (`_timed`)
@@ -314,6 +321,7 @@ class RtspRecorder:
         self._unwatchable = False              # the stall watch could not find this camera's socket
 
     def stop(self) -> None:
+        self._stopping = True   # read as each packet comes (`_batched`): a plain attribute, not a call
         self._stop.set()
 
     def run(self) -> None:
@@ -486,24 +494,25 @@ class RtspRecorder:
         are taken as a packet comes; the rest runs over the batch with warm caches. Nothing reaches the disk
         later for it: the Matroska muxer writes a cluster whole when the next keyframe comes (`_SegmentWriter`),
         and a keyframe ends a batch, so a crash loses what it lost before (at most one keyframe interval)."""
-        now_ms, stopping = self._clock.now_ms, self._stop.is_set
-        batch: list[tuple[av.Packet, float]] = []
+        clock, monotonic = self._clock, self._clock.monotonic
+        batch: list[tuple[av.Packet, float]] = []   # (packet, monotonic time it came)
         try:
             for packet in packets:
-                batch.append((packet, now_ms()))
+                batch.append((packet, monotonic()))   # a C call: as little as can be done as a packet comes
                 key = False
                 if packet.stream_index == video:
                     self._video_seen += 1   # the stall watch's sign of life, counted as the packet comes
                     key = packet.is_keyframe
                 if key or len(batch) >= BATCH_MAX:
-                    yield from batch
+                    yield from ((p, clock.wall_ms(came)) for p, came in batch)
                     batch = []
-                if stopping():
+                if self._stopping:
                     break
         except (av.FFmpegError, OSError):
-            yield from batch   # the connection failed: what came before is the camera's, written first
+            # the connection failed: what came before is the camera's, written first
+            yield from ((p, clock.wall_ms(came)) for p, came in batch)
             raise
-        yield from batch
+        yield from ((p, clock.wall_ms(came)) for p, came in batch)
 
     def _timed(self, packets: Iterator[av.Packet], video: av.video.stream.VideoStream) -> Iterator[av.Packet]:
         """The demuxed packets, each picture one video packet with its timestamps, the connection's first

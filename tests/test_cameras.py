@@ -398,7 +398,8 @@ def test_packets_are_handled_in_batches_each_with_the_time_it_came(tmp_path: Pat
 
     events: list[tuple[str, int]] = []
     recorder = RtspRecorder("cam", lambda: "rtsp://unused", tmp_path, listener=None, segment_s=10, stall_timeout_s=10)
-    recorder._clock.now_ms = lambda: float(len(events))   # the clock: how many events so far
+    recorder._clock.wall0 = recorder._clock.mono0 = 0.0
+    recorder._clock.monotonic = lambda: float(len(events))   # the clock (seconds): how many events so far
 
     def camera(kinds: str, fail: bool = False) -> Iterator[SimpleNamespace]:
         """'K' a video keyframe, 'v' another video packet, 'a' an audio packet."""
@@ -420,7 +421,7 @@ def test_packets_are_handled_in_batches_each_with_the_time_it_came(tmp_path: Pat
     handled_at = {n: events.index(("handled", n)) for n in range(len(stream))}
     came_at = {n: events.index(("came", n)) for n in range(len(stream))}
     # every packet, in order, stamped as it came (not when it was handled)
-    assert got == [(n, float(came_at[n] + 1)) for n in range(len(stream))]
+    assert got == [(n, (came_at[n] + 1) * 1000.0) for n in range(len(stream))]
     assert recorder._video_seen == stream.count("K") + stream.count("v")
     first_batch_end = BATCH_MAX   # the keyframe at 0 is a batch of its own; then BATCH_MAX packets
     assert handled_at[0] < came_at[1]
@@ -435,6 +436,6 @@ def test_packets_are_handled_in_batches_each_with_the_time_it_came(tmp_path: Pat
     assert [e for e in events if e[0] == "handled"] == [("handled", n) for n in range(4)]
 
     events.clear()
-    recorder._stop.set()
+    recorder.stop()
     assert [n for n, _ in handle("Kvvvv")] == [0]   # stopped after the first packet: nothing more is read
     assert ("came", 1) not in events
