@@ -321,8 +321,10 @@ class RtspRecorder:
         self._unwatchable = False              # the stall watch could not find this camera's socket
 
     def stop(self) -> None:
-        self._stopping = True   # read as each packet comes (`_batched`): a plain attribute, not a call
         self._stop.set()
+        # Read as each packet comes (`_batched`): a plain attribute, not a call. Set after the event, so that a
+        # recorder that stops reading for it finds the event set and reports no interruption (`run`).
+        self._stopping = True
 
     def run(self) -> None:
         """Record until `stop()`; never raises for a camera's faults, only reports them."""
