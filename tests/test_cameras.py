@@ -13,6 +13,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import av
 import jsonschema
@@ -392,8 +393,6 @@ def test_packets_are_handled_in_batches_each_with_the_time_it_came(tmp_path: Pat
     """`RtspRecorder._batched`: a packet is stamped, and counted for the stall watch, as it comes; it is handed on
     at the next video keyframe or after BATCH_MAX packets; a failed read hands on what is held before it raises,
     and `stop()` ends the reading after handing on what is held."""
-    from types import SimpleNamespace
-
     from drivers.rtsp import BATCH_MAX, RtspRecorder
 
     events: list[tuple[str, int]] = []
@@ -439,3 +438,34 @@ def test_packets_are_handled_in_batches_each_with_the_time_it_came(tmp_path: Pat
     recorder.stop()
     assert [n for n, _ in handle("Kvvvv")] == [0]   # stopped after the first packet: nothing more is read
     assert ("came", 1) not in events
+
+
+def test_a_recorder_stopped_while_reading_reports_no_interruption(tmp_path: Path) -> None:
+    """The reading stops at a flag (`_stopping`, read as each packet comes); `run` then reports an interruption
+    only when the stop event is not set. So `stop()` must set the event first: here the event takes its time to
+    be set, and a recorder that stops reading for the flag and fails closing its segment reports nothing."""
+    import threading as th
+
+    from drivers.rtsp import RtspRecorder
+
+    class SlowEvent(th.Event):
+        def set(self) -> None:
+            time.sleep(0.3)   # the other thread runs meanwhile
+            super().set()
+
+    interrupted: list[str] = []
+
+    class Recorder(RtspRecorder):
+        def _session(self) -> None:
+            while not self._stopping:
+                time.sleep(0.01)
+            raise OSError(22, "Invalid argument")   # e.g. closing the segment as the agent stops
+
+    listener = SimpleNamespace(interrupted=lambda camera, cause, since, detail: interrupted.append(detail))
+    recorder = Recorder("cam", lambda: "rtsp://unused", tmp_path, listener, segment_s=10, stall_timeout_s=10)
+    recorder._stop = SlowEvent()
+    runner = th.Thread(target=recorder.run)
+    runner.start()
+    recorder.stop()
+    runner.join(10)
+    assert not runner.is_alive() and interrupted == []
