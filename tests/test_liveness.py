@@ -289,3 +289,28 @@ def test_acks_that_name_no_file_raise_sync_incompatible_once_and_a_usable_ack_cl
         assert agent.catalog.alarms.find_active("sync_incompatible") is None
     finally:
         agent.catalog.close()
+
+
+def test_a_supervisor_whose_first_check_is_slow_is_not_stalled_until_that_check_is_overdue(tmp_path: Path) -> None:
+    """At start the watchdog pinger may ask before the supervisor's first check is done (a slow start under load):
+    not yet checked is not stalled while that check is still due; once three intervals pass without it, it is."""
+    _, cfg = agent_config(tmp_path)
+    agent = build_agent(cfg)
+    release = threading.Event()
+
+    def slow_vitals() -> list[Vital]:
+        release.wait(10)   # the first check hangs here
+        return []
+
+    liveness = Liveness(agent.catalog, LivenessSection(check_s=0.2, stall_s=1), [slow_vitals])
+    try:
+        liveness.start()
+        assert liveness.not_live() == {}   # started, first check still due: live
+        overdue = wait_for(lambda: liveness.not_live().get("liveness"), 5, what="the first check overdue")
+        assert "has not checked" in overdue
+        release.set()
+        wait_for(liveness.live, 5, what="live once the first check is done")
+    finally:
+        release.set()
+        liveness.stop()
+        agent.catalog.close()

@@ -54,6 +54,7 @@ class Liveness:
         self._retry: dict[str, tuple[int, float]] = {}   # name -> (restarts since live, not before: monotonic)
         self._stalled: dict[str, str] = {}       # component name -> why (dead / silent), alarm raised
         self._last_check: float | None = None
+        self._started: float | None = None   # when the supervisor started: its first check is due from then
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -61,6 +62,7 @@ class Liveness:
         for alarm in self.catalog.active_alarms():   # raised before a restart: cleared once seen live
             if alarm["kind"] == COMPONENT_STALLED:
                 self._stalled[alarm["subject"]] = "before the last start"
+        self._started = time.monotonic()
         self._thread = threading.Thread(target=self._run, name="liveness", daemon=True)
         self._thread.start()
 
@@ -77,7 +79,9 @@ class Liveness:
         """What is not live, each with why: the stalled components, and the supervisor itself when it has
         not looked within three intervals. Empty while everything is live."""
         problems = self.stalled()
-        last = self._last_check
+        # Not yet checked is not stalled while the first check is still due (a slow start, under load, used to
+        # withhold the first watchdog ping and send STATUS=stalled before READY).
+        last = self._last_check if self._last_check is not None else self._started
         if (last is None or time.monotonic() - last > 3 * self.check_s or self._thread is None
                 or not self._thread.is_alive()):
             problems["liveness"] = f"the supervisor has not checked for {3 * self.check_s:g} s"
