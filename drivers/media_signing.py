@@ -145,11 +145,6 @@ def look(data: bytes | av.Packet, prefixed: bool, hevc: bool) -> tuple[bool, byt
     return whole.find(ONVIF_UUID) >= 0 or whole.find(AXIS_UUID) >= 0, first
 
 
-def maybe_signing(data: bytes | av.Packet, prefixed: bool, hevc: bool) -> bool:
-    """Whether an access unit may hold a signing SEI (`look`)."""
-    return look(data, prefixed, hevc)[0]
-
-
 def hashable(nal: bytes) -> bytes:
     """A NAL unit as it is hashed: up to its last non-zero byte."""
     return nal.rstrip(b"\x00")
@@ -476,7 +471,7 @@ class GopChecker:
     def idle(self) -> bool:
         """Only a GOP start or a signing SEI would change anything now: no signing SEI seen and the current
         GOP not hashed (an unsigned camera after its first GOPs). The caller may then skip the NAL units of
-        an access unit that holds neither (`maybe_signing`, and no keyframe)."""
+        an access unit that holds neither (`feed_unit`)."""
         return self._anchor is None and self.signing is None
 
     def feed_unit(self, data: bytes | av.Packet, prefixed: bool, key: bool, tag: int) -> None:

@@ -33,7 +33,7 @@ from drivers.media_signing import (
     iter_nals,
     length_prefixed,
     load_anchors,
-    maybe_signing,
+    look,
     nal_info,
     segment_verdict,
     split_nals,
@@ -151,6 +151,11 @@ def test_one_flipped_byte_of_a_frame_is_invalid(codec: str) -> None:
     assert verdict["status"] == INVALID
 
 
+def maybe_signing(data: bytes | av.Packet, prefixed: bool, hevc: bool) -> bool:
+    """Whether `look` says an access unit may hold a signing SEI."""
+    return look(data, prefixed, hevc)[0]
+
+
 def annexb_units(path: Path) -> list[tuple[av.Packet, bool]]:
     """A recording's access units in start-code form, as FFmpeg's RTSP demuxer gives them: (unit, keyframe)."""
     with av.open(str(path)) as container:
@@ -162,7 +167,7 @@ def annexb_units(path: Path) -> list[tuple[av.Packet, bool]]:
 
 @pytest.mark.parametrize("codec", CODECS)
 def test_the_look_for_signing_seis_in_every_packet_finds_every_one(codec: str, tmp_path: Path) -> None:
-    """`maybe_signing` runs for every packet of a camera that does not sign, so it reads as little as it may:
+    """`look` runs for every packet of a camera that does not sign, so it reads as little as it may:
     it must still say yes to every access unit of the signed sample that holds a signing SEI (given the PyAV
     packet itself, or its bytes), and no to the others."""
     hevc = codec == "h265"
