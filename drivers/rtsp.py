@@ -296,6 +296,7 @@ class RtspRecorder:
         self._checker: GopChecker | None = None
         self._awaiting: deque[tuple[Segment, int]] = deque()   # closed segments waiting for their GOPs' verdict
         self._segment_seq = 0
+        self._size: tuple[int, int] | None = None   # this connection's picture size (`_learn_size`)
         self.stats = StreamStats()
         # The files being written (two for a moment after a cut): replaced whole, read by the intake's thread.
         self.active_paths: tuple[Path, ...] = ()
@@ -404,6 +405,8 @@ class RtspRecorder:
         self._checker = checker = GopChecker(stream.codec_context.name == "hevc", self.signing_anchors)
         prefixed = length_prefixed(stream.codec_context.extradata)
         self.stats.signing = None
+        width, height = stream.codec_context.width, stream.codec_context.height
+        self._size = (width, height) if width and height else None   # None: learnt from the first keyframe
         # Looked up once: the loop below runs for every packet of every camera (docs/BENCHMARKS.md, "Cameras").
         video, stats, now_ms, stopping, sample = stream.index, self.stats, self._clock.now_ms, self._stop.is_set, \
             self.listener.packet
@@ -436,7 +439,7 @@ class RtspRecorder:
                 if out is None and not key:
                     continue   # a segment must start with a keyframe to be playable on its own
                 if key and (out is None or at - out.start_ms >= self.segment_ms):
-                    at, offset_ms = self._cut(cuts, kept, stream, at, offset_ms)
+                    at, offset_ms = self._cut(cuts, kept, stream, packet, at, offset_ms)
                     out = cuts.out
                 sample(self.camera, packet, stream, key)
                 self._last_end_ms = at + int((packet.duration or 0) * tb_ms)
@@ -458,9 +461,11 @@ class RtspRecorder:
                 self._release(force=True)
                 self._checker = None
 
-    def _cut(self, cuts: _Cuts, kept: list[av.stream.Stream], video: av.video.stream.VideoStream, at: int,
-             offset_ms: float) -> tuple[int, float]:
+    def _cut(self, cuts: _Cuts, kept: list[av.stream.Stream], video: av.video.stream.VideoStream,
+             keyframe: av.Packet, at: int, offset_ms: float) -> tuple[int, float]:
         """Start a segment at the keyframe at `at`; the one before stays open for its late audio."""
+        if self._size is None:
+            self._size = self._learn_size(video, keyframe)
         self._place_audio(cuts, before=at)
         if cuts.closing is not None:
             self._finish(*cuts.closing)
@@ -550,6 +555,24 @@ class RtspRecorder:
             return _joined(held, packet, held), ()
         return packet, (held,)
 
+    def _learn_size(self, video: av.video.stream.VideoStream, keyframe: av.Packet) -> tuple[int, int]:
+        """The picture size of a connection whose video FFmpeg's probe left without one, from its first keyframe.
+
+        The probe at `av.open` gives up when no video comes before the open timeout (a camera still starting,
+        an NVR channel without signal, media held up on the way while RTCP flows): the stream then has no
+        size, and the Matroska muxer refuses to start a file without one ("dimensions not set", EINVAL). The
+        video that comes later on the same connection is the camera's all the same: its first keyframe is
+        decoded once to learn the size, and recording starts there, without another reconnect and gap."""
+        size = picture_size(video.codec_context.name, video.codec_context.extradata, bytes(keyframe))
+        if size is None:
+            raise StreamError("the camera's video came without a picture size (FFmpeg's probe found none at "
+                              "connect) and its first keyframe did not decode; reconnecting to probe again")
+        self.stats.width, self.stats.height = size
+        self.stats.tracks = [dict(track, width=size[0], height=size[1]) if n == video.index else track
+                             for n, track in enumerate(self.stats.tracks)]
+        log.info("camera_picture_size_from_keyframe camera=%s width=%d height=%d", self.camera, *size)
+        return size
+
     def _check_signing(self, checker: GopChecker, packet: av.Packet, prefixed: bool, seq: int, key: bool) -> None:
         """Feed the packet to the signing checker (before the muxer takes the packet's data). It splits an
         unsigned camera's packets only where that can change something (`GopChecker.feed_unit`); FFmpeg's
@@ -624,7 +647,7 @@ class RtspRecorder:
                            "(agent.min_free_mb); recording pauses until space returns: check retention and sync")
         path = self.spool / f"{start_ms}{SEGMENT_SUFFIX}"
         self._segment_seq += 1
-        writer = _SegmentWriter(path, streams, video, start_ms, self._segment_seq)
+        writer = _SegmentWriter(path, streams, video, start_ms, self._segment_seq, self._size)
         self.active_paths = (*self.active_paths, path)
         return writer
 
@@ -675,7 +698,7 @@ class _SegmentWriter:
     Timestamps of all tracks are moved by the same amount: the first video packet is time 0."""
 
     def __init__(self, path: Path, streams: list[av.stream.Stream], video: av.video.stream.VideoStream,
-                 start_ms: int, seq: int = 0):
+                 start_ms: int, seq: int = 0, size: tuple[int, int] | None = None):
         self.path = path
         self.start_ms = start_ms
         self.seq = seq   # the recorder's number for this segment (the signing checker's tag)
@@ -710,7 +733,11 @@ class _SegmentWriter:
                     out.metadata["ORIGINAL_CODEC"] = codec
                     self._outputs[stream.index] = (out, codec)
                 else:
-                    self._outputs[stream.index] = (self.container.add_stream_from_template(stream), None)
+                    out = self.container.add_stream_from_template(stream)
+                    if stream.index == video.index and size is not None and not out.codec_context.width:
+                        # the probe left the camera's video without a size (`RtspRecorder._learn_size`)
+                        out.codec_context.width, out.codec_context.height = size
+                    self._outputs[stream.index] = (out, None)
         except (av.FFmpegError, OSError) as exc:
             raise _disk_error(exc, path) from exc
         self._fd: int | None = None   # opened once the muxer has created the file (at its first packet)
@@ -811,6 +838,21 @@ def picture_start(data: bytes, hevc: bool) -> bool | None:
             if 1 <= kind <= 5 and len(nal) > 1:
                 return bool(nal[1] & 0x80)   # ue(v) 0 is the single bit 1
     return None
+
+
+def picture_size(codec: str, extradata: bytes | None, keyframe: bytes) -> tuple[int, int] | None:
+    """The (width, height) of a keyframe, decoded; None when it does not decode to a picture."""
+    decoder = av.CodecContext.create(codec, "r")
+    if extradata:
+        decoder.extradata = extradata
+    decoder.thread_count = 1   # the picture comes out of its own packet
+    try:
+        frames = decoder.decode(av.Packet(keyframe)) + decoder.decode(None)
+    except (av.FFmpegError, ValueError) as exc:
+        log.debug("keyframe_undecodable codec=%s error=%s", codec, exc)
+        return None
+    sizes = [(frame.width, frame.height) for frame in frames if frame.width and frame.height]
+    return sizes[0] if sizes else None
 
 
 def first_picture_timing(frame_ms: int) -> dict[str, object]:

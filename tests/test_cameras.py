@@ -360,6 +360,63 @@ def test_two_cameras_on_one_address_only_the_stalled_ones_connection_is_cut(tmp_
         assert found[0]["cause"] == "stream_lost" and "stalled" in found[0]["detail"], found[0]
 
 
+def test_a_camera_whose_video_comes_only_after_the_connect_is_recorded_at_its_size_without_a_gap(
+        tmp_path: Path, rtsp: RtspServer) -> None:
+    """FFmpeg's probe at connect gives up when no video comes before the open timeout (a camera still starting,
+    an NVR channel without signal): the stream then has no picture size, and the Matroska muxer refuses to start
+    a file without one ("dimensions not set", EINVAL at the first write: a reconnect and a gap, seen in CI). The
+    recorder learns the size from the connection's first keyframe and records from there, on that connection."""
+    mute = RtpMute(rtsp.port).start()
+    mute.mute()   # RTSP answers and RTCP pass; no video until unmuted
+    _, cfg = cameras_config(tmp_path, [camera("gate", rtsp=mute.url("/cam"))])   # stall_timeout_s = 3
+    agent = build_agent(cfg)
+    agent.start()
+    stats = agent.cameras.workers["gate"].recorder.stats
+    try:
+        # connected (the open timed the probe out), not yet cut by the stall watch (3 s without video)
+        wait_for(lambda: stats.connected, timeout=30, what="the connection opened while no video came")
+        probed = (stats.width, stats.height)
+        mute.unmute()
+        segment = wait_for(lambda: sealed_segments(agent.catalog, "gate"), timeout=30, what="a first segment")[0]
+        gaps = agent.catalog.query("SELECT * FROM gaps WHERE camera = 'gate'")
+        learnt = (stats.width, stats.height, [t for t in stats.tracks if t["kind"] == "video"])
+    finally:
+        agent.stop()
+        mute.close()
+    assert probed == (0, 0), f"the probe found the size {probed}: this test did not make it give up"
+    assert not gaps, [dict(g) for g in gaps]
+    assert learnt[:2] == (320, 180) and learnt[2][0]["width"] == 320 and learnt[2][0]["height"] == 180
+    stored = cfg.agent.data_dir / segment.store_path
+    with av.open(str(stored)) as recorded:
+        video = recorded.streams.video[0]
+        assert (video.codec_context.width, video.codec_context.height) == (320, 180)
+    assert decoded_frames(stored) > 0
+    assert {"kind": "video", "codec": "h264", "width": 320, "height": 180}.items() <= \
+        json.loads(segment.media)["tracks"][0].items()
+
+
+@pytest.mark.parametrize(("encoder", "codec"), [("libx264", "h264"), ("libx265", "hevc")])
+def test_picture_size_is_read_from_a_keyframe_as_cameras_send_it(encoder: str, codec: str) -> None:
+    """`picture_size` (what `RtspRecorder._learn_size` uses): a keyframe in start-code form, parameter sets in
+    band as cameras send them before each IDR, gives its size; bytes that are no picture give None."""
+    from fractions import Fraction
+
+    import numpy as np
+
+    from drivers.rtsp import picture_size
+
+    context = av.CodecContext.create(encoder, "w")
+    context.width, context.height, context.pix_fmt = 352, 198, "yuv420p"
+    context.time_base = Fraction(1, 25)
+    frame = av.VideoFrame.from_ndarray(np.full((198, 352, 3), 90, np.uint8), format="rgb24").reformat(
+        format="yuv420p")
+    frame.pts = 0
+    keyframe = b"".join(bytes(p) for p in [*context.encode(frame), *context.encode(None)][:1])
+    assert keyframe.startswith((b"\0\0\0\1", b"\0\0\1"))   # start-code form: what the RTSP demuxer gives
+    assert picture_size(codec, None, keyframe) == (352, 198)
+    assert picture_size(codec, None, bytes(range(256)) * 8) is None
+
+
 def test_a_wall_clock_step_is_a_clock_step_gap_and_segments_stay_monotonic(tmp_path: Path, rtsp: RtspServer) -> None:
     """NTP stepping the system clock forward: segments are timed from the monotonic clock anchored to the wall
     clock, so the step shows as a difference between the two; it must become a `clock_step` gap, not silence."""
