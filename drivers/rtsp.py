@@ -30,6 +30,10 @@ A connection's first picture, which FFmpeg's RTSP demuxer gives untimed, is kept
 its picture, or timed by an estimate the segment names: `RtspRecorder._timed`), and each sliced keyframe
 is written as one packet.
 
+Batches: a packet is stamped with its receive time (and counted for the stall watch) as it comes, and handled
+with the others received since, at each video keyframe or every `BATCH_MAX` packets (`RtspRecorder._batched`):
+the interpreter's work per packet costs half again as much when each packet wakes its thread with cold caches.
+
 Time: each packet's wall time is its stream timestamp plus an offset anchored to the wall clock: the
 moment the connection opened (stream time 0 is the first packet after PLAY), lowered by any packet that
 arrives earlier than that predicts (receive time minus pts; probing bursts arrive late and do not move it).
@@ -79,6 +83,7 @@ BACKOFF_MIN_S = 0.5
 LATE_AUDIO_MS = 1000       # a closed segment waits this long (stream time) for audio sent after its cut
 INTERLEAVE_MAX_US = 500_000   # the muxer waits at most this long (stream time) for a silent track
 PENDING_MAX = 512          # audio packets held for the video to catch up, at most (then written as they come)
+BATCH_MAX = 32             # packets received before they are handled together, at most (`RtspRecorder._batched`)
 # Codecs the Matroska muxer refuses, stored losslessly as 16-bit PCM (see the module docstring).
 G711 = ("pcm_mulaw", "pcm_alaw")
 KEPT_TYPES = ("video", "audio", "data")
@@ -264,15 +269,21 @@ def segment_span(path: Path) -> tuple[int, int] | None:
 class _Clock:
     """Wall time from the monotonic clock, checked against the system clock for steps."""
 
+    monotonic = staticmethod(time.monotonic)
+
     def __init__(self) -> None:
         self.rebase()
 
     def rebase(self) -> None:
         self.wall0 = time.time()
-        self.mono0 = time.monotonic()
+        self.mono0 = self.monotonic()
 
     def now_ms(self) -> float:
-        return (self.wall0 + time.monotonic() - self.mono0) * 1000
+        return self.wall_ms(self.monotonic())
+
+    def wall_ms(self, monotonic: float) -> float:
+        """The wall time (ms) of a reading of the monotonic clock."""
+        return (self.wall0 + monotonic - self.mono0) * 1000
 
     def step_ms(self) -> int:
         return int(time.time() * 1000 - self.now_ms())
@@ -301,16 +312,20 @@ class RtspRecorder:
         # The files being written (two for a moment after a cut): replaced whole, read by the intake's thread.
         self.active_paths: tuple[Path, ...] = ()
         self._stop = threading.Event()
+        self._stopping = False
         self._clock = _Clock()
         self._last_end_ms: int | None = None   # end of the last packet written, wall ms
         self._estimated: dict[str, object] | None = None   # the first picture's time was estimated (`_timed`)
         self._data_indexes: frozenset[int] = frozenset()   # this connection's data streams (ONVIF metadata)
         self._interrupted = True               # no packet written yet since start or the last interruption
-        self._video_seen = 0                   # timed video packets demuxed, read by the stall watch
+        self._video_seen = 0                   # video packets received, read by the stall watch
         self._unwatchable = False              # the stall watch could not find this camera's socket
 
     def stop(self) -> None:
         self._stop.set()
+        # Read as each packet comes (`_batched`): a plain attribute, not a call. Set after the event, so that a
+        # recorder that stops reading for it finds the event set and reports no interruption (`run`).
+        self._stopping = True
 
     def run(self) -> None:
         """Record until `stop()`; never raises for a camera's faults, only reports them."""
@@ -408,21 +423,16 @@ class RtspRecorder:
         width, height = stream.codec_context.width, stream.codec_context.height
         self._size = (width, height) if width and height else None   # None: learnt from the first keyframe
         # Looked up once: the loop below runs for every packet of every camera (docs/BENCHMARKS.md, "Cameras").
-        video, stats, now_ms, stopping, sample = stream.index, self.stats, self._clock.now_ms, self._stop.is_set, \
-            self.listener.packet
+        video, stats, sample = stream.index, self.stats, self.listener.packet
         try:
-            for packet in self._timed(container.demux(kept), stream):
-                if stopping():
-                    break
+            for packet, received in self._batched(self._timed(container.demux(kept), stream), video):
                 pts, dts = packet.pts, packet.dts
                 if pts is None or dts is None:
                     continue
-                received = now_ms()
                 if packet.stream_index != video:
                     if offset_ms is not None:
                         self._audio(cuts, packet, int(pts * tick_ms[packet.stream_index] + offset_ms), received)
                     continue
-                self._video_seen += 1   # the stall watch's sign of life
                 pts_ms = pts * tb_ms
                 dts_ms = dts * tb_ms
                 if previous_ms is not None and not 0 <= dts_ms - previous_ms < TS_JUMP_MS:
@@ -480,6 +490,36 @@ class RtspRecorder:
             self._interrupted = False
             self.listener.resumed(self.camera, cuts.out.start_ms)
         return at, offset_ms
+
+    def _batched(self, packets: Iterator[av.Packet], video: int) -> Iterator[tuple[av.Packet, float]]:
+        """The packets, each with its receive time (wall ms), handed on in batches: at each video keyframe and at
+        every `BATCH_MAX` packets. Until `stop()`; a failed read hands on what is held, then raises.
+
+        Why: a camera's packets come one at a time, 25 to 80 a second, each waking its thread from sleep with the
+        CPU's caches cold, and the interpreter's work per packet costs half again as much cold as warm (with
+        independent cameras, docs/BENCHMARKS.md "Cameras"). Here only the receive time and the stall watch's count
+        are taken as a packet comes; the rest runs over the batch with warm caches. Nothing reaches the disk
+        later for it: the Matroska muxer writes a cluster whole when the next keyframe comes (`_SegmentWriter`),
+        and a keyframe ends a batch, so a crash loses what it lost before (at most one keyframe interval)."""
+        clock, monotonic = self._clock, self._clock.monotonic
+        batch: list[tuple[av.Packet, float]] = []   # (packet, monotonic time it came)
+        try:
+            for packet in packets:
+                batch.append((packet, monotonic()))   # a C call: as little as can be done as a packet comes
+                key = False
+                if packet.stream_index == video:
+                    self._video_seen += 1   # the stall watch's sign of life, counted as the packet comes
+                    key = packet.is_keyframe
+                if key or len(batch) >= BATCH_MAX:
+                    yield from ((p, clock.wall_ms(came)) for p, came in batch)
+                    batch = []
+                if self._stopping:
+                    break
+        except (av.FFmpegError, OSError):
+            # the connection failed: what came before is the camera's, written first
+            yield from ((p, clock.wall_ms(came)) for p, came in batch)
+            raise
+        yield from ((p, clock.wall_ms(came)) for p, came in batch)
 
     def _timed(self, packets: Iterator[av.Packet], video: av.video.stream.VideoStream) -> Iterator[av.Packet]:
         """The demuxed packets, each picture one video packet with its timestamps, the connection's first

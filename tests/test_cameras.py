@@ -13,6 +13,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import av
 import jsonschema
@@ -444,3 +445,84 @@ def test_a_wall_clock_step_is_a_clock_step_gap_and_segments_stay_monotonic(tmp_p
     assert starts == sorted(starts) and len(set(starts)) == len(starts)
     assert "clock_step" in [g["cause"] for g in manifest(cfg.agent.data_dir, after.file_id)["gaps_before"]]
 
+
+def test_packets_are_handled_in_batches_each_with_the_time_it_came(tmp_path: Path) -> None:
+    """`RtspRecorder._batched`: a packet is stamped, and counted for the stall watch, as it comes; it is handed on
+    at the next video keyframe or after BATCH_MAX packets; a failed read hands on what is held before it raises,
+    and `stop()` ends the reading after handing on what is held."""
+    from drivers.rtsp import BATCH_MAX, RtspRecorder
+
+    events: list[tuple[str, int]] = []
+    recorder = RtspRecorder("cam", lambda: "rtsp://unused", tmp_path, listener=None, segment_s=10, stall_timeout_s=10)
+    recorder._clock.wall0 = recorder._clock.mono0 = 0.0
+    recorder._clock.monotonic = lambda: float(len(events))   # the clock (seconds): how many events so far
+
+    def camera(kinds: str, fail: bool = False) -> Iterator[SimpleNamespace]:
+        """'K' a video keyframe, 'v' another video packet, 'a' an audio packet."""
+        for n, kind in enumerate(kinds):
+            events.append(("came", n))
+            yield SimpleNamespace(n=n, stream_index=1 if kind == "a" else 0, is_keyframe=kind == "K")
+        if fail:
+            raise OSError("connection reset")
+
+    def handle(kinds: str, fail: bool = False) -> list[tuple[int, float]]:
+        got = []
+        for packet, received in recorder._batched(camera(kinds, fail), 0):
+            events.append(("handled", packet.n))
+            got.append((packet.n, received))
+        return got
+
+    stream = "Kvavav" + "v" * (BATCH_MAX + 3) + "Kvv"
+    got = handle(stream)
+    handled_at = {n: events.index(("handled", n)) for n in range(len(stream))}
+    came_at = {n: events.index(("came", n)) for n in range(len(stream))}
+    # every packet, in order, stamped as it came (not when it was handled)
+    assert got == [(n, (came_at[n] + 1) * 1000.0) for n in range(len(stream))]
+    assert recorder._video_seen == stream.count("K") + stream.count("v")
+    first_batch_end = BATCH_MAX   # the keyframe at 0 is a batch of its own; then BATCH_MAX packets
+    assert handled_at[0] < came_at[1]
+    assert all(came_at[first_batch_end] < handled_at[n] for n in range(1, first_batch_end + 1))
+    second_key = stream.index("K", 1)
+    assert all(came_at[second_key] < handled_at[n] < came_at[second_key + 1]
+               for n in range(first_batch_end + 1, second_key + 1))
+
+    events.clear()
+    with pytest.raises(OSError):
+        handle("Kvvv", fail=True)
+    assert [e for e in events if e[0] == "handled"] == [("handled", n) for n in range(4)]
+
+    events.clear()
+    recorder.stop()
+    assert [n for n, _ in handle("Kvvvv")] == [0]   # stopped after the first packet: nothing more is read
+    assert ("came", 1) not in events
+
+
+def test_a_recorder_stopped_while_reading_reports_no_interruption(tmp_path: Path) -> None:
+    """The reading stops at a flag (`_stopping`, read as each packet comes); `run` then reports an interruption
+    only when the stop event is not set. So `stop()` must set the event first: here the event takes its time to
+    be set, and a recorder that stops reading for the flag and fails closing its segment reports nothing."""
+    import threading as th
+
+    from drivers.rtsp import RtspRecorder
+
+    class SlowEvent(th.Event):
+        def set(self) -> None:
+            time.sleep(0.3)   # the other thread runs meanwhile
+            super().set()
+
+    interrupted: list[str] = []
+
+    class Recorder(RtspRecorder):
+        def _session(self) -> None:
+            while not self._stopping:
+                time.sleep(0.01)
+            raise OSError(22, "Invalid argument")   # e.g. closing the segment as the agent stops
+
+    listener = SimpleNamespace(interrupted=lambda camera, cause, since, detail: interrupted.append(detail))
+    recorder = Recorder("cam", lambda: "rtsp://unused", tmp_path, listener, segment_s=10, stall_timeout_s=10)
+    recorder._stop = SlowEvent()
+    runner = th.Thread(target=recorder.run)
+    runner.start()
+    recorder.stop()
+    runner.join(10)
+    assert not runner.is_alive() and interrupted == []
