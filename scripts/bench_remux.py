@@ -90,13 +90,16 @@ AUDIO = {"none": None, "aac": (48000, "aac")}
 
 
 def make_source(path: Path, seconds: int, audio: str) -> None:
-    """A camera-like recording: 640x360 at 25 fps, a keyframe a second, 1000 kbit/s (bench_cameras' stream)."""
+    """A camera-like recording: 640x360 at 25 fps, a keyframe a second, 1000 kbit/s (bench_cameras' stream), in
+    MPEG-TS: its H.264 is in start-code form (Annex B) with parameter sets in band, as FFmpeg's RTSP demuxer gives
+    a camera's, so the signing checker's and `_timed`'s start-code paths run as they do live (a Matroska source
+    gives length-prefixed units, and skips them)."""
     track = AUDIO[audio]
     audio_in = ["-f", "lavfi", "-i", f"sine=frequency=440:sample_rate={track[0]}"] if track else []
     audio_codec = ["-c:a", track[1]] if track else []
     subprocess.run(["ffmpeg", "-v", "error", "-y", "-f", "lavfi", "-i", "testsrc2=size=640x360:rate=25", *audio_in,
                     "-t", str(seconds), "-c:v", "libx264", "-preset", "ultrafast", "-tune", "zerolatency", "-g", "25",
-                    "-b:v", "1000k", *audio_codec, "-f", "matroska", str(path)],
+                    "-b:v", "1000k", *audio_codec, "-f", "mpegts", str(path)],
                    check=True)
 
 
@@ -129,7 +132,7 @@ def main() -> None:
         sys.exit("ffmpeg is needed: run scripts/setup.sh")
     work = Path(tempfile.mkdtemp(prefix="bench-remux-", dir=args.dir))
     try:
-        src = work / "source.mkv"
+        src = work / "source.ts"
         make_source(src, args.seconds, args.audio)
         rows = []
         for n in range(args.rounds):
