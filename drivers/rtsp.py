@@ -31,7 +31,7 @@ its picture, or timed by an estimate the segment names: `RtspRecorder._timed`), 
 is written as one packet.
 
 Batches: a packet is stamped with its receive time (and counted for the stall watch) as it comes, and handled
-with the others received since, at each video keyframe or every `BATCH_MAX` packets (`RtspRecorder._batched`):
+with the others received since, once a keyframe can be handed on or every `BATCH_MAX` packets (`_batched`):
 the interpreter's work per packet costs half again as much when each packet wakes its thread with cold caches.
 
 Time: each packet's wall time is its stream timestamp plus an offset anchored to the wall clock: the
@@ -425,7 +425,7 @@ class RtspRecorder:
         # Looked up once: the loop below runs for every packet of every camera (docs/BENCHMARKS.md, "Cameras").
         video, stats, sample = stream.index, self.stats, self.listener.packet
         try:
-            for packet, received in self._batched(self._timed(container.demux(kept), stream), video):
+            for packet, received in self._timed(self._batched(container.demux(kept), video), stream):
                 pts, dts = packet.pts, packet.dts
                 if pts is None or dts is None:
                     continue
@@ -492,25 +492,28 @@ class RtspRecorder:
         return at, offset_ms
 
     def _batched(self, packets: Iterator[av.Packet], video: int) -> Iterator[tuple[av.Packet, float]]:
-        """The packets, each with its receive time (wall ms), handed on in batches: at each video keyframe and at
-        every `BATCH_MAX` packets. Until `stop()`; a failed read hands on what is held, then raises.
+        """The packets, each with its receive time (wall ms), handed on in batches: at the video packet that
+        follows a keyframe (the one that lets `_timed` hand the keyframe on) and at every `BATCH_MAX` packets.
+        Until `stop()`; a failed read hands on what is held, then raises.
 
         Why: a camera's packets come one at a time, 25 to 80 a second, each waking its thread from sleep with the
         CPU's caches cold, and the interpreter's work per packet costs half again as much cold as warm (with
         independent cameras, docs/BENCHMARKS.md "Cameras"). Here only the receive time and the stall watch's count
-        are taken as a packet comes; the rest runs over the batch with warm caches. Nothing reaches the disk
-        later for it: the Matroska muxer writes a cluster whole when the next keyframe comes (`_SegmentWriter`),
-        and a keyframe ends a batch, so a crash loses what it lost before (at most one keyframe interval)."""
+        are taken as a packet comes; the rest (`_timed` included) runs over the batch with warm caches. Nothing
+        reaches the disk later for it: the Matroska muxer writes a cluster whole when the next keyframe comes
+        (`_SegmentWriter`), and the batch ends as soon as that keyframe can be handed on, so a crash loses what it
+        lost before (at most one keyframe interval)."""
         clock, monotonic = self._clock, self._clock.monotonic
         batch: list[tuple[av.Packet, float]] = []   # (packet, monotonic time it came)
+        after_key = False   # the last video packet was a keyframe
         try:
             for packet in packets:
                 batch.append((packet, monotonic()))   # a C call: as little as can be done as a packet comes
-                key = False
+                end = False
                 if packet.stream_index == video:
                     self._video_seen += 1   # the stall watch's sign of life, counted as the packet comes
-                    key = packet.is_keyframe
-                if key or len(batch) >= BATCH_MAX:
+                    end, after_key = after_key, packet.is_keyframe
+                if end or len(batch) >= BATCH_MAX:
                     yield from ((p, clock.wall_ms(came)) for p, came in batch)
                     batch = []
                 if self._stopping:
@@ -521,9 +524,11 @@ class RtspRecorder:
             raise
         yield from ((p, clock.wall_ms(came)) for p, came in batch)
 
-    def _timed(self, packets: Iterator[av.Packet], video: av.video.stream.VideoStream) -> Iterator[av.Packet]:
-        """The demuxed packets, each picture one video packet with its timestamps, the connection's first
-        picture included.
+    def _timed(self, packets: Iterator[tuple[av.Packet, float]],
+               video: av.video.stream.VideoStream) -> Iterator[tuple[av.Packet, float]]:
+        """The packets of a batch, each picture one video packet with its timestamps, the connection's first
+        picture included; each with its receive time (a packet held here takes the time of the one that
+        ends its hold: when it could first be handled).
 
         FFmpeg's RTSP demuxer parses H.264/H.265 into pictures, and its parser fetches a picture's timestamp
         by byte offset: RTP packets carry none (pos -1), so the connection's first picture matches no input
@@ -543,9 +548,9 @@ class RtspRecorder:
         held: av.Packet | None = None
         first = True   # no video packet seen yet on this connection
         try:
-            for packet in packets:
+            for packet, received in packets:
                 if packet.stream_index != index:
-                    yield packet
+                    yield packet, received
                     continue
                 if first:
                     first = False
@@ -556,19 +561,19 @@ class RtspRecorder:
                     packet, out = self._place(held, packet, video, hevc)
                     held = None
                     if out:
-                        yield from out
+                        yield from ((p, received) for p in out)
                     if packet is None:
                         continue
                 if packet.is_keyframe and packet.dts is not None:
                     held = packet
                 else:
-                    yield packet
+                    yield packet, received
         except (av.FFmpegError, OSError):
-            if held is not None:
-                yield held   # the connection failed: the keyframe held is still the camera's, written first
+            if held is not None:   # the connection failed: the keyframe held is still the camera's, written first
+                yield held, self._clock.now_ms()
             raise
         if held is not None:
-            yield held
+            yield held, self._clock.now_ms()
 
     def _place(self, held: av.Packet, packet: av.Packet, video: av.video.stream.VideoStream,
                hevc: bool) -> tuple[av.Packet | None, tuple[av.Packet, ...]]:

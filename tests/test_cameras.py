@@ -447,27 +447,30 @@ def test_a_wall_clock_step_is_a_clock_step_gap_and_segments_stay_monotonic(tmp_p
 
 
 def test_packets_are_handled_in_batches_each_with_the_time_it_came(tmp_path: Path) -> None:
-    """`RtspRecorder._batched`: a packet is stamped, and counted for the stall watch, as it comes; it is handed on
-    at the next video keyframe or after BATCH_MAX packets; a failed read hands on what is held before it raises,
-    and `stop()` ends the reading after handing on what is held."""
+    """`RtspRecorder._batched`, then `_timed` over each batch (as `_remux` reads a connection): a packet is stamped,
+    and counted for the stall watch, as it comes; a batch is handed on at the video packet after a keyframe (which
+    lets `_timed` hand the keyframe on: the muxer then writes the GOP before it) or after BATCH_MAX packets; a
+    keyframe held by `_timed` takes the time of the packet that ended its hold; a failed read hands on what is
+    held before it raises, and `stop()` ends the reading after handing on what is held."""
     from drivers.rtsp import BATCH_MAX, RtspRecorder
 
     events: list[tuple[str, int]] = []
     recorder = RtspRecorder("cam", lambda: "rtsp://unused", tmp_path, listener=None, segment_s=10, stall_timeout_s=10)
     recorder._clock.wall0 = recorder._clock.mono0 = 0.0
     recorder._clock.monotonic = lambda: float(len(events))   # the clock (seconds): how many events so far
+    video = SimpleNamespace(index=0, codec_context=SimpleNamespace(name="h264"))
 
     def camera(kinds: str, fail: bool = False) -> Iterator[SimpleNamespace]:
-        """'K' a video keyframe, 'v' another video packet, 'a' an audio packet."""
+        """'K' a video keyframe, 'v' another video packet, 'a' an audio packet; each its own picture."""
         for n, kind in enumerate(kinds):
             events.append(("came", n))
-            yield SimpleNamespace(n=n, stream_index=1 if kind == "a" else 0, is_keyframe=kind == "K")
+            yield SimpleNamespace(n=n, stream_index=1 if kind == "a" else 0, is_keyframe=kind == "K", dts=n)
         if fail:
             raise OSError("connection reset")
 
     def handle(kinds: str, fail: bool = False) -> list[tuple[int, float]]:
         got = []
-        for packet, received in recorder._batched(camera(kinds, fail), 0):
+        for packet, received in recorder._timed(recorder._batched(camera(kinds, fail), 0), video):
             events.append(("handled", packet.n))
             got.append((packet.n, received))
         return got
@@ -476,20 +479,28 @@ def test_packets_are_handled_in_batches_each_with_the_time_it_came(tmp_path: Pat
     got = handle(stream)
     handled_at = {n: events.index(("handled", n)) for n in range(len(stream))}
     came_at = {n: events.index(("came", n)) for n in range(len(stream))}
-    # every packet, in order, stamped as it came (not when it was handled)
-    assert got == [(n, (came_at[n] + 1) * 1000.0) for n in range(len(stream))]
-    assert recorder._video_seen == stream.count("K") + stream.count("v")
-    first_batch_end = BATCH_MAX   # the keyframe at 0 is a batch of its own; then BATCH_MAX packets
-    assert handled_at[0] < came_at[1]
-    assert all(came_at[first_batch_end] < handled_at[n] for n in range(1, first_batch_end + 1))
     second_key = stream.index("K", 1)
-    assert all(came_at[second_key] < handled_at[n] < came_at[second_key + 1]
-               for n in range(first_batch_end + 1, second_key + 1))
+    # every packet, in order, stamped as it came (not when it was handled); a keyframe when the next video came
+    released = {0: 1, second_key: second_key + 1}
+    assert got == [(n, (came_at[released.get(n, n)] + 1) * 1000.0) for n in range(len(stream))]
+    assert recorder._video_seen == stream.count("K") + stream.count("v")
+
+    def handled_between(packets: range, end: int) -> bool:   # handled once `end` came, before the next came
+        return all(came_at[end] < handled_at[n] < came_at[end + 1] for n in packets)
+
+    assert handled_between(range(0, 2), 1)                    # the keyframe, at the video packet after it
+    assert handled_between(range(2, 2 + BATCH_MAX), 1 + BATCH_MAX)   # then BATCH_MAX packets
+    assert handled_between(range(2 + BATCH_MAX, second_key + 2), second_key + 1)
 
     events.clear()
     with pytest.raises(OSError):
         handle("Kvvv", fail=True)
     assert [e for e in events if e[0] == "handled"] == [("handled", n) for n in range(4)]
+
+    events.clear()
+    with pytest.raises(OSError):
+        handle("vvK", fail=True)   # the keyframe held by `_timed` when the read fails is handed on
+    assert [e for e in events if e[0] == "handled"] == [("handled", n) for n in range(3)]
 
     events.clear()
     recorder.stop()
