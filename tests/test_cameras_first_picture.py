@@ -146,15 +146,15 @@ def packet(data: bytes, dts: int | None, key: bool) -> av.Packet:
 
 
 def timed(codec: str, packets: list[av.Packet], fail: bool = False) -> tuple[list[tuple[bytes, int]], object]:
-    def source() -> Iterator[av.Packet]:
-        yield from packets
+    def source() -> Iterator[tuple[av.Packet, float]]:   # each with its receive time, as `_batched` gives them
+        yield from ((p, float(n)) for n, p in enumerate(packets))
         if fail:
             raise av.ExitError(-1, "stream ended")   # what the demuxer raises when the camera goes away
 
     recorder = RtspRecorder("gate", lambda: "", Path("/nonexistent"), Collector(), segment_s=1, stall_timeout_s=1)
     out: list[tuple[bytes, int]] = []
     try:
-        for p in recorder._timed(source(), Video(codec)):
+        for p, _ in recorder._timed(source(), Video(codec)):
             out.append((bytes(p), p.dts))
     except av.ExitError:
         out.append((b"raised", -1))
