@@ -83,6 +83,9 @@ BACKOFF_MIN_S = 0.5
 LATE_AUDIO_MS = 1000       # a closed segment waits this long (stream time) for audio sent after its cut
 INTERLEAVE_MAX_US = 500_000   # the muxer waits at most this long (stream time) for a silent track
 PENDING_MAX = 512          # audio packets held for the video to catch up, at most (then written as they come)
+PACE_S = 0.25              # a camera's reader sleeps this long once it has read all that came (`_batched`)...
+PACE_BYTES = 32 * 1024     # ...or less, so that at most this much of its stream waits in the socket meanwhile
+CAUGHT_UP_S = 0.004        # a read that waited longer than this found nothing waiting: the reader has caught up
 BATCH_MAX = 32             # packets received before they are handled together, at most (`RtspRecorder._batched`)
 # Codecs the Matroska muxer refuses, stored losslessly as 16-bit PCM (see the module docstring).
 G711 = ("pcm_mulaw", "pcm_alaw")
@@ -294,7 +297,8 @@ class RtspRecorder:
 
     def __init__(self, camera: str, resolve: Callable[[], str], spool: Path, listener: RecorderListener, *,
                  segment_s: float, stall_timeout_s: float, reconnect_max_s: float = 30.0,
-                 min_free_bytes: int = 0, signing_anchors: list[x509.Certificate] | None = None):
+                 min_free_bytes: int = 0, signing_anchors: list[x509.Certificate] | None = None,
+                 pace_s: float = PACE_S):
         self.camera = camera
         self.resolve = resolve
         self.spool = spool
@@ -313,6 +317,7 @@ class RtspRecorder:
         self.active_paths: tuple[Path, ...] = ()
         self._stop = threading.Event()
         self._stopping = False
+        self.pace_s = pace_s   # 0: read each packet as it comes (`_batched`)
         self._clock = _Clock()
         self._last_end_ms: int | None = None   # end of the last packet written, wall ms
         self._estimated: dict[str, object] | None = None   # the first picture's time was estimated (`_timed`)
@@ -506,23 +511,41 @@ class RtspRecorder:
         clock, monotonic = self._clock, self._clock.monotonic
         batch: list[tuple[av.Packet, float]] = []   # (packet, monotonic time it came)
         after_key = False   # the last video packet was a keyframe
+        wait = self._stop.wait
+        ready = since = flushed = monotonic()
+        bytes_since = self.stats.bytes
         try:
             for packet in packets:
-                batch.append((packet, monotonic()))   # a C call: as little as can be done as a packet comes
+                came = monotonic()   # a C call: as little as can be done as a packet comes
+                waited, ready = came - ready, came
+                batch.append((packet, came))
                 end = False
                 if packet.stream_index == video:
                     self._video_seen += 1   # the stall watch's sign of life, counted as the packet comes
                     end, after_key = after_key, packet.is_keyframe
                 if end or len(batch) >= BATCH_MAX:
-                    yield from ((p, clock.wall_ms(came)) for p, came in batch)
+                    yield from ((p, clock.wall_ms(t)) for p, t in batch)
                     batch = []
+                    flushed, ready = came, monotonic()
                 if self._stopping:
                     break
+                if waited > CAUGHT_UP_S and (pace := self._pace(flushed - since, self.stats.bytes - bytes_since)):
+                    wait(pace)   # this read waited for the camera, so all it sent is read: let the next gather
+                    ready = monotonic()
         except (av.FFmpegError, OSError):
             # the connection failed: what came before is the camera's, written first
             yield from ((p, clock.wall_ms(came)) for p, came in batch)
             raise
         yield from ((p, clock.wall_ms(came)) for p, came in batch)
+
+    def _pace(self, elapsed_s: float, received: int) -> float:
+        """How long the reader sleeps once it has caught up: `pace_s`, or less, so that no more than PACE_BYTES of
+        the stream (`received` bytes in `elapsed_s`: from the connection's start to the last batch handled) wait
+        in the socket's receive buffer meanwhile: beyond the buffer, the camera's own sending would block.
+        0 until two seconds of the stream are handled."""
+        if not self.pace_s or elapsed_s < 2.0:
+            return 0.0
+        return min(self.pace_s, PACE_BYTES * elapsed_s / max(received, 1))
 
     def _timed(self, packets: Iterator[tuple[av.Packet, float]],
                video: av.video.stream.VideoStream) -> Iterator[tuple[av.Packet, float]]:

@@ -163,6 +163,11 @@ class Camera(_Section):
     stall_timeout_s: Annotated[float, Field(gt=0, le=600)] = 10
     image_check_s: Annotated[float, Field(gt=0)] = 5
     reconnect_max_s: Annotated[float, Field(gt=0, le=3600)] = 30   # backoff ceiling between reconnects
+    # Once the camera's reader has read all that came, it sleeps this long (less for streams above about
+    # 1 Mbit/s, so that at most 32 kB wait in the socket) and then reads what gathered in one go: a quarter of the
+    # wake-ups and half the CPU (docs/BENCHMARKS.md "Reads paced"); packets reach the disk up to this much later.
+    # 0: each packet is read as it comes.
+    read_pace_ms: Annotated[int, Field(ge=0, le=1000)] = 250
     # ONVIF cameras: how often the camera's clock is read besides every (re)connect, and whether its tamper
     # events (PullPoint) become alarms.
     clock_check_s: Annotated[float, Field(gt=0, le=86400)] = 600

@@ -418,6 +418,63 @@ def test_picture_size_is_read_from_a_keyframe_as_cameras_send_it(encoder: str, c
     assert picture_size(codec, None, bytes(range(256)) * 8) is None
 
 
+@pytest.mark.parametrize(("frame_bytes", "pace_ms", "expected_sleep_s"),
+                         [(5_000, 250, 0.25),          # 1 Mbit/s: the full pace (32 kB would take 0.26 s)
+                          (40_000, 250, 0.0328),       # 8 Mbit/s: 32 kB of it, 0.033 s
+                          (5_000, 0, None)])           # pacing off: each packet read as it comes
+def test_a_camera_that_has_been_read_up_to_date_is_read_again_after_a_pause(
+        tmp_path: Path, frame_bytes: int, pace_ms: int, expected_sleep_s: float | None) -> None:
+    """`RtspRecorder._batched` paces its reads: once a read had to wait for the camera (all it sent was read),
+    the reader sleeps (`read_pace_ms`, less for a fast stream: at most PACE_BYTES wait in the socket), then reads
+    what gathered in one go. Simulated camera: a picture every 40 ms; a read returns the next picture once it
+    was sent; the reader's sleeps move the clock. Every picture is handed on, in order, stamped when read."""
+    from drivers.rtsp import PACE_BYTES, RtspRecorder
+
+    clock = {"now": 0.0}
+    sleeps: list[float] = []
+    recorder = RtspRecorder("cam", lambda: "rtsp://unused", tmp_path, listener=None, segment_s=10,
+                            stall_timeout_s=10, pace_s=pace_ms / 1000)
+    recorder._clock.wall0 = recorder._clock.mono0 = 0.0
+    recorder._clock.monotonic = lambda: clock["now"]
+
+    def sleep(seconds: float) -> bool:
+        sleeps.append((clock["now"], seconds))
+        clock["now"] += seconds
+        return False
+
+    recorder._stop = SimpleNamespace(wait=sleep)
+    sent = [n * 0.040 for n in range(250)]   # 10 s of pictures, a keyframe each second
+    wakeups = []
+
+    def camera() -> Iterator[SimpleNamespace]:
+        for n, at in enumerate(sent):
+            if at > clock["now"]:
+                wakeups.append(at)   # nothing had come: the read waits for this picture
+                clock["now"] = at
+            yield SimpleNamespace(n=n, stream_index=0, is_keyframe=n % 25 == 0, size=frame_bytes)
+
+    got = []
+    for packet, received in recorder._batched(camera(), 0):
+        got.append((packet.n, received))
+        recorder.stats.bytes += packet.size   # as `_remux` counts what it handles
+
+    assert [n for n, _ in got] == list(range(len(sent)))
+    slept = [seconds for _, seconds in sleeps]
+    longest = max(slept, default=0.0)
+    assert all(sent[n] * 1000 <= received <= (sent[n] + longest + 0.040) * 1000 + 1e-6 for n, received in got)
+    if expected_sleep_s is None:
+        assert not sleeps and len(wakeups) == len(sent) - 1
+        return
+    assert sleeps and min(at for at, _ in sleeps) >= 2.0   # no rate known before: no pause
+    assert longest <= pace_ms / 1000 + 1e-9
+    assert slept[-1] == pytest.approx(expected_sleep_s, rel=0.05)
+    assert min(slept) >= min(pace_ms / 1000, PACE_BYTES / (frame_bytes * 25)) * 0.95
+    if expected_sleep_s >= 0.1:   # paced: one wake-up per pause, not one per picture
+        paced = [at for at in wakeups if at >= 3.0]
+        assert len(paced) <= (sent[-1] - 3.0) / expected_sleep_s + 1
+        assert len(paced) < len([at for at in sent if at >= 3.0]) / 4
+
+
 def test_a_wall_clock_step_is_a_clock_step_gap_and_segments_stay_monotonic(tmp_path: Path, rtsp: RtspServer) -> None:
     """NTP stepping the system clock forward: segments are timed from the monotonic clock anchored to the wall
     clock, so the step shows as a difference between the two; it must become a `clock_step` gap, not silence."""
@@ -455,7 +512,8 @@ def test_packets_are_handled_in_batches_each_with_the_time_it_came(tmp_path: Pat
     from drivers.rtsp import BATCH_MAX, RtspRecorder
 
     events: list[tuple[str, int]] = []
-    recorder = RtspRecorder("cam", lambda: "rtsp://unused", tmp_path, listener=None, segment_s=10, stall_timeout_s=10)
+    recorder = RtspRecorder("cam", lambda: "rtsp://unused", tmp_path, listener=None, segment_s=10, stall_timeout_s=10,
+                            pace_s=0)   # reads as packets come: the pauses have a test of their own
     recorder._clock.wall0 = recorder._clock.mono0 = 0.0
     recorder._clock.monotonic = lambda: float(len(events))   # the clock (seconds): how many events so far
     video = SimpleNamespace(index=0, codec_context=SimpleNamespace(name="h264"))

@@ -65,7 +65,7 @@ class CameraWorker:
             camera.name, self.resolve, spool_dir(config.agent.data_dir, camera.name), self,
             segment_s=camera.segment_s, stall_timeout_s=camera.stall_timeout_s,
             reconnect_max_s=camera.reconnect_max_s, min_free_bytes=config.agent.min_free_mb * 1024**2,
-            signing_anchors=signing_anchors(camera, config))
+            signing_anchors=signing_anchors(camera, config), pace_s=camera.read_pace_ms / 1000)
         self.heartbeat = Heartbeat(f"camera-{camera.name}")
         self._looked_ms = float("-inf")   # stream time of the last heartbeat and audio check (`packet`)
         self._stopped = False
