@@ -33,6 +33,8 @@ is written as one packet.
 Batches: a packet is stamped with its receive time (and counted for the stall watch) as it comes, and handled
 with the others received since, once a keyframe can be handed on or every `BATCH_MAX` packets (`_batched`):
 the interpreter's work per packet costs half again as much when each packet wakes its thread with cold caches.
+And reads are paced: once a read had to wait for the camera, the reader sleeps (`pace_s`, shorter for a fast
+stream: `_pace`) and then reads what gathered in one go, a few wake-ups a second instead of one per packet.
 
 Time: each packet's wall time is its stream timestamp plus an offset anchored to the wall clock: the
 moment the connection opened (stream time 0 is the first packet after PLAY), lowered by any packet that
@@ -507,7 +509,11 @@ class RtspRecorder:
         are taken as a packet comes; the rest (`_timed` included) runs over the batch with warm caches. Nothing
         reaches the disk later for it: the Matroska muxer writes a cluster whole when the next keyframe comes
         (`_SegmentWriter`), and the batch ends as soon as that keyframe can be handed on, so a crash loses what it
-        lost before (at most one keyframe interval)."""
+        lost before (at most one keyframe interval).
+
+        Paced: a read that waited longer than CAUGHT_UP_S found the socket empty, so the reader sleeps (`_pace`)
+        and the next reads find what came meanwhile waiting: 13 wake-ups a second instead of 60 (docs/
+        BENCHMARKS.md "Reads paced"). A crash may lose up to the pause more; `stop()` ends the pause."""
         clock, monotonic = self._clock, self._clock.monotonic
         batch: list[tuple[av.Packet, float]] = []   # (packet, monotonic time it came)
         after_key = False   # the last video packet was a keyframe
