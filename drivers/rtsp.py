@@ -88,6 +88,8 @@ PENDING_MAX = 512          # audio packets held for the video to catch up, at mo
 PACE_S = 0.25              # a camera's reader sleeps this long once it has read all that came (`_batched`)...
 PACE_BYTES = 32 * 1024     # ...or less, so that at most this much of its stream waits in the socket meanwhile
 CAUGHT_UP_S = 0.004        # a read that waited longer than this found nothing waiting: the reader has caught up
+RATE_WINDOW_S = 10.0       # health's fps and bitrate: over about this long...
+RATE_STALE_S = 5.0         # ...falling once no batch has been handled for this long
 BATCH_MAX = 32             # packets received before they are handled together, at most (`RtspRecorder._batched`)
 # Codecs the Matroska muxer refuses, stored losslessly as 16-bit PCM (see the module docstring).
 G711 = ("pcm_mulaw", "pcm_alaw")
@@ -195,19 +197,29 @@ class StreamStats:
     last_audio_ms: int | None = None    # receive time of the last audio packet of this connection
     connected_ms: int | None = None     # when this connection's stream was opened
     signing: str | None = None          # "onvif" / "axis": this connection carries signing SEIs
-    _window: list[tuple[float, int, int]] = field(default_factory=list)
+    # (monotonic time the batch's last packet came, packets, bytes) after each batch handled (`handled`)
+    _window: deque[tuple[float, int, int]] = field(default_factory=lambda: deque(maxlen=64))
 
-    def rates(self) -> tuple[float, float]:
-        """(frames per second, kilobits per second) over the last few seconds."""
-        now = time.monotonic()
-        self._window.append((now, self.packets, self.bytes))
-        while len(self._window) > 2 and now - self._window[1][0] >= 5:
-            self._window.pop(0)
-        t0, p0, b0 = self._window[0]
-        elapsed = now - t0
-        if elapsed <= 0 or not self.connected:
+    def handled(self, came: float) -> None:
+        """A batch is handled: the counters are right as of `came` (monotonic), when its last packet came."""
+        self._window.append((came, self.packets, self.bytes))
+
+    def rates(self, now: float | None = None) -> tuple[float, float]:
+        """(frames per second, kilobits per second) over the last RATE_WINDOW_S or so, measured between batch
+        ends: packets are counted a batch at a time, so counts read at any other moment would jump by a batch
+        (a second of video: ±10 % over 5 s). Past RATE_STALE_S without a batch, the rates fall towards 0."""
+        now = time.monotonic() if now is None else now
+        samples = list(self._window)   # a copy: the recorder thread appends
+        if not self.connected or len(samples) < 2:
             return 0.0, 0.0
-        return (self.packets - p0) / elapsed, (self.bytes - b0) * 8 / 1000 / elapsed
+        start = next(s for s in samples if now - s[0] <= RATE_WINDOW_S or s is samples[-2])
+        end_t, packets, size = samples[-1]
+        if now - end_t > RATE_STALE_S:
+            end_t = now
+        elapsed = end_t - start[0]
+        if elapsed <= 0:
+            return 0.0, 0.0
+        return (packets - start[1]) / elapsed, (size - start[2]) * 8 / 1000 / elapsed
 
 
 class RecorderListener(Protocol):
@@ -532,6 +544,7 @@ class RtspRecorder:
                 if end or len(batch) >= BATCH_MAX:
                     yield from ((p, clock.wall_ms(t)) for p, t in batch)
                     batch = []
+                    self.stats.handled(came)
                     flushed, ready = came, monotonic()
                 if self._stopping:
                     break

@@ -475,6 +475,27 @@ def test_a_camera_that_has_been_read_up_to_date_is_read_again_after_a_pause(
         assert len(paced) < len([at for at in sent if at >= 3.0]) / 4
 
 
+def test_fps_and_bitrate_do_not_jump_with_the_moment_they_are_read() -> None:
+    """Packets are counted a batch at a time (about a second of video), so health's fps and bitrate are measured
+    between batch ends: read at any moment between two batches, a steady 25 fps, 1000 kbit/s camera reads 25 and
+    1000 (read against the moment of reading, they swung by a batch: ±10 % over 5 s). A camera whose batches
+    stop reads falling rates; a disconnected one reads 0."""
+    from drivers.rtsp import RATE_STALE_S, StreamStats
+
+    stats = StreamStats(connected=True)
+    for second in range(1, 31):   # a batch a second: 25 pictures, 125 kB
+        stats.packets += 25
+        stats.bytes += 125_000
+        stats.handled(float(second))
+    for phase in (0.05, 0.3, 0.6, 0.95, 2.0):
+        fps, kbps = stats.rates(now=30 + phase)
+        assert (fps, kbps) == (pytest.approx(25), pytest.approx(1000)), phase
+    fps, kbps = stats.rates(now=30 + RATE_STALE_S + 3)
+    assert fps < 25 * 0.75 and kbps < 1000 * 0.75
+    stats.connected = False
+    assert stats.rates(now=31) == (0.0, 0.0)
+
+
 def test_a_wall_clock_step_is_a_clock_step_gap_and_segments_stay_monotonic(tmp_path: Path, rtsp: RtspServer) -> None:
     """NTP stepping the system clock forward: segments are timed from the monotonic clock anchored to the wall
     clock, so the step shows as a difference between the two; it must become a `clock_step` gap, not silence."""
