@@ -561,10 +561,11 @@ class RtspRecorder:
         """How long the reader sleeps once it has caught up: `pace_s`, or less, so that no more than PACE_BYTES of
         the stream (`received` bytes in `elapsed_s`: from the connection's start to the last batch handled) wait
         in the socket's receive buffer meanwhile: beyond the buffer, the camera's own sending would block.
-        0 until two seconds of the stream are handled."""
-        if not self.pace_s or elapsed_s < 2.0:
+        0 until two seconds of the stream are handled, and while no video has been (before the first keyframe):
+        no rate is known."""
+        if not self.pace_s or elapsed_s < 2.0 or received <= 0:
             return 0.0
-        return min(self.pace_s, PACE_BYTES * elapsed_s / max(received, 1))
+        return min(self.pace_s, PACE_BYTES * elapsed_s / received)
 
     def _timed(self, packets: Iterator[tuple[av.Packet, float]],
                video: av.video.stream.VideoStream) -> Iterator[tuple[av.Packet, float]]:

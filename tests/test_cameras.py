@@ -459,6 +459,7 @@ def test_a_camera_that_has_been_read_up_to_date_is_read_again_after_a_pause(
         recorder.stats.bytes += packet.size   # as `_remux` counts what it handles
 
     assert [n for n, _ in got] == list(range(len(sent)))
+    assert recorder._pace(5.0, 0) == 0.0   # no video handled yet (no keyframe): no rate, no pause
     slept = [seconds for _, seconds in sleeps]
     longest = max(slept, default=0.0)
     assert all(sent[n] * 1000 <= received <= (sent[n] + longest + 0.040) * 1000 + 1e-6 for n, received in got)
