@@ -164,7 +164,7 @@ class Camera(_Section):
     image_check_s: Annotated[float, Field(gt=0)] = 5
     reconnect_max_s: Annotated[float, Field(gt=0, le=3600)] = 30   # backoff ceiling between reconnects
     # Once the camera's reader has read all that came, it sleeps this long (less for streams above about
-    # 1 Mbit/s, so that at most 32 kB wait in the socket) and then reads what gathered in one go: a quarter of the
+    # 2 Mbit/s, so that at most 64 kB wait in the socket) and then reads what gathered in one go: a quarter of the
     # wake-ups and half the CPU (docs/BENCHMARKS.md "Reads paced"); packets reach the disk up to this much later.
     # 0: each packet is read as it comes.
     read_pace_ms: Annotated[int, Field(ge=0, le=1000)] = 250

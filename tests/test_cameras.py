@@ -419,8 +419,8 @@ def test_picture_size_is_read_from_a_keyframe_as_cameras_send_it(encoder: str, c
 
 
 @pytest.mark.parametrize(("frame_bytes", "pace_ms", "expected_sleep_s"),
-                         [(5_000, 250, 0.25),          # 1 Mbit/s: the full pace (32 kB would take 0.26 s)
-                          (40_000, 250, 0.0328),       # 8 Mbit/s: 32 kB of it, 0.033 s
+                         [(5_000, 250, 0.25),          # 1 Mbit/s: the full pace (64 kB would take 0.52 s)
+                          (40_000, 250, 0.0655),       # 8 Mbit/s: 64 kB of it, 0.066 s
                           (5_000, 0, None)])           # pacing off: each packet read as it comes
 def test_a_camera_that_has_been_read_up_to_date_is_read_again_after_a_pause(
         tmp_path: Path, frame_bytes: int, pace_ms: int, expected_sleep_s: float | None) -> None:
