@@ -17,6 +17,8 @@ import av
 import cv2
 import numpy as np
 
+from drivers.rtsp import keyframe_decoder
+
 log = logging.getLogger(__name__)
 
 # The pictures judged here are small (a 160-px thumbnail, a 320-px preview), once per camera every few seconds:
@@ -130,9 +132,7 @@ class KeyframeSampler:
 
     def _start(self, packet: av.Packet, stream: av.video.stream.VideoStream) -> None:
         if self._decoder is None or self._decoder_for is not stream:
-            self._decoder = av.CodecContext.create(stream.codec_context.name, "r")
-            self._decoder.extradata = stream.codec_context.extradata
-            self._decoder.thread_count = 1   # no frame threading: the picture comes out of its own packet
+            self._decoder = keyframe_decoder(stream.codec_context.name, stream.codec_context.extradata)
             self._decoder_for = stream
         self._target = packet.pts
         self._chunks = [bytes(packet)]

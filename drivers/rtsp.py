@@ -928,12 +928,19 @@ def picture_start(data: bytes, hevc: bool) -> bool | None:
     return None
 
 
-def picture_size(codec: str, extradata: bytes | None, keyframe: bytes) -> tuple[int, int] | None:
-    """The (width, height) of a keyframe, decoded; None when it does not decode to a picture."""
+def keyframe_decoder(codec: str, extradata: bytes | None) -> av.CodecContext:
+    """A decoder for a camera's keyframes, one at a time (no frame threading: the picture comes out of its own
+    packet). Used for the image checks (`KeyframeSampler`) and to learn a picture's size (`picture_size`)."""
     decoder = av.CodecContext.create(codec, "r")
     if extradata:
         decoder.extradata = extradata
-    decoder.thread_count = 1   # the picture comes out of its own packet
+    decoder.thread_count = 1
+    return decoder
+
+
+def picture_size(codec: str, extradata: bytes | None, keyframe: bytes) -> tuple[int, int] | None:
+    """The (width, height) of a keyframe, decoded; None when it does not decode to a picture."""
+    decoder = keyframe_decoder(codec, extradata)
     try:
         frames = decoder.decode(av.Packet(keyframe)) + decoder.decode(None)
     except (av.FFmpegError, ValueError) as exc:
